@@ -1,0 +1,82 @@
+"""Open Assistant message trees (the oasst export tree format), shared by the SFT and preference readers.
+
+Each JSONL line is a tree whose `prompt` is the root message; a message has `role`
+(`prompter` | `assistant`), `text`, `replies`, and optionally `rank` (0 is best,
+null when unranked), `deleted` and `review_result`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from os import PathLike
+from typing import Any
+
+from offline_rlhf.data.errors import Location
+from offline_rlhf.data.records import iter_json_objects, require_field, require_text
+from offline_rlhf.data.template import ASSISTANT, USER, Turn
+
+Message = dict[str, Any]
+
+ROLES = {"prompter": USER, "assistant": ASSISTANT}
+
+
+def iter_trees(path: str | PathLike) -> Iterator[tuple[Location, Message]]:
+    """Yield (location, root message) per tree."""
+    for where, tree in iter_json_objects(path):
+        yield where, require_field(tree, "prompt", dict, where)
+
+
+def turn(message: Message, where: Location) -> Turn:
+    role = require_field(message, "role", str, where)
+    if role not in ROLES:
+        raise where.error(f"expected 'role' to be one of {sorted(ROLES)} (got {role!r})")
+    return ROLES[role], require_text(message, "text", where)
+
+
+def turns(path: list[Message], where: Location) -> list[Turn]:
+    return [turn(message, where) for message in path]
+
+
+def replies(message: Message, where: Location) -> list[Message]:
+    """The usable replies, in file order: deleted ones and ones that failed review are dropped."""
+    children = message.get("replies", [])
+    if not isinstance(children, list) or not all(isinstance(child, dict) for child in children):
+        raise where.error("expected 'replies' to be a list of message objects")
+    return [child for child in children if not child.get("deleted") and child.get("review_result") is not False]
+
+
+def rank(message: Message, where: Location) -> int | None:
+    value = message.get("rank")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise where.error(f"expected 'rank' to be an integer or null (got {value!r})")
+    return value
+
+
+def best_ranked_path(root: Message, where: Location) -> list[Message]:
+    """From the root, repeatedly follow the best-ranked reply (lowest rank; the first
+    reply when none is ranked; unranked replies come after ranked ones) to a leaf."""
+    path = [root]
+    while children := replies(path[-1], where):
+        ranks = [rank(child, where) for child in children]
+        best = min(range(len(children)), key=lambda i: (ranks[i] is None, ranks[i] or 0, i))
+        path.append(children[best])
+    return path
+
+
+def ranked_assistant_replies(message: Message, where: Location) -> list[Message]:
+    """The usable assistant replies that carry a rank, best (lowest rank) first."""
+    ranked = [
+        child
+        for child in replies(message, where)
+        if rank(child, where) is not None and turn(child, where)[0] == ASSISTANT
+    ]
+    return sorted(ranked, key=lambda child: rank(child, where))
+
+
+def iter_paths(root: Message, where: Location) -> Iterator[list[Message]]:
+    """Every root-to-message path of usable messages, depth first."""
+    stack = [[root]]
+    while stack:
+        path = stack.pop()
+        yield path
+        stack.extend(path + [child] for child in reversed(replies(path[-1], where)))

@@ -1,0 +1,151 @@
+"""Readers turning public preference data into (prompt, chosen, rejected) examples.
+
+`prompt` is the folded conversation history (`ChatTemplate.fold_history`);
+`chosen` and `rejected` are the two competing final replies, stripped. `source`
+is `{format}:{file name}:{line}`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from offline_rlhf.data import oasst
+from offline_rlhf.data.errors import Location
+from offline_rlhf.data.records import fold_at, iter_json_objects, require_field, require_text, select_reader
+from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn
+
+HH_HUMAN_TAG = "\n\nHuman:"
+HH_ASSISTANT_TAG = "\n\nAssistant:"
+_HH_TAG = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": USER, "Assistant": ASSISTANT}
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+
+
+def _pair(prompt: str, chosen: str, rejected: str, where: Location, tag: str) -> PreferenceExample:
+    if chosen == rejected:
+        raise where.error("expected 'chosen' and 'rejected' to differ (identical)")
+    return PreferenceExample(prompt, chosen, rejected, f"{tag}:{where.record}")
+
+
+def _hh_turns(transcript: str, where: Location) -> list[Turn]:
+    """Split an hh-rlhf transcript on its `\\n\\nHuman:` / `\\n\\nAssistant:` tags.
+
+    Consecutive turns of one speaker are merged with a blank line: a few records
+    repeat the Assistant tag inside an earlier reply.
+    """
+    head, *pieces = _HH_TAG.split(transcript)
+    if head.strip():
+        raise where.error(f"expected the transcript to start with {HH_HUMAN_TAG!r}")
+    turns: list[Turn] = []
+    for speaker, text in zip(pieces[0::2], pieces[1::2]):
+        role = _HH_ROLES[speaker]
+        if turns and turns[-1][0] == role:
+            turns[-1] = (role, f"{turns[-1][1]}\n\n{text.strip()}")
+        else:
+            turns.append((role, text.strip()))
+    return turns
+
+
+def _hh_prompt_end(chosen: str, rejected: str, where: Location) -> int:
+    """Where the shared history ends: the last Assistant tag inside the longest common
+    prefix of the two transcripts. Splitting each at its own last tag would be wrong,
+    since some final replies themselves contain `Human:` or `Assistant:`."""
+    for key, transcript in (("chosen", chosen), ("rejected", rejected)):
+        if HH_ASSISTANT_TAG not in transcript:
+            raise where.error(f"expected {key!r} to contain an {HH_ASSISTANT_TAG!r} turn (none found)")
+    tag_at = os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT_TAG)
+    if tag_at < 0:
+        raise where.error(f"expected 'chosen' and 'rejected' to share the transcript up to an {HH_ASSISTANT_TAG!r} tag")
+    return tag_at
+
+
+def read_hh_rlhf(path: str | os.PathLike, template: ChatTemplate = ChatTemplate()) -> list[PreferenceExample]:
+    """Anthropic hh-rlhf JSONL (`chosen`, `rejected`: full `\\n\\nHuman: ... \\n\\nAssistant: ...` transcripts).
+
+    Prompt: the longest common transcript prefix ending at an Assistant tag, parsed
+    into turns and folded. Chosen/rejected: the rest of each transcript, stripped
+    (it may be empty: a labeller can prefer an empty reply).
+    """
+    tag = f"hh_rlhf:{Path(path).name}"
+    examples = []
+    for where, record in iter_json_objects(path):
+        chosen = require_field(record, "chosen", str, where)
+        rejected = require_field(record, "rejected", str, where)
+        end = _hh_prompt_end(chosen, rejected, where)
+        prompt = fold_at(template, _hh_turns(chosen[:end], where), where)
+        reply_start = end + len(HH_ASSISTANT_TAG)
+        examples.append(_pair(prompt, chosen[reply_start:].strip(), rejected[reply_start:].strip(), where, tag))
+    return examples
+
+
+def _oasst_tree_pairs(root: oasst.Message, where: Location, template: ChatTemplate, tag: str) -> Iterator[PreferenceExample]:
+    for path in oasst.iter_paths(root, where):
+        ranked = oasst.ranked_assistant_replies(path[-1], where)
+        if len(ranked) < 2:
+            continue
+        prompt = fold_at(template, oasst.turns(path, where), where)
+        for better, worse in combinations(ranked, 2):
+            # Equal ranks state no preference.
+            if oasst.rank(better, where) < oasst.rank(worse, where):
+                chosen, rejected = oasst.turn(better, where)[1], oasst.turn(worse, where)[1]
+                yield _pair(prompt, chosen, rejected, where, tag)
+
+
+def read_oasst_pairs(path: str | os.PathLike, template: ChatTemplate = ChatTemplate()) -> list[PreferenceExample]:
+    """Open Assistant message trees, pairs from every ranking in the tree.
+
+    For every message with two or more ranked assistant replies (deleted and
+    review-failed messages skipped), each better-ranked reply is paired with each
+    worse-ranked one: n ranked replies give n(n-1)/2 pairs, uncapped. Prompt: the
+    folded history from the root to that message.
+    """
+    tag = f"oasst:{Path(path).name}"
+    return [
+        pair for where, root in oasst.iter_trees(path) for pair in _oasst_tree_pairs(root, where, template, tag)
+    ]
+
+
+def read_preference_jsonl(
+    path: str | os.PathLike,
+    prompt_key: str = "prompt",
+    chosen_key: str = "chosen",
+    rejected_key: str = "rejected",
+    template: ChatTemplate = ChatTemplate(),
+) -> list[PreferenceExample]:
+    """Any JSONL with a single-turn prompt and two replies per line, under the given field names."""
+    tag = f"jsonl:{Path(path).name}"
+    return [
+        _pair(
+            fold_at(template, [(USER, require_text(record, prompt_key, where))], where),
+            require_text(record, chosen_key, where),
+            require_text(record, rejected_key, where),
+            where,
+            tag,
+        )
+        for where, record in iter_json_objects(path)
+    ]
+
+
+PREFERENCE_READERS: dict[str, Callable[..., list[PreferenceExample]]] = {
+    "hh_rlhf": read_hh_rlhf,
+    "oasst": read_oasst_pairs,
+    "jsonl": read_preference_jsonl,
+}
+
+
+def read_preference_source(format: str, path: str | os.PathLike, **kwargs: Any) -> list[PreferenceExample]:
+    """PREFERENCE_READERS[format](path, **kwargs)."""
+    return select_reader(PREFERENCE_READERS, format)(path, **kwargs)

@@ -1,0 +1,102 @@
+"""Reading records with their locations: the one loop every reader builds on.
+
+Readers never open files themselves; they iterate `iter_json_objects` or
+`iter_tsv_rows`, so UTF-8 errors, broken JSON and empty files are reported the
+same way everywhere, as a DataError naming the file and 1-based line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from os import PathLike
+from typing import Any, TypeVar
+
+from offline_rlhf.data.errors import DataError, Location
+from offline_rlhf.data.template import ChatTemplate, Turn
+
+T = TypeVar("T")
+
+
+def iter_lines(path: str | PathLike) -> Iterator[tuple[Location, str]]:
+    """Yield (location, text) for every non-blank line; raise DataError if there is none."""
+    found = False
+    # Binary lines split on b"\n" only: str.splitlines would also split on U+2028,
+    # which JSON strings may hold unescaped.
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = Location(str(path), number)
+            text = _decode(raw, where).rstrip("\r\n")
+            if text.strip():
+                found = True
+                yield where, text
+    if not found:
+        raise DataError(path, None, "expected at least one record (no records)")
+
+
+def _decode(raw: bytes, where: Location) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise where.error(
+            f"expected UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)"
+        ) from None
+
+
+def iter_json_objects(path: str | PathLike) -> Iterator[tuple[Location, dict[str, Any]]]:
+    """Yield (location, object) for every line of a JSONL file; each line must be a JSON object."""
+    for where, text in iter_lines(path):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise where.error(f"expected a JSON object (invalid JSON: {exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise where.error(f"expected a JSON object (got {type(record).__name__})")
+        yield where, record
+
+
+def iter_tsv_rows(path: str | PathLike, columns: Sequence[str]) -> Iterator[tuple[Location, dict[str, str]]]:
+    """Yield (location, {column: field}) for a header-less TSV with exactly `columns` fields per line.
+
+    Fields are split on tabs only, with no CSV quoting: these files hold literal quotes.
+    """
+    for where, text in iter_lines(path):
+        fields = text.split("\t")
+        if len(fields) != len(columns):
+            raise where.error(
+                f"expected {len(columns)} tab-separated fields ({', '.join(columns)}), got {len(fields)}"
+            )
+        yield where, dict(zip(columns, fields))
+
+
+def require_field(record: Mapping[str, Any], key: str, kind: type[T], where: Location) -> T:
+    """record[key], which must exist and be of type `kind`."""
+    if key not in record:
+        raise where.error(f"expected an object with key {key!r} (missing)")
+    value = record[key]
+    if not isinstance(value, kind):
+        raise where.error(f"expected {key!r} to be {kind.__name__} (got {type(value).__name__})")
+    return value
+
+
+def require_text(record: Mapping[str, Any], key: str, where: Location, *, allow_empty: bool = False) -> str:
+    """record[key] as stripped text; it must be a string and, unless allow_empty, not blank."""
+    text = require_field(record, key, str, where).strip()
+    if not text and not allow_empty:
+        raise where.error(f"expected {key!r} to be non-empty text (blank)")
+    return text
+
+
+def fold_at(template: ChatTemplate, turns: Sequence[Turn], where: Location) -> str:
+    """template.fold_history(turns), reporting a bad conversation as a DataError at `where`."""
+    try:
+        return template.fold_history(turns)
+    except ValueError as exc:
+        raise where.error(f"expected a user/assistant conversation: {exc}") from None
+
+
+def select_reader(readers: Mapping[str, Callable[..., T]], format: str) -> Callable[..., T]:
+    """readers[format], or a ValueError listing the known formats."""
+    if format not in readers:
+        raise ValueError(f"unknown data format {format!r}; expected one of {sorted(readers)}")
+    return readers[format]

@@ -1,0 +1,65 @@
+"""The paper's prompt format, `User: {instruction} Assistant: {response}` (arXiv 2308.12050, Sec. 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+USER = "user"
+ASSISTANT = "assistant"
+
+Turn = tuple[str, str]  # (USER | ASSISTANT, text)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Renders `{user_tag}{sep}{instruction}{sep}{assistant_tag}{sep}{response}`.
+
+    Every text is stripped of surrounding whitespace before it is placed, so the
+    separators are the only whitespace the template itself adds.
+    """
+
+    user_tag: str = "User:"
+    assistant_tag: str = "Assistant:"
+    sep: str = " "
+
+    def __post_init__(self):
+        if not self.user_tag.strip() or not self.assistant_tag.strip():
+            raise ValueError(f"expected non-empty tags, got {self.user_tag!r} and {self.assistant_tag!r}")
+
+    def fold_history(self, turns: Sequence[Turn]) -> str:
+        """The instruction string that makes `prompt_text` render the whole conversation.
+
+        Turns must alternate user/assistant, start and end with a user turn, and be
+        non-empty: (u1, a1, u2) folds to `u1 Assistant: a1 User: u2`.
+        """
+        check_alternation(turns)
+        tags = {USER: self.user_tag, ASSISTANT: self.assistant_tag}
+        first, *rest = turns
+        parts = [first[1].strip()] + [f"{tags[role]}{self.sep}{text.strip()}" for role, text in rest]
+        return self.sep.join(parts)
+
+    def prompt_text(self, instruction: str) -> str:
+        """`User: {instruction} Assistant:`; no trailing separator, `response_text` adds it."""
+        return f"{self.user_tag}{self.sep}{instruction.strip()}{self.sep}{self.assistant_tag}"
+
+    def response_text(self, response: str) -> str:
+        """What follows the prompt; EOS is the tokenizer stage's job."""
+        return f"{self.sep}{response.strip()}"
+
+
+def check_alternation(turns: Sequence[Turn]) -> None:
+    """Raise ValueError unless turns go user, assistant, user, ..., user, all with text."""
+    if not turns:
+        raise ValueError("expected at least one turn")
+    for index, (role, text) in enumerate(turns):
+        expected_role = USER if index % 2 == 0 else ASSISTANT
+        if role != expected_role:
+            raise ValueError(
+                f"expected turn {index + 1} to be {expected_role!r}, got {role!r} "
+                "(turns alternate user/assistant, starting with user)"
+            )
+        if not text.strip():
+            raise ValueError(f"expected turn {index + 1} to have text (empty)")
+    if turns[-1][0] != USER:
+        raise ValueError("expected the last turn to be a user turn, got 'assistant'")
