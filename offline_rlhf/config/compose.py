@@ -1,0 +1,72 @@
+"""Compose a stage config from `conf/` with Hydra and turn it into a typed dataclass.
+
+Only the entry point sees Hydra/OmegaConf; everything below receives dataclasses.
+Every failure is turned into a one-line `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from offline_rlhf.config.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+T = TypeVar("T")
+
+
+def register_stage(stage: str, schema: type) -> None:
+    """Make `conf/stage/<stage>.yaml` able to name `<stage>_schema` in its defaults."""
+    ConfigStore.instance().store(name=f"{stage}_schema", node=schema)
+
+
+def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = ()) -> T:
+    """Compose `conf/stage/<stage>.yaml` with `overrides` into an instance of `schema`."""
+    register_stage(stage, schema)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name=f"stage/{stage}", overrides=list(overrides))
+        OmegaConf.set_struct(cfg, True)
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException) as err:
+        raise _one_line_error(err) from None
+
+
+def to_yaml(config) -> str:
+    """The resolved config as YAML, written beside every stage's outputs."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def _one_line_error(err: Exception) -> ConfigError:
+    """Hydra/OmegaConf messages are multi-line; keep the key and the reason."""
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        if isinstance(cause, ConfigError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ConfigError):
+        return cause
+    full_key = getattr(cause, "full_key", None) or getattr(err, "full_key", None)
+    text = str(cause).strip()
+    missing = re.search(r"Key '([^']+)' not in '([^']+)'", text)
+    if missing:
+        key = full_key or missing.group(1)
+        return ConfigError(key, f"unknown key (not a field of {missing.group(2)})",
+                           "check the spelling; `--cfg` prints the valid keys")
+    no_option = re.search(r"Could not find '([^']+)'", text)
+    if no_option:
+        group = no_option.group(1).split("/")[0]
+        options = re.findall(r"^\s+(\S+)$", str(err), flags=re.M)
+        hint = f"available: {', '.join(options)}" if options else "see conf/ for the options"
+        return ConfigError(group, f"no config named {no_option.group(1)!r}", hint)
+    first_line = text.splitlines()[0] if text else type(cause).__name__
+    return ConfigError(full_key or "config", first_line)

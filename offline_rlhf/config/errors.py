@@ -1,0 +1,12 @@
+"""Configuration errors: one line a user can act on."""
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message names the key and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str = ""):
+        self.key = key
+        message = f"{key}: {problem}"
+        if fix:
+            message += f"; {fix}"
+        super().__init__(message)

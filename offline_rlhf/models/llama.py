@@ -1,0 +1,186 @@
+"""A Llama-family decoder written for one device.
+
+It knows nothing about parallelism: local head counts are inferred from tensor shapes,
+so `parallelize()` can shard the projections from outside. Weight layout and RoPE
+convention (rotate-half) match Hugging Face's Llama/Mistral/Qwen2, so import and export
+are a renaming of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offline_rlhf.config.schema import ModelConfig, RopeScalingConfig
+
+HEADS = ("lm", "value")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 for bf16 stability, scale in the input dtype (as HF does).
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), optionally with Llama-3 frequency-dependent scaling:
+    long wavelengths are divided by `factor`, short ones kept, the band between interpolated."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq.float()
+    wavelength = 2 * math.pi / inv_freq
+    low_freq_wavelength = scaling.original_max_position / scaling.low_freq_factor
+    high_freq_wavelength = scaling.original_max_position / scaling.high_freq_factor
+    smooth = (scaling.original_max_position / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
+    in_band = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return torch.where(in_band, interpolated, scaled).float()
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each [max_seq_len, head_dim], in the rotate-half layout."""
+    inv_freq = rope_inverse_frequencies(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, D] (already gathered at each token's position)."""
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.resolved_head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1: the number of heads held here (all of them, or this rank's TP shard).
+        q = apply_rope(self.wq(x).view(batch, seq, -1, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(batch, seq, -1, self.head_dim), cos, sin)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, attn_mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder with an LM head (`head="lm"`: logits [B, T, V]) or a scalar value head
+    (`head="value"`: values [B, T]) for the reward model and the PPO critic."""
+
+    def __init__(self, cfg: ModelConfig, head: str = "lm"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.cfg = cfg
+        self.head = head
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if head == "lm":
+            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.output.weight = self.tok_embeddings.weight
+        else:
+            self.score = nn.Linear(cfg.dim, 1, bias=False)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [B, T]. positions: [B, T] (default 0..T-1; restart per document when
+        packing). attn_mask: bool [B, 1, T, T], True = may attend; default causal."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn_mask)
+        h = self.norm(h)
+        if self.head == "lm":
+            return self.output(h)
+        return self.score(h).squeeze(-1)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for projections and embeddings; output projections of each
+        residual branch scaled by 1/sqrt(2 * n_layers) (GPT-2); norms to one; biases to zero."""
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(param, std=residual_std)
+            else:
+                nn.init.normal_(param, std=self.cfg.init_std)
+
+    @torch.no_grad()
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Recompute RoPE tables on `device` (needed after materializing from meta)."""
+        self.rope_cos, self.rope_sin = rope_tables(self.cfg, device)
+
+
+def last_token_values(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """values: [B, T] from the value head; lengths: [B] number of real (non-padding) tokens
+    of right-padded sequences. Returns [B], each read at its last real token."""
+    return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)

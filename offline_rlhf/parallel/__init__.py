@@ -1,0 +1,1 @@
+"""Distributed init, parallel dimensions and meshes, and parallelize()."""

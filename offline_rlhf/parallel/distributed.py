@@ -1,0 +1,92 @@
+"""Where am I? Detect torchrun, Slurm or a plain single process, and start the process group.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under `srun` with one
+task per device, Slurm sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; the rendezvous host is
+the first host of the job's node list and the port is derived from the job id, so every
+task computes the same address without talking to the others.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """torchrun's variables win (torchrun may itself run under srun), then Slurm's."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
+                       local_rank=int(environ.get("LOCAL_RANK", 0)),
+                       master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=int(environ.get("MASTER_PORT", DEFAULT_PORT)), launcher="torchrun")
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
+        port = environ.get("MASTER_PORT") or str(slurm_port(environ.get("SLURM_JOB_ID", "0")))
+        return DistEnv(rank=int(environ["SLURM_PROCID"]), world_size=int(environ["SLURM_NTASKS"]),
+                       local_rank=int(environ.get("SLURM_LOCALID", 0)),
+                       master_addr=environ.get("MASTER_ADDR") or first_host(nodelist),
+                       master_port=int(port), launcher="slurm")
+    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=DEFAULT_PORT,
+                   launcher="single")
+
+
+def slurm_port(job_id: str) -> int:
+    """A port in [20000, 40000) that every task of one job derives identically."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm host list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise ValueError(f"cannot parse Slurm node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv) -> torch.device:
+    """Start the default process group (NCCL on CUDA, gloo on CPU) when there is more than
+    one process; returns this process's device."""
+    device = device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                rank=env.rank, world_size=env.world_size,
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

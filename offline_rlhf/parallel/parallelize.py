@@ -1,0 +1,109 @@
+"""Apply parallelism to a model from outside, in torchtitan's order: tensor parallelism
+(and sequence parallelism), activation checkpointing, compile, then FSDP2 or DDP over the
+data-parallel dimension; finally materialize the meta-device weights and initialize them."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed._composable import checkpoint as activation_checkpoint
+from torch.distributed._composable import replicate
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+from offline_rlhf.config.schema import ModelConfig
+from offline_rlhf.models.llama import Transformer
+from offline_rlhf.parallel.dims import ParallelDims
+
+
+def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
+    """A (dp, tp) mesh, or None for a single process (no process group needed)."""
+    if dims.world_size == 1:
+        return None
+    return init_device_mesh(device.type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+
+
+def build_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh: DeviceMesh | None,
+                device: torch.device, param_dtype: torch.dtype | None = None) -> Transformer:
+    """Build on the meta device, parallelize, then materialize and initialize the weights.
+    `param_dtype` is FSDP's compute dtype (bf16 on CUDA); master weights stay fp32."""
+    with torch.device("meta"):
+        model = Transformer(cfg, head)
+    parallelize(model, dims, mesh, param_dtype)
+    model.to_empty(device=device)
+    model.init_weights()
+    model.init_buffers(device)
+    return model
+
+
+def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None,
+                param_dtype: torch.dtype | None = None) -> Transformer:
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], dims.sequence_parallel, dims.loss_parallel)
+    for block in model.layers:
+        if dims.activation_checkpointing:
+            activation_checkpoint(block)
+        if dims.compile:
+            block.compile()
+    if dims.dp > 1:
+        if dims.dp_mode == "ddp":
+            replicate(model, device_mesh=mesh["dp"])
+        else:
+            apply_fsdp(model, mesh["dp"], param_dtype)
+    return model
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool,
+                          loss_parallel: bool) -> None:
+    """Megatron-style TP: q/k/v and w1/w3 column-parallel, wo and w2 row-parallel, so each
+    block needs one all-reduce (or reduce-scatter + all-gather with sequence parallelism)
+    per attention and per MLP. Activations between blocks are Shard(1) (sequence) with SP."""
+    between_blocks = Shard(1) if sequence_parallel else Replicate()
+    norm_plan = SequenceParallel() if sequence_parallel else None
+    top_plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks)}
+    if norm_plan:
+        top_plan["norm"] = norm_plan
+    if model.head == "lm":
+        top_plan["output"] = ColwiseParallel(input_layouts=between_blocks,
+                                             output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                             use_local_output=not loss_parallel)
+    else:
+        # One output value cannot be split: gather the hidden states, keep the head replicated.
+        top_plan["score"] = PrepareModuleInput(input_layouts=(between_blocks,), desired_input_layouts=(Replicate(),),
+                                               use_local_output=True)
+    parallelize_module(model, tp_mesh, top_plan)
+    if model.cfg.tie_embeddings and model.head == "lm":
+        # Both are Shard(0) over the vocabulary, so the shards line up; re-tie after distributing.
+        model.output.weight = model.tok_embeddings.weight
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, _block_plan(between_blocks, norm_plan))
+
+
+def _block_plan(between_blocks, norm_plan) -> dict:
+    gather = dict(input_layouts=(between_blocks, None, None, None),
+                  desired_input_layouts=(Replicate(), None, None, None))
+    plan = {
+        "attention": PrepareModuleInput(**gather),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=between_blocks),
+        "feed_forward": PrepareModuleInput(input_layouts=(between_blocks,), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=between_blocks),
+    }
+    if norm_plan:
+        plan["attention_norm"] = norm_plan
+        plan["ffn_norm"] = norm_plan
+    return plan
+
+
+def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
+    """Shard each block separately (so only one block's full weights live at a time), then the root."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)

@@ -1,0 +1,47 @@
+"""Run a test function in N real gloo processes (the same code path torchrun uses)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, out_dir: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from offline_rlhf.parallel.distributed import detect_env, init_distributed, shutdown_distributed
+
+    init_distributed(detect_env())
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+def run_distributed(fn, world_size: int, tmp_path: Path, *args, timeout: float = 240.0) -> list:
+    """Call fn(rank, world_size, *args) in `world_size` spawned processes; returns each
+    rank's return value (saved with torch.save) in rank order."""
+    out_dir = Path(tmp_path) / f"dist_{fn.__name__}_{time.monotonic_ns()}"
+    out_dir.mkdir(parents=True)
+    context = mp.start_processes(_entry, args=(world_size, free_port(), fn, str(out_dir), args),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{fn.__name__} did not finish in {timeout} s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -1,0 +1,36 @@
+"""Shared fixtures for layout-comparison tests: a tiny config, a seeded reference model and
+a batch, identical in every process."""
+
+from __future__ import annotations
+
+import torch
+
+from offline_rlhf.config.schema import ModelConfig, ParallelConfig
+from offline_rlhf.models.llama import Transformer
+from offline_rlhf.parallel.dims import ParallelDims
+from offline_rlhf.parallel.distributed import detect_env, device_for
+from offline_rlhf.parallel.parallelize import build_mesh, build_model
+from offline_rlhf.parallel.state_dict import load_full_state_dict
+
+TINY = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
+
+
+def reference_model(cfg: ModelConfig = TINY, head: str = "lm", seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg, head)
+    model.init_weights()
+    return model
+
+
+def batch(cfg: ModelConfig = TINY, size: int = 4, seq: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (size, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def parallel_copy(reference: Transformer, world_size: int, **parallel) -> tuple[Transformer, ParallelDims, object]:
+    """The reference weights in a model parallelized as `parallel` (ParallelConfig fields)."""
+    dims = ParallelDims.build(ParallelConfig(**parallel), world_size, reference.cfg)
+    device = device_for(detect_env())
+    mesh = build_mesh(dims, device)
+    model = build_model(reference.cfg, reference.head, dims, mesh, device)
+    load_full_state_dict(model, reference.state_dict())
+    return model, dims, mesh

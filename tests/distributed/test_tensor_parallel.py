@@ -1,0 +1,45 @@
+"""TP=2 (with and without sequence parallelism) against the same weights in one process."""
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from offline_rlhf.parallel.grad import clip_grad_norm_
+from tests.distributed.launch import run_distributed
+from tests.distributed.models import TINY, batch, parallel_copy, reference_model
+
+
+def _full(tensor):
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _logits_and_grads(rank, world_size, sequence_parallel, head):
+    model, _, _ = parallel_copy(reference_model(head=head), world_size, tp=2, sequence_parallel=sequence_parallel)
+    out = model(batch())
+    out.float().pow(2).mean().backward()
+    grads = {name: _full(p.grad).detach().clone() for name, p in model.named_parameters()}
+    norm = clip_grad_norm_(model.parameters(), max_norm=1e-3)
+    return {"out": _full(out).detach(), "grads": grads, "norm": norm}
+
+
+def _reference(head):
+    model = reference_model(head=head)
+    out = model(batch())
+    out.float().pow(2).mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+    return out.detach(), grads, norm
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+@pytest.mark.parametrize("head", ["lm", "value"])
+def test_tp2_matches_single_process(tmp_path, sequence_parallel, head):
+    results = run_distributed(_logits_and_grads, 2, tmp_path, sequence_parallel, head)
+    ref_out, ref_grads, ref_norm = _reference(head)
+    for result in results:
+        torch.testing.assert_close(result["out"], ref_out, atol=1e-5, rtol=1e-5)
+        assert result["grads"].keys() == ref_grads.keys()
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+        # Mixed DTensor (sharded projections) and plain (norm weights without SP) gradients.
+        torch.testing.assert_close(result["norm"], ref_norm, atol=1e-6, rtol=1e-5)
