@@ -30,6 +30,7 @@ def register_stage(stage: str, schema: type) -> None:
 def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = ()) -> T:
     """Compose `conf/stage/<stage>.yaml` with `overrides` into an instance of `schema`."""
     register_stage(stage, schema)
+    _reject_new_keys(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name=f"stage/{stage}", overrides=list(overrides))
@@ -41,32 +42,43 @@ def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = ()) ->
         raise _one_line_error(err) from None
 
 
+def _reject_new_keys(overrides: Sequence[str]) -> None:
+    """`+key=value` would add a key the schema does not have (and it would be dropped
+    silently); only `+group=option` for a config group under conf/ is allowed."""
+    for override in overrides:
+        if override.startswith("+") and not override.startswith("++"):
+            key = override[1:].split("=", 1)[0]
+            if not (CONF_DIR / key).is_dir():
+                raise ConfigError(key, "unknown key (cannot be added with '+')",
+                                  "check the spelling; `--cfg` prints the valid keys")
+
+
 def to_yaml(config) -> str:
     """The resolved config as YAML, written beside every stage's outputs."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
+def _causes(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def _one_line_error(err: Exception) -> ConfigError:
     """Hydra/OmegaConf messages are multi-line; keep the key and the reason."""
-    cause = err
-    while cause.__cause__ is not None or cause.__context__ is not None:
+    chain = list(_causes(err))
+    for cause in chain:
         if isinstance(cause, ConfigError):
             return cause
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, ConfigError):
-        return cause
-    full_key = getattr(cause, "full_key", None) or getattr(err, "full_key", None)
-    text = str(cause).strip()
+    keyed = next((c for c in chain if getattr(c, "full_key", None)), chain[-1])
+    text = str(keyed).strip()
     missing = re.search(r"Key '([^']+)' not in '([^']+)'", text)
     if missing:
-        key = full_key or missing.group(1)
-        return ConfigError(key, f"unknown key (not a field of {missing.group(2)})",
+        return ConfigError(keyed.full_key or missing.group(1), f"unknown key (not a field of {missing.group(2)})",
                            "check the spelling; `--cfg` prints the valid keys")
     no_option = re.search(r"Could not find '([^']+)'", text)
     if no_option:
-        group = no_option.group(1).split("/")[0]
-        options = re.findall(r"^\s+(\S+)$", str(err), flags=re.M)
+        options = re.findall(r"^\s+(\S+)$", text, flags=re.M)
         hint = f"available: {', '.join(options)}" if options else "see conf/ for the options"
-        return ConfigError(group, f"no config named {no_option.group(1)!r}", hint)
-    first_line = text.splitlines()[0] if text else type(cause).__name__
-    return ConfigError(full_key or "config", first_line)
+        return ConfigError(no_option.group(1).split("/")[0], f"no config named {no_option.group(1)!r}", hint)
+    return ConfigError(getattr(keyed, "full_key", None) or "config", text.splitlines()[0])

@@ -1,0 +1,78 @@
+"""`orlhf STAGE [hydra overrides...]`: one entry point for every stage.
+
+Imports are lazy so `orlhf launch` and `orlhf STAGE --cfg` never load torch.
+Common flags: `--cfg` prints the resolved config and exits; `-h/--help` lists stages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    module: str  # has main(config) (or main(argv) when schema is empty)
+    schema: str  # "module:Class" of the stage's config dataclass; "" for stages that parse their own args
+    summary: str
+    positional: str = ""  # config key filled by a bare first argument (`orlhf convert import_hf ...`)
+
+
+STAGES = {
+    "demo": Stage("offline_rlhf.demo", "offline_rlhf.config.stages:DemoConfig",
+                  "build, train a few steps, checkpoint and reload (foundation smoke run)"),
+    "convert": Stage("offline_rlhf.convert", "offline_rlhf.config.stages:ConvertConfig",
+                     "import_hf / export_hf: Hugging Face checkpoint conversion", positional="action"),
+    "launch": Stage("launcher.cli", "", "run a pipeline locally or as chained Slurm jobs"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: orlhf STAGE [key=value ...] [--cfg]", "", "stages:"]
+    lines += [f"  {name:<10} {stage.summary}" for name, stage in STAGES.items()]
+    return "\n".join(lines)
+
+
+def _load(path: str):
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def run(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, args = argv[0], argv[1:]
+    if name not in STAGES:
+        print(f"orlhf: unknown stage {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    stage = STAGES[name]
+    if not stage.schema:
+        return _load(f"{stage.module}:main")(args) or 0
+    from offline_rlhf.config.compose import compose_stage, to_yaml
+
+    if stage.positional and args and "=" not in args[0] and not args[0].startswith("-"):
+        args = [f"{stage.positional}={args[0]}", *args[1:]]
+    print_only = "--cfg" in args
+    config = compose_stage(name, _load(stage.schema), [a for a in args if a != "--cfg"])
+    if print_only:
+        print(to_yaml(config).rstrip())
+        return 0
+    return _load(f"{stage.module}:main")(config) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from offline_rlhf.config.errors import ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except ConfigError as err:
+        stage = argv[0] if argv else ""
+        print(f"orlhf {stage}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
