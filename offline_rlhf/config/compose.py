@@ -46,8 +46,8 @@ def _reject_new_keys(overrides: Sequence[str]) -> None:
     """`+key=value` would add a key the schema does not have (and it would be dropped
     silently); only `+group=option` for a config group under conf/ is allowed."""
     for override in overrides:
-        if override.startswith("+") and not override.startswith("++"):
-            key = override[1:].split("=", 1)[0]
+        if override.startswith("+"):
+            key = override.lstrip("+").split("=", 1)[0]
             if not (CONF_DIR / key).is_dir():
                 raise ConfigError(key, "unknown key (cannot be added with '+')",
                                   "check the spelling; `--cfg` prints the valid keys")
