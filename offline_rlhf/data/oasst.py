@@ -73,10 +73,13 @@ def ranked_assistant_replies(message: Message, where: Location) -> list[Message]
     return sorted(ranked, key=lambda child: rank(child, where))
 
 
-def iter_paths(root: Message, where: Location) -> Iterator[list[Message]]:
-    """Every root-to-message path of usable messages, depth first."""
-    stack = [[root]]
+def iter_conversations(root: Message, where: Location) -> Iterator[tuple[list[Turn], Message]]:
+    """Every usable message with the turns from the root to it (inclusive), depth first.
+
+    Every message is validated on the way, not only those a reader ends up using.
+    """
+    stack = [([turn(root, where)], root)]
     while stack:
-        path = stack.pop()
-        yield path
-        stack.extend(path + [child] for child in reversed(replies(path[-1], where)))
+        history, message = stack.pop()
+        yield history, message
+        stack.extend((history + [turn(child, where)], child) for child in reversed(replies(message, where)))

@@ -91,12 +91,14 @@ def read_hh_rlhf(path: str | os.PathLike, template: ChatTemplate = ChatTemplate(
     return examples
 
 
-def _oasst_tree_pairs(root: oasst.Message, where: Location, template: ChatTemplate, tag: str) -> Iterator[PreferenceExample]:
-    for path in oasst.iter_paths(root, where):
-        ranked = oasst.ranked_assistant_replies(path[-1], where)
+def _oasst_tree_pairs(
+    root: oasst.Message, where: Location, template: ChatTemplate, tag: str
+) -> Iterator[PreferenceExample]:
+    for history, message in oasst.iter_conversations(root, where):
+        ranked = oasst.ranked_assistant_replies(message, where)
         if len(ranked) < 2:
             continue
-        prompt = fold_at(template, oasst.turns(path, where), where)
+        prompt = fold_at(template, history, where)
         for better, worse in combinations(ranked, 2):
             # Equal ranks state no preference.
             if oasst.rank(better, where) < oasst.rank(worse, where):
