@@ -41,9 +41,10 @@ def test_invalid_utf8_is_reported_with_its_line(write_file):
         list(iter_lines(path))
 
 
-def test_empty_file_has_no_records(write_file, tmp_path):
-    for path in (write_file("blank.jsonl", "", " "), tmp_path / "empty.jsonl"):
-        path.touch()
+def test_empty_or_blank_file_has_no_records(write_file, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    for path in (empty, write_file("blank.jsonl", "", " ")):
         with pytest.raises(DataError, match=rf"{path.name}: expected at least one record \(no records\)"):
             list(iter_lines(path))
 
