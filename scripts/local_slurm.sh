@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# A real single-node Slurm on this machine, for trying `orlhf launch cluster=slurm` and for
+# the integration test:   scripts/local_slurm.sh {install|start|stop|status}
+#
+# Written for Debian/Ubuntu as root without systemd (containers, CI runners): the daemons
+# are started directly and stopped by the PIDs recorded at start. Slurm 22.05 facts this
+# relies on are noted where they matter.
+set -euo pipefail
+
+STATE_DIR=${ORLHF_SLURM_STATE:-/var/lib/orlhf-slurm}
+SLURM_CONF=/etc/slurm/slurm.conf
+MARKER="# written by orlhf scripts/local_slurm.sh"
+PACKAGES=(munge slurm-client slurmctld slurmd)
+NODE=$(hostname -s)
+
+die() { echo "local_slurm: $*" >&2; exit 1; }
+say() { echo "local_slurm: $*"; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts daemons)"; }
+
+installed() { command -v munged >/dev/null && command -v slurmctld >/dev/null \
+  && command -v slurmd >/dev/null && command -v sbatch >/dev/null; }
+
+cmd_install() {
+  if installed; then say "already installed ($(slurmd -V))"; return; fi
+  need_root
+  command -v apt-get >/dev/null || die "apt-get not found; install munge and Slurm by hand"
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${PACKAGES[@]}"
+  say "installed $(slurmd -V)"
+}
+
+mem_mb() { awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo; }
+
+# cons_tres with CR_Core: cores are consumable, memory is not (a job's --mem is only
+# checked against RealMemory). linuxproc/task none: no cgroups needed. Without slurmdbd,
+# finished jobs are listed by `sacct -c` from the filetxt job-completion log.
+write_slurm_conf() {
+  if [ -f "$SLURM_CONF" ] && ! grep -qF "$MARKER" "$SLURM_CONF"; then
+    die "$SLURM_CONF exists and was not written by this script; refusing to overwrite it"
+  fi
+  mkdir -p "$(dirname "$SLURM_CONF")" "$STATE_DIR"/{ctld,slurmd,log}
+  cat >"$SLURM_CONF" <<EOF
+$MARKER
+ClusterName=local
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=$STATE_DIR/ctld
+SlurmdSpoolDir=$STATE_DIR/slurmd
+SlurmctldPidFile=$STATE_DIR/slurmctld.pid
+SlurmdPidFile=$STATE_DIR/slurmd.pid
+SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
+SlurmdLogFile=$STATE_DIR/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+ReturnToService=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# Without this every job waits about 3 s before it is scheduled.
+SchedulerParameters=batch_sched_delay=0
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$STATE_DIR/log/jobcomp.log
+MinJobAge=300
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$(mem_mb) State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+ensure_munge_key() {
+  [ -s /etc/munge/munge.key ] && return
+  mkdir -p /etc/munge
+  if command -v mungekey >/dev/null; then mungekey --create --force
+  else dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none; fi
+  chown munge:munge /etc/munge/munge.key
+  chmod 400 /etc/munge/munge.key
+}
+
+start_munged() {
+  mkdir -p /run/munge /var/log/munge /var/lib/munge
+  chown munge:munge /run/munge /var/log/munge /var/lib/munge
+  rm -f /run/munge/munged.pid
+  runuser -u munge -- munged
+  wait_for "munged pidfile" test -s /run/munge/munged.pid
+  cat /run/munge/munged.pid >"$STATE_DIR/munged.pid.recorded"
+}
+
+# Daemons remove their pidfile while stopping, so the PIDs are copied at start.
+start_slurm_daemon() {
+  local name=$1
+  "$name"
+  wait_for "$name pidfile" test -s "$STATE_DIR/$name.pid"
+  cat "$STATE_DIR/$name.pid" >"$STATE_DIR/$name.pid.recorded"
+}
+
+wait_for() {
+  local what=$1; shift
+  for _ in $(seq 100); do "$@" >/dev/null 2>&1 && return; sleep 0.2; done
+  die "timed out waiting for $what (logs: $STATE_DIR/log)"
+}
+
+node_idle() { sinfo -h -n "$NODE" -o %t | grep -qx idle; }
+
+cmd_start() {
+  if cmd_status >/dev/null 2>&1; then say "already running"; return; fi
+  need_root
+  installed || die "Slurm is not installed; run: $0 install"
+  cmd_stop >/dev/null 2>&1 || true
+  write_slurm_conf
+  ensure_munge_key
+  start_munged
+  start_slurm_daemon slurmctld
+  start_slurm_daemon slurmd
+  wait_for "node $NODE to become idle" node_idle
+  say "up: partition debug, node $NODE, $(nproc) CPUs, $(mem_mb) MB"
+}
+
+recorded_pids() { cat "$STATE_DIR"/*.pid.recorded 2>/dev/null || true; }
+
+cmd_stop() {
+  local pids
+  pids=$(recorded_pids)
+  [ -n "$pids" ] || { say "not running"; return; }
+  # shellcheck disable=SC2086  # one PID per word
+  kill $pids 2>/dev/null || true
+  for _ in $(seq 50); do
+    # shellcheck disable=SC2086
+    kill -0 $pids 2>/dev/null || break
+    sleep 0.2
+  done
+  rm -f "$STATE_DIR"/*.pid.recorded
+  say "stopped"
+}
+
+cmd_status() {
+  local pids pid
+  pids=$(recorded_pids)
+  [ -n "$pids" ] || { echo "down"; return 1; }
+  for pid in $pids; do kill -0 "$pid" 2>/dev/null || { echo "down (pid $pid gone)"; return 1; }; done
+  scontrol ping | grep -q UP || { echo "down (slurmctld does not answer)"; return 1; }
+  sinfo -h -o "up: partition %P, nodes %N, state %t, %c CPUs"
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  *) echo "usage: $0 {install|start|stop|status}" >&2; exit 2 ;;
+esac
