@@ -1,0 +1,76 @@
+"""`orlhf launch`: run a pipeline locally or as chained Slurm jobs; `orlhf launch status`.
+
+Imports neither torch nor offline_rlhf: stages are validated and run in subprocesses.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from launcher.compose import compose_launch
+from launcher.local import run_locally
+from launcher.plan import StagePlan, plan_pipeline
+from launcher.schema import ClusterConfig, LaunchConfig, LaunchError
+from launcher.slurm import submit_chain, write_launch_record, write_stage_files
+from launcher.status import show_status
+from launcher.table import format_table
+
+USAGE = """\
+usage: orlhf launch pipeline=NAME [cluster=local|slurm|local_slurm] [run_dir=DIR] [key=value ...] [--dry-run]
+       orlhf launch status run_dir=DIR
+
+Pipelines are conf/pipeline/*.yaml, clusters conf/cluster/*.yaml; keys are in launcher/schema.py.
+  orlhf launch pipeline=offline_dt cluster=slurm cluster.partition=batch cluster.account=proj
+--dry-run (or cluster.dry_run=true) writes every script and config but runs or submits nothing."""
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    try:
+        if argv[0] == "status":
+            return show_status(_status_run_dir(argv[1:]))
+        return launch(argv)
+    except LaunchError as err:
+        print(f"orlhf launch: error: {err}", file=sys.stderr)
+        return 2
+
+
+def launch(argv: list[str]) -> int:
+    cfg = compose_launch([arg for arg in argv if arg != "--dry-run"])
+    dry_run = "--dry-run" in argv or cfg.cluster.dry_run
+    plans = plan_pipeline(cfg)
+    run_dir = plans[0].stage_dir.parent
+    print(f"pipeline {cfg.pipeline.name}: {len(plans)} stage(s) validated; run_dir {run_dir}", flush=True)
+    python = interpreter(cfg.cluster)
+    if cfg.cluster.kind == "local":
+        return run_locally(plans, python, dry_run)
+    return launch_on_slurm(cfg, plans, python, dry_run)
+
+
+def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], python: str, dry_run: bool) -> int:
+    scripts = [write_stage_files(plan, cfg.cluster, python) for plan in plans]
+    if dry_run:
+        print(format_table([("STAGE", "JOB", "SCRIPT"), *((p.name, "(dry run)", str(s)) for p, s in zip(plans, scripts))]))
+        return 0
+    submitted = submit_chain(plans, scripts, cfg.cluster.max_attempts)
+    record = write_launch_record(plans[0].stage_dir.parent, cfg.pipeline.name, submitted)
+    print(format_table([("STAGE", "JOB", "SCRIPT"), *((s.name, ",".join(s.job_ids), s.script) for s in submitted)]))
+    print(f"submitted; follow with: orlhf launch status run_dir={record.parent}")
+    return 0
+
+
+def interpreter(cluster: ClusterConfig) -> str:
+    """Jobs on the host use this interpreter (a venv on a shared filesystem resolves the same
+    on every node); inside a container, the image's `python`."""
+    return cluster.python or ("python" if cluster.container_image else sys.executable)
+
+
+def _status_run_dir(args: list[str]) -> Path:
+    values = dict(arg.split("=", 1) for arg in args if "=" in arg)
+    unknown = [arg for arg in args if not arg.startswith("run_dir=")]
+    if unknown or "run_dir" not in values:
+        raise LaunchError(unknown[0].split("=")[0] if unknown else "run_dir", "status takes only run_dir=DIR")
+    return Path(values["run_dir"]).expanduser().resolve()

@@ -1,0 +1,77 @@
+"""Compose `LaunchConfig` from `conf/pipeline/` and `conf/cluster/` with Hydra's compose API.
+
+Hydra and OmegaConf report problems in several lines; every failure here becomes one
+`LaunchError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from launcher.schema import LaunchConfig, LaunchError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_NAME = "orlhf_launch"
+# The schema first, so the selected pipeline and cluster files are merged into it (typed).
+DEFAULTS = ["launch_schema", {"pipeline": MISSING}, {"cluster": "local"}]
+ADDABLE_PREFIX = "cluster.env."  # a free-form mapping: `+cluster.env.NAME=value` adds a variable
+
+
+def compose_launch(overrides: Sequence[str]) -> LaunchConfig:
+    store = ConfigStore.instance()
+    store.store(name="launch_schema", node=LaunchConfig)
+    store.store(name=CONFIG_NAME, node={"defaults": DEFAULTS})
+    _reject_added_keys(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        return OmegaConf.to_object(cfg)
+    except LaunchError:
+        raise
+    except (HydraException, OmegaConfBaseException) as err:
+        raise _one_line(err) from None
+
+
+def _reject_added_keys(overrides: Sequence[str]) -> None:
+    """`+key=value` would add a key no dataclass declares; the schema is the whole truth."""
+    for override in overrides:
+        key = override.lstrip("+").split("=", 1)[0]
+        if override.startswith("+") and not key.startswith(ADDABLE_PREFIX):
+            raise LaunchError(key, "keys cannot be added with '+'", "set an existing key: key=value")
+
+
+def _causes(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _one_line(err: Exception) -> LaunchError:
+    chain = list(_causes(err))
+    launch_error = next((c for c in chain if isinstance(c, LaunchError)), None)
+    if launch_error is not None:  # raised by a __post_init__ while converting
+        return launch_error
+    keyed = next((c for c in chain if getattr(c, "full_key", None)), chain[-1])
+    text = str(keyed).strip()
+    if re.search(r"Key '[^']+' (not in|is not in struct)", text) and getattr(keyed, "full_key", None):
+        return LaunchError(keyed.full_key, "unknown key", "check the spelling; see launcher/schema.py for the keys")
+    if "You must specify" in text:
+        group = re.search(r"You must specify '([^']+)'", text).group(1)
+        return LaunchError(group, "required", f"choose one of: {', '.join(_options(group))}")
+    missing_option = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if missing_option:
+        group, option = missing_option.groups()
+        return LaunchError(group, f"no config named {option!r}", f"choose one of: {', '.join(_options(group))}")
+    return LaunchError(getattr(keyed, "full_key", None) or "config", text.splitlines()[0])
+
+
+def _options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))

@@ -1,0 +1,39 @@
+"""Run a pipeline's stages one after the other on this machine."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+
+from launcher.plan import STAGE_MODULE, StagePlan
+
+
+def local_command(plan: StagePlan, python: str) -> list[str]:
+    """torchrun for several processes (`--standalone` picks a free port, so two local runs
+    do not collide); a plain interpreter for one."""
+    stage = ["-m", STAGE_MODULE, plan.stage, *plan.args]
+    if plan.world_size == 1:
+        return [python, *stage]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.procs_per_node}", *stage]
+
+
+def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:
+    """Stops at the first failing stage; each stage's output goes to `<stage>/launch.log`."""
+    for index, plan in enumerate(plans, 1):
+        command = local_command(plan, python)
+        log = plan.stage_dir / "launch.log"
+        print(f"[{index}/{len(plans)}] {plan.name}: {shlex.join(command)}", flush=True)
+        if dry_run:
+            continue
+        plan.stage_dir.mkdir(parents=True, exist_ok=True)
+        (plan.stage_dir / "config.yaml").write_text(plan.config_yaml)
+        start = time.monotonic()
+        with open(log, "w") as handle:
+            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            print(f"orlhf launch: stage {plan.name} failed (exit code {code}); log: {log}", file=sys.stderr)
+            return 1
+        print(f"    done in {time.monotonic() - start:.1f} s; log: {log}", flush=True)
+    return 0

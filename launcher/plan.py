@@ -1,0 +1,102 @@
+"""From a composed `LaunchConfig` to one `StagePlan` per pipeline entry.
+
+Each stage's overrides are validated by the stage itself (`orlhf STAGE ... --cfg` in a
+subprocess, so the launcher imports neither torch nor offline_rlhf); the resolved YAML it
+prints is the `config.yaml` written beside the job script, and its `parallel` section gives
+the process count. Every stage is checked before anything runs or is submitted.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from launcher.schema import ClusterConfig, LaunchConfig, LaunchError, StageEntry
+
+STAGE_MODULE = "offline_rlhf.cli"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Everything needed to run or render one stage; paths are absolute."""
+
+    name: str  # folder under run_dir and part of the job name
+    stage: str  # `orlhf STAGE`
+    args: tuple[str, ...]  # the stage's key=value arguments, run_dir included
+    nodes: int
+    procs_per_node: int
+    stage_dir: Path
+    config_yaml: str  # the stage's resolved config, as `--cfg` printed it
+    time_limit: str | None
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    entries = list(enumerate(cfg.pipeline.stages))
+    if not entries:
+        raise LaunchError("pipeline.stages", "is empty", f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")
+    _check_unique_names(entries)
+    with ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
+        return list(pool.map(lambda item: _plan_stage(*item, run_dir, cfg.cluster), entries))
+
+
+def _check_unique_names(entries: list[tuple[int, StageEntry]]) -> None:
+    seen: dict[str, int] = {}
+    for index, entry in entries:
+        if entry.folder in seen:
+            raise LaunchError(f"pipeline.stages[{index}].name", f"{entry.folder!r} is also stages[{seen[entry.folder]}]",
+                              "give one of them a distinct name (it is the folder under run_dir)")
+        seen[entry.folder] = index
+
+
+def _plan_stage(index: int, entry: StageEntry, run_dir: Path, cluster: ClusterConfig) -> StagePlan:
+    key = f"pipeline.stages[{index}]"
+    if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in entry.overrides):
+        raise LaunchError(f"{key}.overrides", "run_dir is set by the launcher", "pass run_dir=... to orlhf launch")
+    args = (*entry.overrides, f"run_dir={run_dir}")
+    config_yaml = resolve_stage_config(key, entry.stage, args)
+    nodes, per_node = _process_layout(key, entry, yaml.safe_load(config_yaml).get("parallel") or {}, cluster)
+    return StagePlan(name=entry.folder, stage=entry.stage, args=args, nodes=nodes, procs_per_node=per_node,
+                     stage_dir=run_dir / entry.folder, config_yaml=config_yaml,
+                     time_limit=entry.time_limit or cluster.time_limit)
+
+
+def resolve_stage_config(key: str, stage: str, args: tuple[str, ...]) -> str:
+    """The stage's own validation: exit 2 and one `orlhf STAGE: error: ...` line when wrong."""
+    proc = subprocess.run([sys.executable, "-m", STAGE_MODULE, stage, *args, "--cfg"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+        raise LaunchError(f"{key} ({stage})", lines[0])
+    return proc.stdout
+
+
+def _process_layout(key: str, entry: StageEntry, parallel: dict, cluster: ClusterConfig) -> tuple[int, int]:
+    """(nodes, processes per node). Total processes: the entry's `nproc`; else one per GPU on
+    a GPU cluster; else parallel.tp x parallel.dp with dp=-1 counted as 1."""
+    tp, dp = parallel.get("tp", 1), parallel.get("dp", -1)
+    if entry.nodes < 1:
+        raise LaunchError(f"{key}.nodes", f"must be >= 1, got {entry.nodes}")
+    if cluster.kind == "local" and entry.nodes > 1:
+        raise LaunchError(f"{key}.nodes", f"{entry.nodes} nodes need a cluster", "use cluster=slurm")
+    if entry.nproc is not None:
+        total = entry.nproc
+    elif cluster.kind == "slurm" and cluster.gpus_per_node:
+        total = entry.nodes * cluster.gpus_per_node
+    else:
+        total = tp * max(dp, 1)
+    if total < 1 or total % entry.nodes:
+        raise LaunchError(f"{key}.nproc", f"{total} processes do not split evenly over {entry.nodes} nodes")
+    if total % tp or (dp > 0 and tp * dp != total):
+        raise LaunchError(f"{key}.nproc", f"{total} processes do not fit parallel.tp={tp} x parallel.dp={dp}",
+                          "set the entry's nproc or the stage's parallel.* overrides")
+    return entry.nodes, total // entry.nodes

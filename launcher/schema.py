@@ -1,0 +1,93 @@
+"""The launcher's own structured config: `orlhf launch pipeline=NAME cluster=NAME [key=value ...]`.
+
+`conf/pipeline/*.yaml` fills `pipeline`, `conf/cluster/*.yaml` fills `cluster`; Hydra merges
+them into these dataclasses in struct mode, so a misspelt key is an error, not a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from omegaconf import MISSING
+
+LAUNCH_MODES = ("torchrun", "tasks")
+CLUSTER_KINDS = ("local", "slurm")
+
+
+class LaunchError(ValueError):
+    """A launch cannot go ahead. The message is one line naming the key (or stage) and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str = ""):
+        self.key = key
+        super().__init__(f"{key}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+@dataclass
+class StageEntry:
+    """One step of a pipeline: `orlhf STAGE overrides...` on `nodes` nodes."""
+
+    stage: str = MISSING  # the orlhf stage to run (`orlhf STAGE`)
+    name: Optional[str] = None  # folder under run_dir and job name; None: the stage name
+    overrides: List[str] = field(default_factory=list)  # key=value for the stage's own config
+    nodes: int = 1
+    nproc: Optional[int] = None  # total processes; None: derived (see launcher.plan)
+    time_limit: Optional[str] = None  # Slurm time format; None: cluster.time_limit
+
+    @property
+    def folder(self) -> str:
+        return self.name or self.stage
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING
+    stages: List[StageEntry] = field(default_factory=list)
+
+
+@dataclass
+class ClusterConfig:
+    """Where the stages run. Every optional Slurm setting left unset is left out of the script."""
+
+    kind: str = "local"  # local (torchrun on this machine) or slurm (chained sbatch jobs)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    gpus_per_node: Optional[int] = None  # None: request no GPUs (CPU partitions, local Slurm)
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None  # per node, Slurm syntax: "0" (all of it), "500G"
+    time_limit: Optional[str] = None  # Slurm syntax: "04:00:00", "2-00:00:00"
+    exclusive: bool = False
+    # torchrun: one task per node starting torchrun (c10d rendezvous at the first host);
+    # tasks: one task per process, the stage reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID.
+    launch_mode: str = "torchrun"
+    container_image: Optional[str] = None  # pyxis/enroot image; None: run on the host
+    container_mounts: List[str] = field(default_factory=list)  # "src:dst"; run_dir is always mounted
+    env: Dict[str, str] = field(default_factory=dict)  # exported in every job script
+    python: Optional[str] = None  # None: this interpreter on the host, "python" in a container
+    # Jobs per stage. >1 turns on automatic continuation: later attempts wait (singleton) for
+    # the previous one and resume from run_dir/<stage>/checkpoints/latest. Needs time_limit.
+    max_attempts: int = 1
+    dry_run: bool = False  # render scripts and configs, submit or run nothing
+
+    def __post_init__(self):
+        if self.kind not in CLUSTER_KINDS:
+            raise LaunchError("cluster.kind", f"unknown kind {self.kind!r}", f"use one of {', '.join(CLUSTER_KINDS)}")
+        if self.launch_mode not in LAUNCH_MODES:
+            raise LaunchError("cluster.launch_mode", f"unknown mode {self.launch_mode!r}",
+                              f"use one of {', '.join(LAUNCH_MODES)}")
+        for key in ("gpus_per_node", "cpus_per_task"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise LaunchError(f"cluster.{key}", f"must be >= 1, got {value}", "or leave it unset (null)")
+        if self.max_attempts < 1:
+            raise LaunchError("cluster.max_attempts", f"must be >= 1, got {self.max_attempts}")
+        if self.max_attempts > 1 and not self.time_limit:
+            raise LaunchError("cluster.max_attempts", "automatic continuation needs a time limit",
+                              "set cluster.time_limit (e.g. 04:00:00)")
+
+
+@dataclass
+class LaunchConfig:
+    run_dir: str = "runs/${pipeline.name}"
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

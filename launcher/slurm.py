@@ -1,0 +1,162 @@
+"""Submit a pipeline as chained sbatch jobs and ask Slurm about them afterwards.
+
+Stage k+1 waits for stage k with `afterok` and `--kill-on-invalid-dep=yes` (without it a
+job whose dependency failed stays PENDING forever). With `cluster.max_attempts > 1` each
+stage is submitted that many times: later attempts also wait on `singleton` (the previous
+attempt of the same job name) and resume from the stage's latest checkpoint; the next stage
+waits on the last attempt, which succeeds only if the stage completed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from launcher.plan import StagePlan
+from launcher.render import COMPLETE_MARKER, render_script
+from launcher.schema import ClusterConfig, LaunchError
+
+LAUNCH_RECORD = "launch.json"
+
+
+@dataclass
+class SubmittedStage:
+    name: str
+    script: str
+    job_ids: list[str]
+
+
+def write_stage_files(plan: StagePlan, cluster: ClusterConfig, python: str) -> Path:
+    """`submission.sh` and the resolved `config.yaml` in the stage's folder; a new launch
+    forgets an earlier launch's completion marker."""
+    plan.stage_dir.mkdir(parents=True, exist_ok=True)
+    (plan.stage_dir / "config.yaml").write_text(plan.config_yaml)
+    script = plan.stage_dir / "submission.sh"
+    script.write_text(render_script(plan, cluster, python))
+    script.chmod(0o755)
+    (plan.stage_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+    return script
+
+
+def submit_chain(plans: list[StagePlan], scripts: list[Path], max_attempts: int) -> list[SubmittedStage]:
+    """Submit in pipeline order; if any sbatch fails, cancel what was already submitted."""
+    submitted: list[SubmittedStage] = []
+    previous: str | None = None
+    try:
+        for plan, script in zip(plans, scripts):
+            ids = []
+            for attempt in range(max_attempts):
+                dependencies = ([f"afterok:{previous}"] if previous else []) + (["singleton"] if attempt else [])
+                ids.append(sbatch(script, dependencies))
+            submitted.append(SubmittedStage(plan.name, str(script), ids))
+            previous = ids[-1]
+    except LaunchError:
+        cancel([job for stage in submitted for job in stage.job_ids])
+        raise
+    return submitted
+
+
+def sbatch(script: Path, dependencies: list[str]) -> str:
+    command = ["sbatch", "--parsable"]
+    if dependencies:
+        command += [f"--dependency={','.join(dependencies)}", "--kill-on-invalid-dep=yes"]
+    proc = _run([*command, str(script)])
+    if proc.returncode != 0:
+        raise LaunchError(f"sbatch {script}", _first_line(proc.stderr) or f"exit code {proc.returncode}")
+    return proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
+
+
+def cancel(job_ids: list[str]) -> None:
+    if job_ids:
+        _run(["scancel", *job_ids])
+
+
+def write_launch_record(run_dir: Path, pipeline: str, stages: list[SubmittedStage]) -> Path:
+    """Atomically (temp file + rename), so `status` never reads half a record."""
+    record = {"pipeline": pipeline, "stages": [asdict(stage) for stage in stages]}
+    path = run_dir / LAUNCH_RECORD
+    with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".launch.", delete=False) as handle:
+        json.dump(record, handle, indent=2)
+    os.replace(handle.name, path)
+    return path
+
+
+def read_launch_record(run_dir: Path) -> list[SubmittedStage]:
+    path = run_dir / LAUNCH_RECORD
+    if not path.exists():
+        raise LaunchError("run_dir", f"no {LAUNCH_RECORD} in {run_dir}", "launch a pipeline there with cluster=slurm")
+    return [SubmittedStage(**stage) for stage in json.loads(path.read_text())["stages"]]
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    state: str  # Slurm's state word: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
+    elapsed_s: float | None
+    gpus: int  # GPUs allocated to the whole job
+
+
+def query_job(job_id: str) -> JobInfo | None:
+    """scontrol knows active and recently ended jobs (MinJobAge); sacct knows older ones when
+    there is accounting; `sacct -c` reads the job-completion log when there is none."""
+    for query in (_from_scontrol, _from_sacct, _from_jobcomp):
+        info = query(job_id)
+        if info is not None:
+            return info
+    return None
+
+
+def _from_scontrol(job_id: str) -> JobInfo | None:
+    proc = _run(["scontrol", "show", "job", "-o", job_id])
+    fields = dict(re.findall(r"(\S+?)=(\S*)", proc.stdout)) if proc.returncode == 0 else {}
+    if "JobState" not in fields:
+        return None
+    return JobInfo(fields["JobState"], _seconds(fields.get("RunTime", "")),
+                   _gpus_in_tres(fields.get("AllocTRES") or fields.get("TRES", "")))
+
+
+def _from_sacct(job_id: str) -> JobInfo | None:
+    return _sacct_row(["sacct", "-X", "-n", "-P", "-j", job_id, "--format=State,Elapsed,AllocTRES"])
+
+
+def _from_jobcomp(job_id: str) -> JobInfo | None:
+    return _sacct_row(["sacct", "-c", "-n", "-P", "-j", job_id, "--format=State,Elapsed"])
+
+
+def _sacct_row(command: list[str]) -> JobInfo | None:
+    proc = _run(command)
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
+    if not rows:
+        return None
+    state, elapsed, *tres = rows[-1]  # the job's latest record (a requeued job has several)
+    return JobInfo(state.split()[0], _seconds(elapsed), _gpus_in_tres(tres[0] if tres else ""))
+
+
+def _seconds(elapsed: str) -> float | None:
+    """Slurm durations: [D-]HH:MM:SS or MM:SS."""
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", elapsed.strip())
+    if not match:
+        return None
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def _gpus_in_tres(tres: str) -> int:
+    match = re.search(r"gres/gpu=(\d+)", tres)
+    return int(match.group(1)) if match else 0
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise LaunchError("cluster.kind", f"{command[0]} not found", "is this a Slurm login node? "
+                          "(scripts/local_slurm.sh sets up a single-node Slurm)") from None
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")

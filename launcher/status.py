@@ -1,0 +1,53 @@
+"""`orlhf launch status run_dir=DIR`: each job's state and, once finished, its device-hours.
+
+Device-hours come from the rows the stages append to `run_dir/ledger.jsonl` (a resumed stage
+adds a row per execution, so rows are summed per job); without a row, from Slurm's elapsed
+time x allocated GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from launcher.slurm import JobInfo, query_job, read_launch_record
+from launcher.table import format_table
+
+LEDGER = "ledger.jsonl"
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+
+
+def status_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
+    ledger = ledger_hours(run_dir)
+    rows = []
+    for stage in read_launch_record(run_dir):
+        for attempt, job_id in enumerate(stage.job_ids, 1):
+            label = stage.name if len(stage.job_ids) == 1 else f"{stage.name} [{attempt}/{len(stage.job_ids)}]"
+            info = query_job(job_id)
+            rows.append((label, job_id, info.state if info else "UNKNOWN", device_hours(job_id, info, ledger)))
+    return rows
+
+
+def show_status(run_dir: Path) -> int:
+    print(format_table([("STAGE", "JOB", "STATE", "DEVICE-HOURS"), *status_rows(run_dir)]))
+    return 0
+
+
+def ledger_hours(run_dir: Path) -> dict[str, float]:
+    """Job id -> summed device_hours of the ledger rows that carry it."""
+    path = run_dir / LEDGER
+    hours: dict[str, float] = {}
+    lines = path.read_text().splitlines() if path.exists() else []
+    for row in (json.loads(line) for line in lines if line.strip()):
+        if row.get("job_id") is not None:
+            key = str(row["job_id"])
+            hours[key] = hours.get(key, 0.0) + float(row["device_hours"])
+    return hours
+
+
+def device_hours(job_id: str, info: JobInfo | None, ledger: dict[str, float]) -> str:
+    if job_id in ledger:
+        return f"{ledger[job_id]:.4f} (ledger)"
+    if info and info.state in FINISHED and info.gpus and info.elapsed_s is not None:
+        return f"{info.gpus * info.elapsed_s / 3600:.4f} (slurm)"
+    return "-"
