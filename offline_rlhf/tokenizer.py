@@ -1,0 +1,121 @@
+"""Tokenizers through the `tokenizers` library, stored as Hugging Face files.
+
+A tokenizer directory holds `tokenizer.json` and, when present, `tokenizer_config.json`
+naming the bos/eos/pad tokens, so `transformers.AutoTokenizer` loads the same directory.
+Special tokens are added explicitly (`add_bos`), never by a post-processor, so what a
+sequence starts with is decided by our data code alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+ROLES = ("bos_token", "eos_token", "pad_token")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the names of its bos/eos/pad tokens (None when absent)."""
+
+    def __init__(self, backend: BackendTokenizer, config: dict | None = None):
+        self.backend = backend
+        # The rest of tokenizer_config.json (chat template...) is kept so `save` loses nothing.
+        self.config = dict(config or {})
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not (path / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"{path / TOKENIZER_FILE} not found (only tokenizer.json tokenizers are supported)")
+        config_path = path / CONFIG_FILE
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        return cls(BackendTokenizer.from_file(str(path / TOKENIZER_FILE)), config)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Special-token strings inside `text` map to their ids (as in transformers)."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError("add_bos=True but the tokenizer defines no bos_token")
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _special_id(self, role: str) -> int | None:
+        token = _token_content(self.config.get(role))
+        if token is None:
+            return None
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{CONFIG_FILE}: {role} {token!r} is not in the vocabulary")
+        return token_id
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / TOKENIZER_FILE))
+        (path / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+        special = {role: self.config[role] for role in ROLES if self.config.get(role) is not None}
+        (path / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+
+
+def _token_content(value: str | dict | None) -> str | None:
+    """tokenizer_config.json stores a special token as a string or as a serialized AddedToken."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def train_bpe_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Path,
+                        special_tokens: tuple[str, ...] = ("<|pad|>", "<|bos|>", "<|eos|>")) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on text files and save it to `out_dir`.
+
+    `special_tokens` are pad, bos, eos (in that order, ids 0, 1, 2), then any extras.
+    Byte-level pre-tokenization with no normalizer makes decode(encode(x)) == x for any
+    UTF-8 text without special-token strings; the trainer is deterministic for fixed inputs.
+    """
+    if len(special_tokens) < 3:
+        raise ValueError(f"special_tokens must start with pad, bos, eos; got {special_tokens}")
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train([str(f) for f in files], trainer)
+    pad, bos, eos = special_tokens[:3]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": pad,
+        "bos_token": bos,
+        "eos_token": eos,
+        "additional_special_tokens": list(special_tokens[3:]),
+        # transformers would otherwise rewrite spaces around punctuation on decode.
+        "clean_up_tokenization_spaces": False,
+    }
+    tokenizer = Tokenizer(backend, config)
+    tokenizer.save(out_dir)
+    return tokenizer
