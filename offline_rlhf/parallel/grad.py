@@ -56,5 +56,6 @@ def _sharded_groups(grad: torch.Tensor) -> tuple:
     if not isinstance(grad, DTensor):
         return ()
     mesh = grad.device_mesh
+    # Not `is_shard()`: FSDP x TP uses _StridedShard, which does not report itself as a Shard.
     return tuple(mesh.get_group(dim) for dim, placement in enumerate(grad.placements)
-                 if placement.is_shard())
+                 if not placement.is_replicate())

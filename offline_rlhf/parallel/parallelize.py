@@ -4,6 +4,8 @@ data-parallel dimension; finally materialize the meta-device weights and initial
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed._composable import replicate
@@ -11,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+                                               SequenceParallel, loss_parallel, parallelize_module)
 
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.models.llama import Transformer
@@ -42,6 +44,8 @@ def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None,
                 param_dtype: torch.dtype | None = None) -> Transformer:
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sequence_parallel, dims.loss_parallel)
+        if dims.sequence_parallel:
+            model.register_forward_pre_hook(_require_divisible_sequence(dims.tp))
     for block in model.layers:
         if dims.activation_checkpointing:
             activation_checkpoint(block)
@@ -81,6 +85,17 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
         parallelize_module(block, tp_mesh, _block_plan(between_blocks, norm_plan))
 
 
+def _require_divisible_sequence(tp: int):
+    """Sequence parallelism splits the sequence evenly over TP ranks; an uneven split makes
+    gloo/NCCL collectives disagree on sizes and abort, so refuse it with a clear message."""
+    def check(module, args):
+        seq = args[0].shape[1]
+        if seq % tp:
+            raise ValueError(f"sequence length {seq} is not divisible by parallel.tp={tp}, which sequence "
+                             f"parallelism needs; pad batches to a multiple of {tp}")
+    return check
+
+
 def _block_plan(between_blocks, norm_plan) -> dict:
     gather = dict(input_layouts=(between_blocks, None, None, None),
                   desired_input_layouts=(Replicate(), None, None, None))
@@ -107,3 +122,9 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+
+
+def loss_context(dims: ParallelDims):
+    """Cross-entropy on vocabulary-sharded logits needs `loss_parallel()` around the loss
+    and its backward; a no-op otherwise."""
+    return loss_parallel() if dims.loss_parallel and dims.tp > 1 else nullcontext()

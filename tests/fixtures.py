@@ -3,6 +3,8 @@ a batch, identical in every process."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
@@ -12,6 +14,8 @@ from offline_rlhf.parallel.distributed import detect_env, device_for
 from offline_rlhf.parallel.parallelize import build_mesh, build_model
 from offline_rlhf.parallel.state_dict import load_full_state_dict
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINY = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
 
 

@@ -1,0 +1,217 @@
+"""Sharded, resharding, atomic checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of a checkpoint root (e.g. `run_dir/sft/checkpoints/`):
+
+    step_00000100/          one complete checkpoint
+        .metadata *.distcp  model (+ optimizer) tensors, saved by DCP from any layout
+        rng/rank00000.pt    each rank's RNG state
+        tokenizer/          optional copy of the tokenizer files
+        meta.json           step, tokens seen, data position, scheduler, model config; written last
+    latest                  text file naming the newest complete step directory
+
+A save writes into `step_XXXXXXXX.partial`, writes `meta.json`, renames the folder, and
+only then replaces `latest` (itself written to a temporary file and renamed). A process
+killed at any point leaves `latest` on the previous complete checkpoint.
+Tensors are stored by fully-qualified parameter name, so a checkpoint saved at TP=2 x DP=2
+loads into TP=1 x DP=1 (DCP reshards on load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from offline_rlhf.config.schema import ModelConfig, RopeScalingConfig
+
+LATEST = "latest"
+META = "meta.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass
+class TrainState:
+    """Progress that is not a tensor: where training stands and where the data reader is."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    data_position: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointMeta:
+    model: ModelConfig
+    head: str
+    train_state: TrainState
+    scheduler: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # stage extras, e.g. reward statistics
+    world_size: int = 1
+    has_optimizer: bool = False
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(root: str | Path, model: nn.Module, meta: CheckpointMeta,
+                    optimizer: torch.optim.Optimizer | None = None, tokenizer_dir: str | Path | None = None,
+                    keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    root = Path(root)
+    final = root / step_dir_name(meta.train_state.step)
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    if _is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left over by a killed save
+        partial.mkdir()
+    _barrier()
+    meta.has_optimizer = optimizer is not None
+    meta.world_size = dist.get_world_size() if dist.is_initialized() else 1
+    with _single_process_quiet():
+        dcp.save(_tensor_state(model, optimizer), checkpoint_id=partial)
+    _save_rng(partial)
+    _barrier()
+    if _is_main():
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, partial / "tokenizer")
+        _write_atomic(partial / META, json.dumps(asdict(meta), indent=2))
+        _publish(partial, final)
+        if keep_last:
+            _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """The rename makes the checkpoint visible; `latest` moves only after it."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    _fsync_dir(final.parent)
+    _write_atomic(final.parent / LATEST, final.name + "\n")
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `latest` names, or None when there is none yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not is_complete(path):
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint "
+                                f"(missing {META} or DCP .metadata); the folder was modified after saving")
+    return path
+
+
+def is_complete(path: Path) -> bool:
+    return (path / META).is_file() and (path / ".metadata").is_file() and not path.name.endswith(PARTIAL_SUFFIX)
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    raw = json.loads((Path(path) / META).read_text())
+    model = dict(raw.pop("model"))
+    if model.get("rope_scaling"):
+        model["rope_scaling"] = RopeScalingConfig(**model["rope_scaling"])
+    return CheckpointMeta(model=ModelConfig(**model), train_state=TrainState(**raw.pop("train_state")), **raw)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = False) -> CheckpointMeta:
+    """Collective. Loads model (and optimizer) shards for the current layout, whatever layout
+    saved them. RNG is restored only when the world size is unchanged (states are per rank)."""
+    path = Path(path)
+    meta = read_meta(path)
+    if optimizer is not None and not meta.has_optimizer:
+        raise ValueError(f"{path} holds no optimizer state; load it as weights only (optimizer=None)")
+    state = _tensor_state(model, optimizer)
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if restore_rng and meta.world_size == (dist.get_world_size() if dist.is_initialized() else 1):
+        _load_rng(path)
+    return meta
+
+
+def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _rng_file(path: Path) -> Path:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return path / "rng" / f"rank{rank:05d}.pt"
+
+
+def _save_rng(path: Path) -> None:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    target = _rng_file(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target)
+
+
+def _load_rng(path: Path) -> None:
+    state = torch.load(_rng_file(path), weights_only=True)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("step_*") if is_complete(p))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load, which is an intended mode here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,71 @@
+"""A save killed between writing the shards and publishing must not become `latest`."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from offline_rlhf.checkpoint import (CheckpointMeta, TrainState, is_complete, latest_checkpoint, load_checkpoint,
+                                     read_meta, save_checkpoint)
+from offline_rlhf.models.llama import Transformer
+from tests.fixtures import REPO_ROOT, TINY, batch, reference_model
+
+KILLED_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import offline_rlhf.checkpoint as ckpt
+    from tests.fixtures import TINY, reference_model
+
+    def die_before_publish(partial, final):  # shards and meta.json are written; the rename is next
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ckpt._publish = die_before_publish
+    meta = ckpt.CheckpointMeta(model=TINY, head="lm", train_state=ckpt.TrainState(step=2))
+    ckpt.save_checkpoint(sys.argv[1], reference_model(seed=2), meta)
+""")
+
+
+def _meta(step):
+    return CheckpointMeta(model=TINY, head="lm", train_state=TrainState(step=step, tokens_seen=10 * step,
+                                                                         data_position={"epoch": 0, "index": step}))
+
+
+def test_killed_save_is_not_picked_up_as_latest(tmp_path):
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, reference_model(seed=1), _meta(1))
+    result = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(root)], cwd=REPO_ROOT, capture_output=True)
+    assert result.returncode == -9, result.stderr.decode()
+    partial = root / "step_00000002.partial"
+    assert (partial / "meta.json").exists() and (partial / ".metadata").exists()  # killed after the shards
+    assert not is_complete(partial)
+    assert latest_checkpoint(root) == root / "step_00000001"
+    model = Transformer(TINY)
+    load_checkpoint(latest_checkpoint(root), model)
+    torch.testing.assert_close(model(batch()), reference_model(seed=1)(batch()))
+    # The next save of that step clears the leftover and publishes normally.
+    save_checkpoint(root, reference_model(seed=2), _meta(2))
+    assert latest_checkpoint(root) == root / "step_00000002" and not partial.exists()
+
+
+def test_meta_round_trip_and_pruning(tmp_path):
+    root = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        save_checkpoint(root, reference_model(), _meta(step), keep_last=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003"]
+    meta = read_meta(latest_checkpoint(root))
+    assert meta.model == TINY and meta.train_state == _meta(3).train_state and not meta.has_optimizer
+
+
+def test_loading_optimizer_from_weights_only_checkpoint_is_an_error(tmp_path):
+    save_checkpoint(tmp_path, reference_model(), _meta(1))
+    model = Transformer(TINY)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        load_checkpoint(latest_checkpoint(tmp_path), model, torch.optim.AdamW(model.parameters()))
+
+
+def test_latest_naming_an_incomplete_folder_is_an_error(tmp_path):
+    save_checkpoint(tmp_path, reference_model(), _meta(1))
+    (tmp_path / "step_00000001" / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        latest_checkpoint(tmp_path)
