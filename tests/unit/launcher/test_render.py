@@ -1,0 +1,122 @@
+"""Golden checks on rendered sbatch scripts (pure rendering, no Slurm needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.local import local_command
+from launcher.plan import StagePlan
+from launcher.render import render_script, sbatch_directives
+from launcher.schema import ClusterConfig
+
+RUN_DIR = Path("/lustre/runs/dt8b")
+
+
+def make_plan(name="sft", nodes=1, procs_per_node=1, args=(), time_limit=None) -> StagePlan:
+    return StagePlan(name=name, stage=name, args=(*args, f"run_dir={RUN_DIR}"), nodes=nodes,
+                     procs_per_node=procs_per_node, stage_dir=RUN_DIR / name, config_yaml="",
+                     time_limit=time_limit)
+
+
+def gpu_cluster(**changes) -> ClusterConfig:
+    settings = dict(kind="slurm", partition="batch", account="llm", gpus_per_node=8, cpus_per_task=64,
+                    mem="0", time_limit="04:00:00", exclusive=True,
+                    container_image="nvcr.io/nvidia/pytorch:25.01-py3", container_mounts=["/data:/data"],
+                    env={"NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "ib0,eth0"})
+    return ClusterConfig(**{**settings, **changes})
+
+
+FOUR_NODE_GOLDEN = """\
+#!/bin/bash
+#SBATCH --job-name=dt8b.sft
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --mem=0
+#SBATCH --time=04:00:00
+#SBATCH --partition=batch
+#SBATCH --account=llm
+#SBATCH --exclusive
+#SBATCH --output=/lustre/runs/dt8b/sft/slurm-%j.out
+#SBATCH --error=/lustre/runs/dt8b/sft/slurm-%j.err
+
+# orlhf launch: stage 'sft'; resolved config: /lustre/runs/dt8b/sft/config.yaml
+set -euo pipefail
+
+export NCCL_DEBUG=WARN
+export NCCL_SOCKET_IFNAME=ib0,eth0
+
+# Rendezvous at the first host of the allocation; every node derives the same port.
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+port=$((20000 + SLURM_JOB_ID % 20000))
+
+srun --kill-on-bad-exit=1 --cpus-per-task=64 \\
+  --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 \\
+  --rdzv-backend=c10d --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID" \\
+  -m offline_rlhf.cli sft parallel=tp4_sp 'data.path=/data/my file.jsonl' run_dir=/lustre/runs/dt8b
+"""
+
+
+def test_four_node_eight_gpu_container_stage_golden():
+    plan = make_plan(nodes=4, procs_per_node=8, args=("parallel=tp4_sp", "data.path=/data/my file.jsonl"),
+                     time_limit="04:00:00")
+    assert render_script(plan, gpu_cluster(), python="python") == FOUR_NODE_GOLDEN
+
+
+CPU_SINGLE_PROCESS_GOLDEN = """\
+#!/bin/bash
+#SBATCH --job-name=dt8b.mix
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --output=/lustre/runs/dt8b/mix/slurm-%j.out
+#SBATCH --error=/lustre/runs/dt8b/mix/slurm-%j.err
+
+# orlhf launch: stage 'mix'; resolved config: /lustre/runs/dt8b/mix/config.yaml
+set -euo pipefail
+
+srun --kill-on-bad-exit=1 \\
+  /venv/bin/python -m offline_rlhf.cli mix run_dir=/lustre/runs/dt8b
+"""
+
+
+def test_single_process_cpu_stage_golden():
+    """No GPU request, no rendezvous, no torchrun, every optional directive left out."""
+    script = render_script(make_plan(name="mix"), ClusterConfig(kind="slurm"), python="/venv/bin/python")
+    assert script == CPU_SINGLE_PROCESS_GOLDEN
+
+
+def test_tasks_mode_starts_one_task_per_gpu_and_lets_the_stage_rendezvous():
+    script = render_script(make_plan(nodes=4, procs_per_node=8), gpu_cluster(launch_mode="tasks"), python="python")
+    assert "#SBATCH --ntasks-per-node=8\n" in script
+    assert "torch.distributed.run" not in script and "head=" not in script
+    assert script.endswith("  python -m offline_rlhf.cli sft run_dir=/lustre/runs/dt8b\n")
+
+
+def test_script_exports_nothing_that_hides_slurm_variables():
+    script = render_script(make_plan(nodes=4, procs_per_node=8), gpu_cluster(), python="python")
+    exported = [line.split()[1].split("=")[0] for line in script.splitlines() if line.startswith("export ")]
+    assert exported == ["NCCL_DEBUG", "NCCL_SOCKET_IFNAME"]
+    assert "--export" not in script
+
+
+def test_auto_continuation_skips_a_completed_stage_and_marks_completion():
+    script = render_script(make_plan(time_limit="04:00:00"), gpu_cluster(max_attempts=3), python="python")
+    marker = "/lustre/runs/dt8b/sft/.launch_complete"
+    assert f'if [ -e {marker} ]; then echo "sft: already complete"; exit 0; fi\nsrun ' in script
+    assert script.endswith(f"run_dir=/lustre/runs/dt8b\ntouch {marker}\n")
+
+
+def test_stage_time_limit_and_no_container():
+    directives = sbatch_directives(make_plan(time_limit="1-00:00:00"), gpu_cluster(container_image=None))
+    assert "--time=1-00:00:00" in directives
+    script = render_script(make_plan(), gpu_cluster(container_image=None), python="python")
+    assert "--container" not in script
+
+
+def test_local_command_uses_torchrun_only_for_several_processes():
+    assert local_command(make_plan(name="mix"), "py") == ["py", "-m", "offline_rlhf.cli", "mix", f"run_dir={RUN_DIR}"]
+    assert local_command(make_plan(name="demo", procs_per_node=2), "py") == [
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "offline_rlhf.cli", "demo", f"run_dir={RUN_DIR}"]
