@@ -12,7 +12,7 @@ from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -55,6 +55,9 @@ def _causes(err: BaseException):
 
 
 def _one_line(err: Exception) -> LaunchError:
+    if isinstance(err, OverrideParseException):
+        return LaunchError("command line", f"cannot parse an override: {_first_line(str(err))}",
+                           "quote list items that contain '=': key=['a=b']")
     chain = list(_causes(err))
     launch_error = next((c for c in chain if isinstance(c, LaunchError)), None)
     if launch_error is not None:  # raised by a __post_init__ while converting
@@ -70,7 +73,11 @@ def _one_line(err: Exception) -> LaunchError:
     if missing_option:
         group, option = missing_option.groups()
         return LaunchError(group, f"no config named {option!r}", f"choose one of: {', '.join(_options(group))}")
-    return LaunchError(getattr(keyed, "full_key", None) or "config", text.splitlines()[0])
+    return LaunchError(getattr(keyed, "full_key", None) or "config", _first_line(text))
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "invalid"
 
 
 def _options(group: str) -> list[str]:

@@ -6,12 +6,16 @@ them into these dataclasses in struct mode, so a misspelt key is an error, not a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
 LAUNCH_MODES = ("torchrun", "tasks")
+# Set per process by torchrun; exporting them in the job script would hide Slurm's own
+# variables from the stage (and the SLURM_* ones its device-hour rows carry).
+PROCESS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 CLUSTER_KINDS = ("local", "slurm")
 
 
@@ -79,11 +83,21 @@ class ClusterConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise LaunchError(f"cluster.{key}", f"must be >= 1, got {value}", "or leave it unset (null)")
+        for name in self.env:
+            self._check_env_name(name)
         if self.max_attempts < 1:
             raise LaunchError("cluster.max_attempts", f"must be >= 1, got {self.max_attempts}")
         if self.max_attempts > 1 and not self.time_limit:
             raise LaunchError("cluster.max_attempts", "automatic continuation needs a time limit",
                               "set cluster.time_limit (e.g. 04:00:00)")
+
+    @staticmethod
+    def _check_env_name(name: str) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise LaunchError(f"cluster.env.{name}", "is not a valid environment variable name")
+        if name.startswith("SLURM_") or name in PROCESS_VARIABLES:
+            raise LaunchError(f"cluster.env.{name}", "is set by Slurm or torchrun for each process",
+                              "remove it from cluster.env")
 
 
 @dataclass

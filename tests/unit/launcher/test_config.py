@@ -1,0 +1,83 @@
+"""Launch config composition and its one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from launcher.cli import main
+from launcher.compose import compose_launch
+from launcher.schema import LaunchError
+
+
+def launch_error(*overrides: str) -> str:
+    with pytest.raises(LaunchError) as caught:
+        compose_launch(list(overrides))
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_pipeline_and_cluster_files_fill_the_schema():
+    cfg = compose_launch(["pipeline=tiny_demo", "cluster=slurm", "cluster.partition=batch", "run_dir=/tmp/r"])
+    assert cfg.cluster.kind == "slurm" and cfg.cluster.partition == "batch" and cfg.cluster.gpus_per_node == 8
+    assert [(s.stage, s.nproc, s.overrides) for s in cfg.pipeline.stages] == [("demo", 2, ["parallel.tp=2"])]
+    assert cfg.run_dir == "/tmp/r"
+
+
+def test_local_slurm_extends_slurm_without_gpus():
+    cluster = compose_launch(["pipeline=tiny_demo", "cluster=local_slurm"]).cluster
+    assert (cluster.kind, cluster.gpus_per_node, cluster.time_limit, cluster.exclusive) == ("slurm", None, None, False)
+
+
+def test_unknown_cluster_key_names_the_key():
+    assert launch_error("pipeline=tiny_demo", "cluster=slurm", "cluster.partiton=batch").startswith(
+        "cluster.partiton: unknown key")
+
+
+def test_unknown_key_in_a_pipeline_entry_names_the_entry():
+    assert launch_error("pipeline=tiny_demo", "pipeline.stages.0.nodez=2").startswith(
+        "pipeline.stages[0].nodez: unknown key")
+
+
+def test_adding_keys_with_plus_is_refused_except_environment_variables():
+    assert launch_error("pipeline=tiny_demo", "+cluster.gpus=8").startswith("cluster.gpus: keys cannot be added")
+    assert compose_launch(["pipeline=tiny_demo", "+cluster.env.NCCL_IB_HCA=mlx5"]).cluster.env == {"NCCL_IB_HCA": "mlx5"}
+
+
+def test_missing_or_unknown_pipeline_lists_the_choices():
+    assert launch_error() .startswith("pipeline: required; choose one of: ")
+    message = launch_error("pipeline=offline_dpo")
+    assert message.startswith("pipeline: no config named 'offline_dpo'") and "offline_dt" in message
+
+
+@pytest.mark.parametrize("override, start", [
+    ("cluster.launch_mode=mpi", "cluster.launch_mode: unknown mode 'mpi'"),
+    ("cluster.max_attempts=3", "cluster.max_attempts: automatic continuation needs a time limit"),
+    ("cluster.gpus_per_node=0", "cluster.gpus_per_node: must be >= 1"),
+    ("+cluster.env.SLURM_NNODES=2", "cluster.env.SLURM_NNODES: is set by Slurm"),
+    ("cluster.gpus_per_node=eight", "cluster.gpus_per_node: Value 'eight'"),
+])
+def test_invalid_values_name_the_key(override, start):
+    assert launch_error("pipeline=tiny_demo", override).startswith(start)
+
+
+def test_cli_prints_one_error_line_and_exits_2(capsys):
+    assert main(["pipeline=tiny_demo", "cluster.partiton=batch"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "orlhf launch: error: cluster.partiton: unknown key; check the spelling; " \
+                           "see launcher/schema.py for the keys\n"
+
+
+def test_status_takes_only_run_dir(capsys):
+    assert main(["status", "run_dir=/nowhere", "verbose=1"]) == 2
+    assert capsys.readouterr().err.startswith("orlhf launch: error: verbose: status takes only run_dir=DIR")
+
+
+def test_launcher_imports_neither_torch_nor_the_training_packages():
+    code = ("import sys, launcher.cli; "
+            "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'offline_rlhf', 'ppo_baseline')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,78 @@
+"""Planning: stage validation through `orlhf STAGE --cfg` and the process layout."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import pytest
+
+from launcher.compose import compose_launch
+from launcher.local import run_locally
+from launcher.plan import plan_pipeline
+from launcher.schema import LaunchError
+
+
+def plans_for(tmp_path, *overrides, cluster="local"):
+    return plan_pipeline(compose_launch(["pipeline=tiny_demo", f"cluster={cluster}", f"run_dir={tmp_path}", *overrides]))
+
+
+def test_tiny_demo_resolves_through_the_stage_and_gets_two_processes(tmp_path):
+    (plan,) = plans_for(tmp_path)
+    assert (plan.name, plan.nodes, plan.procs_per_node) == ("demo", 1, 2)
+    assert plan.args == ("parallel.tp=2", f"run_dir={tmp_path}")
+    assert "tp: 2" in plan.config_yaml and f"run_dir: {tmp_path}" in plan.config_yaml
+
+
+def test_processes_default_to_tp_times_dp_with_fill_counted_as_one(tmp_path):
+    (plan,) = plans_for(tmp_path, "pipeline.stages.0.nproc=null")
+    assert plan.world_size == 2
+    (plan,) = plans_for(tmp_path, "pipeline.stages.0.nproc=null", "pipeline.stages.0.overrides=['parallel.dp=3']")
+    assert plan.world_size == 3
+
+
+def test_gpu_cluster_runs_one_process_per_gpu(tmp_path):
+    (plan,) = plans_for(tmp_path, "pipeline.stages.0.nproc=null", "pipeline.stages.0.nodes=4", cluster="slurm")
+    assert (plan.nodes, plan.procs_per_node) == (4, 8)
+
+
+@pytest.mark.parametrize("overrides, start", [
+    (["pipeline.stages.0.nproc=3"], "pipeline.stages[0].nproc: 3 processes do not fit parallel.tp=2"),
+    (["pipeline.stages.0.nodes=2"], "pipeline.stages[0].nodes: 2 nodes need a cluster"),
+    (["pipeline.stages.0.overrides=['parallel.tp=0']"], "pipeline.stages[0] (demo): orlhf demo: error: parallel.tp"),
+    (["pipeline.stages.0.overrides=['run_dir=/elsewhere']"], "pipeline.stages[0].overrides: run_dir is set by"),
+    (["pipeline.stages.0.stage=sft"], "pipeline.stages[0] (sft): orlhf: unknown stage 'sft'"),
+])
+def test_invalid_stages_fail_before_anything_runs(tmp_path, overrides, start):
+    with pytest.raises(LaunchError, match="^" + start.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        plans_for(tmp_path, *overrides)
+    assert not any(tmp_path.iterdir())
+
+
+def test_paper_pipelines_name_their_unwritten_stages(tmp_path):
+    cfg = compose_launch(["pipeline=offline_all", "cluster=slurm", f"run_dir={tmp_path}"])
+    assert [s.folder for s in cfg.pipeline.stages] == [
+        "sft", "rm", "generate", "label", "mix", "align_mle_filter", "align_rwr", "align_dt", "eval"]
+    with pytest.raises(LaunchError, match=r"^pipeline.stages\[0\] \(sft\): orlhf: unknown stage 'sft'"):
+        plan_pipeline(cfg)
+
+
+def test_duplicate_stage_folders_are_refused(tmp_path):
+    cfg = compose_launch(["pipeline=tiny_demo", f"run_dir={tmp_path}"])
+    cfg.pipeline.stages.append(cfg.pipeline.stages[0])
+    with pytest.raises(LaunchError, match=r"^pipeline.stages\[1\].name: 'demo' is also stages\[0\]"):
+        plan_pipeline(cfg)
+
+
+def test_local_run_stops_at_the_first_failing_stage_and_prints_its_log(tmp_path, capsys):
+    """`--cfg` makes a stage exit 0 at once; an unknown stage makes it exit 2."""
+    (demo,) = plans_for(tmp_path / "a")
+    good = replace(demo, args=(*demo.args, "--cfg"), procs_per_node=1)
+    bad = replace(good, name="broken", stage="no_such_stage", stage_dir=tmp_path / "broken")
+    never = replace(good, name="never", stage_dir=tmp_path / "never")
+    assert run_locally([good, bad, never], sys.executable, dry_run=False) == 1
+    out, err = capsys.readouterr()
+    assert "[1/3] demo" in out and "[2/3] broken" in out and "[3/3]" not in out
+    assert err.strip() == f"orlhf launch: stage broken failed (exit code 2); log: {tmp_path / 'broken' / 'launch.log'}"
+    assert "unknown stage" in (tmp_path / "broken" / "launch.log").read_text()
+    assert not (tmp_path / "never").exists()
