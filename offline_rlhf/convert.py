@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from offline_rlhf.checkpoint import CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from offline_rlhf.checkpoint import (CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, read_meta,
+                                     save_checkpoint)
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.config.stages import ConvertConfig
@@ -45,10 +46,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, head: str = "lm") -> Path:
     meta = CheckpointMeta(model=cfg, head=head, train_state=TrainState(step=0))
     with tempfile.TemporaryDirectory() as staging:
         # save_checkpoint copies a whole folder; stage only the tokenizer files, not the weights.
-        has_tokenizer = bool(copy_tokenizer_files(hf_dir, staging))
-        path = save_checkpoint(out, model, meta, tokenizer_dir=staging if has_tokenizer else None)
+        copied = copy_tokenizer_files(hf_dir, staging)
+        path = save_checkpoint(out, model, meta, tokenizer_dir=staging if copied else None)
     print(f"imported {hf_dir} -> {path}: {_num_params(model):,} parameters, {cfg.n_layers} layers, "
-          f"head={head}, tokenizer {'copied' if has_tokenizer else 'absent'}")
+          f"head={head}, tokenizer files {copied or 'none'}")
     return path
 
 

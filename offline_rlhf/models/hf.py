@@ -44,6 +44,9 @@ _LAYER_NAMES = {
 }
 # Our name -> HF name, outside the layers. `score` is LlamaForSequenceClassification's head.
 _TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head", "score": "score"}
+# HF llama3 rope key -> RopeScalingConfig field.
+_LLAMA3_ROPE_KEYS = {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+                     "original_max_position_embeddings": "original_max_position"}
 # Buffers some older HF checkpoints saved; we recompute them, so they are not weights to import.
 _DERIVED_HF_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq")
 
@@ -130,16 +133,18 @@ def _rope_from_hf(hf_config: dict, source: str) -> tuple[float, RopeScalingConfi
     """transformers<5 writes `rope_theta` + `rope_scaling`; 5.x writes `rope_parameters`
     (theta included). Both are read; the newer key wins."""
     rope = {**(hf_config.get("rope_scaling") or {}), **(hf_config.get("rope_parameters") or {})}
+    rope_key = "rope_parameters" if hf_config.get("rope_parameters") else "rope_scaling"
     theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise ConfigError(f"{source}: rope_scaling.rope_type", f"{rope_type!r} is not supported",
+        raise ConfigError(f"{source}: {rope_key}.rope_type", f"{rope_type!r} is not supported",
                           "only 'default' and 'llama3' RoPE are implemented")
-    return theta, RopeScalingConfig(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-                                    high_freq_factor=rope["high_freq_factor"],
-                                    original_max_position=rope["original_max_position_embeddings"])
+    missing = [key for key in _LLAMA3_ROPE_KEYS if key not in rope]
+    if missing:
+        raise ConfigError(f"{source}: {rope_key}", f"llama3 RoPE without {missing}")
+    return theta, RopeScalingConfig(**{ours: rope[theirs] for theirs, ours in _LLAMA3_ROPE_KEYS.items()})
 
 
 def _max_seq_len(hf_config: dict, source: str, max_positions: int) -> int:
@@ -167,10 +172,8 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", ext
     task = "ForCausalLM" if head == "lm" else "ForSequenceClassification"
     rope_scaling = None
     if cfg.rope_scaling is not None:
-        scaling = cfg.rope_scaling
-        rope_scaling = {"rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
-                        "high_freq_factor": scaling.high_freq_factor,
-                        "original_max_position_embeddings": scaling.original_max_position}
+        rope_scaling = {"rope_type": "llama3", **{theirs: getattr(cfg.rope_scaling, ours)
+                                                  for theirs, ours in _LLAMA3_ROPE_KEYS.items()}}
     hf = {
         "architectures": [family + task],
         "model_type": family.lower(),

@@ -115,6 +115,20 @@ def test_export_then_import_is_bitwise_exact(tmp_path, variant):
         assert torch.equal(tensor, second_state[name]), name
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_export_loads_in_transformers_with_same_logits(tmp_path, variant):
+    """Checks config_to_hf too: rope scaling, head_dim, tying and biases must survive."""
+    model_type, overrides = VARIANTS[variant]
+    hf_model = tiny_hf_model(model_type, **overrides)
+    hf_model.save_pretrained(tmp_path / "hf")
+    import_dir(tmp_path / "hf", tmp_path / "ckpt")
+    main(ConvertConfig(action="export_hf", ckpt=str(tmp_path / "ckpt"), out=str(tmp_path / "out")))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = fixed_batch()
+    with torch.no_grad():
+        assert (reloaded(tokens).logits - hf_model(tokens).logits).abs().max().item() <= 1e-5
+
+
 def test_export_dtype_and_tied_weights_left_out(tmp_path):
     tiny_hf_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "hf")
     import_dir(tmp_path / "hf", tmp_path / "ckpt")
@@ -194,9 +208,10 @@ def test_unknown_model_type_names_file_and_key(tmp_path):
         main(ConvertConfig(action="import_hf", hf_dir=str(tmp_path), out=str(tmp_path / "out")))
 
 
-def test_unsupported_rope_type_names_key():
-    hf_config = {"model_type": "llama", **TINY, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
-    with pytest.raises(ConfigError, match=r"my/config\.json: rope_scaling\.rope_type: 'yarn'"):
+@pytest.mark.parametrize("rope_key", ["rope_scaling", "rope_parameters"])
+def test_unsupported_rope_type_names_file_and_key(rope_key):
+    hf_config = {"model_type": "llama", **TINY, rope_key: {"rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(ConfigError, match=rf"my/config\.json: {rope_key}\.rope_type: 'yarn' is not supported"):
         config_from_hf(hf_config, source="my/config.json")
 
 
@@ -216,5 +231,6 @@ def test_unexpected_tensor_is_an_error(tmp_path):
     tensors = load_file(hf_dir / "model.safetensors")
     tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(TINY["hidden_size"])
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(HFFormatError, match=r"1 unexpected tensor\(s\), first \['model\.layers\.0\.self_attn\.o_proj\.bias'\]"):
+    expected = r"model\.safetensors: 1 unexpected tensor\(s\), first \['model\.layers\.0\.self_attn\.o_proj\.bias'\]"
+    with pytest.raises(HFFormatError, match=expected):
         main(ConvertConfig(action="import_hf", hf_dir=str(hf_dir), out=str(tmp_path / "out")))
