@@ -165,9 +165,8 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", ext
     is `*ForSequenceClassification` with one label; it needs `pad_token_id` in `extra`,
     since HF reads the score at the last non-pad token. `extra` (token ids...) is merged in."""
     extra = extra or {}
-    if head == "value" and extra.get("pad_token_id") is None:
-        raise ConfigError("pad_token_id", "a value-head export needs the pad token id",
-                          "export from a checkpoint with a tokenizer/ folder that defines a pad token")
+    if head == "value":
+        _check_pad_token_for_scoring(extra)
     family = "Qwen2" if cfg.qkv_bias else "Llama"
     task = "ForCausalLM" if head == "lm" else "ForSequenceClassification"
     rope_scaling = None
@@ -199,6 +198,17 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", ext
     if head == "value":
         hf["num_labels"] = 1
     return {**hf, **extra}
+
+
+def _check_pad_token_for_scoring(token_ids: dict) -> None:
+    """HF sequence classifiers score the rightmost token that is not `pad_token_id`; our
+    reward model scores the last real token, which is eos when pad == eos would skip it."""
+    if token_ids.get("pad_token_id") is None:
+        raise ConfigError("pad_token_id", "a value-head export needs the pad token id",
+                          "export from a checkpoint with a tokenizer/ folder that defines a pad token")
+    if token_ids["pad_token_id"] == token_ids.get("eos_token_id"):
+        warnings.warn("pad_token_id == eos_token_id: transformers will score the token before a trailing eos, "
+                      "not the eos our reward model scores; use a tokenizer with a distinct pad token")
 
 
 # ---------------------------------------------------------------------------- weights

@@ -179,6 +179,8 @@ def test_value_head_config_needs_pad_token():
         config_to_hf(cfg, "value")
     hf_config = config_to_hf(cfg, "value", extra={"pad_token_id": 0})
     assert hf_config["architectures"] == ["LlamaForSequenceClassification"] and hf_config["num_labels"] == 1
+    with pytest.warns(UserWarning, match="pad_token_id == eos_token_id"):
+        config_to_hf(cfg, "value", extra={"pad_token_id": 2, "eos_token_id": 2})
 
 
 def test_sliding_window_caps_max_seq_len():
