@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from offline_rlhf.checkpoint import (CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, read_meta,
-                                     save_checkpoint)
+from offline_rlhf.checkpoint import (CheckpointMeta, TrainState, is_complete, latest_checkpoint, load_checkpoint,
+                                     read_meta, save_checkpoint)
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.config.stages import ConvertConfig
@@ -77,7 +77,7 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
 def resolve_checkpoint(ckpt: str | Path) -> Path:
     """A step directory as given, or the one a checkpoint root's `latest` names."""
     path = Path(ckpt)
-    if (path / "meta.json").is_file():
+    if is_complete(path):
         return path
     latest = latest_checkpoint(path)
     if latest is None:

@@ -140,6 +140,18 @@ def test_export_dtype_and_tied_weights_left_out(tmp_path):
     assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
 
 
+def test_export_refuses_wrong_head_and_non_empty_out(tmp_path):
+    tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
+    import_dir(tmp_path / "hf", tmp_path / "ckpt")
+    step_dir = latest_checkpoint(tmp_path / "ckpt")  # a step directory is accepted as well as the root
+    with pytest.raises(ConfigError, match="head: .* holds a 'lm' head, not 'value'; pass head=lm"):
+        main(ConvertConfig(action="export_hf", ckpt=str(step_dir), out=str(tmp_path / "out"), head="value"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.safetensors").touch()
+    with pytest.raises(ConfigError, match="out: .* exists and is not empty"):
+        main(ConvertConfig(action="export_hf", ckpt=str(step_dir), out=str(tmp_path / "out")))
+
+
 # ---------------------------------------------------------------------------- pieces
 
 
