@@ -36,13 +36,15 @@ def uses_torchrun(plan: StagePlan, cluster: ClusterConfig) -> bool:
 
 
 def render_script(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
+    continued = cluster.max_attempts > 1
     sections = [
         "#!/bin/bash\n" + "".join(f"#SBATCH {d}\n" for d in sbatch_directives(plan, cluster)),
         f"# orlhf launch: stage {plan.stage!r}; resolved config: {plan.stage_dir / 'config.yaml'}\n"
         "set -euo pipefail\n",
+        _skip_if_complete(plan) if continued else "",
         _environment(cluster),
         RENDEZVOUS if uses_torchrun(plan, cluster) else "",
-        _run_block(plan, cluster, python),
+        _run_line(plan, cluster, python) + (_mark_complete(plan) if continued else ""),
     ]
     return "\n".join(section for section in sections if section)
 
@@ -69,18 +71,23 @@ def _environment(cluster: ClusterConfig) -> str:
     return "".join(f"export {name}={shlex.quote(str(value))}\n" for name, value in cluster.env.items())
 
 
-def _run_block(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
-    run = " \\\n  ".join(_srun_line(plan, cluster)) + " \\\n  " + _program_line(plan, cluster, python) + "\n"
-    if cluster.max_attempts == 1:
-        return run
-    # Later attempts of this script are queued behind it (singleton); once one attempt has
-    # finished the stage the others exit at once. The stage resumes from its latest checkpoint.
+def _run_line(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
+    return " \\\n  ".join([*_srun_words(plan, cluster), _program(plan, cluster, python)]) + "\n"
+
+
+# Automatic continuation: later attempts of this script are queued behind it (singleton) and
+# resume from the stage's latest checkpoint; once one attempt has finished the stage, the
+# remaining ones exit at once.
+def _skip_if_complete(plan: StagePlan) -> str:
     marker = shlex.quote(str(plan.stage_dir / COMPLETE_MARKER))
-    return (f'if [ -e {marker} ]; then echo "{plan.name}: already complete"; exit 0; fi\n'
-            f"{run}touch {marker}\n")
+    return f'if [ -e {marker} ]; then echo "{plan.name}: already complete"; exit 0; fi\n'
 
 
-def _srun_line(plan: StagePlan, cluster: ClusterConfig) -> list[str]:
+def _mark_complete(plan: StagePlan) -> str:
+    return f"touch {shlex.quote(str(plan.stage_dir / COMPLETE_MARKER))}\n"
+
+
+def _srun_words(plan: StagePlan, cluster: ClusterConfig) -> list[str]:
     # srun does not inherit --cpus-per-task from the allocation (Slurm >= 22.05).
     words = ["srun --kill-on-bad-exit=1"]
     if cluster.cpus_per_task is not None:
@@ -92,7 +99,7 @@ def _srun_line(plan: StagePlan, cluster: ClusterConfig) -> list[str]:
     return words
 
 
-def _program_line(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
+def _program(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
     stage = " ".join(shlex.quote(word) for word in (STAGE_MODULE, plan.stage, *plan.args))
     if not uses_torchrun(plan, cluster):
         return f"{shlex.quote(python)} -m {stage}"

@@ -66,9 +66,13 @@ def launch(run_dir: Path, *overrides: str) -> dict[str, str]:
 
 
 def status_rows(run_dir: Path) -> list[tuple[str, str, str]]:
+    """(stage, job, state) rows of `orlhf launch status`, cut at the header's column starts
+    (a stage label such as "demo [1/2]" holds a space)."""
     proc = orlhf_launch("status", f"run_dir={run_dir}")
     assert proc.returncode == 0, proc.stderr
-    return [tuple(line.split()[:3]) for line in proc.stdout.splitlines()[1:]]
+    header, *lines = proc.stdout.splitlines()
+    starts = [header.index(title) for title in ("STAGE", "JOB", "STATE", "DEVICE-HOURS")]
+    return [tuple(line[a:b].strip() for a, b in zip(starts, starts[1:])) for line in lines]
 
 
 def wait_until_finished(run_dir: Path) -> dict[str, str]:
@@ -106,3 +110,14 @@ def test_failing_stage_fails_its_job_and_cancels_the_dependants(slurm, tmp_path)
     states = wait_until_finished(run_dir)
     assert states == {"first": "COMPLETED", "broken": "FAILED", "after": "CANCELLED"}, job_outputs(run_dir)
     assert "parallel.tp" in "".join(p.read_text() for p in (run_dir / "broken").glob("slurm-*"))
+
+
+def test_continuation_attempt_after_a_completed_stage_exits_at_once(slurm, tmp_path):
+    """With max_attempts=2 the second job waits for the first (singleton) and, the stage
+    being complete, succeeds without running it again."""
+    run_dir = tmp_path / "run"
+    jobs = launch(run_dir, "cluster.max_attempts=2", "cluster.time_limit=10")
+    states = wait_until_finished(run_dir)
+    assert states == {"demo [1/2]": "COMPLETED", "demo [2/2]": "COMPLETED"}, job_outputs(run_dir)
+    second = run_dir / "demo" / f"slurm-{jobs['demo [2/2]']}.out"
+    assert second.read_text().strip() == "demo: already complete"

@@ -104,7 +104,7 @@ def test_script_exports_nothing_that_hides_slurm_variables():
 def test_auto_continuation_skips_a_completed_stage_and_marks_completion():
     script = render_script(make_plan(time_limit="04:00:00"), gpu_cluster(max_attempts=3), python="python")
     marker = "/lustre/runs/dt8b/sft/.launch_complete"
-    assert f'if [ -e {marker} ]; then echo "sft: already complete"; exit 0; fi\nsrun ' in script
+    assert f'set -euo pipefail\n\nif [ -e {marker} ]; then echo "sft: already complete"; exit 0; fi\n' in script
     assert script.endswith(f"run_dir=/lustre/runs/dt8b\ntouch {marker}\n")
 
 
