@@ -92,9 +92,7 @@ def empty_model(cfg: ModelConfig, head: str) -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg, head)
     model.to_empty(device="cpu")
-    if cfg.tie_embeddings and head == "lm":
-        # to_empty replaces each meta parameter with a new one, which unties them.
-        model.output.weight = model.tok_embeddings.weight
+    model.tie_weights()
     model.init_buffers("cpu")
     return model
 

@@ -18,6 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINY = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
 
+TINY_TIED = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64,
+                        tie_embeddings=True)
+
 
 def reference_model(cfg: ModelConfig = TINY, head: str = "lm", seed: int = 0) -> Transformer:
     torch.manual_seed(seed)

@@ -136,8 +136,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if head == "lm":
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-            if cfg.tie_embeddings:
-                self.output.weight = self.tok_embeddings.weight
+            self.tie_weights()
         else:
             self.score = nn.Linear(cfg.dim, 1, bias=False)
         cos, sin = rope_tables(cfg)
@@ -158,6 +157,12 @@ class Transformer(nn.Module):
         if self.head == "lm":
             return self.output(h)
         return self.score(h).squeeze(-1)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output projection when configured. Call again after
+        anything that replaces parameter objects (`to_empty` from meta, TP distribution)."""
+        if self.head == "lm" and self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:

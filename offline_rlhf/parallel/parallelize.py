@@ -35,6 +35,7 @@ def build_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh: DeviceMes
         model = Transformer(cfg, head)
     parallelize(model, dims, mesh, param_dtype)
     model.to_empty(device=device)
+    model.tie_weights()
     model.init_weights()
     model.init_buffers(device)
     return model
@@ -78,9 +79,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
         top_plan["score"] = PrepareModuleInput(input_layouts=(between_blocks,), desired_input_layouts=(Replicate(),),
                                                use_local_output=True)
     parallelize_module(model, tp_mesh, top_plan)
-    if model.cfg.tie_embeddings and model.head == "lm":
-        # Both are Shard(0) over the vocabulary, so the shards line up; re-tie after distributing.
-        model.output.weight = model.tok_embeddings.weight
+    # Embedding and output weights are both Shard(0) over the vocabulary, so a tie survives TP.
+    model.tie_weights()
     for block in model.layers:
         parallelize_module(block, tp_mesh, _block_plan(between_blocks, norm_plan))
 

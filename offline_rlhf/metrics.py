@@ -1,0 +1,35 @@
+"""Throughput accounting from an analytic FLOPs count (nanoGPT's `estimate_mfu`, PaLM appendix B)."""
+
+from __future__ import annotations
+
+import torch
+
+from offline_rlhf.config.schema import ModelConfig
+
+# Dense bf16 peak (no sparsity) by device-name fragment, in FLOP/s.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, head: str = "lm") -> float:
+    """Forward + backward FLOPs per token: 6 per weight of every matrix multiply (2 forward,
+    4 backward; the embedding lookup is not a matmul, a tied output projection is), plus
+    attention scores and weighted values: 6 x 2 x seq_len x head_dim per head and layer
+    (causal masking not discounted, as in the PaLM paper's MFU)."""
+    matmul_params = cfg.num_params(head) - cfg.vocab_size * cfg.dim - (2 * cfg.n_layers + 1) * cfg.dim
+    if head == "lm" and cfg.tie_embeddings:
+        matmul_params += cfg.vocab_size * cfg.dim  # the tied output projection is still a matmul
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
+    return 6 * matmul_params + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak of a known CUDA device, None otherwise (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, device: torch.device) -> float | None:
+    peak = peak_flops(device)
+    return None if peak is None else tokens_per_second * training_flops_per_token(cfg, seq_len) / peak
