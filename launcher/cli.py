@@ -10,7 +10,7 @@ from pathlib import Path
 
 from launcher.compose import compose_launch
 from launcher.local import run_locally
-from launcher.plan import StagePlan, plan_pipeline
+from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir
 from launcher.schema import ClusterConfig, LaunchConfig, LaunchError
 from launcher.slurm import submit_chain, write_launch_record, write_stage_files
 from launcher.status import show_status
@@ -42,23 +42,23 @@ def launch(argv: list[str]) -> int:
     cfg = compose_launch([arg for arg in argv if arg != "--dry-run"])
     dry_run = "--dry-run" in argv or cfg.cluster.dry_run
     plans = plan_pipeline(cfg)
-    run_dir = plans[0].stage_dir.parent
+    run_dir = resolved_run_dir(cfg)
     print(f"pipeline {cfg.pipeline.name}: {len(plans)} stage(s) validated; run_dir {run_dir}", flush=True)
     python = interpreter(cfg.cluster)
     if cfg.cluster.kind == "local":
         return run_locally(plans, python, dry_run)
-    return launch_on_slurm(cfg, plans, python, dry_run)
+    return launch_on_slurm(cfg, plans, run_dir, python, dry_run)
 
 
-def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], python: str, dry_run: bool) -> int:
+def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], run_dir: Path, python: str, dry_run: bool) -> int:
     scripts = [write_stage_files(plan, cfg.cluster, python) for plan in plans]
     if dry_run:
         print(format_table([("STAGE", "JOB", "SCRIPT"), *((p.name, "(dry run)", str(s)) for p, s in zip(plans, scripts))]))
         return 0
     submitted = submit_chain(plans, scripts, cfg.cluster.max_attempts)
-    record = write_launch_record(plans[0].stage_dir.parent, cfg.pipeline.name, submitted)
+    write_launch_record(run_dir, cfg.pipeline.name, submitted)
     print(format_table([("STAGE", "JOB", "SCRIPT"), *((s.name, ",".join(s.job_ids), s.script) for s in submitted)]))
-    print(f"submitted; follow with: orlhf launch status run_dir={record.parent}")
+    print(f"submitted; follow with: orlhf launch status run_dir={run_dir}")
     return 0
 
 

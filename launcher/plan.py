@@ -39,8 +39,13 @@ class StagePlan:
         return self.nodes * self.procs_per_node
 
 
+def resolved_run_dir(cfg: LaunchConfig) -> Path:
+    """Absolute, because jobs start in other directories and on other hosts."""
+    return Path(cfg.run_dir).expanduser().resolve()
+
+
 def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
-    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    run_dir = resolved_run_dir(cfg)
     entries = list(enumerate(cfg.pipeline.stages))
     if not entries:
         raise LaunchError("pipeline.stages", "is empty", f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")

@@ -120,27 +120,31 @@ cmd_start() {
 }
 
 recorded_pids() { cat "$STATE_DIR"/*.pid.recorded 2>/dev/null || true; }
+alive_pids() { local pid; for pid in "$@"; do if kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi; done; }
 
 cmd_stop() {
-  local pids
+  local pids alive
   pids=$(recorded_pids)
   [ -n "$pids" ] || { say "not running"; return; }
   # shellcheck disable=SC2086  # one PID per word
   kill $pids 2>/dev/null || true
   for _ in $(seq 50); do
     # shellcheck disable=SC2086
-    kill -0 $pids 2>/dev/null || break
+    alive=$(alive_pids $pids)
+    [ -z "$alive" ] && break
     sleep 0.2
   done
+  [ -z "$alive" ] || die "still running after 10 s: pid(s) $(echo "$alive" | tr '\n' ' ')"
   rm -f "$STATE_DIR"/*.pid.recorded
   say "stopped"
 }
 
 cmd_status() {
-  local pids pid
+  local pids
   pids=$(recorded_pids)
   [ -n "$pids" ] || { echo "down"; return 1; }
-  for pid in $pids; do kill -0 "$pid" 2>/dev/null || { echo "down (pid $pid gone)"; return 1; }; done
+  # shellcheck disable=SC2086
+  [ "$(alive_pids $pids)" = "$pids" ] || { echo "down (a daemon has exited; logs: $STATE_DIR/log)"; return 1; }
   scontrol ping | grep -q UP || { echo "down (slurmctld does not answer)"; return 1; }
   sinfo -h -o "up: partition %P, nodes %N, state %t, %c CPUs"
 }
