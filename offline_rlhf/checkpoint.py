@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_model_state_dict, set_state_dict)
 
 from offline_rlhf.config.schema import ModelConfig, RopeScalingConfig
+from offline_rlhf.fsutil import fsync_dir, write_atomic
 
 LATEST = "latest"
 META = "meta.json"
@@ -87,7 +88,7 @@ def save_checkpoint(root: str | Path, model: nn.Module, meta: CheckpointMeta,
     if _is_main():
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, partial / "tokenizer")
-        _write_atomic(partial / META, json.dumps(asdict(meta), indent=2))
+        write_atomic(partial / META, json.dumps(asdict(meta), indent=2))
         _publish(partial, final)
         if keep_last:
             _prune(root, keep_last)
@@ -100,8 +101,8 @@ def _publish(partial: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
-    _fsync_dir(final.parent)
-    _write_atomic(final.parent / LATEST, final.name + "\n")
+    fsync_dir(final.parent)
+    write_atomic(final.parent / LATEST, final.name + "\n")
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -181,23 +182,6 @@ def _prune(root: Path, keep_last: int) -> None:
     complete = sorted(p for p in root.glob("step_*") if is_complete(p))
     for old in complete[:-keep_last]:
         shutil.rmtree(old)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager

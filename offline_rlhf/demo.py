@@ -7,14 +7,13 @@ loads it into a freshly built model and checks the logits are identical.
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from offline_rlhf.checkpoint import CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from offline_rlhf.config.stages import DemoConfig
+from offline_rlhf.fsutil import write_jsonl
 from offline_rlhf.parallel.grad import clip_grad_norm_
 from offline_rlhf.parallel.parallelize import build_model, loss_context
 from offline_rlhf.runtime import Runtime, stage_runtime
@@ -70,7 +69,7 @@ def main(cfg: DemoConfig) -> int:
             load_checkpoint(latest_checkpoint(rt.stage_dir / "checkpoints"), reloaded)
             diff = (_full(reloaded(probe)) - expected).abs().max().item()
         if rt.is_main:
-            (rt.stage_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+            write_jsonl(rt.stage_dir / "metrics.jsonl", history)
         rt.log(f"saved {saved}; reloaded into a fresh model: max |logit difference| = {diff:.3g}")
         if diff != 0.0:
             raise RuntimeError(f"reloaded checkpoint {saved} gives different logits (max difference {diff})")

@@ -1,7 +1,10 @@
 """Device-hour accounting: one JSON line per stage execution in `run_dir/ledger.jsonl`.
 
-A resumed stage appends a new row, so a stage's cost is the sum of its rows. Slurm runs
-carry the job id, node count and GPUs per node so cluster costs add up the same way.
+A resumed stage appends a new row, so a stage's cost is the sum of its rows. A stage
+killed outright (SIGKILL, node failure, Slurm time limit) cannot write its row, so while
+it runs it keeps a heartbeat file; the next execution of that stage turns a leftover
+heartbeat into an `interrupted` row ending at the last beat. Slurm runs carry the job id,
+node count and GPUs per node so cluster costs add up the same way.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from pathlib import Path
 
 import torch
 
+from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.parallel.distributed import DistEnv
 
 LEDGER = "ledger.jsonl"
+HEARTBEAT_DIR = ".ledger"
+BEAT_SECONDS = 5.0
 
 
 @dataclass
@@ -26,7 +32,7 @@ class LedgerRow:
     stage: str
     start: str
     end: str
-    status: str  # "completed" or "failed"
+    status: str  # "completed", "failed" or "interrupted"
     nodes: int
     processes: int
     devices: int
@@ -38,11 +44,59 @@ class LedgerRow:
     gpus_per_node: int | None = None
 
 
-@dataclass
 class Usage:
-    """Filled in by the stage while it runs (tokens processed)."""
+    """Handed to the stage while it runs: it reports tokens and calls `beat()` regularly."""
 
-    tokens: int = 0
+    def __init__(self, row: LedgerRow, heartbeat: Path | None):
+        self.tokens = 0
+        self._row = row
+        self._heartbeat = heartbeat
+        self._start = time.monotonic()
+        self._last_beat = 0.0
+
+    def beat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._heartbeat is None or (not force and now - self._last_beat < BEAT_SECONDS):
+            return
+        self._last_beat = now
+        write_atomic(self._heartbeat, json.dumps(asdict(self.finish("interrupted"))))
+
+    def finish(self, status: str) -> LedgerRow:
+        wall = time.monotonic() - self._start
+        return LedgerRow(**{**asdict(self._row), "status": status, "end": _now(), "wall_seconds": round(wall, 3),
+                            "device_hours": self._row.devices * wall / 3600, "tokens": self.tokens})
+
+
+@contextmanager
+def track(run_dir: str | Path, stage: str, env: DistEnv, device: torch.device):
+    """Time the block and append its row on rank 0, also when the stage fails.
+    Each process drives one device (a GPU, or a CPU process slot), so devices = processes."""
+    heartbeat = Path(run_dir) / HEARTBEAT_DIR / f"{stage}.json" if env.is_main else None
+    if heartbeat is not None:
+        _recover_interrupted(run_dir, heartbeat)
+    usage = Usage(_opening_row(stage, env, device), heartbeat)
+    usage.beat(force=True)
+    status = "failed"
+    try:
+        yield usage
+        status = "completed"
+    finally:
+        if heartbeat is not None:
+            append_row(run_dir, usage.finish(status))
+            heartbeat.unlink(missing_ok=True)
+
+
+def _opening_row(stage: str, env: DistEnv, device: torch.device) -> LedgerRow:
+    return LedgerRow(stage=stage, start=_now(), end="", status="running", nodes=node_count(env),
+                     processes=env.world_size, devices=env.world_size, device_type=device_name(device),
+                     wall_seconds=0.0, device_hours=0.0, tokens=0, job_id=os.environ.get("SLURM_JOB_ID"),
+                     gpus_per_node=torch.cuda.device_count() if device.type == "cuda" else None)
+
+
+def _recover_interrupted(run_dir: str | Path, heartbeat: Path) -> None:
+    if heartbeat.exists():
+        append_row(run_dir, LedgerRow(**json.loads(heartbeat.read_text())))
+        heartbeat.unlink()
 
 
 def device_name(device: torch.device) -> str:
@@ -54,32 +108,6 @@ def node_count(env: DistEnv, environ=os.environ) -> int:
         return int(environ["SLURM_NNODES"])
     per_node = int(environ.get("LOCAL_WORLD_SIZE", env.world_size))
     return max(1, env.world_size // max(per_node, 1))
-
-
-@contextmanager
-def track(run_dir: str | Path, stage: str, env: DistEnv, device: torch.device):
-    """Time the block and append its row on rank 0, also when the stage fails.
-    Each process drives one device (a GPU, or a CPU process slot), so devices = processes."""
-    usage = Usage()
-    start_wall, start = time.monotonic(), datetime.now(timezone.utc)
-    status = "failed"
-    try:
-        yield usage
-        status = "completed"
-    finally:
-        if env.is_main:
-            wall = time.monotonic() - start_wall
-            row = LedgerRow(stage=stage, start=start.isoformat(), end=datetime.now(timezone.utc).isoformat(),
-                            status=status, nodes=node_count(env), processes=env.world_size,
-                            devices=env.world_size, device_type=device_name(device), wall_seconds=round(wall, 3),
-                            device_hours=env.world_size * wall / 3600, tokens=usage.tokens,
-                            job_id=os.environ.get("SLURM_JOB_ID"),
-                            gpus_per_node=_gpus_per_node(device))
-            append_row(run_dir, row)
-
-
-def _gpus_per_node(device: torch.device) -> int | None:
-    return torch.cuda.device_count() if device.type == "cuda" else None
 
 
 def append_row(run_dir: str | Path, row: LedgerRow) -> None:
@@ -95,3 +123,8 @@ def read_ledger(run_dir: str | Path) -> list[LedgerRow]:
     if not path.exists():
         return []
     return [LedgerRow(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+

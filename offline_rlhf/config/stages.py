@@ -7,6 +7,7 @@ validation stay fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
@@ -50,3 +51,131 @@ class ConvertConfig:
         for key in needed:
             if not getattr(self, key):
                 raise ConfigError(key, f"is required for {self.action}", f"pass {key}=PATH")
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@dataclass
+class TemplateConfig:
+    """The paper's `User: {instruction} Assistant: {response}`."""
+
+    user_tag: str = "User:"
+    assistant_tag: str = "Assistant:"
+    sep: str = " "
+
+
+@dataclass
+class SourceConfig:
+    """One dataset in a mix. `format` names a reader (oasst, dolly, flan_cot, self_instruct,
+    jsonl, hf for SFT; hh_rlhf, oasst, jsonl for preferences)."""
+
+    name: str = ""
+    format: str = "jsonl"
+    path: str = ""
+    weight: float = 1.0
+    prompt_key: str = "prompt"  # jsonl/hf readers
+    response_key: str = "response"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    split: str = "train"  # hf reader
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError(f"data.sources[{self.name or '?'}].path", "is required", "pass the file (or HF dataset name)")
+        if self.weight <= 0:
+            raise ConfigError(f"data.sources[{self.name or self.path}].weight", f"must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    max_seq_len: int = 2048
+    total_samples: Optional[int] = None  # None: every example of every source once (weights then unused)
+    val_fraction: float = 0.02
+    pack: bool = True
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine (to min_lr_ratio * lr) or constant, both after linear warmup
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError("optim.schedule", f"unknown schedule {self.schedule!r}", "use cosine or constant")
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 128  # samples (packed sequences, or preference pairs) per optimizer step
+    micro_batch: int = 1  # per data-parallel rank per forward/backward
+    epochs: float = 1.0
+    max_steps: int = -1  # -1: as many as `epochs` gives
+    val_every: int = 100  # steps; 0 disables periodic validation (it still runs at the end)
+    val_batches: int = 0  # 0: the whole validation split
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.global_batch <= 0 or self.micro_batch <= 0:
+            raise ConfigError("train.global_batch", "global_batch and micro_batch must be positive")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "offline-rlhf"
+    progress: bool = True
+
+
+@dataclass
+class InitConfig:
+    """Where the weights start: a checkpoint (root or step dir) from an earlier stage or
+    `orlhf convert import_hf`, or random (`checkpoint: ""`)."""
+
+    checkpoint: str = ""
+    tokenizer: str = ""  # a tokenizer dir; default: the checkpoint's own tokenizer/
+
+
+@dataclass
+class SFTConfig:
+    """`orlhf sft`: supervised fine-tuning, the paper's Eq. 1 (loss on response tokens only)."""
+
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        validate_training(self)
+
+
+def validate_training(cfg) -> None:
+    """Cross-field checks shared by every training stage."""
+    if cfg.data.max_seq_len > cfg.model.max_seq_len:
+        raise ConfigError("data.max_seq_len", f"{cfg.data.max_seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
+                          "lower data.max_seq_len or raise model.max_seq_len")
+    if not cfg.data.sources:
+        raise ConfigError("data.sources", "is empty", "list at least one source (see conf/data/)")
