@@ -1,0 +1,104 @@
+"""Prompt/response pairs to token ids and loss labels (no torch here).
+
+Labels are aligned with `input_ids`: `labels[t]` is `input_ids[t]` where the token
+is trained on and `IGNORE_INDEX` where it is not. The shift for next-token
+prediction (logits at t score labels[t + 1]) happens in the loss, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from offline_rlhf.data.template import ChatTemplate
+
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    """One document: `input_ids` and `labels` of equal length, `source` for tracing,
+    `truncated` when any token was cut to fit the length limit."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    source: str
+    truncated: bool
+
+    def __post_init__(self):
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(f"{self.source}: {len(self.input_ids)} input ids but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def response_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def truncate_pair(prompt_ids: Sequence[int], response_ids: Sequence[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Cut a prompt/response pair to at most `max_len` tokens, deterministically.
+
+    Rule, applied only when `len(prompt) + len(response) > max_len`:
+    1. drop tokens from the START of the prompt (the oldest history), keeping at
+       least `min(len(prompt), max_len // 2)` prompt tokens;
+    2. if still too long, cut the response from its END (its EOS is then lost).
+    With max_len >= 2 and a non-empty prompt, at least one prompt token and at least
+    one response token always survive.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    if len(prompt_ids) + len(response_ids) <= max_len:
+        return list(prompt_ids), list(response_ids)
+    prompt_floor = min(len(prompt_ids), max_len // 2)
+    prompt_keep = max(max_len - len(response_ids), prompt_floor)
+    kept_prompt = list(prompt_ids[len(prompt_ids) - prompt_keep:])
+    return kept_prompt, list(response_ids[: max_len - len(kept_prompt)])
+
+
+def encode_sft(
+    tokenizer,
+    template: ChatTemplate,
+    prompt: str,
+    response: str,
+    max_len: int,
+    source: str,
+    response_prefix: str = "",
+) -> TokenizedSample:
+    """Tokenize `template.prompt_text(prompt) + response_prefix` and
+    `template.response_text(response) + EOS` separately and concatenate them.
+
+    Separate encoding makes the loss boundary exact (no BPE merge across it). The
+    prompt side, `response_prefix` included (Decision Transformer's ` <rm_score> 4.5`),
+    gets IGNORE_INDEX labels; response tokens and the EOS are labelled with their ids.
+    Over-long pairs are cut by `truncate_pair`.
+    """
+    if tokenizer.eos_id is None:
+        raise ValueError("the tokenizer defines no eos_token; SFT needs one to end responses")
+    prompt_ids = tokenizer.encode(template.prompt_text(prompt) + response_prefix)
+    response_ids = tokenizer.encode(template.response_text(response)) + [tokenizer.eos_id]
+    kept_prompt, kept_response = truncate_pair(prompt_ids, response_ids, max_len)
+    truncated = len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)
+    return TokenizedSample(
+        input_ids=tuple(kept_prompt + kept_response),
+        labels=(IGNORE_INDEX,) * len(kept_prompt) + tuple(kept_response),
+        source=source,
+        truncated=truncated,
+    )
+
+
+@dataclass
+class TokenStats:
+    """Running counts over tokenized samples, for the dataset card."""
+
+    samples: int = 0
+    tokens: int = 0
+    response_tokens: int = 0
+    truncated: int = 0
+
+    def add(self, sample: TokenizedSample) -> None:
+        self.samples += 1
+        self.tokens += len(sample)
+        self.response_tokens += sample.response_tokens
+        self.truncated += sample.truncated

@@ -1,0 +1,112 @@
+"""encode_sft: exact loss boundary, response prefix, and every branch of the truncation rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenStats, encode_sft, truncate_pair
+from offline_rlhf.tokenizer import train_bpe_tokenizer
+
+TEMPLATE = ChatTemplate()
+CORPUS = "\n".join([
+    "User: How do I boil an egg? Assistant: Put it in boiling water for nine minutes.",
+    "User: Translate 'bonjour' to English. Assistant: Hello.",
+    "Naïve café owners say: the quick brown fox jumps over the lazy dog, 12345.",
+] * 20)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "corpus.txt").write_text(CORPUS)
+    return train_bpe_tokenizer([root / "corpus.txt"], 300, root / "tokenizer")
+
+
+class CharTokenizer:
+    """One token per character (its code point), EOS = 0: lengths are countable by eye."""
+
+    eos_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(char) for char in text]
+
+
+# `U: abcdef A:` is 12 characters; ` xyz` + EOS is 5 tokens.
+SHORT = ChatTemplate("U:", "A:", " ")
+
+
+def char_sample(max_len: int) -> TokenizedSample:
+    return encode_sft(CharTokenizer(), SHORT, "abcdef", "xyz", max_len, "test:1")
+
+
+def text_of(ids) -> str:
+    return "".join(chr(i) if i else "<eos>" for i in ids)
+
+
+def test_prompt_tokens_are_ignored_and_response_tokens_labelled(tokenizer):
+    prompt, response = "How do I boil an egg?\n\nQuickly.", "Put it in boiling water, naïve café."
+    sample = encode_sft(tokenizer, TEMPLATE, prompt, response, 1024, "test:1")
+    prompt_ids = tokenizer.encode(TEMPLATE.prompt_text(prompt))
+    response_ids = tokenizer.encode(TEMPLATE.response_text(response)) + [tokenizer.eos_id]
+    assert sample.labels == (IGNORE_INDEX,) * len(prompt_ids) + tuple(response_ids)
+    assert sample.input_ids == tuple(prompt_ids + response_ids)
+    assert sample.response_tokens == len(response_ids)
+    assert tokenizer.decode(sample.input_ids) == TEMPLATE.prompt_text(prompt) + TEMPLATE.response_text(response)
+    assert (sample.source, sample.truncated) == ("test:1", False)
+
+
+def test_response_prefix_belongs_to_the_prompt(tokenizer):
+    prefix = " <rm_score> 4.5"
+    sample = encode_sft(tokenizer, TEMPLATE, "Say hello.", "Hello.", 1024, "test:1", response_prefix=prefix)
+    prompt_ids = tokenizer.encode(TEMPLATE.prompt_text("Say hello.") + prefix)
+    ignored = [i for i, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX]
+    assert ignored == prompt_ids
+    assert tokenizer.decode(ignored).endswith("Assistant: <rm_score> 4.5")
+    assert tokenizer.decode(sample.input_ids) == "User: Say hello. Assistant: <rm_score> 4.5 Hello."
+
+
+def test_a_tokenizer_without_eos_is_refused():
+    class NoEos(CharTokenizer):
+        eos_id = None
+
+    with pytest.raises(ValueError, match="eos"):
+        encode_sft(NoEos(), SHORT, "a", "b", 8, "test:1")
+
+
+@pytest.mark.parametrize("prompt_len, response_len, max_len, kept_prompt, kept_response", [
+    (3, 4, 7, [1, 2, 3], [11, 12, 13, 14]),  # fits: nothing cut
+    (6, 3, 8, [2, 3, 4, 5, 6], [11, 12, 13]),  # prompt start cut, response whole
+    (6, 6, 8, [3, 4, 5, 6], [11, 12, 13, 14]),  # prompt kept at max_len // 2, response end cut
+    (2, 10, 8, [1, 2], [11, 12, 13, 14, 15, 16]),  # prompt shorter than max_len // 2: all kept
+    (5, 5, 2, [5], [11]),  # the smallest max_len keeps one of each
+])
+def test_truncation_rule(prompt_len, response_len, max_len, kept_prompt, kept_response):
+    prompt, response = list(range(1, prompt_len + 1)), list(range(11, 11 + response_len))
+    assert truncate_pair(prompt, response, max_len) == (kept_prompt, kept_response)
+
+
+def test_max_len_below_two_is_refused():
+    with pytest.raises(ValueError, match="max_len"):
+        truncate_pair([1], [2], 1)
+
+
+def test_encode_sft_truncation_flags_and_stats():
+    whole, prompt_cut, both_cut = char_sample(17), char_sample(14), char_sample(8)
+    assert (text_of(whole.input_ids), whole.truncated) == ("U: abcdef A: xyz<eos>", False)
+    # 14 - 5 response tokens = 9 prompt tokens, more than the floor of 7.
+    assert (text_of(prompt_cut.input_ids), prompt_cut.truncated) == ("abcdef A: xyz<eos>", True)
+    assert prompt_cut.labels == (IGNORE_INDEX,) * 9 + tuple(CharTokenizer().encode(" xyz")) + (0,)
+    # The prompt keeps its floor of 8 // 2 = 4; the response loses its EOS.
+    assert (text_of(both_cut.input_ids), both_cut.truncated) == ("f A: xyz", True)
+    assert both_cut.response_tokens == 4
+
+    stats = TokenStats()
+    for sample in (whole, prompt_cut, both_cut):
+        stats.add(sample)
+    assert stats == TokenStats(samples=3, tokens=17 + 14 + 8, response_tokens=5 + 5 + 4, truncated=2)
+
+
+def test_mismatched_labels_are_refused():
+    with pytest.raises(ValueError, match="2 input ids but 1 labels"):
+        TokenizedSample((1, 2), (IGNORE_INDEX,), "test:1", False)
