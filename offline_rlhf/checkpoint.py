@@ -31,14 +31,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, RopeScalingConfig
 from offline_rlhf.fsutil import fsync_dir, write_atomic
 
 LATEST = "latest"
+TOKENIZER_DIR = "tokenizer"
 META = "meta.json"
 PARTIAL_SUFFIX = ".partial"
 
@@ -87,7 +90,7 @@ def save_checkpoint(root: str | Path, model: nn.Module, meta: CheckpointMeta,
     _barrier()
     if _is_main():
         if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, partial / "tokenizer")
+            shutil.copytree(tokenizer_dir, partial / TOKENIZER_DIR)
         write_atomic(partial / META, json.dumps(asdict(meta), indent=2))
         _publish(partial, final)
         if keep_last:
@@ -117,6 +120,19 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
+def resolve_checkpoint(ckpt: str | Path, key: str = "ckpt") -> Path:
+    """A step directory as given, or the one a checkpoint root's `latest` names; `key` is the
+    config key the path came from, for the error message."""
+    path = Path(ckpt)
+    if is_complete(path):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise ConfigError(key, f"{path} is neither a checkpoint step directory nor a root with a 'latest' file",
+                          "pass a run's checkpoint folder or one of its step_* folders")
+    return latest
+
+
 def is_complete(path: Path) -> bool:
     return (path / META).is_file() and (path / ".metadata").is_file() and not path.name.endswith(PARTIAL_SUFFIX)
 
@@ -130,16 +146,18 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = False) -> CheckpointMeta:
+                    restore_rng: bool = False, partial: bool = False) -> CheckpointMeta:
     """Collective. Loads model (and optimizer) shards for the current layout, whatever layout
-    saved them. RNG is restored only when the world size is unchanged (states are per rank)."""
+    saved them. RNG is restored only when the world size is unchanged (states are per rank).
+    `partial=True` leaves parameters the checkpoint lacks as they are (a reward model's new
+    scalar head when starting from an SFT checkpoint)."""
     path = Path(path)
     meta = read_meta(path)
     if optimizer is not None and not meta.has_optimizer:
         raise ValueError(f"{path} holds no optimizer state; load it as weights only (optimizer=None)")
     state = _tensor_state(model, optimizer)
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=partial))
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

@@ -22,6 +22,8 @@ class Stage:
 STAGES = {
     "demo": Stage("offline_rlhf.demo", "offline_rlhf.config.stages:DemoConfig",
                   "build, train a few steps, checkpoint and reload (foundation smoke run)"),
+    "sft": Stage("offline_rlhf.train.stages.sft", "offline_rlhf.config.stages:SFTConfig",
+                 "supervised fine-tuning (paper Eq. 1) into run_dir/sft/"),
     "convert": Stage("offline_rlhf.convert", "offline_rlhf.config.stages:ConvertConfig",
                      "import_hf / export_hf: Hugging Face checkpoint conversion", positional="action"),
     "launch": Stage("launcher.cli", "", "run a pipeline locally or as chained Slurm jobs"),

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from offline_rlhf.checkpoint import (CheckpointMeta, TrainState, is_complete, latest_checkpoint, load_checkpoint,
-                                     read_meta, save_checkpoint)
+from offline_rlhf.checkpoint import (TOKENIZER_DIR, CheckpointMeta, TrainState, load_checkpoint, read_meta,
+                                     resolve_checkpoint, save_checkpoint)
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.config.stages import ConvertConfig
@@ -23,9 +23,6 @@ from offline_rlhf.models.hf import (CONFIG_FILE, HFWeights, config_to_hf, copy_t
                                     load_hf_weights, read_hf_config, write_hf_weights)
 from offline_rlhf.models.llama import Transformer
 from offline_rlhf.tokenizer import TOKENIZER_FILE, Tokenizer
-
-CHECKPOINT_TOKENIZER_DIR = "tokenizer"
-
 
 def main(config: ConvertConfig) -> int:
     if config.action == "import_hf":
@@ -64,7 +61,7 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
         raise ConfigError("out", f"{out} exists and is not empty", "choose a new directory (stale shards would mix in)")
     model = empty_model(meta.model, meta.head)
     load_checkpoint(step_dir, model)
-    tokenizer_dir = step_dir / CHECKPOINT_TOKENIZER_DIR
+    tokenizer_dir = step_dir / TOKENIZER_DIR
     hf_config = config_to_hf(meta.model, meta.head, dtype, extra=special_token_ids(tokenizer_dir))
     files = write_hf_weights(hf_state_dict(model, dtype), out)
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -72,18 +69,6 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
     print(f"exported {step_dir} -> {out}: {_num_params(model):,} parameters, {meta.model.n_layers} layers, "
           f"{hf_config['architectures'][0]}, {dtype}, {len(files)} weight file(s), tokenizer files {copied or 'none'}")
     return out
-
-
-def resolve_checkpoint(ckpt: str | Path) -> Path:
-    """A step directory as given, or the one a checkpoint root's `latest` names."""
-    path = Path(ckpt)
-    if is_complete(path):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise ConfigError("ckpt", f"{path} is neither a checkpoint step directory nor a root with a 'latest' file",
-                          "pass a run's checkpoint folder or one of its step_* folders")
-    return latest
 
 
 def empty_model(cfg: ModelConfig, head: str) -> Transformer:

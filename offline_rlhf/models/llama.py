@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from offline_rlhf.config.schema import ModelConfig, RopeScalingConfig
 
@@ -83,15 +84,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1: the number of heads held here (all of them, or this rank's TP shard).
         q = apply_rope(self.wq(x).view(batch, seq, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(batch, seq, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                             enable_gqa=k.shape[1] != q.shape[1])
+        grouped = k.shape[1] != q.shape[1]
+        if isinstance(attn_mask, BlockMask):
+            out = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=grouped)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                                 enable_gqa=grouped)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -146,7 +151,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, T]. positions: [B, T] (default 0..T-1; restart per document when
-        packing). attn_mask: bool [B, 1, T, T], True = may attend; default causal."""
+        packing). attn_mask: default causal; a bool [B, 1, T, T] (True = may attend) or a
+        FlexAttention BlockMask (see `offline_rlhf.models.masks`)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]

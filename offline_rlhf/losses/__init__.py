@@ -1,0 +1,1 @@
+"""Pure loss functions of tensors, each returning (loss, metric sums) and citing its equation."""

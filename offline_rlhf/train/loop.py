@@ -1,0 +1,266 @@
+"""The one training loop every training stage uses (SFT, reward model, offline alignment).
+
+A stage supplies a `Task` (how a micro-batch becomes a loss) and `TrainData` (items and a
+collate function); the loop owns everything else: data order and position, gradient
+accumulation, loss normalization over the global batch, clipping, the schedule,
+validation, metrics, checkpoints and resumption.
+
+Data order: an endless stream of seeded permutations of the training items, one per
+epoch. Optimizer step s consumes stream positions [s*G, (s+1)*G) for a global batch of G;
+data-parallel rank r takes a contiguous 1/dp of them, cut into micro-batches. The stream
+position is saved with each checkpoint, so a resumed run continues with exactly the
+items it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from offline_rlhf.checkpoint import CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.schema import ModelConfig
+from offline_rlhf.config.stages import LoggingConfig, OptimConfig, TrainConfig
+from offline_rlhf.ledger import Usage
+from offline_rlhf.parallel.grad import clip_grad_norm_
+from offline_rlhf.parallel.parallelize import loss_context
+from offline_rlhf.runtime import Runtime
+from offline_rlhf.train.metrics_log import MetricsLog, throughput_metrics
+from offline_rlhf.train.schedule import build_optimizer, build_scheduler
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Task:
+    """What differs between stages. `loss(model, batch, normalizer)` returns the loss for
+    backward (already divided by the global normalizer) and metric SUMS; `normalizer(batch)`
+    counts the units the loss averages over (response tokens, preference pairs);
+    `tokens(batch)` counts tokens processed (throughput and the ledger)."""
+
+    loss: Callable[[nn.Module, Batch, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    normalizer: Callable[[Batch], int]
+    tokens: Callable[[Batch], int]
+
+
+@dataclass
+class TrainData:
+    train: Sequence[Any]
+    val: Sequence[Any]
+    collate: Callable[[list[Any]], Batch]
+    seq_len: int  # the padded length, for the analytic FLOPs count
+
+
+@dataclass
+class CheckpointSpec:
+    root: Path
+    model: ModelConfig
+    head: str
+    tokenizer_dir: Path | None = None
+    # Called on the trained model before the final save; returns checkpoint metadata
+    # (e.g. the reward model's normalization statistics). Collective.
+    final_metadata: Callable[[nn.Module], dict] | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    last_train: dict[str, float] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+class SampleStream:
+    """Item indices as an endless concatenation of seeded permutations (one per epoch)."""
+
+    def __init__(self, size: int, seed: int):
+        if size == 0:
+            raise ValueError("no training items")
+        self.size, self.seed = size, seed
+        self._cache: dict[int, list[int]] = {}
+
+    def _epoch(self, epoch: int) -> list[int]:
+        if epoch not in self._cache:
+            order = list(range(self.size))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._cache = {epoch: order}
+        return self._cache[epoch]
+
+    def take(self, start: int, count: int) -> list[int]:
+        return [self._epoch(pos // self.size)[pos % self.size] for pos in range(start, start + count)]
+
+
+def total_steps(cfg: TrainConfig, num_items: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * num_items / cfg.global_batch))
+
+
+def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig, optim_cfg: OptimConfig,
+          logging_cfg: LoggingConfig, rt: Runtime, usage: Usage, ckpt: CheckpointSpec) -> TrainResult:
+    per_rank = _per_rank_batch(train_cfg, rt.dims.dp)
+    steps = total_steps(train_cfg, len(data.train))
+    optimizer = build_optimizer(model.parameters(), optim_cfg, rt.device)
+    scheduler = build_scheduler(optimizer, steps, optim_cfg)
+    state = _resume(ckpt.root, model, optimizer, scheduler, rt)
+    stream = SampleStream(len(data.train), train_cfg.seed)
+    log = MetricsLog(rt.stage_dir, logging_cfg, rt.is_main, resumed_step=state.step, total_steps=steps)
+    rt.log(f"training: {len(data.train)} items, {steps} steps of {train_cfg.global_batch} "
+           f"({per_rank // train_cfg.micro_batch} micro-batches of {train_cfg.micro_batch} per rank), "
+           f"starting at step {state.step}")
+    result = TrainResult(steps=steps)
+    while state.step < steps:
+        started = time.perf_counter()
+        batches = _micro_batches(data, stream, state, train_cfg, per_rank, _dp_rank(rt))
+        loaded = time.perf_counter()
+        metrics, tokens = train_step(task, model, optimizer, batches, rt, optim_cfg.grad_clip)
+        scheduler.step()
+        state.step += 1
+        state.tokens_seen += tokens
+        state.data_position = {"samples_consumed": state.data_position.get("samples_consumed", 0) + train_cfg.global_batch}
+        usage.tokens += tokens
+        usage.beat()
+        metrics.update(lr=scheduler.get_last_lr()[0],
+                       **throughput_metrics(tokens, time.perf_counter() - started, loaded - started, ckpt.model,
+                                          data.seq_len, rt))
+        result.last_train = metrics
+        log.train(state.step, metrics, every=train_cfg.log_every)
+        final = state.step == steps
+        if final or (train_cfg.val_every and state.step % train_cfg.val_every == 0):
+            result.last_val = validate(task, model, data, train_cfg, rt)
+            log.validation(state.step, result.last_val)
+        if final or state.step % train_cfg.save_every == 0:
+            metadata = ckpt.final_metadata(model) if final and ckpt.final_metadata else {}
+            result.checkpoint = _save(ckpt, model, optimizer, scheduler, state, train_cfg, metadata)
+    log.close()
+    return result
+
+
+def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt: Runtime,
+               grad_clip: float) -> tuple[dict[str, float], int]:
+    """zero grad, micro-batches, clip, step. Returns (metrics averaged over the global
+    batch, tokens processed by the whole data-parallel group)."""
+    normalizer = _dp_sum(rt, [float(sum(task.normalizer(b) for b in batches))])[0]
+    normalizer = max(normalizer, 1.0)  # an all-filtered batch: zero loss, not NaN
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=rt.device))
+    tokens = 0
+    for index, batch in enumerate(batches):
+        batch = _to_device(batch, rt.device)
+        _set_gradient_sync(model, index == len(batches) - 1)
+        with _autocast(rt.device), loss_context(rt.dims):
+            loss, metrics = task.loss(model, batch, normalizer)
+            # FSDP/DDP average gradients over dp ranks; the loss is already a global mean.
+            (loss * rt.dims.dp).backward()
+        for key, value in metrics.items():
+            sums[key] += value.float()
+        tokens += task.tokens(batch)
+    grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    keys = sorted(sums)
+    totals = _dp_sum(rt, [sums[k] for k in keys] + [float(tokens)])
+    metrics = {key: totals[i] / normalizer for i, key in enumerate(keys)}
+    metrics["grad_norm"] = float(grad_norm)
+    return metrics, int(totals[-1])
+
+
+@torch.no_grad()
+def validate(task: Task, model: nn.Module, data: TrainData, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
+    """Every validation item once, split over dp ranks. Ranks run the same number of
+    forwards (FSDP gathers weights collectively), repeating a batch with zero weight
+    where a rank has run out of items."""
+    items = list(data.val)
+    if cfg.val_batches:
+        items = items[: cfg.val_batches * cfg.micro_batch * rt.dims.dp]
+    if not items:
+        return {}
+    mine = items[_dp_rank(rt)::rt.dims.dp]
+    rounds = math.ceil(math.ceil(len(items) / rt.dims.dp) / cfg.micro_batch)
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=rt.device))
+    normalizer = 0.0
+    model.eval()
+    for index in range(rounds):
+        chunk = mine[index * cfg.micro_batch:(index + 1) * cfg.micro_batch]
+        batch = _to_device(data.collate(chunk or items[: cfg.micro_batch]), rt.device)
+        with _autocast(rt.device), loss_context(rt.dims):
+            _, metrics = task.loss(model, batch, 1.0)
+        if chunk:
+            normalizer += task.normalizer(batch)
+            for key, value in metrics.items():
+                sums[key] += value.float()
+    model.train()
+    keys = sorted(sums)
+    totals = _dp_sum(rt, [sums[k] for k in keys] + [normalizer])
+    return {key: totals[i] / max(totals[-1], 1.0) for i, key in enumerate(keys)}
+
+
+def _per_rank_batch(cfg: TrainConfig, dp: int) -> int:
+    if cfg.global_batch % (dp * cfg.micro_batch):
+        raise ConfigError("train.global_batch", f"{cfg.global_batch} is not divisible by train.micro_batch="
+                          f"{cfg.micro_batch} x data-parallel size {dp}",
+                          f"use a multiple of {dp * cfg.micro_batch}")
+    return cfg.global_batch // dp
+
+
+def _micro_batches(data: TrainData, stream: SampleStream, state: TrainState, cfg: TrainConfig, per_rank: int,
+                   dp_rank: int) -> list[Batch]:
+    start = state.data_position.get("samples_consumed", 0) + dp_rank * per_rank
+    indices = stream.take(start, per_rank)
+    return [data.collate([data.train[i] for i in indices[at:at + cfg.micro_batch]])
+            for at in range(0, per_rank, cfg.micro_batch)]
+
+
+def _resume(root: Path, model, optimizer, scheduler, rt: Runtime) -> TrainState:
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return TrainState(data_position={"samples_consumed": 0})
+    meta = load_checkpoint(latest, model, optimizer, restore_rng=True)
+    if meta.scheduler:
+        scheduler.load_state_dict(meta.scheduler)
+    rt.log(f"resuming from {latest} (step {meta.train_state.step})")
+    return meta.train_state
+
+
+def _save(ckpt: CheckpointSpec, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
+          metadata: dict) -> Path:
+    meta = CheckpointMeta(model=ckpt.model, head=ckpt.head, train_state=state, scheduler=scheduler.state_dict(),
+                          metadata=metadata)
+    return save_checkpoint(ckpt.root, model, meta, optimizer=optimizer, tokenizer_dir=ckpt.tokenizer_dir,
+                           keep_last=cfg.keep_last)
+
+
+def _dp_rank(rt: Runtime) -> int:
+    return rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
+
+
+def _dp_sum(rt: Runtime, values: list) -> list[float]:
+    """Sum scalars over the data-parallel group (TP ranks hold identical copies)."""
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(rt.device) for v in values])
+    if rt.mesh is not None and rt.dims.dp > 1:
+        dist.all_reduce(packed, group=rt.mesh.get_group("dp"))
+    return packed.tolist()
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _autocast(device: torch.device):
+    """bf16 compute with fp32 master weights on CUDA; plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """FSDP2: reduce-scatter gradients only after the last micro-batch of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)

@@ -1,0 +1,98 @@
+"""What a user sees during training: a progress bar on rank 0, `metrics.jsonl` in the stage
+directory, and optionally TensorBoard or Weights & Biases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from offline_rlhf.config.schema import ModelConfig
+from offline_rlhf.config.stages import LoggingConfig
+from offline_rlhf.fsutil import write_jsonl
+from offline_rlhf.metrics import mfu
+from offline_rlhf.runtime import Runtime
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def throughput_metrics(tokens: int, step_seconds: float, data_seconds: float, model: ModelConfig, seq_len: int,
+                       rt: Runtime) -> dict[str, float]:
+    """tokens: processed by the whole job in this step."""
+    tokens_per_s = tokens / step_seconds
+    metrics = {"tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / rt.dims.world_size,
+               "step_seconds": step_seconds, "data_share": data_seconds / step_seconds}
+    if rt.device.type == "cuda":
+        utilization = mfu(tokens_per_s / rt.dims.world_size, model, seq_len, rt.device)
+        if utilization is not None:
+            metrics["mfu"] = utilization
+        metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+    return metrics
+
+
+class MetricsLog:
+    def __init__(self, stage_dir: Path, cfg: LoggingConfig, is_main: bool, resumed_step: int, total_steps: int):
+        self.path = Path(stage_dir) / METRICS_FILE
+        self.is_main = is_main
+        self.bar = tqdm(total=total_steps, initial=resumed_step, disable=not (is_main and cfg.progress),
+                        desc="train", dynamic_ncols=True)
+        self.sinks = _external_sinks(cfg, stage_dir) if is_main else []
+        if is_main:
+            _drop_rows_after(self.path, resumed_step)
+
+    def train(self, step: int, metrics: dict[str, float], every: int) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{metrics['lr']:.2e}",
+                             tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        if step % every == 0:
+            self._write(step, {f"train/{k}": v for k, v in metrics.items()})
+
+    def validation(self, step: int, metrics: dict[str, float]) -> None:
+        if metrics:
+            self._write(step, {f"val/{k}": v for k, v in metrics.items()})
+            if self.is_main:
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                self.bar.write(f"step {step} validation: {shown}")
+
+    def _write(self, step: int, row: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **row}) + "\n")
+        for sink in self.sinks:
+            sink(step, row)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def read_metrics(stage_dir: str | Path) -> list[dict]:
+    path = Path(stage_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """A killed run logged steps past its last checkpoint; the resumed run logs them again."""
+    if path.exists():
+        write_jsonl(path, [row for row in read_metrics(path.parent) if row["step"] <= step])
+
+
+def _external_sinks(cfg: LoggingConfig, stage_dir: Path) -> list:
+    sinks = []
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise RuntimeError("logging.tensorboard=true needs the tensorboard package (pip install tensorboard)") from err
+        writer = SummaryWriter(str(Path(stage_dir) / "tensorboard"))
+        sinks.append(lambda step, row: [writer.add_scalar(k, v, step) for k, v in row.items()] and writer.flush())
+    if cfg.wandb:
+        try:
+            import wandb
+        except ImportError as err:
+            raise RuntimeError("logging.wandb=true needs the wandb package (pip install wandb)") from err
+        run = wandb.init(project=cfg.wandb_project, name=Path(stage_dir).name, dir=str(stage_dir))
+        sinks.append(lambda step, row: run.log(row, step=step))
+    return sinks

@@ -1,0 +1,30 @@
+"""Learning-rate schedules: linear warmup, then cosine decay or constant."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from offline_rlhf.config.stages import OptimConfig
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of cfg.lr for the optimizer step with 0-based index `step`."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA (one kernel for all parameters)."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def build_scheduler(optimizer, total_steps: int, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
