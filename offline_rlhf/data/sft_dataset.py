@@ -8,6 +8,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from offline_rlhf.config.stages import DataConfig, SourceConfig
 from offline_rlhf.data.mixing import mix_sources, split_validation
 from offline_rlhf.data.packing import PackedSequence, pack_samples, unpacked
 from offline_rlhf.data.sft_readers import SFTExample, read_sft_source
@@ -25,12 +26,12 @@ class SFTDataset:
     card: dict
 
 
-def source_name(source) -> str:
+def source_name(source: SourceConfig) -> str:
     """The name a source is reported under: its `name`, else its path."""
     return source.name or source.path
 
 
-def _reader_kwargs(source, template: ChatTemplate) -> dict[str, Any]:
+def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, Any]:
     # Only the keyed readers take field names; only `hf` takes a split.
     kwargs: dict[str, Any] = {"template": template}
     if source.format in ("jsonl", "hf"):
@@ -40,7 +41,7 @@ def _reader_kwargs(source, template: ChatTemplate) -> dict[str, Any]:
     return kwargs
 
 
-def read_sources(cfg, template: ChatTemplate) -> list[tuple[str, list[tuple[str, SFTExample]], float]]:
+def read_sources(cfg: DataConfig, template: ChatTemplate) -> list[tuple[str, list[tuple[str, SFTExample]], float]]:
     """Each configured source as (name, [(name, example)...], weight) for `mix_sources`.
 
     Items carry their source name so the card can count tokens per source after mixing.
@@ -64,11 +65,11 @@ def _tokenize(items: list[tuple[str, SFTExample]], tokenizer, template: ChatTemp
     return samples
 
 
-def _sequences(samples: list[TokenizedSample], cfg) -> list[PackedSequence]:
+def _sequences(samples: list[TokenizedSample], cfg: DataConfig) -> list[PackedSequence]:
     return pack_samples(samples, cfg.max_seq_len) if cfg.pack else unpacked(samples)
 
 
-def build_sft_dataset(cfg, tokenizer, seed: int) -> SFTDataset:
+def build_sft_dataset(cfg: DataConfig, tokenizer, seed: int) -> SFTDataset:
     """Build train/val sequences from a `DataConfig`.
 
     Order of steps: read every source; `mix_sources` (cfg.total_samples, weights);
@@ -93,13 +94,15 @@ def packing_efficiency(sequences: list[PackedSequence], seq_len: int) -> float:
     return sum(map(len, sequences)) / (len(sequences) * seq_len) if sequences else 0.0
 
 
-def dataset_card(cfg, seed: int, mix_stats: dict[str, dict], token_stats: dict[str, TokenStats],
+def dataset_card(cfg: DataConfig, seed: int, mix_stats: dict[str, dict], token_stats: dict[str, TokenStats],
                  train: list[PackedSequence], val: list[PackedSequence],
                  train_documents: int, val_documents: int) -> dict:
     """What went into the dataset: per-source and total counts, splits, packing."""
+    # TokenStats.samples equals `taken`, so only its token counts are added.
     per_source = {
-        name: {**mix_stats[name], **{key: value for key, value in asdict(token_stats[name]).items() if key != "samples"}}
-        for name in mix_stats
+        name: {**mix, "tokens": token_stats[name].tokens, "response_tokens": token_stats[name].response_tokens,
+               "truncated": token_stats[name].truncated}
+        for name, mix in mix_stats.items()
     }
     totals = {key: sum(entry[key] for entry in per_source.values()) for key in next(iter(per_source.values()))}
     return {
