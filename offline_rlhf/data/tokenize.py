@@ -44,8 +44,8 @@ def truncate_pair(prompt_ids: Sequence[int], response_ids: Sequence[int], max_le
     1. drop tokens from the START of the prompt (the oldest history), keeping at
        least `min(len(prompt), max_len // 2)` prompt tokens;
     2. if still too long, cut the response from its END (its EOS is then lost).
-    With max_len >= 2 and a non-empty prompt, at least one prompt token and at least
-    one response token always survive.
+    With max_len >= 2 and both sides non-empty (encode_sft's response always ends in
+    EOS), at least one prompt token and at least one response token survive.
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
