@@ -41,7 +41,7 @@ def test_gpu_cluster_runs_one_process_per_gpu(tmp_path):
     (["pipeline.stages.0.nodes=2"], "pipeline.stages[0].nodes: 2 nodes need a cluster"),
     (["pipeline.stages.0.overrides=['parallel.tp=0']"], "pipeline.stages[0] (demo): orlhf demo: error: parallel.tp"),
     (["pipeline.stages.0.overrides=['run_dir=/elsewhere']"], "pipeline.stages[0].overrides: run_dir is set by"),
-    (["pipeline.stages.0.stage=sft"], "pipeline.stages[0] (sft): orlhf: unknown stage 'sft'"),
+    (["pipeline.stages.0.stage=no_such_stage"], "pipeline.stages[0] (no_such_stage): orlhf: unknown stage"),
 ])
 def test_invalid_stages_fail_before_anything_runs(tmp_path, overrides, start):
     with pytest.raises(LaunchError, match="^" + start.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -49,12 +49,14 @@ def test_invalid_stages_fail_before_anything_runs(tmp_path, overrides, start):
     assert not any(tmp_path.iterdir())
 
 
-def test_paper_pipelines_name_their_unwritten_stages(tmp_path):
-    cfg = compose_launch(["pipeline=offline_all", "cluster=slurm", f"run_dir={tmp_path}"])
-    assert [s.folder for s in cfg.pipeline.stages] == [
-        "sft", "rm", "generate", "label", "mix", "align_mle_filter", "align_rwr", "align_dt", "eval"]
-    with pytest.raises(LaunchError, match=r"^pipeline.stages\[0\] \(sft\): orlhf: unknown stage 'sft'"):
-        plan_pipeline(cfg)
+def test_paper_pipelines_compose_without_their_stages_existing_yet(tmp_path):
+    """Stages are only asked to validate themselves when a pipeline is planned."""
+    folders = {name: [s.folder for s in compose_launch([f"pipeline={name}", "cluster=slurm"]).pipeline.stages]
+               for name in ("offline_dt", "offline_all")}
+    assert folders == {
+        "offline_dt": ["sft", "rm", "generate", "label", "mix", "align_dt", "eval"],
+        "offline_all": ["sft", "rm", "generate", "label", "mix", "align_mle_filter", "align_rwr", "align_dt", "eval"],
+    }
 
 
 def test_duplicate_stage_folders_are_refused(tmp_path):
