@@ -41,3 +41,24 @@ def parallel_copy(reference: Transformer, world_size: int, **parallel) -> tuple[
     model = build_model(reference.cfg, reference.head, dims, mesh, device)
     load_full_state_dict(model, reference.state_dict())
     return model, dims, mesh
+
+
+def runtime_for(dims: ParallelDims, mesh, stage_dir: Path = Path("/tmp")):
+    from offline_rlhf.runtime import Runtime
+
+    return Runtime(env=detect_env(), device=device_for(detect_env()), dims=dims, mesh=mesh, stage_dir=stage_dir)
+
+
+def sft_sequences(count: int = 8, seed: int = 0):
+    """Packed training sequences of random documents with a two-token prompt each."""
+    from offline_rlhf.data.packing import pack_samples
+    from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample
+
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for index in range(count * 4):
+        ids = torch.randint(3, TINY.vocab_size, (int(torch.randint(4, 12, (1,), generator=gen)),), generator=gen).tolist()
+        samples.append(TokenizedSample(tuple(ids), (IGNORE_INDEX, IGNORE_INDEX, *ids[2:]), f"s{index}", False))
+    sequences = pack_samples(samples, seq_len=24)
+    assert len(sequences) >= count
+    return sequences[:count]

@@ -1,0 +1,38 @@
+"""The training step under DP=2 (FSDP2) and TP=2 equals one process on the same global batch."""
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from offline_rlhf.train.batching import collate_sequences
+from offline_rlhf.train.loop import train_step
+from offline_rlhf.train.stages.sft import sft_task
+from tests.distributed.launch import run_distributed
+from tests.fixtures import parallel_copy, reference_model, runtime_for, sft_sequences
+from tests.unit.test_train_invariants import sgd_step
+
+
+def _parallel_step(rank, world_size, parallel):
+    model, dims, mesh = parallel_copy(reference_model(), world_size, **parallel)
+    rt = runtime_for(dims, mesh)
+    sequences = sft_sequences(4)
+    dp_rank = mesh.get_local_rank("dp")
+    mine = sequences[dp_rank * 4 // dims.dp:(dp_rank + 1) * 4 // dims.dp]
+    multiple = dims.tp if dims.sequence_parallel else 1
+    batches = [collate_sequences([s], pad_id=0, multiple_of=multiple) for s in mine]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    metrics, tokens = train_step(sft_task(packed=True), model, optimizer, batches, rt, grad_clip=100.0)
+    weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+    return metrics, weights, tokens
+
+
+@pytest.mark.parametrize("parallel", [dict(dp=2), dict(tp=2), dict(tp=2, sequence_parallel=True)],
+                         ids=["dp2_fsdp", "tp2", "tp2_sp"])
+def test_train_step_matches_single_process(tmp_path, parallel):
+    ref_metrics, ref_weights, ref_tokens = sgd_step(sft_sequences(4), micro_batch=1)
+    for metrics, weights, tokens in run_distributed(_parallel_step, 2, tmp_path, parallel):
+        assert abs(metrics["loss"] - ref_metrics["loss"]) < 1e-5
+        assert abs(metrics["grad_norm"] - ref_metrics["grad_norm"]) < 1e-4
+        assert tokens == ref_tokens
+        for name, weight in ref_weights.items():
+            torch.testing.assert_close(weights[name], weight, atol=2e-6, rtol=1e-5, msg=name)
