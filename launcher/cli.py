@@ -69,8 +69,7 @@ def interpreter(cluster: ClusterConfig) -> str:
 
 
 def _status_run_dir(args: list[str]) -> Path:
-    values = dict(arg.split("=", 1) for arg in args if "=" in arg)
-    unknown = [arg for arg in args if not arg.startswith("run_dir=")]
-    if unknown or "run_dir" not in values:
-        raise LaunchError(unknown[0].split("=")[0] if unknown else "run_dir", "status takes only run_dir=DIR")
-    return Path(values["run_dir"]).expanduser().resolve()
+    unknown = [arg.split("=", 1)[0] for arg in args if not arg.startswith("run_dir=")]
+    if unknown or len(args) != 1:
+        raise LaunchError(unknown[0] if unknown else "run_dir", "status takes exactly one run_dir=DIR")
+    return Path(args[0].split("=", 1)[1]).expanduser().resolve()

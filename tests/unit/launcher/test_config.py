@@ -73,7 +73,7 @@ def test_cli_prints_one_error_line_and_exits_2(capsys):
 
 def test_status_takes_only_run_dir(capsys):
     assert main(["status", "run_dir=/nowhere", "verbose=1"]) == 2
-    assert capsys.readouterr().err.startswith("orlhf launch: error: verbose: status takes only run_dir=DIR")
+    assert capsys.readouterr().err.startswith("orlhf launch: error: verbose: status takes exactly one run_dir=DIR")
 
 
 def test_launcher_imports_neither_torch_nor_the_training_packages():
