@@ -55,8 +55,7 @@ def _full(logits: torch.Tensor) -> torch.Tensor:
 def main(cfg: DemoConfig) -> int:
     with stage_runtime("demo", cfg.run_dir, cfg.parallel, cfg.model, cfg) as (rt, usage):
         rt.log(f"demo: {cfg.model.num_params():,} parameters, tp={rt.dims.tp} dp={rt.dims.dp} on {rt.device}")
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, "lm", rt.dims, rt.mesh, rt.device)
+        model = build_model(cfg.model, "lm", rt.dims, rt.mesh, rt.device, seed=cfg.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         history = train(cfg, rt, model, optimizer)
         usage.tokens = cfg.steps * cfg.batch_size * cfg.seq_len * rt.dims.dp

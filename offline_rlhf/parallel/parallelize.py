@@ -28,14 +28,15 @@ def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
 
 
 def build_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh: DeviceMesh | None,
-                device: torch.device, param_dtype: torch.dtype | None = None) -> Transformer:
-    """Build on the meta device, parallelize, then materialize and initialize the weights.
-    `param_dtype` is FSDP's compute dtype (bf16 on CUDA); master weights stay fp32."""
+                device: torch.device, param_dtype: torch.dtype | None = None, seed: int = 0) -> Transformer:
+    """Build on the meta device, parallelize, then materialize and initialize the weights
+    from `seed`. `param_dtype` is FSDP's compute dtype; master weights stay fp32."""
     with torch.device("meta"):
         model = Transformer(cfg, head)
     parallelize(model, dims, mesh, param_dtype)
     model.to_empty(device=device)
     model.tie_weights()
+    torch.manual_seed(seed)
     model.init_weights()
     model.init_buffers(device)
     return model

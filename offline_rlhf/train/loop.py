@@ -142,6 +142,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
         if final or state.step % train_cfg.save_every == 0:
             metadata = ckpt.final_metadata(model) if final and ckpt.final_metadata else {}
             result.checkpoint = _save(ckpt, model, optimizer, scheduler, state, train_cfg, metadata)
+            usage.beat(force=True)  # a later kill then still accounts for everything up to here
     log.close()
     return result
 

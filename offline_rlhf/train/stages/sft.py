@@ -38,7 +38,7 @@ def main(cfg: SFTConfig) -> int:
         dataset = build_sft_dataset(cfg.data, tokenizer, cfg.train.seed)
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
-        model = build_model(model_cfg, "lm", rt.dims, rt.mesh, rt.device)
+        model = build_model(model_cfg, "lm", rt.dims, rt.mesh, rt.device, seed=cfg.train.seed)
         ckpt_root = rt.stage_dir / "checkpoints"
         rt.log(initialize_weights(cfg.init, model, ckpt_root))
         multiple = rt.dims.tp if rt.dims.sequence_parallel else 1
