@@ -27,6 +27,10 @@ STAGES = {
     "convert": Stage("offline_rlhf.convert", "offline_rlhf.config.stages:ConvertConfig",
                      "import_hf / export_hf: Hugging Face checkpoint conversion", positional="action"),
     "launch": Stage("launcher.cli", "", "run a pipeline locally or as chained Slurm jobs"),
+    "rm": Stage("offline_rlhf.train.stages.rm", "offline_rlhf.config.stages:RMConfig",
+                "reward-model training (paper Eq. 2) into run_dir/rm/; eval_only=true reports accuracy"),
+    "rm-score": Stage("offline_rlhf.labeling.scoring", "offline_rlhf.config.stages:RMScoreConfig",
+                      "add reward_raw to every record of a JSONL file with a reward model"),
 }
 
 

@@ -179,3 +179,53 @@ def validate_training(cfg) -> None:
                           "lower data.max_seq_len or raise model.max_seq_len")
     if not cfg.data.sources:
         raise ConfigError("data.sources", "is empty", "list at least one source (see conf/data/)")
+
+
+@dataclass
+class RMConfig:
+    """`orlhf rm`: reward-model training, the paper's Eq. 2, with its defaults (lr 9e-6,
+    global batch 128 pairs, 1 epoch). `eval_only=true` scores every pair of `data` with the
+    value-head checkpoint `init.checkpoint` and reports accuracy, without training."""
+
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(pack=False, val_fraction=0.05))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=1.0))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    margin: float = 0.0  # subtracted inside the sigmoid of Eq. 2; 0 is the paper's loss
+    eval_only: bool = False
+
+    def __post_init__(self):
+        validate_training(self)
+        if self.data.pack:
+            raise ConfigError("data.pack", "reward-model pairs are never packed", "set data.pack=false")
+        if self.eval_only and not self.init.checkpoint:
+            raise ConfigError("init.checkpoint", "is required with eval_only=true", "pass a reward-model checkpoint")
+        if not self.eval_only and self.data.val_fraction == 0:
+            raise ConfigError("data.val_fraction", "must be > 0: the stored reward statistics are computed over "
+                              "the validation responses", "use e.g. data.val_fraction=0.05")
+
+
+@dataclass
+class RMScoreConfig:
+    """`orlhf rm-score ckpt=RM input=in.jsonl output=out.jsonl`: every input record with
+    `reward_raw` added, scored in the template and length limit the reward model was trained with."""
+
+    run_dir: str = "runs/default"
+    ckpt: str = ""
+    input: str = ""
+    output: str = ""
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    batch_size: int = 16
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        for key in ("ckpt", "input", "output"):
+            if not getattr(self, key):
+                raise ConfigError(key, "is required", f"pass {key}=PATH")
+        if self.batch_size <= 0:
+            raise ConfigError("batch_size", f"must be > 0, got {self.batch_size}")

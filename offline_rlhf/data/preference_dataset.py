@@ -1,0 +1,106 @@
+"""The reward-model dataset: read preference pairs, mix, split, tokenize both replies
+of each pair; and its dataset card (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from offline_rlhf.config.stages import DataConfig, SourceConfig
+from offline_rlhf.data.mixing import mix_sources, split_validation
+from offline_rlhf.data.packing import PackedSequence, unpacked
+from offline_rlhf.data.preference_readers import PreferenceExample, read_preference_source
+from offline_rlhf.data.sft_dataset import dataset_card, source_name
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import TokenStats, encode_sft
+
+Item = tuple[str, PreferenceExample]  # (source name, example)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """`prompt + chosen + EOS` and `prompt + rejected + EOS` as one-document sequences;
+    the reward is read at each one's last token. `example` keeps the text for tracing."""
+
+    chosen: PackedSequence
+    rejected: PackedSequence
+    example: PreferenceExample
+
+
+@dataclass
+class PreferenceDataset:
+    train: list[PreferencePair]
+    val: list[PreferencePair]
+    card: dict
+
+
+def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, Any]:
+    # Only the generic JSONL reader takes field names.
+    kwargs: dict[str, Any] = {"template": template}
+    if source.format == "jsonl":
+        kwargs.update(prompt_key=source.prompt_key, chosen_key=source.chosen_key, rejected_key=source.rejected_key)
+    return kwargs
+
+
+def read_preference_sources(cfg: DataConfig, template: ChatTemplate) -> list[tuple[str, list[Item], float]]:
+    """Each configured source as (name, [(name, example)...], weight) for `mix_sources`."""
+    sources = []
+    for source in cfg.sources:
+        name = source_name(source)
+        examples = read_preference_source(source.format, source.path, **_reader_kwargs(source, template))
+        sources.append((name, [(name, example) for example in examples], source.weight))
+    return sources
+
+
+def encode_pair(tokenizer, template: ChatTemplate, example: PreferenceExample, max_len: int,
+                stats: TokenStats) -> PreferencePair | None:
+    """Both replies through `encode_sft` (its EOS and its truncation rule, one rule for both
+    sides), counted into `stats`. None when truncation leaves the two sequences identical:
+    such a pair has no signal and would count as a wrong ranking."""
+    chosen, rejected = (encode_sft(tokenizer, template, example.prompt, reply, max_len, example.source)
+                        for reply in (example.chosen, example.rejected))
+    stats.add(chosen)
+    stats.add(rejected)
+    if chosen.input_ids == rejected.input_ids:
+        return None
+    return PreferencePair(*unpacked([chosen, rejected]), example)
+
+
+def _encode_all(items: list[Item], tokenizer, template: ChatTemplate, max_len: int,
+                stats: dict[str, TokenStats], dropped: dict[str, int]) -> list[PreferencePair]:
+    pairs = []
+    for name, example in items:
+        pair = encode_pair(tokenizer, template, example, max_len, stats[name])
+        if pair is None:
+            dropped[name] += 1
+        else:
+            pairs.append(pair)
+    return pairs
+
+
+def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int) -> PreferenceDataset:
+    """Build train/val pairs from a `DataConfig`, in the SFT dataset's order of steps:
+    read every source; `mix_sources` (cfg.total_samples, weights); `split_validation`
+    over pairs (a pair and its duplicates stay on one side); `encode_pair` each pair
+    with cfg.max_seq_len. Pairs are never packed (cfg.pack is unused)."""
+    template = ChatTemplate(**asdict(cfg.template))
+    mixed, mix_stats = mix_sources(read_preference_sources(cfg, template), cfg.total_samples, seed)
+    train_items, val_items = split_validation(mixed, cfg.val_fraction, seed)
+    stats = {name: TokenStats() for name in mix_stats}
+    dropped = {name: 0 for name in mix_stats}
+    train, val = (_encode_all(items, tokenizer, template, cfg.max_seq_len, stats, dropped)
+                  for items in (train_items, val_items))
+    return PreferenceDataset(train, val, preference_card(cfg, seed, mix_stats, stats, dropped, train, val))
+
+
+def preference_card(cfg: DataConfig, seed: int, mix_stats: dict[str, dict], stats: dict[str, TokenStats],
+                    dropped: dict[str, int], train: list[PreferencePair], val: list[PreferencePair]) -> dict:
+    """The SFT card's fields, counted for pairs: `taken` and `documents` count pairs,
+    token counts cover both sequences of a pair (the prompt twice), `truncated` counts
+    sequences, `identical_after_truncation` the pairs dropped by `encode_pair`."""
+    with_dropped = {name: {**entry, "identical_after_truncation": dropped[name]} for name, entry in mix_stats.items()}
+    sequences = [sequence for pair in train + val for sequence in (pair.chosen, pair.rejected)]
+    card = dataset_card(cfg, seed, with_dropped, stats, sequences, [], len(train), len(val))
+    card["train"]["sequences"], card["val"]["sequences"] = 2 * len(train), 2 * len(val)
+    card["kind"] = "preference pairs"
+    return card

@@ -1,0 +1,1 @@
+"""Reward scoring (and, later, normalization and reward-distribution plots)."""

@@ -1,0 +1,156 @@
+"""Scoring (prompt, response) pairs with a reward model under any TP/DP layout, and
+`orlhf rm-score ckpt=RM input=in.jsonl output=out.jsonl`.
+
+A reward is the value head's output at the last real token of `prompt + response + EOS`,
+tokenized exactly as in reward-model training (`encode_sft`, same template and length
+limit), so a score here equals the score training saw for the same text.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from offline_rlhf.checkpoint import TOKENIZER_DIR, load_checkpoint, read_meta, resolve_checkpoint
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.schema import ModelConfig
+from offline_rlhf.config.stages import RMScoreConfig
+from offline_rlhf.data.packing import PackedSequence, unpacked
+from offline_rlhf.data.records import iter_json_objects, require_text
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import encode_sft
+from offline_rlhf.fsutil import write_jsonl
+from offline_rlhf.models.llama import last_token_values
+from offline_rlhf.parallel.parallelize import build_model
+from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.tokenizer import Tokenizer
+from offline_rlhf.train.batching import PAD_DOCUMENT, collate_sequences
+from offline_rlhf.train.loop import _autocast
+
+STAGE = "rm_score"
+REWARD_STATS = "reward_stats"  # checkpoint metadata keys written by `orlhf rm`
+TEMPLATE = "template"
+MAX_SEQ_LEN = "max_seq_len"
+
+
+def sequence_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] rewards of right-padded one-document rows, each read at its last real token."""
+    values = model(batch["tokens"], positions=batch["positions"])  # [B, T]
+    return last_token_values(values, (batch["document_ids"] != PAD_DOCUMENT).sum(1))
+
+
+def encode_responses(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
+                     max_len: int) -> list[PackedSequence]:
+    """`prompt + response + EOS` per pair, cut by `encode_sft`'s truncation rule."""
+    return unpacked([encode_sft(tokenizer, template, prompt, response, max_len, f"pair {index}")
+                     for index, (prompt, response) in enumerate(pairs)])
+
+
+@torch.no_grad()
+def score_sequences(model: nn.Module, sequences: Sequence[PackedSequence], batch_size: int, rt: Runtime,
+                    pad_id: int) -> list[float]:
+    """One reward per sequence, in input order, on every rank.
+
+    Sequences are sorted by length (less padding), then dealt round-robin to the DP
+    ranks, each scoring its disjoint share in batches of `batch_size`. Every rank runs
+    the same number of forwards (FSDP gathers weights collectively), repeating its
+    first batch where it has run out. TP ranks compute identical rewards.
+    """
+    if not sequences:
+        return []
+    dp, rank = rt.dims.dp, rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    mine = order[rank::dp]
+    share = math.ceil(len(order) / dp)
+    multiple = rt.dims.tp if rt.dims.sequence_parallel else 1
+    local = torch.full((share,), math.nan, dtype=torch.float64, device=rt.device)
+    for start in range(0, share, batch_size):
+        chunk = mine[start:start + batch_size]
+        batch = collate_sequences([sequences[i] for i in chunk or mine[:1] or order[:1]], pad_id, multiple)
+        with _autocast(rt.device):
+            rewards = sequence_rewards(model, {k: v.to(rt.device) for k, v in batch.items()})
+        local[start:start + len(chunk)] = rewards[:len(chunk)].double()
+    return _gather_in_order(local, order, rt)
+
+
+def _gather_in_order(local: torch.Tensor, order: list[int], rt: Runtime) -> list[float]:
+    """Rank r's k-th score belongs to item order[r + k * dp]."""
+    dp = rt.dims.dp
+    shares = [local]
+    if dp > 1:
+        shares = [torch.empty_like(local) for _ in range(dp)]
+        dist.all_gather(shares, local, group=rt.mesh.get_group("dp"))
+    scores = [math.nan] * len(order)
+    for rank, share in enumerate(shares):
+        for k, value in enumerate(share.tolist()[: len(order[rank::dp])]):
+            scores[order[rank + k * dp]] = value
+    return scores
+
+
+def score_texts(model: nn.Module, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
+                batch_size: int, rt: Runtime, max_len: int | None = None) -> list[float]:
+    """Raw rewards of (prompt, response) pairs, in input order, on every rank. `max_len`
+    (default: the model's max_seq_len) should be the length the model was trained with."""
+    max_len = max_len or model.cfg.max_seq_len
+    return score_sequences(model, encode_responses(tokenizer, template, pairs, max_len), batch_size, rt,
+                           tokenizer.pad_id)
+
+
+def reward_stats(scores: Sequence[float], source: str) -> dict:
+    """Mean and population standard deviation, the statistics a later z-score uses."""
+    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "count": len(scores), "source": source}
+
+
+def scoring_metadata(template: ChatTemplate, max_len: int) -> dict:
+    """What a reward checkpoint records so that scoring tokenizes as training did."""
+    return {TEMPLATE: asdict(template), MAX_SEQ_LEN: max_len}
+
+
+def scoring_setup(metadata: dict, model: ModelConfig) -> tuple[ChatTemplate, int]:
+    """The checkpoint's template and length limit; defaults for imported reward models."""
+    return ChatTemplate(**metadata.get(TEMPLATE, {})), metadata.get(MAX_SEQ_LEN, model.max_seq_len)
+
+
+def load_reward_model(ckpt: str, rt: Runtime, key: str = "ckpt") -> tuple[nn.Module, Tokenizer, dict]:
+    """A value-head checkpoint in the runtime's layout, its tokenizer and its metadata."""
+    path = resolve_checkpoint(ckpt, key)
+    meta = read_meta(path)
+    if meta.head != "value":
+        raise ConfigError(key, f"{path} holds a {meta.head!r} head, not a reward model's 'value' head",
+                          "pass an `orlhf rm` checkpoint (or one imported with head=value)")
+    if not (path / TOKENIZER_DIR).is_dir():
+        raise ConfigError(key, f"{path} has no {TOKENIZER_DIR}/ folder", "score with a checkpoint that has one")
+    model = build_model(meta.model, "value", rt.dims, rt.mesh, rt.device)
+    load_checkpoint(path, model)
+    return model, Tokenizer.from_dir(path / TOKENIZER_DIR), meta.metadata
+
+
+def read_scoring_input(path: str, prompt_key: str, response_key: str) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Records and their (prompt, response); a missing or non-text field is an error naming the line."""
+    records, pairs = [], []
+    for where, record in iter_json_objects(path):
+        records.append(record)
+        pairs.append((require_text(record, prompt_key, where),
+                      require_text(record, response_key, where, allow_empty=True)))
+    return records, pairs
+
+
+def main(cfg: RMScoreConfig) -> int:
+    model_cfg = read_meta(resolve_checkpoint(cfg.ckpt)).model
+    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
+        model, tokenizer, metadata = load_reward_model(cfg.ckpt, rt)
+        template, max_len = scoring_setup(metadata, model_cfg)
+        records, pairs = read_scoring_input(cfg.input, cfg.prompt_key, cfg.response_key)
+        sequences = encode_responses(tokenizer, template, pairs, max_len)
+        scores = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id)
+        usage.tokens += sum(map(len, sequences))
+        if rt.is_main:
+            write_jsonl(cfg.output, [{**record, "reward_raw": score} for record, score in zip(records, scores)])
+        rt.log(f"rm-score: {len(scores)} records scored -> {cfg.output}")
+    return 0
