@@ -39,6 +39,7 @@ from offline_rlhf.train.metrics_log import MetricsLog, throughput_metrics
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler
 
 Batch = dict[str, torch.Tensor]
+COUNT = "count/"
 
 
 @dataclass
@@ -51,6 +52,13 @@ class Task:
     loss: Callable[[nn.Module, Batch, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     normalizer: Callable[[Batch], int]
     tokens: Callable[[Batch], int]
+    # Metrics named `count/...` are reported as global sums; `derive` may turn them into
+    # ratios (e.g. the fraction of samples a reward filter kept).
+    derive: Callable[[dict[str, float]], dict[str, float]] | None = None
+
+    def reduce(self, keys: list[str], totals: list[float], normalizer: float) -> dict[str, float]:
+        metrics = {key: total if key.startswith(COUNT) else total / normalizer for key, total in zip(keys, totals)}
+        return {**metrics, **self.derive(metrics)} if self.derive else metrics
 
 
 @dataclass
@@ -170,7 +178,7 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
     optimizer.step()
     keys = sorted(sums)
     totals = _dp_sum(rt, [sums[k] for k in keys] + [float(tokens)])
-    metrics = {key: totals[i] / normalizer for i, key in enumerate(keys)}
+    metrics = task.reduce(keys, totals[:-1], normalizer)
     metrics["grad_norm"] = float(grad_norm)
     return metrics, int(totals[-1])
 
@@ -202,7 +210,7 @@ def validate(task: Task, model: nn.Module, data: TrainData, cfg: TrainConfig, rt
     model.train()
     keys = sorted(sums)
     totals = _dp_sum(rt, [sums[k] for k in keys] + [normalizer])
-    return {key: totals[i] / max(totals[-1], 1.0) for i, key in enumerate(keys)}
+    return task.reduce(keys, totals[:-1], max(totals[-1], 1.0))
 
 
 def _per_rank_batch(cfg: TrainConfig, dp: int) -> int:

@@ -1,0 +1,65 @@
+"""Offline alignment losses of the paper (Sec. 3.2): MLE with filtering (Eq. 4),
+reward-weighted regression (Eq. 5) and Decision-Transformer alignment (Eq. 6).
+
+All take per-token NLL from `shifted_token_nll` (labels cover the response only) and a
+normalized reward R per sample, and return (loss, metric sums). Loss sums are divided by
+`normalizer`, the number of trained response tokens in the global batch. Metrics whose
+name starts with `count/` are global counts, not averages (see Task.derive).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offline_rlhf.losses.logprobs import shifted_token_nll
+
+
+def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token NLL per sample [B], response tokens per sample [B])."""
+    nll, mask = shifted_token_nll(logits, labels)
+    return nll.sum(dim=1), mask.sum(dim=1)
+
+
+def kept_by_filter(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Eq. 4's indicator: a sample is trained on when its normalized reward exceeds t."""
+    return rewards > threshold
+
+
+def mle_filter_loss(logits, labels, rewards, threshold: float, normalizer: float) -> tuple[torch.Tensor, dict]:
+    """Eq. 4: L = -sum_{R(p,x) > t} sum_i log p(x_i | x_<i, p). `normalizer` counts the
+    response tokens of KEPT samples only, so a batch where nothing passes gives 0, not NaN."""
+    sample_nll, sample_tokens = per_sample_nll(logits, labels)
+    kept = kept_by_filter(rewards, threshold)
+    total = (sample_nll * kept).sum()
+    return total / normalizer, {"loss": total.detach(), "count/kept": kept.sum().float(),
+                                "count/samples": torch.tensor(float(len(rewards)), device=rewards.device),
+                                "count/kept_tokens": (sample_tokens * kept).sum().float()}
+
+
+def rwr_weights(rewards: torch.Tensor, beta: float, normalize: bool, max_log_weight: float = 20.0) -> torch.Tensor:
+    """Eq. 5's exp(R / beta). Normalized within the batch (mean weight 1), computed as a
+    shifted softmax so no exp overflows; unnormalized, log-weights are clamped at
+    `max_log_weight` (exp(20) ~ 5e8) for the same reason."""
+    log_weights = rewards.double() / beta
+    if normalize:
+        return (torch.softmax(log_weights, dim=0) * len(rewards)).float()
+    return torch.exp(log_weights.clamp(max=max_log_weight)).float()
+
+
+def rwr_loss(logits, labels, rewards, beta: float, normalize: bool, normalizer: float) -> tuple[torch.Tensor, dict]:
+    """Eq. 5: L = -sum exp(R(p,x) / beta) sum_i log p(x_i | x_<i, p), divided by the
+    response-token count. Reports the effective sample size (sum w)^2 / sum w^2."""
+    sample_nll, _ = per_sample_nll(logits, labels)
+    weights = rwr_weights(rewards, beta, normalize).to(sample_nll.dtype)
+    total = (weights * sample_nll).sum()
+    ess = weights.sum() ** 2 / (weights.pow(2).sum() + 1e-12)
+    return total / normalizer, {"loss": total.detach(), "count/ess": ess.detach(),
+                                "count/samples": torch.tensor(float(len(rewards)), device=rewards.device),
+                                "count/weight_sum": weights.sum().detach()}
+
+
+def dt_prefix(score: float, sep: str = " ", tag: str = "<rm_score>") -> str:
+    """Eq. 6's reward prompt R*(p, x), placed right after the assistant tag:
+    `User: {instruction} Assistant: <rm_score> a.b {response}`. The ONE function used both
+    to build training samples and inference prompts, so their tokens cannot drift apart."""
+    return f"{sep}{tag}{sep}{score:.1f}"

@@ -1,0 +1,73 @@
+"""The offline alignment losses (Eqs. 4-6) against values computed by hand."""
+
+import math
+
+import torch
+from pytest import approx
+
+from offline_rlhf.losses.alignment import dt_prefix, mle_filter_loss, rwr_loss, rwr_weights
+from offline_rlhf.losses.logprobs import IGNORE_INDEX
+from offline_rlhf.losses.sft import sft_loss
+
+# Two samples of three tokens over a two-word vocabulary. Position 0 is the prompt; the
+# logits at t score the label at t + 1, so each sample trains on two tokens.
+LOGITS = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [9.0, 9.0]],
+                       [[1.0, 1.0], [0.0, 3.0], [9.0, 9.0]]])
+LABELS = torch.tensor([[IGNORE_INDEX, 1, 0], [IGNORE_INDEX, 0, 1]])
+
+
+def nll(logit_pair, target):
+    return -(logit_pair[target] - math.log(math.exp(logit_pair[0]) + math.exp(logit_pair[1])))
+
+
+SAMPLE_NLL = [nll((0.0, 1.0), 1) + nll((2.0, 0.0), 0), nll((1.0, 1.0), 0) + nll((0.0, 3.0), 1)]
+
+
+def test_sft_loss_by_hand():
+    loss, metrics = sft_loss(LOGITS, LABELS, normalizer=4)
+    assert loss.item() == approx(sum(SAMPLE_NLL) / 4)
+    assert metrics["loss"].item() == approx(sum(SAMPLE_NLL))
+
+
+def test_mle_filter_keeps_samples_above_threshold():
+    loss, metrics = mle_filter_loss(LOGITS, LABELS, torch.tensor([0.7, -0.2]), threshold=0.0, normalizer=2)
+    assert loss.item() == approx(SAMPLE_NLL[0] / 2)
+    assert (metrics["count/kept"].item(), metrics["count/samples"].item(), metrics["count/kept_tokens"].item()) == (1, 2, 2)
+
+
+def test_mle_filter_all_filtered_is_zero_not_nan():
+    loss, metrics = mle_filter_loss(LOGITS, LABELS, torch.tensor([-1.0, -0.5]), threshold=0.0, normalizer=1)
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    assert metrics["count/kept"].item() == 0
+
+
+def test_rwr_weights_by_hand():
+    rewards = torch.tensor([1.0, -1.0])
+    loss, metrics = rwr_loss(LOGITS, LABELS, rewards, beta=5.0, normalize=False, normalizer=4)
+    weights = [math.exp(1 / 5), math.exp(-1 / 5)]
+    assert loss.item() == approx((weights[0] * SAMPLE_NLL[0] + weights[1] * SAMPLE_NLL[1]) / 4)
+    assert metrics["count/ess"].item() == approx(sum(weights) ** 2 / sum(w * w for w in weights))
+
+
+def test_rwr_normalized_weights_average_one():
+    weights = rwr_weights(torch.tensor([1.0, -1.0, 0.0]), beta=5.0, normalize=True)
+    raw = [math.exp(r / 5) for r in (1.0, -1.0, 0.0)]
+    expected = [3 * w / sum(raw) for w in raw]
+    assert weights.tolist() == approx(expected)
+
+
+def test_rwr_large_rewards_do_not_overflow():
+    huge = torch.tensor([5000.0, 4000.0, -3000.0])
+    normalized = rwr_weights(huge, beta=5.0, normalize=True)
+    assert torch.isfinite(normalized).all() and normalized.sum().item() == approx(3.0)
+    assert normalized[0].item() == approx(3.0)  # the best sample takes all the weight
+    clamped = rwr_weights(huge, beta=5.0, normalize=False)
+    assert torch.isfinite(clamped).all() and clamped[0].item() == approx(math.exp(20.0), rel=1e-5)
+    loss, _ = rwr_loss(LOGITS[:1].expand(3, -1, -1), LABELS[:1].expand(3, -1), huge, 5.0, False, 6)
+    assert torch.isfinite(loss)
+
+
+def test_dt_prefix_renders_one_decimal_after_the_assistant_tag():
+    assert dt_prefix(4.96) == " <rm_score> 5.0"
+    assert dt_prefix(-0.04) == " <rm_score> -0.0"
+    assert dt_prefix(1.25, sep="\n") == "\n<rm_score>\n1.2"
