@@ -170,6 +170,8 @@ class SFTConfig:
 
     def __post_init__(self):
         validate_training(self)
+        if not self.data.sources:
+            raise ConfigError("data.sources", "is empty", "list at least one source (see conf/data/)")
 
 
 def validate_training(cfg) -> None:
@@ -177,8 +179,6 @@ def validate_training(cfg) -> None:
     if cfg.data.max_seq_len > cfg.model.max_seq_len:
         raise ConfigError("data.max_seq_len", f"{cfg.data.max_seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
                           "lower data.max_seq_len or raise model.max_seq_len")
-    if not cfg.data.sources:
-        raise ConfigError("data.sources", "is empty", "list at least one source (see conf/data/)")
 
 
 @dataclass
@@ -229,3 +229,50 @@ class RMScoreConfig:
                 raise ConfigError(key, "is required", f"pass {key}=PATH")
         if self.batch_size <= 0:
             raise ConfigError("batch_size", f"must be > 0, got {self.batch_size}")
+
+
+ALIGN_METHODS = ("mle_filter", "rwr", "dt")
+
+
+@dataclass
+class AlignDataConfig:
+    """The reward-labeled dataset (`orlhf mix` output): JSONL of {prompt, response, reward}."""
+
+    path: str = ""
+    reward_key: str = "reward"  # the normalized reward
+    max_seq_len: int = 2048
+    val_fraction: float = 0.02
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+
+
+@dataclass
+class AlignConfig:
+    """`orlhf align method=mle_filter|rwr|dt`: offline alignment (paper Sec. 3.2) into
+    `run_dir/align_<method>/`, starting from the SFT checkpoint."""
+
+    run_dir: str = "runs/default"
+    method: str = "dt"
+    filter_threshold: float = 0.0  # Eq. 4's t: train on samples with normalized reward > t
+    rwr_beta: float = 5.0  # Eq. 5's beta
+    rwr_normalize: bool = False  # divide exp(R/beta) by its mean within each micro-batch
+    dt_target: float = 5.0  # the reward prompt used at inference (stored with the checkpoint)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    data: AlignDataConfig = field(default_factory=AlignDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        validate_training(self)
+        if self.method not in ALIGN_METHODS:
+            raise ConfigError("method", f"unknown method {self.method!r}", f"use one of {', '.join(ALIGN_METHODS)}")
+        if self.rwr_beta <= 0:
+            raise ConfigError("rwr_beta", f"must be > 0, got {self.rwr_beta}")
+        if not self.data.path:
+            raise ConfigError("data.path", "is required", "pass the labeled JSONL written by `orlhf mix`")
+
+    @property
+    def stage_name(self) -> str:
+        return f"align_{self.method}"

@@ -79,6 +79,16 @@ def require_field(record: Mapping[str, Any], key: str, kind: type[T], where: Loc
     return value
 
 
+def require_number(record: Mapping[str, Any], key: str, where: Location) -> float:
+    """record[key] as a float; it must be a JSON number (not a bool, not a string)."""
+    if key not in record:
+        raise where.error(f"expected an object with key {key!r} (missing)")
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise where.error(f"expected {key!r} to be a number (got {type(value).__name__})")
+    return float(value)
+
+
 def require_text(record: Mapping[str, Any], key: str, where: Location, *, allow_empty: bool = False) -> str:
     """record[key] as stripped text; it must be a string and, unless allow_empty, not blank."""
     text = require_field(record, key, str, where).strip()

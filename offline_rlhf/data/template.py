@@ -9,6 +9,7 @@ USER = "user"
 ASSISTANT = "assistant"
 
 Turn = tuple[str, str]  # (USER | ASSISTANT, text)
+REWARD_TAG = "<rm_score>"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class ChatTemplate:
     def response_text(self, response: str) -> str:
         """What follows the prompt; EOS is the tokenizer stage's job."""
         return f"{self.sep}{response.strip()}"
+
+    def reward_prompt(self, score: float) -> str:
+        """Decision-Transformer alignment's reward prompt R*(p, x) (paper Eq. 6), placed
+        right after the assistant tag: `User: {instruction} Assistant: <rm_score> a.b {response}`,
+        the score with one decimal. The ONE function used to build both training samples
+        and inference prompts, so their tokens cannot drift apart."""
+        return f"{self.sep}{REWARD_TAG}{self.sep}{score:.1f}"
 
 
 def check_alternation(turns: Sequence[Turn]) -> None:

@@ -57,6 +57,12 @@ def truncate_pair(prompt_ids: Sequence[int], response_ids: Sequence[int], max_le
     return kept_prompt, list(response_ids[: max_len - len(kept_prompt)])
 
 
+def encode_prompt(tokenizer, template: ChatTemplate, prompt: str, response_prefix: str = "") -> list[int]:
+    """The prompt side of a sample, exactly as training sees it; generation encodes its
+    prompts with this same function, so a model is prompted the way it was trained."""
+    return tokenizer.encode(template.prompt_text(prompt) + response_prefix)
+
+
 def encode_sft(
     tokenizer,
     template: ChatTemplate,
@@ -76,7 +82,7 @@ def encode_sft(
     """
     if tokenizer.eos_id is None:
         raise ValueError("the tokenizer defines no eos_token; SFT needs one to end responses")
-    prompt_ids = tokenizer.encode(template.prompt_text(prompt) + response_prefix)
+    prompt_ids = encode_prompt(tokenizer, template, prompt, response_prefix)
     response_ids = tokenizer.encode(template.response_text(response)) + [tokenizer.eos_id]
     kept_prompt, kept_response = truncate_pair(prompt_ids, response_ids, max_len)
     truncated = len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)

@@ -1,5 +1,6 @@
 """Offline alignment losses of the paper (Sec. 3.2): MLE with filtering (Eq. 4),
-reward-weighted regression (Eq. 5) and Decision-Transformer alignment (Eq. 6).
+reward-weighted regression (Eq. 5); Decision-Transformer alignment (Eq. 6) is the SFT loss
+on samples whose prompt carries the reward (`ChatTemplate.reward_prompt`).
 
 All take per-token NLL from `shifted_token_nll` (labels cover the response only) and a
 normalized reward R per sample, and return (loss, metric sums). Loss sums are divided by
@@ -57,9 +58,3 @@ def rwr_loss(logits, labels, rewards, beta: float, normalize: bool, normalizer: 
                                 "count/samples": torch.tensor(float(len(rewards)), device=rewards.device),
                                 "count/weight_sum": weights.sum().detach()}
 
-
-def dt_prefix(score: float, sep: str = " ", tag: str = "<rm_score>") -> str:
-    """Eq. 6's reward prompt R*(p, x), placed right after the assistant tag:
-    `User: {instruction} Assistant: <rm_score> a.b {response}`. The ONE function used both
-    to build training samples and inference prompts, so their tokens cannot drift apart."""
-    return f"{sep}{tag}{sep}{score:.1f}"

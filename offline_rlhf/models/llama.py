@@ -84,13 +84,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | BlockMask | None = None, cache=None) -> torch.Tensor:
+        """`cache`: this layer's KV cache (see `offline_rlhf.generation.kv_cache`); it stores
+        the new k, v and returns all cached ones, [B, H_kv_local, S, D]. Passed by keyword so
+        TP's PrepareModuleInput hook (positional inputs only) leaves it alone."""
         batch, seq, _ = x.shape
         # -1: the number of heads held here (all of them, or this rank's TP shard).
         q = apply_rope(self.wq(x).view(batch, seq, -1, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(batch, seq, -1, self.head_dim), cos, sin)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.update(k, v)
         grouped = k.shape[1] != q.shape[1]
         if isinstance(attn_mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=grouped)
@@ -121,8 +126,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, attn_mask=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -149,16 +154,20 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """tokens: [B, T]. positions: [B, T] (default 0..T-1; restart per document when
         packing). attn_mask: default causal; a bool [B, 1, T, T] (True = may attend) or a
-        FlexAttention BlockMask (see `offline_rlhf.models.masks`)."""
+        FlexAttention BlockMask (see `offline_rlhf.models.masks`). cache: one KV cache per
+        layer for incremental decoding; then attn_mask is required, [B, 1, T, S] over all
+        S cached positions (the default causal mask would align queries to key 0)."""
+        if cache is not None and attn_mask is None:
+            raise ValueError("decoding with a KV cache needs an explicit attn_mask [B, 1, T, S]")
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask)
+        for index, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, attn_mask, cache=None if cache is None else cache[index])
         h = self.norm(h)
         if self.head == "lm":
             return self.output(h)

@@ -5,7 +5,8 @@ import math
 import torch
 from pytest import approx
 
-from offline_rlhf.losses.alignment import dt_prefix, mle_filter_loss, rwr_loss, rwr_weights
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.losses.alignment import mle_filter_loss, rwr_loss, rwr_weights
 from offline_rlhf.losses.logprobs import IGNORE_INDEX
 from offline_rlhf.losses.sft import sft_loss
 
@@ -67,7 +68,8 @@ def test_rwr_large_rewards_do_not_overflow():
     assert torch.isfinite(loss)
 
 
-def test_dt_prefix_renders_one_decimal_after_the_assistant_tag():
-    assert dt_prefix(4.96) == " <rm_score> 5.0"
-    assert dt_prefix(-0.04) == " <rm_score> -0.0"
-    assert dt_prefix(1.25, sep="\n") == "\n<rm_score>\n1.2"
+def test_reward_prompt_renders_one_decimal_after_the_assistant_tag():
+    assert ChatTemplate().reward_prompt(4.96) == " <rm_score> 5.0"
+    assert ChatTemplate().reward_prompt(-0.04) == " <rm_score> -0.0"
+    assert ChatTemplate(sep="\n").reward_prompt(1.25) == "\n<rm_score>\n1.2"
+    assert ChatTemplate().prompt_text("hi") + ChatTemplate().reward_prompt(5) == "User: hi Assistant: <rm_score> 5.0"

@@ -1,0 +1,83 @@
+"""`orlhf align method=mle_filter|rwr|dt`: offline alignment (paper step 4) into
+`run_dir/align_<method>/`, with the generic training loop.
+
+- mle_filter (Eq. 4): token NLL on samples whose normalized reward exceeds t.
+- rwr (Eq. 5): token NLL weighted per sample by exp(R / beta).
+- dt (Eq. 6): token NLL with the reward prompt `<rm_score> a.b` after the assistant tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Sequence
+
+import torch
+
+from offline_rlhf.config.stages import AlignConfig
+from offline_rlhf.data.alignment_dataset import RewardedSequence, build_alignment_dataset
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.fsutil import write_atomic
+from offline_rlhf.losses.alignment import kept_by_filter, mle_filter_loss, rwr_loss
+from offline_rlhf.losses.sft import sft_loss
+from offline_rlhf.parallel.parallelize import build_model
+from offline_rlhf.runtime import stage_runtime
+from offline_rlhf.train.batching import collate_sequences, loss_tokens, real_tokens
+from offline_rlhf.train.init import initialize_weights, load_tokenizer, model_config
+from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
+
+
+def collate_rewarded(items: Sequence[RewardedSequence], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    batch = collate_sequences([item.sequence for item in items], pad_id, multiple_of)
+    batch["rewards"] = torch.tensor([item.reward for item in items], dtype=torch.float32)
+    return batch
+
+
+def _logits(model, batch):
+    return model(batch["tokens"], positions=batch["positions"])  # one document per row: plain causal
+
+
+def alignment_task(cfg: AlignConfig) -> Task:
+    if cfg.method == "mle_filter":
+        def kept_tokens(batch):
+            kept = kept_by_filter(batch["rewards"], cfg.filter_threshold)
+            return int(((batch["labels"][:, 1:] != -100) & kept.unsqueeze(1)).sum())
+
+        return Task(loss=lambda m, b, n: mle_filter_loss(_logits(m, b), b["labels"], b["rewards"], cfg.filter_threshold, n),
+                    normalizer=kept_tokens, tokens=real_tokens,
+                    derive=lambda m: {"kept_fraction": m["count/kept"] / max(m["count/samples"], 1.0)})
+    if cfg.method == "rwr":
+        return Task(loss=lambda m, b, n: rwr_loss(_logits(m, b), b["labels"], b["rewards"], cfg.rwr_beta,
+                                                 cfg.rwr_normalize, n),
+                    normalizer=loss_tokens, tokens=real_tokens,
+                    derive=lambda m: {"ess_fraction": m["count/ess"] / max(m["count/samples"], 1.0)})
+    return Task(loss=lambda m, b, n: sft_loss(_logits(m, b), b["labels"], n), normalizer=loss_tokens, tokens=real_tokens)
+
+
+def main(cfg: AlignConfig) -> int:
+    model_cfg = model_config(cfg.init, cfg.model)
+    with stage_runtime(cfg.stage_name, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
+        tokenizer, tokenizer_path = load_tokenizer(cfg.init, model_cfg)
+        template = ChatTemplate(**asdict(cfg.data.template))
+        dataset = build_alignment_dataset(cfg.data.path, tokenizer, template, cfg.data.max_seq_len,
+                                          cfg.data.val_fraction, cfg.train.seed, reward_prompt=cfg.method == "dt",
+                                          reward_key=cfg.data.reward_key)
+        rewards = dataset.card["train_rewards"]
+        rt.log(f"{cfg.method}: {rewards['count']} training samples, normalized reward mean {rewards['mean']:.3f} "
+               f"std {rewards['std']:.3f}" + (f"; {sum(r.reward > cfg.filter_threshold for r in dataset.train)} "
+                                              f"pass the filter R > {cfg.filter_threshold}" if cfg.method == "mle_filter" else ""))
+        model = build_model(model_cfg, "lm", rt.dims, rt.mesh, rt.device, seed=cfg.train.seed)
+        ckpt_root = rt.stage_dir / "checkpoints"
+        rt.log(initialize_weights(cfg.init, model, ckpt_root))
+        multiple = rt.dims.tp if rt.dims.sequence_parallel else 1
+        data = TrainData(dataset.train, dataset.val,
+                         lambda items: collate_rewarded(items, tokenizer.pad_id, multiple), seq_len=cfg.data.max_seq_len)
+        metadata = {"alignment": {"method": cfg.method, "dt_target": cfg.dt_target if cfg.method == "dt" else None,
+                                  "dataset": dataset.card}}
+        result = train(alignment_task(cfg), model, data, cfg.train, cfg.optim, cfg.logging, rt, usage,
+                       CheckpointSpec(ckpt_root, model_cfg, "lm", tokenizer_path, final_metadata=lambda _: metadata))
+        rt.log(f"{cfg.stage_name} done: {result.steps} steps, final checkpoint {result.checkpoint}; "
+               f"{dataset.card['tokens']['truncated']} of {dataset.card['examples']} samples truncated to "
+               f"{cfg.data.max_seq_len} tokens")
+        if rt.is_main:
+            write_atomic(rt.stage_dir / "DONE", f"{result.checkpoint}\n")
+    return 0
