@@ -24,6 +24,8 @@ STAGES = {
                   "build, train a few steps, checkpoint and reload (foundation smoke run)"),
     "sft": Stage("offline_rlhf.train.stages.sft", "offline_rlhf.config.stages:SFTConfig",
                  "supervised fine-tuning (paper Eq. 1) into run_dir/sft/"),
+    "generate": Stage("offline_rlhf.generation.stage", "offline_rlhf.config.stages:GenerateConfig",
+                      "the SFT model answers a mix of prompts (TP=1 replicas) into run_dir/generate/"),
     "align": Stage("offline_rlhf.train.stages.align", "offline_rlhf.config.stages:AlignConfig",
                    "offline alignment: method=mle_filter|rwr|dt (paper Eqs. 4-6) into run_dir/align_<method>/"),
     "convert": Stage("offline_rlhf.convert", "offline_rlhf.config.stages:ConvertConfig",

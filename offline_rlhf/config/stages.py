@@ -11,6 +11,7 @@ from typing import Optional
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
+from offline_rlhf.generation.config import GenerationConfig
 
 
 @dataclass
@@ -276,3 +277,49 @@ class AlignConfig:
     @property
     def stage_name(self) -> str:
         return f"align_{self.method}"
+
+
+@dataclass
+class PromptSourceConfig:
+    """Prompts for generation: kind `prompts` (a JSONL of {prompt_key: text}), `sft` or
+    `preference` (the prompts of a dataset read with that family's `format` reader)."""
+
+    name: str = ""
+    kind: str = "prompts"
+    format: str = "jsonl"
+    path: str = ""
+    weight: float = 1.0
+    prompt_key: str = "prompt"
+
+    def __post_init__(self):
+        if self.kind not in ("prompts", "sft", "preference"):
+            raise ConfigError(f"sources[{self.name or self.path}].kind", f"unknown kind {self.kind!r}",
+                              "use prompts, sft or preference")
+        if not self.path:
+            raise ConfigError(f"sources[{self.name or '?'}].path", "is required", "pass the file")
+
+
+@dataclass
+class GenerateConfig:
+    """`orlhf generate`: the SFT model answers prompts (paper step 3; greedy by default, TP=1
+    replicas each taking a disjoint shard) into `run_dir/generate/samples.jsonl`."""
+
+    run_dir: str = "runs/default"
+    init: InitConfig = field(default_factory=InitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sources: list[PromptSourceConfig] = field(default_factory=list)
+    total_prompts: Optional[int] = None  # None: every prompt of every source once
+    seed: int = 1234
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    max_prompt_tokens: int = 1024  # longer prompts lose their start (counted)
+    write_every: int = 64  # prompts per durable write (what a crash can lose)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ConfigError("sources", "is empty", "list at least one prompt source")
+        if not self.init.checkpoint:
+            raise ConfigError("init.checkpoint", "is required", "pass the SFT checkpoint to generate with")
+        if self.parallel.sequence_parallel or self.parallel.loss_parallel:
+            raise ConfigError("parallel.sequence_parallel", "generation needs replicated activations and logits",
+                              "turn sequence_parallel and loss_parallel off")

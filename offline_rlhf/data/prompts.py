@@ -1,0 +1,44 @@
+"""Prompts for generation, drawn from SFT data, preference data and user prompt files
+(no torch here). Each prompt keeps the name of the source it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from offline_rlhf.data.mixing import mix_sources
+from offline_rlhf.data.preference_readers import read_preference_source
+from offline_rlhf.data.records import iter_json_objects, require_text
+from offline_rlhf.data.sft_readers import read_sft_source
+from offline_rlhf.data.template import ChatTemplate
+
+PROMPT_KINDS = ("prompts", "sft", "preference")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: int  # position in the mixed prompt list; stable for a given config and seed
+    text: str  # the instruction (multi-turn history folded by the template)
+    source: str
+
+
+def read_prompt_file(path: str, prompt_key: str = "prompt") -> list[str]:
+    return [require_text(record, prompt_key, where) for where, record in iter_json_objects(path)]
+
+
+def read_prompts(kind: str, format: str, path: str, template: ChatTemplate, prompt_key: str = "prompt") -> list[str]:
+    """kind `prompts`: a JSONL file of {prompt_key: text}; kind `sft` / `preference`: the
+    prompts of a dataset read with that family's reader for `format`."""
+    if kind == "prompts":
+        return read_prompt_file(path, prompt_key)
+    if kind == "sft":
+        return [e.prompt for e in read_sft_source(format, path, template=template)]
+    if kind == "preference":
+        return [e.prompt for e in read_preference_source(format, path, template=template)]
+    raise ValueError(f"unknown prompt source kind {kind!r}; expected one of {PROMPT_KINDS}")
+
+
+def mix_prompts(sources: list[tuple[str, list[str], float]], total: int | None, seed: int) -> tuple[list[Prompt], dict]:
+    """Mix (name, prompts, weight) sources with `mix_sources` and number the result."""
+    tagged = [(name, [(name, text) for text in texts], weight) for name, texts, weight in sources]
+    mixed, stats = mix_sources(tagged, total, seed)
+    return [Prompt(index, text, name) for index, (name, text) in enumerate(mixed)], stats
