@@ -22,6 +22,8 @@ class Stage:
 STAGES = {
     "demo": Stage("offline_rlhf.demo", "offline_rlhf.config.stages:DemoConfig",
                   "build, train a few steps, checkpoint and reload (foundation smoke run)"),
+    "task": Stage("offline_rlhf.task_stage", "offline_rlhf.config.task:TaskConfig",
+                  "write the embedded gold-reward task (demo data, prompts, tokenizer) into run_dir/task/"),
     "sft": Stage("offline_rlhf.train.stages.sft", "offline_rlhf.config.stages:SFTConfig",
                  "supervised fine-tuning (paper Eq. 1) into run_dir/sft/"),
     "generate": Stage("offline_rlhf.generation.stage", "offline_rlhf.config.stages:GenerateConfig",
