@@ -1,0 +1,129 @@
+"""Generation throughput (new tokens/s) of our KV-cache engine against `transformers`'
+`generate`, on the same weights and prompts, measured in one run. Greedy, EOS disabled,
+so both produce batch x max_new_tokens tokens.
+
+    python benchmarks/generation_throughput.py                       # CPU default: a ~20M model
+    python benchmarks/generation_throughput.py --model 1b --new 256  # on a GPU (bf16)
+
+Prints tokens/s for each at every batch size and the ratio ours / transformers; on CUDA
+also our decode-step bandwidth (weight + KV-cache bytes read per step / step time) as a
+fraction of the device's peak memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from train_step_throughput import CPU_DEFAULT, hf_twin
+
+from offline_rlhf.config.compose import compose_stage
+from offline_rlhf.config.schema import ModelConfig
+from offline_rlhf.config.stages import DemoConfig
+from offline_rlhf.generation.config import GenerationConfig
+from offline_rlhf.generation.engine import generate
+from offline_rlhf.models.llama import Transformer
+
+PAD = 0
+# Peak HBM bandwidth by device-name fragment (first match wins), bytes/s.
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
+                  "A100": 1.555e12, "L40S": 0.864e12}
+
+
+def random_prompts(batch: int, min_len: int, max_len: int, vocab_size: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(min_len, max_len + 1, (batch,), generator=gen).tolist()
+    return [torch.randint(1, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+def ours_fn(model, prompts, new_tokens: int, device):
+    cfg = GenerationConfig(new_tokens, batch_size=len(prompts))
+    return lambda: generate(model, prompts, cfg, None, PAD, device)
+
+
+def hf_fn(model, prompts, new_tokens: int, device):
+    """Left-padded batch with an attention mask: transformers derives positions from it."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return lambda: model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=PAD)
+
+
+def best_seconds(fn, rounds: int, device) -> float:
+    fn()  # warm-up: allocator, kernels
+    times = []
+    for _ in range(rounds):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_bandwidth(model: Transformer, prompts, new_tokens: int, rounds: int, device) -> tuple[float, float]:
+    """(bytes/s, seconds) of one decode step: the step time is (t(new) - t(1)) / (new - 1),
+    which removes the prefill. Bytes: every weight once (the embedding table is only
+    gathered from, so it counts unless tied to the output), plus the KV cache at the mean
+    length over the decode steps."""
+    full = best_seconds(ours_fn(model, prompts, new_tokens, device), rounds, device)
+    prefill = best_seconds(ours_fn(model, prompts, 1, device), rounds, device)
+    step = (full - prefill) / (new_tokens - 1)
+    cfg, itemsize = model.cfg, next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    mean_len = max(map(len, prompts)) + new_tokens / 2
+    kv = 2 * cfg.n_layers * len(prompts) * cfg.kv_heads * cfg.resolved_head_dim * mean_len
+    return (weights + kv) * itemsize / step, step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a conf/model name (default: a ~20M CPU model)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--prompt", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"),
+                        help="prompt lengths are drawn uniformly from this range")
+    parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg: ModelConfig = CPU_DEFAULT if args.model is None else compose_stage(
+        "demo", DemoConfig, [f"model={args.model}", "seq_len=8"]).model
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    ours = Transformer(cfg)
+    ours.init_weights()
+    theirs = hf_twin(ours).to(device, dtype).eval()
+    ours = ours.to(device, dtype).eval()
+
+    print(f"device={device} model={cfg.name} params={cfg.num_params() / 1e6:.1f}M dtype={dtype} "
+          f"prompt_len={args.prompt[0]}-{args.prompt[1]} new_tokens={args.new} torch={torch.__version__}")
+    for batch in args.batch:
+        prompts = random_prompts(batch, *args.prompt, cfg.vocab_size)
+        seconds = {"ours": best_seconds(ours_fn(ours, prompts, args.new, device), args.rounds, device),
+                   "transformers": best_seconds(hf_fn(theirs, prompts, args.new, device), args.rounds, device)}
+        for name, value in seconds.items():
+            print(f"batch={batch:3d} {name:>13}: {batch * args.new / value:10.1f} new tokens/s  ({value:.3f} s)")
+        print(f"batch={batch:3d} ratio ours/transformers: {seconds['transformers'] / seconds['ours']:.3f}")
+        if device.type == "cuda":
+            print_roofline(ours, prompts, args, device)
+
+
+def print_roofline(model, prompts, args, device) -> None:
+    bandwidth, step = decode_bandwidth(model, prompts, args.new, args.rounds, device)
+    name = torch.cuda.get_device_name(device)
+    peak = next((value for key, value in PEAK_BANDWIDTH.items() if key in name), None)
+    line = f"batch={len(prompts):3d} decode step {step * 1e3:.2f} ms, {bandwidth / 1e12:.2f} TB/s"
+    print(line + (f" = {bandwidth / peak:.1%} of {name} peak {peak / 1e12:.2f} TB/s" if peak else f" ({name}: peak unknown)"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""top-k and top-p on constructed distributions whose allowed sets are known exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.generation.config import GenerationConfig
+from offline_rlhf.generation.sampling import sample_next
+from offline_rlhf.generation.sharding import shard_indices
+
+DRAWS = 5000
+VOCAB = 32
+
+
+def draws(logits: torch.Tensor, cfg: GenerationConfig) -> set[int]:
+    """Tokens from DRAWS samples of one distribution (logits [V], repeated as a batch)."""
+    generator = torch.Generator().manual_seed(0)
+    return set(sample_next(logits.expand(DRAWS, -1), cfg, generator).tolist())
+
+
+def constructed_logits(probs: list[float]) -> tuple[torch.Tensor, list[int]]:
+    """Logits [VOCAB] giving `probs` (descending) to shuffled token ids and the remaining
+    mass evenly to the rest; also the token ids in descending probability."""
+    ranked = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(3)).tolist()
+    rest = (1 - sum(probs)) / (VOCAB - len(probs))
+    full = torch.full((VOCAB,), rest)
+    full[ranked[:len(probs)]] = torch.tensor(probs)
+    return full.log(), ranked
+
+
+def test_greedy_is_argmax():
+    logits, ranked = constructed_logits([0.3, 0.2])
+    assert sample_next(logits[None], GenerationConfig()).tolist() == [ranked[0]]
+
+
+def test_top_k_draws_only_the_k_most_likely():
+    logits, ranked = constructed_logits([0.12, 0.11, 0.1, 0.09, 0.08])
+    assert draws(logits, GenerationConfig(greedy=False, top_k=5)) == set(ranked[:5])
+
+
+@pytest.mark.parametrize("top_p, nucleus", [(0.8, 3), (0.5, 1), (0.95, 4)])
+def test_top_p_draws_only_the_nucleus(top_p, nucleus):
+    # Cumulative mass 0.5, 0.75, 0.9, 0.96: the nucleus is the shortest prefix reaching top_p.
+    logits, ranked = constructed_logits([0.5, 0.25, 0.15, 0.06])
+    assert draws(logits, GenerationConfig(greedy=False, top_p=top_p)) == set(ranked[:nucleus])
+
+
+def test_top_k_then_top_p_and_temperature():
+    # top_k=3 renormalizes 0.4/0.3/0.2 to 0.44/0.33/0.22; top_p=0.7 then needs two tokens.
+    logits, ranked = constructed_logits([0.4, 0.3, 0.2, 0.05])
+    assert draws(logits, GenerationConfig(greedy=False, top_k=3, top_p=0.7)) == set(ranked[:2])
+    assert draws(logits, GenerationConfig(greedy=False, temperature=1e-3)) == {ranked[0]}
+
+
+def test_same_generator_seed_same_tokens():
+    logits = torch.randn(64, VOCAB, generator=torch.Generator().manual_seed(0))
+    cfg = GenerationConfig(greedy=False)
+
+    def sample(seed):
+        return sample_next(logits, cfg, torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+
+
+@pytest.mark.parametrize("n_items, world", [(10, 3), (2, 4), (0, 2), (8, 1)])
+def test_shards_are_disjoint_balanced_and_ordered(n_items, world):
+    shards = [list(shard_indices(n_items, rank, world)) for rank in range(world)]
+    assert sum(shards, []) == list(range(n_items))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.parametrize("field, value", [("max_new_tokens", 0), ("temperature", 0.0), ("top_p", 0.0),
+                                          ("top_p", 1.5), ("top_k", -1), ("batch_size", 0)])
+def test_config_rejects(field, value):
+    with pytest.raises(ConfigError, match=f"generation.{field}"):
+        GenerationConfig(**{field: value})
