@@ -6,13 +6,17 @@ RUN_DIR ?= runs/demo
 
 .PHONY: demo test setup clean-venv
 
-$(BIN)/.installed-%: pyproject.toml scripts/setup_env.sh
-	bash scripts/setup_env.sh $(VENV) $*
+$(BIN)/.installed-base: pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV)
+	touch $@
+
+$(BIN)/.installed-test: pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV) test
 	touch $@
 
 setup: $(BIN)/.installed-test
 
-demo: $(BIN)/.installed-plot
+demo: $(BIN)/.installed-base
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 -m offline_rlhf.cli demo parallel=tp2 run_dir=$(RUN_DIR)
 	@echo "demo: outputs in $(RUN_DIR)/demo, device-hours in $(RUN_DIR)/ledger.jsonl"
 

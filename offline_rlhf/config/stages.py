@@ -323,3 +323,120 @@ class GenerateConfig:
         if self.parallel.sequence_parallel or self.parallel.loss_parallel:
             raise ConfigError("parallel.sequence_parallel", "generation needs replicated activations and logits",
                               "turn sequence_parallel and loss_parallel off")
+
+
+NORMALIZATIONS = ("labeled_set", "rm_stats")
+
+
+@dataclass
+class LabelInputConfig:
+    """Samples to label: kind `generated` (the `orlhf generate` samples: prompt, response),
+    `sft` (human responses of an SFT dataset, read with `format`) or `preference` (both
+    the chosen and the rejected response of every pair)."""
+
+    name: str = ""
+    kind: str = "generated"
+    format: str = "jsonl"
+    path: str = ""
+    max_samples: Optional[int] = None  # a seeded subset; None: all
+
+    def __post_init__(self):
+        if self.kind not in ("generated", "sft", "preference"):
+            raise ConfigError(f"inputs[{self.name or self.path}].kind", f"unknown kind {self.kind!r}",
+                              "use generated, sft or preference")
+        if not self.path:
+            raise ConfigError(f"inputs[{self.name or '?'}].path", "is required", "pass the file")
+
+
+@dataclass
+class LabelConfig:
+    """`orlhf label`: the reward model scores every sample (`reward_raw`) and rewards are
+    z-score normalized (`reward`) by the statistics of the labeled set or those stored in
+    the RM checkpoint, into `run_dir/label/labeled.jsonl`."""
+
+    run_dir: str = "runs/default"
+    rm: str = ""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    inputs: list[LabelInputConfig] = field(default_factory=list)
+    normalization: str = "labeled_set"
+    batch_size: int = 16
+    seed: int = 1234
+
+    def __post_init__(self):
+        if not self.rm:
+            raise ConfigError("rm", "is required", "pass the reward-model checkpoint (orlhf rm output)")
+        if not self.inputs:
+            raise ConfigError("inputs", "is empty", "list the samples to label")
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError("normalization", f"unknown choice {self.normalization!r}",
+                              f"use one of {', '.join(NORMALIZATIONS)}")
+
+
+@dataclass
+class MixWeights:
+    """Shares of the alignment dataset; the paper: one third generated, two thirds from
+    the SFT and RM datasets (33.3k + 66.6k of 100k)."""
+
+    generated: float = 1.0
+    sft: float = 1.0
+    preference: float = 1.0  # samples, drawn as whole pairs (chosen and rejected)
+
+
+@dataclass
+class MixConfig:
+    """`orlhf mix`: the reward-labeled alignment dataset `run_dir/mix/alignment.jsonl`."""
+
+    run_dir: str = "runs/default"
+    input: str = ""
+    total: Optional[int] = None  # samples; None: every generated sample plus its weight's share of the rest
+    weights: MixWeights = field(default_factory=MixWeights)
+    seed: int = 1234
+
+    def __post_init__(self):
+        if not self.input:
+            raise ConfigError("input", "is required", "pass the labeled samples written by `orlhf label`")
+        if min(self.weights.generated, self.weights.sft, self.weights.preference) < 0:
+            raise ConfigError("weights", "must be >= 0")
+        if self.total is not None and self.total < 1:
+            raise ConfigError("total", f"must be >= 1 or null, got {self.total}")
+
+
+@dataclass
+class EvalModelConfig:
+    """A model to evaluate. `reward_prompt` set: the Decision-Transformer prompt
+    `<rm_score> a.b` with that target score follows the assistant tag."""
+
+    name: str = ""
+    checkpoint: str = ""
+    reward_prompt: Optional[float] = None
+
+
+@dataclass
+class EvalConfig:
+    """`orlhf eval`: each model answers held-out prompts; the answers are scored by the gold
+    reward (when the prompts have one) and by the reward model, into `run_dir/eval/`."""
+
+    run_dir: str = "runs/default"
+    prompts: str = ""
+    prompt_key: str = "prompt"
+    models: list[EvalModelConfig] = field(default_factory=list)
+    baseline: str = "sft"  # win rates are against this model
+    rm: str = ""  # "" skips reward-model scoring
+    gold: str = ""  # "embedded_task": score with the embedded task's gold reward
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=64))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    batch_size: int = 32  # reward-model scoring batch
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ConfigError("prompts", "is required", "pass a JSONL of held-out prompts")
+        if not self.models:
+            raise ConfigError("models", "is empty", "list the checkpoints to evaluate")
+        names = [m.name for m in self.models]
+        if self.baseline not in names:
+            raise ConfigError("baseline", f"{self.baseline!r} is not among the models {names}", "name one of them")
+        if self.gold not in ("", "embedded_task"):
+            raise ConfigError("gold", f"unknown gold reward {self.gold!r}", "use embedded_task or leave it empty")
+        if not self.rm and not self.gold:
+            raise ConfigError("rm", "nothing would score the answers", "pass rm=CKPT and/or gold=embedded_task")

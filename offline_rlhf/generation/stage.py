@@ -74,7 +74,7 @@ def answer(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, templat
     for prompt, tokens, cut in zip(prompts, outputs, truncated):
         finished = bool(tokens) and tokens[-1] == tokenizer.eos_id
         records.append({"schema": SCHEMA_VERSION, "id": prompt.id, "prompt": prompt.text,
-                        "response": tokenizer.decode(tokens[:-1] if finished else tokens), "source": prompt.source,
+                        "response": tokenizer.decode(tokens[:-1] if finished else tokens).strip(), "source": prompt.source,
                         "model": model_name, "gen_config": asdict(cfg.generation), "finished": finished,
                         "response_tokens": len(tokens), "prompt_truncated": cut})
     return records, sum(map(len, outputs))

@@ -1,0 +1,122 @@
+"""`orlhf eval`: every model answers the held-out prompts (greedy; Decision-Transformer
+models behind their reward prompt at the target score); answers are scored by the gold
+reward and/or the reward model; `results.md`/`results.json` hold mean, standard error and
+win rate against the baseline (SFT) for each model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import torch.distributed as dist
+
+from offline_rlhf.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from offline_rlhf.config.stages import EvalConfig, EvalModelConfig
+from offline_rlhf.data.prompts import read_prompt_file
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.eval.stats import mean_and_stderr, win_rate
+from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.generation.engine import generate
+from offline_rlhf.generation.sharding import shard_indices
+from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
+from offline_rlhf.parallel.parallelize import build_model
+from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.tokenizer import Tokenizer
+
+STAGE = "eval"
+RESULTS = "results.json"
+
+
+def answer_prompts(model_cfg: EvalModelConfig, prompts: list[str], cfg: EvalConfig, rt: Runtime) -> list[str]:
+    """The model's answers to every prompt, in order, on every rank (DP replicas split them)."""
+    path = resolve_checkpoint(model_cfg.checkpoint, f"models[{model_cfg.name}].checkpoint")
+    meta = read_meta(path)
+    tokenizer = Tokenizer.from_dir(path / "tokenizer")
+    model = build_model(meta.model, "lm", rt.dims, rt.mesh, rt.device)
+    load_checkpoint(path, model)
+    model.eval()
+    template = ChatTemplate(**asdict(cfg.template))
+    prefix = "" if model_cfg.reward_prompt is None else template.reward_prompt(model_cfg.reward_prompt)
+    replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
+    mine = shard_indices(len(prompts), replica, rt.dims.dp)
+    budget = meta.model.max_seq_len - cfg.generation.max_new_tokens
+    encoded = [encode_prompt(tokenizer, template, prompts[i], prefix)[-budget:] for i in mine]
+    outputs = generate(model, encoded, cfg.generation, tokenizer.eos_id, tokenizer.pad_id, rt.device)
+    answers = [tokenizer.decode(t[:-1] if t and t[-1] == tokenizer.eos_id else t).strip() for t in outputs]
+    return _gather_blocks(answers, rt)
+
+
+def _gather_blocks(mine: list[str], rt: Runtime) -> list[str]:
+    """Concatenate the replicas' contiguous blocks in rank order (= prompt order)."""
+    if rt.dims.dp == 1:
+        return mine
+    blocks: list[list[str]] = [None] * rt.dims.dp  # type: ignore[list-item]
+    dist.all_gather_object(blocks, mine, group=rt.mesh.get_group("dp"))
+    return [answer for block in blocks for answer in block]
+
+
+def gold_scores(kind: str, prompts: list[str], answers: list[str]) -> list[float] | None:
+    if kind != "embedded_task":
+        return None
+    from offline_rlhf.data.embedded_task import gold_reward
+
+    return [gold_reward(p, a) for p, a in zip(prompts, answers)]
+
+
+def summarize(scores: dict[str, dict[str, list[float]]], baseline: str) -> dict[str, dict]:
+    """Per model and scorer: mean, standard error and win rate against the baseline."""
+    table = {}
+    for name, by_scorer in scores.items():
+        row = {}
+        for scorer, values in by_scorer.items():
+            mean, stderr = mean_and_stderr(values)
+            row[scorer] = {"mean": mean, "stderr": stderr, "n": len(values),
+                           "win_rate_vs_" + baseline: win_rate(values, scores[baseline][scorer])}
+        table[name] = row
+    return table
+
+
+def results_markdown(table: dict[str, dict], baseline: str) -> str:
+    scorers = list(next(iter(table.values())))
+    header = " | ".join(f"{s} mean ± s.e. | {s} win rate vs {baseline}" for s in scorers)
+    lines = [f"| model | {header} |", "|---|" + "---:|---:|" * len(scorers)]
+    for name, row in table.items():
+        cells = " | ".join(f"{row[s]['mean']:.3f} ± {row[s]['stderr']:.3f} | {row[s]['win_rate_vs_' + baseline]:.2f}"
+                           for s in scorers)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: EvalConfig) -> int:
+    first = read_meta(resolve_checkpoint(cfg.models[0].checkpoint, f"models[{cfg.models[0].name}].checkpoint")).model
+    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, first, cfg) as (rt, usage):
+        prompts = read_prompt_file(cfg.prompts, cfg.prompt_key)
+        answers = {}
+        for model_cfg in cfg.models:
+            rt.log(f"eval: {model_cfg.name} answers {len(prompts)} prompts"
+                   + (f" (reward prompt {model_cfg.reward_prompt})" if model_cfg.reward_prompt is not None else ""))
+            answers[model_cfg.name] = answer_prompts(model_cfg, prompts, cfg, rt)
+        scores = {name: {} for name in answers}
+        for name, texts in answers.items():
+            gold = gold_scores(cfg.gold, prompts, texts)
+            if gold is not None:
+                scores[name]["gold"] = gold
+        if cfg.rm:
+            rm, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
+            template, max_len = scoring_setup(metadata, rm.cfg)
+            for name, texts in answers.items():
+                scores[name]["rm"] = score_texts(rm, tokenizer, template, list(zip(prompts, texts)), cfg.batch_size,
+                                                 rt, max_len)
+        table = summarize(scores, cfg.baseline)
+        usage.tokens = sum(len(t) for texts in answers.values() for t in texts)
+        if rt.is_main:
+            for name, texts in answers.items():
+                write_jsonl(rt.stage_dir / f"answers_{name}.jsonl",
+                            [{"prompt": p, "response": a, **{s: scores[name][s][i] for s in scores[name]}}
+                             for i, (p, a) in enumerate(zip(prompts, texts))])
+            write_atomic(rt.stage_dir / RESULTS, json.dumps({"baseline": cfg.baseline, "table": table}, indent=2))
+            write_atomic(rt.stage_dir / "results.md", results_markdown(table, cfg.baseline))
+            write_atomic(rt.stage_dir / "DONE", f"{rt.stage_dir / RESULTS}\n")
+            rt.log("eval results:\n" + results_markdown(table, cfg.baseline))
+    return 0

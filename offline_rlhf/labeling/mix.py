@@ -1,0 +1,96 @@
+"""`orlhf mix`: the alignment dataset from reward-labeled generated and human samples
+(paper step 3: 33.3k generated + 66.6k from the SFT and RM datasets), with a card."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from offline_rlhf.config.schema import ParallelConfig
+from offline_rlhf.config.stages import MixConfig
+from offline_rlhf.data.mixing import mix_sources
+from offline_rlhf.data.records import iter_json_objects
+from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.runtime import stage_runtime
+
+STAGE = "mix"
+ALIGNMENT = "alignment.jsonl"
+GROUPS = ("generated", "sft", "preference")
+
+
+def group_of(record: dict) -> str:
+    return "preference" if record["kind"] in ("chosen", "rejected") else record["kind"]
+
+
+def units_by_group(records: list[dict]) -> dict[str, list[tuple[dict, ...]]]:
+    """Draw units per group: single samples, or (chosen, rejected) for a preference pair,
+    so both sides of a pair are always taken together."""
+    units: dict[str, list[tuple[dict, ...]]] = {group: [] for group in GROUPS}
+    pairs: dict[tuple[str, int], list[dict]] = {}
+    for record in records:
+        if group_of(record) == "preference":
+            pairs.setdefault((record["source"], record["pair"]), []).append(record)
+        else:
+            units[group_of(record)].append((record,))
+    units["preference"] = [tuple(sides) for sides in pairs.values()]
+    return units
+
+
+def draw(cfg: MixConfig, records: list[dict]) -> tuple[list[dict], dict]:
+    """Samples in the configured shares. A preference unit holds two samples, so its
+    weight counts half per unit; `total=None` keeps every generated sample."""
+    units = units_by_group(records)
+    weights = {"generated": cfg.weights.generated, "sft": cfg.weights.sft, "preference": cfg.weights.preference / 2}
+    present = [g for g in GROUPS if units[g] and weights[g] > 0]
+    if not present:
+        raise ValueError(f"{cfg.input}: no samples in any group with a positive weight")
+    total_units = _total_units(cfg, units, weights, present)
+    mixed, stats = mix_sources([(g, units[g], weights[g]) for g in present], total_units, cfg.seed)
+    return [record for unit in mixed for record in unit], stats
+
+
+def _total_units(cfg: MixConfig, units, weights, present) -> int:
+    weight_sum = sum(weights[g] for g in present)
+    if cfg.total is not None:
+        # Convert the sample total into units: preference units are worth two samples.
+        sample_weight = sum(weights[g] * (2 if g == "preference" else 1) for g in present)
+        return max(1, round(cfg.total * weight_sum / sample_weight))
+    if "generated" not in present:
+        return sum(len(units[g]) for g in present)
+    return round(len(units["generated"]) * weight_sum / weights["generated"])
+
+
+def card(records: list[dict], stats: dict, cfg: MixConfig) -> dict:
+    by_source: dict[str, list[float]] = {}
+    for record in records:
+        by_source.setdefault(f"{record['source']}:{record['kind']}", []).append(record["reward"])
+    rewards = {name: {"count": len(values), "mean": statistics.fmean(values),
+                      "std": statistics.pstdev(values)} for name, values in sorted(by_source.items())}
+    return {"input": cfg.input, "samples": len(records), "groups": stats, "rewards_by_source": rewards,
+            "weights": {"generated": cfg.weights.generated, "sft": cfg.weights.sft,
+                        "preference": cfg.weights.preference}, "seed": cfg.seed}
+
+
+def card_markdown(summary: dict) -> str:
+    lines = ["# Alignment dataset card", "", f"{summary['samples']} samples from `{summary['input']}`", "",
+             "| group | available units | taken units | repeated |", "|---|---:|---:|---:|"]
+    lines += [f"| {g} | {s['available']} | {s['taken']} | {s['repeated']} |" for g, s in summary["groups"].items()]
+    lines += ["", "| source:kind | samples | mean reward | std |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {r['count']} | {r['mean']:.3f} | {r['std']:.3f} |"
+              for name, r in summary["rewards_by_source"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: MixConfig) -> int:
+    """Selection and bookkeeping only: one process, no model (its ledger row is tiny)."""
+    with stage_runtime(STAGE, cfg.run_dir, ParallelConfig(), None, cfg) as (rt, usage):
+        records = [record for _, record in iter_json_objects(cfg.input)]
+        mixed, stats = draw(cfg, records)
+        summary = card(mixed, stats, cfg)
+        write_jsonl(rt.stage_dir / ALIGNMENT, mixed)
+        write_atomic(rt.stage_dir / "dataset_card.json", json.dumps(summary, indent=2))
+        write_atomic(rt.stage_dir / "dataset_card.md", card_markdown(summary))
+        write_atomic(rt.stage_dir / "DONE", f"{rt.stage_dir / ALIGNMENT}\n")
+        groups = ", ".join(f"{g} {s['taken']}" + (" pairs" if g == "preference" else "") for g, s in stats.items())
+        rt.log(f"mix done: {len(mixed)} samples ({groups}) in {rt.stage_dir / ALIGNMENT}")
+    return 0
