@@ -1,0 +1,116 @@
+"""`orlhf label` and `orlhf mix` on the embedded task with a small reward model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+from offline_rlhf.cli import main
+from offline_rlhf.config.schema import ModelConfig
+from offline_rlhf.labeling.scoring import REWARD_STATS
+from offline_rlhf.models.llama import Transformer
+from tests.fixtures import REPO_ROOT
+
+RM_CONFIG = ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def task_run(tmp_path_factory):
+    """A small embedded task and two random reward models: with and without stored statistics."""
+    run_dir = tmp_path_factory.mktemp("label_run")
+    assert main(["task", f"run_dir={run_dir}", "n_sft=60", "n_preferences=30", "n_gen_prompts=20",
+                 "n_eval_prompts=10"]) == 0
+    torch.manual_seed(0)
+    model = Transformer(RM_CONFIG, head="value")
+    model.init_weights()
+    for name, metadata in (("rm_plain", {}), ("rm_stats", {REWARD_STATS: {"mean": 0.5, "std": 2.0, "count": 9}})):
+        save_checkpoint(run_dir / name, model, CheckpointMeta(model=RM_CONFIG, head="value",
+                                                              train_state=TrainState(), metadata=metadata),
+                        tokenizer_dir=run_dir / "task" / "tokenizer")
+    return run_dir
+
+
+def label_args(run_dir, out, rm="rm_plain", *extra):
+    task = run_dir / "task"
+    return ["label", f"run_dir={out}", f"rm={run_dir / rm}",
+            f"inputs=[{{name: gen, kind: generated, path: {task}/sft.jsonl, max_samples: 20}},"
+            f" {{name: demos, kind: sft, format: jsonl, path: {task}/sft.jsonl}},"
+            f" {{name: pairs, kind: preference, format: jsonl, path: {task}/preferences.jsonl}}]", *extra]
+
+
+def labeled(out):
+    return [json.loads(line) for line in (out / "label" / "labeled.jsonl").read_text().splitlines()]
+
+
+def test_self_normalized_rewards_have_mean_0_std_1(task_run, tmp_path):
+    assert main(label_args(task_run, tmp_path)) == 0
+    records = labeled(tmp_path)
+    assert len(records) == 20 + 60 + 2 * 30
+    rewards = torch.tensor([r["reward"] for r in records], dtype=torch.float64)
+    assert abs(rewards.mean().item()) < 1e-9 and abs(rewards.std(unbiased=False).item() - 1) < 1e-9
+    meta = json.loads((tmp_path / "label" / "labels_meta.json").read_text())
+    raw = torch.tensor([r["reward_raw"] for r in records], dtype=torch.float64)
+    assert meta["normalization"] == "labeled_set" and abs(meta["stats"]["mean"] - raw.mean().item()) < 1e-9
+    assert (tmp_path / "label" / "reward_histogram.png").stat().st_size > 10_000
+    assert {r["kind"] for r in records} == {"generated", "sft", "chosen", "rejected"}
+
+
+def test_stored_statistics_are_used_and_missing_ones_are_an_error(task_run, tmp_path, capsys):
+    assert main(label_args(task_run, tmp_path / "stored", "rm_stats", "normalization=rm_stats")) == 0
+    for record in labeled(tmp_path / "stored"):
+        assert abs(record["reward"] - (record["reward_raw"] - 0.5) / 2.0) < 1e-9
+    assert main(label_args(task_run, tmp_path / "missing", "rm_plain", "normalization=rm_stats")) == 2
+    assert "normalization: rm_stats asked for, but the reward model" in capsys.readouterr().err
+
+
+def test_tp2_labels_equal_tp1(task_run, tmp_path):
+    assert main(label_args(task_run, tmp_path / "tp1")) == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "offline_rlhf.cli", *label_args(task_run, tmp_path / "tp2", "rm_plain",
+                                                                    "parallel.tp=2")],
+                            cwd=REPO_ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    for one, two in zip(labeled(tmp_path / "tp1"), labeled(tmp_path / "tp2"), strict=True):
+        assert (one["prompt"], one["response"]) == (two["prompt"], two["response"])
+        assert abs(one["reward_raw"] - two["reward_raw"]) < 1e-5
+
+
+def mix(task_run, out, *extra):
+    assert main(["mix", f"run_dir={out}", f"input={task_run / 'labeled' / 'label' / 'labeled.jsonl'}", *extra]) == 0
+    return [json.loads(line) for line in (out / "mix" / "alignment.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def labeled_set(task_run):
+    assert main(label_args(task_run, task_run / "labeled")) == 0
+
+
+def test_mix_default_is_one_third_generated_with_whole_pairs(task_run, labeled_set, tmp_path):
+    records = mix(task_run, tmp_path)
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("generated") == 20 and len(records) == 60  # all 20 generated = one third
+    assert kinds.count("sft") == 20 and kinds.count("chosen") == kinds.count("rejected") == 10
+    pairs = {}
+    for r in records:
+        if r["kind"] in ("chosen", "rejected"):
+            pairs.setdefault(r["pair"], set()).add(r["kind"])
+    assert all(sides == {"chosen", "rejected"} for sides in pairs.values())
+    card = json.loads((tmp_path / "mix" / "dataset_card.json").read_text())
+    assert card["samples"] == 60 and set(card["rewards_by_source"]) == {"gen:generated", "demos:sft", "pairs:chosen",
+                                                                       "pairs:rejected"}
+
+
+def test_mix_counts_ratios_and_determinism(task_run, labeled_set, tmp_path):
+    records = mix(task_run, tmp_path / "a", "total=40", "weights.generated=1", "weights.sft=2", "weights.preference=1")
+    kinds = [r["kind"] for r in records]
+    assert len(records) == 40 and kinds.count("generated") == 10 and kinds.count("sft") == 20
+    assert kinds.count("chosen") == kinds.count("rejected") == 5
+    again = mix(task_run, tmp_path / "b", "total=40", "weights.generated=1", "weights.sft=2", "weights.preference=1")
+    assert again == records
+    other = mix(task_run, tmp_path / "c", "total=40", "weights.generated=1", "weights.sft=2", "weights.preference=1",
+                "seed=7")
+    assert other != records
