@@ -12,7 +12,8 @@ from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample
 from offline_rlhf.labeling.scoring import score_sequences
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.train.loop import train_step
-from offline_rlhf.train.stages.rm import collate_pairs, rm_task
+from offline_rlhf.parallel.state_dict import gather_full_state_dict
+from offline_rlhf.train.stages.rm import collate_pairs, init_value_head, rm_task
 from tests.distributed.launch import run_distributed
 from tests.fixtures import TINY, parallel_copy, reference_model, runtime_for
 
@@ -77,3 +78,17 @@ def test_rm_train_step_matches_single_process(tmp_path, parallel):
         assert abs(metrics["grad_norm"] - ref_metrics["grad_norm"]) < 1e-4
         for name, weight in ref_weights.items():
             torch.testing.assert_close(weights[name], weight, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def _value_head(rank, world_size, parallel):
+    model, _, _ = parallel_copy(reference_model(TINY, "value"), world_size, **parallel)
+    init_value_head(model, seed=7)
+    return gather_full_state_dict(model, cpu=False)["score.weight"]  # cpu=True fills rank 0 only
+
+
+@pytest.mark.parametrize("parallel", LAYOUTS[::2], ids=IDS[::2])
+def test_new_value_head_is_the_same_under_every_layout(tmp_path, parallel):
+    single = reference_model(TINY, "value")
+    init_value_head(single, seed=7)
+    for weight in run_distributed(_value_head, 2, tmp_path, parallel):
+        assert torch.equal(weight, single.score.weight.detach())

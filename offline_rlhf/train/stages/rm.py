@@ -18,6 +18,7 @@ from offline_rlhf.labeling.scoring import (REWARD_STATS, load_reward_model, rewa
                                            scoring_metadata, sequence_rewards)
 from offline_rlhf.losses.reward import bradley_terry_loss
 from offline_rlhf.parallel.parallelize import build_model
+from offline_rlhf.parallel.state_dict import load_full_state_dict
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.train.batching import collate_sequences, real_tokens
 from offline_rlhf.train.init import initialize_weights, load_tokenizer, model_config
@@ -46,6 +47,14 @@ def rm_task(margin: float = 0.0) -> Task:
     return Task(loss=loss, normalizer=pair_count, tokens=real_tokens)
 
 
+def init_value_head(model, seed: int) -> None:
+    """Normal(0, init_std) for `score.weight` from a CPU generator seeded with `seed`, so the
+    new head (which an SFT checkpoint lacks) is the same under every TP/DP layout; the
+    seeded init of a parallelized model draws its random numbers layout by layout."""
+    weight = torch.randn((1, model.cfg.dim), generator=torch.Generator().manual_seed(seed)) * model.cfg.init_std
+    load_full_state_dict(model, {"score.weight": weight}, strict=False)
+
+
 def validation_reward_stats(pairs: list[PreferencePair], pad_id: int, batch_size: int, rt: Runtime):
     """The `final_metadata` callback: mean and std of the rewards of every validation
     response, chosen and rejected, for the z-score normalization of labeling."""
@@ -71,7 +80,8 @@ def train_reward_model(cfg: RMConfig) -> int:
             write_dataset_card(dataset.card, rt.stage_dir)
         model = build_model(model_cfg, "value", rt.dims, rt.mesh, rt.device, seed=cfg.train.seed)
         ckpt_root = rt.stage_dir / "checkpoints"
-        # partial: an SFT checkpoint has no `score.weight` (kept from the seeded init) and
+        init_value_head(model, cfg.train.seed)
+        # partial: an SFT checkpoint has no `score.weight` (kept from `init_value_head`) and
         # its `output.weight` is simply not requested by the value-head model.
         rt.log(initialize_weights(cfg.init, model, ckpt_root, partial=True))
         collate = partial(collate_pairs, pad_id=tokenizer.pad_id, multiple_of=_multiple(rt))
