@@ -9,6 +9,8 @@ import time
 
 from launcher.plan import STAGE_MODULE, StagePlan
 
+DONE = "DONE"  # every stage writes it last, once its outputs are complete
+
 
 def local_command(plan: StagePlan, python: str) -> list[str]:
     """torchrun for several processes (`--standalone` picks a free port, so two local runs
@@ -19,15 +21,28 @@ def local_command(plan: StagePlan, python: str) -> list[str]:
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.procs_per_node}", *stage]
 
 
+def is_complete(plan: StagePlan) -> bool:
+    """The stage wrote its DONE marker last, under the same resolved config."""
+    config = plan.stage_dir / "config.yaml"
+    return (plan.stage_dir / DONE).exists() and config.exists() and \
+        config.read_text().strip() == plan.config_yaml.strip()
+
+
 def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:
-    """Stops at the first failing stage; each stage's output goes to `<stage>/launch.log`."""
+    """Stops at the first failing stage; each stage's output goes to `<stage>/launch.log`.
+    A rerun skips the stages already complete with the same config, so it resumes after
+    a failure; a stage that runs again loses its DONE marker first."""
     for index, plan in enumerate(plans, 1):
         command = local_command(plan, python)
         log = plan.stage_dir / "launch.log"
+        if is_complete(plan):
+            print(f"[{index}/{len(plans)}] {plan.name}: already complete, skipped", flush=True)
+            continue
         print(f"[{index}/{len(plans)}] {plan.name}: {shlex.join(command)}", flush=True)
         if dry_run:
             continue
         plan.stage_dir.mkdir(parents=True, exist_ok=True)
+        (plan.stage_dir / DONE).unlink(missing_ok=True)
         (plan.stage_dir / "config.yaml").write_text(plan.config_yaml)
         start = time.monotonic()
         with open(log, "w") as handle:

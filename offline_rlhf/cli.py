@@ -36,6 +36,8 @@ STAGES = {
                    "offline alignment: method=mle_filter|rwr|dt (paper Eqs. 4-6) into run_dir/align_<method>/"),
     "eval": Stage("offline_rlhf.eval.stage", "offline_rlhf.config.stages:EvalConfig",
                   "held-out answers of each model scored by the gold reward and the RM into run_dir/eval/"),
+    "report": Stage("offline_rlhf.eval.report", "offline_rlhf.config.stages:ReportConfig",
+                    "report.md / report.json: evaluation, reward distribution, device-hours per method"),
     "convert": Stage("offline_rlhf.convert", "offline_rlhf.config.stages:ConvertConfig",
                      "import_hf / export_hf: Hugging Face checkpoint conversion", positional="action"),
     "launch": Stage("launcher.cli", "", "run a pipeline locally or as chained Slurm jobs"),

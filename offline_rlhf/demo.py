@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from offline_rlhf.checkpoint import CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from offline_rlhf.config.stages import DemoConfig
-from offline_rlhf.fsutil import write_jsonl
+from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.parallel.grad import clip_grad_norm_
 from offline_rlhf.parallel.parallelize import build_model, loss_context
 from offline_rlhf.runtime import Runtime, stage_runtime
@@ -72,4 +72,6 @@ def main(cfg: DemoConfig) -> int:
         rt.log(f"saved {saved}; reloaded into a fresh model: max |logit difference| = {diff:.3g}")
         if diff != 0.0:
             raise RuntimeError(f"reloaded checkpoint {saved} gives different logits (max difference {diff})")
+        if rt.is_main:
+            write_atomic(rt.stage_dir / "DONE", f"{saved}\n")
     return 0

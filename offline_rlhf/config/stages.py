@@ -440,3 +440,10 @@ class EvalConfig:
             raise ConfigError("gold", f"unknown gold reward {self.gold!r}", "use embedded_task or leave it empty")
         if not self.rm and not self.gold:
             raise ConfigError("rm", "nothing would score the answers", "pass rm=CKPT and/or gold=embedded_task")
+
+
+@dataclass
+class ReportConfig:
+    """`orlhf report`: `run_dir/report.md` and `report.json` from what the stages wrote."""
+
+    run_dir: str = "runs/default"
