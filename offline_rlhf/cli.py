@@ -41,6 +41,7 @@ STAGES = {
     "convert": Stage("offline_rlhf.convert", "offline_rlhf.config.stages:ConvertConfig",
                      "import_hf / export_hf: Hugging Face checkpoint conversion", positional="action"),
     "launch": Stage("launcher.cli", "", "run a pipeline locally or as chained Slurm jobs"),
+    "pipeline": Stage("launcher.cli", "", "run a whole pipeline here (default: the embedded demo), resuming after failures"),
     "rm": Stage("offline_rlhf.train.stages.rm", "offline_rlhf.config.stages:RMConfig",
                 "reward-model training (paper Eq. 2) into run_dir/rm/; eval_only=true reports accuracy"),
     "rm-score": Stage("offline_rlhf.labeling.scoring", "offline_rlhf.config.stages:RMScoreConfig",
@@ -68,6 +69,8 @@ def run(argv: list[str]) -> int:
         print(f"orlhf: unknown stage {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     stage = STAGES[name]
+    if name == "pipeline":  # `orlhf launch` on this machine, the demo unless another pipeline is named
+        args = [*(() if any(a.startswith("pipeline=") for a in args) else ("pipeline=demo",)), "cluster=local", *args]
     if not stage.schema:
         return _load(f"{stage.module}:main")(args) or 0
     from offline_rlhf.config.compose import compose_stage, to_yaml

@@ -3,7 +3,7 @@ parallel layout, build the mesh, write its resolved config, and record its devic
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,3 +51,8 @@ def stage_runtime(stage: str, run_dir: str, parallel: ParallelConfig, model: Mod
             yield runtime, usage
     finally:
         shutdown_distributed()
+
+
+def autocast_for(device: torch.device):
+    """bf16 compute with fp32 master weights on CUDA; plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

@@ -28,10 +28,9 @@ from offline_rlhf.data.tokenize import encode_sft
 from offline_rlhf.fsutil import write_jsonl
 from offline_rlhf.models.llama import last_token_values
 from offline_rlhf.parallel.parallelize import build_model
-from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.runtime import Runtime, autocast_for, stage_runtime
 from offline_rlhf.tokenizer import Tokenizer
 from offline_rlhf.train.batching import PAD_DOCUMENT, collate_sequences
-from offline_rlhf.train.loop import _autocast
 
 STAGE = "rm_score"
 REWARD_STATS = "reward_stats"  # checkpoint metadata keys written by `orlhf rm`
@@ -73,7 +72,7 @@ def score_sequences(model: nn.Module, sequences: Sequence[PackedSequence], batch
     for start in range(0, share, batch_size):
         chunk = mine[start:start + batch_size]
         batch = collate_sequences([sequences[i] for i in chunk or mine[:1] or order[:1]], pad_id, multiple)
-        with _autocast(rt.device):
+        with autocast_for(rt.device):
             rewards = sequence_rewards(model, {k: v.to(rt.device) for k, v in batch.items()})
         local[start:start + len(chunk)] = rewards[:len(chunk)].double()
     return _gather_in_order(local, order, rt)

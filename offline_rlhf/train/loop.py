@@ -18,7 +18,6 @@ import math
 import random
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,7 +33,7 @@ from offline_rlhf.config.stages import LoggingConfig, OptimConfig, TrainConfig
 from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.grad import clip_grad_norm_
 from offline_rlhf.parallel.parallelize import loss_context
-from offline_rlhf.runtime import Runtime
+from offline_rlhf.runtime import Runtime, autocast_for
 from offline_rlhf.train.metrics_log import MetricsLog, throughput_metrics
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler
 
@@ -167,7 +166,7 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
     for index, batch in enumerate(batches):
         batch = _to_device(batch, rt.device)
         _set_gradient_sync(model, index == len(batches) - 1)
-        with _autocast(rt.device), loss_context(rt.dims):
+        with autocast_for(rt.device), loss_context(rt.dims):
             loss, metrics = task.loss(model, batch, normalizer)
             # FSDP/DDP average gradients over dp ranks; the loss is already a global mean.
             (loss * rt.dims.dp).backward()
@@ -201,7 +200,7 @@ def validate(task: Task, model: nn.Module, data: TrainData, cfg: TrainConfig, rt
     for index in range(rounds):
         chunk = mine[index * cfg.micro_batch:(index + 1) * cfg.micro_batch]
         batch = _to_device(data.collate(chunk or items[: cfg.micro_batch]), rt.device)
-        with _autocast(rt.device), loss_context(rt.dims):
+        with autocast_for(rt.device), loss_context(rt.dims):
             _, metrics = task.loss(model, batch, 1.0)
         if chunk:
             normalizer += task.normalizer(batch)
@@ -262,11 +261,6 @@ def _dp_sum(rt: Runtime, values: list) -> list[float]:
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-def _autocast(device: torch.device):
-    """bf16 compute with fp32 master weights on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def _set_gradient_sync(model: nn.Module, sync: bool) -> None:
