@@ -51,17 +51,20 @@ def hf_fn(model, prompts, new_tokens: int, device):
                                   min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=PAD)
 
 
-def best_seconds(fn, rounds: int, device) -> float:
-    fn()  # warm-up: allocator, kernels
-    times = []
+def best_seconds(fns: dict, rounds: int, device) -> dict[str, float]:
+    """Fastest of `rounds` timings of each function. The functions alternate within each
+    round, so load from elsewhere on the machine hits them alike."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, kernels
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
-        _sync(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
             fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def _sync(device):
@@ -74,9 +77,9 @@ def decode_bandwidth(model: Transformer, prompts, new_tokens: int, rounds: int, 
     which removes the prefill. Bytes: every weight once (the embedding table is only
     gathered from, so it counts unless tied to the output), plus the KV cache at the mean
     length over the decode steps."""
-    full = best_seconds(ours_fn(model, prompts, new_tokens, device), rounds, device)
-    prefill = best_seconds(ours_fn(model, prompts, 1, device), rounds, device)
-    step = (full - prefill) / (new_tokens - 1)
+    seconds = best_seconds({"full": ours_fn(model, prompts, new_tokens, device),
+                            "prefill": ours_fn(model, prompts, 1, device)}, rounds, device)
+    step = (seconds["full"] - seconds["prefill"]) / (new_tokens - 1)
     cfg, itemsize = model.cfg, next(model.parameters()).element_size()
     weights = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
     mean_len = max(map(len, prompts)) + new_tokens / 2
@@ -92,7 +95,10 @@ def main() -> None:
                         help="prompt lengths are drawn uniformly from this range")
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg: ModelConfig = CPU_DEFAULT if args.model is None else compose_stage(
@@ -105,11 +111,12 @@ def main() -> None:
     ours = ours.to(device, dtype).eval()
 
     print(f"device={device} model={cfg.name} params={cfg.num_params() / 1e6:.1f}M dtype={dtype} "
-          f"prompt_len={args.prompt[0]}-{args.prompt[1]} new_tokens={args.new} torch={torch.__version__}")
+          f"prompt_len={args.prompt[0]}-{args.prompt[1]} new_tokens={args.new} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__}")
     for batch in args.batch:
         prompts = random_prompts(batch, *args.prompt, cfg.vocab_size)
-        seconds = {"ours": best_seconds(ours_fn(ours, prompts, args.new, device), args.rounds, device),
-                   "transformers": best_seconds(hf_fn(theirs, prompts, args.new, device), args.rounds, device)}
+        seconds = best_seconds({"ours": ours_fn(ours, prompts, args.new, device),
+                                "transformers": hf_fn(theirs, prompts, args.new, device)}, args.rounds, device)
         for name, value in seconds.items():
             print(f"batch={batch:3d} {name:>13}: {batch * args.new / value:10.1f} new tokens/s  ({value:.3f} s)")
         print(f"batch={batch:3d} ratio ours/transformers: {seconds['transformers'] / seconds['ours']:.3f}")

@@ -52,9 +52,9 @@ def generate_batch(model: Transformer, prompts: list[list[int]], cfg: Generation
     """[B, N] new tokens (N <= max_new_tokens; after a row's EOS, padding)."""
     tokens, real = left_pad(prompts, pad_id, device)  # [B, T] each
     batch, prompt_len = tokens.shape
-    max_len = prompt_len + cfg.max_new_tokens
-    if max(map(len, prompts)) + cfg.max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + max_new_tokens={cfg.max_new_tokens} "
+    max_len = prompt_len + cfg.max_new_tokens  # cache slots: the padded prompts, then the new tokens
+    if max_len > model.cfg.max_seq_len:
+        raise ValueError(f"a prompt of {prompt_len} tokens + max_new_tokens={cfg.max_new_tokens} "
                          f"exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     # Which cache slots hold real tokens, [B, max_len]: the prompt's, then every generated one.
     real_slots = torch.ones(batch, max_len, dtype=torch.bool, device=device)
