@@ -87,11 +87,12 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from offline_rlhf.config.errors import ConfigError
+    from offline_rlhf.data.errors import DataError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         stage = argv[0] if argv else ""
         print(f"orlhf {stage}: error: {err}", file=sys.stderr)
         return 2
