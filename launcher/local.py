@@ -31,13 +31,16 @@ def is_complete(plan: StagePlan) -> bool:
 def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:
     """Stops at the first failing stage; each stage's output goes to `<stage>/launch.log`.
     A rerun skips the stages already complete with the same config, so it resumes after
-    a failure; a stage that runs again loses its DONE marker first."""
+    a failure; once one stage runs, every later stage runs too (its inputs may have
+    changed), and a stage that runs loses its DONE marker first."""
+    upstream_ran = False
     for index, plan in enumerate(plans, 1):
         command = local_command(plan, python)
         log = plan.stage_dir / "launch.log"
-        if is_complete(plan):
+        if not upstream_ran and is_complete(plan):
             print(f"[{index}/{len(plans)}] {plan.name}: already complete, skipped", flush=True)
             continue
+        upstream_ran = True
         print(f"[{index}/{len(plans)}] {plan.name}: {shlex.join(command)}", flush=True)
         if dry_run:
             continue
