@@ -63,7 +63,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], cfg: Generation
     cache = new_cache(len(model.layers), batch, max_len)
 
     positions = (real.cumsum(1) - 1).clamp(min=0)
-    logits = model(tokens, positions, prefill_mask(real), cache=cache)[:, -1]
+    logits = model(tokens, positions, prefill_mask(real), cache=cache, last_only=True)[:, -1]
     out = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(cfg.max_new_tokens):

@@ -154,12 +154,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache=None, last_only: bool = False) -> torch.Tensor:
         """tokens: [B, T]. positions: [B, T] (default 0..T-1; restart per document when
         packing). attn_mask: default causal; a bool [B, 1, T, T] (True = may attend) or a
         FlexAttention BlockMask (see `offline_rlhf.models.masks`). cache: one KV cache per
         layer for incremental decoding; then attn_mask is required, [B, 1, T, S] over all
-        S cached positions (the default causal mask would align queries to key 0)."""
+        S cached positions (the default causal mask would align queries to key 0).
+        last_only: apply the head to the last position only (a generation prefill needs
+        one row of logits, not [B, T, V])."""
         if cache is not None and attn_mask is None:
             raise ValueError("decoding with a KV cache needs an explicit attn_mask [B, 1, T, S]")
         if positions is None:
@@ -168,7 +170,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for index, layer in enumerate(self.layers):
             h = layer(h, cos, sin, attn_mask, cache=None if cache is None else cache[index])
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         if self.head == "lm":
             return self.output(h)
         return self.score(h).squeeze(-1)
