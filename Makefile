@@ -17,8 +17,8 @@ $(BIN)/.installed-test: pyproject.toml scripts/setup_env.sh
 setup: $(BIN)/.installed-test
 
 demo: $(BIN)/.installed-base
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 -m offline_rlhf.cli demo parallel=tp2 run_dir=$(RUN_DIR)
-	@echo "demo: outputs in $(RUN_DIR)/demo, device-hours in $(RUN_DIR)/ledger.jsonl"
+	$(BIN)/orlhf pipeline run_dir=$(RUN_DIR)
+	@echo "demo: the report is $(RUN_DIR)/report.md (stage outputs in $(RUN_DIR)/, device-hours in $(RUN_DIR)/ledger.jsonl)"
 
 # The Slurm integration tests need a real single-node Slurm; it is installed when this
 # machine can (root with apt-get), otherwise those tests say why they skip.
