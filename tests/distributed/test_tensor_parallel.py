@@ -43,3 +43,31 @@ def test_tp2_matches_single_process(tmp_path, sequence_parallel, head):
             torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
         # Mixed DTensor (sharded projections) and plain (norm weights without SP) gradients.
         torch.testing.assert_close(result["norm"], ref_norm, atol=1e-6, rtol=1e-5)
+
+
+def _cross_entropy_and_grads(rank, world_size, parallel):
+    from offline_rlhf.parallel.parallelize import loss_context
+
+    model, dims, _ = parallel_copy(reference_model(), world_size, **parallel)
+    tokens = batch(seq=17)
+    with loss_context(dims):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+    grads = {name: _full(p.grad).detach().clone() for name, p in model.named_parameters()}
+    return {"loss": _full(loss).detach(), "sharded_logits": isinstance(logits, DTensor), "grads": grads}
+
+
+@pytest.mark.parametrize("parallel", [dict(tp=2, loss_parallel=True, sequence_parallel=True),
+                                      dict(tp=2, activation_checkpointing=True)],
+                         ids=["loss_parallel_sp", "activation_checkpointing"])
+def test_loss_parallel_and_activation_checkpointing_match_single_process(tmp_path, parallel):
+    reference = reference_model()
+    tokens = batch(seq=17)
+    ref_loss = torch.nn.functional.cross_entropy(reference(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    ref_loss.backward()
+    for result in run_distributed(_cross_entropy_and_grads, 2, tmp_path, parallel):
+        assert result["sharded_logits"] == parallel.get("loss_parallel", False)
+        torch.testing.assert_close(result["loss"], ref_loss.detach(), atol=1e-6, rtol=1e-6)
+        for name, param in reference.named_parameters():
+            torch.testing.assert_close(result["grads"][name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
