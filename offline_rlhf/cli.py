@@ -7,6 +7,7 @@ Common flags: `--cfg` prints the resolved config and exits; `-h/--help` lists st
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -91,11 +92,24 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return run(argv)
+        code = run(argv)
     except (ConfigError, DataError) as err:
         stage = argv[0] if argv else ""
         print(f"orlhf {stage}: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        _exit_without_teardown(code)
+    return code
+
+
+def _exit_without_teardown(code: int) -> None:
+    """Gloo worker threads can still hold collective work objects after the process group
+    is destroyed; freeing them during interpreter finalization aborts the process
+    (SIGABRT, "terminate called without an active exception"), seen under heavy CPU load.
+    Everything is written and the group destroyed by now, so skip finalization."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

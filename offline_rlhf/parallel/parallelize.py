@@ -4,6 +4,7 @@ data-parallel dimension; finally materialize the meta-device weights and initial
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -37,7 +38,10 @@ def build_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh: DeviceMes
     model.to_empty(device=device)
     model.tie_weights()
     torch.manual_seed(seed)
-    model.init_weights()
+    with warnings.catch_warnings():
+        # Random init of DTensor shards on a CPU mesh works; torch only warns that it is untested.
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+        model.init_weights()
     model.init_buffers(device)
     return model
 

@@ -15,7 +15,7 @@ TINY = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
 @pytest.mark.parametrize("overrides,key,fragment", [
     (["model.hidden=3"], "model.hidden", "unknown key (not a field of ModelConfig)"),
     (["+foo=1"], "foo", "unknown key"),
-    (["model=13b"], "model", "no config named 'model/13b'; available: 125m, 1b, 70b, 8b, tiny"),
+    (["model=13b"], "model", "no config named 'model/13b'; available: 125m, 1b, 70b, 8b, demo, tiny"),
     (["model.dim=abc"], "model.dim", "could not be converted to Integer"),
     (["model.n_kv_heads=3"], "model.n_kv_heads", "3 does not divide model.n_heads=4"),
     (["parallel.dp_mode=zero3"], "parallel.dp_mode", "use 'fsdp' or 'ddp'"),
