@@ -7,7 +7,7 @@ in `__post_init__`; checks that need the world size live in `ParallelDims`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from offline_rlhf.config.errors import ConfigError

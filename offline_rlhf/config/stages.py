@@ -279,6 +279,14 @@ class AlignConfig:
         return f"align_{self.method}"
 
 
+def check_file_input(list_key: str, name: str, path: str, kind: str, kinds: tuple[str, ...]) -> None:
+    """One entry of a list of input files: a known kind and a path."""
+    if kind not in kinds:
+        raise ConfigError(f"{list_key}[{name or path}].kind", f"unknown kind {kind!r}", f"use {', '.join(kinds)}")
+    if not path:
+        raise ConfigError(f"{list_key}[{name or '?'}].path", "is required", "pass the file")
+
+
 @dataclass
 class PromptSourceConfig:
     """Prompts for generation: kind `prompts` (a JSONL of {prompt_key: text}), `sft` or
@@ -292,11 +300,7 @@ class PromptSourceConfig:
     prompt_key: str = "prompt"
 
     def __post_init__(self):
-        if self.kind not in ("prompts", "sft", "preference"):
-            raise ConfigError(f"sources[{self.name or self.path}].kind", f"unknown kind {self.kind!r}",
-                              "use prompts, sft or preference")
-        if not self.path:
-            raise ConfigError(f"sources[{self.name or '?'}].path", "is required", "pass the file")
+        check_file_input("sources", self.name, self.path, self.kind, ("prompts", "sft", "preference"))
 
 
 @dataclass
@@ -341,11 +345,7 @@ class LabelInputConfig:
     max_samples: Optional[int] = None  # a seeded subset; None: all
 
     def __post_init__(self):
-        if self.kind not in ("generated", "sft", "preference"):
-            raise ConfigError(f"inputs[{self.name or self.path}].kind", f"unknown kind {self.kind!r}",
-                              "use generated, sft or preference")
-        if not self.path:
-            raise ConfigError(f"inputs[{self.name or '?'}].path", "is required", "pass the file")
+        check_file_input("inputs", self.name, self.path, self.kind, ("generated", "sft", "preference"))
 
 
 @dataclass

@@ -50,7 +50,7 @@ def table3(hours: dict[str, dict]) -> list[dict]:
 
 def table3_markdown(rows: list[dict], hours: dict[str, dict]) -> str:
     device = next((e["device_type"] for e in hours.values() if e["device_type"]), "device")
-    lines = [f"| method | alignment | generation + labeling + mixing | total | total with SFT and RM |",
+    lines = ["| method | alignment | generation + labeling + mixing | total | total with SFT and RM |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['method']} | {r['alignment']:.4f} | {r['data_preparation']:.4f} | {r['total']:.4f} | "
               f"{r['total_with_sft_and_rm']:.4f} |" for r in rows]

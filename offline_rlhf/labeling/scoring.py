@@ -67,11 +67,10 @@ def score_sequences(model: nn.Module, sequences: Sequence[PackedSequence], batch
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     mine = order[rank::dp]
     share = math.ceil(len(order) / dp)
-    multiple = rt.dims.tp if rt.dims.sequence_parallel else 1
     local = torch.full((share,), math.nan, dtype=torch.float64, device=rt.device)
     for start in range(0, share, batch_size):
         chunk = mine[start:start + batch_size]
-        batch = collate_sequences([sequences[i] for i in chunk or mine[:1] or order[:1]], pad_id, multiple)
+        batch = collate_sequences([sequences[i] for i in chunk or mine[:1] or order[:1]], pad_id, rt.dims.sequence_multiple)
         with autocast_for(rt.device):
             rewards = sequence_rewards(model, {k: v.to(rt.device) for k, v in batch.items()})
         local[start:start + len(chunk)] = rewards[:len(chunk)].double()

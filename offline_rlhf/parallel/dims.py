@@ -25,6 +25,12 @@ class ParallelDims:
     def world_size(self) -> int:
         return self.dp * self.tp
 
+    @property
+    def sequence_multiple(self) -> int:
+        """Sequence lengths must be multiples of this: sequence parallelism splits each
+        sequence evenly over the TP ranks."""
+        return self.tp if self.sequence_parallel else 1
+
     @classmethod
     def build(cls, cfg: ParallelConfig, world_size: int, model: ModelConfig | None = None) -> "ParallelDims":
         dp = world_size // cfg.tp if cfg.dp == -1 else cfg.dp

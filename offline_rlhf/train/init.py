@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -10,6 +12,9 @@ from offline_rlhf.checkpoint import TOKENIZER_DIR, latest_checkpoint, load_check
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.config.stages import InitConfig
+from offline_rlhf.fsutil import write_atomic
+from offline_rlhf.parallel.parallelize import build_model
+from offline_rlhf.runtime import Runtime
 from offline_rlhf.tokenizer import Tokenizer
 
 
@@ -40,6 +45,34 @@ def load_tokenizer(init: InitConfig, model: ModelConfig) -> tuple[Tokenizer, Pat
     if tokenizer.eos_id is None or tokenizer.pad_id is None:
         raise ConfigError("init.tokenizer", f"{path} defines no eos or pad token", "add them to tokenizer_config.json")
     return tokenizer, path
+
+
+@dataclass
+class TrainingSetup:
+    model: nn.Module
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    checkpoints: Path  # this stage's checkpoint root: resuming reads it, training writes it
+
+
+def prepare_training(init: InitConfig, model_cfg: ModelConfig, head: str, rt: Runtime, seed: int,
+                     before_load: Callable[[nn.Module], None] | None = None) -> TrainingSetup:
+    """Tokenizer, model in the runtime's layout, and its starting weights: the stage's own
+    checkpoint when resuming, else `init.checkpoint` (partially for a new value head),
+    else the seeded random init. `before_load` runs between building and loading."""
+    tokenizer, tokenizer_path = load_tokenizer(init, model_cfg)
+    model = build_model(model_cfg, head, rt.dims, rt.mesh, rt.device, seed=seed)
+    if before_load is not None:
+        before_load(model)
+    checkpoints = rt.stage_dir / "checkpoints"
+    rt.log(initialize_weights(init, model, checkpoints, partial=head == "value"))
+    return TrainingSetup(model, tokenizer, tokenizer_path, checkpoints)
+
+
+def mark_done(rt: Runtime, result: str | Path) -> None:
+    """The stage's last write: its outputs are complete (pipelines skip it on a rerun)."""
+    if rt.is_main:
+        write_atomic(rt.stage_dir / "DONE", f"{result}\n")
 
 
 def initialize_weights(init: InitConfig, model: nn.Module, resume_root: Path, partial: bool = False) -> str:

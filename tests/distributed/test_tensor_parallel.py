@@ -6,7 +6,7 @@ from torch.distributed.tensor import DTensor
 
 from offline_rlhf.parallel.grad import clip_grad_norm_
 from tests.distributed.launch import run_distributed
-from tests.fixtures import TINY, batch, parallel_copy, reference_model
+from tests.fixtures import batch, parallel_copy, reference_model
 
 
 def _full(tensor):

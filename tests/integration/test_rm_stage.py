@@ -15,7 +15,6 @@ from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.labeling.scoring import encode_responses, load_reward_model, reward_stats, score_texts
 from offline_rlhf.ledger import read_ledger
 from offline_rlhf.parallel.dims import ParallelDims
-from offline_rlhf.tokenizer import Tokenizer
 from offline_rlhf.train.metrics_log import read_metrics
 from tests.fixtures import reference_model, runtime_for
 from tests.unit.rm.synthetic import MODEL, synthetic_tokenizer, write_preferences

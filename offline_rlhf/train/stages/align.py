@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -16,13 +17,11 @@ import torch
 from offline_rlhf.config.stages import AlignConfig
 from offline_rlhf.data.alignment_dataset import RewardedSequence, build_alignment_dataset
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.losses.alignment import kept_by_filter, mle_filter_loss, rwr_loss
 from offline_rlhf.losses.sft import sft_loss
-from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.train.batching import collate_sequences, loss_tokens, real_tokens
-from offline_rlhf.train.init import initialize_weights, load_tokenizer, model_config
+from offline_rlhf.train.init import mark_done, model_config, prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 
 
@@ -56,28 +55,32 @@ def alignment_task(cfg: AlignConfig) -> Task:
 def main(cfg: AlignConfig) -> int:
     model_cfg = model_config(cfg.init, cfg.model)
     with stage_runtime(cfg.stage_name, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        tokenizer, tokenizer_path = load_tokenizer(cfg.init, model_cfg)
+        setup = prepare_training(cfg.init, model_cfg, "lm", rt, cfg.train.seed)
         template = ChatTemplate(**asdict(cfg.data.template))
-        dataset = build_alignment_dataset(cfg.data.path, tokenizer, template, cfg.data.max_seq_len,
+        dataset = build_alignment_dataset(cfg.data.path, setup.tokenizer, template, cfg.data.max_seq_len,
                                           cfg.data.val_fraction, cfg.train.seed, reward_prompt=cfg.method == "dt",
                                           reward_key=cfg.data.reward_key)
-        rewards = dataset.card["train_rewards"]
-        rt.log(f"{cfg.method}: {rewards['count']} training samples, normalized reward mean {rewards['mean']:.3f} "
-               f"std {rewards['std']:.3f}" + (f"; {sum(r.reward > cfg.filter_threshold for r in dataset.train)} "
-                                              f"pass the filter R > {cfg.filter_threshold}" if cfg.method == "mle_filter" else ""))
-        model = build_model(model_cfg, "lm", rt.dims, rt.mesh, rt.device, seed=cfg.train.seed)
-        ckpt_root = rt.stage_dir / "checkpoints"
-        rt.log(initialize_weights(cfg.init, model, ckpt_root))
-        multiple = rt.dims.tp if rt.dims.sequence_parallel else 1
-        data = TrainData(dataset.train, dataset.val,
-                         lambda items: collate_rewarded(items, tokenizer.pad_id, multiple), seq_len=cfg.data.max_seq_len)
+        rt.log(dataset_summary(cfg, dataset))
+        collate = partial(collate_rewarded, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
         metadata = {"alignment": {"method": cfg.method, "dt_target": cfg.dt_target if cfg.method == "dt" else None,
                                   "dataset": dataset.card}}
-        result = train(alignment_task(cfg), model, data, cfg.train, cfg.optim, cfg.logging, rt, usage,
-                       CheckpointSpec(ckpt_root, model_cfg, "lm", tokenizer_path, final_metadata=lambda _: metadata))
+        result = train(alignment_task(cfg), setup.model,
+                       TrainData(dataset.train, dataset.val, collate, seq_len=cfg.data.max_seq_len),
+                       cfg.train, cfg.optim, cfg.logging, rt, usage,
+                       CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
+                                      final_metadata=lambda _: metadata))
         rt.log(f"{cfg.stage_name} done: {result.steps} steps, final checkpoint {result.checkpoint}; "
                f"{dataset.card['tokens']['truncated']} of {dataset.card['examples']} samples truncated to "
                f"{cfg.data.max_seq_len} tokens")
-        if rt.is_main:
-            write_atomic(rt.stage_dir / "DONE", f"{result.checkpoint}\n")
+        mark_done(rt, result.checkpoint)
     return 0
+
+
+def dataset_summary(cfg: AlignConfig, dataset) -> str:
+    rewards = dataset.card["train_rewards"]
+    line = (f"{cfg.method}: {rewards['count']} training samples, normalized reward mean {rewards['mean']:.3f} "
+            f"std {rewards['std']:.3f}")
+    if cfg.method == "mle_filter":
+        kept = sum(item.reward > cfg.filter_threshold for item in dataset.train)
+        line += f"; {kept} ({kept / len(dataset.train):.1%}) pass the filter R > {cfg.filter_threshold}"
+    return line

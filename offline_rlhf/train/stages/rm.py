@@ -17,11 +17,10 @@ from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.labeling.scoring import (REWARD_STATS, load_reward_model, reward_stats, score_sequences,
                                            scoring_metadata, sequence_rewards)
 from offline_rlhf.losses.reward import bradley_terry_loss
-from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.parallel.state_dict import load_full_state_dict
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.train.batching import collate_sequences, real_tokens
-from offline_rlhf.train.init import initialize_weights, load_tokenizer, model_config
+from offline_rlhf.train.init import mark_done, model_config, prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train, validate
 
 STAGE = "rm"
@@ -74,30 +73,27 @@ def main(cfg: RMConfig) -> int:
 def train_reward_model(cfg: RMConfig) -> int:
     model_cfg = model_config(cfg.init, cfg.model)
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        tokenizer, tokenizer_path = load_tokenizer(cfg.init, model_cfg)
-        dataset = build_preference_dataset(cfg.data, tokenizer, cfg.train.seed)
+        # The SFT checkpoint has no `score.weight`: it keeps `init_value_head`'s values (the
+        # value-head load is partial), and the LM head's `output.weight` is not requested.
+        setup = prepare_training(cfg.init, model_cfg, "value", rt, cfg.train.seed,
+                                 before_load=lambda model: init_value_head(model, cfg.train.seed))
+        dataset = build_preference_dataset(cfg.data, setup.tokenizer, cfg.train.seed)
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
-        model = build_model(model_cfg, "value", rt.dims, rt.mesh, rt.device, seed=cfg.train.seed)
-        ckpt_root = rt.stage_dir / "checkpoints"
-        init_value_head(model, cfg.train.seed)
-        # partial: an SFT checkpoint has no `score.weight` (kept from `init_value_head`) and
-        # its `output.weight` is simply not requested by the value-head model.
-        rt.log(initialize_weights(cfg.init, model, ckpt_root, partial=True))
-        collate = partial(collate_pairs, pad_id=tokenizer.pad_id, multiple_of=_multiple(rt))
-        stats = validation_reward_stats(dataset.val, tokenizer.pad_id, cfg.train.micro_batch * 2, rt)
+        collate = partial(collate_pairs, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
+        stats = validation_reward_stats(dataset.val, setup.tokenizer.pad_id, cfg.train.micro_batch * 2, rt)
         template = ChatTemplate(**asdict(cfg.data.template))
 
         def final_metadata(trained) -> dict:
             return {**stats(trained), **scoring_metadata(template, cfg.data.max_seq_len)}
 
-        result = train(rm_task(cfg.margin), model, TrainData(dataset.train, dataset.val, collate, cfg.data.max_seq_len),
+        result = train(rm_task(cfg.margin), setup.model,
+                       TrainData(dataset.train, dataset.val, collate, cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
-                       CheckpointSpec(ckpt_root, model_cfg, "value", tokenizer_path, final_metadata))
+                       CheckpointSpec(setup.checkpoints, model_cfg, "value", setup.tokenizer_path, final_metadata))
         rt.log(f"rm done: {result.steps} steps, validation accuracy {result.last_val.get('accuracy', float('nan')):.4f} "
                f"on {len(dataset.val)} pairs, final checkpoint {result.checkpoint}")
-        if rt.is_main:
-            write_atomic(rt.stage_dir / "DONE", f"{result.checkpoint}\n")
+        mark_done(rt, result.checkpoint)
     return 0
 
 
@@ -108,7 +104,7 @@ def evaluate(cfg: RMConfig) -> int:
         model, tokenizer, _ = load_reward_model(cfg.init.checkpoint, rt, key="init.checkpoint")
         dataset = build_preference_dataset(cfg.data, tokenizer, cfg.train.seed)
         pairs = dataset.train + dataset.val
-        data = TrainData([], pairs, partial(collate_pairs, pad_id=tokenizer.pad_id, multiple_of=_multiple(rt)),
+        data = TrainData([], pairs, partial(collate_pairs, pad_id=tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple),
                          cfg.data.max_seq_len)
         metrics = validate(rm_task(cfg.margin), model, data, cfg.train, rt)
         usage.tokens += sum(len(p.chosen) + len(p.rejected) for p in pairs)
@@ -117,8 +113,3 @@ def evaluate(cfg: RMConfig) -> int:
             write_atomic(rt.stage_dir / EVAL_FILE, json.dumps({"pairs": len(pairs), **metrics}, indent=2) + "\n")
         rt.log(f"rm eval: {len(pairs)} pairs, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
-
-
-def _multiple(rt: Runtime) -> int:
-    """Sequence parallelism needs the padded length divisible by TP."""
-    return rt.dims.tp if rt.dims.sequence_parallel else 1

@@ -6,13 +6,11 @@ from functools import partial
 
 from offline_rlhf.config.stages import SFTConfig
 from offline_rlhf.data.sft_dataset import build_sft_dataset, write_dataset_card
-from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.masks import document_mask
-from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.train.batching import collate_sequences, loss_tokens, real_tokens
-from offline_rlhf.train.init import initialize_weights, load_tokenizer, model_config
+from offline_rlhf.train.init import mark_done, model_config, prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 
 STAGE = "sft"
@@ -34,22 +32,18 @@ def sft_task(packed: bool) -> Task:
 def main(cfg: SFTConfig) -> int:
     model_cfg = model_config(cfg.init, cfg.model)
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        tokenizer, tokenizer_path = load_tokenizer(cfg.init, model_cfg)
-        dataset = build_sft_dataset(cfg.data, tokenizer, cfg.train.seed)
+        setup = prepare_training(cfg.init, model_cfg, "lm", rt, cfg.train.seed)
+        dataset = build_sft_dataset(cfg.data, setup.tokenizer, cfg.train.seed)
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
-        model = build_model(model_cfg, "lm", rt.dims, rt.mesh, rt.device, seed=cfg.train.seed)
-        ckpt_root = rt.stage_dir / "checkpoints"
-        rt.log(initialize_weights(cfg.init, model, ckpt_root))
-        multiple = rt.dims.tp if rt.dims.sequence_parallel else 1
-        data = TrainData(dataset.train, dataset.val, partial(collate_sequences, pad_id=tokenizer.pad_id, multiple_of=multiple),
-                         seq_len=cfg.data.max_seq_len)
-        result = train(sft_task(cfg.data.pack), model, data, cfg.train, cfg.optim, cfg.logging, rt, usage,
-                       CheckpointSpec(ckpt_root, model_cfg, "lm", tokenizer_path))
+        collate = partial(collate_sequences, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
+        result = train(sft_task(cfg.data.pack), setup.model, TrainData(dataset.train, dataset.val, collate,
+                                                                         cfg.data.max_seq_len),
+                       cfg.train, cfg.optim, cfg.logging, rt, usage,
+                       CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path))
         totals = dataset.card["totals"]
         rt.log(f"sft done: {result.steps} steps, final checkpoint {result.checkpoint}; "
                f"{totals['truncated']} of {totals['taken']} samples were truncated to {cfg.data.max_seq_len} tokens "
                f"(see {rt.stage_dir / 'dataset_card.md'})")
-        if rt.is_main:
-            write_atomic(rt.stage_dir / "DONE", f"{result.checkpoint}\n")
+        mark_done(rt, result.checkpoint)
     return 0
