@@ -17,6 +17,7 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
 
 
 def gather_full_state_dict(model: nn.Module, cpu: bool = True) -> dict[str, torch.Tensor]:
-    """Full tensors on every rank (a collective: all ranks must call it). Names are the
-    model's own, with wrapper prefixes (activation checkpointing, compile) removed."""
+    """Full tensors (a collective: all ranks must call it): on every rank with `cpu=False`;
+    with `cpu=True` offloaded to CPU on rank 0 only, the others get an empty dict. Names
+    are the model's own, with wrapper prefixes (activation checkpointing, compile) removed."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu))

@@ -44,8 +44,11 @@ class MetricsLog:
 
     def train(self, step: int, metrics: dict[str, float], every: int) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{metrics['lr']:.2e}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}", "lr": f"{metrics['lr']:.2e}",
+                 "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+        if "accuracy" in metrics:  # the reward model's headline number
+            shown["acc"] = f"{metrics['accuracy']:.3f}"
+        self.bar.set_postfix(shown, refresh=False)
         if step % every == 0:
             self._write(step, {f"train/{k}": v for k, v in metrics.items()})
 
