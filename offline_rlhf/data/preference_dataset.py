@@ -10,7 +10,7 @@ from offline_rlhf.config.stages import DataConfig, SourceConfig
 from offline_rlhf.data.mixing import mix_sources, split_validation
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.preference_readers import PreferenceExample, read_preference_source
-from offline_rlhf.data.sft_dataset import dataset_card, source_name
+from offline_rlhf.data.sft_dataset import dataset_card, read_sources
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import TokenStats, encode_sft
 
@@ -40,16 +40,6 @@ def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, An
     if source.format == "jsonl":
         kwargs.update(prompt_key=source.prompt_key, chosen_key=source.chosen_key, rejected_key=source.rejected_key)
     return kwargs
-
-
-def read_preference_sources(cfg: DataConfig, template: ChatTemplate) -> list[tuple[str, list[Item], float]]:
-    """Each configured source as (name, [(name, example)...], weight) for `mix_sources`."""
-    sources = []
-    for source in cfg.sources:
-        name = source_name(source)
-        examples = read_preference_source(source.format, source.path, **_reader_kwargs(source, template))
-        sources.append((name, [(name, example) for example in examples], source.weight))
-    return sources
 
 
 def encode_pair(tokenizer, template: ChatTemplate, example: PreferenceExample, max_len: int,
@@ -84,7 +74,8 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int) -> Preferenc
     over pairs (a pair and its duplicates stay on one side); `encode_pair` each pair
     with cfg.max_seq_len. Pairs are never packed (cfg.pack is unused)."""
     template = ChatTemplate(**asdict(cfg.template))
-    mixed, mix_stats = mix_sources(read_preference_sources(cfg, template), cfg.total_samples, seed)
+    mixed, mix_stats = mix_sources(read_sources(cfg.sources, lambda s: read_preference_source(s.format, s.path, **_reader_kwargs(s, template))),
+                                   cfg.total_samples, seed)
     train_items, val_items = split_validation(mixed, cfg.val_fraction, seed)
     stats = {name: TokenStats() for name in mix_stats}
     dropped = {name: 0 for name in mix_stats}

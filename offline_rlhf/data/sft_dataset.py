@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from os import PathLike
 from pathlib import Path
@@ -41,17 +42,17 @@ def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, An
     return kwargs
 
 
-def read_sources(cfg: DataConfig, template: ChatTemplate) -> list[tuple[str, list[tuple[str, SFTExample]], float]]:
-    """Each configured source as (name, [(name, example)...], weight) for `mix_sources`.
+def read_sources(sources: Sequence[SourceConfig], read_one: Callable[[SourceConfig], list]) -> list[tuple]:
+    """Each source as (name, [(name, example)...], weight) for `mix_sources`; `read_one`
+    reads one source's examples (SFT or preference readers).
 
     Items carry their source name so the card can count tokens per source after mixing.
     """
-    sources = []
-    for source in cfg.sources:
+    named = []
+    for source in sources:
         name = source_name(source)
-        examples = read_sft_source(source.format, source.path, **_reader_kwargs(source, template))
-        sources.append((name, [(name, example) for example in examples], source.weight))
-    return sources
+        named.append((name, [(name, example) for example in read_one(source)], source.weight))
+    return named
 
 
 def _tokenize(items: list[tuple[str, SFTExample]], tokenizer, template: ChatTemplate, max_len: int,
@@ -79,7 +80,7 @@ def build_sft_dataset(cfg: DataConfig, tokenizer, seed: int) -> SFTDataset:
     examples is an error naming it (raised by `mix_sources`).
     """
     template = ChatTemplate(**asdict(cfg.template))
-    sources = read_sources(cfg, template)
+    sources = read_sources(cfg.sources, lambda s: read_sft_source(s.format, s.path, **_reader_kwargs(s, template)))
     mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)
     train_items, val_items = split_validation(mixed, cfg.val_fraction, seed)
     token_stats = {name: TokenStats() for name in mix_stats}
