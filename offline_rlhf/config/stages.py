@@ -157,50 +157,52 @@ class InitConfig:
 
 
 @dataclass
-class SFTConfig:
-    """`orlhf sft`: supervised fine-tuning, the paper's Eq. 1 (loss on response tokens only)."""
+class TrainingStageConfig:
+    """What every training stage has: where it writes, the model (for random init; an
+    init checkpoint brings its own), the layout, where weights start, the optimizer, the
+    loop and logging. Subclasses add `data` and their own keys."""
 
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def validate(self) -> None:
+        """Cross-field checks shared by every training stage."""
+        if self.data.max_seq_len > self.model.max_seq_len:
+            raise ConfigError("data.max_seq_len", f"{self.data.max_seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}", "lower data.max_seq_len or raise model.max_seq_len")
+
+
+@dataclass
+class SFTConfig(TrainingStageConfig):
+    """`orlhf sft`: supervised fine-tuning, the paper's Eq. 1 (loss on response tokens only)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
     def __post_init__(self):
-        validate_training(self)
+        self.validate()
         if not self.data.sources:
             raise ConfigError("data.sources", "is empty", "list at least one source (see conf/data/)")
 
 
-def validate_training(cfg) -> None:
-    """Cross-field checks shared by every training stage."""
-    if cfg.data.max_seq_len > cfg.model.max_seq_len:
-        raise ConfigError("data.max_seq_len", f"{cfg.data.max_seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
-                          "lower data.max_seq_len or raise model.max_seq_len")
-
-
 @dataclass
-class RMConfig:
+class RMConfig(TrainingStageConfig):
     """`orlhf rm`: reward-model training, the paper's Eq. 2, with its defaults (lr 9e-6,
     global batch 128 pairs, 1 epoch). `eval_only=true` scores every pair of `data` with the
     value-head checkpoint `init.checkpoint` and reports accuracy, without training."""
 
-    run_dir: str = "runs/default"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(pack=False, val_fraction=0.05))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=1.0))
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
     margin: float = 0.0  # subtracted inside the sigmoid of Eq. 2; 0 is the paper's loss
     eval_only: bool = False
 
     def __post_init__(self):
-        validate_training(self)
+        self.validate()
         if self.data.pack:
             raise ConfigError("data.pack", "reward-model pairs are never packed", "set data.pack=false")
         if self.eval_only and not self.init.checkpoint:
@@ -247,26 +249,19 @@ class AlignDataConfig:
 
 
 @dataclass
-class AlignConfig:
+class AlignConfig(TrainingStageConfig):
     """`orlhf align method=mle_filter|rwr|dt`: offline alignment (paper Sec. 3.2) into
     `run_dir/align_<method>/`, starting from the SFT checkpoint."""
 
-    run_dir: str = "runs/default"
     method: str = "dt"
     filter_threshold: float = 0.0  # Eq. 4's t: train on samples with normalized reward > t
     rwr_beta: float = 5.0  # Eq. 5's beta
     rwr_normalize: bool = False  # divide exp(R/beta) by its mean within each micro-batch
     dt_target: float = 5.0  # the reward prompt used at inference (stored with the checkpoint)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    init: InitConfig = field(default_factory=InitConfig)
     data: AlignDataConfig = field(default_factory=AlignDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        validate_training(self)
+        self.validate()
         if self.method not in ALIGN_METHODS:
             raise ConfigError("method", f"unknown method {self.method!r}", f"use one of {', '.join(ALIGN_METHODS)}")
         if self.rwr_beta <= 0:
