@@ -112,7 +112,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine (to min_lr_ratio * lr) or constant, both after linear warmup
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient-norm limit; <= 0 turns clipping off
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
@@ -135,8 +135,9 @@ class TrainConfig:
     seed: int = 1234
 
     def __post_init__(self):
-        if self.global_batch <= 0 or self.micro_batch <= 0:
-            raise ConfigError("train.global_batch", "global_batch and micro_batch must be positive")
+        for key in ("global_batch", "micro_batch", "save_every", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}", f"must be positive, got {getattr(self, key)}")
 
 
 @dataclass
@@ -319,9 +320,6 @@ class GenerateConfig:
             raise ConfigError("sources", "is empty", "list at least one prompt source")
         if not self.init.checkpoint:
             raise ConfigError("init.checkpoint", "is required", "pass the SFT checkpoint to generate with")
-        if self.parallel.sequence_parallel or self.parallel.loss_parallel:
-            raise ConfigError("parallel.sequence_parallel", "generation needs replicated activations and logits",
-                              "turn sequence_parallel and loss_parallel off")
 
 
 NORMALIZATIONS = ("labeled_set", "rm_stats")

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+import torch
 import torch.distributed as dist
 
 from offline_rlhf.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.stages import EvalConfig, EvalModelConfig
 from offline_rlhf.data.prompts import read_prompt_file
 from offline_rlhf.data.template import ChatTemplate
@@ -20,7 +22,7 @@ from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.generation.engine import generate
 from offline_rlhf.generation.sharding import shard_indices
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
-from offline_rlhf.parallel.parallelize import build_model
+from offline_rlhf.parallel.parallelize import build_inference_model
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.tokenizer import Tokenizer
 
@@ -28,12 +30,14 @@ STAGE = "eval"
 RESULTS = "results.json"
 
 
-def answer_prompts(model_cfg: EvalModelConfig, prompts: list[str], cfg: EvalConfig, rt: Runtime) -> list[str]:
-    """The model's answers to every prompt, in order, on every rank (DP replicas split them)."""
+def answer_prompts(model_cfg: EvalModelConfig, prompts: list[str], cfg: EvalConfig,
+                   rt: Runtime) -> tuple[list[str], int]:
+    """The model's answers to every prompt, in order, on every rank (DP replicas split
+    them), and the number of tokens this replica generated."""
     path = resolve_checkpoint(model_cfg.checkpoint, f"models[{model_cfg.name}].checkpoint")
     meta = read_meta(path)
     tokenizer = Tokenizer.from_dir(path / "tokenizer")
-    model = build_model(meta.model, "lm", rt.dims, rt.mesh, rt.device)
+    model = build_inference_model(meta.model, "lm", rt.dims, rt.mesh, rt.device)
     load_checkpoint(path, model)
     model.eval()
     template = ChatTemplate(**asdict(cfg.template))
@@ -41,10 +45,21 @@ def answer_prompts(model_cfg: EvalModelConfig, prompts: list[str], cfg: EvalConf
     replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
     mine = shard_indices(len(prompts), replica, rt.dims.dp)
     budget = meta.model.max_seq_len - cfg.generation.max_new_tokens
+    if budget < 1:
+        raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a prompt "
+                          f"in {model_cfg.name}'s max_seq_len={meta.model.max_seq_len}", "lower it")
     encoded = [encode_prompt(tokenizer, template, prompts[i], prefix)[-budget:] for i in mine]
     outputs = generate(model, encoded, cfg.generation, tokenizer.eos_id, tokenizer.pad_id, rt.device)
     answers = [tokenizer.decode(t[:-1] if t and t[-1] == tokenizer.eos_id else t).strip() for t in outputs]
-    return _gather_blocks(answers, rt)
+    return _gather_blocks(answers, rt), _total_over_replicas(sum(map(len, outputs)), rt)
+
+
+def _total_over_replicas(count: int, rt: Runtime) -> int:
+    if rt.dims.dp == 1:
+        return count
+    total = torch.tensor([count], dtype=torch.long, device=rt.device)
+    dist.all_reduce(total, group=rt.mesh.get_group("dp"))
+    return int(total.item())
 
 
 def _gather_blocks(mine: list[str], rt: Runtime) -> list[str]:
@@ -96,7 +111,8 @@ def main(cfg: EvalConfig) -> int:
         for model_cfg in cfg.models:
             rt.log(f"eval: {model_cfg.name} answers {len(prompts)} prompts"
                    + (f" (reward prompt {model_cfg.reward_prompt})" if model_cfg.reward_prompt is not None else ""))
-            answers[model_cfg.name] = answer_prompts(model_cfg, prompts, cfg, rt)
+            answers[model_cfg.name], generated = answer_prompts(model_cfg, prompts, cfg, rt)
+            usage.tokens += generated
         scores = {name: {} for name in answers}
         for name, texts in answers.items():
             gold = gold_scores(cfg.gold, prompts, texts)
@@ -109,7 +125,6 @@ def main(cfg: EvalConfig) -> int:
                 scores[name]["rm"] = score_texts(rm, tokenizer, template, list(zip(prompts, texts)), cfg.batch_size,
                                                  rt, max_len)
         table = summarize(scores, cfg.baseline)
-        usage.tokens = sum(len(t) for texts in answers.values() for t in texts)
         if rt.is_main:
             for name, texts in answers.items():
                 write_jsonl(rt.stage_dir / f"answers_{name}.jsonl",

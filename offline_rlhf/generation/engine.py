@@ -22,6 +22,7 @@ from offline_rlhf.generation.config import GenerationConfig
 from offline_rlhf.generation.kv_cache import new_cache
 from offline_rlhf.generation.sampling import sample_next
 from offline_rlhf.models.llama import Transformer
+from offline_rlhf.runtime import autocast_for
 
 
 def generate(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig, eos_id: int | Collection[int] | None,
@@ -38,7 +39,7 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig
     # Longest first: an out-of-memory batch size shows up on the first batch.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_for(torch.device(device)):
         for start in range(0, len(order), cfg.batch_size):
             chunk = order[start:start + cfg.batch_size]
             tokens = generate_batch(model, [prompts[i] for i in chunk], cfg, eos, pad_id, device, generator)

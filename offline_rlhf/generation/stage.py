@@ -29,13 +29,14 @@ from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.generation.engine import generate
 from offline_rlhf.generation.sharding import shard_indices
-from offline_rlhf.parallel.parallelize import build_model
+from offline_rlhf.parallel.parallelize import build_inference_model
 from offline_rlhf.runtime import Runtime, stage_runtime
-from offline_rlhf.train.init import load_tokenizer, model_config
+from offline_rlhf.train.init import check_resumable, load_tokenizer, model_config, resume_fingerprint
 
 STAGE = "generate"
 SCHEMA_VERSION = 1
 SAMPLES = "samples.jsonl"
+FINGERPRINT = "shards_config.json"
 
 
 def collect_prompts(cfg: GenerateConfig, template: ChatTemplate) -> tuple[list[Prompt], dict]:
@@ -46,6 +47,15 @@ def collect_prompts(cfg: GenerateConfig, template: ChatTemplate) -> tuple[list[P
 
 def shard_paths(stage_dir: Path) -> list[Path]:
     return sorted(stage_dir.glob("shard_*.jsonl"))
+
+
+def claim_shards(stage_dir: Path, fingerprint: dict) -> None:
+    """Shards of an earlier run are resumed only under the same config (same prompts,
+    model and decoding); the first run records its config."""
+    path = stage_dir / FINGERPRINT
+    if shard_paths(stage_dir):
+        check_resumable(json.loads(path.read_text()) if path.exists() else None, fingerprint, stage_dir)
+    write_atomic(path, json.dumps(fingerprint, indent=2))
 
 
 def repair_shard(path: Path) -> int:
@@ -117,6 +127,7 @@ def main(cfg: GenerateConfig) -> int:
         template = ChatTemplate(**asdict(cfg.template))
         prompts, mix_stats = collect_prompts(cfg, template)
         if rt.is_main:
+            claim_shards(rt.stage_dir, resume_fingerprint(cfg))
             for path in shard_paths(rt.stage_dir):
                 if repair_shard(path):
                     rt.log(f"cut a torn last line from {path}")
@@ -128,7 +139,7 @@ def main(cfg: GenerateConfig) -> int:
         rt.log(f"generate: {len(prompts)} prompts, {len(done)} already answered, {len(todo)} to go on "
                f"{rt.dims.dp} replica(s) of TP={rt.dims.tp}")
         checkpoint = resolve_checkpoint(cfg.init.checkpoint, "init.checkpoint")
-        model = build_model(model_cfg, "lm", rt.dims, rt.mesh, rt.device)
+        model = build_inference_model(model_cfg, "lm", rt.dims, rt.mesh, rt.device)
         load_checkpoint(checkpoint, model)
         model.eval()
         writes = rt.mesh is None or rt.mesh.get_local_rank("tp") == 0  # TP ranks hold identical answers

@@ -18,7 +18,8 @@ from offline_rlhf.config.stages import LabelConfig
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.labeling.plots import reward_histogram
 from offline_rlhf.labeling.samples import Sample, read_samples
-from offline_rlhf.labeling.scoring import REWARD_STATS, load_reward_model, reward_stats, score_texts, scoring_setup
+from offline_rlhf.labeling.scoring import (REWARD_STATS, encode_responses, load_reward_model, reward_stats,
+                                           score_sequences, scoring_setup)
 from offline_rlhf.runtime import stage_runtime
 
 STAGE = "label"
@@ -54,11 +55,11 @@ def main(cfg: LabelConfig) -> int:
         samples = [s for i in cfg.inputs
                    for s in read_samples(i.name or i.path, i.kind, i.format, i.path, template, i.max_samples, cfg.seed)]
         rt.log(f"label: scoring {len(samples)} samples with {rm_path}")
-        raw = score_texts(model, tokenizer, template, [(s.prompt, s.response) for s in samples], cfg.batch_size, rt,
-                          max_len)
+        sequences = encode_responses(tokenizer, template, [(s.prompt, s.response) for s in samples], max_len)
+        raw = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id)
         stats = normalization_stats(cfg.normalization, raw, metadata, str(rm_path))
         normalized = normalize(raw, stats)
-        usage.tokens = len(samples)
+        usage.tokens = sum(map(len, sequences))
         if rt.is_main:
             write_jsonl(rt.stage_dir / LABELED, labeled_records(samples, raw, normalized))
             meta = {"reward_model": str(rm_path), "normalization": cfg.normalization, "stats": stats,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from offline_rlhf.data.tokenize import IGNORE_INDEX  # noqa: F401  (re-exported for losses)
 
@@ -19,4 +20,6 @@ def shifted_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     target = labels[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none")
+    if isinstance(nll, DTensor):  # loss-parallel: per-token losses come back replicated
+        nll = nll.to_local()
     return nll.view_as(target), target != IGNORE_INDEX

@@ -18,12 +18,14 @@ from torch.distributed.tensor import DTensor, Replicate
 
 
 def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale gradients in place so their global L2 norm is at most `max_norm`; returns the
-    norm before clipping (a plain scalar tensor, identical on every rank)."""
+    """Scale gradients in place so their global L2 norm is at most `max_norm` (`max_norm <= 0`:
+    no clipping); returns the norm before clipping (a scalar tensor, identical on every rank)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
     total = global_grad_norm(grads)
+    if max_norm <= 0:
+        return total
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     torch._foreach_mul_(locals_, coef.to(locals_[0].device))

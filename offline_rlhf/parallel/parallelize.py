@@ -4,8 +4,8 @@ data-parallel dimension; finally materialize the meta-device weights and initial
 
 from __future__ import annotations
 
-import warnings
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from torch.distributed._composable import checkpoint as activation_checkpoint
@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.models.llama import Transformer
 from offline_rlhf.parallel.dims import ParallelDims
+from offline_rlhf.parallel.state_dict import load_full_state_dict
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
@@ -37,13 +38,32 @@ def build_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh: DeviceMes
     parallelize(model, dims, mesh, param_dtype)
     model.to_empty(device=device)
     model.tie_weights()
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        # Random init of DTensor shards on a CPU mesh works; torch only warns that it is untested.
-        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+    if mesh is not None and device.type == "cpu":
+        _init_like_one_process(model, seed)
+    else:
+        torch.manual_seed(seed)
         model.init_weights()
     model.init_buffers(device)
     return model
+
+
+def build_inference_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh: DeviceMesh | None,
+                          device: torch.device) -> Transformer:
+    """Tensor parallel as configured, every data-parallel rank a full replica. Replicas
+    answer different prompts and run different numbers of forwards, which FSDP's per-forward
+    weight gathers cannot survive; decoding also needs whole sequences and logits."""
+    inference = replace(dims, dp=1, sequence_parallel=False, loss_parallel=False, activation_checkpointing=False)
+    return build_model(cfg, head, inference, mesh, device)
+
+
+def _init_like_one_process(model: Transformer, seed: int) -> None:
+    """Random ops on DTensors over a CPU mesh draw the same numbers on every rank (no
+    per-shard offsets), so shards would be copies of each other. CPU models are small:
+    initialize a whole one from the seed and load it, the same weights under any layout."""
+    torch.manual_seed(seed)
+    reference = Transformer(model.cfg, model.head)
+    reference.init_weights()
+    load_full_state_dict(model, reference.state_dict())
 
 
 def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None,

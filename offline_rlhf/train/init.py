@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -67,6 +67,41 @@ def prepare_training(init: InitConfig, model_cfg: ModelConfig, head: str, rt: Ru
     checkpoints = rt.stage_dir / "checkpoints"
     rt.log(initialize_weights(init, model, checkpoints, partial=head == "value"))
     return TrainingSetup(model, tokenizer, tokenizer_path, checkpoints)
+
+
+# Keys that may change between a run and its resumption: layout (checkpoints reshard),
+# logging, and how long or how often things happen.
+RESUMABLE_CHANGES = ("run_dir", "parallel.", "logging.", "train.max_steps", "train.epochs", "train.val_every",
+                     "train.val_batches", "train.save_every", "train.keep_last", "train.log_every", "write_every")
+
+
+def resume_fingerprint(cfg) -> dict[str, object]:
+    """The config values a checkpoint (or a partial output) was made under, flattened to
+    dotted keys, without the ones a resumed run may change."""
+    return {key: value for key, value in flatten(asdict(cfg)).items()
+            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(saved: dict | None, current: dict, where: Path) -> None:
+    """A rerun may continue an earlier one only under the same config (apart from
+    RESUMABLE_CHANGES); otherwise it would silently mix two experiments."""
+    if saved is None:
+        return
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise ConfigError(changed[0], f"differs from the run that wrote {where} ({len(changed)} changed: "
+                          f"{', '.join(changed[:4])}{'...' if len(changed) > 4 else ''})",
+                          f"restore it, or delete {where} to start this stage over")
 
 
 def mark_done(rt: Runtime, result: str | Path) -> None:

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from offline_rlhf.checkpoint import CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from offline_rlhf.checkpoint import (CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, read_meta,
+                                     save_checkpoint)
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.config.stages import LoggingConfig, OptimConfig, TrainConfig
@@ -34,11 +35,13 @@ from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.grad import clip_grad_norm_
 from offline_rlhf.parallel.parallelize import loss_context
 from offline_rlhf.runtime import Runtime, autocast_for
+from offline_rlhf.train.init import check_resumable
 from offline_rlhf.train.metrics_log import MetricsLog, throughput_metrics
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler
 
 Batch = dict[str, torch.Tensor]
 COUNT = "count/"
+CONFIG_KEY = "config"  # checkpoint metadata: the resume fingerprint
 
 
 @dataclass
@@ -77,6 +80,8 @@ class CheckpointSpec:
     # Called on the trained model before the final save; returns checkpoint metadata
     # (e.g. the reward model's normalization statistics). Collective.
     final_metadata: Callable[[nn.Module], dict] | None = None
+    # The config a resumed run must match (train.init.resume_fingerprint); None: unchecked.
+    fingerprint: dict | None = None
 
 
 @dataclass
@@ -119,17 +124,18 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
     steps = total_steps(train_cfg, len(data.train))
     optimizer = build_optimizer(model.parameters(), optim_cfg, rt.device)
     scheduler = build_scheduler(optimizer, steps, optim_cfg)
-    state = _resume(ckpt.root, model, optimizer, scheduler, rt)
+    state, resumed_from = _resume(ckpt, model, optimizer, scheduler, rt)
     stream = SampleStream(len(data.train), train_cfg.seed)
     log = MetricsLog(rt.stage_dir, logging_cfg, rt.is_main, resumed_step=state.step, total_steps=steps)
     rt.log(f"training: {len(data.train)} items, {steps} steps of {train_cfg.global_batch} "
            f"({per_rank // train_cfg.micro_batch} micro-batches of {train_cfg.micro_batch} per rank), "
            f"starting at step {state.step}")
-    result = TrainResult(steps=steps)
+    result = TrainResult(steps=steps, checkpoint=resumed_from)
     while state.step < steps:
         started = time.perf_counter()
         batches = _micro_batches(data, stream, state, train_cfg, per_rank, _dp_rank(rt))
         loaded = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         metrics, tokens = train_step(task, model, optimizer, batches, rt, optim_cfg.grad_clip)
         scheduler.step()
         state.step += 1
@@ -137,7 +143,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
         state.data_position = {"samples_consumed": state.data_position.get("samples_consumed", 0) + train_cfg.global_batch}
         usage.tokens += tokens
         usage.beat()
-        metrics.update(lr=scheduler.get_last_lr()[0],
+        metrics.update(lr=lr,
                        **throughput_metrics(tokens, time.perf_counter() - started, loaded - started, ckpt.model,
                                           data.seq_len, rt))
         result.last_train = metrics
@@ -228,19 +234,23 @@ def _micro_batches(data: TrainData, stream: SampleStream, state: TrainState, cfg
             for at in range(0, per_rank, cfg.micro_batch)]
 
 
-def _resume(root: Path, model, optimizer, scheduler, rt: Runtime) -> TrainState:
-    latest = latest_checkpoint(root)
+def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, rt: Runtime) -> tuple[TrainState, Path | None]:
+    latest = latest_checkpoint(ckpt.root)
     if latest is None:
-        return TrainState(data_position={"samples_consumed": 0})
+        return TrainState(data_position={"samples_consumed": 0}), None
+    if ckpt.fingerprint is not None:
+        check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), ckpt.fingerprint, ckpt.root)
     meta = load_checkpoint(latest, model, optimizer, restore_rng=True)
     if meta.scheduler:
         scheduler.load_state_dict(meta.scheduler)
     rt.log(f"resuming from {latest} (step {meta.train_state.step})")
-    return meta.train_state
+    return meta.train_state, latest
 
 
 def _save(ckpt: CheckpointSpec, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
           metadata: dict) -> Path:
+    if ckpt.fingerprint is not None:
+        metadata = {**metadata, CONFIG_KEY: ckpt.fingerprint}
     meta = CheckpointMeta(model=ckpt.model, head=ckpt.head, train_state=state, scheduler=scheduler.state_dict(),
                           metadata=metadata)
     return save_checkpoint(ckpt.root, model, meta, optimizer=optimizer, tokenizer_dir=ckpt.tokenizer_dir,

@@ -14,7 +14,7 @@ from tests.fixtures import REPO_ROOT
 from tests.integration.conftest import SELF_INSTRUCT
 from tests.integration.test_sft_stage import sft_args
 
-PROMPTS = 40
+PROMPTS = 41  # odd: the two replicas get uneven shares
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,5 @@ def test_killed_generation_resumes_every_prompt_exactly_once(sft_run, tmp_path):
     assert main(generate_args(sft_run, tmp_path / "straight")) == 0
     assert [r["response"] for r in resumed] == [r["response"] for r in samples(tmp_path / "straight")]
     assert [r.status for r in read_ledger(out) if r.stage == "generate"] == ["interrupted", "completed"]
+    changed = with_kill_hook(generate_args(sft_run, out, "generation.max_new_tokens=4"))
+    assert changed.returncode == 2 and b"generation.max_new_tokens: differs from the run" in changed.stderr

@@ -46,6 +46,18 @@ def test_sft_end_to_end_validation_loss_falls(tmp_path, public_tokenizer):
     assert row.device_hours > 0 and row.devices == 1
 
 
+def test_rerun_continues_only_the_same_experiment(tmp_path, public_tokenizer, capsys):
+    run_dir = tmp_path / "run"
+    args = sft_args(run_dir, public_tokenizer, "train.max_steps=4", "train.save_every=4")
+    assert main(args) == 0
+    assert main(args) == 0  # finished already: no step runs, DONE still names the checkpoint
+    assert (run_dir / "sft" / "DONE").read_text().strip().endswith("step_00000004")
+    assert main([*args, "optim.lr=1e-4"]) == 2
+    assert "optim.lr: differs from the run that wrote" in capsys.readouterr().err
+    assert main([*args[:-2], "train.max_steps=6", "train.save_every=4", "logging.progress=true"]) == 0
+    assert latest_checkpoint(run_dir / "sft" / "checkpoints").name == "step_00000006"  # longer runs may resume
+
+
 KILL_AFTER_SAVE = """
 import os, signal, sys
 import offline_rlhf.train.loop as loop

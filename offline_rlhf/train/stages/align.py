@@ -21,7 +21,7 @@ from offline_rlhf.losses.alignment import kept_by_filter, mle_filter_loss, rwr_l
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.train.batching import collate_sequences, loss_tokens, real_tokens
-from offline_rlhf.train.init import mark_done, model_config, prepare_training
+from offline_rlhf.train.init import mark_done, model_config, prepare_training, resume_fingerprint
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 
 
@@ -68,7 +68,7 @@ def main(cfg: AlignConfig) -> int:
                        TrainData(dataset.train, dataset.val, collate, seq_len=cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
-                                      final_metadata=lambda _: metadata))
+                                      final_metadata=lambda _: metadata, fingerprint=resume_fingerprint(cfg)))
         rt.log(f"{cfg.stage_name} done: {result.steps} steps, final checkpoint {result.checkpoint}; "
                f"{dataset.card['tokens']['truncated']} of {dataset.card['examples']} samples truncated to "
                f"{cfg.data.max_seq_len} tokens")

@@ -20,7 +20,7 @@ from offline_rlhf.losses.reward import bradley_terry_loss
 from offline_rlhf.parallel.state_dict import load_full_state_dict
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.train.batching import collate_sequences, real_tokens
-from offline_rlhf.train.init import mark_done, model_config, prepare_training
+from offline_rlhf.train.init import mark_done, model_config, prepare_training, resume_fingerprint
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train, validate
 
 STAGE = "rm"
@@ -90,7 +90,8 @@ def train_reward_model(cfg: RMConfig) -> int:
         result = train(rm_task(cfg.margin), setup.model,
                        TrainData(dataset.train, dataset.val, collate, cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
-                       CheckpointSpec(setup.checkpoints, model_cfg, "value", setup.tokenizer_path, final_metadata))
+                       CheckpointSpec(setup.checkpoints, model_cfg, "value", setup.tokenizer_path, final_metadata,
+                                      resume_fingerprint(cfg)))
         rt.log(f"rm done: {result.steps} steps, validation accuracy {result.last_val.get('accuracy', float('nan')):.4f} "
                f"on {len(dataset.val)} pairs, final checkpoint {result.checkpoint}")
         mark_done(rt, result.checkpoint)

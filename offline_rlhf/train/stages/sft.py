@@ -10,7 +10,7 @@ from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.masks import document_mask
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.train.batching import collate_sequences, loss_tokens, real_tokens
-from offline_rlhf.train.init import mark_done, model_config, prepare_training
+from offline_rlhf.train.init import mark_done, model_config, prepare_training, resume_fingerprint
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 
 STAGE = "sft"
@@ -40,7 +40,8 @@ def main(cfg: SFTConfig) -> int:
         result = train(sft_task(cfg.data.pack), setup.model, TrainData(dataset.train, dataset.val, collate,
                                                                          cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
-                       CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path))
+                       CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
+                                      fingerprint=resume_fingerprint(cfg)))
         totals = dataset.card["totals"]
         rt.log(f"sft done: {result.steps} steps, final checkpoint {result.checkpoint}; "
                f"{totals['truncated']} of {totals['taken']} samples were truncated to {cfg.data.max_seq_len} tokens "
