@@ -257,7 +257,7 @@ class AlignConfig(TrainingStageConfig):
     method: str = "dt"
     filter_threshold: float = 0.0  # Eq. 4's t: train on samples with normalized reward > t
     rwr_beta: float = 5.0  # Eq. 5's beta
-    rwr_normalize: bool = False  # divide exp(R/beta) by its mean within each micro-batch
+    rwr_normalize: bool = False  # divide by the weighted token count sum w_i n_i of the global batch
     dt_target: float = 5.0  # the reward prompt used at inference (stored with the checkpoint)
     data: AlignDataConfig = field(default_factory=AlignDataConfig)
 

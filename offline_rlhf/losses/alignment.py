@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from offline_rlhf.losses.logprobs import shifted_token_nll
+from offline_rlhf.losses.logprobs import IGNORE_INDEX, shifted_token_nll
 
 
 def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,24 +37,27 @@ def mle_filter_loss(logits, labels, rewards, threshold: float, normalizer: float
                                 "count/kept_tokens": (sample_tokens * kept).sum().float()}
 
 
-def rwr_weights(rewards: torch.Tensor, beta: float, normalize: bool, max_log_weight: float = 20.0) -> torch.Tensor:
-    """Eq. 5's exp(R / beta). Normalized within the batch (mean weight 1), computed as a
-    shifted softmax so no exp overflows; unnormalized, log-weights are clamped at
-    `max_log_weight` (exp(20) ~ 5e8) for the same reason."""
-    log_weights = rewards.double() / beta
-    if normalize:
-        return (torch.softmax(log_weights, dim=0) * len(rewards)).float()
-    return torch.exp(log_weights.clamp(max=max_log_weight)).float()
+def rwr_weights(rewards: torch.Tensor, beta: float, max_log_weight: float = 20.0) -> torch.Tensor:
+    """Eq. 5's exp(R / beta), with log-weights clamped at `max_log_weight` (exp(20) ~ 5e8) so
+    no weight overflows; normalized rewards are z-scores, far below the clamp."""
+    return torch.exp((rewards.double() / beta).clamp(max=max_log_weight)).float()
 
 
-def rwr_loss(logits, labels, rewards, beta: float, normalize: bool, normalizer: float) -> tuple[torch.Tensor, dict]:
-    """Eq. 5: L = -sum exp(R(p,x) / beta) sum_i log p(x_i | x_<i, p), divided by the
-    response-token count. Reports the effective sample size (sum w)^2 / sum w^2."""
+def rwr_normalizer(labels: torch.Tensor, rewards: torch.Tensor, beta: float, normalize: bool) -> float:
+    """What the loop divides the RWR loss of a micro-batch by (summed over the global batch):
+    response tokens, or with `normalize` the weighted tokens sum_i w_i n_i, which makes the
+    loss a weighted mean per token whatever the micro-batch and data-parallel sizes."""
+    tokens = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).double()
+    return float((rwr_weights(rewards, beta).double() * tokens).sum() if normalize else tokens.sum())
+
+
+def rwr_loss(logits, labels, rewards, beta: float, normalizer: float) -> tuple[torch.Tensor, dict]:
+    """Eq. 5: L = -sum exp(R(p,x) / beta) sum_i log p(x_i | x_<i, p), divided by
+    `normalizer` (see rwr_normalizer). Reports the effective sample size (sum w)^2 / sum w^2."""
     sample_nll, _ = per_sample_nll(logits, labels)
-    weights = rwr_weights(rewards, beta, normalize).to(sample_nll.dtype)
+    weights = rwr_weights(rewards, beta).to(sample_nll.dtype)
     total = (weights * sample_nll).sum()
     ess = weights.sum() ** 2 / (weights.pow(2).sum() + 1e-12)
     return total / normalizer, {"loss": total.detach(), "count/ess": ess.detach(),
                                 "count/samples": torch.tensor(float(len(rewards)), device=rewards.device),
                                 "count/weight_sum": weights.sum().detach()}
-

@@ -52,7 +52,7 @@ class Task:
     `tokens(batch)` counts tokens processed (throughput and the ledger)."""
 
     loss: Callable[[nn.Module, Batch, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-    normalizer: Callable[[Batch], int]
+    normalizer: Callable[[Batch], float]
     tokens: Callable[[Batch], int]
     # Metrics named `count/...` are reported as global sums; `derive` may turn them into
     # ratios (e.g. the fraction of samples a reward filter kept).

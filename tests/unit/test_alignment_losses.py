@@ -6,7 +6,7 @@ import torch
 from pytest import approx
 
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.losses.alignment import mle_filter_loss, rwr_loss, rwr_weights
+from offline_rlhf.losses.alignment import mle_filter_loss, rwr_loss, rwr_normalizer, rwr_weights
 from offline_rlhf.losses.logprobs import IGNORE_INDEX
 from offline_rlhf.losses.sft import sft_loss
 
@@ -44,28 +44,33 @@ def test_mle_filter_all_filtered_is_zero_not_nan():
 
 def test_rwr_weights_by_hand():
     rewards = torch.tensor([1.0, -1.0])
-    loss, metrics = rwr_loss(LOGITS, LABELS, rewards, beta=5.0, normalize=False, normalizer=4)
+    loss, metrics = rwr_loss(LOGITS, LABELS, rewards, beta=5.0, normalizer=4)
     weights = [math.exp(1 / 5), math.exp(-1 / 5)]
     assert loss.item() == approx((weights[0] * SAMPLE_NLL[0] + weights[1] * SAMPLE_NLL[1]) / 4)
     assert metrics["count/ess"].item() == approx(sum(weights) ** 2 / sum(w * w for w in weights))
 
 
-def test_rwr_normalized_weights_average_one():
-    weights = rwr_weights(torch.tensor([1.0, -1.0, 0.0]), beta=5.0, normalize=True)
-    raw = [math.exp(r / 5) for r in (1.0, -1.0, 0.0)]
-    expected = [3 * w / sum(raw) for w in raw]
-    assert weights.tolist() == approx(expected)
+def test_rwr_normalizer_counts_tokens_or_weighted_tokens():
+    rewards = torch.tensor([1.0, -1.0])
+    assert rwr_normalizer(LABELS, rewards, 5.0, normalize=False) == 4  # two trained tokens per sample
+    weighted = rwr_normalizer(LABELS, rewards, 5.0, normalize=True)
+    assert weighted == approx(2 * math.exp(1 / 5) + 2 * math.exp(-1 / 5))
+    # Normalized RWR is then a weighted mean per token: equal rewards give plain SFT.
+    equal = torch.tensor([0.3, 0.3])
+    loss, _ = rwr_loss(LOGITS, LABELS, equal, 5.0, rwr_normalizer(LABELS, equal, 5.0, normalize=True))
+    assert loss.item() == approx(sum(SAMPLE_NLL) / 4)
 
 
 def test_rwr_large_rewards_do_not_overflow():
     huge = torch.tensor([5000.0, 4000.0, -3000.0])
-    normalized = rwr_weights(huge, beta=5.0, normalize=True)
-    assert torch.isfinite(normalized).all() and normalized.sum().item() == approx(3.0)
-    assert normalized[0].item() == approx(3.0)  # the best sample takes all the weight
-    clamped = rwr_weights(huge, beta=5.0, normalize=False)
-    assert torch.isfinite(clamped).all() and clamped[0].item() == approx(math.exp(20.0), rel=1e-5)
-    loss, _ = rwr_loss(LOGITS[:1].expand(3, -1, -1), LABELS[:1].expand(3, -1), huge, 5.0, False, 6)
-    assert torch.isfinite(loss)
+    weights = rwr_weights(huge, beta=5.0)
+    assert torch.isfinite(weights).all() and weights[0].item() == approx(math.exp(20.0), rel=1e-5)
+    assert weights[2].item() == approx(math.exp(-600.0), abs=1e-30)
+    labels = LABELS[:1].expand(3, -1)
+    normalizer = rwr_normalizer(labels, huge, 5.0, normalize=True)
+    loss, _ = rwr_loss(LOGITS[:1].expand(3, -1, -1), labels, huge, 5.0, normalizer)
+    assert math.isfinite(normalizer) and torch.isfinite(loss)
+    assert loss.item() == approx(SAMPLE_NLL[0] / 2, rel=1e-5)  # both clamped samples weigh the same
 
 
 def test_reward_prompt_renders_one_decimal_after_the_assistant_tag():

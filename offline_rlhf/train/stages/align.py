@@ -17,7 +17,7 @@ import torch
 from offline_rlhf.config.stages import AlignConfig
 from offline_rlhf.data.alignment_dataset import RewardedSequence, build_alignment_dataset
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.losses.alignment import kept_by_filter, mle_filter_loss, rwr_loss
+from offline_rlhf.losses.alignment import kept_by_filter, mle_filter_loss, rwr_loss, rwr_normalizer
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.train.batching import collate_sequences, loss_tokens, real_tokens
@@ -45,9 +45,9 @@ def alignment_task(cfg: AlignConfig) -> Task:
                     normalizer=kept_tokens, tokens=real_tokens,
                     derive=lambda m: {"kept_fraction": m["count/kept"] / max(m["count/samples"], 1.0)})
     if cfg.method == "rwr":
-        return Task(loss=lambda m, b, n: rwr_loss(_logits(m, b), b["labels"], b["rewards"], cfg.rwr_beta,
-                                                 cfg.rwr_normalize, n),
-                    normalizer=loss_tokens, tokens=real_tokens,
+        return Task(loss=lambda m, b, n: rwr_loss(_logits(m, b), b["labels"], b["rewards"], cfg.rwr_beta, n),
+                    normalizer=lambda b: rwr_normalizer(b["labels"], b["rewards"], cfg.rwr_beta, cfg.rwr_normalize),
+                    tokens=real_tokens,
                     derive=lambda m: {"ess_fraction": m["count/ess"] / max(m["count/samples"], 1.0)})
     return Task(loss=lambda m, b, n: sft_loss(_logits(m, b), b["labels"], n), normalizer=loss_tokens, tokens=real_tokens)
 
