@@ -26,7 +26,7 @@ Pipelines are conf/pipeline/*.yaml, clusters conf/cluster/*.yaml; keys are in la
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or "-h" in argv or "--help" in argv:
         print(USAGE)
         return 0
     try:

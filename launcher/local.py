@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from omegaconf import OmegaConf
+
 from launcher.plan import STAGE_MODULE, StagePlan
 
 DONE = "DONE"  # every stage writes it last, once its outputs are complete
@@ -25,7 +27,12 @@ def is_complete(plan: StagePlan) -> bool:
     """The stage wrote its DONE marker last, under the same resolved config."""
     config = plan.stage_dir / "config.yaml"
     return (plan.stage_dir / DONE).exists() and config.exists() and \
-        config.read_text().strip() == plan.config_yaml.strip()
+        _parsed(config.read_text()) == _parsed(plan.config_yaml)
+
+
+def _parsed(yaml_text: str):
+    """Compare configs by value: the order keys are printed in is not a change."""
+    return OmegaConf.to_container(OmegaConf.create(yaml_text))
 
 
 def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:

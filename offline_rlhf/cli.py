@@ -56,6 +56,12 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def stage_help(name: str, stage: Stage) -> str:
+    doc = (_load(stage.schema).__doc__ or "").strip()
+    return (f"usage: orlhf {name} [key=value ...] [--cfg]\n\n{stage.summary}\n\n{doc}\n\n"
+            f"`orlhf {name} --cfg` prints every key with its resolved value; conf/stage/{name}.yaml has the defaults.")
+
+
 def _load(path: str):
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -75,9 +81,16 @@ def run(argv: list[str]) -> int:
     if not stage.schema:
         return _load(f"{stage.module}:main")(args) or 0
     from offline_rlhf.config.compose import compose_stage, to_yaml
+    from offline_rlhf.config.errors import ConfigError
 
     if stage.positional and args and "=" not in args[0] and not args[0].startswith("-"):
         args = [f"{stage.positional}={args[0]}", *args[1:]]
+    if "-h" in args or "--help" in args:
+        print(stage_help(name, stage))
+        return 0
+    stray = next((a for a in args if "=" not in a and a != "--cfg"), None)
+    if stray is not None:
+        raise ConfigError(stray, "is not an override", f"write key=value; `orlhf {name} --cfg` lists the keys")
     print_only = "--cfg" in args
     config = compose_stage(name, _load(stage.schema), [a for a in args if a != "--cfg"])
     if print_only:
@@ -94,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(argv)
     except (ConfigError, DataError) as err:
-        stage = argv[0] if argv else ""
-        print(f"orlhf {stage}: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
+            print(f"orlhf {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
         code = 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         _exit_without_teardown(code)

@@ -15,6 +15,8 @@ from typing import Iterable
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from offline_rlhf.config.errors import ConfigError
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -33,7 +35,8 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
         if not (path / TOKENIZER_FILE).is_file():
-            raise FileNotFoundError(f"{path / TOKENIZER_FILE} not found (only tokenizer.json tokenizers are supported)")
+            raise ConfigError("init.tokenizer", f"{path / TOKENIZER_FILE} not found",
+                              "pass a folder with a tokenizer.json (only those tokenizers are supported)")
         config_path = path / CONFIG_FILE
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         return cls(BackendTokenizer.from_file(str(path / TOKENIZER_FILE)), config)

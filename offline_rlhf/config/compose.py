@@ -21,6 +21,10 @@ from offline_rlhf.config.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 T = TypeVar("T")
 
+# `${repo:../shared/data/x.jsonl}` in a config: a path relative to the repository root, so
+# shipped defaults work from any working directory (and on every node of a cluster job).
+OmegaConf.register_new_resolver("repo", lambda relative: str((CONF_DIR.parent / relative).resolve()), replace=True)
+
 
 def register_stage(stage: str, schema: type) -> None:
     """Make `conf/stage/<stage>.yaml` able to name `<stage>_schema` in its defaults."""

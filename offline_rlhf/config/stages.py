@@ -66,6 +66,18 @@ class TemplateConfig:
     sep: str = " "
 
 
+# The reader names of offline_rlhf.data (SFT and preference families); a test keeps them in sync.
+SFT_FORMATS = ("oasst", "dolly", "flan_cot", "self_instruct", "jsonl", "hf")
+PREFERENCE_FORMATS = ("hh_rlhf", "oasst", "jsonl")
+
+
+def check_formats(sources, allowed: tuple[str, ...], family: str) -> None:
+    for source in sources:
+        if source.format not in allowed:
+            raise ConfigError(f"data.sources[{source.name or source.path}].format",
+                              f"{source.format!r} is not a {family} format", f"use one of {', '.join(allowed)}")
+
+
 @dataclass
 class SourceConfig:
     """One dataset in a mix. `format` names a reader (oasst, dolly, flan_cot, self_instruct,
@@ -84,6 +96,9 @@ class SourceConfig:
     def __post_init__(self):
         if not self.path:
             raise ConfigError(f"data.sources[{self.name or '?'}].path", "is required", "pass the file (or HF dataset name)")
+        if self.format not in SFT_FORMATS + PREFERENCE_FORMATS:
+            raise ConfigError(f"data.sources[{self.name or self.path}].format", f"unknown format {self.format!r}",
+                              f"use one of {', '.join(sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)))}")
         if self.weight <= 0:
             raise ConfigError(f"data.sources[{self.name or self.path}].weight", f"must be > 0, got {self.weight}")
 
@@ -100,6 +115,9 @@ class DataConfig:
     def __post_init__(self):
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.max_seq_len < 2:
+            raise ConfigError("data.max_seq_len", f"must be at least 2 (a prompt token and a response token), "
+                              f"got {self.max_seq_len}")
 
 
 @dataclass
@@ -188,6 +206,7 @@ class SFTConfig(TrainingStageConfig):
         self.validate()
         if not self.data.sources:
             raise ConfigError("data.sources", "is empty", "list at least one source (see conf/data/)")
+        check_formats(self.data.sources, SFT_FORMATS, "supervised (prompt, response)")
 
 
 @dataclass
@@ -204,6 +223,7 @@ class RMConfig(TrainingStageConfig):
 
     def __post_init__(self):
         self.validate()
+        check_formats(self.data.sources, PREFERENCE_FORMATS, "preference (prompt, chosen, rejected)")
         if self.data.pack:
             raise ConfigError("data.pack", "reward-model pairs are never packed", "set data.pack=false")
         if self.eval_only and not self.init.checkpoint:

@@ -23,7 +23,12 @@ def iter_lines(path: str | PathLike) -> Iterator[tuple[Location, str]]:
     found = False
     # Binary lines split on b"\n" only: str.splitlines would also split on U+2028,
     # which JSON strings may hold unescaped.
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise DataError(path, None, f"expected a readable file ({err.strerror}; relative paths start from the current "
+                                    "directory)") from None
+    with handle:
         for number, raw in enumerate(handle, start=1):
             where = Location(str(path), number)
             text = _decode(raw, where).rstrip("\r\n")

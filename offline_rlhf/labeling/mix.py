@@ -9,6 +9,7 @@ import statistics
 from offline_rlhf.config.schema import ParallelConfig
 from offline_rlhf.config.stages import MixConfig
 from offline_rlhf.data.mixing import mix_sources
+from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.records import iter_json_objects
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.runtime import stage_runtime
@@ -20,6 +21,16 @@ GROUPS = ("generated", "sft", "preference")
 
 def group_of(record: dict) -> str:
     return "preference" if record["kind"] in ("chosen", "rejected") else record["kind"]
+
+
+def read_labeled_records(path: str) -> list[dict]:
+    records = []
+    for where, record in iter_json_objects(path):
+        for key in ("prompt", "response", "kind", "source", "reward"):
+            if key not in record:
+                raise where.error(f"expected an object with key {key!r} (missing); is this `orlhf label` output?")
+        records.append(record)
+    return records
 
 
 def units_by_group(records: list[dict]) -> dict[str, list[tuple[dict, ...]]]:
@@ -43,9 +54,13 @@ def draw(cfg: MixConfig, records: list[dict]) -> tuple[list[dict], dict]:
     weights = {"generated": cfg.weights.generated, "sft": cfg.weights.sft, "preference": cfg.weights.preference / 2}
     present = [g for g in GROUPS if units[g] and weights[g] > 0]
     if not present:
-        raise ValueError(f"{cfg.input}: no samples in any group with a positive weight")
+        raise DataError(cfg.input, None, "expected samples of a group with a positive weight (generated, sft or "
+                                         "preference kinds)")
     total_units = _total_units(cfg, units, weights, present)
     mixed, stats = mix_sources([(g, units[g], weights[g]) for g in present], total_units, cfg.seed)
+    for group in GROUPS:
+        if weights[group] > 0 and not units[group]:  # its share goes to the others: say so
+            stats[group] = {"available": 0, "taken": 0, "repeated": 0, "missing": True}
     return [record for unit in mixed for record in unit], stats
 
 
@@ -84,7 +99,7 @@ def card_markdown(summary: dict) -> str:
 def main(cfg: MixConfig) -> int:
     """Selection and bookkeeping only: one process, no model (its ledger row is tiny)."""
     with stage_runtime(STAGE, cfg.run_dir, ParallelConfig(), None, cfg) as (rt, usage):
-        records = [record for _, record in iter_json_objects(cfg.input)]
+        records = read_labeled_records(cfg.input)
         mixed, stats = draw(cfg, records)
         summary = card(mixed, stats, cfg)
         write_jsonl(rt.stage_dir / ALIGNMENT, mixed)
@@ -93,4 +108,7 @@ def main(cfg: MixConfig) -> int:
         write_atomic(rt.stage_dir / "DONE", f"{rt.stage_dir / ALIGNMENT}\n")
         groups = ", ".join(f"{g} {s['taken']}" + (" pairs" if g == "preference" else "") for g, s in stats.items())
         rt.log(f"mix done: {len(mixed)} samples ({groups}) in {rt.stage_dir / ALIGNMENT}")
+        for group in (g for g, s in stats.items() if s.get("missing")):
+            rt.log(f"mix: warning: the input has no {group} samples; the other groups took its share "
+                   f"(label them with `orlhf label inputs=...`)")
     return 0

@@ -43,12 +43,12 @@ class MetricsLog:
             _drop_rows_after(self.path, resumed_step)
 
     def train(self, step: int, metrics: dict[str, float], every: int) -> None:
-        self.bar.update(1)
         shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}", "lr": f"{metrics['lr']:.2e}",
                  "tok_s": f"{metrics['tokens_per_s']:.0f}"}
         if "accuracy" in metrics:  # the reward model's headline number
             shown["acc"] = f"{metrics['accuracy']:.3f}"
         self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)  # after the postfix, so the bar shows this step's numbers
         if step % every == 0:
             self._write(step, {f"train/{k}": v for k, v in metrics.items()})
 

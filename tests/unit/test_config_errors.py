@@ -71,3 +71,21 @@ def test_paper_8b_attributes():
     model = compose("demo", DemoConfig, ["model=8b", "seq_len=64"]).model
     assert (model.max_seq_len, model.qkv_bias, model.tie_embeddings) == (4096, False, False)
     assert 8.0e9 < model.num_params() < 9.0e9
+
+
+def test_config_formats_name_the_data_readers():
+    from offline_rlhf.config.stages import PREFERENCE_FORMATS, SFT_FORMATS
+    from offline_rlhf.data import PREFERENCE_READERS, READERS
+
+    assert set(SFT_FORMATS) == set(READERS) and set(PREFERENCE_FORMATS) == set(PREFERENCE_READERS)
+
+
+@pytest.mark.parametrize("stage,override,fragment", [
+    ("sft", "data.sources.0.format=csv", "data.sources[oasst].format: unknown format 'csv'"),
+    ("sft", "data.sources.0.format=hh_rlhf", "'hh_rlhf' is not a supervised (prompt, response) format"),
+    ("rm", "data.sources.0.format=dolly", "'dolly' is not a preference (prompt, chosen, rejected) format"),
+    ("sft", "data.max_seq_len=1", "data.max_seq_len: must be at least 2"),
+])
+def test_data_source_errors(stage, override, fragment, capsys):
+    assert main([stage, override]) == 2
+    assert fragment in capsys.readouterr().err
