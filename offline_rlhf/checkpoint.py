@@ -146,18 +146,23 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = False, partial: bool = False) -> CheckpointMeta:
+                    restore_rng: bool = False, may_lack: tuple[str, ...] = ()) -> CheckpointMeta:
     """Collective. Loads model (and optimizer) shards for the current layout, whatever layout
     saved them. RNG is restored only when the world size is unchanged (states are per rank).
-    `partial=True` leaves parameters the checkpoint lacks as they are (a reward model's new
-    scalar head when starting from an SFT checkpoint)."""
+    Parameters named in `may_lack` may be absent from the checkpoint and keep their values
+    (a reward model's new scalar head from an SFT checkpoint); any other absence is an error."""
     path = Path(path)
     meta = read_meta(path)
     if optimizer is not None and not meta.has_optimizer:
         raise ValueError(f"{path} holds no optimizer state; load it as weights only (optimizer=None)")
     state = _tensor_state(model, optimizer)
+    lacking = _lacking(path, state["model"])
+    unexpected = sorted(lacking - set(may_lack))
+    if unexpected:
+        raise ValueError(f"{path} lacks {len(unexpected)} parameter(s) of this model, first {unexpected[:3]}; "
+                         "is it a checkpoint of another architecture?")
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=partial))
+        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=bool(lacking)))
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -165,6 +170,12 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if restore_rng and meta.world_size == (dist.get_world_size() if dist.is_initialized() else 1):
         _load_rng(path)
     return meta
+
+
+def _lacking(path: Path, model_state: dict[str, Any]) -> set[str]:
+    """Model parameter names the checkpoint at `path` does not hold."""
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {name for name in model_state if f"model.{name}" not in saved}
 
 
 def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

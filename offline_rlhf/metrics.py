@@ -30,6 +30,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, device: torch.device) -> float | None:
+def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, device: torch.device,
+        head: str = "lm") -> float | None:
     peak = peak_flops(device)
-    return None if peak is None else tokens_per_second * training_flops_per_token(cfg, seq_len) / peak
+    return None if peak is None else tokens_per_second * training_flops_per_token(cfg, seq_len, head) / peak

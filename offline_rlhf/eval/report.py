@@ -13,7 +13,8 @@ from pathlib import Path
 from offline_rlhf.config.schema import ParallelConfig
 from offline_rlhf.config.stages import ReportConfig
 from offline_rlhf.fsutil import write_atomic
-from offline_rlhf.ledger import read_ledger
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.ledger import LEDGER, read_ledger
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.train.metrics_log import read_metrics
 
@@ -85,6 +86,8 @@ def loss_curves(run_dir: Path, out: Path) -> Path | None:
 
 def main(cfg: ReportConfig) -> int:
     run_dir = Path(cfg.run_dir)
+    if not read_ledger(run_dir):
+        raise ConfigError("run_dir", f"{run_dir} has no {LEDGER} (no stage has run there)", "pass a run directory")
     with stage_runtime("report", cfg.run_dir, ParallelConfig(), None, cfg) as (rt, _):
         hours = device_hours(run_dir)
         rows = table3(hours)

@@ -8,6 +8,7 @@ are a renaming of tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -72,6 +73,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention is fast only compiled (eager runs an unfused reference path); compiled
+    once, on first use, on CUDA only (CPU uses it for forward-only checks)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class Attention(nn.Module):
     """Grouped-query attention through `scaled_dot_product_attention`."""
 
@@ -98,7 +106,8 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)
         grouped = k.shape[1] != q.shape[1]
         if isinstance(attn_mask, BlockMask):
-            out = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=grouped)
+            flex = compiled_flex_attention() if q.is_cuda else flex_attention
+            out = flex(q, k, v, block_mask=attn_mask, enable_gqa=grouped)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                  enable_gqa=grouped)

@@ -27,7 +27,9 @@ def flex_document_mask(document_ids: torch.Tensor) -> BlockMask:
         return (document_ids[batch, q_idx] == document_ids[batch, kv_idx]) & (q_idx >= kv_idx)
 
     batch, seq = document_ids.shape
-    return create_block_mask(document_causal, batch, None, seq, seq, device=document_ids.device)
+    # Compiled on CUDA: the eager mask builder materializes a dense [B, T, T] mask first.
+    return create_block_mask(document_causal, batch, None, seq, seq, device=document_ids.device,
+                             _compile=document_ids.is_cuda)
 
 
 def document_mask(document_ids: torch.Tensor) -> torch.Tensor | BlockMask:

@@ -47,6 +47,10 @@ def load_tokenizer(init: InitConfig, model: ModelConfig) -> tuple[Tokenizer, Pat
     return tokenizer, path
 
 
+# What an init checkpoint of the other head (an SFT model for a reward model) cannot hold.
+NEW_HEAD_PARAMETERS = {"lm": (), "value": ("score.weight",)}
+
+
 @dataclass
 class TrainingSetup:
     model: nn.Module
@@ -65,7 +69,7 @@ def prepare_training(init: InitConfig, model_cfg: ModelConfig, head: str, rt: Ru
     if before_load is not None:
         before_load(model)
     checkpoints = rt.stage_dir / "checkpoints"
-    rt.log(initialize_weights(init, model, checkpoints, partial=head == "value"))
+    rt.log(initialize_weights(init, model, checkpoints, may_lack=NEW_HEAD_PARAMETERS[head]))
     return TrainingSetup(model, tokenizer, tokenizer_path, checkpoints)
 
 
@@ -110,7 +114,7 @@ def mark_done(rt: Runtime, result: str | Path) -> None:
         write_atomic(rt.stage_dir / "DONE", f"{result}\n")
 
 
-def initialize_weights(init: InitConfig, model: nn.Module, resume_root: Path, partial: bool = False) -> str:
+def initialize_weights(init: InitConfig, model: nn.Module, resume_root: Path, may_lack: tuple[str, ...] = ()) -> str:
     """Load the init checkpoint unless the stage is resuming (its own checkpoint wins).
     Returns a line saying where the weights came from."""
     if latest_checkpoint(resume_root) is not None:
@@ -118,5 +122,5 @@ def initialize_weights(init: InitConfig, model: nn.Module, resume_root: Path, pa
     if not init.checkpoint:
         return "weights: random initialization"
     path = resolve_checkpoint(init.checkpoint, "init.checkpoint")
-    load_checkpoint(path, model, partial=partial)
+    load_checkpoint(path, model, may_lack=may_lack)
     return f"weights: {path}"

@@ -145,7 +145,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
         usage.beat()
         metrics.update(lr=lr,
                        **throughput_metrics(tokens, time.perf_counter() - started, loaded - started, ckpt.model,
-                                          data.seq_len, rt))
+                                          ckpt.head, data.seq_len, rt))
         result.last_train = metrics
         log.train(state.step, metrics, every=train_cfg.log_every)
         final = state.step == steps
@@ -180,11 +180,16 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
             sums[key] += value.float()
         tokens += task.tokens(batch)
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    finite = bool(torch.isfinite(grad_norm))  # the same on every rank: the norm is global
+    if finite:
+        optimizer.step()
+    else:  # one bad batch must not write NaN into every weight; the step is skipped and logged
+        optimizer.zero_grad(set_to_none=True)
     keys = sorted(sums)
     totals = _dp_sum(rt, [sums[k] for k in keys] + [float(tokens)])
     metrics = task.reduce(keys, totals[:-1], normalizer)
     metrics["grad_norm"] = float(grad_norm)
+    metrics["skipped_step"] = float(not finite)
     return metrics, int(totals[-1])
 
 

@@ -18,14 +18,14 @@ from offline_rlhf.runtime import Runtime
 METRICS_FILE = "metrics.jsonl"
 
 
-def throughput_metrics(tokens: int, step_seconds: float, data_seconds: float, model: ModelConfig, seq_len: int,
-                       rt: Runtime) -> dict[str, float]:
+def throughput_metrics(tokens: int, step_seconds: float, data_seconds: float, model: ModelConfig, head: str,
+                       seq_len: int, rt: Runtime) -> dict[str, float]:
     """tokens: processed by the whole job in this step."""
     tokens_per_s = tokens / step_seconds
     metrics = {"tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / rt.dims.world_size,
                "step_seconds": step_seconds, "data_share": data_seconds / step_seconds}
     if rt.device.type == "cuda":
-        utilization = mfu(tokens_per_s / rt.dims.world_size, model, seq_len, rt.device)
+        utilization = mfu(tokens_per_s / rt.dims.world_size, model, seq_len, rt.device, head)
         if utilization is not None:
             metrics["mfu"] = utilization
         metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30

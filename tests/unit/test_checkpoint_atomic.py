@@ -69,3 +69,16 @@ def test_latest_naming_an_incomplete_folder_is_an_error(tmp_path):
     (tmp_path / "step_00000001" / "meta.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         latest_checkpoint(tmp_path)
+
+
+def test_only_named_parameters_may_be_missing(tmp_path):
+    from dataclasses import replace
+
+    save_checkpoint(tmp_path, reference_model(), _meta(1))  # an LM checkpoint of TINY
+    value_model = Transformer(TINY, head="value")
+    load_checkpoint(latest_checkpoint(tmp_path), value_model, may_lack=("score.weight",))  # a new RM head
+    with pytest.raises(ValueError, match=r"lacks 1 parameter\(s\) of this model, first \['score.weight'\]"):
+        load_checkpoint(latest_checkpoint(tmp_path), Transformer(TINY, head="value"))
+    deeper = Transformer(replace(TINY, n_layers=3))
+    with pytest.raises(ValueError, match="another architecture"):
+        load_checkpoint(latest_checkpoint(tmp_path), deeper, may_lack=("score.weight",))

@@ -48,3 +48,17 @@ def test_sample_stream_is_epoch_permutations():
     assert first_epoch != second_epoch
     assert stream.take(3, 4) == first_epoch[3:] + second_epoch[:2]
     assert SampleStream(5, seed=3).take(0, 10) == first_epoch + second_epoch
+
+
+def test_non_finite_gradients_skip_the_step():
+    from offline_rlhf.train.loop import Task
+
+    model = reference_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    nan_task = Task(loss=lambda m, b, n: (sft_task(True).loss(m, b, n)[0] * float("nan"), {}),
+                    normalizer=sft_task(True).normalizer, tokens=sft_task(True).tokens)
+    rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, TINY), None)
+    batches = [collate_sequences(sft_sequences(2), pad_id=0)]
+    metrics, _ = train_step(nan_task, model, torch.optim.SGD(model.parameters(), lr=1.0), batches, rt, grad_clip=1.0)
+    assert metrics["skipped_step"] == 1.0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
