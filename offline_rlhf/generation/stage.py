@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -78,7 +78,9 @@ def answer(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, templat
     limit = prompt_budget(cfg, model.cfg)
     encoded = [encode_prompt(tokenizer, template, p.text) for p in prompts]
     truncated = [len(ids) > limit for ids in encoded]
-    outputs = generate(model, [ids[-limit:] for ids in encoded], cfg.generation, tokenizer.eos_id,
+    # A seed per chunk (from its first prompt id): chunks do not replay one random stream.
+    chunk_cfg = replace(cfg.generation, seed=cfg.generation.seed * 1_000_003 + prompts[0].id)
+    outputs = generate(model, [ids[-limit:] for ids in encoded], chunk_cfg, tokenizer.eos_id,
                        tokenizer.pad_id, rt.device)
     records = []
     for prompt, tokens, cut in zip(prompts, outputs, truncated):
