@@ -25,6 +25,7 @@ demo: $(BIN)/.installed-base
 test: $(BIN)/.installed-test
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash scripts/local_slurm.sh install; \
 	else echo "test: not root or no apt-get, so the Slurm integration tests will be skipped"; fi
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15
 
 clean-venv:

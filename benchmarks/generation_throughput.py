@@ -19,9 +19,8 @@ import torch
 from train_step_throughput import CPU_DEFAULT, hf_twin
 
 from offline_rlhf.config.compose import compose_stage
-from offline_rlhf.config.schema import ModelConfig
-from offline_rlhf.config.stages import DemoConfig
-from offline_rlhf.generation.config import GenerationConfig
+from offline_rlhf.config.schema import GenerationConfig, ModelConfig
+from offline_rlhf.config.tools import SmokeConfig
 from offline_rlhf.generation.engine import generate
 from offline_rlhf.models.llama import Transformer
 
@@ -102,7 +101,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg: ModelConfig = CPU_DEFAULT if args.model is None else compose_stage(
-        "demo", DemoConfig, [f"model={args.model}", "seq_len=8"]).model
+        "demo", SmokeConfig, [f"model={args.model}", "seq_len=8"]).model
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     ours = Transformer(cfg)
@@ -129,7 +128,8 @@ def print_roofline(model, prompts, args, device) -> None:
     name = torch.cuda.get_device_name(device)
     peak = next((value for key, value in PEAK_BANDWIDTH.items() if key in name), None)
     line = f"batch={len(prompts):3d} decode step {step * 1e3:.2f} ms, {bandwidth / 1e12:.2f} TB/s"
-    print(line + (f" = {bandwidth / peak:.1%} of {name} peak {peak / 1e12:.2f} TB/s" if peak else f" ({name}: peak unknown)"))
+    suffix = f" = {bandwidth / peak:.1%} of {name} peak {peak / 1e12:.2f} TB/s" if peak else f" ({name}: peak unknown)"
+    print(line + suffix)
 
 
 if __name__ == "__main__":

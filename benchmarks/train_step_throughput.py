@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from offline_rlhf.config.compose import compose_stage
 from offline_rlhf.config.schema import ModelConfig
-from offline_rlhf.config.stages import DemoConfig
+from offline_rlhf.config.tools import SmokeConfig
 from offline_rlhf.metrics import mfu, training_flops_per_token
 from offline_rlhf.models.hf import config_to_hf, hf_state_dict
 from offline_rlhf.models.llama import Transformer
@@ -76,7 +76,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = CPU_DEFAULT if args.model is None else compose_stage("demo", DemoConfig, [f"model={args.model}", "seq_len=8"]).model
+    cfg = CPU_DEFAULT if args.model is None else compose_stage("smoke", SmokeConfig,
+                                                               [f"model={args.model}", "seq_len=8"]).model
     autocast = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)
     ours = Transformer(cfg).to(device)

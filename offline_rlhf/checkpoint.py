@@ -14,6 +14,8 @@ only then replaces `latest` (itself written to a temporary file and renamed). A 
 killed at any point leaves `latest` on the previous complete checkpoint.
 Tensors are stored by fully-qualified parameter name, so a checkpoint saved at TP=2 x DP=2
 loads into TP=1 x DP=1 (DCP reshards on load).
+Saves and loads are collective over `group`, the stage's process group (`Runtime.group`;
+None: one process, or the default group where a caller has no runtime).
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, RopeScalingConfig
@@ -72,30 +78,30 @@ def step_dir_name(step: int) -> str:
 
 def save_checkpoint(root: str | Path, model: nn.Module, meta: CheckpointMeta,
                     optimizer: torch.optim.Optimizer | None = None, tokenizer_dir: str | Path | None = None,
-                    keep_last: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    keep_last: int | None = None, group: dist.ProcessGroup | None = None) -> Path:
+    """Collective: every rank of `group` calls it. Returns the final checkpoint directory."""
     root = Path(root)
     final = root / step_dir_name(meta.train_state.step)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
-    if _is_main():
+    if _rank(group) == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left over by a killed save
         partial.mkdir()
-    _barrier()
+    _barrier(group)
     meta.has_optimizer = optimizer is not None
-    meta.world_size = dist.get_world_size() if dist.is_initialized() else 1
+    meta.world_size = _world_size(group)
     with _single_process_quiet():
-        dcp.save(_tensor_state(model, optimizer), checkpoint_id=partial)
-    _save_rng(partial)
-    _barrier()
-    if _is_main():
+        dcp.save(_tensor_state(model, optimizer), checkpoint_id=partial, process_group=group)
+    _save_rng(partial, _rank(group))
+    _barrier(group)
+    if _rank(group) == 0:
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, partial / TOKENIZER_DIR)
         write_atomic(partial / META, json.dumps(asdict(meta), indent=2))
         _publish(partial, final)
         if keep_last:
             _prune(root, keep_last)
-    _barrier()
+    _barrier(group)
     return final
 
 
@@ -146,8 +152,9 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = False, may_lack: tuple[str, ...] = ()) -> CheckpointMeta:
-    """Collective. Loads model (and optimizer) shards for the current layout, whatever layout
+                    restore_rng: bool = False, may_lack: tuple[str, ...] = (),
+                    group: dist.ProcessGroup | None = None) -> CheckpointMeta:
+    """Collective over `group`. Loads model (and optimizer) shards for the current layout, whatever layout
     saved them. RNG is restored only when the world size is unchanged (states are per rank).
     Parameters named in `may_lack` may be absent from the checkpoint and keep their values
     (a reward model's new scalar head from an SFT checkpoint); any other absence is an error."""
@@ -162,13 +169,14 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise ValueError(f"{path} lacks {len(unexpected)} parameter(s) of this model, first {unexpected[:3]}; "
                          "is it a checkpoint of another architecture?")
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=bool(lacking)))
+        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=bool(lacking)),
+                 process_group=group)
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if restore_rng and meta.world_size == (dist.get_world_size() if dist.is_initialized() else 1):
-        _load_rng(path)
+    if restore_rng and meta.world_size == _world_size(group):
+        _load_rng(path, _rank(group))
     return meta
 
 
@@ -185,22 +193,21 @@ def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     return {"model": model_state, "optim": optim_state}
 
 
-def _rng_file(path: Path) -> Path:
-    rank = dist.get_rank() if dist.is_initialized() else 0
+def _rng_file(path: Path, rank: int) -> Path:
     return path / "rng" / f"rank{rank:05d}.pt"
 
 
-def _save_rng(path: Path) -> None:
+def _save_rng(path: Path, rank: int) -> None:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    target = _rng_file(path)
+    target = _rng_file(path, rank)
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, target)
 
 
-def _load_rng(path: Path) -> None:
-    state = torch.load(_rng_file(path), weights_only=True)
+def _load_rng(path: Path, rank: int) -> None:
+    state = torch.load(_rng_file(path, rank), weights_only=True)
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -221,10 +228,14 @@ def _single_process_quiet():
         yield
 
 
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _rank(group: dist.ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _world_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def _barrier(group: dist.ProcessGroup | None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)

@@ -1,10 +1,17 @@
-"""Throughput accounting from an analytic FLOPs count (nanoGPT's `estimate_mfu`, PaLM appendix B)."""
+"""What training stages measure: throughput from an analytic FLOPs count (nanoGPT's
+`estimate_mfu`, PaLM appendix B), and the `metrics.jsonl` file every training stage writes
+(read back by reports)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
 from offline_rlhf.config.schema import ModelConfig
+
+METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak (no sparsity) by device-name fragment, in FLOP/s.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -34,3 +41,8 @@ def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, device: torch.
         head: str = "lm") -> float | None:
     peak = peak_flops(device)
     return None if peak is None else tokens_per_second * training_flops_per_token(cfg, seq_len, head) / peak
+
+
+def read_metrics(stage_dir: str | Path) -> list[dict]:
+    path = Path(stage_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

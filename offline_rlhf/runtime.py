@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from offline_rlhf import ledger
@@ -25,6 +26,7 @@ class Runtime:
     dims: ParallelDims
     mesh: DeviceMesh | None
     stage_dir: Path
+    group: dist.ProcessGroup | None = None  # the stage's whole world; None: one process (or the default group)
 
     @property
     def is_main(self) -> bool:
@@ -33,6 +35,10 @@ class Runtime:
     def log(self, message: str) -> None:
         if self.is_main:
             print(message, flush=True)
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
 
 
 @contextmanager
@@ -46,7 +52,8 @@ def stage_runtime(stage: str, run_dir: str, parallel: ParallelConfig, model: Mod
         if env.is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / "config.yaml").write_text(to_yaml(config))
-        runtime = Runtime(env=env, device=device, dims=dims, mesh=build_mesh(dims, device), stage_dir=stage_dir)
+        runtime = Runtime(env=env, device=device, dims=dims, mesh=build_mesh(dims, device), stage_dir=stage_dir,
+                          group=dist.group.WORLD if env.world_size > 1 else None)
         with ledger.track(run_dir, stage, env, device) as usage:
             yield runtime, usage
     finally:

@@ -57,7 +57,8 @@ def sft_sequences(count: int = 8, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     samples = []
     for index in range(count * 4):
-        ids = torch.randint(3, TINY.vocab_size, (int(torch.randint(4, 12, (1,), generator=gen)),), generator=gen).tolist()
+        length = int(torch.randint(4, 12, (1,), generator=gen))
+        ids = torch.randint(3, TINY.vocab_size, (length,), generator=gen).tolist()
         samples.append(TokenizedSample(tuple(ids), (IGNORE_INDEX, IGNORE_INDEX, *ids[2:]), f"s{index}", False))
     sequences = pack_samples(samples, seq_len=24)
     assert len(sequences) >= count

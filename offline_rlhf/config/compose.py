@@ -16,6 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from offline_rlhf.config.base import freeze
 from offline_rlhf.config.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -32,14 +33,14 @@ def register_stage(stage: str, schema: type) -> None:
 
 
 def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = ()) -> T:
-    """Compose `conf/stage/<stage>.yaml` with `overrides` into an instance of `schema`."""
+    """Compose `conf/stage/<stage>.yaml` with `overrides` into a validated, frozen instance of `schema`."""
     register_stage(stage, schema)
     _reject_new_keys(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name=f"stage/{stage}", overrides=list(overrides))
         OmegaConf.set_struct(cfg, True)
-        return OmegaConf.to_object(cfg)
+        return freeze(OmegaConf.to_object(cfg))
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException) as err:

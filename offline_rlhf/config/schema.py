@@ -1,20 +1,23 @@
-"""Structured configs shared by every stage.
+"""The pieces every stage config is built from: model, parallel layout, weights to start
+from, optimizer, training loop, logging, data sources, chat template and generation.
 
-Each stage config is a dataclass composed of these pieces; Hydra merges YAML from
-`conf/` into them in struct mode, so an unknown key is an error. Per-piece checks live
-in `__post_init__`; checks that need the world size live in `ParallelDims`.
+Each stage config (training.py, samples.py, evaluation.py, tools.py) composes these;
+Hydra merges YAML from `conf/` into them in struct mode, so an unknown key is an error.
+Per-piece checks live in `__post_init__`; checks that need the world size live in
+`ParallelDims`. No torch import: `orlhf STAGE --cfg` stays fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+from offline_rlhf.config.base import Frozen, require_positive
 from offline_rlhf.config.errors import ConfigError
 
 
 @dataclass
-class RopeScalingConfig:
+class RopeScalingConfig(Frozen):
     """Llama-3 style frequency-dependent RoPE scaling (`rope_type: llama3` in HF configs)."""
 
     factor: float = 8.0
@@ -24,7 +27,7 @@ class RopeScalingConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Frozen):
     """A Llama-family decoder. Defaults are the paper's 8B attributes (SwiGLU, RoPE,
     max sequence 4096, no dropout, no biases, untied embeddings)."""
 
@@ -45,9 +48,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for key in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"model.{key}", f"must be positive, got {getattr(self, key)}")
+        require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", prefix="model.")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 "model.n_kv_heads",
@@ -82,7 +83,7 @@ class ModelConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Frozen):
     """How the world is split. `dp=-1` fills whatever the world size leaves after TP."""
 
     tp: int = 1
@@ -103,3 +104,166 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel", "needs parallel.tp > 1",
                               "set parallel.tp or turn sequence_parallel off")
+
+
+@dataclass
+class TemplateConfig(Frozen):
+    """The paper's `User: {instruction} Assistant: {response}`."""
+
+    user_tag: str = "User:"
+    assistant_tag: str = "Assistant:"
+    sep: str = " "
+
+
+# The reader names of offline_rlhf.data (SFT and preference families); a test keeps them in sync.
+SFT_FORMATS = ("oasst", "dolly", "flan_cot", "self_instruct", "jsonl", "hf")
+PREFERENCE_FORMATS = ("hh_rlhf", "oasst", "jsonl")
+
+
+def check_formats(sources, allowed: tuple[str, ...], family: str) -> None:
+    for source in sources:
+        if source.format not in allowed:
+            raise ConfigError(f"data.sources[{source.name or source.path}].format",
+                              f"{source.format!r} is not a {family} format", f"use one of {', '.join(allowed)}")
+
+
+@dataclass
+class SourceConfig(Frozen):
+    """One dataset in a mix. `format` names a reader (oasst, dolly, flan_cot, self_instruct,
+    jsonl, hf for SFT; hh_rlhf, oasst, jsonl for preferences)."""
+
+    name: str = ""
+    format: str = "jsonl"
+    path: str = ""
+    weight: float = 1.0
+    prompt_key: str = "prompt"  # jsonl/hf readers
+    response_key: str = "response"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    split: str = "train"  # hf reader
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError(f"data.sources[{self.name or '?'}].path", "is required",
+                              "pass the file (or HF dataset name)")
+        if self.format not in SFT_FORMATS + PREFERENCE_FORMATS:
+            raise ConfigError(f"data.sources[{self.name or self.path}].format", f"unknown format {self.format!r}",
+                              f"use one of {', '.join(sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)))}")
+        if self.weight <= 0:
+            raise ConfigError(f"data.sources[{self.name or self.path}].weight", f"must be > 0, got {self.weight}")
+
+
+@dataclass
+class SequenceDataConfig(Frozen):
+    """What every training stage's data has: a length limit, a validation share and the
+    chat template (SFT and preference sources, or the labeled alignment set)."""
+
+    max_seq_len: int = 2048
+    val_fraction: float = 0.02
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.max_seq_len < 2:
+            raise ConfigError("data.max_seq_len", f"must be at least 2 (a prompt token and a response token), "
+                              f"got {self.max_seq_len}")
+
+
+@dataclass
+class DataConfig(SequenceDataConfig):
+    """SFT or preference sources, mixed by weight."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    total_samples: Optional[int] = None  # None: every example of every source once (weights then unused)
+    pack: bool = True
+
+
+@dataclass
+class OptimConfig(Frozen):
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine (to min_lr_ratio * lr) or constant, both after linear warmup
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # global gradient-norm limit; <= 0 turns clipping off
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError("optim.schedule", f"unknown schedule {self.schedule!r}", "use cosine or constant")
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainConfig(Frozen):
+    global_batch: int = 128  # samples (packed sequences, or preference pairs) per optimizer step
+    micro_batch: int = 1  # per data-parallel rank per forward/backward
+    epochs: float = 1.0
+    max_steps: int = -1  # -1: as many as `epochs` gives
+    val_every: int = 100  # steps; 0 disables periodic validation (it still runs at the end)
+    val_batches: int = 0  # 0: the whole validation split
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 1234
+
+    def __post_init__(self):
+        require_positive(self, "global_batch", "micro_batch", "save_every", "log_every", prefix="train.")
+
+
+@dataclass
+class LoggingConfig(Frozen):
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "offline-rlhf"
+    progress: bool = True
+
+
+@dataclass
+class InitConfig(Frozen):
+    """Where the weights start: a checkpoint (root or step dir) from an earlier stage or
+    `orlhf convert import_hf`, or random (`checkpoint: ""`)."""
+
+    checkpoint: str = ""
+    tokenizer: str = ""  # a tokenizer dir; default: the checkpoint's own tokenizer/
+
+
+def check_file_input(list_key: str, name: str, path: str, kind: str, kinds: tuple[str, ...]) -> None:
+    """One entry of a list of input files: a known kind and a path."""
+    if kind not in kinds:
+        raise ConfigError(f"{list_key}[{name or path}].kind", f"unknown kind {kind!r}", f"use {', '.join(kinds)}")
+    if not path:
+        raise ConfigError(f"{list_key}[{name or '?'}].path", "is required", "pass the file")
+
+
+@dataclass
+class GenerationConfig(Frozen):
+    """`greedy` takes the argmax and ignores the sampling fields. Otherwise logits are
+    divided by `temperature`, cut to the `top_k` most likely tokens (0: no cut) and then to
+    the nucleus of mass `top_p` (1.0: no cut), and sampled with a torch.Generator seeded
+    with `seed`. `batch_size` prompts run together, grouped by length."""
+
+    max_new_tokens: int = 256
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError("generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError("generation.temperature", f"must be > 0, got {self.temperature}",
+                              "use greedy=true for argmax decoding")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("generation.top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError("generation.top_k", f"must be >= 0 (0: off), got {self.top_k}")
+        if self.batch_size < 1:
+            raise ConfigError("generation.batch_size", f"must be >= 1, got {self.batch_size}")

@@ -23,8 +23,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-QUALITIES = ("good", "wrong", "truncated", "off_topic", "rambling")
-FLAWS = QUALITIES[1:]
+from offline_rlhf.config.tools import TASK_FLAWS
+
+FLAWS = TASK_FLAWS
+QUALITIES = ("good", *FLAWS)
 LETTERS = "abcdefgh"
 WORDS = ("cat", "dog", "sun", "tree", "fish", "bird", "star", "moon",
          "cup", "hat", "box", "pen", "car", "bus", "egg", "key")

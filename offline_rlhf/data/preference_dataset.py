@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from offline_rlhf.config.stages import DataConfig, SourceConfig
+from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.mixing import mix_sources, split_validation
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.preference_readers import PreferenceExample, read_preference_source
@@ -74,8 +74,9 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int) -> Preferenc
     over pairs (a pair and its duplicates stay on one side); `encode_pair` each pair
     with cfg.max_seq_len. Pairs are never packed (cfg.pack is unused)."""
     template = ChatTemplate(**asdict(cfg.template))
-    mixed, mix_stats = mix_sources(read_sources(cfg.sources, lambda s: read_preference_source(s.format, s.path, **_reader_kwargs(s, template))),
-                                   cfg.total_samples, seed)
+    sources = read_sources(cfg.sources,
+                           lambda s: read_preference_source(s.format, s.path, **_reader_kwargs(s, template)))
+    mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)
     train_items, val_items = split_validation(mixed, cfg.val_fraction, seed)
     stats = {name: TokenStats() for name in mix_stats}
     dropped = {name: 0 for name in mix_stats}

@@ -9,7 +9,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from offline_rlhf.config.stages import DataConfig, SourceConfig
+from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.mixing import mix_sources, split_validation
 from offline_rlhf.data.packing import PackedSequence, pack_samples, unpacked
 from offline_rlhf.data.sft_readers import SFTExample, read_sft_source

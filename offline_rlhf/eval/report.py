@@ -1,22 +1,15 @@
-"""`orlhf report`: the run's report (`report.md`, `report.json`, figures) from the stage
-outputs: the evaluation table, the reward distribution (paper Fig. 5), the device-hours
+"""The run's report (`report.md`, `report.json`, figures) built from the stage outputs:
+the evaluation table, the reward distribution (paper Fig. 5), the device-hours
 per method (the paper's Table 3, where the offline methods also pay for generating and
 labeling their samples) and the training loss curves."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from offline_rlhf.config.schema import ParallelConfig
-from offline_rlhf.config.stages import ReportConfig
-from offline_rlhf.fsutil import write_atomic
-from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.ledger import LEDGER, read_ledger
-from offline_rlhf.runtime import stage_runtime
-from offline_rlhf.train.metrics_log import read_metrics
+from offline_rlhf.ledger import read_ledger
+from offline_rlhf.metrics import read_metrics
 
 DATA_PREP = ("generate", "label", "mix")  # shared by every offline method, counted for each
 SHARED = ("sft", "rm")  # every method, PPO included, starts from these
@@ -82,28 +75,6 @@ def loss_curves(run_dir: Path, out: Path) -> Path | None:
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return out
-
-
-def main(cfg: ReportConfig) -> int:
-    run_dir = Path(cfg.run_dir)
-    if not read_ledger(run_dir):
-        raise ConfigError("run_dir", f"{run_dir} has no {LEDGER} (no stage has run there)", "pass a run directory")
-    with stage_runtime("report", cfg.run_dir, ParallelConfig(), None, cfg) as (rt, _):
-        hours = device_hours(run_dir)
-        rows = table3(hours)
-        results_path = run_dir / "eval" / "results.json"
-        results = json.loads(results_path.read_text()) if results_path.exists() else None
-        figures = {"loss_curves": loss_curves(run_dir, rt.stage_dir / "loss_curves.png")}
-        histogram = run_dir / "label" / "reward_histogram.png"
-        if histogram.exists():
-            figures["reward_distribution"] = Path(shutil.copy(histogram, rt.stage_dir / "reward_histogram.png"))
-        report = {"run_dir": str(run_dir), "evaluation": results, "device_hours_by_stage": hours, "table3": rows,
-                  "figures": {k: str(v) for k, v in figures.items() if v}}
-        write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-        write_atomic(run_dir / "report.md", report_markdown(run_dir, results, rows, hours, figures))
-        write_atomic(rt.stage_dir / "DONE", f"{run_dir / 'report.md'}\n")
-        rt.log(f"report: {run_dir / 'report.md'}")
-    return 0
 
 
 def report_markdown(run_dir: Path, results: dict | None, rows: list[dict], hours: dict[str, dict],

@@ -18,7 +18,7 @@ from collections.abc import Collection
 
 import torch
 
-from offline_rlhf.generation.config import GenerationConfig
+from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation.kv_cache import new_cache
 from offline_rlhf.generation.sampling import sample_next
 from offline_rlhf.models.llama import Transformer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from offline_rlhf.generation.config import GenerationConfig
+from offline_rlhf.config.schema import GenerationConfig
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:

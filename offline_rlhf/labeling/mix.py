@@ -1,21 +1,16 @@
-"""`orlhf mix`: the alignment dataset from reward-labeled generated and human samples
-(paper step 3: 33.3k generated + 66.6k from the SFT and RM datasets), with a card."""
+"""Drawing the alignment dataset from reward-labeled generated and human samples in the
+configured shares (paper step 3: 33.3k generated + 66.6k from the SFT and RM datasets),
+and its card."""
 
 from __future__ import annotations
 
-import json
 import statistics
 
-from offline_rlhf.config.schema import ParallelConfig
-from offline_rlhf.config.stages import MixConfig
-from offline_rlhf.data.mixing import mix_sources
+from offline_rlhf.config.samples import MixConfig
 from offline_rlhf.data.errors import DataError
+from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.records import iter_json_objects
-from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.runtime import stage_runtime
 
-STAGE = "mix"
-ALIGNMENT = "alignment.jsonl"
 GROUPS = ("generated", "sft", "preference")
 
 
@@ -94,21 +89,3 @@ def card_markdown(summary: dict) -> str:
     lines += [f"| {name} | {r['count']} | {r['mean']:.3f} | {r['std']:.3f} |"
               for name, r in summary["rewards_by_source"].items()]
     return "\n".join(lines) + "\n"
-
-
-def main(cfg: MixConfig) -> int:
-    """Selection and bookkeeping only: one process, no model (its ledger row is tiny)."""
-    with stage_runtime(STAGE, cfg.run_dir, ParallelConfig(), None, cfg) as (rt, usage):
-        records = read_labeled_records(cfg.input)
-        mixed, stats = draw(cfg, records)
-        summary = card(mixed, stats, cfg)
-        write_jsonl(rt.stage_dir / ALIGNMENT, mixed)
-        write_atomic(rt.stage_dir / "dataset_card.json", json.dumps(summary, indent=2))
-        write_atomic(rt.stage_dir / "dataset_card.md", card_markdown(summary))
-        write_atomic(rt.stage_dir / "DONE", f"{rt.stage_dir / ALIGNMENT}\n")
-        groups = ", ".join(f"{g} {s['taken']}" + (" pairs" if g == "preference" else "") for g, s in stats.items())
-        rt.log(f"mix done: {len(mixed)} samples ({groups}) in {rt.stage_dir / ALIGNMENT}")
-        for group in (g for g, s in stats.items() if s.get("missing")):
-            rt.log(f"mix: warning: the input has no {group} samples; the other groups took its share "
-                   f"(label them with `orlhf label inputs=...`)")
-    return 0

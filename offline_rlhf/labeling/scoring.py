@@ -1,5 +1,6 @@
-"""Scoring (prompt, response) pairs with a reward model under any TP/DP layout, and
-`orlhf rm-score ckpt=RM input=in.jsonl output=out.jsonl`.
+"""Scoring (prompt, response) pairs with a reward model under any TP/DP layout: the one
+home of reward scoring, used by `orlhf rm` (its loss and statistics), `label`, `rm-score`
+and `eval`.
 
 A reward is the value head's output at the last real token of `prompt + response + EOS`,
 tokenized exactly as in reward-model training (`encode_sft`, same template and length
@@ -17,22 +18,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from offline_rlhf.checkpoint import TOKENIZER_DIR, load_checkpoint, read_meta, resolve_checkpoint
+from offline_rlhf.checkpoint import TOKENIZER_DIR, load_checkpoint, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig
-from offline_rlhf.config.stages import RMScoreConfig
+from offline_rlhf.data.batching import PAD_DOCUMENT, collate_sequences
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.records import iter_json_objects, require_text
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_sft
-from offline_rlhf.fsutil import write_jsonl
+from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.models.llama import last_token_values
 from offline_rlhf.parallel.parallelize import build_model
-from offline_rlhf.runtime import Runtime, autocast_for, stage_runtime
-from offline_rlhf.tokenizer import Tokenizer
-from offline_rlhf.train.batching import PAD_DOCUMENT, collate_sequences
+from offline_rlhf.runtime import Runtime, autocast_for
+from offline_rlhf.stage_support import checkpoint_of_head
 
-STAGE = "rm_score"
 REWARD_STATS = "reward_stats"  # checkpoint metadata keys written by `orlhf rm`
 TEMPLATE = "template"
 MAX_SEQ_LEN = "max_seq_len"
@@ -70,7 +69,8 @@ def score_sequences(model: nn.Module, sequences: Sequence[PackedSequence], batch
     local = torch.full((share,), math.nan, dtype=torch.float64, device=rt.device)
     for start in range(0, share, batch_size):
         chunk = mine[start:start + batch_size]
-        batch = collate_sequences([sequences[i] for i in chunk or mine[:1] or order[:1]], pad_id, rt.dims.sequence_multiple)
+        batch = collate_sequences([sequences[i] for i in chunk or mine[:1] or order[:1]], pad_id,
+                                  rt.dims.sequence_multiple)
         with autocast_for(rt.device):
             rewards = sequence_rewards(model, {k: v.to(rt.device) for k, v in batch.items()})
         local[start:start + len(chunk)] = rewards[:len(chunk)].double()
@@ -116,16 +116,14 @@ def scoring_setup(metadata: dict, model: ModelConfig) -> tuple[ChatTemplate, int
 
 
 def load_reward_model(ckpt: str, rt: Runtime, key: str = "ckpt") -> tuple[nn.Module, Tokenizer, dict]:
-    """A value-head checkpoint in the runtime's layout, its tokenizer and its metadata."""
+    """A value-head checkpoint in the runtime's layout (FSDP over DP, like training:
+    score_sequences runs the same forwards on every rank), its tokenizer and metadata."""
     path = resolve_checkpoint(ckpt, key)
-    meta = read_meta(path)
-    if meta.head != "value":
-        raise ConfigError(key, f"{path} holds a {meta.head!r} head, not a reward model's 'value' head",
-                          "pass an `orlhf rm` checkpoint (or one imported with head=value)")
+    meta = checkpoint_of_head(path, "value", key)
     if not (path / TOKENIZER_DIR).is_dir():
         raise ConfigError(key, f"{path} has no {TOKENIZER_DIR}/ folder", "score with a checkpoint that has one")
     model = build_model(meta.model, "value", rt.dims, rt.mesh, rt.device)
-    load_checkpoint(path, model)
+    load_checkpoint(path, model, group=rt.group)
     return model, Tokenizer.from_dir(path / TOKENIZER_DIR), meta.metadata
 
 
@@ -137,18 +135,3 @@ def read_scoring_input(path: str, prompt_key: str, response_key: str) -> tuple[l
         pairs.append((require_text(record, prompt_key, where),
                       require_text(record, response_key, where, allow_empty=True)))
     return records, pairs
-
-
-def main(cfg: RMScoreConfig) -> int:
-    model_cfg = read_meta(resolve_checkpoint(cfg.ckpt)).model
-    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        model, tokenizer, metadata = load_reward_model(cfg.ckpt, rt)
-        template, max_len = scoring_setup(metadata, model_cfg)
-        records, pairs = read_scoring_input(cfg.input, cfg.prompt_key, cfg.response_key)
-        sequences = encode_responses(tokenizer, template, pairs, max_len)
-        scores = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id)
-        usage.tokens += sum(map(len, sequences))
-        if rt.is_main:
-            write_jsonl(cfg.output, [{**record, "reward_raw": score} for record, score in zip(records, scores)])
-        rt.log(f"rm-score: {len(scores)} records scored -> {cfg.output}")
-    return 0

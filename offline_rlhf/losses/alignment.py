@@ -2,8 +2,8 @@
 reward-weighted regression (Eq. 5); Decision-Transformer alignment (Eq. 6) is the SFT loss
 on samples whose prompt carries the reward (`ChatTemplate.reward_prompt`).
 
-All take per-token NLL from `shifted_token_nll` (labels cover the response only) and a
-normalized reward R per sample, and return (loss, metric sums). Loss sums are divided by
+All take per-token NLL and its mask from `token_nll` (labels cover the response only) and
+a normalized reward R per sample, and return (loss, metric sums). Loss sums are divided by
 `normalizer`, the number of trained response tokens in the global batch. Metrics whose
 name starts with `count/` are global counts, not averages (see Task.derive).
 """
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from offline_rlhf.losses.logprobs import IGNORE_INDEX, shifted_token_nll
+from offline_rlhf.data.tokenize import IGNORE_INDEX
 
 
-def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of response-token NLL per sample [B], response tokens per sample [B])."""
-    nll, mask = shifted_token_nll(logits, labels)
-    return nll.sum(dim=1), mask.sum(dim=1)
+def per_sample_nll(nll: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """nll, mask [B, T-1] -> (sum of response-token NLL per sample [B], response tokens per sample [B])."""
+    return (nll * mask).sum(dim=1), mask.sum(dim=1)
 
 
 def kept_by_filter(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -26,10 +25,10 @@ def kept_by_filter(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
     return rewards > threshold
 
 
-def mle_filter_loss(logits, labels, rewards, threshold: float, normalizer: float) -> tuple[torch.Tensor, dict]:
+def mle_filter_loss(nll, mask, rewards, threshold: float, normalizer: float) -> tuple[torch.Tensor, dict]:
     """Eq. 4: L = -sum_{R(p,x) > t} sum_i log p(x_i | x_<i, p). `normalizer` counts the
     response tokens of KEPT samples only, so a batch where nothing passes gives 0, not NaN."""
-    sample_nll, sample_tokens = per_sample_nll(logits, labels)
+    sample_nll, sample_tokens = per_sample_nll(nll, mask)
     kept = kept_by_filter(rewards, threshold)
     total = (sample_nll * kept).sum()
     return total / normalizer, {"loss": total.detach(), "count/kept": kept.sum().float(),
@@ -51,10 +50,10 @@ def rwr_normalizer(labels: torch.Tensor, rewards: torch.Tensor, beta: float, nor
     return float((rwr_weights(rewards, beta).double() * tokens).sum() if normalize else tokens.sum())
 
 
-def rwr_loss(logits, labels, rewards, beta: float, normalizer: float) -> tuple[torch.Tensor, dict]:
+def rwr_loss(nll, mask, rewards, beta: float, normalizer: float) -> tuple[torch.Tensor, dict]:
     """Eq. 5: L = -sum exp(R(p,x) / beta) sum_i log p(x_i | x_<i, p), divided by
     `normalizer` (see rwr_normalizer). Reports the effective sample size (sum w)^2 / sum w^2."""
-    sample_nll, _ = per_sample_nll(logits, labels)
+    sample_nll, _ = per_sample_nll(nll, mask)
     weights = rwr_weights(rewards, beta).to(sample_nll.dtype)
     total = (weights * sample_nll).sum()
     ess = weights.sum() ** 2 / (weights.pow(2).sum() + 1e-12)

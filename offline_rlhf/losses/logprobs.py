@@ -2,17 +2,17 @@
 
 Labels are aligned with the input tokens (`labels[t]` is token t, or IGNORE_INDEX where
 no loss applies); the shift for next-token prediction happens here: logits at t score
-labels at t + 1. Vocabulary-sharded logits (loss-parallel TP) work through
-`F.cross_entropy` inside `torch.distributed.tensor.parallel.loss_parallel()`.
+labels at t + 1. The losses take these per-token values, never logits, so they stay pure
+functions of plain tensors; vocabulary-sharded logits (loss-parallel TP) are turned into
+local per-token values by `offline_rlhf.parallel.logprobs.token_nll` at the call site.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
-from offline_rlhf.data.tokenize import IGNORE_INDEX  # noqa: F401  (re-exported for losses)
+from offline_rlhf.data.tokenize import IGNORE_INDEX
 
 
 def shifted_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +20,4 @@ def shifted_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     target = labels[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none")
-    if isinstance(nll, DTensor):  # loss-parallel: per-token losses come back replicated
-        nll = nll.to_local()
     return nll.view_as(target), target != IGNORE_INDEX

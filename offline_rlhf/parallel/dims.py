@@ -38,7 +38,8 @@ class ParallelDims:
             raise ConfigError("parallel.tp", f"{cfg.tp} does not divide the world size {world_size}",
                               f"launch a multiple of {cfg.tp} processes or change parallel.tp")
         if dp * cfg.tp != world_size:
-            raise ConfigError("parallel.dp", f"tp={cfg.tp} x dp={dp} = {cfg.tp * dp} but the world size is {world_size}",
+            raise ConfigError("parallel.dp",
+                              f"tp={cfg.tp} x dp={dp} = {cfg.tp * dp} but the world size is {world_size}",
                               f"set parallel.dp={world_size // cfg.tp} or parallel.dp=-1")
         if cfg.dp_mode == "ddp" and cfg.tp > 1:
             raise ConfigError("parallel.dp_mode", "ddp cannot be combined with tensor parallelism",

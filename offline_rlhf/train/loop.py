@@ -26,16 +26,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from offline_rlhf.checkpoint import (CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, read_meta,
-                                     save_checkpoint)
+from offline_rlhf.checkpoint import (
+    CheckpointMeta,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.config.schema import ModelConfig
-from offline_rlhf.config.stages import LoggingConfig, OptimConfig, TrainConfig
+from offline_rlhf.config.schema import LoggingConfig, ModelConfig, OptimConfig, TrainConfig
 from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.grad import clip_grad_norm_
 from offline_rlhf.parallel.parallelize import loss_context
 from offline_rlhf.runtime import Runtime, autocast_for
-from offline_rlhf.train.init import check_resumable
+from offline_rlhf.stage_support import check_resumable
 from offline_rlhf.train.metrics_log import MetricsLog, throughput_metrics
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler
 
@@ -140,7 +145,8 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
         scheduler.step()
         state.step += 1
         state.tokens_seen += tokens
-        state.data_position = {"samples_consumed": state.data_position.get("samples_consumed", 0) + train_cfg.global_batch}
+        consumed = state.data_position.get("samples_consumed", 0) + train_cfg.global_batch
+        state.data_position = {"samples_consumed": consumed}
         usage.tokens += tokens
         usage.beat()
         metrics.update(lr=lr,
@@ -154,7 +160,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
             log.validation(state.step, result.last_val)
         if final or state.step % train_cfg.save_every == 0:
             metadata = ckpt.final_metadata(model) if final and ckpt.final_metadata else {}
-            result.checkpoint = _save(ckpt, model, optimizer, scheduler, state, train_cfg, metadata)
+            result.checkpoint = _save(ckpt, model, optimizer, scheduler, state, train_cfg, metadata, rt)
             usage.beat(force=True)  # a later kill then still accounts for everything up to here
     log.close()
     return result
@@ -245,7 +251,7 @@ def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, rt: Runtime) -> t
         return TrainState(data_position={"samples_consumed": 0}), None
     if ckpt.fingerprint is not None:
         check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), ckpt.fingerprint, ckpt.root)
-    meta = load_checkpoint(latest, model, optimizer, restore_rng=True)
+    meta = load_checkpoint(latest, model, optimizer, restore_rng=True, group=rt.group)
     if meta.scheduler:
         scheduler.load_state_dict(meta.scheduler)
     rt.log(f"resuming from {latest} (step {meta.train_state.step})")
@@ -253,13 +259,13 @@ def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, rt: Runtime) -> t
 
 
 def _save(ckpt: CheckpointSpec, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
-          metadata: dict) -> Path:
+          metadata: dict, rt: Runtime) -> Path:
     if ckpt.fingerprint is not None:
         metadata = {**metadata, CONFIG_KEY: ckpt.fingerprint}
     meta = CheckpointMeta(model=ckpt.model, head=ckpt.head, train_state=state, scheduler=scheduler.state_dict(),
                           metadata=metadata)
     return save_checkpoint(ckpt.root, model, meta, optimizer=optimizer, tokenizer_dir=ckpt.tokenizer_dir,
-                           keep_last=cfg.keep_last)
+                           keep_last=cfg.keep_last, group=rt.group)
 
 
 def _dp_rank(rt: Runtime) -> int:

@@ -9,13 +9,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from offline_rlhf.config.schema import ModelConfig
-from offline_rlhf.config.stages import LoggingConfig
+from offline_rlhf.config.schema import LoggingConfig, ModelConfig
 from offline_rlhf.fsutil import write_jsonl
-from offline_rlhf.metrics import mfu
+from offline_rlhf.metrics import METRICS_FILE, mfu, read_metrics
 from offline_rlhf.runtime import Runtime
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def throughput_metrics(tokens: int, step_seconds: float, data_seconds: float, model: ModelConfig, head: str,
@@ -71,11 +68,6 @@ class MetricsLog:
         self.bar.close()
 
 
-def read_metrics(stage_dir: str | Path) -> list[dict]:
-    path = Path(stage_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def _drop_rows_after(path: Path, step: int) -> None:
     """A killed run logged steps past its last checkpoint; the resumed run logs them again."""
     if path.exists():
@@ -88,7 +80,8 @@ def _external_sinks(cfg: LoggingConfig, stage_dir: Path) -> list:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise RuntimeError("logging.tensorboard=true needs the tensorboard package (pip install tensorboard)") from err
+            raise RuntimeError("logging.tensorboard=true needs the tensorboard package "
+                               "(pip install tensorboard)") from err
         writer = SummaryWriter(str(Path(stage_dir) / "tensorboard"))
         sinks.append(lambda step, row: [writer.add_scalar(k, v, step) for k, v in row.items()] and writer.flush())
     if cfg.wandb:

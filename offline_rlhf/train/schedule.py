@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from offline_rlhf.config.stages import OptimConfig
+from offline_rlhf.config.schema import OptimConfig
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:

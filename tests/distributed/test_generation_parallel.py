@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from offline_rlhf.generation.config import GenerationConfig
+from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation.engine import generate, prefill_mask
 from offline_rlhf.generation.kv_cache import new_cache
-from offline_rlhf.generation.sharding import shard_indices
+from offline_rlhf.generation.shards import shard_indices
 from tests.distributed.launch import run_distributed
 from tests.fixtures import parallel_copy, reference_model
 from tests.unit.generation.test_engine import NEW_TOKENS, PAD, prompts_of_lengths

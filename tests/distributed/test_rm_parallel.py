@@ -11,9 +11,9 @@ from offline_rlhf.data.preference_readers import PreferenceExample
 from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample
 from offline_rlhf.labeling.scoring import score_sequences
 from offline_rlhf.parallel.dims import ParallelDims
-from offline_rlhf.train.loop import train_step
 from offline_rlhf.parallel.state_dict import gather_full_state_dict
-from offline_rlhf.train.stages.rm import collate_pairs, init_value_head, rm_task
+from offline_rlhf.stages.rm import collate_pairs, init_value_head, rm_task
+from offline_rlhf.train.loop import train_step
 from tests.distributed.launch import run_distributed
 from tests.fixtures import TINY, parallel_copy, reference_model, runtime_for
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from offline_rlhf.train.batching import collate_sequences
+from offline_rlhf.data.batching import collate_sequences
+from offline_rlhf.stages.sft import sft_task
 from offline_rlhf.train.loop import train_step
-from offline_rlhf.train.stages.sft import sft_task
 from tests.distributed.launch import run_distributed
 from tests.fixtures import parallel_copy, reference_model, runtime_for, sft_sequences
-from tests.unit.test_train_invariants import sgd_step
+from tests.unit.train.test_train_invariants import sgd_step
 
 
 def _parallel_step(rank, world_size, parallel):
@@ -22,7 +22,8 @@ def _parallel_step(rank, world_size, parallel):
     batches = [collate_sequences([s], pad_id=0, multiple_of=multiple) for s in mine]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     metrics, tokens = train_step(sft_task(packed=True), model, optimizer, batches, rt, grad_clip=100.0)
-    weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+    weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+               for n, p in model.named_parameters()}
     return metrics, weights, tokens
 
 

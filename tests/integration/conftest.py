@@ -1,6 +1,6 @@
 import pytest
 
-from offline_rlhf.tokenizer import train_bpe_tokenizer
+from offline_rlhf.data.tokenizer import train_bpe_tokenizer
 from tests.fixtures import SHARED_DATA
 
 SELF_INSTRUCT = SHARED_DATA / "self-instruct" / "data" / "seed_tasks.jsonl"

@@ -10,9 +10,9 @@ from offline_rlhf.data.alignment_dataset import encode_labeled, read_labeled
 from offline_rlhf.data.records import iter_json_objects
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import IGNORE_INDEX, encode_prompt
+from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.ledger import read_ledger
-from offline_rlhf.tokenizer import Tokenizer
-from offline_rlhf.train.metrics_log import read_metrics
+from offline_rlhf.metrics import read_metrics
 from tests.integration.conftest import SELF_INSTRUCT
 from tests.integration.test_sft_stage import sft_args
 

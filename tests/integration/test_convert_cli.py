@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from offline_rlhf.cli import main as orlhf
+from offline_rlhf.data.tokenizer import train_bpe_tokenizer
 from offline_rlhf.models.llama import last_token_values
-from offline_rlhf.tokenizer import train_bpe_tokenizer
-from tests.unit.test_hf_convert import TINY, fixed_batch, load_ours, tiny_hf_model
-from tests.unit.test_tokenizer import SHAKESPEARE
+from tests.unit.data.test_tokenizer import SHAKESPEARE
+from tests.unit.models.test_hf_convert import TINY, fixed_batch, load_ours, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 

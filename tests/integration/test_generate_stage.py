@@ -51,7 +51,7 @@ def with_kill_hook(args, env=None):
 
 KILL_AFTER_FIRST_WRITE = """
 import os, signal, sys
-import offline_rlhf.generation.stage as stage
+import offline_rlhf.stages.generate as stage
 from offline_rlhf.cli import main
 
 original = stage.append_durably
@@ -75,7 +75,8 @@ def test_two_replicas_produce_exactly_the_single_process_samples(sft_run, tmp_pa
     assert [(r["prompt"], r["response"]) for r in two] == [(r["prompt"], r["response"]) for r in one]
     shards = sorted((tmp_path / "two" / "generate").glob("shard_*.jsonl"))
     per_shard = [{json.loads(line)["id"] for line in path.read_text().splitlines()} for path in shards]
-    assert len(per_shard) == 2 and not (per_shard[0] & per_shard[1]) and per_shard[0] | per_shard[1] == set(range(PROMPTS))
+    assert len(per_shard) == 2 and not (per_shard[0] & per_shard[1])
+    assert per_shard[0] | per_shard[1] == set(range(PROMPTS))
     [row] = [r for r in read_ledger(tmp_path / "two") if r.stage == "generate"]
     assert row.processes == 2 and row.tokens > 0
 

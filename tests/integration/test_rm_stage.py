@@ -9,15 +9,15 @@ import torch
 
 from offline_rlhf.checkpoint import CheckpointMeta, TrainState, latest_checkpoint, read_meta, save_checkpoint
 from offline_rlhf.cli import main
-from offline_rlhf.config.stages import DataConfig, SourceConfig
+from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.preference_dataset import build_preference_dataset
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.labeling.scoring import encode_responses, load_reward_model, reward_stats, score_texts
 from offline_rlhf.ledger import read_ledger
+from offline_rlhf.metrics import read_metrics
 from offline_rlhf.parallel.dims import ParallelDims
-from offline_rlhf.train.metrics_log import read_metrics
 from tests.fixtures import reference_model, runtime_for
-from tests.unit.rm.synthetic import MODEL, synthetic_tokenizer, write_preferences
+from tests.synthetic_preferences import MODEL, synthetic_tokenizer, write_preferences
 
 PAIRS, VAL_FRACTION, SEED, MAX_LEN = 300, 0.2, 1234, 64
 
@@ -124,7 +124,8 @@ def test_rm_checkpoint_exports_to_transformers_with_the_same_scores(trained, tmp
     transformers = pytest.importorskip("transformers")
     run_dir, data = trained
     exported = tmp_path / "hf"
-    assert main(["convert", "export_hf", f"ckpt={run_dir / 'rm' / 'checkpoints'}", f"out={exported}", "head=value"]) == 0
+    assert main(["convert", "export_hf", f"ckpt={run_dir / 'rm' / 'checkpoints'}", f"out={exported}",
+                 "head=value"]) == 0
     hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(exported).eval()
     model, tokenizer, _, rt = single_process_model(run_dir)
     records = [json.loads(line) for line in data.read_text().splitlines()[:6]]

@@ -9,8 +9,8 @@ import torch
 from offline_rlhf.checkpoint import latest_checkpoint, load_checkpoint, read_meta
 from offline_rlhf.cli import main
 from offline_rlhf.ledger import read_ledger
+from offline_rlhf.metrics import read_metrics
 from offline_rlhf.models.llama import Transformer
-from offline_rlhf.train.metrics_log import read_metrics
 from tests.fixtures import REPO_ROOT
 from tests.integration.conftest import OASST_TREES, SELF_INSTRUCT
 
@@ -64,8 +64,8 @@ import offline_rlhf.train.loop as loop
 from offline_rlhf.cli import main
 
 original_save = loop._save
-def save_then_die(ckpt, model, optimizer, scheduler, state, cfg, metadata):
-    path = original_save(ckpt, model, optimizer, scheduler, state, cfg, metadata)
+def save_then_die(ckpt, model, optimizer, scheduler, state, *rest):
+    path = original_save(ckpt, model, optimizer, scheduler, state, *rest)
     if state.step == int(os.environ["KILL_AT_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return path

@@ -17,8 +17,6 @@ import pytest
 
 from launcher.status import FINISHED
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
 POLL_TIMEOUT_S = 120

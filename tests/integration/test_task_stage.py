@@ -6,13 +6,14 @@ import json
 import pytest
 
 from offline_rlhf.config.compose import compose_stage
-from offline_rlhf.config.task import TaskConfig
+from offline_rlhf.config.tools import TaskConfig
 from offline_rlhf.data.embedded_task import QUALITIES
 from offline_rlhf.data.preference_readers import read_preference_jsonl
 from offline_rlhf.data.records import iter_json_objects
 from offline_rlhf.data.sft_readers import read_jsonl
 from offline_rlhf.data.template import REWARD_TAG, ChatTemplate
-from offline_rlhf.task_stage import (
+from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.stages.task import (
     CARD,
     DONE,
     EVAL_PROMPTS,
@@ -22,7 +23,6 @@ from offline_rlhf.task_stage import (
     TOKENIZER_DIR,
     main,
 )
-from offline_rlhf.tokenizer import Tokenizer
 
 SIZES = ["n_sft=400", "n_preferences=300", "n_gen_prompts=80", "n_eval_prompts=40"]
 OUTPUTS = (SFT, PREFERENCES, GEN_PROMPTS, EVAL_PROMPTS, f"{TOKENIZER_DIR}/tokenizer.json")

@@ -7,8 +7,15 @@ import textwrap
 import pytest
 import torch
 
-from offline_rlhf.checkpoint import (CheckpointMeta, TrainState, is_complete, latest_checkpoint, load_checkpoint,
-                                     read_meta, save_checkpoint)
+from offline_rlhf.checkpoint import (
+    CheckpointMeta,
+    TrainState,
+    is_complete,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from offline_rlhf.models.llama import Transformer
 from tests.fixtures import REPO_ROOT, TINY, batch, reference_model
 

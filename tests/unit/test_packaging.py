@@ -1,6 +1,7 @@
 """The container installs what pyproject.toml asks for (minus torch, which the image has)."""
 
 import re
+
 import tomllib
 
 from tests.fixtures import REPO_ROOT

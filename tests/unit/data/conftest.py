@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-# The repo is cloned with `shared/` beside it; never hard-code an absolute path.
-SHARED_DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
+from tests.fixtures import SHARED_DATA
 
 
 @pytest.fixture(scope="session")
@@ -16,15 +15,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data directory not found: {SHARED_DATA.resolve()}")
     return SHARED_DATA
-
-
-@pytest.fixture
-def write_file(tmp_path):
-    """write_file(name, *lines) -> path; str lines are UTF-8 encoded, bytes written as they are."""
-
-    def write(name: str, *lines: str | bytes) -> Path:
-        path = tmp_path / name
-        path.write_bytes(b"".join((line.encode() if isinstance(line, str) else line) + b"\n" for line in lines))
-        return path
-
-    return write

@@ -62,6 +62,7 @@ def test_unknown_format_lists_the_known_ones():
 
 def test_the_data_package_imports_without_torch():
     # Style principle 9: data/ stays light; check in a fresh interpreter, since pytest may hold torch.
-    code = "import sys, offline_rlhf.data.sft_readers, offline_rlhf.data.preference_readers; print('torch' in sys.modules)"
+    code = ("import sys, offline_rlhf.data.sft_readers, offline_rlhf.data.preference_readers; "
+            "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.config.task import TaskConfig
+from offline_rlhf.config.tools import TaskConfig
 from offline_rlhf.data.embedded_task import (
     FAMILIES,
     FLAWS,
@@ -25,7 +25,7 @@ from offline_rlhf.data.embedded_task import (
     quality_mix,
     split_instructions,
 )
-from offline_rlhf.task_stage import EVAL_PROMPTS, GEN_PROMPTS, PREFERENCES, SFT, generate
+from offline_rlhf.stages.task import EVAL_PROMPTS, GEN_PROMPTS, PREFERENCES, SFT, generate
 
 # (instruction, response, gold reward by the documented rule)
 CASES = {
@@ -186,5 +186,5 @@ def test_config_errors_name_the_key(field, value, key):
 
 
 def test_the_task_stage_imports_no_torch():
-    code = "import sys, offline_rlhf.task_stage; sys.exit('torch' in sys.modules)"
+    code = "import sys, offline_rlhf.stages.task; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

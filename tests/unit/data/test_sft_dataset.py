@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from offline_rlhf.config.stages import DataConfig, SourceConfig
+from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data import sft_dataset
 from offline_rlhf.data.sft_dataset import build_sft_dataset, write_dataset_card
 from offline_rlhf.data.sft_readers import read_sft_source
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import IGNORE_INDEX
-from offline_rlhf.tokenizer import train_bpe_tokenizer
+from offline_rlhf.data.tokenizer import train_bpe_tokenizer
 
 OASST_TREES = "open-assistant/model_eval_manual_data/en_100_tree.jsonl"
 SEED_TASKS = "self-instruct/data/seed_tasks.jsonl"
@@ -72,8 +72,8 @@ def test_truncation_is_counted_per_source(config, tokenizer, shared_data):
     template = ChatTemplate()
     for name, fmt, path in (("oasst", "oasst", OASST_TREES), ("seed", "self_instruct", SEED_TASKS)):
         too_long = sum(
-            len(tokenizer.encode(template.prompt_text(e.prompt))) + len(tokenizer.encode(template.response_text(e.response)))
-            + 1 > max_len
+            len(tokenizer.encode(template.prompt_text(e.prompt)))
+            + len(tokenizer.encode(template.response_text(e.response))) + 1 > max_len
             for e in read_sft_source(fmt, shared_data / path)
         )
         assert card["sources"][name]["truncated"] == too_long > 0

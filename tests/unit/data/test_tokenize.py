@@ -6,7 +6,7 @@ import pytest
 
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenStats, encode_sft, truncate_pair
-from offline_rlhf.tokenizer import train_bpe_tokenizer
+from offline_rlhf.data.tokenizer import train_bpe_tokenizer
 
 TEMPLATE = ChatTemplate()
 CORPUS = "\n".join([

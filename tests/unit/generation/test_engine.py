@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offline_rlhf.generation.config import GenerationConfig
+from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation.engine import generate
 from offline_rlhf.generation.kv_cache import new_cache
 from tests.fixtures import TINY, reference_model
@@ -50,8 +50,8 @@ def test_rows_stop_at_their_eos_and_keep_it():
 
 def test_matches_transformers_greedy_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from offline_rlhf.convert import empty_model
     from offline_rlhf.models.hf import HFWeights, load_hf_weights, read_hf_config
+    from offline_rlhf.stages.convert import empty_model
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.generation.config import GenerationConfig
+from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation.sampling import sample_next
-from offline_rlhf.generation.sharding import shard_indices
+from offline_rlhf.generation.shards import shard_indices
 
 DRAWS = 5000
 VOCAB = 32

@@ -1,0 +1,116 @@
+"""Configs of the training stages: `orlhf sft`, `orlhf rm` and `orlhf align`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from offline_rlhf.config.base import Frozen, require
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.schema import (
+    PREFERENCE_FORMATS,
+    SFT_FORMATS,
+    DataConfig,
+    InitConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    SequenceDataConfig,
+    TrainConfig,
+    check_formats,
+)
+
+
+@dataclass
+class TrainingStageConfig(Frozen):
+    """What every training stage has: where it writes, the model (for random init; an
+    init checkpoint brings its own), the layout, where weights start, the optimizer, the
+    loop, logging and its data. Subclasses narrow `data` and add their own keys."""
+
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: SequenceDataConfig = field(default_factory=SequenceDataConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks shared by every training stage."""
+        if self.data.max_seq_len > self.model.max_seq_len:
+            raise ConfigError("data.max_seq_len", f"{self.data.max_seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}", "lower data.max_seq_len or raise model.max_seq_len")
+
+
+@dataclass
+class SFTConfig(TrainingStageConfig):
+    """`orlhf sft`: supervised fine-tuning, the paper's Eq. 1 (loss on response tokens only)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        self.validate()
+        if not self.data.sources:
+            raise ConfigError("data.sources", "is empty", "list at least one source (see conf/data/)")
+        check_formats(self.data.sources, SFT_FORMATS, "supervised (prompt, response)")
+
+
+@dataclass
+class RMConfig(TrainingStageConfig):
+    """`orlhf rm`: reward-model training, the paper's Eq. 2, with its defaults (lr 9e-6,
+    global batch 128 pairs, 1 epoch). `eval_only=true` scores every pair of `data` with the
+    value-head checkpoint `init.checkpoint` and reports accuracy, without training."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(pack=False, val_fraction=0.05))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=1.0))
+    margin: float = 0.0  # subtracted inside the sigmoid of Eq. 2; 0 is the paper's loss
+    eval_only: bool = False
+
+    def __post_init__(self):
+        self.validate()
+        check_formats(self.data.sources, PREFERENCE_FORMATS, "preference (prompt, chosen, rejected)")
+        if self.data.pack:
+            raise ConfigError("data.pack", "reward-model pairs are never packed", "set data.pack=false")
+        if self.eval_only:
+            require(self.init, "checkpoint", prefix="init.", fix="pass a reward-model checkpoint with eval_only=true")
+        if not self.eval_only and self.data.val_fraction == 0:
+            raise ConfigError("data.val_fraction", "must be > 0: the stored reward statistics are computed over "
+                              "the validation responses", "use e.g. data.val_fraction=0.05")
+
+
+ALIGN_METHODS = ("mle_filter", "rwr", "dt")
+
+
+@dataclass
+class AlignDataConfig(SequenceDataConfig):
+    """The reward-labeled dataset (`orlhf mix` output): JSONL of {prompt, response, reward}."""
+
+    path: str = ""
+    reward_key: str = "reward"  # the normalized reward
+
+
+@dataclass
+class AlignConfig(TrainingStageConfig):
+    """`orlhf align method=mle_filter|rwr|dt`: offline alignment (paper Sec. 3.2) into
+    `run_dir/align_<method>/`, starting from the SFT checkpoint."""
+
+    method: str = "dt"
+    filter_threshold: float = 0.0  # Eq. 4's t: train on samples with normalized reward > t
+    rwr_beta: float = 5.0  # Eq. 5's beta
+    rwr_normalize: bool = False  # divide by the weighted token count sum w_i n_i of the global batch
+    dt_target: float = 5.0  # the reward prompt used at inference (stored with the checkpoint)
+    data: AlignDataConfig = field(default_factory=AlignDataConfig)
+
+    def __post_init__(self):
+        self.validate()
+        if self.method not in ALIGN_METHODS:
+            raise ConfigError("method", f"unknown method {self.method!r}", f"use one of {', '.join(ALIGN_METHODS)}")
+        if self.rwr_beta <= 0:
+            raise ConfigError("rwr_beta", f"must be > 0, got {self.rwr_beta}")
+        require(self.data, "path", prefix="data.", fix="pass the labeled JSONL written by `orlhf mix`")
+
+    @property
+    def stage_name(self) -> str:
+        return f"align_{self.method}"

@@ -1,0 +1,1 @@
+"""One module per `orlhf` stage: its `main(config)` and the orchestration specific to it."""

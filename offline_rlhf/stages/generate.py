@@ -1,0 +1,139 @@
+"""`orlhf generate`: responses of the SFT model to a mix of prompts (paper step 3).
+
+Each data-parallel replica (TP=1 by default, so every device is a replica) takes a
+disjoint block of the prompts not answered yet and appends its answers, a batch at a
+time, to its own `shard_XXXXX.jsonl` with fsync. A rerun after a crash reads every
+shard, skips answered prompt ids and never answers one twice; a torn last line is cut
+off first. When all replicas are done, rank 0 merges the shards into `samples.jsonl`
+(ordered by prompt id, each id exactly once) and writes `DONE`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from offline_rlhf.checkpoint import resolve_checkpoint
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.samples import GenerateConfig
+from offline_rlhf.config.schema import ModelConfig
+from offline_rlhf.data.prompts import Prompt, mix_prompts, read_prompts
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.generation.engine import generate
+from offline_rlhf.generation.shards import (
+    append_durably,
+    claim_shards,
+    merge_shards,
+    read_shard_records,
+    repair_shard,
+    shard_indices,
+    shard_paths,
+)
+from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.stage_support import load_inference_model, load_tokenizer, mark_done, model_config, resume_fingerprint
+
+STAGE = "generate"
+SCHEMA_VERSION = 1
+SAMPLES = "samples.jsonl"
+
+
+def collect_prompts(cfg: GenerateConfig, template: ChatTemplate) -> tuple[list[Prompt], dict]:
+    sources = [(s.name or s.path, read_prompts(s.kind, s.format, s.path, template, s.prompt_key), s.weight)
+               for s in cfg.sources]
+    return mix_prompts(sources, cfg.total_prompts, cfg.seed)
+
+
+def answer(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template: ChatTemplate, rt: Runtime,
+           model_name: str) -> tuple[list[dict], int]:
+    """Records for `prompts` and the number of new tokens."""
+    limit = prompt_budget(cfg, model.cfg)
+    encoded = [encode_prompt(tokenizer, template, p.text) for p in prompts]
+    truncated = [len(ids) > limit for ids in encoded]
+    # A seed per chunk (from its first prompt id): chunks do not replay one random stream.
+    chunk_cfg = replace(cfg.generation, seed=cfg.generation.seed * 1_000_003 + prompts[0].id)
+    outputs = generate(model, [ids[-limit:] for ids in encoded], chunk_cfg, tokenizer.eos_id,
+                       tokenizer.pad_id, rt.device)
+    records = []
+    for prompt, tokens, cut in zip(prompts, outputs, truncated):
+        finished = bool(tokens) and tokens[-1] == tokenizer.eos_id
+        response = tokenizer.decode(tokens[:-1] if finished else tokens).strip()
+        records.append({"schema": SCHEMA_VERSION, "id": prompt.id, "prompt": prompt.text,
+                        "response": response, "source": prompt.source,
+                        "model": model_name, "gen_config": asdict(cfg.generation), "finished": finished,
+                        "response_tokens": len(tokens), "prompt_truncated": cut})
+    return records, sum(map(len, outputs))
+
+
+def prompt_budget(cfg: GenerateConfig, model_cfg: ModelConfig) -> int:
+    """Prompt tokens kept (the most recent ones): what max_prompt_tokens and the room the
+    model has left after max_new_tokens allow."""
+    budget = min(cfg.max_prompt_tokens, model_cfg.max_seq_len - cfg.generation.max_new_tokens)
+    if budget < 1:
+        raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a prompt "
+                          f"in the model's max_seq_len={model_cfg.max_seq_len}", "lower it")
+    return budget
+
+
+def main(cfg: GenerateConfig) -> int:
+    model_cfg = model_config(cfg.init, ModelConfig())
+    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
+        tokenizer, _ = load_tokenizer(cfg.init, model_cfg)
+        template = ChatTemplate(**asdict(cfg.template))
+        prompts, mix_stats = collect_prompts(cfg, template)
+        if rt.is_main:
+            claim_shards(rt.stage_dir, resume_fingerprint(cfg))
+            for path in shard_paths(rt.stage_dir):
+                if repair_shard(path):
+                    rt.log(f"cut a torn last line from {path}")
+        rt.barrier()
+        done = {record["id"] for record in read_shard_records(rt.stage_dir)}
+        todo = [p for p in prompts if p.id not in done]
+        replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
+        mine = [todo[i] for i in shard_indices(len(todo), replica, rt.dims.dp)]
+        rt.log(f"generate: {len(prompts)} prompts, {len(done)} already answered, {len(todo)} to go on "
+               f"{rt.dims.dp} replica(s) of TP={rt.dims.tp}")
+        checkpoint = resolve_checkpoint(cfg.init.checkpoint, "init.checkpoint")
+        model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint")
+        writes = rt.mesh is None or rt.mesh.get_local_rank("tp") == 0  # TP ranks hold identical answers
+        shard = rt.stage_dir / f"shard_{replica:05d}.jsonl"
+        usage.tokens = _generate_all(model, mine, cfg, tokenizer, template, rt, str(checkpoint),
+                                     shard if writes else None, usage)
+        rt.barrier()
+        if rt.is_main:
+            records = merge_shards(rt.stage_dir, len(prompts))
+            write_jsonl(rt.stage_dir / SAMPLES, records)
+            card = {"prompts": len(prompts), "sources": mix_stats, "model": str(checkpoint),
+                    "finished": sum(r["finished"] for r in records),
+                    "prompt_truncated": sum(r["prompt_truncated"] for r in records),
+                    "gen_config": asdict(cfg.generation)}
+            write_atomic(rt.stage_dir / "generation_card.json", json.dumps(card, indent=2))
+            mark_done(rt, rt.stage_dir / SAMPLES)
+            rt.log(f"generate done: {len(records)} samples in {rt.stage_dir / SAMPLES}; "
+                   f"{len(records) - card['finished']} hit max_new_tokens without EOS, "
+                   f"{card['prompt_truncated']} prompts were cut to {prompt_budget(cfg, model_cfg)} tokens")
+    return 0
+
+
+def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template, rt: Runtime,
+                  model_name: str, shard: Path | None, usage) -> int:
+    total_tokens = 0
+    started = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc="generate", disable=not rt.is_main, dynamic_ncols=True)
+    for start in range(0, len(prompts), cfg.write_every):
+        records, tokens = answer(model, prompts[start:start + cfg.write_every], cfg, tokenizer, template, rt,
+                                 model_name)
+        if shard is not None:
+            append_durably(shard, records)
+        total_tokens += tokens
+        usage.tokens = total_tokens
+        usage.beat()
+        bar.update(len(records))
+        bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - started):.0f}", refresh=False)
+    bar.close()
+    return total_tokens

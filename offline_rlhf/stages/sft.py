@@ -1,0 +1,52 @@
+"""`orlhf sft`: supervised fine-tuning (paper step 1, Eq. 1) into `run_dir/sft/`."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from offline_rlhf.config.training import SFTConfig
+from offline_rlhf.data.batching import collate_sequences, loss_tokens, real_tokens
+from offline_rlhf.data.sft_dataset import build_sft_dataset, write_dataset_card
+from offline_rlhf.losses.sft import sft_loss
+from offline_rlhf.models.masks import document_mask
+from offline_rlhf.parallel.logprobs import token_nll
+from offline_rlhf.runtime import stage_runtime
+from offline_rlhf.stage_support import mark_done, model_config, resume_fingerprint
+from offline_rlhf.train.init import prepare_training
+from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
+
+STAGE = "sft"
+
+
+def lm_forward(model, batch, packed: bool):
+    """Packed rows need the document mask; one-document rows are plain causal."""
+    mask = document_mask(batch["document_ids"]) if packed else None
+    return model(batch["tokens"], positions=batch["positions"], attn_mask=mask)
+
+
+def sft_task(packed: bool) -> Task:
+    def loss(model, batch, normalizer):
+        return sft_loss(*token_nll(lm_forward(model, batch, packed), batch["labels"]), normalizer)
+
+    return Task(loss=loss, normalizer=loss_tokens, tokens=real_tokens)
+
+
+def main(cfg: SFTConfig) -> int:
+    model_cfg = model_config(cfg.init, cfg.model)
+    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
+        setup = prepare_training(cfg.init, model_cfg, "lm", rt, cfg.train.seed)
+        dataset = build_sft_dataset(cfg.data, setup.tokenizer, cfg.train.seed)
+        if rt.is_main:
+            write_dataset_card(dataset.card, rt.stage_dir)
+        collate = partial(collate_sequences, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
+        result = train(sft_task(cfg.data.pack), setup.model, TrainData(dataset.train, dataset.val, collate,
+                                                                         cfg.data.max_seq_len),
+                       cfg.train, cfg.optim, cfg.logging, rt, usage,
+                       CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
+                                      fingerprint=resume_fingerprint(cfg)))
+        totals = dataset.card["totals"]
+        rt.log(f"sft done: {result.steps} steps, final checkpoint {result.checkpoint}; "
+               f"{totals['truncated']} of {totals['taken']} samples were truncated to {cfg.data.max_seq_len} tokens "
+               f"(see {rt.stage_dir / 'dataset_card.md'})")
+        mark_done(rt, result.checkpoint)
+    return 0

@@ -1,0 +1,92 @@
+"""Every invalid configuration gives one line naming the key and the fix."""
+
+import pytest
+
+from offline_rlhf.cli import main
+from offline_rlhf.config.compose import compose_stage
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.schema import ModelConfig, ParallelConfig
+from offline_rlhf.config.tools import SmokeConfig
+from offline_rlhf.parallel.dims import ParallelDims
+
+TINY = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=512)
+
+
+@pytest.mark.parametrize("overrides,key,fragment", [
+    (["model.hidden=3"], "model.hidden", "unknown key (not a field of ModelConfig)"),
+    (["+foo=1"], "foo", "unknown key"),
+    (["model=13b"], "model", "no config named 'model/13b'; available: 125m, 1b, 70b, 8b, demo, tiny"),
+    (["model.dim=abc"], "model.dim", "could not be converted to Integer"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads", "3 does not divide model.n_heads=4"),
+    (["parallel.dp_mode=zero3"], "parallel.dp_mode", "use 'fsdp' or 'ddp'"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "needs parallel.tp > 1"),
+    (["seq_len=4096"], "seq_len", "exceeds model.max_seq_len=512"),
+])
+def test_compose_errors_name_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        compose_stage("smoke", SmokeConfig, overrides)
+    message = str(info.value)
+    assert info.value.key == key and message.startswith(f"{key}: ") and fragment in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("parallel,world_size,model,fragment", [
+    (ParallelConfig(tp=3), 6, TINY,
+     "parallel.tp: 3 does not divide model.n_heads=4; choose a parallel.tp that divides 4"),
+    (ParallelConfig(tp=4), 4, TINY, "parallel.tp: 4 does not divide model.n_kv_heads=2"),
+    (ParallelConfig(tp=2), 3, TINY, "parallel.tp: 2 does not divide the world size 3"),
+    (ParallelConfig(tp=2, dp=2), 2, TINY, "parallel.dp: tp=2 x dp=2 = 4 but the world size is 2; set parallel.dp=1"),
+    (ParallelConfig(tp=2, dp_mode="ddp"), 2, TINY, "parallel.dp_mode: ddp cannot be combined with tensor parallelism"),
+])
+def test_parallel_dims_errors(parallel, world_size, model, fragment):
+    with pytest.raises(ConfigError, match=None) as info:
+        ParallelDims.build(parallel, world_size, model)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dp_fills_the_world():
+    dims = ParallelDims.build(ParallelConfig(tp=2), 8, TINY)
+    assert (dims.dp, dims.tp, dims.world_size) == (4, 2, 8)
+
+
+def test_cli_prints_one_line_and_exits_2(capsys):
+    assert main(["smoke", "model.hidden=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("orlhf smoke: error: model.hidden: unknown key (not a field of ModelConfig); "
+                   "check the spelling; `--cfg` prints the valid keys")
+
+
+def test_cli_cfg_prints_resolved_config(capsys):
+    assert main(["smoke", "model=8b", "parallel=tp4_sp", "seq_len=128", "--cfg"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_size: 256000" in out and "tp: 4" in out and "sequence_parallel: true" in out
+
+
+def test_unknown_stage(capsys):
+    assert main(["sfft"]) == 2
+    assert "unknown stage 'sfft'" in capsys.readouterr().err
+
+
+def test_paper_8b_attributes():
+    from offline_rlhf.config.compose import compose_stage as compose
+    model = compose("smoke", SmokeConfig, ["model=8b", "seq_len=64"]).model
+    assert (model.max_seq_len, model.qkv_bias, model.tie_embeddings) == (4096, False, False)
+    assert 8.0e9 < model.num_params() < 9.0e9
+
+
+def test_config_formats_name_the_data_readers():
+    from offline_rlhf.config.schema import PREFERENCE_FORMATS, SFT_FORMATS
+    from offline_rlhf.data import PREFERENCE_READERS, READERS
+
+    assert set(SFT_FORMATS) == set(READERS) and set(PREFERENCE_FORMATS) == set(PREFERENCE_READERS)
+
+
+@pytest.mark.parametrize("stage,override,fragment", [
+    ("sft", "data.sources.0.format=csv", "data.sources[oasst].format: unknown format 'csv'"),
+    ("sft", "data.sources.0.format=hh_rlhf", "'hh_rlhf' is not a supervised (prompt, response) format"),
+    ("rm", "data.sources.0.format=dolly", "'dolly' is not a preference (prompt, chosen, rejected) format"),
+    ("sft", "data.max_seq_len=1", "data.max_seq_len: must be at least 2"),
+])
+def test_data_source_errors(stage, override, fragment, capsys):
+    assert main([stage, override]) == 2
+    assert fragment in capsys.readouterr().err
