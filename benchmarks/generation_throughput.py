@@ -101,7 +101,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg: ModelConfig = CPU_DEFAULT if args.model is None else compose_stage(
-        "demo", SmokeConfig, [f"model={args.model}", "seq_len=8"]).model
+        "smoke", SmokeConfig, [f"model={args.model}", "seq_len=8"]).model
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     ours = Transformer(cfg)

@@ -5,12 +5,16 @@ Imports neither torch nor offline_rlhf: stages are validated and run in subproce
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+
 from launcher.compose import compose_launch
 from launcher.local import run_locally
-from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir
+from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir, run_dir_override
 from launcher.schema import ClusterConfig, LaunchConfig, LaunchError
 from launcher.slurm import submit_chain, write_launch_record, write_stage_files
 from launcher.status import show_status
@@ -53,12 +57,13 @@ def launch(argv: list[str]) -> int:
 def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], run_dir: Path, python: str, dry_run: bool) -> int:
     scripts = [write_stage_files(plan, cfg.cluster, python) for plan in plans]
     if dry_run:
-        print(format_table([("STAGE", "JOB", "SCRIPT"), *((p.name, "(dry run)", str(s)) for p, s in zip(plans, scripts))]))
+        rows = [(plan.name, "(dry run)", str(script)) for plan, script in zip(plans, scripts)]
+        print(format_table([("STAGE", "JOB", "SCRIPT"), *rows]))
         return 0
     submitted = submit_chain(plans, scripts, cfg.cluster.max_attempts)
     write_launch_record(run_dir, cfg.pipeline.name, submitted)
     print(format_table([("STAGE", "JOB", "SCRIPT"), *((s.name, ",".join(s.job_ids), s.script) for s in submitted)]))
-    print(f"submitted; follow with: orlhf launch status run_dir={run_dir}")
+    print(f"submitted; follow with: orlhf launch status {shlex.quote(run_dir_override(run_dir))}")
     return 0
 
 
@@ -72,4 +77,15 @@ def _status_run_dir(args: list[str]) -> Path:
     unknown = [arg.split("=", 1)[0] for arg in args if not arg.startswith("run_dir=")]
     if unknown or len(args) != 1:
         raise LaunchError(unknown[0] if unknown else "run_dir", "status takes exactly one run_dir=DIR")
-    return Path(args[0].split("=", 1)[1]).expanduser().resolve()
+    return Path(_hydra_string(args[0])).expanduser().resolve()
+
+
+def _hydra_string(override: str) -> str:
+    """Read like `orlhf launch run_dir=...`, so the quoting that launched a run finds it again."""
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+    except OverrideParseException:
+        value = None
+    if not isinstance(value, str):
+        raise LaunchError("run_dir", f"{override!r} is not one path", "quote it: \"run_dir='/runs/a,b'\"")
+    return value

@@ -22,6 +22,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_NAME = "orlhf_launch"
 # The schema first, so the selected pipeline and cluster files are merged into it (typed).
 DEFAULTS = ["launch_schema", {"pipeline": MISSING}, {"cluster": "local"}]
+RUN_DIR_REFERENCE = "${run_dir}"
 ADDABLE_PREFIX = "cluster.env."  # a free-form mapping: `+cluster.env.NAME=value` adds a variable
 
 
@@ -33,11 +34,21 @@ def compose_launch(overrides: Sequence[str]) -> LaunchConfig:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        _leave_run_dir_to_the_stages(cfg)
         return OmegaConf.to_object(cfg)
     except LaunchError:
         raise
     except (HydraException, OmegaConfBaseException) as err:
         raise _one_line(err) from None
+
+
+def _leave_run_dir_to_the_stages(cfg) -> None:
+    """`${run_dir}` in a stage's overrides stays for the stage to resolve against the run_dir
+    it is given: pasted in as text, a comma, space or quote in the path would change how
+    Hydra splits the override (`init.tokenizer=${run_dir}/tok` would become a sweep)."""
+    for stage in cfg.pipeline.stages:
+        raw = OmegaConf.to_container(stage.overrides, resolve=False)
+        stage.overrides = [override.replace(RUN_DIR_REFERENCE, "\\" + RUN_DIR_REFERENCE) for override in raw]
 
 
 def _reject_added_keys(overrides: Sequence[str]) -> None:
@@ -69,6 +80,10 @@ def _one_line(err: Exception) -> LaunchError:
     if "You must specify" in text:
         group = re.search(r"You must specify '([^']+)'", text).group(1)
         return LaunchError(group, "required", f"choose one of: {', '.join(_options(group))}")
+    sweep = re.search(r"Ambiguous value for argument '([^=']+)=", text)
+    if sweep:  # Hydra reads an unquoted `a,b` as a sweep over two values
+        key = sweep.group(1)
+        return LaunchError(key, "a ',' outside quotes makes a list of values", f"quote the value: \"{key}='a,b'\"")
     missing_option = re.search(r"Could not find '([^/']+)/([^']+)'", text)
     if missing_option:
         group, option = missing_option.groups()

@@ -8,6 +8,7 @@ the process count. Every stage is checked before anything runs or is submitted.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from hydra.core.override_parser.types import Quote, QuotedString
 
-from launcher.schema import ClusterConfig, LaunchConfig, LaunchError, StageEntry
+from launcher.schema import ClusterConfig, LaunchConfig, LaunchError, StageEntry, check_sbatch_value
 
 STAGE_MODULE = "offline_rlhf.cli"
+# Paths Hydra's override grammar reads as one plain string; any other goes in its quotes.
+PLAIN_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")
 
 
 @dataclass(frozen=True)
@@ -46,19 +50,44 @@ def resolved_run_dir(cfg: LaunchConfig) -> Path:
 
 def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
     run_dir = resolved_run_dir(cfg)
+    if cfg.cluster.kind == "slurm":
+        check_slurm_run_dir(run_dir, cfg.cluster)
     entries = list(enumerate(cfg.pipeline.stages))
     if not entries:
-        raise LaunchError("pipeline.stages", "is empty", f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")
+        raise LaunchError("pipeline.stages", "is empty",
+                          f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")
     _check_unique_names(entries)
     with ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
         return list(pool.map(lambda item: _plan_stage(*item, run_dir, cfg.cluster), entries))
+
+
+def check_slurm_run_dir(run_dir: Path, cluster: ClusterConfig) -> None:
+    """Job output paths under run_dir go on #SBATCH lines; a container mounts it as `dir:dir`
+    in a comma-separated list."""
+    check_sbatch_value("run_dir", str(run_dir))
+    if cluster.container_image and any(char in str(run_dir) for char in ",:"):
+        raise LaunchError("run_dir", f"{str(run_dir)!r} contains ',' or ':', which pyxis reads in its mount list",
+                          "choose a path without them")
+
+
+def run_dir_override(run_dir: Path) -> str:
+    """`run_dir=...` as Hydra reads it back: unquoted, `,` would make a sweep and spaces,
+    quotes or non-ASCII a syntax error. Quoted, `${` would still be an interpolation."""
+    text = str(run_dir)
+    if "${" in text:
+        raise LaunchError("run_dir", f"{text!r} contains '${{', which the stages would resolve as an interpolation",
+                          "choose a path without it")
+    if PLAIN_PATH.fullmatch(text):
+        return f"run_dir={text}"
+    return "run_dir=" + QuotedString(text=text, quote=Quote.double).with_quotes()
 
 
 def _check_unique_names(entries: list[tuple[int, StageEntry]]) -> None:
     seen: dict[str, int] = {}
     for index, entry in entries:
         if entry.folder in seen:
-            raise LaunchError(f"pipeline.stages[{index}].name", f"{entry.folder!r} is also stages[{seen[entry.folder]}]",
+            raise LaunchError(f"pipeline.stages[{index}].name",
+                              f"{entry.folder!r} is also stages[{seen[entry.folder]}]",
                               "give one of them a distinct name (it is the folder under run_dir)")
         seen[entry.folder] = index
 
@@ -67,7 +96,7 @@ def _plan_stage(index: int, entry: StageEntry, run_dir: Path, cluster: ClusterCo
     key = f"pipeline.stages[{index}]"
     if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in entry.overrides):
         raise LaunchError(f"{key}.overrides", "run_dir is set by the launcher", "pass run_dir=... to orlhf launch")
-    args = (*entry.overrides, f"run_dir={run_dir}")
+    args = (*entry.overrides, run_dir_override(run_dir))
     config_yaml = resolve_stage_config(key, entry.stage, args)
     nodes, per_node = _process_layout(key, entry, yaml.safe_load(config_yaml).get("parallel") or {}, cluster)
     return StagePlan(name=entry.folder, stage=entry.stage, args=args, nodes=nodes, procs_per_node=per_node,

@@ -80,7 +80,7 @@ def _run_line(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
 # remaining ones exit at once.
 def _skip_if_complete(plan: StagePlan) -> str:
     marker = shlex.quote(str(plan.stage_dir / COMPLETE_MARKER))
-    return f'if [ -e {marker} ]; then echo "{plan.name}: already complete"; exit 0; fi\n'
+    return f"if [ -e {marker} ]; then echo {shlex.quote(f'{plan.name}: already complete')}; exit 0; fi\n"
 
 
 def _mark_complete(plan: StagePlan) -> str:

@@ -7,6 +7,7 @@ them into these dataclasses in struct mode, so a misspelt key is an error, not a
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -17,6 +18,11 @@ LAUNCH_MODES = ("torchrun", "tasks")
 # variables from the stage (and the SLURM_* ones its device-hour rows carry).
 PROCESS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 CLUSTER_KINDS = ("local", "slurm")
+# Stage names become folders under run_dir and parts of job names: no `/`, `..` or spaces.
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+# `#SBATCH` lines are comments to bash but sbatch splits them at spaces, quotes and `#`, and
+# expands `%` in paths: no quoting suits both, so their values keep to these characters.
+SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:+@=/-]+")
 
 
 class LaunchError(ValueError):
@@ -25,6 +31,26 @@ class LaunchError(ValueError):
     def __init__(self, key: str, problem: str, fix: str = ""):
         self.key = key
         super().__init__(f"{key}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+def check_printable(key: str, value: str) -> None:
+    """Shell lines quote every value, but a line break would still end a `#` comment or a
+    `#SBATCH` line early and start a command of its own."""
+    bad = next((char for char in value if unicodedata.category(char) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        raise LaunchError(key, f"{value!r} contains the control character U+{ord(bad):04X}", "remove it")
+
+
+def check_sbatch_value(key: str, value: str) -> None:
+    if not SBATCH_VALUE.fullmatch(value):
+        raise LaunchError(key, f"{value!r} cannot go on an #SBATCH line",
+                          "use only ASCII letters, digits and _ . , : + @ = / -")
+
+
+def check_identifier(key: str, value: str) -> None:
+    if not IDENTIFIER.fullmatch(value):
+        raise LaunchError(key, f"{value!r} is not a name",
+                          "use ASCII letters, digits, _ and -, starting with a letter or _")
 
 
 @dataclass
@@ -42,11 +68,25 @@ class StageEntry:
     def folder(self) -> str:
         return self.name or self.stage
 
+    def check(self, key: str) -> None:
+        """Every value here reaches a job script; `key` is the entry's place in the pipeline."""
+        check_identifier(f"{key}.stage", self.stage)
+        if self.name is not None:
+            check_identifier(f"{key}.name", self.name)
+        if self.time_limit is not None:
+            check_sbatch_value(f"{key}.time_limit", self.time_limit)
+        for index, override in enumerate(self.overrides):
+            check_printable(f"{key}.overrides[{index}]", override)
+
 
 @dataclass
 class PipelineConfig:
     name: str = MISSING
     stages: List[StageEntry] = field(default_factory=list)
+
+    def __post_init__(self):
+        for index, entry in enumerate(self.stages):
+            entry.check(f"pipeline.stages[{index}]")
 
 
 @dataclass
@@ -83,13 +123,28 @@ class ClusterConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise LaunchError(f"cluster.{key}", f"must be >= 1, got {value}", "or leave it unset (null)")
-        for name in self.env:
-            self._check_env_name(name)
+        self._check_script_values()
         if self.max_attempts < 1:
             raise LaunchError("cluster.max_attempts", f"must be >= 1, got {self.max_attempts}")
         if self.max_attempts > 1 and not self.time_limit:
             raise LaunchError("cluster.max_attempts", "automatic continuation needs a time limit",
                               "set cluster.time_limit (e.g. 04:00:00)")
+
+    def _check_script_values(self) -> None:
+        for key in ("partition", "account", "mem", "time_limit"):
+            if getattr(self, key) is not None:
+                check_sbatch_value(f"cluster.{key}", getattr(self, key))
+        for key in ("container_image", "python"):
+            if getattr(self, key) is not None:
+                check_printable(f"cluster.{key}", getattr(self, key))
+        for index, mount in enumerate(self.container_mounts):
+            check_printable(f"cluster.container_mounts[{index}]", mount)
+            if "," in mount:
+                raise LaunchError(f"cluster.container_mounts[{index}]", f"{mount!r} contains ','",
+                                  "pyxis separates mounts with commas: give each mount its own list item")
+        for name, value in self.env.items():
+            self._check_env_name(name)
+            check_printable(f"cluster.env.{name}", value)
 
     @staticmethod
     def _check_env_name(name: str) -> None:
@@ -105,3 +160,6 @@ class LaunchConfig:
     run_dir: str = "runs/${pipeline.name}"
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self):
+        check_printable("run_dir", self.run_dir)

@@ -20,7 +20,7 @@ from launcher.status import FINISHED
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
 POLL_TIMEOUT_S = 120
-DEMO = "{stage: demo, name: %s, nproc: 2, overrides: [%s]}"
+DEMO = "{stage: smoke, name: %s, nproc: 2, overrides: [%s]}"
 # TP=2 needs the KV heads split in two: with one KV head the stage's config is valid on its
 # own (`--cfg` passes) but the stage exits non-zero once it sees its world size.
 FAILING_CHAIN = "pipeline.stages=[%s]" % ", ".join([
@@ -58,14 +58,14 @@ def orlhf_launch(*args: str) -> subprocess.CompletedProcess:
 
 def launch(run_dir: Path, *overrides: str) -> dict[str, str]:
     """Submit and return stage -> job id from launch.json (via the status table)."""
-    proc = orlhf_launch("pipeline=tiny_demo", "cluster=local_slurm", f"run_dir={run_dir}", *overrides)
+    proc = orlhf_launch("pipeline=smoke", "cluster=local_slurm", f"run_dir={run_dir}", *overrides)
     assert proc.returncode == 0, proc.stderr
     return {stage: job for stage, job, _ in status_rows(run_dir)}
 
 
 def status_rows(run_dir: Path) -> list[tuple[str, str, str]]:
     """(stage, job, state) rows of `orlhf launch status`, cut at the header's column starts
-    (a stage label such as "demo [1/2]" holds a space)."""
+    (a stage label such as "smoke [1/2]" holds a space)."""
     proc = orlhf_launch("status", f"run_dir={run_dir}")
     assert proc.returncode == 0, proc.stderr
     header, *lines = proc.stdout.splitlines()
@@ -93,9 +93,9 @@ def test_tiny_pipeline_completes_with_artifacts_and_ledger_hours(slurm, tmp_path
     run_dir = tmp_path / "run"
     jobs = launch(run_dir)
     states = wait_until_finished(run_dir)
-    assert states == {"demo": "COMPLETED"}, job_outputs(run_dir)
-    stage_dir = run_dir / "demo"
-    for artifact in ("submission.sh", "config.yaml", "metrics.jsonl", f"slurm-{jobs['demo']}.out"):
+    assert states == {"smoke": "COMPLETED"}, job_outputs(run_dir)
+    stage_dir = run_dir / "smoke"
+    for artifact in ("submission.sh", "config.yaml", "metrics.jsonl", f"slurm-{jobs['smoke']}.out"):
         assert (stage_dir / artifact).is_file(), artifact
     assert any((stage_dir / "checkpoints").iterdir()), job_outputs(run_dir)
     status = orlhf_launch("status", f"run_dir={run_dir}").stdout
@@ -116,6 +116,6 @@ def test_continuation_attempt_after_a_completed_stage_exits_at_once(slurm, tmp_p
     run_dir = tmp_path / "run"
     jobs = launch(run_dir, "cluster.max_attempts=2", "cluster.time_limit=10")
     states = wait_until_finished(run_dir)
-    assert states == {"demo [1/2]": "COMPLETED", "demo [2/2]": "COMPLETED"}, job_outputs(run_dir)
-    second = run_dir / "demo" / f"slurm-{jobs['demo [2/2]']}.out"
-    assert second.read_text().strip() == "demo: already complete"
+    assert states == {"smoke [1/2]": "COMPLETED", "smoke [2/2]": "COMPLETED"}, job_outputs(run_dir)
+    second = run_dir / "smoke" / f"slurm-{jobs['smoke [2/2]']}.out"
+    assert second.read_text().strip() == "smoke: already complete"

@@ -21,30 +21,30 @@ def launch_error(*overrides: str) -> str:
 
 
 def test_pipeline_and_cluster_files_fill_the_schema():
-    cfg = compose_launch(["pipeline=tiny_demo", "cluster=slurm", "cluster.partition=batch", "run_dir=/tmp/r"])
+    cfg = compose_launch(["pipeline=smoke", "cluster=slurm", "cluster.partition=batch", "run_dir=/tmp/r"])
     assert cfg.cluster.kind == "slurm" and cfg.cluster.partition == "batch" and cfg.cluster.gpus_per_node == 8
-    assert [(s.stage, s.nproc, s.overrides) for s in cfg.pipeline.stages] == [("demo", 2, ["parallel.tp=2"])]
+    assert [(s.stage, s.nproc, s.overrides) for s in cfg.pipeline.stages] == [("smoke", 2, ["parallel.tp=2"])]
     assert cfg.run_dir == "/tmp/r"
 
 
 def test_local_slurm_extends_slurm_without_gpus():
-    cluster = compose_launch(["pipeline=tiny_demo", "cluster=local_slurm"]).cluster
+    cluster = compose_launch(["pipeline=smoke", "cluster=local_slurm"]).cluster
     assert (cluster.kind, cluster.gpus_per_node, cluster.time_limit, cluster.exclusive) == ("slurm", None, None, False)
 
 
 def test_unknown_cluster_key_names_the_key():
-    assert launch_error("pipeline=tiny_demo", "cluster=slurm", "cluster.partiton=batch").startswith(
+    assert launch_error("pipeline=smoke", "cluster=slurm", "cluster.partiton=batch").startswith(
         "cluster.partiton: unknown key")
 
 
 def test_unknown_key_in_a_pipeline_entry_names_the_entry():
-    assert launch_error("pipeline=tiny_demo", "pipeline.stages.0.nodez=2").startswith(
+    assert launch_error("pipeline=smoke", "pipeline.stages.0.nodez=2").startswith(
         "pipeline.stages[0].nodez: unknown key")
 
 
 def test_adding_keys_with_plus_is_refused_except_environment_variables():
-    assert launch_error("pipeline=tiny_demo", "+cluster.gpus=8").startswith("cluster.gpus: keys cannot be added")
-    assert compose_launch(["pipeline=tiny_demo", "+cluster.env.NCCL_IB_HCA=mlx5"]).cluster.env == {"NCCL_IB_HCA": "mlx5"}
+    assert launch_error("pipeline=smoke", "+cluster.gpus=8").startswith("cluster.gpus: keys cannot be added")
+    assert compose_launch(["pipeline=smoke", "+cluster.env.NCCL_IB_HCA=mlx5"]).cluster.env == {"NCCL_IB_HCA": "mlx5"}
 
 
 def test_missing_or_unknown_pipeline_lists_the_choices():
@@ -61,11 +61,11 @@ def test_missing_or_unknown_pipeline_lists_the_choices():
     ("cluster.gpus_per_node=eight", "cluster.gpus_per_node: Value 'eight'"),
 ])
 def test_invalid_values_name_the_key(override, start):
-    assert launch_error("pipeline=tiny_demo", override).startswith(start)
+    assert launch_error("pipeline=smoke", override).startswith(start)
 
 
 def test_cli_prints_one_error_line_and_exits_2(capsys):
-    assert main(["pipeline=tiny_demo", "cluster.partiton=batch"]) == 2
+    assert main(["pipeline=smoke", "cluster.partiton=batch"]) == 2
     captured = capsys.readouterr()
     assert captured.err == "orlhf launch: error: cluster.partiton: unknown key; check the spelling; " \
                            "see launcher/schema.py for the keys\n"

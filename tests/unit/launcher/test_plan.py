@@ -6,6 +6,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import yaml
 
 from launcher.compose import compose_launch
 from launcher.local import run_locally
@@ -14,14 +15,22 @@ from launcher.schema import LaunchError
 
 
 def plans_for(tmp_path, *overrides, cluster="local"):
-    return plan_pipeline(compose_launch(["pipeline=tiny_demo", f"cluster={cluster}", f"run_dir={tmp_path}", *overrides]))
+    return plan_pipeline(compose_launch(["pipeline=smoke", f"cluster={cluster}", f"run_dir={tmp_path}", *overrides]))
 
 
-def test_tiny_demo_resolves_through_the_stage_and_gets_two_processes(tmp_path):
+def test_smoke_pipeline_resolves_through_the_stage_and_gets_two_processes(tmp_path):
     (plan,) = plans_for(tmp_path)
-    assert (plan.name, plan.nodes, plan.procs_per_node) == ("demo", 1, 2)
+    assert (plan.name, plan.nodes, plan.procs_per_node) == ("smoke", 1, 2)
     assert plan.args == ("parallel.tp=2", f"run_dir={tmp_path}")
     assert "tp: 2" in plan.config_yaml and f"run_dir: {tmp_path}" in plan.config_yaml
+
+
+def test_run_dir_with_comma_space_quote_and_non_ascii_reaches_the_stage_unchanged(tmp_path):
+    """Forwarded unquoted, Hydra read the comma as a sweep and the stage failed."""
+    run_dir = tmp_path / "runs, it's é"
+    (plan,) = plan_pipeline(compose_launch(["pipeline=smoke", f'run_dir="{run_dir}"']))
+    assert yaml.safe_load(plan.config_yaml)["run_dir"] == str(run_dir)
+    assert plan.stage_dir == run_dir / "smoke"
 
 
 def test_processes_default_to_tp_times_dp_with_fill_counted_as_one(tmp_path):
@@ -39,7 +48,7 @@ def test_gpu_cluster_runs_one_process_per_gpu(tmp_path):
 @pytest.mark.parametrize("overrides, start", [
     (["pipeline.stages.0.nproc=3"], "pipeline.stages[0].nproc: 3 processes do not fit parallel.tp=2"),
     (["pipeline.stages.0.nodes=2"], "pipeline.stages[0].nodes: 2 nodes need a cluster"),
-    (["pipeline.stages.0.overrides=['parallel.tp=0']"], "pipeline.stages[0] (demo): orlhf demo: error: parallel.tp"),
+    (["pipeline.stages.0.overrides=['parallel.tp=0']"], "pipeline.stages[0] (smoke): orlhf smoke: error: parallel.tp"),
     (["pipeline.stages.0.overrides=['run_dir=/elsewhere']"], "pipeline.stages[0].overrides: run_dir is set by"),
     (["pipeline.stages.0.stage=no_such_stage"], "pipeline.stages[0] (no_such_stage): orlhf: unknown stage"),
 ])
@@ -60,21 +69,21 @@ def test_paper_pipelines_compose_without_their_stages_existing_yet(tmp_path):
 
 
 def test_duplicate_stage_folders_are_refused(tmp_path):
-    cfg = compose_launch(["pipeline=tiny_demo", f"run_dir={tmp_path}"])
+    cfg = compose_launch(["pipeline=smoke", f"run_dir={tmp_path}"])
     cfg.pipeline.stages.append(cfg.pipeline.stages[0])
-    with pytest.raises(LaunchError, match=r"^pipeline.stages\[1\].name: 'demo' is also stages\[0\]"):
+    with pytest.raises(LaunchError, match=r"^pipeline.stages\[1\].name: 'smoke' is also stages\[0\]"):
         plan_pipeline(cfg)
 
 
 def test_local_run_stops_at_the_first_failing_stage_and_prints_its_log(tmp_path, capsys):
     """`--cfg` makes a stage exit 0 at once; an unknown stage makes it exit 2."""
-    (demo,) = plans_for(tmp_path / "a")
-    good = replace(demo, args=(*demo.args, "--cfg"), procs_per_node=1)
+    (smoke,) = plans_for(tmp_path / "a")
+    good = replace(smoke, args=(*smoke.args, "--cfg"), procs_per_node=1)
     bad = replace(good, name="broken", stage="no_such_stage", stage_dir=tmp_path / "broken")
     never = replace(good, name="never", stage_dir=tmp_path / "never")
     assert run_locally([good, bad, never], sys.executable, dry_run=False) == 1
     out, err = capsys.readouterr()
-    assert "[1/3] demo" in out and "[2/3] broken" in out and "[3/3]" not in out
+    assert "[1/3] smoke" in out and "[2/3] broken" in out and "[3/3]" not in out
     assert err.strip() == f"orlhf launch: stage broken failed (exit code 2); log: {tmp_path / 'broken' / 'launch.log'}"
     assert "unknown stage" in (tmp_path / "broken" / "launch.log").read_text()
     assert not (tmp_path / "never").exists()

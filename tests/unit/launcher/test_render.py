@@ -104,7 +104,7 @@ def test_script_exports_nothing_that_hides_slurm_variables():
 def test_auto_continuation_skips_a_completed_stage_and_marks_completion():
     script = render_script(make_plan(time_limit="04:00:00"), gpu_cluster(max_attempts=3), python="python")
     marker = "/lustre/runs/dt8b/sft/.launch_complete"
-    assert f'set -euo pipefail\n\nif [ -e {marker} ]; then echo "sft: already complete"; exit 0; fi\n' in script
+    assert f"set -euo pipefail\n\nif [ -e {marker} ]; then echo 'sft: already complete'; exit 0; fi\n" in script
     assert script.endswith(f"run_dir=/lustre/runs/dt8b\ntouch {marker}\n")
 
 
@@ -117,6 +117,6 @@ def test_stage_time_limit_and_no_container():
 
 def test_local_command_uses_torchrun_only_for_several_processes():
     assert local_command(make_plan(name="mix"), "py") == ["py", "-m", "offline_rlhf.cli", "mix", f"run_dir={RUN_DIR}"]
-    assert local_command(make_plan(name="demo", procs_per_node=2), "py") == [
+    assert local_command(make_plan(name="smoke", procs_per_node=2), "py") == [
         "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "offline_rlhf.cli", "demo", f"run_dir={RUN_DIR}"]
+        "-m", "offline_rlhf.cli", "smoke", f"run_dir={RUN_DIR}"]

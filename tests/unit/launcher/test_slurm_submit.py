@@ -43,7 +43,8 @@ def test_stages_are_chained_with_afterok_and_killed_on_invalid_dependency(tmp_pa
     assert [(s.name, s.job_ids) for s in submitted] == [("sft", ["100"]), ("rm", ["101"])]
     assert fake.commands == [
         ["sbatch", "--parsable", str(tmp_path / "sft/submission.sh")],
-        ["sbatch", "--parsable", "--dependency=afterok:100", "--kill-on-invalid-dep=yes", str(tmp_path / "rm/submission.sh")],
+        ["sbatch", "--parsable", "--dependency=afterok:100", "--kill-on-invalid-dep=yes",
+         str(tmp_path / "rm/submission.sh")],
     ]
 
 
