@@ -1,9 +1,15 @@
-"""Generation throughput (new tokens/s) of our KV-cache engine against `transformers`'
-`generate`, on the same weights and prompts, measured in one run. Greedy, EOS disabled,
-so both produce batch x max_new_tokens tokens.
+"""Generation throughput (new tokens/s) of our continuous-batching engine against
+`transformers`' `generate`, on the same weights and prompts, measured in one run.
 
-    python benchmarks/generation_throughput.py                       # CPU default: a ~20M model
+    python benchmarks/generation_throughput.py                       # synthetic: a ~20M model,
+                                                                     # greedy, EOS disabled
+    python benchmarks/generation_throughput.py --workload realistic  # real prompts, EOS on, T=1,
+                                                                     # n=1 and 4, 32 and 128 slots
     python benchmarks/generation_throughput.py --model 1b --new 256  # on a GPU (bf16)
+
+The synthetic workload makes every row equally long (batch x max_new_tokens tokens); the
+realistic one (benchmarks/realistic_generation.py) is what `orlhf generate` runs, where
+answers end at different lengths and a static batcher decodes padding.
 
 Prints tokens/s for each at every batch size and the ratio ours / transformers; on CUDA
 also our decode-step bandwidth (weight + KV-cache bytes read per step / step time) as a
@@ -16,6 +22,7 @@ import argparse
 import time
 
 import torch
+from realistic_generation import REPO, run_realistic
 from train_step_throughput import CPU_DEFAULT, hf_twin
 
 from offline_rlhf.config.compose import compose_stage
@@ -95,11 +102,19 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--workload", choices=("synthetic", "realistic"), default="synthetic")
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 4], help="realistic: answers per prompt")
+    parser.add_argument("--prompts", type=int, default=256, help="realistic: prompts per measurement")
+    parser.add_argument("--cache", default=str(REPO / "runs" / "bench_generation"),
+                        help="realistic: where the trained model lives")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.workload == "realistic":
+        run_realistic(args, device, hf_twin)
+        return
     cfg: ModelConfig = CPU_DEFAULT if args.model is None else compose_stage(
         "smoke", SmokeConfig, [f"model={args.model}", "seq_len=8"]).model
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

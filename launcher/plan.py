@@ -3,11 +3,15 @@
 Each stage's overrides are validated by the stage itself (`orlhf STAGE ... --cfg` in a
 subprocess, so the launcher imports neither torch nor offline_rlhf); the resolved YAML it
 prints is the `config.yaml` written beside the job script, and its `parallel` section gives
-the process count. Every stage is checked before anything runs or is submitted.
+the process count. Then `orlhf STAGE ... --check` validates it for that process count (layout,
+batch split, tokenizer) and lists its input paths: each must exist or lie in the folder of an
+earlier stage. Every stage is checked before anything runs or is submitted.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +25,7 @@ from hydra.core.override_parser.types import Quote, QuotedString
 from launcher.schema import ClusterConfig, LaunchConfig, LaunchError, StageEntry, check_sbatch_value
 
 STAGE_MODULE = "offline_rlhf.cli"
+CHECK_WORLD_SIZE = "ORLHF_CHECK_WORLD_SIZE"  # offline_rlhf.cli.CHECK_WORLD_SIZE (not imported: no torch here)
 # Paths Hydra's override grammar reads as one plain string; any other goes in its quotes.
 PLAIN_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")
 
@@ -58,7 +63,10 @@ def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
                           f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")
     _check_unique_names(entries)
     with ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
-        return list(pool.map(lambda item: _plan_stage(*item, run_dir, cfg.cluster), entries))
+        plans = list(pool.map(lambda item: _plan_stage(*item, run_dir, cfg.cluster), entries))
+        inputs = list(pool.map(lambda item: check_stage(*item), enumerate(plans)))
+    check_inputs(plans, inputs)
+    return plans
 
 
 def check_slurm_run_dir(run_dir: Path, cluster: ClusterConfig) -> None:
@@ -112,6 +120,40 @@ def resolve_stage_config(key: str, stage: str, args: tuple[str, ...]) -> str:
         lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
         raise LaunchError(f"{key} ({stage})", lines[0])
     return proc.stdout
+
+
+def check_stage(index: int, plan: StagePlan) -> list[dict]:
+    """`orlhf STAGE ... --check` with the process count the stage will get: what `--cfg`
+    cannot see (the layout against the world size and the model, the global batch split, a
+    tokenizer). Returns the input paths the stage reported ({key, path, exists})."""
+    env = {**os.environ, CHECK_WORLD_SIZE: str(plan.world_size)}
+    proc = subprocess.run([sys.executable, "-m", STAGE_MODULE, plan.stage, *plan.args, "--check"],
+                          capture_output=True, text=True, env=env)
+    key = f"pipeline.stages[{index}] ({plan.stage}, nproc={plan.world_size})"
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+        raise LaunchError(key, lines[0])
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])["inputs"]
+    except (IndexError, KeyError, ValueError):
+        raise LaunchError(key, f"`--check` printed no input list: {proc.stdout.strip()[:200]!r}") from None
+
+
+def check_inputs(plans: list[StagePlan], inputs: list[list[dict]]) -> None:
+    """Every input a stage reads exists now, or lies in the folder of an earlier stage of the
+    pipeline (which writes it first); relative paths are as the stages see them, from here."""
+    for index, (plan, needed) in enumerate(zip(plans, inputs)):
+        earlier = [p.stage_dir for p in plans[:index]]
+        for item in needed:
+            path = Path(item["path"]).expanduser().absolute()
+            if item["exists"] or path.exists() or any(path.is_relative_to(folder) for folder in earlier):
+                continue
+            written_later = next((p.name for p in plans[index + 1:] if path.is_relative_to(p.stage_dir)), None)
+            raise LaunchError(f"pipeline.stages[{index}] ({plan.name}) {item['key']}",
+                              f"{item['path']} does not exist" + (
+                                  f" yet: stage {written_later!r} writes it, but runs later" if written_later
+                                  else " and no earlier stage of the pipeline writes it"),
+                              "fix the path, or run the stage that writes it first")
 
 
 def _process_layout(key: str, entry: StageEntry, parallel: dict, cluster: ClusterConfig) -> tuple[int, int]:

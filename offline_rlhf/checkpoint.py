@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -122,7 +123,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     path = Path(root) / pointer.read_text().strip()
     if not is_complete(path):
         raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint "
-                                f"(missing {META} or DCP .metadata); the folder was modified after saving")
+                                f"(missing {META} or DCP .metadata); the folder was modified after saving; "
+                                f"write the name of a complete step_* folder into {pointer}, or delete {root} "
+                                "to start over")
     return path
 
 
@@ -163,7 +166,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if optimizer is not None and not meta.has_optimizer:
         raise ValueError(f"{path} holds no optimizer state; load it as weights only (optimizer=None)")
     state = _tensor_state(model, optimizer)
-    lacking = _lacking(path, state["model"])
+    saved = _read_dcp_metadata(path)
+    _check_shard_sizes(path, saved)
+    lacking = _lacking(saved, state["model"])
     unexpected = sorted(lacking - set(may_lack))
     if unexpected:
         raise ValueError(f"{path} lacks {len(unexpected)} parameter(s) of this model, first {unexpected[:3]}; "
@@ -180,10 +185,42 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     return meta
 
 
-def _lacking(path: Path, model_state: dict[str, Any]) -> set[str]:
-    """Model parameter names the checkpoint at `path` does not hold."""
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    return {name for name in model_state if f"model.{name}" not in saved}
+def _lacking(saved: Any, model_state: dict[str, Any]) -> set[str]:
+    """Model parameter names the checkpoint (its DCP metadata `saved`) does not hold."""
+    return {name for name in model_state if f"model.{name}" not in saved.state_dict_metadata}
+
+
+def damaged(file: Path, problem: str) -> ConfigError:
+    """One line naming the damaged file and the way out (every rank raises it alike)."""
+    return ConfigError(str(file), f"the checkpoint is damaged ({problem})",
+                       f"load an earlier step_* folder of {file.parent.parent} (write its name into "
+                       f"{file.parent.parent / LATEST} to resume from it), or re-run the stage that wrote it")
+
+
+def _read_dcp_metadata(path: Path) -> Any:
+    """DCP's `.metadata`; a truncated or corrupt one is a damaged checkpoint, not a traceback."""
+    try:
+        return dcp.FileSystemReader(path).read_metadata()
+    except (EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError, TypeError, ValueError,
+            KeyError, UnicodeDecodeError) as exc:
+        raise damaged(path / ".metadata", f"unreadable: {type(exc).__name__}") from None
+
+
+def _check_shard_sizes(path: Path, metadata: Any) -> None:
+    """Every `*.distcp` shard must reach the end of the last tensor `.metadata` places in it:
+    a truncated shard (a copy cut short, a full disk) otherwise fails deep inside DCP's reader."""
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
+        if isinstance(name, str):
+            needed[name] = max(needed.get(name, 0), end)
+    for name, end in sorted(needed.items()):
+        shard = path / name
+        size = shard.stat().st_size if shard.is_file() else None
+        if size is None:
+            raise damaged(shard, "the shard is missing")
+        if size < end:
+            raise damaged(shard, f"the shard is truncated: {size} bytes, .metadata expects at least {end}")
 
 
 def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

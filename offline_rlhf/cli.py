@@ -1,12 +1,15 @@
 """`orlhf STAGE [hydra overrides...]`: one entry point for every stage.
 
 Imports are lazy so `orlhf launch` and `orlhf STAGE --cfg` never load torch.
-Common flags: `--cfg` prints the resolved config and exits; `-h/--help` lists stages.
+Common flags: `--cfg` prints the resolved config and exits; `--check` validates the stage for
+`ORLHF_CHECK_WORLD_SIZE` processes without loading a model and prints its input paths as
+JSON (`orlhf launch` runs it for every stage); `-h/--help` lists stages.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -45,6 +48,8 @@ STAGES = {
                      "import_hf / export_hf: Hugging Face checkpoint conversion", positional="action"),
     "smoke": Stage("offline_rlhf.stages.smoke", "offline_rlhf.config.tools:SmokeConfig",
                    "build, train a few steps, checkpoint and reload (a smoke run of the foundation)"),
+    "ppo": Stage("ppo_baseline.stage", "ppo_baseline.config:PPOConfig",
+                 "the PPO baseline: an actor and reward, reference and critic services over HTTP, into run_dir/ppo/"),
     "launch": Stage("offline_rlhf.stages.launch", "", "run a pipeline locally or as chained Slurm jobs"),
     "pipeline": Stage("offline_rlhf.stages.launch", "",
                       "run a whole pipeline here (default: the embedded demo), resuming after failures"),
@@ -89,15 +94,115 @@ def run(argv: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print(stage_help(name, stage))
         return 0
-    stray = next((a for a in args if "=" not in a and a != "--cfg"), None)
+    stray = next((a for a in args if "=" not in a and a not in FLAGS), None)
     if stray is not None:
         raise ConfigError(stray, "is not an override", f"write key=value; `orlhf {name} --cfg` lists the keys")
-    print_only = "--cfg" in args
-    config = compose_stage(name, _load(stage.schema), [a for a in args if a != "--cfg"])
-    if print_only:
+    config = compose_stage(name, _load(stage.schema), [a for a in args if a not in FLAGS])
+    if "--cfg" in args:
         print(to_yaml(config).rstrip())
         return 0
+    if "--check" in args:
+        print(json.dumps(check_stage(config)))
+        return 0
     return _load(f"{stage.module}:main")(config) or 0
+
+
+FLAGS = ("--cfg", "--check")
+# The process count `orlhf STAGE --check` validates for (the launcher sets it: nodes x
+# processes per node); unset: parallel.tp x parallel.dp, dp=-1 counting as 1.
+CHECK_WORLD_SIZE = "ORLHF_CHECK_WORLD_SIZE"
+# Config fields that name files or folders a stage reads: (dotted attribute path, list
+# attribute or ""). `hf` sources may name a Hugging Face dataset instead of a path.
+INPUT_FIELDS = (("data.sources", "path"), ("data.path", ""), ("sources", "path"), ("inputs", "path"),
+                ("input", ""), ("prompts", ""), ("rm", ""), ("ckpt", ""), ("init.checkpoint", ""),
+                ("init.tokenizer", ""), ("models", "checkpoint"))
+
+
+def check_stage(config) -> dict:
+    """`orlhf STAGE --check`: what would fail once the stage has its processes, found without
+    loading a model: the parallel layout for the world size (and the stage's model, when an
+    existing init checkpoint or `model` fixes it), the global batch split over data-parallel
+    ranks, a tokenizer to start from. Raises ConfigError (one line); returns the input paths
+    the stage reads, for the launcher to match against what earlier stages write."""
+    from offline_rlhf.config.errors import ConfigError
+    from offline_rlhf.parallel.dims import ParallelDims
+
+    parallel = getattr(config, "parallel", None)
+    default = parallel.tp * max(parallel.dp, 1) if parallel is not None else 1
+    raw = os.environ.get(CHECK_WORLD_SIZE, str(default))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(CHECK_WORLD_SIZE, f"must be a process count >= 1, got {raw!r}")
+    world = int(raw)
+    if parallel is not None:
+        dims = ParallelDims.build(parallel, world, _stage_model(config))
+        train = None if getattr(config, "eval_only", False) else getattr(config, "train", None)
+        if hasattr(train, "global_batch") and hasattr(train, "micro_batch") and \
+                train.global_batch % (dims.dp * train.micro_batch):  # as train.loop._per_rank_batch splits it
+            raise ConfigError("train.global_batch", f"{train.global_batch} is not divisible by train.micro_batch="
+                              f"{train.micro_batch} x data-parallel size {dims.dp} ({world} processes, "
+                              f"parallel.tp={dims.tp})", f"use a multiple of {dims.dp * train.micro_batch}")
+    init = getattr(config, "init", None)
+    if init is not None and not init.tokenizer:
+        if not init.checkpoint:  # stage_support.tokenizer_dir's requirement, without importing torch
+            raise ConfigError("init.tokenizer", "is required when training from random weights",
+                              "pass init.tokenizer=DIR or init.checkpoint=CKPT")
+        if _complete_checkpoint(init.checkpoint, "init.checkpoint"):
+            from offline_rlhf.stage_support import tokenizer_dir
+
+            tokenizer_dir(init)
+    inputs = [{"key": key, "path": path, "exists": os.path.exists(path)} for key, path in input_paths(config)]
+    return {"world_size": world, "inputs": inputs}
+
+
+def _stage_model(config):
+    """The model the stage runs when known now: an existing init (or first evaluated)
+    checkpoint's, else `model`; None when an earlier stage has yet to write the checkpoint."""
+    from offline_rlhf.config.schema import ModelConfig
+
+    init, models = getattr(config, "init", None), getattr(config, "models", None)
+    checkpoint, key = ((init.checkpoint, "init.checkpoint") if init is not None and init.checkpoint else
+                       (models[0].checkpoint, "models[0].checkpoint") if models else ("", ""))
+    if checkpoint:
+        resolved = _complete_checkpoint(checkpoint, key)
+        if resolved is None:
+            return None
+        from offline_rlhf.checkpoint import read_meta
+
+        return read_meta(resolved).model
+    model = getattr(config, "model", None)
+    return model if isinstance(model, ModelConfig) else None
+
+
+def _complete_checkpoint(path: str, key: str):
+    """The checkpoint `path` resolves to, or None while it has none yet (an earlier stage
+    writes it, or left it without a complete step on a crash that a pipeline rerun resumes)."""
+    if not os.path.exists(path):
+        return None
+    from offline_rlhf.checkpoint import resolve_checkpoint
+    from offline_rlhf.config.errors import ConfigError
+
+    try:
+        return resolve_checkpoint(path, key)
+    except (ConfigError, FileNotFoundError):
+        return None
+
+
+def input_paths(config) -> list[tuple[str, str]]:
+    """(key, path) for every file or folder the stage's config names as an input."""
+    found = []
+    for dotted, item_key in INPUT_FIELDS:
+        value = config
+        for part in dotted.split("."):
+            value = getattr(value, part, None)
+        if not item_key:
+            if isinstance(value, str) and value:
+                found.append((dotted, value))
+            continue
+        for index, item in enumerate(value if isinstance(value, (list, tuple)) else ()):
+            path = getattr(item, item_key, "")
+            if path and getattr(item, "format", "") != "hf":
+                found.append((f"{dotted}[{index}].{item_key}", path))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,15 +2,19 @@
 
 A resumed stage appends a new row, so a stage's cost is the sum of its rows. A stage
 killed outright (SIGKILL, node failure, Slurm time limit) cannot write its row, so while
-it runs it keeps a heartbeat file; the next execution of that stage turns a leftover
-heartbeat into an `interrupted` row ending at the last beat. Slurm runs carry the job id,
-node count and GPUs per node so cluster costs add up the same way.
+it runs a background thread rewrites a heartbeat file every BEAT_SECONDS; the next
+execution of that stage turns a leftover heartbeat into an `interrupted` row ending at
+the last beat. A row starts when its process was created (imports and start-up are part
+of a stage's cost) or, for a later stage in the same process, when the previous one
+ended. Slurm runs carry the job id, node count and GPUs per node so cluster costs add up
+the same way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -20,11 +24,13 @@ from pathlib import Path
 import torch
 
 from offline_rlhf.fsutil import write_atomic
+from offline_rlhf.host import process_started_at
 from offline_rlhf.parallel.distributed import DistEnv
 
 LEDGER = "ledger.jsonl"
 HEARTBEAT_DIR = ".ledger"
 BEAT_SECONDS = 5.0
+_previous_end = 0.0  # epoch seconds at which this process's last tracked stage ended
 
 
 @dataclass
@@ -45,21 +51,24 @@ class LedgerRow:
 
 
 class Usage:
-    """Handed to the stage while it runs: it reports tokens and calls `beat()` regularly."""
+    """Handed to the stage while it runs: it reports tokens; `beat()` runs in the background
+    (a stage may also call it, e.g. right after new tokens)."""
 
-    def __init__(self, row: LedgerRow, heartbeat: Path | None):
+    def __init__(self, row: LedgerRow, heartbeat: Path | None, started: float):
         self.tokens = 0
         self._row = row
         self._heartbeat = heartbeat
-        self._start = time.monotonic()
-        self._last_beat = 0.0
+        self._start = time.monotonic() - (time.time() - started)  # `started` on the monotonic clock
+        self._last_beat = float("-inf")
+        self._beating = threading.Lock()  # the thread and the stage write the same file
 
     def beat(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self._heartbeat is None or (not force and now - self._last_beat < BEAT_SECONDS):
-            return
-        self._last_beat = now
-        write_atomic(self._heartbeat, json.dumps(asdict(self.finish("interrupted"))))
+        with self._beating:
+            now = time.monotonic()
+            if self._heartbeat is None or (not force and now - self._last_beat < BEAT_SECONDS):
+                return
+            self._last_beat = now
+            write_atomic(self._heartbeat, json.dumps(asdict(self.finish("interrupted"))))
 
     def finish(self, status: str) -> LedgerRow:
         wall = time.monotonic() - self._start
@@ -71,23 +80,42 @@ class Usage:
 def track(run_dir: str | Path, stage: str, env: DistEnv, device: torch.device):
     """Time the block and append its row on rank 0, also when the stage fails.
     Each process drives one device (a GPU, or a CPU process slot), so devices = processes."""
+    global _previous_end
     heartbeat = Path(run_dir) / HEARTBEAT_DIR / f"{stage}.json" if env.is_main else None
     if heartbeat is not None:
         _recover_interrupted(run_dir, heartbeat)
-    usage = Usage(_opening_row(stage, env, device), heartbeat)
+    started = max(process_started_at(), _previous_end)
+    usage = Usage(_opening_row(stage, env, device, started), heartbeat, started)
     usage.beat(force=True)
+    stop = threading.Event()
+    beater = threading.Thread(target=_beat_until, args=(usage, stop), name=f"ledger-{stage}", daemon=True)
+    beater.start()
     status = "failed"
     try:
         yield usage
         status = "completed"
     finally:
+        stop.set()
+        beater.join()  # no beat may recreate the heartbeat after it is removed
+        _previous_end = time.time()
         if heartbeat is not None:
             append_row(run_dir, usage.finish(status))
             heartbeat.unlink(missing_ok=True)
 
 
-def _opening_row(stage: str, env: DistEnv, device: torch.device) -> LedgerRow:
-    return LedgerRow(stage=stage, start=_now(), end="", status="running", nodes=node_count(env),
+def _beat_until(usage: Usage, stop: threading.Event) -> None:
+    """Stages that never call `beat()` (label, eval, mix, rm-score) still leave a recent
+    heartbeat when killed. A failed write only loses accounting, never the stage."""
+    while not stop.wait(BEAT_SECONDS):
+        try:
+            usage.beat(force=True)
+        except OSError:
+            pass
+
+
+def _opening_row(stage: str, env: DistEnv, device: torch.device, started: float) -> LedgerRow:
+    start = datetime.fromtimestamp(started, timezone.utc).isoformat()
+    return LedgerRow(stage=stage, start=start, end="", status="running", nodes=node_count(env),
                      processes=env.world_size, devices=env.world_size, device_type=device_name(device),
                      wall_seconds=0.0, device_hours=0.0, tokens=0, job_id=os.environ.get("SLURM_JOB_ID"),
                      gpus_per_node=torch.cuda.device_count() if device.type == "cuda" else None)

@@ -3,6 +3,7 @@ parallel layout, build the mesh, write its resolved config, and record its devic
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,14 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from offline_rlhf import ledger
 from offline_rlhf.config.compose import to_yaml
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
+from offline_rlhf.host import acquire_stage_lock, release_stage_lock
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.parallel.distributed import DistEnv, detect_env, init_distributed, shutdown_distributed
 from offline_rlhf.parallel.parallelize import build_mesh
+
+DONE = "DONE"  # a stage's last write (stage_support.mark_done)
 
 
 @dataclass(frozen=True)
@@ -43,21 +48,95 @@ class Runtime:
 
 @contextmanager
 def stage_runtime(stage: str, run_dir: str, parallel: ParallelConfig, model: ModelConfig | None, config):
-    """Yields (Runtime, ledger.Usage). The process group lives exactly as long as the block."""
+    """Yields (Runtime, ledger.Usage). The process group lives exactly as long as the block.
+    `model` is the model the stage runs (an init checkpoint's, whatever `config.model` says)."""
+    check_sequence_length(config, model)
     env = detect_env()
     device = init_distributed(env)
     try:
         dims = ParallelDims.build(parallel, env.world_size, model)
         stage_dir = Path(run_dir) / stage
-        if env.is_main:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            (stage_dir / "config.yaml").write_text(to_yaml(config))
-        runtime = Runtime(env=env, device=device, dims=dims, mesh=build_mesh(dims, device), stage_dir=stage_dir,
-                          group=dist.group.WORLD if env.world_size > 1 else None)
-        with ledger.track(run_dir, stage, env, device) as usage:
-            yield runtime, usage
+        with _claimed(stage, stage_dir, env, device, config, model):
+            runtime = Runtime(env=env, device=device, dims=dims, mesh=build_mesh(dims, device), stage_dir=stage_dir,
+                              group=dist.group.WORLD if env.world_size > 1 else None)
+            with ledger.track(run_dir, stage, env, device) as usage:
+                yield runtime, usage
     finally:
         shutdown_distributed()
+
+
+@contextmanager
+def _claimed(stage: str, stage_dir: Path, env: DistEnv, device: torch.device, config, model: ModelConfig | None):
+    """Rank 0 takes the stage's lock (two runs of one stage would interleave metrics, shards
+    and ledger rows), then drops the old DONE before anything else changes, so a killed
+    rerun never leaves DONE beside a new config.yaml. Every rank fails if the lock is taken."""
+    lock, problem = None, None
+    if env.is_main:
+        problem = unwritable(stage_dir)
+        try:
+            if problem is None:
+                lock, note = acquire_stage_lock(stage_dir, stage)
+        except ConfigError as err:
+            problem = err
+    try:
+        _raise_everywhere(problem, env, device)
+        if lock is not None:
+            if note:
+                print(note, flush=True)
+            (stage_dir / DONE).unlink(missing_ok=True)
+            (stage_dir / "config.yaml").write_text(config_text(config, model))
+        yield
+    finally:
+        if lock is not None:
+            release_stage_lock(lock)
+
+
+def unwritable(stage_dir: Path) -> ConfigError | None:
+    """Make the stage folder and write a scratch file in it (what really fails, for root too,
+    on a read-only mount or below a regular file); the problem as one line, None when writable."""
+    try:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=stage_dir):
+            pass
+    except OSError as exc:
+        return ConfigError("run_dir", f"the stage folder {stage_dir} is not writable "
+                           f"({exc.strerror or type(exc).__name__}{f': {exc.filename}' if exc.filename else ''})",
+                           "choose a writable run_dir, or fix the folder's permissions")
+    return None
+
+
+def _raise_everywhere(problem: ConfigError | None, env: DistEnv, device: torch.device) -> None:
+    if env.world_size > 1:
+        failed = torch.tensor([problem is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and problem is None:
+            problem = ConfigError("run_dir", "rank 0 could not prepare the stage folder or take its lock "
+                                  "(its message says why)")
+    if problem is not None:
+        raise problem
+
+
+def check_sequence_length(config, model: ModelConfig | None) -> None:
+    """Rows of `data.max_seq_len` tokens must fit the model the stage runs: past its
+    max_seq_len the RoPE table runs out mid-training. `config.validate()` saw only `model=`."""
+    limit = getattr(getattr(config, "data", None), "max_seq_len", None)
+    if model is None or limit is None or limit <= model.max_seq_len:
+        return
+    source = "model" if getattr(config, "model", model) == model else "init.checkpoint's model"
+    raise ConfigError("data.max_seq_len", f"{limit} exceeds max_seq_len={model.max_seq_len} of the {source}",
+                      f"set data.max_seq_len<={model.max_seq_len}")
+
+
+def config_text(config, model: ModelConfig | None) -> str:
+    """The config as composed (pipelines compare it with theirs to skip finished stages)
+    and, when an init checkpoint overrides `model`, the model really run, as comments."""
+    text = to_yaml(config)
+    configured = getattr(config, "model", None)
+    if model is None or configured is None or configured == model:
+        return text
+    lines = to_yaml(model).splitlines()
+    return text + "# init.checkpoint fixes the architecture: `model` above is unused; this stage runs\n" + \
+        "".join(f"#   {line}\n" for line in ["model:", *(f"  {line}" for line in lines)])
 
 
 def autocast_for(device: torch.device):

@@ -15,7 +15,7 @@ from offline_rlhf.config.schema import InitConfig, ModelConfig
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.parallel.parallelize import build_inference_model
-from offline_rlhf.runtime import Runtime
+from offline_rlhf.runtime import DONE, Runtime
 
 
 def model_config(init: InitConfig, configured: ModelConfig) -> ModelConfig:
@@ -65,14 +65,25 @@ def load_inference_model(path: Path, head: str, rt: Runtime, key: str) -> nn.Mod
     replica run the same number of forwards)."""
     meta = checkpoint_of_head(path, head, key)
     model = build_inference_model(meta.model, head, rt.dims, rt.mesh, rt.device)
+    note_untrusted(path, rt)
     load_checkpoint(path, model, group=rt.group)
     return model.eval()
+
+
+def note_untrusted(path: Path, rt: Runtime) -> None:
+    """DCP reads a checkpoint's `.metadata` with pickle, so loading one runs whatever code it
+    names: say so when the checkpoint was not written inside this run directory."""
+    run_dir = rt.stage_dir.parent.resolve()
+    if not Path(path).resolve().is_relative_to(run_dir):
+        rt.log(f"loading {path}, a checkpoint from outside this run ({run_dir}): checkpoints are unpickled, "
+               "so load only ones you trust (exchange weights as Hugging Face safetensors)")
 
 
 # Keys that may change between a run and its resumption: layout (checkpoints reshard),
 # logging, and how long or how often things happen.
 RESUMABLE_CHANGES = ("run_dir", "parallel.", "logging.", "train.max_steps", "train.epochs", "train.val_every",
-                     "train.val_batches", "train.save_every", "train.keep_last", "train.log_every", "write_every")
+                     "train.val_batches", "train.save_every", "train.keep_last", "train.log_every",
+                     "train.max_skipped_fraction", "write_every")
 
 
 def resume_fingerprint(cfg) -> dict[str, object]:
@@ -97,7 +108,8 @@ def check_resumable(saved: dict | None, current: dict, where: Path) -> None:
     RESUMABLE_CHANGES); otherwise it would silently mix two experiments."""
     if saved is None:
         return
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    # Keys only one side has came with a newer or older version of the project, not the user.
+    changed = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
     if changed:
         raise ConfigError(changed[0], f"differs from the run that wrote {where} ({len(changed)} changed: "
                           f"{', '.join(changed[:4])}{'...' if len(changed) > 4 else ''})",
@@ -107,4 +119,4 @@ def check_resumable(saved: dict | None, current: dict, where: Path) -> None:
 def mark_done(rt: Runtime, result: str | Path) -> None:
     """The stage's last write: its outputs are complete (pipelines skip it on a rerun)."""
     if rt.is_main:
-        write_atomic(rt.stage_dir / "DONE", f"{result}\n")
+        write_atomic(rt.stage_dir / DONE, f"{result}\n")

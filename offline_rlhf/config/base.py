@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TypeVar
 
 from offline_rlhf.config.errors import ConfigError
@@ -41,6 +42,25 @@ def require(config, *keys: str, prefix: str = "", fix: str = "") -> None:
     for key in keys:
         if not getattr(config, key):
             raise ConfigError(f"{prefix}{key}", "is required", fix or f"pass {prefix}{key}=...")
+
+
+def require_finite(config: T, prefix: str = "") -> T:
+    """Every float of `config` (nested configs, lists and dicts included) must be finite:
+    `optim.lr=inf` or `rwr_beta=nan` pass every `<= 0` check (comparisons with NaN are
+    false) and would train silently on NaN. Keys are named as an override spells them."""
+    if dataclasses.is_dataclass(config):
+        items = [(item.name, getattr(config, item.name)) for item in dataclasses.fields(config)]
+    elif isinstance(config, (list, tuple)):
+        items = list(enumerate(config))
+    elif isinstance(config, dict):
+        items = list(config.items())
+    else:
+        if isinstance(config, float) and not math.isfinite(config):
+            raise ConfigError(prefix.rstrip(".") or "config", f"must be a finite number, got {config}")
+        return config
+    for name, value in items:
+        require_finite(value, f"{prefix}{name}.")
+    return config
 
 
 def require_positive(config, *keys: str, prefix: str = "") -> None:

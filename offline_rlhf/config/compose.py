@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from offline_rlhf.config.base import freeze
+from offline_rlhf.config.base import freeze, require_finite
 from offline_rlhf.config.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -40,7 +40,7 @@ def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = ()) ->
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name=f"stage/{stage}", overrides=list(overrides))
         OmegaConf.set_struct(cfg, True)
-        return freeze(OmegaConf.to_object(cfg))
+        return freeze(require_finite(OmegaConf.to_object(cfg)))
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException) as err:

@@ -50,6 +50,7 @@ class GenerateConfig(Frozen):
 
 
 NORMALIZATIONS = ("labeled_set", "rm_stats")
+SELECTIONS = ("all", "best", "worst", "best_worst")
 
 
 @dataclass
@@ -63,9 +64,17 @@ class LabelInputConfig(Frozen):
     format: str = "jsonl"
     path: str = ""
     max_samples: Optional[int] = None  # a seeded subset; None: all
+    # Generated inputs with several answers per prompt (`generation.n`): keep all, or per
+    # prompt the best, the worst, or both by reward (rejection sampling, pair building).
+    select: str = "all"
 
     def __post_init__(self):
         check_file_input("inputs", self.name, self.path, self.kind, ("generated", "sft", "preference"))
+        key = f"inputs[{self.name or self.path}].select"
+        if self.select not in SELECTIONS:
+            raise ConfigError(key, f"unknown choice {self.select!r}", f"use one of {', '.join(SELECTIONS)}")
+        if self.select != "all" and self.kind != "generated":
+            raise ConfigError(key, f"applies to generated inputs, not {self.kind}", "drop it or set select=all")
 
 
 @dataclass
@@ -81,6 +90,10 @@ class LabelConfig(Frozen):
     normalization: str = "labeled_set"
     batch_size: int = 16
     seed: int = 1234
+    strict: bool = False  # unusable records (identical pairs, blank text) are errors, not skipped and counted
+    # Generated samples cut at max_new_tokens (`finished: false`) are left out and counted;
+    # true keeps them, marked, and scores them without the EOS a finished answer ends with.
+    include_unfinished: bool = False
 
     def __post_init__(self):
         require(self, "rm", fix="pass the reward-model checkpoint (orlhf rm output)")

@@ -177,6 +177,10 @@ class DataConfig(SequenceDataConfig):
     sources: list[SourceConfig] = field(default_factory=list)
     total_samples: Optional[int] = None  # None: every example of every source once (weights then unused)
     pack: bool = True
+    # Unusable records (identical replies, a blank response) are skipped and counted in the
+    # dataset card; strict makes each one an error naming file:line, as malformed ones are.
+    strict: bool = False
+    dedupe: bool = False  # drop exact duplicates (same text) before mixing; counted either way
 
 
 @dataclass
@@ -196,6 +200,21 @@ class OptimConfig(Frozen):
             raise ConfigError("optim.schedule", f"unknown schedule {self.schedule!r}", "use cosine or constant")
         if self.lr <= 0:
             raise ConfigError("optim.lr", f"must be > 0, got {self.lr}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """What AdamW would refuse with a traceback, or accept and turn into NaN weights."""
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}", f"must be in [0, 1), got {getattr(self, key)}")
+        if self.eps <= 0:  # 0 divides 0 by 0 for every parameter whose gradient is zero (unused token rows)
+            raise ConfigError("optim.eps", f"must be > 0, got {self.eps}", "the usual value is 1e-8")
+        if self.weight_decay < 0:
+            raise ConfigError("optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -210,9 +229,14 @@ class TrainConfig(Frozen):
     keep_last: int = 2
     log_every: int = 1
     seed: int = 1234
+    # A step whose gradient norm is not finite is skipped; a run that skipped more than this
+    # share of its steps (or ends with non-finite weights) fails instead of writing DONE.
+    max_skipped_fraction: float = 0.5
 
     def __post_init__(self):
         require_positive(self, "global_batch", "micro_batch", "save_every", "log_every", prefix="train.")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError("train.max_skipped_fraction", f"must be in [0, 1], got {self.max_skipped_fraction}")
 
 
 @dataclass
@@ -244,8 +268,10 @@ def check_file_input(list_key: str, name: str, path: str, kind: str, kinds: tupl
 class GenerationConfig(Frozen):
     """`greedy` takes the argmax and ignores the sampling fields. Otherwise logits are
     divided by `temperature`, cut to the `top_k` most likely tokens (0: no cut) and then to
-    the nucleus of mass `top_p` (1.0: no cut), and sampled with a torch.Generator seeded
-    with `seed`. `batch_size` prompts run together, grouped by length."""
+    the nucleus of mass `top_p` (1.0: no cut), and sampled at uniforms keyed by (`seed`,
+    prompt id, sample index, step): a sampled answer does not depend on its batch or replica.
+    `batch_size` decode slots run together (continuous batching: a finished answer's slot
+    takes the next prompt at once); `n` answers per prompt share the prompt's prefill."""
 
     max_new_tokens: int = 256
     greedy: bool = True
@@ -254,6 +280,8 @@ class GenerationConfig(Frozen):
     top_k: int = 0
     seed: int = 0
     batch_size: int = 32
+    n: int = 1  # answers per prompt (sampling; with greedy they are n copies)
+    stop: list[str] = field(default_factory=list)  # an answer ends at the first of these strings (not kept)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -267,3 +295,7 @@ class GenerationConfig(Frozen):
             raise ConfigError("generation.top_k", f"must be >= 0 (0: off), got {self.top_k}")
         if self.batch_size < 1:
             raise ConfigError("generation.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.n < 1:
+            raise ConfigError("generation.n", f"must be >= 1, got {self.n}")
+        if any(not stop for stop in self.stop):
+            raise ConfigError("generation.stop", "holds an empty string", "remove it (it would end every answer)")

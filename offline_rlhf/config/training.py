@@ -37,8 +37,9 @@ class TrainingStageConfig(Frozen):
     data: SequenceDataConfig = field(default_factory=SequenceDataConfig)
 
     def validate(self) -> None:
-        """Cross-field checks shared by every training stage."""
-        if self.data.max_seq_len > self.model.max_seq_len:
+        """Cross-field checks shared by every training stage. With `init.checkpoint` the
+        checkpoint's model counts, checked at stage start (`runtime.check_sequence_length`)."""
+        if not self.init.checkpoint and self.data.max_seq_len > self.model.max_seq_len:
             raise ConfigError("data.max_seq_len", f"{self.data.max_seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}", "lower data.max_seq_len or raise model.max_seq_len")
 

@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass
 from os import PathLike
 from pathlib import Path
 
-from offline_rlhf.data.mixing import split_validation
+from offline_rlhf.data.errors import DataError
+from offline_rlhf.data.mixing import content_key, split_validation
 from offline_rlhf.data.packing import PackedSequence, unpacked
-from offline_rlhf.data.records import iter_json_objects, require_number, require_text
+from offline_rlhf.data.records import iter_json_objects, require_field, require_number
+from offline_rlhf.data.skips import Skips, require_texts, strict_or
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
 
@@ -25,6 +27,7 @@ class LabeledExample:
     response: str
     reward: float
     source: str
+    finished: bool = True  # False: the answer was cut at max_new_tokens, so it is trained without EOS
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,16 @@ class AlignmentDataset:
     card: dict
 
 
-def read_labeled(path: str | PathLike, reward_key: str = "reward") -> list[LabeledExample]:
-    tag = f"labeled:{Path(path).name}"
-    return [LabeledExample(require_text(record, "prompt", where), require_text(record, "response", where),
-                           require_number(record, reward_key, where), f"{tag}:{where.record}")
-            for where, record in iter_json_objects(path)]
+def read_labeled(path: str | PathLike, reward_key: str = "reward", skips: Skips | None = None) -> list[LabeledExample]:
+    """Every usable record; a blank prompt or response is counted in `skips` (an error without)."""
+    tag, skips, examples = f"labeled:{Path(path).name}", strict_or(skips), []
+    for where, record in iter_json_objects(path):
+        with skips.record():
+            prompt, response = require_texts(record, ("prompt", "response"), where)
+            finished = require_field(record, "finished", bool, where) if "finished" in record else True
+            examples.append(LabeledExample(prompt, response, require_number(record, reward_key, where),
+                                           f"{tag}:{where.record}", finished))
+    return examples
 
 
 def encode_labeled(example: LabeledExample, tokenizer, template: ChatTemplate, max_len: int,
@@ -53,14 +61,23 @@ def encode_labeled(example: LabeledExample, tokenizer, template: ChatTemplate, m
     reward prompt is part of the prompt, so it carries no loss."""
     prefix = template.reward_prompt(example.reward) if reward_prompt else ""
     return encode_sft(tokenizer, template, example.prompt, example.response, max_len, example.source,
-                      response_prefix=prefix)
+                      response_prefix=prefix, eos=example.finished)
 
 
 def build_alignment_dataset(path: str | PathLike, tokenizer, template: ChatTemplate, max_len: int,
                             val_fraction: float, seed: int, reward_prompt: bool,
-                            reward_key: str = "reward") -> AlignmentDataset:
-    examples = read_labeled(path, reward_key)
-    train_items, val_items = split_validation(examples, val_fraction, seed)
+                            reward_key: str = "reward", keep_above: float | None = None) -> AlignmentDataset:
+    """With `keep_above` (Eq. 4's t), only samples with reward > t are tokenized and enter
+    the splits: a filtered sample would cost a forward and backward for a zero loss, and
+    the step count would be reckoned on samples never trained on."""
+    skips = Skips()
+    examples = read_labeled(path, reward_key, skips)
+    # Split by content: copies of one answer never land on both sides.
+    train_items, val_items = split_validation(examples, val_fraction, seed,
+                                              key=lambda e: content_key(e.prompt, e.response))
+    all_train, all_val = train_items, val_items
+    if keep_above is not None:
+        train_items, val_items = _kept(train_items, keep_above, path, reward_key), _kept(val_items, keep_above)
     stats = TokenStats()
 
     def encode_all(items: list[LabeledExample]) -> list[RewardedSequence]:
@@ -70,10 +87,23 @@ def build_alignment_dataset(path: str | PathLike, tokenizer, template: ChatTempl
         return [RewardedSequence(seq, e.reward) for seq, e in zip(unpacked(samples), items)]
 
     train, val = encode_all(train_items), encode_all(val_items)
-    card = {"path": str(path), "examples": len(examples), "train": len(train), "val": len(val),
+    card = {"path": str(path), "examples": len(examples), "skipped": skips.counts, "train": len(train), "val": len(val),
             "reward_prompt": reward_prompt, "max_seq_len": max_len, "seed": seed, "tokens": asdict(stats),
-            "train_rewards": reward_summary([e.reward for e in train_items])}
+            "train_rewards": reward_summary([e.reward for e in all_train])}
+    if keep_above is not None:
+        card["filter"] = {"threshold": keep_above, "train_filtered": len(all_train) - len(train),
+                          "val_filtered": len(all_val) - len(val)}
     return AlignmentDataset(train, val, card)
+
+
+def _kept(items: list[LabeledExample], threshold: float, path=None, reward_key: str = "") -> list[LabeledExample]:
+    """Eq. 4's R > t; with `path`, an empty result is an error (there is nothing to train on)."""
+    kept = [e for e in items if e.reward > threshold]
+    if not kept and path is not None:
+        highest = f"the highest of {len(items)} is {max(e.reward for e in items):.3f}" if items else "there are none"
+        raise DataError(path, None, f"expected a training sample with {reward_key!r} > {threshold} "
+                                    f"(filter_threshold; {highest})")
+    return kept
 
 
 def reward_summary(rewards: list[float]) -> dict[str, float]:

@@ -132,7 +132,12 @@ def parse_instruction(instruction: str) -> tuple[Family, re.Match]:
         match = family.instruction.fullmatch(instruction.strip())
         if match:
             return family, match
-    raise ValueError(f"not an embedded-task instruction: {instruction!r}")
+    raise ValueError(f"not an embedded-task instruction: {shortened(instruction)}")
+
+
+def shortened(text: str, limit: int = 60) -> str:
+    """`text` quoted, cut to `limit` characters for a one-line message."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def canonical_response(instruction: str) -> str:

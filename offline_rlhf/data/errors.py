@@ -26,6 +26,21 @@ class DataError(ValueError):
         return type(self), (self.source, self.record, self.expected)
 
 
+class UnusableRecord(DataError):
+    """A well-formed record that cannot be used (identical replies, a blank response).
+
+    Dataset builders skip and count these by `reason` (see `data.skips.Skips`); only
+    `strict` turns them back into errors. Malformed records stay plain DataErrors.
+    """
+
+    def __init__(self, source: str | PathLike, record: int | None, expected: str, reason: str = "unusable"):
+        super().__init__(source, record, expected)
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (self.source, self.record, self.expected, self.reason)
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a record came from: a file (or dataset name) and its 1-based record number."""
@@ -35,3 +50,6 @@ class Location:
 
     def error(self, expected: str) -> DataError:
         return DataError(self.source, self.record, expected)
+
+    def unusable(self, expected: str, reason: str) -> UnusableRecord:
+        return UnusableRecord(self.source, self.record, expected, reason)

@@ -7,8 +7,9 @@ seeds are hashed with SHA-512 by `random`, independent of PYTHONHASHSEED.
 
 from __future__ import annotations
 
+import hashlib
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -83,15 +84,47 @@ def validation_size(distinct: int, fraction: float) -> int:
     return min(size, max(distinct - 1, 0))
 
 
-def split_validation(items: Sequence[Hashable], fraction: float, seed: int) -> tuple[list, list]:
+def content_key(*texts: str) -> str:
+    """A digest of an example's text fields, its identity for the split and for dedupe:
+    copies of one record at different lines (or in different sources) share it."""
+    digest = hashlib.blake2b(digest_size=16)
+    for text in texts:
+        encoded = text.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)  # length-prefixed: ("ab", "c") != ("a", "bc")
+    return digest.hexdigest()
+
+
+def split_validation(items: Sequence[Hashable], fraction: float, seed: int,
+                     key: Callable[[Any], Hashable] | None = None) -> tuple[list, list]:
     """Deterministic (train, val) split; both keep the input order.
 
-    The split is over DISTINCT items (equal items go to the same side), so an
-    example repeated by upsampling never lands in both train and val. Without
-    duplicates, val has exactly `validation_size(len(items), fraction)` items.
+    The split is over DISTINCT keys (`key(item)`, default the item itself): items with
+    equal keys go to the same side, so an example repeated by upsampling, or copied at
+    another line of a file when `key` is its `content_key`, never lands in both train
+    and val. Without duplicates, val has exactly `validation_size(len(items), fraction)` items.
     """
-    distinct = list(dict.fromkeys(items))
+    keys = [item if key is None else key(item) for item in items]
+    distinct = list(dict.fromkeys(keys))
     val_keys = set(random.Random(f"{seed}:split").sample(distinct, validation_size(len(distinct), fraction)))
-    train = [item for item in items if item not in val_keys]
-    val = [item for item in items if item in val_keys]
+    train = [item for item, k in zip(items, keys) if k not in val_keys]
+    val = [item for item, k in zip(items, keys) if k in val_keys]
     return train, val
+
+
+def drop_duplicates(sources: Sequence[Source], key: Callable[[Any], Hashable],
+                    dedupe: bool) -> tuple[list[Source], dict[str, int]]:
+    """Count, per source, the items whose `key` an earlier item (of any source, in source
+    order) already had; with `dedupe`, drop them (the first copy stays). Returns the
+    sources (unchanged unless dedupe) and {name: duplicates}."""
+    seen: set = set()
+    kept, duplicates = [], {}
+    for name, items, weight in sources:
+        unique = []
+        for item in items:
+            k = key(item)
+            if k not in seen:
+                seen.add(k)
+                unique.append(item)
+        duplicates[name] = len(items) - len(unique)
+        kept.append((name, unique if dedupe else items, weight))
+    return kept, duplicates

@@ -7,10 +7,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from offline_rlhf.config.schema import DataConfig, SourceConfig
-from offline_rlhf.data.mixing import mix_sources, split_validation
+from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.preference_readers import PreferenceExample, read_preference_source
-from offline_rlhf.data.sft_dataset import dataset_card, read_sources
+from offline_rlhf.data.sft_dataset import (
+    dataset_card,
+    read_card_fields,
+    read_sources,
+    split_by_content,
+    with_read_stats,
+)
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import TokenStats, encode_sft
 
@@ -68,21 +74,28 @@ def _encode_all(items: list[Item], tokenizer, template: ChatTemplate, max_len: i
     return pairs
 
 
+def pair_text(example: PreferenceExample) -> tuple[str, ...]:
+    return example.prompt, example.chosen, example.rejected
+
+
 def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int) -> PreferenceDataset:
     """Build train/val pairs from a `DataConfig`, in the SFT dataset's order of steps:
-    read every source; `mix_sources` (cfg.total_samples, weights); `split_validation`
-    over pairs (a pair and its duplicates stay on one side); `encode_pair` each pair
-    with cfg.max_seq_len. Pairs are never packed (cfg.pack is unused)."""
+    read every source (identical or blank pairs skipped and counted unless cfg.strict;
+    duplicates counted, dropped with cfg.dedupe); `mix_sources` (cfg.total_samples,
+    weights); split over pair TEXT (a pair and its copies, at any line, stay on one
+    side); `encode_pair` each pair with cfg.max_seq_len. Pairs are never packed (cfg.pack is unused)."""
     template = ChatTemplate(**asdict(cfg.template))
-    sources = read_sources(cfg.sources,
-                           lambda s: read_preference_source(s.format, s.path, **_reader_kwargs(s, template)))
+    sources, read_stats = read_sources(
+        cfg, lambda s, skips: read_preference_source(s.format, s.path, skips=skips, **_reader_kwargs(s, template)),
+        pair_text)
     mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)
-    train_items, val_items = split_validation(mixed, cfg.val_fraction, seed)
+    train_items, val_items = split_by_content(mixed, cfg, seed, pair_text)
     stats = {name: TokenStats() for name in mix_stats}
     dropped = {name: 0 for name in mix_stats}
     train, val = (_encode_all(items, tokenizer, template, cfg.max_seq_len, stats, dropped)
                   for items in (train_items, val_items))
-    return PreferenceDataset(train, val, preference_card(cfg, seed, mix_stats, stats, dropped, train, val))
+    card = preference_card(cfg, seed, with_read_stats(mix_stats, read_stats), stats, dropped, train, val)
+    return PreferenceDataset(train, val, {**card, **read_card_fields(cfg, read_stats)})
 
 
 def preference_card(cfg: DataConfig, seed: int, mix_stats: dict[str, dict], stats: dict[str, TokenStats],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -17,13 +17,15 @@ from typing import Any
 
 from offline_rlhf.data import oasst
 from offline_rlhf.data.errors import Location
-from offline_rlhf.data.records import fold_at, iter_json_objects, require_field, require_text, select_reader
+from offline_rlhf.data.records import fold_at, iter_json_objects, require_field, select_reader
+from offline_rlhf.data.skips import Skips, require_texts, strict_or
 from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn
 
 HH_HUMAN_TAG = "\n\nHuman:"
 HH_ASSISTANT_TAG = "\n\nAssistant:"
 _HH_TAG = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": USER, "Assistant": ASSISTANT}
+IDENTICAL = "identical chosen and rejected"  # the skip reason counted in dataset cards
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ class PreferenceExample:
 
 
 def _pair(prompt: str, chosen: str, rejected: str, where: Location, tag: str) -> PreferenceExample:
-    if chosen == rejected:
-        raise where.error("expected 'chosen' and 'rejected' to differ (identical)")
+    if chosen == rejected:  # no preference to learn; skipped and counted unless strict
+        raise where.unusable("expected 'chosen' and 'rejected' to differ (identical)", IDENTICAL)
     return PreferenceExample(prompt, chosen, rejected, f"{tag}:{where.record}")
 
 
@@ -72,14 +74,16 @@ def _hh_prompt_end(chosen: str, rejected: str, where: Location) -> int:
     return tag_at
 
 
-def read_hh_rlhf(path: str | os.PathLike, template: ChatTemplate = ChatTemplate()) -> list[PreferenceExample]:
+def read_hh_rlhf(path: str | os.PathLike, template: ChatTemplate = ChatTemplate(),
+                 skips: Skips | None = None) -> list[PreferenceExample]:
     """Anthropic hh-rlhf JSONL (`chosen`, `rejected`: full `\\n\\nHuman: ... \\n\\nAssistant: ...` transcripts).
 
     Prompt: the longest common transcript prefix ending at an Assistant tag, parsed
     into turns and folded. Chosen/rejected: the rest of each transcript, stripped
-    (it may be empty: a labeller can prefer an empty reply).
+    (it may be empty: a labeller can prefer an empty reply). Identical replies are
+    counted into `skips` (None: an error, as for every reader here).
     """
-    tag = f"hh_rlhf:{Path(path).name}"
+    tag, skips = f"hh_rlhf:{Path(path).name}", strict_or(skips)
     examples = []
     for where, record in iter_json_objects(path):
         chosen = require_field(record, "chosen", str, where)
@@ -87,13 +91,15 @@ def read_hh_rlhf(path: str | os.PathLike, template: ChatTemplate = ChatTemplate(
         end = _hh_prompt_end(chosen, rejected, where)
         prompt = fold_at(template, _hh_turns(chosen[:end], where), where)
         reply_start = end + len(HH_ASSISTANT_TAG)
-        examples.append(_pair(prompt, chosen[reply_start:].strip(), rejected[reply_start:].strip(), where, tag))
+        with skips.record():
+            examples.append(_pair(prompt, chosen[reply_start:].strip(), rejected[reply_start:].strip(), where, tag))
     return examples
 
 
 def _oasst_tree_pairs(
-    root: oasst.Message, where: Location, template: ChatTemplate, tag: str
-) -> Iterator[PreferenceExample]:
+    root: oasst.Message, where: Location, template: ChatTemplate, tag: str, skips: Skips
+) -> list[PreferenceExample]:
+    pairs = []
     for history, message in oasst.iter_conversations(root, where):
         ranked = oasst.ranked_assistant_replies(message, where)
         if len(ranked) < 2:
@@ -103,21 +109,27 @@ def _oasst_tree_pairs(
             # Equal ranks state no preference.
             if oasst.rank(better, where) < oasst.rank(worse, where):
                 chosen, rejected = oasst.turn(better, where)[1], oasst.turn(worse, where)[1]
-                yield _pair(prompt, chosen, rejected, where, tag)
+                with skips.record():  # an identical pair skips that pair, not the tree
+                    pairs.append(_pair(prompt, chosen, rejected, where, tag))
+    return pairs
 
 
-def read_oasst_pairs(path: str | os.PathLike, template: ChatTemplate = ChatTemplate()) -> list[PreferenceExample]:
+def read_oasst_pairs(path: str | os.PathLike, template: ChatTemplate = ChatTemplate(),
+                     skips: Skips | None = None) -> list[PreferenceExample]:
     """Open Assistant message trees, pairs from every ranking in the tree.
 
     For every message with two or more ranked assistant replies (deleted and
     review-failed messages skipped), each better-ranked reply is paired with each
     worse-ranked one: n ranked replies give n(n-1)/2 pairs, uncapped. Prompt: the
-    folded history from the root to that message.
+    folded history from the root to that message. A tree with a blank message is
+    skipped whole, an identical pair alone; both counted into `skips`.
     """
-    tag = f"oasst:{Path(path).name}"
-    return [
-        pair for where, root in oasst.iter_trees(path) for pair in _oasst_tree_pairs(root, where, template, tag)
-    ]
+    tag, skips = f"oasst:{Path(path).name}", strict_or(skips)
+    pairs = []
+    for where, root in oasst.iter_trees(path):
+        with skips.record():
+            pairs.extend(_oasst_tree_pairs(root, where, template, tag, skips))
+    return pairs
 
 
 def read_preference_jsonl(
@@ -126,19 +138,17 @@ def read_preference_jsonl(
     chosen_key: str = "chosen",
     rejected_key: str = "rejected",
     template: ChatTemplate = ChatTemplate(),
+    skips: Skips | None = None,
 ) -> list[PreferenceExample]:
-    """Any JSONL with a single-turn prompt and two replies per line, under the given field names."""
-    tag = f"jsonl:{Path(path).name}"
-    return [
-        _pair(
-            fold_at(template, [(USER, require_text(record, prompt_key, where))], where),
-            require_text(record, chosen_key, where),
-            require_text(record, rejected_key, where),
-            where,
-            tag,
-        )
-        for where, record in iter_json_objects(path)
-    ]
+    """Any JSONL with a single-turn prompt and two replies per line, under the given field names.
+    Blank fields and identical replies are counted into `skips` (None: an error)."""
+    tag, skips = f"jsonl:{Path(path).name}", strict_or(skips)
+    examples = []
+    for where, record in iter_json_objects(path):
+        with skips.record():
+            prompt, chosen, rejected = require_texts(record, (prompt_key, chosen_key, rejected_key), where)
+            examples.append(_pair(fold_at(template, [(USER, prompt)], where), chosen, rejected, where, tag))
+    return examples
 
 
 PREFERENCE_READERS: dict[str, Callable[..., list[PreferenceExample]]] = {

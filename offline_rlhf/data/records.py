@@ -8,6 +8,8 @@ same way everywhere, as a DataError naming the file and 1-based line.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from typing import Any, TypeVar
@@ -16,6 +18,7 @@ from offline_rlhf.data.errors import DataError, Location
 from offline_rlhf.data.template import ChatTemplate, Turn
 
 T = TypeVar("T")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def iter_lines(path: str | PathLike) -> Iterator[tuple[Location, str]]:
@@ -57,7 +60,19 @@ def iter_json_objects(path: str | PathLike) -> Iterator[tuple[Location, dict[str
             raise where.error(f"expected a JSON object (invalid JSON: {exc.msg} at column {exc.colno})") from None
         if not isinstance(record, dict):
             raise where.error(f"expected a JSON object (got {type(record).__name__})")
+        if "\\u" in text:  # only a \uXXXX escape can make a lone surrogate; raw UTF-8 cannot
+            _check_surrogates(record, where)
         yield where, record
+
+
+def _check_surrogates(value: Any, where: Location) -> None:
+    """A lone surrogate (`"\\ud800"`) is valid JSON but not text: UTF-8 encoding fails later."""
+    strings = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in strings:
+        if isinstance(item, str) and (lone := _SURROGATE.search(item)):
+            raise where.error(f"expected valid Unicode text in {key!r} (a lone surrogate escape "
+                              f"\\u{ord(lone.group()):04x})")
+        _check_surrogates(item, where)
 
 
 def iter_tsv_rows(path: str | PathLike, columns: Sequence[str]) -> Iterator[tuple[Location, dict[str, str]]]:
@@ -85,20 +100,30 @@ def require_field(record: Mapping[str, Any], key: str, kind: type[T], where: Loc
 
 
 def require_number(record: Mapping[str, Any], key: str, where: Location) -> float:
-    """record[key] as a float; it must be a JSON number (not a bool, not a string)."""
+    """record[key] as a float; it must be a finite JSON number (not a bool, not a string).
+    Python's json reads NaN and Infinity, which no JSON number is: a NaN reward would
+    pass every `>` filter as False and train on `<rm_score> nan`."""
     if key not in record:
         raise where.error(f"expected an object with key {key!r} (missing)")
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise where.error(f"expected {key!r} to be a number (got {type(value).__name__})")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal beyond the float range, e.g. 1 followed by 400 zeros
+        number = math.inf if value > 0 else -math.inf
+    if not math.isfinite(number):
+        raise where.error(f"expected {key!r} to be a finite number (got {number})")
+    return number
 
 
 def require_text(record: Mapping[str, Any], key: str, where: Location, *, allow_empty: bool = False) -> str:
-    """record[key] as stripped text; it must be a string and, unless allow_empty, not blank."""
+    """record[key] as stripped text; it must be a string and, unless allow_empty, not blank
+    (blank raises UnusableRecord, which dataset builders count instead of failing on)."""
     text = require_field(record, key, str, where).strip()
     if not text and not allow_empty:
-        raise where.error(f"expected {key!r} to be non-empty text (blank)")
+        # Well-formed but unusable: a dataset builder skips and counts it (data.skips).
+        raise where.unusable(f"expected {key!r} to be non-empty text (blank)", f"blank {key!r}")
     return text
 
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 from offline_rlhf.config.schema import DataConfig, SourceConfig
-from offline_rlhf.data.mixing import mix_sources, split_validation
+from offline_rlhf.data.errors import DataError
+from offline_rlhf.data.mixing import content_key, drop_duplicates, mix_sources, split_validation
 from offline_rlhf.data.packing import PackedSequence, pack_samples, unpacked
 from offline_rlhf.data.sft_readers import SFTExample, read_sft_source
+from offline_rlhf.data.skips import Skips, describe
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
 
@@ -42,17 +44,43 @@ def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, An
     return kwargs
 
 
-def read_sources(sources: Sequence[SourceConfig], read_one: Callable[[SourceConfig], list]) -> list[tuple]:
-    """Each source as (name, [(name, example)...], weight) for `mix_sources`; `read_one`
-    reads one source's examples (SFT or preference readers).
+def read_sources(cfg: DataConfig, read_one: Callable[[SourceConfig, Skips], list],
+                 text_of: Callable[[Any], tuple[str, ...]]) -> tuple[list[tuple], dict[str, dict]]:
+    """Each source as (name, [(name, example)...], weight) for `mix_sources`, and per
+    source {skipped, skip_reasons, duplicates} for the card. `read_one` reads one source's
+    examples (SFT or preference readers), counting unusable records into its Skips
+    (errors when cfg.strict); `text_of(example)` is the text that makes two examples
+    duplicates (dropped when cfg.dedupe).
 
     Items carry their source name so the card can count tokens per source after mixing.
     """
-    named = []
-    for source in sources:
-        name = source_name(source)
-        named.append((name, [(name, example) for example in read_one(source)], source.weight))
-    return named
+    named, skipped = [], {}
+    for source in cfg.sources:
+        name, skips = source_name(source), Skips(strict=cfg.strict)
+        examples = read_one(source, skips)
+        if not examples and skips.total:
+            raise DataError(source.path, None, f"expected at least one usable record ({describe(skips.counts)}; "
+                                               "data.strict=true names the first)")
+        named.append((name, [(name, example) for example in examples], source.weight))
+        skipped[name] = skips.counts
+    named, duplicates = drop_duplicates(named, lambda item: example_key(text_of(item[1])), cfg.dedupe)
+    return named, {name: {"skipped": sum(skipped[name].values()), "skip_reasons": skipped[name],
+                          "duplicates": duplicates[name]} for name in skipped}
+
+
+def example_key(texts: tuple[str, ...]) -> str:
+    """The split and dedupe identity of an example: its text, never its source line."""
+    return content_key(*texts)
+
+
+def split_by_content(mixed: list[tuple], cfg: DataConfig, seed: int, text_of: Callable[[Any], tuple[str, ...]]):
+    # By content, not by item: an item holds its source line, so copies of one record
+    # at different lines would otherwise land on both sides.
+    return split_validation(mixed, cfg.val_fraction, seed, key=lambda item: example_key(text_of(item[1])))
+
+
+def sft_text(example: SFTExample) -> tuple[str, ...]:
+    return example.prompt, example.response
 
 
 def _tokenize(items: list[tuple[str, SFTExample]], tokenizer, template: ChatTemplate, max_len: int,
@@ -80,14 +108,28 @@ def build_sft_dataset(cfg: DataConfig, tokenizer, seed: int) -> SFTDataset:
     examples is an error naming it (raised by `mix_sources`).
     """
     template = ChatTemplate(**asdict(cfg.template))
-    sources = read_sources(cfg.sources, lambda s: read_sft_source(s.format, s.path, **_reader_kwargs(s, template)))
+    sources, read_stats = read_sources(
+        cfg, lambda s, skips: read_sft_source(s.format, s.path, skips=skips, **_reader_kwargs(s, template)), sft_text)
     mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)
-    train_items, val_items = split_validation(mixed, cfg.val_fraction, seed)
+    train_items, val_items = split_by_content(mixed, cfg, seed, sft_text)
     token_stats = {name: TokenStats() for name in mix_stats}
     train, val = (_sequences(_tokenize(items, tokenizer, template, cfg.max_seq_len, token_stats), cfg)
                   for items in (train_items, val_items))
-    card = dataset_card(cfg, seed, mix_stats, token_stats, train, val, len(train_items), len(val_items))
-    return SFTDataset(train, val, card)
+    card = dataset_card(cfg, seed, with_read_stats(mix_stats, read_stats), token_stats, train, val,
+                        len(train_items), len(val_items))
+    return SFTDataset(train, val, {**card, **read_card_fields(cfg, read_stats)})
+
+
+def with_read_stats(mix_stats: dict[str, dict], read_stats: dict[str, dict]) -> dict[str, dict]:
+    """mix_stats per source plus its `skipped` and `duplicates` counts (card table columns)."""
+    return {name: {**entry, "skipped": read_stats[name]["skipped"], "duplicates": read_stats[name]["duplicates"]}
+            for name, entry in mix_stats.items()}
+
+
+def read_card_fields(cfg: DataConfig, read_stats: dict[str, dict]) -> dict:
+    """The card's `skip_reasons` per source ({reason: count}), `strict` and `dedupe`."""
+    return {"skip_reasons": {name: stats["skip_reasons"] for name, stats in read_stats.items()},
+            "strict": cfg.strict, "dedupe": cfg.dedupe}
 
 
 def packing_efficiency(sequences: list[PackedSequence], seq_len: int) -> float:
@@ -121,8 +163,19 @@ def dataset_card(cfg: DataConfig, seed: int, mix_stats: dict[str, dict], token_s
     }
 
 
+def read_summary(card: dict) -> str:
+    """`2 skipped (2 identical chosen and rejected), 49 duplicates (dropped)`: what reading
+    left out or repeated, for a stage's last log line."""
+    reasons: dict[str, int] = {}
+    for counts in card.get("skip_reasons", {}).values():
+        for reason, n in counts.items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    duplicates = card["totals"].get("duplicates", 0)
+    return f"{describe(reasons)}, {duplicates} duplicates ({'dropped' if card.get('dedupe') else 'kept'})"
+
+
 def _card_markdown(card: dict) -> str:
-    columns = ("available", "taken", "repeated", "tokens", "response_tokens", "truncated")
+    columns = ("available", "taken", "repeated", "skipped", "duplicates", "tokens", "response_tokens", "truncated")
     lines = [
         "# SFT dataset card",
         "",
@@ -135,7 +188,9 @@ def _card_markdown(card: dict) -> str:
         "|---|" + "---:|" * len(columns),
     ]
     rows = [*card["sources"].items(), ("**total**", card["totals"])]
-    lines += [f"| {name} | " + " | ".join(str(entry[key]) for key in columns) + " |" for name, entry in rows]
+    lines += [f"| {name} | " + " | ".join(str(entry.get(key, 0)) for key in columns) + " |" for name, entry in rows]
+    lines += ["", f"Read: {read_summary(card)}; strict {card.get('strict', False)}."]
+    lines += [f"- {name}: {describe(counts)}" for name, counts in card.get("skip_reasons", {}).items() if counts]
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,10 @@
 `ChatTemplate.fold_history`, so `template.prompt_text(prompt)` renders it);
 `response` is the final assistant reply. Both are stripped. `source` is
 `{format}:{file name}:{line}` so every example can be traced to its record.
+
+Every reader takes `skips`: a well-formed record that is unusable (a blank response)
+is counted there and skipped; with None (the default) it is an error, as malformed
+records always are.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from offline_rlhf.data.records import (
     require_text,
     select_reader,
 )
+from offline_rlhf.data.skips import Skips, require_texts, strict_or
 from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate
 
 
@@ -43,7 +48,8 @@ def _instruction_example(
     return SFTExample(fold_at(template, [(USER, text)], where), response, f"{tag}:{where.record}")
 
 
-def read_oasst(path: str | PathLike, template: ChatTemplate = ChatTemplate()) -> list[SFTExample]:
+def read_oasst(path: str | PathLike, template: ChatTemplate = ChatTemplate(),
+               skips: Skips | None = None) -> list[SFTExample]:
     """Open Assistant message trees, one conversation per tree along the best-ranked replies.
 
     From the root follow the best-ranked reply at every level (rank 0; the first
@@ -51,34 +57,34 @@ def read_oasst(path: str | PathLike, template: ChatTemplate = ChatTemplate()) ->
     Every assistant message on that path is one example whose prompt is the
     folded history before it.
     """
-    tag = f"oasst:{Path(path).name}"
+    tag, skips = f"oasst:{Path(path).name}", strict_or(skips)
     examples = []
     for where, root in oasst.iter_trees(path):
-        conversation = oasst.turns(oasst.best_ranked_path(root, where), where)
-        for index, (role, text) in enumerate(conversation):
-            if role == ASSISTANT:
-                prompt = fold_at(template, conversation[:index], where)
-                examples.append(SFTExample(prompt, text, f"{tag}:{where.record}"))
+        with skips.record():  # a blank message on the path skips its tree
+            examples.extend(_oasst_examples(root, where, template, tag))
     return examples
 
 
-def read_dolly(path: str | PathLike, template: ChatTemplate = ChatTemplate()) -> list[SFTExample]:
+def _oasst_examples(root: oasst.Message, where: Location, template: ChatTemplate, tag: str) -> list[SFTExample]:
+    conversation = oasst.turns(oasst.best_ranked_path(root, where), where)
+    return [SFTExample(fold_at(template, conversation[:index], where), text, f"{tag}:{where.record}")
+            for index, (role, text) in enumerate(conversation) if role == ASSISTANT]
+
+
+def read_dolly(path: str | PathLike, template: ChatTemplate = ChatTemplate(),
+               skips: Skips | None = None) -> list[SFTExample]:
     """databricks-dolly-15k JSONL (`instruction`, `context`, `response`, `category`).
 
     Prompt: instruction, plus a blank line and the context when the context is non-empty.
     """
-    tag = f"dolly:{Path(path).name}"
-    return [
-        _instruction_example(
-            require_text(record, "instruction", where),
-            require_text(record, "context", where, allow_empty=True),
-            require_text(record, "response", where),
-            where,
-            template,
-            tag,
-        )
-        for where, record in iter_json_objects(path)
-    ]
+    tag, skips = f"dolly:{Path(path).name}", strict_or(skips)
+    examples = []
+    for where, record in iter_json_objects(path):
+        context = require_text(record, "context", where, allow_empty=True)
+        with skips.record():
+            instruction, response = require_texts(record, ("instruction", "response"), where)
+            examples.append(_instruction_example(instruction, context, response, where, template, tag))
+    return examples
 
 
 def _unescape_newlines(text: str) -> str:
@@ -89,46 +95,54 @@ def _unescape_newlines(text: str) -> str:
 FLAN_COT_COLUMNS = ("question", "answer", "rationale")
 
 
-def read_flan_cot(path: str | PathLike, template: ChatTemplate = ChatTemplate()) -> list[SFTExample]:
+def read_flan_cot(path: str | PathLike, template: ChatTemplate = ChatTemplate(),
+                  skips: Skips | None = None) -> list[SFTExample]:
     """One Flan v2 chain-of-thought TSV (`question<TAB>answer<TAB>rationale`, no header).
 
     Prompt: the question. Response: `{rationale} So the answer is {answer}.`
     Literal `\\n` sequences in the fields become newlines.
     """
-    tag = f"flan_cot:{Path(path).name}"
+    tag, skips = f"flan_cot:{Path(path).name}", strict_or(skips)
     examples = []
     for where, row in iter_tsv_rows(path, FLAN_COT_COLUMNS):
         fields = {key: _unescape_newlines(value) for key, value in row.items()}
-        question, answer, rationale = (require_text(fields, key, where) for key in FLAN_COT_COLUMNS)
-        response = f"{rationale} So the answer is {answer}."
-        examples.append(_instruction_example(question, "", response, where, template, tag))
+        with skips.record():
+            question, answer, rationale = require_texts(fields, FLAN_COT_COLUMNS, where)
+            response = f"{rationale} So the answer is {answer}."
+            examples.append(_instruction_example(question, "", response, where, template, tag))
     return examples
 
 
-def read_self_instruct(path: str | PathLike, template: ChatTemplate = ChatTemplate()) -> list[SFTExample]:
+def read_self_instruct(path: str | PathLike, template: ChatTemplate = ChatTemplate(),
+                       skips: Skips | None = None) -> list[SFTExample]:
     """self-instruct seed tasks JSONL (`instruction`, `instances: [{input, output}]`).
 
     One example per instance. Prompt: instruction, plus a blank line and the
-    instance input when it is non-empty. Response: the instance output.
+    instance input when it is non-empty. Response: the instance output. A blank
+    instruction skips the record, a blank output only its instance.
     """
-    tag = f"self_instruct:{Path(path).name}"
+    tag, skips = f"self_instruct:{Path(path).name}", strict_or(skips)
     examples = []
     for where, record in iter_json_objects(path):
-        instruction = require_text(record, "instruction", where)
+        instruction = require_text(record, "instruction", where, allow_empty=True)
         instances = require_field(record, "instances", list, where)
         if not instances or not all(isinstance(instance, dict) for instance in instances):
             raise where.error("expected 'instances' to be a non-empty list of objects")
-        for instance in instances:
-            detail = require_text(instance, "input", where, allow_empty=True)
-            response = require_text(instance, "output", where)
-            examples.append(_instruction_example(instruction, detail, response, where, template, tag))
+        details = [require_text(instance, "input", where, allow_empty=True) for instance in instances]
+        outputs = [require_text(instance, "output", where, allow_empty=True) for instance in instances]
+        with skips.record():
+            require_texts(record, ("instruction",), where)
+            for detail, output, instance in zip(details, outputs, instances):
+                with skips.record():
+                    require_texts(instance, ("output",), where)
+                    examples.append(_instruction_example(instruction, detail, output, where, template, tag))
     return examples
 
 
 def _keyed_example(
     record: dict[str, Any], where: Location, prompt_key: str, response_key: str, template: ChatTemplate, tag: str
 ) -> SFTExample:
-    prompt, response = require_text(record, prompt_key, where), require_text(record, response_key, where)
+    prompt, response = require_texts(record, (prompt_key, response_key), where)
     return _instruction_example(prompt, "", response, where, template, tag)
 
 
@@ -137,13 +151,15 @@ def read_jsonl(
     prompt_key: str = "prompt",
     response_key: str = "response",
     template: ChatTemplate = ChatTemplate(),
+    skips: Skips | None = None,
 ) -> list[SFTExample]:
     """Any JSONL with one single-turn example per line, under the given field names."""
-    tag = f"jsonl:{Path(path).name}"
-    return [
-        _keyed_example(record, where, prompt_key, response_key, template, tag)
-        for where, record in iter_json_objects(path)
-    ]
+    tag, skips = f"jsonl:{Path(path).name}", strict_or(skips)
+    examples = []
+    for where, record in iter_json_objects(path):
+        with skips.record():
+            examples.append(_keyed_example(record, where, prompt_key, response_key, template, tag))
+    return examples
 
 
 def read_hf_dataset(
@@ -152,6 +168,7 @@ def read_hf_dataset(
     prompt_key: str = "prompt",
     response_key: str = "response",
     template: ChatTemplate = ChatTemplate(),
+    skips: Skips | None = None,
 ) -> list[SFTExample]:
     """A Hugging Face dataset split with single-turn prompt/response columns.
 
@@ -161,12 +178,13 @@ def read_hf_dataset(
         import datasets
     except ImportError as exc:
         raise ImportError("read_hf_dataset needs the optional 'datasets' package (pip install datasets)") from exc
-    source = f"{name}:{split}"
-    rows = datasets.load_dataset(name, split=split)
-    return [
-        _keyed_example(row, Location(source, number), prompt_key, response_key, template, f"hf:{source}")
-        for number, row in enumerate(rows, start=1)
-    ]
+    source, skips = f"{name}:{split}", strict_or(skips)
+    examples = []
+    for number, row in enumerate(datasets.load_dataset(name, split=split), start=1):
+        with skips.record():
+            examples.append(_keyed_example(row, Location(source, number), prompt_key, response_key, template,
+                                           f"hf:{source}"))
+    return examples
 
 
 READERS: dict[str, Callable[..., list[SFTExample]]] = {

@@ -71,19 +71,24 @@ def encode_sft(
     max_len: int,
     source: str,
     response_prefix: str = "",
+    eos: bool = True,
 ) -> TokenizedSample:
     """Tokenize `template.prompt_text(prompt) + response_prefix` and
     `template.response_text(response) + EOS` separately and concatenate them.
+
+    `eos=False` for a response that did not end (a generation cut at max_new_tokens,
+    `finished: false`): an EOS there would train the model to stop early, and a reward
+    read at it would score the cut answer as complete.
 
     Separate encoding makes the loss boundary exact (no BPE merge across it). The
     prompt side, `response_prefix` included (Decision Transformer's ` <rm_score> 4.5`),
     gets IGNORE_INDEX labels; response tokens and the EOS are labelled with their ids.
     Over-long pairs are cut by `truncate_pair`.
     """
-    if tokenizer.eos_id is None:
+    if eos and tokenizer.eos_id is None:
         raise ValueError("the tokenizer defines no eos_token; SFT needs one to end responses")
     prompt_ids = encode_prompt(tokenizer, template, prompt, response_prefix)
-    response_ids = tokenizer.encode(template.response_text(response)) + [tokenizer.eos_id]
+    response_ids = tokenizer.encode(template.response_text(response)) + ([tokenizer.eos_id] if eos else [])
     kept_prompt, kept_response = truncate_pair(prompt_ids, response_ids, max_len)
     truncated = len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)
     return TokenizedSample(

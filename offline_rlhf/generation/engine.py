@@ -1,82 +1,236 @@
-"""Batched generation with a static KV cache.
+"""Continuous-batching generation with a per-slot KV cache.
 
-Prompts are sorted by length into batches (less padding), left-padded so every row's
-last prompt token sits in the same column, prefilled in one forward pass, then decoded
-one token per step until every row has emitted EOS or `max_new_tokens` are done.
-Positions restart at 0 at each row's first real token and a mask hides the padding, so
-a row's tokens do not depend on what it is batched with.
+A fixed number of decode slots (`GenerationConfig.batch_size`) each hold one sequence.
+Every step decodes one token for every busy slot; a sequence that ends (EOS, a stop
+condition, or its own `max_new_tokens`) frees its slot at once, and the next request is
+prefilled into it, so the batch stays full until the queue runs dry. Then the last busy
+slot moves into the freed one, so decode steps only ever run over slots 0..busy-1.
 
-Tensor parallelism works from outside: every TP rank runs this same loop with the same
-seed, gets the same (all-gathered) logits and so picks the same tokens; each rank's
-cache holds only its own KV heads. Build the model with sequence_parallel and
-loss_parallel off (decode steps have one token; sampling needs replicated logits).
+Requests with the same prompt admitted together share one prefill: the prompt's cache
+columns are copied to the other slots (the n samples of a prompt). Positions restart at 0
+at each prompt's first token and masks hide every column that is not the slot's own, so
+a row's tokens do not depend on what it is batched with; sampling draws from uniforms
+keyed by (seed, stream, step), so sampled tokens do not either (`sampling.keyed_uniforms`).
+
+Tensor parallelism works from outside: every TP rank runs this same loop, gets the same
+(all-gathered) logits and keys, and so picks the same tokens; each rank caches its own KV
+heads. Build the model with sequence_parallel and loss_parallel off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.generation.kv_cache import new_cache
-from offline_rlhf.generation.sampling import sample_next
+from offline_rlhf.generation.kv_cache import PromptWrite, TokenWrite, new_cache
+from offline_rlhf.generation.sampling import keyed_uniforms, sample_next, stream_id
 from offline_rlhf.models.llama import Transformer
 from offline_rlhf.runtime import autocast_for
 
 
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    stream: int  # the sampling stream: `stream_id(prompt id, sample index)`
+    max_new_tokens: int
+
+
+@dataclass
+class Completion:
+    tokens: list[int] = field(default_factory=list)  # ends with the EOS token when one ended it
+    finish: str = ""  # "eos", "stop" or "length"
+
+
+@dataclass
+class Slot:
+    request: int  # index into the requests
+    start: int  # first cache column of the prompt (prompts of one prefill are left-padded)
+    end: int  # the column the next token's k, v go to
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests and benchmarks: work done, not time."""
+
+    prefills: int = 0  # prefill forward passes
+    prompts_prefilled: int = 0  # distinct prompts computed (shared n-sample prefixes count once)
+    decode_steps: int = 0
+    admissions: int = 0  # requests placed into a slot: more than the slot count means slots were reused
+
+
+StopCheck = Callable[[list[int]], bool]  # a request's tokens so far -> has it reached a stop string
+
+
+def stop_on_strings(decode: Callable[[list[int]], str], stops: Sequence[str]) -> StopCheck | None:
+    """A StopCheck for stop strings that decodes only an answer's tail: a string of c
+    characters spans at most 4c byte-level tokens (every token holds at least one byte)."""
+    if not stops:
+        return None
+    tail = 4 * max(map(len, stops)) + 1
+    return lambda tokens: any(stop in decode(tokens[-tail:]) for stop in stops)
+
+
+def answer_text(completion: Completion, decode: Callable[[list[int]], str], stops: Sequence[str]) -> str:
+    """An answer's text: without its EOS token and without anything from a stop string on."""
+    tokens = completion.tokens[:-1] if completion.finish == "eos" else completion.tokens
+    return cut_at_stop(decode(tokens), stops).strip()
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the first stop string it holds (OpenAI's convention: not kept)."""
+    cuts = [text.find(stop) for stop in stops if stop in text]
+    return text[:min(cuts)] if cuts else text
+
+
 def generate(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig, eos_id: int | Collection[int] | None,
-             pad_id: int, device: torch.device | str) -> list[list[int]]:
-    """The new tokens of each prompt, in input order. A response ends with its EOS token
-    when the model emitted one (so a response without it hit `max_new_tokens`); `eos_id`
-    None never stops early. One generator seeded with `cfg.seed` serves all batches, so
-    sampled results depend on the seed, the prompts and the batch size."""
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. BOS)")
-    eos_ids = sorted({eos_id} if isinstance(eos_id, int) else set(eos_id or ()))
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    # Longest first: an out-of-memory batch size shows up on the first batch.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    results: list[list[int]] = [[] for _ in prompts]
-    with torch.inference_mode(), autocast_for(torch.device(device)):
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = order[start:start + cfg.batch_size]
-            tokens = generate_batch(model, [prompts[i] for i in chunk], cfg, eos, pad_id, device, generator)
-            for index, row in zip(chunk, tokens.tolist()):
-                results[index] = _cut_after_eos(row, eos_ids)
-    return results
+             pad_id: int, device: torch.device | str, prompt_ids: list[int] | None = None) -> list[list[int]]:
+    """The new tokens of each prompt (n=1), in input order; a response ends with its EOS
+    token when the model emitted one. `prompt_ids` key the sampling streams (default:
+    the position in `prompts`), so a prompt samples the same answer in any batch."""
+    prompt_ids = range(len(prompts)) if prompt_ids is None else prompt_ids
+    requests = [Request(p, stream_id(i, 0), cfg.max_new_tokens) for p, i in zip(prompts, prompt_ids)]
+    return [c.tokens for c in run(model, requests, cfg, eos_id, pad_id, device)]
 
 
-def generate_batch(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig, eos: torch.Tensor,
-                   pad_id: int, device: torch.device | str, generator: torch.Generator) -> torch.Tensor:
-    """[B, N] new tokens (N <= max_new_tokens; after a row's EOS, padding)."""
-    tokens, real = left_pad(prompts, pad_id, device)  # [B, T] each
-    batch, prompt_len = tokens.shape
-    max_len = prompt_len + cfg.max_new_tokens  # cache slots: the padded prompts, then the new tokens
-    if max_len > model.cfg.max_seq_len:
-        raise ValueError(f"a prompt of {prompt_len} tokens + max_new_tokens={cfg.max_new_tokens} "
-                         f"exceeds the model's max_seq_len={model.cfg.max_seq_len}")
-    # Which cache slots hold real tokens, [B, max_len]: the prompt's, then every generated one.
-    real_slots = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-    real_slots[:, :prompt_len] = real
-    lengths = real.sum(1)  # [B], also each row's next position
-    cache = new_cache(len(model.layers), batch, max_len)
+def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_id: int | Collection[int] | None,
+        pad_id: int, device: torch.device | str, stop: StopCheck | None = None,
+        stats: EngineStats | None = None) -> list[Completion]:
+    """One completion per request, in request order. `eos_id` None never stops early."""
+    _check(model, requests)
+    eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    engine = _Engine(model, requests, cfg, eos_ids, pad_id, torch.device(device), stop, stats or EngineStats())
+    with torch.inference_mode(), autocast_for(engine.device):
+        engine.run()
+    return engine.completions
 
-    positions = (real.cumsum(1) - 1).clamp(min=0)
-    logits = model(tokens, positions, prefill_mask(real), cache=cache, last_only=True)[:, -1]
-    out = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(cfg.max_new_tokens):
-        token = sample_next(logits, cfg, generator).masked_fill(done, pad_id)  # [B]
-        out[:, step] = token
-        done |= torch.isin(token, eos)
-        if step + 1 == cfg.max_new_tokens or bool(done.all()):
-            break
-        filled = prompt_len + step + 1  # cache slots in use once this token is written
-        logits = model(token[:, None], (lengths + step)[:, None], real_slots[:, None, None, :filled],
-                       cache=cache)[:, -1]
-    return out[:, :step + 1]
+
+def _check(model: Transformer, requests: list[Request]) -> None:
+    for request in requests:
+        if not request.prompt:
+            raise ValueError("every prompt needs at least one token (e.g. BOS)")
+        if len(request.prompt) + request.max_new_tokens > model.cfg.max_seq_len:
+            raise ValueError(f"a prompt of {len(request.prompt)} tokens + max_new_tokens={request.max_new_tokens} "
+                             f"exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+
+
+class _Engine:
+    def __init__(self, model, requests, cfg, eos_ids, pad_id, device, stop, stats):
+        self.model, self.requests, self.cfg, self.eos_ids = model, requests, cfg, eos_ids
+        self.pad_id, self.device, self.stop, self.stats = pad_id, device, stop, stats
+        self.completions = [Completion() for _ in requests]
+        # Longest prompts first: an out-of-memory slot count shows up at once.
+        self.queue = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt)))
+        self.slots: list[Slot] = []  # busy slots are 0..len-1
+        self.pending: list[int] = []  # per busy slot: the token to feed next
+        # Prompts of one prefill are left-padded to the longest, so a slot may need columns
+        # for the longest prompt plus the largest budget.
+        width = max((len(r.prompt) for r in requests), default=0) + max((r.max_new_tokens for r in requests), default=1)
+        self.cache = new_cache(len(model.layers), max(1, min(cfg.batch_size, len(requests))), width)
+
+    def run(self) -> None:
+        self.admit()
+        while self.slots:
+            tokens = self.decode_step()
+            self.advance(list(range(len(self.slots))), tokens)
+            self.admit()
+
+    def admit(self) -> None:
+        """Fill free slots from the queue (again while requests end at their first token)."""
+        while self.queue and self.free_slots():
+            taken = [self.queue.popleft() for _ in range(min(len(self.queue), self.free_slots()))]
+            first = len(self.slots)
+            self.prefill(taken)
+            self.advance(list(range(first, len(self.slots))), self.pending[first:])
+
+    def free_slots(self) -> int:
+        return self.cache[0].slots - len(self.slots)
+
+    def prefill(self, taken: list[int]) -> None:
+        """Prompts of `taken` into the next free slots, each distinct prompt computed once
+        and its columns copied to the slots of its other samples. Each new slot's pending
+        token is its first sampled token."""
+        first = len(self.slots)
+        rows, row_of, computed_in = [], {}, []  # per request: its prefill row; per row: its slot
+        for offset, index in enumerate(taken):
+            prompt = tuple(self.requests[index].prompt)
+            if prompt not in row_of:
+                row_of[prompt] = len(computed_in)
+                computed_in.append(first + offset)
+            rows.append(row_of[prompt])
+        tokens, real = left_pad([list(p) for p in row_of], self.pad_id, self.device)
+        width = tokens.shape[1]
+        writes = [PromptWrite(layer, torch.tensor(computed_in, device=self.device)) for layer in self.cache]
+        logits = self.model(tokens, (real.cumsum(1) - 1).clamp(min=0), prefill_mask(real), cache=writes,
+                            last_only=True)[:, -1]
+        for offset, (index, row) in enumerate(zip(taken, rows)):
+            if computed_in[row] != first + offset:
+                for layer in self.cache:
+                    layer.copy_slot(computed_in[row], first + offset, width)
+            self.slots.append(Slot(index, width - len(self.requests[index].prompt), width))
+        self.stats.prefills += 1
+        self.stats.prompts_prefilled += len(computed_in)
+        self.stats.admissions += len(taken)
+        self.pending += self.sample(logits[torch.tensor(rows, device=self.device)], taken).tolist()
+
+    def decode_step(self) -> list[int]:
+        """Feed every busy slot its pending token; returns each slot's next token."""
+        columns = torch.tensor([s.end for s in self.slots], device=self.device)
+        starts = torch.tensor([s.start for s in self.slots], device=self.device)
+        width = max(s.end for s in self.slots) + 1  # from the host's copy: no device sync
+        keys = torch.arange(width, device=self.device)
+        mask = ((keys >= starts[:, None]) & (keys <= columns[:, None]))[:, None, None, :]  # [S, 1, 1, W]
+        positions = (columns - starts)[:, None]
+        fed = torch.tensor(self.pending, device=self.device)[:, None]
+        logits = self.model(fed, positions, mask, cache=[TokenWrite(layer, columns, width) for layer in self.cache])
+        for slot in self.slots:
+            slot.end += 1
+        self.stats.decode_steps += 1
+        return self.sample(logits[:, -1], [s.request for s in self.slots]).tolist()
+
+    def sample(self, logits: torch.Tensor, request_indices: list[int]) -> torch.Tensor:
+        """The next token of each request, its uniform keyed by (seed, stream, step)."""
+        if self.cfg.greedy:
+            return sample_next(logits, self.cfg)
+        streams = torch.tensor([self.requests[i].stream for i in request_indices], device=self.device)
+        steps = torch.tensor([len(self.completions[i].tokens) for i in request_indices], device=self.device)
+        return sample_next(logits, self.cfg, keyed_uniforms(self.cfg.seed, streams, steps))
+
+    def advance(self, slot_indices: list[int], tokens: list[int]) -> None:
+        """Append each slot's new token; a finished request frees its slot."""
+        finished = []
+        for slot_index, token in zip(slot_indices, tokens):
+            request = self.slots[slot_index].request
+            completion = self.completions[request]
+            completion.tokens.append(token)
+            self.pending[slot_index] = token
+            completion.finish = self._finish(completion.tokens, self.requests[request].max_new_tokens)
+            if completion.finish:
+                finished.append(slot_index)
+        for slot_index in sorted(finished, reverse=True):
+            self.release(slot_index)
+
+    def _finish(self, tokens: list[int], max_new_tokens: int) -> str:
+        if tokens[-1] in self.eos_ids:
+            return "eos"
+        if self.stop is not None and self.stop(tokens):
+            return "stop"
+        return "length" if len(tokens) >= max_new_tokens else ""
+
+    def release(self, slot_index: int) -> None:
+        """Free a slot; the last busy slot moves into it, so busy slots stay 0..busy-1."""
+        last = len(self.slots) - 1
+        if slot_index != last:
+            moved = self.slots[last]
+            for layer in self.cache:
+                layer.copy_slot(last, slot_index, moved.end)
+            self.slots[slot_index] = moved
+            self.pending[slot_index] = self.pending[last]
+        self.slots.pop()
+        self.pending.pop()
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +252,3 @@ def prefill_mask(real: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
     itself = torch.eye(width, dtype=torch.bool, device=real.device)
     return ((causal & real[:, None, :]) | itself).unsqueeze(1)
-
-
-def _cut_after_eos(row: list[int], eos: list[int]) -> list[int]:
-    for index, token in enumerate(row):
-        if token in eos:
-            return row[:index + 1]
-    return row

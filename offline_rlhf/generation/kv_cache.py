@@ -1,8 +1,11 @@
-"""A static per-layer KV cache for incremental decoding.
+"""A per-slot KV cache for continuous batching.
 
-Each layer's buffers are [B, H_kv_local, max_len, D], allocated on the first write (the
-prefill), when the attention module shows how many KV heads it holds: all of them, or
-its tensor-parallel shard. The model passes each layer's cache to `Attention.forward`.
+Each layer's buffers are [S, H_kv_local, L, D]: one row ("slot") per sequence being
+decoded, allocated on the first write, when the attention module shows how many KV heads
+it holds (all of them, or its tensor-parallel shard). The model passes each layer's cache
+(or a view of it) to `Attention.forward`, which calls `update(k, v)` and attends to what
+comes back. A slot is reused as soon as its sequence ends: a new prompt is prefilled into
+its first columns and the stale columns after it are masked out.
 """
 
 from __future__ import annotations
@@ -11,18 +14,21 @@ import torch
 
 
 class LayerKVCache:
-    def __init__(self, batch: int, max_len: int):
-        self.batch, self.max_len = batch, max_len
-        self.length = 0  # positions filled; every row shares it (prompts are left-padded)
+    def __init__(self, slots: int, max_len: int):
+        self.slots, self.max_len = slots, max_len
+        self.length = 0  # columns filled by `update` (every slot alike)
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: [B, H, T, D] of the T new positions. Returns every cached k, v: [B, H, S, D]
-        views of the buffers, S = positions filled so far."""
+    def _allocate(self, k: torch.Tensor) -> None:
         if self.k is None:
-            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+            shape = (self.slots, k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), k.new_empty(shape)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [S, H, T, D] at the same columns of every slot; returns every cached
+        k, v [S, H, filled, D] (the plain static-batch use)."""
+        self._allocate(k)
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions cannot take {end}")
@@ -31,6 +37,48 @@ class LayerKVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def write_prompts(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prefill: k, v [B, H, T, D] into columns 0..T-1 of `slots` [B]."""
+        self._allocate(k)
+        self.k[slots, :, :k.shape[2]] = k
+        self.v[slots, :, :v.shape[2]] = v
 
-def new_cache(n_layers: int, batch: int, max_len: int) -> list[LayerKVCache]:
-    return [LayerKVCache(batch, max_len) for _ in range(n_layers)]
+    def write_tokens(self, columns: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Decode: one new position per slot, k, v [S', H, 1, D] of slots 0..S'-1, each at
+        its own column `columns[s]`."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, columns] = k[:, :, 0]
+        self.v[rows, :, columns] = v[:, :, 0]
+
+    def copy_slot(self, source: int, target: int, columns: int) -> None:
+        self.k[target, :, :columns] = self.k[source, :, :columns]
+        self.v[target, :, :columns] = self.v[source, :, :columns]
+
+
+class PromptWrite:
+    """What prefill passes to a layer: store the prompts' k, v in their slots and attend
+    to the prompts themselves."""
+
+    def __init__(self, cache: LayerKVCache, slots: torch.Tensor):
+        self.cache, self.slots = cache, slots
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.write_prompts(self.slots, k, v)
+        return k, v
+
+
+class TokenWrite:
+    """What a decode step passes to a layer: store each slot's new k, v at its column and
+    attend to columns 0..width-1 of slots 0..S'-1 (the caller's mask hides the rest)."""
+
+    def __init__(self, cache: LayerKVCache, columns: torch.Tensor, width: int):
+        self.cache, self.columns, self.width = cache, columns, width
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.write_tokens(self.columns, k, v)
+        active = k.shape[0]
+        return self.cache.k[:active, :, :self.width], self.cache.v[:active, :, :self.width]
+
+
+def new_cache(n_layers: int, slots: int, max_len: int) -> list[LayerKVCache]:
+    return [LayerKVCache(slots, max_len) for _ in range(n_layers)]

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.stage_support import check_resumable
 
 FINGERPRINT = "shards_config.json"
+RESTART = "delete {stage_dir}/shard_*.jsonl and rerun generate to answer every prompt again"
 
 
 def shard_indices(n_items: int, rank: int, world: int) -> range:
@@ -40,10 +42,17 @@ def claim_shards(stage_dir: Path, fingerprint: dict) -> None:
     write_atomic(path, json.dumps(fingerprint, indent=2))
 
 
-def repair_shard(path: Path) -> int:
-    """Cut a torn last line (a crash during a write); returns the bytes removed."""
+def repair_shard(path: Path, n: int) -> int:
+    """Cut what a crash during a write left: a torn last line, then the answers of a prompt
+    that has fewer than its `n` (a prompt's answers are appended together, so only the
+    last prompt can be incomplete). Returns the bytes removed."""
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
+    lines = data[:keep].splitlines(keepends=True)
+    ids = [json.loads(line)["id"] for line in lines]
+    last_run = next((k for k, prompt_id in enumerate(reversed(ids)) if prompt_id != ids[-1]), len(ids))
+    if 0 < last_run < n:
+        keep -= sum(map(len, lines[-last_run:]))
     if keep < len(data):
         with open(path, "r+b") as handle:
             handle.truncate(keep)
@@ -61,14 +70,23 @@ def append_durably(path: Path, records: list[dict]) -> None:
         os.fsync(handle.fileno())
 
 
-def merge_shards(stage_dir: Path, n_prompts: int) -> list[dict]:
-    """All shard records ordered by id; every prompt exactly once, or an error."""
-    by_id: dict[int, dict] = {}
+def answered_prompts(records: list[dict], n: int) -> set[int]:
+    """Prompt ids with all n answers written."""
+    counts = Counter(record["id"] for record in records)
+    return {prompt_id for prompt_id, count in counts.items() if count >= n}
+
+
+def merge_shards(stage_dir: Path, n_prompts: int, n: int = 1) -> list[dict]:
+    """All shard records ordered by (prompt id, sample); every answer exactly once, or an error."""
+    by_key: dict[tuple[int, int], dict] = {}
     for record in read_shard_records(stage_dir):
-        if record["id"] in by_id:
-            raise RuntimeError(f"prompt {record['id']} was answered twice in {stage_dir}")
-        by_id[record["id"]] = record
-    missing = sorted(set(range(n_prompts)) - set(by_id))
+        key = (record["id"], record.get("sample", 0))
+        if key in by_key:
+            raise RuntimeError(f"prompt {key[0]} (sample {key[1]}) was answered twice in {stage_dir} (two runs "
+                               f"wrote its shards at once?); {RESTART.format(stage_dir=stage_dir)}")
+        by_key[key] = record
+    missing = sorted({(i, j) for i in range(n_prompts) for j in range(n)} - set(by_key))
     if missing:
-        raise RuntimeError(f"{len(missing)} prompts have no answer in {stage_dir} (first ids {missing[:5]})")
-    return [by_id[i] for i in range(n_prompts)]
+        raise RuntimeError(f"{len(missing)} answers are missing in {stage_dir} (first (prompt, sample) {missing[:5]}); "
+                           f"rerun generate to answer them, or {RESTART.format(stage_dir=stage_dir)}")
+    return [by_key[(i, j)] for i in range(n_prompts) for j in range(n)]

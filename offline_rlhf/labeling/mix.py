@@ -7,11 +7,12 @@ from __future__ import annotations
 import statistics
 
 from offline_rlhf.config.samples import MixConfig
-from offline_rlhf.data.errors import DataError
+from offline_rlhf.data.errors import DataError, Location
 from offline_rlhf.data.mixing import mix_sources
-from offline_rlhf.data.records import iter_json_objects
+from offline_rlhf.data.records import iter_json_objects, require_field, require_number
 
 GROUPS = ("generated", "sft", "preference")
+KINDS = ("generated", "sft", "chosen", "rejected")  # what `orlhf label` writes
 
 
 def group_of(record: dict) -> str:
@@ -19,13 +20,30 @@ def group_of(record: dict) -> str:
 
 
 def read_labeled_records(path: str) -> list[dict]:
+    """`orlhf label` records, checked before they are copied into the alignment set: a
+    wrong type or a NaN reward found only by `orlhf align` would name the wrong file."""
     records = []
     for where, record in iter_json_objects(path):
         for key in ("prompt", "response", "kind", "source", "reward"):
             if key not in record:
                 raise where.error(f"expected an object with key {key!r} (missing); is this `orlhf label` output?")
+        check_labeled_record(record, where)
         records.append(record)
     return records
+
+
+def check_labeled_record(record: dict, where: Location) -> None:
+    for key in ("prompt", "response", "source"):
+        require_field(record, key, str, where)
+    kind = require_field(record, "kind", str, where)
+    if kind not in KINDS:
+        raise where.error(f"expected 'kind' to be one of {', '.join(KINDS)} (got {kind!r})")
+    require_number(record, "reward", where)
+    # Both sides of a preference pair share (source, pair): the draw keeps them together.
+    if group_of(record) == "preference" and (isinstance(record.get("pair"), bool)
+                                             or not isinstance(record.get("pair"), int)):
+        raise where.error(f"expected a {kind} record to have an integer 'pair' (the preference pair index; "
+                          f"got {'nothing' if 'pair' not in record else type(record['pair']).__name__})")
 
 
 def units_by_group(records: list[dict]) -> dict[str, list[tuple[dict, ...]]]:

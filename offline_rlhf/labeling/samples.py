@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 
 from offline_rlhf.data.preference_readers import read_preference_source
-from offline_rlhf.data.records import iter_json_objects, require_text
+from offline_rlhf.data.records import iter_json_objects, require_field, require_text
 from offline_rlhf.data.sft_readers import read_sft_source
+from offline_rlhf.data.skips import Skips, strict_or
 from offline_rlhf.data.template import ChatTemplate
 
 
@@ -18,26 +20,47 @@ class Sample:
     source: str  # the input's name
     kind: str  # generated, sft, chosen or rejected
     pair: int | None = None  # preference pair index: both sides of a pair share it
+    finished: bool | None = None  # False: a generation cut at max_new_tokens, kept by include_unfinished
 
 
-def read_generated(path: str) -> list[tuple[str, str]]:
-    return [(require_text(r, "prompt", where), require_text(r, "response", where, allow_empty=True))
-            for where, r in iter_json_objects(path)]
+UNFINISHED = "unfinished (cut at max_new_tokens)"  # the reason counted for cut-off generations left out
+
+
+def read_generated(path: str, skips: Skips | None = None) -> list[tuple[str, str, bool]]:
+    """(prompt, response, finished) per record. `finished` is what `orlhf generate` wrote
+    (true when absent: other files hold finished answers); a blank prompt is unusable."""
+    skips, rows = strict_or(skips), []
+    for where, record in iter_json_objects(path):
+        finished = require_field(record, "finished", bool, where) if "finished" in record else True
+        response = require_text(record, "response", where, allow_empty=True)  # an empty answer is still an answer
+        with skips.record():
+            rows.append((require_text(record, "prompt", where), response, finished))
+    return rows
 
 
 def read_samples(name: str, kind: str, format: str, path: str, template: ChatTemplate,
-                 max_samples: int | None, seed: int) -> list[Sample]:
+                 max_samples: int | None, seed: int, skips: Skips | None = None,
+                 include_unfinished: bool = False) -> list[Sample]:
     """Every sample of one input, or a seeded subset of `max_samples` (pairs for
-    preference data, so both sides of a kept pair stay together)."""
+    preference data, so both sides of a kept pair stay together).
+
+    Unusable records are counted into `skips` (None: errors). Generated samples cut at
+    max_new_tokens are left out before the subset is drawn, counted under UNFINISHED,
+    unless `include_unfinished`, which keeps them with `finished=False`."""
+    skips = strict_or(skips)
     if kind == "preference":
-        pairs = _subset(read_preference_source(format, path, template=template), max_samples, seed)
+        pairs = _subset(read_preference_source(format, path, template=template, skips=skips), max_samples, seed)
         return [Sample(p.prompt, response, name, side, index) for index, p in enumerate(pairs)
                 for side, response in (("chosen", p.chosen), ("rejected", p.rejected))]
     if kind == "sft":
-        rows = [(e.prompt, e.response) for e in read_sft_source(format, path, template=template)]
+        rows = [(e.prompt, e.response, True) for e in read_sft_source(format, path, template=template, skips=skips)]
     else:
-        rows = read_generated(path)
-    return [Sample(prompt, response, name, kind) for prompt, response in _subset(rows, max_samples, seed)]
+        rows = read_generated(path, skips)
+    if not include_unfinished and (cut := sum(not finished for _, _, finished in rows)):
+        skips.add(UNFINISHED, cut)
+        rows = [row for row in rows if row[2]]
+    return [Sample(prompt, response, name, kind, finished=None if finished else False)
+            for prompt, response, finished in _subset(rows, max_samples, seed)]
 
 
 def _subset(items: list, limit: int | None, seed: int) -> list:
@@ -45,3 +68,19 @@ def _subset(items: list, limit: int | None, seed: int) -> list:
         return items
     chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in chosen]
+
+
+def select_per_prompt(samples: list[Sample], rewards: list[float], selections: dict[str, str]) -> list[int]:
+    """Indices (ascending) of the samples to keep. Inputs (`Sample.source`) whose selection
+    is "all" keep everything; the others keep, per prompt, the answer with the highest
+    and/or the lowest reward ("best", "worst", "best_worst"; the first one on ties)."""
+    keep, groups = [], defaultdict(list)
+    for index, sample in enumerate(samples):
+        if selections.get(sample.source, "all") == "all":
+            keep.append(index)
+        else:
+            groups[(sample.source, sample.prompt)].append(index)
+    for (source, _), members in groups.items():
+        best, worst = max(members, key=rewards.__getitem__), min(members, key=rewards.__getitem__)
+        keep += {"best": {best}, "worst": {worst}, "best_worst": {best, worst}}[selections[source]]
+    return sorted(keep)

@@ -25,12 +25,12 @@ from offline_rlhf.data.batching import PAD_DOCUMENT, collate_sequences
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.records import iter_json_objects, require_text
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import encode_sft
+from offline_rlhf.data.tokenize import TokenizedSample, encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.models.llama import last_token_values
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import Runtime, autocast_for
-from offline_rlhf.stage_support import checkpoint_of_head
+from offline_rlhf.stage_support import checkpoint_of_head, note_untrusted
 
 REWARD_STATS = "reward_stats"  # checkpoint metadata keys written by `orlhf rm`
 TEMPLATE = "template"
@@ -44,10 +44,19 @@ def sequence_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
 
 
 def encode_responses(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
-                     max_len: int) -> list[PackedSequence]:
+                     max_len: int, finished: Sequence[bool] | None = None) -> list[PackedSequence]:
     """`prompt + response + EOS` per pair, cut by `encode_sft`'s truncation rule."""
-    return unpacked([encode_sft(tokenizer, template, prompt, response, max_len, f"pair {index}")
-                     for index, (prompt, response) in enumerate(pairs)])
+    return unpacked(encode_scored(tokenizer, template, pairs, max_len, finished))
+
+
+def encode_scored(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], max_len: int,
+                  finished: Sequence[bool] | None = None) -> list[TokenizedSample]:
+    """`encode_responses` before unpacking, so a caller can count `.truncated`. A pair with
+    `finished[i]` False (a generation cut at max_new_tokens) gets no EOS: its reward is
+    read at its last real token, not at an end the answer never reached."""
+    ends = [True] * len(pairs) if finished is None else finished
+    return [encode_sft(tokenizer, template, prompt, response, max_len, f"pair {index}", eos=end)
+            for index, ((prompt, response), end) in enumerate(zip(pairs, ends, strict=True))]
 
 
 @torch.no_grad()
@@ -92,11 +101,13 @@ def _gather_in_order(local: torch.Tensor, order: list[int], rt: Runtime) -> list
 
 
 def score_texts(model: nn.Module, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
-                batch_size: int, rt: Runtime, max_len: int | None = None) -> list[float]:
+                batch_size: int, rt: Runtime, max_len: int | None = None,
+                finished: Sequence[bool] | None = None) -> list[float]:
     """Raw rewards of (prompt, response) pairs, in input order, on every rank. `max_len`
-    (default: the model's max_seq_len) should be the length the model was trained with."""
+    (default: the model's max_seq_len) should be the length the model was trained with;
+    `finished[i]` False scores a cut-off answer without EOS (see `encode_scored`)."""
     max_len = max_len or model.cfg.max_seq_len
-    return score_sequences(model, encode_responses(tokenizer, template, pairs, max_len), batch_size, rt,
+    return score_sequences(model, encode_responses(tokenizer, template, pairs, max_len, finished), batch_size, rt,
                            tokenizer.pad_id)
 
 
@@ -123,6 +134,7 @@ def load_reward_model(ckpt: str, rt: Runtime, key: str = "ckpt") -> tuple[nn.Mod
     if not (path / TOKENIZER_DIR).is_dir():
         raise ConfigError(key, f"{path} has no {TOKENIZER_DIR}/ folder", "score with a checkpoint that has one")
     model = build_model(meta.model, "value", rt.dims, rt.mesh, rt.device)
+    note_untrusted(path, rt)
     load_checkpoint(path, model, group=rt.group)
     return model, Tokenizer.from_dir(path / TOKENIZER_DIR), meta.metadata
 

@@ -36,7 +36,10 @@ def mle_filter_loss(nll, mask, rewards, threshold: float, normalizer: float) -> 
                                 "count/kept_tokens": (sample_tokens * kept).sum().float()}
 
 
-def rwr_weights(rewards: torch.Tensor, beta: float, max_log_weight: float = 20.0) -> torch.Tensor:
+MAX_LOG_WEIGHT = 20.0  # RWR's log-weight clamp: exp(20) ~ 5e8
+
+
+def rwr_weights(rewards: torch.Tensor, beta: float, max_log_weight: float = MAX_LOG_WEIGHT) -> torch.Tensor:
     """Eq. 5's exp(R / beta), with log-weights clamped at `max_log_weight` (exp(20) ~ 5e8) so
     no weight overflows; normalized rewards are z-scores, far below the clamp."""
     return torch.exp((rewards.double() / beta).clamp(max=max_log_weight)).float()
@@ -52,11 +55,14 @@ def rwr_normalizer(labels: torch.Tensor, rewards: torch.Tensor, beta: float, nor
 
 def rwr_loss(nll, mask, rewards, beta: float, normalizer: float) -> tuple[torch.Tensor, dict]:
     """Eq. 5: L = -sum exp(R(p,x) / beta) sum_i log p(x_i | x_<i, p), divided by
-    `normalizer` (see rwr_normalizer). Reports the effective sample size (sum w)^2 / sum w^2."""
+    `normalizer` (see rwr_normalizer). Reports the effective sample size (sum w)^2 / sum w^2
+    of these samples, and sum w and sum w^2, from whose global sums a Task derives the ESS
+    of the global batch."""
     sample_nll, _ = per_sample_nll(nll, mask)
     weights = rwr_weights(rewards, beta).to(sample_nll.dtype)
     total = (weights * sample_nll).sum()
     ess = weights.sum() ** 2 / (weights.pow(2).sum() + 1e-12)
     return total / normalizer, {"loss": total.detach(), "count/ess": ess.detach(),
                                 "count/samples": torch.tensor(float(len(rewards)), device=rewards.device),
-                                "count/weight_sum": weights.sum().detach()}
+                                "count/weight_sum": weights.sum().detach(),
+                                "count/weight_sq_sum": weights.pow(2).sum().detach()}

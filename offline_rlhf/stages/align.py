@@ -1,7 +1,8 @@
 """`orlhf align method=mle_filter|rwr|dt`: offline alignment (paper step 4) into
 `run_dir/align_<method>/`, with the generic training loop.
 
-- mle_filter (Eq. 4): token NLL on samples whose normalized reward exceeds t.
+- mle_filter (Eq. 4): token NLL on samples whose normalized reward exceeds t (the others
+  are dropped before batching, so they cost no compute and do not count towards the steps).
 - rwr (Eq. 5): token NLL weighted per sample by exp(R / beta).
 - dt (Eq. 6): token NLL with the reward prompt `<rm_score> a.b` after the assistant tag.
 """
@@ -17,8 +18,15 @@ import torch
 from offline_rlhf.config.training import AlignConfig
 from offline_rlhf.data.alignment_dataset import RewardedSequence, build_alignment_dataset
 from offline_rlhf.data.batching import collate_sequences, loss_tokens, real_tokens
+from offline_rlhf.data.skips import describe
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.losses.alignment import kept_by_filter, mle_filter_loss, rwr_loss, rwr_normalizer
+from offline_rlhf.losses.alignment import (
+    MAX_LOG_WEIGHT,
+    kept_by_filter,
+    mle_filter_loss,
+    rwr_loss,
+    rwr_normalizer,
+)
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import stage_runtime
@@ -50,9 +58,16 @@ def alignment_task(cfg: AlignConfig) -> Task:
     if cfg.method == "rwr":
         return Task(loss=lambda m, b, n: rwr_loss(*_token_nll(m, b), b["rewards"], cfg.rwr_beta, n),
                     normalizer=lambda b: rwr_normalizer(b["labels"], b["rewards"], cfg.rwr_beta, cfg.rwr_normalize),
-                    tokens=real_tokens,
-                    derive=lambda m: {"ess_fraction": m["count/ess"] / max(m["count/samples"], 1.0)})
+                    tokens=real_tokens, derive=global_ess)
     return Task(loss=lambda m, b, n: sft_loss(*_token_nll(m, b), n), normalizer=loss_tokens, tokens=real_tokens)
+
+
+def global_ess(m: dict[str, float]) -> dict[str, float]:
+    """Kish's effective sample size (sum w)^2 / sum w^2 over the global batch, from the
+    global sums; it replaces the loss's per-call `count/ess`, whose sum over micro-batches
+    reads G (fraction 1.0) at micro-batch 1 whatever the weights."""
+    ess = m["count/weight_sum"] ** 2 / max(m["count/weight_sq_sum"], 1e-12)
+    return {"count/ess": ess, "ess_fraction": ess / max(m["count/samples"], 1.0)}
 
 
 def main(cfg: AlignConfig) -> int:
@@ -62,8 +77,11 @@ def main(cfg: AlignConfig) -> int:
         template = ChatTemplate(**asdict(cfg.data.template))
         dataset = build_alignment_dataset(cfg.data.path, setup.tokenizer, template, cfg.data.max_seq_len,
                                           cfg.data.val_fraction, cfg.train.seed, reward_prompt=cfg.method == "dt",
-                                          reward_key=cfg.data.reward_key)
+                                          reward_key=cfg.data.reward_key,
+                                          keep_above=cfg.filter_threshold if cfg.method == "mle_filter" else None)
         rt.log(dataset_summary(cfg, dataset))
+        if cfg.method == "rwr":
+            warn_clamped(cfg, dataset, rt.log)
         collate = partial(collate_rewarded, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
         metadata = {"alignment": {"method": cfg.method, "dt_target": cfg.dt_target if cfg.method == "dt" else None,
                                   "dataset": dataset.card}}
@@ -73,8 +91,8 @@ def main(cfg: AlignConfig) -> int:
                        CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
                                       final_metadata=lambda _: metadata, fingerprint=resume_fingerprint(cfg)))
         rt.log(f"{cfg.stage_name} done: {result.steps} steps, final checkpoint {result.checkpoint}; "
-               f"{dataset.card['tokens']['truncated']} of {dataset.card['examples']} samples truncated to "
-               f"{cfg.data.max_seq_len} tokens")
+               f"{dataset.card['tokens']['truncated']} of {dataset.card['train'] + dataset.card['val']} samples "
+               f"truncated to {cfg.data.max_seq_len} tokens")
         mark_done(rt, result.checkpoint)
     return 0
 
@@ -84,6 +102,18 @@ def dataset_summary(cfg: AlignConfig, dataset) -> str:
     line = (f"{cfg.method}: {rewards['count']} training samples, normalized reward mean {rewards['mean']:.3f} "
             f"std {rewards['std']:.3f}")
     if cfg.method == "mle_filter":
-        kept = sum(item.reward > cfg.filter_threshold for item in dataset.train)
-        line += f"; {kept} ({kept / len(dataset.train):.1%}) pass the filter R > {cfg.filter_threshold}"
+        kept, dropped = len(dataset.train), dataset.card["filter"]["train_filtered"]
+        line += (f"; {kept} ({kept / (kept + dropped):.1%}) pass the filter R > {cfg.filter_threshold} and are "
+                 f"trained on, {dropped} filtered out")
+    if dataset.card["skipped"]:
+        line += f"; {describe(dataset.card['skipped'])} records of {cfg.data.path}"
     return line
+
+
+def warn_clamped(cfg: AlignConfig, dataset, log) -> None:
+    """Above the clamp every sample weighs exp(MAX_LOG_WEIGHT): RWR no longer ranks them."""
+    clamped = sum(item.reward / cfg.rwr_beta > MAX_LOG_WEIGHT for item in dataset.train)
+    if clamped:
+        log(f"rwr: warning: {clamped} of {len(dataset.train)} training samples have reward / rwr_beta above the "
+            f"log-weight clamp {MAX_LOG_WEIGHT:g} and all weigh exp({MAX_LOG_WEIGHT:g}); raise rwr_beta (rewards "
+            f"should be normalized z-scores)")

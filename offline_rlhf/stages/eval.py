@@ -15,12 +15,14 @@ from offline_rlhf.checkpoint import TOKENIZER_DIR, read_meta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.evaluation import EvalConfig, EvalModelConfig
 from offline_rlhf.data.prompts import read_prompt_file
+from offline_rlhf.data.records import iter_json_objects, require_text
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.eval.results import results_markdown, summarize
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.generation.engine import generate
+from offline_rlhf.generation.engine import Request, answer_text, run, stop_on_strings
+from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import shard_indices
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
 from offline_rlhf.runtime import Runtime, stage_runtime
@@ -32,8 +34,9 @@ RESULTS = "results.json"
 
 def answer_prompts(model_cfg: EvalModelConfig, prompts: list[str], cfg: EvalConfig,
                    rt: Runtime) -> tuple[list[str], int]:
-    """The model's answers to every prompt, in order, on every rank (DP replicas split
-    them), and the number of tokens this replica generated."""
+    """The model's (answer, finished) for every prompt, in order, on every rank (DP replicas
+    split them; finished is False for an answer cut at max_new_tokens), and the number of
+    tokens generated."""
     key = f"models[{model_cfg.name}].checkpoint"
     path = resolve_checkpoint(model_cfg.checkpoint, key)
     meta = read_meta(path)
@@ -48,9 +51,12 @@ def answer_prompts(model_cfg: EvalModelConfig, prompts: list[str], cfg: EvalConf
         raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a prompt "
                           f"in {model_cfg.name}'s max_seq_len={meta.model.max_seq_len}", "lower it")
     encoded = [encode_prompt(tokenizer, template, prompts[i], prefix)[-budget:] for i in mine]
-    outputs = generate(model, encoded, cfg.generation, tokenizer.eos_id, tokenizer.pad_id, rt.device)
-    answers = [tokenizer.decode(t[:-1] if t and t[-1] == tokenizer.eos_id else t).strip() for t in outputs]
-    return _gather_blocks(answers, rt), _total_over_replicas(sum(map(len, outputs)), rt)
+    # Sampling keyed by the global prompt index: the same answers at any DP size.
+    requests = [Request(ids, stream_id(i, 0), cfg.generation.max_new_tokens) for i, ids in zip(mine, encoded)]
+    completions = run(model, requests, cfg.generation, tokenizer.eos_id, tokenizer.pad_id, rt.device,
+                      stop=stop_on_strings(tokenizer.decode, cfg.generation.stop))
+    answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length") for c in completions]
+    return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
 
 
 def _total_over_replicas(count: int, rt: Runtime) -> int:
@@ -78,15 +84,35 @@ def gold_scores(kind: str, prompts: list[str], answers: list[str]) -> list[float
     return [gold_reward(p, a) for p, a in zip(prompts, answers)]
 
 
+def check_gold_prompts(kind: str, path: str, prompt_key: str) -> None:
+    """Before any model answers: the gold reward scores only its own task's instructions, so
+    a prompt it cannot parse (another data set's, an over-long one) is one line naming its
+    file:line, the prompt shortened."""
+    if kind != "embedded_task":
+        return
+    from offline_rlhf.data.embedded_task import parse_instruction, shortened
+
+    for where, record in iter_json_objects(path):
+        text = require_text(record, prompt_key, where)
+        try:
+            parse_instruction(text)
+        except ValueError:
+            raise where.error(f"expected an embedded-task instruction such as 'add 3 and 4' for gold=embedded_task, "
+                              f"got {shortened(text)}; use the task's prompts (run_dir/task/) or "
+                              "leave gold empty") from None
+
+
 def main(cfg: EvalConfig) -> int:
     first = read_meta(resolve_checkpoint(cfg.models[0].checkpoint, f"models[{cfg.models[0].name}].checkpoint")).model
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, first, cfg) as (rt, usage):
         prompts = read_prompt_file(cfg.prompts, cfg.prompt_key)
-        answers = {}
+        check_gold_prompts(cfg.gold, cfg.prompts, cfg.prompt_key)
+        answers, finished = {}, {}
         for model_cfg in cfg.models:
             rt.log(f"eval: {model_cfg.name} answers {len(prompts)} prompts"
                    + (f" (reward prompt {model_cfg.reward_prompt})" if model_cfg.reward_prompt is not None else ""))
-            answers[model_cfg.name], generated = answer_prompts(model_cfg, prompts, cfg, rt)
+            answered, generated = answer_prompts(model_cfg, prompts, cfg, rt)
+            answers[model_cfg.name], finished[model_cfg.name] = [a for a, _ in answered], [f for _, f in answered]
             usage.tokens += generated
         scores = {name: {} for name in answers}
         for name, texts in answers.items():
@@ -98,12 +124,13 @@ def main(cfg: EvalConfig) -> int:
             template, max_len = scoring_setup(metadata, rm.cfg)
             for name, texts in answers.items():
                 scores[name]["rm"] = score_texts(rm, tokenizer, template, list(zip(prompts, texts)), cfg.batch_size,
-                                                 rt, max_len)
+                                                 rt, max_len, finished=finished[name])
         table = summarize(scores, cfg.baseline)
         if rt.is_main:
             for name, texts in answers.items():
                 write_jsonl(rt.stage_dir / f"answers_{name}.jsonl",
-                            [{"prompt": p, "response": a, **{s: scores[name][s][i] for s in scores[name]}}
+                            [{"prompt": p, "response": a, "finished": finished[name][i],
+                              **{s: scores[name][s][i] for s in scores[name]}}
                              for i, (p, a) in enumerate(zip(prompts, texts))])
             write_atomic(rt.stage_dir / RESULTS, json.dumps({"baseline": cfg.baseline, "table": table}, indent=2))
             write_atomic(rt.stage_dir / "results.md", results_markdown(table, cfg.baseline))

@@ -10,9 +10,10 @@ off first. When all replicas are done, rank 0 merges the shards into `samples.js
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,8 +26,10 @@ from offline_rlhf.data.prompts import Prompt, mix_prompts, read_prompts
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.generation.engine import generate
+from offline_rlhf.generation.engine import Request, answer_text, run, stop_on_strings
+from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import (
+    answered_prompts,
     append_durably,
     claim_shards,
     merge_shards,
@@ -39,7 +42,7 @@ from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import load_inference_model, load_tokenizer, mark_done, model_config, resume_fingerprint
 
 STAGE = "generate"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `sample` (index among the n answers of a prompt) and `finish_reason`
 SAMPLES = "samples.jsonl"
 
 
@@ -51,23 +54,24 @@ def collect_prompts(cfg: GenerateConfig, template: ChatTemplate) -> tuple[list[P
 
 def answer(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template: ChatTemplate, rt: Runtime,
            model_name: str) -> tuple[list[dict], int]:
-    """Records for `prompts` and the number of new tokens."""
-    limit = prompt_budget(cfg, model.cfg)
+    """Records for `prompts` (`generation.n` per prompt, sample by sample) and the number of
+    new tokens. Sampling streams are keyed by (prompt id, sample index): the answers do
+    not depend on which chunk, slot or replica a prompt lands in."""
+    limit, gen = prompt_budget(cfg, model.cfg), cfg.generation
     encoded = [encode_prompt(tokenizer, template, p.text) for p in prompts]
-    truncated = [len(ids) > limit for ids in encoded]
-    # A seed per chunk (from its first prompt id): chunks do not replay one random stream.
-    chunk_cfg = replace(cfg.generation, seed=cfg.generation.seed * 1_000_003 + prompts[0].id)
-    outputs = generate(model, [ids[-limit:] for ids in encoded], chunk_cfg, tokenizer.eos_id,
-                       tokenizer.pad_id, rt.device)
+    requests = [Request(ids[-limit:], stream_id(p.id, sample), gen.max_new_tokens)
+                for p, ids in zip(prompts, encoded) for sample in range(gen.n)]
+    completions = run(model, requests, gen, tokenizer.eos_id, tokenizer.pad_id, rt.device,
+                      stop=stop_on_strings(tokenizer.decode, gen.stop))
     records = []
-    for prompt, tokens, cut in zip(prompts, outputs, truncated):
-        finished = bool(tokens) and tokens[-1] == tokenizer.eos_id
-        response = tokenizer.decode(tokens[:-1] if finished else tokens).strip()
-        records.append({"schema": SCHEMA_VERSION, "id": prompt.id, "prompt": prompt.text,
-                        "response": response, "source": prompt.source,
-                        "model": model_name, "gen_config": asdict(cfg.generation), "finished": finished,
-                        "response_tokens": len(tokens), "prompt_truncated": cut})
-    return records, sum(map(len, outputs))
+    for (prompt, ids), sample in itertools.product(zip(prompts, encoded), range(gen.n)):
+        completion = completions[len(records)]
+        records.append({"schema": SCHEMA_VERSION, "id": prompt.id, "sample": sample, "prompt": prompt.text,
+                        "response": answer_text(completion, tokenizer.decode, gen.stop), "source": prompt.source,
+                        "model": model_name, "gen_config": asdict(gen), "finished": completion.finish != "length",
+                        "finish_reason": completion.finish, "response_tokens": len(completion.tokens),
+                        "prompt_truncated": len(ids) > limit})
+    return records, sum(len(c.tokens) for c in completions)
 
 
 def prompt_budget(cfg: GenerateConfig, model_cfg: ModelConfig) -> int:
@@ -89,10 +93,10 @@ def main(cfg: GenerateConfig) -> int:
         if rt.is_main:
             claim_shards(rt.stage_dir, resume_fingerprint(cfg))
             for path in shard_paths(rt.stage_dir):
-                if repair_shard(path):
-                    rt.log(f"cut a torn last line from {path}")
+                if repair_shard(path, cfg.generation.n):
+                    rt.log(f"cut a torn last line (and an incomplete prompt's answers) from {path}")
         rt.barrier()
-        done = {record["id"] for record in read_shard_records(rt.stage_dir)}
+        done = answered_prompts(read_shard_records(rt.stage_dir), cfg.generation.n)
         todo = [p for p in prompts if p.id not in done]
         replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
         mine = [todo[i] for i in shard_indices(len(todo), replica, rt.dims.dp)]
@@ -106,7 +110,7 @@ def main(cfg: GenerateConfig) -> int:
                                      shard if writes else None, usage)
         rt.barrier()
         if rt.is_main:
-            records = merge_shards(rt.stage_dir, len(prompts))
+            records = merge_shards(rt.stage_dir, len(prompts), cfg.generation.n)
             write_jsonl(rt.stage_dir / SAMPLES, records)
             card = {"prompts": len(prompts), "sources": mix_stats, "model": str(checkpoint),
                     "finished": sum(r["finished"] for r in records),
@@ -114,7 +118,7 @@ def main(cfg: GenerateConfig) -> int:
                     "gen_config": asdict(cfg.generation)}
             write_atomic(rt.stage_dir / "generation_card.json", json.dumps(card, indent=2))
             mark_done(rt, rt.stage_dir / SAMPLES)
-            rt.log(f"generate done: {len(records)} samples in {rt.stage_dir / SAMPLES}; "
+            rt.log(f"generate done: {len(records)} answers to {len(prompts)} prompts in {rt.stage_dir / SAMPLES}; "
                    f"{len(records) - card['finished']} hit max_new_tokens without EOS, "
                    f"{card['prompt_truncated']} prompts were cut to {prompt_budget(cfg, model_cfg)} tokens")
     return 0

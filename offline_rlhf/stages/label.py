@@ -13,11 +13,14 @@ import json
 
 from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.config.samples import LabelConfig
+from offline_rlhf.data.errors import DataError
+from offline_rlhf.data.packing import unpacked
+from offline_rlhf.data.skips import Skips, describe
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.labeling.normalize import counts_by_source, labeled_records, normalization_stats, normalize
 from offline_rlhf.labeling.plots import reward_histogram
-from offline_rlhf.labeling.samples import read_samples
-from offline_rlhf.labeling.scoring import encode_responses, load_reward_model, score_sequences, scoring_setup
+from offline_rlhf.labeling.samples import Sample, read_samples, select_per_prompt
+from offline_rlhf.labeling.scoring import encode_scored, load_reward_model, score_sequences, scoring_setup
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.stage_support import mark_done
 
@@ -32,22 +35,60 @@ def main(cfg: LabelConfig) -> int:
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         model, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
         template, max_len = scoring_setup(metadata, model_cfg)
-        samples = [s for i in cfg.inputs
-                   for s in read_samples(i.name or i.path, i.kind, i.format, i.path, template, i.max_samples, cfg.seed)]
+        samples, skipped = read_inputs(cfg, template)
         rt.log(f"label: scoring {len(samples)} samples with {rm_path}")
-        sequences = encode_responses(tokenizer, template, [(s.prompt, s.response) for s in samples], max_len)
+        encoded = encode_scored(tokenizer, template, [(s.prompt, s.response) for s in samples], max_len,
+                                [s.finished is not False for s in samples])
+        sequences = unpacked(encoded)
         raw = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id)
+        # Statistics over every scored answer: selecting the best per prompt must not move the scale.
         stats = normalization_stats(cfg.normalization, raw, metadata, str(rm_path))
-        normalized = normalize(raw, stats)
         usage.tokens = sum(map(len, sequences))
+        kept = select_per_prompt(samples, raw, {i.name or i.path: i.select for i in cfg.inputs})
+        dropped = len(samples) - len(kept)
+        samples, raw, encoded = [samples[i] for i in kept], [raw[i] for i in kept], [encoded[i] for i in kept]
+        normalized = normalize(raw, stats)
         if rt.is_main:
             write_jsonl(rt.stage_dir / LABELED, labeled_records(samples, raw, normalized))
             meta = {"reward_model": str(rm_path), "normalization": cfg.normalization, "stats": stats,
-                    "samples": len(samples), "by_source": counts_by_source(samples)}
+                    "samples": len(samples), "by_source": counts_by_source(samples),
+                    "not_selected": dropped, **read_counts(samples, skipped, encoded, max_len, cfg)}
             write_atomic(rt.stage_dir / META, json.dumps(meta, indent=2))
             reward_histogram(raw, normalized, [s.kind for s in samples], rt.stage_dir / "reward_histogram.png",
                              title=f"rewards of {len(samples)} samples ({cfg.normalization} normalization)")
             mark_done(rt, rt.stage_dir / LABELED)
             rt.log(f"label done: {rt.stage_dir / LABELED}; normalized with mean {stats['mean']:.4f}, "
-                   f"std {stats['std']:.4f} ({cfg.normalization})")
+                   f"std {stats['std']:.4f} ({cfg.normalization}); {meta['truncated']} of {len(samples)} "
+                   f"truncated to {max_len} tokens; {describe(meta['skipped_total'])}; "
+                   f"{meta['unfinished_kept']} unfinished kept; {dropped} not selected (inputs' select)")
     return 0
+
+
+def read_inputs(cfg: LabelConfig, template) -> tuple[list[Sample], dict[str, dict[str, int]]]:
+    """Every input's samples, and per input what was skipped ({reason: count}; cut-off
+    generations under UNFINISHED unless include_unfinished)."""
+    samples, skipped = [], {}
+    for i in cfg.inputs:
+        name, skips = i.name or i.path, Skips(strict=cfg.strict)
+        read = read_samples(name, i.kind, i.format, i.path, template, i.max_samples, cfg.seed, skips,
+                            cfg.include_unfinished)
+        if not read:  # nothing to score would fail later, far from its cause
+            raise DataError(i.path, None, f"expected at least one usable sample ({describe(skips.counts)}; "
+                                          "strict=true names the first, include_unfinished=true keeps cut-off ones)")
+        samples += read
+        skipped[name] = skips.counts
+    return samples, skipped
+
+
+def read_counts(samples: list[Sample], skipped: dict[str, dict[str, int]], encoded, max_len: int,
+                cfg: LabelConfig) -> dict:
+    """labels_meta.json's account of what was not scored as read: skipped records by input
+    and reason, their total by reason, truncated samples and unfinished ones kept."""
+    total: dict[str, int] = {}
+    for counts in skipped.values():
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return {"skipped": skipped, "skipped_total": total, "strict": cfg.strict,
+            "truncated": sum(sample.truncated for sample in encoded), "max_seq_len": max_len,
+            "include_unfinished": cfg.include_unfinished,
+            "unfinished_kept": sum(s.finished is False for s in samples)}

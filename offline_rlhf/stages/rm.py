@@ -12,7 +12,7 @@ import torch
 from offline_rlhf.config.training import RMConfig
 from offline_rlhf.data.batching import collate_sequences, real_tokens
 from offline_rlhf.data.preference_dataset import PreferencePair, build_preference_dataset
-from offline_rlhf.data.sft_dataset import write_dataset_card
+from offline_rlhf.data.sft_dataset import read_summary, write_dataset_card
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.labeling.scoring import (
@@ -101,7 +101,8 @@ def train_reward_model(cfg: RMConfig) -> int:
                                       resume_fingerprint(cfg)))
         rt.log(f"rm done: {result.steps} steps, "
                f"validation accuracy {result.last_val.get('accuracy', float('nan')):.4f} "
-               f"on {len(dataset.val)} pairs, final checkpoint {result.checkpoint}")
+               f"on {len(dataset.val)} pairs, final checkpoint {result.checkpoint}; "
+               f"pairs {read_summary(dataset.card)}")
         mark_done(rt, result.checkpoint)
     return 0
 
@@ -120,5 +121,6 @@ def evaluate(cfg: RMConfig) -> int:
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
             write_atomic(rt.stage_dir / EVAL_FILE, json.dumps({"pairs": len(pairs), **metrics}, indent=2) + "\n")
-        rt.log(f"rm eval: {len(pairs)} pairs, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        rt.log(f"rm eval: {len(pairs)} pairs, " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+               + f"; pairs {read_summary(dataset.card)}")
     return 0

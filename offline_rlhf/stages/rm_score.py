@@ -24,7 +24,9 @@ def main(cfg: RMScoreConfig) -> int:
         model, tokenizer, metadata = load_reward_model(cfg.ckpt, rt)
         template, max_len = scoring_setup(metadata, model_cfg)
         records, pairs = read_scoring_input(cfg.input, cfg.prompt_key, cfg.response_key)
-        sequences = encode_responses(tokenizer, template, pairs, max_len)
+        # A generation cut at max_new_tokens (`finished: false`) is scored without EOS, as in `orlhf label`.
+        sequences = encode_responses(tokenizer, template, pairs, max_len,
+                                     [record.get("finished") is not False for record in records])
         scores = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id)
         usage.tokens += sum(map(len, sequences))
         if rt.is_main:

@@ -6,7 +6,7 @@ from functools import partial
 
 from offline_rlhf.config.training import SFTConfig
 from offline_rlhf.data.batching import collate_sequences, loss_tokens, real_tokens
-from offline_rlhf.data.sft_dataset import build_sft_dataset, write_dataset_card
+from offline_rlhf.data.sft_dataset import build_sft_dataset, read_summary, write_dataset_card
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.masks import document_mask
 from offline_rlhf.parallel.logprobs import token_nll
@@ -46,7 +46,7 @@ def main(cfg: SFTConfig) -> int:
                                       fingerprint=resume_fingerprint(cfg)))
         totals = dataset.card["totals"]
         rt.log(f"sft done: {result.steps} steps, final checkpoint {result.checkpoint}; "
-               f"{totals['truncated']} of {totals['taken']} samples were truncated to {cfg.data.max_seq_len} tokens "
-               f"(see {rt.stage_dir / 'dataset_card.md'})")
+               f"{totals['truncated']} of {totals['taken']} samples were truncated to {cfg.data.max_seq_len} tokens; "
+               f"records {read_summary(dataset.card)} (see {rt.stage_dir / 'dataset_card.md'})")
         mark_done(rt, result.checkpoint)
     return 0

@@ -33,6 +33,7 @@ from offline_rlhf.data.embedded_task import (
 from offline_rlhf.data.template import REWARD_TAG, ChatTemplate
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.host import acquire_stage_lock, release_stage_lock
 
 STAGE = "task"
 SFT, PREFERENCES = "sft.jsonl", "preferences.jsonl"
@@ -122,6 +123,19 @@ def main(cfg: TaskConfig) -> int:
     if done.is_file() and done.read_text() == _fingerprint(cfg):
         print(f"task: {out} already holds this config; skipped")
         return 0
+    out.mkdir(parents=True, exist_ok=True)
+    lock, note = acquire_stage_lock(out, STAGE)  # two writers would interleave the files
+    try:
+        if note:
+            print(note, flush=True)
+        write_task(cfg, out)
+    finally:
+        release_stage_lock(lock)
+    return 0
+
+
+def write_task(cfg: TaskConfig, out: Path) -> None:
+    done = out / DONE
     # A stale marker must not outlive a partial rewrite.
     done.unlink(missing_ok=True)
     start = time.monotonic()
@@ -139,4 +153,3 @@ def main(cfg: TaskConfig) -> int:
           f"({card['preferences']['agreement_with_gold']:.0%} agree with the gold reward), "
           f"{len(files[GEN_PROMPTS])} generation and {len(files[EVAL_PROMPTS])} held-out evaluation prompts, "
           f"{tokenizer.vocab_size}-token tokenizer")
-    return 0

@@ -13,7 +13,7 @@ from offline_rlhf.config.schema import InitConfig, ModelConfig
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import Runtime
-from offline_rlhf.stage_support import load_tokenizer
+from offline_rlhf.stage_support import load_tokenizer, note_untrusted
 
 # What an init checkpoint of the other head (an SFT model for a reward model) cannot hold.
 NEW_HEAD_PARAMETERS = {"lm": (), "value": ("score.weight",)}
@@ -50,5 +50,7 @@ def initialize_weights(init: InitConfig, model: nn.Module, resume_root: Path, ma
     if not init.checkpoint:
         return "weights: random initialization"
     path = resolve_checkpoint(init.checkpoint, "init.checkpoint")
+    if rt is not None:
+        note_untrusted(path, rt)
     load_checkpoint(path, model, may_lack=may_lack, group=rt.group if rt else None)
     return f"weights: {path}"

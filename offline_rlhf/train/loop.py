@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from offline_rlhf.checkpoint import (
     CheckpointMeta,
@@ -146,7 +147,8 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
         state.step += 1
         state.tokens_seen += tokens
         consumed = state.data_position.get("samples_consumed", 0) + train_cfg.global_batch
-        state.data_position = {"samples_consumed": consumed}
+        skipped = state.data_position.get("skipped_steps", 0) + int(metrics["skipped_step"])
+        state.data_position = {"samples_consumed": consumed, "skipped_steps": skipped}
         usage.tokens += tokens
         usage.beat()
         metrics.update(lr=lr,
@@ -154,6 +156,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
                                           ckpt.head, data.seq_len, rt))
         result.last_train = metrics
         log.train(state.step, metrics, every=train_cfg.log_every)
+        check_learned(model, state, steps, train_cfg, rt)
         final = state.step == steps
         if final or (train_cfg.val_every and state.step % train_cfg.val_every == 0):
             result.last_val = validate(task, model, data, train_cfg, rt)
@@ -166,12 +169,44 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
     return result
 
 
+class TrainingFailed(ConfigError):
+    """Training ran but learned nothing usable: the stage fails (no final checkpoint, no
+    DONE) with one line naming the setting to change."""
+
+
+def check_learned(model: nn.Module, state: TrainState, steps: int, cfg: TrainConfig, rt: Runtime) -> None:
+    """After each step, before its save. A skipped step (non-finite gradient norm) leaves
+    the weights as they were, so a run of mostly skipped steps is the initial model with a
+    DONE on it: fail as soon as the share of `steps` is certain to be exceeded. At the last
+    step the weights must be finite (collective: it reduces over every rank)."""
+    skipped = state.data_position.get("skipped_steps", 0)
+    if skipped > cfg.max_skipped_fraction * steps:
+        raise TrainingFailed("train.max_skipped_fraction",
+                             f"{skipped} of {state.step} steps (of {steps} planned) were skipped for a non-finite "
+                             f"gradient norm, more than {cfg.max_skipped_fraction:g} of the run, so the model "
+                             "learned little or nothing; no final checkpoint or DONE was written",
+                             "lower optim.lr or check the data for extreme values (metrics.jsonl: train/skipped_step)")
+    if state.step == steps and not _weights_finite(model, rt):
+        raise TrainingFailed("optim", "the final weights hold NaN or Inf (the optimizer diverged); no final "
+                             "checkpoint or DONE was written", "lower optim.lr and rerun")
+
+
+def _weights_finite(model: nn.Module, rt: Runtime) -> bool:
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    bad = torch.zeros((), device=rt.device)
+    for tensor in local:
+        bad += (~torch.isfinite(tensor.detach())).sum()
+    if rt.dims.world_size > 1:  # any rank's shard spoils the model (group None: the default group)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=rt.group)
+    return bool(bad == 0)
+
+
 def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt: Runtime,
                grad_clip: float) -> tuple[dict[str, float], int]:
     """zero grad, micro-batches, clip, step. Returns (metrics averaged over the global
     batch, tokens processed by the whole data-parallel group)."""
-    normalizer = _dp_sum(rt, [float(sum(task.normalizer(b) for b in batches))])[0]
-    normalizer = max(normalizer, 1.0)  # an all-filtered batch: zero loss, not NaN
+    counted = _dp_sum(rt, [float(sum(task.normalizer(b) for b in batches))])[0]
+    normalizer = max(counted, 1.0)  # an all-filtered batch: zero loss, not NaN
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=rt.device))
     tokens = 0
@@ -187,7 +222,9 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
         tokens += task.tokens(batch)
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
     finite = bool(torch.isfinite(grad_norm))  # the same on every rank: the norm is global
-    if finite:
+    # With nothing to learn from (counted == 0, global), Adam's momentum and weight decay
+    # would still move every weight: no step either.
+    if finite and counted > 0:
         optimizer.step()
     else:  # one bad batch must not write NaN into every weight; the step is skipped and logged
         optimizer.zero_grad(set_to_none=True)
@@ -221,8 +258,10 @@ def validate(task: Task, model: nn.Module, data: TrainData, cfg: TrainConfig, rt
             _, metrics = task.loss(model, batch, 1.0)
         if chunk:
             normalizer += task.normalizer(batch)
-            for key, value in metrics.items():
-                sums[key] += value.float()
+        for key, value in metrics.items():
+            # A rank without items still adds (zero to) every key: all ranks must reduce the
+            # same list, or gloo aborts (a validation set smaller than the dp size did).
+            sums[key] += value.float() if chunk else 0.0
     model.train()
     keys = sorted(sums)
     totals = _dp_sum(rt, [sums[k] for k in keys] + [normalizer])

@@ -96,3 +96,16 @@ def test_killed_generation_resumes_every_prompt_exactly_once(sft_run, tmp_path):
     assert [r.status for r in read_ledger(out) if r.stage == "generate"] == ["interrupted", "completed"]
     changed = with_kill_hook(generate_args(sft_run, out, "generation.max_new_tokens=4"))
     assert changed.returncode == 2 and b"generation.max_new_tokens: differs from the run" in changed.stderr
+
+
+def test_n_sampled_answers_per_prompt_do_not_depend_on_slots_or_replicas(sft_run, tmp_path):
+    sampled = ("generation.n=3", "generation.greedy=false", "generation.seed=7")
+    assert main(generate_args(sft_run, tmp_path / "one", *sampled)) == 0
+    result = torchrun(generate_args(sft_run, tmp_path / "two", *sampled, "generation.batch_size=7"), nproc=2)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    one, two = samples(tmp_path / "one"), samples(tmp_path / "two")
+    assert [(r["id"], r["sample"]) for r in one] == [(i, j) for i in range(PROMPTS) for j in range(3)]
+    assert [r["response"] for r in two] == [r["response"] for r in one]
+    answers_per_prompt = [{r["response"] for r in one[3 * i:3 * i + 3]} for i in range(PROMPTS)]
+    assert any(len(answers) > 1 for answers in answers_per_prompt)  # the samples of a prompt differ
+    assert {r["finish_reason"] for r in one} <= {"eos", "length"}

@@ -114,3 +114,21 @@ def test_mix_counts_ratios_and_determinism(task_run, labeled_set, tmp_path):
     other = mix(task_run, tmp_path / "c", "total=40", "weights.generated=1", "weights.sft=2", "weights.preference=1",
                 "seed=7")
     assert other != records
+
+
+def test_select_best_keeps_one_answer_per_prompt_with_the_highest_reward(task_run, tmp_path):
+    """Two answers per prompt (a generated file with n=2): `select=best` keeps the better."""
+    rows = [json.loads(line) for line in (task_run / "task" / "sft.jsonl").read_text().splitlines()][:10]
+    generated = tmp_path / "samples.jsonl"
+    answers = [{"prompt": r["prompt"], "response": r["response"][:len(r["response"]) // k]}
+               for r in rows for k in (1, 2)]
+    generated.write_text("".join(json.dumps(answer) + "\n" for answer in answers))
+    inputs = f"inputs=[{{name: gen, kind: generated, path: {generated}, select: %s}}]"
+    assert main(["label", f"run_dir={tmp_path / 'all'}", f"rm={task_run / 'rm_plain'}", inputs % "all"]) == 0
+    assert main(["label", f"run_dir={tmp_path / 'best'}", f"rm={task_run / 'rm_plain'}", inputs % "best"]) == 0
+    everything, best = labeled(tmp_path / "all"), labeled(tmp_path / "best")
+    assert len(everything) == 20 and len(best) == 10
+    for kept, pair in zip(best, zip(everything[::2], everything[1::2])):
+        assert kept["reward_raw"] == max(r["reward_raw"] for r in pair) and kept["prompt"] == pair[0]["prompt"]
+    meta = json.loads((tmp_path / "best" / "label" / "labels_meta.json").read_text())
+    assert meta["not_selected"] == 10

@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
 POLL_TIMEOUT_S = 120
 DEMO = "{stage: smoke, name: %s, nproc: 2, overrides: [%s]}"
-# TP=2 needs the KV heads split in two: with one KV head the stage's config is valid on its
-# own (`--cfg` passes) but the stage exits non-zero once it sees its world size.
+# A failure only the running job can see: launch checks that `mix`'s input exists, but not
+# that it holds labeled JSON (this README does not), so the job fails with a data error.
 FAILING_CHAIN = "pipeline.stages=[%s]" % ", ".join([
     DEMO % ("first", "'parallel.tp=2'"),
-    DEMO % ("broken", "'parallel.tp=2', 'model.n_kv_heads=1'"),
+    "{stage: mix, name: broken, overrides: ['input=%s']}" % (REPO / "README.md"),
     DEMO % ("after", "'parallel.tp=2'"),
 ])
 
@@ -107,7 +107,7 @@ def test_failing_stage_fails_its_job_and_cancels_the_dependants(slurm, tmp_path)
     launch(run_dir, FAILING_CHAIN)
     states = wait_until_finished(run_dir)
     assert states == {"first": "COMPLETED", "broken": "FAILED", "after": "CANCELLED"}, job_outputs(run_dir)
-    assert "parallel.tp" in "".join(p.read_text() for p in (run_dir / "broken").glob("slurm-*"))
+    assert "README.md:1: expected" in "".join(p.read_text() for p in (run_dir / "broken").glob("slurm-*"))
 
 
 def test_continuation_attempt_after_a_completed_stage_exits_at_once(slurm, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.generation.sampling import sample_next
+from offline_rlhf.generation.sampling import keyed_uniforms, sample_next, stream_id
 from offline_rlhf.generation.shards import shard_indices
 
 DRAWS = 5000
@@ -16,8 +16,8 @@ VOCAB = 32
 
 def draws(logits: torch.Tensor, cfg: GenerationConfig) -> set[int]:
     """Tokens from DRAWS samples of one distribution (logits [V], repeated as a batch)."""
-    generator = torch.Generator().manual_seed(0)
-    return set(sample_next(logits.expand(DRAWS, -1), cfg, generator).tolist())
+    uniforms = torch.rand(DRAWS, generator=torch.Generator().manual_seed(0))
+    return set(sample_next(logits.expand(DRAWS, -1), cfg, uniforms).tolist())
 
 
 def constructed_logits(probs: list[float]) -> tuple[torch.Tensor, list[int]]:
@@ -54,12 +54,13 @@ def test_top_k_then_top_p_and_temperature():
     assert draws(logits, GenerationConfig(greedy=False, temperature=1e-3)) == {ranked[0]}
 
 
-def test_same_generator_seed_same_tokens():
+def test_same_seed_same_tokens():
     logits = torch.randn(64, VOCAB, generator=torch.Generator().manual_seed(0))
     cfg = GenerationConfig(greedy=False)
+    streams, steps = torch.arange(64), torch.zeros(64, dtype=torch.long)
 
     def sample(seed):
-        return sample_next(logits, cfg, torch.Generator().manual_seed(seed))
+        return sample_next(logits, cfg, keyed_uniforms(seed, streams, steps))
 
     assert torch.equal(sample(7), sample(7))
     assert not torch.equal(sample(7), sample(8))
@@ -77,3 +78,27 @@ def test_shards_are_disjoint_balanced_and_ordered(n_items, world):
 def test_config_rejects(field, value):
     with pytest.raises(ConfigError, match=f"generation.{field}"):
         GenerationConfig(**{field: value})
+
+
+def test_sampling_follows_the_distribution():
+    """Inverse-CDF sampling at keyed uniforms draws each token about as often as its
+    probability says (4000 streams; 5 standard errors)."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    streams = torch.tensor([stream_id(i, 0) for i in range(4000)])
+    tokens = sample_next(probs.log().expand(4000, -1), GenerationConfig(greedy=False),
+                         keyed_uniforms(3, streams, torch.zeros_like(streams)))
+    frequencies = torch.bincount(tokens, minlength=4).double() / 4000
+    assert ((frequencies - probs.double()).abs() <= 5 * (probs * (1 - probs) / 4000).sqrt().double()).all()
+
+
+def test_keyed_uniforms_are_uniform_and_depend_on_every_key():
+    streams = torch.tensor([stream_id(i % 100, i // 100) for i in range(10000)])
+    steps = torch.arange(10000) % 7
+    u = keyed_uniforms(11, streams, steps)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    assert torch.histc(u.float(), bins=10, min=0, max=1).min() > 900  # every tenth holds about 1000
+    base = keyed_uniforms(11, streams[:1], steps[:1])
+    for changed in (keyed_uniforms(12, streams[:1], steps[:1]), keyed_uniforms(11, streams[:1] + 1, steps[:1]),
+                    keyed_uniforms(11, streams[:1] + (1 << 32), steps[:1]),
+                    keyed_uniforms(11, streams[:1], steps[:1] + 1)):
+        assert not torch.equal(base, changed)

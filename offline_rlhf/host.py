@@ -1,0 +1,141 @@
+"""Processes on this host: when one started and whether it still runs, and the per-stage
+lock file built on that. Imports no torch.
+
+`stage_dir/.lock` holds its holder's host, PID, process start time (clock ticks since
+boot, from /proc/<pid>/stat) and the wall-clock time it was taken. A lock whose holder
+is gone from this host (PID not running, or running with another start time: the PID
+was reused) is stale and taken over; a lock held on another host is never broken here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from offline_rlhf.config.errors import ConfigError
+
+LOCK = ".lock"
+_IMPORTED = time.time()
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    start_ticks: int | None  # None where /proc is missing: liveness then rests on the PID alone
+    since: str
+
+
+def start_ticks(pid: int | str) -> int | None:
+    """The process's start time in clock ticks since boot, or None when it is not running
+    (a zombie counts as gone). Field 22 of /proc/<pid>/stat; the name field (2) may hold
+    spaces and parentheses, so fields are counted after its last ')'."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def process_started_at() -> float:
+    """Epoch seconds at which this process was created (before the interpreter loaded
+    anything); the import time of this module where /proc is missing."""
+    ticks = start_ticks("self")
+    if ticks is None or not hasattr(time, "CLOCK_BOOTTIME"):
+        return _IMPORTED
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age if 0 <= age else _IMPORTED
+
+
+def _alive(holder: Holder) -> bool:
+    if not Path("/proc/self/stat").exists():  # no start times: the PID alone must do
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it runs, under another user
+            pass
+        return True
+    ticks = start_ticks(holder.pid)
+    return ticks is not None and (holder.start_ticks is None or ticks == holder.start_ticks)
+
+
+def acquire_stage_lock(stage_dir: Path, stage: str) -> tuple[Path, str | None]:
+    """Take `stage_dir/.lock` or raise a one-line ConfigError naming its holder. Returns the
+    lock's path and a note when a stale lock was taken over."""
+    path = Path(stage_dir) / LOCK
+    mine = Holder(socket.gethostname(), os.getpid(), start_ticks("self"),
+                  datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    note = None
+    for _ in range(5):  # each pass either takes the lock, refuses, or removes one stale lock
+        if _create(path, mine):
+            return path, note
+        held = _read(path)
+        if held is None:  # released in between
+            continue
+        if held.host != mine.host:
+            raise ConfigError("run_dir", f"{stage} in {stage_dir} is locked by pid {held.pid} on host {held.host} "
+                              f"since {held.since}", f"if no {stage} run is alive there, delete {path}")
+        if _alive(held):
+            raise ConfigError("run_dir", f"{stage} in {stage_dir} is already running as pid {held.pid} on "
+                              f"{held.host} since {held.since}", "wait for it to end or use another run_dir")
+        if _remove_if_unchanged(path, held):
+            note = (f"{stage}: took over the lock of pid {held.pid} (since {held.since}), "
+                    "which is no longer running: a killed run")
+    raise ConfigError("run_dir", f"could not take {path}: other runs keep replacing it", "run one at a time")
+
+
+def release_stage_lock(path: Path) -> None:
+    """Remove the lock if it is still this process's (a takeover may have replaced it)."""
+    held = _read(path)
+    if held is not None and held.pid == os.getpid() and held.host == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def _create(path: Path, holder: Holder) -> bool:
+    """Write a temporary file, then link() it to the lock's name: link fails when the lock
+    exists, exactly like O_CREAT|O_EXCL, and the lock never appears without its content."""
+    tmp = path.with_name(f"{LOCK}.{holder.pid}.tmp")
+    try:
+        tmp.write_text(json.dumps(asdict(holder)) + "\n")
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> Holder | None:
+    try:
+        return Holder(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError):
+        raise ConfigError("run_dir", f"{path} is not a lock this project wrote",
+                          "delete it if no run of this stage is alive") from None
+
+
+def _remove_if_unchanged(path: Path, stale: Holder) -> bool:
+    """Move the stale lock aside and delete it; if another process replaced it meanwhile
+    (it took the lock first), put that lock back."""
+    aside = path.with_name(f"{LOCK}.{os.getpid()}.stale")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if _read(aside) == stale:
+            return True
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        return False
+    finally:
+        aside.unlink(missing_ok=True)

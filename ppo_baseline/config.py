@@ -1,0 +1,156 @@
+"""The config of `orlhf ppo` (the actor and the launch of its three services) and of one
+service process, built from the shared pieces of offline_rlhf.config.schema.
+
+Defaults are the paper's PPO settings (Sec. 5): rollout batch 1024, minibatch 128, actor
+lr 5e-7, critic lr 9e-6, one PPO epoch, KL coefficient 0.01, GAE lambda 0.95, gamma 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from offline_rlhf.config.base import Frozen, freeze, require, require_positive
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.samples import PromptSourceConfig
+from offline_rlhf.config.schema import (
+    GenerationConfig,
+    InitConfig,
+    LoggingConfig,
+    OptimConfig,
+    ParallelConfig,
+    TemplateConfig,
+)
+
+SERVICES = ("reward", "reference", "critic")
+
+
+@dataclass
+class PPOAlgorithmConfig(Frozen):
+    """The PPO loop: sizes in sequences (one sampled response per prompt)."""
+
+    iterations: int = 100
+    rollout_batch: int = 1024  # prompts (= responses) per iteration
+    minibatch: int = 128  # responses per optimizer step (actor and critic)
+    micro_batch: int = 8  # responses per forward/backward
+    epochs: int = 1  # PPO epochs over each rollout batch
+    kl_coef: float = 0.01
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    whiten_advantages: bool = True
+
+    def __post_init__(self):
+        require_positive(self, "iterations", "rollout_batch", "minibatch", "micro_batch", "epochs", prefix="ppo.")
+        if self.rollout_batch % self.minibatch:
+            raise ConfigError("ppo.minibatch", f"{self.minibatch} does not divide ppo.rollout_batch="
+                              f"{self.rollout_batch}", "choose a divisor")
+        if self.minibatch % self.micro_batch:
+            raise ConfigError("ppo.micro_batch", f"{self.micro_batch} does not divide ppo.minibatch={self.minibatch}",
+                              "choose a divisor")
+        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
+            raise ConfigError("ppo.lam", "gamma and lam must be in [0, 1]")
+        if self.kl_coef < 0 or self.clip <= 0 or self.value_clip <= 0:
+            raise ConfigError("ppo.kl_coef", "kl_coef must be >= 0, clip and value_clip > 0")
+
+
+@dataclass
+class ServiceSettings(Frozen):
+    """One service: its checkpoint, its own world (`nproc` processes under torchrun, split
+    by `parallel`), and what it answers per forward."""
+
+    checkpoint: str = ""
+    nproc: int = 1
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    batch_size: int = 16  # sequences per forward
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6, schedule="constant"))  # critic only
+
+    def __post_init__(self):
+        require_positive(self, "nproc", "batch_size")
+
+
+@dataclass
+class ServicesConfig(Frozen):
+    reward: ServiceSettings = field(default_factory=lambda: ServiceSettings(checkpoint="runs/default/rm/checkpoints"))
+    reference: ServiceSettings = field(
+        default_factory=lambda: ServiceSettings(checkpoint="runs/default/sft/checkpoints"))
+    critic: ServiceSettings = field(default_factory=lambda: ServiceSettings(checkpoint="runs/default/rm/checkpoints"))
+    host: str = "127.0.0.1"
+    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 600.0
+    max_body_mb: int = 256
+
+    def __post_init__(self):
+        require_positive(self, "startup_timeout_s", "request_timeout_s", "max_body_mb", prefix="services.")
+
+
+@dataclass
+class PPOConfig(Frozen):
+    """`orlhf ppo`: the PPO baseline as the paper ran it, four modules. The actor (this
+    process, `init.checkpoint`, the SFT model) samples responses, asks the reward model,
+    the reference (initial) policy and the critic (three services over HTTP, each its own
+    process group) for rewards, log-probs and values, and trains with clipped PPO; the
+    critic trains on its own. Outputs in run_dir/ppo/."""
+
+    run_dir: str = "runs/default"
+    init: InitConfig = field(default_factory=InitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-7, schedule="constant"))
+    ppo: PPOAlgorithmConfig = field(default_factory=PPOAlgorithmConfig)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
+    sources: list[PromptSourceConfig] = field(default_factory=list)
+    total_prompts: Optional[int] = None
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    max_prompt_tokens: int = 512
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(greedy=False,
+                                                                                   max_new_tokens=128))
+    seed: int = 1234
+    save_every: int = 10  # iterations
+    keep_last: int = 2
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        require(self.init, "checkpoint", prefix="init.", fix="pass the SFT checkpoint the actor starts from")
+        if not self.sources:
+            raise ConfigError("sources", "is empty", "list at least one prompt source")
+        if self.generation.greedy:
+            raise ConfigError("generation.greedy", "PPO samples its rollouts", "set generation.greedy=false")
+        if self.generation.n != 1:
+            raise ConfigError("generation.n", "PPO draws one response per prompt", "set generation.n=1")
+        for name in SERVICES:
+            require(getattr(self.services, name), "checkpoint", prefix=f"services.{name}.")
+        require_positive(self, "save_every", "keep_last", "max_prompt_tokens")
+
+
+@dataclass
+class ServiceConfig(Frozen):
+    """What one service process runs, written by `orlhf ppo` into run_dir/ppo/<name>/ as
+    JSON (read by `python -m ppo_baseline.serve`)."""
+
+    name: str = "critic"
+    run_dir: str = "runs/default"
+    settings: ServiceSettings = field(default_factory=ServiceSettings)
+    ppo: PPOAlgorithmConfig = field(default_factory=PPOAlgorithmConfig)
+    host: str = "127.0.0.1"
+    max_body_mb: int = 256
+    parent_pid: int = 0  # the actor: the service exits once it is gone (0: no watch)
+    parent_start_ticks: Optional[int] = None
+    seed: int = 1234
+    keep_last: int = 2
+
+    def __post_init__(self):
+        if self.name not in SERVICES:
+            raise ConfigError("name", f"unknown service {self.name!r}", f"use one of {', '.join(SERVICES)}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServiceConfig:
+        raw = json.loads(text)
+        settings = dict(raw.pop("settings"))
+        settings = ServiceSettings(parallel=ParallelConfig(**settings.pop("parallel")),
+                                   optim=OptimConfig(**settings.pop("optim")), **settings)
+        return freeze(cls(settings=settings, ppo=PPOAlgorithmConfig(**raw.pop("ppo")), **raw))

@@ -1,0 +1,218 @@
+"""Start, watch and stop the three service processes of `orlhf ppo`.
+
+Each service is its own process group (`start_new_session`): one Python process, or a
+torchrun world of `nproc` processes, with its log in run_dir/ppo/<name>/service.log. The
+shared secret travels in a 0600 file named by an environment variable, never in argv.
+`Services` is a context manager: leaving it (success, failure, Ctrl-C, SIGTERM) asks each
+service to shut down over HTTP, then signals whatever is left of its process group, so no
+process outlives the run. While the actor waits on a call, every service process is
+polled, so a dead service fails the run at once with one line naming it and its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.fsutil import write_atomic
+from offline_rlhf.host import start_ticks
+from ppo_baseline.config import SERVICES, PPOConfig, ServiceConfig
+from ppo_baseline.serve import ADDRESS, CONFIG_ENV, TOKEN_ENV, service_dir
+from ppo_baseline.service import Client, ServiceError, read_token, write_token
+
+LOG = "service.log"
+TOKEN_FILE = "token"
+POLL_S = 0.2
+# Variables of an enclosing torchrun or Slurm world: a service starts a world of its own.
+WORLD_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+class ServiceFailed(ConfigError):
+    """A service died, did not start, or failed a call: one line naming it and its log."""
+
+    def __init__(self, name: str, problem: str, log: Path):
+        super().__init__(f"services.{name}", f"the {name} service {problem}", f"see its log {log}")
+        self.service = name
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    process: subprocess.Popen
+    log: Path
+    client: Client | None = None
+    url: str = ""
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+
+@dataclass
+class Services:
+    """The three services of a run, started by `__enter__` and stopped by `__exit__`."""
+
+    cfg: PPOConfig
+    out: Path  # run_dir/ppo
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __enter__(self) -> Services:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # start-up
+
+    def start(self) -> None:
+        token_path = self.out / TOKEN_FILE
+        write_token(token_path)
+        token = read_token(token_path)
+        env = {k: v for k, v in os.environ.items() if k not in WORLD_VARIABLES}
+        if not torch.cuda.is_available():
+            # Four processes share the CPU cores: OpenMP pools of every process spinning on
+            # all cores made PPO iterations 50x slower at random (measured on 2 cores).
+            env.setdefault("OMP_NUM_THREADS", "1")
+        for name in SERVICES:
+            folder = service_dir(self.cfg.run_dir, name)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ADDRESS).unlink(missing_ok=True)
+            settings = getattr(self.cfg.services, name)
+            config = ServiceConfig(name=name, run_dir=self.cfg.run_dir, settings=settings, ppo=self.cfg.ppo,
+                                   host=self.cfg.services.host, max_body_mb=self.cfg.services.max_body_mb,
+                                   parent_pid=os.getpid(), parent_start_ticks=start_ticks(os.getpid()),
+                                   seed=self.cfg.seed, keep_last=self.cfg.keep_last)
+            write_atomic(folder / "service.json", config.to_json())
+            log = folder / LOG
+            with open(log, "ab") as handle:
+                process = subprocess.Popen(service_command(settings.nproc), stdin=subprocess.DEVNULL, stdout=handle,
+                                           stderr=subprocess.STDOUT, start_new_session=True,
+                                           env={**env, CONFIG_ENV: str(folder / "service.json"),
+                                                TOKEN_ENV: str(token_path), "PYTHONUNBUFFERED": "1"})
+            self.processes[name] = ServiceProcess(name, process, log)
+        self._token = token
+
+    def wait_ready(self) -> None:
+        """Until every service answers /health as ready; a service that exits or is not
+        ready within services.startup_timeout_s fails the run."""
+        deadline = time.monotonic() + self.cfg.services.startup_timeout_s
+        waiting = set(self.processes)
+        while waiting:
+            for name in sorted(waiting):
+                if self._ready(self.processes[name]):
+                    waiting.discard(name)
+            if waiting and time.monotonic() > deadline:
+                name = sorted(waiting)[0]
+                raise ServiceFailed(name, f"was not ready within services.startup_timeout_s="
+                                    f"{self.cfg.services.startup_timeout_s:g}", self.processes[name].log)
+            if waiting:
+                time.sleep(POLL_S)
+
+    def _ready(self, service: ServiceProcess) -> bool:
+        self.check_alive()
+        address = service_dir(self.cfg.run_dir, service.name) / ADDRESS
+        if service.client is None:
+            if not address.exists():
+                return False
+            service.url = json.loads(address.read_text())["url"]
+            service.client = Client(service.name, service.url, self._token,
+                                    timeout_s=self.cfg.services.request_timeout_s, retries=2)
+        try:
+            return bool(service.client.health().get("ready"))
+        except ServiceError:
+            return False
+
+    # calls
+
+    def check_alive(self) -> None:
+        for service in self.processes.values():
+            code = service.exit_code()
+            if code is not None:
+                raise ServiceFailed(service.name, f"exited with code {code}{describe_signal(code)}", service.log)
+
+    def call_all(self, calls: dict[str, Callable[[Client], object]], pool: ThreadPoolExecutor) -> dict[str, object]:
+        """Run `calls` (service name -> fn(client)) concurrently; returns their results.
+        Fails as soon as one call fails or any service process dies."""
+        futures = {name: pool.submit(fn, self.processes[name].client) for name, fn in calls.items()}
+        return self.results(futures)
+
+    def results(self, futures: dict[str, Future]) -> dict[str, object]:
+        pending = set(futures.values())
+        while pending:
+            done, pending = wait(pending, timeout=POLL_S, return_when=FIRST_EXCEPTION)
+            for name, future in futures.items():
+                if future in done and future.exception() is not None:
+                    self.check_alive()  # a dead process is the better message
+                    raise ServiceFailed(name, f"failed a call: {future.exception()}", self.processes[name].log)
+            self.check_alive()
+        return {name: future.result() for name, future in futures.items()}
+
+    # shutdown
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Ask each running service to shut down, then end whatever remains of its group."""
+        for service in self.processes.values():
+            if service.client is not None and service.exit_code() is None:
+                try:
+                    service.client.retries = 0
+                    service.client.shutdown()
+                except ServiceError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for service in self.processes.values():
+            try:
+                service.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for service in self.processes.values():
+                _signal_group(service.process, sig)
+            for service in self.processes.values():
+                try:
+                    service.process.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        for service in self.processes.values():
+            if service.client is not None:
+                service.client.close()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Signal the service's process group (its torchrun workers too), if any is left."""
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def service_command(nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "ppo_baseline.serve"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "ppo_baseline.serve"]
+
+
+def describe_signal(code: int) -> str:
+    if code < 0:
+        try:
+            return f" ({signal.Signals(-code).name})"
+        except ValueError:
+            return ""
+    return ""

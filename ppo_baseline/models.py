@@ -1,0 +1,116 @@
+"""What the PPO modules compute with their models, shared by the actor and the services.
+
+A rollout batch travels as right-padded rows `prompt + response`: tokens [B, T] int64,
+lengths [B] (real tokens per row) and mask [B, T] bool, True at response tokens. Position
+t of every per-token tensor belongs to action token t (algorithm.py's alignment): its
+log-prob log pi(x_t | x_<t) comes from the logits at t - 1, and so does its value
+V(x_<t), read from the value head at t - 1. Position 0 is never an action.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from offline_rlhf.data.tokenize import IGNORE_INDEX
+from offline_rlhf.parallel.logprobs import token_nll
+from offline_rlhf.runtime import Runtime, autocast_for
+from ppo_baseline.wire import Payload, Schema, TensorSpec
+
+B_T_LONG = TensorSpec(torch.int64, ("B", "T"))
+B_T_MASK = TensorSpec(torch.bool, ("B", "T"))
+B_T_FLOAT = TensorSpec(torch.float32, ("B", "T"))
+SEQUENCES = Schema({"tokens": B_T_LONG, "mask": B_T_MASK, "lengths": TensorSpec(torch.int64, ("B",))})
+SCORES = Schema({"rewards": TensorSpec(torch.float32, ("B",)), "raw": TensorSpec(torch.float32, ("B",))})
+LOGPROBS = Schema({"logprobs": B_T_FLOAT})
+VALUES = Schema({"values": B_T_FLOAT})
+TRAIN = Schema({**SEQUENCES.tensors, "returns": B_T_FLOAT, "old_values": B_T_FLOAT}, meta={"step": int})
+TRAINED = Schema({}, meta={"step": int, "value_loss": float})
+STEP = Schema({}, meta={"step": int})
+SAVED = Schema({}, meta={"step": int, "path": str})
+
+
+def check_sequences(payload: Payload, vocab_size: int, max_len: int) -> None:
+    """What a model needs beyond the schema; a ValueError is the client's fault (HTTP 400)."""
+    tokens, mask, lengths = (payload.tensors[k] for k in ("tokens", "mask", "lengths"))
+    batch, width = tokens.shape
+    if batch == 0 or width == 0:
+        raise ValueError(f"empty batch: tokens has shape {list(tokens.shape)}")
+    if width > max_len:
+        raise ValueError(f"sequences of {width} tokens exceed the model's max_seq_len={max_len}")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    if lengths.min() < 1 or lengths.max() > width:
+        raise ValueError(f"lengths must lie in [1, {width}], got [{lengths.min()}, {lengths.max()}]")
+    real = torch.arange(width) < lengths[:, None]
+    if bool((mask & ~real).any()) or bool(mask[:, 0].any()):
+        raise ValueError("mask marks padding or position 0 (a response token needs a token before it)")
+
+
+def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logits [B, T, V] of rows `tokens` [B, T] -> [B, T] fp32 log pi(x_t | x_<t) at mask,
+    0 elsewhere (the project's shifted NLL, so TP-sharded logits work as in training)."""
+    nll, kept = token_nll(logits, torch.where(mask, tokens, IGNORE_INDEX))
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=nll.device)
+    out[:, 1:] = torch.where(kept, -nll, 0.0)
+    return out
+
+
+def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] entropy of the distribution each action token was drawn from, 0 off mask."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    out[:, 1:] = -(logp.exp() * logp).sum(-1)
+    return torch.where(mask, out, 0.0)
+
+
+def shifted_values(values: torch.Tensor) -> torch.Tensor:
+    """Value-head outputs [B, T] (at t: after reading x_<=t) -> [B, T] V(x_<t) per action t."""
+    out = torch.zeros_like(values, dtype=torch.float32)
+    out[:, 1:] = values[:, :-1].float()
+    return out
+
+
+def dp_rows(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: dict[str, torch.Tensor], rt: Runtime,
+            batch_size: int) -> torch.Tensor:
+    """fn over the rows of `batch` in chunks of `batch_size`, the rows split evenly over the
+    data-parallel ranks and all-gathered back in order. Every rank runs the same number of
+    forwards (FSDP gathers weights collectively), padding its share with copies of row 0."""
+    dp = rt.dims.dp
+    rows = next(iter(batch.values())).shape[0]
+    share = math.ceil(rows / dp)
+    rank = rt.mesh.get_local_rank("dp") if rt.mesh is not None and dp > 1 else 0
+    index = torch.arange(rank * share, (rank + 1) * share).clamp(max=rows - 1)
+    mine = {key: value[index].to(rt.device) for key, value in batch.items()}
+    outputs = []
+    for start in range(0, share, batch_size):
+        chunk = {key: value[start:start + batch_size] for key, value in mine.items()}
+        outputs.append(fn(chunk))
+    local = torch.cat(outputs).contiguous()
+    if dp > 1:
+        shares = [torch.empty_like(local) for _ in range(dp)]
+        dist.all_gather(shares, local, group=rt.mesh.get_group("dp"))
+        local = torch.cat(shares)
+    return local[:rows].cpu()
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], rt: Runtime, batch_size: int) -> torch.Tensor:
+    """[B, T] log-probs of the response tokens under a (frozen) language model."""
+    def forward(chunk):
+        with autocast_for(rt.device):  # an inference replica: whole (not vocabulary-sharded) logits
+            return sequence_logprobs(model(chunk["tokens"]), chunk["tokens"], chunk["mask"])
+    return dp_rows(forward, batch, rt, batch_size)
+
+
+@torch.no_grad()
+def critic_values(model: nn.Module, batch: dict[str, torch.Tensor], rt: Runtime, batch_size: int) -> torch.Tensor:
+    """[B, T] V(x_<t) at the response tokens (0 elsewhere) from a value-head model."""
+    def forward(chunk):
+        with autocast_for(rt.device):
+            return torch.where(chunk["mask"], shifted_values(model(chunk["tokens"])), 0.0)
+    return dp_rows(forward, batch, rt, batch_size)

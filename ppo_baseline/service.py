@@ -1,0 +1,355 @@
+"""The HTTP layer of the PPO modules (actor, critic, initial policy, reward model).
+
+A Service serves `POST /<endpoint>` (a wire.py payload in, one out), `GET /health` and
+`POST /shutdown` with Starlette on uvicorn. Every request but /health must carry
+`Authorization: Bearer <token>` (the shared secret of write_token); bodies over
+`max_body_bytes` are refused with 413 before they are read whole. Status codes: 401 bad
+token, 404 unknown endpoint, 413 too large, 400 payload or handler ValueError (WireError
+is one), 500 any other handler exception (the service keeps serving), 503 stopping.
+
+Threads: uvicorn runs in a background thread and only authenticates, caps and queues each
+request as a Call; the thread that calls `serve()` (the main thread) takes the calls one at
+a time and runs `execute(endpoint, body)`: decode, handler, encode. This is the seam for a
+torchrun world: rank 0 runs the server and `serve()`, and broadcasts each Call's endpoint
+and body bytes so that every rank runs `execute` on the same request (a collective forward
+pass); only rank 0's answer goes back over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import queue
+import re
+import secrets
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ppo_baseline.wire import Payload, Schema, WireError, decode, encode
+
+Handler = Callable[[Payload], Payload]
+
+OCTET_STREAM = "application/octet-stream"
+DEFAULT_MAX_BODY_BYTES = 256 * 2**20  # a rollout batch of 1024 x 2048 tokens is ~16 MiB per tensor
+RESERVED = {"health", "shutdown"}
+ENDPOINT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+ERROR_CHARS = 500  # error bodies are one line, cut to this length
+log = logging.getLogger(__name__)
+
+
+class ServiceStopping(RuntimeError):
+    """The service shut down before running a queued call (HTTP 503)."""
+
+
+class ServiceError(RuntimeError):
+    """A client call that failed; the message names the service, its URL and the endpoint."""
+
+
+# --- the shared secret ---------------------------------------------------------------
+
+
+def write_token(path: str | Path) -> str:
+    """Write a fresh random token to `path`, readable by its owner only (0600), and return
+    it. The temporary file is created exclusively with that mode, so the token is never
+    visible to others even for a moment, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(token + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return token
+
+
+def read_token(path: str | Path) -> str:
+    """The token in `path`; refuses a file that group or others may read, as ssh does with
+    private keys, since anyone holding the token can drive the service."""
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"token file {path} has mode {mode:o}; it must be readable by its owner only (600)")
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
+# --- the server ----------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """One queued request: the endpoint and its raw body; `future` receives the encoded
+    answer or the exception that `execute` raised."""
+
+    endpoint: str
+    body: bytes
+    future: Future = field(default_factory=Future)
+
+
+def one_line(value: object) -> str:
+    """An error message as one line of at most ERROR_CHARS characters."""
+    return " ".join(str(value).split())[:ERROR_CHARS]
+
+
+class Service:
+    """One PPO module's HTTP service. `route()` the endpoints, then
+        with Service("critic", token, port=0) as service:   # starts the HTTP thread
+            service.serve()                                  # until POST /shutdown
+    port 0 picks a free port; `service.port` and `service.url` report it once started."""
+
+    def __init__(self, name: str, token: str, *, host: str = "127.0.0.1", port: int = 0,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model: str = ""):
+        if not token:
+            raise ValueError("a service needs a non-empty token")
+        self.name, self.host, self.port, self.model = name, host, port, model
+        self.max_body_bytes = max_body_bytes
+        self.step = 0  # reported by /health; the owner updates it after each training step
+        self.routes: dict[str, tuple[Handler, Schema]] = {}
+        self._expected = f"Bearer {token}".encode()
+        self._calls: queue.Queue[Call] = queue.Queue()
+        self._stopping = threading.Event()
+        self._serving = threading.Event()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def route(self, endpoint: str, handler: Handler, schema: Schema) -> None:
+        """Serve `POST /<endpoint>`: bodies are decoded against `schema`, then `handler`."""
+        if not ENDPOINT_NAME.fullmatch(endpoint) or endpoint in RESERVED:
+            raise ValueError(f"invalid endpoint name {endpoint!r} for service {self.name}")
+        self.routes[endpoint] = (handler, schema)
+
+    # Lifecycle: start the HTTP thread, serve calls on this thread, stop.
+
+    def start(self, timeout_s: float = 30.0) -> Service:
+        """Bind host:port (reporting the port picked for 0) and start uvicorn in a thread."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, self.port), family=family)
+        self.port = sock.getsockname()[1]
+        # log_config=None: uvicorn's records go to the process's own logging setup instead
+        # of handlers that uvicorn would install globally.
+        config = uvicorn.Config(self._app(), log_config=None, log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name=f"{self.name}-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                sock.close()
+                raise RuntimeError(f"{self.name} service did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def serve(self, poll_s: float = 0.1) -> None:
+        """Run queued calls on this thread until shutdown (POST /shutdown or stop())."""
+        self._serving.set()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    call = self._calls.get(timeout=poll_s)
+                except queue.Empty:
+                    continue
+                self._run(call)
+        finally:
+            self._serving.clear()
+            self._fail_pending()
+
+    def execute(self, endpoint: str, body: bytes) -> bytes:
+        """What every rank runs per request: decode against the endpoint's schema, call
+        its handler, encode the answer. Raises WireError for a bad payload."""
+        handler, schema = self.routes[endpoint]
+        return encode(handler(decode(body, schema)))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop serving and the HTTP thread; queued calls are answered 503."""
+        self._begin_stop()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _begin_stop(self) -> None:
+        # Queued calls are failed before uvicorn is told to exit: its graceful shutdown
+        # waits for open requests, which would otherwise wait for a serve() that has ended.
+        self._stopping.set()
+        self._fail_pending()
+        if self._server is not None:
+            self._server.should_exit = True
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self, call: Call) -> None:
+        # A call whose client went away was cancelled by the HTTP thread: skip it.
+        if not call.future.set_running_or_notify_cancel():
+            return
+        try:
+            call.future.set_result(self.execute(call.endpoint, call.body))
+        except Exception as error:
+            if not isinstance(error, ValueError):
+                log.error("%s /%s failed", self.name, call.endpoint, exc_info=error)
+            call.future.set_exception(error)
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if call.future.set_running_or_notify_cancel():
+                call.future.set_exception(ServiceStopping(f"{self.name} service is shutting down"))
+
+    # The ASGI side, run by uvicorn's thread.
+
+    def _app(self) -> Starlette:
+        return Starlette(routes=[Route("/health", self._health, methods=["GET"]),
+                                 Route("/shutdown", self._shutdown, methods=["POST"]),
+                                 Route("/{endpoint}", self._call, methods=["POST"])])
+
+    def _authorized(self, request: Request) -> bool:
+        supplied = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(supplied, self._expected)
+
+    async def _health(self, request: Request) -> Response:
+        return JSONResponse({"name": self.name, "model": self.model, "step": self.step,
+                             "ready": self._serving.is_set() and not self._stopping.is_set()})
+
+    async def _shutdown(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return unauthorized()
+        self._begin_stop()
+        return JSONResponse({"stopping": True})
+
+    async def _call(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return unauthorized()
+        endpoint = request.path_params["endpoint"]
+        if endpoint not in self.routes:
+            return PlainTextResponse(f"{self.name} has no endpoint /{endpoint}", status_code=404)
+        body = await self._read_body(request)
+        if body is None:
+            return PlainTextResponse(f"body over {self.max_body_bytes} bytes", status_code=413)
+        if self._stopping.is_set():
+            return PlainTextResponse(f"{self.name} service is shutting down", status_code=503)
+        call = Call(endpoint, body)
+        self._calls.put(call)
+        return await answer(call)
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None once it is over the cap: a declared Content-Length over it is
+        refused unread, a chunked body as soon as the cap is passed."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def answer(call: Call) -> Response:
+    """Wait for the main thread to run `call` and map its outcome to a response."""
+    try:
+        return Response(await asyncio.wrap_future(call.future), media_type=OCTET_STREAM)
+    except ValueError as error:  # WireError included: the request was at fault
+        return PlainTextResponse(f"{type(error).__name__}: {one_line(error)}", status_code=400)
+    except ServiceStopping as error:
+        return PlainTextResponse(one_line(error), status_code=503)
+    except Exception as error:
+        return PlainTextResponse(f"{type(error).__name__}: {one_line(error)}", status_code=500)
+
+
+def unauthorized() -> Response:
+    return PlainTextResponse("missing or wrong bearer token", status_code=401,
+                             headers={"WWW-Authenticate": "Bearer"})
+
+
+# --- the client ----------------------------------------------------------------------
+
+
+class Client:
+    """Calls one Service. Connection failures and 502/503/504 are retried `retries` times
+    with exponential backoff; a 500 is not, since it is the handler's own failure and the
+    call (a training step) may not be safe to repeat. Failures raise ServiceError."""
+
+    def __init__(self, name: str, url: str, token: str, *, timeout_s: float = 600.0, connect_timeout_s: float = 10.0,
+                 retries: int = 3, backoff_s: float = 0.5, retry_statuses: tuple[int, ...] = (502, 503, 504)):
+        self.name, self.url = name, url
+        self.retries, self.backoff_s, self.retry_statuses = retries, backoff_s, retry_statuses
+        self._http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"},
+                                  timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+
+    def call(self, endpoint: str, payload: Payload, schema: Schema) -> Payload:
+        """POST the payload to /<endpoint>; the answer is validated against `schema`."""
+        response = self._request("POST", f"/{endpoint}", content=encode(payload),
+                                 headers={"Content-Type": OCTET_STREAM})
+        try:
+            return decode(response.content, schema)
+        except WireError as error:
+            raise self._error(f"/{endpoint}", f"malformed answer: {error}") from None
+
+    def health(self) -> dict:
+        return self._request("GET", "/health").json()
+
+    def shutdown(self) -> None:
+        self._request("POST", "/shutdown")
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        failure = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                failure = f"cannot connect ({one_line(error)})"
+                continue
+            except httpx.HTTPError as error:
+                raise self._error(path, f"{type(error).__name__}: {one_line(error)}") from None
+            if response.is_success:
+                return response
+            failure = f"HTTP {response.status_code}: {one_line(response.text)}"
+            if response.status_code not in self.retry_statuses:
+                raise self._error(path, failure)
+        raise self._error(path, f"{failure} after {self.retries + 1} attempts")
+
+    def _error(self, path: str, message: str) -> ServiceError:
+        return ServiceError(f"{self.name} service at {self.url}{path}: {message}")

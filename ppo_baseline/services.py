@@ -1,0 +1,224 @@
+"""The three model services of the PPO baseline, each a WorldService around the project's
+own machinery (paper Sec. 4's modules besides the actor):
+
+- reward: the trained reward model; POST /score -> one normalized reward per sequence
+  (z-scored with the statistics `orlhf rm` stored in the checkpoint).
+- reference: the initial (SFT) policy, frozen; POST /logprobs -> per-token log-probs.
+- critic: the reward model's backbone and value head, trained with its own optimizer;
+  POST /values, /train (clipped value loss, PPO minibatches), /save and /load.
+
+`build_service(cfg, rt, token, usage)` builds the one `cfg.name` asks for on every rank
+of `rt`; `ppo_baseline.serve` runs it as a process (or torchrun world) of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from offline_rlhf.checkpoint import (
+    TOKENIZER_DIR,
+    CheckpointMeta,
+    TrainState,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    step_dir_name,
+)
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.data.packing import unpacked
+from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample
+from offline_rlhf.labeling.normalize import normalize
+from offline_rlhf.labeling.scoring import REWARD_STATS, load_reward_model, score_sequences, scoring_setup
+from offline_rlhf.ledger import Usage
+from offline_rlhf.parallel.parallelize import build_model
+from offline_rlhf.runtime import Runtime
+from offline_rlhf.stage_support import checkpoint_of_head, load_inference_model, note_untrusted
+from offline_rlhf.train.loop import Task, train_step
+from offline_rlhf.train.schedule import build_optimizer, build_scheduler
+from ppo_baseline.algorithm import value_loss
+from ppo_baseline.config import ServiceConfig
+from ppo_baseline.models import (
+    LOGPROBS,
+    SAVED,
+    SCORES,
+    SEQUENCES,
+    STEP,
+    TRAIN,
+    TRAINED,
+    VALUES,
+    check_sequences,
+    critic_values,
+    reference_logprobs,
+    shifted_values,
+)
+from ppo_baseline.wire import Payload
+from ppo_baseline.world import WorldService
+
+
+def build_service(cfg: ServiceConfig, rt: Runtime, token: str, usage: Usage | None = None) -> WorldService:
+    """The service `cfg.name`, built (and its model loaded) on every rank of `rt`."""
+    service = WorldService(cfg.name, token, rt, host=cfg.host, max_body_bytes=cfg.max_body_mb * 2**20,
+                           model=cfg.settings.checkpoint)
+    {"reward": _reward, "reference": _reference, "critic": _critic}[cfg.name](service, cfg, rt, usage)
+    return service
+
+
+def _count(usage: Usage | None, payload: Payload) -> None:
+    if usage is not None:
+        usage.tokens += int(payload.tensors["lengths"].sum())
+        usage.beat()
+
+
+def _key(cfg: ServiceConfig) -> str:
+    return f"services.{cfg.name}.checkpoint"
+
+
+def _reward(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage | None) -> None:
+    model, tokenizer, metadata = load_reward_model(cfg.settings.checkpoint, rt, _key(cfg))
+    if REWARD_STATS not in metadata:
+        raise ConfigError(_key(cfg), f"the reward model {cfg.settings.checkpoint} stores no reward statistics, "
+                          "which PPO normalizes its rewards with", "pass a checkpoint written by `orlhf rm`")
+    stats = metadata[REWARD_STATS]
+    _, max_len = scoring_setup(metadata, model.cfg)
+    model.eval()
+
+    def score(payload: Payload) -> Payload:
+        check_sequences(payload, model.cfg.vocab_size, max_len)
+        rows = zip(payload.tensors["tokens"].tolist(), payload.tensors["lengths"].tolist())
+        sequences = unpacked([TokenizedSample(tuple(ids[:n]), (IGNORE_INDEX,) * n, "ppo", False) for ids, n in rows])
+        raw = score_sequences(model, sequences, cfg.settings.batch_size, rt, tokenizer.pad_id)
+        _count(usage, payload)
+        return Payload({"rewards": torch.tensor(normalize(raw, stats), dtype=torch.float32),
+                        "raw": torch.tensor(raw, dtype=torch.float32)})
+
+    service.route("score", score, SEQUENCES)
+
+
+def _reference(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage | None) -> None:
+    model = load_inference_model(resolve_checkpoint(cfg.settings.checkpoint, _key(cfg)), "lm", rt, _key(cfg))
+
+    def logprobs(payload: Payload) -> Payload:
+        check_sequences(payload, model.cfg.vocab_size, model.cfg.max_seq_len)
+        result = reference_logprobs(model, payload.tensors, rt, cfg.settings.batch_size)
+        _count(usage, payload)
+        return Payload({"logprobs": result})
+
+    service.route("logprobs", logprobs, SEQUENCES)
+
+
+def value_task(clip: float) -> Task:
+    """The critic's loss for the generic train step: clipped value loss per response token,
+    normalized by the minibatch's response tokens (all micro-batches and DP ranks)."""
+    def loss(model, batch, normalizer):
+        values = shifted_values(model(batch["tokens"]))
+        return value_loss(values, batch["old_values"], batch["returns"], batch["mask"], normalizer, clip)
+    return Task(loss=loss, normalizer=lambda b: float(b["mask"].sum()), tokens=lambda b: int(b["lengths"].sum()))
+
+
+class Critic:
+    """The critic's model, optimizer and schedule. Starts from the reward model's weights
+    (backbone and value head); `load(step)` restores a checkpoint it saved for the actor's
+    iteration `step` (a resumed run)."""
+
+    def __init__(self, cfg: ServiceConfig, rt: Runtime):
+        self.cfg, self.rt, self.ppo = cfg, rt, cfg.ppo
+        per_rank = self.ppo.minibatch // rt.dims.dp
+        if self.ppo.minibatch % rt.dims.dp or per_rank % self.ppo.micro_batch:
+            raise ConfigError("ppo.micro_batch", f"the critic's minibatch of {self.ppo.minibatch} does not split "
+                              f"into micro-batches of {self.ppo.micro_batch} on {rt.dims.dp} data-parallel ranks",
+                              "make ppo.minibatch a multiple of ppo.micro_batch x services.critic DP size")
+        path = resolve_checkpoint(cfg.settings.checkpoint, _key(cfg))
+        self.meta = checkpoint_of_head(path, "value", _key(cfg))
+        self.tokenizer = path / TOKENIZER_DIR if (path / TOKENIZER_DIR).is_dir() else None
+        self.model = build_model(self.meta.model, "value", rt.dims, rt.mesh, rt.device)
+        note_untrusted(path, rt)
+        load_checkpoint(path, self.model, group=rt.group)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.settings.optim, rt.device)
+        total = self.ppo.iterations * self.ppo.epochs * (self.ppo.rollout_batch // self.ppo.minibatch)
+        self.scheduler = build_scheduler(self.optimizer, total, cfg.settings.optim)
+        self.task = value_task(self.ppo.value_clip)
+        self.root = Path(cfg.run_dir) / "ppo" / "critic" / "checkpoints"
+
+    def train(self, payload: Payload) -> dict[str, float]:
+        """`ppo.epochs` passes over the batch in minibatches of `ppo.minibatch` rows, in an
+        order seeded by (seed, step, epoch); each minibatch is one optimizer step."""
+        rows = payload.tensors["tokens"].shape[0]
+        if rows % self.ppo.minibatch:
+            raise ValueError(f"a training batch of {rows} rows does not split into minibatches of "
+                             f"{self.ppo.minibatch}")
+        step = payload.meta["step"]
+        per_rank, dp_rank = self.ppo.minibatch // self.rt.dims.dp, _dp_rank(self.rt)
+        sums: dict[str, float] = {}
+        count = 0
+        self.model.train()
+        for epoch in range(self.ppo.epochs):
+            order = torch.randperm(rows, generator=_generator(self.cfg.seed, step, epoch))
+            for start in range(0, rows, self.ppo.minibatch):
+                mine = order[start + dp_rank * per_rank:start + (dp_rank + 1) * per_rank]
+                batches = [{key: value[mine[at:at + self.ppo.micro_batch]] for key, value in payload.tensors.items()}
+                           for at in range(0, per_rank, self.ppo.micro_batch)]
+                metrics, _ = train_step(self.task, self.model, self.optimizer, batches, self.rt,
+                                        self.cfg.settings.optim.grad_clip)
+                self.scheduler.step()
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+        return {("value_loss" if key == "loss" else f"critic_{key}"): value / count for key, value in sums.items()}
+
+    def save(self, step: int) -> Path:
+        meta = CheckpointMeta(model=self.meta.model, head="value", train_state=TrainState(step=step),
+                              scheduler=self.scheduler.state_dict(), metadata=self.meta.metadata)
+        return save_checkpoint(self.root, self.model, meta, optimizer=self.optimizer, tokenizer_dir=self.tokenizer,
+                               keep_last=self.cfg.keep_last + 1, group=self.rt.group)
+
+    def load(self, step: int) -> None:
+        path = self.root / step_dir_name(step)
+        if not path.is_dir():
+            raise ValueError(f"the critic has no checkpoint for step {step} in {self.root}")
+        meta = load_checkpoint(path, self.model, self.optimizer, group=self.rt.group)
+        self.scheduler.load_state_dict(meta.scheduler)
+
+
+def _dp_rank(rt: Runtime) -> int:
+    return rt.mesh.get_local_rank("dp") if rt.mesh is not None and rt.dims.dp > 1 else 0
+
+
+def _generator(seed: int, step: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch)
+
+
+def _critic(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage | None) -> Critic:
+    critic = Critic(cfg, rt)
+
+    def values(payload: Payload) -> Payload:
+        check_sequences(payload, critic.meta.model.vocab_size, critic.meta.model.max_seq_len)
+        critic.model.eval()
+        result = critic_values(critic.model, payload.tensors, rt, cfg.settings.batch_size)
+        _count(usage, payload)
+        return Payload({"values": result})
+
+    def train(payload: Payload) -> Payload:
+        check_sequences(payload, critic.meta.model.vocab_size, critic.meta.model.max_seq_len)
+        metrics = critic.train(payload)
+        _count(usage, payload)
+        service.step = payload.meta["step"] + 1
+        return Payload(meta={"step": service.step, **metrics})
+
+    def save(payload: Payload) -> Payload:
+        return Payload(meta={"step": payload.meta["step"], "path": str(critic.save(payload.meta["step"]))})
+
+    def load(payload: Payload) -> Payload:
+        critic.load(payload.meta["step"])
+        service.step = payload.meta["step"]
+        return Payload(meta={"step": service.step})
+
+    service.route("values", values, SEQUENCES)
+    service.route("train", train, TRAIN)
+    service.route("save", save, STEP)
+    service.route("load", load, STEP)
+    return critic
+
+
+RESPONSES = {"score": SCORES, "logprobs": LOGPROBS, "values": VALUES, "train": TRAINED, "save": SAVED, "load": STEP}

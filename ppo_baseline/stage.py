@@ -1,0 +1,171 @@
+"""`orlhf ppo run_dir=R`: the PPO baseline's actor, driving three services (paper Sec. 4).
+
+The actor is this process (ledger stage `ppo_actor`); the reward model, the reference
+policy and the critic run as services of their own (`ppo_baseline.launch`). Per iteration:
+sample `ppo.rollout_batch` responses, old log-probs, then rewards, reference log-probs and
+values from the services at once, KL-shaped rewards and GAE, `ppo.epochs` of minibatch
+updates of the actor while the critic trains on the same rollout, metrics. Every
+`save_every` iterations (and at the end) the critic saves, then the actor: a rerun resumes
+from the actor's last checkpoint and loads the critic's checkpoint of the same iteration.
+Outputs in R/ppo/: checkpoints/, metrics.jsonl, critic/checkpoints/, <service>/service.log,
+DONE naming the final actor checkpoint (an `lm` checkpoint with its tokenizer).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from offline_rlhf.checkpoint import (
+    CheckpointMeta,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.data.prompts import mix_prompts, read_prompts
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.fsutil import write_atomic
+from offline_rlhf.runtime import DONE, Runtime, stage_runtime
+from offline_rlhf.stage_support import check_resumable, resume_fingerprint
+from offline_rlhf.train.init import prepare_training
+from offline_rlhf.train.loop import CONFIG_KEY, SampleStream
+from offline_rlhf.train.metrics_log import MetricsLog
+from offline_rlhf.train.schedule import build_optimizer, build_scheduler
+from ppo_baseline import algorithm
+from ppo_baseline.actor import advantages, iteration_generation, policy_logprobs, sample, update_policy
+from ppo_baseline.config import PPOConfig
+from ppo_baseline.launch import Services
+from ppo_baseline.models import LOGPROBS, SAVED, SCORES, STEP, TRAINED, VALUES
+from ppo_baseline.wire import Payload
+
+STAGE = "ppo_actor"
+OUT = "ppo"
+
+
+def main(cfg: PPOConfig) -> int:
+    model_cfg = read_meta(resolve_checkpoint(cfg.init.checkpoint, "init.checkpoint")).model
+    previous = signal.signal(signal.SIGTERM, _raise_exit)  # a SIGTERM still shuts the services down
+    try:
+        with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
+            if rt.dims.world_size > 1:
+                raise ConfigError("parallel", "the PPO actor runs as one process for now",
+                                  "start `orlhf ppo` without torchrun; give the services their own layouts")
+            rt = replace(rt, stage_dir=Path(cfg.run_dir) / OUT)
+            rt.stage_dir.mkdir(parents=True, exist_ok=True)
+            (rt.stage_dir / DONE).unlink(missing_ok=True)
+            final = run_actor(cfg, rt, usage, model_cfg)
+            write_atomic(rt.stage_dir / DONE, f"{final}\n")
+            rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def load_prompts(cfg: PPOConfig, tokenizer, model_cfg) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every prompt (the most recent `limit` tokens) and their ids."""
+    template = ChatTemplate(**asdict(cfg.template))
+    sources = [(s.name or s.path, read_prompts(s.kind, s.format, s.path, template, s.prompt_key), s.weight)
+               for s in cfg.sources]
+    prompts, _ = mix_prompts(sources, cfg.total_prompts, cfg.seed)
+    limit = min(cfg.max_prompt_tokens, model_cfg.max_seq_len - cfg.generation.max_new_tokens)
+    if limit < 1:
+        raise ConfigError("generation.max_new_tokens", f"leaves no room for a prompt in max_seq_len="
+                          f"{model_cfg.max_seq_len}", "lower it")
+    return [encode_prompt(tokenizer, template, p.text)[-limit:] for p in prompts], [p.id for p in prompts]
+
+
+def run_actor(cfg: PPOConfig, rt: Runtime, usage, model_cfg) -> Path:
+    setup = prepare_training(cfg.init, model_cfg, "lm", rt, cfg.seed)
+    model, tokenizer = setup.model, setup.tokenizer
+    prompts, prompt_ids = load_prompts(cfg, tokenizer, model_cfg)
+    steps_per_iteration = cfg.ppo.epochs * cfg.ppo.rollout_batch // cfg.ppo.minibatch
+    optimizer = build_optimizer(model.parameters(), cfg.optim, rt.device)
+    scheduler = build_scheduler(optimizer, cfg.ppo.iterations * steps_per_iteration, cfg.optim)
+    fingerprint = resume_fingerprint(cfg)
+    start = _resume(setup.checkpoints, model, optimizer, scheduler, fingerprint, rt)
+    stream = SampleStream(len(prompts), cfg.seed)
+    log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)
+    rt.log(f"ppo: {len(prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} responses, "
+           f"starting at iteration {start}; starting the reward, reference and critic services")
+    checkpoint = latest_checkpoint(setup.checkpoints)
+    with Services(cfg, rt.stage_dir) as services, ThreadPoolExecutor(3, thread_name_prefix="ppo-call") as pool:
+        if start:
+            services.call_all({"critic": lambda c: c.call("load", Payload(meta={"step": start}), STEP)}, pool)
+        for iteration in range(start, cfg.ppo.iterations):
+            chosen = stream.take(iteration * cfg.ppo.rollout_batch, cfg.ppo.rollout_batch)
+            metrics = iterate(cfg, rt, model, optimizer, scheduler, services, pool, tokenizer,
+                              [prompts[i] for i in chosen], [prompt_ids[i] for i in chosen], iteration)
+            usage.tokens += int(metrics.pop("tokens"))
+            usage.beat()
+            log.train(iteration + 1, metrics, every=1)
+            if iteration + 1 == cfg.ppo.iterations or (iteration + 1) % cfg.save_every == 0:
+                services.call_all({"critic": lambda c, s=iteration + 1: c.call("save", Payload(meta={"step": s}),
+                                                                               SAVED)}, pool)
+                checkpoint = save_checkpoint(
+                    setup.checkpoints, model,
+                    CheckpointMeta(model_cfg, "lm", TrainState(step=iteration + 1), scheduler=scheduler.state_dict(),
+                                   metadata={CONFIG_KEY: fingerprint, "alignment": {"method": "ppo"}}),
+                    optimizer=optimizer, tokenizer_dir=setup.tokenizer_path, keep_last=cfg.keep_last, group=rt.group)
+                usage.beat(force=True)
+    log.close()
+    return checkpoint
+
+
+def _resume(root: Path, model, optimizer, scheduler, fingerprint: dict, rt: Runtime) -> int:
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return 0
+    check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), fingerprint, root)
+    meta = load_checkpoint(latest, model, optimizer, restore_rng=True, group=rt.group)
+    scheduler.load_state_dict(meta.scheduler)
+    rt.log(f"resuming from {latest} (iteration {meta.train_state.step})")
+    return meta.train_state.step
+
+
+def iterate(cfg: PPOConfig, rt: Runtime, model, optimizer, scheduler, services: Services, pool, tokenizer,
+            prompts: list[list[int]], prompt_ids: list[int], iteration: int) -> dict[str, float]:
+    """One PPO iteration; returns its metrics (and `tokens`, generated and trained on)."""
+    began = time.perf_counter()
+    rollout = sample(model, prompts, prompt_ids, iteration_generation(cfg.generation, iteration),
+                     tokenizer.eos_id, tokenizer.pad_id, rt)
+    old_logp = policy_logprobs(model, rollout, rt, cfg.ppo.micro_batch)
+    generated = time.perf_counter()
+    sequences = Payload(rollout.sequences())
+    answers = services.call_all({"reward": lambda c: c.call("score", sequences, SCORES),
+                                 "reference": lambda c: c.call("logprobs", sequences, LOGPROBS),
+                                 "critic": lambda c: c.call("values", sequences, VALUES)}, pool)
+    scored = time.perf_counter()
+    scores, values = answers["reward"].tensors["rewards"], answers["critic"].tensors["values"]
+    shaped = advantages(old_logp, answers["reference"].tensors["logprobs"], values, scores, rollout.mask, cfg.ppo)
+    critic_batch = Payload({**rollout.sequences(), "returns": shaped.returns, "old_values": values},
+                           {"step": iteration})
+    critic = pool.submit(lambda: services.processes["critic"].client.call("train", critic_batch, TRAINED))
+    lr = scheduler.get_last_lr()[0]
+    policy = update_policy(model, optimizer, scheduler,
+                           {**rollout.sequences(), "old_logp": old_logp, "advantages": shaped.advantages},
+                           cfg.ppo, cfg.seed, iteration, cfg.optim.grad_clip, rt)
+    trained = services.results({"critic": critic})["critic"]
+    done = time.perf_counter()
+    mask = rollout.mask
+    response_tokens = int(mask.sum())
+    return {"reward_mean": float(scores.mean()), "reward_raw_mean": float(answers["reward"].tensors["raw"].mean()),
+            "kl": float(shaped.kl.sum() / len(prompts)), "loss": policy["loss"], "approx_kl": policy["approx_kl"],
+            "clip_frac": policy["clip_frac"], "entropy": policy["entropy"], "grad_norm": policy["grad_norm"],
+            "value_loss": trained.meta["value_loss"],
+            "explained_variance": float(algorithm.explained_variance(values, shaped.returns, mask)),
+            "response_length": response_tokens / len(prompts), "finished": float(rollout.finished.float().mean()),
+            "tokens_per_s": response_tokens / max(generated - began, 1e-9), "lr": lr,
+            "time_generate": generated - began, "time_services": scored - generated, "time_train": done - scored,
+            "iteration_seconds": done - began, "tokens": float(rollout.lengths.sum() * (1 + cfg.ppo.epochs))}

@@ -1,0 +1,127 @@
+"""A Service run by a whole torchrun world: rank 0 serves HTTP, every rank runs every request.
+
+Rank 0's `serve()` takes each queued call and, before running it, broadcasts a message
+(kind, endpoint, body) to the other ranks, which wait in `follow()`: all ranks then run
+`execute` on the same bytes, so collective forwards (TP all-reduces, FSDP gathers, DP
+all-gathers) line up; only rank 0's answer goes back over HTTP. A failing request fails
+on every rank alike (decoding and validation are deterministic), so the ranks stay in step.
+While idle, rank 0 broadcasts a keep-alive every KEEPALIVE_S, since a rank waiting in a
+broadcast longer than the process group's timeout would abort the world; STOP ends it.
+
+`watch_parent` stops the service once the actor process is gone (killed, or crashed
+without shutting its services down), so no service holds a device forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from offline_rlhf.host import start_ticks
+from offline_rlhf.runtime import Runtime
+from ppo_baseline.service import Service
+
+STOP, KEEPALIVE, CALL = 0, 1, 2
+KEEPALIVE_S = 60.0
+log = logging.getLogger(__name__)
+
+
+def broadcast_message(rt: Runtime, kind: int, endpoint: str = "", body: bytes = b"") -> None:
+    """Rank 0: send (kind, endpoint, body) to every rank of the runtime's world."""
+    if rt.group is None:
+        return
+    name = endpoint.encode()
+    header = torch.tensor([kind, len(name), len(body)], dtype=torch.int64, device=rt.device)
+    dist.broadcast(header, src=0, group=rt.group)
+    if name or body:
+        data = torch.frombuffer(bytearray(name + body), dtype=torch.uint8).to(rt.device)
+        dist.broadcast(data, src=0, group=rt.group)
+
+
+def receive_message(rt: Runtime) -> tuple[int, str, bytes]:
+    """Ranks other than 0: the next (kind, endpoint, body) rank 0 broadcasts."""
+    header = torch.zeros(3, dtype=torch.int64, device=rt.device)
+    dist.broadcast(header, src=0, group=rt.group)
+    kind, name_len, body_len = header.tolist()
+    if not name_len + body_len:
+        return kind, "", b""
+    data = torch.empty(name_len + body_len, dtype=torch.uint8, device=rt.device)
+    dist.broadcast(data, src=0, group=rt.group)
+    raw = data.cpu().numpy().tobytes()
+    return kind, raw[:name_len].decode(), raw[name_len:]
+
+
+class WorldService(Service):
+    """A Service whose calls run on every rank of `rt`'s world (see the module docstring).
+    Build it on every rank; `start()` (HTTP) on rank 0 only; then `run_world()` on all."""
+
+    def __init__(self, name: str, token: str, rt: Runtime, **kwargs):
+        super().__init__(name, token, **kwargs)
+        self.rt = rt
+
+    def execute(self, endpoint: str, body: bytes) -> bytes:
+        if self.rt.is_main:
+            broadcast_message(self.rt, CALL, endpoint, body)
+        return super().execute(endpoint, body)
+
+    def serve(self, poll_s: float = 0.1) -> None:
+        """Service.serve with a keep-alive broadcast while idle and STOP at the end."""
+        self._serving.set()
+        last = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    call = self._calls.get(timeout=poll_s)
+                except queue.Empty:
+                    if self.rt.group is not None and time.monotonic() - last > KEEPALIVE_S:
+                        broadcast_message(self.rt, KEEPALIVE)
+                        last = time.monotonic()
+                    continue
+                self._run(call)
+                last = time.monotonic()
+        finally:
+            self._serving.clear()
+            self._fail_pending()
+            broadcast_message(self.rt, STOP)
+
+    def follow(self) -> None:
+        """Ranks other than 0: run what rank 0 broadcasts until STOP. Errors are rank 0's
+        to report; here they are only logged (the same request failed there too)."""
+        while True:
+            kind, endpoint, body = receive_message(self.rt)
+            if kind == STOP:
+                return
+            if kind == CALL:
+                try:
+                    super().execute(endpoint, body)
+                except Exception as error:  # noqa: BLE001 - rank 0 answers the client with it
+                    log.debug("%s /%s failed on rank %d: %s", self.name, endpoint, self.rt.env.rank, error)
+
+    def run_world(self) -> None:
+        """Rank 0 serves until POST /shutdown (or stop()); the others follow it."""
+        if self.rt.is_main:
+            self.serve()
+        else:
+            self.follow()
+
+
+def watch_parent(service: Service, pid: int, ticks: int | None, poll_s: float = 1.0) -> threading.Thread:
+    """Stop `service` once process `pid` (started at `ticks`, so a reused PID does not
+    count) is gone. Returns the daemon thread watching it."""
+    def watch() -> None:
+        while not service._stopping.is_set():
+            now = start_ticks(pid)
+            if now is None or (ticks is not None and now != ticks):
+                print(f"{service.name}: the actor (pid {pid}) is gone; shutting down", flush=True)
+                service.stop(timeout_s=0)
+                return
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=watch, name=f"{service.name}-parent-watch", daemon=True)
+    thread.start()
+    return thread

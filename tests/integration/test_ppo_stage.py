@@ -1,0 +1,165 @@
+"""`orlhf ppo` end to end on tiny checkpoints: outputs, ledger rows per module, faults
+(a killed critic fails the run with one line naming it; a killed actor takes its services
+down), and a killed run resuming to the same final weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from offline_rlhf.checkpoint import load_checkpoint, resolve_checkpoint
+from offline_rlhf.ledger import read_ledger
+from tests.fixtures import REPO_ROOT, reference_model
+from tests.synthetic_preferences import MODEL, preference_records, synthetic_tokenizer
+from tests.unit.ppo.tiny_models import write_checkpoints
+
+TINY_RUN = ["ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.micro_batch=2", "generation.max_new_tokens=8",
+            "services.startup_timeout_s=120", "services.request_timeout_s=60", "logging.progress=false",
+            "optim.lr=1e-3", "services.critic.optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo_stage") / "tokenizer"
+    synthetic_tokenizer(out)
+    return out
+
+
+def prepare(run_dir: Path, tokenizer_dir: Path) -> Path:
+    write_checkpoints(run_dir, tokenizer_dir)
+    prompts = run_dir / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in preference_records(16)))
+    return run_dir
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    source = f"sources=[{{name: p, kind: prompts, path: '{run_dir / 'prompts.jsonl'}'}}]"
+    return [sys.executable, "-m", "offline_rlhf.cli", "ppo", f"run_dir={run_dir}", source, *TINY_RUN, *overrides]
+
+
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(command(run_dir, *overrides), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def service_pids(run_dir: Path) -> list[int]:
+    """Every live process started for a service of this run (found by its environment)."""
+    marker = f"PPO_SERVICE_CONFIG={run_dir}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes() and "Z" not in (proc / "stat").read_text().split()[2]:
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "ppo" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    model = reference_model(MODEL, "lm", seed=5)
+    load_checkpoint(resolve_checkpoint(run_dir / "ppo" / "checkpoints"), model)
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+@pytest.fixture
+def cleanup():
+    runs = []
+    yield runs.append
+    for run_dir in runs:
+        for pid in service_pids(run_dir):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_run_writes_checkpoints_metrics_done_and_a_ledger_row_per_module(tmp_path, tokenizer_dir, cleanup):
+    run_dir = prepare(tmp_path / "run", tokenizer_dir)
+    cleanup(run_dir)
+    result = subprocess.run(command(run_dir, "ppo.iterations=2"), cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_dir / "ppo"
+    final = Path((out / "DONE").read_text().strip())
+    assert final == out / "checkpoints" / "step_00000002" and (final / "tokenizer" / "tokenizer.json").is_file()
+    rows = metric_rows(run_dir)
+    assert [row["step"] for row in rows] == [1, 2]
+    for key in ("reward_mean", "kl", "clip_frac", "approx_kl", "entropy", "value_loss", "explained_variance",
+                "response_length", "tokens_per_s", "time_generate", "time_services", "time_train"):
+        assert f"train/{key}" in rows[0], key
+    assert (out / "critic" / "checkpoints" / "step_00000002").is_dir()
+    assert oct((out / "token").stat().st_mode & 0o777) == "0o600"
+    stages = {row.stage: row for row in read_ledger(run_dir)}
+    assert set(stages) == {"ppo_actor", "ppo_reward", "ppo_reference", "ppo_critic"}
+    assert all(row.status == "completed" and row.device_hours > 0 for row in stages.values())
+    assert service_pids(run_dir) == []
+
+
+def test_killing_the_critic_fails_the_run_with_one_line_naming_it(tmp_path, tokenizer_dir, cleanup):
+    run_dir = prepare(tmp_path / "run", tokenizer_dir)
+    cleanup(run_dir)
+    actor = start(run_dir, "ppo.iterations=500")
+    try:
+        wait_for(lambda: len(metric_rows(run_dir)) >= 1 or actor.poll() is not None, 180, "a first iteration")
+        critic = json.loads((run_dir / "ppo" / "critic" / "address.json").read_text())["pid"]
+        os.kill(critic, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = actor.communicate(timeout=60)
+    finally:
+        actor.kill()
+    assert actor.returncode != 0
+    assert time.monotonic() - killed < 60
+    last = stderr.strip().splitlines()[-1]
+    assert "critic" in last and str(run_dir / "ppo" / "critic" / "service.log") in last, stderr[-2000:]
+    wait_for(lambda: not service_pids(run_dir), 30, "the other services to exit")
+    stages = {row.stage for row in read_ledger(run_dir)}
+    assert {"ppo_actor", "ppo_reward", "ppo_reference"} <= stages
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer_dir, cleanup):
+    overrides = ("ppo.iterations=4", "save_every=1")
+    straight = prepare(tmp_path / "straight", tokenizer_dir)
+    cleanup(straight)
+    result = subprocess.run(command(straight, *overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = prepare(tmp_path / "killed", tokenizer_dir)
+    cleanup(killed)
+    actor = start(killed, *overrides)
+    try:
+        wait_for(lambda: len(metric_rows(killed)) >= 2 or actor.poll() is not None, 180, "two iterations")
+        assert actor.poll() is None, "the run ended before it could be killed"
+        actor.send_signal(signal.SIGKILL)
+        actor.wait(30)
+    finally:
+        actor.kill()
+    # The services notice the actor is gone and exit on their own.
+    wait_for(lambda: not service_pids(killed), 60, "the services of the killed actor to exit")
+    assert not (killed / "ppo" / "DONE").exists()
+    result = subprocess.run(command(killed, *overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    expected, got = final_weights(straight), final_weights(killed)
+    sft = reference_model(MODEL, "lm", seed=0).state_dict()
+    assert not torch.equal(expected["output.weight"], sft["output.weight"])
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)

@@ -1,0 +1,95 @@
+"""Continuous batching: slots are refilled as answers end, n samples share a prefill, and
+none of it changes a row's tokens (greedy) or a stream's draws (sampled)."""
+
+from __future__ import annotations
+
+import pytest
+
+from offline_rlhf.config.schema import GenerationConfig
+from offline_rlhf.generation.engine import EngineStats, Request, cut_at_stop, generate, run, stop_on_strings
+from offline_rlhf.generation.sampling import stream_id
+from tests.fixtures import reference_model
+from tests.unit.generation.test_engine import PAD, greedy_without_cache, prompts_of_lengths
+
+LENGTHS = [3, 9, 1, 6, 14, 2, 5, 11, 4]
+SAMPLED = GenerationConfig(16, greedy=False, temperature=1.3, top_k=60, seed=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return reference_model().eval()
+
+
+def test_more_prompts_than_slots_with_early_eos_match_decoding_each_prompt_alone(model):
+    prompts = prompts_of_lengths(LENGTHS)
+    full = [greedy_without_cache(model, p, 16) for p in prompts]
+    eos = full[0][2]  # row 0 ends after three tokens; rows holding it elsewhere end there too
+    expected = [row[:row.index(eos) + 1] if eos in row else row for row in full]
+    stats = EngineStats()
+    requests = [Request(p, stream_id(i, 0), 16) for i, p in enumerate(prompts)]
+    completions = run(model, requests, GenerationConfig(16, batch_size=3), eos, PAD, "cpu", stats=stats)
+    assert [c.tokens for c in completions] == expected
+    assert [c.finish for c in completions] == ["eos" if eos in row else "length" for row in full]
+    assert stats.admissions == len(prompts) > 3  # three slots served nine prompts: they were reused
+    assert stats.decode_steps < sum(map(len, expected))  # rows decode side by side
+
+
+def test_each_request_stops_at_its_own_max_new_tokens(model):
+    prompts = prompts_of_lengths([4, 7, 2, 5])
+    budgets = [1, 5, 3, 9]
+    requests = [Request(p, stream_id(i, 0), budget) for i, (p, budget) in enumerate(zip(prompts, budgets))]
+    completions = run(model, requests, GenerationConfig(9, batch_size=2), None, PAD, "cpu")
+    assert [len(c.tokens) for c in completions] == budgets
+    assert [c.tokens for c in completions] == [greedy_without_cache(model, p, b) for p, b in zip(prompts, budgets)]
+    assert {c.finish for c in completions} == {"length"}
+
+
+def test_a_stop_string_ends_the_answer_at_the_token_that_completes_it(model):
+    prompt = prompts_of_lengths([6])[0]
+    full = greedy_without_cache(model, prompt, 16)
+
+    def decode(tokens):
+        return "".join(f"<{t}>" for t in tokens)
+
+    last_new = max(full.index(token) for token in full)  # the last token to appear for the first time
+    assert last_new > 0
+    stop = decode([full[last_new]])
+    [completion] = run(model, [Request(prompt, 0, 16)], GenerationConfig(16), None, PAD, "cpu",
+                       stop=stop_on_strings(decode, [stop, "never"]))
+    assert completion.tokens == full[:last_new + 1] and completion.finish == "stop"
+    assert cut_at_stop(decode(completion.tokens), [stop]) == decode(full[:last_new])
+    assert cut_at_stop("no stop here", ["<1>"]) == "no stop here"
+
+
+def sampled_answers(model, prompts, ids, n, slots, stats=None):
+    requests = [Request(p, stream_id(i, j), SAMPLED.max_new_tokens) for p, i in zip(prompts, ids) for j in range(n)]
+    cfg = GenerationConfig(**{**SAMPLED.__dict__, "batch_size": slots})
+    return [c.tokens for c in run(model, requests, cfg, None, PAD, "cpu", stats=stats)]
+
+
+def test_n_samples_share_one_prefill_and_equal_recomputed_prefixes(model):
+    prompts = prompts_of_lengths([5, 8, 3])
+    shared_stats, alone_stats = EngineStats(), EngineStats()
+    shared = sampled_answers(model, prompts, [0, 1, 2], n=4, slots=12, stats=shared_stats)
+    alone = sampled_answers(model, prompts, [0, 1, 2], n=4, slots=1, stats=alone_stats)
+    assert shared == alone
+    assert (shared_stats.prompts_prefilled, alone_stats.prompts_prefilled) == (3, 12)
+    assert len({tuple(answer) for answer in shared[:4]}) > 1  # the four samples of a prompt differ
+
+
+def test_sampled_answers_depend_on_seed_prompt_and_sample_only(model):
+    prompts = prompts_of_lengths(LENGTHS)
+    ids = list(range(100, 100 + len(prompts)))
+    reference = sampled_answers(model, prompts, ids, n=2, slots=4)
+    assert sampled_answers(model, prompts, ids, n=2, slots=7) == reference
+    # Two data-parallel replicas, each with its block of prompts and their global ids:
+    halves = [sampled_answers(model, prompts[:4], ids[:4], 2, 4), sampled_answers(model, prompts[4:], ids[4:], 2, 4)]
+    assert halves[0] + halves[1] == reference
+    assert sampled_answers(model, prompts[::-1], ids[::-1], n=2, slots=4) == [
+        answer for k in reversed(range(len(prompts))) for answer in reference[2 * k:2 * k + 2]]
+
+
+def test_generate_keys_sampling_by_prompt_id(model):
+    prompts = prompts_of_lengths([4, 6, 3, 7])
+    whole = generate(model, prompts, SAMPLED, None, PAD, "cpu", prompt_ids=[10, 11, 12, 13])
+    assert generate(model, prompts[2:], SAMPLED, None, PAD, "cpu", prompt_ids=[12, 13]) == whole[2:]

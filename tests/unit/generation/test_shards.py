@@ -1,0 +1,46 @@
+"""Durable shards with n answers per prompt: a crash mid-write never leaves a prompt with
+part of its answers, and the merge wants every (prompt, sample) exactly once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from offline_rlhf.generation.shards import answered_prompts, merge_shards, repair_shard
+
+
+def lines(*keys):
+    return "".join(json.dumps({"id": i, "sample": j}) + "\n" for i, j in keys)
+
+
+def test_repair_cuts_a_torn_line_then_the_incomplete_last_prompt(tmp_path):
+    shard = tmp_path / "shard_00000.jsonl"
+    shard.write_text(lines((0, 0), (0, 1), (1, 0)) + '{"id": 1, "sam')
+    removed = repair_shard(shard, n=2)
+    assert shard.read_text() == lines((0, 0), (0, 1))
+    assert removed == len(lines((1, 0))) + len('{"id": 1, "sam')
+
+
+@pytest.mark.parametrize("n,content", [(1, [(0, 0), (1, 0)]), (2, [(0, 0), (0, 1)]), (2, [])])
+def test_repair_leaves_complete_shards_alone(tmp_path, n, content):
+    shard = tmp_path / "shard_00000.jsonl"
+    shard.write_text(lines(*content))
+    assert repair_shard(shard, n) == 0 and shard.read_text() == lines(*content)
+
+
+def test_answered_prompts_need_all_their_samples():
+    records = [{"id": 0}, {"id": 0}, {"id": 1}]
+    assert answered_prompts(records, 2) == {0} and answered_prompts(records, 1) == {0, 1}
+
+
+def test_merge_orders_by_prompt_and_sample_and_refuses_gaps_and_repeats(tmp_path):
+    (tmp_path / "shard_00000.jsonl").write_text(lines((1, 1), (0, 0)))
+    (tmp_path / "shard_00001.jsonl").write_text(lines((1, 0), (0, 1)))
+    merged = merge_shards(tmp_path, n_prompts=2, n=2)
+    assert [(r["id"], r["sample"]) for r in merged] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    with pytest.raises(RuntimeError, match=r"answers are missing .* \(first \(prompt, sample\) \[\(2, 0\)"):
+        merge_shards(tmp_path, n_prompts=3, n=2)
+    (tmp_path / "shard_00002.jsonl").write_text(lines((0, 1)))
+    with pytest.raises(RuntimeError, match="prompt 0 \\(sample 1\\) was answered twice"):
+        merge_shards(tmp_path, n_prompts=2, n=2)

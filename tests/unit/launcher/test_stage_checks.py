@@ -1,0 +1,137 @@
+"""`orlhf launch` validates each stage for the processes it will get and checks its inputs
+(hardening issue, item 12): what used to pass a dry run and fail in the queue."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.compose import compose_launch
+from launcher.plan import plan_pipeline
+from launcher.schema import LaunchError, StageEntry
+from offline_rlhf.cli import main as orlhf
+
+
+@pytest.fixture
+def files(tmp_path):
+    data = tmp_path / "data" / "sft.jsonl"
+    data.parent.mkdir()
+    data.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    return {"data": data, "tokenizer": tokenizer, "run_dir": tmp_path / "run"}
+
+
+def sft(files, *extra, nproc=1, name=None, data=None, tokenizer=True):
+    overrides = ["model=tiny", f"data.sources=[{{name: d, format: jsonl, path: '{data or files['data']}'}}]",
+                 "train.global_batch=8", "train.micro_batch=1"]
+    if tokenizer:
+        overrides.append(f"init.tokenizer={files['tokenizer'] if tokenizer is True else tokenizer}")
+    return StageEntry(stage="sft", name=name, overrides=[*overrides, *extra], nproc=nproc)
+
+
+def plan(files, *entries):
+    cfg = compose_launch(["pipeline=smoke", "cluster=local", f"run_dir={files['run_dir']}"])
+    cfg.pipeline.stages = list(entries)
+    return plan_pipeline(cfg)
+
+
+def fails(files, *entries) -> str:
+    with pytest.raises(LaunchError) as info:
+        plan(files, *entries)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_valid_stage_still_plans(files):
+    (only,) = plan(files, sft(files, nproc=2))
+    assert only.world_size == 2
+
+
+def test_8b_sft_without_checkpoint_or_tokenizer_is_refused(files):
+    message = fails(files, sft(files, "model=8b", tokenizer=False))
+    assert message.startswith("pipeline.stages[0] (sft, nproc=1): orlhf sft: error: init.tokenizer: is required")
+
+
+def test_global_batch_must_split_over_the_stages_processes(files):
+    assert plan(files, sft(files, "train.global_batch=6", nproc=3))  # 6 = 2 x 3 data-parallel ranks
+    message = fails(files, sft(files, "train.global_batch=6", nproc=4))
+    assert message.startswith("pipeline.stages[0] (sft, nproc=4): orlhf sft: error: train.global_batch: 6 is not "
+                              "divisible by train.micro_batch=1 x data-parallel size 4")
+
+
+def test_tensor_parallelism_must_divide_the_heads(files):
+    message = fails(files, sft(files, "parallel.tp=8", nproc=8))
+    assert message.startswith("pipeline.stages[0] (sft, nproc=8): orlhf sft: error: parallel.tp: 8 does not divide "
+                              "model.n_heads=4")
+
+
+def test_a_missing_data_file_names_the_stage_key_and_path(files):
+    missing = files["data"].parent / "nope.jsonl"
+    message = fails(files, sft(files, name="first"), sft(files, name="second", data=missing))
+    assert message == (f"pipeline.stages[1] (second) data.sources[0].path: {missing} does not exist and no earlier "
+                       "stage of the pipeline writes it; fix the path, or run the stage that writes it first")
+
+
+def test_inputs_an_earlier_stage_writes_are_accepted(files):
+    """The task stage writes run_dir/task/{sft.jsonl,tokenizer}: the SFT after it may read them."""
+    produced = {"data": "${run_dir}/task/sft.jsonl", "tokenizer": "${run_dir}/task/tokenizer"}
+    entry = sft(files, data=produced["data"], tokenizer=produced["tokenizer"])
+    plans = plan(files, StageEntry(stage="task"), entry)
+    assert [p.name for p in plans] == ["task", "sft"]
+    message = fails(files, entry)  # without the task stage nobody writes them
+    assert message.startswith("pipeline.stages[0] (sft) data.sources[0].path: ")
+    message = fails(files, entry, StageEntry(stage="task"))  # nor when it runs after
+    assert "stage 'task' writes it, but runs later" in message
+
+
+def test_checkpoints_of_earlier_stages_are_accepted(files):
+    """rm starts from run_dir/sft/checkpoints by default: fine after an sft stage, not alone."""
+    rm = StageEntry(stage="rm", overrides=[f"data.sources=[{{name: d, format: jsonl, path: '{files['data']}'}}]",
+                                           "train.global_batch=8"])
+    assert [p.name for p in plan(files, sft(files), rm)] == ["sft", "rm"]
+    assert fails(files, rm).startswith("pipeline.stages[0] (rm) init.checkpoint: ")
+
+
+def test_check_flag_prints_inputs_for_the_given_world_size(files, capsys, monkeypatch):
+    monkeypatch.setenv("ORLHF_CHECK_WORLD_SIZE", "2")
+    args = ["sft", "model=tiny", f"init.tokenizer={files['tokenizer']}",
+            f"data.sources=[{{name: d, format: jsonl, path: '{files['data']}'}}]", "train.global_batch=4", "--check"]
+    assert orlhf(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["world_size"] == 2
+    assert {"key": "data.sources[0].path", "path": str(files["data"]), "exists": True} in report["inputs"]
+    monkeypatch.setenv("ORLHF_CHECK_WORLD_SIZE", "3")
+    assert orlhf(args) == 2
+    assert "train.global_batch: 4 is not divisible" in capsys.readouterr().err
+
+
+def test_a_rerun_after_a_crash_before_the_first_checkpoint_still_plans(files):
+    """sft/checkpoints exists but holds no complete step yet: rm's architecture and tokenizer
+    come later, so the rerun that resumes the pipeline is not refused."""
+    (files["run_dir"] / "sft" / "checkpoints" / "step_00000010.partial").mkdir(parents=True)
+    rm = StageEntry(stage="rm", overrides=[f"data.sources=[{{name: d, format: jsonl, path: '{files['data']}'}}]",
+                                           "train.global_batch=8"])
+    assert [p.name for p in plan(files, sft(files), rm)] == ["sft", "rm"]
+
+
+def test_an_existing_init_checkpoint_fixes_the_model_checked(files, tmp_path):
+    """`model=8b` (32 KV heads) is unused: the checkpoint's TINY model has 2 KV heads, which TP=4 cannot split."""
+    from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+    from tests.fixtures import TINY, reference_model
+
+    ckpt = tmp_path / "base"
+    save_checkpoint(ckpt, reference_model(), CheckpointMeta(model=TINY, head="lm", train_state=TrainState(1)),
+                    tokenizer_dir=files["tokenizer"])
+    entry = sft(files, "model=8b", f"init.checkpoint={ckpt}", "parallel.tp=4", nproc=4, tokenizer=False)
+    assert "does not divide model.n_kv_heads=2" in fails(files, entry)
+
+
+def test_the_paper_pipeline_asks_for_its_imported_base_model_first(tmp_path):
+    cfg = compose_launch(["pipeline=offline_dt", "cluster=slurm", f"run_dir={tmp_path}"])
+    with pytest.raises(LaunchError) as info:
+        plan_pipeline(cfg)
+    assert str(info.value).startswith("pipeline.stages[0] (sft) init.checkpoint: ")
+    assert f"{tmp_path}/base does not exist and no earlier stage of the pipeline writes it" in str(info.value)
