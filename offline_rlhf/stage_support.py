@@ -83,7 +83,7 @@ def note_untrusted(path: Path, rt: Runtime) -> None:
 # logging, and how long or how often things happen.
 RESUMABLE_CHANGES = ("run_dir", "parallel.", "logging.", "train.max_steps", "train.epochs", "train.val_every",
                      "train.val_batches", "train.save_every", "train.keep_last", "train.log_every",
-                     "train.max_skipped_fraction", "write_every")
+                     "train.max_skipped_fraction", "write_every", "ppo.iterations", "save_every", "keep_last")
 
 
 def resume_fingerprint(cfg) -> dict[str, object]:

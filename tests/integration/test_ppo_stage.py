@@ -163,3 +163,17 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, t
     assert not torch.equal(expected["output.weight"], sft["output.weight"])
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_services_run_as_torchrun_worlds_of_their_own_layout(tmp_path, tokenizer_dir, cleanup):
+    run_dir = prepare(tmp_path / "run", tokenizer_dir)
+    cleanup(run_dir)
+    result = subprocess.run(command(run_dir, "ppo.iterations=1", "services.critic.nproc=2",
+                                    "services.critic.parallel.tp=2", "services.reference.nproc=2"),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 process(es), TP=2 x DP=1)" in (run_dir / "ppo" / "critic" / "service.log").read_text()
+    assert "(2 process(es), TP=1 x DP=2)" in (run_dir / "ppo" / "reference" / "service.log").read_text()
+    processes = {row.stage: row.processes for row in read_ledger(run_dir)}
+    assert processes == {"ppo_actor": 1, "ppo_reward": 1, "ppo_reference": 2, "ppo_critic": 2}
+    assert service_pids(run_dir) == []
