@@ -8,6 +8,7 @@ JSON (`orlhf launch` runs it for every stage); `-h/--help` lists stages.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
@@ -79,7 +80,9 @@ def run(argv: list[str]) -> int:
         return 0
     name, args = argv[0], argv[1:]
     if name not in STAGES:
-        print(f"orlhf: unknown stage {name!r}\n\n{usage()}", file=sys.stderr)
+        near = difflib.get_close_matches(name, STAGES, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        print(f"orlhf: unknown stage {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     stage = STAGES[name]
     if name == "pipeline":  # `orlhf launch` on this machine, the demo unless another pipeline is named

@@ -6,7 +6,10 @@ Every failure is turned into a one-line `ConfigError` naming the key.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Sequence, TypeVar
 
@@ -44,7 +47,7 @@ def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = ()) ->
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException) as err:
-        raise _one_line_error(err) from None
+        raise _one_line_error(err, schema) from None
 
 
 def _reject_new_keys(overrides: Sequence[str]) -> None:
@@ -69,7 +72,31 @@ def _causes(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
-def _one_line_error(err: Exception) -> ConfigError:
+def dotted_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every settable key of a config dataclass, nested configs as `a.b` (lists not expanded)."""
+    keys = []
+    for name, kind in typing.get_type_hints(schema).items():
+        if name.startswith("_"):
+            continue
+        if dataclasses.is_dataclass(kind):
+            keys += dotted_keys(kind, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def closest_key(key: str, keys: Sequence[str]) -> str | None:
+    """The key a misspelt or unqualified one most likely meant: the same last part under
+    another parent (`lr` -> `optim.lr`), else the nearest spelling (`optim.lrr` -> `optim.lr`)."""
+    last = key.rsplit(".", 1)[-1]
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last and k != key]
+    if len(same_name) == 1:
+        return same_name[0]
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return near[0] if near else None
+
+
+def _one_line_error(err: Exception, schema: type | None = None) -> ConfigError:
     """Hydra/OmegaConf messages are multi-line; keep the key and the reason."""
     chain = list(_causes(err))
     for cause in chain:
@@ -79,8 +106,11 @@ def _one_line_error(err: Exception) -> ConfigError:
     text = str(keyed).strip()
     missing = re.search(r"Key '([^']+)' not in '([^']+)'", text)
     if missing:
-        return ConfigError(keyed.full_key or missing.group(1), f"unknown key (not a field of {missing.group(2)})",
-                           "check the spelling; `--cfg` prints the valid keys")
+        key = keyed.full_key or missing.group(1)
+        suggestion = closest_key(key, dotted_keys(schema)) if schema is not None else None
+        hint = f"did you mean {suggestion}?" if suggestion else "check the spelling;"
+        return ConfigError(key, f"unknown key (not a field of {missing.group(2)})",
+                           f"{hint} `--cfg` prints the valid keys")
     no_option = re.search(r"Could not find '([^']+)'", text)
     if no_option:
         options = re.findall(r"^\s+(\S+)$", text, flags=re.M)
