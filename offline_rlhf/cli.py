@@ -139,16 +139,11 @@ def check_stage(config) -> dict:
     if parallel is not None:
         dims = ParallelDims.build(parallel, world, _stage_model(config))
         train = None if getattr(config, "eval_only", False) else getattr(config, "train", None)
-        if hasattr(train, "global_batch") and hasattr(train, "micro_batch") and \
-                train.global_batch % (dims.dp * train.micro_batch):  # as train.loop._per_rank_batch splits it
-            raise ConfigError("train.global_batch", f"{train.global_batch} is not divisible by train.micro_batch="
-                              f"{train.micro_batch} x data-parallel size {dims.dp} ({world} processes, "
-                              f"parallel.tp={dims.tp})", f"use a multiple of {dims.dp * train.micro_batch}")
+        if hasattr(train, "global_batch") and hasattr(train, "micro_batch"):
+            dims.per_rank_batch(train.global_batch, train.micro_batch)
     init = getattr(config, "init", None)
     if init is not None and not init.tokenizer:
-        if not init.checkpoint:  # stage_support.tokenizer_dir's requirement, without importing torch
-            raise ConfigError("init.tokenizer", "is required when training from random weights",
-                              "pass init.tokenizer=DIR or init.checkpoint=CKPT")
+        init.require_tokenizer_source()
         if _complete_checkpoint(init.checkpoint, "init.checkpoint"):
             from offline_rlhf.stage_support import tokenizer_dir
 

@@ -24,16 +24,14 @@ def model_config(init: InitConfig, configured: ModelConfig) -> ModelConfig:
 
 
 def tokenizer_dir(init: InitConfig) -> Path:
+    init.require_tokenizer_source()
     if init.tokenizer:
         return Path(init.tokenizer)
-    if init.checkpoint:
-        candidate = resolve_checkpoint(init.checkpoint, "init.checkpoint") / TOKENIZER_DIR
-        if candidate.is_dir():
-            return candidate
-        raise ConfigError("init.tokenizer", f"{init.checkpoint} has no {TOKENIZER_DIR}/ folder",
-                          "pass init.tokenizer=DIR (a folder with tokenizer.json)")
-    raise ConfigError("init.tokenizer", "is required when training from random weights",
-                      "pass init.tokenizer=DIR or init.checkpoint=CKPT")
+    candidate = resolve_checkpoint(init.checkpoint, "init.checkpoint") / TOKENIZER_DIR
+    if candidate.is_dir():
+        return candidate
+    raise ConfigError("init.tokenizer", f"{init.checkpoint} has no {TOKENIZER_DIR}/ folder",
+                      "pass init.tokenizer=DIR (a folder with tokenizer.json)")
 
 
 def load_tokenizer(init: InitConfig, model: ModelConfig) -> tuple[Tokenizer, Path]:

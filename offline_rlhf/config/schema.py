@@ -255,6 +255,13 @@ class InitConfig(Frozen):
     checkpoint: str = ""
     tokenizer: str = ""  # a tokenizer dir; default: the checkpoint's own tokenizer/
 
+    def require_tokenizer_source(self) -> None:
+        """Random weights come with no tokenizer: one must be named (checked without torch
+        by `orlhf STAGE --check`, and by the stages when they load it)."""
+        if not self.tokenizer and not self.checkpoint:
+            raise ConfigError("init.tokenizer", "is required when training from random weights",
+                              "pass init.tokenizer=DIR or init.checkpoint=CKPT")
+
 
 def check_file_input(list_key: str, name: str, path: str, kind: str, kinds: tuple[str, ...]) -> None:
     """One entry of a list of input files: a known kind and a path."""

@@ -31,6 +31,15 @@ class ParallelDims:
         sequence evenly over the TP ranks."""
         return self.tp if self.sequence_parallel else 1
 
+    def per_rank_batch(self, global_batch: int, micro_batch: int) -> int:
+        """Samples each data-parallel rank takes per optimizer step: the global batch must
+        split into whole micro-batches on every rank (the loop and `orlhf STAGE --check`)."""
+        if global_batch % (self.dp * micro_batch):
+            raise ConfigError("train.global_batch", f"{global_batch} is not divisible by train.micro_batch="
+                              f"{micro_batch} x data-parallel size {self.dp}",
+                              f"use a multiple of {self.dp * micro_batch}")
+        return global_batch // self.dp
+
     @classmethod
     def build(cls, cfg: ParallelConfig, world_size: int, model: ModelConfig | None = None) -> "ParallelDims":
         dp = world_size // cfg.tp if cfg.dp == -1 else cfg.dp

@@ -126,7 +126,7 @@ def total_steps(cfg: TrainConfig, num_items: int) -> int:
 
 def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig, optim_cfg: OptimConfig,
           logging_cfg: LoggingConfig, rt: Runtime, usage: Usage, ckpt: CheckpointSpec) -> TrainResult:
-    per_rank = _per_rank_batch(train_cfg, rt.dims.dp)
+    per_rank = rt.dims.per_rank_batch(train_cfg.global_batch, train_cfg.micro_batch)
     steps = total_steps(train_cfg, len(data.train))
     optimizer = build_optimizer(model.parameters(), optim_cfg, rt.device)
     scheduler = build_scheduler(optimizer, steps, optim_cfg)
@@ -266,14 +266,6 @@ def validate(task: Task, model: nn.Module, data: TrainData, cfg: TrainConfig, rt
     keys = sorted(sums)
     totals = _dp_sum(rt, [sums[k] for k in keys] + [normalizer])
     return task.reduce(keys, totals[:-1], max(totals[-1], 1.0))
-
-
-def _per_rank_batch(cfg: TrainConfig, dp: int) -> int:
-    if cfg.global_batch % (dp * cfg.micro_batch):
-        raise ConfigError("train.global_batch", f"{cfg.global_batch} is not divisible by train.micro_batch="
-                          f"{cfg.micro_batch} x data-parallel size {dp}",
-                          f"use a multiple of {dp * cfg.micro_batch}")
-    return cfg.global_batch // dp
 
 
 def _micro_batches(data: TrainData, stream: SampleStream, state: TrainState, cfg: TrainConfig, per_rank: int,
