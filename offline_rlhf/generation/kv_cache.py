@@ -21,9 +21,12 @@ class LayerKVCache:
         self.v: torch.Tensor | None = None
 
     def _allocate(self, k: torch.Tensor) -> None:
+        # Zeros, not empty memory: a decode step attends over columns another slot has
+        # filled but this one has not, masked out; an uninitialized NaN there would still
+        # poison the output (masked score + NaN is NaN, weight 0 x NaN value is NaN).
         if self.k is None:
             shape = (self.slots, k.shape[1], self.max_len, k.shape[3])
-            self.k, self.v = k.new_empty(shape), k.new_empty(shape)
+            self.k, self.v = k.new_zeros(shape), k.new_zeros(shape)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v [S, H, T, D] at the same columns of every slot; returns every cached

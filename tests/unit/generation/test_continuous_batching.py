@@ -4,9 +4,11 @@ none of it changes a row's tokens (greedy) or a stream's draws (sampled)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation.engine import EngineStats, Request, cut_at_stop, generate, run, stop_on_strings
+from offline_rlhf.generation.kv_cache import LayerKVCache
 from offline_rlhf.generation.sampling import stream_id
 from tests.fixtures import reference_model
 from tests.unit.generation.test_engine import PAD, greedy_without_cache, prompts_of_lengths
@@ -93,3 +95,13 @@ def test_generate_keys_sampling_by_prompt_id(model):
     prompts = prompts_of_lengths([4, 6, 3, 7])
     whole = generate(model, prompts, SAMPLED, None, PAD, "cpu", prompt_ids=[10, 11, 12, 13])
     assert generate(model, prompts[2:], SAMPLED, None, PAD, "cpu", prompt_ids=[12, 13]) == whole[2:]
+
+
+def test_columns_no_slot_has_written_are_finite():
+    """Decode attends (masked) over every column up to the longest slot's; those a slot never
+    wrote must hold finite numbers, or NaN leaks through the mask into its answer."""
+    cache = LayerKVCache(slots=3, max_len=8)
+    k = torch.ones(1, 2, 4, 4)
+    cache.write_prompts(torch.tensor([0]), k, k)
+    assert torch.equal(cache.k[1:], torch.zeros_like(cache.k[1:]))
+    assert torch.equal(cache.v[0, :, 4:], torch.zeros(2, 4, 4))
