@@ -63,10 +63,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def stage_help(name: str, stage: Stage) -> str:
-    doc = (_load(stage.schema).__doc__ or "").strip()
-    return (f"usage: orlhf {name} [key=value ...] [--cfg]\n\n{stage.summary}\n\n{doc}\n\n"
-            f"`orlhf {name} --cfg` prints every key with its resolved value; conf/stage/{name}.yaml has the defaults.")
+def stage_help(name: str, stage: Stage, overrides: list[str]) -> str:
+    from offline_rlhf.config.compose import composed_defaults
+    from offline_rlhf.config.help import format_keys, key_rows
+
+    schema = _load(stage.schema)
+    doc = (schema.__doc__ or "").strip()
+    keys = format_keys(key_rows(schema, composed_defaults(name, schema, overrides)))
+    return (f"usage: orlhf {name} [key=value ...] [--cfg] [--check]\n\n{stage.summary}\n\n{doc}\n\n"
+            f"keys (default; ??? = no default), from conf/stage/{name}.yaml:\n{keys}\n\n"
+            f"`orlhf {name} --cfg` prints the resolved config with your overrides.")
 
 
 def _load(path: str):
@@ -95,7 +101,7 @@ def run(argv: list[str]) -> int:
     if stage.positional and args and "=" not in args[0] and not args[0].startswith("-"):
         args = [f"{stage.positional}={args[0]}", *args[1:]]
     if "-h" in args or "--help" in args:
-        print(stage_help(name, stage))
+        print(stage_help(name, stage, [a for a in args if "=" in a]))
         return 0
     stray = next((a for a in args if "=" not in a and a not in FLAGS), None)
     if stray is not None:

@@ -50,6 +50,19 @@ def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = ()) ->
         raise _one_line_error(err, schema) from None
 
 
+def composed_defaults(stage: str, schema: type, overrides: Sequence[str] = ()) -> dict:
+    """The stage's YAML merged into the schema, unvalidated and unresolved (`???` where a
+    value is required): what `--help` shows. Falls back to the schema's own defaults when
+    the overrides do not compose."""
+    register_stage(stage, schema)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name=f"stage/{stage}", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException):
+        cfg = OmegaConf.structured(schema)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
 def _reject_new_keys(overrides: Sequence[str]) -> None:
     """`+key=value` would add a key the schema does not have (and it would be dropped
     silently); only `+group=option` for a config group under conf/ is allowed."""
