@@ -83,7 +83,17 @@ def score_sequences(model: nn.Module, sequences: Sequence[PackedSequence], batch
         with autocast_for(rt.device):
             rewards = sequence_rewards(model, {k: v.to(rt.device) for k, v in batch.items()})
         local[start:start + len(chunk)] = rewards[:len(chunk)].double()
-    return _gather_in_order(local, order, rt)
+    return _require_finite(_gather_in_order(local, order, rt))
+
+
+def _require_finite(scores: list[float]) -> list[float]:
+    """A NaN or infinite reward would pass into z-scores, weights and tables unnoticed."""
+    bad = [index for index, score in enumerate(scores) if not math.isfinite(score)]
+    if bad:
+        raise ConfigError("reward model", f"gave a non-finite reward for {len(bad)} of {len(scores)} sequences "
+                          f"(first: #{bad[0]})", "its weights are likely non-finite: use an earlier checkpoint "
+                          "or retrain it with a lower optim.lr")
+    return scores
 
 
 def _gather_in_order(local: torch.Tensor, order: list[int], rt: Runtime) -> list[float]:

@@ -78,6 +78,15 @@ def test_scores_are_in_input_order_whatever_the_batch_size(tokenizer):
         pytest.approx(expected, abs=1e-5)
 
 
+def test_a_non_finite_reward_is_an_error_not_a_label(tokenizer):
+    model = reference_model(MODEL, "value")
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    sequences = encode_responses(tokenizer, ChatTemplate(), [("a", "b"), ("c", "d")], 64)
+    with pytest.raises(ConfigError, match="non-finite reward for 2 of 2 sequences"):
+        score_sequences(model, sequences, 2, single_runtime(), tokenizer.pad_id)
+
+
 def test_sft_checkpoint_loads_into_a_value_head_model_partially(tmp_path):
     sft = reference_model(MODEL, "lm", seed=1)
     save_checkpoint(tmp_path / "sft", sft, CheckpointMeta(model=MODEL, head="lm", train_state=TrainState()))
