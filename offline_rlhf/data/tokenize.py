@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from offline_rlhf.data.chat_template import JinjaChat, Message
 from offline_rlhf.data.template import ChatTemplate
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -97,6 +98,32 @@ def encode_sft(
         source=source,
         truncated=truncated,
     )
+
+
+def encode_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], max_len: int, source: str,
+                response_prefix: str = "") -> TokenizedSample:
+    """A conversation ending in an assistant turn, rendered by the tokenizer's own chat
+    template and tokenized as one text (as `apply_chat_template` does), labelled on the
+    tokens of every assistant turn (end-of-turn marker included) and nowhere else.
+    `response_prefix` (DT's reward prompt) sits after the last generation prompt, unlabelled.
+    Over-long conversations are cut by `truncate_pair`, the last assistant turn as the response."""
+    rendering = chat.conversation(messages, response_prefix)
+    encoding = tokenizer.backend.encode(rendering.text, add_special_tokens=False)
+    ids, starts = list(encoding.ids), [begin for begin, _ in encoding.offsets]
+    labels = [token if any(a <= begin < b for a, b in rendering.spans) else IGNORE_INDEX
+              for token, begin in zip(ids, starts)]
+    last = next(i for i, begin in enumerate(starts) if begin >= rendering.spans[-1][0])
+    kept_prompt, kept_response = truncate_pair(ids[:last], ids[last:], max_len)
+    dropped = last - len(kept_prompt)
+    return TokenizedSample(input_ids=tuple(kept_prompt + kept_response),
+                           labels=tuple(labels[dropped:dropped + len(kept_prompt) + len(kept_response)]),
+                           source=source, truncated=len(kept_prompt) + len(kept_response) < len(ids))
+
+
+def encode_chat_prompt(tokenizer, chat: JinjaChat, messages: Sequence[Message], response_prefix: str = "") -> list[int]:
+    """The inference prompt of a conversation ending in a user turn: its tokens equal the
+    training text's tokens up to the assistant turn (tested), so generation sees what training saw."""
+    return tokenizer.encode(chat.prompt(messages, response_prefix))
 
 
 @dataclass

@@ -1,0 +1,152 @@
+"""Conversations rendered with a tokenizer's own chat template (`chat_template` in its
+tokenizer_config.json, Jinja), as `transformers`' `apply_chat_template` renders them, and
+the character spans of the assistant turns: what a loss trains on.
+
+A span is found by rendering the conversation up to an assistant turn twice: once ending
+in the generation prompt (what inference feeds the model) and once with the turn itself.
+The difference is exactly what the model must produce after that prompt, its end-of-turn
+marker included, so the training text and the inference prompt agree by construction.
+Templates whose renderings are not prefixes of one another (some rewrite earlier turns,
+e.g. by dropping past reasoning) are rejected with the turn that breaks it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Sequence
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from offline_rlhf.config.errors import ConfigError
+
+SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+Message = dict  # {"role": SYSTEM | USER | ASSISTANT, "content": str}
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (templates written for transformers'
+    assistant masks) renders its body; the spans come from prefix rendering instead."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise(message: str):
+    raise jinja2.TemplateError(message)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    # Chat templates ship with checkpoints, so they are untrusted code: sandboxed. Whitespace
+    # control and globals as transformers sets them, or renderings would differ.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+        json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json stores a special token as a string or a serialized AddedToken."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+@dataclass(frozen=True)
+class ChatRendering:
+    """A rendered conversation: its text and the [start, end) character spans of the
+    assistant turns that are trained on."""
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class JinjaChat:
+    """A tokenizer's chat template with the special-token strings it may reference."""
+
+    source: str
+    special_tokens: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, tokenizer_config: dict, where: str = "tokenizer_config.json") -> "JinjaChat":
+        source = tokenizer_config.get("chat_template")
+        if isinstance(source, list):  # several named templates: the default one
+            source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+        if not isinstance(source, str) or not source.strip():
+            raise ConfigError("template.kind", f"chat needs a chat_template in {where}, which has none",
+                              "use template.kind=paper, or a tokenizer that ships a chat template")
+        specials = tuple((name, text) for name in SPECIAL_TOKENS
+                         if (text := _token_text(tokenizer_config.get(name))) is not None)
+        return cls(source, specials)
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        try:
+            return _compile(self.source).render(messages=[dict(m) for m in messages],
+                                                add_generation_prompt=add_generation_prompt,
+                                                **dict(self.special_tokens))
+        except jinja2.TemplateError as err:
+            raise ValueError(f"the chat template failed: {err}") from None
+
+    def prompt(self, messages: Sequence[Message], response_prefix: str = "") -> str:
+        """What the model is fed to answer the last user turn: the conversation, the
+        generation prompt, then `response_prefix` (a DT reward prompt) if any."""
+        check_roles(messages, last=USER)
+        return self.render(messages, add_generation_prompt=True) + response_prefix
+
+    def conversation(self, messages: Sequence[Message], response_prefix: str = "") -> ChatRendering:
+        """The whole conversation (ending with an assistant turn) and the spans of every
+        assistant turn. `response_prefix` goes right after the LAST turn's generation
+        prompt, outside its span, as `prompt` places it at inference."""
+        check_roles(messages, last=ASSISTANT)
+        text, spans = "", []
+        for index, message in enumerate(messages):
+            if message["role"] == ASSISTANT:
+                prompt = self.render(messages[:index], add_generation_prompt=True)
+                turn = self.render(messages[:index + 1])
+                _require_prefix(text, prompt, index, "generation prompt")
+                _require_prefix(prompt, turn, index, "turn")
+                text = turn
+                spans.append((len(prompt), len(turn)))
+        start, end = spans[-1]
+        spans[-1] = (start + len(response_prefix), end + len(response_prefix))
+        return ChatRendering(text[:start] + response_prefix + text[start:], tuple(spans))
+
+
+def _require_prefix(prefix: str, text: str, index: int, what: str) -> None:
+    if not text.startswith(prefix):
+        raise ValueError(f"the chat template renders message {index + 1}'s {what} so that earlier text changes; "
+                         "its assistant turns cannot be located (use template.kind=paper)")
+
+
+def check_roles(messages: Sequence[Message], last: str) -> None:
+    """An optional system message first, then user and assistant turns alternating from a
+    user turn, all with text, ending with a `last` turn."""
+    turns = list(messages)
+    if turns and turns[0].get("role") == SYSTEM:
+        turns = turns[1:]
+    if not turns:
+        raise ValueError("expected at least one user turn")
+    for index, message in enumerate(turns):
+        expected = USER if index % 2 == 0 else ASSISTANT
+        if message.get("role") != expected:
+            raise ValueError(f"expected a {expected!r} turn at position {index + 1}, got {message.get('role')!r} "
+                             "(after an optional system message, turns alternate user/assistant)")
+        if not isinstance(message.get("content"), str) or not message["content"].strip():
+            raise ValueError(f"expected text in the {expected} turn at position {index + 1}")
+    if turns[-1]["role"] != last:
+        raise ValueError(f"expected the conversation to end with a {last!r} turn")

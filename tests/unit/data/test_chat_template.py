@@ -1,0 +1,120 @@
+"""Chat-template rendering and the assistant-token loss mask against transformers'
+`apply_chat_template`, on a Llama-3-style and a ChatML (Qwen2-style) template."""
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.data.chat_template import JinjaChat
+from offline_rlhf.data.tokenize import IGNORE_INDEX, encode_chat, encode_chat_prompt
+from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
+
+# The structure of the two template families real checkpoints ship (written for this test).
+# `{% generation %}` marks what transformers' assistant mask covers, the same text our
+# spans cover: the assistant content and its end-of-turn marker.
+LLAMA3 = ("{{- bos_token }}{%- for m in messages %}"
+          "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+          "{%- if m['role'] == 'assistant' %}"
+          "{% generation %}{{- m['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+          "{%- else %}{{- m['content'] | trim + '<|eot_id|>' }}{%- endif %}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+CHATML = ("{%- for m in messages %}{%- if loop.first and m['role'] != 'system' %}"
+          "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+          "{{- '<|im_start|>' + m['role'] + '\\n' }}"
+          "{%- if m['role'] == 'assistant' %}{% generation %}{{- m['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
+          "{%- else %}{{- m['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+SPECIALS = ("<|pad|>", "<|begin_of_text|>", "<|eos|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+            "<|im_start|>", "<|im_end|>")
+SINGLE = [{"role": "user", "content": "What is a cat?"}, {"role": "assistant", "content": "A small animal."}]
+MULTI = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."},
+         {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And another one?"},
+         {"role": "assistant", "content": "Green, the colour of grass."}]
+CONVERSATIONS = [SINGLE, MULTI, MULTI[1:]]
+
+
+@pytest.fixture(scope="module", params=[LLAMA3, CHATML], ids=["llama3", "chatml"])
+def tokenizers(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    text = " ".join(m["content"] for c in CONVERSATIONS for m in c) + " system user assistant helpful\n"
+    (folder / "corpus.txt").write_text(text * 20)
+    ours = train_bpe_tokenizer([folder / "corpus.txt"], 400, folder / "tok", special_tokens=SPECIALS)
+    ours.config["chat_template"] = request.param
+    ours.save(folder / "tok")
+    return Tokenizer.from_dir(folder / "tok"), PreTrainedTokenizerFast.from_pretrained(folder / "tok")
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["single", "multi", "multi_no_system"])
+def test_rendering_and_tokens_equal_apply_chat_template(tokenizers, messages):
+    ours, hf = tokenizers
+    chat = JinjaChat.of(ours.config)
+    assert chat.render(messages) == hf.apply_chat_template(messages, tokenize=False)
+    prompt = messages[:-1]
+    assert chat.prompt(prompt) == hf.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    expected = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    sample = encode_chat(ours, chat, messages, 4096, "test")
+    assert list(sample.input_ids) == expected["input_ids"]
+    assert [label != IGNORE_INDEX for label in sample.labels] == [bool(m) for m in expected["assistant_masks"]]
+    assert [label for label in sample.labels if label != IGNORE_INDEX] == \
+        [token for token, m in zip(expected["input_ids"], expected["assistant_masks"]) if m]
+    assert encode_chat_prompt(ours, chat, prompt) == \
+        hf.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def test_one_loss_span_per_assistant_turn(tokenizers):
+    ours, _ = tokenizers
+    sample = encode_chat(ours, JinjaChat.of(ours.config), MULTI, 4096, "test")
+    trained = [label != IGNORE_INDEX for label in sample.labels]
+    starts = [i for i, flag in enumerate(trained) if flag and (i == 0 or not trained[i - 1])]
+    assert len(starts) == 2
+    assert ours.decode([t for t, keep in zip(sample.input_ids, trained) if keep], skip_special_tokens=False) == \
+        "Blue.{end}Green, the colour of grass.{end}".format(
+            end="<|eot_id|>" if "eot_id" in ours.config["chat_template"] else "<|im_end|>\n")
+
+
+def test_reward_prompt_follows_the_generation_prompt_unlabelled_and_matches_inference(tokenizers):
+    ours, _ = tokenizers
+    chat = JinjaChat.of(ours.config)
+    reward = "<rm_score> 1.5\n"
+    sample = encode_chat(ours, chat, SINGLE, 4096, "dt", response_prefix=reward)
+    prompt_ids = encode_chat_prompt(ours, chat, SINGLE[:1], reward)
+    assert list(sample.input_ids[:len(prompt_ids)]) == prompt_ids
+    assert all(label == IGNORE_INDEX for label in sample.labels[:len(prompt_ids)])
+    assert all(label != IGNORE_INDEX for label in sample.labels[len(prompt_ids):])
+    plain = encode_chat(ours, chat, SINGLE, 4096, "sft")
+    assert sample.response_tokens == plain.response_tokens
+
+
+def test_over_long_conversations_keep_the_last_answer(tokenizers):
+    ours, _ = tokenizers
+    chat = JinjaChat.of(ours.config)
+    whole = encode_chat(ours, chat, MULTI, 4096, "x")
+    cut = encode_chat(ours, chat, MULTI, 24, "x")
+    assert cut.truncated and len(cut) == 24
+    assert cut.labels[-4:] == whole.labels[-4:]
+    assert cut.input_ids == whole.input_ids[-24:]  # the oldest history goes first
+
+
+def test_roles_and_templates_are_checked(tokenizers):
+    ours, _ = tokenizers
+    chat = JinjaChat.of(ours.config)
+    with pytest.raises(ValueError, match="end with a 'assistant' turn"):
+        chat.conversation(SINGLE[:1])
+    with pytest.raises(ValueError, match="expected a 'user' turn at position 1"):
+        chat.prompt([{"role": "assistant", "content": "hi"}])
+    with pytest.raises(ValueError, match="expected text"):
+        chat.prompt([{"role": "user", "content": "  "}])
+    with pytest.raises(ConfigError, match="chat needs a chat_template"):
+        JinjaChat.of({"eos_token": "<|eos|>"})
+    rewriting = JinjaChat("{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% endif %}{% endfor %}")
+    with pytest.raises(ValueError, match="earlier text changes"):
+        rewriting.conversation(MULTI)
+
+
+def test_templates_run_sandboxed():
+    escape = JinjaChat("{{ messages.__class__.__mro__ }}")
+    with pytest.raises(ValueError, match="the chat template failed"):
+        escape.render(SINGLE)
+    failing = JinjaChat("{{ raise_exception('no system role') }}")
+    with pytest.raises(ValueError, match="no system role"):
+        failing.render(SINGLE)
