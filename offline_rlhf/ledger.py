@@ -20,12 +20,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.host import process_started_at
-from offline_rlhf.parallel.distributed import DistEnv
+
+if TYPE_CHECKING:  # no torch at import: torch-free stages (`orlhf judge`) keep rows too
+    import torch
+
+    from offline_rlhf.parallel.distributed import DistEnv
 
 LEDGER = "ledger.jsonl"
 HEARTBEAT_DIR = ".ledger"
@@ -76,8 +79,17 @@ class Usage:
                             "device_hours": self._row.devices * wall / 3600, "tokens": self.tokens})
 
 
+@dataclass(frozen=True)
+class OneProcess:
+    """The environment of a stage that runs in this one process on the CPU without torch."""
+
+    rank: int = 0
+    world_size: int = 1
+    is_main: bool = True
+
+
 @contextmanager
-def track(run_dir: str | Path, stage: str, env: DistEnv, device: torch.device):
+def track(run_dir: str | Path, stage: str, env: DistEnv | OneProcess, device: torch.device | str):
     """Time the block and append its row on rank 0, also when the stage fails.
     Each process drives one device (a GPU, or a CPU process slot), so devices = processes."""
     global _previous_end
@@ -113,12 +125,12 @@ def _beat_until(usage: Usage, stop: threading.Event) -> None:
             pass
 
 
-def _opening_row(stage: str, env: DistEnv, device: torch.device, started: float) -> LedgerRow:
+def _opening_row(stage: str, env: DistEnv | OneProcess, device: torch.device | str, started: float) -> LedgerRow:
     start = datetime.fromtimestamp(started, timezone.utc).isoformat()
     return LedgerRow(stage=stage, start=start, end="", status="running", nodes=node_count(env),
                      processes=env.world_size, devices=env.world_size, device_type=device_name(device),
                      wall_seconds=0.0, device_hours=0.0, tokens=0, job_id=os.environ.get("SLURM_JOB_ID"),
-                     gpus_per_node=torch.cuda.device_count() if device.type == "cuda" else None)
+                     gpus_per_node=_cuda().device_count() if _is_cuda(device) else None)
 
 
 def _recover_interrupted(run_dir: str | Path, heartbeat: Path) -> None:
@@ -127,11 +139,21 @@ def _recover_interrupted(run_dir: str | Path, heartbeat: Path) -> None:
         heartbeat.unlink()
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+def device_name(device: torch.device | str) -> str:
+    return _cuda().get_device_name(device) if _is_cuda(device) else "cpu"
 
 
-def node_count(env: DistEnv, environ=os.environ) -> int:
+def _is_cuda(device: torch.device | str) -> bool:
+    return getattr(device, "type", device) == "cuda"
+
+
+def _cuda():
+    import torch  # only where a CUDA device exists, so torch is loaded already
+
+    return torch.cuda
+
+
+def node_count(env: DistEnv | OneProcess, environ=os.environ) -> int:
     if "SLURM_NNODES" in environ:
         return int(environ["SLURM_NNODES"])
     per_node = int(environ.get("LOCAL_WORLD_SIZE", env.world_size))

@@ -1,0 +1,130 @@
+"""A plain OpenAI chat-completions client for the judge (`POST {base_url}/chat/completions`,
+non-streaming), with retries and exponential backoff on HTTP 429, 5xx, timeouts and refused
+connections. The API key travels only in the Authorization header; no message here ever
+contains it. Failures that retrying cannot fix are one-line ConfigErrors naming the key."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.judging import JudgeEndpointConfig
+
+MAX_RETRY_AFTER_S = 60.0  # a server's Retry-After is honoured up to this
+SNIPPET = 200  # characters of an error body quoted in a message
+
+
+@dataclass(frozen=True)
+class Reply:
+    content: str
+    retries: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def api_key(cfg: JudgeEndpointConfig) -> str | None:
+    """The key from the environment variable `judge.api_key_env` names (None when unset)."""
+    if not cfg.api_key_env:
+        return None
+    key = os.environ.get(cfg.api_key_env, "")
+    if not key:
+        raise ConfigError("judge.api_key_env", f"the environment variable {cfg.api_key_env} is not set or empty",
+                          f"export {cfg.api_key_env}=..., or leave judge.api_key_env empty for a keyless endpoint")
+    return key
+
+
+class JudgeClient:
+    """Use as `async with JudgeClient(cfg, key) as client: reply = await client.chat(messages)`."""
+
+    def __init__(self, cfg: JudgeEndpointConfig, key: str | None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        self.cfg = cfg
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._sleep = sleep
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> JudgeClient:
+        limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
+        # trust_env=False: no proxy or netrc credentials from the environment join the request.
+        self._http = httpx.AsyncClient(timeout=self.cfg.timeout_s, limits=limits, trust_env=False)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._http.aclose()
+
+    async def chat(self, messages: list[dict[str, str]]) -> Reply:
+        body = {"model": self.cfg.model, "messages": messages, "n": 1,
+                "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
+        for attempt in range(self.cfg.max_retries + 1):
+            problem, wait = await self._try(body)
+            if isinstance(problem, Reply):
+                return Reply(problem.content, attempt, problem.prompt_tokens, problem.completion_tokens)
+            if attempt < self.cfg.max_retries:
+                await self._sleep(wait if wait is not None else self.cfg.backoff_s * 2 ** attempt)
+        raise ConfigError("judge.max_retries", f"{self.url}: {problem} on all {self.cfg.max_retries + 1} tries",
+                          "the judgments made so far are saved: rerun later to send only the missing ones, "
+                          "or raise judge.max_retries")
+
+    async def _try(self, body: dict) -> tuple[Reply | str, float | None]:
+        """One request: (the reply, None), or (why it failed, seconds to wait) when retrying
+        can help. Raises ConfigError when it cannot."""
+        try:
+            response = await self._http.post(self.url, json=body, headers=self._headers)
+        except httpx.TimeoutException:
+            return f"no answer within judge.timeout_s={self.cfg.timeout_s:g}s", None
+        except httpx.TransportError as exc:
+            return f"cannot connect ({type(exc).__name__})", None
+        if response.status_code == 200:
+            return _reply(response, self.url), None
+        if response.status_code == 429 or response.status_code >= 500:
+            return f"HTTP {response.status_code}", _retry_after(response)
+        raise _refusal(response, self.url)
+
+
+def _reply(response: httpx.Response, url: str) -> Reply:
+    try:
+        data = response.json()
+        content = data["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise ConfigError("judge.base_url", f"{url} answered without choices[0].message.content "
+                          f"({_snippet(response)})", "point it at an OpenAI-compatible chat-completions server")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return Reply(content, 0, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+
+
+def _count(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S) if seconds == seconds else None
+
+
+def _refusal(response: httpx.Response, url: str) -> ConfigError:
+    code, snippet = response.status_code, _snippet(response)
+    if code in (401, 403):
+        key, fix = "judge.api_key_env", "name the variable holding a valid key"
+    elif code in (404, 405):
+        key, fix = "judge.base_url", "check judge.base_url (it ends before /chat/completions) and judge.model"
+    elif "max_tokens" in response.text or "context" in response.text:
+        key, fix = "judge.max_tokens", "the prompt plus judge.max_tokens must fit the judge's context: lower it, " \
+            "or use a judge with a longer context"
+    else:
+        key, fix = "judge.model", "check judge.model and the endpoint's limits"
+    return ConfigError(key, f"{url} answered HTTP {code}: {snippet}", fix)
+
+
+def _snippet(response: httpx.Response) -> str:
+    return " ".join(response.text.split())[:SNIPPET] or "empty body"

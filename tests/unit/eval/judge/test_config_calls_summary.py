@@ -1,0 +1,147 @@
+"""The judge's config checks, its durable call log, and its summary statistics on small
+hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from offline_rlhf.config.compose import compose_stage
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.judging import JudgeConfig
+from offline_rlhf.data.errors import DataError
+from offline_rlhf.eval.judge.calls import Answered, CallLog, call_key
+from offline_rlhf.eval.judge.inputs import read_answers, read_questions
+from offline_rlhf.eval.judge.runner import key_exposure
+from offline_rlhf.eval.judge.summary import pairwise_summary, paper_summary, single_summary
+
+BASE = ["questions=q.jsonl", "judge.model=judge-x", "judge_prompts=p.jsonl"]
+
+
+def compose(*overrides):
+    return compose_stage("judge", JudgeConfig, [*BASE, *overrides])
+
+
+def test_the_shipped_defaults_compose():
+    cfg = compose()
+    assert cfg.format == "single" and cfg.baseline == "sft" and len(cfg.answers) == 4
+    assert cfg.judge.temperature == 0.0 and cfg.judge.max_tokens == 2048
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["judge.base_url=ftp://host/v1"], "judge.base_url"),
+    (["judge.base_url='http://h/v1?x=1'"], "judge.base_url"),
+    (["judge.base_url='http://user:pw@h/v1'"], "judge.base_url"),
+    (["judge.base_url=''"], "judge.base_url"),
+    (["judge.api_key_env=sk-live-123"], "judge.api_key_env"),
+    (["judge.concurrency=0"], "judge.concurrency"),
+    (["judge.timeout_s=0"], "judge.timeout_s"),
+    (["judge.max_retries=-1"], "judge.max_retries"),
+    (["judge.temperature=-0.5"], "judge.temperature"),
+    (["format=elo"], "format"),
+    (["baseline=gpt-5"], "baseline"),
+    (["judge_prompts=''"], "judge_prompts"),
+    (["answers=[{model: a, path: x}]", "format=pairwise", "baseline=''"], "answers"),
+    (["answers=[{model: a, path: x}, {model: a, path: y}]", "baseline=''"], "answers"),
+])
+def test_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        compose(*overrides)
+    assert err.value.key == key
+
+
+def test_the_paper_format_needs_no_fastchat_prompts():
+    assert compose("judge_prompts=''", "format=paper").format == "paper"
+
+
+def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_is_an_error(tmp_path):
+    log = CallLog(tmp_path / "calls.jsonl")
+    log.append(Answered("k1", "Rating: [[3]]", 1, 10, 5, 1.0))
+    with open(log.path, "a") as handle:
+        handle.write('{"key": "k2", "judgment": "Rat')  # killed mid-write
+    again = CallLog(log.path)
+    assert list(again.answered) == ["k1"] and again.answered["k1"].retries == 1
+    again.append(Answered("k3", "x", 0, 0, 0, 2.0))
+    assert [json.loads(line)["key"] for line in log.path.read_text().splitlines()] == ["k1", "k3"]
+    log.path.write_text('{"key": 1}\n' + log.path.read_text())
+    with pytest.raises(DataError, match=r"calls.jsonl:1: expected a judge call"):
+        CallLog(log.path)
+
+
+def test_the_call_key_covers_everything_that_changes_the_reply():
+    chat = [{"role": "user", "content": "hi"}]
+    key = call_key("m", chat, 0.0, 10)
+    assert key == call_key("m", [dict(chat[0])], 0.0, 10)
+    assert len({key, call_key("m2", chat, 0.0, 10), call_key("m", chat, 0.5, 10), call_key("m", chat, 0.0, 11),
+                call_key("m", [{"role": "user", "content": "hi!"}], 0.0, 10)}) == 5
+
+
+def test_eval_answers_match_questions_by_prompt_and_fastchat_ones_by_id(write_file):
+    questions = read_questions(write_file("q.jsonl", '{"question_id": 7, "category": "x", "turns": ["  Hi? "]}',
+                                          '{"question_id": 8, "turns": ["Two", "turns"]}'))
+    evaluated = read_answers(write_file("a.jsonl", '{"prompt": "Hi?", "response": " ans "}',
+                                        '{"prompt": "other", "response": "r"}'), questions)
+    assert evaluated.turns == {7: (" ans ",)} and evaluated.unmatched == 1
+    fastchat = read_answers(write_file("f.jsonl", '{"question_id": 8, "choices": [{"turns": ["a", "b"]}]}'),
+                            questions)
+    assert fastchat.turns == {8: ("a", "b")}
+    with pytest.raises(DataError, match=r"d.jsonl:2: expected one answer per question"):
+        read_answers(write_file("d.jsonl", *['{"question_id": 8, "choices": [{"turns": ["a"]}]}'] * 2), questions)
+    with pytest.raises(DataError, match=r"b.jsonl:1: expected a FastChat answer"):
+        read_answers(write_file("b.jsonl", '{"text": "x"}'), questions)
+    with pytest.raises(DataError, match=r"r.jsonl:2: expected a new question_id"):
+        read_questions(write_file("r.jsonl", *['{"question_id": 1, "turns": ["a"]}'] * 2))
+
+
+def single(qid, model, score, turn=1):
+    return {"question_id": qid, "model": model, "score": score, "turn": turn}
+
+
+def test_single_summary_pairs_with_the_baseline_on_the_same_questions():
+    records = [single(1, "a", 8), single(2, "a", 6), single(3, "a", 9), single(4, "a", -1),
+               single(1, "b", 7), single(2, "b", 6), single(3, "b", 5), single(4, "b", 4), single(1, "b", 3, turn=2)]
+    summary = single_summary(records, ["a", "b"], "b")
+    assert summary["models"]["a"]["mean"] == pytest.approx(23 / 3) and summary["models"]["a"]["n"] == 3
+    assert summary["models"]["b"]["by_turn"] == {"1": pytest.approx({"mean": 5.5, "stderr": 0.6454972, "n": 4}),
+                                                 "2": {"mean": 3, "stderr": 0.0, "n": 1}}
+    assert summary["parse_failures"] == 1
+    vs = summary["vs_baseline"]["a"]
+    # Differences on questions 1-3 (4 has no parsed score for a): 1, 0, 4.
+    assert vs["n"] == 3 and vs["mean_difference"] == pytest.approx(5 / 3)
+    assert vs["difference_stderr"] == pytest.approx(((1 - 5 / 3) ** 2 + (5 / 3) ** 2 + (4 - 5 / 3) ** 2) ** 0.5
+                                                    / 2 ** 0.5 / 3 ** 0.5)
+    assert (vs["win"], vs["tie"], vs["loss"], vs["win_rate"]) == pytest.approx((2 / 3, 1 / 3, 0, 5 / 6))
+    assert vs["win_interval"][0] <= vs["win"] <= vs["win_interval"][1]
+
+
+def game(g1, g2, qid=1):
+    return {"question_id": qid, "model_1": "a", "model_2": "base", "g1_winner": g1, "g2_winner": g2, "turn": 1}
+
+
+def test_pairwise_order_flips_count_as_ties_and_unreadable_games_are_left_out():
+    records = [game("model_1", "model_1"), game("model_1", "model_2"), game("tie", "tie"), game("model_2", "model_2"),
+               game("model_1", "tie"), game("error", "model_1"), game("model_1", "model_1")]
+    summary = pairwise_summary(records)
+    row = summary["games"][0]
+    assert (row["model"], row["opponent"], row["n"]) == ("a", "base", 6)
+    assert (row["win"], row["tie"], row["loss"]) == pytest.approx((2 / 6, 3 / 6, 1 / 6))
+    assert row["inconsistent"] == 2 and summary["inconsistency_rate"] == pytest.approx(2 / 6)
+    assert summary["parse_failures"] == 1 and summary["games_with_unreadable_verdicts"] == 1
+
+
+def test_paper_summary_reports_raw_and_rank_scores():
+    records = [{**single(1, "a", 9), "rank_score": 2.0}, {**single(1, "b", 4), "rank_score": 1.0},
+               {**single(2, "a", -1), "rank_score": None}, {**single(2, "b", 6), "rank_score": None}]
+    summary = paper_summary(records, ["a", "b"], "")
+    assert summary["models"]["a"]["mean"] == 9 and summary["models"]["b"]["mean"] == 5
+    assert summary["models"]["b"]["rank_score"]["mean"] == 1.0 and summary["questions_unranked"] == 1
+    assert summary["parse_failures"] == 1 and summary["vs_baseline"] == {}
+
+
+def test_a_key_sent_over_plain_http_to_another_host_is_warned_about():
+    remote = compose("judge.base_url=http://judge.example.org/v1")
+    assert "over plain http" in key_exposure(remote, "k")
+    assert key_exposure(remote, None) is None
+    assert key_exposure(compose("judge.base_url=https://judge.example.org/v1"), "k") is None
+    assert key_exposure(compose("judge.base_url=http://127.0.0.1:8000/v1"), "k") is None
