@@ -1,25 +1,129 @@
 """What the stages share below their `main`s: where a stage's architecture, tokenizer and
-weights come from, the resume fingerprint that keeps a rerun from mixing two experiments,
-and the DONE marker that ends a stage."""
+weights come from (Hugging Face models imported on the fly included), the resume
+fingerprint that keeps a rerun from mixing two experiments, and the DONE marker that ends
+a stage."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import hashlib
+import tempfile
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from offline_rlhf.checkpoint import TOKENIZER_DIR, CheckpointMeta, load_checkpoint, read_meta, resolve_checkpoint
+from offline_rlhf.checkpoint import (
+    TOKENIZER_DIR,
+    CheckpointMeta,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from offline_rlhf.config.base import freeze
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import InitConfig, ModelConfig
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.fsutil import write_atomic
+from offline_rlhf.host import acquire_stage_lock, release_stage_lock
+from offline_rlhf.hub import TOKENIZER_FILES, parse_repo_id, resolve_dir
+from offline_rlhf.models.hf import (
+    CONFIG_FILE,
+    HFWeights,
+    copy_tokenizer_files,
+    hf_head,
+    load_hf_weights,
+    read_hf_config,
+)
+from offline_rlhf.models.llama import Transformer
 from offline_rlhf.parallel.parallelize import build_inference_model
 from offline_rlhf.runtime import DONE, Runtime
 
+IMPORTED_DIR = "imported"  # run_dir/imported/<model>: Hugging Face init checkpoints, imported once per run
+IMPORT_POLL_SECONDS = 2.0  # how often a process waits on another one's import
+
+
+def empty_model(cfg: ModelConfig, head: str) -> Transformer:
+    """A CPU fp32 model with uninitialized weights: every parameter is about to be loaded,
+    so random init (minutes for 8B) would be wasted."""
+    with torch.device("meta"):
+        model = Transformer(cfg, head)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_buffers("cpu")
+    return model
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, head: str = "lm") -> tuple[Path, str]:
+    """A Hugging Face directory (config.json, safetensors, tokenizer files) as our checkpoint
+    `out/step_00000000/` in fp32. Returns its path and a line saying what was imported."""
+    cfg = read_hf_config(hf_dir)
+    model = empty_model(cfg, head)
+    load_hf_weights(model, HFWeights(hf_dir))
+    meta = CheckpointMeta(model=cfg, head=head, train_state=TrainState(step=0))
+    with tempfile.TemporaryDirectory() as staging:
+        # save_checkpoint copies a whole folder; stage only the tokenizer files, not the weights.
+        copied = copy_tokenizer_files(hf_dir, staging)
+        path = save_checkpoint(out, model, meta, tokenizer_dir=staging if copied else None)
+    return path, (f"imported {hf_dir} -> {path}: {num_params(model):,} parameters, {cfg.n_layers} layers, head={head}, "
+                  f"tokenizer files {copied or 'none'}")
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def local_init(init: InitConfig, run_dir: str | Path) -> InitConfig:
+    """`init` with Hugging Face sources made local: a hub tokenizer becomes its snapshot
+    folder; a hub repo id or local HF directory in `checkpoint` becomes its import under
+    `run_dir/imported/` (made once; later stages and reruns of the run reuse it)."""
+    tokenizer = init.tokenizer
+    if parse_repo_id(tokenizer):
+        tokenizer = str(resolve_dir(tokenizer, "init.tokenizer", TOKENIZER_FILES))
+    checkpoint = init.checkpoint
+    if parse_repo_id(checkpoint) or (Path(checkpoint) / CONFIG_FILE).is_file():
+        checkpoint = str(imported_checkpoint(checkpoint, run_dir))
+    return freeze(replace(init, checkpoint=checkpoint, tokenizer=tokenizer))
+
+
+def imported_checkpoint(source: str, run_dir: str | Path, key: str = "init.checkpoint") -> Path:
+    """The checkpoint imported from `source` (hub repo id or local HF directory) into
+    `run_dir/imported/`. One process imports under the folder's lock; the others (ranks of
+    the same job, stages started together) wait for its result instead of importing again."""
+    out = Path(run_dir) / IMPORTED_DIR / _import_folder_name(source)
+    while (done := latest_checkpoint(out)) is None:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock, _ = acquire_stage_lock(out, "import")
+        except ConfigError:  # another process holds the lock: it is importing this model
+            time.sleep(IMPORT_POLL_SECONDS)
+            continue
+        try:
+            if latest_checkpoint(out) is None:
+                hf_dir = resolve_dir(source, key)
+                print(f"{key}: " + import_hf(hf_dir, out, hf_head(hf_dir))[1], flush=True)
+        finally:
+            release_stage_lock(lock)
+    return done
+
+
+def _import_folder_name(source: str) -> str:
+    """`org--name[--revision]` for a repo id; for a local folder its name plus a hash of
+    its absolute path, so two folders of one name do not share an import."""
+    ref = parse_repo_id(source)
+    if ref is not None:
+        return ref.folder_name
+    path = Path(source).resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
 
 def model_config(init: InitConfig, configured: ModelConfig) -> ModelConfig:
-    """An init checkpoint fixes the architecture; `model=` applies to random init only."""
+    """An init checkpoint fixes the architecture; `model=` applies to random init only.
+    `init` has been through `local_init` (its checkpoint is a local one of ours)."""
     return read_meta(resolve_checkpoint(init.checkpoint, "init.checkpoint")).model if init.checkpoint else configured
 
 

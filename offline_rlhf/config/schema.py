@@ -9,6 +9,7 @@ Per-piece checks live in `__post_init__`; checks that need the world size live i
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -117,7 +118,10 @@ class TemplateConfig(Frozen):
 
 # The reader names of offline_rlhf.data (SFT and preference families); a test keeps them in sync.
 SFT_FORMATS = ("oasst", "dolly", "flan_cot", "self_instruct", "jsonl", "hf")
-PREFERENCE_FORMATS = ("hh_rlhf", "oasst", "jsonl")
+PREFERENCE_FORMATS = ("hh_rlhf", "oasst", "jsonl", "hf")
+# How `format: hf` rows are parsed, per family (offline_rlhf.data.hub_datasets); `auto` picks from the columns.
+HF_SFT_LAYOUTS = ("columns", "messages", "dolly", "oasst")
+HF_PREFERENCE_LAYOUTS = ("columns", "messages", "hh_rlhf", "oasst")
 
 
 def check_formats(sources, allowed: tuple[str, ...], family: str) -> None:
@@ -130,17 +134,24 @@ def check_formats(sources, allowed: tuple[str, ...], family: str) -> None:
 @dataclass
 class SourceConfig(Frozen):
     """One dataset in a mix. `format` names a reader (oasst, dolly, flan_cot, self_instruct,
-    jsonl, hf for SFT; hh_rlhf, oasst, jsonl for preferences)."""
+    jsonl, hf for SFT; hh_rlhf, oasst, jsonl, hf for preferences). `hf` reads through the
+    `datasets` package (the `hub` extra): `path` is a hub dataset id `org/name[@revision]`,
+    or a local dataset folder or parquet/JSON/JSONL/CSV file; `layout` says how its rows
+    read (auto: from the columns)."""
 
     name: str = ""
     format: str = "jsonl"
     path: str = ""
     weight: float = 1.0
-    prompt_key: str = "prompt"  # jsonl/hf readers
+    prompt_key: str = "prompt"  # jsonl/hf readers: column names
     response_key: str = "response"
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
-    split: str = "train"  # hf reader
+    messages_key: str = "messages"  # hf, layout messages: the [{role, content}, ...] column (SFT)
+    split: str = "train"  # hf: the split to read (train, test, train_prefs, ...)
+    subset: str = ""  # hf: the dataset's configuration name; "" for its default
+    data_dir: str = ""  # hf: a folder inside the dataset (hh-rlhf's harmless-base, ...); "" for all
+    layout: str = "auto"  # hf: auto, columns, messages, dolly, oasst (SFT) / hh_rlhf (preference)
 
     def __post_init__(self):
         if not self.path:
@@ -151,6 +162,10 @@ class SourceConfig(Frozen):
                               f"use one of {', '.join(sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)))}")
         if self.weight <= 0:
             raise ConfigError(f"data.sources[{self.name or self.path}].weight", f"must be > 0, got {self.weight}")
+        layouts = ("auto",) + HF_SFT_LAYOUTS + tuple(x for x in HF_PREFERENCE_LAYOUTS if x not in HF_SFT_LAYOUTS)
+        if self.layout not in layouts:
+            raise ConfigError(f"data.sources[{self.name or self.path}].layout", f"unknown layout {self.layout!r}",
+                              f"use one of {', '.join(layouts)}")
 
 
 @dataclass
@@ -241,19 +256,30 @@ class TrainConfig(Frozen):
 
 @dataclass
 class LoggingConfig(Frozen):
-    tensorboard: bool = False
-    wandb: bool = False
+    """metrics.jsonl always; TensorBoard and Weights & Biases when their extras are installed."""
+
+    tensorboard: bool = False  # event files in the stage folder's tensorboard/ (extra: tensorboard)
+    wandb: bool = False  # a wandb run per stage (extra: wandb; WANDB_MODE=offline on nodes without network)
     wandb_project: str = "offline-rlhf"
     progress: bool = True
+
+    def __post_init__(self):
+        # At config validation, so a missing package stops the stage before it loads any data.
+        for key in ("tensorboard", "wandb"):
+            if getattr(self, key) and importlib.util.find_spec(key) is None:
+                raise ConfigError(f"logging.{key}", f"is true but the {key} package is not installed",
+                                  f"pip install 'offline-rlhf[{key}]', or set logging.{key}=false")
 
 
 @dataclass
 class InitConfig(Frozen):
     """Where the weights start: a checkpoint (root or step dir) from an earlier stage or
-    `orlhf convert import_hf`, or random (`checkpoint: ""`)."""
+    `orlhf convert import_hf`; a Hugging Face model, as a local folder (config.json and
+    safetensors) or a hub repo id `org/name[@revision]`, imported once into
+    `run_dir/imported/`; or random (`checkpoint: ""`). offline_rlhf.hub tells ids from paths."""
 
     checkpoint: str = ""
-    tokenizer: str = ""  # a tokenizer dir; default: the checkpoint's own tokenizer/
+    tokenizer: str = ""  # a tokenizer dir or hub repo id; default: the checkpoint's own tokenizer/
 
     def require_tokenizer_source(self) -> None:
         """Random weights come with no tokenizer: one must be named (checked without torch

@@ -90,7 +90,7 @@ class ConvertConfig(Frozen):
     """`orlhf convert import_hf hf_dir=... out=...` / `orlhf convert export_hf ckpt=... out=...`."""
 
     action: str = "import_hf"
-    hf_dir: str = ""
+    hf_dir: str = ""  # a Hugging Face model folder, or a hub repo id org/name[@revision] (safetensors only)
     ckpt: str = ""
     out: str = ""
     head: str = "lm"  # "value" imports/exports a sequence-classification (reward) model

@@ -2,7 +2,9 @@
 
 Each JSONL line is a tree whose `prompt` is the root message; a message has `role`
 (`prompter` | `assistant`), `text`, `replies`, and optionally `rank` (0 is best,
-null when unranked), `deleted` and `review_result`.
+null when unranked), `deleted` and `review_result`. The hub's oasst1/oasst2 hold the
+same messages as a flat table (one row per message, linked by `message_id` and
+`parent_id`); `trees_from_messages` rebuilds the trees from it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from os import PathLike
 from typing import Any
 
 from offline_rlhf.data.errors import Location
-from offline_rlhf.data.records import iter_json_objects, require_field, require_text
+from offline_rlhf.data.records import Records, iter_json_objects, require_field, require_text
+from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ASSISTANT, USER, Turn
 
 Message = dict[str, Any]
@@ -26,11 +29,42 @@ def iter_trees(path: str | PathLike) -> Iterator[tuple[Location, Message]]:
         yield where, require_field(tree, "prompt", dict, where)
 
 
+def trees_from_messages(rows: Records, skips: Skips) -> Iterator[tuple[Location, Message]]:
+    """(location of the root's row, root message) per tree of a flat message table, replies
+    in row order. Each row is checked where it stands (its role, text and rank); a reply
+    whose parent is not in the table (a split cut mid-tree) is unusable: skipped and counted."""
+    roots, children, located = [], {}, []
+    for where, row in rows:
+        message_id = require_field(row, "message_id", str, where)
+        parent = row.get("parent_id")
+        if parent is not None and not isinstance(parent, str):
+            raise where.error(f"expected 'parent_id' to be a message id or null (got {type(parent).__name__})")
+        require_field(row, "text", str, where)  # a blank text is judged where the tree uses it, as in files
+        role(row, where)
+        rank(row, where)
+        node = {**row, "replies": children.setdefault(message_id, [])}
+        located.append((where, node, parent))
+        if parent is None:
+            roots.append((where, node))
+    for where, node, parent in located:
+        if parent is not None:
+            if parent in children:
+                children[parent].append(node)
+            else:
+                with skips.record():
+                    raise where.unusable(f"expected parent {parent!r} in the same split", "reply without its parent")
+    return iter(roots)
+
+
+def role(message: Message, where: Location) -> str:
+    value = require_field(message, "role", str, where)
+    if value not in ROLES:
+        raise where.error(f"expected 'role' to be one of {sorted(ROLES)} (got {value!r})")
+    return ROLES[value]
+
+
 def turn(message: Message, where: Location) -> Turn:
-    role = require_field(message, "role", str, where)
-    if role not in ROLES:
-        raise where.error(f"expected 'role' to be one of {sorted(ROLES)} (got {role!r})")
-    return ROLES[role], require_text(message, "text", where)
+    return role(message, where), require_text(message, "text", where)
 
 
 def turns(path: list[Message], where: Location) -> list[Turn]:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from offline_rlhf.config.schema import DataConfig, SourceConfig
+from offline_rlhf.data.hub_datasets import hub_options
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.preference_readers import PreferenceExample, read_preference_source
@@ -41,11 +42,11 @@ class PreferenceDataset:
 
 
 def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, Any]:
-    # Only the generic JSONL reader takes field names.
+    # Only the generic JSONL reader takes field names; `hf` also takes its hub options (split...).
     kwargs: dict[str, Any] = {"template": template}
     if source.format == "jsonl":
         kwargs.update(prompt_key=source.prompt_key, chosen_key=source.chosen_key, rejected_key=source.rejected_key)
-    return kwargs
+    return {**kwargs, **hub_options(source, "preference")}
 
 
 def encode_pair(tokenizer, template: ChatTemplate, example: PreferenceExample, max_len: int,

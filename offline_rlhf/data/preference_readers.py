@@ -2,7 +2,9 @@
 
 `prompt` is the folded conversation history (`ChatTemplate.fold_history`);
 `chosen` and `rejected` are the two competing final replies, stripped. `source`
-is `{format}:{file name}:{line}`.
+is `{format}:{file name}:{line}` (`hf:{dataset}:{split}:{row}` through `datasets`).
+As for SFT, each format's parsing is one function over records, shared by files and
+hub datasets.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from offline_rlhf.data import oasst
+from offline_rlhf.data import hub_datasets, oasst
 from offline_rlhf.data.errors import Location
-from offline_rlhf.data.records import fold_at, iter_json_objects, require_field, select_reader
+from offline_rlhf.data.records import (
+    Records,
+    fold_at,
+    iter_json_objects,
+    require_field,
+    require_messages,
+    require_text,
+    select_reader,
+)
 from offline_rlhf.data.skips import Skips, require_texts, strict_or
 from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn
 
@@ -83,9 +93,12 @@ def read_hh_rlhf(path: str | os.PathLike, template: ChatTemplate = ChatTemplate(
     (it may be empty: a labeller can prefer an empty reply). Identical replies are
     counted into `skips` (None: an error, as for every reader here).
     """
-    tag, skips = f"hh_rlhf:{Path(path).name}", strict_or(skips)
+    return hh_pairs(iter_json_objects(path), template, strict_or(skips), f"hh_rlhf:{Path(path).name}")
+
+
+def hh_pairs(records: Records, template: ChatTemplate, skips: Skips, tag: str) -> list[PreferenceExample]:
     examples = []
-    for where, record in iter_json_objects(path):
+    for where, record in records:
         chosen = require_field(record, "chosen", str, where)
         rejected = require_field(record, "rejected", str, where)
         end = _hh_prompt_end(chosen, rejected, where)
@@ -124,9 +137,12 @@ def read_oasst_pairs(path: str | os.PathLike, template: ChatTemplate = ChatTempl
     folded history from the root to that message. A tree with a blank message is
     skipped whole, an identical pair alone; both counted into `skips`.
     """
-    tag, skips = f"oasst:{Path(path).name}", strict_or(skips)
+    return oasst_pairs(oasst.iter_trees(path), template, strict_or(skips), f"oasst:{Path(path).name}")
+
+
+def oasst_pairs(trees: Records, template: ChatTemplate, skips: Skips, tag: str) -> list[PreferenceExample]:
     pairs = []
-    for where, root in oasst.iter_trees(path):
+    for where, root in trees:
         with skips.record():
             pairs.extend(_oasst_tree_pairs(root, where, template, tag, skips))
     return pairs
@@ -142,19 +158,73 @@ def read_preference_jsonl(
 ) -> list[PreferenceExample]:
     """Any JSONL with a single-turn prompt and two replies per line, under the given field names.
     Blank fields and identical replies are counted into `skips` (None: an error)."""
-    tag, skips = f"jsonl:{Path(path).name}", strict_or(skips)
+    return keyed_pairs(iter_json_objects(path), prompt_key, chosen_key, rejected_key, template, strict_or(skips),
+                       f"jsonl:{Path(path).name}")
+
+
+def keyed_pairs(records: Records, prompt_key: str, chosen_key: str, rejected_key: str, template: ChatTemplate,
+                skips: Skips, tag: str) -> list[PreferenceExample]:
     examples = []
-    for where, record in iter_json_objects(path):
+    for where, record in records:
         with skips.record():
             prompt, chosen, rejected = require_texts(record, (prompt_key, chosen_key, rejected_key), where)
             examples.append(_pair(fold_at(template, [(USER, prompt)], where), chosen, rejected, where, tag))
     return examples
 
 
+def chat_pairs(records: Records, prompt_key: str, chosen_key: str, rejected_key: str, template: ChatTemplate,
+               skips: Skips, tag: str) -> list[PreferenceExample]:
+    """Chosen and rejected as chat-format conversations (UltraFeedback binarized): both end
+    with the assistant reply and share the turns before it, the prompt; a conversation of
+    the reply alone takes its prompt from `prompt_key`."""
+    examples = []
+    for where, record in records:
+        with skips.record():
+            chosen = require_messages(record, chosen_key, where)
+            rejected = require_messages(record, rejected_key, where)
+            if chosen[-1][0] != ASSISTANT or rejected[-1][0] != ASSISTANT:
+                raise where.error(f"expected {chosen_key!r} and {rejected_key!r} to end with an assistant message")
+            if chosen[:-1] != rejected[:-1]:
+                raise where.error(f"expected {chosen_key!r} and {rejected_key!r} to share the messages before "
+                                  "their last one")
+            history = chosen[:-1] or [(USER, require_text(record, prompt_key, where))]
+            examples.append(_pair(fold_at(template, history, where), chosen[-1][1], rejected[-1][1], where, tag))
+    return examples
+
+
+def read_hf_preferences(
+    path: str,
+    split: str = "train",
+    subset: str = "",
+    data_dir: str = "",
+    layout: str = "auto",
+    prompt_key: str = "prompt",
+    chosen_key: str = "chosen",
+    rejected_key: str = "rejected",
+    template: ChatTemplate = ChatTemplate(),
+    skips: Skips | None = None,
+) -> list[PreferenceExample]:
+    """A preference split read through `datasets` (a hub repo id, or a local folder or file),
+    parsed by `layout` (`auto`: from its columns, see `hub_datasets.detect_layout`):
+    `hh_rlhf` (transcripts), `columns` (prompt/chosen/rejected text), `messages` (chosen and
+    rejected conversations, UltraFeedback binarized) or `oasst` (oasst1/oasst2 rankings)."""
+    rows = hub_datasets.load_split(path, split, subset, data_dir)
+    layout = hub_datasets.detect_layout(rows, "preference", layout, prompt_key=prompt_key, chosen_key=chosen_key,
+                                        rejected_key=rejected_key)
+    tag, skips = f"hf:{rows.name}", strict_or(skips)
+    if layout == "oasst":
+        return oasst_pairs(oasst.trees_from_messages(rows.records(), skips), template, skips, tag)
+    if layout == "hh_rlhf":
+        return hh_pairs(rows.records(), template, skips, tag)
+    read = chat_pairs if layout == "messages" else keyed_pairs
+    return read(rows.records(), prompt_key, chosen_key, rejected_key, template, skips, tag)
+
+
 PREFERENCE_READERS: dict[str, Callable[..., list[PreferenceExample]]] = {
     "hh_rlhf": read_hh_rlhf,
     "oasst": read_oasst_pairs,
     "jsonl": read_preference_jsonl,
+    "hf": read_hf_preferences,
 }
 
 

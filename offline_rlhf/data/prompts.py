@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from offline_rlhf.data.hub_datasets import COLUMN_KEYS, hub_options, load_split
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.preference_readers import read_preference_source
 from offline_rlhf.data.records import iter_json_objects, require_text
@@ -25,16 +26,30 @@ def read_prompt_file(path: str, prompt_key: str = "prompt") -> list[str]:
     return [require_text(record, prompt_key, where) for where, record in iter_json_objects(path)]
 
 
-def read_prompts(kind: str, format: str, path: str, template: ChatTemplate, prompt_key: str = "prompt") -> list[str]:
-    """kind `prompts`: a JSONL file of {prompt_key: text}; kind `sft` / `preference`: the
-    prompts of a dataset read with that family's reader for `format`."""
+def read_prompts(kind: str, format: str, path: str, template: ChatTemplate, prompt_key: str = "prompt",
+                 **hub: str) -> list[str]:
+    """kind `prompts`: a JSONL file of {prompt_key: text}, or with format `hf` that column of
+    a dataset split; kind `sft` / `preference`: the prompts of a dataset read with that
+    family's reader for `format`. `hub` holds the `format: hf` options (`hub_options`)."""
     if kind == "prompts":
+        if format == "hf":
+            rows = load_split(path, **{key: hub[key] for key in ("split", "subset", "data_dir") if key in hub})
+            return [require_text(record, prompt_key, where) for where, record in rows.records()]
         return read_prompt_file(path, prompt_key)
+    options = {"prompt_key": prompt_key, **hub} if format == "hf" else {}
     if kind == "sft":
-        return [e.prompt for e in read_sft_source(format, path, template=template)]
+        return [e.prompt for e in read_sft_source(format, path, template=template, **options)]
     if kind == "preference":
-        return [e.prompt for e in read_preference_source(format, path, template=template)]
+        return [e.prompt for e in read_preference_source(format, path, template=template, **options)]
     raise ValueError(f"unknown prompt source kind {kind!r}; expected one of {PROMPT_KINDS}")
+
+
+def read_prompt_source(source, template: ChatTemplate) -> list[str]:
+    """`read_prompts` for a prompt source config (kind, format, path, prompt_key and, for
+    format hf, the hub options and column names it carries)."""
+    hub = hub_options(source, source.kind if source.kind in COLUMN_KEYS else "prompts")
+    return read_prompts(source.kind, source.format, source.path, template,
+                        **{"prompt_key": source.prompt_key, **hub})
 
 
 def mix_prompts(sources: list[tuple[str, list[str], float]], total: int | None, seed: int) -> tuple[list[Prompt], dict]:

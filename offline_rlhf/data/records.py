@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from typing import Any, TypeVar
 
 from offline_rlhf.data.errors import DataError, Location
-from offline_rlhf.data.template import ChatTemplate, Turn
+from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn
 
 T = TypeVar("T")
+Records = Iterable[tuple[Location, dict[str, Any]]]  # what readers loop over: a file's lines or a dataset's rows
+SYSTEM = "system"
+_MESSAGE_ROLES = {"user": USER, "assistant": ASSISTANT}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -125,6 +128,28 @@ def require_text(record: Mapping[str, Any], key: str, where: Location, *, allow_
         # Well-formed but unusable: a dataset builder skips and counts it (data.skips).
         raise where.unusable(f"expected {key!r} to be non-empty text (blank)", f"blank {key!r}")
     return text
+
+
+def require_messages(record: Mapping[str, Any], key: str, where: Location) -> list[Turn]:
+    """record[key], a chat-format list of `{role, content}` messages, as turns. A leading
+    system message is put before the first user turn's text, a blank line apart (the
+    paper's template has no system turn). Roles other than system/user/assistant (tools)
+    and blank messages make the record unusable; a list of anything else is malformed."""
+    messages = require_field(record, key, list, where)
+    if not messages or not all(isinstance(message, dict) for message in messages):
+        raise where.error(f"expected {key!r} to be a non-empty list of {{role, content}} objects")
+    roles = [require_field(message, "role", str, where) for message in messages]
+    texts = [require_text(message, "content", where, allow_empty=True) for message in messages]
+    unknown = sorted(set(roles[1:] if roles[0] == SYSTEM else roles) - set(_MESSAGE_ROLES))
+    if unknown:
+        raise where.unusable(f"expected {key!r} roles to be user/assistant after an optional leading system "
+                             f"message (got {unknown})", f"{key!r} with other roles")
+    if any(not text for text in texts):
+        raise where.unusable(f"expected every message of {key!r} to have content (blank)", f"blank {key!r} message")
+    turns = [(_MESSAGE_ROLES[role], text) for role, text in zip(roles, texts) if role != SYSTEM]
+    if roles[0] == SYSTEM and turns:
+        turns[0] = (turns[0][0], f"{texts[0]}\n\n{turns[0][1]}")
+    return turns
 
 
 def fold_at(template: ChatTemplate, turns: Sequence[Turn], where: Location) -> str:

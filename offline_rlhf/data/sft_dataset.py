@@ -11,6 +11,7 @@ from typing import Any
 
 from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.errors import DataError
+from offline_rlhf.data.hub_datasets import hub_options
 from offline_rlhf.data.mixing import content_key, drop_duplicates, mix_sources, split_validation
 from offline_rlhf.data.packing import PackedSequence, pack_samples, unpacked
 from offline_rlhf.data.sft_readers import SFTExample, read_sft_source
@@ -35,13 +36,11 @@ def source_name(source: SourceConfig) -> str:
 
 
 def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, Any]:
-    # Only the keyed readers take field names; only `hf` takes a split.
+    # Only the keyed readers take field names; `hf` also takes its hub options (split...).
     kwargs: dict[str, Any] = {"template": template}
-    if source.format in ("jsonl", "hf"):
+    if source.format == "jsonl":
         kwargs.update(prompt_key=source.prompt_key, response_key=source.response_key)
-    if source.format == "hf":
-        kwargs["split"] = source.split
-    return kwargs
+    return {**kwargs, **hub_options(source, "sft")}
 
 
 def read_sources(cfg: DataConfig, read_one: Callable[[SourceConfig, Skips], list],

@@ -3,7 +3,13 @@
 `prompt` is the instruction string (a multi-turn history folded with
 `ChatTemplate.fold_history`, so `template.prompt_text(prompt)` renders it);
 `response` is the final assistant reply. Both are stripped. `source` is
-`{format}:{file name}:{line}` so every example can be traced to its record.
+`{format}:{file name}:{line}` so every example can be traced to its record
+(`hf:{dataset}:{split}:{row}` for datasets read through `datasets`).
+
+Each format's parsing is one function over records (`Records`: a file's lines or a
+dataset's rows), so a JSONL file and the same data on the Hugging Face hub share it.
+A multi-turn conversation gives one example per assistant turn, its history folded
+into the prompt.
 
 Every reader takes `skips`: a well-formed record that is unusable (a blank response)
 is counted there and skipped; with None (the default) it is an error, as malformed
@@ -18,13 +24,15 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from offline_rlhf.data import oasst
+from offline_rlhf.data import hub_datasets, oasst
 from offline_rlhf.data.errors import Location
 from offline_rlhf.data.records import (
+    Records,
     fold_at,
     iter_json_objects,
     iter_tsv_rows,
     require_field,
+    require_messages,
     require_text,
     select_reader,
 )
@@ -57,9 +65,12 @@ def read_oasst(path: str | PathLike, template: ChatTemplate = ChatTemplate(),
     Every assistant message on that path is one example whose prompt is the
     folded history before it.
     """
-    tag, skips = f"oasst:{Path(path).name}", strict_or(skips)
+    return oasst_examples(oasst.iter_trees(path), template, strict_or(skips), f"oasst:{Path(path).name}")
+
+
+def oasst_examples(trees: Records, template: ChatTemplate, skips: Skips, tag: str) -> list[SFTExample]:
     examples = []
-    for where, root in oasst.iter_trees(path):
+    for where, root in trees:
         with skips.record():  # a blank message on the path skips its tree
             examples.extend(_oasst_examples(root, where, template, tag))
     return examples
@@ -77,9 +88,12 @@ def read_dolly(path: str | PathLike, template: ChatTemplate = ChatTemplate(),
 
     Prompt: instruction, plus a blank line and the context when the context is non-empty.
     """
-    tag, skips = f"dolly:{Path(path).name}", strict_or(skips)
+    return dolly_examples(iter_json_objects(path), template, strict_or(skips), f"dolly:{Path(path).name}")
+
+
+def dolly_examples(records: Records, template: ChatTemplate, skips: Skips, tag: str) -> list[SFTExample]:
     examples = []
-    for where, record in iter_json_objects(path):
+    for where, record in records:
         context = require_text(record, "context", where, allow_empty=True)
         with skips.record():
             instruction, response = require_texts(record, ("instruction", "response"), where)
@@ -154,37 +168,59 @@ def read_jsonl(
     skips: Skips | None = None,
 ) -> list[SFTExample]:
     """Any JSONL with one single-turn example per line, under the given field names."""
-    tag, skips = f"jsonl:{Path(path).name}", strict_or(skips)
+    return keyed_examples(iter_json_objects(path), prompt_key, response_key, template, strict_or(skips),
+                          f"jsonl:{Path(path).name}")
+
+
+def keyed_examples(records: Records, prompt_key: str, response_key: str, template: ChatTemplate, skips: Skips,
+                   tag: str) -> list[SFTExample]:
     examples = []
-    for where, record in iter_json_objects(path):
+    for where, record in records:
         with skips.record():
             examples.append(_keyed_example(record, where, prompt_key, response_key, template, tag))
     return examples
 
 
+def messages_examples(records: Records, messages_key: str, template: ChatTemplate, skips: Skips,
+                      tag: str) -> list[SFTExample]:
+    """Chat-format conversations (`[{role, content}, ...]` under `messages_key`): one example
+    per assistant turn, like an OASST path."""
+    examples = []
+    for where, record in records:
+        with skips.record():
+            conversation = require_messages(record, messages_key, where)
+            examples.extend(SFTExample(fold_at(template, conversation[:index], where), text, f"{tag}:{where.record}")
+                            for index, (role, text) in enumerate(conversation) if role == ASSISTANT)
+    return examples
+
+
 def read_hf_dataset(
-    name: str,
+    path: str,
     split: str = "train",
+    subset: str = "",
+    data_dir: str = "",
+    layout: str = "auto",
     prompt_key: str = "prompt",
     response_key: str = "response",
+    messages_key: str = "messages",
     template: ChatTemplate = ChatTemplate(),
     skips: Skips | None = None,
 ) -> list[SFTExample]:
-    """A Hugging Face dataset split with single-turn prompt/response columns.
-
-    `datasets` is an optional dependency, imported only here.
-    """
-    try:
-        import datasets
-    except ImportError as exc:
-        raise ImportError("read_hf_dataset needs the optional 'datasets' package (pip install datasets)") from exc
-    source, skips = f"{name}:{split}", strict_or(skips)
-    examples = []
-    for number, row in enumerate(datasets.load_dataset(name, split=split), start=1):
-        with skips.record():
-            examples.append(_keyed_example(row, Location(source, number), prompt_key, response_key, template,
-                                           f"hf:{source}"))
-    return examples
+    """A dataset split read through `datasets` (a hub repo id, or a local folder or file),
+    parsed by `layout` (`auto`: from its columns, see `hub_datasets.detect_layout`):
+    `columns` (prompt_key/response_key), `messages` (chat lists under messages_key),
+    `dolly`, or `oasst` (oasst1/oasst2's message table, rebuilt into trees)."""
+    rows = hub_datasets.load_split(path, split, subset, data_dir)
+    layout = hub_datasets.detect_layout(rows, "sft", layout, prompt_key=prompt_key, response_key=response_key,
+                                        messages_key=messages_key)
+    tag, skips = f"hf:{rows.name}", strict_or(skips)
+    if layout == "oasst":
+        return oasst_examples(oasst.trees_from_messages(rows.records(), skips), template, skips, tag)
+    if layout == "messages":
+        return messages_examples(rows.records(), messages_key, template, skips, tag)
+    if layout == "dolly":
+        return dolly_examples(rows.records(), template, skips, tag)
+    return keyed_examples(rows.records(), prompt_key, response_key, template, skips, tag)
 
 
 READERS: dict[str, Callable[..., list[SFTExample]]] = {
@@ -198,5 +234,5 @@ READERS: dict[str, Callable[..., list[SFTExample]]] = {
 
 
 def read_sft_source(format: str, path: str | PathLike, **kwargs: Any) -> list[SFTExample]:
-    """READERS[format](path, **kwargs); for `hf`, `path` is the dataset name."""
+    """READERS[format](path, **kwargs); for `hf`, `path` is a hub dataset id or a local folder or file."""
     return select_reader(READERS, format)(path, **kwargs)

@@ -20,12 +20,12 @@ from safetensors.torch import save_file
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, RopeScalingConfig
+from offline_rlhf.hub import TOKENIZER_FILES
 from offline_rlhf.models.llama import Transformer
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -70,10 +70,21 @@ def hf_name(name: str) -> str:
 
 
 def read_hf_config(hf_dir: str | Path) -> ModelConfig:
+    return config_from_hf(_read_config_json(hf_dir), source=str(Path(hf_dir) / CONFIG_FILE))
+
+
+def hf_head(hf_dir: str | Path) -> str:
+    """`value` for a `*ForSequenceClassification` checkpoint (a reward model), else `lm`."""
+    architectures = _read_config_json(hf_dir).get("architectures") or []
+    return "value" if any(name.endswith("ForSequenceClassification") for name in architectures) else "lm"
+
+
+def _read_config_json(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / CONFIG_FILE
     if not path.is_file():
-        raise ConfigError("hf_dir", f"{path} not found", "point hf_dir at a Hugging Face model directory")
-    return config_from_hf(json.loads(path.read_text()), source=str(path))
+        raise ConfigError("hf_dir", f"{path} not found",
+                          "point hf_dir at a Hugging Face model directory or hub repo id (org/name)")
+    return json.loads(path.read_text())
 
 
 def config_from_hf(hf_config: dict, source: str = CONFIG_FILE) -> ModelConfig:

@@ -22,7 +22,7 @@ from offline_rlhf.checkpoint import resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.samples import GenerateConfig
 from offline_rlhf.config.schema import ModelConfig
-from offline_rlhf.data.prompts import Prompt, mix_prompts, read_prompts
+from offline_rlhf.data.prompts import Prompt, mix_prompts, read_prompt_source
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.fsutil import write_atomic, write_jsonl
@@ -39,7 +39,14 @@ from offline_rlhf.generation.shards import (
     shard_paths,
 )
 from offline_rlhf.runtime import Runtime, stage_runtime
-from offline_rlhf.stage_support import load_inference_model, load_tokenizer, mark_done, model_config, resume_fingerprint
+from offline_rlhf.stage_support import (
+    load_inference_model,
+    load_tokenizer,
+    local_init,
+    mark_done,
+    model_config,
+    resume_fingerprint,
+)
 
 STAGE = "generate"
 SCHEMA_VERSION = 2  # 2: `sample` (index among the n answers of a prompt) and `finish_reason`
@@ -47,8 +54,7 @@ SAMPLES = "samples.jsonl"
 
 
 def collect_prompts(cfg: GenerateConfig, template: ChatTemplate) -> tuple[list[Prompt], dict]:
-    sources = [(s.name or s.path, read_prompts(s.kind, s.format, s.path, template, s.prompt_key), s.weight)
-               for s in cfg.sources]
+    sources = [(s.name or s.path, read_prompt_source(s, template), s.weight) for s in cfg.sources]
     return mix_prompts(sources, cfg.total_prompts, cfg.seed)
 
 
@@ -85,9 +91,10 @@ def prompt_budget(cfg: GenerateConfig, model_cfg: ModelConfig) -> int:
 
 
 def main(cfg: GenerateConfig) -> int:
-    model_cfg = model_config(cfg.init, ModelConfig())
+    init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
+    model_cfg = model_config(init, ModelConfig())
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        tokenizer, _ = load_tokenizer(cfg.init, model_cfg)
+        tokenizer, _ = load_tokenizer(init, model_cfg)
         template = ChatTemplate(**asdict(cfg.template))
         prompts, mix_stats = collect_prompts(cfg, template)
         if rt.is_main:
@@ -102,7 +109,7 @@ def main(cfg: GenerateConfig) -> int:
         mine = [todo[i] for i in shard_indices(len(todo), replica, rt.dims.dp)]
         rt.log(f"generate: {len(prompts)} prompts, {len(done)} already answered, {len(todo)} to go on "
                f"{rt.dims.dp} replica(s) of TP={rt.dims.tp}")
-        checkpoint = resolve_checkpoint(cfg.init.checkpoint, "init.checkpoint")
+        checkpoint = resolve_checkpoint(init.checkpoint, "init.checkpoint")
         model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint")
         writes = rt.mesh is None or rt.mesh.get_local_rank("tp") == 0  # TP ranks hold identical answers
         shard = rt.stage_dir / f"shard_{replica:05d}.jsonl"

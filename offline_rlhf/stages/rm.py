@@ -26,7 +26,7 @@ from offline_rlhf.labeling.scoring import (
 from offline_rlhf.losses.reward import bradley_terry_loss
 from offline_rlhf.parallel.state_dict import load_full_state_dict
 from offline_rlhf.runtime import Runtime, stage_runtime
-from offline_rlhf.stage_support import mark_done, model_config, resume_fingerprint
+from offline_rlhf.stage_support import local_init, mark_done, model_config, resume_fingerprint
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train, validate
 
@@ -78,11 +78,12 @@ def main(cfg: RMConfig) -> int:
 
 
 def train_reward_model(cfg: RMConfig) -> int:
-    model_cfg = model_config(cfg.init, cfg.model)
+    init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
+    model_cfg = model_config(init, cfg.model)
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         # The SFT checkpoint has no `score.weight`: it keeps `init_value_head`'s values (the
         # value-head load is partial), and the LM head's `output.weight` is not requested.
-        setup = prepare_training(cfg.init, model_cfg, "value", rt, cfg.train.seed,
+        setup = prepare_training(init, model_cfg, "value", rt, cfg.train.seed,
                                  before_load=lambda model: init_value_head(model, cfg.train.seed))
         dataset = build_preference_dataset(cfg.data, setup.tokenizer, cfg.train.seed)
         if rt.is_main:
@@ -109,9 +110,10 @@ def train_reward_model(cfg: RMConfig) -> int:
 
 def evaluate(cfg: RMConfig) -> int:
     """Every pair of `cfg.data` (its train and validation splits together), no training."""
-    model_cfg = model_config(cfg.init, cfg.model)
+    init = local_init(cfg.init, cfg.run_dir)
+    model_cfg = model_config(init, cfg.model)
     with stage_runtime(EVAL_STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        model, tokenizer, _ = load_reward_model(cfg.init.checkpoint, rt, key="init.checkpoint")
+        model, tokenizer, _ = load_reward_model(init.checkpoint, rt, key="init.checkpoint")
         dataset = build_preference_dataset(cfg.data, tokenizer, cfg.train.seed)
         pairs = dataset.train + dataset.val
         collate = partial(collate_pairs, pad_id=tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)

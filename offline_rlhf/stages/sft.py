@@ -11,7 +11,7 @@ from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.masks import document_mask
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import stage_runtime
-from offline_rlhf.stage_support import mark_done, model_config, resume_fingerprint
+from offline_rlhf.stage_support import local_init, mark_done, model_config, resume_fingerprint
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 
@@ -32,9 +32,10 @@ def sft_task(packed: bool) -> Task:
 
 
 def main(cfg: SFTConfig) -> int:
-    model_cfg = model_config(cfg.init, cfg.model)
+    init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
+    model_cfg = model_config(init, cfg.model)
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        setup = prepare_training(cfg.init, model_cfg, "lm", rt, cfg.train.seed)
+        setup = prepare_training(init, model_cfg, "lm", rt, cfg.train.seed)
         dataset = build_sft_dataset(cfg.data, setup.tokenizer, cfg.train.seed)
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)

@@ -75,20 +75,16 @@ def _drop_rows_after(path: Path, step: int) -> None:
 
 
 def _external_sinks(cfg: LoggingConfig, stage_dir: Path) -> list:
+    """LoggingConfig checked at validation that the enabled packages are installed."""
     sinks = []
     if cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise RuntimeError("logging.tensorboard=true needs the tensorboard package "
-                               "(pip install tensorboard)") from err
+        from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(str(Path(stage_dir) / "tensorboard"))
         sinks.append(lambda step, row: [writer.add_scalar(k, v, step) for k, v in row.items()] and writer.flush())
     if cfg.wandb:
-        try:
-            import wandb
-        except ImportError as err:
-            raise RuntimeError("logging.wandb=true needs the wandb package (pip install wandb)") from err
+        import wandb
+
         run = wandb.init(project=cfg.wandb_project, name=Path(stage_dir).name, dir=str(stage_dir))
         sinks.append(lambda step, row: run.log(row, step=step))
     return sinks

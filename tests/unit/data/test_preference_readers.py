@@ -177,7 +177,7 @@ def test_preference_jsonl_uses_the_configured_keys(write_file):
 
 def test_read_preference_source_dispatches_by_format(write_file):
     path = write_file("p.jsonl", json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}))
-    assert set(PREFERENCE_READERS) == {"hh_rlhf", "oasst", "jsonl"}
+    assert set(PREFERENCE_READERS) == {"hh_rlhf", "oasst", "jsonl", "hf"}
     assert read_preference_source("jsonl", path) == [PreferenceExample("p", "a", "b", "jsonl:p.jsonl:1")]
     with pytest.raises(ValueError, match="unknown data format 'shp'"):
         read_preference_source("shp", path)

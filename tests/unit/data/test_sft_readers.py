@@ -1,5 +1,4 @@
 import json
-import sys
 
 import pytest
 
@@ -9,7 +8,6 @@ from offline_rlhf.data.sft_readers import (
     SFTExample,
     read_dolly,
     read_flan_cot,
-    read_hf_dataset,
     read_jsonl,
     read_oasst,
     read_self_instruct,
@@ -158,12 +156,6 @@ def test_self_instruct_several_instances_give_several_examples(write_file):
 def test_jsonl_reader_uses_the_configured_keys(write_file):
     path = write_file("x.jsonl", json.dumps({"q": " hi ", "a": "hello "}))
     assert read_jsonl(path, prompt_key="q", response_key="a") == [SFTExample("hi", "hello", "jsonl:x.jsonl:1")]
-
-
-def test_hf_reader_explains_a_missing_datasets_package(monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(ImportError, match="needs the optional 'datasets' package"):
-        read_hf_dataset("databricks/databricks-dolly-15k")
 
 
 def test_read_sft_source_dispatches_by_format(write_file):

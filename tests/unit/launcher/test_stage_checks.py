@@ -135,3 +135,12 @@ def test_the_paper_pipeline_asks_for_its_imported_base_model_first(tmp_path):
         plan_pipeline(cfg)
     assert str(info.value).startswith("pipeline.stages[0] (sft) init.checkpoint: ")
     assert f"{tmp_path}/base does not exist and no earlier stage of the pipeline writes it" in str(info.value)
+
+
+def test_a_hub_model_is_not_a_missing_input(files):
+    """A repo id in init.checkpoint is resolved by the stage (hub or cache), not a path."""
+    rm = StageEntry(stage="rm", overrides=[f"data.sources=[{{name: d, format: jsonl, path: '{files['data']}'}}]",
+                                           "train.global_batch=8", "init.checkpoint=meta-llama/Llama-3.2-1B@main"])
+    assert [p.name for p in plan(files, rm)] == ["rm"]
+    missing = StageEntry(stage="rm", overrides=[*rm.overrides[:2], f"init.checkpoint={files['run_dir']}/nope"])
+    assert "init.checkpoint" in fails(files, missing)
