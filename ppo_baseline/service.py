@@ -18,18 +18,13 @@ pass); only rank 0's answer goes back over HTTP.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import os
 import queue
 import re
-import secrets
-import socket
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import httpx
@@ -39,6 +34,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from offline_rlhf.http import authorized, bearer, http_url, listen, one_line, read_capped_body
+from offline_rlhf.http import read_token as read_token  # re-exported: the PPO launcher and tests use it here
+from offline_rlhf.http import write_token as write_token
 from ppo_baseline.wire import Payload, Schema, WireError, decode, encode
 
 Handler = Callable[[Payload], Payload]
@@ -47,7 +45,6 @@ OCTET_STREAM = "application/octet-stream"
 DEFAULT_MAX_BODY_BYTES = 256 * 2**20  # a rollout batch of 1024 x 2048 tokens is ~16 MiB per tensor
 RESERVED = {"health", "shutdown"}
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9_-]+")
-ERROR_CHARS = 500  # error bodies are one line, cut to this length
 log = logging.getLogger(__name__)
 
 
@@ -57,38 +54,6 @@ class ServiceStopping(RuntimeError):
 
 class ServiceError(RuntimeError):
     """A client call that failed; the message names the service, its URL and the endpoint."""
-
-
-# --- the shared secret ---------------------------------------------------------------
-
-
-def write_token(path: str | Path) -> str:
-    """Write a fresh random token to `path`, readable by its owner only (0600), and return
-    it. The temporary file is created exclusively with that mode, so the token is never
-    visible to others even for a moment, then renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
-        handle.write(token + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return token
-
-
-def read_token(path: str | Path) -> str:
-    """The token in `path`; refuses a file that group or others may read, as ssh does with
-    private keys, since anyone holding the token can drive the service."""
-    mode = os.stat(path).st_mode & 0o777
-    if mode & 0o077:
-        raise PermissionError(f"token file {path} has mode {mode:o}; it must be readable by its owner only (600)")
-    token = Path(path).read_text().strip()
-    if not token:
-        raise ValueError(f"token file {path} is empty")
-    return token
 
 
 # --- the server ----------------------------------------------------------------------
@@ -102,11 +67,6 @@ class Call:
     endpoint: str
     body: bytes
     future: Future = field(default_factory=Future)
-
-
-def one_line(value: object) -> str:
-    """An error message as one line of at most ERROR_CHARS characters."""
-    return " ".join(str(value).split())[:ERROR_CHARS]
 
 
 class Service:
@@ -123,7 +83,7 @@ class Service:
         self.max_body_bytes = max_body_bytes
         self.step = 0  # reported by /health; the owner updates it after each training step
         self.routes: dict[str, tuple[Handler, Schema]] = {}
-        self._expected = f"Bearer {token}".encode()
+        self._expected = bearer(token)
         self._calls: queue.Queue[Call] = queue.Queue()
         self._stopping = threading.Event()
         self._serving = threading.Event()
@@ -132,8 +92,7 @@ class Service:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
     def route(self, endpoint: str, handler: Handler, schema: Schema) -> None:
         """Serve `POST /<endpoint>`: bodies are decoded against `schema`, then `handler`."""
@@ -145,24 +104,8 @@ class Service:
 
     def start(self, timeout_s: float = 30.0) -> Service:
         """Bind host:port (reporting the port picked for 0) and start uvicorn in a thread."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.create_server((self.host, self.port), family=family)
-        self.port = sock.getsockname()[1]
-        # log_config=None: uvicorn's records go to the process's own logging setup instead
-        # of handlers that uvicorn would install globally.
-        config = uvicorn.Config(self._app(), log_config=None, log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name=f"{self.name}-http", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                sock.close()
-                raise RuntimeError(f"{self.name} service did not start on {self.url}")
-            time.sleep(0.01)
+        listening = listen(self._app(), self.host, self.port, f"{self.name} service", timeout_s)
+        self.port, self._server, self._thread = listening.port, listening.server, listening.thread
         return self
 
     def serve(self, poll_s: float = 0.1) -> None:
@@ -233,8 +176,7 @@ class Service:
                                  Route("/{endpoint}", self._call, methods=["POST"])])
 
     def _authorized(self, request: Request) -> bool:
-        supplied = request.headers.get("authorization", "").encode()
-        return hmac.compare_digest(supplied, self._expected)
+        return authorized(request, self._expected)
 
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"name": self.name, "model": self.model, "step": self.step,
@@ -252,7 +194,7 @@ class Service:
         endpoint = request.path_params["endpoint"]
         if endpoint not in self.routes:
             return PlainTextResponse(f"{self.name} has no endpoint /{endpoint}", status_code=404)
-        body = await self._read_body(request)
+        body = await read_capped_body(request, self.max_body_bytes)
         if body is None:
             return PlainTextResponse(f"body over {self.max_body_bytes} bytes", status_code=413)
         if self._stopping.is_set():
@@ -260,20 +202,6 @@ class Service:
         call = Call(endpoint, body)
         self._calls.put(call)
         return await answer(call)
-
-    async def _read_body(self, request: Request) -> bytes | None:
-        """The body, or None once it is over the cap: a declared Content-Length over it is
-        refused unread, a chunked body as soon as the cap is passed."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return None
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 async def answer(call: Call) -> Response:

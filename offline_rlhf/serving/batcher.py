@@ -1,0 +1,175 @@
+"""Requests that arrive together share the engine's continuous batch.
+
+The HTTP thread turns each request into a Job (prompt tokens, per-prompt token budgets,
+sampling) and queues it. The main thread (`serve`) takes every job queued by then, groups
+those that one engine `run` can serve (the same decoding rule and stop strings: the
+engine's GenerationConfig and stop check are per run), and runs each group as one batch
+of requests: a request arriving while a batch runs waits for the next one. Sampling is
+keyed per row, so an answer is the same whatever it was batched with: sample i of a
+request with seed s samples the stream `stream_id(s, i)` (prompt p of a completions
+request: sample p * n + i) under engine seed 0.
+
+In a TP world rank 0 broadcasts each batch (JSON bytes, see world.py) before running it,
+and the other ranks (`follow`) run the same batch, so their collectives line up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from offline_rlhf.config.schema import GenerationConfig
+from offline_rlhf.generation.engine import Completion, Request, run, stop_on_strings
+from offline_rlhf.generation.sampling import stream_id
+from offline_rlhf.runtime import Runtime
+from offline_rlhf.serving.model import ServedModel
+from offline_rlhf.serving.protocol import Sampling
+from offline_rlhf.serving.world import CALL, KEEPALIVE, KEEPALIVE_S, STOP, broadcast_message, receive_message
+
+log = logging.getLogger(__name__)
+
+
+class ServerStopping(RuntimeError):
+    """The server shut down before running a queued job (HTTP 503)."""
+
+
+@dataclass
+class Job:
+    prompts: list[list[int]]
+    budgets: list[int]  # max new tokens per prompt
+    sampling: Sampling
+    # Receives, per prompt, its n Completions, or the exception the batch raised.
+    future: Future = field(default_factory=Future)
+
+    def key(self) -> tuple:
+        """Jobs with equal keys can share one engine run."""
+        s = self.sampling
+        return (True, 1.0, 1.0, s.stop) if s.greedy else (False, s.temperature, s.top_p, s.stop)
+
+    def rows(self) -> list[Request]:
+        n, seed = self.sampling.n, self.sampling.seed
+        return [Request(prompt, stream_id(seed, p * n + i), budget)
+                for p, (prompt, budget) in enumerate(zip(self.prompts, self.budgets)) for i in range(n)]
+
+
+class Batcher:
+    def __init__(self, served: ServedModel, rt: Runtime, slots: int):
+        self.served, self.rt, self.slots = served, rt, slots
+        self.generated = 0  # tokens generated, for the ledger
+        self.batches = 0  # engine runs: fewer than the requests when they shared batches
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._stopping = threading.Event()
+        self._released = False
+        self.serving = threading.Event()
+
+    def submit(self, job: Job) -> Future:
+        """Queue a job (any thread); its future resolves once a batch ran it."""
+        if self._stopping.is_set():
+            raise ServerStopping("the server is shutting down")
+        self._jobs.put(job)
+        if self._stopping.is_set() and not self.serving.is_set():
+            self._fail_pending()  # serve() ended between the check and the put: nobody else will answer it
+        return job.future
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def serve(self, poll_s: float = 0.05) -> None:
+        """Rank 0's main thread: run queued jobs in shared batches until stop()."""
+        self.serving.set()
+        last = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                jobs = self._take(poll_s)
+                if jobs:
+                    self._run_jobs(jobs)
+                    last = time.monotonic()
+                elif self.rt.group is not None and time.monotonic() - last > KEEPALIVE_S:
+                    broadcast_message(self.rt, KEEPALIVE)
+                    last = time.monotonic()
+        finally:
+            self.serving.clear()
+            self._fail_pending()
+            self.release_followers()
+
+    def release_followers(self) -> None:
+        """Rank 0: end the other ranks' `follow` (once; also when serving never started)."""
+        if not self._released:
+            self._released = True
+            broadcast_message(self.rt, STOP)
+
+    def follow(self) -> None:
+        """Ranks other than 0: run every batch rank 0 broadcasts, until STOP. Failures are
+        rank 0's to answer (the same batch failed there); here they are only logged."""
+        while True:
+            kind, _, body = receive_message(self.rt)
+            if kind == STOP:
+                return
+            if kind == CALL:
+                try:
+                    self.execute(body)
+                except Exception as error:  # noqa: BLE001 - rank 0 answers the clients with it
+                    log.debug("batch failed on rank %d: %s", self.rt.env.rank, error)
+
+    def execute(self, body: bytes) -> list[Completion]:
+        """What every rank runs per batch: the engine on the batch's requests."""
+        batch = json.loads(body)
+        stop = tuple(batch["stop"])
+        requests = [Request(prompt, stream, budget) for prompt, stream, budget in batch["requests"]]
+        cfg = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), greedy=batch["greedy"],
+                               temperature=batch["temperature"], top_p=batch["top_p"], seed=0,
+                               batch_size=self.slots, stop=list(stop))
+        tokenizer = self.served.tokenizer
+        return run(self.served.model, requests, cfg, tokenizer.eos_id, tokenizer.pad_id, self.rt.device,
+                   stop=stop_on_strings(tokenizer.decode, stop))
+
+    def _take(self, poll_s: float) -> list[Job]:
+        """Every job queued now (waiting up to poll_s for the first), cancelled ones dropped."""
+        try:
+            jobs = [self._jobs.get(timeout=poll_s)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                jobs.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        # A job whose client went away was cancelled by the HTTP thread.
+        return [job for job in jobs if job.future.set_running_or_notify_cancel()]
+
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.key(), []).append(job)
+        for (greedy, temperature, top_p, stop), group in groups.items():
+            rows = [row for job in group for row in job.rows()]
+            body = json.dumps({"greedy": greedy, "temperature": temperature, "top_p": top_p, "stop": list(stop),
+                               "requests": [[r.prompt, r.stream, r.max_new_tokens] for r in rows]}).encode()
+            try:
+                broadcast_message(self.rt, CALL, "generate", body)
+                completions = self.execute(body)
+            except Exception as error:  # noqa: BLE001 - the clients get it as a 500; the server goes on
+                log.error("a batch of %d request(s) failed", len(group), exc_info=error)
+                for job in group:
+                    job.future.set_exception(error)
+                continue
+            self.generated += sum(len(c.tokens) for c in completions)
+            self.batches += 1
+            for job in group:
+                n = job.sampling.n
+                mine, completions = completions[:len(job.prompts) * n], completions[len(job.prompts) * n:]
+                job.future.set_result([mine[p * n:(p + 1) * n] for p in range(len(job.prompts))])
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ServerStopping("the server is shutting down"))

@@ -1,0 +1,75 @@
+"""The served checkpoint: its model (a TP-only replica of the runtime's layout), tokenizer,
+chat template and, for a Decision-Transformer model, the reward prompt its answers follow."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from offline_rlhf.checkpoint import TOKENIZER_DIR, read_meta
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.serving import ServeConfig
+from offline_rlhf.data.template import ChatTemplate, Turn
+from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.labeling.scoring import TEMPLATE
+from offline_rlhf.runtime import Runtime
+from offline_rlhf.stage_support import load_inference_model
+from offline_rlhf.train.loop import CONFIG_KEY
+
+
+@dataclass
+class ServedModel:
+    name: str  # what requests name in `model`
+    model: nn.Module
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    reward_prefix: str  # "" or the DT reward prompt that follows the assistant tag
+    max_seq_len: int
+
+    def chat_prompt(self, turns: list[Turn]) -> list[int]:
+        """A conversation's prompt tokens, as `orlhf eval` and training encode a prompt
+        (`encode_prompt`): one user turn is rendered exactly as an eval prompt."""
+        return encode_prompt(self.tokenizer, self.template, self.template.fold_history(turns), self.reward_prefix)
+
+
+def load_served_model(cfg: ServeConfig, path: Path, rt: Runtime) -> ServedModel:
+    """The checkpoint at `path` (resolved from cfg.ckpt), ready to generate on every rank."""
+    meta = read_meta(path)
+    if not (path / TOKENIZER_DIR).is_dir():
+        raise ConfigError("ckpt", f"{path} has no {TOKENIZER_DIR}/ folder",
+                          "serve a checkpoint saved with its tokenizer")
+    template = ChatTemplate(**meta.metadata.get(TEMPLATE, asdict(cfg.template)))
+    score = cfg.reward_prompt if cfg.reward_prompt is not None else dt_target(meta.metadata, path)
+    tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR)
+    model = load_inference_model(path, "lm", rt, "ckpt")
+    return ServedModel(name=cfg.model_name or default_name(path), model=model, tokenizer=tokenizer,
+                       template=template, reward_prefix="" if score is None else template.reward_prompt(score),
+                       max_seq_len=meta.model.max_seq_len)
+
+
+def dt_target(metadata: dict, path: Path) -> float | None:
+    """The target score `orlhf align method=dt` recorded (a final checkpoint's `alignment`,
+    an intermediate one's training config), None for a model not trained by DT. A DT
+    checkpoint without one is an error: served with no reward prompt, it would answer a
+    prompt it never saw in training. (`orlhf eval` reads the same two places.)"""
+    alignment, trained = metadata.get("alignment") or {}, metadata.get(CONFIG_KEY) or {}
+    if alignment.get("method", trained.get("method")) != "dt":
+        return None
+    target = alignment.get("dt_target", trained.get("dt_target"))
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+        raise ConfigError("reward_prompt", f"{path} is a Decision-Transformer checkpoint whose metadata records no "
+                          f"target score (dt_target: {target!r})", "pass reward_prompt=SCORE")
+    return float(target)
+
+
+def default_name(path: Path) -> str:
+    """`RUN/align_dt/checkpoints/step_00000100` -> `align_dt`, the stage that trained it;
+    `ckpts/llama-8b/step_00000000` (an import) -> `llama-8b`, its checkpoint root."""
+    path = path.resolve()
+    if path.name.startswith("step_"):
+        path = path.parent
+    return path.parent.name if path.name == "checkpoints" else path.name

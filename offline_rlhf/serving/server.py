@@ -1,0 +1,152 @@
+"""The OpenAI-compatible HTTP side of `orlhf serve` (Starlette, run by uvicorn in a thread).
+
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` and
+`GET /health` (the only one open without the API key). Each completion request is
+checked (protocol.py), its prompts are tokenized and measured against the model's
+max_seq_len here, and it is queued as one Job for the engine thread (batcher.py); the
+answer is decoded here once the job ran. Errors are JSON in OpenAI's shape: 400 a bad
+request, 401 a missing or wrong key, 404 an unknown model or route, 413 a body over the
+cap, 500 a failed batch (the server goes on), 503 shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from offline_rlhf.config.serving import ServeConfig
+from offline_rlhf.generation.engine import Completion, answer_text, cut_at_stop
+from offline_rlhf.http import authorized, bearer, json_error, read_capped_body
+from offline_rlhf.serving.batcher import Batcher, Job, ServerStopping
+from offline_rlhf.serving.model import ServedModel
+from offline_rlhf.serving.protocol import (
+    APIError,
+    Choice,
+    Limits,
+    Sampling,
+    chat_answer,
+    completion_answer,
+    models_answer,
+    parse_body,
+    parse_chat,
+    parse_completion,
+)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+log = logging.getLogger(__name__)
+
+
+class OpenAIServer:
+    def __init__(self, served: ServedModel, batcher: Batcher, cfg: ServeConfig, api_key: str | None):
+        self.served, self.batcher, self.cfg = served, batcher, cfg
+        self.limits = Limits(max_n=cfg.max_n, max_prompts=cfg.max_prompts)
+        self._expected = bearer(api_key) if api_key else None
+        self.created = int(time.time())
+
+    def app(self) -> Starlette:
+        guarded = [Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
+                   Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
+                   Route("/v1/models", self._guard(self.models), methods=["GET"])]
+        return Starlette(routes=[Route("/health", self.health, methods=["GET"]), *guarded],
+                         exception_handlers={HTTPException: no_route})
+
+    def _guard(self, endpoint: Endpoint) -> Endpoint:
+        """The API key check first, and APIError raised anywhere below as its JSON answer."""
+        async def guarded(request: Request) -> Response:
+            if self._expected is not None and not authorized(request, self._expected):
+                return json_error(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+            try:
+                return await endpoint(request)
+            except APIError as error:
+                return json_error(error.status, str(error), error.kind, error.param, error.code)
+            except Exception as error:  # noqa: BLE001 - a failed batch or a bug: this request's 500, not the server's end
+                log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+                return json_error(500, f"{type(error).__name__}: {error}", "server_error")
+        return guarded
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.served.name, "ready": self.batcher.serving.is_set()})
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(models_answer(self.served.name, self.created))
+
+    async def chat(self, request: Request) -> Response:
+        parsed = parse_chat(await self._body(request), self.limits)
+        self._check_model(parsed.model)
+        try:
+            prompt = self.served.chat_prompt(parsed.turns)
+        except ValueError as error:  # the template's alternation check
+            raise APIError(str(error), param="messages") from None
+        [completions] = await self._generate([prompt], parsed.sampling)
+        decode, stop = self.served.tokenizer.decode, parsed.sampling.stop
+        choices = [Choice(answer_text(c, decode, stop), finish_reason(c), len(c.tokens)) for c in completions]
+        return JSONResponse(chat_answer(self.served.name, choices, len(prompt)))
+
+    async def completions(self, request: Request) -> Response:
+        parsed = parse_completion(await self._body(request), self.limits)
+        self._check_model(parsed.model)
+        prompts = [self.served.tokenizer.encode(text) for text in parsed.prompts]
+        answered = await self._generate(prompts, parsed.sampling)
+        choices = [Choice(completion_text(c, self.served, parsed.sampling.stop), finish_reason(c), len(c.tokens))
+                   for completions in answered for c in completions]
+        return JSONResponse(completion_answer(self.served.name, choices, sum(map(len, prompts))))
+
+    async def _body(self, request: Request) -> dict:
+        body = await read_capped_body(request, self.cfg.max_body_kb * 1024)
+        if body is None:
+            raise APIError(f"the request body is over {self.cfg.max_body_kb} KiB", status=413,
+                           code="request_too_large")
+        return parse_body(body)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.served.name:
+            raise APIError(f"the model {model!r} does not exist; this server serves {self.served.name!r}", status=404,
+                           param="model", code="model_not_found")
+
+    async def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        """Queue the prompts as one job and wait for the engine thread to run it."""
+        job = Job(prompts, [self._budget(p, sampling, i) for i, p in enumerate(prompts)], sampling)
+        try:
+            return await asyncio.wrap_future(self.batcher.submit(job))
+        except ServerStopping as error:
+            raise APIError(str(error), status=503, kind="server_error", code="shutting_down") from None
+
+    def _budget(self, prompt: list[int], sampling: Sampling, index: int) -> int:
+        """New tokens for one prompt: max_tokens, else the server default, within the room
+        the prompt leaves in the model's max_seq_len."""
+        room = self.served.max_seq_len - len(prompt)
+        if not prompt:
+            raise APIError(f"prompt {index} is empty", param="prompt")
+        if sampling.max_tokens is None and room >= 1:
+            return min(self.cfg.max_tokens, room)
+        if sampling.max_tokens is None or sampling.max_tokens > room:
+            asked = f" + max_tokens={sampling.max_tokens}" if sampling.max_tokens is not None else ""
+            raise APIError(f"prompt {index} has {len(prompt)} tokens{asked}; the model's context is "
+                           f"{self.served.max_seq_len} tokens", param="max_tokens", code="context_length_exceeded")
+        return sampling.max_tokens
+
+
+def finish_reason(completion: Completion) -> str:
+    """OpenAI's reasons: the engine's "eos" and "stop" are both a natural stop."""
+    return "length" if completion.finish == "length" else "stop"
+
+
+def completion_text(completion: Completion, served: ServedModel, stop: tuple[str, ...]) -> str:
+    """A raw continuation: without its EOS and anything from a stop string on, not stripped
+    (unlike chat answers, where the template's separator precedes the answer)."""
+    tokens = completion.tokens[:-1] if completion.finish == "eos" else completion.tokens
+    return cut_at_stop(served.tokenizer.decode(tokens), stop)
+
+
+async def no_route(request: Request, error: HTTPException) -> Response:
+    return json_error(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
+                      code="not_found" if error.status_code == 404 else None)

@@ -1,0 +1,112 @@
+"""Request checks and answer shapes of the OpenAI protocol, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.serving.protocol import (
+    APIError,
+    Choice,
+    Limits,
+    chat_answer,
+    chat_turns,
+    completion_answer,
+    parse_body,
+    parse_chat,
+    parse_completion,
+)
+
+LIMITS = Limits(max_n=4, max_prompts=3)
+
+
+def chat(**fields):
+    return parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}, LIMITS)
+
+
+def test_defaults_are_openais_and_temperature_zero_is_greedy():
+    sampling = chat().sampling
+    assert (sampling.temperature, sampling.top_p, sampling.n, sampling.max_tokens, sampling.stop) == \
+        (1.0, 1.0, 1, None, ())
+    assert not sampling.greedy and chat(temperature=0).sampling.greedy
+    assert 0 <= sampling.seed < 2**32
+
+
+def test_seed_stop_and_token_budget_are_read():
+    sampling = chat(seed=2**32 + 5, stop="END", max_completion_tokens=7, top_p=0.5, n=4).sampling
+    assert (sampling.seed, sampling.stop, sampling.max_tokens, sampling.top_p, sampling.n) == (5, ("END",), 7, 0.5, 4)
+    assert chat(stop=["a", "b", "a"]).sampling.stop == ("a", "b")
+    with pytest.raises(APIError, match="not both"):
+        chat(max_tokens=3, max_completion_tokens=4)
+
+
+def test_nulls_mean_defaults_and_neutral_openai_fields_are_accepted():
+    sampling = chat(temperature=None, n=None, stop=None, frequency_penalty=0.0, presence_penalty=0, logprobs=False,
+                    stream=False, user="someone").sampling
+    assert (sampling.temperature, sampling.n, sampling.stop) == (1.0, 1, ())
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"n": 0}, "n"), ({"n": 5}, "n"), ({"n": 2.0}, "n"), ({"max_tokens": -1}, "max_tokens"),
+    ({"seed": "1"}, "seed"), ({"stop": 3}, "stop"), ({"stop": ["x" * 201]}, "stop"), ({"user": 1}, "user"),
+    ({"logprobs": True}, "logprobs"), ({"frequency_penalty": False}, "frequency_penalty"), ({"tools": [{}]}, "tools"),
+    ({"best_of": 2}, "best_of"), ({"functions": []}, "functions"), ({"model": 3}, "model"),
+])
+def test_bad_fields_are_errors_naming_them(fields, param):
+    with pytest.raises(APIError) as error:
+        chat(**fields)
+    assert error.value.status == 400 and error.value.param == param
+
+
+def test_system_text_opens_the_first_user_turn_and_the_template_renders_the_rest():
+    turns = chat_turns([{"role": "system", "content": " Be brief. "}, {"role": "developer", "content": "Be kind."},
+                        {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                     {"type": "text", "text": "there"}]},
+                        {"role": "assistant", "content": "Hello.", "name": "bot"},
+                        {"role": "user", "content": "Bye"}])
+    assert turns == [("user", "Be brief.\n\nBe kind.\n\nHi there"), ("assistant", "Hello."), ("user", "Bye")]
+    template = ChatTemplate()
+    assert template.prompt_text(template.fold_history(turns)) == \
+        "User: Be brief.\n\nBe kind.\n\nHi there Assistant: Hello. User: Bye Assistant:"
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only open"),
+    ([{"role": "tool", "content": "a"}], "unsupported role"),
+    ([{"role": "user", "content": {"text": "a"}}], "content must be"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "content must be"),
+    (["user: hi"], "must be an object"),
+    ([{"role": "user", "content": "a", "tool_calls": []}], "unknown field"),
+])
+def test_malformed_messages_are_errors(messages, match):
+    with pytest.raises(APIError, match=match):
+        chat_turns(messages)
+
+
+def test_completion_prompts_are_text_and_bounded():
+    assert parse_completion({"model": "m", "prompt": "a"}, LIMITS).prompts == ["a"]
+    assert parse_completion({"model": "m", "prompt": ["a", "b"]}, LIMITS).prompts == ["a", "b"]
+    for prompt in ([], [1, 2], ["a"] * 4, None):
+        with pytest.raises(APIError):
+            parse_completion({"model": "m", "prompt": prompt}, LIMITS)
+
+
+DEEP = b'{"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}"
+
+
+@pytest.mark.parametrize("body", [b"{", b"[1]", b'"x"', b"\xff", b'{"a": Infinity}', DEEP, b'{"a": "\\ud800"}'])
+def test_a_body_must_be_a_json_object(body):
+    with pytest.raises(APIError):
+        parse_body(body)
+
+
+def test_answers_have_openais_shape_and_usage():
+    choices = [Choice("a", "stop", 3), Choice("b", "length", 5)]
+    answer = chat_answer("m", choices, 10)
+    assert answer["object"] == "chat.completion" and answer["id"].startswith("chatcmpl-")
+    assert answer["usage"] == {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18}
+    assert answer["choices"][1] == {"index": 1, "message": {"role": "assistant", "content": "b"}, "logprobs": None,
+                                    "finish_reason": "length"}
+    text = completion_answer("m", choices, 4)
+    assert text["object"] == "text_completion" and text["choices"][0]["text"] == "a"

@@ -1,0 +1,263 @@
+"""The OpenAI-compatible server on 127.0.0.1 (in this process, one rank) answering the
+`openai` client: its answers equal the engine's own for the same prompt and settings,
+sampling honours n and seed, stop strings and max_tokens end answers as OpenAI's do, bad
+requests get 4xx JSON errors and the server goes on, and concurrent requests share a batch."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from offline_rlhf.config.schema import GenerationConfig
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.generation.engine import Completion, Request, answer_text, run
+from tests.unit.serving.tiny import KEY, NAME, InProcess, make_tokenizer, write_lm_checkpoint
+
+PROMPT = "Say something about apple."
+MAX_BODY_KB = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_ckpt")
+    return write_lm_checkpoint(root / "sft" / "checkpoints", make_tokenizer(root / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    running = InProcess(checkpoint, tmp_path_factory.mktemp("serve_stage"), max_body_kb=MAX_BODY_KB, max_n=4)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        yield client
+
+
+def engine_tokens(server, prompt: list[int], max_new: int) -> Completion:
+    """What the engine itself answers greedily for one prompt, alone (the reference)."""
+    tokenizer = server.served.tokenizer
+    [completion] = run(server.served.model, [Request(prompt, 0, max_new)], GenerationConfig(max_new_tokens=max_new),
+                       tokenizer.eos_id, tokenizer.pad_id, "cpu")
+    return completion
+
+
+def test_chat_answers_the_openai_client_as_the_engine_answers(server, client):
+    answer = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],
+                                            temperature=0, max_tokens=8)
+    tokenizer = server.served.tokenizer
+    prompt = encode_prompt(tokenizer, ChatTemplate(), PROMPT)  # exactly how `orlhf eval` encodes it
+    reference = engine_tokens(server, prompt, 8)
+    [choice] = answer.choices
+    assert choice.message.content == answer_text(reference, tokenizer.decode, []) and choice.message.role == "assistant"
+    assert choice.finish_reason == ("stop" if reference.finish == "eos" else "length")
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), len(reference.tokens))
+    assert answer.usage.total_tokens == len(prompt) + len(reference.tokens) and answer.model == NAME
+
+
+def test_completions_continue_the_raw_prompt_and_max_tokens_ends_with_length(server, client):
+    text = "User: good apple Assistant:"
+    answer = client.completions.create(model=NAME, prompt=text, temperature=0, max_tokens=5)
+    tokenizer = server.served.tokenizer
+    reference = engine_tokens(server, tokenizer.encode(text), 5)
+    assert reference.finish == "length"  # random weights: no EOS within 5 tokens
+    [choice] = answer.choices
+    assert choice.text == tokenizer.decode(reference.tokens) and choice.finish_reason == "length"
+    assert answer.usage.completion_tokens == 5 and answer.usage.prompt_tokens == len(tokenizer.encode(text))
+
+
+def test_n_samples_differ_and_a_seed_reproduces_them(client):
+    def sample(seed, n=3):
+        answer = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],
+                                                temperature=1.0, top_p=0.95, max_tokens=6, n=n, seed=seed)
+        assert [c.index for c in answer.choices] == list(range(n))
+        return [c.message.content for c in answer.choices]
+
+    first = sample(7)
+    assert len(set(first)) == 3  # three streams, three different answers
+    assert sample(7) == first  # the same seed, the same answers
+    assert sample(8) != first
+    assert sample(7, n=1) == first[:1]  # sample i does not depend on how many were asked for
+
+
+def test_completions_with_several_prompts_give_n_choices_each_in_order(server, client):
+    prompts = ["User: apple Assistant:", "User: river stone Assistant:"]
+    answer = client.completions.create(model=NAME, prompt=prompts, temperature=0, max_tokens=4, n=2)
+    texts = [c.text for c in answer.choices]
+    tokenizer = server.served.tokenizer
+    alone = [tokenizer.decode(engine_tokens(server, tokenizer.encode(p), 4).tokens) for p in prompts]
+    assert texts == [alone[0], alone[0], alone[1], alone[1]]  # greedy: n copies
+    assert answer.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+
+
+def test_a_stop_string_ends_the_answer_before_it(client):
+    full = client.completions.create(model=NAME, prompt="User: cloud music Assistant:", temperature=0, max_tokens=24)
+    text = full.choices[0].text
+    match = re.search(r"[A-Za-z0-9]{2}", text[1:])
+    assert match, f"expected two ASCII characters in a row somewhere in {text!r}"
+    stop = match.group(0)
+    cut = client.completions.create(model=NAME, prompt="User: cloud music Assistant:", temperature=0, max_tokens=24,
+                                    stop=[stop, "never-there"])
+    [choice] = cut.choices
+    assert choice.text == text[:text.index(stop)] and choice.finish_reason == "stop"
+    assert cut.usage.completion_tokens < 24
+
+
+def raw(server, path: str, body, headers: dict | None = None, method: str = "POST") -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.request(method, f"{server.url}{path}", content=content, timeout=30,
+                         headers={"Content-Type": "application/json", **(headers or {})})
+
+
+CHAT = {"model": NAME, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2}
+BAD_CHAT = {
+    "bad JSON": (b'{"model": "tiny", "messages": [', 400, None),
+    "not an object": ([CHAT], 400, None),
+    "NaN": (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, None),
+    "unknown field": ({**CHAT, "temprature": 0.5}, 400, "unknown_parameter"),
+    "temperature of the wrong type": ({**CHAT, "temperature": "hot"}, 400, "invalid_type"),
+    "a bool for max_tokens": ({**CHAT, "max_tokens": True}, 400, "invalid_type"),
+    "max_tokens 0": ({**CHAT, "max_tokens": 0}, 400, "invalid_value"),
+    "n too large": ({**CHAT, "n": 5}, 400, "invalid_value"),
+    "temperature too high": ({**CHAT, "temperature": 2.5}, 400, "invalid_value"),
+    "missing messages": ({"model": NAME}, 400, "missing_required_parameter"),
+    "unknown model": ({**CHAT, "model": "gpt-4"}, 404, "model_not_found"),
+    "penalty": ({**CHAT, "presence_penalty": 0.5}, 400, "unsupported_parameter"),
+    "streaming": ({**CHAT, "stream": True}, 400, "unsupported_parameter"),
+    "ends with the assistant": ({**CHAT, "messages": [{"role": "user", "content": "a"},
+                                                       {"role": "assistant", "content": "b"}]}, 400, None),
+    "system after user": ({**CHAT, "messages": [{"role": "user", "content": "a"},
+                                                {"role": "system", "content": "b"}]}, 400, None),
+    "unknown role": ({**CHAT, "messages": [{"role": "tool", "content": "a"}]}, 400, None),
+    "empty stop": ({**CHAT, "stop": [""]}, 400, None),
+    "five stops": ({**CHAT, "stop": list("abcde")}, 400, None),
+    "over the context": ({**CHAT, "max_tokens": 60}, 400, "context_length_exceeded"),
+    "body over the cap": ({**CHAT, "messages": [{"role": "user", "content": "x" * MAX_BODY_KB * 1024}]}, 413,
+                          "request_too_large"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHAT)
+def test_bad_requests_get_4xx_json_errors_and_the_server_goes_on(server, client, case):
+    body, status, code = BAD_CHAT[case]
+    response = raw(server, "/v1/chat/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and "\n" not in error["message"] and error["type"] == "invalid_request_error"
+    assert code is None or error["code"] == code, error
+    answer = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=2)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_completions_refuse_token_ids_and_too_many_prompts(server):
+    base = {"model": NAME, "max_tokens": 2}
+    assert raw(server, "/v1/completions", {**base, "prompt": [[1, 2, 3]]}).status_code == 400
+    assert raw(server, "/v1/completions", {**base, "prompt": ["a"] * 17}).status_code == 400
+    assert raw(server, "/v1/completions", {**base, "prompt": ""}).json()["error"]["message"] == "prompt 0 is empty"
+
+
+def test_the_openai_client_raises_the_servers_errors(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 4\], got 9"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], n=9)
+
+
+def test_models_health_and_unknown_routes(server, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert raw(server, "/health", b"", method="GET").json() == {"status": "ok", "model": NAME, "ready": True}
+    missing = raw(server, "/v1/embeddings", {"model": NAME})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert raw(server, "/v1/models", {}).status_code == 405
+
+
+def test_a_system_message_is_prepended_to_the_first_user_turn(server, client):
+    with_system = client.chat.completions.create(model=NAME, temperature=0, max_tokens=6, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}])
+    folded = client.chat.completions.create(model=NAME, temperature=0, max_tokens=6, messages=[
+        {"role": "user", "content": f"Be brief.\n\n{PROMPT}"}])
+    assert with_system.choices[0].message.content == folded.choices[0].message.content
+    assert with_system.usage.prompt_tokens == folded.usage.prompt_tokens
+
+
+def test_multi_turn_chat_is_rendered_with_the_template(server, client):
+    turns = [{"role": "user", "content": "apple"}, {"role": "assistant", "content": "river"},
+             {"role": "user", "content": "stone"}]
+    answer = client.chat.completions.create(model=NAME, temperature=0, max_tokens=4, messages=turns)
+    tokenizer = server.served.tokenizer
+    prompt = tokenizer.encode("User: apple Assistant: river User: stone Assistant:")
+    assert answer.usage.prompt_tokens == len(prompt)
+    assert answer.choices[0].message.content == answer_text(engine_tokens(server, prompt, 4), tokenizer.decode, [])
+
+
+def test_an_api_key_is_required_when_configured(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVE_TEST_KEY", KEY)
+    keyed = InProcess(checkpoint, tmp_path / "serve", api_key_env="SERVE_TEST_KEY")
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            response = raw(keyed, "/v1/chat/completions", CHAT, headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert raw(keyed, "/v1/models", b"", {}, method="GET").status_code == 401
+        assert raw(keyed, "/health", b"", method="GET").status_code == 200  # probes need no key
+        with openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=KEY, max_retries=0) as client:
+            assert client.chat.completions.create(model=NAME, messages=CHAT["messages"], max_tokens=2).choices
+    finally:
+        keyed.close()
+
+
+def test_concurrent_requests_share_one_batch_and_answer_as_alone(checkpoint, server, client, tmp_path):
+    """Six requests queued while the engine is busy run as one engine batch (two groups:
+    greedy and sampled), and each gets the answer it gets alone."""
+    asks = [dict(temperature=0, max_tokens=5, messages=[{"role": "user", "content": f"{w} apple"}])
+            for w in ("good", "river", "stone")]
+    asks += [dict(temperature=1.0, seed=s, max_tokens=5, messages=[{"role": "user", "content": "cloud"}])
+             for s in (1, 2, 3)]
+    alone = [client.chat.completions.create(model=NAME, **ask).choices[0].message.content for ask in asks]
+    held = InProcess(checkpoint, tmp_path / "serve", start_engine=False)
+    try:
+        answers = [None] * len(asks)
+        with openai.OpenAI(base_url=f"{held.url}/v1", api_key="unused", max_retries=0, timeout=60) as shared:
+            def ask(index):
+                answers[index] = shared.chat.completions.create(model=NAME, **asks[index]).choices[0].message.content
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while held.batcher._jobs.qsize() < len(asks) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            held.thread.start()
+            for thread in threads:
+                thread.join(60)
+        assert answers == alone
+        assert held.batcher.batches == 2  # one engine run per decoding rule, not one per request
+    finally:
+        held.close()
+
+
+def test_requests_queued_when_the_server_stops_get_503(checkpoint, tmp_path):
+    held = InProcess(checkpoint, tmp_path / "serve", start_engine=False)
+    try:
+        answers = []
+        waiting = threading.Thread(target=lambda: answers.append(raw(held, "/v1/chat/completions", CHAT)))
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while held.batcher._jobs.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held.batcher.stop()
+        held.thread.start()  # serve() sees the stop at once and fails what is queued
+        waiting.join(30)
+        [response] = answers
+        assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+        late = raw(held, "/v1/chat/completions", CHAT)
+        assert late.status_code == 503 and late.json()["error"]["type"] == "server_error"
+    finally:
+        held.close()
