@@ -12,15 +12,18 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
 from offline_rlhf.cli import main
 from offline_rlhf.ledger import read_ledger
-from tests.fixtures import REPO_ROOT
+from tests.fixtures import REPO_ROOT, reference_model
+from tests.synthetic_preferences import MODEL
 from tests.unit.serving.tiny import make_tokenizer, write_lm_checkpoint, write_rm_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -29,6 +32,7 @@ KEY_ENV = "ORLHF_SERVE_TEST_KEY"
 KEY = "integration-key-1234"
 PROMPTS = ["Say something about apple.", "Tell me about the river and the stone.", "good music"]
 DT_TARGET = 3.5
+JUDGE_PROMPTS = REPO_ROOT.parent / "shared" / "data" / "fastchat" / "llm_judge" / "data" / "judge_prompts.jsonl"
 MAX_NEW = 8
 
 
@@ -151,3 +155,38 @@ def test_a_taken_port_or_a_foreign_address_is_a_one_line_error(checkpoints, tmp_
     assert f"port: cannot listen on 127.0.0.1:{port} (Address already in use" in capsys.readouterr().err
     assert main(["serve", f"run_dir={tmp_path / 'b'}", f"ckpt={sft}", "host=192.0.2.1", "port=0"]) == 2
     assert "cannot listen on 192.0.2.1:0" in capsys.readouterr().err
+
+
+def test_orlhf_judge_grades_through_orlhf_serve(checkpoints, tmp_path):
+    """The whole evaluation path with nothing scripted: `orlhf judge` (FastChat's single
+    grading prompts) against `orlhf serve` with a tiny random model as the judge. Its
+    replies carry no [[rating]], so every judgment is a counted parse failure, never a crash."""
+    root, _, _, _ = checkpoints
+    judge_ckpt = root / "judge_model" / "checkpoints"
+    if not judge_ckpt.exists():  # long enough for FastChat's prompts (the served model refuses longer ones)
+        save_checkpoint(judge_ckpt, reference_model(replace(MODEL, max_seq_len=2048), "lm", seed=7),
+                        CheckpointMeta(replace(MODEL, max_seq_len=2048), "lm", TrainState(step=1)),
+                        tokenizer_dir=root / "tokenizer")
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "category": "writing", "turns": [p]}) + "\n"
+                                 for i, p in enumerate(PROMPTS, 1)))
+    answers = tmp_path / "answers_tiny.jsonl"
+    answers.write_text("".join(json.dumps({"prompt": p, "response": "an answer", "finished": True}) + "\n"
+                               for p in PROMPTS))
+    server = ServeProcess(tmp_path / "judge_serve", f"ckpt={judge_ckpt}", "model_name=judge")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "offline_rlhf.cli", "judge", f"run_dir={tmp_path / 'judged'}",
+             f"questions={questions}", f"answers=[{{model: tiny, path: '{answers}'}}]",
+             f"judge_prompts={JUDGE_PROMPTS}", "baseline=tiny", f"judge.base_url={server.url}/v1", "judge.model=judge",
+             "judge.max_tokens=16", "judge.concurrency=2"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    judged = [json.loads(line) for line in (tmp_path / "judged" / "judge" / "judgments_single.jsonl").read_text()
+              .splitlines()]
+    assert sorted(r["question_id"] for r in judged) == [1, 2, 3]
+    assert all(r["judge"] == ["judge", "single-v1"] and r["judgment"] and r["score"] == -1 for r in judged)
+    results = json.loads((tmp_path / "judged" / "judge" / "results.json").read_text())
+    assert results["summary"]["parse_failures"] == 3 and results["sent"] == 3
