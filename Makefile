@@ -20,7 +20,7 @@ demo: $(BIN)/.installed-base
 	$(BIN)/orlhf pipeline run_dir=$(RUN_DIR)
 	@echo "demo: the report is $(RUN_DIR)/report.md (stage outputs in $(RUN_DIR)/, device-hours in $(RUN_DIR)/ledger.jsonl)"
 
-# The Slurm integration tests need a real single-node Slurm; it is installed when this
+# The Slurm integration tests need a real (two-node, simulated) Slurm; it is installed when this
 # machine can (root with apt-get), otherwise those tests say why they skip.
 test: $(BIN)/.installed-test
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash scripts/local_slurm.sh install; \

@@ -35,13 +35,19 @@ MODEL = ["model=tiny", "model.name=bench-4m", "model.vocab_size=2048", "model.di
          "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=688", "model.max_seq_len=512"]
 
 
+def local_sources() -> str:
+    """The staged public files as SFT sources (the shipped default names hub datasets)."""
+    sources = (f"{{name: {fmt}, format: {fmt}, path: '{path}'}}" for _, fmt, path in SOURCES)
+    return "data.sources=[" + ", ".join(sources) + "]"
+
+
 def trained_checkpoint(cache: Path) -> Path:
     """The SFT checkpoint under `cache`, trained on first use (a few minutes on 2 cores)."""
     root = cache / "sft" / "checkpoints"
     if latest_checkpoint(root) is None:
         tokenizer = cache / "tokenizer"
         train_bpe_tokenizer([path for _, _, path in SOURCES], 2048, tokenizer)
-        code = orlhf(["sft", f"run_dir={cache}", *MODEL, "data=sft_public", f"init.tokenizer={tokenizer}",
+        code = orlhf(["sft", f"run_dir={cache}", *MODEL, local_sources(), f"init.tokenizer={tokenizer}",
                       "train.global_batch=16", "train.micro_batch=8", "train.epochs=12", "optim.lr=3e-3",
                       "optim.warmup_steps=20", "train.val_every=0", "logging.progress=false"])
         if code:

@@ -6,12 +6,18 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import TextIO
 
 from omegaconf import OmegaConf
 
 from launcher.plan import STAGE_MODULE, StagePlan
 
 DONE = "DONE"  # every stage writes it last, once its outputs are complete
+# How stages mark a progress line in a log file (offline_rlhf.progress.PREFIX; the launcher
+# imports nothing of offline_rlhf, a test keeps the two equal).
+PROGRESS_PREFIX = "[progress] "
+POLL_S = 1.0
 
 
 def local_command(plan: StagePlan, python: str) -> list[str]:
@@ -54,11 +60,45 @@ def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:
         plan.stage_dir.mkdir(parents=True, exist_ok=True)
         (plan.stage_dir / DONE).unlink(missing_ok=True)
         (plan.stage_dir / "config.yaml").write_text(plan.config_yaml)
+        print(f"    log: {log}", flush=True)
         start = time.monotonic()
-        with open(log, "w") as handle:
-            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
+        code = run_showing_progress(command, log, sys.stdout)
         if code != 0:
             print(f"orlhf launch: stage {plan.name} failed (exit code {code}); log: {log}", file=sys.stderr)
             return 1
-        print(f"    done in {time.monotonic() - start:.1f} s; log: {log}", flush=True)
+        print(f"    done in {time.monotonic() - start:.1f} s", flush=True)
     return 0
+
+
+def run_showing_progress(command: list[str], log: Path, out: TextIO) -> int:
+    """Run `command` with its output in `log`, showing its latest progress line on `out`
+    while it runs: rewritten in place on a terminal, else a new line whenever it changes."""
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    tail, shown, live = LogTail(log), "", out.isatty()
+    while process.poll() is None:
+        time.sleep(POLL_S)
+        latest = tail.latest_progress()
+        if latest and latest != shown:
+            shown = latest
+            out.write(f"\r    {latest}\x1b[K" if live else f"    {latest}\n")
+            out.flush()
+    if live and shown:
+        out.write("\n")  # the next output starts on a line of its own
+    return process.returncode
+
+
+class LogTail:
+    """The lines appended to a growing log since the last look (a partial last line waits)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def latest_progress(self) -> str:
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = self.partial + handle.read()
+            self.offset = handle.tell()
+        *lines, self.partial = data.split(b"\n")
+        marked = [line for line in lines if line.startswith(PROGRESS_PREFIX.encode())]
+        return marked[-1][len(PROGRESS_PREFIX):].decode(errors="replace").strip() if marked else ""

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 from hydra.core.override_parser.types import Quote, QuotedString
 
+from launcher.ppo import PPO_STAGE, Component, Module, placement_overrides, ppo_components
 from launcher.schema import ClusterConfig, LaunchConfig, LaunchError, StageEntry, check_sbatch_value
 
 STAGE_MODULE = "offline_rlhf.cli"
@@ -42,6 +43,7 @@ class StagePlan:
     stage_dir: Path
     config_yaml: str  # the stage's resolved config, as `--cfg` printed it
     time_limit: str | None
+    components: tuple[Component, ...] = ()  # the PPO stage on Slurm: its heterogeneous job (launcher.ppo)
 
     @property
     def world_size(self) -> int:
@@ -104,12 +106,17 @@ def _plan_stage(index: int, entry: StageEntry, run_dir: Path, cluster: ClusterCo
     key = f"pipeline.stages[{index}]"
     if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in entry.overrides):
         raise LaunchError(f"{key}.overrides", "run_dir is set by the launcher", "pass run_dir=... to orlhf launch")
-    args = (*entry.overrides, run_dir_override(run_dir))
+    hetjob = entry.stage == PPO_STAGE and cluster.kind == "slurm"
+    placement = placement_overrides(entry.ppo) if hetjob else []
+    args = (*entry.overrides, *placement, run_dir_override(run_dir))
     config_yaml = resolve_stage_config(key, entry.stage, args)
-    nodes, per_node = _process_layout(key, entry, yaml.safe_load(config_yaml).get("parallel") or {}, cluster)
+    resolved = yaml.safe_load(config_yaml)
+    nodes, per_node = _process_layout(key, entry, resolved.get("parallel") or {}, cluster)
+    components = ppo_components(key, entry.ppo, Module("actor", per_node), nodes,
+                                resolved.get("services") or {}) if hetjob else ()
     return StagePlan(name=entry.folder, stage=entry.stage, args=args, nodes=nodes, procs_per_node=per_node,
                      stage_dir=run_dir / entry.folder, config_yaml=config_yaml,
-                     time_limit=entry.time_limit or cluster.time_limit)
+                     time_limit=entry.time_limit or cluster.time_limit, components=components)
 
 
 def resolve_stage_config(key: str, stage: str, args: tuple[str, ...]) -> str:

@@ -4,6 +4,11 @@ Torchrun mode starts one task per node running torchrun with a c10d rendezvous a
 host of the allocation; tasks mode starts one task per process and the stage reads Slurm's
 variables itself (offline_rlhf.parallel.distributed). Both derive the rendezvous port as
 20000 + job id % 20000, so concurrent jobs on shared nodes do not collide.
+
+The PPO stage renders as one heterogeneous job (`render_hetjob`, layout in launcher.ppo):
+one `#SBATCH hetjob` component per module, the services' job steps started first (one task
+per process, so rank 0, which serves HTTP, is on the first node of its component), then
+the actor's; the first step to fail ends the job.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import shlex
 
 from launcher.plan import STAGE_MODULE, StagePlan
+from launcher.ppo import TOKEN_ENV, TOKEN_FILE, Component
 from launcher.schema import ClusterConfig
 
 COMPLETE_MARKER = ".launch_complete"  # written when a continued stage has finished
@@ -36,6 +42,8 @@ def uses_torchrun(plan: StagePlan, cluster: ClusterConfig) -> bool:
 
 
 def render_script(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
+    if plan.components:
+        return render_hetjob(plan, cluster, python)
     continued = cluster.max_attempts > 1
     sections = [
         "#!/bin/bash\n" + "".join(f"#SBATCH {d}\n" for d in sbatch_directives(plan, cluster)),
@@ -51,20 +59,25 @@ def render_script(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
 
 def sbatch_directives(plan: StagePlan, cluster: ClusterConfig) -> list[str]:
     """Unset optional settings are left out, so a CPU-only cluster needs no GPU request."""
+    directives = [f"--job-name={job_name(plan)}",
+                  *_resources(plan, cluster, plan.nodes, tasks_per_node(plan, cluster))]
+    directives += [f"--output={plan.stage_dir}/slurm-%j.out", f"--error={plan.stage_dir}/slurm-%j.err"]
+    return directives
+
+
+def _resources(plan: StagePlan, cluster: ClusterConfig, nodes: int, tasks: int, cpus: int | None = None) -> list[str]:
+    """What one job (or one component of a heterogeneous job) asks for; `cpus` per task."""
     optional = [
         ("--gpus-per-node", cluster.gpus_per_node),
-        ("--cpus-per-task", cluster.cpus_per_task),
+        ("--cpus-per-task", cpus if cpus is not None else cluster.cpus_per_task),
         ("--mem", cluster.mem),
         ("--time", plan.time_limit),
         ("--partition", cluster.partition),
         ("--account", cluster.account),
     ]
-    directives = [f"--job-name={job_name(plan)}", f"--nodes={plan.nodes}",
-                  f"--ntasks-per-node={tasks_per_node(plan, cluster)}"]
+    directives = [f"--nodes={nodes}", f"--ntasks-per-node={tasks}"]
     directives += [f"{flag}={value}" for flag, value in optional if value is not None]
-    directives += ["--exclusive"] if cluster.exclusive else []
-    directives += [f"--output={plan.stage_dir}/slurm-%j.out", f"--error={plan.stage_dir}/slurm-%j.err"]
-    return directives
+    return directives + (["--exclusive"] if cluster.exclusive else [])
 
 
 def _environment(cluster: ClusterConfig) -> str:
@@ -87,11 +100,12 @@ def _mark_complete(plan: StagePlan) -> str:
     return f"touch {shlex.quote(str(plan.stage_dir / COMPLETE_MARKER))}\n"
 
 
-def _srun_words(plan: StagePlan, cluster: ClusterConfig) -> list[str]:
+def _srun_words(plan: StagePlan, cluster: ClusterConfig, step: str = "", cpus: int | None = None) -> list[str]:
     # srun does not inherit --cpus-per-task from the allocation (Slurm >= 22.05).
-    words = ["srun --kill-on-bad-exit=1"]
-    if cluster.cpus_per_task is not None:
-        words[0] += f" --cpus-per-task={cluster.cpus_per_task}"
+    words = [f"srun{step} --kill-on-bad-exit=1"]
+    cpus = cpus if cpus is not None else cluster.cpus_per_task
+    if cpus is not None:
+        words[0] += f" --cpus-per-task={cpus}"
     if cluster.container_image:
         mounts = [f"{plan.stage_dir.parent}:{plan.stage_dir.parent}", *cluster.container_mounts]
         words.append(f"--container-image={shlex.quote(cluster.container_image)} "
@@ -107,3 +121,67 @@ def _program(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
             f"--nproc-per-node={plan.procs_per_node} \\\n  "
             '--rdzv-backend=c10d --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID" \\\n  '
             f"-m {stage}")
+
+
+def render_hetjob(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
+    """The PPO stage: one component per het group, services first, then the actor."""
+    actor, services = plan.components[0], plan.components[1:]
+    header = [f"--job-name={job_name(plan)}",
+              *_resources(plan, cluster, actor.nodes, tasks_per_node(plan, cluster)),
+              f"--output={plan.stage_dir}/slurm-%j.out", f"--error={plan.stage_dir}/slurm-%j.err"]
+    for component in services:
+        tasks = max(module.procs_per_node for module in component.modules)
+        header += ["hetjob", *_resources(plan, cluster, component.nodes, tasks, _service_cpus(cluster, tasks))]
+    layout = ", ".join(f"{c.group} {'+'.join(c.names)} ({c.nodes} node(s))" for c in plan.components)
+    steps = [_service_step(plan, cluster, python, component, module.name, module.procs_per_node)
+             for component in services for module in component.modules]
+    continued = cluster.max_attempts > 1
+    sections = [
+        "#!/bin/bash\n" + "".join(f"#SBATCH {d}\n" for d in header),
+        f"# orlhf launch: stage {plan.stage!r} as a heterogeneous job; het groups: {layout}\n"
+        f"# resolved config: {plan.stage_dir / 'config.yaml'}\nset -euo pipefail\n",
+        _skip_if_complete(plan) if continued else "",
+        _environment(cluster) + "# The shared secret stays in its 0600 file; the components get its path.\n"
+        f"export {TOKEN_ENV}={shlex.quote(str(plan.stage_dir / TOKEN_FILE))}\n",
+        "# Services first: each binds a port derived from the job id on its component's first node;\n"
+        "# the actor finds them through SLURM_JOB_NODELIST_HET_GROUP_<n> and waits for their health.\n"
+        + "".join(steps),
+        (RENDEZVOUS if uses_torchrun(plan, cluster) else "") + _actor_step(plan, cluster, python),
+        _wait_for_steps(len(steps) + 1) + (_mark_complete(plan) if continued else ""),
+    ]
+    return "\n".join(section for section in sections if section)
+
+
+def _service_step(plan: StagePlan, cluster: ClusterConfig, python: str, component: Component, name: str,
+                  per_node: int) -> str:
+    """One task per process; `--overlap`, so services sharing a component share its CPUs and
+    GPUs. `--ntasks` too: srun would otherwise take the component's task count from the
+    job's environment (SLURM_NTASKS_HET_GROUP_<n>), its largest module's."""
+    log = plan.stage_dir / name / "service.log"
+    step = (f" --het-group={component.group} --overlap --nodes={component.nodes}"
+            f" --ntasks={component.nodes * per_node} --ntasks-per-node={per_node} --output={log}")
+    serve = " ".join(shlex.quote(word) for word in (STAGE_MODULE, plan.stage, *plan.args, f"serve={name}"))
+    words = _srun_words(plan, cluster, step, _service_cpus(cluster, per_node))
+    return " \\\n  ".join([*words, f"{shlex.quote(python)} -m {serve}"]) + " &\n"
+
+
+def _service_cpus(cluster: ClusterConfig, tasks_per_node: int) -> int | None:
+    """In torchrun mode cluster.cpus_per_task is the CPUs of a node's one task; a service runs
+    one task per process, so its tasks split them."""
+    if cluster.cpus_per_task is None or cluster.launch_mode == "tasks":
+        return cluster.cpus_per_task
+    return max(1, cluster.cpus_per_task // tasks_per_node)
+
+
+def _actor_step(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
+    words = _srun_words(plan, cluster, " --het-group=0")
+    return " \\\n  ".join([*words, _program(plan, cluster, python)]) + " &\n"
+
+
+def _wait_for_steps(count: int) -> str:
+    """Every step ends with 0 once the actor has finished and shut its services down; the
+    first one that fails ends the job, and with it every other step."""
+    return (f"for _ in $(seq {count}); do\n"
+            "  wait -n || { code=$?; echo \"orlhf launch: a PPO job step failed (exit code $code);"
+            " ending the job\" >&2; exit \"$code\"; }\n"
+            "done\n")

@@ -54,6 +54,24 @@ def check_identifier(key: str, value: str) -> None:
 
 
 @dataclass
+class PPOComponents:
+    """`stage: ppo` on Slurm: one heterogeneous-job component per PPO module. The actor's
+    component has the entry's `nodes`; each service's processes are its `services.NAME.nproc`,
+    spread evenly over its component's nodes."""
+
+    critic_nodes: int = 1
+    reference_nodes: int = 1
+    reward_nodes: int = 1
+    reward_with_critic: bool = False  # the reward model shares the critic's component (and nodes)
+    reference_with_actor: bool = False  # the actor starts the reference beside itself, on its first node
+
+    def check(self, key: str) -> None:
+        for name in ("critic_nodes", "reference_nodes", "reward_nodes"):
+            if getattr(self, name) < 1:
+                raise LaunchError(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class StageEntry:
     """One step of a pipeline: `orlhf STAGE overrides...` on `nodes` nodes."""
 
@@ -63,6 +81,7 @@ class StageEntry:
     nodes: int = 1
     nproc: Optional[int] = None  # total processes; None: derived (see launcher.plan)
     time_limit: Optional[str] = None  # Slurm time format; None: cluster.time_limit
+    ppo: PPOComponents = field(default_factory=PPOComponents)  # stage ppo only: its heterogeneous job
 
     @property
     def folder(self) -> str:
@@ -77,6 +96,7 @@ class StageEntry:
             check_sbatch_value(f"{key}.time_limit", self.time_limit)
         for index, override in enumerate(self.overrides):
             check_printable(f"{key}.overrides[{index}]", override)
+        self.ppo.check(f"{key}.ppo")
 
 
 @dataclass

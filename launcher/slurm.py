@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launcher.plan import StagePlan
+from launcher.ppo import prepare_stage_dir
 from launcher.render import COMPLETE_MARKER, render_script
 from launcher.schema import ClusterConfig, LaunchError
 
@@ -32,14 +33,16 @@ class SubmittedStage:
 
 
 def write_stage_files(plan: StagePlan, cluster: ClusterConfig, python: str) -> Path:
-    """`submission.sh` and the resolved `config.yaml` in the stage's folder; a new launch
-    forgets an earlier launch's completion marker."""
+    """`submission.sh` and the resolved `config.yaml` in the stage's folder (for the PPO
+    heterogeneous job also its token); a new launch forgets an earlier launch's completion marker."""
     plan.stage_dir.mkdir(parents=True, exist_ok=True)
     (plan.stage_dir / "config.yaml").write_text(plan.config_yaml)
     script = plan.stage_dir / "submission.sh"
     script.write_text(render_script(plan, cluster, python))
     script.chmod(0o755)
     (plan.stage_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+    if plan.components:
+        prepare_stage_dir(plan.stage_dir, plan.components)
     return script
 
 

@@ -2,7 +2,9 @@
 
 Device-hours come from the rows the stages append to `run_dir/ledger.jsonl` (a resumed stage
 adds a row per execution, so rows are summed per job); without a row, from Slurm's elapsed
-time x allocated GPUs.
+time x allocated GPUs. A job whose rows come from several ledger stages (the PPO stage's
+heterogeneous job: ppo_actor, ppo_critic, ppo_reference, ppo_reward, every row carrying the
+job's id) is followed by one indented row per module with that module's hours.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 def status_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
-    ledger = ledger_hours(run_dir)
+    modules = module_hours(run_dir)
+    ledger = {job: sum(hours.values()) for job, hours in modules.items()}
     rows = []
     for stage in read_launch_record(run_dir):
         for attempt, job_id in enumerate(stage.job_ids, 1):
             label = stage.name if len(stage.job_ids) == 1 else f"{stage.name} [{attempt}/{len(stage.job_ids)}]"
             info = query_job(job_id)
-            rows.append((label, job_id, info.state if info else "UNKNOWN", device_hours(job_id, info, ledger)))
+            state = info.state if info else "UNKNOWN"
+            rows.append((label, job_id, state, device_hours(job_id, info, ledger)))
+            if len(modules.get(job_id, {})) > 1:
+                rows += [(f"  {module}", job_id, state, f"{hours:.4f} (ledger)")
+                         for module, hours in sorted(modules[job_id].items())]
     return rows
 
 
@@ -35,13 +42,18 @@ def show_status(run_dir: Path) -> int:
 
 def ledger_hours(run_dir: Path) -> dict[str, float]:
     """Job id -> summed device_hours of the ledger rows that carry it."""
+    return {job: sum(hours.values()) for job, hours in module_hours(run_dir).items()}
+
+
+def module_hours(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Job id -> ledger stage -> summed device_hours of the rows that carry both."""
     path = run_dir / LEDGER
-    hours: dict[str, float] = {}
+    hours: dict[str, dict[str, float]] = {}
     lines = path.read_text().splitlines() if path.exists() else []
     for row in (json.loads(line) for line in lines if line.strip()):
         if row.get("job_id") is not None:
-            key = str(row["job_id"])
-            hours[key] = hours.get(key, 0.0) + float(row["device_hours"])
+            stages = hours.setdefault(str(row["job_id"]), {})
+            stages[row["stage"]] = stages.get(row["stage"], 0.0) + float(row["device_hours"])
     return hours
 
 

@@ -49,6 +49,8 @@ from offline_rlhf.fsutil import fsync_dir, write_atomic
 
 LATEST = "latest"
 TOKENIZER_DIR = "tokenizer"
+CONFIG_KEY = "config"  # metadata: the resume fingerprint (train.loop), a training run's settings
+TEMPLATE = "template"  # metadata: how the model's conversations are rendered (data.chat_template.template_record)
 META = "meta.json"
 PARTIAL_SUFFIX = ".partial"
 

@@ -37,10 +37,17 @@ STAGES = {
                    "reward-label and z-score normalize samples into run_dir/label/"),
     "mix": Stage("offline_rlhf.stages.mix", "offline_rlhf.config.samples:MixConfig",
                  "the reward-labeled alignment dataset from generated and human samples into run_dir/mix/"),
+    "reference": Stage("offline_rlhf.stages.reference", "offline_rlhf.config.samples:ReferenceConfig",
+                       "DPO/IPO/cDPO preference pairs with their reference (SFT) log-probs into run_dir/reference/"),
     "align": Stage("offline_rlhf.stages.align", "offline_rlhf.config.training:AlignConfig",
-                   "offline alignment: method=mle_filter|rwr|dt (paper Eqs. 4-6) into run_dir/align_<method>/"),
+                   "offline alignment: method=mle_filter|rwr|dt (paper Eqs. 4-6) or dpo|ipo|cdpo (pairs from "
+                   "`orlhf reference`) into run_dir/align_<method>/"),
     "eval": Stage("offline_rlhf.stages.eval", "offline_rlhf.config.evaluation:EvalConfig",
                   "held-out answers of each model scored by the gold reward and the RM into run_dir/eval/"),
+    "serve": Stage("offline_rlhf.stages.serve", "offline_rlhf.config.serving:ServeConfig",
+                   "an OpenAI-compatible HTTP server (chat, completions) for one checkpoint, TP over the world"),
+    "judge": Stage("offline_rlhf.stages.judge", "offline_rlhf.config.judging:JudgeConfig",
+                   "grade answers with a judge model at an OpenAI-compatible endpoint into run_dir/judge/"),
     "report": Stage("offline_rlhf.stages.report", "offline_rlhf.config.evaluation:ReportConfig",
                     "report.md / report.json: evaluation, reward distribution, device-hours per method"),
     "rm-score": Stage("offline_rlhf.stages.rm_score", "offline_rlhf.config.samples:RMScoreConfig",
@@ -122,9 +129,11 @@ FLAGS = ("--cfg", "--check")
 CHECK_WORLD_SIZE = "ORLHF_CHECK_WORLD_SIZE"
 # Config fields that name files or folders a stage reads: (dotted attribute path, list
 # attribute or ""). `hf` sources may name a Hugging Face dataset instead of a path.
-INPUT_FIELDS = (("data.sources", "path"), ("data.path", ""), ("sources", "path"), ("inputs", "path"),
-                ("input", ""), ("prompts", ""), ("rm", ""), ("ckpt", ""), ("init.checkpoint", ""),
-                ("init.tokenizer", ""), ("models", "checkpoint"))
+INPUT_FIELDS = (("data.sources", "path"), ("data.path", ""), ("data.pairs", ""), ("sources", "path"),
+                ("inputs", "path"), ("input", ""), ("prompts", ""), ("rm", ""), ("ckpt", ""), ("init.checkpoint", ""),
+                ("init.tokenizer", ""), ("models", "checkpoint"), ("questions", ""), ("answers", "path"),
+                ("reference_answers", ""), ("judge_prompts", ""), ("services.reward.checkpoint", ""),
+                ("services.reference.checkpoint", ""), ("services.critic.checkpoint", ""))
 
 
 def check_stage(config) -> dict:
@@ -192,14 +201,19 @@ def _complete_checkpoint(path: str, key: str):
 
 
 def input_paths(config) -> list[tuple[str, str]]:
-    """(key, path) for every file or folder the stage's config names as an input."""
-    found = []
+    """(key, path) for every file or folder the stage's config names as an input (a Hugging
+    Face repo id in a checkpoint or tokenizer key is not a path: the stage resolves it)."""
+    from offline_rlhf.hub import parse_repo_id
+
+    found, unread = [], getattr(config, "unread_inputs", ())
     for dotted, item_key in INPUT_FIELDS:
+        if dotted in unread:
+            continue
         value = config
         for part in dotted.split("."):
             value = getattr(value, part, None)
         if not item_key:
-            if isinstance(value, str) and value:
+            if isinstance(value, str) and value and parse_repo_id(value) is None:
                 found.append((dotted, value))
             continue
         for index, item in enumerate(value if isinstance(value, (list, tuple)) else ()):

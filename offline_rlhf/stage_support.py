@@ -6,6 +6,7 @@ a stage."""
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from offline_rlhf.checkpoint import (
+    CONFIG_KEY,
+    TEMPLATE,
     TOKENIZER_DIR,
     CheckpointMeta,
     TrainState,
@@ -26,7 +29,9 @@ from offline_rlhf.checkpoint import (
 )
 from offline_rlhf.config.base import freeze
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.config.schema import InitConfig, ModelConfig
+from offline_rlhf.config.schema import InitConfig, ModelConfig, TemplateConfig
+from offline_rlhf.data.chat_template import ChatFormat, build_template
+from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.host import acquire_stage_lock, release_stage_lock
@@ -147,6 +152,28 @@ def load_tokenizer(init: InitConfig, model: ModelConfig) -> tuple[Tokenizer, Pat
     if tokenizer.eos_id is None or tokenizer.pad_id is None:
         raise ConfigError("init.tokenizer", f"{path} defines no eos or pad token", "add them to tokenizer_config.json")
     return tokenizer, path
+
+
+def checkpoint_template(path: Path, metadata: dict, configured: TemplateConfig) -> ChatTemplate | ChatFormat:
+    """The template checkpoint `path` was trained with (its metadata), else `configured`,
+    for the tokenizer saved with it."""
+    tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR) if (path / TOKENIZER_DIR).is_dir() else None
+    return build_template(metadata.get(TEMPLATE, configured), tokenizer.config if tokenizer else {})
+
+
+def dt_target(metadata: dict, path: Path, key: str = "reward_prompt") -> float | None:
+    """The target score `orlhf align method=dt` recorded (a final checkpoint's `alignment`,
+    an intermediate one's training config), None for a model not trained by DT. A DT
+    checkpoint without one is an error naming `key`: used with no reward prompt, it would
+    answer a prompt it never saw in training (`orlhf serve` and `orlhf eval` read it)."""
+    alignment, trained = metadata.get("alignment") or {}, metadata.get(CONFIG_KEY) or {}
+    if alignment.get("method", trained.get("method")) != "dt":
+        return None
+    target = alignment.get("dt_target", trained.get("dt_target"))
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+        raise ConfigError(key, f"{path} is a Decision-Transformer checkpoint whose metadata records no "
+                          f"target score (dt_target: {target!r})", f"pass {key}=SCORE")
+    return float(target)
 
 
 def checkpoint_of_head(path: Path, head: str, key: str) -> CheckpointMeta:

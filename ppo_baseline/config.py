@@ -30,17 +30,17 @@ SERVICES = ("reward", "reference", "critic")
 class PPOAlgorithmConfig(Frozen):
     """The PPO loop: sizes in sequences (one sampled response per prompt)."""
 
-    iterations: int = 100
+    iterations: int = 100  # rollout + update rounds
     rollout_batch: int = 1024  # prompts (= responses) per iteration
     minibatch: int = 128  # responses per optimizer step (actor and critic)
     micro_batch: int = 8  # responses per forward/backward
     epochs: int = 1  # PPO epochs over each rollout batch
-    kl_coef: float = 0.01
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2
-    value_clip: float = 0.2
-    whiten_advantages: bool = True
+    kl_coef: float = 0.01  # weight of the per-token KL penalty against the initial policy
+    gamma: float = 1.0  # discount of future rewards
+    lam: float = 0.95  # GAE lambda
+    clip: float = 0.2  # PPO's policy-ratio clip range
+    value_clip: float = 0.2  # the critic's value clip range
+    whiten_advantages: bool = True  # normalize advantages to zero mean, unit variance per batch
 
     def __post_init__(self):
         require_positive(self, "iterations", "rollout_batch", "minibatch", "micro_batch", "epochs", prefix="ppo.")
@@ -61,14 +61,19 @@ class ServiceSettings(Frozen):
     """One service: its checkpoint, its own world (`nproc` processes under torchrun, split
     by `parallel`), and what it answers per forward."""
 
-    checkpoint: str = ""
-    nproc: int = 1
+    checkpoint: str = ""  # the module's weights (SFT checkpoint for reference/critic, RM for reward)
+    nproc: int = 1  # processes of the module's world (TP x DP)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     batch_size: int = 16  # sequences per forward
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6, schedule="constant"))  # critic only
+    # Set by `orlhf launch` on Slurm: the heterogeneous-job component serving it (the actor
+    # then finds it there instead of starting it). None: the actor starts it on its node.
+    het_group: Optional[int] = None
 
     def __post_init__(self):
         require_positive(self, "nproc", "batch_size")
+        if self.het_group is not None and self.het_group < 1:
+            raise ConfigError("het_group", f"must be >= 1 (group 0 is the actor's), got {self.het_group}")
 
 
 @dataclass
@@ -77,10 +82,10 @@ class ServicesConfig(Frozen):
     reference: ServiceSettings = field(
         default_factory=lambda: ServiceSettings(checkpoint="runs/default/sft/checkpoints"))
     critic: ServiceSettings = field(default_factory=lambda: ServiceSettings(checkpoint="runs/default/rm/checkpoints"))
-    host: str = "127.0.0.1"
-    startup_timeout_s: float = 300.0
-    request_timeout_s: float = 600.0
-    max_body_mb: int = 256
+    host: str = "127.0.0.1"  # the address services bind and the actor calls
+    startup_timeout_s: float = 300.0  # how long the actor waits for every service's health check
+    request_timeout_s: float = 600.0  # how long one call to a service may take
+    max_body_mb: int = 256  # largest request body a service accepts
 
     def __post_init__(self):
         require_positive(self, "startup_timeout_s", "request_timeout_s", "max_body_mb", prefix="services.")
@@ -94,25 +99,32 @@ class PPOConfig(Frozen):
     process group) for rewards, log-probs and values, and trains with clipped PPO; the
     critic trains on its own. Outputs in run_dir/ppo/."""
 
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # the run folder; outputs go to run_dir/ppo/
     init: InitConfig = field(default_factory=InitConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-7, schedule="constant"))
     ppo: PPOAlgorithmConfig = field(default_factory=PPOAlgorithmConfig)
     services: ServicesConfig = field(default_factory=ServicesConfig)
+    # prompt sources for rollouts (as `orlhf generate`'s)
     sources: list[PromptSourceConfig] = field(default_factory=list)
-    total_prompts: Optional[int] = None
+    total_prompts: Optional[int] = None  # prompts drawn from the mix; null: all
     template: TemplateConfig = field(default_factory=TemplateConfig)
-    max_prompt_tokens: int = 512
+    max_prompt_tokens: int = 512  # longer prompts keep their last tokens
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(greedy=False,
                                                                                    max_new_tokens=128))
-    seed: int = 1234
+    seed: int = 1234  # seeds prompt sampling and rollouts
     save_every: int = 10  # iterations
-    keep_last: int = 2
+    keep_last: int = 2  # actor checkpoints kept on disk
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Set by `orlhf launch` for a service's job step: run this process as that service
+    # (reward, reference or critic) of the Slurm heterogeneous job. "": the actor.
+    serve: str = ""
 
     def __post_init__(self):
         require(self.init, "checkpoint", prefix="init.", fix="pass the SFT checkpoint the actor starts from")
+        if self.serve and (self.serve not in SERVICES or getattr(self.services, self.serve).het_group is None):
+            raise ConfigError("serve", f"{self.serve!r} is not a service placed in a het group",
+                              f"use one of {', '.join(SERVICES)} with services.NAME.het_group set (orlhf launch does)")
         if not self.sources:
             raise ConfigError("sources", "is empty", "list at least one prompt source")
         if self.generation.greedy:
@@ -134,6 +146,7 @@ class ServiceConfig(Frozen):
     settings: ServiceSettings = field(default_factory=ServiceSettings)
     ppo: PPOAlgorithmConfig = field(default_factory=PPOAlgorithmConfig)
     host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (published in address.json)
     max_body_mb: int = 256
     parent_pid: int = 0  # the actor: the service exits once it is gone (0: no watch)
     parent_start_ticks: Optional[int] = None

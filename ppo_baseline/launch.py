@@ -7,6 +7,11 @@ shared secret travels in a 0600 file named by an environment variable, never in 
 service to shut down over HTTP, then signals whatever is left of its process group, so no
 process outlives the run. While the actor waits on a call, every service process is
 polled, so a dead service fails the run at once with one line naming it and its log.
+
+A service with `services.NAME.het_group` set is not started here: it is a job step of the
+Slurm heterogeneous job (`orlhf launch`), found on the first node of its het group at the
+port derived from the job id (ppo_baseline.serve), with the job's token (PPO_TOKEN_FILE).
+The job itself fails when such a step dies, so only its health and calls are watched here.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ import torch
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.fsutil import write_atomic
-from offline_rlhf.host import start_ticks
-from ppo_baseline.config import SERVICES, PPOConfig, ServiceConfig
-from ppo_baseline.serve import ADDRESS, CONFIG_ENV, TOKEN_ENV, service_dir
+from offline_rlhf.http import http_url
+from ppo_baseline.config import SERVICES, PPOConfig
+from ppo_baseline.serve import ADDRESS, CONFIG_ENV, TOKEN_ENV, het_group_host, service_config, service_dir, service_port
 from ppo_baseline.service import Client, ServiceError, read_token, write_token
 
 LOG = "service.log"
@@ -50,13 +55,13 @@ class ServiceFailed(ConfigError):
 @dataclass
 class ServiceProcess:
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen | None  # None: a job step of the Slurm job, not started here
     log: Path
     client: Client | None = None
     url: str = ""
 
     def exit_code(self) -> int | None:
-        return self.process.poll()
+        return self.process.poll() if self.process is not None else None
 
 
 @dataclass
@@ -82,32 +87,44 @@ class Services:
     # start-up
 
     def start(self) -> None:
-        token_path = self.out / TOKEN_FILE
-        write_token(token_path)
-        token = read_token(token_path)
+        remote = [name for name in SERVICES if getattr(self.cfg.services, name).het_group is not None]
+        token_path = self._job_token() if remote else self.out / TOKEN_FILE
+        if not remote:
+            write_token(token_path)
+        self._token = read_token(token_path)
+        for name in remote:
+            url = http_url(het_group_host(self.cfg, name), service_port(name))
+            self.processes[name] = ServiceProcess(name, None, service_dir(self.cfg.run_dir, name) / LOG, url=url)
         env = {k: v for k, v in os.environ.items() if k not in WORLD_VARIABLES}
         if not torch.cuda.is_available():
             # Four processes share the CPU cores: OpenMP pools of every process spinning on
             # all cores made PPO iterations 50x slower at random (measured on 2 cores).
             env.setdefault("OMP_NUM_THREADS", "1")
         for name in SERVICES:
-            folder = service_dir(self.cfg.run_dir, name)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / ADDRESS).unlink(missing_ok=True)
-            settings = getattr(self.cfg.services, name)
-            config = ServiceConfig(name=name, run_dir=self.cfg.run_dir, settings=settings, ppo=self.cfg.ppo,
-                                   host=self.cfg.services.host, max_body_mb=self.cfg.services.max_body_mb,
-                                   parent_pid=os.getpid(), parent_start_ticks=start_ticks(os.getpid()),
-                                   seed=self.cfg.seed, keep_last=self.cfg.keep_last)
-            write_atomic(folder / "service.json", config.to_json())
-            log = folder / LOG
-            with open(log, "ab") as handle:
-                process = subprocess.Popen(service_command(settings.nproc), stdin=subprocess.DEVNULL, stdout=handle,
-                                           stderr=subprocess.STDOUT, start_new_session=True,
-                                           env={**env, CONFIG_ENV: str(folder / "service.json"),
-                                                TOKEN_ENV: str(token_path), "PYTHONUNBUFFERED": "1"})
-            self.processes[name] = ServiceProcess(name, process, log)
-        self._token = token
+            if name not in remote:
+                self.processes[name] = self._start_here(name, {**env, TOKEN_ENV: str(token_path)})
+
+    def _start_here(self, name: str, env: dict[str, str]) -> ServiceProcess:
+        """Service `name` as a process group of this machine, watching this process."""
+        folder = service_dir(self.cfg.run_dir, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ADDRESS).unlink(missing_ok=True)
+        config = service_config(self.cfg, name, self.cfg.services.host, parent_pid=os.getpid())
+        write_atomic(folder / "service.json", config.to_json())
+        log = folder / LOG
+        with open(log, "ab") as handle:
+            process = subprocess.Popen(service_command(config.settings.nproc), stdin=subprocess.DEVNULL, stdout=handle,
+                                       stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**env, CONFIG_ENV: str(folder / "service.json"), "PYTHONUNBUFFERED": "1"})
+        return ServiceProcess(name, process, log)
+
+    @staticmethod
+    def _job_token() -> Path:
+        """The token `orlhf launch` wrote for the whole heterogeneous job."""
+        if TOKEN_ENV not in os.environ:
+            raise ConfigError("services", f"services run in het groups, but {TOKEN_ENV} names no token file",
+                              "launch the PPO stage with `orlhf launch cluster=slurm`")
+        return Path(os.environ[TOKEN_ENV])
 
     def wait_ready(self) -> None:
         """Until every service answers /health as ready; a service that exits or is not
@@ -129,9 +146,9 @@ class Services:
         self.check_alive()
         address = service_dir(self.cfg.run_dir, service.name) / ADDRESS
         if service.client is None:
-            if not address.exists():
+            if not service.url and not address.exists():
                 return False
-            service.url = json.loads(address.read_text())["url"]
+            service.url = service.url or json.loads(address.read_text())["url"]
             service.client = Client(service.name, service.url, self._token,
                                     timeout_s=self.cfg.services.request_timeout_s, retries=2)
         try:
@@ -176,17 +193,18 @@ class Services:
                 except ServiceError:
                     pass
         deadline = time.monotonic() + grace_s
-        for service in self.processes.values():
+        started = [service.process for service in self.processes.values() if service.process is not None]
+        for process in started:
             try:
-                service.process.wait(max(0.1, deadline - time.monotonic()))
+                process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for service in self.processes.values():
-                _signal_group(service.process, sig)
-            for service in self.processes.values():
+            for process in started:
+                _signal_group(process, sig)
+            for process in started:
                 try:
-                    service.process.wait(5)
+                    process.wait(5)
                 except subprocess.TimeoutExpired:
                     pass
         for service in self.processes.values():

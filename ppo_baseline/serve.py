@@ -6,19 +6,28 @@ every user of the machine): PPO_SERVICE_CONFIG names the service's JSON config
 secret. The service is a stage of its own for the ledger (`ppo_<name>`): its row covers
 the whole life of the process, idle time included. Once listening, rank 0 writes
 `address.json` (url, pid) beside its config, which the launcher waits for.
+
+In a Slurm heterogeneous job (`orlhf launch`) a service is instead its own job step,
+`orlhf ppo ... serve=NAME` (`serve_in_job`): it binds the first node of its het group on a
+port derived from the job id, where the actor, in another component, finds it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.fsutil import write_atomic
+from offline_rlhf.host import start_ticks
+from offline_rlhf.parallel.distributed import first_host
 from offline_rlhf.runtime import stage_runtime
-from ppo_baseline.config import ServiceConfig
+from ppo_baseline.config import SERVICES, PPOConfig, ServiceConfig
 from ppo_baseline.service import read_token
 from ppo_baseline.services import build_service
 from ppo_baseline.world import watch_parent
@@ -30,6 +39,43 @@ ADDRESS = "address.json"
 
 def service_dir(run_dir: str | Path, name: str) -> Path:
     return Path(run_dir) / "ppo" / name
+
+
+def service_config(cfg: PPOConfig, name: str, host: str, port: int = 0, parent_pid: int = 0) -> ServiceConfig:
+    """What service `name` of the run `cfg` runs; `parent_pid`: the actor, whose exit stops it."""
+    return ServiceConfig(name=name, run_dir=cfg.run_dir, settings=getattr(cfg.services, name), ppo=cfg.ppo,
+                         host=host, port=port, max_body_mb=cfg.services.max_body_mb, parent_pid=parent_pid,
+                         parent_start_ticks=start_ticks(parent_pid) if parent_pid else None, seed=cfg.seed,
+                         keep_last=cfg.keep_last)
+
+
+def het_group_host(cfg: PPOConfig, name: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The first node of the het group serving `name`, where its rank 0 listens."""
+    group = getattr(cfg.services, name).het_group
+    nodelist = environ.get(f"SLURM_JOB_NODELIST_HET_GROUP_{group}")
+    if not nodelist:
+        raise ConfigError(f"services.{name}.het_group", f"is {group}, but this process is in no Slurm heterogeneous "
+                          f"job with that group (SLURM_JOB_NODELIST_HET_GROUP_{group} is unset)",
+                          "launch it with `orlhf launch cluster=slurm`, or unset it to start the service here")
+    return first_host(nodelist)
+
+
+def service_port(name: str, environ: Mapping[str, str] = os.environ) -> int:
+    """The HTTP port of service `name` in Slurm job SLURM_JOB_ID (in every component, the
+    het job's leader id), so the service and the actor derive it alike. In [40000, 60000),
+    clear of the rendezvous ports of offline_rlhf.parallel.distributed.slurm_port; the
+    port after it is the rendezvous port of the service's own world."""
+    job = int(re.sub(r"\D", "", environ.get("SLURM_JOB_ID", "")) or 0)
+    return 40000 + job % 2500 * 8 + 2 * SERVICES.index(name)
+
+
+def serve_in_job(cfg: PPOConfig) -> int:
+    """`orlhf ppo serve=NAME`: service NAME as one job step of the heterogeneous job, one
+    task per process (Slurm's rank 0 is on the component's first node)."""
+    port = service_port(cfg.serve)
+    os.environ["MASTER_PORT"] = str(port + 1)  # two services sharing a component need two rendezvous ports
+    config = service_config(cfg, cfg.serve, host=het_group_host(cfg, cfg.serve), port=port)
+    return run(config, read_token(os.environ[TOKEN_ENV]))
 
 
 def run(cfg: ServiceConfig, token: str) -> int:

@@ -59,7 +59,7 @@ from ppo_baseline.world import WorldService
 
 def build_service(cfg: ServiceConfig, rt: Runtime, token: str, usage: Usage | None = None) -> WorldService:
     """The service `cfg.name`, built (and its model loaded) on every rank of `rt`."""
-    service = WorldService(cfg.name, token, rt, host=cfg.host, max_body_bytes=cfg.max_body_mb * 2**20,
+    service = WorldService(cfg.name, token, rt, host=cfg.host, port=cfg.port, max_body_bytes=cfg.max_body_mb * 2**20,
                            model=cfg.settings.checkpoint)
     {"reward": _reward, "reference": _reference, "critic": _critic}[cfg.name](service, cfg, rt, usage)
     return service
@@ -81,7 +81,7 @@ def _reward(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage
         raise ConfigError(_key(cfg), f"the reward model {cfg.settings.checkpoint} stores no reward statistics, "
                           "which PPO normalizes its rewards with", "pass a checkpoint written by `orlhf rm`")
     stats = metadata[REWARD_STATS]
-    _, max_len = scoring_setup(metadata, model.cfg)
+    _, max_len = scoring_setup(metadata, model.cfg, tokenizer)
     model.eval()
 
     def score(payload: Payload) -> Payload:

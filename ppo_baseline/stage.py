@@ -16,10 +16,11 @@ from __future__ import annotations
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from offline_rlhf.checkpoint import (
+    CONFIG_KEY,
     CheckpointMeta,
     TrainState,
     latest_checkpoint,
@@ -29,14 +30,14 @@ from offline_rlhf.checkpoint import (
     save_checkpoint,
 )
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.data.prompts import mix_prompts, read_prompts
-from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.chat_template import build_template
+from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.runtime import DONE, Runtime, stage_runtime
 from offline_rlhf.stage_support import check_resumable, resume_fingerprint
 from offline_rlhf.train.init import prepare_training
-from offline_rlhf.train.loop import CONFIG_KEY, SampleStream
+from offline_rlhf.train.loop import SampleStream
 from offline_rlhf.train.metrics_log import MetricsLog
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler
 from ppo_baseline import algorithm
@@ -44,6 +45,7 @@ from ppo_baseline.actor import advantages, iteration_generation, policy_logprobs
 from ppo_baseline.config import PPOConfig
 from ppo_baseline.launch import Services
 from ppo_baseline.models import LOGPROBS, SAVED, SCORES, STEP, TRAINED, VALUES
+from ppo_baseline.serve import serve_in_job
 from ppo_baseline.wire import Payload
 
 STAGE = "ppo_actor"
@@ -51,6 +53,8 @@ OUT = "ppo"
 
 
 def main(cfg: PPOConfig) -> int:
+    if cfg.serve:  # a service's job step of the Slurm heterogeneous job
+        return serve_in_job(cfg)
     model_cfg = read_meta(resolve_checkpoint(cfg.init.checkpoint, "init.checkpoint")).model
     previous = signal.signal(signal.SIGTERM, _raise_exit)  # a SIGTERM still shuts the services down
     try:
@@ -75,10 +79,8 @@ def _raise_exit(signum, frame):
 
 def load_prompts(cfg: PPOConfig, tokenizer, model_cfg) -> tuple[list[list[int]], list[int]]:
     """Token ids of every prompt (the most recent `limit` tokens) and their ids."""
-    template = ChatTemplate(**asdict(cfg.template))
-    sources = [(s.name or s.path, read_prompts(s.kind, s.format, s.path, template, s.prompt_key), s.weight)
-               for s in cfg.sources]
-    prompts, _ = mix_prompts(sources, cfg.total_prompts, cfg.seed)
+    template = build_template(cfg.template, tokenizer.config)
+    prompts, _ = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed)
     limit = min(cfg.max_prompt_tokens, model_cfg.max_seq_len - cfg.generation.max_new_tokens)
     if limit < 1:
         raise ConfigError("generation.max_new_tokens", f"leaves no room for a prompt in max_seq_len="

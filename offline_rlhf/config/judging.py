@@ -33,8 +33,8 @@ class JudgeEndpointConfig(Frozen):
     base_url: str = ""  # e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1
     model: str = ""  # the judge model's name at that endpoint (recorded in every judgment)
     api_key_env: str = ""  # name of the variable holding the key; "" sends no key
-    temperature: float = 0.0
-    max_tokens: int = 2048
+    temperature: float = 0.0  # the judge's sampling temperature (0: deterministic)
+    max_tokens: int = 2048  # longest judgment
     concurrency: int = 4  # requests in flight at once
     timeout_s: float = 120.0  # per connect / read of one request; a timeout is retried
     max_retries: int = 6  # per request, on HTTP 429, 5xx, timeouts and refused connections
@@ -74,13 +74,14 @@ class JudgeConfig(Frozen):
     to a question in one call, anonymized and shuffled with `seed`). A rerun sends only the
     judgments that are missing."""
 
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # the run folder; results go to run_dir/judge/
     questions: str = ""  # FastChat question file: question_id, category, turns
+    # answer files to grade: [{model: NAME, path: FILE}] (FastChat or `orlhf eval` format)
     answers: list[JudgeAnswersConfig] = field(default_factory=list)
     reference_answers: str = ""  # FastChat answer file; needed for math/reasoning/coding questions
     judge_prompts: str = ""  # FastChat's judge_prompts.jsonl (single and pairwise formats)
     judge: JudgeEndpointConfig = field(default_factory=JudgeEndpointConfig)
-    format: str = "single"
+    format: str = "single"  # single (MT-bench 1-10), pairwise (FastChat pair-v2, both orders) or paper (Appendix A)
     baseline: str = ""  # a model of `answers`: paired comparisons against it; pairwise: "" judges every pair
     seed: int = 0  # the paper format's per-question order of the assistants
 

@@ -32,21 +32,21 @@ class ModelConfig(Frozen):
     """A Llama-family decoder. Defaults are the paper's 8B attributes (SwiGLU, RoPE,
     max sequence 4096, no dropout, no biases, untied embeddings)."""
 
-    name: str = "custom"
-    vocab_size: int = 32000
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
+    name: str = "custom"  # a label for logs and reports (presets: conf/model/)
+    vocab_size: int = 32000  # rows of the embedding (>= the tokenizer's vocabulary)
+    dim: int = 4096  # hidden size
+    n_layers: int = 32  # transformer blocks
+    n_heads: int = 32  # attention (query) heads
     n_kv_heads: Optional[int] = None  # None: multi-head attention (n_kv_heads == n_heads)
     head_dim: Optional[int] = None  # None: dim // n_heads
-    ffn_dim: int = 11008
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScalingConfig] = None
-    max_seq_len: int = 4096
-    qkv_bias: bool = False
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    ffn_dim: int = 11008  # SwiGLU hidden size
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base frequency
+    rope_scaling: Optional[RopeScalingConfig] = None  # Llama-3 style long-context RoPE scaling; null: none
+    max_seq_len: int = 4096  # longest sequence (positions) the model takes
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    tie_embeddings: bool = False  # the output head shares the embedding's weights
+    init_std: float = 0.02  # standard deviation of the initial weights
 
     def __post_init__(self):
         require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", prefix="model.")
@@ -87,13 +87,13 @@ class ModelConfig(Frozen):
 class ParallelConfig(Frozen):
     """How the world is split. `dp=-1` fills whatever the world size leaves after TP."""
 
-    tp: int = 1
-    dp: int = -1
+    tp: int = 1  # tensor-parallel size (Megatron-style column/row splits)
+    dp: int = -1  # data-parallel size; -1: the processes left after TP
     dp_mode: str = "fsdp"  # fsdp (FSDP2 fully_shard) or ddp
-    sequence_parallel: bool = False
-    loss_parallel: bool = False
-    activation_checkpointing: bool = False
-    compile: bool = False
+    sequence_parallel: bool = False  # shard activations along the sequence between TP regions (needs tp > 1)
+    loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (no all-gather of logits)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    compile: bool = False  # torch.compile each block
 
     def __post_init__(self):
         if self.tp < 1:
@@ -107,13 +107,26 @@ class ParallelConfig(Frozen):
                               "set parallel.tp or turn sequence_parallel off")
 
 
+TEMPLATE_KINDS = ("paper", "chat")
+
+
 @dataclass
 class TemplateConfig(Frozen):
-    """The paper's `User: {instruction} Assistant: {response}`."""
+    """How a conversation becomes text: the paper's `User: {instruction} Assistant: {response}`
+    (kind=paper) or the tokenizer's own chat template (kind=chat). Checkpoints record it."""
 
-    user_tag: str = "User:"
-    assistant_tag: str = "Assistant:"
-    sep: str = " "
+    # paper: the tags below; chat: the tokenizer's chat_template (Jinja, rendered as transformers does)
+    kind: str = "paper"
+    user_tag: str = "User:"  # kind=paper: the tag before each user turn
+    assistant_tag: str = "Assistant:"  # kind=paper: the tag before each assistant turn
+    sep: str = " "  # kind=paper: what separates tags and texts
+    system: str = ""  # kind=chat: a system message opening every conversation (empty: none)
+
+    def __post_init__(self):
+        if self.kind not in TEMPLATE_KINDS:
+            raise ConfigError("template.kind", f"{self.kind!r} is not a template kind", f"use one of {TEMPLATE_KINDS}")
+        if self.system and self.kind != "chat":
+            raise ConfigError("template.system", "needs template.kind=chat (the paper's format has no system turn)")
 
 
 # The reader names of offline_rlhf.data (SFT and preference families); a test keeps them in sync.
@@ -132,26 +145,37 @@ def check_formats(sources, allowed: tuple[str, ...], family: str) -> None:
 
 
 @dataclass
-class SourceConfig(Frozen):
-    """One dataset in a mix. `format` names a reader (oasst, dolly, flan_cot, self_instruct,
-    jsonl, hf for SFT; hh_rlhf, oasst, jsonl, hf for preferences). `hf` reads through the
-    `datasets` package (the `hub` extra): `path` is a hub dataset id `org/name[@revision]`,
-    or a local dataset folder or parquet/JSON/JSONL/CSV file; `layout` says how its rows
-    read (auto: from the columns)."""
+class DatasetInput(Frozen):
+    """A file or dataset read with a `format` reader, its column names, and what only
+    `format: hf` reads (through `datasets`, the `hub` extra): `path` is then a hub dataset
+    id `org/name[@revision]` or a local dataset folder or parquet/JSON/JSONL/CSV file, and
+    `layout` says how its rows read (auto: from the columns)."""
 
-    name: str = ""
-    format: str = "jsonl"
-    path: str = ""
-    weight: float = 1.0
-    prompt_key: str = "prompt"  # jsonl/hf readers: column names
-    response_key: str = "response"
-    chosen_key: str = "chosen"
-    rejected_key: str = "rejected"
-    messages_key: str = "messages"  # hf, layout messages: the [{role, content}, ...] column (SFT)
+    name: str = ""  # names the input in counts and errors ("": its path)
+    format: str = "jsonl"  # the reader: jsonl, hf, or a named format (oasst, dolly, hh_rlhf, ...)
+    path: str = ""  # the file, folder or hub dataset id
+    prompt_key: str = "prompt"  # jsonl/hf: the column (JSON key) of the prompt text
+    response_key: str = "response"  # jsonl/hf, SFT: the column of the reply
+    chosen_key: str = "chosen"  # jsonl/hf, preferences: the column of the preferred reply
+    rejected_key: str = "rejected"  # jsonl/hf, preferences: the column of the other reply
+    messages_key: str = "messages"  # hf, layout messages: the [{role, content}, ...] column
     split: str = "train"  # hf: the split to read (train, test, train_prefs, ...)
     subset: str = ""  # hf: the dataset's configuration name; "" for its default
-    data_dir: str = ""  # hf: a folder inside the dataset (hh-rlhf's harmless-base, ...); "" for all
+    data_dir: str = ""  # hf: a folder inside the dataset (hh-rlhf's helpful-base, ...); "" for all
     layout: str = "auto"  # hf: auto, columns, messages, dolly, oasst (SFT) / hh_rlhf (preference)
+
+    def check_layout(self, key: str) -> None:
+        layouts = ("auto", *dict.fromkeys(HF_SFT_LAYOUTS + HF_PREFERENCE_LAYOUTS))
+        if self.layout not in layouts:
+            raise ConfigError(f"{key}.layout", f"unknown layout {self.layout!r}", f"use one of {', '.join(layouts)}")
+
+
+@dataclass
+class SourceConfig(DatasetInput):
+    """One dataset in a mix. `format` names a reader (oasst, dolly, flan_cot, self_instruct,
+    jsonl, hf for SFT; hh_rlhf, oasst, jsonl, hf for preferences)."""
+
+    weight: float = 1.0  # sampling weight in the mix
 
     def __post_init__(self):
         if not self.path:
@@ -162,10 +186,7 @@ class SourceConfig(Frozen):
                               f"use one of {', '.join(sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)))}")
         if self.weight <= 0:
             raise ConfigError(f"data.sources[{self.name or self.path}].weight", f"must be > 0, got {self.weight}")
-        layouts = ("auto",) + HF_SFT_LAYOUTS + tuple(x for x in HF_PREFERENCE_LAYOUTS if x not in HF_SFT_LAYOUTS)
-        if self.layout not in layouts:
-            raise ConfigError(f"data.sources[{self.name or self.path}].layout", f"unknown layout {self.layout!r}",
-                              f"use one of {', '.join(layouts)}")
+        self.check_layout(f"data.sources[{self.name or self.path}]")
 
 
 @dataclass
@@ -173,8 +194,8 @@ class SequenceDataConfig(Frozen):
     """What every training stage's data has: a length limit, a validation share and the
     chat template (SFT and preference sources, or the labeled alignment set)."""
 
-    max_seq_len: int = 2048
-    val_fraction: float = 0.02
+    max_seq_len: int = 2048  # tokens per training sequence; longer samples are truncated (counted)
+    val_fraction: float = 0.02  # share of the examples held out for validation
     template: TemplateConfig = field(default_factory=TemplateConfig)
 
     def __post_init__(self):
@@ -189,9 +210,10 @@ class SequenceDataConfig(Frozen):
 class DataConfig(SequenceDataConfig):
     """SFT or preference sources, mixed by weight."""
 
+    # datasets to read: name, format, path (file, folder or hub id), weight, ...
     sources: list[SourceConfig] = field(default_factory=list)
     total_samples: Optional[int] = None  # None: every example of every source once (weights then unused)
-    pack: bool = True
+    pack: bool = True  # pack several samples into each sequence (document-masked attention)
     # Unusable records (identical replies, a blank response) are skipped and counted in the
     # dataset card; strict makes each one an error naming file:line, as malformed ones are.
     strict: bool = False
@@ -200,14 +222,14 @@ class DataConfig(SequenceDataConfig):
 
 @dataclass
 class OptimConfig(Frozen):
-    lr: float = 5e-6
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: float = 5e-6  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
     schedule: str = "cosine"  # cosine (to min_lr_ratio * lr) or constant, both after linear warmup
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine schedule's final lr as a fraction of lr
     grad_clip: float = 1.0  # global gradient-norm limit; <= 0 turns clipping off
 
     def __post_init__(self):
@@ -236,14 +258,14 @@ class OptimConfig(Frozen):
 class TrainConfig(Frozen):
     global_batch: int = 128  # samples (packed sequences, or preference pairs) per optimizer step
     micro_batch: int = 1  # per data-parallel rank per forward/backward
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training data (fractions allowed)
     max_steps: int = -1  # -1: as many as `epochs` gives
     val_every: int = 100  # steps; 0 disables periodic validation (it still runs at the end)
     val_batches: int = 0  # 0: the whole validation split
-    save_every: int = 500
-    keep_last: int = 2
-    log_every: int = 1
-    seed: int = 1234
+    save_every: int = 500  # steps between checkpoints (the last step is always saved)
+    keep_last: int = 2  # checkpoints kept on disk (older ones are removed)
+    log_every: int = 1  # steps between metrics lines
+    seed: int = 1234  # seeds initialization, shuffling and the validation split
     # A step whose gradient norm is not finite is skipped; a run that skipped more than this
     # share of its steps (or ends with non-finite weights) fails instead of writing DONE.
     max_skipped_fraction: float = 0.5
@@ -260,8 +282,8 @@ class LoggingConfig(Frozen):
 
     tensorboard: bool = False  # event files in the stage folder's tensorboard/ (extra: tensorboard)
     wandb: bool = False  # a wandb run per stage (extra: wandb; WANDB_MODE=offline on nodes without network)
-    wandb_project: str = "offline-rlhf"
-    progress: bool = True
+    wandb_project: str = "offline-rlhf"  # the Weights & Biases project (logging.wandb=true)
+    progress: bool = True  # show a progress bar while the stage runs
 
     def __post_init__(self):
         # At config validation, so a missing package stops the stage before it loads any data.
@@ -278,7 +300,7 @@ class InitConfig(Frozen):
     safetensors) or a hub repo id `org/name[@revision]`, imported once into
     `run_dir/imported/`; or random (`checkpoint: ""`). offline_rlhf.hub tells ids from paths."""
 
-    checkpoint: str = ""
+    checkpoint: str = ""  # weights to start from: a checkpoint folder, a Hugging Face folder or repo id; empty: random
     tokenizer: str = ""  # a tokenizer dir or hub repo id; default: the checkpoint's own tokenizer/
 
     def require_tokenizer_source(self) -> None:
@@ -306,13 +328,13 @@ class GenerationConfig(Frozen):
     `batch_size` decode slots run together (continuous batching: a finished answer's slot
     takes the next prompt at once); `n` answers per prompt share the prompt's prefill."""
 
-    max_new_tokens: int = 256
-    greedy: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    batch_size: int = 32
+    max_new_tokens: int = 256  # longest answer; longer ones are cut (finish_reason length)
+    greedy: bool = True  # argmax decoding (temperature, top_p and top_k are then unused)
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling mass; 1: off
+    top_k: int = 0  # sample among the k likeliest tokens; 0: off
+    seed: int = 0  # sampling seed; with the prompt id and sample index it fixes every answer
+    batch_size: int = 32  # decode slots (continuous batching)
     n: int = 1  # answers per prompt (sampling; with greedy they are n copies)
     stop: list[str] = field(default_factory=list)  # an answer ends at the first of these strings (not kept)
 

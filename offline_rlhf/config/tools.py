@@ -29,16 +29,17 @@ class TaskConfig(Frozen):
     better response; large: a coin flip).
     """
 
-    run_dir: str = "runs/demo"
-    seed: int = 0
-    n_sft: int = 2000
-    n_preferences: int = 2000
-    n_gen_prompts: int = 600
-    n_eval_prompts: int = 200
-    good_fraction: float = 0.4
+    run_dir: str = "runs/demo"  # the run folder; the task goes to run_dir/task/
+    seed: int = 0  # seeds every sampled record
+    n_sft: int = 2000  # demonstrations (prompt, good answer) for SFT
+    n_preferences: int = 2000  # preference pairs for the reward model
+    n_gen_prompts: int = 600  # prompts for generation
+    n_eval_prompts: int = 200  # held-out prompts for evaluation
+    good_fraction: float = 0.4  # share of demonstrations without flaws
+    # relative frequency of each kind of flaw in poor answers
     flaw_weights: dict[str, float] = field(default_factory=_even_flaws)
-    bt_temperature: float = 0.5
-    vocab_size: int = 512
+    bt_temperature: float = 0.5  # Bradley-Terry temperature of the gold preferences (lower: cleaner labels)
+    vocab_size: int = 512  # size of the task's BPE tokenizer
 
     def __post_init__(self):
         for key in ("n_sft", "n_preferences", "n_gen_prompts", "n_eval_prompts"):
@@ -70,14 +71,14 @@ class SmokeConfig(Frozen):
     """`orlhf smoke`: build the model, train a few steps on synthetic tokens, checkpoint,
     reload and check the reloaded model gives the same logits."""
 
-    run_dir: str = "runs/smoke"
+    run_dir: str = "runs/smoke"  # the run folder; outputs go to run_dir/smoke/
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    steps: int = 5
-    batch_size: int = 4
-    seq_len: int = 64
-    lr: float = 1e-3
-    seed: int = 0
+    steps: int = 5  # training steps
+    batch_size: int = 4  # sequences per step
+    seq_len: int = 64  # tokens per sequence
+    lr: float = 1e-3  # learning rate
+    seed: int = 0  # seeds the data and the weights
 
     def __post_init__(self):
         if self.seq_len > self.model.max_seq_len:
@@ -89,12 +90,12 @@ class SmokeConfig(Frozen):
 class ConvertConfig(Frozen):
     """`orlhf convert import_hf hf_dir=... out=...` / `orlhf convert export_hf ckpt=... out=...`."""
 
-    action: str = "import_hf"
+    action: str = "import_hf"  # import_hf (Hugging Face -> checkpoint) or export_hf (checkpoint -> Hugging Face)
     hf_dir: str = ""  # a Hugging Face model folder, or a hub repo id org/name[@revision] (safetensors only)
-    ckpt: str = ""
-    out: str = ""
+    ckpt: str = ""  # export_hf: the checkpoint to export
+    out: str = ""  # the folder written
     head: str = "lm"  # "value" imports/exports a sequence-classification (reward) model
-    dtype: str = "float32"
+    dtype: str = "float32"  # export_hf: the weights' dtype in the safetensors files
 
     def __post_init__(self):
         if self.action not in ("import_hf", "export_hf"):

@@ -27,7 +27,7 @@ class TrainingStageConfig(Frozen):
     init checkpoint brings its own), the layout, where weights start, the optimizer, the
     loop, logging and its data. Subclasses narrow `data` and add their own keys."""
 
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # the run folder; the stage writes run_dir/<stage>/
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     init: InitConfig = field(default_factory=InitConfig)
@@ -67,7 +67,7 @@ class RMConfig(TrainingStageConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=1.0))
     margin: float = 0.0  # subtracted inside the sigmoid of Eq. 2; 0 is the paper's loss
-    eval_only: bool = False
+    eval_only: bool = False  # score `data` with init.checkpoint's reward model (accuracy), no training
 
     def __post_init__(self):
         self.validate()
@@ -81,27 +81,33 @@ class RMConfig(TrainingStageConfig):
                               "the validation responses", "use e.g. data.val_fraction=0.05")
 
 
-ALIGN_METHODS = ("mle_filter", "rwr", "dt")
+PREFERENCE_METHODS = ("dpo", "ipo", "cdpo")  # trained on pairs with reference log-probs (`orlhf reference`)
+ALIGN_METHODS = ("mle_filter", "rwr", "dt", *PREFERENCE_METHODS)
 
 
 @dataclass
 class AlignDataConfig(SequenceDataConfig):
-    """The reward-labeled dataset (`orlhf mix` output): JSONL of {prompt, response, reward}."""
+    """The reward-labeled dataset (`orlhf mix` output): JSONL of {prompt, response, reward};
+    for dpo, ipo and cdpo the pairs with reference log-probs (`orlhf reference` output)."""
 
-    path: str = ""
+    path: str = ""  # mle_filter/rwr/dt: the reward-labeled JSONL from `orlhf mix`
     reward_key: str = "reward"  # the normalized reward
+    pairs: str = ""  # dpo/ipo/cdpo: the pairs with reference log-probs from `orlhf reference`
 
 
 @dataclass
 class AlignConfig(TrainingStageConfig):
-    """`orlhf align method=mle_filter|rwr|dt`: offline alignment (paper Sec. 3.2) into
-    `run_dir/align_<method>/`, starting from the SFT checkpoint."""
+    """`orlhf align method=mle_filter|rwr|dt|dpo|ipo|cdpo`: offline alignment (paper Sec. 3.2,
+    and preference optimization from pairs) into `run_dir/align_<method>/`, starting from
+    the SFT checkpoint."""
 
-    method: str = "dt"
+    method: str = "dt"  # mle_filter, rwr, dt (paper Eqs. 4-6), dpo, ipo or cdpo
     filter_threshold: float = 0.0  # Eq. 4's t: train on samples with normalized reward > t
     rwr_beta: float = 5.0  # Eq. 5's beta
     rwr_normalize: bool = False  # divide by the weighted token count sum w_i n_i of the global batch
     dt_target: float = 5.0  # the reward prompt used at inference (stored with the checkpoint)
+    beta: float = 0.1  # DPO/cDPO: the KL strength (sigmoid(beta h)); IPO: the margin target 1/(2 beta)
+    label_smoothing: float = 0.1  # cdpo: the assumed share of flipped preference labels, in [0, 0.5)
     data: AlignDataConfig = field(default_factory=AlignDataConfig)
 
     def __post_init__(self):
@@ -110,8 +116,20 @@ class AlignConfig(TrainingStageConfig):
             raise ConfigError("method", f"unknown method {self.method!r}", f"use one of {', '.join(ALIGN_METHODS)}")
         if self.rwr_beta <= 0:
             raise ConfigError("rwr_beta", f"must be > 0, got {self.rwr_beta}")
-        require(self.data, "path", prefix="data.", fix="pass the labeled JSONL written by `orlhf mix`")
+        if self.beta <= 0:
+            raise ConfigError("beta", f"must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.method in PREFERENCE_METHODS:
+            require(self.data, "pairs", prefix="data.", fix="pass the pairs written by `orlhf reference`")
+        else:
+            require(self.data, "path", prefix="data.", fix="pass the labeled JSONL written by `orlhf mix`")
 
     @property
     def stage_name(self) -> str:
         return f"align_{self.method}"
+
+    @property
+    def unread_inputs(self) -> tuple[str, ...]:
+        """The input key this method does not read (`orlhf launch` checks only the other)."""
+        return ("data.path",) if self.method in PREFERENCE_METHODS else ("data.pairs",)

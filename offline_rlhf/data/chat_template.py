@@ -13,7 +13,7 @@ e.g. by dropping past reasoning) are rejected with the turn that breaks it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Sequence
@@ -23,8 +23,9 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.data.template import ASSISTANT, REWARD_TAG, USER, ChatTemplate, Turn
 
-SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
+SYSTEM = "system"
 Message = dict  # {"role": SYSTEM | USER | ASSISTANT, "content": str}
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -150,3 +151,51 @@ def check_roles(messages: Sequence[Message], last: str) -> None:
             raise ValueError(f"expected text in the {expected} turn at position {index + 1}")
     if turns[-1]["role"] != last:
         raise ValueError(f"expected the conversation to end with a {last!r} turn")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """`template.kind=chat`: conversations through the tokenizer's chat template, used
+    wherever the paper's `ChatTemplate` is (`encode_sft`, `encode_prompt` and the readers).
+    Where one string must stand for a multi-turn history (generation prompts, records), it
+    is folded the paper's way; examples read from conversations also keep their turns."""
+
+    chat: JinjaChat
+    system: str = ""
+    folding: ChatTemplate = ChatTemplate()
+
+    def fold_history(self, turns: Sequence[Turn]) -> str:
+        return self.folding.fold_history(turns)
+
+    def messages(self, prompt: str, turns: Sequence[Turn] = ()) -> list[Message]:
+        """The conversation before the answer: the system message, then `turns` (or the
+        prompt as one user turn)."""
+        head = [{"role": SYSTEM, "content": self.system}] if self.system else []
+        return head + [{"role": role, "content": text} for role, text in (turns or [(USER, prompt)])]
+
+    def reward_prompt(self, score: float) -> str:
+        """DT's reward prompt (paper Eq. 6) right after the generation prompt; the newline
+        ends it on a pre-tokenization boundary, so training and inference tokenize alike."""
+        return f"{REWARD_TAG} {score:.1f}\n"
+
+
+def build_template(cfg, tokenizer_config: dict) -> ChatTemplate | ChatFormat:
+    """The template a `TemplateConfig` (or its recorded dict) names, for this tokenizer."""
+    fields = cfg if isinstance(cfg, dict) else asdict(cfg)
+    if fields.get("kind", "paper") == "chat":
+        return ChatFormat(JinjaChat.of(tokenizer_config), fields.get("system", ""))
+    return paper_template(fields)
+
+
+def paper_template(cfg) -> ChatTemplate:
+    """The paper's format with the tags of a `TemplateConfig` (or its dict), whatever its kind."""
+    fields = cfg if isinstance(cfg, dict) else asdict(cfg)
+    return ChatTemplate(**{key: fields[key] for key in ("user_tag", "assistant_tag", "sep") if key in fields})
+
+
+def template_record(template: ChatTemplate | ChatFormat) -> dict:
+    """What a checkpoint records (metadata["template"]) so every later stage renders as
+    training did; a chat template's Jinja source travels in the checkpoint's tokenizer."""
+    if isinstance(template, ChatFormat):
+        return {"kind": "chat", "system": template.system}
+    return {"kind": "paper", **asdict(template)}

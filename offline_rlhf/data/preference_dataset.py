@@ -3,10 +3,11 @@ of each pair; and its dataset card (no torch here)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from offline_rlhf.config.schema import DataConfig, SourceConfig
+from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.hub_datasets import hub_options
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.packing import PackedSequence, unpacked
@@ -54,8 +55,8 @@ def encode_pair(tokenizer, template: ChatTemplate, example: PreferenceExample, m
     """Both replies through `encode_sft` (its EOS and its truncation rule, one rule for both
     sides), counted into `stats`. None when truncation leaves the two sequences identical:
     such a pair has no signal and would count as a wrong ranking."""
-    chosen, rejected = (encode_sft(tokenizer, template, example.prompt, reply, max_len, example.source)
-                        for reply in (example.chosen, example.rejected))
+    chosen, rejected = (encode_sft(tokenizer, template, example.prompt, reply, max_len, example.source,
+                                   turns=example.turns) for reply in (example.chosen, example.rejected))
     stats.add(chosen)
     stats.add(rejected)
     if chosen.input_ids == rejected.input_ids:
@@ -85,7 +86,7 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int) -> Preferenc
     duplicates counted, dropped with cfg.dedupe); `mix_sources` (cfg.total_samples,
     weights); split over pair TEXT (a pair and its copies, at any line, stay on one
     side); `encode_pair` each pair with cfg.max_seq_len. Pairs are never packed (cfg.pack is unused)."""
-    template = ChatTemplate(**asdict(cfg.template))
+    template = build_template(cfg.template, tokenizer.config)
     sources, read_stats = read_sources(
         cfg, lambda s, skips: read_preference_source(s.format, s.path, skips=skips, **_reader_kwargs(s, template)),
         pair_text)

@@ -21,6 +21,7 @@ from offline_rlhf.data import hub_datasets, oasst
 from offline_rlhf.data.errors import Location
 from offline_rlhf.data.records import (
     Records,
+    conversation,
     fold_at,
     iter_json_objects,
     require_field,
@@ -44,12 +45,15 @@ class PreferenceExample:
     chosen: str
     rejected: str
     source: str
+    turns: tuple[Turn, ...] = ()  # the history when more than one user turn (see SFTExample.turns)
 
 
-def _pair(prompt: str, chosen: str, rejected: str, where: Location, tag: str) -> PreferenceExample:
+def _pair(history: list[Turn], chosen: str, rejected: str, where: Location, tag: str,
+          template: ChatTemplate) -> PreferenceExample:
     if chosen == rejected:  # no preference to learn; skipped and counted unless strict
         raise where.unusable("expected 'chosen' and 'rejected' to differ (identical)", IDENTICAL)
-    return PreferenceExample(prompt, chosen, rejected, f"{tag}:{where.record}")
+    return PreferenceExample(fold_at(template, history, where), chosen, rejected, f"{tag}:{where.record}",
+                             conversation(history))
 
 
 def _hh_turns(transcript: str, where: Location) -> list[Turn]:
@@ -102,10 +106,11 @@ def hh_pairs(records: Records, template: ChatTemplate, skips: Skips, tag: str) -
         chosen = require_field(record, "chosen", str, where)
         rejected = require_field(record, "rejected", str, where)
         end = _hh_prompt_end(chosen, rejected, where)
-        prompt = fold_at(template, _hh_turns(chosen[:end], where), where)
+        history = _hh_turns(chosen[:end], where)
         reply_start = end + len(HH_ASSISTANT_TAG)
         with skips.record():
-            examples.append(_pair(prompt, chosen[reply_start:].strip(), rejected[reply_start:].strip(), where, tag))
+            examples.append(_pair(history, chosen[reply_start:].strip(), rejected[reply_start:].strip(), where, tag,
+                                  template))
     return examples
 
 
@@ -117,13 +122,12 @@ def _oasst_tree_pairs(
         ranked = oasst.ranked_assistant_replies(message, where)
         if len(ranked) < 2:
             continue
-        prompt = fold_at(template, history, where)
         for better, worse in combinations(ranked, 2):
             # Equal ranks state no preference.
             if oasst.rank(better, where) < oasst.rank(worse, where):
                 chosen, rejected = oasst.turn(better, where)[1], oasst.turn(worse, where)[1]
                 with skips.record():  # an identical pair skips that pair, not the tree
-                    pairs.append(_pair(prompt, chosen, rejected, where, tag))
+                    pairs.append(_pair(history, chosen, rejected, where, tag, template))
     return pairs
 
 
@@ -168,7 +172,7 @@ def keyed_pairs(records: Records, prompt_key: str, chosen_key: str, rejected_key
     for where, record in records:
         with skips.record():
             prompt, chosen, rejected = require_texts(record, (prompt_key, chosen_key, rejected_key), where)
-            examples.append(_pair(fold_at(template, [(USER, prompt)], where), chosen, rejected, where, tag))
+            examples.append(_pair([(USER, prompt)], chosen, rejected, where, tag, template))
     return examples
 
 
@@ -188,7 +192,7 @@ def chat_pairs(records: Records, prompt_key: str, chosen_key: str, rejected_key:
                 raise where.error(f"expected {chosen_key!r} and {rejected_key!r} to share the messages before "
                                   "their last one")
             history = chosen[:-1] or [(USER, require_text(record, prompt_key, where))]
-            examples.append(_pair(fold_at(template, history, where), chosen[-1][1], rejected[-1][1], where, tag))
+            examples.append(_pair(history, chosen[-1][1], rejected[-1][1], where, tag, template))
     return examples
 
 

@@ -52,6 +52,11 @@ def read_prompt_source(source, template: ChatTemplate) -> list[str]:
                         **{"prompt_key": source.prompt_key, **hub})
 
 
+def read_prompt_mix(sources, template: ChatTemplate, total: int | None, seed: int) -> tuple[list[Prompt], dict]:
+    """Every prompt source config read (`read_prompt_source`) and mixed (`mix_prompts`)."""
+    return mix_prompts([(s.name or s.path, read_prompt_source(s, template), s.weight) for s in sources], total, seed)
+
+
 def mix_prompts(sources: list[tuple[str, list[str], float]], total: int | None, seed: int) -> tuple[list[Prompt], dict]:
     """Mix (name, prompts, weight) sources with `mix_sources` and number the result."""
     tagged = [(name, [(name, text) for text in texts], weight) for name, texts, weight in sources]

@@ -152,6 +152,12 @@ def require_messages(record: Mapping[str, Any], key: str, where: Location) -> li
     return turns
 
 
+def conversation(history: Sequence[Turn]) -> tuple[Turn, ...]:
+    """What an example keeps of its history for a chat template: the turns when there is
+    more than the one user turn (which the prompt itself already is), else nothing."""
+    return tuple(history) if len(history) > 1 else ()
+
+
 def fold_at(template: ChatTemplate, turns: Sequence[Turn], where: Location) -> str:
     """template.fold_history(turns), reporting a bad conversation as a DataError at `where`."""
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from offline_rlhf.config.schema import DataConfig, SourceConfig
+from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.hub_datasets import hub_options
 from offline_rlhf.data.mixing import content_key, drop_duplicates, mix_sources, split_validation
@@ -87,7 +88,8 @@ def _tokenize(items: list[tuple[str, SFTExample]], tokenizer, template: ChatTemp
     """`encode_sft` every (source name, example), counting into that source's stats."""
     samples = []
     for name, example in items:
-        sample = encode_sft(tokenizer, template, example.prompt, example.response, max_len, example.source)
+        sample = encode_sft(tokenizer, template, example.prompt, example.response, max_len, example.source,
+                            turns=example.turns)
         stats[name].add(sample)
         samples.append(sample)
     return samples
@@ -106,7 +108,7 @@ def build_sft_dataset(cfg: DataConfig, tokenizer, seed: int) -> SFTDataset:
     val separately when cfg.pack, else one document per sequence. A source with no
     examples is an error naming it (raised by `mix_sources`).
     """
-    template = ChatTemplate(**asdict(cfg.template))
+    template = build_template(cfg.template, tokenizer.config)
     sources, read_stats = read_sources(
         cfg, lambda s, skips: read_sft_source(s.format, s.path, skips=skips, **_reader_kwargs(s, template)), sft_text)
     mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)

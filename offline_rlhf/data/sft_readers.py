@@ -28,6 +28,7 @@ from offline_rlhf.data import hub_datasets, oasst
 from offline_rlhf.data.errors import Location
 from offline_rlhf.data.records import (
     Records,
+    conversation,
     fold_at,
     iter_json_objects,
     iter_tsv_rows,
@@ -37,7 +38,7 @@ from offline_rlhf.data.records import (
     select_reader,
 )
 from offline_rlhf.data.skips import Skips, require_texts, strict_or
-from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate
+from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class SFTExample:
     prompt: str
     response: str
     source: str
+    # The conversation before the response when it is more than one user turn: a chat
+    # template renders these turns (the paper's format uses the folded prompt).
+    turns: tuple[Turn, ...] = ()
 
 
 def _instruction_example(
@@ -78,8 +82,13 @@ def oasst_examples(trees: Records, template: ChatTemplate, skips: Skips, tag: st
 
 def _oasst_examples(root: oasst.Message, where: Location, template: ChatTemplate, tag: str) -> list[SFTExample]:
     conversation = oasst.turns(oasst.best_ranked_path(root, where), where)
-    return [SFTExample(fold_at(template, conversation[:index], where), text, f"{tag}:{where.record}")
+    return [_history_example(conversation[:index], text, where, template, tag)
             for index, (role, text) in enumerate(conversation) if role == ASSISTANT]
+
+
+def _history_example(history: list[Turn], response: str, where: Location, template: ChatTemplate,
+                     tag: str) -> SFTExample:
+    return SFTExample(fold_at(template, history, where), response, f"{tag}:{where.record}", conversation(history))
 
 
 def read_dolly(path: str | PathLike, template: ChatTemplate = ChatTemplate(),
@@ -189,7 +198,7 @@ def messages_examples(records: Records, messages_key: str, template: ChatTemplat
     for where, record in records:
         with skips.record():
             conversation = require_messages(record, messages_key, where)
-            examples.extend(SFTExample(fold_at(template, conversation[:index], where), text, f"{tag}:{where.record}")
+            examples.extend(_history_example(conversation[:index], text, where, template, tag)
                             for index, (role, text) in enumerate(conversation) if role == ASSISTANT)
     return examples
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from offline_rlhf.data.chat_template import JinjaChat, Message
-from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, Message
+from offline_rlhf.data.template import ASSISTANT, ChatTemplate, Turn
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
@@ -58,21 +58,26 @@ def truncate_pair(prompt_ids: Sequence[int], response_ids: Sequence[int], max_le
     return kept_prompt, list(response_ids[: max_len - len(kept_prompt)])
 
 
-def encode_prompt(tokenizer, template: ChatTemplate, prompt: str, response_prefix: str = "") -> list[int]:
+def encode_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, response_prefix: str = "",
+                  turns: Sequence[Turn] = ()) -> list[int]:
     """The prompt side of a sample, exactly as training sees it; generation encodes its
-    prompts with this same function, so a model is prompted the way it was trained."""
-    return tokenizer.encode(template.prompt_text(prompt) + response_prefix)
+    prompts with this same function, so a model is prompted the way it was trained. BOS
+    leads when the tokenizer asks for it (a chat template writes its own)."""
+    if isinstance(template, ChatFormat):
+        return tokenizer.encode(template.chat.prompt(template.messages(prompt, turns), response_prefix))
+    return tokenizer.encode(template.prompt_text(prompt) + response_prefix, add_bos=tokenizer.adds_bos)
 
 
 def encode_sft(
     tokenizer,
-    template: ChatTemplate,
+    template: ChatTemplate | ChatFormat,
     prompt: str,
     response: str,
     max_len: int,
     source: str,
     response_prefix: str = "",
     eos: bool = True,
+    turns: Sequence[Turn] = (),
 ) -> TokenizedSample:
     """Tokenize `template.prompt_text(prompt) + response_prefix` and
     `template.response_text(response) + EOS` separately and concatenate them.
@@ -84,8 +89,14 @@ def encode_sft(
     Separate encoding makes the loss boundary exact (no BPE merge across it). The
     prompt side, `response_prefix` included (Decision Transformer's ` <rm_score> 4.5`),
     gets IGNORE_INDEX labels; response tokens and the EOS are labelled with their ids.
-    Over-long pairs are cut by `truncate_pair`.
+    Over-long pairs are cut by `truncate_pair`. With a chat template the whole
+    conversation (`turns`, or the prompt as one user turn) goes through `encode_chat`,
+    labelled on the answer and its end-of-turn marker.
     """
+    if isinstance(template, ChatFormat):
+        messages = [*template.messages(prompt, turns), {"role": ASSISTANT, "content": response}]
+        return encode_chat(tokenizer, template.chat, messages, max_len, source, response_prefix, every_turn=False,
+                           end_of_turn=eos)
     if eos and tokenizer.eos_id is None:
         raise ValueError("the tokenizer defines no eos_token; SFT needs one to end responses")
     prompt_ids = encode_prompt(tokenizer, template, prompt, response_prefix)
@@ -101,23 +112,34 @@ def encode_sft(
 
 
 def encode_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], max_len: int, source: str,
-                response_prefix: str = "") -> TokenizedSample:
+                response_prefix: str = "", every_turn: bool = True, end_of_turn: bool = True) -> TokenizedSample:
     """A conversation ending in an assistant turn, rendered by the tokenizer's own chat
     template and tokenized as one text (as `apply_chat_template` does), labelled on the
-    tokens of every assistant turn (end-of-turn marker included) and nowhere else.
-    `response_prefix` (DT's reward prompt) sits after the last generation prompt, unlabelled.
+    tokens of the assistant turns (each with its end-of-turn marker) and nowhere else:
+    every turn, or with `every_turn=False` only the last (earlier ones are history).
+    `response_prefix` (DT's reward prompt) sits after the last generation prompt, unlabelled;
+    `end_of_turn=False` ends the text with the last answer (one cut at max_new_tokens).
     Over-long conversations are cut by `truncate_pair`, the last assistant turn as the response."""
     rendering = chat.conversation(messages, response_prefix)
-    encoding = tokenizer.backend.encode(rendering.text, add_special_tokens=False)
+    spans = rendering.spans if every_turn else rendering.spans[-1:]
+    text = rendering.text if end_of_turn else _through_answer(rendering.text, spans[-1][0], messages[-1]["content"])
+    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     ids, starts = list(encoding.ids), [begin for begin, _ in encoding.offsets]
-    labels = [token if any(a <= begin < b for a, b in rendering.spans) else IGNORE_INDEX
-              for token, begin in zip(ids, starts)]
-    last = next(i for i, begin in enumerate(starts) if begin >= rendering.spans[-1][0])
+    labels = [token if any(a <= begin < b for a, b in spans) else IGNORE_INDEX for token, begin in zip(ids, starts)]
+    last = next(i for i, begin in enumerate(starts) if begin >= spans[-1][0])
     kept_prompt, kept_response = truncate_pair(ids[:last], ids[last:], max_len)
     dropped = last - len(kept_prompt)
     return TokenizedSample(input_ids=tuple(kept_prompt + kept_response),
                            labels=tuple(labels[dropped:dropped + len(kept_prompt) + len(kept_response)]),
                            source=source, truncated=len(kept_prompt) + len(kept_response) < len(ids))
+
+
+def _through_answer(text: str, start: int, answer: str) -> str:
+    """`text` up to the end of `answer`, which the template placed at or after `start`."""
+    at = text.find(answer.strip(), start)
+    if at < 0:
+        raise ValueError("the chat template rewrites the answer text; an unfinished answer cannot be cut from it")
+    return text[:at + len(answer.strip())]
 
 
 def encode_chat_prompt(tokenizer, chat: JinjaChat, messages: Sequence[Message], response_prefix: str = "") -> list[int]:

@@ -54,6 +54,15 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     @property
+    def adds_bos(self) -> bool:
+        """Whether sequences start with BOS for this model: tokenizer_config.json's
+        `add_bos_token` when it says, else whether tokenizer.json's post-processor adds it
+        (Llama 3's does; `encode` never runs the post-processor, so this asks it directly)."""
+        if "add_bos_token" in self.config:
+            return bool(self.config["add_bos_token"]) and self.bos_id is not None
+        return self.bos_id is not None and self.backend.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+
+    @property
     def bos_id(self) -> int | None:
         return self._special_id("bos_token")
 

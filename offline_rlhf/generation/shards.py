@@ -14,7 +14,7 @@ from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.stage_support import check_resumable
 
 FINGERPRINT = "shards_config.json"
-RESTART = "delete {stage_dir}/shard_*.jsonl and rerun generate to answer every prompt again"
+RESTART = "delete {stage_dir}/shard_*.jsonl and rerun the stage to do every item again"
 
 
 def shard_indices(n_items: int, rank: int, world: int) -> range:
@@ -88,5 +88,5 @@ def merge_shards(stage_dir: Path, n_prompts: int, n: int = 1) -> list[dict]:
     missing = sorted({(i, j) for i in range(n_prompts) for j in range(n)} - set(by_key))
     if missing:
         raise RuntimeError(f"{len(missing)} answers are missing in {stage_dir} (first (prompt, sample) {missing[:5]}); "
-                           f"rerun generate to answer them, or {RESTART.format(stage_dir=stage_dir)}")
+                           f"rerun the stage to do them, or {RESTART.format(stage_dir=stage_dir)}")
     return [by_key[(i, j)] for i in range(n_prompts) for j in range(n)]

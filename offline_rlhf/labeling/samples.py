@@ -40,20 +40,22 @@ def read_generated(path: str, skips: Skips | None = None) -> list[tuple[str, str
 
 def read_samples(name: str, kind: str, format: str, path: str, template: ChatTemplate,
                  max_samples: int | None, seed: int, skips: Skips | None = None,
-                 include_unfinished: bool = False) -> list[Sample]:
+                 include_unfinished: bool = False, **hub: str) -> list[Sample]:
     """Every sample of one input, or a seeded subset of `max_samples` (pairs for
-    preference data, so both sides of a kept pair stay together).
+    preference data, so both sides of a kept pair stay together). `hub` holds the
+    `format: hf` options and column names of sft and preference inputs (`hub_options`).
 
     Unusable records are counted into `skips` (None: errors). Generated samples cut at
     max_new_tokens are left out before the subset is drawn, counted under UNFINISHED,
     unless `include_unfinished`, which keeps them with `finished=False`."""
     skips = strict_or(skips)
     if kind == "preference":
-        pairs = _subset(read_preference_source(format, path, template=template, skips=skips), max_samples, seed)
+        pairs = _subset(read_preference_source(format, path, template=template, skips=skips, **hub), max_samples, seed)
         return [Sample(p.prompt, response, name, side, index) for index, p in enumerate(pairs)
                 for side, response in (("chosen", p.chosen), ("rejected", p.rejected))]
     if kind == "sft":
-        rows = [(e.prompt, e.response, True) for e in read_sft_source(format, path, template=template, skips=skips)]
+        examples = read_sft_source(format, path, template=template, skips=skips, **hub)
+        rows = [(e.prompt, e.response, True) for e in examples]
     else:
         rows = read_generated(path, skips)
     if not include_unfinished and (cut := sum(not finished for _, _, finished in rows)):

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from offline_rlhf.checkpoint import TOKENIZER_DIR, load_checkpoint, resolve_checkpoint
+from offline_rlhf.checkpoint import TEMPLATE, TOKENIZER_DIR, load_checkpoint, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.data.batching import PAD_DOCUMENT, collate_sequences
+from offline_rlhf.data.chat_template import ChatFormat, build_template, template_record
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.records import iter_json_objects, require_text
 from offline_rlhf.data.template import ChatTemplate
@@ -33,7 +33,6 @@ from offline_rlhf.runtime import Runtime, autocast_for
 from offline_rlhf.stage_support import checkpoint_of_head, note_untrusted
 
 REWARD_STATS = "reward_stats"  # checkpoint metadata keys written by `orlhf rm`
-TEMPLATE = "template"
 MAX_SEQ_LEN = "max_seq_len"
 
 
@@ -126,14 +125,14 @@ def reward_stats(scores: Sequence[float], source: str) -> dict:
     return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "count": len(scores), "source": source}
 
 
-def scoring_metadata(template: ChatTemplate, max_len: int) -> dict:
+def scoring_metadata(template: ChatTemplate | ChatFormat, max_len: int) -> dict:
     """What a reward checkpoint records so that scoring tokenizes as training did."""
-    return {TEMPLATE: asdict(template), MAX_SEQ_LEN: max_len}
+    return {TEMPLATE: template_record(template), MAX_SEQ_LEN: max_len}
 
 
-def scoring_setup(metadata: dict, model: ModelConfig) -> tuple[ChatTemplate, int]:
+def scoring_setup(metadata: dict, model: ModelConfig, tokenizer: Tokenizer) -> tuple[ChatTemplate | ChatFormat, int]:
     """The checkpoint's template and length limit; defaults for imported reward models."""
-    return ChatTemplate(**metadata.get(TEMPLATE, {})), metadata.get(MAX_SEQ_LEN, model.max_seq_len)
+    return build_template(metadata.get(TEMPLATE, {}), tokenizer.config), metadata.get(MAX_SEQ_LEN, model.max_seq_len)
 
 
 def load_reward_model(ckpt: str, rt: Runtime, key: str = "ckpt") -> tuple[nn.Module, Tokenizer, dict]:

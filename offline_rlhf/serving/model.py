@@ -3,8 +3,7 @@ chat template and, for a Decision-Transformer model, the reward prompt its answe
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -15,10 +14,8 @@ from offline_rlhf.config.serving import ServeConfig
 from offline_rlhf.data.template import ChatTemplate, Turn
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.data.tokenizer import Tokenizer
-from offline_rlhf.labeling.scoring import TEMPLATE
 from offline_rlhf.runtime import Runtime
-from offline_rlhf.stage_support import load_inference_model
-from offline_rlhf.train.loop import CONFIG_KEY
+from offline_rlhf.stage_support import checkpoint_template, dt_target, load_inference_model
 
 
 @dataclass
@@ -42,28 +39,13 @@ def load_served_model(cfg: ServeConfig, path: Path, rt: Runtime) -> ServedModel:
     if not (path / TOKENIZER_DIR).is_dir():
         raise ConfigError("ckpt", f"{path} has no {TOKENIZER_DIR}/ folder",
                           "serve a checkpoint saved with its tokenizer")
-    template = ChatTemplate(**meta.metadata.get(TEMPLATE, asdict(cfg.template)))
+    template = checkpoint_template(path, meta.metadata, cfg.template)
     score = cfg.reward_prompt if cfg.reward_prompt is not None else dt_target(meta.metadata, path)
     tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR)
     model = load_inference_model(path, "lm", rt, "ckpt")
     return ServedModel(name=cfg.model_name or default_name(path), model=model, tokenizer=tokenizer,
                        template=template, reward_prefix="" if score is None else template.reward_prompt(score),
                        max_seq_len=meta.model.max_seq_len)
-
-
-def dt_target(metadata: dict, path: Path) -> float | None:
-    """The target score `orlhf align method=dt` recorded (a final checkpoint's `alignment`,
-    an intermediate one's training config), None for a model not trained by DT. A DT
-    checkpoint without one is an error: served with no reward prompt, it would answer a
-    prompt it never saw in training. (`orlhf eval` reads the same two places.)"""
-    alignment, trained = metadata.get("alignment") or {}, metadata.get(CONFIG_KEY) or {}
-    if alignment.get("method", trained.get("method")) != "dt":
-        return None
-    target = alignment.get("dt_target", trained.get("dt_target"))
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
-        raise ConfigError("reward_prompt", f"{path} is a Decision-Transformer checkpoint whose metadata records no "
-                          f"target score (dt_target: {target!r})", "pass reward_prompt=SCORE")
-    return float(target)
 
 
 def default_name(path: Path) -> str:

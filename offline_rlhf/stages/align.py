@@ -1,25 +1,32 @@
-"""`orlhf align method=mle_filter|rwr|dt`: offline alignment (paper step 4) into
-`run_dir/align_<method>/`, with the generic training loop.
+"""`orlhf align method=mle_filter|rwr|dt|dpo|ipo|cdpo`: offline alignment (paper step 4)
+into `run_dir/align_<method>/`, with the generic training loop.
 
 - mle_filter (Eq. 4): token NLL on samples whose normalized reward exceeds t (the others
   are dropped before batching, so they cost no compute and do not count towards the steps).
 - rwr (Eq. 5): token NLL weighted per sample by exp(R / beta).
 - dt (Eq. 6): token NLL with the reward prompt `<rm_score> a.b` after the assistant tag.
+- dpo, ipo, cdpo (losses/preference.py): on the pairs of `orlhf reference`, whose
+  reference log-probs were computed offline, so no second model is held in memory; a pair
+  is one training unit (global batch, normalization).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from offline_rlhf.config.training import AlignConfig
+from offline_rlhf.checkpoint import TEMPLATE
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.training import PREFERENCE_METHODS, AlignConfig
 from offline_rlhf.data.alignment_dataset import RewardedSequence, build_alignment_dataset
 from offline_rlhf.data.batching import collate_sequences, loss_tokens, real_tokens
+from offline_rlhf.data.chat_template import build_template, template_record
+from offline_rlhf.data.pair_dataset import ReferencedPair, build_pair_dataset
 from offline_rlhf.data.skips import describe
-from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.labeling.pairs import response_logps
 from offline_rlhf.losses.alignment import (
     MAX_LOG_WEIGHT,
     kept_by_filter,
@@ -27,12 +34,30 @@ from offline_rlhf.losses.alignment import (
     rwr_loss,
     rwr_normalizer,
 )
+from offline_rlhf.losses.preference import preference_loss
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import stage_runtime
-from offline_rlhf.stage_support import mark_done, model_config, resume_fingerprint
+from offline_rlhf.stage_support import local_init, mark_done, model_config, resume_fingerprint
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
+
+
+def collate_referenced(pairs: Sequence[ReferencedPair], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Rows [c0..cn-1, r0..rn-1] (one forward gives both sides) and the reference log-prob sums [n]."""
+    batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, multiple_of)
+    batch["ref_chosen"] = torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float64)
+    batch["ref_rejected"] = torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float64)
+    return batch
+
+
+def preference_task(cfg: AlignConfig) -> Task:
+    def loss(model, batch, normalizer):
+        chosen, rejected = response_logps(model, batch).chunk(2)
+        return preference_loss(cfg.method, chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], cfg.beta,
+                               normalizer, cfg.label_smoothing)
+
+    return Task(loss=loss, normalizer=lambda b: len(b["ref_chosen"]), tokens=real_tokens)
 
 
 def collate_rewarded(items: Sequence[RewardedSequence], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:
@@ -47,6 +72,8 @@ def _token_nll(model, batch):
 
 
 def alignment_task(cfg: AlignConfig) -> Task:
+    if cfg.method in PREFERENCE_METHODS:
+        return preference_task(cfg)
     if cfg.method == "mle_filter":
         def kept_tokens(batch):
             kept = kept_by_filter(batch["rewards"], cfg.filter_threshold)
@@ -71,30 +98,48 @@ def global_ess(m: dict[str, float]) -> dict[str, float]:
 
 
 def main(cfg: AlignConfig) -> int:
-    model_cfg = model_config(cfg.init, cfg.model)
+    if cfg.method in PREFERENCE_METHODS and not Path(cfg.data.pairs).is_file():
+        raise ConfigError("data.pairs", f"{cfg.data.pairs} does not exist: method={cfg.method} trains on "
+                          "pairs with reference log-probs", "run `orlhf reference` first (it writes them)")
+    init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
+    model_cfg = model_config(init, cfg.model)
     with stage_runtime(cfg.stage_name, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        setup = prepare_training(cfg.init, model_cfg, "lm", rt, cfg.train.seed)
-        template = ChatTemplate(**asdict(cfg.data.template))
-        dataset = build_alignment_dataset(cfg.data.path, setup.tokenizer, template, cfg.data.max_seq_len,
-                                          cfg.data.val_fraction, cfg.train.seed, reward_prompt=cfg.method == "dt",
-                                          reward_key=cfg.data.reward_key,
-                                          keep_above=cfg.filter_threshold if cfg.method == "mle_filter" else None)
-        rt.log(dataset_summary(cfg, dataset))
-        if cfg.method == "rwr":
-            warn_clamped(cfg, dataset, rt.log)
-        collate = partial(collate_rewarded, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
+        setup = prepare_training(init, model_cfg, "lm", rt, cfg.train.seed)
+        dataset, collate = training_data(cfg, setup.tokenizer, rt)
+        template = build_template(cfg.data.template, setup.tokenizer.config)  # recorded: later stages render alike
         metadata = {"alignment": {"method": cfg.method, "dt_target": cfg.dt_target if cfg.method == "dt" else None,
                                   "dataset": dataset.card}}
         result = train(alignment_task(cfg), setup.model,
                        TrainData(dataset.train, dataset.val, collate, seq_len=cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
-                                      final_metadata=lambda _: metadata, fingerprint=resume_fingerprint(cfg)))
+                                      final_metadata=lambda _: metadata, fingerprint=resume_fingerprint(cfg),
+                                      metadata={TEMPLATE: template_record(template)}))
         rt.log(f"{cfg.stage_name} done: {result.steps} steps, final checkpoint {result.checkpoint}; "
-               f"{dataset.card['tokens']['truncated']} of {dataset.card['train'] + dataset.card['val']} samples "
+               f"{dataset.card['tokens']['truncated']} of {dataset.card['tokens']['samples']} sequences "
                f"truncated to {cfg.data.max_seq_len} tokens")
         mark_done(rt, result.checkpoint)
     return 0
+
+
+def training_data(cfg: AlignConfig, tokenizer, rt):
+    """The method's dataset (reward-labeled samples, or pairs with reference log-probs) and
+    its collate function."""
+    template = build_template(cfg.data.template, tokenizer.config)
+    if cfg.method in PREFERENCE_METHODS:
+        dataset = build_pair_dataset(cfg.data.pairs, tokenizer, template, cfg.data.max_seq_len,
+                                     cfg.data.val_fraction, cfg.train.seed)
+        rt.log(f"{cfg.method}: {len(dataset.train)} training pairs, {len(dataset.val)} validation pairs "
+               f"from {cfg.data.pairs} (beta {cfg.beta})")
+        return dataset, partial(collate_referenced, pad_id=tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
+    dataset = build_alignment_dataset(cfg.data.path, tokenizer, template, cfg.data.max_seq_len,
+                                      cfg.data.val_fraction, cfg.train.seed, reward_prompt=cfg.method == "dt",
+                                      reward_key=cfg.data.reward_key,
+                                      keep_above=cfg.filter_threshold if cfg.method == "mle_filter" else None)
+    rt.log(dataset_summary(cfg, dataset))
+    if cfg.method == "rwr":
+        warn_clamped(cfg, dataset, rt.log)
+    return dataset, partial(collate_rewarded, pad_id=tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
 
 
 def dataset_summary(cfg: AlignConfig, dataset) -> str:

@@ -1,59 +1,105 @@
-"""`orlhf eval`: every model answers the held-out prompts (greedy; Decision-Transformer
-models behind their reward prompt at the target score); answers are scored by the gold
-reward and/or the reward model; `results.md`/`results.json` hold mean, standard error and
-win rate against the baseline (SFT) for each model."""
+"""`orlhf eval`: every model answers the held-out prompts (Decision-Transformer models
+behind their reward prompt, at the target score their checkpoint records unless
+`reward_prompt` overrides it); answers are scored by the gold reward and/or the reward
+model; `results.md`/`results.json` hold per model and scorer the mean and standard error,
+the paired difference from the baseline (SFT) and the win rate with a bootstrap interval,
+and how many answers were cut off at max_new_tokens.
+
+Every checkpoint, the reward model and the gold reward are checked before any model
+answers, so a typo in the last model's path costs seconds, not a generation run."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from offline_rlhf.checkpoint import TOKENIZER_DIR, read_meta, resolve_checkpoint
+from offline_rlhf.checkpoint import TOKENIZER_DIR, CheckpointMeta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.config.evaluation import EvalConfig, EvalModelConfig
-from offline_rlhf.data.prompts import read_prompt_file
-from offline_rlhf.data.records import iter_json_objects, require_text
+from offline_rlhf.config.evaluation import EvalConfig
+from offline_rlhf.data.chat_template import paper_template
+from offline_rlhf.data.prompts import read_prompt_file, read_prompts
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.eval.gold import check_prompts, load_gold
 from offline_rlhf.eval.results import results_markdown, summarize
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Request, answer_text, run, stop_on_strings
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import shard_indices
+from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
 from offline_rlhf.runtime import Runtime, stage_runtime
-from offline_rlhf.stage_support import load_inference_model, mark_done
+from offline_rlhf.stage_support import (
+    checkpoint_of_head,
+    checkpoint_template,
+    dt_target,
+    load_inference_model,
+    mark_done,
+)
 
 STAGE = "eval"
 RESULTS = "results.json"
+T = TypeVar("T")
 
 
-def answer_prompts(model_cfg: EvalModelConfig, prompts: list[str], cfg: EvalConfig,
-                   rt: Runtime) -> tuple[list[str], int]:
+@dataclass(frozen=True)
+class Model:
+    """A listed model, checked: its checkpoint step, metadata, chat template and DT target
+    (None: no reward prompt)."""
+
+    name: str
+    path: Path
+    meta: CheckpointMeta
+    template: ChatTemplate
+    reward_prompt: float | None
+    reward_prompt_from: str | None  # "config", "checkpoint" or None
+
+
+def listed_models(cfg: EvalConfig) -> list[Model]:
+    """Every listed checkpoint resolved to a complete `lm` step, or a one-line error naming
+    the model and its path, before anything runs. A checkpoint's recorded template wins
+    over `template`; a DT checkpoint's recorded target (`dt_target`, an error when a DT
+    checkpoint has none) is used unless the model's `reward_prompt` overrides it."""
+    models = []
+    for model_cfg in cfg.models:
+        key = f"models[{model_cfg.name}].checkpoint"
+        path = resolve_checkpoint(model_cfg.checkpoint, key)
+        meta = checkpoint_of_head(path, "lm", key)
+        template = checkpoint_template(path, meta.metadata, cfg.template)
+        if model_cfg.reward_prompt is not None:
+            target, source = model_cfg.reward_prompt, "config"
+        else:
+            target = dt_target(meta.metadata, path, f"models[{model_cfg.name}].reward_prompt")
+            source = None if target is None else "checkpoint"
+        models.append(Model(model_cfg.name, path, meta, template, target, source))
+    return models
+
+
+def answer_prompts(model: Model, prompts: list[str], cfg: EvalConfig,
+                   rt: Runtime) -> tuple[list[tuple[str, bool]], int]:
     """The model's (answer, finished) for every prompt, in order, on every rank (DP replicas
     split them; finished is False for an answer cut at max_new_tokens), and the number of
     tokens generated."""
-    key = f"models[{model_cfg.name}].checkpoint"
-    path = resolve_checkpoint(model_cfg.checkpoint, key)
-    meta = read_meta(path)
-    tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR)
-    model = load_inference_model(path, "lm", rt, key)
-    template = ChatTemplate(**asdict(cfg.template))
-    prefix = "" if model_cfg.reward_prompt is None else template.reward_prompt(model_cfg.reward_prompt)
+    tokenizer = Tokenizer.from_dir(model.path / TOKENIZER_DIR)
+    policy = load_inference_model(model.path, "lm", rt, f"models[{model.name}].checkpoint")
+    template = model.template
+    prefix = "" if model.reward_prompt is None else template.reward_prompt(model.reward_prompt)
     replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
     mine = shard_indices(len(prompts), replica, rt.dims.dp)
-    budget = meta.model.max_seq_len - cfg.generation.max_new_tokens
+    budget = model.meta.model.max_seq_len - cfg.generation.max_new_tokens
     if budget < 1:
         raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a prompt "
-                          f"in {model_cfg.name}'s max_seq_len={meta.model.max_seq_len}", "lower it")
+                          f"in {model.name}'s max_seq_len={model.meta.model.max_seq_len}", "lower it")
     encoded = [encode_prompt(tokenizer, template, prompts[i], prefix)[-budget:] for i in mine]
     # Sampling keyed by the global prompt index: the same answers at any DP size.
     requests = [Request(ids, stream_id(i, 0), cfg.generation.max_new_tokens) for i, ids in zip(mine, encoded)]
-    completions = run(model, requests, cfg.generation, tokenizer.eos_id, tokenizer.pad_id, rt.device,
+    completions = run(policy, requests, cfg.generation, tokenizer.eos_id, tokenizer.pad_id, rt.device,
                       stop=stop_on_strings(tokenizer.decode, cfg.generation.stop))
     answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length") for c in completions]
     return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
@@ -67,73 +113,92 @@ def _total_over_replicas(count: int, rt: Runtime) -> int:
     return int(total.item())
 
 
-def _gather_blocks(mine: list[str], rt: Runtime) -> list[str]:
+def _gather_blocks(mine: list[T], rt: Runtime) -> list[T]:
     """Concatenate the replicas' contiguous blocks in rank order (= prompt order)."""
     if rt.dims.dp == 1:
         return mine
-    blocks: list[list[str]] = [None] * rt.dims.dp  # type: ignore[list-item]
+    blocks: list[list[T]] = [None] * rt.dims.dp  # type: ignore[list-item]
     dist.all_gather_object(blocks, mine, group=rt.mesh.get_group("dp"))
     return [answer for block in blocks for answer in block]
 
 
-def gold_scores(kind: str, prompts: list[str], answers: list[str]) -> list[float] | None:
-    if kind != "embedded_task":
-        return None
-    from offline_rlhf.data.embedded_task import gold_reward
-
-    return [gold_reward(p, a) for p, a in zip(prompts, answers)]
-
-
-def check_gold_prompts(kind: str, path: str, prompt_key: str) -> None:
-    """Before any model answers: the gold reward scores only its own task's instructions, so
-    a prompt it cannot parse (another data set's, an over-long one) is one line naming its
-    file:line, the prompt shortened."""
-    if kind != "embedded_task":
-        return
-    from offline_rlhf.data.embedded_task import parse_instruction, shortened
-
-    for where, record in iter_json_objects(path):
-        text = require_text(record, prompt_key, where)
+def on_main(rt: Runtime, make: Callable[[], T]) -> T | None:
+    """`make()` on rank 0 only (None elsewhere); its failure fails every rank, which would
+    otherwise wait for rank 0 in the next collective."""
+    value, problem = None, None
+    if rt.is_main:
         try:
-            parse_instruction(text)
-        except ValueError:
-            raise where.error(f"expected an embedded-task instruction such as 'add 3 and 4' for gold=embedded_task, "
-                              f"got {shortened(text)}; use the task's prompts (run_dir/task/) or "
-                              "leave gold empty") from None
+            value = make()
+        except ConfigError as err:
+            problem = err
+    if rt.group is not None:
+        failed = torch.tensor([problem is not None], dtype=torch.int32, device=rt.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=rt.group)
+        if failed.item() and problem is None:
+            problem = ConfigError("gold", "rank 0 could not load the gold reward (its message says why)")
+    if problem is not None:
+        raise problem
+    return value
+
+
+def held_out_prompts(cfg: EvalConfig) -> list[str]:
+    """`prompts` as a JSONL file, or the prompts of a hub dataset's split (`prompts_kind`)."""
+    if parse_repo_id(cfg.prompts) is None:
+        return read_prompt_file(cfg.prompts, cfg.prompt_key)
+    return read_prompts(cfg.prompts_kind, "hf", cfg.prompts, paper_template(cfg.template), cfg.prompt_key,
+                        split=cfg.prompts_split)
 
 
 def main(cfg: EvalConfig) -> int:
-    first = read_meta(resolve_checkpoint(cfg.models[0].checkpoint, f"models[{cfg.models[0].name}].checkpoint")).model
-    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, first, cfg) as (rt, usage):
-        prompts = read_prompt_file(cfg.prompts, cfg.prompt_key)
-        check_gold_prompts(cfg.gold, cfg.prompts, cfg.prompt_key)
+    models = listed_models(cfg)
+    if cfg.rm:
+        checkpoint_of_head(resolve_checkpoint(cfg.rm, "rm"), "value", "rm")
+    template = paper_template(cfg.template)  # the gold reward scores plain paper-format text
+    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, models[0].meta.model, cfg) as (rt, usage):
+        prompts = held_out_prompts(cfg)
+        check_prompts(cfg.gold, cfg.prompts, cfg.prompt_key)
+        gold = on_main(rt, lambda: load_gold(cfg.gold, rt.device, cfg.batch_size, template))
         answers, finished = {}, {}
-        for model_cfg in cfg.models:
-            rt.log(f"eval: {model_cfg.name} answers {len(prompts)} prompts"
-                   + (f" (reward prompt {model_cfg.reward_prompt})" if model_cfg.reward_prompt is not None else ""))
-            answered, generated = answer_prompts(model_cfg, prompts, cfg, rt)
-            answers[model_cfg.name], finished[model_cfg.name] = [a for a, _ in answered], [f for _, f in answered]
+        for model in models:
+            rt.log(f"eval: {model.name} answers {len(prompts)} prompts" + (
+                f" (reward prompt {model.reward_prompt:.1f} from the {model.reward_prompt_from})"
+                if model.reward_prompt is not None else ""))
+            answered, generated = answer_prompts(model, prompts, cfg, rt)
+            answers[model.name], finished[model.name] = [a for a, _ in answered], [f for _, f in answered]
             usage.tokens += generated
         scores = {name: {} for name in answers}
-        for name, texts in answers.items():
-            gold = gold_scores(cfg.gold, prompts, texts)
-            if gold is not None:
-                scores[name]["gold"] = gold
         if cfg.rm:
             rm, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
-            template, max_len = scoring_setup(metadata, rm.cfg)
+            rm_template, max_len = scoring_setup(metadata, rm.cfg, tokenizer)
             for name, texts in answers.items():
-                scores[name]["rm"] = score_texts(rm, tokenizer, template, list(zip(prompts, texts)), cfg.batch_size,
-                                                 rt, max_len, finished=finished[name])
-        table = summarize(scores, cfg.baseline)
+                scores[name]["rm"] = score_texts(rm, tokenizer, rm_template, list(zip(prompts, texts)),
+                                                 cfg.batch_size, rt, max_len, finished=finished[name])
         if rt.is_main:
-            for name, texts in answers.items():
-                write_jsonl(rt.stage_dir / f"answers_{name}.jsonl",
-                            [{"prompt": p, "response": a, "finished": finished[name][i],
-                              **{s: scores[name][s][i] for s in scores[name]}}
-                             for i, (p, a) in enumerate(zip(prompts, texts))])
-            write_atomic(rt.stage_dir / RESULTS, json.dumps({"baseline": cfg.baseline, "table": table}, indent=2))
-            write_atomic(rt.stage_dir / "results.md", results_markdown(table, cfg.baseline))
-            mark_done(rt, rt.stage_dir / RESULTS)
-            rt.log("eval results:\n" + results_markdown(table, cfg.baseline))
+            if gold is not None:  # after the collectives: a plug-in's error stops rank 0 alone
+                for name, texts in answers.items():
+                    scores[name] = {"gold": gold.score(list(zip(prompts, texts)), finished[name]), **scores[name]}
+            write_results(rt, cfg, models, prompts, answers, finished, scores)
     return 0
+
+
+def write_results(rt: Runtime, cfg: EvalConfig, models: list[Model], prompts: list[str],
+                  answers: dict[str, list[str]], finished: dict[str, list[bool]],
+                  scores: dict[str, dict[str, list[float]]]) -> None:
+    """answers_<model>.jsonl per model, results.json / results.md, DONE (rank 0)."""
+    for name, texts in answers.items():
+        write_jsonl(rt.stage_dir / f"answers_{name}.jsonl",
+                    [{"prompt": p, "response": a, "finished": finished[name][i],
+                      **{s: scores[name][s][i] for s in scores[name]}}
+                     for i, (p, a) in enumerate(zip(prompts, texts))])
+    table = summarize(scores, cfg.baseline, cfg.bootstrap_samples)
+    cut_off = {name: flags.count(False) for name, flags in finished.items()}
+    info = {m.name: {"checkpoint": str(m.path), "reward_prompt": m.reward_prompt,
+                     "reward_prompt_from": m.reward_prompt_from, "cut_off": cut_off[m.name]} for m in models}
+    results = {"baseline": cfg.baseline, "prompts": len(prompts), "gold": cfg.gold, "rm": cfg.rm,
+               "max_new_tokens": cfg.generation.max_new_tokens, "models": info, "table": table}
+    markdown = results_markdown(table, cfg.baseline, cut_off)
+    write_atomic(rt.stage_dir / RESULTS, json.dumps(results, indent=2))
+    write_atomic(rt.stage_dir / "results.md", markdown)
+    mark_done(rt, rt.stage_dir / RESULTS)
+    rt.log(f"eval results (cut off: answers that reached max_new_tokens={cfg.generation.max_new_tokens}):\n"
+           + markdown)

@@ -16,13 +16,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
-
-from offline_rlhf.checkpoint import resolve_checkpoint
+from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.samples import GenerateConfig
 from offline_rlhf.config.schema import ModelConfig
-from offline_rlhf.data.prompts import Prompt, mix_prompts, read_prompt_source
+from offline_rlhf.data.prompts import Prompt, read_prompt_mix
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.fsutil import write_atomic, write_jsonl
@@ -38,8 +36,10 @@ from offline_rlhf.generation.shards import (
     shard_indices,
     shard_paths,
 )
+from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
+    checkpoint_template,
     load_inference_model,
     load_tokenizer,
     local_init,
@@ -51,11 +51,6 @@ from offline_rlhf.stage_support import (
 STAGE = "generate"
 SCHEMA_VERSION = 2  # 2: `sample` (index among the n answers of a prompt) and `finish_reason`
 SAMPLES = "samples.jsonl"
-
-
-def collect_prompts(cfg: GenerateConfig, template: ChatTemplate) -> tuple[list[Prompt], dict]:
-    sources = [(s.name or s.path, read_prompt_source(s, template), s.weight) for s in cfg.sources]
-    return mix_prompts(sources, cfg.total_prompts, cfg.seed)
 
 
 def answer(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template: ChatTemplate, rt: Runtime,
@@ -95,8 +90,9 @@ def main(cfg: GenerateConfig) -> int:
     model_cfg = model_config(init, ModelConfig())
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         tokenizer, _ = load_tokenizer(init, model_cfg)
-        template = ChatTemplate(**asdict(cfg.template))
-        prompts, mix_stats = collect_prompts(cfg, template)
+        checkpoint = resolve_checkpoint(init.checkpoint, "init.checkpoint")
+        template = checkpoint_template(checkpoint, read_meta(checkpoint).metadata, cfg.template)
+        prompts, mix_stats = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed)
         if rt.is_main:
             claim_shards(rt.stage_dir, resume_fingerprint(cfg))
             for path in shard_paths(rt.stage_dir):
@@ -109,7 +105,6 @@ def main(cfg: GenerateConfig) -> int:
         mine = [todo[i] for i in shard_indices(len(todo), replica, rt.dims.dp)]
         rt.log(f"generate: {len(prompts)} prompts, {len(done)} already answered, {len(todo)} to go on "
                f"{rt.dims.dp} replica(s) of TP={rt.dims.tp}")
-        checkpoint = resolve_checkpoint(init.checkpoint, "init.checkpoint")
         model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint")
         writes = rt.mesh is None or rt.mesh.get_local_rank("tp") == 0  # TP ranks hold identical answers
         shard = rt.stage_dir / f"shard_{replica:05d}.jsonl"
@@ -135,7 +130,7 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
                   model_name: str, shard: Path | None, usage) -> int:
     total_tokens = 0
     started = time.perf_counter()
-    bar = tqdm(total=len(prompts), desc="generate", disable=not rt.is_main, dynamic_ncols=True)
+    bar = Progress("generate", len(prompts), enabled=rt.is_main, unit="prompt")
     for start in range(0, len(prompts), cfg.write_every):
         records, tokens = answer(model, prompts[start:start + cfg.write_every], cfg, tokenizer, template, rt,
                                  model_name)
@@ -144,7 +139,6 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
         total_tokens += tokens
         usage.tokens = total_tokens
         usage.beat()
-        bar.update(len(records))
-        bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - started):.0f}", refresh=False)
+        bar.update(len(records) // cfg.generation.n, tok_s=f"{total_tokens / (time.perf_counter() - started):.0f}")
     bar.close()
     return total_tokens

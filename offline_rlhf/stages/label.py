@@ -14,6 +14,7 @@ import json
 from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.config.samples import LabelConfig
 from offline_rlhf.data.errors import DataError
+from offline_rlhf.data.hub_datasets import hub_options
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.skips import Skips, describe
 from offline_rlhf.fsutil import write_atomic, write_jsonl
@@ -34,7 +35,7 @@ def main(cfg: LabelConfig) -> int:
     model_cfg = read_meta(rm_path).model
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         model, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
-        template, max_len = scoring_setup(metadata, model_cfg)
+        template, max_len = scoring_setup(metadata, model_cfg, tokenizer)
         samples, skipped = read_inputs(cfg, template)
         rt.log(f"label: scoring {len(samples)} samples with {rm_path}")
         encoded = encode_scored(tokenizer, template, [(s.prompt, s.response) for s in samples], max_len,
@@ -71,7 +72,7 @@ def read_inputs(cfg: LabelConfig, template) -> tuple[list[Sample], dict[str, dic
     for i in cfg.inputs:
         name, skips = i.name or i.path, Skips(strict=cfg.strict)
         read = read_samples(name, i.kind, i.format, i.path, template, i.max_samples, cfg.seed, skips,
-                            cfg.include_unfinished)
+                            cfg.include_unfinished, **hub_options(i, i.kind))
         if not read:  # nothing to score would fail later, far from its cause
             raise DataError(i.path, None, f"expected at least one usable sample ({describe(skips.counts)}; "
                                           "strict=true names the first, include_unfinished=true keeps cut-off ones)")

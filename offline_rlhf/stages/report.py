@@ -1,5 +1,7 @@
-"""`orlhf report`: `run_dir/report.md` and `report.json` (evaluation, device-hours per
-method as in the paper's Table 3, reward distribution, loss curves) from what the stages wrote."""
+"""`orlhf report`: `run_dir/report.md` and `report.json` (every method side by side in
+quality and device-hours, PPO included; the device-hours split as in the paper's Table 3;
+reward distribution; loss curves) from what the stages wrote: `ledger.jsonl`,
+`eval/results.json` and, when `orlhf judge` ran, `judge/results.json`."""
 
 from __future__ import annotations
 
@@ -10,11 +12,31 @@ from pathlib import Path
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.evaluation import ReportConfig
 from offline_rlhf.config.schema import ParallelConfig
-from offline_rlhf.eval.report import device_hours, loss_curves, report_markdown, table3
+from offline_rlhf.eval.report import (
+    cost_quality_chart,
+    device_hours,
+    loss_curves,
+    report_markdown,
+    shared_hours,
+    side_by_side,
+    table3,
+)
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.ledger import LEDGER, read_ledger
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.stage_support import mark_done
+
+
+def read_results(path: Path) -> dict | None:
+    """A stage's results.json, None when that stage has not run; unreadable JSON is an error
+    naming the file."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError("run_dir", f"{path}:{err.lineno}: not valid JSON ({err.msg})",
+                          "rerun the stage that wrote it") from None
 
 
 def main(cfg: ReportConfig) -> int:
@@ -24,16 +46,20 @@ def main(cfg: ReportConfig) -> int:
     with stage_runtime("report", cfg.run_dir, ParallelConfig(), None, cfg) as (rt, _):
         hours = device_hours(run_dir)
         rows = table3(hours)
-        results_path = run_dir / "eval" / "results.json"
-        results = json.loads(results_path.read_text()) if results_path.exists() else None
-        figures = {"loss_curves": loss_curves(run_dir, rt.stage_dir / "loss_curves.png")}
+        results = read_results(run_dir / "eval" / "results.json")
+        judge = read_results(run_dir / "judge" / "results.json")
+        entries = side_by_side(results, judge, rows)
+        figures = {"cost_quality": cost_quality_chart(entries, rows, results,
+                                                      rt.stage_dir / "device_hours_and_quality.png"),
+                   "loss_curves": loss_curves(run_dir, rt.stage_dir / "loss_curves.png")}
         histogram = run_dir / "label" / "reward_histogram.png"
         if histogram.exists():
             figures["reward_distribution"] = Path(shutil.copy(histogram, rt.stage_dir / "reward_histogram.png"))
-        report = {"run_dir": str(run_dir), "evaluation": results, "device_hours_by_stage": hours, "table3": rows,
-                  "figures": {k: str(v) for k, v in figures.items() if v}}
+        report = {"run_dir": str(run_dir), "methods": entries, "table3": rows,
+                  "shared_device_hours": shared_hours(hours), "judge": judge is not None, "evaluation": results,
+                  "device_hours_by_stage": hours, "figures": {k: str(v) for k, v in figures.items() if v}}
         write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-        write_atomic(run_dir / "report.md", report_markdown(run_dir, results, rows, hours, figures))
+        write_atomic(run_dir / "report.md", report_markdown(run_dir, results, judge, entries, rows, hours, figures))
         mark_done(rt, run_dir / "report.md")
         rt.log(f"report: {run_dir / 'report.md'}")
     return 0

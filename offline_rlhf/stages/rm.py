@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from functools import partial
 
 import torch
 
 from offline_rlhf.config.training import RMConfig
 from offline_rlhf.data.batching import collate_sequences, real_tokens
+from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.preference_dataset import PreferencePair, build_preference_dataset
 from offline_rlhf.data.sft_dataset import read_summary, write_dataset_card
-from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.labeling.scoring import (
     REWARD_STATS,
@@ -90,7 +89,7 @@ def train_reward_model(cfg: RMConfig) -> int:
             write_dataset_card(dataset.card, rt.stage_dir)
         collate = partial(collate_pairs, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
         stats = validation_reward_stats(dataset.val, setup.tokenizer.pad_id, cfg.train.micro_batch * 2, rt)
-        template = ChatTemplate(**asdict(cfg.data.template))
+        template = build_template(cfg.data.template, setup.tokenizer.config)
 
         def final_metadata(trained) -> dict:
             return {**stats(trained), **scoring_metadata(template, cfg.data.max_seq_len)}

@@ -22,7 +22,7 @@ def main(cfg: RMScoreConfig) -> int:
     model_cfg = read_meta(resolve_checkpoint(cfg.ckpt)).model
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         model, tokenizer, metadata = load_reward_model(cfg.ckpt, rt)
-        template, max_len = scoring_setup(metadata, model_cfg)
+        template, max_len = scoring_setup(metadata, model_cfg, tokenizer)
         records, pairs = read_scoring_input(cfg.input, cfg.prompt_key, cfg.response_key)
         # A generation cut at max_new_tokens (`finished: false`) is scored without EOS, as in `orlhf label`.
         sequences = encode_responses(tokenizer, template, pairs, max_len,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from functools import partial
 
+from offline_rlhf.checkpoint import TEMPLATE
 from offline_rlhf.config.training import SFTConfig
 from offline_rlhf.data.batching import collate_sequences, loss_tokens, real_tokens
+from offline_rlhf.data.chat_template import build_template, template_record
 from offline_rlhf.data.sft_dataset import build_sft_dataset, read_summary, write_dataset_card
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.masks import document_mask
@@ -37,6 +39,7 @@ def main(cfg: SFTConfig) -> int:
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         setup = prepare_training(init, model_cfg, "lm", rt, cfg.train.seed)
         dataset = build_sft_dataset(cfg.data, setup.tokenizer, cfg.train.seed)
+        template = build_template(cfg.data.template, setup.tokenizer.config)  # recorded: later stages render alike
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
         collate = partial(collate_sequences, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
@@ -44,7 +47,8 @@ def main(cfg: SFTConfig) -> int:
                                                                          cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
-                                      fingerprint=resume_fingerprint(cfg)))
+                                      fingerprint=resume_fingerprint(cfg),
+                                      metadata={TEMPLATE: template_record(template)}))
         totals = dataset.card["totals"]
         rt.log(f"sft done: {result.steps} steps, final checkpoint {result.checkpoint}; "
                f"{totals['truncated']} of {totals['taken']} samples were truncated to {cfg.data.max_seq_len} tokens; "

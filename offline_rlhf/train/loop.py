@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from offline_rlhf.checkpoint import (
+    CONFIG_KEY,
     CheckpointMeta,
     TrainState,
     latest_checkpoint,
@@ -47,7 +48,6 @@ from offline_rlhf.train.schedule import build_optimizer, build_scheduler
 
 Batch = dict[str, torch.Tensor]
 COUNT = "count/"
-CONFIG_KEY = "config"  # checkpoint metadata: the resume fingerprint
 
 
 @dataclass
@@ -88,6 +88,8 @@ class CheckpointSpec:
     final_metadata: Callable[[nn.Module], dict] | None = None
     # The config a resumed run must match (train.init.resume_fingerprint); None: unchecked.
     fingerprint: dict | None = None
+    # Recorded in every save, intermediate ones included (e.g. the chat template).
+    metadata: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -291,6 +293,7 @@ def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, rt: Runtime) -> t
 
 def _save(ckpt: CheckpointSpec, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
           metadata: dict, rt: Runtime) -> Path:
+    metadata = {**ckpt.metadata, **metadata}
     if ckpt.fingerprint is not None:
         metadata = {**metadata, CONFIG_KEY: ckpt.fingerprint}
     meta = CheckpointMeta(model=ckpt.model, head=ckpt.head, train_state=state, scheduler=scheduler.state_dict(),

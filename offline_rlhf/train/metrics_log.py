@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from offline_rlhf.config.schema import LoggingConfig, ModelConfig
 from offline_rlhf.fsutil import write_jsonl
 from offline_rlhf.metrics import METRICS_FILE, mfu, read_metrics
+from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime
 
 
@@ -33,8 +33,7 @@ class MetricsLog:
     def __init__(self, stage_dir: Path, cfg: LoggingConfig, is_main: bool, resumed_step: int, total_steps: int):
         self.path = Path(stage_dir) / METRICS_FILE
         self.is_main = is_main
-        self.bar = tqdm(total=total_steps, initial=resumed_step, disable=not (is_main and cfg.progress),
-                        desc="train", dynamic_ncols=True)
+        self.bar = Progress(Path(stage_dir).name, total_steps, resumed_step, enabled=is_main and cfg.progress)
         self.sinks = _external_sinks(cfg, stage_dir) if is_main else []
         if is_main:
             _drop_rows_after(self.path, resumed_step)
@@ -44,8 +43,7 @@ class MetricsLog:
                  "tok_s": f"{metrics['tokens_per_s']:.0f}"}
         if "accuracy" in metrics:  # the reward model's headline number
             shown["acc"] = f"{metrics['accuracy']:.3f}"
-        self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(1)  # after the postfix, so the bar shows this step's numbers
+        self.bar.update(1, **shown)
         if step % every == 0:
             self._write(step, {f"train/{k}": v for k, v in metrics.items()})
 

@@ -1,10 +1,7 @@
 import pytest
 
 from offline_rlhf.data.tokenizer import train_bpe_tokenizer
-from tests.fixtures import SHARED_DATA
-
-SELF_INSTRUCT = SHARED_DATA / "self-instruct" / "data" / "seed_tasks.jsonl"
-OASST_TREES = SHARED_DATA / "open-assistant" / "model_eval_manual_data" / "en_100_tree.jsonl"
+from tests.local_data import OASST_TREES, SELF_INSTRUCT
 
 
 @pytest.fixture(scope="session")

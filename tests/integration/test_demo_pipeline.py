@@ -1,10 +1,12 @@
-"""`orlhf pipeline` (what `make demo` runs): the whole offline RLHF chain on the embedded
-task, every artifact, a rerun that skips finished stages, and the alignment result.
+"""`orlhf pipeline` (what `make demo` runs): the whole offline RLHF chain and the PPO
+baseline on the embedded task, every artifact, a rerun that skips finished stages, the
+alignment result and a report that sets every method, PPO included, side by side.
 
 Sizes and seeds are the demo's defaults (conf/pipeline/demo.yaml, conf/model/demo.yaml,
 offline_rlhf/config/task.py): seed 0 task with 2000 demonstrations (40% good), 2000
-preference pairs, 600 generation and 200 held-out evaluation prompts; a 0.8M-parameter
-model; evaluation samples at temperature 1 with generation seed 0.
+preference pairs, 600 generation prompts (4 sampled answers each, seed 1) and 200 held-out
+evaluation prompts; a 0.8M-parameter model; DPO on the RM-ranked best/worst pairs; PPO 40
+iterations of 64 answers; evaluation samples at temperature 1 with generation seed 0.
 """
 
 import json
@@ -17,8 +19,9 @@ from offline_rlhf.checkpoint import latest_checkpoint, read_meta
 from offline_rlhf.cli import main
 from offline_rlhf.ledger import read_ledger
 
-STAGES = ["task", "sft", "rm", "generate", "label", "mix", "align_mle_filter", "align_rwr", "align_dt", "eval",
-          "report"]
+STAGES = ["task", "sft", "rm", "generate", "label", "mix", "align_mle_filter", "align_rwr", "align_dt", "reference",
+          "align_dpo", "ppo", "eval", "report"]
+PPO_MODULES = {"ppo_actor", "ppo_critic", "ppo_reference", "ppo_reward"}  # the ledger rows of the `ppo` stage
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +46,25 @@ def test_every_stage_leaves_its_artifacts(demo_run):
     for stage in STAGES:
         assert (demo_run / stage / "DONE").exists(), stage
         assert (demo_run / stage / "config.yaml").exists(), stage
-    for stage in ("sft", "rm", "align_mle_filter", "align_rwr", "align_dt"):
+    for stage in ("sft", "rm", "align_mle_filter", "align_rwr", "align_dt", "align_dpo", "ppo"):
         assert latest_checkpoint(demo_run / stage / "checkpoints") is not None, stage
         assert (demo_run / stage / "metrics.jsonl").stat().st_size > 0, stage
     assert "reward_stats" in read_meta(latest_checkpoint(demo_run / "rm" / "checkpoints")).metadata
-    assert len((demo_run / "generate" / "samples.jsonl").read_text().splitlines()) == 600
+    assert len((demo_run / "generate" / "samples.jsonl").read_text().splitlines()) == 2400  # 4 per prompt
     assert (demo_run / "label" / "reward_histogram.png").exists()
     assert json.loads((demo_run / "label" / "labels_meta.json").read_text())["normalization"] == "labeled_set"
     card = json.loads((demo_run / "mix" / "dataset_card.json").read_text())
-    assert card["groups"]["generated"]["taken"] == 600 and card["samples"] == 1800
-    report = json.loads((demo_run / "report.json").read_text())
-    assert [row["method"] for row in report["table3"]] == ["dt", "mle_filter", "rwr"]
-    assert all(row["total"] > row["alignment"] > 0 for row in report["table3"])
+    assert card["groups"]["generated"]["taken"] == 1200  # the best and the worst answer of each prompt
+    assert card["samples"] == sum(group["taken"] for group in card["groups"].values())
+    pairs = json.loads((demo_run / "reference" / "dataset_card.json").read_text())
+    assert 0 < pairs["pairs"] <= 600
     text = (demo_run / "report.md").read_text()
-    for section in ("## Evaluation", "## Device-hours per method", "## Reward distribution", "## Loss curves"):
+    for section in ("## Methods side by side", "## Device-hours per method", "## Reward distribution",
+                    "## Loss curves"):
         assert section in text
-    assert (demo_run / "report" / "loss_curves.png").exists()
-    assert {row.stage for row in read_ledger(demo_run)} >= set(STAGES) - {"task"}
+    for figure in ("loss_curves.png", "device_hours_and_quality.png"):
+        assert (demo_run / "report" / figure).read_bytes().startswith(b"\x89PNG"), figure
+    assert {row.stage for row in read_ledger(demo_run)} >= set(STAGES) - {"task", "ppo"} | PPO_MODULES
 
 
 def test_rerun_skips_finished_stages(demo_run, capsys):
@@ -68,6 +73,36 @@ def test_rerun_skips_finished_stages(demo_run, capsys):
     out = capsys.readouterr().out
     assert out.count("already complete, skipped") == len(STAGES)
     assert len(read_ledger(demo_run)) == rows_before
+
+
+def test_report_sets_every_method_against_ppo(demo_run):
+    report = json.loads((demo_run / "report.json").read_text())
+    costs = {row["method"]: row for row in report["table3"]}
+    assert list(costs) == ["dpo", "dt", "mle_filter", "rwr", "ppo"]
+    assert set(costs["ppo"]["stages"]) == PPO_MODULES and all(v > 0 for v in costs["ppo"]["stages"].values())
+    assert costs["ppo"]["total"] == pytest.approx(sum(costs["ppo"]["stages"].values()))
+    for method in ("dt", "mle_filter", "rwr"):
+        assert set(costs[method]["stages"]) == {"generate", "label", "mix", f"align_{method}"}
+        assert costs[method]["total"] > costs[method]["training"] > 0
+        assert costs[method]["share_of_ppo"] == pytest.approx(costs[method]["total"] / costs["ppo"]["total"])
+    assert set(costs["dpo"]["stages"]) == {"generate", "label", "reference", "align_dpo"}
+    methods = {entry["model"]: entry for entry in report["methods"]}
+    ppo = methods["ppo"]
+    assert ppo["quality"]["gold"]["n"] == 200 and ppo["quality"]["gold"]["mean"] == pytest.approx(
+        statistics.fmean(gold_scores(demo_run, "ppo")))
+    assert set(ppo["quality"]) == {"gold", "rm"} and ppo["device_hours"] == costs["ppo"]["total"] > 0
+    assert ppo["share_of_ppo"] == 1.0 and methods["dt"]["share_of_ppo"] < 1.0
+    assert methods["dpo"]["quality"]["gold"]["n"] == 200 and methods["dpo"]["device_hours"] == costs["dpo"]["total"]
+    assert set(report["shared_device_hours"]) == {"sft", "rm", "total"} and methods["sft"]["device_hours"] is None
+    side = (demo_run / "report.md").read_text().split("## Methods side by side", 1)[1].split("\n## ", 1)[0]
+    assert next(line for line in side.splitlines() if line.startswith("| ppo |")).endswith(" | 100.0% |")
+    assert "no judge configured" in side
+
+
+def test_dt_answers_at_the_target_its_checkpoint_records(demo_run):
+    models = json.loads((demo_run / "eval" / "results.json").read_text())["models"]
+    assert (models["dt"]["reward_prompt"], models["dt"]["reward_prompt_from"]) == (1.5, "checkpoint")
+    assert (models["dt_low"]["reward_prompt"], models["dt_low"]["reward_prompt_from"]) == (-1.5, "config")
 
 
 def test_dt_beats_sft_on_the_gold_reward(demo_run):

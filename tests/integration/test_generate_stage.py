@@ -11,8 +11,8 @@ import pytest
 from offline_rlhf.cli import main
 from offline_rlhf.ledger import read_ledger
 from tests.fixtures import REPO_ROOT
-from tests.integration.conftest import SELF_INSTRUCT
 from tests.integration.test_sft_stage import sft_args
+from tests.local_data import SELF_INSTRUCT, prompt_sources
 
 PROMPTS = 41  # odd: the two replicas get uneven shares
 
@@ -26,7 +26,7 @@ def sft_run(tmp_path_factory, public_tokenizer):
 
 def generate_args(run_dir, out_dir, *extra):
     return ["generate", f"run_dir={out_dir}", f"init.checkpoint={run_dir}/sft/checkpoints",
-            f"sources.0.path={SELF_INSTRUCT}", "sources.0.kind=sft", "sources.0.format=self_instruct",
+            prompt_sources("sft", "self_instruct", SELF_INSTRUCT),
             f"total_prompts={PROMPTS}", "generation.max_new_tokens=8", "generation.batch_size=4", "write_every=8",
             *extra]
 

@@ -167,7 +167,7 @@ def test_single_grading_with_retries_timeouts_and_a_secret_key(inputs, serve):
     summary = results["summary"]
     assert summary["parse_failures"] == 1
     assert summary["models"]["good"]["mean"] == 8 and summary["models"]["bad"]["n"] == 2
-    assert summary["vs_baseline"]["good"]["n"] == 2 and summary["vs_baseline"]["good"]["mean_difference"] == 5
+    assert summary["vs_baseline"]["good"]["n"] == 2 and summary["vs_baseline"]["good"]["difference"] == 5
     assert summary["vs_baseline"]["good"]["win"] == 1.0
     # The plain OpenAI request: path, model, messages, temperature 0, max_tokens 2048, the key as a Bearer token.
     assert {r["path"] for r in judge.requests} == {"/v1/chat/completions"}

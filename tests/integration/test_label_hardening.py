@@ -14,6 +14,7 @@ from offline_rlhf.data.tokenize import encode_sft
 from offline_rlhf.labeling.scoring import load_reward_model, score_sequences
 from offline_rlhf.parallel.dims import ParallelDims
 from tests.fixtures import reference_model, runtime_for
+from tests.local_data import jsonl_data
 from tests.synthetic_preferences import MODEL, preference_records, synthetic_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -89,7 +90,7 @@ def test_kept_cut_off_generations_are_marked_and_scored_without_eos(files, tmp_p
 
 def rm_eval(files, out, *extra):
     return main(["rm", f"run_dir={out}", "eval_only=true", f"init.checkpoint={files / 'rm'}", "parallel.dp=1",
-                 "data.sources.0.name=pairs", "data.sources.0.format=jsonl", f"data.sources.0.path={files}/pairs.jsonl",
+                 jsonl_data("pairs", files / "pairs.jsonl"),
                  "data.max_seq_len=64", "logging.progress=false", *extra])
 
 

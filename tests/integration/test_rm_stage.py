@@ -17,6 +17,7 @@ from offline_rlhf.ledger import read_ledger
 from offline_rlhf.metrics import read_metrics
 from offline_rlhf.parallel.dims import ParallelDims
 from tests.fixtures import reference_model, runtime_for
+from tests.local_data import jsonl_data
 from tests.synthetic_preferences import MODEL, synthetic_tokenizer, write_preferences
 
 PAIRS, VAL_FRACTION, SEED, MAX_LEN = 300, 0.2, 1234, 64
@@ -39,8 +40,7 @@ def trained(tmp_path_factory):
 
 
 def data_args(path):
-    return ["data.sources.0.name=synthetic", "data.sources.0.format=jsonl", f"data.sources.0.path={path}",
-            f"data.max_seq_len={MAX_LEN}", f"data.val_fraction={VAL_FRACTION}"]
+    return [jsonl_data("synthetic", path), f"data.max_seq_len={MAX_LEN}", f"data.val_fraction={VAL_FRACTION}"]
 
 
 def checkpoint(run_dir):

@@ -12,12 +12,12 @@ from offline_rlhf.ledger import read_ledger
 from offline_rlhf.metrics import read_metrics
 from offline_rlhf.models.llama import Transformer
 from tests.fixtures import REPO_ROOT
-from tests.integration.conftest import OASST_TREES, SELF_INSTRUCT
+from tests.local_data import SFT_DATA
 
 
 def sft_args(run_dir, tokenizer, *extra):
     return ["sft", f"run_dir={run_dir}", f"init.tokenizer={tokenizer}", "data.max_seq_len=128",
-            f"data.sources.0.path={OASST_TREES}", f"data.sources.1.path={SELF_INSTRUCT}",
+            SFT_DATA,
             "train.global_batch=8", "train.micro_batch=4", "optim.lr=3e-3", "optim.warmup_steps=2",
             "logging.progress=false", *extra]
 

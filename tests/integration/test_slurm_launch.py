@@ -1,4 +1,4 @@
-"""`orlhf launch` against a real single-node Slurm (scripts/local_slurm.sh).
+"""`orlhf launch` against the real Slurm of scripts/local_slurm.sh (two simulated nodes).
 
 Skipped only where Slurm can be neither reused nor installed and started (not root, or no
 apt-get); CI installs it beforehand, so there these tests run.

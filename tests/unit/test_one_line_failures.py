@@ -26,7 +26,7 @@ def ckpt(tmp_path, rm_tokenizer_dir):
 
 
 def _eval(capsys, run_dir, ckpt_root, prompts):
-    code = main(["eval", f"run_dir={run_dir}", f"prompts={prompts}", "prompt_key=prompt", "gold=embedded_task",
+    code = main(["eval", f"run_dir={run_dir}", f"prompts={prompts}", "prompt_key=prompt", "gold=embedded_task", "rm=",
                  f"models=[{{name:sft,checkpoint:{ckpt_root}}}]", "generation.max_new_tokens=4"])
     err = capsys.readouterr().err.strip()
     return code, err

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from offline_rlhf.eval.judge.parsing import UNPARSED
+from offline_rlhf.eval.results import compare as paired_comparison
 from offline_rlhf.eval.stats import (
     bootstrap_interval,
     mean_and_stderr,
-    paired_stderr,
-    paired_win_rate_interval,
-    win_rate,
     win_tie_loss,
 )
 
@@ -30,20 +29,20 @@ def _mean(values: Sequence[float]) -> dict:
 
 
 def compare(scores: Sequence[float], baseline: Sequence[float]) -> dict:
-    """Paired comparison over the same items: mean difference with its paired standard
-    error, win/tie/loss fractions and win rate (ties half), each with a 95% bootstrap interval."""
+    """`orlhf eval`'s paired comparison over the same items (difference with its paired
+    standard error, win/tie/loss, win rate with its 95% bootstrap interval), plus intervals
+    for the win, tie and loss fractions."""
     if not scores:
         return {"n": 0}
-    pairs = list(zip(scores, baseline))
-    fractions = win_tie_loss(scores, baseline)
-    row = {"n": len(scores), "mean_difference": mean_and_stderr([a - b for a, b in pairs])[0],
-           "difference_stderr": paired_stderr(scores, baseline),
-           "win_rate": win_rate(scores, baseline),
-           "win_rate_interval": list(paired_win_rate_interval(scores, baseline))}
+    row, pairs = paired_comparison(list(scores), list(baseline)), list(zip(scores, baseline))
     for index, name in enumerate(OUTCOMES):
-        row[name] = fractions[index]
-        row[f"{name}_interval"] = list(bootstrap_interval(pairs, lambda p, i=index: win_tie_loss(*zip(*p))[i]))
+        row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(pairs, partial(_outcome_share, index))
     return row
+
+
+def _outcome_share(index: int, pairs: Sequence[tuple[float, float]]) -> float:
+    """The win (0), tie (1) or loss (2) fraction of (score, baseline) pairs."""
+    return win_tie_loss(*zip(*pairs))[index]
 
 
 def _scores_by_item(records: list[dict], key: str = "score") -> dict[str, dict[tuple, float]]:
@@ -134,7 +133,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def _interval(row: dict, name: str) -> str:
-    low, high = row[f"{name}_interval"]
+    low, high = row[f"{name}_low"], row[f"{name}_high"]
     return f"{row[name]:.2f} [{low:.2f}, {high:.2f}]"
 
 
@@ -146,7 +145,7 @@ def _comparison_lines(vs: dict, baseline: str) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for model, row in vs.items():
         if row["n"]:
-            lines.append(f"| {model} | {row['n']} | {row['mean_difference']:+.3f} ± {row['difference_stderr']:.3f} | "
+            lines.append(f"| {model} | {row['n']} | {row['difference']:+.3f} ± {row['difference_stderr']:.3f} | "
                          + " | ".join(_interval(row, name) for name in (*OUTCOMES, "win_rate")) + " |")
     return lines
 
@@ -191,8 +190,8 @@ def plot_scores(results: dict, out: Path) -> Path:
     if results["format"] == "pairwise":
         labels = [f"{g['model']}\nvs {g['opponent']}" for g in summary["games"]]
         values = [g["win_rate"] for g in summary["games"]]
-        errors = [[v - g["win_rate_interval"][0] for v, g in zip(values, summary["games"])],
-                  [g["win_rate_interval"][1] - v for v, g in zip(values, summary["games"])]]
+        errors = [[v - g["win_rate_low"] for v, g in zip(values, summary["games"])],
+                  [g["win_rate_high"] - v for v, g in zip(values, summary["games"])]]
         ylabel = "win rate, ties half (95% bootstrap)"
     else:
         rows = summary["models"]

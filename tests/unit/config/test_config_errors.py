@@ -82,7 +82,7 @@ def test_config_formats_name_the_data_readers():
 
 
 @pytest.mark.parametrize("stage,override,fragment", [
-    ("sft", "data.sources.0.format=csv", "data.sources[oasst].format: unknown format 'csv'"),
+    ("sft", "data.sources.0.format=csv", "data.sources[oasst1].format: unknown format 'csv'"),
     ("sft", "data.sources.0.format=hh_rlhf", "'hh_rlhf' is not a supervised (prompt, response) format"),
     ("rm", "data.sources.0.format=dolly", "'dolly' is not a preference (prompt, chosen, rejected) format"),
     ("sft", "data.max_seq_len=1", "data.max_seq_len: must be at least 2"),

@@ -69,3 +69,12 @@ def test_help_from_the_command_line_lists_nested_keys():
     out = subprocess.run([sys.executable, "-m", "offline_rlhf.cli", "sft", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "train.global_batch" in out and "optim.warmup_steps" in out
+
+
+def test_every_key_of_every_stage_has_a_description():
+    """`--help` is the key reference: a field without a comment is a key users cannot look up."""
+    missing = []
+    for name, stage in STAGES.items():
+        if stage.schema:
+            missing += [f"{name}: {key}" for key, _, text in key_rows(_load(stage.schema), {}) if not text]
+    assert not missing, "fields without a comment (add `# ...` after them): " + ", ".join(missing)

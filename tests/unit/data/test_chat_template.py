@@ -2,11 +2,15 @@
 `apply_chat_template`, on a Llama-3-style and a ChatML (Qwen2-style) template."""
 
 import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.data.chat_template import JinjaChat
-from offline_rlhf.data.tokenize import IGNORE_INDEX, encode_chat, encode_chat_prompt
+from offline_rlhf.config.schema import TemplateConfig
+from offline_rlhf.data.chat_template import JinjaChat, build_template, template_record
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import IGNORE_INDEX, encode_chat, encode_chat_prompt, encode_prompt, encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 
 # The structure of the two template families real checkpoints ship (written for this test).
@@ -118,3 +122,57 @@ def test_templates_run_sandboxed():
     failing = JinjaChat("{{ raise_exception('no system role') }}")
     with pytest.raises(ValueError, match="no system role"):
         failing.render(SINGLE)
+
+
+def test_template_kind_chat_goes_through_encode_sft_and_encode_prompt(tokenizers):
+    """`template.kind=chat` reaches every stage through encode_sft/encode_prompt: one user
+    turn from a prompt string, a history from `turns` (only its last answer labelled), a
+    system message, and an unfinished answer without its end-of-turn marker."""
+    ours, _ = tokenizers
+    fmt = build_template(TemplateConfig(kind="chat"), ours.config)
+    chat = JinjaChat.of(ours.config)
+    single = encode_sft(ours, fmt, "What is a cat?", "A small animal.", 4096, "s")
+    assert single == encode_chat(ours, chat, SINGLE, 4096, "s")
+    assert encode_prompt(ours, fmt, "What is a cat?") == encode_chat_prompt(ours, chat, SINGLE[:1])
+    history = [(m["role"], m["content"]) for m in MULTI[1:-1]]
+    last_only = encode_sft(ours, fmt, "folded", MULTI[-1]["content"], 4096, "m", turns=history)
+    every = encode_chat(ours, chat, MULTI[1:], 4096, "m")
+    assert last_only.input_ids == every.input_ids
+    assert last_only.response_tokens < every.response_tokens
+    assert ours.decode([t for t in last_only.labels if t != IGNORE_INDEX], skip_special_tokens=True) == \
+        "Green, the colour of grass." + ("" if "eot_id" in ours.config["chat_template"] else "\n")
+    system = build_template(TemplateConfig(kind="chat", system="Answer briefly."), ours.config)
+    assert encode_sft(ours, system, "Name a colour.", "Blue.", 4096, "x") == \
+        encode_chat(ours, chat, MULTI[:3], 4096, "x")
+    cut = encode_sft(ours, fmt, "What is a cat?", "A small animal.", 4096, "s", eos=False)
+    assert cut.input_ids == single.input_ids[:len(cut)] and len(single) - len(cut) >= 1
+    assert ours.decode(cut.input_ids[-2:], skip_special_tokens=False).endswith("animal.")
+
+
+def test_records_of_a_template_rebuild_it():
+    chat_source = {"chat_template": CHATML, "eos_token": "<|eos|>"}
+    for template in (ChatTemplate("Q:", "A:", "\n"), build_template(TemplateConfig(kind="chat", system="S"),
+                                                                     chat_source)):
+        assert build_template(template_record(template), chat_source) == template
+    assert build_template({"user_tag": "U:", "assistant_tag": "A:", "sep": " "}, {}) == ChatTemplate("U:", "A:", " ")
+    with pytest.raises(ConfigError, match="template.system: needs template.kind=chat"):
+        TemplateConfig(system="be nice")
+    with pytest.raises(ConfigError, match="template.kind: 'jinja' is not a template kind"):
+        TemplateConfig(kind="jinja")
+
+
+def test_bos_leads_exactly_when_the_tokenizer_asks_for_it(tokenizers):
+    ours, _ = tokenizers
+    template = ChatTemplate()
+    assert not ours.adds_bos and encode_prompt(ours, template, "hi")[0] != ours.bos_id
+    asking = Tokenizer(ours.backend, {**ours.config, "bos_token": "<|begin_of_text|>", "add_bos_token": True})
+    assert asking.adds_bos and encode_prompt(asking, template, "hi") == [asking.bos_id, *encode_prompt(ours, template,
+                                                                                                       "hi")]
+    sample = encode_sft(asking, template, "hi", "there", 64, "b")
+    assert sample.input_ids[0] == asking.bos_id and sample.labels[0] == IGNORE_INDEX
+    processed = Tokenizer(BackendTokenizer.from_str(ours.backend.to_str()), dict(asking.config))
+    del processed.config["add_bos_token"]
+    assert not processed.adds_bos
+    processed.backend.post_processor = TemplateProcessing(single="<|begin_of_text|> $A",
+                                                          special_tokens=[("<|begin_of_text|>", processed.bos_id)])
+    assert processed.adds_bos  # Llama 3 style: tokenizer.json's post-processor adds BOS

@@ -280,7 +280,8 @@ def test_source_configs_carry_the_hub_options_for_hf_only():
 # ---------------------------------------------------------------------------- shipped configs
 
 
-@pytest.mark.parametrize("stage, data, family", [("sft", "hub_sft", "sft"), ("rm", "hub_preferences", "preference")])
+@pytest.mark.parametrize("stage, data, family", [("sft", "sft_public", "sft"), ("rm", "hh_rlhf", "preference"),
+                                                 ("rm", "hub_preferences", "preference")])
 def test_the_hub_data_configs_compose_and_name_what_is_missing_offline(hub, stage, data, family):
     from offline_rlhf.config.compose import compose_stage
     from offline_rlhf.config.training import RMConfig, SFTConfig

@@ -27,9 +27,11 @@ class CharTokenizer:
     """One token per character (its code point), EOS = 0: lengths are countable by eye."""
 
     eos_id = 0
+    bos_id = 1
+    adds_bos = False
 
-    def encode(self, text: str) -> list[int]:
-        return [ord(char) for char in text]
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        return [self.bos_id] * add_bos + [ord(char) for char in text]
 
 
 # `U: abcdef A:` is 12 characters; ` xyz` + EOS is 5 tokens.

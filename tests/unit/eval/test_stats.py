@@ -2,8 +2,14 @@ import math
 
 import pytest
 
-from offline_rlhf.eval.stats import (bootstrap_interval, mean_and_stderr, paired_stderr,
-                                     paired_win_rate_interval, win_rate, win_tie_loss)
+from offline_rlhf.eval.stats import (
+    bootstrap_interval,
+    mean_and_stderr,
+    paired_stderr,
+    paired_win_rate_interval,
+    win_rate,
+    win_tie_loss,
+)
 
 
 def test_mean_and_stderr_by_hand():

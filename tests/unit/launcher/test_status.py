@@ -53,3 +53,24 @@ def test_status_table_has_one_row_per_job(tmp_path, monkeypatch, capsys):
         "sft [2/2]  6    RUNNING  -",
         "rm         7    PENDING  -",
     ]
+
+
+def test_a_job_with_several_modules_lists_each_modules_hours(tmp_path, monkeypatch, capsys):
+    """The PPO heterogeneous job: every module's rows carry the job id; the job's hours are
+    their sum, and each module gets a row of its own under it."""
+    rows = [{"stage": "ppo_critic", "job_id": "8", "device_hours": 0.5},
+            {"stage": "ppo_actor", "job_id": "8", "device_hours": 2.0},
+            {"stage": "ppo_actor", "job_id": "8", "device_hours": 1.0},
+            {"stage": "sft", "job_id": "7", "device_hours": 4.0}]
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    slurm.write_launch_record(tmp_path, "p", [slurm.SubmittedStage("sft", "s", ["7"]),
+                                              slurm.SubmittedStage("ppo", "s", ["8"])])
+    monkeypatch.setattr(status, "query_job", lambda job: slurm.JobInfo("COMPLETED", 10, 0))
+    assert status.show_status(tmp_path) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "STAGE         JOB  STATE      DEVICE-HOURS",
+        "sft           7    COMPLETED  4.0000 (ledger)",
+        "ppo           8    COMPLETED  3.5000 (ledger)",
+        "  ppo_actor   8    COMPLETED  3.0000 (ledger)",
+        "  ppo_critic  8    COMPLETED  0.5000 (ledger)",
+    ]

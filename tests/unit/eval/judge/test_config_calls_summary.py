@@ -108,11 +108,11 @@ def test_single_summary_pairs_with_the_baseline_on_the_same_questions():
     assert summary["parse_failures"] == 1
     vs = summary["vs_baseline"]["a"]
     # Differences on questions 1-3 (4 has no parsed score for a): 1, 0, 4.
-    assert vs["n"] == 3 and vs["mean_difference"] == pytest.approx(5 / 3)
+    assert vs["n"] == 3 and vs["difference"] == pytest.approx(5 / 3)
     assert vs["difference_stderr"] == pytest.approx(((1 - 5 / 3) ** 2 + (5 / 3) ** 2 + (4 - 5 / 3) ** 2) ** 0.5
                                                     / 2 ** 0.5 / 3 ** 0.5)
     assert (vs["win"], vs["tie"], vs["loss"], vs["win_rate"]) == pytest.approx((2 / 3, 1 / 3, 0, 5 / 6))
-    assert vs["win_interval"][0] <= vs["win"] <= vs["win_interval"][1]
+    assert vs["win_low"] <= vs["win"] <= vs["win_high"]
 
 
 def game(g1, g2, qid=1):

@@ -1,0 +1,74 @@
+"""Progress a person can see, wherever the output goes: a live bar on a terminal, and in a
+file (a pipeline's `launch.log`, a Slurm output file) plain lines every PLAIN_EVERY_S seconds
+with no carriage-return frames. A plain line starts with PREFIX, which `orlhf pipeline`
+looks for to show each running stage's progress."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+PREFIX = "[progress] "
+PLAIN_EVERY_S = 10.0
+
+
+class Progress:
+    """`update(n, **shown)` after each unit of work; `write(text)` for a line between units."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True, unit: str = "step",
+                 stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S):
+        self.desc, self.total, self.done, self.unit = desc, total, initial, unit
+        self.stream = stream or sys.stderr
+        self.enabled, self.every_s = enabled, every_s
+        self.started, self.last_line, self.shown = time.monotonic(), float("-inf"), {}
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.stream,
+                        disable=not (enabled and _is_terminal(self.stream)))
+        self.first = self.printed = initial
+
+    def update(self, n: int = 1, **shown: str) -> None:
+        self.done += n
+        self.shown = shown
+        if not self.bar.disable:
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(n)
+        elif self.enabled and (time.monotonic() - self.last_line >= self.every_s or self.done >= self.total):
+            self._plain_line()
+
+    def write(self, text: str) -> None:
+        if self.bar.disable:
+            print(text, file=self.stream, flush=True)
+        else:
+            self.bar.write(text, file=self.stream)
+
+    def close(self) -> None:
+        if self.bar.disable and self.enabled and self.done != self.printed:
+            self._plain_line()
+        self.bar.close()
+
+    def _plain_line(self) -> None:
+        self.last_line, self.printed = time.monotonic(), self.done
+        print(PREFIX + plain_status(self.desc, self.done, self.total, self.first, self.last_line - self.started,
+                                    self.shown, self.unit), file=self.stream, flush=True)
+
+
+def plain_status(desc: str, done: int, total: int, first: int, elapsed: float, shown: dict, unit: str) -> str:
+    """`sft: step 40/120 (33%) loss=2.31 | 0:40 elapsed, ETA 1:20`; the ETA from the rate of
+    this run (units done before a resume do not count)."""
+    rate = (done - first) / elapsed if elapsed > 0 else 0.0
+    eta = f", ETA {clock((total - done) / rate)}" if rate > 0 and done < total else ""
+    values = "".join(f" {key}={value}" for key, value in shown.items())
+    percent = f" ({100 * done / total:.0f}%)" if total else ""
+    return f"{desc}: {unit} {done}/{total}{percent}{values} | {clock(elapsed)} elapsed{eta}"
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()

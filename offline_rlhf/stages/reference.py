@@ -1,0 +1,136 @@
+"""`orlhf reference`: the preference pairs of DPO, IPO and cDPO with their reference
+log-probs, computed offline and once, into `run_dir/reference/pairs.jsonl`.
+
+The pairs are built from `orlhf label` output (`labeling.pairs`: RM-ranked best vs worst
+generated answers and human pairs, mixed by weight; counts in `dataset_card.{json,md}`);
+this stage rather than `orlhf mix` makes them, so the pair set and its log-probs cannot
+drift apart. The SFT model then scores both replies of every pair: TP-only replicas (like
+`orlhf generate`) each take a disjoint block of the pairs not scored yet and append
+`{id, ref_chosen_logp, ref_rejected_logp}` to their own durable shard; a rerun after a
+crash cuts a torn line, skips scored ids and never scores one twice. Rank 0 merges the
+shards. Its ledger row is DPO's data preparation: align then needs no second model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from offline_rlhf.checkpoint import resolve_checkpoint
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.samples import ReferenceConfig
+from offline_rlhf.config.schema import ModelConfig
+from offline_rlhf.data.chat_template import build_template
+from offline_rlhf.data.packing import unpacked
+from offline_rlhf.data.pair_dataset import DIGEST, REF_CHOSEN, REF_REJECTED, encode_pair_example, tokens_digest
+from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.generation.shards import (
+    answered_prompts,
+    append_durably,
+    claim_shards,
+    merge_shards,
+    read_shard_records,
+    repair_shard,
+    shard_indices,
+    shard_paths,
+)
+from offline_rlhf.labeling.mix import read_labeled_records
+from offline_rlhf.labeling.pairs import build_pairs, sequence_logps
+from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.stage_support import (
+    load_inference_model,
+    load_tokenizer,
+    mark_done,
+    model_config,
+    resume_fingerprint,
+)
+
+STAGE = "reference"
+PAIRS = "pairs.jsonl"
+
+
+def main(cfg: ReferenceConfig) -> int:
+    checkpoint = resolve_checkpoint(cfg.init.checkpoint, "init.checkpoint")
+    model_cfg = model_config(cfg.init, ModelConfig())
+    if cfg.max_seq_len > model_cfg.max_seq_len:
+        raise ConfigError("max_seq_len", f"{cfg.max_seq_len} exceeds max_seq_len={model_cfg.max_seq_len} of "
+                          "init.checkpoint's model", f"set max_seq_len<={model_cfg.max_seq_len}")
+    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
+        tokenizer, _ = load_tokenizer(cfg.init, model_cfg)
+        template = build_template(cfg.template, tokenizer.config)
+        pairs, card = build_pairs(read_labeled_records(cfg.input), cfg.min_gap, asdict(cfg.weights), cfg.total,
+                                  cfg.seed, cfg.input)
+        encoded = [encode_pair_example(tokenizer, template, p.example, cfg.max_seq_len) for p in pairs]
+        todo = unscored(rt, cfg, len(pairs))
+        replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
+        mine = [todo[i] for i in shard_indices(len(todo), replica, rt.dims.dp)]
+        rt.log(f"reference: {len(pairs)} pairs ({summary(card)}), {len(pairs) - len(todo)} already scored, "
+               f"{len(todo)} to go on {rt.dims.dp} replica(s) of TP={rt.dims.tp}")
+        model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint")
+        writes = rt.mesh is None or rt.mesh.get_local_rank("tp") == 0  # TP ranks hold identical values
+        shard = rt.stage_dir / f"shard_{replica:05d}.jsonl"
+        for start in range(0, len(mine), cfg.write_every):
+            ids = mine[start:start + cfg.write_every]
+            records, tokens = score_block(model, [encoded[i] for i in ids], ids, cfg.batch_size, rt,
+                                          tokenizer.pad_id)
+            if writes:
+                append_durably(shard, records)
+            usage.tokens += tokens
+            usage.beat()
+        rt.barrier()
+        if rt.is_main:
+            write_outputs(rt, cfg, pairs, encoded, card, str(checkpoint))
+    return 0
+
+
+def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list, card: dict, model: str) -> None:
+    """Rank 0, after every replica: the merged pairs with their log-probs, the card, DONE."""
+    scores = merge_shards(rt.stage_dir, len(pairs))
+    write_jsonl(rt.stage_dir / PAIRS, [{"id": i, **pair.record(), REF_CHOSEN: s[REF_CHOSEN],
+                                        REF_REJECTED: s[REF_REJECTED], DIGEST: tokens_digest(*encoded[i])}
+                                       for i, (pair, s) in enumerate(zip(pairs, scores))])
+    card.update(model=model, template=asdict(cfg.template), max_seq_len=cfg.max_seq_len,
+                truncated=sum(s.truncated for pair in encoded for s in pair))
+    write_atomic(rt.stage_dir / "dataset_card.json", json.dumps(card, indent=2))
+    write_atomic(rt.stage_dir / "dataset_card.md", card_markdown(card))
+    mark_done(rt, rt.stage_dir / PAIRS)
+    rt.log(f"reference done: {len(pairs)} pairs with reference log-probs in {rt.stage_dir / PAIRS}; "
+           f"{card['truncated']} replies truncated to {cfg.max_seq_len} tokens")
+
+
+def unscored(rt: Runtime, cfg: ReferenceConfig, count: int) -> list[int]:
+    """Pair ids without a score in the shards of an earlier run under the same config
+    (rank 0 repairs what a crash left first)."""
+    if rt.is_main:
+        claim_shards(rt.stage_dir, resume_fingerprint(cfg))
+        for path in shard_paths(rt.stage_dir):
+            if repair_shard(path, 1):
+                rt.log(f"cut a torn last line from {path}")
+    rt.barrier()
+    done = answered_prompts(read_shard_records(rt.stage_dir), 1)
+    return [i for i in range(count) if i not in done]
+
+
+def score_block(model, encoded: list, ids: list[int], batch_size: int, rt: Runtime,
+                pad_id: int) -> tuple[list[dict], int]:
+    """Shard records for the pairs `ids` (both replies of each) and the tokens scored."""
+    sequences = unpacked([sample for pair in encoded for sample in pair])  # c0, r0, c1, r1, ...
+    logps = sequence_logps(model, sequences, batch_size, rt, pad_id)
+    records = [{"id": i, REF_CHOSEN: logps[2 * k], REF_REJECTED: logps[2 * k + 1]} for k, i in enumerate(ids)]
+    return records, sum(map(len, sequences))
+
+
+def summary(card: dict) -> str:
+    ranked, human = card["rm_ranked"], card["human"]
+    return (f"{ranked['pairs']} RM-ranked from {ranked['prompts']} prompts: {ranked['single_sample']} with one "
+            f"sample, {ranked['tie']} ties, {ranked['below_gap']} below min_gap {card['min_gap']}; "
+            f"{human['pairs']} human, {human['incomplete']} incomplete")
+
+
+def card_markdown(card: dict) -> str:
+    lines = ["# Preference-pair dataset card", "", f"{card['pairs']} pairs from `{card['input']}`, reference "
+             f"log-probs by `{card['model']}` (max_seq_len {card['max_seq_len']}, {card['truncated']} replies "
+             "truncated)", "", summary(card), "", "| source | available pairs | taken | repeated |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {s['available']} | {s['taken']} | {s['repeated']} |" for name, s in card["groups"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,207 @@
+"""`orlhf reference` end to end: the pairs (RM-ranked and human) with the reference log-probs
+of an LM checkpoint, equal to that model's log-probs in-process; a killed pass resumes
+without duplicates; two replicas equal one process; `orlhf align method=dpo|ipo|cdpo`
+trains on them, starting at loss log 2 (the policy is its reference)."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from offline_rlhf.checkpoint import (
+    CheckpointMeta,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from offline_rlhf.cli import main
+from offline_rlhf.config.schema import ModelConfig, ParallelConfig
+from offline_rlhf.data.embedded_task import canonical_response, gold_reward
+from offline_rlhf.data.packing import unpacked
+from offline_rlhf.data.pair_dataset import PairExample, encode_pair_example
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.labeling.pairs import sequence_logps
+from offline_rlhf.ledger import read_ledger
+from offline_rlhf.metrics import read_metrics
+from offline_rlhf.models.llama import Transformer
+from offline_rlhf.parallel.dims import ParallelDims
+from tests.fixtures import runtime_for
+from tests.integration.test_generate_stage import run_python, torchrun
+
+PROMPTS = 11  # RM-ranked pairs: one per prompt; plus one single-sample prompt and HUMAN human pairs
+HUMAN = 5
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A small embedded task, a random LM checkpoint standing in for SFT, and a labeled file."""
+    run_dir = tmp_path_factory.mktemp("reference_run")
+    assert main(["task", f"run_dir={run_dir}", "n_sft=40", "n_preferences=20", "n_gen_prompts=20",
+                 "n_eval_prompts=10"]) == 0
+    tokenizer = Tokenizer.from_dir(run_dir / "task" / "tokenizer")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                         max_seq_len=128)
+    torch.manual_seed(0)
+    model = Transformer(config, head="lm")
+    model.init_weights()
+    save_checkpoint(run_dir / "sft" / "checkpoints", model,
+                    CheckpointMeta(model=config, head="lm", train_state=TrainState()),
+                    tokenizer_dir=run_dir / "task" / "tokenizer")
+    write_labeled(run_dir)
+    return run_dir
+
+
+def write_labeled(run_dir):
+    """`orlhf label`-shaped records scored by the gold reward: per prompt the right answer
+    (3), it with a filler word (2.75) and it cut short (0, unfinished); human pairs."""
+    lines = (run_dir / "task" / "gen_prompts.jsonl").read_text().splitlines()
+    prompts = list(dict.fromkeys(json.loads(line)["prompt"] for line in lines))[:PROMPTS + 1]
+    rows = []
+    for prompt in prompts[:PROMPTS]:
+        right = canonical_response(prompt)
+        answers = [(right, True), ("um " + right, True), (right.split()[0], False)]
+        rows += [{"prompt": prompt, "response": text, "kind": "generated", "source": "generated",
+                  "reward": gold_reward(prompt, text), **({} if done else {"finished": False})}
+                 for text, done in answers]
+    rows.append({"prompt": prompts[PROMPTS], "response": "x.", "kind": "generated", "source": "generated",
+                 "reward": 0.0})
+    for pair, line in enumerate((run_dir / "task" / "preferences.jsonl").read_text().splitlines()[:HUMAN]):
+        record = json.loads(line)
+        rows += [{"prompt": record["prompt"], "response": record[side], "kind": side, "source": "human_prefs",
+                  "pair": pair, "reward": 0.0} for side in ("chosen", "rejected")]
+    (run_dir / "labeled.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def reference_args(run_dir, out, *extra):
+    return ["reference", f"run_dir={out}", f"init.checkpoint={run_dir}/sft/checkpoints",
+            f"input={run_dir}/labeled.jsonl", "max_seq_len=64", "batch_size=3", "write_every=4", *extra]
+
+
+def pairs_of(out):
+    return [json.loads(line) for line in (out / "reference" / "pairs.jsonl").read_text().splitlines()]
+
+
+def test_stored_reference_log_probs_equal_the_models_in_process(lm_run, tmp_path):
+    assert main(reference_args(lm_run, tmp_path)) == 0
+    pairs = pairs_of(tmp_path)
+    assert [p["id"] for p in pairs] == list(range(PROMPTS + HUMAN))
+    assert sorted(p["origin"] for p in pairs) == ["human"] * HUMAN + ["rm_ranked"] * PROMPTS
+    card = json.loads((tmp_path / "reference" / "dataset_card.json").read_text())
+    assert card["rm_ranked"] == {"prompts": PROMPTS + 1, "pairs": PROMPTS, "single_sample": 1, "tie": 0,
+                                 "below_gap": 0}
+    assert card["human"] == {"pairs": HUMAN, "incomplete": 0} and card["pairs"] == PROMPTS + HUMAN
+    assert "11 RM-ranked from 12 prompts: 1 with one sample" in (tmp_path / "reference" / "dataset_card.md").read_text()
+    # Best vs worst: the right answer against the one cut short, which is encoded without EOS.
+    ranked = [p for p in pairs if p["origin"] == "rm_ranked"]
+    assert all(p["chosen_reward"] == 3.0 and p["rejected_reward"] == 0.0 for p in ranked)
+    assert all(p["rejected_finished"] is False and "chosen_finished" not in p for p in ranked)
+
+    path = latest_checkpoint(lm_run / "sft" / "checkpoints")
+    model = Transformer(read_meta(path).model, head="lm")
+    load_checkpoint(path, model)
+    tokenizer = Tokenizer.from_dir(path / "tokenizer")
+    encoded = [encode_pair_example(tokenizer, ChatTemplate(), PairExample(p["prompt"], p["chosen"], p["rejected"],
+                                                                          p.get("chosen_finished", True),
+                                                                          p.get("rejected_finished", True)), 64)
+               for p in pairs]
+    single = runtime_for(ParallelDims.build(ParallelConfig(), 1, model.cfg), None)
+    expected = sequence_logps(model.eval(), unpacked([s for pair in encoded for s in pair]), 32, single,
+                              tokenizer.pad_id)
+    stored = [value for p in pairs for value in (p["ref_chosen_logp"], p["ref_rejected_logp"])]
+    assert stored == pytest.approx(expected, abs=1e-5)
+    assert all(value < 0 for value in stored)
+    [row] = [r for r in read_ledger(tmp_path) if r.stage == "reference"]
+    assert row.status == "completed" and row.tokens == sum(len(s) for pair in encoded for s in pair)
+
+
+KILL_AFTER_FIRST_WRITE = """
+import os, signal, sys
+import offline_rlhf.stages.reference as stage
+from offline_rlhf.cli import main
+
+original = stage.append_durably
+def append_then_die(path, records):
+    original(path, records)
+    with open(path, "a") as handle:
+        handle.write('{"id": 99, "ref_chosen')  # a torn line, as a crash mid-write leaves
+    os.kill(os.getpid(), signal.SIGKILL)
+stage.append_durably = append_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_pass_resumes_without_duplicates(lm_run, tmp_path):
+    out = tmp_path / "killed"
+    result = run_python(["-c", KILL_AFTER_FIRST_WRITE, *reference_args(lm_run, out)])
+    assert result.returncode == -9, result.stderr.decode()[-3000:]
+    shard = out / "reference" / "shard_00000.jsonl"
+    assert len(shard.read_text().splitlines()) == 5 and not (out / "reference" / "DONE").exists()  # 4 + torn
+    result = run_python(["-m", "offline_rlhf.cli", *reference_args(lm_run, out)])
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert b"cut a torn last line" in result.stdout and b"4 already scored" in result.stdout
+    ids = [json.loads(line)["id"] for line in shard.read_text().splitlines()]
+    assert sorted(ids) == list(range(PROMPTS + HUMAN))  # each pair scored exactly once
+    assert main(reference_args(lm_run, tmp_path / "straight")) == 0
+    assert pairs_of(out) == pairs_of(tmp_path / "straight")
+    assert [r.status for r in read_ledger(out) if r.stage == "reference"] == ["interrupted", "completed"]
+    changed = run_python(["-m", "offline_rlhf.cli", *reference_args(lm_run, out, "min_gap=3.5")])
+    assert changed.returncode == 2 and b"min_gap: differs from the run" in changed.stderr
+
+
+def test_two_replicas_equal_one_process(lm_run, tmp_path):
+    assert main(reference_args(lm_run, tmp_path / "one")) == 0
+    result = torchrun(reference_args(lm_run, tmp_path / "two"), nproc=2)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    one, two = pairs_of(tmp_path / "one"), pairs_of(tmp_path / "two")
+    drop = ("ref_chosen_logp", "ref_rejected_logp")
+    assert [{k: v for k, v in p.items() if k not in drop} for p in two] == \
+        [{k: v for k, v in p.items() if k not in drop} for p in one]
+    assert [p["ref_chosen_logp"] for p in two] == pytest.approx([p["ref_chosen_logp"] for p in one], abs=1e-5)
+    shards = sorted((tmp_path / "two" / "reference").glob("shard_*.jsonl"))
+    assert len(shards) == 2 and all(path.read_text() for path in shards)
+
+
+def align_args(run_dir, method, *extra):
+    return ["align", f"run_dir={run_dir}", f"method={method}", "data.max_seq_len=64", "train.global_batch=4",
+            "train.micro_batch=2", "train.max_steps=2", "data.val_fraction=0.2", "optim.lr=1e-3",
+            "logging.progress=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def referenced_run(lm_run):
+    assert main(reference_args(lm_run, lm_run)) == 0
+    return lm_run
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "cdpo"])
+def test_align_trains_on_the_pairs_from_loss_log_2(referenced_run, method):
+    assert main(align_args(referenced_run, method)) == 0
+    stage = referenced_run / f"align_{method}"
+    rows = [row for row in read_metrics(stage) if "train/loss" in row]
+    assert len(rows) == 2
+    first = rows[0]
+    start = math.log(2) if method != "ipo" else (1 / (2 * 0.1)) ** 2  # h = 0: the policy is its reference
+    assert first["train/loss"] == pytest.approx(start, abs=1e-4)
+    assert first["train/reward_margin"] == pytest.approx(0.0, abs=1e-4) and first["train/reward_accuracy"] == 0.0
+    assert rows[1]["train/reward_margin"] != 0.0  # the first step moved the policy
+    val = [row for row in read_metrics(stage) if "val/loss" in row]
+    assert val and "val/reward_accuracy" in val[-1]
+    meta = read_meta(latest_checkpoint(stage / "checkpoints"))
+    assert meta.metadata["alignment"]["method"] == method
+    assert meta.metadata["alignment"]["dataset"]["pairs"] == PROMPTS + HUMAN
+
+
+def test_align_refuses_pairs_tokenized_otherwise_and_a_missing_reference_stage(referenced_run, tmp_path, capsys):
+    pairs = f"{referenced_run}/reference/pairs.jsonl"
+    assert main(align_args(tmp_path / "short", "dpo", "data.max_seq_len=16", f"data.pairs={pairs}",
+                           f"init.checkpoint={referenced_run}/sft/checkpoints")) == 2
+    assert re.search(rf"{pairs}:\d+: expected the pair to tokenize as in the reference pass; data.max_seq_len",
+                     capsys.readouterr().err)
+    assert main(align_args(tmp_path, "dpo", f"init.checkpoint={referenced_run}/sft/checkpoints")) == 2
+    err = capsys.readouterr().err
+    assert "data.pairs" in err and "run `orlhf reference` first" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,141 @@
+"""`orlhf eval` through the CLI on tiny random checkpoints: a DT model's target score comes
+from its checkpoint (final or intermediate) unless reward_prompt overrides it, a DT
+checkpoint without one and a missing checkpoint fail before any model answers, answers
+cut off at max_new_tokens are counted, and plug-in gold rewards score every answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from offline_rlhf.checkpoint import CONFIG_KEY, CheckpointMeta, TrainState, save_checkpoint
+from offline_rlhf.cli import main
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.eval.gold import load_gold
+from tests.fixtures import reference_model
+from tests.synthetic_preferences import FILLER, MODEL, synthetic_tokenizer
+from tests.unit.eval.gold_plugins import Scorers, tiny_hf_reward_model
+
+SCALE = 0.5
+QA = {"user_tag": "Q:", "assistant_tag": "A:", "sep": " "}
+STOP = "somet"  # some answers of this random model hold it: they end there, the others run to max_new_tokens
+PLUGIN = "tests.unit.eval.gold_plugins:Scorers.length"
+METADATA = {"sft": {}, "dt": {"alignment": {"method": "dt", "dt_target": 2.0}},
+            "dt_mid": {CONFIG_KEY: {"method": "dt", "dt_target": -3.0}},  # an intermediate step of a DT run
+            "dt_broken": {"alignment": {"method": "dt", "dt_target": None}},
+            "sft_qa": {"template": QA}}  # the chat template it was trained with travels with it
+
+
+def sharp_model():
+    """A random `lm` model whose weights are large enough that its greedy answers depend on
+    the prompt (at the usual init scale every prompt gets the same answer)."""
+    model = reference_model(MODEL, "lm")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * SCALE)
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """One random `lm` model saved four times with different metadata; prompts."""
+    root = tmp_path_factory.mktemp("eval_stage")
+    synthetic_tokenizer(root / "tokenizer")
+    for name, metadata in METADATA.items():
+        save_checkpoint(root / name, sharp_model(), CheckpointMeta(MODEL, "lm", TrainState(), metadata=metadata),
+                        tokenizer_dir=root / "tokenizer")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n"
+                                                for w in FILLER))
+    return root
+
+
+def evaluate(files, run_dir, models: dict[str, str], *extra: str) -> int:
+    listed = ", ".join(f"{{name: {name}, checkpoint: '{files / ckpt.split(':')[0]}'"
+                       + (f", reward_prompt: {ckpt.split(':')[1]}}}" if ":" in ckpt else "}")
+                       for name, ckpt in models.items())
+    return main(["eval", f"run_dir={run_dir}", f"prompts={files / 'prompts.jsonl'}", "prompt_key=prompt", "rm=",
+                 "generation.max_new_tokens=8",
+                 "bootstrap_samples=50", f"models=[{listed}]", *extra])
+
+
+def answers(run_dir, model):
+    return [json.loads(line) for line in (run_dir / "eval" / f"answers_{model}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def evaluated(files, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    assert evaluate(files, run_dir, {"sft": "sft", "dt": "dt", "dt_same": "dt:2.0", "dt_other": "dt:-3.0",
+                                     "dt_mid": "dt_mid"}, f"gold={PLUGIN}", f"generation.stop=[{STOP}]") == 0
+    return run_dir
+
+
+def test_dt_target_comes_from_the_checkpoint_unless_overridden(evaluated):
+    responses = {m: [a["response"] for a in answers(evaluated, m)] for m in ("dt", "dt_same", "dt_other", "dt_mid")}
+    assert responses["dt"] == responses["dt_same"]  # metadata target 2.0 == explicit reward_prompt 2.0
+    assert responses["dt"] != responses["dt_other"]  # and the prompt matters
+    assert responses["dt_mid"] == responses["dt_other"]  # an intermediate checkpoint's config says -3.0
+    models = json.loads((evaluated / "eval" / "results.json").read_text())["models"]
+    assert {name: (m["reward_prompt"], m["reward_prompt_from"]) for name, m in models.items()} == {
+        "sft": (None, None), "dt": (2.0, "checkpoint"), "dt_same": (2.0, "config"), "dt_other": (-3.0, "config"),
+        "dt_mid": (-3.0, "checkpoint")}
+
+
+def test_a_checkpoint_s_recorded_template_is_used(files, evaluated, tmp_path):
+    same = (f"gold={PLUGIN}", f"generation.stop=[{STOP}]")  # as `evaluated` ran, apart from the template
+    tags = [f"template.{key}={value}" for key, value in QA.items() if key != "sep"]
+    assert evaluate(files, tmp_path / "configured", {"sft": "sft"}, *same, *tags) == 0
+    assert evaluate(files, tmp_path / "recorded", {"sft": "sft_qa"}, *same) == 0
+    configured, recorded = (answers(tmp_path / run, "sft") for run in ("configured", "recorded"))
+    assert recorded == configured != answers(evaluated, "sft")
+
+
+def test_cut_off_answers_are_counted_per_model(evaluated):
+    results = json.loads((evaluated / "eval" / "results.json").read_text())
+    markdown = (evaluated / "eval" / "results.md").read_text()
+    for name, info in results["models"].items():
+        unfinished = sum(not a["finished"] for a in answers(evaluated, name))
+        assert info["cut_off"] == unfinished
+        assert f"| {unfinished}/{len(FILLER)} |" in next(line for line in markdown.splitlines()
+                                                         if line.startswith(f"| {name} |"))
+    counts = [info["cut_off"] for info in results["models"].values()]
+    assert 0 < sum(counts) < len(FILLER) * len(counts), counts  # both kinds of answer are there
+
+
+def test_a_plugin_gold_reward_scores_every_answer(evaluated):
+    results = json.loads((evaluated / "eval" / "results.json").read_text())
+    for name in results["models"]:
+        records = answers(evaluated, name)
+        assert [r["gold"] for r in records] == [Scorers.length(r["prompt"], r["response"]) for r in records]
+        assert results["table"][name]["gold"]["n"] == len(FILLER)
+    assert results["gold"] == PLUGIN and set(results["table"]["dt"]["gold"]) >= {"difference_stderr", "win_rate_low"}
+
+
+def test_a_hugging_face_reward_model_as_gold(files, tmp_path):
+    hf_rm = tiny_hf_reward_model(tmp_path / "hf_rm")
+    assert evaluate(files, tmp_path / "run", {"sft": "sft"}, f"gold=hf_rm:{hf_rm}") == 0
+    records = answers(tmp_path / "run", "sft")
+    direct = load_gold(f"hf_rm:{hf_rm}", "cpu", 1, ChatTemplate())  # one answer at a time
+    assert [r["gold"] for r in records] == pytest.approx(
+        direct.score([(r["prompt"], r["response"]) for r in records], [r["finished"] for r in records]), abs=1e-5)
+
+
+def test_a_dt_checkpoint_without_a_target_fails_before_any_answer(files, tmp_path, capsys):
+    assert evaluate(files, tmp_path, {"sft": "sft", "dt_broken": "dt_broken"}, f"gold={PLUGIN}") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{files / 'dt_broken'}/step_00000000 is a Decision-Transformer checkpoint whose metadata records no " \
+           "target score (dt_target: None)" in err and "reward_prompt" in err and "\n" not in err
+    assert not (tmp_path / "eval").exists()
+    assert evaluate(files, tmp_path, {"sft": "sft", "dt_broken": "dt_broken:1.0"}, f"gold={PLUGIN}") == 0
+
+
+def test_a_missing_checkpoint_fails_before_any_answer(files, tmp_path, capsys):
+    missing = tmp_path / "no_such_run" / "checkpoints"
+    assert evaluate(files, tmp_path, {"sft": "sft", "late": str(missing)}, f"gold={PLUGIN}") == 2  # an absolute path
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"orlhf eval: error: models[late].checkpoint: {missing} is neither a checkpoint") and \
+        "\n" not in err
+    assert not (tmp_path / "eval").exists()

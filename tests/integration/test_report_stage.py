@@ -1,0 +1,68 @@
+"""`orlhf report` through the CLI on a hand-written run directory
+(tests/unit/eval/report_fixtures.py): the side-by-side table with PPO, Table 3 with DT's
+12.3% of PPO's device-hours, SFT and RM shown once, the judge column or a plain "no judge
+configured", the chart, and a damaged judge file as one line."""
+
+from __future__ import annotations
+
+import json
+
+from offline_rlhf.cli import main
+from tests.unit.eval.report_fixtures import write_run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def row(text: str, first_cell: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {first_cell} |"))
+
+
+def section(text: str, title: str) -> str:
+    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_report_sets_every_method_against_ppo(tmp_path):
+    run = write_run(tmp_path / "run")
+    assert main(["report", f"run_dir={run}"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    ppo = next(m for m in report["methods"] if m["model"] == "ppo")
+    assert ppo["quality"]["gold"]["mean"] == 2.25 and ppo["device_hours"] == 730.0
+    assert [r["method"] for r in report["table3"]] == ["dpo", "dt", "mle_filter", "rwr", "ppo"]
+    assert report["shared_device_hours"] == {"sft": 31.5, "rm": 8.5, "total": 40.0} and report["judge"] is False
+    text = (run / "report.md").read_text()
+    side = section(text, "Methods side by side")
+    assert row(side, "ppo").startswith("| ppo | 2.250 ± 0.479 | +0.750 ± 0.479 | 0.75 [0.50, 1.00] |")
+    assert row(side, "ppo").endswith("| 3/4 | 730.0000 | 100.0% |")
+    assert row(side, "dt").endswith("| 1/4 | 90.0000 | 12.3% |")
+    assert row(side, "sft").endswith("| 0/4 | shared | — |")
+    assert row(side, "dt_low (`<rm_score> -1.5`)").endswith("| 2/4 | — | — |")
+    assert row(side, "rwr") == "| rwr | — | — | — | — | 89.0000 | 12.2% |"
+    assert "no judge configured" in side
+    table = section(text, "Device-hours per method")
+    assert row(table, "dt") == ("| dt | 30.5000 | 59.5000 | 90.0000 | 12.3% | generate 20.0000 + label 10.0000 + "
+                                "mix 0.5000 + align_dt 59.5000 |")
+    assert row(table, "ppo").startswith("| ppo | 0.0000 | 730.0000 | 730.0000 | 100.0% | ppo_actor 400.0000 + ")
+    assert "Shared by every method, PPO included (not in the totals): sft 31.5000 + rm 8.5000 = 40.0000." in table
+    assert text.count("31.5000") == 2  # once in Table 3's shared line, once in the per-stage table
+    assert (run / "report" / "device_hours_and_quality.png").read_bytes().startswith(PNG)
+    assert "![device-hours and quality per method](report/device_hours_and_quality.png)" in text
+
+
+def test_report_shows_the_judge_when_one_ran(tmp_path):
+    run = write_run(tmp_path / "run", judge=True)
+    assert main(["report", f"run_dir={run}"]) == 0
+    side = section((run / "report.md").read_text(), "Methods side by side")
+    assert "| judge gpt-4 (mean score ± s.e.) |" in side.splitlines()[4]
+    assert "| 7.02 ± 0.25 | 3/4 | 730.0000 |" in row(side, "ppo")
+    assert "| — | 2/4 |" in row(side, "dt_low (`<rm_score> -1.5`)")
+    assert "no judge configured" not in side and "Judge: gpt-4 (single format)" in side
+    assert json.loads((run / "report.json").read_text())["judge"] is True
+
+
+def test_a_damaged_judge_file_is_one_line(tmp_path, capsys):
+    run = write_run(tmp_path / "run", judge=True)
+    (run / "judge" / "results.json").write_text('{"format": "single",\n  "summary": ')
+    assert main(["report", f"run_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"orlhf report: error: run_dir: {run / 'judge' / 'results.json'}:2: not valid JSON")
+    assert "\n" not in err

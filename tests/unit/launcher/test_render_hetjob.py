@@ -1,0 +1,211 @@
+"""Golden checks on the PPO stage rendered as one Slurm heterogeneous job (launcher.ppo):
+directives per component, one srun per het group, container flags, no secret in the script."""
+# ruff: noqa: E501  (golden scripts are compared line for line)
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.compose import compose_launch
+from launcher.plan import StagePlan
+from launcher.ppo import TOKEN_FILE, Module, placement, placement_overrides, ppo_components
+from launcher.render import render_script
+from launcher.schema import ClusterConfig, LaunchError, PPOComponents
+from launcher.slurm import write_stage_files
+from tests.unit.launcher.test_render import RUN_DIR, gpu_cluster
+
+# The paper's layout at 8B (conf/pipeline/offline_vs_ppo.yaml): actor 8 nodes, critic 2,
+# reference and reward model 1 each, 8 GPUs a node.
+PAPER_SERVICES = {"critic": {"nproc": 16}, "reference": {"nproc": 8}, "reward": {"nproc": 8}}
+
+
+def ppo_plan(layout: PPOComponents, services: dict, actor_nodes: int = 1, actor_per_node: int = 1,
+             stage_dir=RUN_DIR / "ppo", extra=(), time_limit=None) -> StagePlan:
+    args = (*extra, *placement_overrides(layout), f"run_dir={stage_dir.parent}")
+    return StagePlan(name="ppo", stage="ppo", args=args, nodes=actor_nodes, procs_per_node=actor_per_node,
+                     stage_dir=stage_dir, config_yaml="", time_limit=time_limit,
+                     components=ppo_components("pipeline.stages[0]", layout, Module("actor", actor_per_node),
+                                               actor_nodes, services))
+
+
+PAPER_GOLDEN = """\
+#!/bin/bash
+#SBATCH --job-name=dt8b.ppo
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --mem=0
+#SBATCH --time=04:00:00
+#SBATCH --partition=batch
+#SBATCH --account=llm
+#SBATCH --exclusive
+#SBATCH --output=/lustre/runs/dt8b/ppo/slurm-%j.out
+#SBATCH --error=/lustre/runs/dt8b/ppo/slurm-%j.err
+#SBATCH hetjob
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=0
+#SBATCH --time=04:00:00
+#SBATCH --partition=batch
+#SBATCH --account=llm
+#SBATCH --exclusive
+#SBATCH hetjob
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=0
+#SBATCH --time=04:00:00
+#SBATCH --partition=batch
+#SBATCH --account=llm
+#SBATCH --exclusive
+#SBATCH hetjob
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=0
+#SBATCH --time=04:00:00
+#SBATCH --partition=batch
+#SBATCH --account=llm
+#SBATCH --exclusive
+
+# orlhf launch: stage 'ppo' as a heterogeneous job; het groups: 0 actor (8 node(s)), 1 critic (2 node(s)), 2 reference (1 node(s)), 3 reward (1 node(s))
+# resolved config: /lustre/runs/dt8b/ppo/config.yaml
+set -euo pipefail
+
+export NCCL_DEBUG=WARN
+export NCCL_SOCKET_IFNAME=ib0,eth0
+# The shared secret stays in its 0600 file; the components get its path.
+export PPO_TOKEN_FILE=/lustre/runs/dt8b/ppo/token
+
+# Services first: each binds a port derived from the job id on its component's first node;
+# the actor finds them through SLURM_JOB_NODELIST_HET_GROUP_<n> and waits for their health.
+srun --het-group=1 --overlap --nodes=2 --ntasks=16 --ntasks-per-node=8 --output=/lustre/runs/dt8b/ppo/critic/service.log --kill-on-bad-exit=1 --cpus-per-task=8 \\
+  --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  python -m offline_rlhf.cli ppo services.critic.parallel.tp=4 services.critic.het_group=1 services.reference.het_group=2 services.reward.het_group=3 run_dir=/lustre/runs/dt8b serve=critic &
+srun --het-group=2 --overlap --nodes=1 --ntasks=8 --ntasks-per-node=8 --output=/lustre/runs/dt8b/ppo/reference/service.log --kill-on-bad-exit=1 --cpus-per-task=8 \\
+  --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  python -m offline_rlhf.cli ppo services.critic.parallel.tp=4 services.critic.het_group=1 services.reference.het_group=2 services.reward.het_group=3 run_dir=/lustre/runs/dt8b serve=reference &
+srun --het-group=3 --overlap --nodes=1 --ntasks=8 --ntasks-per-node=8 --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 --cpus-per-task=8 \\
+  --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  python -m offline_rlhf.cli ppo services.critic.parallel.tp=4 services.critic.het_group=1 services.reference.het_group=2 services.reward.het_group=3 run_dir=/lustre/runs/dt8b serve=reward &
+
+# Rendezvous at the first host of the allocation; every node derives the same port.
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+port=$((20000 + SLURM_JOB_ID % 20000))
+srun --het-group=0 --kill-on-bad-exit=1 --cpus-per-task=64 \\
+  --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  python -m torch.distributed.run --nnodes=8 --nproc-per-node=8 \\
+  --rdzv-backend=c10d --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID" \\
+  -m offline_rlhf.cli ppo services.critic.parallel.tp=4 services.critic.het_group=1 services.reference.het_group=2 services.reward.het_group=3 run_dir=/lustre/runs/dt8b &
+
+for _ in $(seq 4); do
+  wait -n || { code=$?; echo "orlhf launch: a PPO job step failed (exit code $code); ending the job" >&2; exit "$code"; }
+done
+"""
+
+
+def test_paper_layout_four_components_with_containers_golden():
+    plan = ppo_plan(PPOComponents(critic_nodes=2), PAPER_SERVICES, actor_nodes=8, actor_per_node=8,
+                    extra=("services.critic.parallel.tp=4",), time_limit="04:00:00")
+    assert render_script(plan, gpu_cluster(), python="python") == PAPER_GOLDEN
+
+
+TWO_NODE_GOLDEN = """\
+#!/bin/bash
+#SBATCH --job-name=dt8b.ppo
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --partition=debug
+#SBATCH --output=/lustre/runs/dt8b/ppo/slurm-%j.out
+#SBATCH --error=/lustre/runs/dt8b/ppo/slurm-%j.err
+#SBATCH hetjob
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --partition=debug
+
+# orlhf launch: stage 'ppo' as a heterogeneous job; het groups: 0 actor (1 node(s)), 1 critic+reward (1 node(s))
+# resolved config: /lustre/runs/dt8b/ppo/config.yaml
+set -euo pipefail
+
+export OMP_NUM_THREADS=1
+# The shared secret stays in its 0600 file; the components get its path.
+export PPO_TOKEN_FILE=/lustre/runs/dt8b/ppo/token
+
+# Services first: each binds a port derived from the job id on its component's first node;
+# the actor finds them through SLURM_JOB_NODELIST_HET_GROUP_<n> and waits for their health.
+srun --het-group=1 --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --output=/lustre/runs/dt8b/ppo/critic/service.log --kill-on-bad-exit=1 \\
+  /venv/bin/python -m offline_rlhf.cli ppo services.critic.het_group=1 services.reward.het_group=1 run_dir=/lustre/runs/dt8b serve=critic &
+srun --het-group=1 --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 \\
+  /venv/bin/python -m offline_rlhf.cli ppo services.critic.het_group=1 services.reward.het_group=1 run_dir=/lustre/runs/dt8b serve=reward &
+
+srun --het-group=0 --kill-on-bad-exit=1 \\
+  /venv/bin/python -m offline_rlhf.cli ppo services.critic.het_group=1 services.reward.het_group=1 run_dir=/lustre/runs/dt8b &
+
+for _ in $(seq 3); do
+  wait -n || { code=$?; echo "orlhf launch: a PPO job step failed (exit code $code); ending the job" >&2; exit "$code"; }
+done
+"""
+
+
+def test_two_node_layout_critic_with_reward_and_reference_with_actor_golden():
+    """The layout the local two-node Slurm runs: the actor starts the reference itself (no
+    step, no het_group override); critic and reward share one component, one step each."""
+    plan = ppo_plan(PPOComponents(reward_with_critic=True, reference_with_actor=True),
+                    {"critic": {"nproc": 1}, "reward": {"nproc": 1}})
+    cluster = ClusterConfig(kind="slurm", partition="debug", env={"OMP_NUM_THREADS": "1"})
+    assert render_script(plan, cluster, python="/venv/bin/python") == TWO_NODE_GOLDEN
+
+
+def test_placement_puts_each_module_in_one_group():
+    assert placement(PPOComponents()) == [("actor",), ("critic",), ("reference",), ("reward",)]
+    assert placement(PPOComponents(reward_with_critic=True)) == [("actor",), ("critic", "reward"), ("reference",)]
+    assert placement_overrides(PPOComponents(reference_with_actor=True)) == [
+        "services.critic.het_group=1", "services.reward.het_group=2"]
+
+
+def test_service_processes_must_split_over_their_nodes():
+    with pytest.raises(LaunchError, match=r"pipeline.stages\[0\].ppo: services.critic.nproc=3 does not split evenly"):
+        ppo_plan(PPOComponents(critic_nodes=2), {"critic": {"nproc": 3}})
+
+
+def test_a_shared_component_asks_for_its_largest_module_and_splits_cpus_per_process():
+    plan = ppo_plan(PPOComponents(reward_with_critic=True, critic_nodes=2),
+                    {"critic": {"nproc": 16}, "reward": {"nproc": 4}, "reference": {"nproc": 8}})
+    script = render_script(plan, gpu_cluster(container_image=None), python="python")
+    second = script.split("#SBATCH hetjob\n")[1]
+    assert second.startswith("#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=8\n#SBATCH --gpus-per-node=8\n"
+                             "#SBATCH --cpus-per-task=8\n")
+    assert "--het-group=1 --overlap --nodes=2 --ntasks=4 --ntasks-per-node=2 " in script  # reward: 4 processes on 2 nodes
+    assert ("--ntasks-per-node=2 --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 "
+            "--cpus-per-task=32 ") in script
+
+
+def test_the_token_is_a_0600_file_beside_the_script_and_never_in_it(tmp_path):
+    plan = ppo_plan(PPOComponents(), {}, stage_dir=tmp_path / "ppo")
+    script = write_stage_files(plan, ClusterConfig(kind="slurm"), "python").read_text()
+    token_file = tmp_path / "ppo" / TOKEN_FILE
+    token = token_file.read_text().strip()
+    assert len(token) >= 32 and token not in script
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert f"export PPO_TOKEN_FILE={token_file}\n" in script
+    assert all((tmp_path / "ppo" / name).is_dir() for name in ("critic", "reference", "reward"))
+    write_stage_files(plan, ClusterConfig(kind="slurm"), "python")
+    assert token_file.read_text().strip() != token  # every launch gets a new secret
+
+
+def test_the_ppo_section_is_checked_with_its_key():
+    with pytest.raises(LaunchError, match=r"pipeline.stages\[0\].ppo.critic_nodes: must be >= 1, got 0"):
+        compose_launch(["pipeline=smoke", "pipeline.stages=[{stage: ppo, ppo: {critic_nodes: 0}}]"])
+
+
+def test_automatic_continuation_skips_a_completed_ppo_stage_and_marks_completion():
+    plan = ppo_plan(PPOComponents(), PAPER_SERVICES, time_limit="04:00:00")
+    script = render_script(plan, gpu_cluster(max_attempts=2), python="python")
+    marker = "/lustre/runs/dt8b/ppo/.launch_complete"
+    assert f"set -euo pipefail\n\nif [ -e {marker} ]; then echo 'ppo: already complete'; exit 0; fi\n" in script
+    assert script.endswith(f"done\ntouch {marker}\n")
