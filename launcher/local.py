@@ -76,8 +76,7 @@ def run_showing_progress(command: list[str], log: Path, out: TextIO) -> int:
     with open(log, "w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
     tail, shown, live = LogTail(log), "", out.isatty()
-    while process.poll() is None:
-        time.sleep(POLL_S)
+    while not _ended(process):
         latest = tail.latest_progress()
         if latest and latest != shown:
             shown = latest
@@ -86,6 +85,15 @@ def run_showing_progress(command: list[str], log: Path, out: TextIO) -> int:
     if live and shown:
         out.write("\n")  # the next output starts on a line of its own
     return process.returncode
+
+
+def _ended(process: subprocess.Popen) -> bool:
+    """Wait up to POLL_S for the process (returning at once when it ends)."""
+    try:
+        process.wait(timeout=POLL_S)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 class LogTail:

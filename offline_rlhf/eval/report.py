@@ -165,7 +165,8 @@ def table3_markdown(rows: list[dict], hours: dict[str, dict], shared: dict[str, 
     shared_line = (" + ".join(f"{s} {v:.4f}" for s, v in shared.items() if s != "total")
                    + f" = {shared['total']:.4f}") if len(shared) > 1 else "none in the ledger"
     return (f"Device-hours ({', '.join(devices)} devices; devices x wall hours). Offline methods: generation + "
-            "labeling + mixing (+ the reference pass for preference methods) + alignment; PPO: actor + critic + "
+            "labeling + mixing (the paper's methods) or the reference pass (DPO-style methods) + alignment; "
+            "PPO: actor + critic + "
             "reference + reward model.\n\n" + "\n".join(lines)
             + f"\n\nShared by every method, PPO included (not in the totals): {shared_line}.")
 
