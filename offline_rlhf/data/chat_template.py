@@ -199,3 +199,20 @@ def template_record(template: ChatTemplate | ChatFormat) -> dict:
     if isinstance(template, ChatFormat):
         return {"kind": "chat", "system": template.system}
     return {"kind": "paper", **asdict(template)}
+
+
+def paper_jinja(template: ChatTemplate, bos: bool) -> str:
+    """A chat template (Jinja) rendering the paper's format exactly as `encode_prompt` and
+    `encode_sft` do: `User: u1 Assistant: a1 User: u2 Assistant:`, EOS after a final answer,
+    BOS first when the tokenizer adds one. `orlhf convert export_hf` writes it into the
+    exported tokenizer, so `apply_chat_template` prompts the model the way it was trained."""
+    sep, user, assistant = (json.dumps(text) for text in (template.sep, template.user_tag, template.assistant_tag))
+    return ("{%- if " + ("true" if bos else "false") + " %}{{- bos_token }}{%- endif %}"
+            "{%- for m in messages %}"
+            "{%- if m['role'] == 'user' %}{{- ('' if loop.first else " + sep + ") + " + user + " + " + sep
+            + " + m['content'] | trim }}"
+            "{%- elif m['role'] == 'assistant' %}{{- " + sep + " + " + assistant + " + " + sep
+            + " + m['content'] | trim }}{%- if loop.last %}{{- eos_token }}{%- endif %}"
+            "{%- else %}{{- raise_exception('the paper format has user and assistant turns only') }}{%- endif %}"
+            "{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- " + sep + " + " + assistant + " }}{%- endif %}")

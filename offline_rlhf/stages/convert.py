@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from offline_rlhf.checkpoint import TOKENIZER_DIR, load_checkpoint, read_meta, resolve_checkpoint
+from offline_rlhf.checkpoint import TEMPLATE, TOKENIZER_DIR, load_checkpoint, read_meta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.tools import ConvertConfig
+from offline_rlhf.data.chat_template import paper_jinja, paper_template
 from offline_rlhf.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from offline_rlhf.hub import resolve_dir
 from offline_rlhf.models.hf import CONFIG_FILE, config_to_hf, copy_tokenizer_files, hf_state_dict, write_hf_weights
@@ -50,9 +51,21 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
     files = write_hf_weights(hf_state_dict(model, dtype), out)
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     copied = copy_tokenizer_files(tokenizer_dir, out) if tokenizer_dir.is_dir() else []
+    if copied and TEMPLATE in meta.metadata:  # trained here: the export renders as training did
+        carry_template(meta.metadata[TEMPLATE], out)
     print(f"exported {step_dir} -> {out}: {num_params(model):,} parameters, {meta.model.n_layers} layers, "
           f"{hf_config['architectures'][0]}, {dtype}, {len(files)} weight file(s), tokenizer files {copied or 'none'}")
     return out
+
+
+def carry_template(recorded: dict, out: Path) -> None:
+    """A paper-format model's export gets a chat template that renders that format (a chat
+    model's tokenizer already carries its own), so Hugging Face users prompt it as trained."""
+    if recorded.get("kind", "paper") != "paper":
+        return
+    tokenizer = Tokenizer.from_dir(out)
+    tokenizer.config["chat_template"] = paper_jinja(paper_template(recorded), tokenizer.adds_bos)
+    tokenizer.save(out)
 
 
 def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """Chat-template rendering and the assistant-token loss mask against transformers'
 `apply_chat_template`, on a Llama-3-style and a ChatML (Qwen2-style) template."""
 
+import jinja2
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.processors import TemplateProcessing
@@ -8,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
-from offline_rlhf.data.chat_template import JinjaChat, build_template, template_record
+from offline_rlhf.data.chat_template import JinjaChat, build_template, paper_jinja, template_record
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import IGNORE_INDEX, encode_chat, encode_chat_prompt, encode_prompt, encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
@@ -176,3 +177,27 @@ def test_bos_leads_exactly_when_the_tokenizer_asks_for_it(tokenizers):
     processed.backend.post_processor = TemplateProcessing(single="<|begin_of_text|> $A",
                                                           special_tokens=[("<|begin_of_text|>", processed.bos_id)])
     assert processed.adds_bos  # Llama 3 style: tokenizer.json's post-processor adds BOS
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_the_paper_format_as_a_chat_template_prompts_as_training_does(tokenizers, tmp_path, bos):
+    """What `orlhf convert export_hf` writes for a paper-format model: transformers'
+    apply_chat_template gives encode_prompt's tokens, and the conversation's text."""
+    ours, _ = tokenizers
+    template = ChatTemplate("Question:", "Answer:", " ")
+    config = {**ours.config, "chat_template": paper_jinja(template, bos), "bos_token": "<|begin_of_text|>"}
+    if bos:
+        config["add_bos_token"] = True
+    Tokenizer(ours.backend, config).save(tmp_path / "tok")
+    mine, hf = Tokenizer.from_dir(tmp_path / "tok"), PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")
+    assert mine.adds_bos == bos
+    history = [(m["role"], m["content"]) for m in MULTI[1:4]]
+    for turns in (history[:1], history):
+        messages = [{"role": role, "content": text} for role, text in turns]
+        expected = encode_prompt(mine, template, template.fold_history(turns))
+        got = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert got == expected
+    whole = hf.apply_chat_template(SINGLE, tokenize=False)
+    assert whole == ("<|begin_of_text|>" if bos else "") + "Question: What is a cat? Answer: A small animal.<|eos|>"
+    with pytest.raises(jinja2.TemplateError, match="user and assistant turns only"):
+        hf.apply_chat_template(MULTI, tokenize=False)

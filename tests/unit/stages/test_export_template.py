@@ -1,0 +1,57 @@
+"""The template a model was trained with travels with it: later stages render with the
+checkpoint's recorded template, and `orlhf convert export_hf` gives a paper-format model a
+chat template that renders that format through transformers' apply_chat_template."""
+
+import json
+
+from transformers import AutoTokenizer
+
+from offline_rlhf.checkpoint import TEMPLATE, CheckpointMeta, TrainState, resolve_checkpoint, save_checkpoint
+from offline_rlhf.config.schema import TemplateConfig
+from offline_rlhf.data.chat_template import ChatFormat, template_record
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.stage_support import checkpoint_template
+from offline_rlhf.stages.convert import export_hf
+from tests.fixtures import reference_model
+from tests.synthetic_preferences import MODEL, synthetic_tokenizer
+
+
+def export(tmp_path, metadata):
+    tokenizer_dir = tmp_path / "tokenizer"
+    synthetic_tokenizer(tokenizer_dir)
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, reference_model(MODEL, "lm"), CheckpointMeta(MODEL, "lm", TrainState(step=1),
+                                                                      metadata=metadata), tokenizer_dir=tokenizer_dir)
+    return export_hf(root, tmp_path / "hf"), Tokenizer.from_dir(tokenizer_dir)
+
+
+def test_a_paper_format_export_prompts_as_training_did(tmp_path):
+    template = ChatTemplate("Q:", "A:", " ")
+    out, tokenizer = export(tmp_path, {TEMPLATE: template_record(template)})
+    hf = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "good music"}]
+    assert hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        encode_prompt(tokenizer, template, "good music")
+
+
+def test_a_model_not_trained_here_keeps_its_tokenizer_as_it_was(tmp_path):
+    out, _ = export(tmp_path, {})
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+
+
+def test_later_stages_render_with_the_template_the_checkpoint_records(tmp_path):
+    """generate, eval and serve take a checkpoint's recorded template over their own setting."""
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer = synthetic_tokenizer(tokenizer_dir)
+    tokenizer.config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save(tokenizer_dir)
+    for name, metadata in (("chat", {TEMPLATE: {"kind": "chat", "system": "Be brief."}}), ("plain", {})):
+        save_checkpoint(tmp_path / name, reference_model(MODEL, "lm"),
+                        CheckpointMeta(MODEL, "lm", TrainState(step=1), metadata=metadata), tokenizer_dir=tokenizer_dir)
+    configured = TemplateConfig(user_tag="Q:", assistant_tag="A:")
+    recorded = {TEMPLATE: {"kind": "chat", "system": "Be brief."}}
+    chat = checkpoint_template(resolve_checkpoint(tmp_path / "chat"), recorded, configured)
+    assert isinstance(chat, ChatFormat) and chat.system == "Be brief."
+    assert checkpoint_template(resolve_checkpoint(tmp_path / "plain"), {}, configured) == ChatTemplate("Q:", "A:", " ")
