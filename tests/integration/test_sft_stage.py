@@ -41,7 +41,8 @@ def test_sft_end_to_end_validation_loss_falls(tmp_path, public_tokenizer):
     meta = read_meta(ckpt)
     assert ckpt.name == "step_00000016" and meta.train_state.step == 16 and meta.has_optimizer
     assert (ckpt / "tokenizer" / "tokenizer.json").exists()
-    assert meta.metadata["template"] == {"kind": "paper", "user_tag": "User:", "assistant_tag": "Assistant:", "sep": " "}
+    assert meta.metadata["template"] == {"kind": "paper", "user_tag": "User:", "assistant_tag": "Assistant:",
+                                         "sep": " "}
     [row] = read_ledger(run_dir)
     assert row.stage == "sft" and row.status == "completed" and row.tokens == meta.train_state.tokens_seen > 0
     assert row.device_hours > 0 and row.devices == 1
