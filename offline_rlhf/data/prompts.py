@@ -23,7 +23,16 @@ class Prompt:
 
 
 def read_prompt_file(path: str, prompt_key: str = "prompt") -> list[str]:
-    return [require_text(record, prompt_key, where) for where, record in iter_json_objects(path)]
+    """The `prompt_key` text of every record; a list of turns (FastChat questions' `turns`)
+    gives its first, the turn a one-turn evaluation answers."""
+    return [_first_turn(record, prompt_key, where) for where, record in iter_json_objects(path)]
+
+
+def _first_turn(record: dict, key: str, where) -> str:
+    turns = record.get(key)
+    if isinstance(turns, list) and turns and all(isinstance(turn, str) for turn in turns):
+        return require_text({key: turns[0]}, key, where)
+    return require_text(record, key, where)
 
 
 def read_prompts(kind: str, format: str, path: str, template: ChatTemplate, prompt_key: str = "prompt",
