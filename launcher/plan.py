@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +22,11 @@ import yaml
 from hydra.core.override_parser.types import Quote, QuotedString
 
 from launcher.ppo import PPO_STAGE, Component, Module, placement_overrides, ppo_components
-from launcher.schema import ClusterConfig, LaunchConfig, LaunchError, StageEntry, check_sbatch_value
+from launcher.rounds import Step, pipeline_steps
+from launcher.schema import PLAIN_PATH, ClusterConfig, LaunchConfig, LaunchError, StageEntry, check_sbatch_value
 
 STAGE_MODULE = "offline_rlhf.cli"
 CHECK_WORLD_SIZE = "ORLHF_CHECK_WORLD_SIZE"  # offline_rlhf.cli.CHECK_WORLD_SIZE (not imported: no torch here)
-# Paths Hydra's override grammar reads as one plain string; any other goes in its quotes.
-PLAIN_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")
 
 
 @dataclass(frozen=True)
@@ -64,10 +62,11 @@ def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
         raise LaunchError("pipeline.stages", "is empty",
                           f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")
     _check_unique_names(entries)
-    with ThreadPoolExecutor(max_workers=min(8, len(entries))) as pool:
-        plans = list(pool.map(lambda item: _plan_stage(*item, run_dir, cfg.cluster), entries))
-        inputs = list(pool.map(lambda item: check_stage(*item), enumerate(plans)))
-    check_inputs(plans, inputs)
+    steps = pipeline_steps(cfg.pipeline, run_dir)
+    with ThreadPoolExecutor(max_workers=min(8, len(steps))) as pool:
+        plans = list(pool.map(lambda step: _plan_stage(step, cfg.cluster), steps))
+        inputs = list(pool.map(lambda pair: check_stage(pair[0].index, pair[1]), zip(steps, plans)))
+    check_inputs(plans, inputs, [step.index for step in steps])
     return plans
 
 
@@ -102,8 +101,9 @@ def _check_unique_names(entries: list[tuple[int, StageEntry]]) -> None:
         seen[entry.folder] = index
 
 
-def _plan_stage(index: int, entry: StageEntry, run_dir: Path, cluster: ClusterConfig) -> StagePlan:
-    key = f"pipeline.stages[{index}]"
+def _plan_stage(step: Step, cluster: ClusterConfig) -> StagePlan:
+    entry, run_dir = step.entry, step.run_dir
+    key = f"pipeline.stages[{step.index}]"
     if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in entry.overrides):
         raise LaunchError(f"{key}.overrides", "run_dir is set by the launcher", "pass run_dir=... to orlhf launch")
     hetjob = entry.stage == PPO_STAGE and cluster.kind == "slurm"
@@ -114,7 +114,7 @@ def _plan_stage(index: int, entry: StageEntry, run_dir: Path, cluster: ClusterCo
     nodes, per_node = _process_layout(key, entry, resolved.get("parallel") or {}, cluster)
     components = ppo_components(key, entry.ppo, Module("actor", per_node), nodes,
                                 resolved.get("services") or {}) if hetjob else ()
-    return StagePlan(name=entry.folder, stage=entry.stage, args=args, nodes=nodes, procs_per_node=per_node,
+    return StagePlan(name=step.name, stage=entry.stage, args=args, nodes=nodes, procs_per_node=per_node,
                      stage_dir=run_dir / entry.folder, config_yaml=config_yaml,
                      time_limit=entry.time_limit or cluster.time_limit, components=components)
 
@@ -146,16 +146,17 @@ def check_stage(index: int, plan: StagePlan) -> list[dict]:
         raise LaunchError(key, f"`--check` printed no input list: {proc.stdout.strip()[:200]!r}") from None
 
 
-def check_inputs(plans: list[StagePlan], inputs: list[list[dict]]) -> None:
+def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], indices: list[int]) -> None:
     """Every input a stage reads exists now, or lies in the folder of an earlier stage of the
-    pipeline (which writes it first); relative paths are as the stages see them, from here."""
-    for index, (plan, needed) in enumerate(zip(plans, inputs)):
-        earlier = [p.stage_dir for p in plans[:index]]
+    pipeline (which writes it first); relative paths are as the stages see them, from here.
+    `indices`: each plan's entry in pipeline.stages (a round repeats an entry)."""
+    for position, (plan, needed) in enumerate(zip(plans, inputs)):
+        index, earlier = indices[position], [p.stage_dir for p in plans[:position]]
         for item in needed:
             path = Path(item["path"]).expanduser().absolute()
             if item["exists"] or path.exists() or any(path.is_relative_to(folder) for folder in earlier):
                 continue
-            written_later = next((p.name for p in plans[index + 1:] if path.is_relative_to(p.stage_dir)), None)
+            written_later = next((p.name for p in plans[position + 1:] if path.is_relative_to(p.stage_dir)), None)
             raise LaunchError(f"pipeline.stages[{index}] ({plan.name}) {item['key']}",
                               f"{item['path']} does not exist" + (
                                   f" yet: stage {written_later!r} writes it, but runs later" if written_later

@@ -25,6 +25,10 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:+@=/-]+")
 
 
+# Paths Hydra's override grammar reads as one plain string; any other goes in its quotes.
+PLAIN_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")
+
+
 class LaunchError(ValueError):
     """A launch cannot go ahead. The message is one line naming the key (or stage) and the fix."""
 
@@ -82,6 +86,7 @@ class StageEntry:
     nproc: Optional[int] = None  # total processes; None: derived (see launcher.plan)
     time_limit: Optional[str] = None  # Slurm time format; None: cluster.time_limit
     ppo: PPOComponents = field(default_factory=PPOComponents)  # stage ppo only: its heterogeneous job
+    repeat: bool = False  # part of the loop `pipeline.rounds` repeats (generate, label, mix/reference, align)
 
     @property
     def folder(self) -> str:
@@ -103,10 +108,15 @@ class StageEntry:
 class PipelineConfig:
     name: str = MISSING
     stages: List[StageEntry] = field(default_factory=list)
+    # Iterative rounds: the entries marked `repeat` run `rounds` times, round r > 1 in
+    # run_dir/round_<r>/ with the previous round's aligned policy generating (launcher.rounds).
+    rounds: int = 1
 
     def __post_init__(self):
         for index, entry in enumerate(self.stages):
             entry.check(f"pipeline.stages[{index}]")
+        if self.rounds < 1:
+            raise LaunchError("pipeline.rounds", f"must be >= 1, got {self.rounds}")
 
 
 @dataclass

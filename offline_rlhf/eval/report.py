@@ -13,6 +13,7 @@ method, PPO included, and shown once."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -250,7 +251,7 @@ def loss_curves(run_dir: Path, out: Path) -> Path | None:
 
 
 def report_markdown(run_dir: Path, results: dict | None, judge: dict | None, entries: list[dict], rows: list[dict],
-                    hours: dict[str, dict], figures: dict[str, Path | None]) -> str:
+                    hours: dict[str, dict], figures: dict[str, Path | None], rounds: list[dict]) -> str:
     shared = shared_hours(hours)
     lines = [f"# Offline RLHF run report: `{run_dir}`", "", "## Methods side by side: quality and device-hours", ""]
     if results:
@@ -264,7 +265,51 @@ def report_markdown(run_dir: Path, results: dict | None, judge: dict | None, ent
               "| stage | device-hours | wall seconds | executions |", "|---|---:|---:|---:|"]
     lines += [f"| {stage} | {e['device_hours']:.4f} | {e['wall_seconds']:.1f} | {e['executions']} |"
               for stage, e in hours.items()]
+    if rounds:
+        lines += ["", "## Iterative rounds", "", "Each round's policy generates the next round's samples (the RM "
+                  "fixed); a round's device-hours are its own generation, labeling, data preparation and alignment "
+                  "(`run_dir/round_<r>/ledger.jsonl`).", "", rounds_markdown(rounds)]
     for title, key in (("Reward distribution (paper Fig. 5)", "reward_distribution"), ("Loss curves", "loss_curves")):
         if figures.get(key):
             lines += ["", f"## {title}", "", f"![{title}]({figures[key].relative_to(run_dir)})"]
     return "\n".join(lines) + "\n"
+
+
+ROUND_DIR = re.compile(r"round_(\d+)")
+
+
+def iterative_rounds(run_dir: Path, rows: list[dict], results: dict | None) -> list[dict]:
+    """Per method that iterates (its align stage in `run_dir/round_<r>/`) and per round: the
+    round's Table-3 cost (round 1: the run's own row), the cumulative cost and the quality of
+    that round's policy, evaluated as model `<method>` (round 1) or `<method>_round_<r>`."""
+    rounds = sorted((int(m.group(1)), path) for path in run_dir.iterdir()
+                    if path.is_dir() and (m := ROUND_DIR.fullmatch(path.name)))
+    if not rounds:
+        return []
+    first = {row["method"]: row for row in rows}
+    later = {number: {row["method"]: row for row in table3(device_hours(path))} for number, path in rounds}
+    found = []
+    for method in sorted(set().union(*(set(costs) for costs in later.values()))):
+        cumulative = 0.0
+        for number, costs in [(1, first), *later.items()]:
+            if method not in costs:
+                continue
+            cumulative += costs[method]["total"]
+            model = method if number == 1 else f"{method}_round_{number}"
+            quality = (results or {}).get("table", {}).get(model)
+            found.append({"method": method, "round": number, "model": model, "device_hours": costs[method]["total"],
+                          "cumulative_device_hours": cumulative, "quality": quality})
+    return found
+
+
+def rounds_markdown(rounds: list[dict]) -> str:
+    scorers = sorted({s for r in rounds if r["quality"] for s in r["quality"]})
+    header = "".join(f" {s} mean ± s.e. |" for s in scorers)
+    lines = [f"| method | round | evaluated as | device-hours | cumulative |{header}", "|---|---:|---|---:|---:|"
+             + "---:|" * len(scorers)]
+    for r in rounds:
+        cells = "".join(f" {r['quality'][s]['mean']:.3f} ± {r['quality'][s]['stderr']:.3f} |"
+                        if r["quality"] and s in r["quality"] else " — |" for s in scorers)
+        lines.append(f"| {r['method']} | {r['round']} | {r['model']} | {r['device_hours']:.4f} | "
+                     f"{r['cumulative_device_hours']:.4f} |{cells}")
+    return "\n".join(lines)

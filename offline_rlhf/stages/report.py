@@ -15,6 +15,7 @@ from offline_rlhf.config.schema import ParallelConfig
 from offline_rlhf.eval.report import (
     cost_quality_chart,
     device_hours,
+    iterative_rounds,
     loss_curves,
     report_markdown,
     shared_hours,
@@ -55,11 +56,13 @@ def main(cfg: ReportConfig) -> int:
         histogram = run_dir / "label" / "reward_histogram.png"
         if histogram.exists():
             figures["reward_distribution"] = Path(shutil.copy(histogram, rt.stage_dir / "reward_histogram.png"))
-        report = {"run_dir": str(run_dir), "methods": entries, "table3": rows,
+        rounds = iterative_rounds(run_dir, rows, results)
+        report = {"run_dir": str(run_dir), "methods": entries, "table3": rows, "rounds": rounds,
                   "shared_device_hours": shared_hours(hours), "judge": judge is not None, "evaluation": results,
                   "device_hours_by_stage": hours, "figures": {k: str(v) for k, v in figures.items() if v}}
         write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-        write_atomic(run_dir / "report.md", report_markdown(run_dir, results, judge, entries, rows, hours, figures))
+        write_atomic(run_dir / "report.md", report_markdown(run_dir, results, judge, entries, rows, hours, figures,
+                                                                 rounds))
         mark_done(rt, run_dir / "report.md")
         rt.log(f"report: {run_dir / 'report.md'}")
     return 0

@@ -54,7 +54,11 @@ def test_every_stage_leaves_its_artifacts(demo_run):
     assert (demo_run / "label" / "reward_histogram.png").exists()
     assert json.loads((demo_run / "label" / "labels_meta.json").read_text())["normalization"] == "labeled_set"
     card = json.loads((demo_run / "mix" / "dataset_card.json").read_text())
-    assert card["groups"]["generated"]["taken"] == 1200  # the best and the worst answer of each prompt
+    labeled = json.loads((demo_run / "label" / "labels_meta.json").read_text())
+    # the best and the worst answer of each prompt (one when all four answers are alike)
+    assert 600 < labeled["by_source"]["generated:generated"] <= 1200
+    assert labeled["not_selected"] == 2400 - labeled["by_source"]["generated:generated"]
+    assert card["groups"]["generated"]["taken"] == labeled["by_source"]["generated:generated"]
     assert card["samples"] == sum(group["taken"] for group in card["groups"].values())
     pairs = json.loads((demo_run / "reference" / "dataset_card.json").read_text())
     assert 0 < pairs["pairs"] <= 600

@@ -7,8 +7,16 @@ import json
 
 import pytest
 
-from offline_rlhf.eval.report import device_hours, judge_scores, shared_hours, side_by_side, table3
-from tests.unit.eval.report_fixtures import JUDGE, write_run
+from offline_rlhf.eval.report import (
+    device_hours,
+    iterative_rounds,
+    judge_scores,
+    rounds_markdown,
+    shared_hours,
+    side_by_side,
+    table3,
+)
+from tests.unit.eval.report_fixtures import JUDGE, ledger_line, write_run
 
 PREP = {"generate": 20.0, "label": 10.0, "mix": 0.5}
 
@@ -69,3 +77,22 @@ def test_pairwise_judge_results_give_win_rates_against_the_judge_baseline():
         {"model": "dt", "opponent": "ppo", "n": 10, "win_rate": 0.4, "win_rate_low": 0.2, "win_rate_high": 0.6}]}}
     assert judge_scores(judge) == {"dt": {"value": 0.7, "interval": [0.5, 0.9], "label": "win rate vs sft"}}
     assert judge_scores(None) == {}
+
+
+def test_iterative_rounds_add_their_own_cost_cumulatively(run):
+    """Round 2 of DT in run_dir/round_2/ (its own ledger); evaluated as dt_round_2."""
+    (run / "round_2").mkdir()
+    (run / "round_2" / "ledger.jsonl").write_text("".join(
+        ledger_line(stage, hours) + "\n" for stage, hours in (("generate", 18.0), ("label", 9.0), ("mix", 1.0),
+                                                              ("align_dt", 40.0))))
+    results = json.loads((run / "eval" / "results.json").read_text())
+    results["table"]["dt_round_2"] = results["table"]["dt"]
+    rounds = iterative_rounds(run, table3(device_hours(run)), results)
+    assert [(r["method"], r["round"], r["model"]) for r in rounds] == [("dt", 1, "dt"), ("dt", 2, "dt_round_2")]
+    assert [r["device_hours"] for r in rounds] == [90.0, 68.0]
+    assert [r["cumulative_device_hours"] for r in rounds] == [90.0, 158.0]
+    assert rounds[1]["quality"] == results["table"]["dt"]
+    table = rounds_markdown(rounds)
+    assert "| dt | 2 | dt_round_2 | 68.0000 | 158.0000 |" in table
+    (run.parent / "plain").mkdir()
+    assert iterative_rounds(run.parent / "plain", [], None) == []  # no round folders: no section

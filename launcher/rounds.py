@@ -1,0 +1,64 @@
+"""Iterative rounds (`pipeline.rounds: K`): the pipeline entries marked `repeat` (the loop
+generate -> label -> mix or reference -> align) run again K - 1 times. Round r > 1 runs in
+`run_dir/round_<r>/`: its policy-reading stages (generate, reference, align) start from the
+policy the previous round's align entry trained, label scores with the run's fixed reward
+model, and `${run_dir}` in the entries' own overrides still means the run's folder (task
+data, prompts). The rounds follow the last repeated entry, before the stages after it
+(evaluation, report), which may then list every round's policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from launcher.schema import PLAIN_PATH, LaunchError, PipelineConfig, StageEntry
+
+# The stages whose `init.checkpoint` is the policy being improved, and the one reading `rm`.
+POLICY_STAGES = ("generate", "reference", "align")
+LABEL_STAGE = "label"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage to plan: its pipeline index, entry, run folder and name."""
+
+    index: int
+    entry: StageEntry
+    run_dir: Path
+    name: str
+
+
+def pipeline_steps(pipeline: PipelineConfig, run_dir: Path) -> list[Step]:
+    """The pipeline's entries in order, rounds 2..K inserted after the last repeated entry."""
+    steps = [Step(index, entry, run_dir, entry.folder) for index, entry in enumerate(pipeline.stages)]
+    if pipeline.rounds == 1:
+        return steps
+    repeated = [step for step in steps if step.entry.repeat]
+    aligned = _the_iterated_policy(repeated)
+    if not PLAIN_PATH.fullmatch(str(run_dir)):  # it is written into the rounds' overrides as is
+        raise LaunchError("run_dir", f"{str(run_dir)!r} has characters iterative rounds cannot pass on",
+                          "use only letters, digits and _ . / + - in run_dir")
+    later = [_round_step(step, run_dir, number, aligned.folder)
+             for number in range(2, pipeline.rounds + 1) for step in repeated]
+    cut = steps.index(repeated[-1]) + 1
+    return steps[:cut] + later + steps[cut:]
+
+
+def _the_iterated_policy(repeated: list[Step]) -> StageEntry:
+    aligned = [step.entry for step in repeated if step.entry.stage == "align"]
+    if len(aligned) != 1:
+        raise LaunchError("pipeline.rounds", f"needs exactly one `align` entry marked repeat, found {len(aligned)}",
+                          "mark repeat: true on the loop of one method (generate, label, mix or reference, align)")
+    return aligned[0]
+
+
+def _round_step(step: Step, run_dir: Path, number: int, align_folder: str) -> Step:
+    previous = run_dir if number == 2 else run_dir / f"round_{number - 1}"
+    extra = {}
+    if step.entry.stage in POLICY_STAGES:
+        extra["init.checkpoint"] = previous / align_folder / "checkpoints"
+    if step.entry.stage == LABEL_STAGE:
+        extra["rm"] = run_dir / "rm" / "checkpoints"
+    own = [o.replace("${run_dir}", str(run_dir)) for o in step.entry.overrides if o.split("=", 1)[0] not in extra]
+    entry = replace(step.entry, overrides=[*own, *(f"{key}={path}" for key, path in extra.items())])
+    return Step(step.index, entry, run_dir / f"round_{number}", f"round_{number}.{step.entry.folder}")
