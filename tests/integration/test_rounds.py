@@ -36,7 +36,7 @@ def rounds_pipeline(run_dir):
     return cfg
 
 
-def test_two_rounds_of_dt(tmp_path):
+def test_two_rounds_of_dt(tmp_path, capsys):
     run_dir = tmp_path / "run"
     plans = plan_pipeline(rounds_pipeline(run_dir))
     assert [p.name for p in plans][-6:] == ["round_2.generate", "round_2.label", "round_2.mix", "round_2.align_dt",
@@ -56,3 +56,9 @@ def test_two_rounds_of_dt(tmp_path):
     assert later["cumulative_device_hours"] == pytest.approx(first["device_hours"] + later["device_hours"])
     assert later["quality"]["gold"]["n"] == 200
     assert "## Iterative rounds" in (run_dir / "report.md").read_text()
+    (second / "align_dt" / "DONE").unlink()  # as if killed in round 2's alignment: a rerun resumes there
+    capsys.readouterr()
+    assert run_locally(plans, sys.executable, dry_run=False) == 0
+    out = capsys.readouterr().out
+    assert out.count("already complete, skipped") == len(plans) - 3  # round 2's align_dt, eval, report
+    assert "round_2.align_dt: " in out and "round_2.generate: already complete" in out
