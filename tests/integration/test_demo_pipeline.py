@@ -59,7 +59,8 @@ def test_every_stage_leaves_its_artifacts(demo_run):
     assert 600 < labeled["by_source"]["generated:generated"] <= 1200
     assert labeled["not_selected"] == 2400 - labeled["by_source"]["generated:generated"]
     assert card["groups"]["generated"]["taken"] == labeled["by_source"]["generated:generated"]
-    assert card["samples"] == sum(group["taken"] for group in card["groups"].values())
+    groups = card["groups"]  # preference pairs count as two samples (chosen and rejected)
+    assert card["samples"] == groups["generated"]["taken"] + groups["sft"]["taken"] + 2 * groups["preference"]["taken"]
     pairs = json.loads((demo_run / "reference" / "dataset_card.json").read_text())
     assert 0 < pairs["pairs"] <= 600
     text = (demo_run / "report.md").read_text()
