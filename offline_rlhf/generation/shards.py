@@ -11,10 +11,32 @@ from collections import Counter
 from pathlib import Path
 
 from offline_rlhf.fsutil import write_atomic
+from offline_rlhf.runtime import Runtime
 from offline_rlhf.stage_support import check_resumable
 
 FINGERPRINT = "shards_config.json"
 RESTART = "delete {stage_dir}/shard_*.jsonl and rerun the stage to do every item again"
+
+
+def resume_shards(rt: Runtime, fingerprint: dict, n: int) -> set[int]:
+    """The items (each with `n` records) done by an earlier run under the same config: rank
+    0 claims the shards for `fingerprint` and cuts what a crash tore, then every rank reads."""
+    if rt.is_main:
+        claim_shards(rt.stage_dir, fingerprint)
+        for path in shard_paths(rt.stage_dir):
+            if repair_shard(path, n):
+                rt.log(f"cut a torn last line (and an incomplete item's records) from {path}")
+    rt.barrier()
+    return answered_prompts(read_shard_records(rt.stage_dir), n)
+
+
+def my_share(rt: Runtime, items: list) -> tuple[list, Path | None]:
+    """This replica's contiguous block of `items` and the shard it appends to (None on TP
+    ranks other than 0, which hold the same results)."""
+    replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
+    writes = rt.mesh is None or rt.mesh.get_local_rank("tp") == 0
+    shard = rt.stage_dir / f"shard_{replica:05d}.jsonl"
+    return [items[i] for i in shard_indices(len(items), replica, rt.dims.dp)], shard if writes else None
 
 
 def shard_indices(n_items: int, rank: int, world: int) -> range:

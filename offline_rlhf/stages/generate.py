@@ -26,16 +26,7 @@ from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Request, answer_text, run, stop_on_strings
 from offline_rlhf.generation.sampling import stream_id
-from offline_rlhf.generation.shards import (
-    answered_prompts,
-    append_durably,
-    claim_shards,
-    merge_shards,
-    read_shard_records,
-    repair_shard,
-    shard_indices,
-    shard_paths,
-)
+from offline_rlhf.generation.shards import append_durably, merge_shards, my_share, resume_shards
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
@@ -93,23 +84,13 @@ def main(cfg: GenerateConfig) -> int:
         checkpoint = resolve_checkpoint(init.checkpoint, "init.checkpoint")
         template = checkpoint_template(checkpoint, read_meta(checkpoint).metadata, cfg.template)
         prompts, mix_stats = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed)
-        if rt.is_main:
-            claim_shards(rt.stage_dir, resume_fingerprint(cfg))
-            for path in shard_paths(rt.stage_dir):
-                if repair_shard(path, cfg.generation.n):
-                    rt.log(f"cut a torn last line (and an incomplete prompt's answers) from {path}")
-        rt.barrier()
-        done = answered_prompts(read_shard_records(rt.stage_dir), cfg.generation.n)
+        done = resume_shards(rt, resume_fingerprint(cfg), cfg.generation.n)
         todo = [p for p in prompts if p.id not in done]
-        replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
-        mine = [todo[i] for i in shard_indices(len(todo), replica, rt.dims.dp)]
+        mine, shard = my_share(rt, todo)
         rt.log(f"generate: {len(prompts)} prompts, {len(done)} already answered, {len(todo)} to go on "
                f"{rt.dims.dp} replica(s) of TP={rt.dims.tp}")
         model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint")
-        writes = rt.mesh is None or rt.mesh.get_local_rank("tp") == 0  # TP ranks hold identical answers
-        shard = rt.stage_dir / f"shard_{replica:05d}.jsonl"
-        usage.tokens = _generate_all(model, mine, cfg, tokenizer, template, rt, str(checkpoint),
-                                     shard if writes else None, usage)
+        usage.tokens = _generate_all(model, mine, cfg, tokenizer, template, rt, str(checkpoint), shard, usage)
         rt.barrier()
         if rt.is_main:
             records = merge_shards(rt.stage_dir, len(prompts), cfg.generation.n)

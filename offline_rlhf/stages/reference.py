@@ -24,16 +24,7 @@ from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.pair_dataset import DIGEST, REF_CHOSEN, REF_REJECTED, encode_pair_example, tokens_digest
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.generation.shards import (
-    answered_prompts,
-    append_durably,
-    claim_shards,
-    merge_shards,
-    read_shard_records,
-    repair_shard,
-    shard_indices,
-    shard_paths,
-)
+from offline_rlhf.generation.shards import append_durably, merge_shards, my_share, resume_shards
 from offline_rlhf.labeling.mix import read_labeled_records
 from offline_rlhf.labeling.pairs import build_pairs, sequence_logps
 from offline_rlhf.runtime import Runtime, stage_runtime
@@ -61,19 +52,17 @@ def main(cfg: ReferenceConfig) -> int:
         pairs, card = build_pairs(read_labeled_records(cfg.input), cfg.min_gap, asdict(cfg.weights), cfg.total,
                                   cfg.seed, cfg.input)
         encoded = [encode_pair_example(tokenizer, template, p.example, cfg.max_seq_len) for p in pairs]
-        todo = unscored(rt, cfg, len(pairs))
-        replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
-        mine = [todo[i] for i in shard_indices(len(todo), replica, rt.dims.dp)]
+        done = resume_shards(rt, resume_fingerprint(cfg), 1)
+        todo = [i for i in range(len(pairs)) if i not in done]
+        mine, shard = my_share(rt, todo)
         rt.log(f"reference: {len(pairs)} pairs ({summary(card)}), {len(pairs) - len(todo)} already scored, "
                f"{len(todo)} to go on {rt.dims.dp} replica(s) of TP={rt.dims.tp}")
         model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint")
-        writes = rt.mesh is None or rt.mesh.get_local_rank("tp") == 0  # TP ranks hold identical values
-        shard = rt.stage_dir / f"shard_{replica:05d}.jsonl"
         for start in range(0, len(mine), cfg.write_every):
             ids = mine[start:start + cfg.write_every]
             records, tokens = score_block(model, [encoded[i] for i in ids], ids, cfg.batch_size, rt,
                                           tokenizer.pad_id)
-            if writes:
+            if shard is not None:
                 append_durably(shard, records)
             usage.tokens += tokens
             usage.beat()
@@ -96,19 +85,6 @@ def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list,
     mark_done(rt, rt.stage_dir / PAIRS)
     rt.log(f"reference done: {len(pairs)} pairs with reference log-probs in {rt.stage_dir / PAIRS}; "
            f"{card['truncated']} replies truncated to {cfg.max_seq_len} tokens")
-
-
-def unscored(rt: Runtime, cfg: ReferenceConfig, count: int) -> list[int]:
-    """Pair ids without a score in the shards of an earlier run under the same config
-    (rank 0 repairs what a crash left first)."""
-    if rt.is_main:
-        claim_shards(rt.stage_dir, resume_fingerprint(cfg))
-        for path in shard_paths(rt.stage_dir):
-            if repair_shard(path, 1):
-                rt.log(f"cut a torn last line from {path}")
-    rt.barrier()
-    done = answered_prompts(read_shard_records(rt.stage_dir), 1)
-    return [i for i in range(count) if i not in done]
 
 
 def score_block(model, encoded: list, ids: list[int], batch_size: int, rt: Runtime,
