@@ -11,6 +11,7 @@ from torch import nn
 from offline_rlhf.checkpoint import TOKENIZER_DIR, read_meta
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.serving import ServeConfig
+from offline_rlhf.data.chat_template import ChatFormat
 from offline_rlhf.data.template import ChatTemplate, Turn
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.data.tokenizer import Tokenizer
@@ -23,14 +24,16 @@ class ServedModel:
     name: str  # what requests name in `model`
     model: nn.Module
     tokenizer: Tokenizer
-    template: ChatTemplate
+    template: ChatTemplate | ChatFormat
     reward_prefix: str  # "" or the DT reward prompt that follows the assistant tag
     max_seq_len: int
 
     def chat_prompt(self, turns: list[Turn]) -> list[int]:
         """A conversation's prompt tokens, as `orlhf eval` and training encode a prompt
-        (`encode_prompt`): one user turn is rendered exactly as an eval prompt."""
-        return encode_prompt(self.tokenizer, self.template, self.template.fold_history(turns), self.reward_prefix)
+        (`encode_prompt`): one user turn is rendered exactly as an eval prompt, and a chat
+        template renders the turns themselves."""
+        return encode_prompt(self.tokenizer, self.template, self.template.fold_history(turns), self.reward_prefix,
+                             turns=turns)
 
 
 def load_served_model(cfg: ServeConfig, path: Path, rt: Runtime) -> ServedModel:

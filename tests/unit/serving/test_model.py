@@ -10,6 +10,7 @@ from offline_rlhf.checkpoint import resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ParallelConfig, TemplateConfig
 from offline_rlhf.config.serving import ServeConfig
+from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.serving.model import default_name, dt_target, load_served_model
 from tests.fixtures import runtime_for
@@ -73,3 +74,19 @@ def test_a_checkpoint_without_its_tokenizer_is_refused(tmp_path):
     save_checkpoint(bare, reference_model(MODEL, "lm"), CheckpointMeta(MODEL, "lm", TrainState(step=1)))
     with pytest.raises(ConfigError, match="has no tokenizer/ folder"):
         served(bare, tmp_path)
+
+
+def test_a_chat_template_checkpoint_renders_the_conversation_turn_by_turn(tokenizer_dir, tmp_path):
+    """A model trained with template.kind=chat is served with its conversation's own turns,
+    as its chat template renders them (not folded into one user message)."""
+    chat_tokenizer = tmp_path / "chat_tokenizer"
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    tokenizer.config["chat_template"] = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tokenizer.save(chat_tokenizer)
+    ckpt = write_lm_checkpoint(tmp_path / "sft" / "checkpoints", chat_tokenizer,
+                               metadata={"template": {"kind": "chat", "system": ""}})
+    model = served(ckpt, tmp_path)
+    turns = [("user", "good music"), ("assistant", "the river"), ("user", "and the stone")]
+    assert model.chat_prompt(turns) == tokenizer.encode(
+        "[user] good music\n[assistant] the river\n[user] and the stone\n[assistant] ")
