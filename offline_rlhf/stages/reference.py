@@ -31,6 +31,7 @@ from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
     load_inference_model,
     load_tokenizer,
+    local_init,
     mark_done,
     model_config,
     resume_fingerprint,
@@ -41,13 +42,14 @@ PAIRS = "pairs.jsonl"
 
 
 def main(cfg: ReferenceConfig) -> int:
-    checkpoint = resolve_checkpoint(cfg.init.checkpoint, "init.checkpoint")
-    model_cfg = model_config(cfg.init, ModelConfig())
+    init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
+    checkpoint = resolve_checkpoint(init.checkpoint, "init.checkpoint")
+    model_cfg = model_config(init, ModelConfig())
     if cfg.max_seq_len > model_cfg.max_seq_len:
         raise ConfigError("max_seq_len", f"{cfg.max_seq_len} exceeds max_seq_len={model_cfg.max_seq_len} of "
                           "init.checkpoint's model", f"set max_seq_len<={model_cfg.max_seq_len}")
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        tokenizer, _ = load_tokenizer(cfg.init, model_cfg)
+        tokenizer, _ = load_tokenizer(init, model_cfg)
         template = build_template(cfg.template, tokenizer.config)
         pairs, card = build_pairs(read_labeled_records(cfg.input), cfg.min_gap, asdict(cfg.weights), cfg.total,
                                   cfg.seed, cfg.input)
