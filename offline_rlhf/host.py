@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -139,3 +140,38 @@ def _remove_if_unchanged(path: Path, stale: Holder) -> bool:
         return False
     finally:
         aside.unlink(missing_ok=True)
+
+
+DONE = "DONE"  # a stage's last write (stage_support.mark_done)
+
+
+def unwritable(stage_dir: Path) -> ConfigError | None:
+    """Make the stage folder and write a scratch file in it (what really fails, for root too,
+    on a read-only mount or below a regular file); the problem as one line, None when writable."""
+    try:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=stage_dir):
+            pass
+    except OSError as exc:
+        return ConfigError("run_dir", f"the stage folder {stage_dir} is not writable "
+                           f"({exc.strerror or type(exc).__name__}{f': {exc.filename}' if exc.filename else ''})",
+                           "choose a writable run_dir, or fix the folder's permissions")
+    return None
+
+
+def claim_stage(stage_dir: Path, stage: str) -> tuple[Path, str | None]:
+    """The stage folder made (and proven writable) and its lock taken: (lock, note about a
+    lock taken over); a one-line ConfigError when either fails."""
+    problem = unwritable(stage_dir)
+    if problem is not None:
+        raise problem
+    return acquire_stage_lock(stage_dir, stage)
+
+
+def open_stage(stage_dir: Path, note: str | None, config_text: str) -> None:
+    """A stage's first writes once it holds the lock: the old DONE goes before anything else
+    changes, so a killed rerun never leaves DONE beside a new config.yaml."""
+    if note:
+        print(note, flush=True)
+    (stage_dir / DONE).unlink(missing_ok=True)
+    (stage_dir / "config.yaml").write_text(config_text)

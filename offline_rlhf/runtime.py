@@ -3,7 +3,6 @@ parallel layout, build the mesh, write its resolved config, and record its devic
 
 from __future__ import annotations
 
-import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,10 @@ from offline_rlhf import ledger
 from offline_rlhf.config.compose import to_yaml
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
-from offline_rlhf.host import acquire_stage_lock, release_stage_lock
+from offline_rlhf.host import claim_stage, open_stage, release_stage_lock
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.parallel.distributed import DistEnv, detect_env, init_distributed, shutdown_distributed
 from offline_rlhf.parallel.parallelize import build_mesh
-
-DONE = "DONE"  # a stage's last write (stage_support.mark_done)
 
 
 @dataclass(frozen=True)
@@ -72,37 +69,18 @@ def _claimed(stage: str, stage_dir: Path, env: DistEnv, device: torch.device, co
     rerun never leaves DONE beside a new config.yaml. Every rank fails if the lock is taken."""
     lock, problem = None, None
     if env.is_main:
-        problem = unwritable(stage_dir)
         try:
-            if problem is None:
-                lock, note = acquire_stage_lock(stage_dir, stage)
+            lock, note = claim_stage(stage_dir, stage)
         except ConfigError as err:
             problem = err
     try:
         _raise_everywhere(problem, env, device)
         if lock is not None:
-            if note:
-                print(note, flush=True)
-            (stage_dir / DONE).unlink(missing_ok=True)
-            (stage_dir / "config.yaml").write_text(config_text(config, model))
+            open_stage(stage_dir, note, config_text(config, model))
         yield
     finally:
         if lock is not None:
             release_stage_lock(lock)
-
-
-def unwritable(stage_dir: Path) -> ConfigError | None:
-    """Make the stage folder and write a scratch file in it (what really fails, for root too,
-    on a read-only mount or below a regular file); the problem as one line, None when writable."""
-    try:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=stage_dir):
-            pass
-    except OSError as exc:
-        return ConfigError("run_dir", f"the stage folder {stage_dir} is not writable "
-                           f"({exc.strerror or type(exc).__name__}{f': {exc.filename}' if exc.filename else ''})",
-                           "choose a writable run_dir, or fix the folder's permissions")
-    return None
 
 
 def _raise_everywhere(problem: ConfigError | None, env: DistEnv, device: torch.device) -> None:

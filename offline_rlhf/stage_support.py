@@ -34,7 +34,7 @@ from offline_rlhf.data.chat_template import ChatFormat, build_template
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.fsutil import write_atomic
-from offline_rlhf.host import acquire_stage_lock, release_stage_lock
+from offline_rlhf.host import DONE, acquire_stage_lock, release_stage_lock
 from offline_rlhf.hub import TOKENIZER_FILES, parse_repo_id, resolve_dir
 from offline_rlhf.models.hf import (
     CONFIG_FILE,
@@ -46,7 +46,7 @@ from offline_rlhf.models.hf import (
 )
 from offline_rlhf.models.llama import Transformer
 from offline_rlhf.parallel.parallelize import build_inference_model
-from offline_rlhf.runtime import DONE, Runtime
+from offline_rlhf.runtime import Runtime
 
 IMPORTED_DIR = "imported"  # run_dir/imported/<model>: Hugging Face init checkpoints, imported once per run
 IMPORT_POLL_SECONDS = 2.0  # how often a process waits on another one's import

@@ -34,7 +34,8 @@ from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.fsutil import write_atomic
-from offline_rlhf.runtime import DONE, Runtime, stage_runtime
+from offline_rlhf.host import DONE
+from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import check_resumable, resume_fingerprint
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import SampleStream
