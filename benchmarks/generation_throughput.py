@@ -43,8 +43,8 @@ def random_prompts(batch: int, min_len: int, max_len: int, vocab_size: int) -> l
     return [torch.randint(1, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def ours_fn(model, prompts, new_tokens: int, device):
-    cfg = GenerationConfig(new_tokens, batch_size=len(prompts))
+def ours_fn(model, prompts, new_tokens: int, device, graphs: bool = True):
+    cfg = GenerationConfig(new_tokens, batch_size=len(prompts), cuda_graphs=graphs)
     return lambda: generate(model, prompts, cfg, None, PAD, device)
 
 
@@ -78,11 +78,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def decode_bandwidth(model: Transformer, prompts, new_tokens: int, rounds: int, device) -> tuple[float, float]:
-    """(bytes/s, seconds) of one decode step: the step time is (t(new) - t(1)) / (new - 1),
-    which removes the prefill. Bytes: every weight once (the embedding table is only
-    gathered from, so it counts unless tied to the output), plus the KV cache at the mean
-    length over the decode steps."""
+def decode_bandwidth(model: Transformer, prompts, new_tokens: int, rounds: int, device) -> tuple[float, float, float]:
+    """(bytes/s, seconds) of one decode step and the prefill's prompt tokens/s: the step
+    time is (t(new) - t(1)) / (new - 1), which removes the prefill. Bytes: every weight
+    once (the embedding table is only gathered from, so it counts unless tied to the
+    output), plus the KV cache at the mean length over the decode steps."""
     seconds = best_seconds({"full": ours_fn(model, prompts, new_tokens, device),
                             "prefill": ours_fn(model, prompts, 1, device)}, rounds, device)
     step = (seconds["full"] - seconds["prefill"]) / (new_tokens - 1)
@@ -90,7 +90,21 @@ def decode_bandwidth(model: Transformer, prompts, new_tokens: int, rounds: int, 
     weights = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
     mean_len = max(map(len, prompts)) + new_tokens / 2
     kv = 2 * cfg.n_layers * len(prompts) * cfg.kv_heads * cfg.resolved_head_dim * mean_len
-    return (weights + kv) * itemsize / step, step
+    return (weights + kv) * itemsize / step, step, sum(map(len, prompts)) / seconds["prefill"]
+
+
+def copy_bandwidth(device, gigabytes: float = 2.0, repeats: int = 10) -> float:
+    """The device's measured memory roofline: bytes read + written per second by a large
+    device-to-device copy (what a memory-bound kernel can hope for)."""
+    source = torch.empty(int(gigabytes * 2**30), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    _sync(device)
+    return 2 * source.numel() * repeats / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -129,8 +143,11 @@ def main() -> None:
           f"torch={torch.__version__}")
     for batch in args.batch:
         prompts = random_prompts(batch, *args.prompt, cfg.vocab_size)
-        seconds = best_seconds({"ours": ours_fn(ours, prompts, args.new, device),
-                                "transformers": hf_fn(theirs, prompts, args.new, device)}, args.rounds, device)
+        fns = {"ours": ours_fn(ours, prompts, args.new, device),
+               "transformers": hf_fn(theirs, prompts, args.new, device)}
+        if device.type == "cuda":
+            fns["ours, no graphs"] = ours_fn(ours, prompts, args.new, device, graphs=False)
+        seconds = best_seconds(fns, args.rounds, device)
         for name, value in seconds.items():
             print(f"batch={batch:3d} {name:>13}: {batch * args.new / value:10.1f} new tokens/s  ({value:.3f} s)")
         print(f"batch={batch:3d} ratio ours/transformers: {seconds['transformers'] / seconds['ours']:.3f}")
@@ -139,11 +156,14 @@ def main() -> None:
 
 
 def print_roofline(model, prompts, args, device) -> None:
-    bandwidth, step = decode_bandwidth(model, prompts, args.new, args.rounds, device)
+    bandwidth, step, prefill = decode_bandwidth(model, prompts, args.new, args.rounds, device)
     name = torch.cuda.get_device_name(device)
+    measured = copy_bandwidth(device)
     peak = next((value for key, value in PEAK_BANDWIDTH.items() if key in name), None)
-    line = f"batch={len(prompts):3d} decode step {step * 1e3:.2f} ms, {bandwidth / 1e12:.2f} TB/s"
-    suffix = f" = {bandwidth / peak:.1%} of {name} peak {peak / 1e12:.2f} TB/s" if peak else f" ({name}: peak unknown)"
+    line = (f"batch={len(prompts):3d} prefill {prefill:.0f} prompt tokens/s; decode step {step * 1e3:.3f} ms, "
+            f"{bandwidth / 1e12:.2f} TB/s = {bandwidth / measured:.1%} of the measured copy roofline "
+            f"{measured / 1e12:.2f} TB/s")
+    suffix = f", {bandwidth / peak:.1%} of {name}'s datasheet {peak / 1e12:.2f} TB/s" if peak else f" ({name})"
     print(line + suffix)
 
 

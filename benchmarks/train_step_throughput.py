@@ -34,7 +34,9 @@ def hf_twin(model: Transformer):
     hf_config = transformers.LlamaConfig(**config_to_hf(model.cfg), attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(hf_config)
     missing, unexpected = hf.load_state_dict(hf_state_dict(model, "float32"), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    tied = {"lm_head.weight"} if model.cfg.tie_embeddings else set()  # the embedding, shared again below
+    assert not unexpected and all("rotary" in k or k in tied for k in missing), (missing, unexpected)
+    hf.tie_weights()
     return hf
 
 

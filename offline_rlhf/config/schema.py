@@ -337,6 +337,7 @@ class GenerationConfig(Frozen):
     batch_size: int = 32  # decode slots (continuous batching)
     n: int = 1  # answers per prompt (sampling; with greedy they are n copies)
     stop: list[str] = field(default_factory=list)  # an answer ends at the first of these strings (not kept)
+    cuda_graphs: bool = True  # on CUDA, replay each bucketed decode shape as a CUDA graph (false: plain eager)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

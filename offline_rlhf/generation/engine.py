@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.generation.kv_cache import PromptWrite, TokenWrite, new_cache
+from offline_rlhf.generation.decode import StaticStep, decode_step_for
+from offline_rlhf.generation.kv_cache import PromptWrite, new_cache
 from offline_rlhf.generation.sampling import keyed_uniforms, sample_next, stream_id
 from offline_rlhf.models.llama import Transformer
 from offline_rlhf.runtime import autocast_for
@@ -60,6 +61,7 @@ class EngineStats:
     prompts_prefilled: int = 0  # distinct prompts computed (shared n-sample prefixes count once)
     decode_steps: int = 0
     admissions: int = 0  # requests placed into a slot: more than the slot count means slots were reused
+    graphs: int = 0  # CUDA graphs captured (one per bucketed decode shape)
 
 
 StopCheck = Callable[[list[int]], bool]  # a request's tokens so far -> has it reached a stop string
@@ -98,11 +100,13 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig
 
 def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_id: int | Collection[int] | None,
         pad_id: int, device: torch.device | str, stop: StopCheck | None = None,
-        stats: EngineStats | None = None) -> list[Completion]:
-    """One completion per request, in request order. `eos_id` None never stops early."""
+        stats: EngineStats | None = None, static: bool | None = None) -> list[Completion]:
+    """One completion per request, in request order. `eos_id` None never stops early.
+    `static`: decode at bucketed shapes (default: on CUDA, as CUDA graphs; see `decode`)."""
     _check(model, requests)
     eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    engine = _Engine(model, requests, cfg, eos_ids, pad_id, torch.device(device), stop, stats or EngineStats())
+    engine = _Engine(model, requests, cfg, eos_ids, pad_id, torch.device(device), stop, stats or EngineStats(),
+                     static)
     with torch.inference_mode(), autocast_for(engine.device):
         engine.run()
     return engine.completions
@@ -118,7 +122,7 @@ def _check(model: Transformer, requests: list[Request]) -> None:
 
 
 class _Engine:
-    def __init__(self, model, requests, cfg, eos_ids, pad_id, device, stop, stats):
+    def __init__(self, model, requests, cfg, eos_ids, pad_id, device, stop, stats, static):
         self.model, self.requests, self.cfg, self.eos_ids = model, requests, cfg, eos_ids
         self.pad_id, self.device, self.stop, self.stats = pad_id, device, stop, stats
         self.completions = [Completion() for _ in requests]
@@ -130,6 +134,7 @@ class _Engine:
         # for the longest prompt plus the largest budget.
         width = max((len(r.prompt) for r in requests), default=0) + max((r.max_new_tokens for r in requests), default=1)
         self.cache = new_cache(len(model.layers), max(1, min(cfg.batch_size, len(requests))), width)
+        self.step = decode_step_for(model, self.cache, device, cfg.cuda_graphs, static)
 
     def run(self) -> None:
         self.admit()
@@ -137,6 +142,8 @@ class _Engine:
             tokens = self.decode_step()
             self.advance(list(range(len(self.slots))), tokens)
             self.admit()
+        if isinstance(self.step, StaticStep):
+            self.stats.graphs += len(self.step.captured)
 
     def admit(self) -> None:
         """Fill free slots from the queue (again while requests end at their first token)."""
@@ -178,18 +185,11 @@ class _Engine:
 
     def decode_step(self) -> list[int]:
         """Feed every busy slot its pending token; returns each slot's next token."""
-        columns = torch.tensor([s.end for s in self.slots], device=self.device)
-        starts = torch.tensor([s.start for s in self.slots], device=self.device)
-        width = max(s.end for s in self.slots) + 1  # from the host's copy: no device sync
-        keys = torch.arange(width, device=self.device)
-        mask = ((keys >= starts[:, None]) & (keys <= columns[:, None]))[:, None, None, :]  # [S, 1, 1, W]
-        positions = (columns - starts)[:, None]
-        fed = torch.tensor(self.pending, device=self.device)[:, None]
-        logits = self.model(fed, positions, mask, cache=[TokenWrite(layer, columns, width) for layer in self.cache])
+        logits = self.step(self.pending, [s.end for s in self.slots], [s.start for s in self.slots])
         for slot in self.slots:
             slot.end += 1
         self.stats.decode_steps += 1
-        return self.sample(logits[:, -1], [s.request for s in self.slots]).tolist()
+        return self.sample(logits, [s.request for s in self.slots]).tolist()
 
     def sample(self, logits: torch.Tensor, request_indices: list[int]) -> torch.Tensor:
         """The next token of each request, its uniform keyed by (seed, stream, step)."""

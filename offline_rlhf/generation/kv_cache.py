@@ -49,9 +49,13 @@ class LayerKVCache:
     def write_tokens(self, columns: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Decode: one new position per slot, k, v [S', H, 1, D] of slots 0..S'-1, each at
         its own column `columns[s]`."""
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, :, columns] = k[:, :, 0]
-        self.v[rows, :, columns] = v[:, :, 0]
+        # As rows of a [S * H * L, D] view: (slot, head, column) is row (slot * H + head) * L + column.
+        # index_copy_ is a plain scatter, so this step can be captured in a CUDA graph.
+        heads, dim = k.shape[1], k.shape[3]
+        first_rows = torch.arange(k.shape[0] * heads, device=k.device).view(-1, heads) * self.max_len
+        rows = (first_rows + columns[:, None]).flatten()
+        self.k.view(-1, dim).index_copy_(0, rows, k[:, :, 0].reshape(-1, dim))
+        self.v.view(-1, dim).index_copy_(0, rows, v[:, :, 0].reshape(-1, dim))
 
     def copy_slot(self, source: int, target: int, columns: int) -> None:
         self.k[target, :, :columns] = self.k[source, :, :columns]

@@ -105,13 +105,25 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         grouped = k.shape[1] != q.shape[1]
-        if isinstance(attn_mask, BlockMask):
+        if seq == 1 and grouped and isinstance(attn_mask, torch.Tensor):
+            out = grouped_decode_attention(q, k, v, attn_mask)
+        elif isinstance(attn_mask, BlockMask):
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
             out = flex(q, k, v, block_mask=attn_mask, enable_gqa=grouped)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                  enable_gqa=grouped)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Decode attention (one query per sequence, q [B, H, 1, D]) for grouped-query heads:
+    each KV head's group of query heads becomes that head's query rows, [B, H_kv, H/H_kv, D],
+    so attention reads each cached K/V once. (`enable_gqa` with a mask takes a path that
+    copies K/V once per query head.) mask: [B, 1, 1, S]."""
+    batch, heads, _, dim = q.shape
+    grouped_q = q.reshape(batch, k.shape[1], heads // k.shape[1], dim)
+    return F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=mask).reshape(batch, heads, 1, dim)
 
 
 class FeedForward(nn.Module):

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One prepared device session: the GPU tests, then the generation and training benchmarks
+# on the ~1B model, each under its own time limit, every log kept in $OUT.
+#
+#   bash benchmarks/gpu_session.sh            # on the GPU machine, from the repository root
+#
+# Packages the GPU image lacks (hydra-core, omegaconf, antlr4) come as wheels in .whl/
+# (pure Python; see docs/benchmarks.md), installed to /tmp/site.
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/device.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 240 python3 benchmarks/generation_throughput.py --model 1b --batch 1 32 --new 256 --rounds 2 2>&1 \
+  | tee "$OUT/generation.log"
+timeout 180 python3 benchmarks/train_step_throughput.py --model 1b --seq 4096 --batch 1 --steps 5 --rounds 2 2>&1 \
+  | tee "$OUT/train.log"

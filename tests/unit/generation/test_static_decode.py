@@ -1,0 +1,67 @@
+"""The bucketed decode step (the shapes CUDA graphs capture) against the exact-shape step:
+padding rows and columns change no row's tokens, greedy or sampled. On CPU it runs the
+same code as on CUDA, without the capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offline_rlhf.config.schema import GenerationConfig
+from offline_rlhf.generation import decode
+from offline_rlhf.generation.decode import DynamicStep, StaticStep, decode_step_for
+from offline_rlhf.generation.engine import EngineStats, Request, run
+from offline_rlhf.generation.kv_cache import new_cache
+from offline_rlhf.generation.sampling import stream_id
+from tests.fixtures import reference_model
+from tests.unit.generation.test_engine import PAD, greedy_without_cache, prompts_of_lengths
+
+LENGTHS = [3, 9, 1, 6, 14, 2, 5, 11, 4, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return reference_model().eval()
+
+
+@pytest.fixture
+def small_buckets(monkeypatch):
+    """Width buckets of 4 columns, so one run crosses several of them."""
+    monkeypatch.setattr(decode, "WIDTH_BUCKET", 4)
+
+
+def completions(model, cfg, prompts, eos=None, static=None, stats=None):
+    requests = [Request(p, stream_id(i, j), cfg.max_new_tokens) for i, p in enumerate(prompts) for j in range(cfg.n)]
+    return run(model, requests, cfg, eos, PAD, "cpu", stats=stats, static=static)
+
+
+def test_bucketed_greedy_decode_matches_each_prompt_alone(model, small_buckets):
+    prompts = prompts_of_lengths(LENGTHS)
+    full = [greedy_without_cache(model, p, 16) for p in prompts]
+    eos = full[0][2]
+    expected = [row[:row.index(eos) + 1] if eos in row else row for row in full]
+    stats = EngineStats()
+    static = completions(model, GenerationConfig(16, batch_size=5), prompts, eos, static=True, stats=stats)
+    assert [c.tokens for c in static] == expected
+    assert stats.admissions == len(prompts) > 5 and stats.graphs == 0  # no graphs off CUDA
+
+
+def test_bucketed_sampling_draws_what_exact_shapes_draw(model, small_buckets):
+    cfg = GenerationConfig(12, greedy=False, temperature=1.2, top_p=0.9, seed=3, batch_size=6, n=3)
+    prompts = prompts_of_lengths(LENGTHS[:5])
+    static = [c.tokens for c in completions(model, cfg, prompts, static=True)]
+    assert static == [c.tokens for c in completions(model, cfg, prompts, static=False)]
+    assert len({tuple(answer) for answer in static[:3]}) > 1
+
+
+def test_buckets_are_powers_of_two_up_to_the_slots_and_width_multiples(model, small_buckets):
+    step = StaticStep(model, new_cache(2, slots=6, max_len=30), torch.device("cpu"), graphs=False)
+    assert [step.shape(busy, 1)[0] for busy in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert [step.shape(1, width)[1] for width in (1, 4, 5, 29, 30)] == [4, 4, 8, 30, 30]
+
+
+def test_cpu_takes_the_exact_step_unless_told_otherwise(model):
+    cache, cpu = new_cache(2, 2, 8), torch.device("cpu")
+    assert isinstance(decode_step_for(model, cache, cpu, cuda_graphs=True), DynamicStep)
+    forced = decode_step_for(model, cache, cpu, cuda_graphs=True, static=True)
+    assert isinstance(forced, StaticStep) and not forced.graphs
