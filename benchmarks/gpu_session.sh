@@ -16,8 +16,8 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
-timeout 240 python3 benchmarks/generation_throughput.py --model 1b --batch 1 32 --new 256 --rounds 2 2>&1 \
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 220 python3 benchmarks/generation_throughput.py --model 1b --batch 1 32 --new 256 --rounds 2 2>&1 \
   | tee "$OUT/generation.log"
-timeout 180 python3 benchmarks/train_step_throughput.py --model 1b --seq 4096 --batch 1 --steps 5 --rounds 2 2>&1 \
+timeout 150 python3 benchmarks/train_step_throughput.py --model 1b --seq 4096 --batch 1 --steps 5 --rounds 2 2>&1 \
   | tee "$OUT/train.log"
