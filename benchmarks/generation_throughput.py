@@ -43,8 +43,8 @@ def random_prompts(batch: int, min_len: int, max_len: int, vocab_size: int) -> l
     return [torch.randint(1, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def ours_fn(model, prompts, new_tokens: int, device, graphs: bool = True):
-    cfg = GenerationConfig(new_tokens, batch_size=len(prompts), cuda_graphs=graphs)
+def ours_fn(model, prompts, new_tokens: int, device, graphs: bool = True, compiled: bool = True):
+    cfg = GenerationConfig(new_tokens, batch_size=len(prompts), cuda_graphs=graphs, compile=compiled)
     return lambda: generate(model, prompts, cfg, None, PAD, device)
 
 
@@ -78,13 +78,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def decode_bandwidth(model: Transformer, prompts, new_tokens: int, rounds: int, device) -> tuple[float, float, float]:
+def decode_bandwidth(model: Transformer, prompts, new_tokens: int, rounds: int, device,
+                     compiled: bool) -> tuple[float, float, float]:
     """(bytes/s, seconds) of one decode step and the prefill's prompt tokens/s: the step
     time is (t(new) - t(1)) / (new - 1), which removes the prefill. Bytes: every weight
     once (the embedding table is only gathered from, so it counts unless tied to the
     output), plus the KV cache at the mean length over the decode steps."""
-    seconds = best_seconds({"full": ours_fn(model, prompts, new_tokens, device),
-                            "prefill": ours_fn(model, prompts, 1, device)}, rounds, device)
+    seconds = best_seconds({"full": ours_fn(model, prompts, new_tokens, device, compiled=compiled),
+                            "prefill": ours_fn(model, prompts, 1, device, compiled=compiled)}, rounds, device)
     step = (seconds["full"] - seconds["prefill"]) / (new_tokens - 1)
     cfg, itemsize = model.cfg, next(model.parameters()).element_size()
     weights = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--workload", choices=("synthetic", "realistic"), default="synthetic")
+    parser.add_argument("--compile", type=int, default=1, help="CUDA: 0 leaves the decode step uncompiled")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 4], help="realistic: answers per prompt")
     parser.add_argument("--prompts", type=int, default=256, help="realistic: prompts per measurement")
     parser.add_argument("--cache", default=str(REPO / "runs" / "bench_generation"),
@@ -143,10 +145,12 @@ def main() -> None:
           f"torch={torch.__version__}")
     for batch in args.batch:
         prompts = random_prompts(batch, *args.prompt, cfg.vocab_size)
-        fns = {"ours": ours_fn(ours, prompts, args.new, device),
+        fns = {"ours": ours_fn(ours, prompts, args.new, device, compiled=args.compile),
                "transformers": hf_fn(theirs, prompts, args.new, device)}
-        if device.type == "cuda":
+        if device.type == "cuda":  # what CUDA graphs and compilation each bring
             fns["ours, no graphs"] = ours_fn(ours, prompts, args.new, device, graphs=False)
+            if args.compile:
+                fns["ours, not compiled"] = ours_fn(ours, prompts, args.new, device, compiled=False)
         seconds = best_seconds(fns, args.rounds, device)
         for name, value in seconds.items():
             print(f"batch={batch:3d} {name:>13}: {batch * args.new / value:10.1f} new tokens/s  ({value:.3f} s)")
@@ -156,7 +160,7 @@ def main() -> None:
 
 
 def print_roofline(model, prompts, args, device) -> None:
-    bandwidth, step, prefill = decode_bandwidth(model, prompts, args.new, args.rounds, device)
+    bandwidth, step, prefill = decode_bandwidth(model, prompts, args.new, args.rounds, device, bool(args.compile))
     name = torch.cuda.get_device_name(device)
     measured = copy_bandwidth(device)
     peak = next((value for key, value in PEAK_BANDWIDTH.items() if key in name), None)

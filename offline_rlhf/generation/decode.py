@@ -15,6 +15,8 @@ current column; the host sends three int64 per row and nothing else.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from offline_rlhf.generation.kv_cache import LayerKVCache, TokenWrite
@@ -32,30 +34,37 @@ class DynamicStep:
     def __call__(self, tokens: list[int], columns: list[int], starts: list[int]) -> torch.Tensor:
         """Per busy slot: the token to feed, its cache column, the column its prompt starts
         at. Returns logits [busy, V]."""
-        rows = torch.tensor([tokens, columns, starts], device=self.device)
+        rows = torch.tensor(list(zip(tokens, columns, starts)), device=self.device)
         width = max(columns) + 1  # from the host's copy: no device sync
-        return decode_logits(self.model, self.cache, rows, width)
+        return decode_logits(self.model, buffers(self.cache), rows, width)
 
 
 class StaticStep:
-    """The step at bucketed shapes; `graphs` captures and replays each shape on CUDA."""
+    """The step at bucketed shapes; `graphs` captures and replays each shape on CUDA;
+    `compiled` runs it through torch.compile (one compilation for every bucket)."""
 
-    def __init__(self, model: Transformer, cache: list[LayerKVCache], device: torch.device, graphs: bool):
+    def __init__(self, model: Transformer, cache: list[LayerKVCache], limits: tuple[int, int], device: torch.device,
+                 graphs: bool, compiled: bool = False):
+        """limits: (slots, columns) a step may use, at most the cache's."""
         self.model, self.cache, self.device = model, cache, device
-        self.slots, self.max_width = cache[0].slots, cache[0].max_len
+        self.slots, self.max_width = limits
         self.graphs = graphs
-        self.inputs = torch.zeros(3, self.slots, dtype=torch.long, device=device)  # token, column, start
+        self.forward = compiled_decode_logits() if compiled else decode_logits
+        # Per bucket of rows: [rows, 3] (token, column, start), a whole tensor, not a view
+        # of a shared one (a compiled step would specialize on how a view sits in its base).
+        self.inputs: dict[int, torch.Tensor] = {}
         self.captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
     def __call__(self, tokens: list[int], columns: list[int], starts: list[int]) -> torch.Tensor:
         busy = len(tokens)
         rows, width = self.shape(busy, max(columns) + 1)
-        dummy = [0] * (rows - busy)  # token 0 into column 0, attending to column 0 only
-        self.inputs[:, :rows].copy_(torch.tensor([tokens + dummy, columns + dummy, starts + dummy]),
-                                    non_blocking=True)
+        dummy = [(0, 0, 0)] * (rows - busy)  # token 0 into column 0, attending to column 0 only
+        if rows not in self.inputs:
+            self.inputs[rows] = torch.zeros(rows, 3, dtype=torch.long, device=self.device)
+        self.inputs[rows].copy_(torch.tensor(list(zip(tokens, columns, starts)) + dummy), non_blocking=True)
         if not self.graphs:
-            return decode_logits(self.model, self.cache, self.inputs[:, :rows], width)[:busy]
+            return self.forward(self.model, buffers(self.cache), self.inputs[rows], width)[:busy]
         if (rows, width) not in self.captured:
             self.captured[rows, width] = self.capture(rows, width)
         graph, logits = self.captured[rows, width]
@@ -75,11 +84,11 @@ class StaticStep:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), _graph_autocast():
             for _ in range(2):
-                decode_logits(self.model, self.cache, self.inputs[:, :rows], width)
+                self.forward(self.model, buffers(self.cache), self.inputs[rows], width)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), _graph_autocast():
-            logits = decode_logits(self.model, self.cache, self.inputs[:, :rows], width)
+            logits = self.forward(self.model, buffers(self.cache), self.inputs[rows], width)
         return graph, logits
 
 
@@ -89,27 +98,43 @@ def _graph_autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
 
 
-def decode_logits(model: Transformer, cache: list[LayerKVCache], rows: torch.Tensor, width: int) -> torch.Tensor:
-    """rows: [3, S] (token, column, start) for slots 0..S-1 -> logits [S, V]. Each slot
-    writes its token's k, v at its column and attends to its columns start..column."""
-    tokens, columns, starts = rows
+def buffers(cache: list[LayerKVCache]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.k, layer.v) for layer in cache]
+
+
+def decode_logits(model: Transformer, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor,
+                  width: int) -> torch.Tensor:
+    """rows: [S, 3] (token, column, start) of slots 0..S-1 -> logits [S, V]. Each slot
+    writes its token's k, v at its column of each layer's (k, v) cache and attends to its
+    columns start..column."""
+    tokens, columns, starts = rows.unbind(1)
     keys = torch.arange(width, device=rows.device)
     mask = ((keys >= starts[:, None]) & (keys <= columns[:, None]))[:, None, None, :]  # [S, 1, 1, W]
     positions = (columns - starts)[:, None]
-    writes = [TokenWrite(layer, columns, width) for layer in cache]
+    writes = [TokenWrite(k, v, columns, width) for k, v in kv]
     return model(tokens[:, None], positions, mask, cache=writes)[:, -1]
 
 
-def decode_step_for(model: Transformer, cache: list[LayerKVCache], device: torch.device, cuda_graphs: bool,
-                    static: bool | None = None) -> DynamicStep | StaticStep:
-    """CUDA graphs on CUDA when asked for and the model is whole on this device (a tensor-
-    parallel model's collectives stay outside graphs); the dynamic step otherwise.
-    `static=True` forces the bucketed shapes (without graphs off CUDA)."""
+@functools.cache
+def compiled_decode_logits():
+    """The step through torch.compile: it fuses the elementwise work between the matrix
+    products (norms, RoPE, residuals, mask, cache writes), which a graph would otherwise
+    replay as hundreds of tiny kernels. Dynamic shapes: one compilation for all buckets."""
+    return torch.compile(decode_logits, dynamic=True)
+
+
+def decode_step_for(model: Transformer, cache: list[LayerKVCache], limits: tuple[int, int], device: torch.device,
+                    cuda_graphs: bool, compile_step: bool, static: bool | None = None) -> DynamicStep | StaticStep:
+    """CUDA graphs (of the compiled step, if `compile_step`) on CUDA when asked for and the
+    model is whole on this device (a tensor-parallel model's collectives stay outside
+    graphs); the dynamic step otherwise. `static=True` forces the bucketed shapes
+    (without graphs or compilation off CUDA)."""
     if static is None:
         static = device.type == "cuda" and cuda_graphs and not _sharded(model)
     if not static:
         return DynamicStep(model, cache, device)
-    return StaticStep(model, cache, device, graphs=device.type == "cuda" and cuda_graphs)
+    graphs = device.type == "cuda" and cuda_graphs
+    return StaticStep(model, cache, limits, device, graphs=graphs, compiled=graphs and compile_step)
 
 
 def _sharded(model: Transformer) -> bool:

@@ -133,8 +133,12 @@ class _Engine:
         # Prompts of one prefill are left-padded to the longest, so a slot may need columns
         # for the longest prompt plus the largest budget.
         width = max((len(r.prompt) for r in requests), default=0) + max((r.max_new_tokens for r in requests), default=1)
-        self.cache = new_cache(len(model.layers), max(1, min(cfg.batch_size, len(requests))), width)
-        self.step = decode_step_for(model, self.cache, device, cfg.cuda_graphs, static)
+        self.slot_count = max(1, min(cfg.batch_size, len(requests)))
+        # One spare slot and column: no decode bucket then equals the cache's size, which a
+        # compiled step would specialize on (a compilation more for each such coincidence).
+        self.cache = new_cache(len(model.layers), self.slot_count + 1, width + 1)
+        self.step = decode_step_for(model, self.cache, (self.slot_count, width), device, cfg.cuda_graphs,
+                                    cfg.compile, static)
 
     def run(self) -> None:
         self.admit()
@@ -154,7 +158,7 @@ class _Engine:
             self.advance(list(range(first, len(self.slots))), self.pending[first:])
 
     def free_slots(self) -> int:
-        return self.cache[0].slots - len(self.slots)
+        return self.slot_count - len(self.slots)
 
     def prefill(self, taken: list[int]) -> None:
         """Prompts of `taken` into the next free slots, each distinct prompt computed once

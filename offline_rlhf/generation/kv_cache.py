@@ -46,17 +46,6 @@ class LayerKVCache:
         self.k[slots, :, :k.shape[2]] = k
         self.v[slots, :, :v.shape[2]] = v
 
-    def write_tokens(self, columns: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Decode: one new position per slot, k, v [S', H, 1, D] of slots 0..S'-1, each at
-        its own column `columns[s]`."""
-        # As rows of a [S * H * L, D] view: (slot, head, column) is row (slot * H + head) * L + column.
-        # index_copy_ is a plain scatter, so this step can be captured in a CUDA graph.
-        heads, dim = k.shape[1], k.shape[3]
-        first_rows = torch.arange(k.shape[0] * heads, device=k.device).view(-1, heads) * self.max_len
-        rows = (first_rows + columns[:, None]).flatten()
-        self.k.view(-1, dim).index_copy_(0, rows, k[:, :, 0].reshape(-1, dim))
-        self.v.view(-1, dim).index_copy_(0, rows, v[:, :, 0].reshape(-1, dim))
-
     def copy_slot(self, source: int, target: int, columns: int) -> None:
         self.k[target, :, :columns] = self.k[source, :, :columns]
         self.v[target, :, :columns] = self.v[source, :, :columns]
@@ -76,15 +65,28 @@ class PromptWrite:
 
 class TokenWrite:
     """What a decode step passes to a layer: store each slot's new k, v at its column and
-    attend to columns 0..width-1 of slots 0..S'-1 (the caller's mask hides the rest)."""
+    attend to columns 0..width-1 of slots 0..S'-1 (the caller's mask hides the rest).
+    Holds the cache's tensors only, so a compiled step traces nothing but tensors."""
 
-    def __init__(self, cache: LayerKVCache, columns: torch.Tensor, width: int):
-        self.cache, self.columns, self.width = cache, columns, width
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, columns: torch.Tensor, width: int):
+        self.k_cache, self.v_cache, self.columns, self.width = k_cache, v_cache, columns, width
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.cache.write_tokens(self.columns, k, v)
+        write_columns(self.k_cache, self.columns, k)
+        write_columns(self.v_cache, self.columns, v)
         active = k.shape[0]
-        return self.cache.k[:active, :, :self.width], self.cache.v[:active, :, :self.width]
+        return self.k_cache[:active, :, :self.width], self.v_cache[:active, :, :self.width]
+
+
+def write_columns(cache: torch.Tensor, columns: torch.Tensor, new: torch.Tensor) -> None:
+    """Decode: one new position per slot, new [S', H, 1, D] of slots 0..S'-1, each at its
+    own column `columns[s]` of cache [S, H, L, D]. As rows of a [S * H * L, D] view,
+    (slot, head, column) is row (slot * H + head) * L + column; index_copy_ is a plain
+    scatter, so the step can be captured in a CUDA graph."""
+    heads, length, dim = cache.shape[1], cache.shape[2], cache.shape[3]
+    first_rows = torch.arange(new.shape[0] * heads, device=new.device).view(-1, heads) * length
+    rows = (first_rows + columns[:, None]).flatten()
+    cache.view(-1, dim).index_copy_(0, rows, new[:, :, 0].reshape(-1, dim))
 
 
 def new_cache(n_layers: int, slots: int, max_len: int) -> list[LayerKVCache]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.generation import decode
+from offline_rlhf.generation import decode, engine
 from offline_rlhf.generation.decode import DynamicStep, StaticStep, decode_step_for
 from offline_rlhf.generation.engine import EngineStats, Request, run
 from offline_rlhf.generation.kv_cache import new_cache
@@ -55,13 +55,35 @@ def test_bucketed_sampling_draws_what_exact_shapes_draw(model, small_buckets):
 
 
 def test_buckets_are_powers_of_two_up_to_the_slots_and_width_multiples(model, small_buckets):
-    step = StaticStep(model, new_cache(2, slots=6, max_len=30), torch.device("cpu"), graphs=False)
+    step = StaticStep(model, new_cache(2, slots=7, max_len=31), (6, 30), torch.device("cpu"), graphs=False)
+    assert step.forward is decode.decode_logits
     assert [step.shape(busy, 1)[0] for busy in range(1, 7)] == [1, 2, 4, 4, 6, 6]
     assert [step.shape(1, width)[1] for width in (1, 4, 5, 29, 30)] == [4, 4, 8, 30, 30]
 
 
 def test_cpu_takes_the_exact_step_unless_told_otherwise(model):
     cache, cpu = new_cache(2, 2, 8), torch.device("cpu")
-    assert isinstance(decode_step_for(model, cache, cpu, cuda_graphs=True), DynamicStep)
-    forced = decode_step_for(model, cache, cpu, cuda_graphs=True, static=True)
-    assert isinstance(forced, StaticStep) and not forced.graphs
+    assert isinstance(decode_step_for(model, cache, (2, 8), cpu, cuda_graphs=True, compile_step=True), DynamicStep)
+    forced = decode_step_for(model, cache, (2, 8), cpu, cuda_graphs=True, compile_step=True, static=True)
+    assert isinstance(forced, StaticStep) and not forced.graphs and forced.forward is decode.decode_logits
+
+
+@pytest.mark.slow
+def test_the_compiled_step_decodes_what_the_eager_step_decodes_and_compiles_once_for_all_buckets(
+        model, small_buckets, monkeypatch):
+    """torch.compile (inductor; the CUDA path's compiler, here on CPU) of the bucketed step:
+    the same greedy tokens, the cache writes kept, no recompilation per bucket or per run."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(engine, "decode_step_for", lambda model, cache, limits, device, *_: StaticStep(
+        model, cache, limits, device, graphs=False, compiled=True))
+    prompts = prompts_of_lengths(LENGTHS)
+    cfg = GenerationConfig(16, batch_size=5)
+    compiled = [c.tokens for c in completions(model, cfg, prompts, eos=None)]
+    again = [c.tokens for c in completions(model, GenerationConfig(10, batch_size=3), prompts[:4])]
+    monkeypatch.undo()
+    assert compiled == [c.tokens for c in completions(model, cfg, prompts, static=True)]
+    assert again == [c.tokens for c in completions(model, GenerationConfig(10, batch_size=3), prompts[:4])]
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # rows 1 and >1, not per bucket
