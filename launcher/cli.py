@@ -15,7 +15,6 @@ from hydra.errors import OverrideParseException
 from launcher.compose import compose_launch
 from launcher.local import run_locally
 from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir, run_dir_override
-from launcher.ppo import refuse_parallel_actor
 from launcher.schema import ClusterConfig, LaunchConfig, LaunchError
 from launcher.slurm import submit_chain, write_launch_record, write_stage_files
 from launcher.status import show_status
@@ -47,8 +46,6 @@ def launch(argv: list[str]) -> int:
     cfg = compose_launch([arg for arg in argv if arg != "--dry-run"])
     dry_run = "--dry-run" in argv or cfg.cluster.dry_run
     plans = plan_pipeline(cfg)
-    if not dry_run:  # a dry run may render a layout the code cannot run yet (the paper's 8-node actor)
-        refuse_parallel_actor(plans)
     run_dir = resolved_run_dir(cfg)
     print(f"pipeline {cfg.pipeline.name}: {len(plans)} stage(s) validated; run_dir {run_dir}", flush=True)
     python = interpreter(cfg.cluster)

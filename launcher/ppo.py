@@ -43,18 +43,6 @@ class Component:
         return tuple(module.name for module in self.modules)
 
 
-def refuse_parallel_actor(plans) -> None:
-    """Before anything is submitted or run: the PPO actor runs in one process for now (its
-    stage refuses more, ppo_baseline/stage.py), so a layout giving it more would fail only
-    once the job starts, after its wait in the queue."""
-    for plan in plans:
-        if plan.stage == PPO_STAGE and plan.world_size > 1:
-            raise LaunchError(f"stage {plan.name}", f"the PPO actor runs in one process for now; this layout gives "
-                              f"it {plan.world_size} ({plan.nodes} node(s) x {plan.procs_per_node})",
-                              "give the ppo entry nodes: 1 and nproc: 1 (its services keep their own processes), "
-                              "or only render the layout with --dry-run")
-
-
 def placement(layout: PPOComponents) -> list[tuple[str, ...]]:
     """Module names per het group; a reference beside the actor is no job step of its own."""
     groups = [("actor",), ("critic", "reward") if layout.reward_with_critic else ("critic",)]

@@ -5,6 +5,14 @@ Everything random is keyed by (seed, iteration): the prompts of iteration i are 
 [i R, (i + 1) R) of an endless stream of seeded permutations, a response's sampling stream
 is (prompt id, 0) under a generation seed derived from i, and minibatch orders are seeded
 by (seed, i, epoch). A resumed run therefore repeats exactly what the killed one did.
+
+Over a world of processes (DP x TP, the training stages' layout): each data-parallel
+replica samples its block of the prompts with an inference copy of the policy (TP only,
+refreshed from the trained weights each iteration), the blocks are gathered so that every
+rank holds the whole rollout in prompt order, the old log-probs are computed row-split over
+the DP ranks and gathered, and each minibatch step is split over the DP ranks. Advantages
+(and their whitening) are computed on the whole rollout on every rank, so any layout makes
+the update one process makes.
 """
 
 from __future__ import annotations
@@ -12,16 +20,21 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from offline_rlhf.config.schema import GenerationConfig
+from offline_rlhf.config.schema import GenerationConfig, ModelConfig
 from offline_rlhf.generation.engine import Request, run
 from offline_rlhf.generation.sampling import MASK32, stream_id
-from offline_rlhf.runtime import Runtime, autocast_for
-from offline_rlhf.train.loop import Task, train_step
+from offline_rlhf.generation.shards import my_share
+from offline_rlhf.parallel.parallelize import build_inference_model
+from offline_rlhf.parallel.state_dict import copy_parameters
+from offline_rlhf.runtime import Runtime
+from offline_rlhf.train.loop import Task
 from ppo_baseline import algorithm
 from ppo_baseline.config import PPOAlgorithmConfig
-from ppo_baseline.models import sequence_logprobs, token_entropy
+from ppo_baseline.models import response_logprobs, sequence_logprobs, token_entropy, train_epochs
 
 
 @dataclass
@@ -42,39 +55,67 @@ def iteration_generation(cfg: GenerationConfig, iteration: int) -> GenerationCon
     return replace(cfg, seed=(cfg.seed * 1_000_003 + iteration) & MASK32)
 
 
-def generator(seed: int, iteration: int, epoch: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1_009 + epoch)
+def sampling_model(model: nn.Module, model_cfg: ModelConfig, rt: Runtime) -> nn.Module:
+    """What the actor samples with: the training model itself when data parallelism does
+    not shard it (one process, or TP only), else an inference replica in the runtime's TP
+    layout (`orlhf generate`'s), so that replicas decode independently: FSDP would make
+    every replica run the same number of forwards. `refresh` keeps it current."""
+    if rt.dims.dp == 1:
+        return model
+    return build_inference_model(model_cfg, "lm", rt.dims, rt.mesh, rt.device)
+
+
+def refresh(replica: nn.Module, model: nn.Module) -> None:
+    """The trained weights into the sampling replica (collective over the world)."""
+    if replica is not model:
+        copy_parameters(model, replica)
 
 
 @torch.no_grad()
 def sample(model: nn.Module, prompts: list[list[int]], prompt_ids: list[int], gen: GenerationConfig, eos_id: int,
            pad_id: int, rt: Runtime) -> Rollout:
-    """One sampled response per prompt with the generation engine and the current weights."""
+    """One sampled response per prompt with the generation engine and `model`'s weights.
+    Each data-parallel replica answers its block of the prompts (the TP ranks of a replica
+    together); every rank gets the whole rollout in prompt order. A response's sampling
+    stream is (prompt id, 0): the rows do not depend on how many replicas there are."""
+    mine, _ = my_share(rt, list(range(len(prompts))))
     model.eval()
-    requests = [Request(ids, stream_id(pid, 0), gen.max_new_tokens) for ids, pid in zip(prompts, prompt_ids)]
+    requests = [Request(prompts[i], stream_id(prompt_ids[i], 0), gen.max_new_tokens) for i in mine]
     completions = run(model, requests, gen, eos_id, pad_id, rt.device)
     model.train()
-    rows = [ids + c.tokens for ids, c in zip(prompts, completions)]
+    rows = [prompts[i] + c.tokens for i, c in zip(mine, completions)]
     width = max(map(len, rows))
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for index, (row, ids) in enumerate(zip(rows, prompts)):
+    for index, (row, i) in enumerate(zip(rows, mine)):
         tokens[index, :len(row)] = torch.tensor(row)
-        mask[index, len(ids):len(row)] = True
-    return Rollout(tokens, mask, torch.tensor([len(r) for r in rows]),
-                   torch.tensor([c.finish == "eos" for c in completions]))
+        mask[index, len(prompts[i]):len(row)] = True
+    local = Rollout(tokens, mask, torch.tensor([len(r) for r in rows]),
+                    torch.tensor([c.finish == "eos" for c in completions]))
+    return gather_rollout(local, rt, pad_id)
 
 
-@torch.no_grad()
+def gather_rollout(local: Rollout, rt: Runtime, pad_id: int) -> Rollout:
+    """The DP replicas' blocks (equal row counts) as one rollout, in replica order (= prompt
+    order, `my_share`'s contiguous blocks), right-padded to the widest row: one all-gather."""
+    if rt.dims.dp == 1:
+        return local
+    group = rt.mesh.get_group("dp")
+    width = torch.tensor([local.tokens.shape[1]], device=rt.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
+    width, extra = int(width), int(width) - local.tokens.shape[1]
+    packed = torch.cat([F.pad(local.tokens, (0, extra), value=pad_id), F.pad(local.mask.long(), (0, extra)),
+                        local.lengths[:, None], local.finished.long()[:, None]], dim=1).to(rt.device)
+    shares = [torch.empty_like(packed) for _ in range(rt.dims.dp)]
+    dist.all_gather(shares, packed, group=group)
+    rows = torch.cat(shares).cpu()
+    return Rollout(rows[:, :width], rows[:, width:2 * width].bool(), rows[:, 2 * width], rows[:, 2 * width + 1].bool())
+
+
 def policy_logprobs(model: nn.Module, rollout: Rollout, rt: Runtime, batch_size: int) -> torch.Tensor:
-    """[B, T] log pi_old of the response tokens under the weights that sampled them."""
-    out = []
-    for start in range(0, rollout.tokens.shape[0], batch_size):
-        tokens = rollout.tokens[start:start + batch_size].to(rt.device)
-        mask = rollout.mask[start:start + batch_size].to(rt.device)
-        with autocast_for(rt.device):
-            out.append(sequence_logprobs(model(tokens), tokens, mask).cpu())
-    return torch.cat(out)
+    """[B, T] log pi_old of the response tokens under the weights that sampled them, the
+    rows split over the DP ranks and gathered (every rank gets all of them)."""
+    return response_logprobs(model, rollout.sequences(), rt, batch_size)
 
 
 @dataclass
@@ -109,20 +150,6 @@ def policy_task(clip: float) -> Task:
 
 def update_policy(model: nn.Module, optimizer, scheduler, data: dict[str, torch.Tensor], cfg: PPOAlgorithmConfig,
                   seed: int, iteration: int, grad_clip: float, rt: Runtime) -> dict[str, float]:
-    """`cfg.epochs` passes of minibatch steps over the rollout; metrics averaged over steps."""
-    rows = data["tokens"].shape[0]
-    task = policy_task(cfg.clip)
-    sums: dict[str, float] = {}
-    steps = 0
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(rows, generator=generator(seed, iteration, epoch))
-        for start in range(0, rows, cfg.minibatch):
-            chosen = order[start:start + cfg.minibatch]
-            batches = [{key: value[chosen[at:at + cfg.micro_batch]] for key, value in data.items()}
-                       for at in range(0, cfg.minibatch, cfg.micro_batch)]
-            metrics, _ = train_step(task, model, optimizer, batches, rt, grad_clip)
-            scheduler.step()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value
-            steps += 1
-    return {key: value / steps for key, value in sums.items()}
+    """`cfg.epochs` passes of minibatch steps over the whole rollout `data` (every rank
+    holds it; each DP rank trains on its share of every minibatch); metrics averaged over steps."""
+    return train_epochs(policy_task(cfg.clip), model, optimizer, scheduler, data, cfg, seed, iteration, grad_clip, rt)

@@ -66,24 +66,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, torch.where(mask, advantages + values, 0.0)
 
 
-def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x, mask [B, T] -> [3] (count, sum, sum of squares) over masked entries, in float64.
-    Sums, so that data-parallel ranks can all-reduce them into the rollout batch's moments."""
-    x = torch.where(mask.bool(), x.double(), 0.0)
-    return torch.stack([mask.sum().double(), x.sum(), x.pow(2).sum()])
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor | None = None,
-           eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) with the mean and (population) variance of the masked
-    entries of the rollout batch; `moments` from masked_moments, all-reduced over ranks when
-    the batch is sharded (default: this x's own).
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) with the mean and (population) variance, in float64, of
+    the masked entries of the rollout batch (the whole batch: every actor rank holds it).
     x, mask [B, T] -> [B, T] in x's dtype, 0 outside mask."""
-    count, total, squares = masked_moments(x, mask) if moments is None else moments
-    mean = total / count
-    var = (squares / count - mean.pow(2)).clamp(min=0.0)
+    mask = mask.bool()
+    count = mask.sum().double()
+    values = torch.where(mask, x.double(), 0.0)
+    mean = values.sum() / count
+    var = (values.pow(2).sum() / count - mean.pow(2)).clamp(min=0.0)
     whitened = ((x.double() - mean) * torch.rsqrt(var + eps)).to(x.dtype)
-    return torch.where(mask.bool(), whitened, 0.0)
+    return torch.where(mask, whitened, 0.0)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

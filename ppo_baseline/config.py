@@ -55,6 +55,14 @@ class PPOAlgorithmConfig(Frozen):
         if self.kl_coef < 0 or self.clip <= 0 or self.value_clip <= 0:
             raise ConfigError("ppo.kl_coef", "kl_coef must be >= 0, clip and value_clip > 0")
 
+    def check_split(self, dp: int, module: str, fix: str) -> None:
+        """Every data-parallel rank of `module` takes an equal share of each minibatch, in
+        whole micro-batches (FSDP gathers weights collectively: all ranks run the same forwards)."""
+        if self.minibatch % (dp * self.micro_batch):
+            raise ConfigError("ppo.micro_batch", f"the {module}'s minibatch of {self.minibatch} does not split into "
+                              f"micro-batches of {self.micro_batch} on {dp} data-parallel ranks",
+                              f"make ppo.minibatch a multiple of ppo.micro_batch x {fix}")
+
 
 @dataclass
 class ServiceSettings(Frozen):
@@ -134,6 +142,20 @@ class PPOConfig(Frozen):
         for name in SERVICES:
             require(getattr(self.services, name), "checkpoint", prefix=f"services.{name}.")
         require_positive(self, "save_every", "keep_last", "max_prompt_tokens")
+        self.check_layout()
+
+    def check_layout(self, dp: int | None = None) -> None:
+        """What the actor's layout supports: DP (fsdp or ddp) x TP. Sequence and loss
+        parallelism are refused: rollout rows have any length (SP splits sequences evenly)
+        and the entropy metric and the log-probs sent along need whole logits. `dp`: the
+        data-parallel size once the world is known (default: an explicit parallel.dp)."""
+        for key in ("sequence_parallel", "loss_parallel"):
+            if getattr(self.parallel, key):
+                raise ConfigError(f"parallel.{key}", "is not supported by the PPO actor (rollout rows have any "
+                                  "length; its log-probs and entropy need whole logits)", f"set parallel.{key}=false")
+        dp = self.parallel.dp if dp is None else dp
+        if dp > 0:
+            self.ppo.check_split(dp, "actor", "the actor's data-parallel size")
 
 
 @dataclass

@@ -19,6 +19,8 @@ from torch import nn
 from offline_rlhf.data.tokenize import IGNORE_INDEX
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import Runtime, autocast_for
+from offline_rlhf.train.loop import Task, train_step
+from ppo_baseline.config import PPOAlgorithmConfig
 from ppo_baseline.wire import Payload, Schema, TensorSpec
 
 B_T_LONG = TensorSpec(torch.int64, ("B", "T"))
@@ -75,6 +77,11 @@ def shifted_values(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def dp_rank(rt: Runtime) -> int:
+    """This process's data-parallel rank (TP ranks of one replica share it)."""
+    return rt.mesh.get_local_rank("dp") if rt.mesh is not None and rt.dims.dp > 1 else 0
+
+
 def dp_rows(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: dict[str, torch.Tensor], rt: Runtime,
             batch_size: int) -> torch.Tensor:
     """fn over the rows of `batch` in chunks of `batch_size`, the rows split evenly over the
@@ -83,7 +90,7 @@ def dp_rows(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: dict[s
     dp = rt.dims.dp
     rows = next(iter(batch.values())).shape[0]
     share = math.ceil(rows / dp)
-    rank = rt.mesh.get_local_rank("dp") if rt.mesh is not None and dp > 1 else 0
+    rank = dp_rank(rt)
     index = torch.arange(rank * share, (rank + 1) * share).clamp(max=rows - 1)
     mine = {key: value[index].to(rt.device) for key, value in batch.items()}
     outputs = []
@@ -99,10 +106,12 @@ def dp_rows(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: dict[s
 
 
 @torch.no_grad()
-def reference_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], rt: Runtime, batch_size: int) -> torch.Tensor:
-    """[B, T] log-probs of the response tokens under a (frozen) language model."""
+def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], rt: Runtime, batch_size: int) -> torch.Tensor:
+    """[B, T] log-probs of the response tokens under a language model: the reference policy,
+    or the actor's before its update (the PPO actor refuses loss-parallel layouts, so its
+    logits are whole too)."""
     def forward(chunk):
-        with autocast_for(rt.device):  # an inference replica: whole (not vocabulary-sharded) logits
+        with autocast_for(rt.device):  # whole (not vocabulary-sharded) logits
             return sequence_logprobs(model(chunk["tokens"]), chunk["tokens"], chunk["mask"])
     return dp_rows(forward, batch, rt, batch_size)
 
@@ -114,3 +123,32 @@ def critic_values(model: nn.Module, batch: dict[str, torch.Tensor], rt: Runtime,
         with autocast_for(rt.device):
             return torch.where(chunk["mask"], shifted_values(model(chunk["tokens"])), 0.0)
     return dp_rows(forward, batch, rt, batch_size)
+
+
+def minibatch_generator(seed: int, step: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch)
+
+
+def train_epochs(task: Task, model: nn.Module, optimizer, scheduler, data: dict[str, torch.Tensor],
+                 cfg: PPOAlgorithmConfig, seed: int, step: int, grad_clip: float, rt: Runtime) -> dict[str, float]:
+    """`cfg.epochs` passes over the rows of `data` (the whole rollout, on every rank) in
+    minibatches of `cfg.minibatch` rows, in an order seeded by (seed, step, epoch); each
+    minibatch is one optimizer step, data-parallel rank r taking its r-th contiguous share
+    of it in micro-batches (train_step normalizes over the global minibatch, so any DP size
+    makes the same step). Returns the metrics averaged over steps."""
+    rows = next(iter(data.values())).shape[0]
+    per_rank, rank = cfg.minibatch // rt.dims.dp, dp_rank(rt)
+    sums: dict[str, float] = {}
+    steps = 0
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(rows, generator=minibatch_generator(seed, step, epoch))
+        for start in range(0, rows, cfg.minibatch):
+            mine = order[start + rank * per_rank:start + (rank + 1) * per_rank]
+            batches = [{key: value[mine[at:at + cfg.micro_batch]] for key, value in data.items()}
+                       for at in range(0, per_rank, cfg.micro_batch)]
+            metrics, _ = train_step(task, model, optimizer, batches, rt, grad_clip)
+            scheduler.step()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+            steps += 1
+    return {key: value / steps for key, value in sums.items()}

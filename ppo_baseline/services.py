@@ -35,7 +35,7 @@ from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.stage_support import checkpoint_of_head, load_inference_model, note_untrusted
-from offline_rlhf.train.loop import Task, train_step
+from offline_rlhf.train.loop import Task
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler
 from ppo_baseline.algorithm import value_loss
 from ppo_baseline.config import ServiceConfig
@@ -50,8 +50,9 @@ from ppo_baseline.models import (
     VALUES,
     check_sequences,
     critic_values,
-    reference_logprobs,
+    response_logprobs,
     shifted_values,
+    train_epochs,
 )
 from ppo_baseline.wire import Payload
 from ppo_baseline.world import WorldService
@@ -101,7 +102,7 @@ def _reference(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Us
 
     def logprobs(payload: Payload) -> Payload:
         check_sequences(payload, model.cfg.vocab_size, model.cfg.max_seq_len)
-        result = reference_logprobs(model, payload.tensors, rt, cfg.settings.batch_size)
+        result = response_logprobs(model, payload.tensors, rt, cfg.settings.batch_size)
         _count(usage, payload)
         return Payload({"logprobs": result})
 
@@ -124,11 +125,7 @@ class Critic:
 
     def __init__(self, cfg: ServiceConfig, rt: Runtime):
         self.cfg, self.rt, self.ppo = cfg, rt, cfg.ppo
-        per_rank = self.ppo.minibatch // rt.dims.dp
-        if self.ppo.minibatch % rt.dims.dp or per_rank % self.ppo.micro_batch:
-            raise ConfigError("ppo.micro_batch", f"the critic's minibatch of {self.ppo.minibatch} does not split "
-                              f"into micro-batches of {self.ppo.micro_batch} on {rt.dims.dp} data-parallel ranks",
-                              "make ppo.minibatch a multiple of ppo.micro_batch x services.critic DP size")
+        self.ppo.check_split(rt.dims.dp, "critic", "services.critic DP size")
         path = resolve_checkpoint(cfg.settings.checkpoint, _key(cfg))
         self.meta = checkpoint_of_head(path, "value", _key(cfg))
         self.tokenizer = path / TOKENIZER_DIR if (path / TOKENIZER_DIR).is_dir() else None
@@ -148,24 +145,10 @@ class Critic:
         if rows % self.ppo.minibatch:
             raise ValueError(f"a training batch of {rows} rows does not split into minibatches of "
                              f"{self.ppo.minibatch}")
-        step = payload.meta["step"]
-        per_rank, dp_rank = self.ppo.minibatch // self.rt.dims.dp, _dp_rank(self.rt)
-        sums: dict[str, float] = {}
-        count = 0
         self.model.train()
-        for epoch in range(self.ppo.epochs):
-            order = torch.randperm(rows, generator=_generator(self.cfg.seed, step, epoch))
-            for start in range(0, rows, self.ppo.minibatch):
-                mine = order[start + dp_rank * per_rank:start + (dp_rank + 1) * per_rank]
-                batches = [{key: value[mine[at:at + self.ppo.micro_batch]] for key, value in payload.tensors.items()}
-                           for at in range(0, per_rank, self.ppo.micro_batch)]
-                metrics, _ = train_step(self.task, self.model, self.optimizer, batches, self.rt,
-                                        self.cfg.settings.optim.grad_clip)
-                self.scheduler.step()
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                count += 1
-        return {("value_loss" if key == "loss" else f"critic_{key}"): value / count for key, value in sums.items()}
+        metrics = train_epochs(self.task, self.model, self.optimizer, self.scheduler, payload.tensors, self.ppo,
+                               self.cfg.seed, payload.meta["step"], self.cfg.settings.optim.grad_clip, self.rt)
+        return {("value_loss" if key == "loss" else f"critic_{key}"): value for key, value in metrics.items()}
 
     def save(self, step: int) -> Path:
         meta = CheckpointMeta(model=self.meta.model, head="value", train_state=TrainState(step=step),
@@ -179,14 +162,6 @@ class Critic:
             raise ValueError(f"the critic has no checkpoint for step {step} in {self.root}")
         meta = load_checkpoint(path, self.model, self.optimizer, group=self.rt.group)
         self.scheduler.load_state_dict(meta.scheduler)
-
-
-def _dp_rank(rt: Runtime) -> int:
-    return rt.mesh.get_local_rank("dp") if rt.mesh is not None and rt.dims.dp > 1 else 0
-
-
-def _generator(seed: int, step: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch)
 
 
 def _critic(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage | None) -> Critic:

@@ -1,7 +1,10 @@
 """`orlhf ppo run_dir=R`: the PPO baseline's actor, driving three services (paper Sec. 4).
 
-The actor is this process (ledger stage `ppo_actor`); the reward model, the reference
-policy and the critic run as services of their own (`ppo_baseline.launch`). Per iteration:
+The actor is this process, or a torchrun world of processes in the training stages'
+layout (DP via FSDP or DDP x TP, `parallel`; ledger stage `ppo_actor`); the reward model,
+the reference policy and the critic run as services of their own (`ppo_baseline.launch`),
+started and called by rank 0 alone, which shares their answers with the other ranks
+(ppo_baseline/actor.py says how the rollout and the update are split). Per iteration:
 sample `ppo.rollout_batch` responses, old log-probs, then rewards, reference log-probs and
 values from the services at once, KL-shaped rewards and GAE, `ppo.epochs` of minibatch
 updates of the actor while the critic trains on the same rollout, metrics. Every
@@ -13,11 +16,16 @@ DONE naming the final actor checkpoint (an `lm` checkpoint with its tokenizer).
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from offline_rlhf.checkpoint import (
     CONFIG_KEY,
@@ -33,16 +41,23 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.tokenize import encode_prompt
-from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.host import DONE
 from offline_rlhf.runtime import Runtime, stage_runtime
-from offline_rlhf.stage_support import check_resumable, resume_fingerprint
+from offline_rlhf.stage_support import check_resumable, mark_done, resume_fingerprint
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import SampleStream
 from offline_rlhf.train.metrics_log import MetricsLog
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler
 from ppo_baseline import algorithm
-from ppo_baseline.actor import advantages, iteration_generation, policy_logprobs, sample, update_policy
+from ppo_baseline.actor import (
+    advantages,
+    iteration_generation,
+    policy_logprobs,
+    refresh,
+    sample,
+    sampling_model,
+    update_policy,
+)
 from ppo_baseline.config import PPOConfig
 from ppo_baseline.launch import Services
 from ppo_baseline.models import LOGPROBS, SAVED, SCORES, STEP, TRAINED, VALUES
@@ -60,14 +75,13 @@ def main(cfg: PPOConfig) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_exit)  # a SIGTERM still shuts the services down
     try:
         with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-            if rt.dims.world_size > 1:
-                raise ConfigError("parallel", "the PPO actor runs as one process for now",
-                                  "start `orlhf ppo` without torchrun; give the services their own layouts")
+            cfg.check_layout(rt.dims.dp)
             rt = replace(rt, stage_dir=Path(cfg.run_dir) / OUT)
-            rt.stage_dir.mkdir(parents=True, exist_ok=True)
-            (rt.stage_dir / DONE).unlink(missing_ok=True)
+            if rt.is_main:
+                rt.stage_dir.mkdir(parents=True, exist_ok=True)
+                (rt.stage_dir / DONE).unlink(missing_ok=True)
             final = run_actor(cfg, rt, usage, model_cfg)
-            write_atomic(rt.stage_dir / DONE, f"{final}\n")
+            mark_done(rt, final)
             rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -92,6 +106,7 @@ def load_prompts(cfg: PPOConfig, tokenizer, model_cfg) -> tuple[list[list[int]],
 def run_actor(cfg: PPOConfig, rt: Runtime, usage, model_cfg) -> Path:
     setup = prepare_training(cfg.init, model_cfg, "lm", rt, cfg.seed)
     model, tokenizer = setup.model, setup.tokenizer
+    replica = sampling_model(model, model_cfg, rt)
     prompts, prompt_ids = load_prompts(cfg, tokenizer, model_cfg)
     steps_per_iteration = cfg.ppo.epochs * cfg.ppo.rollout_batch // cfg.ppo.minibatch
     optimizer = build_optimizer(model.parameters(), cfg.optim, rt.device)
@@ -100,22 +115,27 @@ def run_actor(cfg: PPOConfig, rt: Runtime, usage, model_cfg) -> Path:
     start = _resume(setup.checkpoints, model, optimizer, scheduler, fingerprint, rt)
     stream = SampleStream(len(prompts), cfg.seed)
     log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)
-    rt.log(f"ppo: {len(prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} responses, "
-           f"starting at iteration {start}; starting the reward, reference and critic services")
+    rt.log(f"ppo: {len(prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} responses "
+           f"on {rt.dims.world_size} actor process(es) (TP={rt.dims.tp} x DP={rt.dims.dp}), starting at iteration "
+           f"{start}; starting the reward, reference and critic services")
     checkpoint = latest_checkpoint(setup.checkpoints)
-    with Services(cfg, rt.stage_dir) as services, ThreadPoolExecutor(3, thread_name_prefix="ppo-call") as pool:
-        if start:
+    # Rank 0 alone starts and calls the services (the TP and DP ranks get its answers).
+    with (Services(cfg, rt.stage_dir) if rt.is_main else nullcontext()) as services, \
+            ThreadPoolExecutor(3, thread_name_prefix="ppo-call") as pool:
+        if start and services is not None:
             services.call_all({"critic": lambda c: c.call("load", Payload(meta={"step": start}), STEP)}, pool)
         for iteration in range(start, cfg.ppo.iterations):
             chosen = stream.take(iteration * cfg.ppo.rollout_batch, cfg.ppo.rollout_batch)
-            metrics = iterate(cfg, rt, model, optimizer, scheduler, services, pool, tokenizer,
+            refresh(replica, model)
+            metrics = iterate(cfg, rt, (model, replica), optimizer, scheduler, services, pool, tokenizer,
                               [prompts[i] for i in chosen], [prompt_ids[i] for i in chosen], iteration)
             usage.tokens += int(metrics.pop("tokens"))
             usage.beat()
             log.train(iteration + 1, metrics, every=1)
             if iteration + 1 == cfg.ppo.iterations or (iteration + 1) % cfg.save_every == 0:
-                services.call_all({"critic": lambda c, s=iteration + 1: c.call("save", Payload(meta={"step": s}),
-                                                                               SAVED)}, pool)
+                if services is not None:
+                    services.call_all({"critic": lambda c, s=iteration + 1: c.call(
+                        "save", Payload(meta={"step": s}), SAVED)}, pool)
                 checkpoint = save_checkpoint(
                     setup.checkpoints, model,
                     CheckpointMeta(model_cfg, "lm", TrainState(step=iteration + 1), scheduler=scheduler.state_dict(),
@@ -137,38 +157,70 @@ def _resume(root: Path, model, optimizer, scheduler, fingerprint: dict, rt: Runt
     return meta.train_state.step
 
 
-def iterate(cfg: PPOConfig, rt: Runtime, model, optimizer, scheduler, services: Services, pool, tokenizer,
-            prompts: list[list[int]], prompt_ids: list[int], iteration: int) -> dict[str, float]:
-    """One PPO iteration; returns its metrics (and `tokens`, generated and trained on)."""
+def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, services: Services | None, pool,
+            tokenizer, prompts: list[list[int]], prompt_ids: list[int], iteration: int) -> dict[str, float]:
+    """One PPO iteration; returns its metrics (and `tokens`, generated and trained on).
+    `models`: the training model and the one sampling with its weights (often the same);
+    `services`: rank 0's, None on the other ranks."""
+    model, replica = models
     began = time.perf_counter()
-    rollout = sample(model, prompts, prompt_ids, iteration_generation(cfg.generation, iteration),
+    rollout = sample(replica, prompts, prompt_ids, iteration_generation(cfg.generation, iteration),
                      tokenizer.eos_id, tokenizer.pad_id, rt)
     old_logp = policy_logprobs(model, rollout, rt, cfg.ppo.micro_batch)
     generated = time.perf_counter()
-    sequences = Payload(rollout.sequences())
-    answers = services.call_all({"reward": lambda c: c.call("score", sequences, SCORES),
-                                 "reference": lambda c: c.call("logprobs", sequences, LOGPROBS),
-                                 "critic": lambda c: c.call("values", sequences, VALUES)}, pool)
+    answer = ask_services(services, pool, rollout.sequences(), rt)
     scored = time.perf_counter()
-    scores, values = answers["reward"].tensors["rewards"], answers["critic"].tensors["values"]
-    shaped = advantages(old_logp, answers["reference"].tensors["logprobs"], values, scores, rollout.mask, cfg.ppo)
-    critic_batch = Payload({**rollout.sequences(), "returns": shaped.returns, "old_values": values},
-                           {"step": iteration})
-    critic = pool.submit(lambda: services.processes["critic"].client.call("train", critic_batch, TRAINED))
+    scores, values = answer["scores"], answer["values"]
+    shaped = advantages(old_logp, answer["ref_logp"], values, scores, rollout.mask, cfg.ppo)
+    critic, value_loss = None, float("nan")  # only rank 0 logs metrics: the others need no critic loss
+    if services is not None:  # the critic trains on the same rollout meanwhile
+        critic_batch = Payload({**rollout.sequences(), "returns": shaped.returns, "old_values": values},
+                               {"step": iteration})
+        critic = pool.submit(lambda: services.processes["critic"].client.call("train", critic_batch, TRAINED))
     lr = scheduler.get_last_lr()[0]
     policy = update_policy(model, optimizer, scheduler,
                            {**rollout.sequences(), "old_logp": old_logp, "advantages": shaped.advantages},
                            cfg.ppo, cfg.seed, iteration, cfg.optim.grad_clip, rt)
-    trained = services.results({"critic": critic})["critic"]
+    if critic is not None:
+        value_loss = services.results({"critic": critic})["critic"].meta["value_loss"]
     done = time.perf_counter()
     mask = rollout.mask
     response_tokens = int(mask.sum())
-    return {"reward_mean": float(scores.mean()), "reward_raw_mean": float(answers["reward"].tensors["raw"].mean()),
+    return {"reward_mean": float(scores.mean()), "reward_raw_mean": float(answer["raw"].mean()),
             "kl": float(shaped.kl.sum() / len(prompts)), "loss": policy["loss"], "approx_kl": policy["approx_kl"],
             "clip_frac": policy["clip_frac"], "entropy": policy["entropy"], "grad_norm": policy["grad_norm"],
-            "value_loss": trained.meta["value_loss"],
+            "value_loss": value_loss,
             "explained_variance": float(algorithm.explained_variance(values, shaped.returns, mask)),
             "response_length": response_tokens / len(prompts), "finished": float(rollout.finished.float().mean()),
             "tokens_per_s": response_tokens / max(generated - began, 1e-9), "lr": lr,
             "time_generate": generated - began, "time_services": scored - generated, "time_train": done - scored,
             "iteration_seconds": done - began, "tokens": float(rollout.lengths.sum() * (1 + cfg.ppo.epochs))}
+
+
+def ask_services(services: Services | None, pool, sequences: dict[str, torch.Tensor],
+                 rt: Runtime) -> dict[str, torch.Tensor]:
+    """Rewards (normalized and raw), reference log-probs and values of the rollout, asked
+    for by rank 0 (`services`; None on the other ranks) and shared with every rank."""
+    rows, width = sequences["tokens"].shape
+    shapes = {"scores": (rows,), "raw": (rows,), "ref_logp": (rows, width), "values": (rows, width)}
+    answer = None
+    if services is not None:
+        payload = Payload(sequences)
+        got = services.call_all({"reward": lambda c: c.call("score", payload, SCORES),
+                                 "reference": lambda c: c.call("logprobs", payload, LOGPROBS),
+                                 "critic": lambda c: c.call("values", payload, VALUES)}, pool)
+        answer = {"scores": got["reward"].tensors["rewards"], "raw": got["reward"].tensors["raw"],
+                  "ref_logp": got["reference"].tensors["logprobs"], "values": got["critic"].tensors["values"]}
+    return from_main(answer, shapes, rt)
+
+
+def from_main(tensors: dict[str, torch.Tensor] | None, shapes: dict[str, tuple[int, ...]],
+              rt: Runtime) -> dict[str, torch.Tensor]:
+    """Rank 0's float32 `tensors` (of `shapes`; None elsewhere) on every rank: one broadcast."""
+    if rt.group is None:
+        return tensors
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    flat = (torch.cat([tensors[key].float().flatten() for key in shapes]) if tensors is not None
+            else torch.empty(sum(sizes))).to(rt.device)
+    dist.broadcast(flat, src=0, group=rt.group)
+    return {key: part.view(shape) for (key, shape), part in zip(shapes.items(), flat.cpu().split(sizes))}

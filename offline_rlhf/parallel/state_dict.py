@@ -1,6 +1,7 @@
 """Move whole (unsharded) state dicts in and out of a parallelized model.
 
-Used for Hugging Face import/export and for tests that compare layouts. Sharded
+Used for Hugging Face import/export, for tests that compare layouts, and to refresh an
+inference replica from a training model (the PPO actor samples with one). Sharded
 training checkpoints go through `offline_rlhf.checkpoint` (DCP) instead.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -21,3 +23,18 @@ def gather_full_state_dict(model: nn.Module, cpu: bool = True) -> dict[str, torc
     with `cpu=True` offloaded to CPU on rank 0 only, the others get an empty dict. Names
     are the model's own, with wrapper prefixes (activation checkpointing, compile) removed."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu))
+
+
+@torch.no_grad()
+def copy_parameters(source: nn.Module, target: nn.Module) -> None:
+    """Copy every parameter of `source` into the same-named one of `target`, the two in any
+    layouts (e.g. a training model under FSDP x TP into an inference replica under TP only).
+    A collective when either is sharded: every rank calls it. One full parameter at a time
+    is materialized, never the whole model."""
+    targets = dict(target.named_parameters())
+    for name, param in source.named_parameters():
+        value = param.full_tensor() if isinstance(param, DTensor) else param
+        into = targets[name]
+        if isinstance(into, DTensor):  # every rank holds the full value: slice locally, no communication
+            value = distribute_tensor(value, into.device_mesh, into.placements, src_data_rank=None)
+        into.copy_(value)

@@ -104,9 +104,10 @@ def ppo_overrides(run_dir: Path, *extra: str) -> list[str]:
 
 def test_ppo_heterogeneous_job_spreads_over_both_nodes_and_books_every_module(slurm, tmp_path):  # noqa: F811
     run_dir = ppo_run(tmp_path)
-    # The critic as a world of its own: TP=2 over two tasks of its component's node.
+    # The critic as a world of its own: TP=2 over two tasks of its component's node; the
+    # actor a data-parallel world of two processes (torchrun) on its node.
     critic_world = ("services.critic.nproc=2", "services.critic.parallel.tp=2")
-    submitted = submit(run_dir, entry("ppo", ppo_overrides(run_dir, *critic_world), ppo=TWO_NODE_PPO))
+    submitted = submit(run_dir, entry("ppo", ppo_overrides(run_dir, *critic_world), ppo=TWO_NODE_PPO, nproc=2))
     token = (run_dir / "ppo" / "token").read_text().strip().encode()
     seen = []  # every argv on this machine while the job runs
     states = wait_finished(run_dir, lambda: seen.extend(command_lines()))
@@ -126,7 +127,8 @@ def test_ppo_heterogeneous_job_spreads_over_both_nodes_and_books_every_module(sl
     assert set(rows) == {"ppo_actor", "ppo_critic", "ppo_reference", "ppo_reward"}
     assert all(row.status == "completed" and row.job_id == job_id and row.device_hours > 0 for row in rows.values())
     assert {stage: row.processes for stage, row in rows.items()} == {
-        "ppo_actor": 1, "ppo_critic": 2, "ppo_reference": 1, "ppo_reward": 1}
+        "ppo_actor": 2, "ppo_critic": 2, "ppo_reference": 1, "ppo_reward": 1}
+    assert rows["ppo_actor"].nodes == 1
     modules = {stage.strip(): hours for stage, job, _, hours in _status_with_hours(run_dir) if stage != "ppo"}
     assert set(modules) == set(rows) and all(hours.endswith("(ledger)") for hours in modules.values())
     assert oct((run_dir / "ppo" / "token").stat().st_mode & 0o777) == "0o600"

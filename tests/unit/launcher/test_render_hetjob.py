@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import cli
 from launcher.compose import compose_launch
 from launcher.plan import StagePlan
-from launcher.ppo import TOKEN_FILE, Module, placement, placement_overrides, ppo_components, refuse_parallel_actor
+from launcher.ppo import TOKEN_FILE, Module, placement, placement_overrides, ppo_components
 from launcher.render import render_script
 from launcher.schema import ClusterConfig, LaunchError, PPOComponents
 from launcher.slurm import write_stage_files
@@ -210,20 +209,3 @@ def test_automatic_continuation_skips_a_completed_ppo_stage_and_marks_completion
     marker = "/lustre/runs/dt8b/ppo/.launch_complete"
     assert f"set -euo pipefail\n\nif [ -e {marker} ]; then echo 'ppo: already complete'; exit 0; fi\n" in script
     assert script.endswith(f"done\ntouch {marker}\n")
-
-
-def test_a_multi_process_actor_is_refused_before_submission_but_renders(monkeypatch, tmp_path):
-    """The paper's 8-node actor renders (--dry-run), but `orlhf launch` refuses to submit
-    it: the actor runs in one process for now and would fail only after its queue wait."""
-    paper = ppo_plan(PPOComponents(critic_nodes=2), PAPER_SERVICES, actor_nodes=8, actor_per_node=8)
-    with pytest.raises(LaunchError, match=r"^stage ppo: the PPO actor runs in one process for now; this layout "
-                                          r"gives it 64 \(8 node\(s\) x 8\); give the ppo entry nodes: 1"):
-        refuse_parallel_actor([paper])
-    refuse_parallel_actor([ppo_plan(PPOComponents(), PAPER_SERVICES)])  # one actor process: fine
-
-    submitted = []
-    monkeypatch.setattr(cli, "plan_pipeline", lambda cfg: [paper])
-    monkeypatch.setattr(cli, "submit_chain", lambda *args: submitted.append(args))
-    monkeypatch.setattr(cli, "write_stage_files", lambda plan, cluster, python: tmp_path / "ppo.sh")
-    assert cli.main(["pipeline=smoke", "cluster=slurm", f"run_dir={tmp_path}"]) == 2 and not submitted
-    assert cli.main(["pipeline=smoke", "cluster=slurm", f"run_dir={tmp_path}", "--dry-run"]) == 0

@@ -144,3 +144,10 @@ def test_a_hub_model_is_not_a_missing_input(files):
     assert [p.name for p in plan(files, rm)] == ["rm"]
     missing = StageEntry(stage="rm", overrides=[*rm.overrides[:2], f"init.checkpoint={files['run_dir']}/nope"])
     assert "init.checkpoint" in fails(files, missing)
+
+
+def test_a_ppo_actor_world_that_cannot_split_its_minibatch_is_refused_before_queueing(files):
+    ppo = StageEntry(stage="ppo", overrides=[f"init.tokenizer={files['tokenizer']}",
+                                             "ppo.minibatch=16", "ppo.micro_batch=4"], nproc=3)
+    message = fails(files, ppo)
+    assert "ppo.micro_batch" in message and "3 data-parallel ranks" in message, message

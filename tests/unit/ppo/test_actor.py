@@ -98,3 +98,18 @@ def test_the_stage_config_has_the_papers_defaults_and_is_frozen(tmp_path):
         compose_stage("ppo", PPOConfig, ["ppo.minibatch=100"])
     with pytest.raises(ConfigError, match="generation.greedy"):
         compose_stage("ppo", PPOConfig, ["generation.greedy=true"])
+
+
+def test_the_config_refuses_actor_layouts_it_cannot_run(tmp_path):
+    for key in ("sequence_parallel", "loss_parallel"):
+        with pytest.raises(ConfigError, match=rf"^parallel.{key}: is not supported by the PPO actor"):
+            compose_stage("ppo", PPOConfig, [f"run_dir={tmp_path}", "parallel.tp=2", f"parallel.{key}=true"])
+    with pytest.raises(ConfigError, match=r"^ppo.micro_batch: the actor's minibatch of 8 does not split into "
+                                          r"micro-batches of 4 on 4 data-parallel ranks"):
+        compose_stage("ppo", PPOConfig, [f"run_dir={tmp_path}", "parallel.dp=4", "ppo.minibatch=8",
+                                         "ppo.micro_batch=4", "ppo.rollout_batch=16"])
+    cfg = compose_stage("ppo", PPOConfig, [f"run_dir={tmp_path}", "ppo.minibatch=8", "ppo.micro_batch=4",
+                                           "ppo.rollout_batch=16"])
+    cfg.check_layout(dp=2)  # 8 rows = 2 ranks x one micro-batch of 4
+    with pytest.raises(ConfigError, match="on 4 data-parallel ranks"):
+        cfg.check_layout(dp=4)  # what the stage checks once torchrun has given it the world
