@@ -89,10 +89,15 @@ def local_init(init: InitConfig, run_dir: str | Path) -> InitConfig:
     tokenizer = init.tokenizer
     if parse_repo_id(tokenizer):
         tokenizer = str(resolve_dir(tokenizer, "init.tokenizer", TOKENIZER_FILES))
-    checkpoint = init.checkpoint
-    if parse_repo_id(checkpoint) or (Path(checkpoint) / CONFIG_FILE).is_file():
-        checkpoint = str(imported_checkpoint(checkpoint, run_dir))
-    return freeze(replace(init, checkpoint=checkpoint, tokenizer=tokenizer))
+    return freeze(replace(init, checkpoint=local_checkpoint(init.checkpoint, run_dir), tokenizer=tokenizer))
+
+
+def local_checkpoint(source: str, run_dir: str | Path, key: str = "init.checkpoint") -> str:
+    """`source` itself when it is one of our checkpoints; its import under
+    `run_dir/imported/` when it is a hub repo id or a local Hugging Face directory."""
+    if parse_repo_id(source) or (Path(source) / CONFIG_FILE).is_file():
+        return str(imported_checkpoint(source, run_dir, key))
+    return source
 
 
 def imported_checkpoint(source: str, run_dir: str | Path, key: str = "init.checkpoint") -> Path:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
@@ -27,6 +28,7 @@ from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.host import start_ticks
 from offline_rlhf.parallel.distributed import first_host
 from offline_rlhf.runtime import stage_runtime
+from offline_rlhf.stage_support import local_checkpoint
 from ppo_baseline.config import SERVICES, PPOConfig, ServiceConfig
 from ppo_baseline.service import read_token
 from ppo_baseline.services import build_service
@@ -79,7 +81,11 @@ def serve_in_job(cfg: PPOConfig) -> int:
 
 
 def run(cfg: ServiceConfig, token: str) -> int:
-    model_cfg = read_meta(resolve_checkpoint(cfg.settings.checkpoint, f"services.{cfg.name}.checkpoint")).model
+    key = f"services.{cfg.name}.checkpoint"
+    # A Hugging Face model is imported once, into the run (the actor may be importing it too).
+    cfg = replace(cfg, settings=replace(cfg.settings, checkpoint=local_checkpoint(cfg.settings.checkpoint,
+                                                                                  cfg.run_dir, key)))
+    model_cfg = read_meta(resolve_checkpoint(cfg.settings.checkpoint, key)).model
     with stage_runtime(f"ppo_{cfg.name}", cfg.run_dir, cfg.settings.parallel, model_cfg, cfg) as (rt, usage):
         service = build_service(cfg, rt, token, usage)
         if rt.is_main:
@@ -89,7 +95,7 @@ def run(cfg: ServiceConfig, token: str) -> int:
             write_atomic(service_dir(cfg.run_dir, cfg.name) / ADDRESS,
                          json.dumps({"url": service.url, "pid": os.getpid()}))
             rt.log(f"{cfg.name} service ready on {service.url} ({rt.dims.world_size} process(es), "
-                   f"TP={rt.dims.tp} x DP={rt.dims.dp})")
+                   f"TP={rt.dims.tp} x DP={rt.dims.dp}; weights {cfg.settings.checkpoint})")
         try:
             service.run_world()
         finally:

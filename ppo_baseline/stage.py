@@ -43,7 +43,7 @@ from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.host import DONE
 from offline_rlhf.runtime import Runtime, stage_runtime
-from offline_rlhf.stage_support import check_resumable, mark_done, resume_fingerprint
+from offline_rlhf.stage_support import check_resumable, local_init, mark_done, resume_fingerprint
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import SampleStream
 from offline_rlhf.train.metrics_log import MetricsLog
@@ -71,6 +71,7 @@ OUT = "ppo"
 def main(cfg: PPOConfig) -> int:
     if cfg.serve:  # a service's job step of the Slurm heterogeneous job
         return serve_in_job(cfg)
+    cfg = replace(cfg, init=local_init(cfg.init, cfg.run_dir))  # a Hugging Face model is imported once, into the run
     model_cfg = read_meta(resolve_checkpoint(cfg.init.checkpoint, "init.checkpoint")).model
     previous = signal.signal(signal.SIGTERM, _raise_exit)  # a SIGTERM still shuts the services down
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +17,12 @@ import pytest
 import torch
 
 from offline_rlhf.checkpoint import load_checkpoint, resolve_checkpoint
+from offline_rlhf.cli import main as orlhf
 from offline_rlhf.ledger import read_ledger
 from tests.fixtures import REPO_ROOT, reference_model
 from tests.synthetic_preferences import MODEL, preference_records, synthetic_tokenizer
 from tests.unit.ppo.tiny_models import write_checkpoints
+from tests.unit.test_hub import hub_repo, offline_hub
 
 TINY_RUN = ["ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.micro_batch=2", "generation.max_new_tokens=8",
             "services.startup_timeout_s=120", "services.request_timeout_s=60", "logging.progress=false",
@@ -172,8 +175,28 @@ def test_services_run_as_torchrun_worlds_of_their_own_layout(tmp_path, tokenizer
                                     "services.critic.parallel.tp=2", "services.reference.nproc=2"),
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(2 process(es), TP=2 x DP=1)" in (run_dir / "ppo" / "critic" / "service.log").read_text()
-    assert "(2 process(es), TP=1 x DP=2)" in (run_dir / "ppo" / "reference" / "service.log").read_text()
+    assert "(2 process(es), TP=2 x DP=1;" in (run_dir / "ppo" / "critic" / "service.log").read_text()
+    assert "(2 process(es), TP=1 x DP=2;" in (run_dir / "ppo" / "reference" / "service.log").read_text()
     processes = {row.stage: row.processes for row in read_ledger(run_dir)}
     assert processes == {"ppo_actor": 1, "ppo_reward": 1, "ppo_reference": 2, "ppo_critic": 2}
     assert service_pids(run_dir) == []
+
+
+def test_the_actor_and_its_reference_start_from_a_hugging_face_repo_id(tmp_path, tokenizer_dir, cleanup, monkeypatch):
+    """init.checkpoint and services.reference.checkpoint name a hub repo (a local hub cache,
+    offline): it is imported once into the run, and both modules load that import."""
+    run_dir = prepare(tmp_path / "run", tokenizer_dir)
+    cleanup(run_dir)
+    exported = tmp_path / "exported"
+    assert orlhf(["convert", "export_hf", f"ckpt={run_dir / 'sft' / 'checkpoints'}", f"out={exported}",
+                  "head=lm"]) == 0
+    hub_repo(offline_hub(monkeypatch, tmp_path / "hub"), "tiny-org/ppo-sft", exported)
+    shutil.rmtree(run_dir / "sft")  # the hub copy is the only one
+    result = subprocess.run(command(run_dir, "ppo.iterations=1", "init.checkpoint=tiny-org/ppo-sft",
+                                    "services.reference.checkpoint=tiny-org/ppo-sft"),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (run_dir / "imported").iterdir()] == ["tiny-org--ppo-sft"]
+    imported = str(run_dir / "imported" / "tiny-org--ppo-sft")
+    assert imported in (run_dir / "ppo" / "reference" / "service.log").read_text()
+    assert (run_dir / "ppo" / "DONE").is_file()

@@ -121,7 +121,7 @@ def test_ppo_heterogeneous_job_spreads_over_both_nodes_and_books_every_module(sl
     for name in ("critic", "reward"):  # served from their component's node, found there by the actor
         log = (run_dir / "ppo" / name / "service.log").read_text()
         assert f"{name} service ready on http://{service_nodes}:" in log
-    assert "(2 process(es), TP=2 x DP=1)" in (run_dir / "ppo" / "critic" / "service.log").read_text()
+    assert "(2 process(es), TP=2 x DP=1;" in (run_dir / "ppo" / "critic" / "service.log").read_text()
     assert (run_dir / "ppo" / "DONE").read_text().strip().endswith("step_00000002")
     rows = {row.stage: row for row in read_ledger(run_dir)}
     assert set(rows) == {"ppo_actor", "ppo_critic", "ppo_reference", "ppo_reward"}
