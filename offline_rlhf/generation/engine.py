@@ -65,6 +65,7 @@ class EngineStats:
 
 
 StopCheck = Callable[[list[int]], bool]  # a request's tokens so far -> has it reached a stop string
+TokenCallback = Callable[[int, "Completion"], None]
 
 
 def stop_on_strings(decode: Callable[[list[int]], str], stops: Sequence[str]) -> StopCheck | None:
@@ -100,13 +101,16 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig
 
 def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_id: int | Collection[int] | None,
         pad_id: int, device: torch.device | str, stop: StopCheck | None = None,
-        stats: EngineStats | None = None, static: bool | None = None) -> list[Completion]:
+        stats: EngineStats | None = None, static: bool | None = None,
+        on_token: TokenCallback | None = None) -> list[Completion]:
     """One completion per request, in request order. `eos_id` None never stops early.
-    `static`: decode at bucketed shapes (default: on CUDA, as CUDA graphs; see `decode`)."""
+    `static`: decode at bucketed shapes (default: on CUDA, as CUDA graphs; see `decode`).
+    `on_token(request index, completion)` runs after each token a request gets (streaming);
+    the completion's `finish` is set on its last."""
     _check(model, requests)
     eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     engine = _Engine(model, requests, cfg, eos_ids, pad_id, torch.device(device), stop, stats or EngineStats(),
-                     static)
+                     static, on_token)
     with torch.inference_mode(), autocast_for(engine.device):
         engine.run()
     return engine.completions
@@ -122,9 +126,10 @@ def _check(model: Transformer, requests: list[Request]) -> None:
 
 
 class _Engine:
-    def __init__(self, model, requests, cfg, eos_ids, pad_id, device, stop, stats, static):
+    def __init__(self, model, requests, cfg, eos_ids, pad_id, device, stop, stats, static, on_token):
         self.model, self.requests, self.cfg, self.eos_ids = model, requests, cfg, eos_ids
         self.pad_id, self.device, self.stop, self.stats = pad_id, device, stop, stats
+        self.on_token: TokenCallback | None = on_token
         self.completions = [Completion() for _ in requests]
         # Longest prompts first: an out-of-memory slot count shows up at once.
         self.queue = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt)))
@@ -212,6 +217,8 @@ class _Engine:
             completion.tokens.append(token)
             self.pending[slot_index] = token
             completion.finish = self._finish(completion.tokens, self.requests[request].max_new_tokens)
+            if self.on_token is not None:
+                self.on_token(request, completion)
             if completion.finish:
                 finished.append(slot_index)
         for slot_index in sorted(finished, reverse=True):

@@ -105,3 +105,19 @@ def test_columns_no_slot_has_written_are_finite():
     cache.write_prompts(torch.tensor([0]), k, k)
     assert torch.equal(cache.k[1:], torch.zeros_like(cache.k[1:]))
     assert torch.equal(cache.v[0, :, 4:], torch.zeros(2, 4, 4))
+
+
+def test_on_token_sees_every_token_of_every_request_in_order_and_each_finish_once(model):
+    prompts = prompts_of_lengths([4, 7, 2, 5, 3])
+    seen: dict[int, list[int]] = {}
+    finished: list[int] = []
+
+    def on_token(index, completion):
+        seen.setdefault(index, []).append(completion.tokens[-1])
+        if completion.finish:
+            finished.append(index)
+
+    requests = [Request(p, stream_id(i, 0), 3 + i) for i, p in enumerate(prompts)]
+    completions = run(model, requests, GenerationConfig(8, batch_size=2), None, PAD, "cpu", on_token=on_token)
+    assert [seen[i] for i in range(len(prompts))] == [c.tokens for c in completions]
+    assert sorted(finished) == list(range(len(prompts)))
