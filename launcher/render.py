@@ -29,8 +29,11 @@ port=$((20000 + SLURM_JOB_ID % 20000))
 
 
 def job_name(plan: StagePlan) -> str:
-    """Run and stage, so two runs' jobs differ (continuation waits on jobs of the same name)."""
-    return f"{plan.stage_dir.parent.name}.{plan.name}"
+    """Run and stage, so two runs' jobs differ (continuation waits on jobs of the same name).
+    A later round's stage lives in run_dir/round_<r>/ and its name already says the round."""
+    folder = plan.stage_dir.parent
+    run = folder.parent if plan.name.startswith(f"{folder.name}.") else folder
+    return f"{run.name}.{plan.name}"
 
 
 def tasks_per_node(plan: StagePlan, cluster: ClusterConfig) -> int:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from launcher.local import local_command
 from launcher.plan import StagePlan
-from launcher.render import render_script, sbatch_directives
+from launcher.render import job_name, render_script, sbatch_directives
 from launcher.schema import ClusterConfig
 
 RUN_DIR = Path("/lustre/runs/dt8b")
@@ -120,3 +121,11 @@ def test_local_command_uses_torchrun_only_for_several_processes():
     assert local_command(make_plan(name="smoke", procs_per_node=2), "py") == [
         "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
         "-m", "offline_rlhf.cli", "smoke", f"run_dir={RUN_DIR}"]
+
+
+def test_job_names_are_run_then_stage_also_for_a_later_rounds_stage():
+    first = make_plan("generate")
+    later = replace(first, name="round_2.generate", stage_dir=RUN_DIR / "round_2" / "generate")
+    dotted = replace(first, name="align.dt", stage_dir=RUN_DIR / "align.dt")  # a dotted name of the user's
+    assert [job_name(plan) for plan in (first, later, dotted)] == [
+        f"{RUN_DIR.name}.generate", f"{RUN_DIR.name}.round_2.generate", f"{RUN_DIR.name}.align.dt"]
