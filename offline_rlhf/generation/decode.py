@@ -4,8 +4,10 @@ logits.
 Two forms of the same computation. `DynamicStep` runs over exactly the busy slots and the
 columns in use (CPU, tensor parallelism). `StaticStep` rounds both up to buckets (batch:
 powers of two up to the slot count; width: multiples of `WIDTH_BUCKET` columns), so each
-step has one of a few fixed shapes; on CUDA each shape is captured once as a CUDA graph
-and replayed, which removes the per-kernel launch cost that dominates small-batch decode.
+step has one of a few fixed shapes; on CUDA the step is compiled (torch.compile, dynamic
+shapes: once for all buckets), each shape captured once as a CUDA graph and replayed,
+which removes the per-kernel launch cost that dominates small-batch decode (measured in
+docs/benchmarks.md).
 Rows past the busy ones are free slots: they decode a dummy token into column 0 of their
 own cache row, which the next prompt placed there overwrites before anything reads it.
 
