@@ -6,6 +6,7 @@ Skipped where CUDA is absent (tests/conftest.py)."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.losses.logprobs import shifted_token_nll
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.masks import dense_document_mask, flex_document_mask
-from tests.fixtures import reference_model
+from tests.fixtures import REPO_ROOT, reference_model
 from tests.unit.generation.test_engine import PAD, prompts_of_lengths
 from tests.unit.models.test_packed_attention import _samples
 
@@ -121,3 +122,25 @@ def test_smoke_stage_trains_saves_and_reloads_on_the_gpu(tmp_path):
     assert losses[-1] < losses[0] - 0.4, losses
     [row] = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     assert row["device_type"] == torch.cuda.get_device_name() and row["status"] == "completed"
+
+
+def test_generate_and_ppo_stages_run_on_the_gpu(tmp_path):
+    """`orlhf generate` (a bf16 inference model, compiled graphs) and one PPO iteration (the
+    actor's bf16 sampling replica, its services on the same GPU), on tiny checkpoints."""
+    from tests.integration.test_ppo_stage import command, prepare
+    from tests.synthetic_preferences import synthetic_tokenizer
+
+    tokenizer = tmp_path / "tokenizer"
+    synthetic_tokenizer(tokenizer)
+    run_dir = prepare(tmp_path / "run", tokenizer)
+    prompts = f"sources=[{{name: p, kind: prompts, path: '{run_dir / 'prompts.jsonl'}'}}]"
+    assert orlhf(["generate", f"run_dir={run_dir}", prompts, "generation.max_new_tokens=8",
+                  "generation.greedy=false", "generation.n=2", "generation.batch_size=4"]) == 0
+    samples = [json.loads(line) for line in (run_dir / "generate" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 16 and {s["sample"] for s in samples} == {0, 1}
+    result = subprocess.run(command(run_dir, "ppo.iterations=1"), cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    devices = {row["stage"]: row["device_type"] for row in map(json.loads, (run_dir / "ledger.jsonl").open())}
+    assert devices == dict.fromkeys(("generate", "ppo_actor", "ppo_reward", "ppo_reference", "ppo_critic"),
+                                    torch.cuda.get_device_name())
