@@ -9,8 +9,11 @@ keyed per row, so an answer is the same whatever it was batched with: sample i o
 request with seed s samples the stream `stream_id(s, i)` (prompt p of a completions
 request: sample p * n + i) under engine seed 0.
 
-In a TP world rank 0 broadcasts each batch (JSON bytes, see world.py) before running it,
-and the other ranks (`follow`) run the same batch, so their collectives line up.
+A job may carry a per-token callback (a streamed answer): rank 0's engine run calls it
+with (row of the job, completion so far) after each token, on this main thread. A callback
+that fails is dropped, never the batch. In a TP world rank 0 broadcasts each batch (JSON
+bytes, see world.py) before running it, and the other ranks (`follow`) run the same batch,
+with no callbacks, so their collectives line up.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.generation.engine import Completion, Request, run, stop_on_strings
+from offline_rlhf.generation.engine import Completion, Request, TokenCallback, run, stop_on_strings
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.serving.model import ServedModel
@@ -45,11 +48,17 @@ class Job:
     sampling: Sampling
     # Receives, per prompt, its n Completions, or the exception the batch raised.
     future: Future = field(default_factory=Future)
+    # Streaming: called on the engine thread after each token of the job's row (prompt p,
+    # sample i: row p * n + i) with (row, the row's Completion so far).
+    on_token: TokenCallback | None = None
 
     def key(self) -> tuple:
         """Jobs with equal keys can share one engine run."""
         s = self.sampling
         return (True, 1.0, 1.0, s.stop) if s.greedy else (False, s.temperature, s.top_p, s.stop)
+
+    def row_count(self) -> int:
+        return len(self.prompts) * self.sampling.n
 
     def rows(self) -> list[Request]:
         n, seed = self.sampling.n, self.sampling.seed
@@ -116,8 +125,9 @@ class Batcher:
                 except Exception as error:  # noqa: BLE001 - rank 0 answers the clients with it
                     log.debug("batch failed on rank %d: %s", self.rt.env.rank, error)
 
-    def execute(self, body: bytes) -> list[Completion]:
-        """What every rank runs per batch: the engine on the batch's requests."""
+    def execute(self, body: bytes, on_token: TokenCallback | None = None) -> list[Completion]:
+        """What every rank runs per batch: the engine on the batch's requests (rank 0 with
+        the streaming jobs' callbacks)."""
         batch = json.loads(body)
         stop = tuple(batch["stop"])
         requests = [Request(prompt, stream, budget) for prompt, stream, budget in batch["requests"]]
@@ -126,7 +136,7 @@ class Batcher:
                                batch_size=self.slots, stop=list(stop))
         tokenizer = self.served.tokenizer
         return run(self.served.model, requests, cfg, tokenizer.eos_id, tokenizer.pad_id, self.rt.device,
-                   stop=stop_on_strings(tokenizer.decode, stop))
+                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token)
 
     def _take(self, poll_s: float) -> list[Job]:
         """Every job queued now (waiting up to poll_s for the first), cancelled ones dropped."""
@@ -152,7 +162,7 @@ class Batcher:
                                "requests": [[r.prompt, r.stream, r.max_new_tokens] for r in rows]}).encode()
             try:
                 broadcast_message(self.rt, CALL, "generate", body)
-                completions = self.execute(body)
+                completions = self.execute(body, token_callback(group))
             except Exception as error:  # noqa: BLE001 - the clients get it as a 500; the server goes on
                 log.error("a batch of %d request(s) failed", len(group), exc_info=error)
                 for job in group:
@@ -162,7 +172,7 @@ class Batcher:
             self.batches += 1
             for job in group:
                 n = job.sampling.n
-                mine, completions = completions[:len(job.prompts) * n], completions[len(job.prompts) * n:]
+                mine, completions = completions[:job.row_count()], completions[job.row_count():]
                 job.future.set_result([mine[p * n:(p + 1) * n] for p in range(len(job.prompts))])
 
     def _fail_pending(self) -> None:
@@ -173,3 +183,24 @@ class Batcher:
                 return
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(ServerStopping("the server is shutting down"))
+
+
+def token_callback(group: list[Job]) -> TokenCallback | None:
+    """The engine's callback for one batch: each streaming job hears of its own rows only.
+    A job's callback that raises is dropped (the batch goes on; that stream's handler gets
+    the rest of its answer from the job's result)."""
+    if not any(job.on_token for job in group):
+        return None
+    owners = [(job, row) for job in group for row in range(job.row_count())]
+
+    def on_token(index: int, completion: Completion) -> None:
+        job, row = owners[index]
+        if job.on_token is None:
+            return
+        try:
+            job.on_token(row, completion)
+        except Exception as error:  # noqa: BLE001 - one client's stream, not the batch
+            log.error("a streamed answer's callback failed; its stream ends", exc_info=error)
+            job.on_token = None
+
+    return on_token

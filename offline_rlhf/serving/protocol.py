@@ -1,7 +1,7 @@
 """The OpenAI request and answer shapes `orlhf serve` speaks, checked strictly: a field of
 the wrong type, out of range, unknown, or an OpenAI feature this server does not have
-(penalties, logprobs, streaming) set to anything but its default is an APIError (HTTP
-4xx in OpenAI's error shape), never silently ignored. No torch here.
+(penalties, logprobs, tools) set to anything but its default is an APIError (HTTP 4xx in
+OpenAI's error shape), never silently ignored. No torch here.
 
 Chat: `system` (or `developer`) messages may only open the conversation; their texts,
 joined by blank lines, are prepended to the first user message (`{system}\\n\\n{user}`),
@@ -26,11 +26,11 @@ SEED_MODULUS = 2**32  # seeds key the sampling streams modulo this
 SYSTEM_ROLES = ("system", "developer")
 # OpenAI fields this server accepts only at their default (the values that change nothing).
 DEFAULT_ONLY = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "logprobs": (False, None),
-                "top_logprobs": (0, None), "stream": (False, None), "stream_options": (None,),
-                "logit_bias": (None,), "echo": (False, None), "suffix": (None, ""), "best_of": (1, None),
-                "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,), "tools": (None, []),
-                "tool_choice": (None, "none")}
-COMMON_FIELDS = {"model", "temperature", "top_p", "n", "max_tokens", "stop", "seed", "user"}
+                "top_logprobs": (0, None), "logit_bias": (None,), "echo": (False, None), "suffix": (None, ""),
+                "best_of": (1, None), "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,),
+                "tools": (None, []), "tool_choice": (None, "none")}
+COMMON_FIELDS = {"model", "temperature", "top_p", "n", "max_tokens", "stop", "seed", "user", "stream",
+                 "stream_options"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 
@@ -68,10 +68,20 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Streaming:
+    """`stream` and `stream_options`: whether the answer comes as server-sent events, and
+    whether a last event then carries the usage."""
+
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     model: str
     turns: list[Turn]  # alternating user/assistant, ending with user; any system text folded in
     sampling: Sampling
+    streaming: Streaming
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class CompletionRequest:
     model: str
     prompts: list[str]
     sampling: Sampling
+    streaming: Streaming
 
 
 def parse_body(body: bytes) -> dict:
@@ -107,7 +118,8 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise APIError("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ChatRequest(model_of(body), chat_turns(required(body, "messages", list)), sampling(body, limits, budget))
+    return ChatRequest(model_of(body), chat_turns(required(body, "messages", list)), sampling(body, limits, budget),
+                       streaming(body))
 
 
 def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
@@ -119,7 +131,7 @@ def parse_completion(body: dict, limits: Limits) -> CompletionRequest:
                        param="prompt")
     if len(prompts) > limits.max_prompts:
         raise APIError(f"at most {limits.max_prompts} prompts per request, got {len(prompts)}", param="prompt")
-    return CompletionRequest(model_of(body), prompts, sampling(body, limits, "max_tokens"))
+    return CompletionRequest(model_of(body), prompts, sampling(body, limits, "max_tokens"), streaming(body))
 
 
 def check_fields(body: dict, allowed: set[str]) -> None:
@@ -189,6 +201,21 @@ def sampling(body: dict, limits: Limits, budget_key: str) -> Sampling:
                     seed=secrets.randbelow(SEED_MODULUS) if seed is None else seed % SEED_MODULUS)
 
 
+def streaming(body: dict) -> Streaming:
+    """stream_options is only meaningful for a streamed answer (OpenAI refuses it otherwise)."""
+    stream = optional(body, "stream", bool, False)
+    if body.get("stream_options") is None:
+        return Streaming(stream)
+    options = typed(body, "stream_options", dict)
+    if not stream:
+        raise APIError("stream_options is only allowed with stream=true", param="stream_options")
+    unknown = set(options) - {"include_usage"}
+    if unknown:
+        raise APIError(f"stream_options has unknown field(s) {sorted(unknown)}", param="stream_options",
+                       code="unknown_parameter")
+    return Streaming(stream, optional(options, "include_usage", bool, False))
+
+
 def stops(body: dict) -> tuple[str, ...]:
     if body.get("stop") is None:
         return ()
@@ -245,18 +272,49 @@ class Choice:
     tokens: int  # generated tokens, the EOS included
 
 
+def answer_head(model: str, kind: str) -> dict:
+    """The fields an answer opens with (`kind` is its object): a streamed answer's chunks
+    all share one head."""
+    prefix = "chatcmpl" if kind.startswith("chat.") else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model,
+            "system_fingerprint": None}
+
+
 def chat_answer(model: str, choices: list[Choice], prompt_tokens: int) -> dict:
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model, "system_fingerprint": None, "usage": usage(prompt_tokens, choices),
+    return {**answer_head(model, "chat.completion"), "usage": usage(prompt_tokens, choices),
             "choices": [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                          "finish_reason": c.finish_reason} for i, c in enumerate(choices)]}
 
 
 def completion_answer(model: str, choices: list[Choice], prompt_tokens: int) -> dict:
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model, "system_fingerprint": None, "usage": usage(prompt_tokens, choices),
+    return {**answer_head(model, "text_completion"), "usage": usage(prompt_tokens, choices),
             "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                         for i, c in enumerate(choices)]}
+
+
+def chat_chunk(head: dict, index: int, delta: dict, finish_reason: str | None) -> dict:
+    """One event of a streamed chat answer: choice `index`'s next piece (`delta`: the role
+    first, then {"content": text}); finish_reason is set on the choice's last chunk."""
+    return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def completion_chunk(head: dict, index: int, text: str, finish_reason: str | None) -> dict:
+    return {**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(head: dict, prompt_tokens: int, choices: list[Choice]) -> dict:
+    """A streamed answer's last event when stream_options.include_usage: no choices, the usage."""
+    return {**head, "choices": [], "usage": usage(prompt_tokens, choices)}
+
+
+def stream_error(message: str) -> dict:
+    """An event that ends a stream whose batch failed after it began (the status was sent)."""
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+
+
+def openai_finish(finish: str) -> str:
+    """OpenAI's finish_reason for the engine's: its "eos" and "stop" are both a natural stop."""
+    return "length" if finish == "length" else "stop"
 
 
 def usage(prompt_tokens: int, choices: list[Choice]) -> dict:

@@ -4,9 +4,11 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` an
 `GET /health` (the only one open without the API key). Each completion request is
 checked (protocol.py), its prompts are tokenized and measured against the model's
 max_seq_len here, and it is queued as one Job for the engine thread (batcher.py); the
-answer is decoded here once the job ran. Errors are JSON in OpenAI's shape: 400 a bad
-request, 401 a missing or wrong key, 404 an unknown model or route, 413 a body over the
-cap, 500 a failed batch (the server goes on), 503 shutting down.
+answer is decoded here once the job ran, or, streamed (`stream: true`), told as its tokens
+come (stream.py). Errors are JSON in OpenAI's shape: 400 a bad request, 401 a missing or
+wrong key, 404 an unknown model or route, 413 a body over the cap, 500 a failed batch (the
+server goes on), 503 shutting down. A streamed request gets these too, up to its batch's
+first token; a batch that fails after that ends its stream with an error event.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from offline_rlhf.config.serving import ServeConfig
@@ -32,13 +36,17 @@ from offline_rlhf.serving.protocol import (
     Choice,
     Limits,
     Sampling,
+    Streaming,
+    answer_head,
     chat_answer,
     completion_answer,
     models_answer,
+    openai_finish,
     parse_body,
     parse_chat,
     parse_completion,
 )
+from offline_rlhf.serving.stream import StreamedAnswer, TextDeltas, TokenEvents
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger(__name__)
@@ -86,17 +94,22 @@ class OpenAIServer:
             prompt = self.served.chat_prompt(parsed.turns)
         except ValueError as error:  # the template's alternation check
             raise APIError(str(error), param="messages") from None
+        if parsed.streaming.stream:
+            return await self._stream([prompt], parsed.sampling, parsed.streaming, chat=True)
         [completions] = await self._generate([prompt], parsed.sampling)
         decode, stop = self.served.tokenizer.decode, parsed.sampling.stop
-        choices = [Choice(answer_text(c, decode, stop), finish_reason(c), len(c.tokens)) for c in completions]
+        choices = [Choice(answer_text(c, decode, stop), openai_finish(c.finish), len(c.tokens)) for c in completions]
         return JSONResponse(chat_answer(self.served.name, choices, len(prompt)))
 
     async def completions(self, request: Request) -> Response:
         parsed = parse_completion(await self._body(request), self.limits)
         self._check_model(parsed.model)
         prompts = [self.served.tokenizer.encode(text) for text in parsed.prompts]
+        if parsed.streaming.stream:
+            return await self._stream(prompts, parsed.sampling, parsed.streaming, chat=False)
         answered = await self._generate(prompts, parsed.sampling)
-        choices = [Choice(completion_text(c, self.served, parsed.sampling.stop), finish_reason(c), len(c.tokens))
+        decode, stop = self.served.tokenizer.decode, parsed.sampling.stop
+        choices = [Choice(completion_text(c, decode, stop), openai_finish(c.finish), len(c.tokens))
                    for completions in answered for c in completions]
         return JSONResponse(completion_answer(self.served.name, choices, sum(map(len, prompts))))
 
@@ -114,11 +127,36 @@ class OpenAIServer:
 
     async def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
         """Queue the prompts as one job and wait for the engine thread to run it."""
-        job = Job(prompts, [self._budget(p, sampling, i) for i, p in enumerate(prompts)], sampling)
-        try:
+        job = self._job(prompts, sampling)
+        with unavailable_when_stopping():
             return await asyncio.wrap_future(self.batcher.submit(job))
-        except ServerStopping as error:
-            raise APIError(str(error), status=503, kind="server_error", code="shutting_down") from None
+
+    async def _stream(self, prompts: list[list[int]], sampling: Sampling, streaming: Streaming,
+                      chat: bool) -> Response:
+        """Queue the prompts as one streaming job and answer with its events once its first
+        token came (what fails before that is an ordinary error answer)."""
+        events = TokenEvents(asyncio.get_running_loop())
+        job = self._job(prompts, sampling, events)
+        try:
+            with unavailable_when_stopping():
+                self.batcher.submit(job).add_done_callback(events.job_done)
+                first = await events.next()
+                if isinstance(first[0], Future):
+                    first[0].result()  # the batch failed (or the server stopped) before the job's first token
+        except BaseException:
+            events.close()
+            job.future.cancel()  # if no batch took it yet
+            raise
+        decode, stop = self.served.tokenizer.decode, sampling.stop
+        text = answer_text if chat else completion_text
+        texts = [TextDeltas(lambda c: text(c, decode, stop), stop) for _ in range(job.row_count())]
+        head = answer_head(self.served.name, "chat.completion.chunk" if chat else "text_completion")
+        answer = StreamedAnswer(head, texts, chat, sum(map(len, prompts)) if streaming.include_usage else None)
+        return StreamingResponse(answer.body(events, first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    def _job(self, prompts: list[list[int]], sampling: Sampling, on_token: TokenEvents | None = None) -> Job:
+        return Job(prompts, [self._budget(p, sampling, i) for i, p in enumerate(prompts)], sampling, on_token=on_token)
 
     def _budget(self, prompt: list[int], sampling: Sampling, index: int) -> int:
         """New tokens for one prompt: max_tokens, else the server default, within the room
@@ -135,16 +173,20 @@ class OpenAIServer:
         return sampling.max_tokens
 
 
-def finish_reason(completion: Completion) -> str:
-    """OpenAI's reasons: the engine's "eos" and "stop" are both a natural stop."""
-    return "length" if completion.finish == "length" else "stop"
+@contextmanager
+def unavailable_when_stopping() -> Iterator[None]:
+    """A job the server refused or dropped because it is stopping: HTTP 503."""
+    try:
+        yield
+    except ServerStopping as error:
+        raise APIError(str(error), status=503, kind="server_error", code="shutting_down") from None
 
 
-def completion_text(completion: Completion, served: ServedModel, stop: tuple[str, ...]) -> str:
+def completion_text(completion: Completion, decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> str:
     """A raw continuation: without its EOS and anything from a stop string on, not stripped
     (unlike chat answers, where the template's separator precedes the answer)."""
     tokens = completion.tokens[:-1] if completion.finish == "eos" else completion.tokens
-    return cut_at_stop(served.tokenizer.decode(tokens), stop)
+    return cut_at_stop(decode(tokens), stop)
 
 
 async def no_route(request: Request, error: HTTPException) -> Response:

@@ -1,6 +1,6 @@
 """`orlhf serve` as a two-process gloo world under torchrun (parallel.tp=2: rank 0 serves
 HTTP and broadcasts every batch, both ranks decode it) gives the greedy answers the
-one-process engine gives, for requests alone and sharing batches."""
+one-process engine gives, for requests alone and sharing batches, streamed or not."""
 
 from __future__ import annotations
 
@@ -53,6 +53,14 @@ def test_a_tensor_parallel_server_answers_what_one_process_answers(tmp_path):
                                                         max_tokens=MAX_NEW, **sampling)
                 return [choice.message.content for choice in answer.choices]
 
+            def ask_streamed(prompt, **sampling):
+                texts = {}
+                for chunk in client.chat.completions.create(model="tiny", max_tokens=MAX_NEW, stream=True,
+                                                            messages=[{"role": "user", "content": prompt}], **sampling):
+                    for choice in chunk.choices:  # only rank 0 streams; rank 1 decodes the same batch
+                        texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+                return [texts[index] for index in sorted(texts)]
+
             assert [ask(p, temperature=0)[0] for p in PROMPTS] == expected  # one at a time
             together = [None] * len(PROMPTS)
             threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(PROMPTS[i], temperature=0)[0]))
@@ -64,6 +72,8 @@ def test_a_tensor_parallel_server_answers_what_one_process_answers(tmp_path):
             assert together == expected  # concurrently, sharing batches
             sampled = ask(PROMPTS[0], temperature=1.0, n=2, seed=11)
             assert ask(PROMPTS[0], temperature=1.0, n=2, seed=11) == sampled and len(set(sampled)) == 2
+            assert [ask_streamed(p, temperature=0)[0] for p in PROMPTS] == expected
+            assert ask_streamed(PROMPTS[0], temperature=1.0, n=2, seed=11) == sampled
     finally:
         code, output = server.stop()
     assert code == 0, output[-4000:]

@@ -1,7 +1,7 @@
 """`orlhf serve` as a real server process on 127.0.0.1: the `openai` client talks to it, its
 greedy answers are `orlhf eval`'s for the same prompts (a DT model behind the reward prompt
-its checkpoint names), it needs its API key, refuses bad requests and goes on, and SIGTERM
-ends it cleanly with its ledger row."""
+its checkpoint names; streamed, the same in pieces), it needs its API key, refuses bad
+requests and goes on, and SIGTERM ends it cleanly with its ledger row."""
 
 from __future__ import annotations
 
@@ -79,11 +79,19 @@ class ServeProcess:
         return self.process.returncode, output
 
 
-def chat_answers(url: str, model: str, api_key: str = "unused") -> list[str]:
+def chat_answers(url: str, model: str, api_key: str = "unused", stream: bool = False) -> list[str]:
+    """The greedy chat answer to each prompt; `stream`: read as a streamed answer's pieces."""
     with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120) as client:
-        return [client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                               temperature=0, max_tokens=MAX_NEW).choices[0].message.content
+        asks = [dict(model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_NEW)
                 for prompt in PROMPTS]
+        if not stream:
+            return [client.chat.completions.create(**ask).choices[0].message.content for ask in asks]
+        return [streamed_text(client.chat.completions.create(**ask, stream=True)) for ask in asks]
+
+
+def streamed_text(chunks) -> str:
+    """One choice's streamed pieces, joined."""
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
 
 
 def eval_answers(sft: Path, dt: Path, rm: Path, tmp_path: Path) -> dict[str, list[str]]:
@@ -112,6 +120,7 @@ def test_served_greedy_answers_are_orlhf_evals_and_sigterm_ends_the_server(check
                          headers={"Authorization": f"Bearer {KEY}"})
         assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
         assert chat_answers(server.url, "sft", KEY) == expected["sft"]  # and it goes on serving
+        assert chat_answers(server.url, "sft", KEY, stream=True) == expected["sft"]
     finally:
         code, output = server.stop()
     assert code == 0, output[-4000:]
@@ -123,6 +132,7 @@ def test_served_greedy_answers_are_orlhf_evals_and_sigterm_ends_the_server(check
     dt_server = ServeProcess(tmp_path / "dt_run", f"ckpt={dt}", "model_name=dt")  # reward prompt from metadata
     try:
         assert chat_answers(dt_server.url, "dt") == expected["dt"]
+        assert chat_answers(dt_server.url, "dt", stream=True) == expected["dt"]  # behind the same reward prompt
         assert chat_answers(dt_server.url, "dt") != chat_answers_without_prompt(tmp_path, dt)
     finally:
         assert dt_server.stop()[0] == 0

@@ -9,6 +9,7 @@ from offline_rlhf.serving.protocol import (
     APIError,
     Choice,
     Limits,
+    Streaming,
     chat_answer,
     chat_turns,
     completion_answer,
@@ -46,12 +47,24 @@ def test_nulls_mean_defaults_and_neutral_openai_fields_are_accepted():
     assert (sampling.temperature, sampling.n, sampling.stop) == (1.0, 1, ())
 
 
+def test_stream_and_its_usage_option_are_read():
+    assert chat().streaming == Streaming(stream=False, include_usage=False)
+    assert chat(stream=True).streaming == Streaming(stream=True, include_usage=False)
+    assert chat(stream=True, stream_options={"include_usage": True}).streaming == Streaming(True, True)
+    assert parse_completion({"model": "m", "prompt": "a", "stream": True, "stream_options": None},
+                            LIMITS).streaming == Streaming(True, False)
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"n": 0}, "n"), ({"n": 5}, "n"), ({"n": 2.0}, "n"), ({"max_tokens": -1}, "max_tokens"),
     ({"seed": "1"}, "seed"), ({"stop": 3}, "stop"), ({"stop": ["x" * 201]}, "stop"), ({"user": 1}, "user"),
     ({"logprobs": True}, "logprobs"), ({"frequency_penalty": False}, "frequency_penalty"), ({"tools": [{}]}, "tools"),
     ({"best_of": 2}, "best_of"), ({"functions": []}, "functions"), ({"model": 3}, "model"),
+    ({"stream": 1}, "stream"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": True, "stream_options": []}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
 ])
 def test_bad_fields_are_errors_naming_them(fields, param):
     with pytest.raises(APIError) as error:

@@ -132,7 +132,11 @@ BAD_CHAT = {
     "missing messages": ({"model": NAME}, 400, "missing_required_parameter"),
     "unknown model": ({**CHAT, "model": "gpt-4"}, 404, "model_not_found"),
     "penalty": ({**CHAT, "presence_penalty": 0.5}, 400, "unsupported_parameter"),
-    "streaming": ({**CHAT, "stream": True}, 400, "unsupported_parameter"),
+    "stream of the wrong type": ({**CHAT, "stream": "yes"}, 400, "invalid_type"),
+    "stream_options without stream": ({**CHAT, "stream": False, "stream_options": {"include_usage": True}}, 400,
+                                      None),
+    "an unknown stream option": ({**CHAT, "stream": True, "stream_options": {"usage": True}}, 400,
+                                 "unknown_parameter"),
     "ends with the assistant": ({**CHAT, "messages": [{"role": "user", "content": "a"},
                                                        {"role": "assistant", "content": "b"}]}, 400, None),
     "system after user": ({**CHAT, "messages": [{"role": "user", "content": "a"},
@@ -146,10 +150,17 @@ BAD_CHAT = {
 }
 
 
+def streamed_body(body):
+    """The same request, asking for a streamed answer (a JSON object that does not say)."""
+    return {**body, "stream": True} if isinstance(body, dict) and "stream" not in body else body
+
+
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("case", BAD_CHAT)
-def test_bad_requests_get_4xx_json_errors_and_the_server_goes_on(server, client, case):
+def test_bad_requests_get_4xx_json_errors_and_the_server_goes_on(server, client, case, stream):
+    """Streamed or not, a request refused is refused with the same JSON error."""
     body, status, code = BAD_CHAT[case]
-    response = raw(server, "/v1/chat/completions", body)
+    response = raw(server, "/v1/chat/completions", streamed_body(body) if stream else body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and "\n" not in error["message"] and error["type"] == "invalid_request_error"
@@ -204,8 +215,9 @@ def test_an_api_key_is_required_when_configured(checkpoint, tmp_path, monkeypatc
     keyed = InProcess(checkpoint, tmp_path / "serve", api_key_env="SERVE_TEST_KEY")
     try:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-            response = raw(keyed, "/v1/chat/completions", CHAT, headers)
-            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+            for body in (CHAT, streamed_body(CHAT)):
+                response = raw(keyed, "/v1/chat/completions", body, headers)
+                assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
         assert raw(keyed, "/v1/models", b"", {}, method="GET").status_code == 401
         assert raw(keyed, "/health", b"", method="GET").status_code == 200  # probes need no key
         with openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=KEY, max_retries=0) as client:
@@ -243,11 +255,13 @@ def test_concurrent_requests_share_one_batch_and_answer_as_alone(checkpoint, ser
         held.close()
 
 
-def test_requests_queued_when_the_server_stops_get_503(checkpoint, tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_requests_queued_when_the_server_stops_get_503(checkpoint, tmp_path, stream):
     held = InProcess(checkpoint, tmp_path / "serve", start_engine=False)
+    body = streamed_body(CHAT) if stream else CHAT
     try:
         answers = []
-        waiting = threading.Thread(target=lambda: answers.append(raw(held, "/v1/chat/completions", CHAT)))
+        waiting = threading.Thread(target=lambda: answers.append(raw(held, "/v1/chat/completions", body)))
         waiting.start()
         deadline = time.monotonic() + 30
         while held.batcher._jobs.qsize() < 1 and time.monotonic() < deadline:
@@ -257,7 +271,171 @@ def test_requests_queued_when_the_server_stops_get_503(checkpoint, tmp_path):
         waiting.join(30)
         [response] = answers
         assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
-        late = raw(held, "/v1/chat/completions", CHAT)
+        late = raw(held, "/v1/chat/completions", body)
         assert late.status_code == 503 and late.json()["error"]["type"] == "server_error"
     finally:
         held.close()
+
+
+# --- streamed answers (stream: true) -------------------------------------------------------
+
+
+def stream_chunks(server, path: str, body: dict) -> list[dict]:
+    """A streamed answer's chunks, read as server-sent events; checks the framing: every
+    event is `data: ...`, [DONE] ends it, and all chunks share id, created and model."""
+    with httpx.stream("POST", f"{server.url}{path}", json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(event.startswith("data: ") for event in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(event[len("data: "):]) for event in events[:-1]]
+    assert len({(c["id"], c["created"], c["model"], c["object"]) for c in chunks}) == 1
+    return chunks
+
+
+def choices_of(chunks: list[dict], chat: bool) -> dict[int, tuple[str, str]]:
+    """Per choice index: its text (the pieces joined) and the finish_reason of its last
+    chunk, the only one that has one."""
+    texts, reasons = {}, {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            index = choice["index"]
+            assert index not in reasons, "a chunk after the choice's last"
+            piece = choice["delta"].get("content", "") if chat else choice["text"]
+            texts[index] = texts.get(index, "") + piece
+            if choice["finish_reason"] is not None:
+                reasons[index] = choice["finish_reason"]
+    assert reasons.keys() == texts.keys()
+    return {index: (texts[index], reasons[index]) for index in sorted(texts)}
+
+
+def answered(server, path: str, body: dict) -> tuple[dict[int, tuple[str, str]], dict]:
+    """The same request not streamed: per choice (text, finish_reason), and the usage."""
+    answer = raw(server, path, body).json()
+    key = (lambda c: c["message"]["content"]) if path.endswith("chat/completions") else (lambda c: c["text"])
+    return {c["index"]: (key(c), c["finish_reason"]) for c in answer["choices"]}, answer["usage"]
+
+
+def a_stop_string_in(server, path: str, body: dict) -> str:
+    """Two ASCII characters in a row from choice 0's answer (past its first character), so
+    the stop string occurs."""
+    text = answered(server, path, body)[0][0][0]
+    match = re.search(r"[A-Za-z0-9]{2}", text[1:])
+    assert match, f"expected two ASCII characters in a row somewhere in {text!r}"
+    return match.group(0)
+
+
+CHAT_ASK = {"model": NAME, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24}
+
+
+@pytest.mark.parametrize("sampling, with_stop", [(dict(temperature=0), False),
+                                                 (dict(temperature=1.0, n=2, seed=5), False),
+                                                 (dict(temperature=1.0, top_p=0.9, n=2, seed=9), True)],
+                         ids=["greedy", "sampled n=2", "sampled n=2 with a stop string"])
+def test_a_streamed_chat_answer_is_the_unstreamed_answer_in_pieces(server, sampling, with_stop):
+    body = {**CHAT_ASK, **sampling}
+    if with_stop:
+        body["stop"] = [a_stop_string_in(server, "/v1/chat/completions", body)]
+    expected, usage = answered(server, "/v1/chat/completions", body)
+    chunks = stream_chunks(server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    n = body.get("n", 1)
+    assert [c["choices"][0]["delta"] for c in chunks[:n]] == [{"role": "assistant", "content": ""}] * n
+    assert [c["choices"][0]["index"] for c in chunks[:n]] == list(range(n))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+    assert choices_of(chunks[:-1], chat=True) == expected
+    if with_stop:
+        assert expected[0][1] == "stop" and body["stop"][0] not in expected[0][0]
+
+
+def test_streamed_completions_of_several_prompts_interleave_their_choices(server):
+    body = {"model": NAME, "prompt": ["User: cloud music Assistant:", "river stone"], "max_tokens": 20, "n": 2,
+            "temperature": 1.0, "seed": 3}
+    body["stop"] = [a_stop_string_in(server, "/v1/completions", body)]
+    expected, _ = answered(server, "/v1/completions", body)
+    chunks = stream_chunks(server, "/v1/completions", body)
+    assert choices_of(chunks, chat=False) == expected and len(expected) == 4
+    assert expected[0][1] == "stop" and body["stop"][0] not in expected[0][0]
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)  # no usage unless asked
+
+
+def test_the_openai_client_reads_streamed_answers(server, client):
+    ask = dict(model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=1.0, seed=4,
+               n=2)
+    whole = client.chat.completions.create(**ask)
+    texts, reasons, usage = ["", ""], [None, None], None
+    for chunk in client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert reasons == [c.finish_reason for c in whole.choices] and usage == whole.usage
+
+    prompt = "User: good apple Assistant:"
+    text = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8).choices[0].text
+    stream = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == text
+
+
+def test_a_client_leaving_mid_stream_leaves_the_batch_and_the_server_going(server, monkeypatch):
+    """The engine is held after its first decode step (a forward hook on the real model)
+    while the client reads the first event and disconnects: the server notices (the job's
+    events close), the batch then runs to its end, and the next request is answered."""
+    body = {**CHAT_ASK, "temperature": 1.0, "seed": 21, "max_tokens": 30}
+    _, usage = answered(server, "/v1/chat/completions", body)
+    jobs, submit = [], server.batcher.submit
+    monkeypatch.setattr(server.batcher, "submit", lambda job: jobs.append(job) or submit(job))
+    release, forwards = threading.Event(), []
+
+    def hold(module, args):
+        forwards.append(1)
+        if len(forwards) == 2:  # the prefill ran, the first token was sent; the first decode step waits
+            release.wait(30)
+
+    hook = server.served.model.register_forward_pre_hook(hold)
+    try:
+        generated, batches = server.batcher.generated, server.batcher.batches
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=30) as response:
+            first = next(response.iter_lines())
+            assert json.loads(first[len("data: "):])["choices"][0]["delta"]["role"] == "assistant"
+        deadline = time.monotonic() + 30
+        while not jobs[0].on_token.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert jobs[0].on_token.closed and server.batcher.batches == batches  # gone while its batch runs
+    finally:
+        release.set()
+        hook.remove()
+    deadline = time.monotonic() + 30
+    while server.batcher.batches == batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.batcher.generated - generated == usage["completion_tokens"]  # the whole answer was generated
+    assert not jobs[0].future.exception()
+    assert answered(server, "/v1/chat/completions", body)[1] == usage
+    assert choices_of(stream_chunks(server, "/v1/chat/completions", body), chat=True) == \
+        answered(server, "/v1/chat/completions", body)[0]
+
+
+def test_a_batch_failing_mid_stream_ends_it_with_an_error_event(server):
+    """The model fails at the first decode step (a forward hook raises, as a lost device
+    would), after the job's first token was told: the status was sent, so the stream ends
+    with an error event and [DONE]; the server goes on."""
+    forwards = []
+
+    def fail(module, args):
+        forwards.append(1)
+        if len(forwards) == 2:
+            raise RuntimeError("device lost")
+
+    body = {**CHAT_ASK, "temperature": 0, "stream": True}  # greedy: its first token is not EOS
+    hook = server.served.model.register_forward_pre_hook(fail)
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            events = [line for line in response.iter_lines() if line]
+    finally:
+        hook.remove()
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert error["message"] == "RuntimeError: device lost" and error["type"] == "server_error"
+    assert choices_of(stream_chunks(server, "/v1/chat/completions", CHAT_ASK), chat=True)[0][1] in ("stop", "length")
