@@ -74,8 +74,8 @@ def refresh(replica: nn.Module, model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, prompts: list[list[int]], prompt_ids: list[int], gen: GenerationConfig, eos_id: int,
-           pad_id: int, rt: Runtime) -> Rollout:
+def sample(model: nn.Module, prompts: list[list[int]], prompt_ids: list[int], gen: GenerationConfig,
+           stop_ids: int | set[int], pad_id: int, rt: Runtime) -> Rollout:
     """One sampled response per prompt with the generation engine and `model`'s weights.
     Each data-parallel replica answers its block of the prompts (the TP ranks of a replica
     together); every rank gets the whole rollout in prompt order. A response's sampling
@@ -83,7 +83,7 @@ def sample(model: nn.Module, prompts: list[list[int]], prompt_ids: list[int], ge
     mine, _ = my_share(rt, list(range(len(prompts))))
     model.eval()
     requests = [Request(prompts[i], stream_id(prompt_ids[i], 0), gen.max_new_tokens) for i in mine]
-    completions = run(model, requests, gen, eos_id, pad_id, rt.device)
+    completions = run(model, requests, gen, stop_ids, pad_id, rt.device)
     model.train()
     rows = [prompts[i] + c.tokens for i, c in zip(mine, completions)]
     width = max(map(len, rows))

@@ -40,7 +40,7 @@ from offline_rlhf.checkpoint import (
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.prompts import read_prompt_mix
-from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.host import DONE
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import check_resumable, local_init, mark_done, resume_fingerprint
@@ -165,8 +165,9 @@ def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, se
     `services`: rank 0's, None on the other ranks."""
     model, replica = models
     began = time.perf_counter()
-    rollout = sample(replica, prompts, prompt_ids, iteration_generation(cfg.generation, iteration),
-                     tokenizer.eos_id, tokenizer.pad_id, rt)
+    stops = stop_token_ids(tokenizer, build_template(cfg.template, tokenizer.config))
+    rollout = sample(replica, prompts, prompt_ids, iteration_generation(cfg.generation, iteration), stops,
+                     tokenizer.pad_id, rt)
     old_logp = policy_logprobs(model, rollout, rt, cfg.ppo.micro_batch)
     generated = time.perf_counter()
     answer = ask_services(services, pool, rollout.sequences(), rt)

@@ -173,6 +173,15 @@ class ChatFormat:
         head = [{"role": SYSTEM, "content": self.system}] if self.system else []
         return head + [{"role": role, "content": text} for role, text in (turns or [(USER, prompt)])]
 
+    def end_of_turn(self) -> str:
+        """What the template writes right after an answer (ChatML's `<|im_end|>\n`, Llama 3's
+        `<|eot_id|>`; empty for a template that writes nothing there)."""
+        answer = "Fine."
+        rendering = self.chat.conversation([*self.messages("Hi."), {"role": ASSISTANT, "content": answer}])
+        start, end = rendering.spans[-1]
+        turn = rendering.text[start:end]
+        return turn[turn.rindex(answer) + len(answer):]
+
     def reward_prompt(self, score: float) -> str:
         """DT's reward prompt (paper Eq. 6) right after the generation prompt; the newline
         ends it on a pre-tokenization boundary, so training and inference tokenize alike."""

@@ -68,6 +68,20 @@ def encode_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, r
     return tokenizer.encode(template.prompt_text(prompt) + response_prefix, add_bos=tokenizer.adds_bos)
 
 
+def stop_token_ids(tokenizer, template: ChatTemplate | ChatFormat) -> set[int]:
+    """The tokens that end an answer: EOS, and with a chat template its end-of-turn marker
+    when that begins with a special token of its own (ChatML's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`): a model fine-tuned from a base tokenizer, whose EOS is another token,
+    learns to end its answers with the marker."""
+    stops = {tokenizer.eos_id} - {None}
+    if isinstance(template, ChatFormat) and (marker := template.end_of_turn().strip()):
+        first = tokenizer.backend.encode(marker, add_special_tokens=False).ids[0]
+        added = tokenizer.backend.get_added_tokens_decoder().get(first)
+        if added is not None and added.special:
+            stops.add(first)
+    return stops
+
+
 def encode_sft(
     tokenizer,
     template: ChatTemplate | ChatFormat,

@@ -27,6 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from offline_rlhf.config.schema import GenerationConfig
+from offline_rlhf.data.tokenize import stop_token_ids
 from offline_rlhf.generation.engine import Completion, Request, TokenCallback, run, stop_on_strings
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.runtime import Runtime
@@ -135,7 +136,8 @@ class Batcher:
                                temperature=batch["temperature"], top_p=batch["top_p"], seed=0,
                                batch_size=self.slots, stop=list(stop))
         tokenizer = self.served.tokenizer
-        return run(self.served.model, requests, cfg, tokenizer.eos_id, tokenizer.pad_id, self.rt.device,
+        return run(self.served.model, requests, cfg, stop_token_ids(tokenizer, self.served.template), tokenizer.pad_id,
+                   self.rt.device,
                    stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token)
 
     def _take(self, poll_s: float) -> list[Job]:

@@ -24,7 +24,7 @@ from offline_rlhf.config.evaluation import EvalConfig
 from offline_rlhf.data.chat_template import paper_template
 from offline_rlhf.data.prompts import read_prompt_file, read_prompts
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.eval.gold import check_prompts, load_gold
 from offline_rlhf.eval.results import results_markdown, summarize
@@ -99,8 +99,8 @@ def answer_prompts(model: Model, prompts: list[str], cfg: EvalConfig,
     encoded = [encode_prompt(tokenizer, template, prompts[i], prefix)[-budget:] for i in mine]
     # Sampling keyed by the global prompt index: the same answers at any DP size.
     requests = [Request(ids, stream_id(i, 0), cfg.generation.max_new_tokens) for i, ids in zip(mine, encoded)]
-    completions = run(policy, requests, cfg.generation, tokenizer.eos_id, tokenizer.pad_id, rt.device,
-                      stop=stop_on_strings(tokenizer.decode, cfg.generation.stop))
+    completions = run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
+                      rt.device, stop=stop_on_strings(tokenizer.decode, cfg.generation.stop))
     answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length") for c in completions]
     return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
 

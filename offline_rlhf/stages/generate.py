@@ -22,7 +22,7 @@ from offline_rlhf.config.samples import GenerateConfig
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.data.prompts import Prompt, read_prompt_mix
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Request, answer_text, run, stop_on_strings
 from offline_rlhf.generation.sampling import stream_id
@@ -53,7 +53,7 @@ def answer(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, templat
     encoded = [encode_prompt(tokenizer, template, p.text) for p in prompts]
     requests = [Request(ids[-limit:], stream_id(p.id, sample), gen.max_new_tokens)
                 for p, ids in zip(prompts, encoded) for sample in range(gen.n)]
-    completions = run(model, requests, gen, tokenizer.eos_id, tokenizer.pad_id, rt.device,
+    completions = run(model, requests, gen, stop_token_ids(tokenizer, template), tokenizer.pad_id, rt.device,
                       stop=stop_on_strings(tokenizer.decode, gen.stop))
     records = []
     for (prompt, ids), sample in itertools.product(zip(prompts, encoded), range(gen.n)):

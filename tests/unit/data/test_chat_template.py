@@ -9,9 +9,16 @@ from transformers import PreTrainedTokenizerFast
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
-from offline_rlhf.data.chat_template import JinjaChat, build_template, paper_jinja, template_record
+from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, build_template, paper_jinja, template_record
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import IGNORE_INDEX, encode_chat, encode_chat_prompt, encode_prompt, encode_sft
+from offline_rlhf.data.tokenize import (
+    IGNORE_INDEX,
+    encode_chat,
+    encode_chat_prompt,
+    encode_prompt,
+    encode_sft,
+    stop_token_ids,
+)
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 
 # The structure of the two template families real checkpoints ship (written for this test).
@@ -201,3 +208,16 @@ def test_the_paper_format_as_a_chat_template_prompts_as_training_does(tokenizers
     assert whole == ("<|begin_of_text|>" if bos else "") + "Question: What is a cat? Answer: A small animal.<|eos|>"
     with pytest.raises(jinja2.TemplateError, match="user and assistant turns only"):
         hf.apply_chat_template(MULTI, tokenize=False)
+
+
+def test_answers_stop_at_eos_and_at_the_templates_end_of_turn_token(tokenizers):
+    ours, _ = tokenizers
+    chat = ChatFormat(JinjaChat.of(ours.config))
+    marker = "<|eot_id|>" if "eot_id" in ours.config["chat_template"] else "<|im_end|>"
+    assert chat.end_of_turn().strip() == marker
+    assert stop_token_ids(ours, chat) == {ours.eos_id, ours.backend.token_to_id(marker)} and len({
+        ours.eos_id, ours.backend.token_to_id(marker)}) == 2  # the fixture's EOS is another token
+    assert stop_token_ids(ours, ChatTemplate()) == {ours.eos_id}  # the paper's format ends with EOS
+    plain = ChatFormat(JinjaChat("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                 "{% if add_generation_prompt %}assistant: {% endif %}"))
+    assert stop_token_ids(ours, plain) == {ours.eos_id}  # what follows an answer is no special token
