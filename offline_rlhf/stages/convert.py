@@ -15,7 +15,8 @@ from pathlib import Path
 from offline_rlhf.checkpoint import TEMPLATE, TOKENIZER_DIR, load_checkpoint, read_meta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.tools import ConvertConfig
-from offline_rlhf.data.chat_template import paper_jinja, paper_template
+from offline_rlhf.data.chat_template import build_template, paper_jinja, paper_template
+from offline_rlhf.data.tokenize import stop_token_ids
 from offline_rlhf.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from offline_rlhf.hub import resolve_dir
 from offline_rlhf.models.hf import CONFIG_FILE, config_to_hf, copy_tokenizer_files, hf_state_dict, write_hf_weights
@@ -47,7 +48,8 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
     model = empty_model(meta.model, meta.head)
     load_checkpoint(step_dir, model)
     tokenizer_dir = step_dir / TOKENIZER_DIR
-    hf_config = config_to_hf(meta.model, meta.head, dtype, extra=special_token_ids(tokenizer_dir))
+    hf_config = config_to_hf(meta.model, meta.head, dtype,
+                             extra=special_token_ids(tokenizer_dir, meta.metadata.get(TEMPLATE)))
     files = write_hf_weights(hf_state_dict(model, dtype), out)
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     copied = copy_tokenizer_files(tokenizer_dir, out) if tokenizer_dir.is_dir() else []
@@ -68,10 +70,16 @@ def carry_template(recorded: dict, out: Path) -> None:
     tokenizer.save(out)
 
 
-def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
-    """bos/eos/pad token ids for config.json, from the tokenizer when there is one."""
+def special_token_ids(tokenizer_dir: Path, template: dict | None = None) -> dict[str, int | list[int]]:
+    """bos/eos/pad token ids for config.json, from the tokenizer when there is one. A model
+    trained with a chat template whose end-of-turn token is not EOS lists both as
+    eos_token_id (as Llama 3 Instruct does), so Hugging Face generation stops where ours does."""
     if not (tokenizer_dir / TOKENIZER_FILE).is_file():
         return {}
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    eos = tokenizer.eos_id
+    if template is not None and template.get("kind") == "chat":
+        extra = stop_token_ids(tokenizer, build_template(template, tokenizer.config)) - {eos}
+        eos = [eos, *sorted(extra)] if extra and eos is not None else eos
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id}
     return {key: value for key, value in ids.items() if value is not None}

@@ -11,9 +11,9 @@ from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, template_record
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
-from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.stage_support import checkpoint_template
-from offline_rlhf.stages.convert import export_hf
+from offline_rlhf.stages.convert import export_hf, special_token_ids
 from tests.fixtures import reference_model
 from tests.synthetic_preferences import MODEL, synthetic_tokenizer
 
@@ -55,3 +55,18 @@ def test_later_stages_render_with_the_template_the_checkpoint_records(tmp_path):
     chat = checkpoint_template(resolve_checkpoint(tmp_path / "chat"), recorded, configured)
     assert isinstance(chat, ChatFormat) and chat.system == "Be brief."
     assert checkpoint_template(resolve_checkpoint(tmp_path / "plain"), {}, configured) == ChatTemplate("Q:", "A:", " ")
+
+
+def test_a_chat_model_whose_end_of_turn_is_not_eos_exports_both_as_eos_token_id(tmp_path):
+    from tests.unit.data.test_chat_template import CHATML, SPECIALS
+
+    folder = tmp_path / "tok"
+    (tmp_path / "corpus.txt").write_text("hello there, how are you\n" * 20)
+    tokenizer = train_bpe_tokenizer([tmp_path / "corpus.txt"], 300, folder, special_tokens=SPECIALS)
+    tokenizer.config["chat_template"] = CHATML
+    tokenizer.save(folder)
+    im_end = tokenizer.backend.token_to_id("<|im_end|>")
+    chat = special_token_ids(folder, {"kind": "chat", "system": ""})
+    assert chat["eos_token_id"] == [tokenizer.eos_id, im_end] and tokenizer.eos_id != im_end
+    assert special_token_ids(folder, {"kind": "paper"})["eos_token_id"] == tokenizer.eos_id
+    assert special_token_ids(folder)["eos_token_id"] == tokenizer.eos_id
