@@ -13,6 +13,7 @@ the actor's; the first step to fail ends the job.
 
 from __future__ import annotations
 
+import re
 import shlex
 
 from launcher.plan import STAGE_MODULE, StagePlan
@@ -32,8 +33,8 @@ def job_name(plan: StagePlan) -> str:
     """Run and stage, so two runs' jobs differ (continuation waits on jobs of the same name).
     A later round's stage lives in run_dir/round_<r>/ and its name already says the round."""
     folder = plan.stage_dir.parent
-    run = folder.parent if plan.name.startswith(f"{folder.name}.") else folder
-    return f"{run.name}.{plan.name}"
+    in_round = re.fullmatch(r"round_\d+", folder.name) and plan.name.startswith(f"{folder.name}.")
+    return f"{(folder.parent if in_round else folder).name}.{plan.name}"
 
 
 def tasks_per_node(plan: StagePlan, cluster: ClusterConfig) -> int:

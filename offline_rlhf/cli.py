@@ -156,9 +156,9 @@ def check_stage(config) -> dict:
         train = None if getattr(config, "eval_only", False) else getattr(config, "train", None)
         if hasattr(train, "global_batch") and hasattr(train, "micro_batch"):
             dims.per_rank_batch(train.global_batch, train.micro_batch)
-        check_layout = getattr(config, "check_layout", None)  # a stage's own layout rules (the PPO actor's)
-        if callable(check_layout):
-            check_layout(dims.dp)
+        check_world = getattr(config, "check_world", None)  # a stage's own rules for its world (the PPO actor's)
+        if callable(check_world):
+            check_world(dims.dp)
     init = getattr(config, "init", None)
     if init is not None and not init.tokenizer:
         init.require_tokenizer_source()

@@ -34,6 +34,11 @@ class Runtime:
     def is_main(self) -> bool:
         return self.env.is_main
 
+    @property
+    def dp_rank(self) -> int:
+        """This process's data-parallel rank (the TP ranks of one replica share it)."""
+        return self.mesh.get_local_rank("dp") if self.mesh is not None else 0
+
     def log(self, message: str) -> None:
         if self.is_main:
             print(message, flush=True)

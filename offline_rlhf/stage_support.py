@@ -193,15 +193,17 @@ def checkpoint_of_head(path: Path, head: str, key: str) -> CheckpointMeta:
     return meta
 
 
-def load_inference_model(path: Path, head: str, rt: Runtime, key: str) -> nn.Module:
+def load_inference_model(path: Path, head: str, rt: Runtime, key: str, decoding: bool = False) -> nn.Module:
     """The checkpoint at `path` (resolved) in eval mode as a TP-only replica of the
     runtime's layout: replicas then generate independently (FSDP would make every
-    replica run the same number of forwards). In bf16 on CUDA."""
+    replica run the same number of forwards). `decoding`: a model that only generates,
+    kept in bf16 on CUDA (half the bytes a decode step reads); models that score
+    (reference log-probs) keep fp32 weights, as the policy they are compared with does."""
     meta = checkpoint_of_head(path, head, key)
     model = build_inference_model(meta.model, head, rt.dims, rt.mesh, rt.device)
     note_untrusted(path, rt)
     load_checkpoint(path, model, group=rt.group)
-    if rt.device.type == "cuda":  # autocast computes in bf16 anyway; bf16 weights halve what decoding reads
+    if decoding and rt.device.type == "cuda":
         model.to(torch.bfloat16)
     return model.eval()
 

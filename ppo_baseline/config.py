@@ -142,9 +142,9 @@ class PPOConfig(Frozen):
         for name in SERVICES:
             require(getattr(self.services, name), "checkpoint", prefix=f"services.{name}.")
         require_positive(self, "save_every", "keep_last", "max_prompt_tokens")
-        self.check_layout()
+        self.check_world()
 
-    def check_layout(self, dp: int | None = None) -> None:
+    def check_world(self, dp: int | None = None) -> None:
         """What the actor's layout supports: DP (fsdp or ddp) x TP. Sequence and loss
         parallelism are refused: rollout rows have any length (SP splits sequences evenly)
         and the entropy metric and the log-probs sent along need whole logits. `dp`: the

@@ -77,11 +77,6 @@ def shifted_values(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dp_rank(rt: Runtime) -> int:
-    """This process's data-parallel rank (TP ranks of one replica share it)."""
-    return rt.mesh.get_local_rank("dp") if rt.mesh is not None and rt.dims.dp > 1 else 0
-
-
 def dp_rows(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: dict[str, torch.Tensor], rt: Runtime,
             batch_size: int) -> torch.Tensor:
     """fn over the rows of `batch` in chunks of `batch_size`, the rows split evenly over the
@@ -90,7 +85,7 @@ def dp_rows(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: dict[s
     dp = rt.dims.dp
     rows = next(iter(batch.values())).shape[0]
     share = math.ceil(rows / dp)
-    rank = dp_rank(rt)
+    rank = rt.dp_rank
     index = torch.arange(rank * share, (rank + 1) * share).clamp(max=rows - 1)
     mine = {key: value[index].to(rt.device) for key, value in batch.items()}
     outputs = []
@@ -137,7 +132,7 @@ def train_epochs(task: Task, model: nn.Module, optimizer, scheduler, data: dict[
     of it in micro-batches (train_step normalizes over the global minibatch, so any DP size
     makes the same step). Returns the metrics averaged over steps."""
     rows = next(iter(data.values())).shape[0]
-    per_rank, rank = cfg.minibatch // rt.dims.dp, dp_rank(rt)
+    per_rank, rank = cfg.minibatch // rt.dims.dp, rt.dp_rank
     sums: dict[str, float] = {}
     steps = 0
     for epoch in range(cfg.epochs):

@@ -38,6 +38,7 @@ from offline_rlhf.checkpoint import (
     save_checkpoint,
 )
 from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.schema import InitConfig
 from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
@@ -71,17 +72,17 @@ OUT = "ppo"
 def main(cfg: PPOConfig) -> int:
     if cfg.serve:  # a service's job step of the Slurm heterogeneous job
         return serve_in_job(cfg)
-    cfg = replace(cfg, init=local_init(cfg.init, cfg.run_dir))  # a Hugging Face model is imported once, into the run
-    model_cfg = read_meta(resolve_checkpoint(cfg.init.checkpoint, "init.checkpoint")).model
+    init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
+    model_cfg = read_meta(resolve_checkpoint(init.checkpoint, "init.checkpoint")).model
     previous = signal.signal(signal.SIGTERM, _raise_exit)  # a SIGTERM still shuts the services down
     try:
         with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-            cfg.check_layout(rt.dims.dp)
+            cfg.check_world(rt.dims.dp)
             rt = replace(rt, stage_dir=Path(cfg.run_dir) / OUT)
             if rt.is_main:
                 rt.stage_dir.mkdir(parents=True, exist_ok=True)
                 (rt.stage_dir / DONE).unlink(missing_ok=True)
-            final = run_actor(cfg, rt, usage, model_cfg)
+            final = run_actor(cfg, init, rt, usage, model_cfg)
             mark_done(rt, final)
             rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
     finally:
@@ -104,11 +105,12 @@ def load_prompts(cfg: PPOConfig, tokenizer, model_cfg) -> tuple[list[list[int]],
     return [encode_prompt(tokenizer, template, p.text)[-limit:] for p in prompts], [p.id for p in prompts]
 
 
-def run_actor(cfg: PPOConfig, rt: Runtime, usage, model_cfg) -> Path:
-    setup = prepare_training(cfg.init, model_cfg, "lm", rt, cfg.seed)
+def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg) -> Path:
+    setup = prepare_training(init, model_cfg, "lm", rt, cfg.seed)
     model, tokenizer = setup.model, setup.tokenizer
     replica = sampling_model(model, model_cfg, rt)
     prompts, prompt_ids = load_prompts(cfg, tokenizer, model_cfg)
+    stops = stop_token_ids(tokenizer, build_template(cfg.template, tokenizer.config))
     steps_per_iteration = cfg.ppo.epochs * cfg.ppo.rollout_batch // cfg.ppo.minibatch
     optimizer = build_optimizer(model.parameters(), cfg.optim, rt.device)
     scheduler = build_scheduler(optimizer, cfg.ppo.iterations * steps_per_iteration, cfg.optim)
@@ -128,8 +130,9 @@ def run_actor(cfg: PPOConfig, rt: Runtime, usage, model_cfg) -> Path:
         for iteration in range(start, cfg.ppo.iterations):
             chosen = stream.take(iteration * cfg.ppo.rollout_batch, cfg.ppo.rollout_batch)
             refresh(replica, model)
-            metrics = iterate(cfg, rt, (model, replica), optimizer, scheduler, services, pool, tokenizer,
-                              [prompts[i] for i in chosen], [prompt_ids[i] for i in chosen], iteration)
+            metrics = iterate(cfg, rt, (model, replica), optimizer, scheduler, services, pool,
+                              (stops, tokenizer.pad_id), [prompts[i] for i in chosen],
+                              [prompt_ids[i] for i in chosen], iteration)
             usage.tokens += int(metrics.pop("tokens"))
             usage.beat()
             log.train(iteration + 1, metrics, every=1)
@@ -159,15 +162,15 @@ def _resume(root: Path, model, optimizer, scheduler, fingerprint: dict, rt: Runt
 
 
 def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, services: Services | None, pool,
-            tokenizer, prompts: list[list[int]], prompt_ids: list[int], iteration: int) -> dict[str, float]:
+            tokens: tuple[set[int], int], prompts: list[list[int]], prompt_ids: list[int],
+            iteration: int) -> dict[str, float]:
     """One PPO iteration; returns its metrics (and `tokens`, generated and trained on).
     `models`: the training model and the one sampling with its weights (often the same);
-    `services`: rank 0's, None on the other ranks."""
+    `services`: rank 0's, None on the other ranks; `tokens`: the ids that end an answer, the pad id."""
     model, replica = models
     began = time.perf_counter()
-    stops = stop_token_ids(tokenizer, build_template(cfg.template, tokenizer.config))
-    rollout = sample(replica, prompts, prompt_ids, iteration_generation(cfg.generation, iteration), stops,
-                     tokenizer.pad_id, rt)
+    stops, pad_id = tokens
+    rollout = sample(replica, prompts, prompt_ids, iteration_generation(cfg.generation, iteration), stops, pad_id, rt)
     old_logp = policy_logprobs(model, rollout, rt, cfg.ppo.micro_batch)
     generated = time.perf_counter()
     answer = ask_services(services, pool, rollout.sequences(), rt)

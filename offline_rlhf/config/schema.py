@@ -338,7 +338,7 @@ class GenerationConfig(Frozen):
     n: int = 1  # answers per prompt (sampling; with greedy they are n copies)
     stop: list[str] = field(default_factory=list)  # an answer ends at the first of these strings (not kept)
     cuda_graphs: bool = True  # on CUDA, replay each bucketed decode shape as a CUDA graph (false: plain eager)
-    compile: bool = True  # with cuda_graphs, torch.compile the decode step first (about a minute, once per process)
+    compile: bool = True  # with cuda_graphs, torch.compile the decode step first (about a minute per process)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -36,6 +36,8 @@ class ServeConfig(Frozen):
     max_n: int = 8  # the largest n (choices per prompt) a request may ask for
     max_prompts: int = 16  # the most prompts one /v1/completions request may list
     max_body_kb: int = 1024  # larger request bodies are refused (413) unread
+    cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (as generation.cuda_graphs)
+    compile: bool = True  # with cuda_graphs, compile the decode step first (at start-up, before serving)
 
     def __post_init__(self):
         require(self, "ckpt", fix="pass the checkpoint to serve (e.g. RUN/sft/checkpoints)")

@@ -5,9 +5,10 @@ Two forms of the same computation. `DynamicStep` runs over exactly the busy slot
 columns in use (CPU, tensor parallelism). `StaticStep` rounds both up to buckets (batch:
 powers of two up to the slot count; width: multiples of `WIDTH_BUCKET` columns), so each
 step has one of a few fixed shapes; on CUDA the step is compiled (torch.compile, dynamic
-shapes: once for all buckets), each shape captured once as a CUDA graph and replayed,
-which removes the per-kernel launch cost that dominates small-batch decode (measured in
-docs/benchmarks.md).
+shapes: one compilation for one row, one for several), each shape captured once as a CUDA
+graph and replayed, which removes the per-kernel launch cost that dominates small-batch
+decode (measured in docs/benchmarks.md).
+
 Rows past the busy ones are free slots: they decode a dummy token into column 0 of their
 own cache row, which the next prompt placed there overwrites before anything reads it.
 
@@ -43,7 +44,7 @@ class DynamicStep:
 
 class StaticStep:
     """The step at bucketed shapes; `graphs` captures and replays each shape on CUDA;
-    `compiled` runs it through torch.compile (one compilation for every bucket)."""
+    `compiled` runs it through torch.compile (two compilations: one row, several)."""
 
     def __init__(self, model: Transformer, cache: list[LayerKVCache], limits: tuple[int, int], device: torch.device,
                  graphs: bool, compiled: bool = False):
@@ -121,7 +122,8 @@ def decode_logits(model: Transformer, kv: list[tuple[torch.Tensor, torch.Tensor]
 def compiled_decode_logits():
     """The step through torch.compile: it fuses the elementwise work between the matrix
     products (norms, RoPE, residuals, mask, cache writes), which a graph would otherwise
-    replay as hundreds of tiny kernels. Dynamic shapes: one compilation for all buckets."""
+    replay as hundreds of tiny kernels. Dynamic shapes: besides one row (which the compiler
+    specializes), one compilation serves every bucket of a model."""
     return torch.compile(decode_logits, dynamic=True)
 
 

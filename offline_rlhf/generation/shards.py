@@ -33,7 +33,7 @@ def resume_shards(rt: Runtime, fingerprint: dict, n: int) -> set[int]:
 def my_share(rt: Runtime, items: list) -> tuple[list, Path | None]:
     """This replica's contiguous block of `items` and the shard it appends to (None on TP
     ranks other than 0, which hold the same results)."""
-    replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
+    replica = rt.dp_rank
     writes = rt.mesh is None or rt.mesh.get_local_rank("tp") == 0
     shard = rt.stage_dir / f"shard_{replica:05d}.jsonl"
     return [items[i] for i in shard_indices(len(items), replica, rt.dims.dp)], shard if writes else None

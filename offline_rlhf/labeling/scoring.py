@@ -70,7 +70,7 @@ def score_sequences(model: nn.Module, sequences: Sequence[PackedSequence], batch
     """
     if not sequences:
         return []
-    dp, rank = rt.dims.dp, rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
+    dp, rank = rt.dims.dp, rt.dp_rank
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     mine = order[rank::dp]
     share = math.ceil(len(order) / dp)

@@ -27,7 +27,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.data.tokenize import stop_token_ids
 from offline_rlhf.generation.engine import Completion, Request, TokenCallback, run, stop_on_strings
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.runtime import Runtime
@@ -68,8 +67,10 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, served: ServedModel, rt: Runtime, slots: int):
+    def __init__(self, served: ServedModel, rt: Runtime, slots: int, cuda_graphs: bool = True,
+                 compile_step: bool = True):
         self.served, self.rt, self.slots = served, rt, slots
+        self.cuda_graphs, self.compile_step = cuda_graphs, compile_step  # GenerationConfig's, for every batch
         self.generated = 0  # tokens generated, for the ledger
         self.batches = 0  # engine runs: fewer than the requests when they shared batches
         self._jobs: queue.Queue[Job] = queue.Queue()
@@ -126,6 +127,14 @@ class Batcher:
                 except Exception as error:  # noqa: BLE001 - rank 0 answers the clients with it
                     log.debug("batch failed on rank %d: %s", self.rt.env.rank, error)
 
+    def warm_up(self) -> None:
+        """One batch of one row and one of two before serving (one process only: the other
+        ranks of a world run only what rank 0 broadcasts): on CUDA the decode step is then
+        compiled for one row and for several, not during a client's first requests."""
+        prompt = [self.served.tokenizer.pad_id or 0]
+        for rows in (1, 2):
+            self.execute(batch_body([Request(prompt, row, 2) for row in range(rows)], True, 1.0, 1.0, ()))
+
     def execute(self, body: bytes, on_token: TokenCallback | None = None) -> list[Completion]:
         """What every rank runs per batch: the engine on the batch's requests (rank 0 with
         the streaming jobs' callbacks)."""
@@ -134,10 +143,10 @@ class Batcher:
         requests = [Request(prompt, stream, budget) for prompt, stream, budget in batch["requests"]]
         cfg = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), greedy=batch["greedy"],
                                temperature=batch["temperature"], top_p=batch["top_p"], seed=0,
-                               batch_size=self.slots, stop=list(stop))
+                               batch_size=self.slots, stop=list(stop), cuda_graphs=self.cuda_graphs,
+                               compile=self.compile_step)
         tokenizer = self.served.tokenizer
-        return run(self.served.model, requests, cfg, stop_token_ids(tokenizer, self.served.template), tokenizer.pad_id,
-                   self.rt.device,
+        return run(self.served.model, requests, cfg, self.served.stop_ids, tokenizer.pad_id, self.rt.device,
                    stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token)
 
     def _take(self, poll_s: float) -> list[Job]:
@@ -160,8 +169,7 @@ class Batcher:
             groups.setdefault(job.key(), []).append(job)
         for (greedy, temperature, top_p, stop), group in groups.items():
             rows = [row for job in group for row in job.rows()]
-            body = json.dumps({"greedy": greedy, "temperature": temperature, "top_p": top_p, "stop": list(stop),
-                               "requests": [[r.prompt, r.stream, r.max_new_tokens] for r in rows]}).encode()
+            body = batch_body(rows, greedy, temperature, top_p, stop)
             try:
                 broadcast_message(self.rt, CALL, "generate", body)
                 completions = self.execute(body, token_callback(group))
@@ -206,3 +214,9 @@ def token_callback(group: list[Job]) -> TokenCallback | None:
             job.on_token = None
 
     return on_token
+
+
+def batch_body(rows: list[Request], greedy: bool, temperature: float, top_p: float, stop: tuple[str, ...]) -> bytes:
+    """One engine batch as every rank of a world receives it (JSON bytes, never pickle)."""
+    return json.dumps({"greedy": greedy, "temperature": temperature, "top_p": top_p, "stop": list(stop),
+                       "requests": [[r.prompt, r.stream, r.max_new_tokens] for r in rows]}).encode()

@@ -13,7 +13,7 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.serving import ServeConfig
 from offline_rlhf.data.chat_template import ChatFormat
 from offline_rlhf.data.template import ChatTemplate, Turn
-from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.stage_support import checkpoint_template, dt_target, load_inference_model
@@ -27,6 +27,7 @@ class ServedModel:
     template: ChatTemplate | ChatFormat
     reward_prefix: str  # "" or the DT reward prompt that follows the assistant tag
     max_seq_len: int
+    stop_ids: set[int]  # the tokens that end an answer (EOS, a chat template's end-of-turn token)
 
     def chat_prompt(self, turns: list[Turn]) -> list[int]:
         """A conversation's prompt tokens, as `orlhf eval` and training encode a prompt
@@ -45,10 +46,10 @@ def load_served_model(cfg: ServeConfig, path: Path, rt: Runtime) -> ServedModel:
     template = checkpoint_template(path, meta.metadata, cfg.template)
     score = cfg.reward_prompt if cfg.reward_prompt is not None else dt_target(meta.metadata, path)
     tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR)
-    model = load_inference_model(path, "lm", rt, "ckpt")
+    model = load_inference_model(path, "lm", rt, "ckpt", decoding=True)
     return ServedModel(name=cfg.model_name or default_name(path), model=model, tokenizer=tokenizer,
                        template=template, reward_prefix="" if score is None else template.reward_prompt(score),
-                       max_seq_len=meta.model.max_seq_len)
+                       max_seq_len=meta.model.max_seq_len, stop_ids=stop_token_ids(tokenizer, template))
 
 
 def default_name(path: Path) -> str:

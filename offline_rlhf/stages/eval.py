@@ -87,10 +87,10 @@ def answer_prompts(model: Model, prompts: list[str], cfg: EvalConfig,
     split them; finished is False for an answer cut at max_new_tokens), and the number of
     tokens generated."""
     tokenizer = Tokenizer.from_dir(model.path / TOKENIZER_DIR)
-    policy = load_inference_model(model.path, "lm", rt, f"models[{model.name}].checkpoint")
+    policy = load_inference_model(model.path, "lm", rt, f"models[{model.name}].checkpoint", decoding=True)
     template = model.template
     prefix = "" if model.reward_prompt is None else template.reward_prompt(model.reward_prompt)
-    replica = rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
+    replica = rt.dp_rank
     mine = shard_indices(len(prompts), replica, rt.dims.dp)
     budget = model.meta.model.max_seq_len - cfg.generation.max_new_tokens
     if budget < 1:

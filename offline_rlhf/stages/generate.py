@@ -89,7 +89,7 @@ def main(cfg: GenerateConfig) -> int:
         mine, shard = my_share(rt, todo)
         rt.log(f"generate: {len(prompts)} prompts, {len(done)} already answered, {len(todo)} to go on "
                f"{rt.dims.dp} replica(s) of TP={rt.dims.tp}")
-        model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint")
+        model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint", decoding=True)
         usage.tokens = _generate_all(model, mine, cfg, tokenizer, template, rt, str(checkpoint), shard, usage)
         rt.barrier()
         if rt.is_main:

@@ -47,8 +47,10 @@ def main(cfg: ServeConfig) -> int:
             raise ConfigError("parallel.tp", f"is {rt.dims.tp}, but `orlhf serve` runs its {rt.dims.world_size} "
                               "processes as one tensor-parallel group", f"set parallel.tp={rt.dims.world_size}")
         served = load_served_model(cfg, path, rt)
-        batcher = Batcher(served, rt, cfg.batch_size)
+        batcher = Batcher(served, rt, cfg.batch_size, cfg.cuda_graphs, cfg.compile)
         with _stopped_by_signals(batcher, rt):
+            if rt.dims.world_size == 1:
+                batcher.warm_up()
             if rt.is_main:
                 try:
                     _serve_http(OpenAIServer(served, batcher, cfg, key), cfg, rt)

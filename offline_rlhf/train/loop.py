@@ -141,7 +141,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
     result = TrainResult(steps=steps, checkpoint=resumed_from)
     while state.step < steps:
         started = time.perf_counter()
-        batches = _micro_batches(data, stream, state, train_cfg, per_rank, _dp_rank(rt))
+        batches = _micro_batches(data, stream, state, train_cfg, per_rank, rt.dp_rank)
         loaded = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         metrics, tokens = train_step(task, model, optimizer, batches, rt, optim_cfg.grad_clip)
@@ -248,7 +248,7 @@ def validate(task: Task, model: nn.Module, data: TrainData, cfg: TrainConfig, rt
         items = items[: cfg.val_batches * cfg.micro_batch * rt.dims.dp]
     if not items:
         return {}
-    mine = items[_dp_rank(rt)::rt.dims.dp]
+    mine = items[rt.dp_rank::rt.dims.dp]
     rounds = math.ceil(math.ceil(len(items) / rt.dims.dp) / cfg.micro_batch)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=rt.device))
     normalizer = 0.0
@@ -300,10 +300,6 @@ def _save(ckpt: CheckpointSpec, model, optimizer, scheduler, state: TrainState, 
                           metadata=metadata)
     return save_checkpoint(ckpt.root, model, meta, optimizer=optimizer, tokenizer_dir=ckpt.tokenizer_dir,
                            keep_last=cfg.keep_last, group=rt.group)
-
-
-def _dp_rank(rt: Runtime) -> int:
-    return rt.mesh.get_local_rank("dp") if rt.mesh is not None else 0
 
 
 def _dp_sum(rt: Runtime, values: list) -> list[float]:

@@ -144,3 +144,22 @@ def test_generate_and_ppo_stages_run_on_the_gpu(tmp_path):
     devices = {row["stage"]: row["device_type"] for row in map(json.loads, (run_dir / "ledger.jsonl").open())}
     assert devices == dict.fromkeys(("generate", "ppo_actor", "ppo_reward", "ppo_reference", "ppo_critic"),
                                     torch.cuda.get_device_name())
+
+
+def test_models_that_only_decode_load_in_bf16_and_models_that_score_keep_fp32(tmp_path):
+    """A reference model's log-probs are compared with the fp32 policy's: it keeps fp32
+    weights; generate/eval/serve models are cast to bf16."""
+    from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+    from offline_rlhf.config.schema import ParallelConfig
+    from offline_rlhf.parallel.dims import ParallelDims
+    from offline_rlhf.stage_support import load_inference_model
+    from tests.fixtures import TINY, runtime_for
+
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, reference_model(), CheckpointMeta(TINY, "lm", TrainState(step=1)))
+    rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, TINY), None, tmp_path)
+    scoring = load_inference_model(root / "step_00000001", "lm", rt, "ckpt")
+    decoding = load_inference_model(root / "step_00000001", "lm", rt, "ckpt", decoding=True)
+    assert {p.dtype for p in scoring.parameters()} == {torch.float32}
+    assert {p.dtype for p in decoding.parameters()} == {torch.bfloat16}
+    assert all(p.is_cuda for p in decoding.parameters())

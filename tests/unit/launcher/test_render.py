@@ -127,5 +127,7 @@ def test_job_names_are_run_then_stage_also_for_a_later_rounds_stage():
     first = make_plan("generate")
     later = replace(first, name="round_2.generate", stage_dir=RUN_DIR / "round_2" / "generate")
     dotted = replace(first, name="align.dt", stage_dir=RUN_DIR / "align.dt")  # a dotted name of the user's
-    assert [job_name(plan) for plan in (first, later, dotted)] == [
-        f"{RUN_DIR.name}.generate", f"{RUN_DIR.name}.round_2.generate", f"{RUN_DIR.name}.align.dt"]
+    # A run folder named like the start of a dotted stage name is still the run's folder.
+    same = replace(first, name="dt8b.v2", stage_dir=RUN_DIR / "dt8b.v2")
+    assert [job_name(plan) for plan in (first, later, dotted, same)] == [
+        f"{RUN_DIR.name}.generate", f"{RUN_DIR.name}.round_2.generate", f"{RUN_DIR.name}.align.dt", "dt8b.dt8b.v2"]

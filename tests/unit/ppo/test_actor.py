@@ -110,6 +110,6 @@ def test_the_config_refuses_actor_layouts_it_cannot_run(tmp_path):
                                          "ppo.micro_batch=4", "ppo.rollout_batch=16"])
     cfg = compose_stage("ppo", PPOConfig, [f"run_dir={tmp_path}", "ppo.minibatch=8", "ppo.micro_batch=4",
                                            "ppo.rollout_batch=16"])
-    cfg.check_layout(dp=2)  # 8 rows = 2 ranks x one micro-batch of 4
+    cfg.check_world(dp=2)  # 8 rows = 2 ranks x one micro-batch of 4
     with pytest.raises(ConfigError, match="on 4 data-parallel ranks"):
-        cfg.check_layout(dp=4)  # what the stage checks once torchrun has given it the world
+        cfg.check_world(dp=4)  # what the stage checks once torchrun has given it the world

@@ -90,3 +90,23 @@ def test_a_chat_template_checkpoint_renders_the_conversation_turn_by_turn(tokeni
     turns = [("user", "good music"), ("assistant", "the river"), ("user", "and the stone")]
     assert model.chat_prompt(turns) == tokenizer.encode(
         "[user] good music\n[assistant] the river\n[user] and the stone\n[assistant] ")
+
+
+def test_warm_up_decodes_one_and_two_rows_with_the_configured_decoding_and_counts_nothing(
+        tokenizer_dir, tmp_path, monkeypatch):
+    from offline_rlhf.serving import batcher as batching
+
+    model = served(write_lm_checkpoint(tmp_path / "sft" / "checkpoints", tokenizer_dir), tmp_path)
+    calls = []
+    real_run = batching.run
+
+    def recording_run(model, requests, cfg, *args, **kwargs):
+        calls.append((len(requests), cfg.cuda_graphs, cfg.compile))
+        return real_run(model, requests, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "run", recording_run)
+    rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, MODEL), None, tmp_path / "serve")
+    warm = batching.Batcher(model, rt, slots=4, cuda_graphs=True, compile_step=False)
+    warm.warm_up()
+    assert calls == [(1, True, False), (2, True, False)]
+    assert (warm.generated, warm.batches) == (0, 0)
