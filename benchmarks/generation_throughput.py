@@ -22,7 +22,7 @@ import argparse
 import time
 
 import torch
-from realistic_generation import REPO, run_realistic
+from realistic_generation import DATA, REPO, run_realistic
 from train_step_throughput import CPU_DEFAULT, hf_twin
 
 from offline_rlhf.config.compose import compose_stage
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256, help="realistic: prompts per measurement")
     parser.add_argument("--cache", default=str(REPO / "runs" / "bench_generation"),
                         help="realistic: where the trained model lives")
+    parser.add_argument("--data", default=str(DATA), help="realistic: the public data folder (../shared/data)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

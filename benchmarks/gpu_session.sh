@@ -3,12 +3,14 @@
 # on the ~1B model, each under its own time limit, every log kept in $OUT.
 #
 #   bash benchmarks/gpu_session.sh                    # on the GPU machine, from the repository root
-#   bash benchmarks/gpu_session.sh tests generation   # some parts only (tests, generation, training)
+#   bash benchmarks/gpu_session.sh tests generation   # some parts only (tests, generation, training,
+#                                                     # realistic)
 #
-# Packages the GPU image lacks (hydra-core, omegaconf, antlr4) come as wheels in .whl/
-# (pure Python; see docs/benchmarks.md), installed to /tmp/site.
+# benchmarks/gpu_prepare.sh makes what it needs here first: the packages the GPU image lacks
+# (hydra-core, omegaconf, antlr4) as wheels in .whl/, installed to /tmp/site there, and the
+# realistic workload's prompts and trained model in .gpu_data/ (carry both folders).
 set -u
-PARTS=${*:-tests generation training}
+PARTS=${*:-tests generation training realistic}
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
@@ -27,4 +29,7 @@ set -o pipefail
     --compile 0 2>&1 | tee "$OUT/generation_uncompiled.log"; }
 [[ $PARTS == *training* ]] && timeout 150 python3 benchmarks/train_step_throughput.py --model 1b --seq 4096 --batch 1 --steps 5 --rounds 2 2>&1 \
   | tee "$OUT/train.log"
+[[ $PARTS == *realistic* && -d .gpu_data ]] && timeout 300 python3 benchmarks/generation_throughput.py \
+  --workload realistic --data .gpu_data/data --cache .gpu_data/bench_generation --batch 32 128 --n 1 4 \
+  --new 256 --rounds 2 2>&1 | tee "$OUT/realistic.log"
 true  # a skipped last part is not a failure

@@ -29,25 +29,26 @@ from offline_rlhf.stages.convert import empty_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-SOURCES = (("sft", "self_instruct", DATA / "self-instruct" / "data" / "seed_tasks.jsonl"),
-           ("sft", "oasst", DATA / "open-assistant" / "model_eval_manual_data" / "en_100_tree.jsonl"))
+# (kind, format, path under the data folder)
+SOURCES = (("sft", "self_instruct", Path("self-instruct", "data", "seed_tasks.jsonl")),
+           ("sft", "oasst", Path("open-assistant", "model_eval_manual_data", "en_100_tree.jsonl")))
 MODEL = ["model=tiny", "model.name=bench-4m", "model.vocab_size=2048", "model.dim=256", "model.n_layers=4",
          "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=688", "model.max_seq_len=512"]
 
 
-def local_sources() -> str:
+def local_sources(data: Path) -> str:
     """The staged public files as SFT sources (the shipped default names hub datasets)."""
-    sources = (f"{{name: {fmt}, format: {fmt}, path: '{path}'}}" for _, fmt, path in SOURCES)
+    sources = (f"{{name: {fmt}, format: {fmt}, path: '{data / path}'}}" for _, fmt, path in SOURCES)
     return "data.sources=[" + ", ".join(sources) + "]"
 
 
-def trained_checkpoint(cache: Path) -> Path:
+def trained_checkpoint(cache: Path, data: Path = DATA) -> Path:
     """The SFT checkpoint under `cache`, trained on first use (a few minutes on 2 cores)."""
     root = cache / "sft" / "checkpoints"
     if latest_checkpoint(root) is None:
         tokenizer = cache / "tokenizer"
-        train_bpe_tokenizer([path for _, _, path in SOURCES], 2048, tokenizer)
-        code = orlhf(["sft", f"run_dir={cache}", *MODEL, local_sources(), f"init.tokenizer={tokenizer}",
+        train_bpe_tokenizer([data / path for _, _, path in SOURCES], 2048, tokenizer)
+        code = orlhf(["sft", f"run_dir={cache}", *MODEL, local_sources(data), f"init.tokenizer={tokenizer}",
                       "train.global_batch=16", "train.micro_batch=8", "train.epochs=12", "optim.lr=3e-3",
                       "optim.warmup_steps=20", "train.val_every=0", "logging.progress=false"])
         if code:
@@ -61,9 +62,9 @@ def load(checkpoint: Path, device) -> tuple[Transformer, Tokenizer]:
     return model.to(device).eval(), Tokenizer.from_dir(checkpoint / TOKENIZER_DIR)
 
 
-def prompts(tokenizer: Tokenizer, count: int, max_tokens: int) -> list[list[int]]:
+def prompts(tokenizer: Tokenizer, count: int, max_tokens: int, data: Path = DATA) -> list[list[int]]:
     template = ChatTemplate()
-    texts = [text for kind, fmt, path in SOURCES for text in read_prompts(kind, fmt, str(path), template)]
+    texts = [text for kind, fmt, path in SOURCES for text in read_prompts(kind, fmt, str(data / path), template)]
     encoded = [encode_prompt(tokenizer, template, text)[-max_tokens:] for text in texts]
     return (encoded * (count // len(encoded) + 1))[:count]
 
@@ -125,9 +126,10 @@ def length_summary(lengths: list[int], limit: int) -> str:
 
 
 def run_realistic(args, device, hf_twin) -> None:
-    model, tokenizer = load(trained_checkpoint(Path(args.cache)), device)
+    data = Path(args.data)
+    model, tokenizer = load(trained_checkpoint(Path(args.cache), data), device)
     theirs = hf_twin(model).to(device).eval()
-    encoded = prompts(tokenizer, args.prompts, max_tokens=model.cfg.max_seq_len - args.new)
+    encoded = prompts(tokenizer, args.prompts, max_tokens=model.cfg.max_seq_len - args.new, data=data)
     print(f"device={device} model={model.cfg.name} params={model.cfg.num_params() / 1e6:.1f}M prompts={len(encoded)} "
           f"(mean {statistics.fmean(map(len, encoded)):.0f} tokens) max_new_tokens={args.new} sampling T=1 EOS on "
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
