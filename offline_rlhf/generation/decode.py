@@ -123,7 +123,8 @@ def compiled_decode_logits():
     """The step through torch.compile: it fuses the elementwise work between the matrix
     products (norms, RoPE, residuals, mask, cache writes), which a graph would otherwise
     replay as hundreds of tiny kernels. Dynamic shapes: besides one row (which the compiler
-    specializes), one compilation serves every bucket of a model."""
+    specializes), one compilation serves every bucket, and every model of the same shape
+    (its parameters are inputs)."""
     return torch.compile(decode_logits, dynamic=True)
 
 
