@@ -12,8 +12,11 @@ decode (measured in docs/benchmarks.md).
 Rows past the busy ones are free slots: they decode a dummy token into column 0 of their
 own cache row, which the next prompt placed there overwrites before anything reads it.
 
-The attention mask [rows, 1, 1, width] is built on the device from each slot's first and
-current column; the host sends three int64 per row and nothing else.
+A step's inputs live on the device, three int64 per row (token, column, start): the host
+loads them when the set of busy slots changes (`load`), and in between each step's sampled
+tokens become the next step's inputs on the device (`feed`), so the engine can launch a
+step before it has read the last one's tokens. The attention mask [rows, 1, 1, width] is
+built on the device from them.
 """
 
 from __future__ import annotations
@@ -33,13 +36,19 @@ class DynamicStep:
 
     def __init__(self, model: Transformer, cache: list[LayerKVCache], device: torch.device):
         self.model, self.cache, self.device = model, cache, device
+        self.inputs = torch.zeros(0, 3, dtype=torch.long, device=device)
 
-    def __call__(self, tokens: list[int], columns: list[int], starts: list[int]) -> torch.Tensor:
-        """Per busy slot: the token to feed, its cache column, the column its prompt starts
-        at. Returns logits [busy, V]."""
-        rows = torch.tensor(list(zip(tokens, columns, starts)), device=self.device)
-        width = max(columns) + 1  # from the host's copy: no device sync
-        return decode_logits(self.model, buffers(self.cache), rows, width)
+    def load(self, rows: list[tuple[int, int, int]]) -> None:
+        """Per busy slot (token to feed, its cache column, the column its prompt starts at)."""
+        self.inputs = torch.tensor(rows, device=self.device)
+
+    def logits(self, width: int) -> torch.Tensor:
+        """Next-token logits [busy, V] of the loaded rows over `width` columns (the host's
+        count: no device sync)."""
+        return decode_logits(self.model, buffers(self.cache), self.inputs, width)
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        feed_inputs(self.inputs, tokens)
 
 
 class StaticStep:
@@ -56,23 +65,31 @@ class StaticStep:
         # Per bucket of rows: [rows, 3] (token, column, start), a whole tensor, not a view
         # of a shared one (a compiled step would specialize on how a view sits in its base).
         self.inputs: dict[int, torch.Tensor] = {}
+        self.busy = 0
         self.captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
-    def __call__(self, tokens: list[int], columns: list[int], starts: list[int]) -> torch.Tensor:
-        busy = len(tokens)
-        rows, width = self.shape(busy, max(columns) + 1)
-        dummy = [(0, 0, 0)] * (rows - busy)  # token 0 into column 0, attending to column 0 only
-        if rows not in self.inputs:
-            self.inputs[rows] = torch.zeros(rows, 3, dtype=torch.long, device=self.device)
-        self.inputs[rows].copy_(torch.tensor(list(zip(tokens, columns, starts)) + dummy), non_blocking=True)
+    def load(self, rows: list[tuple[int, int, int]]) -> None:
+        """As `DynamicStep.load`; rows past the busy ones in the bucket get the dummy row."""
+        self.busy = len(rows)
+        bucket = self.shape(self.busy, 1)[0]
+        if bucket not in self.inputs:
+            self.inputs[bucket] = torch.zeros(bucket, 3, dtype=torch.long, device=self.device)
+        dummy = [(0, 0, 0)] * (bucket - self.busy)  # token 0 into column 0, attending to column 0 only
+        self.inputs[bucket].copy_(torch.tensor(rows + dummy), non_blocking=True)
+
+    def logits(self, width: int) -> torch.Tensor:
+        rows, width = self.shape(self.busy, width)
         if not self.graphs:
-            return self.forward(self.model, buffers(self.cache), self.inputs[rows], width)[:busy]
+            return self.forward(self.model, buffers(self.cache), self.inputs[rows], width)[:self.busy]
         if (rows, width) not in self.captured:
             self.captured[rows, width] = self.capture(rows, width)
         graph, logits = self.captured[rows, width]
         graph.replay()
-        return logits[:busy]
+        return logits[:self.busy]
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        feed_inputs(self.inputs[self.shape(self.busy, 1)[0]], tokens)
 
     def shape(self, busy: int, width: int) -> tuple[int, int]:
         """The bucket a step of `busy` rows over `width` columns runs in."""
@@ -99,6 +116,13 @@ def _graph_autocast():
     """bf16 autocast without its weight-cast cache: a cast cached outside a capture would be
     a tensor the graph never refreshes. (With bf16 weights there is nothing to cast.)"""
     return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+
+
+def feed_inputs(inputs: torch.Tensor, tokens: torch.Tensor) -> None:
+    """The next step's inputs from this step's tokens [busy], on the device: each busy row
+    feeds its new token at the next column (dummy rows past them stay as they are)."""
+    inputs[:tokens.shape[0], 0] = tokens
+    inputs[:tokens.shape[0], 1] += 1
 
 
 def buffers(cache: list[LayerKVCache]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -20,7 +20,7 @@ heads. Build the model with sequence_parallel and loss_parallel off.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -144,13 +144,30 @@ class _Engine:
         self.cache = new_cache(len(model.layers), self.slot_count + 1, width + 1)
         self.step = decode_step_for(model, self.cache, (self.slot_count, width), device, cfg.cuda_graphs,
                                     cfg.compile, static)
+        self.run_ahead = isinstance(self.step, StaticStep)
+        self.changed = True  # the slots changed since the step's inputs were loaded
+        self.streams = self.steps = torch.zeros(0, dtype=torch.long, device=device)  # per busy slot
 
     def run(self) -> None:
+        """Decode until every request has ended. A static (bucketed) step runs one step
+        ahead: step t+1 is launched from tokens step t left on the device before the host
+        reads them, so the host's work (stop checks, callbacks) overlaps the device's.
+        When a row ends, the step ahead's tokens still count for the other rows; then
+        slots change and the next step starts from the host's state."""
         self.admit()
+        ahead = None
         while self.slots:
-            tokens = self.decode_step()
-            self.advance(list(range(len(self.slots))), tokens)
-            self.admit()
+            current = ahead or self.launch()
+            ahead = self.launch() if self.run_ahead else None
+            finished = self.advance(range(len(self.slots)), current.tokens())
+            if finished and ahead is not None:
+                survivors = [i for i in range(len(self.slots)) if i not in finished]
+                tokens = ahead.tokens()
+                finished += self.advance(survivors, [tokens[i] for i in survivors])
+                ahead = None
+            if finished:
+                self.release(finished)
+                self.admit()
         if isinstance(self.step, StaticStep):
             self.stats.graphs += len(self.step.captured)
 
@@ -160,7 +177,7 @@ class _Engine:
             taken = [self.queue.popleft() for _ in range(min(len(self.queue), self.free_slots()))]
             first = len(self.slots)
             self.prefill(taken)
-            self.advance(list(range(first, len(self.slots))), self.pending[first:])
+            self.release(self.advance(range(first, len(self.slots)), self.pending[first:]))
 
     def free_slots(self) -> int:
         return self.slot_count - len(self.slots)
@@ -190,26 +207,39 @@ class _Engine:
         self.stats.prefills += 1
         self.stats.prompts_prefilled += len(computed_in)
         self.stats.admissions += len(taken)
-        self.pending += self.sample(logits[torch.tensor(rows, device=self.device)], taken).tolist()
+        self.pending += self.sample(logits[torch.tensor(rows, device=self.device)], *self.sampling_keys(taken)).tolist()
+        self.changed = True
 
-    def decode_step(self) -> list[int]:
-        """Feed every busy slot its pending token; returns each slot's next token."""
-        logits = self.step(self.pending, [s.end for s in self.slots], [s.start for s in self.slots])
+    def launch(self) -> TokenRead:
+        """Start one decode step of every busy slot (from the host's state after the slots
+        changed, else from what the last step left on the device); its tokens come later."""
+        if self.changed:
+            self.step.load([(token, slot.end, slot.start) for token, slot in zip(self.pending, self.slots)])
+            self.streams, self.steps = self.sampling_keys([slot.request for slot in self.slots])
+            self.changed = False
+        logits = self.step.logits(max(slot.end for slot in self.slots) + 1)
+        tokens = self.sample(logits, self.streams, self.steps)
+        self.step.feed(tokens)
+        self.steps += 1
         for slot in self.slots:
             slot.end += 1
         self.stats.decode_steps += 1
-        return self.sample(logits, [s.request for s in self.slots]).tolist()
+        return TokenRead(tokens)
 
-    def sample(self, logits: torch.Tensor, request_indices: list[int]) -> torch.Tensor:
-        """The next token of each request, its uniform keyed by (seed, stream, step)."""
-        if self.cfg.greedy:
-            return sample_next(logits, self.cfg)
+    def sampling_keys(self, request_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per request: its sampling stream, and its step (tokens so far)."""
         streams = torch.tensor([self.requests[i].stream for i in request_indices], device=self.device)
         steps = torch.tensor([len(self.completions[i].tokens) for i in request_indices], device=self.device)
+        return streams, steps
+
+    def sample(self, logits: torch.Tensor, streams: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The next token of each row, its uniform keyed by (seed, stream, step)."""
+        if self.cfg.greedy:
+            return sample_next(logits, self.cfg)
         return sample_next(logits, self.cfg, keyed_uniforms(self.cfg.seed, streams, steps))
 
-    def advance(self, slot_indices: list[int], tokens: list[int]) -> None:
-        """Append each slot's new token; a finished request frees its slot."""
+    def advance(self, slot_indices: Iterable[int], tokens: list[int]) -> list[int]:
+        """Append each slot's new token; returns the slots whose request has ended."""
         finished = []
         for slot_index, token in zip(slot_indices, tokens):
             request = self.slots[slot_index].request
@@ -221,8 +251,7 @@ class _Engine:
                 self.on_token(request, completion)
             if completion.finish:
                 finished.append(slot_index)
-        for slot_index in sorted(finished, reverse=True):
-            self.release(slot_index)
+        return finished
 
     def _finish(self, tokens: list[int], max_new_tokens: int) -> str:
         if tokens[-1] in self.eos_ids:
@@ -231,17 +260,37 @@ class _Engine:
             return "stop"
         return "length" if len(tokens) >= max_new_tokens else ""
 
-    def release(self, slot_index: int) -> None:
-        """Free a slot; the last busy slot moves into it, so busy slots stay 0..busy-1."""
-        last = len(self.slots) - 1
-        if slot_index != last:
-            moved = self.slots[last]
-            for layer in self.cache:
-                layer.copy_slot(last, slot_index, moved.end)
-            self.slots[slot_index] = moved
-            self.pending[slot_index] = self.pending[last]
-        self.slots.pop()
-        self.pending.pop()
+    def release(self, slot_indices: list[int]) -> None:
+        """Free slots; the last busy slot moves into each, so busy slots stay 0..busy-1."""
+        for slot_index in sorted(slot_indices, reverse=True):
+            last = len(self.slots) - 1
+            if slot_index != last:
+                moved = self.slots[last]
+                for layer in self.cache:
+                    layer.copy_slot(last, slot_index, moved.end)
+                self.slots[slot_index] = moved
+                self.pending[slot_index] = self.pending[last]
+            self.slots.pop()
+            self.pending.pop()
+            self.changed = True
+
+
+class TokenRead:
+    """A step's tokens [busy], on their way to the host: on CUDA copied into pinned memory
+    behind the step, so reading them waits for that step only, not for one launched since."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.host, self.event = tokens, None
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def tokens(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

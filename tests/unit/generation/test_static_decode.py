@@ -87,3 +87,21 @@ def test_the_compiled_step_decodes_what_the_eager_step_decodes_and_compiles_once
     assert compiled == [c.tokens for c in completions(model, cfg, prompts, static=True)]
     assert again == [c.tokens for c in completions(model, GenerationConfig(10, batch_size=3), prompts[:4])]
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # rows 1 and >1, not per bucket
+
+
+def test_the_static_step_launches_the_next_step_before_reading_the_last(model, small_buckets, monkeypatch):
+    """One step ahead: when the host reads step t's tokens, step t+1 is already launched
+    (from tokens step t left on the device). When rows end, the step ahead is read too (its
+    tokens count for the other rows) before the slots change: nothing launched goes unread."""
+    prompts = prompts_of_lengths(LENGTHS)
+    full = [greedy_without_cache(model, p, 16) for p in prompts]
+    eos = full[0][2]
+    in_step = completions(model, GenerationConfig(16, batch_size=5), prompts, eos, static=False)
+    unread_at_read, stats = [], EngineStats()
+    read = engine.TokenRead.tokens
+    monkeypatch.setattr(engine.TokenRead, "tokens", lambda self: unread_at_read.append(
+        stats.decode_steps - len(unread_at_read)) or read(self))
+    ahead = completions(model, GenerationConfig(16, batch_size=5), prompts, eos, static=True, stats=stats)
+    assert [c.tokens for c in ahead] == [c.tokens for c in in_step]
+    assert set(unread_at_read) == {1, 2} and stats.decode_steps == len(unread_at_read)
+    assert unread_at_read.count(2) > unread_at_read.count(1)  # most reads find the next step launched
