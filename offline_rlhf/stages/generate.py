@@ -1,8 +1,9 @@
 """`orlhf generate`: responses of the SFT model to a mix of prompts (paper step 3).
 
 Each data-parallel replica (TP=1 by default, so every device is a replica) takes a
-disjoint block of the prompts not answered yet and appends its answers, a batch at a
-time, to its own `shard_XXXXX.jsonl` with fsync. A rerun after a crash reads every
+disjoint block of the prompts not answered yet, decodes them in one continuous batch and
+appends answers as they end, `write_every` prompts at a time, to its own
+`shard_XXXXX.jsonl` with fsync. A rerun after a crash reads every
 shard, skips answered prompt ids and never answers one twice; a torn last line is cut
 off first. When all replicas are done, rank 0 merges the shards into `samples.jsonl`
 (ordered by prompt id, each id exactly once) and writes `DONE`.
@@ -10,7 +11,6 @@ off first. When all replicas are done, rank 0 merges the shards into `samples.js
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from dataclasses import asdict
@@ -24,7 +24,7 @@ from offline_rlhf.data.prompts import Prompt, read_prompt_mix
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.generation.engine import Request, answer_text, run, stop_on_strings
+from offline_rlhf.generation.engine import Completion, Request, answer_text, run, stop_on_strings
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import append_durably, merge_shards, my_share, resume_shards
 from offline_rlhf.progress import Progress
@@ -44,26 +44,53 @@ SCHEMA_VERSION = 2  # 2: `sample` (index among the n answers of a prompt) and `f
 SAMPLES = "samples.jsonl"
 
 
-def answer(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template: ChatTemplate, rt: Runtime,
-           model_name: str) -> tuple[list[dict], int]:
-    """Records for `prompts` (`generation.n` per prompt, sample by sample) and the number of
-    new tokens. Sampling streams are keyed by (prompt id, sample index): the answers do
-    not depend on which chunk, slot or replica a prompt lands in."""
-    limit, gen = prompt_budget(cfg, model.cfg), cfg.generation
-    encoded = [encode_prompt(tokenizer, template, p.text) for p in prompts]
-    requests = [Request(ids[-limit:], stream_id(p.id, sample), gen.max_new_tokens)
-                for p, ids in zip(prompts, encoded) for sample in range(gen.n)]
-    completions = run(model, requests, gen, stop_token_ids(tokenizer, template), tokenizer.pad_id, rt.device,
-                      stop=stop_on_strings(tokenizer.decode, gen.stop))
-    records = []
-    for (prompt, ids), sample in itertools.product(zip(prompts, encoded), range(gen.n)):
-        completion = completions[len(records)]
-        records.append({"schema": SCHEMA_VERSION, "id": prompt.id, "sample": sample, "prompt": prompt.text,
-                        "response": answer_text(completion, tokenizer.decode, gen.stop), "source": prompt.source,
-                        "model": model_name, "gen_config": asdict(gen), "finished": completion.finish != "length",
-                        "finish_reason": completion.finish, "response_tokens": len(completion.tokens),
-                        "prompt_truncated": len(ids) > limit})
-    return records, sum(len(c.tokens) for c in completions)
+class AnswerWriter:
+    """Takes each answer from the engine as it ends; once all `generation.n` answers of a
+    prompt have ended, their records are due, and every `write_every` prompts they are
+    appended to the shard with fsync (a prompt's answers together, so a crash leaves at
+    most one prompt incomplete: `repair_shard`)."""
+
+    def __init__(self, prompts: list[Prompt], encoded: list[list[int]], cfg: GenerateConfig, limit: int,
+                 tokenizer, model_name: str, shard: Path | None, usage, bar: Progress):
+        self.prompts, self.encoded, self.cfg, self.limit = prompts, encoded, cfg, limit
+        self.tokenizer, self.model_name, self.shard, self.usage, self.bar = tokenizer, model_name, shard, usage, bar
+        self.ended: dict[int, dict[int, Completion]] = {}  # prompt index -> sample -> its completion
+        self.due: list[dict] = []
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def on_token(self, request: int, completion: Completion) -> None:
+        if not completion.finish:
+            return
+        prompt_index, sample = divmod(request, self.cfg.generation.n)
+        samples = self.ended.setdefault(prompt_index, {})
+        samples[sample] = completion
+        if len(samples) == self.cfg.generation.n:
+            self.due += self.records(prompt_index, [samples[j] for j in range(len(samples))])
+            del self.ended[prompt_index]
+            if len(self.due) >= self.cfg.write_every * self.cfg.generation.n:
+                self.flush()
+
+    def records(self, prompt_index: int, completions: list[Completion]) -> list[dict]:
+        prompt, gen = self.prompts[prompt_index], self.cfg.generation
+        self.tokens += sum(len(c.tokens) for c in completions)
+        return [{"schema": SCHEMA_VERSION, "id": prompt.id, "sample": sample, "prompt": prompt.text,
+                 "response": answer_text(completion, self.tokenizer.decode, gen.stop), "source": prompt.source,
+                 "model": self.model_name, "gen_config": asdict(gen), "finished": completion.finish != "length",
+                 "finish_reason": completion.finish, "response_tokens": len(completion.tokens),
+                 "prompt_truncated": len(self.encoded[prompt_index]) > self.limit}
+                for sample, completion in enumerate(completions)]
+
+    def flush(self) -> None:
+        if not self.due:
+            return
+        if self.shard is not None:
+            append_durably(self.shard, self.due)
+        self.usage.tokens = self.tokens
+        self.usage.beat()
+        self.bar.update(len(self.due) // self.cfg.generation.n,
+                        tok_s=f"{self.tokens / (time.perf_counter() - self.started):.0f}")
+        self.due = []
 
 
 def prompt_budget(cfg: GenerateConfig, model_cfg: ModelConfig) -> int:
@@ -107,19 +134,20 @@ def main(cfg: GenerateConfig) -> int:
     return 0
 
 
-def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template, rt: Runtime,
+def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template: ChatTemplate, rt: Runtime,
                   model_name: str, shard: Path | None, usage) -> int:
-    total_tokens = 0
-    started = time.perf_counter()
+    """Answers to `prompts` in one engine run (decode slots stay busy until the last
+    answers; runs per chunk would drain the batch at every chunk's end), written as they
+    end. Sampling streams are keyed by (prompt id, sample index): the answers do not depend
+    on the slot or replica a prompt lands in. Returns the number of new tokens."""
+    limit, gen = prompt_budget(cfg, model.cfg), cfg.generation
+    encoded = [encode_prompt(tokenizer, template, p.text) for p in prompts]
+    requests = [Request(ids[-limit:], stream_id(p.id, sample), gen.max_new_tokens)
+                for p, ids in zip(prompts, encoded) for sample in range(gen.n)]
     bar = Progress("generate", len(prompts), enabled=rt.is_main, unit="prompt")
-    for start in range(0, len(prompts), cfg.write_every):
-        records, tokens = answer(model, prompts[start:start + cfg.write_every], cfg, tokenizer, template, rt,
-                                 model_name)
-        if shard is not None:
-            append_durably(shard, records)
-        total_tokens += tokens
-        usage.tokens = total_tokens
-        usage.beat()
-        bar.update(len(records) // cfg.generation.n, tok_s=f"{total_tokens / (time.perf_counter() - started):.0f}")
+    writer = AnswerWriter(prompts, encoded, cfg, limit, tokenizer, model_name, shard, usage, bar)
+    run(model, requests, gen, stop_token_ids(tokenizer, template), tokenizer.pad_id, rt.device,
+        stop=stop_on_strings(tokenizer.decode, gen.stop), on_token=writer.on_token)
+    writer.flush()
     bar.close()
-    return total_tokens
+    return writer.tokens

@@ -109,3 +109,20 @@ def test_n_sampled_answers_per_prompt_do_not_depend_on_slots_or_replicas(sft_run
     answers_per_prompt = [{r["response"] for r in one[3 * i:3 * i + 3]} for i in range(PROMPTS)]
     assert any(len(answers) > 1 for answers in answers_per_prompt)  # the samples of a prompt differ
     assert {r["finish_reason"] for r in one} <= {"eos", "length"}
+
+
+def test_one_continuous_batch_per_replica_writes_every_write_every_prompts(sft_run, tmp_path, monkeypatch):
+    """The replica's prompts go through one engine run (no batch drained at chunk ends);
+    answers are appended as their prompts end, write_every prompts (n records each) a time."""
+    import offline_rlhf.stages.generate as stage
+
+    runs, writes = [], []
+    engine_run, append = stage.run, stage.append_durably
+    monkeypatch.setattr(stage, "run", lambda *args, **kwargs: runs.append(len(args[1])) or engine_run(*args, **kwargs))
+    monkeypatch.setattr(stage, "append_durably", lambda path, records: writes.append(records) or append(path, records))
+    assert main(generate_args(sft_run, tmp_path, "generation.n=2", "generation.greedy=false")) == 0
+    assert runs == [2 * PROMPTS]
+    assert [len(records) for records in writes] == [16] * (PROMPTS // 8) + [2 * (PROMPTS % 8)]
+    for records in writes:  # a prompt's answers are written together
+        assert [r["id"] for r in records[::2]] == [r["id"] for r in records[1::2]]
+    assert [(r["id"], r["sample"]) for r in samples(tmp_path)] == [(i, j) for i in range(PROMPTS) for j in range(2)]
