@@ -149,7 +149,7 @@ class OpenAIServer:
             raise
         decode, stop = self.served.tokenizer.decode, sampling.stop
         text = answer_text if chat else completion_text
-        texts = [TextDeltas(lambda c: text(c, decode, stop), stop) for _ in range(job.row_count())]
+        texts = [TextDeltas(lambda c: text(c, decode, stop), stop, decode) for _ in range(job.row_count())]
         head = answer_head(self.served.name, "chat.completion.chunk" if chat else "text_completion")
         answer = StreamedAnswer(head, texts, chat, sum(map(len, prompts)) if streaming.include_usage else None)
         return StreamingResponse(answer.body(events, first), media_type="text/event-stream",

@@ -5,10 +5,18 @@ handler on the event loop, and each choice's text told in pieces, as server-sent
 A piece is only text no later token can change, so the pieces of a choice add up to
 exactly its non-streamed answer: held back are an incomplete UTF-8 tail (byte-level BPE
 splits characters across tokens; the tail decodes to U+FFFD until its last byte comes),
-an end that may begin a stop string (the answer is cut before a stop string), and trailing
-whitespace (a chat answer is stripped). This relies on the decoding of a prefix of the
-tokens being a prefix of the decoding of all of them, up to such a tail, as it is for
-byte-level and byte-fallback tokenizers.
+an end that may begin a stop string (the answer is cut before a stop string) and trailing
+whitespace (a chat answer is stripped; its leading whitespace is never told).
+
+An unfinished answer's text is decoded incrementally, a few tokens at a time (as
+incremental detokenizers do): the new tokens are decoded together with those of the
+previous step, and their text is what that adds, so the work per event does not grow with
+the answer. The window starts a step back because a SentencePiece-style tokenizer drops
+the leading space of a text's first piece: it drops it in both decodings, so their
+difference keeps it. This relies on the decoding of a prefix of the tokens being a prefix
+of the decoding of all of them, up to an incomplete tail, as it is for byte-level and
+byte-fallback tokenizers. A finished choice's text is decoded whole, once, by the
+non-streamed answer's function, so the last piece ends the answer exactly.
 """
 
 from __future__ import annotations
@@ -70,12 +78,17 @@ class TokenEvents:
 
 class TextDeltas:
     """One choice's text, told in pieces that add up to `final(its completion)`, the text
-    the non-streamed answer gives (see the module docstring)."""
+    the non-streamed answer gives (see the module docstring); `decode` is the tokenizer's,
+    the one `final` decodes with."""
 
-    def __init__(self, final: Callable[[Completion], str], stops: Sequence[str]):
-        self.final, self.stops = final, stops
+    def __init__(self, final: Callable[[Completion], str], stops: Sequence[str],
+                 decode: Callable[[list[int]], str]):
+        self.final, self.stops, self.decode = final, stops, decode
         self.completion = Completion()
-        self.sent = ""
+        self.prefix = self.read = 0  # decode tokens[prefix:]; what tokens[prefix:read] gave is in the text already
+        self.held = ""  # text read, not told yet (see `settled`)
+        self.told: list[str] = []  # the pieces
+        self.told_chars = 0
         self.changed = False  # tokens came since the last take
 
     def add(self, token: int, finish: str) -> None:
@@ -92,18 +105,45 @@ class TextDeltas:
         if not self.changed:
             return ""
         self.changed = False
-        text = self.final(self.completion)  # before the last token: every token, no EOS among them
-        if not self.completion.finish:
-            text = settled(text, self.stops)
-        if len(text) <= len(self.sent):
+        if self.completion.finish:  # decoded whole once: exact however the tokenizer joins pieces
+            piece = self.final(self.completion)[self.told_chars:]
+        else:  # every token so far, no EOS among them, no stop string in their text
+            self.held += self.new_text()
+            piece = self.settle()
+        if piece:
+            self.told.append(piece)
+            self.told_chars += len(piece)
+        return piece
+
+    def new_text(self) -> str:
+        """The text the tokens since the last read add: "" while it ends in an incomplete
+        character (those tokens are read again with the next)."""
+        tokens = self.completion.tokens
+        before, after = self.decode(tokens[self.prefix:self.read]), self.decode(tokens[self.prefix:])
+        if len(after) <= len(before) or after.endswith(INCOMPLETE):
             return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+        self.prefix, self.read = self.read, len(tokens)
+        return after[len(before):]
+
+    def settle(self) -> str:
+        """What no later token can change of the held text, taken from it; before the
+        first piece, without the leading whitespace if `final` drops it."""
+        piece = settled(self.held, self.stops)
+        self.held = self.held[len(piece):]
+        if piece and not self.told and piece[0].isspace() and not self.keeps_leading_space():
+            piece = piece.lstrip()
+        return piece
+
+    def keeps_leading_space(self) -> bool:
+        """Whether `final` keeps an answer's leading whitespace (a completion does, a chat
+        answer does not), asked once, of the tokens read so far (the whitespace and the
+        first piece's text)."""
+        return self.final(Completion(self.completion.tokens[:self.read]))[:1].isspace()
 
 
 def settled(text: str, stops: Sequence[str]) -> str:
-    """What no later token can change of an unfinished answer's text."""
-    text = text.rstrip(INCOMPLETE)
+    """What no later token can change of an unfinished answer's text (read up to a whole
+    character): all but an end that may begin a stop string, and trailing whitespace."""
     return text[:len(text) - stop_start(text, stops)].rstrip()
 
 
@@ -134,7 +174,8 @@ class StreamedAnswer:
     def closing(self) -> list[dict]:
         if self.prompt_tokens is None:
             return []
-        choices = [Choice(t.sent, openai_finish(t.completion.finish), len(t.completion.tokens)) for t in self.texts]
+        choices = [Choice("".join(t.told), openai_finish(t.completion.finish), len(t.completion.tokens))
+                   for t in self.texts]
         return [usage_chunk(self.head, self.prompt_tokens, choices)]
 
     async def body(self, events: TokenEvents, first: list[Event]) -> AsyncIterator[bytes]:

@@ -1,16 +1,21 @@
-"""A streamed choice's text told in pieces, with the real byte-level tokenizer: the pieces
-add up to exactly the non-streamed answer, an incomplete UTF-8 character and a possible
-beginning of a stop string are held back until resolved, and trailing whitespace waits.
+"""A streamed choice's text told in pieces, with real tokenizers (byte-level BPE, and a
+SentencePiece-style byte-fallback one built here: none is stored locally): the pieces add
+up to exactly the non-streamed answer, an incomplete UTF-8 character and a possible
+beginning of a stop string are held back until resolved, and trailing whitespace waits;
+the text is decoded incrementally (decoded tokens grow linearly with the answer).
 Also: a batch's token callback routes rows to their jobs and drops a failing one, and a
 stream ends from the job's result or with its error."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from concurrent.futures import Future
 
 import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import models, pre_tokenizers, trainers
 
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.generation.engine import Completion, answer_text, stop_on_strings
@@ -18,6 +23,7 @@ from offline_rlhf.serving.batcher import Job, token_callback
 from offline_rlhf.serving.protocol import Sampling, answer_head
 from offline_rlhf.serving.server import completion_text
 from offline_rlhf.serving.stream import StreamedAnswer, TextDeltas, TokenEvents, settled
+from tests.synthetic_preferences import preference_records
 from tests.unit.serving.tiny import make_tokenizer
 
 
@@ -26,22 +32,32 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     return Tokenizer.from_dir(make_tokenizer(tmp_path_factory.mktemp("stream") / "tokenizer"))
 
 
-def pieces(tokenizer: Tokenizer, text: str, stops: tuple[str, ...] = (), chat: bool = False) -> tuple[list[str], str]:
-    """`text`'s tokens told one at a time, finishing where the engine's stop check says so
-    (else at the last token, "length"): the piece after each token, and the answer the
-    non-streamed request gives for the same tokens."""
+def tell(tokenizer: Tokenizer, ids: list[int], finish: str, stops: tuple[str, ...], chat: bool,
+         batches: list[int], decode=None) -> tuple[list[str], str]:
+    """`ids` told in event batches of the sizes `batches` cycles through, finishing as the
+    engine would (at the token that completes a stop string, else after the last, with
+    `finish`; "eos" adds the EOS token): the pieces, and the non-streamed answer."""
+    decode = decode or tokenizer.decode
     final_text = answer_text if chat else completion_text
-    deltas = TextDeltas(lambda c: final_text(c, tokenizer.decode, stops), stops)
-    ids, stop = tokenizer.encode(text), stop_on_strings(tokenizer.decode, stops)
-    told = []
-    for step, token in enumerate(ids):
-        tokens = ids[:step + 1]
-        finish = "stop" if stop and stop(tokens) else "length" if step == len(ids) - 1 else ""
-        deltas.add(token, finish)
+    deltas = TextDeltas(lambda c: final_text(c, decode, stops), stops, decode)
+    ids = ids + [tokenizer.eos_id] if finish == "eos" else ids
+    stop, told, sizes = stop_on_strings(tokenizer.decode, stops), [], itertools.cycle(batches)
+    step = 0
+    while not deltas.completion.finish:
+        for _ in range(next(sizes)):
+            tokens = ids[:step + 1]
+            ends = "stop" if stop and stop(tokens) else finish if step == len(ids) - 1 else ""
+            deltas.add(ids[step], ends)
+            step += 1
+            if ends:
+                break
         told.append(deltas.take())
-        if finish:
-            return told, final_text(Completion(tokens, finish), tokenizer.decode, stops)
-    raise AssertionError("unreachable: the last token finishes")
+    return told, final_text(deltas.completion, tokenizer.decode, stops)
+
+
+def pieces(tokenizer: Tokenizer, text: str, stops: tuple[str, ...] = (), chat: bool = False) -> tuple[list[str], str]:
+    """`text`'s tokens told one at a time: the piece after each token, and the answer."""
+    return tell(tokenizer, tokenizer.encode(text), "length", stops, chat, [1])
 
 
 def test_a_character_split_across_tokens_is_told_once_its_last_byte_came(tokenizer):
@@ -78,10 +94,85 @@ def test_a_chat_answer_is_stripped_at_both_ends_as_unstreamed(tokenizer):
     assert told[0] == "" and told[-1] == ""  # leading and trailing whitespace never told
 
 
+def sentencepiece_tokenizer() -> Tokenizer:
+    """A SentencePiece-style (Llama 2) tokenizer: words carry a leading "▁", characters
+    outside its ASCII vocabulary fall back to byte tokens <0xXX>, and decoding drops the
+    leading space of the text's first piece."""
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    lines = [" ".join(r.values()) for r in preference_records(100, seed=5)] + ["User: Assistant: Sure, the END."]
+    backend.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>"],
+                                                          show_progress=False))
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    return Tokenizer(BackendTokenizer.from_str(json.dumps(spec)), {"eos_token": "</s>"})
+
+
+@pytest.fixture(scope="module", params=["byte_level", "sentencepiece"])
+def any_tokenizer(request, tokenizer) -> Tokenizer:
+    return tokenizer if request.param == "byte_level" else sentencepiece_tokenizer()
+
+
+# Multi-byte characters (CJK, emoji, a ZWJ sequence, accents) that both tokenizers split into
+# byte tokens, runs of whitespace, and near-misses of the stop strings below.
+LONG = "".join(f"  Sure {i} 🙂: 你好世界, naïve café; 👩‍💻 writes\n\n\tgood apple EN river \nUs stone 日本語 🎉🎉  "
+               for i in range(40))
+
+
+def test_both_tokenizers_split_characters_into_bytes(any_tokenizer):
+    ids = any_tokenizer.encode(LONG)
+    alone = [any_tokenizer.decode([i]) for i in ids]
+    assert alone.count("\ufffd") > 100  # bytes of one character, each an incomplete sequence alone
+    assert "".join(alone) != any_tokenizer.decode(ids)  # so decoding token by token is wrong
+
+
+def test_the_sentencepiece_style_tokenizer_drops_the_leading_space_of_a_texts_first_piece():
+    tokenizer = sentencepiece_tokenizer()
+    ids = tokenizer.encode("good apple")
+    assert tokenizer.backend.encode("good apple", add_special_tokens=False).tokens == ["\u2581good", "\u2581apple"]
+    assert tokenizer.decode(ids) == "good apple" and tokenizer.decode(ids[1:]) == "apple"
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+@pytest.mark.parametrize("finish, stops", [("length", ()), ("eos", ("xyz",)), ("length", ("\nUser:", "END"))])
+@pytest.mark.parametrize("batches", [[1], [3, 1, 7, 2, 1, 1, 5]], ids=["token_by_token", "uneven"])
+def test_the_pieces_of_a_long_answer_add_up_to_the_unstreamed_answer(any_tokenizer, chat, finish, stops, batches):
+    told, answer = tell(any_tokenizer, any_tokenizer.encode(LONG + "\nUser: and then  \n"), finish, stops, chat,
+                        batches)
+    assert "".join(told) == answer
+    assert len(answer) > len(LONG) * 0.9 and "\ufffd" not in answer
+    assert ("\nUser:" in answer) == ("\nUser:" not in stops)  # cut at the stop string
+    assert not any("\ufffd" in piece for piece in told)
+    assert not any(piece[-1].isspace() for piece in told[:-1] if piece)  # whitespace waits for what follows
+    assert (told[-1][-1:].isspace(), next(piece for piece in told if piece)[0].isspace()) == (not chat, not chat)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_the_decoded_tokens_grow_linearly_with_the_answer(any_tokenizer, chat):
+    decoded = []
+
+    def counting_decode(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return any_tokenizer.decode(ids)
+
+    ids = any_tokenizer.encode(LONG * 10)[:2000]
+    assert len(ids) == 2000
+    told, answer = tell(any_tokenizer, ids, "length", ("\nUser:",), chat, [1], decode=counting_decode)
+    assert "".join(told) == answer
+    # Decoding the whole answer at each of its 2,000 events would be ~2,000,000 tokens.
+    assert sum(decoded) < 10 * len(ids) and len(decoded) < 3 * len(ids)
+    assert max(decoded[:-1]) < 20  # only the last decoding (the finished answer's) is the whole answer
+
+
 @pytest.mark.parametrize("text, stops, expected", [
-    ("abc\ufffd", (), "abc"), ("abc \ufffd\ufffd", (), "abc"), ("abc EN", ("END",), "abc"),
-    ("abc ENx", ("END",), "abc ENx"), ("abc\n", ("\nUser:",), "abc"), ("abc\nUs", ("\nUser:", "s"), "abc"),
-    ("ab", ("abc",), ""), ("ab\ufffdcd", (), "ab\ufffdcd"),
+    ("abc  ", (), "abc"), ("abc EN", ("END",), "abc"), ("abc ENx", ("END",), "abc ENx"), ("abc\n", ("\nUser:",), "abc"),
+    ("abc\nUs", ("\nUser:", "s"), "abc"), ("ab", ("abc",), ""), ("ab\ufffdcd", (), "ab\ufffdcd"),
 ])
 def test_settled_holds_back_only_what_a_later_token_may_change(text, stops, expected):
     assert settled(text, stops) == expected
@@ -115,7 +206,7 @@ def streamed(tokenizer: Tokenizer, first_token: Completion, then: list, prompt_t
         first = await events.next()
         for event in then:
             events.job_done(event) if isinstance(event, Future) else events(0, event)
-        deltas = [TextDeltas(lambda c: completion_text(c, tokenizer.decode, ()), ())]
+        deltas = [TextDeltas(lambda c: completion_text(c, tokenizer.decode, ()), (), tokenizer.decode)]
         answer = StreamedAnswer(answer_head("m", "text_completion"), deltas, chat=False, prompt_tokens=prompt_tokens)
         told = [chunk async for chunk in answer.body(events, first)]
         assert events.closed
