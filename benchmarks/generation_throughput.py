@@ -6,6 +6,8 @@
     python benchmarks/generation_throughput.py --workload realistic  # real prompts, EOS on, T=1,
                                                                      # n=1 and 4, 32 and 128 slots
     python benchmarks/generation_throughput.py --model 1b --new 256  # on a GPU (bf16)
+    python benchmarks/generation_throughput.py --model 1b --new 256 --batch 1 --roofline-only \
+        --fused 1 --attention flex --compile-mode max-autotune-no-cudagraphs   # one variant of our step
 
 The synthetic workload makes every row equally long (batch x max_new_tokens tokens); the
 realistic one (benchmarks/realistic_generation.py) is what `orlhf generate` runs, where
@@ -29,7 +31,7 @@ from offline_rlhf.config.compose import compose_stage
 from offline_rlhf.config.schema import GenerationConfig, ModelConfig
 from offline_rlhf.config.tools import SmokeConfig
 from offline_rlhf.generation.engine import generate
-from offline_rlhf.models.llama import Transformer
+from offline_rlhf.models.llama import Transformer, fuse_projections
 
 PAD = 0
 # Peak HBM bandwidth by device-name fragment (first match wins), bytes/s.
@@ -43,8 +45,9 @@ def random_prompts(batch: int, min_len: int, max_len: int, vocab_size: int) -> l
     return [torch.randint(1, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def ours_fn(model, prompts, new_tokens: int, device, graphs: bool = True, compiled: bool = True):
-    cfg = GenerationConfig(new_tokens, batch_size=len(prompts), cuda_graphs=graphs, compile=compiled)
+def ours_fn(model, prompts, new_tokens: int, device, **settings):
+    """settings: GenerationConfig fields (cuda_graphs, compile, compile_mode, decode_attention)."""
+    cfg = GenerationConfig(new_tokens, batch_size=len(prompts), **settings)
     return lambda: generate(model, prompts, cfg, None, PAD, device)
 
 
@@ -79,13 +82,13 @@ def _sync(device):
 
 
 def decode_bandwidth(model: Transformer, prompts, new_tokens: int, rounds: int, device,
-                     compiled: bool) -> tuple[float, float, float]:
+                     settings: dict) -> tuple[float, float, float]:
     """(bytes/s, seconds) of one decode step and the prefill's prompt tokens/s: the step
     time is (t(new) - t(1)) / (new - 1), which removes the prefill. Bytes: every weight
     once (the embedding table is only gathered from, so it counts unless tied to the
     output), plus the KV cache at the mean length over the decode steps."""
-    seconds = best_seconds({"full": ours_fn(model, prompts, new_tokens, device, compiled=compiled),
-                            "prefill": ours_fn(model, prompts, 1, device, compiled=compiled)}, rounds, device)
+    seconds = best_seconds({"full": ours_fn(model, prompts, new_tokens, device, **settings),
+                            "prefill": ours_fn(model, prompts, 1, device, **settings)}, rounds, device)
     step = (seconds["full"] - seconds["prefill"]) / (new_tokens - 1)
     cfg, itemsize = model.cfg, next(model.parameters()).element_size()
     weights = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
@@ -119,6 +122,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--workload", choices=("synthetic", "realistic"), default="synthetic")
     parser.add_argument("--compile", type=int, default=1, help="CUDA: 0 leaves the decode step uncompiled")
+    parser.add_argument("--compile-mode", default="default", help="generation.compile_mode of our engine")
+    parser.add_argument("--attention", default="sdpa", help="generation.decode_attention of our engine")
+    parser.add_argument("--fused", type=int, default=0, help="1: our model with fused q/k/v and gate/up projections")
+    parser.add_argument("--roofline-only", action="store_true", help="CUDA: only our decode step against the roofline")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 4], help="realistic: answers per prompt")
     parser.add_argument("--prompts", type=int, default=256, help="realistic: prompts per measurement")
     parser.add_argument("--cache", default=str(REPO / "runs" / "bench_generation"),
@@ -140,28 +147,34 @@ def main() -> None:
     ours.init_weights()
     theirs = hf_twin(ours).to(device, dtype).eval()
     ours = ours.to(device, dtype).eval()
+    if args.fused:
+        fuse_projections(ours)
+    settings = {"compile": bool(args.compile), "compile_mode": args.compile_mode, "decode_attention": args.attention}
 
     print(f"device={device} model={cfg.name} params={cfg.num_params() / 1e6:.1f}M dtype={dtype} "
           f"prompt_len={args.prompt[0]}-{args.prompt[1]} new_tokens={args.new} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__}")
+          f"torch={torch.__version__} fused={bool(args.fused)} {settings}")
     for batch in args.batch:
         prompts = random_prompts(batch, *args.prompt, cfg.vocab_size)
-        fns = {"ours": ours_fn(ours, prompts, args.new, device, compiled=args.compile),
+        if args.roofline_only:
+            print_roofline(ours, prompts, args, device, settings)
+            continue
+        fns = {"ours": ours_fn(ours, prompts, args.new, device, **settings),
                "transformers": hf_fn(theirs, prompts, args.new, device)}
         if device.type == "cuda":  # what CUDA graphs and compilation each bring
-            fns["ours, no graphs"] = ours_fn(ours, prompts, args.new, device, graphs=False)
+            fns["ours, no graphs"] = ours_fn(ours, prompts, args.new, device, cuda_graphs=False)
             if args.compile:
-                fns["ours, not compiled"] = ours_fn(ours, prompts, args.new, device, compiled=False)
+                fns["ours, not compiled"] = ours_fn(ours, prompts, args.new, device, compile=False)
         seconds = best_seconds(fns, args.rounds, device)
         for name, value in seconds.items():
             print(f"batch={batch:3d} {name:>13}: {batch * args.new / value:10.1f} new tokens/s  ({value:.3f} s)")
         print(f"batch={batch:3d} ratio ours/transformers: {seconds['transformers'] / seconds['ours']:.3f}")
         if device.type == "cuda":
-            print_roofline(ours, prompts, args, device)
+            print_roofline(ours, prompts, args, device, settings)
 
 
-def print_roofline(model, prompts, args, device) -> None:
-    bandwidth, step, prefill = decode_bandwidth(model, prompts, args.new, args.rounds, device, bool(args.compile))
+def print_roofline(model, prompts, args, device, settings: dict) -> None:
+    bandwidth, step, prefill = decode_bandwidth(model, prompts, args.new, args.rounds, device, settings)
     name = torch.cuda.get_device_name(device)
     measured = copy_bandwidth(device)
     peak = next((value for key, value in PEAK_BANDWIDTH.items() if key in name), None)

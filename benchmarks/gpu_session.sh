@@ -4,13 +4,18 @@
 #
 #   bash benchmarks/gpu_session.sh                    # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_session.sh tests generation   # some parts only (tests, generation, training,
-#                                                     # realistic)
+#                                                     # realistic, variants, autotune)
+#
+# `variants` measures our batch-1 and batch-32 decode step against the roofline with fused
+# projections, then also with FlexAttention decode; `autotune` adds inductor's kernel tuning
+# (several minutes of compilation). Within one device session's 15 minutes: a first call
+# `tests generation variants` (about 9 minutes), a second `autotune realistic`.
 #
 # benchmarks/gpu_prepare.sh makes what it needs here first: the packages the GPU image lacks
 # (hydra-core, omegaconf, antlr4) as wheels in .whl/, installed to /tmp/site there, and the
 # realistic workload's prompts and trained model in .gpu_data/ (carry both folders).
 set -u
-PARTS=${*:-tests generation training realistic}
+PARTS=${*:-tests generation variants}
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
@@ -32,4 +37,10 @@ set -o pipefail
 [[ $PARTS == *realistic* && -d .gpu_data ]] && timeout 300 python3 benchmarks/generation_throughput.py \
   --workload realistic --data .gpu_data/data --cache .gpu_data/bench_generation --batch 32 128 --n 1 4 \
   --new 256 --rounds 2 2>&1 | tee "$OUT/realistic.log"
+VARIANT="python3 benchmarks/generation_throughput.py --model 1b --batch 1 32 --new 256 --rounds 2 --roofline-only"
+[[ $PARTS == *variants* ]] && for flags in "--fused 1" "--fused 1 --attention flex"; do
+  timeout 200 $VARIANT $flags 2>&1 | tee -a "$OUT/variants.log"
+done
+[[ $PARTS == *autotune* ]] && timeout 400 $VARIANT --fused 1 --compile-mode max-autotune-no-cudagraphs 2>&1 \
+  | tee "$OUT/autotune.log"
 true  # a skipped last part is not a failure

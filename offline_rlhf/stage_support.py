@@ -44,7 +44,7 @@ from offline_rlhf.models.hf import (
     load_hf_weights,
     read_hf_config,
 )
-from offline_rlhf.models.llama import Transformer
+from offline_rlhf.models.llama import Transformer, fuse_projections
 from offline_rlhf.parallel.parallelize import build_inference_model
 from offline_rlhf.runtime import Runtime
 
@@ -198,13 +198,17 @@ def load_inference_model(path: Path, head: str, rt: Runtime, key: str, decoding:
     runtime's layout: replicas then generate independently (FSDP would make every
     replica run the same number of forwards). `decoding`: a model that only generates,
     kept in bf16 on CUDA (half the bytes a decode step reads); models that score
-    (reference log-probs) keep fp32 weights, as the policy they are compared with does."""
+    (reference log-probs) keep fp32 weights, as the policy they are compared with does.
+    A decoding model that is whole here (no tensor parallelism) also gets fused q/k/v and
+    gate/up projections (`fuse_projections`): it can then no longer be saved."""
     meta = checkpoint_of_head(path, head, key)
     model = build_inference_model(meta.model, head, rt.dims, rt.mesh, rt.device)
     note_untrusted(path, rt)
     load_checkpoint(path, model, group=rt.group)
     if decoding and rt.device.type == "cuda":
         model.to(torch.bfloat16)
+    if decoding and rt.dims.tp == 1:
+        fuse_projections(model)
     return model.eval()
 
 

@@ -319,6 +319,10 @@ def check_file_input(list_key: str, name: str, path: str, kind: str, kinds: tupl
         raise ConfigError(f"{list_key}[{name or '?'}].path", "is required", "pass the file")
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile modes (graphs are captured here)
+DECODE_ATTENTION = ("sdpa", "flex")
+
+
 @dataclass
 class GenerationConfig(Frozen):
     """`greedy` takes the argmax and ignores the sampling fields. Otherwise logits are
@@ -339,6 +343,8 @@ class GenerationConfig(Frozen):
     stop: list[str] = field(default_factory=list)  # an answer ends at the first of these strings (not kept)
     cuda_graphs: bool = True  # on CUDA, replay each bucketed decode shape as a CUDA graph (false: plain eager)
     compile: bool = True  # with cuda_graphs, torch.compile the decode step first (about a minute per process)
+    compile_mode: str = "default"  # torch.compile's mode; max-autotune-no-cudagraphs also tunes kernels (slower start)
+    decode_attention: str = "sdpa"  # compiled steps: sdpa (a boolean mask) or flex (FlexAttention over each row's span)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -354,5 +360,9 @@ class GenerationConfig(Frozen):
             raise ConfigError("generation.batch_size", f"must be >= 1, got {self.batch_size}")
         if self.n < 1:
             raise ConfigError("generation.n", f"must be >= 1, got {self.n}")
+        for key, value, allowed in (("compile_mode", self.compile_mode, COMPILE_MODES),
+                                    ("decode_attention", self.decode_attention, DECODE_ATTENTION)):
+            if value not in allowed:
+                raise ConfigError(f"generation.{key}", f"unknown value {value!r}", f"use one of {', '.join(allowed)}")
         if any(not stop for stop in self.stop):
             raise ConfigError("generation.stop", "holds an empty string", "remove it (it would end every answer)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +81,21 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@dataclass(frozen=True)
+class KeySpan:
+    """Decode attention without a mask tensor: query row b (one query per row) attends to
+    key columns starts[b]..ends[b], both inclusive. starts, ends: int [B] on the device."""
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+
+
+AttentionMask = torch.Tensor | BlockMask | KeySpan
+
+
 class Attention(nn.Module):
-    """Grouped-query attention through `scaled_dot_product_attention`."""
+    """Grouped-query attention through `scaled_dot_product_attention` (FlexAttention for a
+    BlockMask or a KeySpan). `fuse()` merges wq, wk, wv into one projection `wqkv`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -90,22 +104,37 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.wqkv: nn.Linear | None = None
+        self.qkv_sizes: tuple[int, int, int] = (0, 0, 0)  # output columns of q, k, v within wqkv
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.wqkv is None:
+            return self.wq(x), self.wk(x), self.wv(x)
+        return self.wqkv(x).split(self.qkv_sizes, dim=-1)
+
+    def fuse(self) -> None:
+        self.qkv_sizes = tuple(linear.out_features for linear in (self.wq, self.wk, self.wv))
+        self.wqkv = concatenated_linear(self.wq, self.wk, self.wv)
+        del self.wq, self.wk, self.wv
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | BlockMask | None = None, cache=None) -> torch.Tensor:
+                attn_mask: AttentionMask | None = None, cache=None) -> torch.Tensor:
         """`cache`: this layer's KV cache (see `offline_rlhf.generation.kv_cache`); it stores
         the new k, v and returns all cached ones, [B, H_kv_local, S, D]. Passed by keyword so
         TP's PrepareModuleInput hook (positional inputs only) leaves it alone."""
         batch, seq, _ = x.shape
+        q, k, v = self.project(x)
         # -1: the number of heads held here (all of them, or this rank's TP shard).
-        q = apply_rope(self.wq(x).view(batch, seq, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(batch, seq, -1, self.head_dim), cos, sin)
-        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q = apply_rope(q.view(batch, seq, -1, self.head_dim), cos, sin)
+        k = apply_rope(k.view(batch, seq, -1, self.head_dim), cos, sin)
+        v = v.view(batch, seq, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if cache is not None:
             k, v = cache.update(k, v)
         grouped = k.shape[1] != q.shape[1]
-        if seq == 1 and grouped and isinstance(attn_mask, torch.Tensor):
+        if isinstance(attn_mask, KeySpan):
+            out = span_decode_attention(q, k, v, attn_mask)
+        elif seq == 1 and grouped and isinstance(attn_mask, torch.Tensor):
             out = grouped_decode_attention(q, k, v, attn_mask)
         elif isinstance(attn_mask, BlockMask):
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
@@ -126,17 +155,53 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=mask).reshape(batch, heads, 1, dim)
 
 
+def span_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: KeySpan) -> torch.Tensor:
+    """Decode attention (q [B, H, 1, D]) over each row's key columns span.starts..span.ends,
+    with FlexAttention: the span is a score_mod, so no [B, 1, 1, S] mask is built. No
+    BlockMask: every key block is visited, the span check costs one compare per score.
+    Called uncompiled: the decode step that calls it is compiled as a whole on CUDA (eager,
+    on CPU, FlexAttention runs its unfused reference path)."""
+    if q.shape[2] != 1:
+        raise ValueError(f"a KeySpan gives one query per row its key columns; got {q.shape[2]} queries per row")
+    starts, ends = span.starts, span.ends
+
+    def within_span(score, b, h, q_idx, kv_idx):
+        return torch.where((kv_idx >= starts[b]) & (kv_idx <= ends[b]), score, -float("inf"))
+
+    return flex_attention(q, k, v, score_mod=within_span, enable_gqa=k.shape[1] != q.shape[1])
+
+
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x). `fuse()` merges w1 and w3 into one projection `w13`."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w13: nn.Linear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+    def fuse(self) -> None:
+        self.w13 = concatenated_linear(self.w1, self.w3)
+        del self.w1, self.w3
+
+
+def concatenated_linear(*linears: nn.Linear) -> nn.Linear:
+    """One Linear computing all of `linears` at once, their outputs side by side: one
+    matrix-vector product per token instead of several smaller ones, which run below the
+    memory bandwidth the large ones reach (decode reads every weight once per step)."""
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(linear.out_features for linear in linears), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([linear.weight for linear in linears]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([linear.bias for linear in linears]))
+    return fused
 
 
 class TransformerBlock(nn.Module):
@@ -175,16 +240,17 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, cache=None, last_only: bool = False) -> torch.Tensor:
+                attn_mask: AttentionMask | None = None, cache=None, last_only: bool = False) -> torch.Tensor:
         """tokens: [B, T]. positions: [B, T] (default 0..T-1; restart per document when
         packing). attn_mask: default causal; a bool [B, 1, T, T] (True = may attend) or a
         FlexAttention BlockMask (see `offline_rlhf.models.masks`). cache: one KV cache per
         layer for incremental decoding; then attn_mask is required, [B, 1, T, S] over all
-        S cached positions (the default causal mask would align queries to key 0).
+        S cached positions (the default causal mask would align queries to key 0), or,
+        for a decode step (T = 1), a KeySpan of each row's cached columns.
         last_only: apply the head to the last position only (a generation prefill needs
         one row of logits, not [B, T, V])."""
         if cache is not None and attn_mask is None:
-            raise ValueError("decoding with a KV cache needs an explicit attn_mask [B, 1, T, S]")
+            raise ValueError("decoding with a KV cache needs an explicit attn_mask [B, 1, T, S] or a KeySpan")
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
@@ -221,6 +287,37 @@ class Transformer(nn.Module):
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute RoPE tables on `device` (needed after materializing from meta)."""
         self.rope_cos, self.rope_sin = rope_tables(self.cfg, device)
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    """In place, for a model that only generates: each block's wq, wk, wv become one
+    projection `wqkv` and w1, w3 one `w13` (the old weights freed), fewer and larger
+    matrix-vector products per decode step; same outputs. The fused parameters match no
+    checkpoint's or Hugging Face's names, so the model refuses `state_dict()` (checkpoint
+    saving and export go through it) instead of writing wrongly named weights. Refuses a
+    tensor-parallel model: concatenating local shards would interleave ranks' heads."""
+    if is_sharded(model):
+        raise ValueError("fuse_projections needs whole weights; this model is sharded (DTensor parameters): "
+                         "keep its separate projections")
+    if any(block.attention.wqkv is not None for block in model.layers):
+        raise ValueError("this model's projections are already fused")
+    for block in model.layers:
+        block.attention.fuse()
+        block.feed_forward.fuse()
+    model.register_state_dict_pre_hook(_refuse_fused_state_dict)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether tensor parallelism holds the model's weights (as DTensor shards)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(param, DTensor) for param in model.parameters())
+
+
+def _refuse_fused_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    raise ValueError("this model's projections are fused (wqkv, w13) for inference: it has no checkpoint layout; "
+                     "save the model it was loaded from instead")
 
 
 def last_token_values(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

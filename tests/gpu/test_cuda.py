@@ -1,10 +1,13 @@
 """On a CUDA device: the decode step replayed as CUDA graphs gives what the same step run
-eagerly at the same shapes gives (greedy and sampled), the packed-sequence FlexAttention
-route equals the dense mask, and a stage trains and reloads on the GPU.
+eagerly at the same shapes gives (greedy and sampled), decode attention over a KeySpan
+(FlexAttention, compiled and captured) equals the mask path, fused projections decode what
+separate ones decode, the packed-sequence FlexAttention route equals the dense mask, and a
+stage trains and reloads on the GPU.
 Skipped where CUDA is absent (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 
@@ -20,6 +23,7 @@ from offline_rlhf.generation.engine import EngineStats, Request, run
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.losses.logprobs import shifted_token_nll
 from offline_rlhf.losses.sft import sft_loss
+from offline_rlhf.models.llama import fuse_projections
 from offline_rlhf.models.masks import dense_document_mask, flex_document_mask
 from tests.fixtures import REPO_ROOT, reference_model
 from tests.unit.generation.test_engine import PAD, prompts_of_lengths
@@ -27,6 +31,7 @@ from tests.unit.models.test_packed_attention import _samples
 
 CUDA = torch.device("cuda")
 LENGTHS = [3, 9, 1, 6, 14, 2, 5, 11, 4, 7, 8]
+STEP_ROWS = [(5, 9, 2), (17, 3, 0), (40, 20, 11), (0, 0, 0)]  # token, column, start
 
 
 @pytest.fixture(autouse=True)
@@ -75,12 +80,12 @@ def test_the_compiled_step_writes_the_cache_and_gives_the_logits_of_the_eager_st
     gen = torch.Generator(device=CUDA).manual_seed(0)
     cache = [(torch.randn(5, 2, 24, 16, device=CUDA, generator=gen).bfloat16(),
               torch.randn(5, 2, 24, 16, device=CUDA, generator=gen).bfloat16()) for _ in model.layers]
-    rows = torch.tensor([[5, 9, 2], [17, 3, 0], [40, 20, 11], [0, 0, 0]], device=CUDA)  # token, column, start
+    inputs = decode.StepInputs.of(STEP_ROWS, CUDA)
     results = []
     for forward in (decode.decode_logits, decode.compiled_decode_logits()):
         kv = [(k.clone(), v.clone()) for k, v in cache]
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            results.append((forward(model, kv, rows, 24).float(), kv))
+            results.append((forward(model, kv, *inputs, 24).float(), kv))
     (eager, eager_kv), (compiled, compiled_kv) = results
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
     for (k, v), (k_eager, v_eager), (k_before, _) in zip(compiled_kv, eager_kv, cache):
@@ -98,6 +103,86 @@ def test_the_default_engine_compiles_once_and_replays_graphs():
     eager = completions(model, GenerationConfig(20, batch_size=5, cuda_graphs=False), prompts)
     agreeing = sum(a[:4] == b[:4] for a, b in zip(answers, eager))
     assert agreeing >= len(prompts) - 2, (answers, eager)  # bf16 rounding may flip a near tie
+
+
+def captured_step(step, *args):
+    """`step(*args)` captured as a CUDA graph after two warm-up runs on a side stream (as
+    `decode.StaticStep.capture` does); returns (graph, its logits buffer)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step(*args)
+    return graph, logits
+
+
+# Per bucket: rows (token, column, start) captured, rows replayed after them, width. Spans
+# of one column, starts past 0 (reused slots), positions (column - start) under max_seq_len.
+SPAN_BUCKETS = [([[5, 9, 2], [17, 3, 0], [40, 200, 150], [0, 0, 0]],
+                 [[6, 10, 2], [18, 4, 4], [41, 201, 150], [1, 255, 200]], 256),
+                ([[7, 300, 290], [8, 12, 0], [9, 400, 350]], [[1, 301, 290], [2, 13, 13], [3, 401, 350]], 512)]
+
+
+def test_compiled_captured_span_decode_equals_the_mask_path_in_bf16():
+    """Decode attention over a KeySpan (`flex=True`) against the boolean mask: bf16 weights
+    (as `load_inference_model` loads models that decode), the step compiled with dynamic
+    shapes and captured at two (rows, width) buckets; each replay reads the rows loaded
+    into its inputs, so the spans move with them."""
+    model = reference_model().to(CUDA, torch.bfloat16).eval()
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    cache = [tuple(torch.randn(6, 2, 520, 16, device=CUDA, generator=gen).bfloat16() for _ in range(2))
+             for _ in model.layers]
+    compiled = decode.compiled_decode_logits()
+    for rows, later, width in SPAN_BUCKETS:
+        inputs = decode.StepInputs.of(rows, CUDA)
+        with torch.inference_mode():
+            replays = {}
+            for flex in (False, True):
+                kv = [(k.clone(), v.clone()) for k, v in cache]
+                replays[flex] = (*captured_step(compiled, model, kv, *inputs, width, flex), kv)
+            for new_rows in (rows, later):
+                inputs.load(new_rows)
+                reference_kv = [(k.clone(), v.clone()) for k, v in replays[False][2]]
+                expected = decode.decode_logits(model, reference_kv, *inputs, width).float()
+                for graph, logits, _ in replays.values():
+                    graph.replay()
+                    torch.testing.assert_close(logits.float(), expected, rtol=2e-2, atol=2e-2)
+                torch.testing.assert_close(replays[True][1].float(), replays[False][1].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_engine_with_flex_decode_attention_decodes_what_the_mask_decodes():
+    model = reference_model().to(CUDA).eval()
+    prompts = prompts_of_lengths(LENGTHS)
+    stats = EngineStats()
+    flex = completions(model, GenerationConfig(20, batch_size=5, decode_attention="flex"), prompts, stats=stats)
+    sdpa = completions(model, GenerationConfig(20, batch_size=5), prompts)
+    assert stats.graphs >= 3
+    agreeing = sum(a[:4] == b[:4] for a, b in zip(flex, sdpa))
+    assert agreeing >= len(prompts) - 2, (flex, sdpa)  # bf16 rounding may flip a near tie
+
+
+def test_fused_projections_decode_what_separate_ones_decode():
+    """fp32: the same greedy tokens through the default engine (compiled, graphs); bf16: the
+    same logits of a compiled step to rounding (a near tie may flip a bf16 token)."""
+    model = reference_model().to(CUDA).eval()
+    fused = fuse_projections(copy.deepcopy(model))
+    prompts = prompts_of_lengths(LENGTHS)
+    cfg = GenerationConfig(16, batch_size=5)
+    assert completions(fused, cfg, prompts) == completions(model, cfg, prompts)
+    inputs = decode.StepInputs.of(STEP_ROWS, CUDA)
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    cache = [tuple(torch.randn(5, 2, 24, 16, device=CUDA, generator=gen).bfloat16() for _ in range(2))
+             for _ in model.layers]
+    logits = []
+    for weights in (model, fused):
+        kv = [(k.clone(), v.clone()) for k, v in cache]
+        with torch.inference_mode():
+            logits.append(decode.compiled_decode_logits()(weights.bfloat16(), kv, *inputs, 24).float())
+    torch.testing.assert_close(logits[1], logits[0], rtol=2e-2, atol=2e-2)
 
 
 def test_flex_attention_route_equals_the_dense_mask_forward_and_backward():
@@ -163,3 +248,4 @@ def test_models_that_only_decode_load_in_bf16_and_models_that_score_keep_fp32(tm
     assert {p.dtype for p in scoring.parameters()} == {torch.float32}
     assert {p.dtype for p in decoding.parameters()} == {torch.bfloat16}
     assert all(p.is_cuda for p in decoding.parameters())
+    assert decoding.layers[0].attention.wqkv is not None and scoring.layers[0].attention.wqkv is None  # fused

@@ -90,3 +90,13 @@ def test_config_formats_name_the_data_readers():
 def test_data_source_errors(stage, override, fragment, capsys):
     assert main([stage, override]) == 2
     assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value,allowed", [("compile_mode", "max-autotune", "default, max-autotune-no-cudagraphs"),
+                                               ("decode_attention", "paged", "sdpa, flex")])
+def test_generation_decode_settings_take_known_values(key, value, allowed):
+    from offline_rlhf.config.schema import GenerationConfig
+
+    with pytest.raises(ConfigError) as info:
+        GenerationConfig(**{key: value})
+    assert info.value.key == f"generation.{key}" and str(info.value).endswith(f"use one of {allowed}")

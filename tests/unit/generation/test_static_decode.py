@@ -4,6 +4,8 @@ same code as on CUDA, without the capture."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -30,9 +32,9 @@ def small_buckets(monkeypatch):
     monkeypatch.setattr(decode, "WIDTH_BUCKET", 4)
 
 
-def completions(model, cfg, prompts, eos=None, static=None, stats=None):
+def completions(model, cfg, prompts, eos=None, static=None, stats=None, session=None):
     requests = [Request(p, stream_id(i, j), cfg.max_new_tokens) for i, p in enumerate(prompts) for j in range(cfg.n)]
-    return run(model, requests, cfg, eos, PAD, "cpu", stats=stats, static=static)
+    return run(model, requests, cfg, eos, PAD, "cpu", stats=stats, static=static, session=session)
 
 
 def test_bucketed_greedy_decode_matches_each_prompt_alone(model, small_buckets):
@@ -63,22 +65,25 @@ def test_buckets_are_powers_of_two_up_to_the_slots_and_width_multiples(model, sm
 
 def test_cpu_takes_the_exact_step_unless_told_otherwise(model):
     cache, cpu = new_cache(2, 2, 8), torch.device("cpu")
-    assert isinstance(decode_step_for(model, cache, (2, 8), cpu, cuda_graphs=True, compile_step=True), DynamicStep)
-    forced = decode_step_for(model, cache, (2, 8), cpu, cuda_graphs=True, compile_step=True, static=True)
+    assert isinstance(decode_step_for(model, cache, (2, 8), cpu, GenerationConfig()), DynamicStep)
+    forced = decode_step_for(model, cache, (2, 8), cpu, GenerationConfig(), static=True)
     assert isinstance(forced, StaticStep) and not forced.graphs and forced.forward is decode.decode_logits
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flex", [False, True], ids=["mask", "flex"])
 def test_the_compiled_step_decodes_what_the_eager_step_decodes_and_compiles_once_for_all_buckets(
-        model, small_buckets, monkeypatch):
-    """torch.compile (inductor; the CUDA path's compiler, here on CPU) of the bucketed step:
-    the same greedy tokens, the cache writes kept, no recompilation per bucket or per run."""
+        model, small_buckets, monkeypatch, flex):
+    """torch.compile (inductor; the CUDA path's compiler, here on CPU) of the bucketed step,
+    attending through a boolean mask or FlexAttention over each row's span: the same greedy
+    tokens, the cache writes kept, no recompilation per bucket or per run."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
+    compiled_step = functools.partial(decode.compiled_decode_logits(), flex=flex)
     monkeypatch.setattr(engine, "decode_step_for", lambda model, cache, limits, device, *_: StaticStep(
-        model, cache, limits, device, graphs=False, compiled=True))
+        model, cache, limits, device, graphs=False, forward=compiled_step))
     prompts = prompts_of_lengths(LENGTHS)
     cfg = GenerationConfig(16, batch_size=5)
     compiled = [c.tokens for c in completions(model, cfg, prompts, eos=None)]
@@ -105,3 +110,21 @@ def test_the_static_step_launches_the_next_step_before_reading_the_last(model, s
     assert [c.tokens for c in ahead] == [c.tokens for c in in_step]
     assert set(unread_at_read) == {1, 2} and stats.decode_steps == len(unread_at_read)
     assert unread_at_read.count(2) > unread_at_read.count(1)  # most reads find the next step launched
+
+
+def test_a_session_keeps_its_cache_and_step_across_runs_and_grows_when_a_run_needs_more(model, small_buckets):
+    """A server's batches and PPO's iterations decode through one cache and step (on CUDA,
+    the graphs captured by one run are replayed by the next), with the tokens of fresh runs."""
+    cfg = GenerationConfig(8, batch_size=4)
+    session = engine.DecodeSession(model, "cpu", cfg, static=True)
+    prompts = prompts_of_lengths(LENGTHS)
+    longer = GenerationConfig(16, batch_size=4)
+    runs = [(cfg, prompts[3:7]), (cfg, prompts[:3]), (cfg, prompts[7:]), (longer, prompts[3:5])]
+    steps = []
+    for run_cfg, batch in runs:
+        assert completions(model, run_cfg, batch, session=session) == completions(model, run_cfg, batch, static=True)
+        steps.append(session.step)
+    assert steps[0] is steps[1] is steps[2]  # the later runs fitted the first one's cache: 4 slots, 14 + 8 columns
+    assert steps[3] is not steps[2] and (session.slots, session.width) == (4, 32)  # grew to 14 + 16, whole buckets
+    with pytest.raises(ValueError, match="the model it was made for"):
+        run(reference_model().eval(), [Request(prompts[0], 0, 4)], cfg, None, PAD, "cpu", session=session)
