@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offline_rlhf.config.schema import GenerationConfig, ModelConfig
-from offline_rlhf.generation.engine import Request, run
+from offline_rlhf.generation.engine import DecodeSession, Request, run
 from offline_rlhf.generation.sampling import MASK32, stream_id
 from offline_rlhf.generation.shards import my_share
 from offline_rlhf.parallel.parallelize import build_inference_model
@@ -74,17 +74,18 @@ def refresh(replica: nn.Module, model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, prompts: list[list[int]], prompt_ids: list[int], gen: GenerationConfig,
+def sample(sampler: DecodeSession, prompts: list[list[int]], prompt_ids: list[int], gen: GenerationConfig,
            stop_ids: int | set[int], pad_id: int, rt: Runtime) -> Rollout:
-    """One sampled response per prompt with the generation engine and `model`'s weights.
+    """One sampled response per prompt with the generation engine and the weights of the
+    sampler's model (its cache and decode step, CUDA graphs included, serve every iteration).
     Each data-parallel replica answers its block of the prompts (the TP ranks of a replica
     together); every rank gets the whole rollout in prompt order. A response's sampling
     stream is (prompt id, 0): the rows do not depend on how many replicas there are."""
     mine, _ = my_share(rt, list(range(len(prompts))))
-    model.eval()
+    sampler.model.eval()
     requests = [Request(prompts[i], stream_id(prompt_ids[i], 0), gen.max_new_tokens) for i in mine]
-    completions = run(model, requests, gen, stop_ids, pad_id, rt.device)
-    model.train()
+    completions = run(sampler.model, requests, gen, stop_ids, pad_id, rt.device, session=sampler)
+    sampler.model.train()
     rows = [prompts[i] + c.tokens for i, c in zip(mine, completions)]
     width = max(map(len, rows))
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)

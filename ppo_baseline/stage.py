@@ -42,6 +42,7 @@ from offline_rlhf.config.schema import InitConfig
 from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
+from offline_rlhf.generation.engine import DecodeSession
 from offline_rlhf.host import DONE
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import check_resumable, local_init, mark_done, resume_fingerprint
@@ -109,6 +110,7 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg) -
     setup = prepare_training(init, model_cfg, "lm", rt, cfg.seed)
     model, tokenizer = setup.model, setup.tokenizer
     replica = sampling_model(model, model_cfg, rt)
+    sampler = DecodeSession(replica, rt.device, cfg.generation)  # one cache and decode step for every iteration
     prompts, prompt_ids = load_prompts(cfg, tokenizer, model_cfg)
     stops = stop_token_ids(tokenizer, build_template(cfg.template, tokenizer.config))
     steps_per_iteration = cfg.ppo.epochs * cfg.ppo.rollout_batch // cfg.ppo.minibatch
@@ -130,7 +132,7 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg) -
         for iteration in range(start, cfg.ppo.iterations):
             chosen = stream.take(iteration * cfg.ppo.rollout_batch, cfg.ppo.rollout_batch)
             refresh(replica, model)
-            metrics = iterate(cfg, rt, (model, replica), optimizer, scheduler, services, pool,
+            metrics = iterate(cfg, rt, (model, sampler), optimizer, scheduler, services, pool,
                               (stops, tokenizer.pad_id), [prompts[i] for i in chosen],
                               [prompt_ids[i] for i in chosen], iteration)
             usage.tokens += int(metrics.pop("tokens"))
@@ -165,12 +167,13 @@ def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, se
             tokens: tuple[set[int], int], prompts: list[list[int]], prompt_ids: list[int],
             iteration: int) -> dict[str, float]:
     """One PPO iteration; returns its metrics (and `tokens`, generated and trained on).
-    `models`: the training model and the one sampling with its weights (often the same);
+    `models`: the training model and the decode session of the model sampling with its
+    weights (often the same model);
     `services`: rank 0's, None on the other ranks; `tokens`: the ids that end an answer, the pad id."""
-    model, replica = models
+    model, sampler = models
     began = time.perf_counter()
     stops, pad_id = tokens
-    rollout = sample(replica, prompts, prompt_ids, iteration_generation(cfg.generation, iteration), stops, pad_id, rt)
+    rollout = sample(sampler, prompts, prompt_ids, iteration_generation(cfg.generation, iteration), stops, pad_id, rt)
     old_logp = policy_logprobs(model, rollout, rt, cfg.ppo.micro_batch)
     generated = time.perf_counter()
     answer = ask_services(services, pool, rollout.sequences(), rt)

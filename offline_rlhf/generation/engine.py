@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.generation.decode import StaticStep, decode_step_for
-from offline_rlhf.generation.kv_cache import PromptWrite, new_cache
+from offline_rlhf.generation.decode import DynamicStep, StaticStep, bucket_width, decode_step_for
+from offline_rlhf.generation.kv_cache import LayerKVCache, PromptWrite, new_cache
 from offline_rlhf.generation.sampling import keyed_uniforms, sample_next, stream_id
 from offline_rlhf.models.llama import Transformer
 from offline_rlhf.runtime import autocast_for
@@ -102,15 +102,19 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig
 def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_id: int | Collection[int] | None,
         pad_id: int, device: torch.device | str, stop: StopCheck | None = None,
         stats: EngineStats | None = None, static: bool | None = None,
-        on_token: TokenCallback | None = None) -> list[Completion]:
+        on_token: TokenCallback | None = None, session: DecodeSession | None = None) -> list[Completion]:
     """One completion per request, in request order. `eos_id` None never stops early.
     `static`: decode at bucketed shapes (default: on CUDA, as CUDA graphs; see `decode`).
+    `session`: a cache and decode step kept from earlier runs of `model` (default: new ones).
     `on_token(request index, completion)` runs after each token a request gets (streaming);
     the completion's `finish` is set on its last."""
     _check(model, requests)
     eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    engine = _Engine(model, requests, cfg, eos_ids, pad_id, torch.device(device), stop, stats or EngineStats(),
-                     static, on_token)
+    session = session or DecodeSession(model, device, cfg, static)
+    if session.model is not model:
+        raise ValueError("a DecodeSession serves the model it was made for")
+    engine = _Engine(model, requests, cfg, eos_ids, pad_id, session.device, stop, stats or EngineStats(),
+                     session, on_token)
     with torch.inference_mode(), autocast_for(engine.device):
         engine.run()
     return engine.completions
@@ -125,8 +129,35 @@ def _check(model: Transformer, requests: list[Request]) -> None:
                              f"exceeds the model's max_seq_len={model.cfg.max_seq_len}")
 
 
+class DecodeSession:
+    """A KV cache and decode step kept across engine runs of one model (a server's batches,
+    the PPO actor's iterations), so the CUDA graphs one run captures are replayed by the
+    next. It grows (a new cache, graphs captured again) when a run needs more slots or
+    columns than it has; columns come in whole width buckets, so runs of similar lengths
+    fit one. Its `cfg`'s decode settings (cuda_graphs, compile, compile_mode,
+    decode_attention) hold for every run; `static` as in `run`."""
+
+    def __init__(self, model: Transformer, device: torch.device | str, cfg: GenerationConfig,
+                 static: bool | None = None):
+        self.model, self.device, self.cfg, self.static = model, torch.device(device), cfg, static
+        self.slots = self.width = 0
+        self.cache: list[LayerKVCache] = []
+        self.step: DynamicStep | StaticStep | None = None
+
+    def fit(self, slots: int, width: int) -> tuple[list[LayerKVCache], DynamicStep | StaticStep]:
+        """The cache and step for a run of `slots` slots over `width` columns."""
+        if slots > self.slots or width > self.width:
+            self.slots, self.width = max(slots, self.slots), max(bucket_width(width), self.width)
+            # One spare slot and column: no decode bucket then equals the cache's size, which
+            # a compiled step would specialize on (a compilation more for each coincidence).
+            self.cache = new_cache(len(self.model.layers), self.slots + 1, self.width + 1)
+            self.step = decode_step_for(self.model, self.cache, (self.slots, self.width), self.device, self.cfg,
+                                        self.static)
+        return self.cache, self.step
+
+
 class _Engine:
-    def __init__(self, model, requests, cfg, eos_ids, pad_id, device, stop, stats, static, on_token):
+    def __init__(self, model, requests, cfg, eos_ids, pad_id, device, stop, stats, session, on_token):
         self.model, self.requests, self.cfg, self.eos_ids = model, requests, cfg, eos_ids
         self.pad_id, self.device, self.stop, self.stats = pad_id, device, stop, stats
         self.on_token: TokenCallback | None = on_token
@@ -139,12 +170,9 @@ class _Engine:
         # for the longest prompt plus the largest budget.
         width = max((len(r.prompt) for r in requests), default=0) + max((r.max_new_tokens for r in requests), default=1)
         self.slot_count = max(1, min(cfg.batch_size, len(requests)))
-        # One spare slot and column: no decode bucket then equals the cache's size, which a
-        # compiled step would specialize on (a compilation more for each such coincidence).
-        self.cache = new_cache(len(model.layers), self.slot_count + 1, width + 1)
-        self.step = decode_step_for(model, self.cache, (self.slot_count, width), device, cfg.cuda_graphs,
-                                    cfg.compile, static)
+        self.cache, self.step = session.fit(self.slot_count, width)
         self.run_ahead = isinstance(self.step, StaticStep)
+        self.captured_before = self.graphs_captured()
         self.changed = True  # the slots changed since the step's inputs were loaded
         self.streams = self.steps = torch.zeros(0, dtype=torch.long, device=device)  # per busy slot
 
@@ -168,8 +196,10 @@ class _Engine:
             if finished:
                 self.release(finished)
                 self.admit()
-        if isinstance(self.step, StaticStep):
-            self.stats.graphs += len(self.step.captured)
+        self.stats.graphs += self.graphs_captured() - self.captured_before
+
+    def graphs_captured(self) -> int:
+        return len(self.step.captured) if isinstance(self.step, StaticStep) else 0
 
     def admit(self) -> None:
         """Fill free slots from the queue (again while requests end at their first token)."""

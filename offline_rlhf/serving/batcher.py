@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.generation.engine import Completion, Request, TokenCallback, run, stop_on_strings
+from offline_rlhf.generation.engine import Completion, DecodeSession, Request, TokenCallback, run, stop_on_strings
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.serving.model import ServedModel
@@ -70,7 +70,9 @@ class Batcher:
     def __init__(self, served: ServedModel, rt: Runtime, slots: int, cuda_graphs: bool = True,
                  compile_step: bool = True):
         self.served, self.rt, self.slots = served, rt, slots
-        self.cuda_graphs, self.compile_step = cuda_graphs, compile_step  # GenerationConfig's, for every batch
+        # One cache and decode step for every batch: CUDA graphs are captured once per shape.
+        self.session = DecodeSession(served.model, rt.device,
+                                     GenerationConfig(batch_size=slots, cuda_graphs=cuda_graphs, compile=compile_step))
         self.generated = 0  # tokens generated, for the ledger
         self.batches = 0  # engine runs: fewer than the requests when they shared batches
         self._jobs: queue.Queue[Job] = queue.Queue()
@@ -143,11 +145,10 @@ class Batcher:
         requests = [Request(prompt, stream, budget) for prompt, stream, budget in batch["requests"]]
         cfg = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), greedy=batch["greedy"],
                                temperature=batch["temperature"], top_p=batch["top_p"], seed=0,
-                               batch_size=self.slots, stop=list(stop), cuda_graphs=self.cuda_graphs,
-                               compile=self.compile_step)
+                               batch_size=self.slots, stop=list(stop))
         tokenizer = self.served.tokenizer
         return run(self.served.model, requests, cfg, self.served.stop_ids, tokenizer.pad_id, self.rt.device,
-                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token)
+                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session)
 
     def _take(self, poll_s: float) -> list[Job]:
         """Every job queued now (waiting up to poll_s for the first), cancelled ones dropped."""

@@ -22,6 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from offline_rlhf.config.schema import GenerationConfig, ParallelConfig
+from offline_rlhf.generation.engine import DecodeSession
 from offline_rlhf.ledger import read_ledger
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.parallel.distributed import detect_env, device_for
@@ -51,7 +52,8 @@ def _rollout_in_world(rank, world_size, parallel):
     replica = sampling_model(model, TINY, rt)
     assert (replica is model) == (dims.dp == 1)
     refresh(replica, model)
-    rollout = sample(replica, PROMPTS, PROMPT_IDS, iteration_generation(GEN, 2), 2, 0, rt)
+    sampler = DecodeSession(replica, rt.device, GEN)
+    rollout = sample(sampler, PROMPTS, PROMPT_IDS, iteration_generation(GEN, 2), 2, 0, rt)
     weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                for name, p in replica.named_parameters()}
     return {"rollout": rollout.sequences(), "old_logp": policy_logprobs(model, rollout, rt, 2), "weights": weights}
@@ -71,7 +73,7 @@ def _trained_reference():
 def test_replicas_sample_the_rows_one_process_samples(tmp_path, parallel, world_size):
     model = _trained_reference()
     rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, TINY), None, tmp_path)
-    expected = sample(model, PROMPTS, PROMPT_IDS, iteration_generation(GEN, 2), 2, 0, rt)
+    expected = sample(DecodeSession(model, rt.device, GEN), PROMPTS, PROMPT_IDS, iteration_generation(GEN, 2), 2, 0, rt)
     expected_logp = policy_logprobs(model, expected, rt, 2)
     for got in run_distributed(_rollout_in_world, world_size, tmp_path, parallel):
         for name, value in model.state_dict().items():

@@ -11,6 +11,7 @@ import torch
 from offline_rlhf.config.compose import compose_stage
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import GenerationConfig, OptimConfig, ParallelConfig
+from offline_rlhf.generation.engine import DecodeSession
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.train.schedule import build_optimizer
 from ppo_baseline import algorithm
@@ -33,12 +34,13 @@ def prompts():
 def test_a_rollout_depends_on_prompt_ids_and_iteration_not_on_the_batch(rt):
     model = reference_model(TINY)
     ids, pids = prompts()
-    full = sample(model, ids, pids, iteration_generation(GEN, 3), 2, 0, rt)
-    alone = sample(model, ids[2:3], pids[2:3], iteration_generation(GEN, 3), 2, 0, rt)
+    sampler = DecodeSession(model, rt.device, GEN)
+    full = sample(sampler, ids, pids, iteration_generation(GEN, 3), 2, 0, rt)
+    alone = sample(sampler, ids[2:3], pids[2:3], iteration_generation(GEN, 3), 2, 0, rt)
     width = int(alone.lengths[0])
     assert torch.equal(full.tokens[2, :width], alone.tokens[0, :width])
     assert torch.equal(full.mask[2, :width], alone.mask[0, :width])
-    other = sample(model, ids, pids, iteration_generation(GEN, 4), 2, 0, rt)
+    other = sample(DecodeSession(model, rt.device, GEN), ids, pids, iteration_generation(GEN, 4), 2, 0, rt)
     assert not torch.equal(full.tokens, other.tokens)
     assert full.mask[:, :2].sum() == 0
     assert int(full.mask.sum()) == int((full.lengths - torch.tensor([3, 2, 4, 3])).sum())
@@ -47,7 +49,7 @@ def test_a_rollout_depends_on_prompt_ids_and_iteration_not_on_the_batch(rt):
 def test_old_logprobs_are_those_of_the_sampling_distribution(rt):
     model = reference_model(TINY)
     ids, pids = prompts()
-    rollout = sample(model, ids, pids, iteration_generation(GEN, 0), 2, 0, rt)
+    rollout = sample(DecodeSession(model, rt.device, GEN), ids, pids, iteration_generation(GEN, 0), 2, 0, rt)
     logp = policy_logprobs(model, rollout, rt, batch_size=3)
     with torch.no_grad():
         full = model(rollout.tokens).log_softmax(-1)
@@ -72,7 +74,7 @@ def test_advantages_compose_the_ppo_math():
 def test_a_policy_update_moves_the_weights_and_reports_metrics(rt):
     model = reference_model(TINY)
     ids, pids = prompts()
-    rollout = sample(model, ids, pids, iteration_generation(GEN, 0), 2, 0, rt)
+    rollout = sample(DecodeSession(model, rt.device, GEN), ids, pids, iteration_generation(GEN, 0), 2, 0, rt)
     old = policy_logprobs(model, rollout, rt, 4)
     adv = torch.where(rollout.mask, torch.randn(rollout.mask.shape, generator=torch.Generator().manual_seed(0)), 0.0)
     optimizer = build_optimizer(model.parameters(), OptimConfig(lr=1e-2), rt.device)

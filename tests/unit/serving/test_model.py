@@ -100,9 +100,9 @@ def test_warm_up_decodes_one_and_two_rows_with_the_configured_decoding_and_count
     calls = []
     real_run = batching.run
 
-    def recording_run(model, requests, cfg, *args, **kwargs):
-        calls.append((len(requests), cfg.cuda_graphs, cfg.compile))
-        return real_run(model, requests, cfg, *args, **kwargs)
+    def recording_run(model, requests, cfg, *args, session, **kwargs):
+        calls.append((len(requests), session.cfg.cuda_graphs, session.cfg.compile))
+        return real_run(model, requests, cfg, *args, session=session, **kwargs)
 
     monkeypatch.setattr(batching, "run", recording_run)
     rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, MODEL), None, tmp_path / "serve")
@@ -110,3 +110,4 @@ def test_warm_up_decodes_one_and_two_rows_with_the_configured_decoding_and_count
     warm.warm_up()
     assert calls == [(1, True, False), (2, True, False)]
     assert (warm.generated, warm.batches) == (0, 0)
+    assert warm.session.slots == 2  # the batches after share its cache and decode step
