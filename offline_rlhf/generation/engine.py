@@ -171,22 +171,22 @@ class _Engine:
         width = max((len(r.prompt) for r in requests), default=0) + max((r.max_new_tokens for r in requests), default=1)
         self.slot_count = max(1, min(cfg.batch_size, len(requests)))
         self.cache, self.step = session.fit(self.slot_count, width)
-        self.run_ahead = isinstance(self.step, StaticStep)
         self.captured_before = self.graphs_captured()
         self.changed = True  # the slots changed since the step's inputs were loaded
         self.streams = self.steps = torch.zeros(0, dtype=torch.long, device=device)  # per busy slot
 
     def run(self) -> None:
-        """Decode until every request has ended. A static (bucketed) step runs one step
-        ahead: step t+1 is launched from tokens step t left on the device before the host
-        reads them, so the host's work (stop checks, callbacks) overlaps the device's.
-        When a row ends, the step ahead's tokens still count for the other rows; then
-        slots change and the next step starts from the host's state."""
+        """Decode until every request has ended, one step ahead: step t+1 is launched from
+        the tokens step t left on the device before the host reads them, so on a GPU the
+        host's work (stop checks, callbacks) overlaps the device's (on a CPU it costs the
+        step ahead of the rows that end, nothing else). When a row ends, the step ahead's
+        tokens still count for the other rows; then slots change and the next step starts
+        from the host's state."""
         self.admit()
         ahead = None
         while self.slots:
             current = ahead or self.launch()
-            ahead = self.launch() if self.run_ahead else None
+            ahead = self.launch()
             finished = self.advance(range(len(self.slots)), current.tokens())
             if finished and ahead is not None:
                 survivors = [i for i in range(len(self.slots)) if i not in finished]

@@ -94,7 +94,7 @@ def test_the_compiled_step_decodes_what_the_eager_step_decodes_and_compiles_once
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # rows 1 and >1, not per bucket
 
 
-def test_the_static_step_launches_the_next_step_before_reading_the_last(model, small_buckets, monkeypatch):
+def test_the_engine_launches_the_next_step_before_reading_the_last(model, small_buckets, monkeypatch):
     """One step ahead: when the host reads step t's tokens, step t+1 is already launched
     (from tokens step t left on the device). When rows end, the step ahead is read too (its
     tokens count for the other rows) before the slots change: nothing launched goes unread."""
