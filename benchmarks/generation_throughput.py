@@ -7,7 +7,7 @@
                                                                      # n=1 and 4, 32 and 128 slots
     python benchmarks/generation_throughput.py --model 1b --new 256  # on a GPU (bf16)
     python benchmarks/generation_throughput.py --model 1b --new 256 --batch 1 --roofline-only \
-        --fused 1 --attention flex --compile-mode max-autotune-no-cudagraphs   # one variant of our step
+        --fused 0 --attention flex --compile-mode max-autotune-no-cudagraphs   # one variant of our step
 
 The synthetic workload makes every row equally long (batch x max_new_tokens tokens); the
 realistic one (benchmarks/realistic_generation.py) is what `orlhf generate` runs, where
@@ -124,7 +124,9 @@ def main() -> None:
     parser.add_argument("--compile", type=int, default=1, help="CUDA: 0 leaves the decode step uncompiled")
     parser.add_argument("--compile-mode", default="default", help="generation.compile_mode of our engine")
     parser.add_argument("--attention", default="sdpa", help="generation.decode_attention of our engine")
-    parser.add_argument("--fused", type=int, default=0, help="1: our model with fused q/k/v and gate/up projections")
+    parser.add_argument("--fused", type=int, default=1,
+                        help="our model with fused q/k/v and gate/up projections, as generate/eval/serve load it "
+                             "(0: separate)")
     parser.add_argument("--roofline-only", action="store_true", help="CUDA: only our decode step against the roofline")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 4], help="realistic: answers per prompt")
     parser.add_argument("--prompts", type=int, default=256, help="realistic: prompts per measurement")
