@@ -122,11 +122,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--workload", choices=("synthetic", "realistic"), default="synthetic")
     parser.add_argument("--compile", type=int, default=1, help="CUDA: 0 leaves the decode step uncompiled")
-    parser.add_argument("--compile-mode", default="default", help="generation.compile_mode of our engine")
-    parser.add_argument("--attention", default="sdpa", help="generation.decode_attention of our engine")
+    parser.add_argument("--compile-mode", default="default", help="synthetic: generation.compile_mode of our engine")
+    parser.add_argument("--attention", default="sdpa", help="synthetic: generation.decode_attention of our engine")
     parser.add_argument("--fused", type=int, default=1,
-                        help="our model with fused q/k/v and gate/up projections, as generate/eval/serve load it "
-                             "(0: separate)")
+                        help="synthetic: our model with fused q/k/v and gate/up projections, as generate/eval/"
+                             "serve load it (0: separate)")
     parser.add_argument("--roofline-only", action="store_true", help="CUDA: only our decode step against the roofline")
     parser.add_argument("--n", type=int, nargs="+", default=[1, 4], help="realistic: answers per prompt")
     parser.add_argument("--prompts", type=int, default=256, help="realistic: prompts per measurement")

@@ -110,7 +110,9 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg) -
     setup = prepare_training(init, model_cfg, "lm", rt, cfg.seed)
     model, tokenizer = setup.model, setup.tokenizer
     replica = sampling_model(model, model_cfg, rt)
-    sampler = DecodeSession(replica, rt.device, cfg.generation)  # one cache and decode step for every iteration
+    # One cache and decode step for every iteration (on CUDA its graphs are captured once); it
+    # stays allocated through the policy update too: slots x columns of K/V per layer.
+    sampler = DecodeSession(replica, rt.device, cfg.generation)
     prompts, prompt_ids = load_prompts(cfg, tokenizer, model_cfg)
     stops = stop_token_ids(tokenizer, build_template(cfg.template, tokenizer.config))
     steps_per_iteration = cfg.ppo.epochs * cfg.ppo.rollout_batch // cfg.ppo.minibatch

@@ -16,7 +16,8 @@ A step's inputs live on the device, three int64 per row (`StepInputs`): the host
 loads them when the set of busy slots changes (`load`), and in between each step's sampled
 tokens become the next step's inputs on the device (`feed`), so the engine can launch a
 step before it has read the last one's tokens. The attention mask [rows, 1, 1, width] is
-built on the device from them.
+built on the device from them (or, with FlexAttention, each row's span is read from them
+directly).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ class StaticStep:
 
     def shape(self, busy: int, width: int) -> tuple[int, int]:
         """The bucket a step of `busy` rows over `width` columns runs in."""
+        if width > self.max_width:  # the caller's bug: writes would spill into another row's columns
+            raise ValueError(f"a decode step over {width} columns exceeds the cache's {self.max_width}")
         rows = min(1 << (busy - 1).bit_length(), self.slots)
         return rows, min(bucket_width(width), self.max_width)
 

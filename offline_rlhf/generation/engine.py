@@ -8,7 +8,7 @@ slot moves into the freed one, so decode steps only ever run over slots 0..busy-
 
 Requests with the same prompt admitted together share one prefill: the prompt's cache
 columns are copied to the other slots (the n samples of a prompt). Positions restart at 0
-at each prompt's first token and masks hide every column that is not the slot's own, so
+at each prompt's first token and each slot attends to its own columns only, so
 a row's tokens do not depend on what it is batched with; sampling draws from uniforms
 keyed by (seed, stream, step), so sampled tokens do not either (`sampling.keyed_uniforms`).
 
@@ -102,19 +102,23 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig
 def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_id: int | Collection[int] | None,
         pad_id: int, device: torch.device | str, stop: StopCheck | None = None,
         stats: EngineStats | None = None, static: bool | None = None,
-        on_token: TokenCallback | None = None, session: DecodeSession | None = None) -> list[Completion]:
+        on_token: TokenCallback | None = None, session: DecodeSession | None = None,
+        keep_tokens: bool = True) -> list[Completion]:
     """One completion per request, in request order. `eos_id` None never stops early.
     `static`: decode at bucketed shapes (default: on CUDA, as CUDA graphs; see `decode`).
-    `session`: a cache and decode step kept from earlier runs of `model` (default: new ones).
+    `session`: a cache and decode step kept from earlier runs of `model` (default: new ones
+    for `device`, `static` and `cfg`'s decode settings; a session brings its own).
     `on_token(request index, completion)` runs after each token a request gets (streaming);
-    the completion's `finish` is set on its last."""
+    the completion's `finish` is set on its last. `keep_tokens=False` drops a completion's
+    tokens once `on_token` has had its last (the returned completions then hold finish
+    reasons only): a long run then holds only the answers in flight."""
     _check(model, requests)
     eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     session = session or DecodeSession(model, device, cfg, static)
-    if session.model is not model:
-        raise ValueError("a DecodeSession serves the model it was made for")
-    engine = _Engine(model, requests, cfg, eos_ids, pad_id, session.device, stop, stats or EngineStats(),
-                     session, on_token)
+    if session.model is not model or session.device != torch.device(device):
+        raise ValueError(f"a DecodeSession serves the model and device ({session.device}) it was made for")
+    engine = _Engine(model, requests, cfg, eos_ids, pad_id, stop, stats or EngineStats(), session, on_token,
+                     keep_tokens)
     with torch.inference_mode(), autocast_for(engine.device):
         engine.run()
     return engine.completions
@@ -157,10 +161,11 @@ class DecodeSession:
 
 
 class _Engine:
-    def __init__(self, model, requests, cfg, eos_ids, pad_id, device, stop, stats, session, on_token):
+    def __init__(self, model, requests, cfg, eos_ids, pad_id, stop, stats, session, on_token, keep_tokens):
         self.model, self.requests, self.cfg, self.eos_ids = model, requests, cfg, eos_ids
-        self.pad_id, self.device, self.stop, self.stats = pad_id, device, stop, stats
+        self.pad_id, self.device, self.stop, self.stats = pad_id, session.device, stop, stats
         self.on_token: TokenCallback | None = on_token
+        self.keep_tokens = keep_tokens
         self.completions = [Completion() for _ in requests]
         # Longest prompts first: an out-of-memory slot count shows up at once.
         self.queue = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt)))
@@ -173,7 +178,8 @@ class _Engine:
         self.cache, self.step = session.fit(self.slot_count, width)
         self.captured_before = self.graphs_captured()
         self.changed = True  # the slots changed since the step's inputs were loaded
-        self.streams = self.steps = torch.zeros(0, dtype=torch.long, device=device)  # per busy slot
+        self.streams: torch.Tensor | None = None  # per busy slot, loaded with the step's inputs
+        self.steps: torch.Tensor | None = None
 
     def run(self) -> None:
         """Decode until every request has ended, one step ahead: step t+1 is launched from
@@ -185,15 +191,14 @@ class _Engine:
         self.admit()
         ahead = None
         while self.slots:
-            current = ahead or self.launch()
+            current = ahead if ahead is not None else self.launch()
             ahead = self.launch()
             finished = self.advance(range(len(self.slots)), current.tokens())
-            if finished and ahead is not None:
+            if finished:
                 survivors = [i for i in range(len(self.slots)) if i not in finished]
                 tokens = ahead.tokens()
                 finished += self.advance(survivors, [tokens[i] for i in survivors])
                 ahead = None
-            if finished:
                 self.release(finished)
                 self.admit()
         self.stats.graphs += self.graphs_captured() - self.captured_before
@@ -281,6 +286,8 @@ class _Engine:
                 self.on_token(request, completion)
             if completion.finish:
                 finished.append(slot_index)
+                if not self.keep_tokens:
+                    self.completions[request] = Completion(finish=completion.finish)
         return finished
 
     def _finish(self, tokens: list[int], max_new_tokens: int) -> str:

@@ -71,8 +71,8 @@ class Batcher:
                  compile_step: bool = True):
         self.served, self.rt, self.slots = served, rt, slots
         # One cache and decode step for every batch: CUDA graphs are captured once per shape.
-        self.session = DecodeSession(served.model, rt.device,
-                                     GenerationConfig(batch_size=slots, cuda_graphs=cuda_graphs, compile=compile_step))
+        self.session = DecodeSession(served.model, rt.device, GenerationConfig(cuda_graphs=cuda_graphs,
+                                                                                compile=compile_step))
         self.generated = 0  # tokens generated, for the ledger
         self.batches = 0  # engine runs: fewer than the requests when they shared batches
         self._jobs: queue.Queue[Job] = queue.Queue()
@@ -132,7 +132,9 @@ class Batcher:
     def warm_up(self) -> None:
         """One batch of one row and one of two before serving (one process only: the other
         ranks of a world run only what rank 0 broadcasts): on CUDA the decode step is then
-        compiled for one row and for several, not during a client's first requests."""
+        compiled for one row and for several, not during a client's first requests. The
+        session holds every slot first, so the graphs captured now serve later batches."""
+        self.session.fit(self.slots, 1)
         prompt = [self.served.tokenizer.pad_id or 0]
         for rows in (1, 2):
             self.execute(batch_body([Request(prompt, row, 2) for row in range(rows)], True, 1.0, 1.0, ()))

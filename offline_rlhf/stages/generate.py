@@ -138,8 +138,9 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
                   model_name: str, shard: Path | None, usage) -> int:
     """Answers to `prompts` in one engine run (decode slots stay busy until the last
     answers; runs per chunk would drain the batch at every chunk's end), written as they
-    end. Sampling streams are keyed by (prompt id, sample index): the answers do not depend
-    on the slot or replica a prompt lands in. Returns the number of new tokens."""
+    end and then dropped (memory holds the answers in flight, not the replica's share).
+    Sampling streams are keyed by (prompt id, sample index): the answers do not depend on
+    the slot or replica a prompt lands in. Returns the number of new tokens."""
     limit, gen = prompt_budget(cfg, model.cfg), cfg.generation
     encoded = [encode_prompt(tokenizer, template, p.text) for p in prompts]
     requests = [Request(ids[-limit:], stream_id(p.id, sample), gen.max_new_tokens)
@@ -147,7 +148,7 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
     bar = Progress("generate", len(prompts), enabled=rt.is_main, unit="prompt")
     writer = AnswerWriter(prompts, encoded, cfg, limit, tokenizer, model_name, shard, usage, bar)
     run(model, requests, gen, stop_token_ids(tokenizer, template), tokenizer.pad_id, rt.device,
-        stop=stop_on_strings(tokenizer.decode, gen.stop), on_token=writer.on_token)
+        stop=stop_on_strings(tokenizer.decode, gen.stop), on_token=writer.on_token, keep_tokens=False)
     writer.flush()
     bar.close()
     return writer.tokens

@@ -19,7 +19,7 @@ from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.data.batching import collate_sequences
 from offline_rlhf.data.packing import pack_samples
 from offline_rlhf.generation import decode
-from offline_rlhf.generation.engine import EngineStats, Request, run
+from offline_rlhf.generation.engine import DecodeSession, EngineStats, Request, run
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.losses.logprobs import shifted_token_nll
 from offline_rlhf.losses.sft import sft_loss
@@ -42,9 +42,9 @@ def small_buckets(monkeypatch):
     monkeypatch.setattr(decode, "WIDTH_BUCKET", 8)
 
 
-def completions(model, cfg, prompts, eos=None, static=None, stats=None):
+def completions(model, cfg, prompts, eos=None, static=None, stats=None, session=None):
     requests = [Request(p, stream_id(i, j), cfg.max_new_tokens) for i, p in enumerate(prompts) for j in range(cfg.n)]
-    return [c.tokens for c in run(model, requests, cfg, eos, PAD, CUDA, stats=stats, static=static)]
+    return [c.tokens for c in run(model, requests, cfg, eos, PAD, CUDA, stats=stats, static=static, session=session)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -92,6 +92,25 @@ def test_the_compiled_step_writes_the_cache_and_gives_the_logits_of_the_eager_st
         torch.testing.assert_close(k.float(), k_eager.float(), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(v.float(), v_eager.float(), rtol=2e-2, atol=2e-2)
         assert not torch.equal(k[0, :, 9], k_before[0, :, 9])  # the new token's key was written
+
+
+def test_a_session_replays_its_graphs_in_later_runs_with_weights_changed_in_place():
+    """The PPO actor's case: one DecodeSession across iterations, the sampling weights
+    refreshed in place between them; the later run captures nothing and decodes what a
+    fresh session decodes with the new weights."""
+    model = reference_model().to(CUDA).eval()
+    cfg = GenerationConfig(12, batch_size=4, compile=False)
+    session = DecodeSession(model, CUDA, cfg)
+    prompts = prompts_of_lengths(LENGTHS[:4])
+    first, again = EngineStats(), EngineStats()
+    before = completions(model, cfg, prompts, stats=first, session=session)
+    gen = torch.Generator(device=CUDA).manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, device=CUDA, generator=gen))
+    after = completions(model, cfg, prompts, stats=again, session=session)
+    assert first.graphs > 0 and again.graphs == 0
+    assert after == completions(model, cfg, prompts) and after != before
 
 
 def test_the_default_engine_compiles_once_and_replays_graphs():

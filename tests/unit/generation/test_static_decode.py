@@ -97,19 +97,34 @@ def test_the_compiled_step_decodes_what_the_eager_step_decodes_and_compiles_once
 def test_the_engine_launches_the_next_step_before_reading_the_last(model, small_buckets, monkeypatch):
     """One step ahead: when the host reads step t's tokens, step t+1 is already launched
     (from tokens step t left on the device). When rows end, the step ahead is read too (its
-    tokens count for the other rows) before the slots change: nothing launched goes unread."""
+    tokens count for the other rows) before the slots change: nothing launched goes unread,
+    and every answer is what decoding its prompt alone without a cache gives."""
     prompts = prompts_of_lengths(LENGTHS)
     full = [greedy_without_cache(model, p, 16) for p in prompts]
     eos = full[0][2]
-    in_step = completions(model, GenerationConfig(16, batch_size=5), prompts, eos, static=False)
+    expected = [row[:row.index(eos) + 1] if eos in row else row for row in full]
     unread_at_read, stats = [], EngineStats()
     read = engine.TokenRead.tokens
     monkeypatch.setattr(engine.TokenRead, "tokens", lambda self: unread_at_read.append(
         stats.decode_steps - len(unread_at_read)) or read(self))
     ahead = completions(model, GenerationConfig(16, batch_size=5), prompts, eos, static=True, stats=stats)
-    assert [c.tokens for c in ahead] == [c.tokens for c in in_step]
+    assert [c.tokens for c in ahead] == expected
     assert set(unread_at_read) == {1, 2} and stats.decode_steps == len(unread_at_read)
     assert unread_at_read.count(2) > unread_at_read.count(1)  # most reads find the next step launched
+
+
+def test_without_kept_tokens_the_callback_sees_every_answer_and_the_run_returns_finishes_only(model):
+    """`keep_tokens=False` (orlhf generate, whose writer takes answers as they end): memory
+    holds the answers in flight only."""
+    prompts = prompts_of_lengths(LENGTHS)
+    cfg = GenerationConfig(12, batch_size=4)
+    kept = completions(model, cfg, prompts, eos=5)
+    seen = {}
+    requests = [Request(p, stream_id(i, 0), cfg.max_new_tokens) for i, p in enumerate(prompts)]
+    dropped = run(model, requests, cfg, 5, PAD, "cpu", keep_tokens=False,
+                  on_token=lambda i, c: c.finish and seen.setdefault(i, list(c.tokens)))
+    assert [seen[i] for i in range(len(prompts))] == [c.tokens for c in kept]
+    assert [(c.tokens, c.finish) for c in dropped] == [([], c.finish) for c in kept]
 
 
 def test_a_session_keeps_its_cache_and_step_across_runs_and_grows_when_a_run_needs_more(model, small_buckets):
@@ -126,5 +141,6 @@ def test_a_session_keeps_its_cache_and_step_across_runs_and_grows_when_a_run_nee
         steps.append(session.step)
     assert steps[0] is steps[1] is steps[2]  # the later runs fitted the first one's cache: 4 slots, 14 + 8 columns
     assert steps[3] is not steps[2] and (session.slots, session.width) == (4, 32)  # grew to 14 + 16, whole buckets
-    with pytest.raises(ValueError, match="the model it was made for"):
-        run(reference_model().eval(), [Request(prompts[0], 0, 4)], cfg, None, PAD, "cpu", session=session)
+    for other_model, device in ((reference_model().eval(), "cpu"), (model, "meta")):
+        with pytest.raises(ValueError, match=r"serves the model and device \(cpu\) it was made for"):
+            run(other_model, [Request(prompts[0], 0, 4)], cfg, None, PAD, device, session=session)
