@@ -103,7 +103,8 @@ def load_prompts(cfg: PPOConfig, tokenizer, model_cfg) -> tuple[list[list[int]],
     if limit < 1:
         raise ConfigError("generation.max_new_tokens", f"leaves no room for a prompt in max_seq_len="
                           f"{model_cfg.max_seq_len}", "lower it")
-    return [encode_prompt(tokenizer, template, p.text)[-limit:] for p in prompts], [p.id for p in prompts]
+    encoded = [encode_prompt(tokenizer, template, p.text, turns=p.turns)[-limit:] for p in prompts]
+    return encoded, [p.id for p in prompts]
 
 
 def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg) -> Path:

@@ -15,9 +15,9 @@ from pathlib import Path
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.mixing import content_key, split_validation
 from offline_rlhf.data.packing import PackedSequence, unpacked
-from offline_rlhf.data.records import iter_json_objects, require_field, require_number
+from offline_rlhf.data.records import iter_json_objects, optional_turns, require_field, require_number
 from offline_rlhf.data.skips import Skips, require_texts, strict_or
-from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.template import ChatTemplate, Turn
 from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
 
 
@@ -28,6 +28,7 @@ class LabeledExample:
     reward: float
     source: str
     finished: bool = True  # False: the answer was cut at max_new_tokens, so it is trained without EOS
+    turns: tuple[Turn, ...] = ()  # a multi-turn prompt's conversation (`prompt` is it folded); () for one turn
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def read_labeled(path: str | PathLike, reward_key: str = "reward", skips: Skips 
             prompt, response = require_texts(record, ("prompt", "response"), where)
             finished = require_field(record, "finished", bool, where) if "finished" in record else True
             examples.append(LabeledExample(prompt, response, require_number(record, reward_key, where),
-                                           f"{tag}:{where.record}", finished))
+                                           f"{tag}:{where.record}", finished, optional_turns(record, where)))
     return examples
 
 
@@ -61,7 +62,7 @@ def encode_labeled(example: LabeledExample, tokenizer, template: ChatTemplate, m
     reward prompt is part of the prompt, so it carries no loss."""
     prefix = template.reward_prompt(example.reward) if reward_prompt else ""
     return encode_sft(tokenizer, template, example.prompt, example.response, max_len, example.source,
-                      response_prefix=prefix, eos=example.finished)
+                      response_prefix=prefix, eos=example.finished, turns=example.turns)
 
 
 def build_alignment_dataset(path: str | PathLike, tokenizer, template: ChatTemplate, max_len: int,

@@ -157,8 +157,9 @@ def check_roles(messages: Sequence[Message], last: str) -> None:
 class ChatFormat:
     """`template.kind=chat`: conversations through the tokenizer's chat template, used
     wherever the paper's `ChatTemplate` is (`encode_sft`, `encode_prompt` and the readers).
-    Where one string must stand for a multi-turn history (generation prompts, records), it
-    is folded the paper's way; examples read from conversations also keep their turns."""
+    Where one string must stand for a multi-turn history (a record's `prompt`), it is folded
+    the paper's way; prompts and records also keep their turns (`turns`), rendered as
+    messages."""
 
     chat: JinjaChat
     system: str = ""

@@ -17,8 +17,16 @@ from os import PathLike
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.mixing import content_key, split_validation
 from offline_rlhf.data.packing import PackedSequence, unpacked
-from offline_rlhf.data.records import iter_json_objects, require_field, require_number, require_text
-from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.records import (
+    TURNS,
+    iter_json_objects,
+    optional_turns,
+    require_field,
+    require_number,
+    require_text,
+    turns_field,
+)
+from offline_rlhf.data.template import ChatTemplate, Turn
 from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
 
 REF_CHOSEN, REF_REJECTED, DIGEST = "ref_chosen_logp", "ref_rejected_logp", "tokens_sha1"
@@ -31,6 +39,7 @@ class PairExample:
     rejected: str
     chosen_finished: bool = True  # False: a generation cut at max_new_tokens, encoded without EOS
     rejected_finished: bool = True
+    turns: tuple[Turn, ...] = ()  # a multi-turn prompt's conversation (`prompt` is it folded); () for one turn
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,8 @@ class PairDataset:
 def encode_pair_example(tokenizer, template: ChatTemplate, example: PairExample,
                         max_len: int) -> tuple[TokenizedSample, TokenizedSample]:
     """`prompt + reply (+ EOS when finished)` for both replies, cut by `encode_sft`'s rule."""
-    return tuple(encode_sft(tokenizer, template, example.prompt, reply, max_len, side, eos=finished)
+    return tuple(encode_sft(tokenizer, template, example.prompt, reply, max_len, side, eos=finished,
+                            turns=example.turns)
                  for side, reply, finished in (("chosen", example.chosen, example.chosen_finished),
                                                ("rejected", example.rejected, example.rejected_finished)))
 
@@ -69,12 +79,14 @@ def read_pair_example(record: dict, where) -> PairExample:
                                 for key in ("prompt", "chosen", "rejected"))
     flags = [require_field(record, key, bool, where) if key in record else True
              for key in ("chosen_finished", "rejected_finished")]
-    return PairExample(prompt, chosen, rejected, *flags)
+    return PairExample(prompt, chosen, rejected, *flags, optional_turns(record, where))
 
 
 def pair_record(example: PairExample) -> dict:
-    """What a pair file holds of an example (finished flags only when False)."""
-    return {key: value for key, value in asdict(example).items() if value is not True}
+    """What a pair file holds of an example (finished flags only when False, turns only
+    for a multi-turn prompt)."""
+    return {**{key: value for key, value in asdict(example).items() if value is not True and key != TURNS},
+            **turns_field(example.turns)}
 
 
 def read_referenced_pairs(path: str | PathLike, tokenizer, template: ChatTemplate,

@@ -10,9 +10,10 @@ from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.preference_readers import read_preference_source
 from offline_rlhf.data.records import iter_json_objects, require_text
 from offline_rlhf.data.sft_readers import read_sft_source
-from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.template import ChatTemplate, Turn
 
 PROMPT_KINDS = ("prompts", "sft", "preference")
+PromptTurns = tuple[str, tuple[Turn, ...]]  # (the folded text, the turns of a multi-turn prompt or ())
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Prompt:
     id: int  # position in the mixed prompt list; stable for a given config and seed
     text: str  # the instruction (multi-turn history folded by the template)
     source: str
+    turns: tuple[Turn, ...] = ()  # the history up to its last user turn; () for a one-turn prompt
 
 
 def read_prompt_file(path: str, prompt_key: str = "prompt") -> list[str]:
@@ -37,28 +39,35 @@ def _first_turn(record: dict, key: str, where) -> str:
 
 def read_prompts(kind: str, format: str, path: str, template: ChatTemplate, prompt_key: str = "prompt",
                  **hub: str) -> list[str]:
+    """The texts of `read_prompt_turns` (multi-turn histories folded by the template)."""
+    return [text for text, _ in read_prompt_turns(kind, format, path, template, prompt_key, **hub)]
+
+
+def read_prompt_turns(kind: str, format: str, path: str, template: ChatTemplate, prompt_key: str = "prompt",
+                      **hub: str) -> list[PromptTurns]:
     """kind `prompts`: a JSONL file of {prompt_key: text}, or with format `hf` that column of
-    a dataset split; kind `sft` / `preference`: the prompts of a dataset read with that
-    family's reader for `format`. `hub` holds the `format: hf` options (`hub_options`)."""
+    a dataset split (one turn each); kind `sft` / `preference`: the prompts of a dataset read
+    with that family's reader for `format`, with the turns of multi-turn ones. `hub` holds the
+    `format: hf` options (`hub_options`)."""
     if kind == "prompts":
         if format == "hf":
             rows = load_split(path, **{key: hub[key] for key in ("split", "subset", "data_dir") if key in hub})
-            return [require_text(record, prompt_key, where) for where, record in rows.records()]
-        return read_prompt_file(path, prompt_key)
+            return [(require_text(record, prompt_key, where), ()) for where, record in rows.records()]
+        return [(text, ()) for text in read_prompt_file(path, prompt_key)]
     options = {"prompt_key": prompt_key, **hub} if format == "hf" else {}
     if kind == "sft":
-        return [e.prompt for e in read_sft_source(format, path, template=template, **options)]
+        return [(e.prompt, e.turns) for e in read_sft_source(format, path, template=template, **options)]
     if kind == "preference":
-        return [e.prompt for e in read_preference_source(format, path, template=template, **options)]
+        return [(e.prompt, e.turns) for e in read_preference_source(format, path, template=template, **options)]
     raise ValueError(f"unknown prompt source kind {kind!r}; expected one of {PROMPT_KINDS}")
 
 
-def read_prompt_source(source, template: ChatTemplate) -> list[str]:
-    """`read_prompts` for a prompt source config (kind, format, path, prompt_key and, for
-    format hf, the hub options and column names it carries)."""
+def read_prompt_source(source, template: ChatTemplate) -> list[PromptTurns]:
+    """`read_prompt_turns` for a prompt source config (kind, format, path, prompt_key and,
+    for format hf, the hub options and column names it carries)."""
     hub = hub_options(source, source.kind if source.kind in COLUMN_KEYS else "prompts")
-    return read_prompts(source.kind, source.format, source.path, template,
-                        **{"prompt_key": source.prompt_key, **hub})
+    return read_prompt_turns(source.kind, source.format, source.path, template,
+                             **{"prompt_key": source.prompt_key, **hub})
 
 
 def read_prompt_mix(sources, template: ChatTemplate, total: int | None, seed: int) -> tuple[list[Prompt], dict]:
@@ -66,8 +75,9 @@ def read_prompt_mix(sources, template: ChatTemplate, total: int | None, seed: in
     return mix_prompts([(s.name or s.path, read_prompt_source(s, template), s.weight) for s in sources], total, seed)
 
 
-def mix_prompts(sources: list[tuple[str, list[str], float]], total: int | None, seed: int) -> tuple[list[Prompt], dict]:
+def mix_prompts(sources: list[tuple[str, list[PromptTurns], float]], total: int | None,
+                seed: int) -> tuple[list[Prompt], dict]:
     """Mix (name, prompts, weight) sources with `mix_sources` and number the result."""
-    tagged = [(name, [(name, text) for text in texts], weight) for name, texts, weight in sources]
+    tagged = [(name, [(name, prompt) for prompt in prompts], weight) for name, prompts, weight in sources]
     mixed, stats = mix_sources(tagged, total, seed)
-    return [Prompt(index, text, name) for index, (name, text) in enumerate(mixed)], stats
+    return [Prompt(index, text, name, turns) for index, (name, (text, turns)) in enumerate(mixed)], stats

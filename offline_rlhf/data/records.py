@@ -15,7 +15,7 @@ from os import PathLike
 from typing import Any, TypeVar
 
 from offline_rlhf.data.errors import DataError, Location
-from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn
+from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn, check_alternation
 
 T = TypeVar("T")
 Records = Iterable[tuple[Location, dict[str, Any]]]  # what readers loop over: a file's lines or a dataset's rows
@@ -156,6 +156,34 @@ def conversation(history: Sequence[Turn]) -> tuple[Turn, ...]:
     """What an example keeps of its history for a chat template: the turns when there is
     more than the one user turn (which the prompt itself already is), else nothing."""
     return tuple(history) if len(history) > 1 else ()
+
+
+TURNS = "turns"  # a record's multi-turn prompt: [[role, text], ...], user/assistant alternating, ending with user
+
+
+def optional_turns(record: Mapping[str, Any], where: Location) -> tuple[Turn, ...]:
+    """record["turns"] as turns, or () when absent: the conversation a chat template renders
+    for a multi-turn prompt (`prompt` holds it folded). Anything but a list of [role, text]
+    pairs that alternate user/assistant from user to user is malformed."""
+    if TURNS not in record:
+        return ()
+    value = record[TURNS]
+    expected = f"expected {TURNS!r} to be a list of [role, text] pairs, roles user/assistant alternating from user " \
+               "to a last user turn"
+    if not isinstance(value, list) or not all(isinstance(turn, list) and len(turn) == 2 and
+                                              all(isinstance(part, str) for part in turn) for turn in value):
+        raise where.error(expected)
+    turns = tuple((role, text) for role, text in value)
+    try:
+        check_alternation(turns)
+    except ValueError as exc:
+        raise where.error(f"{expected} ({exc})") from None
+    return turns
+
+
+def turns_field(turns: Sequence[Turn]) -> dict[str, list[list[str]]]:
+    """What a written record holds of a prompt's turns: nothing for a one-turn prompt."""
+    return {TURNS: [list(turn) for turn in turns]} if turns else {}
 
 
 def fold_at(template: ChatTemplate, turns: Sequence[Turn], where: Location) -> str:

@@ -9,7 +9,7 @@ import statistics
 from offline_rlhf.config.samples import MixConfig
 from offline_rlhf.data.errors import DataError, Location
 from offline_rlhf.data.mixing import mix_sources
-from offline_rlhf.data.records import iter_json_objects, require_field, require_number
+from offline_rlhf.data.records import iter_json_objects, optional_turns, require_field, require_number
 
 GROUPS = ("generated", "sft", "preference")
 KINDS = ("generated", "sft", "chosen", "rejected")  # what `orlhf label` writes
@@ -35,6 +35,7 @@ def read_labeled_records(path: str) -> list[dict]:
 def check_labeled_record(record: dict, where: Location) -> None:
     for key in ("prompt", "response", "source"):
         require_field(record, key, str, where)
+    optional_turns(record, where)  # copied on as written: a malformed one would surface later, in the wrong file
     kind = require_field(record, "kind", str, where)
     if kind not in KINDS:
         raise where.error(f"expected 'kind' to be one of {', '.join(KINDS)} (got {kind!r})")

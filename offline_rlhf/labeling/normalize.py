@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.data.records import TURNS, turns_field
 from offline_rlhf.labeling.samples import Sample
 from offline_rlhf.labeling.scoring import REWARD_STATS, reward_stats
 
@@ -24,7 +25,8 @@ def normalize(raw: list[float], stats: dict) -> list[float]:
 
 
 def labeled_records(samples: list[Sample], raw: list[float], normalized: list[float]) -> list[dict]:
-    return [{**{k: v for k, v in asdict(s).items() if v is not None}, "reward_raw": r, "reward": n}
+    return [{**{k: v for k, v in asdict(s).items() if v is not None and k != TURNS}, **turns_field(s.turns),
+             "reward_raw": r, "reward": n}
             for s, r, n in zip(samples, raw, normalized)]
 
 

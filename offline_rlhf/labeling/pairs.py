@@ -24,6 +24,7 @@ from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.packing import PackedSequence
 from offline_rlhf.data.pair_dataset import PairExample, pair_record
+from offline_rlhf.data.records import TURNS
 from offline_rlhf.labeling.mix import units_by_group
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import Runtime, autocast_for
@@ -45,12 +46,15 @@ class BuiltPair:
 
 
 def _example(chosen: dict, rejected: dict) -> PairExample:
+    """Both sides share the prompt, and its turns (checked by `read_labeled_records`)."""
     return PairExample(chosen["prompt"], chosen["response"], rejected["response"],
-                       chosen.get("finished", True), rejected.get("finished", True))
+                       chosen.get("finished", True), rejected.get("finished", True),
+                       tuple(tuple(turn) for turn in chosen.get(TURNS, ())))
 
 
 def ranked_pairs(records: Sequence[dict], min_gap: float) -> tuple[list[BuiltPair], dict[str, int]]:
-    """Best vs worst generated answer per (input, prompt); the counts say what every prompt gave."""
+    """Best vs worst generated answer per (input, prompt); the counts say what every prompt gave.
+    A prompt is its folded text: in the paper's format it renders its turns faithfully."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for record in records:
         if record["kind"] == "generated":

@@ -7,10 +7,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from offline_rlhf.data.preference_readers import read_preference_source
-from offline_rlhf.data.records import iter_json_objects, require_field, require_text
+from offline_rlhf.data.records import iter_json_objects, optional_turns, require_field, require_text
 from offline_rlhf.data.sft_readers import read_sft_source
 from offline_rlhf.data.skips import Skips, strict_or
-from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.template import ChatTemplate, Turn
 
 
 @dataclass(frozen=True)
@@ -21,20 +21,23 @@ class Sample:
     kind: str  # generated, sft, chosen or rejected
     pair: int | None = None  # preference pair index: both sides of a pair share it
     finished: bool | None = None  # False: a generation cut at max_new_tokens, kept by include_unfinished
+    turns: tuple[Turn, ...] = ()  # a multi-turn prompt's conversation (`prompt` is it folded); () for one turn
 
 
 UNFINISHED = "unfinished (cut at max_new_tokens)"  # the reason counted for cut-off generations left out
 
 
-def read_generated(path: str, skips: Skips | None = None) -> list[tuple[str, str, bool]]:
-    """(prompt, response, finished) per record. `finished` is what `orlhf generate` wrote
-    (true when absent: other files hold finished answers); a blank prompt is unusable."""
+def read_generated(path: str, skips: Skips | None = None) -> list[tuple[str, str, bool, tuple[Turn, ...]]]:
+    """(prompt, response, finished, turns) per record. `finished` is what `orlhf generate`
+    wrote (true when absent: other files hold finished answers), `turns` those of a multi-turn
+    prompt (`optional_turns`); a blank prompt is unusable."""
     skips, rows = strict_or(skips), []
     for where, record in iter_json_objects(path):
         finished = require_field(record, "finished", bool, where) if "finished" in record else True
         response = require_text(record, "response", where, allow_empty=True)  # an empty answer is still an answer
+        turns = optional_turns(record, where)
         with skips.record():
-            rows.append((require_text(record, "prompt", where), response, finished))
+            rows.append((require_text(record, "prompt", where), response, finished, turns))
     return rows
 
 
@@ -51,18 +54,18 @@ def read_samples(name: str, kind: str, format: str, path: str, template: ChatTem
     skips = strict_or(skips)
     if kind == "preference":
         pairs = _subset(read_preference_source(format, path, template=template, skips=skips, **hub), max_samples, seed)
-        return [Sample(p.prompt, response, name, side, index) for index, p in enumerate(pairs)
+        return [Sample(p.prompt, response, name, side, index, turns=p.turns) for index, p in enumerate(pairs)
                 for side, response in (("chosen", p.chosen), ("rejected", p.rejected))]
     if kind == "sft":
         examples = read_sft_source(format, path, template=template, skips=skips, **hub)
-        rows = [(e.prompt, e.response, True) for e in examples]
+        rows = [(e.prompt, e.response, True, e.turns) for e in examples]
     else:
         rows = read_generated(path, skips)
-    if not include_unfinished and (cut := sum(not finished for _, _, finished in rows)):
+    if not include_unfinished and (cut := sum(not finished for _, _, finished, _ in rows)):
         skips.add(UNFINISHED, cut)
         rows = [row for row in rows if row[2]]
-    return [Sample(prompt, response, name, kind, finished=None if finished else False)
-            for prompt, response, finished in _subset(rows, max_samples, seed)]
+    return [Sample(prompt, response, name, kind, finished=None if finished else False, turns=turns)
+            for prompt, response, finished, turns in _subset(rows, max_samples, seed)]
 
 
 def _subset(items: list, limit: int | None, seed: int) -> list:
@@ -75,7 +78,8 @@ def _subset(items: list, limit: int | None, seed: int) -> list:
 def select_per_prompt(samples: list[Sample], rewards: list[float], selections: dict[str, str]) -> list[int]:
     """Indices (ascending) of the samples to keep. Inputs (`Sample.source`) whose selection
     is "all" keep everything; the others keep, per prompt, the answer with the highest
-    and/or the lowest reward ("best", "worst", "best_worst"; the first one on ties)."""
+    and/or the lowest reward ("best", "worst", "best_worst"; the first one on ties). A prompt
+    is its folded text, which renders its turns faithfully in the paper's format."""
     keep, groups = [], defaultdict(list)
     for index, sample in enumerate(samples):
         if selections.get(sample.source, "all") == "all":

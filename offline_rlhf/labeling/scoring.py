@@ -23,8 +23,8 @@ from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.data.batching import PAD_DOCUMENT, collate_sequences
 from offline_rlhf.data.chat_template import ChatFormat, build_template, template_record
 from offline_rlhf.data.packing import PackedSequence, unpacked
-from offline_rlhf.data.records import iter_json_objects, require_text
-from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.records import iter_json_objects, optional_turns, require_text
+from offline_rlhf.data.template import ChatTemplate, Turn
 from offline_rlhf.data.tokenize import TokenizedSample, encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.models.llama import last_token_values
@@ -43,19 +43,23 @@ def sequence_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
 
 
 def encode_responses(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
-                     max_len: int, finished: Sequence[bool] | None = None) -> list[PackedSequence]:
+                     max_len: int, finished: Sequence[bool] | None = None,
+                     turns: Sequence[Sequence[Turn]] | None = None) -> list[PackedSequence]:
     """`prompt + response + EOS` per pair, cut by `encode_sft`'s truncation rule."""
-    return unpacked(encode_scored(tokenizer, template, pairs, max_len, finished))
+    return unpacked(encode_scored(tokenizer, template, pairs, max_len, finished, turns))
 
 
 def encode_scored(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], max_len: int,
-                  finished: Sequence[bool] | None = None) -> list[TokenizedSample]:
+                  finished: Sequence[bool] | None = None,
+                  turns: Sequence[Sequence[Turn]] | None = None) -> list[TokenizedSample]:
     """`encode_responses` before unpacking, so a caller can count `.truncated`. A pair with
     `finished[i]` False (a generation cut at max_new_tokens) gets no EOS: its reward is
-    read at its last real token, not at an end the answer never reached."""
+    read at its last real token, not at an end the answer never reached. `turns[i]`, a
+    multi-turn prompt's conversation, is what a chat template renders (as in training)."""
     ends = [True] * len(pairs) if finished is None else finished
-    return [encode_sft(tokenizer, template, prompt, response, max_len, f"pair {index}", eos=end)
-            for index, ((prompt, response), end) in enumerate(zip(pairs, ends, strict=True))]
+    histories = [()] * len(pairs) if turns is None else turns
+    return [encode_sft(tokenizer, template, prompt, response, max_len, f"pair {index}", eos=end, turns=history)
+            for index, ((prompt, response), end, history) in enumerate(zip(pairs, ends, histories, strict=True))]
 
 
 @torch.no_grad()
@@ -111,13 +115,14 @@ def _gather_in_order(local: torch.Tensor, order: list[int], rt: Runtime) -> list
 
 def score_texts(model: nn.Module, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
                 batch_size: int, rt: Runtime, max_len: int | None = None,
-                finished: Sequence[bool] | None = None) -> list[float]:
+                finished: Sequence[bool] | None = None, turns: Sequence[Sequence[Turn]] | None = None) -> list[float]:
     """Raw rewards of (prompt, response) pairs, in input order, on every rank. `max_len`
     (default: the model's max_seq_len) should be the length the model was trained with;
-    `finished[i]` False scores a cut-off answer without EOS (see `encode_scored`)."""
+    `finished[i]` False scores a cut-off answer without EOS, `turns[i]` renders a multi-turn
+    prompt (see `encode_scored`)."""
     max_len = max_len or model.cfg.max_seq_len
-    return score_sequences(model, encode_responses(tokenizer, template, pairs, max_len, finished), batch_size, rt,
-                           tokenizer.pad_id)
+    return score_sequences(model, encode_responses(tokenizer, template, pairs, max_len, finished, turns), batch_size,
+                           rt, tokenizer.pad_id)
 
 
 def reward_stats(scores: Sequence[float], source: str) -> dict:
@@ -148,11 +153,14 @@ def load_reward_model(ckpt: str, rt: Runtime, key: str = "ckpt") -> tuple[nn.Mod
     return model, Tokenizer.from_dir(path / TOKENIZER_DIR), meta.metadata
 
 
-def read_scoring_input(path: str, prompt_key: str, response_key: str) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Records and their (prompt, response); a missing or non-text field is an error naming the line."""
-    records, pairs = [], []
+def read_scoring_input(path: str, prompt_key: str,
+                       response_key: str) -> tuple[list[dict], list[tuple[str, str]], list[tuple[Turn, ...]]]:
+    """Records, their (prompt, response) and the turns of multi-turn prompts (`turns`); a
+    missing or non-text field is an error naming the line."""
+    records, pairs, turns = [], [], []
     for where, record in iter_json_objects(path):
         records.append(record)
         pairs.append((require_text(record, prompt_key, where),
                       require_text(record, response_key, where, allow_empty=True)))
-    return records, pairs
+        turns.append(optional_turns(record, where))
+    return records, pairs, turns

@@ -22,7 +22,8 @@ from offline_rlhf.checkpoint import TOKENIZER_DIR, CheckpointMeta, resolve_check
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.evaluation import EvalConfig
 from offline_rlhf.data.chat_template import paper_template
-from offline_rlhf.data.prompts import read_prompt_file, read_prompts
+from offline_rlhf.data.prompts import PromptTurns, read_prompt_file, read_prompt_turns
+from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.data.tokenizer import Tokenizer
@@ -81,7 +82,7 @@ def listed_models(cfg: EvalConfig) -> list[Model]:
     return models
 
 
-def answer_prompts(model: Model, prompts: list[str], cfg: EvalConfig,
+def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
                    rt: Runtime) -> tuple[list[tuple[str, bool]], int]:
     """The model's (answer, finished) for every prompt, in order, on every rank (DP replicas
     split them; finished is False for an answer cut at max_new_tokens), and the number of
@@ -96,7 +97,8 @@ def answer_prompts(model: Model, prompts: list[str], cfg: EvalConfig,
     if budget < 1:
         raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a prompt "
                           f"in {model.name}'s max_seq_len={model.meta.model.max_seq_len}", "lower it")
-    encoded = [encode_prompt(tokenizer, template, prompts[i], prefix)[-budget:] for i in mine]
+    encoded = [encode_prompt(tokenizer, template, text, prefix, turns)[-budget:]
+               for text, turns in (prompts[i] for i in mine)]
     # Sampling keyed by the global prompt index: the same answers at any DP size.
     requests = [Request(ids, stream_id(i, 0), cfg.generation.max_new_tokens) for i, ids in zip(mine, encoded)]
     completions = run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
@@ -141,12 +143,13 @@ def on_main(rt: Runtime, make: Callable[[], T]) -> T | None:
     return value
 
 
-def held_out_prompts(cfg: EvalConfig) -> list[str]:
-    """`prompts` as a JSONL file, or the prompts of a hub dataset's split (`prompts_kind`)."""
+def held_out_prompts(cfg: EvalConfig) -> list[PromptTurns]:
+    """`prompts` as a JSONL file (one turn each), or the prompts of a hub dataset's split
+    (`prompts_kind`), with the turns of multi-turn ones."""
     if parse_repo_id(cfg.prompts) is None:
-        return read_prompt_file(cfg.prompts, cfg.prompt_key)
-    return read_prompts(cfg.prompts_kind, "hf", cfg.prompts, paper_template(cfg.template), cfg.prompt_key,
-                        split=cfg.prompts_split)
+        return [(text, ()) for text in read_prompt_file(cfg.prompts, cfg.prompt_key)]
+    return read_prompt_turns(cfg.prompts_kind, "hf", cfg.prompts, paper_template(cfg.template), cfg.prompt_key,
+                             split=cfg.prompts_split)
 
 
 def main(cfg: EvalConfig) -> int:
@@ -156,6 +159,7 @@ def main(cfg: EvalConfig) -> int:
     template = paper_template(cfg.template)  # the gold reward scores plain paper-format text
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, models[0].meta.model, cfg) as (rt, usage):
         prompts = held_out_prompts(cfg)
+        texts, turns = [text for text, _ in prompts], [history for _, history in prompts]
         check_prompts(cfg.gold, cfg.prompts, cfg.prompt_key)
         gold = on_main(rt, lambda: load_gold(cfg.gold, rt.device, cfg.batch_size, template))
         answers, finished = {}, {}
@@ -170,26 +174,26 @@ def main(cfg: EvalConfig) -> int:
         if cfg.rm:
             rm, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
             rm_template, max_len = scoring_setup(metadata, rm.cfg, tokenizer)
-            for name, texts in answers.items():
-                scores[name]["rm"] = score_texts(rm, tokenizer, rm_template, list(zip(prompts, texts)),
-                                                 cfg.batch_size, rt, max_len, finished=finished[name])
+            for name, replies in answers.items():
+                scores[name]["rm"] = score_texts(rm, tokenizer, rm_template, list(zip(texts, replies)),
+                                                 cfg.batch_size, rt, max_len, finished=finished[name], turns=turns)
         if rt.is_main:
             if gold is not None:  # after the collectives: a plug-in's error stops rank 0 alone
-                for name, texts in answers.items():
-                    scores[name] = {"gold": gold.score(list(zip(prompts, texts)), finished[name]), **scores[name]}
+                for name, replies in answers.items():  # the gold reward reads paper-format text: the folded prompt
+                    scores[name] = {"gold": gold.score(list(zip(texts, replies)), finished[name]), **scores[name]}
             write_results(rt, cfg, models, prompts, answers, finished, scores)
     return 0
 
 
-def write_results(rt: Runtime, cfg: EvalConfig, models: list[Model], prompts: list[str],
+def write_results(rt: Runtime, cfg: EvalConfig, models: list[Model], prompts: list[PromptTurns],
                   answers: dict[str, list[str]], finished: dict[str, list[bool]],
                   scores: dict[str, dict[str, list[float]]]) -> None:
     """answers_<model>.jsonl per model, results.json / results.md, DONE (rank 0)."""
     for name, texts in answers.items():
         write_jsonl(rt.stage_dir / f"answers_{name}.jsonl",
-                    [{"prompt": p, "response": a, "finished": finished[name][i],
+                    [{"prompt": p, **turns_field(history), "response": a, "finished": finished[name][i],
                       **{s: scores[name][s][i] for s in scores[name]}}
-                     for i, (p, a) in enumerate(zip(prompts, texts))])
+                     for i, ((p, history), a) in enumerate(zip(prompts, texts))])
     table = summarize(scores, cfg.baseline, cfg.bootstrap_samples)
     cut_off = {name: flags.count(False) for name, flags in finished.items()}
     info = {m.name: {"checkpoint": str(m.path), "reward_prompt": m.reward_prompt,

@@ -21,6 +21,7 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.samples import GenerateConfig
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.data.prompts import Prompt, read_prompt_mix
+from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.fsutil import write_atomic, write_jsonl
@@ -75,6 +76,7 @@ class AnswerWriter:
         prompt, gen = self.prompts[prompt_index], self.cfg.generation
         self.tokens += sum(len(c.tokens) for c in completions)
         return [{"schema": SCHEMA_VERSION, "id": prompt.id, "sample": sample, "prompt": prompt.text,
+                 **turns_field(prompt.turns),
                  "response": answer_text(completion, self.tokenizer.decode, gen.stop), "source": prompt.source,
                  "model": self.model_name, "gen_config": asdict(gen), "finished": completion.finish != "length",
                  "finish_reason": completion.finish, "response_tokens": len(completion.tokens),
@@ -142,7 +144,7 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
     Sampling streams are keyed by (prompt id, sample index): the answers do not depend on
     the slot or replica a prompt lands in. Returns the number of new tokens."""
     limit, gen = prompt_budget(cfg, model.cfg), cfg.generation
-    encoded = [encode_prompt(tokenizer, template, p.text) for p in prompts]
+    encoded = [encode_prompt(tokenizer, template, p.text, turns=p.turns) for p in prompts]
     requests = [Request(ids[-limit:], stream_id(p.id, sample), gen.max_new_tokens)
                 for p, ids in zip(prompts, encoded) for sample in range(gen.n)]
     bar = Progress("generate", len(prompts), enabled=rt.is_main, unit="prompt")

@@ -39,7 +39,7 @@ def main(cfg: LabelConfig) -> int:
         samples, skipped = read_inputs(cfg, template)
         rt.log(f"label: scoring {len(samples)} samples with {rm_path}")
         encoded = encode_scored(tokenizer, template, [(s.prompt, s.response) for s in samples], max_len,
-                                [s.finished is not False for s in samples])
+                                [s.finished is not False for s in samples], [s.turns for s in samples])
         sequences = unpacked(encoded)
         raw = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id)
         # Statistics over every scored answer: selecting the best per prompt must not move the scale.

@@ -23,10 +23,10 @@ def main(cfg: RMScoreConfig) -> int:
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         model, tokenizer, metadata = load_reward_model(cfg.ckpt, rt)
         template, max_len = scoring_setup(metadata, model_cfg, tokenizer)
-        records, pairs = read_scoring_input(cfg.input, cfg.prompt_key, cfg.response_key)
+        records, pairs, turns = read_scoring_input(cfg.input, cfg.prompt_key, cfg.response_key)
         # A generation cut at max_new_tokens (`finished: false`) is scored without EOS, as in `orlhf label`.
         sequences = encode_responses(tokenizer, template, pairs, max_len,
-                                     [record.get("finished") is not False for record in records])
+                                     [record.get("finished") is not False for record in records], turns)
         scores = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id)
         usage.tokens += sum(map(len, sequences))
         if rt.is_main:

@@ -12,11 +12,21 @@ import torch
 
 from offline_rlhf.checkpoint import CONFIG_KEY, CheckpointMeta, TrainState, save_checkpoint
 from offline_rlhf.cli import main
+from offline_rlhf.config.schema import TemplateConfig
+from offline_rlhf.data.chat_template import build_template
+from offline_rlhf.data.prompts import read_prompt_turns
 from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import encode_prompt, encode_sft
+from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.eval.gold import load_gold
+from offline_rlhf.labeling.scoring import scoring_metadata
 from tests.fixtures import reference_model
+from tests.local_data import OASST_TREES
 from tests.synthetic_preferences import FILLER, MODEL, synthetic_tokenizer
+from tests.unit.data.test_chat_template import CHATML
+from tests.unit.data.test_hub_datasets import dataset_repo, oasst_message_table
 from tests.unit.eval.gold_plugins import Scorers, tiny_hf_reward_model
+from tests.unit.test_hub import offline_hub
 
 SCALE = 0.5
 QA = {"user_tag": "Q:", "assistant_tag": "A:", "sep": " "}
@@ -139,3 +149,47 @@ def test_a_missing_checkpoint_fails_before_any_answer(files, tmp_path, capsys):
     assert err.startswith(f"orlhf eval: error: models[late].checkpoint: {missing} is neither a checkpoint") and \
         "\n" not in err
     assert not (tmp_path / "eval").exists()
+
+
+def test_multi_turn_hub_prompts_are_answered_and_scored_as_their_turns(tmp_path, monkeypatch):
+    """template.kind=chat with oasst1 conversations as the held-out prompts: each model is
+    prompted with a prompt's turns as messages and the reward model scores them with its
+    turns, as SFT and RM training rendered them; answers files keep the turns."""
+    import offline_rlhf.labeling.scoring as scoring
+    import offline_rlhf.stages.eval as stage
+
+    dataset_repo(offline_hub(monkeypatch, tmp_path / "hub"), tmp_path, "OpenAssistant/oasst1",
+                 {"data/validation-00000-of-00001.parquet": oasst_message_table(OASST_TREES)})
+    folder = tmp_path / "tokenizer"
+    train_bpe_tokenizer([OASST_TREES], MODEL.vocab_size, folder,
+                        special_tokens=("<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>"))
+    tokenizer = Tokenizer.from_dir(folder)
+    tokenizer.config["chat_template"] = CHATML
+    tokenizer.save(folder)
+    chat = build_template(TemplateConfig(kind="chat"), tokenizer.config)
+    for name, head in (("sft", "lm"), ("rm", "value")):
+        save_checkpoint(tmp_path / name, reference_model(MODEL, head),
+                        CheckpointMeta(MODEL, head, TrainState(), metadata=scoring_metadata(chat, MODEL.max_seq_len)),
+                        tokenizer_dir=folder)
+    requests, scored = [], []
+    engine_run, score = stage.run, scoring.score_sequences
+    monkeypatch.setattr(stage, "run", lambda model, batch, *args, **kw: requests.extend(batch) or
+                        engine_run(model, batch, *args, **kw))
+    monkeypatch.setattr(scoring, "score_sequences", lambda model, sequences, *args: scored.extend(sequences) or
+                        score(model, sequences, *args))
+    assert main(["eval", f"run_dir={tmp_path / 'run'}", "prompts=OpenAssistant/oasst1", "prompts_kind=sft",
+                 "prompts_split=validation", f"rm={tmp_path / 'rm'}", "generation.max_new_tokens=2",
+                 "bootstrap_samples=10", f"models=[{{name: sft, checkpoint: '{tmp_path / 'sft'}'}}]"]) == 0
+
+    prompts = read_prompt_turns("sft", "oasst", str(OASST_TREES), ChatTemplate())
+    records = answers(tmp_path / "run", "sft")
+    assert len(requests) == len(scored) == len(records) == len(prompts)
+    budget = MODEL.max_seq_len - 2
+    for (text, turns), request, sequence, record in zip(prompts, requests, scored, records):
+        assert request.prompt == encode_prompt(tokenizer, chat, text, turns=turns)[-budget:]
+        assert sequence.input_ids == encode_sft(tokenizer, chat, text, record["response"], MODEL.max_seq_len, "x",
+                                                eos=record["finished"], turns=turns).input_ids
+        assert (record["prompt"], [tuple(t) for t in record.get("turns", [])]) == (text, list(turns))
+    multi = [(text, turns) for text, turns in prompts if turns]
+    assert multi and any(encode_prompt(tokenizer, chat, text, turns=turns)[-budget:] !=
+                         encode_prompt(tokenizer, chat, text)[-budget:] for text, turns in multi)

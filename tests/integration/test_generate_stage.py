@@ -9,10 +9,16 @@ import sys
 import pytest
 
 from offline_rlhf.cli import main
+from offline_rlhf.config.schema import TemplateConfig
+from offline_rlhf.data.chat_template import build_template
+from offline_rlhf.data.sft_readers import read_sft_source
+from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.ledger import read_ledger
 from tests.fixtures import REPO_ROOT
 from tests.integration.test_sft_stage import sft_args
-from tests.local_data import SELF_INSTRUCT, prompt_sources
+from tests.local_data import OASST_TREES, SELF_INSTRUCT, prompt_sources
+from tests.unit.data.test_chat_template import CHATML
 
 PROMPTS = 41  # odd: the two replicas get uneven shares
 
@@ -126,3 +132,39 @@ def test_one_continuous_batch_per_replica_writes_every_write_every_prompts(sft_r
     for records in writes:  # a prompt's answers are written together
         assert [r["id"] for r in records[::2]] == [r["id"] for r in records[1::2]]
     assert [(r["id"], r["sample"]) for r in samples(tmp_path)] == [(i, j) for i in range(PROMPTS) for j in range(2)]
+
+
+def test_multi_turn_prompts_reach_the_engine_as_chat_sft_rendered_them(tmp_path, monkeypatch):
+    """template.kind=chat: an Open Assistant conversation is prompted as its real messages
+    (what SFT trained on), not as one user message holding the folded history; its record
+    keeps the turns, and one-turn records have none."""
+    import offline_rlhf.stages.generate as stage
+
+    folder = tmp_path / "chat_tokenizer"
+    tokenizer = train_bpe_tokenizer([SELF_INSTRUCT, OASST_TREES], 512, folder,
+                                    special_tokens=("<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>"))
+    tokenizer.config["chat_template"] = CHATML
+    tokenizer.save(folder)
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    assert main(sft_args(run_dir, folder, "data.template.kind=chat", "train.max_steps=1", "train.save_every=1")) == 0
+    requests, engine_run = [], stage.run
+    monkeypatch.setattr(stage, "run", lambda *args, **kwargs: requests.extend(args[1]) or engine_run(*args, **kwargs))
+    assert main(["generate", f"run_dir={out}", f"init.checkpoint={run_dir}/sft/checkpoints", prompt_sources(),
+                 "generation.max_new_tokens=2", "generation.batch_size=16", "max_prompt_tokens=100000"]) == 0
+
+    tokenizer = Tokenizer.from_dir(folder)
+    chat = build_template(TemplateConfig(kind="chat"), tokenizer.config)
+    turns_of = {e.prompt: e.turns for e in read_sft_source("oasst", str(OASST_TREES), template=chat)}
+    records = samples(out)
+    assert len(requests) == len(records) == len(turns_of) and [r["id"] for r in records] == list(range(len(records)))
+    multi = 0
+    for request, record in zip(requests, records):
+        turns = turns_of[record["prompt"]]
+        assert [tuple(turn) for turn in record.get("turns", [])] == list(turns)
+        whole = encode_prompt(tokenizer, chat, record["prompt"], turns=turns)
+        assert request.prompt == whole[-len(request.prompt):] and (len(request.prompt) < len(whole)) == \
+            record["prompt_truncated"]
+        if turns and not record["prompt_truncated"]:
+            multi += 1
+            assert request.prompt == whole != encode_prompt(tokenizer, chat, record["prompt"])
+    assert multi >= 10 and any("turns" not in r for r in records)  # multi-turn prompts checked whole; one-turn ones

@@ -10,10 +10,17 @@ import torch
 
 from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
 from offline_rlhf.cli import main
-from offline_rlhf.config.schema import ModelConfig
-from offline_rlhf.labeling.scoring import REWARD_STATS
+from offline_rlhf.config.schema import ModelConfig, TemplateConfig
+from offline_rlhf.data.chat_template import build_template
+from offline_rlhf.data.sft_readers import read_sft_source
+from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.data.tokenize import encode_sft
+from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
+from offline_rlhf.labeling.scoring import REWARD_STATS, scoring_metadata
 from offline_rlhf.models.llama import Transformer
 from tests.fixtures import REPO_ROOT
+from tests.local_data import OASST_TREES
+from tests.unit.data.test_chat_template import CHATML
 
 RM_CONFIG = ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=128)
 
@@ -132,3 +139,47 @@ def test_select_best_keeps_one_answer_per_prompt_with_the_highest_reward(task_ru
         assert kept["reward_raw"] == max(r["reward_raw"] for r in pair) and kept["prompt"] == pair[0]["prompt"]
     meta = json.loads((tmp_path / "best" / "label" / "labels_meta.json").read_text())
     assert meta["not_selected"] == 10
+
+
+def test_label_scores_multi_turn_prompts_as_the_reward_model_was_trained(tmp_path, monkeypatch):
+    """A generated record's `turns` reach the reward model, in `orlhf label` and `orlhf
+    rm-score`: under template.kind=chat the scored ids are encode_sft's with the turns (not
+    the folded history as one message); under the paper's template they are those of the
+    folded prompt, as before; the labeled records keep the turns of multi-turn prompts only."""
+    import offline_rlhf.stages.label as stage
+    import offline_rlhf.stages.rm_score as rm_stage
+
+    folder = tmp_path / "tokenizer"
+    train_bpe_tokenizer([OASST_TREES], 400, folder, special_tokens=("<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>"))
+    tokenizer = Tokenizer.from_dir(folder)
+    tokenizer.config["chat_template"] = CHATML
+    tokenizer.save(folder)
+    examples = read_sft_source("oasst", str(OASST_TREES), template=ChatTemplate())
+    chosen = [next(e for e in examples if len(e.turns) >= 3), next(e for e in examples if not e.turns)]
+    generated = tmp_path / "samples.jsonl"
+    generated.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response, "finished": True,
+                                             **({"turns": [list(t) for t in e.turns]} if e.turns else {})}) + "\n"
+                                 for e in chosen))
+    model = Transformer(RM_CONFIG, head="value")
+    model.init_weights()
+    scored, score = [], stage.score_sequences
+    for module in (stage, rm_stage):
+        monkeypatch.setattr(module, "score_sequences",
+                            lambda m, sequences, *args: scored.append(sequences) or score(m, sequences, *args))
+    for kind, template in (("chat", build_template(TemplateConfig(kind="chat"), tokenizer.config)),
+                           ("paper", ChatTemplate())):
+        rm = tmp_path / f"rm_{kind}"
+        save_checkpoint(rm, model, CheckpointMeta(model=RM_CONFIG, head="value", train_state=TrainState(),
+                                                  metadata=scoring_metadata(template, 128)), tokenizer_dir=folder)
+        assert main(["label", f"run_dir={tmp_path / kind}", f"rm={rm}",
+                     f"inputs=[{{name: gen, kind: generated, path: '{generated}'}}]"]) == 0
+        with_turns = [encode_sft(tokenizer, template, e.prompt, e.response, 128, "x", turns=e.turns).input_ids
+                      for e in chosen]
+        folded = encode_sft(tokenizer, template, chosen[0].prompt, chosen[0].response, 128, "x").input_ids
+        assert [sequence.input_ids for sequence in scored.pop()] == with_turns
+        assert (with_turns[0] == folded) == (kind == "paper")
+        assert main(["rm-score", f"run_dir={tmp_path / kind}", f"ckpt={rm}", f"input={generated}",
+                     f"output={tmp_path / kind / 'scored.jsonl'}"]) == 0
+        assert [sequence.input_ids for sequence in scored.pop()] == with_turns
+        records = labeled(tmp_path / kind)
+        assert records[0]["turns"] == [list(t) for t in chosen[0].turns] and "turns" not in records[1]

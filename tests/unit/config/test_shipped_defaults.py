@@ -23,7 +23,7 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.evaluation import EvalConfig
 from offline_rlhf.config.samples import GenerateConfig, LabelConfig, LabelInputConfig, PromptSourceConfig
 from offline_rlhf.data.hub_datasets import hub_options
-from offline_rlhf.data.prompts import read_prompt_source, read_prompts
+from offline_rlhf.data.prompts import read_prompt_source, read_prompt_turns
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.samples import read_samples
@@ -158,7 +158,7 @@ def test_the_default_sources_read_their_hub_datasets_with_every_hub_option(hub, 
                                                       "harmless-base/train.jsonl.gz": harmless})
     template = ChatTemplate()
     [oasst] = compose_stage("generate", GenerateConfig).sources
-    assert read_prompt_source(oasst, template) == read_prompts("sft", "oasst", str(OASST_TREES), template)
+    assert read_prompt_source(oasst, template) == read_prompt_turns("sft", "oasst", str(OASST_TREES), template)
     [hh] = [i for i in compose_stage("label", LabelConfig).inputs if i.kind == "preference"]
     assert hh.data_dir == "helpful-base"
     samples = read_samples(hh.name, hh.kind, hh.format, hh.path, template, None, 0, **hub_options(hh, hh.kind))
@@ -188,4 +188,6 @@ def test_the_default_eval_prompts_are_oasst1_validation_conversations(hub, tmp_p
                  {"data/validation-00000-of-00001.parquet": oasst_message_table(OASST_TREES)})
     cfg = compose_stage("eval", EvalConfig, ["models=[{name: sft, checkpoint: ckpts/sft}]"])
     assert (cfg.prompts, cfg.prompts_kind, cfg.prompts_split) == ("OpenAssistant/oasst1", "sft", "validation")
-    assert held_out_prompts(cfg) == read_prompts("sft", "oasst", str(OASST_TREES), ChatTemplate())
+    prompts = held_out_prompts(cfg)
+    assert prompts == read_prompt_turns("sft", "oasst", str(OASST_TREES), ChatTemplate())
+    assert any(turns for _, turns in prompts)  # the multi-turn prompts keep their turns

@@ -199,9 +199,9 @@ def test_prompt_response_and_prompt_chosen_rejected_columns_from_local_files(tmp
     assert read_prompts("prompts", "hf", str(sft_file), ChatTemplate(), prompt_key="q", split="train") == \
         ["Why?", "How?"]
     prompts = PromptSourceConfig(kind="prompts", format="hf", path=str(sft_file), prompt_key="q")
-    assert read_prompt_source(prompts, ChatTemplate()) == ["Why?", "How?"]
+    assert read_prompt_source(prompts, ChatTemplate()) == [("Why?", ()), ("How?", ())]
     assert read_prompt_source(replace(prompts, kind="preference", path=str(pref_file), prompt_key="prompt"),
-                              ChatTemplate()) == ["Pick"]
+                              ChatTemplate()) == [("Pick", ())]
 
 
 # ---------------------------------------------------------------------------- the SFT dataset
