@@ -51,9 +51,9 @@ class AnswerWriter:
     appended to the shard with fsync (a prompt's answers together, so a crash leaves at
     most one prompt incomplete: `repair_shard`)."""
 
-    def __init__(self, prompts: list[Prompt], encoded: list[list[int]], cfg: GenerateConfig, limit: int,
+    def __init__(self, prompts: list[Prompt], truncated: list[bool], cfg: GenerateConfig,
                  tokenizer, model_name: str, shard: Path | None, usage, bar: Progress):
-        self.prompts, self.encoded, self.cfg, self.limit = prompts, encoded, cfg, limit
+        self.prompts, self.truncated, self.cfg = prompts, truncated, cfg  # truncated: per prompt, cut to the budget
         self.tokenizer, self.model_name, self.shard, self.usage, self.bar = tokenizer, model_name, shard, usage, bar
         self.ended: dict[int, dict[int, Completion]] = {}  # prompt index -> sample -> its completion
         self.due: list[dict] = []
@@ -80,7 +80,7 @@ class AnswerWriter:
                  "response": answer_text(completion, self.tokenizer.decode, gen.stop), "source": prompt.source,
                  "model": self.model_name, "gen_config": asdict(gen), "finished": completion.finish != "length",
                  "finish_reason": completion.finish, "response_tokens": len(completion.tokens),
-                 "prompt_truncated": len(self.encoded[prompt_index]) > self.limit}
+                 "prompt_truncated": self.truncated[prompt_index]}
                 for sample, completion in enumerate(completions)]
 
     def flush(self) -> None:
@@ -144,11 +144,13 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
     Sampling streams are keyed by (prompt id, sample index): the answers do not depend on
     the slot or replica a prompt lands in. Returns the number of new tokens."""
     limit, gen = prompt_budget(cfg, model.cfg), cfg.generation
-    encoded = [encode_prompt(tokenizer, template, p.text, turns=p.turns) for p in prompts]
-    requests = [Request(ids[-limit:], stream_id(p.id, sample), gen.max_new_tokens)
-                for p, ids in zip(prompts, encoded) for sample in range(gen.n)]
+    requests, truncated = [], []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, template, prompt.text, turns=prompt.turns)
+        truncated.append(len(ids) > limit)
+        requests += [Request(ids[-limit:], stream_id(prompt.id, sample), gen.max_new_tokens) for sample in range(gen.n)]
     bar = Progress("generate", len(prompts), enabled=rt.is_main, unit="prompt")
-    writer = AnswerWriter(prompts, encoded, cfg, limit, tokenizer, model_name, shard, usage, bar)
+    writer = AnswerWriter(prompts, truncated, cfg, tokenizer, model_name, shard, usage, bar)
     run(model, requests, gen, stop_token_ids(tokenizer, template), tokenizer.pad_id, rt.device,
         stop=stop_on_strings(tokenizer.decode, gen.stop), on_token=writer.on_token, keep_tokens=False)
     writer.flush()
