@@ -30,7 +30,8 @@ import torch
 
 from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation.kv_cache import LayerKVCache, TokenWrite
-from offline_rlhf.models.llama import KeySpan, Transformer, is_sharded
+from offline_rlhf.models.llama import KeySpan, Transformer
+from offline_rlhf.parallel.parallelize import is_sharded
 
 WIDTH_BUCKET = 256  # columns: a step attends to at most this many more than it needs
 

@@ -294,10 +294,11 @@ def fuse_projections(model: Transformer) -> Transformer:
     projection `wqkv` and w1, w3 one `w13` (the old weights freed), fewer and larger
     matrix-vector products per decode step; same outputs. The fused parameters match no
     checkpoint's or Hugging Face's names, so the model refuses `state_dict()` (checkpoint
-    saving and export go through it) instead of writing wrongly named weights. Refuses a
-    tensor-parallel model: concatenating local shards would interleave ranks' heads."""
-    if is_sharded(model):
-        raise ValueError("fuse_projections needs whole weights; this model is sharded (DTensor parameters): "
+    saving and export go through it) instead of writing wrongly named weights. Refuses
+    weights that are not plain tensors (a tensor subclass such as a tensor-parallel shard:
+    concatenating local pieces would interleave ranks' heads)."""
+    if any(type(param.data) is not torch.Tensor for param in model.parameters()):
+        raise ValueError("fuse_projections needs whole weights; this model's are sharded (not plain tensors): "
                          "keep its separate projections")
     if any(block.attention.wqkv is not None for block in model.layers):
         raise ValueError("this model's projections are already fused")
@@ -306,13 +307,6 @@ def fuse_projections(model: Transformer) -> Transformer:
         block.feed_forward.fuse()
     model.register_state_dict_pre_hook(_refuse_fused_state_dict)
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether tensor parallelism holds the model's weights (as DTensor shards)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(param, DTensor) for param in model.parameters())
 
 
 def _refuse_fused_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:

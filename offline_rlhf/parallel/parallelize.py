@@ -12,7 +12,7 @@ from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed._composable import replicate
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -26,6 +26,11 @@ from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.models.llama import Transformer
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.parallel.state_dict import load_full_state_dict
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether tensor parallelism holds the model's weights (as DTensor shards)."""
+    return any(isinstance(param, DTensor) for param in model.parameters())
 
 
 def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
