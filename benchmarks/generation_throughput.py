@@ -7,7 +7,7 @@
                                                                      # n=1 and 4, 32 and 128 slots
     python benchmarks/generation_throughput.py --model 1b --new 256  # on a GPU (bf16)
     python benchmarks/generation_throughput.py --model 1b --new 256 --batch 1 --roofline-only \
-        --fused 0 --attention flex --compile-mode max-autotune-no-cudagraphs   # one variant of our step
+        --fused 0 --attention flex --compile-mode coordinate-descent   # one variant of our step
 
 The synthetic workload makes every row equally long (batch x max_new_tokens tokens); the
 realistic one (benchmarks/realistic_generation.py) is what `orlhf generate` runs, where
@@ -28,7 +28,7 @@ from realistic_generation import DATA, REPO, run_realistic
 from train_step_throughput import CPU_DEFAULT, hf_twin
 
 from offline_rlhf.config.compose import compose_stage
-from offline_rlhf.config.schema import GenerationConfig, ModelConfig
+from offline_rlhf.config.schema import COMPILE_MODES, DECODE_ATTENTION, GenerationConfig, ModelConfig
 from offline_rlhf.config.tools import SmokeConfig
 from offline_rlhf.generation.engine import generate
 from offline_rlhf.models.llama import Transformer, fuse_projections
@@ -122,8 +122,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--workload", choices=("synthetic", "realistic"), default="synthetic")
     parser.add_argument("--compile", type=int, default=1, help="CUDA: 0 leaves the decode step uncompiled")
-    parser.add_argument("--compile-mode", default="default", help="synthetic: generation.compile_mode of our engine")
-    parser.add_argument("--attention", default="sdpa", help="synthetic: generation.decode_attention of our engine")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="synthetic: generation.compile_mode of our engine")
+    parser.add_argument("--attention", choices=DECODE_ATTENTION, default="sdpa",
+                        help="synthetic: generation.decode_attention of our engine")
     parser.add_argument("--fused", type=int, default=1,
                         help="synthetic: our model with fused q/k/v and gate/up projections, as generate/eval/"
                              "serve load it (0: separate)")

@@ -4,14 +4,15 @@
 #
 #   bash benchmarks/gpu_session.sh                    # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_session.sh tests generation   # some parts only (tests, generation, training,
-#                                                     # realistic, variants, autotune)
+#                                                     # realistic, variants, unfused, autotune)
 #
 # `generation` runs our engine as users get it (fused projections, mask attention, default
 # compilation); `variants` measures our batch-1 and batch-32 decode step against the
-# roofline without fused projections, then with FlexAttention decode; `autotune` with
+# roofline compiled with coordinate-descent tuning (tuned matrix-vector reductions), then
+# with FlexAttention decode; `unfused` without fused projections; `autotune` with all of
 # inductor's kernel tuning (several minutes of compilation). Within one device session's 15
 # minutes: a first call `tests generation` (about 8 minutes with the start), a second
-# `variants` (about 5), then `autotune` or `realistic` if time is left.
+# `variants` (about 6), then `unfused`, `autotune` or `realistic` if time is left.
 #
 # benchmarks/gpu_prepare.sh makes what it needs here first: the packages the GPU image lacks
 # (hydra-core, omegaconf, antlr4) as wheels in .whl/, installed to /tmp/site there, and the
@@ -40,9 +41,9 @@ set -o pipefail
   --workload realistic --data .gpu_data/data --cache .gpu_data/bench_generation --batch 32 128 --n 1 4 \
   --new 256 --rounds 2 2>&1 | tee "$OUT/realistic.log"
 VARIANT="python3 benchmarks/generation_throughput.py --model 1b --batch 1 32 --new 256 --rounds 2 --roofline-only"
-[[ $PARTS == *variants* ]] && for flags in "--fused 0" "--attention flex"; do
-  timeout 150 $VARIANT $flags 2>&1 | tee -a "$OUT/variants.log"
-done
+[[ $PARTS == *variants* ]] && { timeout 240 $VARIANT --compile-mode coordinate-descent 2>&1 | tee -a "$OUT/variants.log"
+  timeout 150 $VARIANT --attention flex 2>&1 | tee -a "$OUT/variants.log"; }
+[[ $PARTS == *unfused* ]] && timeout 150 $VARIANT --fused 0 2>&1 | tee "$OUT/unfused.log"
 [[ $PARTS == *autotune* ]] && timeout 400 $VARIANT --compile-mode max-autotune-no-cudagraphs 2>&1 \
   | tee "$OUT/autotune.log"
 true  # a skipped last part is not a failure

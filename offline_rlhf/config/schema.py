@@ -319,7 +319,10 @@ def check_file_input(list_key: str, name: str, path: str, kind: str, kinds: tupl
         raise ConfigError(f"{list_key}[{name or '?'}].path", "is required", "pass the file")
 
 
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile modes (graphs are captured here)
+# How the decode step is compiled: torch.compile's default; inductor's coordinate-descent tuning
+# only (on CUDA a one-row step's matrix products become tuned matrix-vector reductions); or
+# max-autotune-no-cudagraphs (that tuning plus matrix-product templates). Graphs are ours.
+COMPILE_MODES = ("default", "coordinate-descent", "max-autotune-no-cudagraphs")
 DECODE_ATTENTION = ("sdpa", "flex")
 
 
@@ -343,7 +346,7 @@ class GenerationConfig(Frozen):
     stop: list[str] = field(default_factory=list)  # an answer ends at the first of these strings (not kept)
     cuda_graphs: bool = True  # on CUDA, replay each bucketed decode shape as a CUDA graph (false: plain eager)
     compile: bool = True  # with cuda_graphs, torch.compile the decode step first (about a minute per process)
-    compile_mode: str = "default"  # torch.compile's mode; max-autotune-no-cudagraphs also tunes kernels (slower start)
+    compile_mode: str = "default"  # default | coordinate-descent | max-autotune-no-cudagraphs (see COMPILE_MODES)
     decode_attention: str = "sdpa"  # compiled steps: sdpa (a boolean mask) or flex (FlexAttention over each row's span)
 
     def __post_init__(self):

@@ -179,7 +179,9 @@ def compiled_decode_logits(mode: str = "default"):
     products (norms, RoPE, residuals, mask, cache writes), which a graph would otherwise
     replay as hundreds of tiny kernels. Dynamic shapes: besides one row (which the compiler
     specializes), one compilation serves every bucket, and every model of the same shape
-    (its parameters are inputs)."""
+    (its parameters are inputs). `mode`: one of config.schema.COMPILE_MODES."""
+    if mode == "coordinate-descent":  # gpt-fast's setting, without max-autotune's template search
+        return torch.compile(decode_logits, dynamic=True, options={"coordinate_descent_tuning": True})
     return torch.compile(decode_logits, dynamic=True, mode=mode)
 
 

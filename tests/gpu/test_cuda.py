@@ -74,15 +74,19 @@ def test_sampled_graph_replay_equals_the_eager_step():
     assert len({tuple(answer) for answer in replayed[:3]}) > 1
 
 
-def test_the_compiled_step_writes_the_cache_and_gives_the_logits_of_the_eager_step():
-    """torch.compile fuses differently from eager, so bf16 results agree to rounding, not bits."""
+@pytest.mark.parametrize("mode,rows", [("default", STEP_ROWS), ("coordinate-descent", STEP_ROWS[:1]),
+                                       ("coordinate-descent", STEP_ROWS)], ids=["default", "cd-one-row", "cd-rows"])
+def test_the_compiled_step_writes_the_cache_and_gives_the_logits_of_the_eager_step(mode, rows):
+    """torch.compile fuses differently from eager, so bf16 results agree to rounding, not bits.
+    With coordinate-descent tuning a one-row step's matrix products are inductor's tuned
+    reductions instead of cuBLAS calls."""
     model = reference_model().to(CUDA).eval()
     gen = torch.Generator(device=CUDA).manual_seed(0)
     cache = [(torch.randn(5, 2, 24, 16, device=CUDA, generator=gen).bfloat16(),
               torch.randn(5, 2, 24, 16, device=CUDA, generator=gen).bfloat16()) for _ in model.layers]
-    inputs = decode.StepInputs.of(STEP_ROWS, CUDA)
+    inputs = decode.StepInputs.of(rows, CUDA)
     results = []
-    for forward in (decode.decode_logits, decode.compiled_decode_logits()):
+    for forward in (decode.decode_logits, decode.compiled_decode_logits(mode)):
         kv = [(k.clone(), v.clone()) for k, v in cache]
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
             results.append((forward(model, kv, *inputs, 24).float(), kv))

@@ -92,8 +92,9 @@ def test_data_source_errors(stage, override, fragment, capsys):
     assert fragment in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("key,value,allowed", [("compile_mode", "max-autotune", "default, max-autotune-no-cudagraphs"),
-                                               ("decode_attention", "paged", "sdpa, flex")])
+@pytest.mark.parametrize("key,value,allowed", [
+    ("compile_mode", "max-autotune", "default, coordinate-descent, max-autotune-no-cudagraphs"),
+    ("decode_attention", "paged", "sdpa, flex")])
 def test_generation_decode_settings_take_known_values(key, value, allowed):
     from offline_rlhf.config.schema import GenerationConfig
 

@@ -71,17 +71,19 @@ def test_cpu_takes_the_exact_step_unless_told_otherwise(model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flex", [False, True], ids=["mask", "flex"])
+@pytest.mark.parametrize("flex,mode", [(False, "default"), (True, "default"), (False, "coordinate-descent")],
+                         ids=["mask", "flex", "mask-coordinate-descent"])
 def test_the_compiled_step_decodes_what_the_eager_step_decodes_and_compiles_once_for_all_buckets(
-        model, small_buckets, monkeypatch, flex):
+        model, small_buckets, monkeypatch, flex, mode):
     """torch.compile (inductor; the CUDA path's compiler, here on CPU) of the bucketed step,
-    attending through a boolean mask or FlexAttention over each row's span: the same greedy
-    tokens, the cache writes kept, no recompilation per bucket or per run."""
+    attending through a boolean mask or FlexAttention over each row's span, with inductor's
+    options as a compile mode sets them: the same greedy tokens, the cache writes kept, no
+    recompilation per bucket or per run."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    compiled_step = functools.partial(decode.compiled_decode_logits(), flex=flex)
+    compiled_step = functools.partial(decode.compiled_decode_logits(mode), flex=flex)
     monkeypatch.setattr(engine, "decode_step_for", lambda model, cache, limits, device, *_: StaticStep(
         model, cache, limits, device, graphs=False, forward=compiled_step))
     prompts = prompts_of_lengths(LENGTHS)
