@@ -43,7 +43,7 @@ class Request:
 @dataclass
 class Completion:
     tokens: list[int] = field(default_factory=list)  # ends with the EOS token when one ended it
-    finish: str = ""  # "eos", "stop" or "length"
+    finish: str = ""  # "eos", "stop", "length", or "abort" (`run`'s `cancelled` named it)
 
 
 @dataclass
@@ -66,6 +66,8 @@ class EngineStats:
 
 StopCheck = Callable[[list[int]], bool]  # a request's tokens so far -> has it reached a stop string
 TokenCallback = Callable[[int, "Completion"], None]
+Cancelled = Callable[[], Collection[int]]  # request indices to end now
+CANCEL_POLL_STEPS = 8  # `cancelled` is asked once per this many decode steps (a collective in a TP world)
 
 
 def stop_on_strings(decode: Callable[[list[int]], str], stops: Sequence[str]) -> StopCheck | None:
@@ -103,7 +105,7 @@ def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_
         pad_id: int, device: torch.device | str, stop: StopCheck | None = None,
         stats: EngineStats | None = None, static: bool | None = None,
         on_token: TokenCallback | None = None, session: DecodeSession | None = None,
-        keep_tokens: bool = True) -> list[Completion]:
+        keep_tokens: bool = True, cancelled: Cancelled | None = None) -> list[Completion]:
     """One completion per request, in request order. `eos_id` None never stops early.
     `static`: decode at bucketed shapes (default: on CUDA, as CUDA graphs; see `decode`).
     `session`: a cache and decode step kept from earlier runs of `model` (default: new ones
@@ -111,14 +113,17 @@ def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_
     `on_token(request index, completion)` runs after each token a request gets (streaming);
     the completion's `finish` is set on its last. `keep_tokens=False` drops a completion's
     tokens once `on_token` has had its last (the returned completions then hold finish
-    reasons only): a long run then holds only the answers in flight."""
+    reasons only): a long run then holds only the answers in flight. `cancelled()`, asked
+    every CANCEL_POLL_STEPS decode steps, names requests to end now (a server's clients
+    that left): their slots are freed, queued ones never start; their finish is "abort".
+    In a TP world it must name the same requests on every rank."""
     _check(model, requests)
     eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     session = session or DecodeSession(model, device, cfg, static)
     if session.model is not model or session.device != torch.device(device):
         raise ValueError(f"a DecodeSession serves the model and device ({session.device}) it was made for")
     engine = _Engine(model, requests, cfg, eos_ids, pad_id, stop, stats or EngineStats(), session, on_token,
-                     keep_tokens)
+                     keep_tokens, cancelled)
     with torch.inference_mode(), autocast_for(engine.device):
         engine.run()
     return engine.completions
@@ -161,11 +166,13 @@ class DecodeSession:
 
 
 class _Engine:
-    def __init__(self, model, requests, cfg, eos_ids, pad_id, stop, stats, session, on_token, keep_tokens):
+    def __init__(self, model, requests, cfg, eos_ids, pad_id, stop, stats, session, on_token, keep_tokens,
+                 cancelled):
         self.model, self.requests, self.cfg, self.eos_ids = model, requests, cfg, eos_ids
         self.pad_id, self.device, self.stop, self.stats = pad_id, session.device, stop, stats
         self.on_token: TokenCallback | None = on_token
-        self.keep_tokens = keep_tokens
+        self.keep_tokens, self.cancelled = keep_tokens, cancelled
+        self.iterations = 0  # of the decode loop, counted alike on every TP rank (when `cancelled` is asked)
         self.completions = [Completion() for _ in requests]
         # Longest prompts first: an out-of-memory slot count shows up at once.
         self.queue = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt)))
@@ -194,6 +201,7 @@ class _Engine:
             current = ahead if ahead is not None else self.launch()
             ahead = self.launch()
             finished = self.advance(range(len(self.slots)), current.tokens())
+            finished += self.abort(finished)
             if finished:
                 survivors = [i for i in range(len(self.slots)) if i not in finished]
                 tokens = ahead.tokens()
@@ -286,9 +294,30 @@ class _Engine:
                 self.on_token(request, completion)
             if completion.finish:
                 finished.append(slot_index)
-                if not self.keep_tokens:
-                    self.completions[request] = Completion(finish=completion.finish)
+                self._ended(request, completion.finish)
         return finished
+
+    def abort(self, finished: list[int]) -> list[int]:
+        """Every CANCEL_POLL_STEPS iterations: end the requests `cancelled` names (finish
+        "abort"); returns their busy slots not already `finished`."""
+        self.iterations += 1
+        if self.cancelled is None or self.iterations % CANCEL_POLL_STEPS:
+            return []
+        gone = set(self.cancelled())
+        if not gone:
+            return []
+        for request in gone.intersection(self.queue):
+            self.completions[request].finish = "abort"
+        self.queue = deque(request for request in self.queue if request not in gone)
+        aborted = [index for index, slot in enumerate(self.slots) if slot.request in gone and index not in finished]
+        for index in aborted:
+            self._ended(self.slots[index].request, "abort")
+        return aborted
+
+    def _ended(self, request: int, finish: str) -> None:
+        self.completions[request].finish = finish
+        if not self.keep_tokens:
+            self.completions[request] = Completion(finish=finish)
 
     def _finish(self, tokens: list[int], max_new_tokens: int) -> str:
         if tokens[-1] in self.eos_ids:

@@ -11,9 +11,11 @@ request: sample p * n + i) under engine seed 0.
 
 A job may carry a per-token callback (a streamed answer): rank 0's engine run calls it
 with (row of the job, completion so far) after each token, on this main thread. A callback
-that fails is dropped, never the batch. In a TP world rank 0 broadcasts each batch (JSON
-bytes, see world.py) before running it, and the other ranks (`follow`) run the same batch,
-with no callbacks, so their collectives line up.
+that fails is dropped, never the batch. A job whose client left (`gone`) is dropped if no
+batch took it yet, else its rows end at the engine's next cancellation poll, freeing their
+slots. In a TP world rank 0 broadcasts each batch (JSON bytes, see world.py) before
+running it, and the rows to cancel at each poll; the other ranks (`follow`) run the same
+batch, with no callbacks, so their collectives line up.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.generation.engine import Completion, DecodeSession, Request, TokenCallback, run, stop_on_strings
+from offline_rlhf.generation.engine import (
+    Cancelled,
+    Completion,
+    DecodeSession,
+    Request,
+    TokenCallback,
+    run,
+    stop_on_strings,
+)
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.serving.model import ServedModel
@@ -51,6 +61,7 @@ class Job:
     # Streaming: called on the engine thread after each token of the job's row (prompt p,
     # sample i: row p * n + i) with (row, the row's Completion so far).
     on_token: TokenCallback | None = None
+    gone: threading.Event = field(default_factory=threading.Event)  # set when its client left
 
     def key(self) -> tuple:
         """Jobs with equal keys can share one engine run."""
@@ -125,7 +136,7 @@ class Batcher:
                 return
             if kind == CALL:
                 try:
-                    self.execute(body)
+                    self.execute(body, cancelled=self._told_cancelled)
                 except Exception as error:  # noqa: BLE001 - rank 0 answers the clients with it
                     log.debug("batch failed on rank %d: %s", self.rt.env.rank, error)
 
@@ -139,9 +150,10 @@ class Batcher:
         for rows in (1, 2):
             self.execute(batch_body([Request(prompt, row, 2) for row in range(rows)], True, 1.0, 1.0, ()))
 
-    def execute(self, body: bytes, on_token: TokenCallback | None = None) -> list[Completion]:
+    def execute(self, body: bytes, on_token: TokenCallback | None = None,
+                cancelled: Cancelled | None = None) -> list[Completion]:
         """What every rank runs per batch: the engine on the batch's requests (rank 0 with
-        the streaming jobs' callbacks)."""
+        the streaming jobs' callbacks), ending the rows `cancelled` names."""
         batch = json.loads(body)
         stop = tuple(batch["stop"])
         requests = [Request(prompt, stream, budget) for prompt, stream, budget in batch["requests"]]
@@ -150,7 +162,29 @@ class Batcher:
                                batch_size=self.slots, stop=list(stop))
         tokenizer = self.served.tokenizer
         return run(self.served.model, requests, cfg, self.served.stop_ids, tokenizer.pad_id, self.rt.device,
-                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session)
+                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session,
+                   cancelled=cancelled)
+
+    def _told_cancelled(self) -> list[int]:
+        """Ranks other than 0, at each of the engine's polls: the rows rank 0 cancels."""
+        _, _, body = receive_message(self.rt)
+        return json.loads(body) if body else []
+
+    def _cancelled(self, group: list[Job]) -> Cancelled:
+        """Rank 0's poll for one batch: the rows of jobs whose client left, told to the
+        other ranks of a world (nothing but the header while nobody left)."""
+        owners = [job for job in group for _ in range(job.row_count())]
+        logged: set[int] = set()
+
+        def cancelled() -> list[int]:
+            rows = [row for row, job in enumerate(owners) if job.gone.is_set()]
+            broadcast_message(self.rt, CALL, body=json.dumps(rows).encode() if rows else b"")
+            if len(rows) > len(logged):
+                self.rt.log(f"serve: {len(rows) - len(logged)} row(s) of the running batch given up: their client left")
+                logged.update(rows)
+            return rows
+
+        return cancelled
 
     def _take(self, poll_s: float) -> list[Job]:
         """Every job queued now (waiting up to poll_s for the first), cancelled ones dropped."""
@@ -163,7 +197,7 @@ class Batcher:
                 jobs.append(self._jobs.get_nowait())
             except queue.Empty:
                 break
-        # A job whose client went away was cancelled by the HTTP thread.
+        # A job whose client went away was cancelled by the HTTP side (see server.py).
         return [job for job in jobs if job.future.set_running_or_notify_cancel()]
 
     def _run_jobs(self, jobs: list[Job]) -> None:
@@ -175,7 +209,7 @@ class Batcher:
             body = batch_body(rows, greedy, temperature, top_p, stop)
             try:
                 broadcast_message(self.rt, CALL, "generate", body)
-                completions = self.execute(body, token_callback(group))
+                completions = self.execute(body, token_callback(group), self._cancelled(group))
             except Exception as error:  # noqa: BLE001 - the clients get it as a 500; the server goes on
                 log.error("a batch of %d request(s) failed", len(group), exc_info=error)
                 for job in group:

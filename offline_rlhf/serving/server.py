@@ -1,14 +1,17 @@
 """The OpenAI-compatible HTTP side of `orlhf serve` (Starlette, run by uvicorn in a thread).
 
-Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` and
-`GET /health` (the only one open without the API key). Each completion request is
-checked (protocol.py), its prompts are tokenized and measured against the model's
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` (and
+`/v1/models/{id}`) and `GET /health` (the only one open without the API key). Each
+completion request is checked (protocol.py), its prompts are tokenized (off the event
+loop: a large prompt does not stall other streams) and measured against the model's
 max_seq_len here, and it is queued as one Job for the engine thread (batcher.py); the
 answer is decoded here once the job ran, or, streamed (`stream: true`), told as its tokens
 come (stream.py). Errors are JSON in OpenAI's shape: 400 a bad request, 401 a missing or
 wrong key, 404 an unknown model or route, 413 a body over the cap, 500 a failed batch (the
 server goes on), 503 shutting down. A streamed request gets these too, up to its batch's
-first token; a batch that fails after that ends its stream with an error event.
+first token; a batch that fails after that ends its stream with an error event. A client
+that disconnects gives its request up: queued, it never runs; running, its rows end at the
+engine's next cancellation poll and free their slots.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ from offline_rlhf.serving.stream import StreamedAnswer, TextDeltas, TokenEvents
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger(__name__)
+CLIENT_CLOSED = 499  # nginx's status for a request its client gave up (nobody receives it)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
 class OpenAIServer:
@@ -62,7 +70,8 @@ class OpenAIServer:
     def app(self) -> Starlette:
         guarded = [Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
                    Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
-                   Route("/v1/models", self._guard(self.models), methods=["GET"])]
+                   Route("/v1/models", self._guard(self.models), methods=["GET"]),
+                   Route("/v1/models/{model:path}", self._guard(self.model), methods=["GET"])]
         return Starlette(routes=[Route("/health", self.health, methods=["GET"]), *guarded],
                          exception_handlers={HTTPException: no_route})
 
@@ -74,6 +83,8 @@ class OpenAIServer:
                                   headers={"WWW-Authenticate": "Bearer"})
             try:
                 return await endpoint(request)
+            except ClientGone:
+                return Response(status_code=CLIENT_CLOSED)
             except APIError as error:
                 return json_error(error.status, str(error), error.kind, error.param, error.code)
             except Exception as error:  # noqa: BLE001 - a failed batch or a bug: this request's 500, not the server's end
@@ -87,16 +98,21 @@ class OpenAIServer:
     async def models(self, request: Request) -> Response:
         return JSONResponse(models_answer(self.served.name, self.created))
 
+    async def model(self, request: Request) -> Response:
+        self._check_model(request.path_params["model"])
+        [model] = models_answer(self.served.name, self.created)["data"]
+        return JSONResponse(model)
+
     async def chat(self, request: Request) -> Response:
         parsed = parse_chat(await self._body(request), self.limits)
         self._check_model(parsed.model)
         try:
-            prompt = self.served.chat_prompt(parsed.turns)
+            prompt = await asyncio.to_thread(self.served.chat_prompt, parsed.turns)
         except ValueError as error:  # the template's alternation check
             raise APIError(str(error), param="messages") from None
         if parsed.streaming.stream:
-            return await self._stream([prompt], parsed.sampling, parsed.streaming, chat=True)
-        [completions] = await self._generate([prompt], parsed.sampling)
+            return await self._stream(request, [prompt], parsed.sampling, parsed.streaming, chat=True)
+        [completions] = await self._generate(request, [prompt], parsed.sampling, chat=True)
         decode, stop = self.served.tokenizer.decode, parsed.sampling.stop
         choices = [Choice(answer_text(c, decode, stop), openai_finish(c.finish), len(c.tokens)) for c in completions]
         return JSONResponse(chat_answer(self.served.name, choices, len(prompt)))
@@ -104,10 +120,10 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         parsed = parse_completion(await self._body(request), self.limits)
         self._check_model(parsed.model)
-        prompts = [self.served.tokenizer.encode(text) for text in parsed.prompts]
+        prompts = await asyncio.to_thread(lambda: [self.served.tokenizer.encode(text) for text in parsed.prompts])
         if parsed.streaming.stream:
-            return await self._stream(prompts, parsed.sampling, parsed.streaming, chat=False)
-        answered = await self._generate(prompts, parsed.sampling)
+            return await self._stream(request, prompts, parsed.sampling, parsed.streaming, chat=False)
+        answered = await self._generate(request, prompts, parsed.sampling, chat=False)
         decode, stop = self.served.tokenizer.decode, parsed.sampling.stop
         choices = [Choice(completion_text(c, decode, stop), openai_finish(c.finish), len(c.tokens))
                    for completions in answered for c in completions]
@@ -125,22 +141,24 @@ class OpenAIServer:
             raise APIError(f"the model {model!r} does not exist; this server serves {self.served.name!r}", status=404,
                            param="model", code="model_not_found")
 
-    async def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+    async def _generate(self, request: Request, prompts: list[list[int]], sampling: Sampling, chat: bool
+                        ) -> list[list[Completion]]:
         """Queue the prompts as one job and wait for the engine thread to run it."""
-        job = self._job(prompts, sampling)
+        job = self._job(prompts, sampling, chat)
         with unavailable_when_stopping():
-            return await asyncio.wrap_future(self.batcher.submit(job))
+            return await while_connected(request, job, asyncio.wrap_future(self.batcher.submit(job)))
 
-    async def _stream(self, prompts: list[list[int]], sampling: Sampling, streaming: Streaming,
+    async def _stream(self, request: Request, prompts: list[list[int]], sampling: Sampling, streaming: Streaming,
                       chat: bool) -> Response:
         """Queue the prompts as one streaming job and answer with its events once its first
-        token came (what fails before that is an ordinary error answer)."""
+        token came (what fails before that is an ordinary error answer). The stream ending
+        early (the client left) closes `events`, which gives the job up."""
         events = TokenEvents(asyncio.get_running_loop())
-        job = self._job(prompts, sampling, events)
+        job = self._job(prompts, sampling, chat, events)
         try:
             with unavailable_when_stopping():
                 self.batcher.submit(job).add_done_callback(events.job_done)
-                first = await events.next()
+                first = await while_connected(request, job, events.next())
                 if isinstance(first[0], Future):
                     first[0].result()  # the batch failed (or the server stopped) before the job's first token
         except BaseException:
@@ -155,22 +173,53 @@ class OpenAIServer:
         return StreamingResponse(answer.body(events, first), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    def _job(self, prompts: list[list[int]], sampling: Sampling, on_token: TokenEvents | None = None) -> Job:
-        return Job(prompts, [self._budget(p, sampling, i) for i, p in enumerate(prompts)], sampling, on_token=on_token)
+    def _job(self, prompts: list[list[int]], sampling: Sampling, chat: bool, events: TokenEvents | None = None) -> Job:
+        budgets = [self._budget(p, sampling, i, chat) for i, p in enumerate(prompts)]
+        if events is None:
+            return Job(prompts, budgets, sampling)
+        return Job(prompts, budgets, sampling, on_token=events, gone=events.gone)
 
-    def _budget(self, prompt: list[int], sampling: Sampling, index: int) -> int:
+    def _budget(self, prompt: list[int], sampling: Sampling, index: int, chat: bool) -> int:
         """New tokens for one prompt: max_tokens, else the server default, within the room
-        the prompt leaves in the model's max_seq_len."""
-        room = self.served.max_seq_len - len(prompt)
+        the prompt leaves in the model's max_seq_len. A prompt that leaves no room is the
+        messages' (or the prompt's) fault, a budget past the room max_tokens'."""
         if not prompt:
             raise APIError(f"prompt {index} is empty", param="prompt")
-        if sampling.max_tokens is None and room >= 1:
+        room, context = self.served.max_seq_len - len(prompt), self.served.max_seq_len
+        size = f"the messages have {len(prompt)} tokens" if chat else f"prompt {index} has {len(prompt)} tokens"
+        if room < 1:
+            raise APIError(f"{size}, the model's context is {context} tokens", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        if sampling.max_tokens is None:
             return min(self.cfg.max_tokens, room)
-        if sampling.max_tokens is None or sampling.max_tokens > room:
-            asked = f" + max_tokens={sampling.max_tokens}" if sampling.max_tokens is not None else ""
-            raise APIError(f"prompt {index} has {len(prompt)} tokens{asked}; the model's context is "
-                           f"{self.served.max_seq_len} tokens", param="max_tokens", code="context_length_exceeded")
+        if sampling.max_tokens > room:
+            raise APIError(f"{size} + max_tokens={sampling.max_tokens}; the model's context is {context} tokens",
+                           param="max_tokens", code="context_length_exceeded")
         return sampling.max_tokens
+
+
+async def while_connected(request: Request, job: Job, answer: Awaitable):
+    """`answer`'s result, unless the client disconnects first: then the job is given up
+    (`Job.gone`; a queued job's future is cancelled, so no batch takes it) and ClientGone
+    is raised."""
+    answer, gone = asyncio.ensure_future(answer), asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not answer.done():
+        job.gone.set()
+        job.future.cancel()
+        answer.cancel()
+        raise ClientGone
+    return answer.result()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client disconnects (its body has been read: the server's next
+    message for this request can only be the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 
@@ -42,13 +43,14 @@ def sse(chunk: dict) -> bytes:
 class TokenEvents:
     """One streamed job's events: the engine calls it after each token of the job's rows
     (on the engine thread), the job's future reports its end, and the handler reads them
-    on the event loop. Once closed (the client went away) events are dropped; the batch
-    runs on."""
+    on the event loop. Once closed (the stream ended, or the client went away) events are
+    dropped and `gone` is set: the job's rows still running end at the engine's next
+    cancellation poll."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.closed = False
+        self.gone = threading.Event()
 
     def __call__(self, row: int, completion: Completion) -> None:
         self._put((row, completion.tokens[-1], completion.finish))  # one token per call: the handler appends it
@@ -57,12 +59,12 @@ class TokenEvents:
         self._put(future)
 
     def _put(self, event: Event) -> None:
-        if self.closed:
+        if self.gone.is_set():
             return
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         except RuntimeError:  # the event loop has closed: the server is gone, nobody reads these
-            self.closed = True
+            self.gone.set()
 
     async def next(self) -> list[Event]:
         """Every event queued now, waiting for the first. The handler takes them together,
@@ -73,7 +75,7 @@ class TokenEvents:
         return events
 
     def close(self) -> None:
-        self.closed = True
+        self.gone.set()
 
 
 class TextDeltas:

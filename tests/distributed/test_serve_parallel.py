@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import httpx
 import openai
 import pytest
 
@@ -74,10 +75,23 @@ def test_a_tensor_parallel_server_answers_what_one_process_answers(tmp_path):
             assert ask(PROMPTS[0], temperature=1.0, n=2, seed=11) == sampled and len(set(sampled)) == 2
             assert [ask_streamed(p, temperature=0)[0] for p in PROMPTS] == expected
             assert ask_streamed(PROMPTS[0], temperature=1.0, n=2, seed=11) == sampled
+            leave_mid_stream(server.url)
+            assert [ask(p, temperature=0)[0] for p in PROMPTS] == expected  # both ranks ended the row alike
     finally:
         code, output = server.stop()
     assert code == 0, output[-4000:]
     assert "2-way tensor parallel" in output
+    assert "serve: 1 row(s) of the running batch given up: their client left" in output
+
+
+def leave_mid_stream(url: str) -> None:
+    """A long sampled answer whose client leaves after the first event: rank 0 tells rank 1
+    at the engine's next cancellation poll, and both end the row there."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[3]}], "max_tokens": 48,
+            "temperature": 1.0, "seed": 3, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
 
 
 def test_a_world_whose_rank_0_cannot_listen_ends_at_once(tmp_path):

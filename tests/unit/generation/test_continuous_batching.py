@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from offline_rlhf.config.schema import GenerationConfig
+from offline_rlhf.generation import engine
 from offline_rlhf.generation.engine import EngineStats, Request, cut_at_stop, generate, run, stop_on_strings
 from offline_rlhf.generation.kv_cache import LayerKVCache
 from offline_rlhf.generation.sampling import stream_id
@@ -121,3 +122,30 @@ def test_on_token_sees_every_token_of_every_request_in_order_and_each_finish_onc
     completions = run(model, requests, GenerationConfig(8, batch_size=2), None, PAD, "cpu", on_token=on_token)
     assert [seen[i] for i in range(len(prompts))] == [c.tokens for c in completions]
     assert sorted(finished) == list(range(len(prompts)))
+
+
+def test_cancelled_requests_end_at_the_next_poll_and_queued_ones_never_start(model, monkeypatch):
+    """A server's clients that left: `cancelled` is asked every few decode steps; a running
+    request named there ends ("abort") with the tokens it had, its slot goes to the queue,
+    a queued one is never prefilled, and every other request decodes what it would alone."""
+    monkeypatch.setattr(engine, "CANCEL_POLL_STEPS", 3)
+    prompts = prompts_of_lengths(LENGTHS)
+    alone = [greedy_without_cache(model, p, 16) for p in prompts]
+    requests = [Request(p, stream_id(i, 0), 16) for i, p in enumerate(prompts)]
+    running, queued = 4, 2  # longest prompts start first: 14 tokens (4) runs at the first poll, 1 (2) waits
+    polls = []
+
+    def cancelled():
+        polls.append(stats.decode_steps)
+        return {running, queued}
+
+    stats = EngineStats()
+    completions = run(model, requests, GenerationConfig(16, batch_size=3), None, PAD, "cpu", stats=stats,
+                      cancelled=cancelled)
+    assert [c.finish for c in completions] == ["abort" if i in (running, queued) else "length"
+                                               for i in range(len(prompts))]
+    assert completions[queued].tokens == [] and stats.admissions == len(prompts) - 1
+    assert 0 < len(completions[running].tokens) < 16 and alone[running][:len(completions[running].tokens)] == \
+        completions[running].tokens
+    assert all(c.tokens == alone[i] for i, c in enumerate(completions) if i not in (running, queued))
+    assert len(polls) >= 2 and all(3 <= later - before <= 6 for before, later in zip(polls, polls[1:]))  # 3 loop rounds

@@ -17,6 +17,7 @@ import pytest
 from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
+from offline_rlhf.generation import engine
 from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from tests.unit.serving.tiny import KEY, NAME, InProcess, make_tokenizer, write_lm_checkpoint
 
@@ -167,6 +168,24 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_goes_on(server, client,
     assert code is None or error["code"] == code, error
     answer = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=2)
     assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_prompt_over_the_context_is_the_messages_fault_and_a_budget_over_the_room_max_tokens(server):
+    long = {**CHAT, "messages": [{"role": "user", "content": "apple " * 100}]}
+    del long["max_tokens"]
+    errors = [raw(server, path, body).json()["error"] for path, body in (
+        ("/v1/chat/completions", long), ("/v1/chat/completions", {**CHAT, "max_tokens": 60}),
+        ("/v1/completions", {"model": NAME, "prompt": ["a", "apple " * 100]}))]
+    assert [(e["param"], e["code"]) for e in errors] == [("messages", "context_length_exceeded"),
+                                                         ("max_tokens", "context_length_exceeded"),
+                                                         ("prompt", "context_length_exceeded")]
+    assert errors[0]["message"].startswith("the messages have ") and errors[2]["message"].startswith("prompt 1 has ")
+
+
+def test_a_model_is_retrieved_by_its_id(client):
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
 
 
 def test_completions_refuse_token_ids_and_too_many_prompts(server):
@@ -377,43 +396,78 @@ def test_the_openai_client_reads_streamed_answers(server, client):
     assert "".join(chunk.choices[0].text for chunk in stream) == text
 
 
-def test_a_client_leaving_mid_stream_leaves_the_batch_and_the_server_going(server, monkeypatch):
-    """The engine is held after its first decode step (a forward hook on the real model)
-    while the client reads the first event and disconnects: the server notices (the job's
-    events close), the batch then runs to its end, and the next request is answered."""
-    body = {**CHAT_ASK, "temperature": 1.0, "seed": 21, "max_tokens": 30}
-    _, usage = answered(server, "/v1/chat/completions", body)
-    jobs, submit = [], server.batcher.submit
-    monkeypatch.setattr(server.batcher, "submit", lambda job: jobs.append(job) or submit(job))
+def held_decoding(server):
+    """A forward hook on the real model that holds a batch's first decode step (after its
+    prefill) until the returned event is set; remove() the hook after."""
     release, forwards = threading.Event(), []
 
     def hold(module, args):
         forwards.append(1)
-        if len(forwards) == 2:  # the prefill ran, the first token was sent; the first decode step waits
+        if len(forwards) == 2:
             release.wait(30)
 
-    hook = server.served.model.register_forward_pre_hook(hold)
+    return release, server.served.model.register_forward_pre_hook(hold)
+
+
+def wait_for(condition, timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_client_leaving_mid_stream_frees_its_rows_and_the_server_goes_on(server, monkeypatch):
+    """The engine is held at its first decode step while the client reads the first event
+    and disconnects: the server notices (the job is given up), the row ends at the engine's
+    next cancellation poll instead of decoding its whole answer, and the next request is
+    answered."""
+    body = {**CHAT_ASK, "temperature": 0, "max_tokens": 40}
+    _, usage = answered(server, "/v1/chat/completions", body)
+    assert usage["completion_tokens"] > 2 * engine.CANCEL_POLL_STEPS  # long enough to be cut short
+    jobs, submit = [], server.batcher.submit
+    monkeypatch.setattr(server.batcher, "submit", lambda job: jobs.append(job) or submit(job))
+    release, hook = held_decoding(server)
     try:
         generated, batches = server.batcher.generated, server.batcher.batches
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
                           timeout=30) as response:
             first = next(response.iter_lines())
             assert json.loads(first[len("data: "):])["choices"][0]["delta"]["role"] == "assistant"
-        deadline = time.monotonic() + 30
-        while not jobs[0].on_token.closed and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert jobs[0].on_token.closed and server.batcher.batches == batches  # gone while its batch runs
+        assert wait_for(jobs[0].gone.is_set) and server.batcher.batches == batches  # gone while its batch runs
     finally:
         release.set()
         hook.remove()
-    deadline = time.monotonic() + 30
-    while server.batcher.batches == batches and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.batcher.generated - generated == usage["completion_tokens"]  # the whole answer was generated
-    assert not jobs[0].future.exception()
+    assert wait_for(lambda: server.batcher.batches > batches)
+    [[completion]] = jobs[0].future.result()
+    assert completion.finish == "abort"
+    assert server.batcher.generated - generated <= engine.CANCEL_POLL_STEPS + 2 < usage["completion_tokens"]
     assert answered(server, "/v1/chat/completions", body)[1] == usage
     assert choices_of(stream_chunks(server, "/v1/chat/completions", body), chat=True) == \
         answered(server, "/v1/chat/completions", body)[0]
+
+
+def test_a_client_leaving_before_its_batch_starts_is_never_run(server, monkeypatch):
+    """While a batch runs (held at its first decode step), a second request waits queued; its
+    client times out and disconnects: the job is given up, and once the first batch ends
+    no batch runs it."""
+    jobs, submit = [], server.batcher.submit
+    monkeypatch.setattr(server.batcher, "submit", lambda job: jobs.append(job) or submit(job))
+    release, hook = held_decoding(server)
+    batches = server.batcher.batches
+    first = threading.Thread(target=answered, args=(server, "/v1/chat/completions", {**CHAT_ASK, "max_tokens": 4}))
+    try:
+        first.start()
+        assert wait_for(lambda: len(jobs) == 1)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT_ASK, "max_tokens": 4}, timeout=1.0)
+        assert wait_for(lambda: len(jobs) == 2 and jobs[1].gone.is_set())
+    finally:
+        release.set()
+        hook.remove()
+        first.join(30)
+    assert wait_for(lambda: server.batcher.batches == batches + 1) and jobs[1].future.cancelled()
+    time.sleep(0.3)  # the engine thread polls its queue every 0.05 s: nothing more runs
+    assert server.batcher.batches == batches + 1
 
 
 def test_a_batch_failing_mid_stream_ends_it_with_an_error_event(server):

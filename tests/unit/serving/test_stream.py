@@ -209,7 +209,7 @@ def streamed(tokenizer: Tokenizer, first_token: Completion, then: list, prompt_t
         deltas = [TextDeltas(lambda c: completion_text(c, tokenizer.decode, ()), (), tokenizer.decode)]
         answer = StreamedAnswer(answer_head("m", "text_completion"), deltas, chat=False, prompt_tokens=prompt_tokens)
         told = [chunk async for chunk in answer.body(events, first)]
-        assert events.closed
+        assert events.gone.is_set()
         return told
 
     told = asyncio.run(read())
