@@ -66,9 +66,11 @@ def bearer(token: str) -> bytes:
 
 
 def authorized(request: Request, expected: bytes) -> bool:
-    """Whether the request's Authorization header is `expected` (constant-time compare, so
-    the time taken does not tell how much of a guess was right)."""
-    supplied = request.headers.get("authorization", "").encode()
+    """Whether the request's Authorization header is `expected` (a `bearer` value): the
+    scheme's case is free (RFC 7235: `bearer KEY` is `Bearer KEY`), the key is compared in
+    constant time, so the time taken does not tell how much of a guess was right."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    supplied = bearer(key.lstrip(" ")) if scheme.lower() == "bearer" else b""
     return hmac.compare_digest(supplied, expected)
 
 

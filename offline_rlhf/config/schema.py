@@ -324,6 +324,10 @@ def check_file_input(list_key: str, name: str, path: str, kind: str, kinds: tupl
 # max-autotune-no-cudagraphs (that tuning plus matrix-product templates). Graphs are ours.
 COMPILE_MODES = ("default", "coordinate-descent", "max-autotune-no-cudagraphs")
 DECODE_ATTENTION = ("sdpa", "flex")
+# Below this temperature (vLLM's threshold) sampling is argmax decoding in all but name: a
+# logit gap of 1e-3 already weighs exp(-100) there, and smaller temperatures overflow (or
+# round to 0) in float32. A config must then say greedy; the server maps them to greedy.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -337,7 +341,7 @@ class GenerationConfig(Frozen):
 
     max_new_tokens: int = 256  # longest answer; longer ones are cut (finish_reason length)
     greedy: bool = True  # argmax decoding (temperature, top_p and top_k are then unused)
-    temperature: float = 1.0  # sampling temperature
+    temperature: float = 1.0  # sampling temperature, >= MIN_TEMPERATURE
     top_p: float = 1.0  # nucleus sampling mass; 1: off
     top_k: int = 0  # sample among the k likeliest tokens; 0: off
     seed: int = 0  # sampling seed; with the prompt id and sample index it fixes every answer
@@ -352,8 +356,8 @@ class GenerationConfig(Frozen):
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ConfigError("generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ConfigError("generation.temperature", f"must be > 0, got {self.temperature}",
+        if self.temperature < MIN_TEMPERATURE:
+            raise ConfigError("generation.temperature", f"must be >= {MIN_TEMPERATURE}, got {self.temperature}",
                               "use greedy=true for argmax decoding")
         if not 0 < self.top_p <= 1:
             raise ConfigError("generation.top_p", f"must be in (0, 1], got {self.top_p}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,7 +24,7 @@ class ServeConfig(Frozen):
     run_dir: str = "runs/default"  # run_dir/serve/ holds config.yaml, address.json and the lock
     ckpt: str = ""  # an lm checkpoint (SFT, aligned, PPO actor) or its checkpoints/ root
     model_name: str = ""  # the `model` clients ask for; "": the checkpoint's stage folder (sft, align_dt, ...)
-    host: str = "127.0.0.1"  # the one address bound
+    host: str = "127.0.0.1"  # the one address bound; any but loopback needs api_key_env
     port: int = 8000  # 0: any free port (address.json names it)
     api_key_env: str = ""  # NAME of the environment variable holding the API key; "": no key needed
     # Decision-Transformer reward prompt `<rm_score> a.b` after the assistant tag; None: the
@@ -47,7 +48,21 @@ class ServeConfig(Frozen):
         if self.api_key_env and not ENV_NAME.fullmatch(self.api_key_env):
             raise ConfigError("api_key_env", f"{self.api_key_env!r} is not an environment variable name",
                               "name the variable that holds the key (never the key itself)")
+        if not self.api_key_env and not is_loopback(self.host):
+            raise ConfigError("api_key_env", f"empty while host={self.host} is not a loopback address (anyone "
+                              "reaching it could use the server)", "set api_key_env=NAME, the environment variable "
+                              "that holds the API key (or serve on host=127.0.0.1)")
         if self.model_name and not MODEL_NAME.fullmatch(self.model_name):
             raise ConfigError("model_name", f"{self.model_name!r} is not a model name",
                               "use letters, digits and . _ : / - (at most 128)")
         require_positive(self, "batch_size", "max_tokens", "max_n", "max_prompts", "max_body_kb")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` reaches this machine only: localhost, 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name: wherever it resolves to, not known to be loopback
+        return False

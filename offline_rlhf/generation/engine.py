@@ -28,7 +28,7 @@ import torch
 from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation.decode import DynamicStep, StaticStep, bucket_width, decode_step_for
 from offline_rlhf.generation.kv_cache import LayerKVCache, PromptWrite, new_cache
-from offline_rlhf.generation.sampling import keyed_uniforms, sample_next, stream_id
+from offline_rlhf.generation.sampling import NOT_FINITE, keyed_uniforms, sample_next, stream_id
 from offline_rlhf.models.llama import Transformer
 from offline_rlhf.runtime import autocast_for
 
@@ -262,7 +262,7 @@ class _Engine:
             self.changed = False
         logits = self.step.logits(max(slot.end for slot in self.slots) + 1)
         tokens = self.sample(logits, self.streams, self.steps)
-        self.step.feed(tokens)
+        self.step.feed(tokens.clamp(min=0))  # a NOT_FINITE row feeds token 0 ahead; `advance` refuses it
         self.steps += 1
         for slot in self.slots:
             slot.end += 1
@@ -287,6 +287,9 @@ class _Engine:
         for slot_index, token in zip(slot_indices, tokens):
             request = self.slots[slot_index].request
             completion = self.completions[request]
+            if token == NOT_FINITE:  # every TP rank has the same logits, so all raise here
+                raise FloatingPointError(f"the model's logits for request {request} are not finite (NaN or inf) "
+                                         f"at its token {len(completion.tokens)}")
             completion.tokens.append(token)
             self.pending[slot_index] = token
             completion.finish = self._finish(completion.tokens, self.requests[request].max_new_tokens)

@@ -9,23 +9,34 @@ import torch
 from offline_rlhf.config.schema import GenerationConfig
 
 MASK32 = 0xFFFFFFFF
+# The token of a row whose logits are not finite (NaN, +inf, or all -inf): no vocabulary
+# id, so the engine, which reads every token on the host anyway, refuses it there; deciding
+# it on the device costs no host sync per step.
+NOT_FINITE = -1
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, uniforms: torch.Tensor | None = None) -> torch.Tensor:
-    """logits: [B, V] -> token ids [B]. Sampling inverts each row's cumulative distribution
-    at its uniform in [0, 1) ([B]), so the same uniforms and logits give the same tokens,
-    whatever else is in the batch and on every TP rank."""
+    """logits: [B, V] -> token ids [B] (NOT_FINITE for a row whose logits are not finite).
+    Sampling inverts each row's cumulative distribution at its uniform in [0, 1) ([B]), so
+    the same uniforms and logits give the same tokens, whatever else is in the batch and on
+    every TP rank."""
+    top, argmax = logits.max(-1, keepdim=True)  # a NaN anywhere in a row is its max
     if cfg.greedy:
-        return logits.argmax(-1)
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k:
-        logits = keep_top_k(logits, cfg.top_k)
-    if cfg.top_p < 1:
-        logits = keep_top_p(logits, cfg.top_p)
-    cumulative = logits.softmax(-1).cumsum(-1)
-    # Scaled to the row's total, so rounding in the cumsum never leaves u past the end.
-    targets = (uniforms.to(cumulative) * cumulative[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cumulative, targets, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+        tokens = argmax
+    else:
+        # Shifted so each row's largest logit is 0: dividing by a small temperature can then
+        # only overflow to -inf (probability 0), never to inf or NaN, and the argmax keeps
+        # the mass as the temperature goes to 0.
+        scaled = (logits.float() - top.float()) / cfg.temperature
+        if cfg.top_k:
+            scaled = keep_top_k(scaled, cfg.top_k)
+        if cfg.top_p < 1:
+            scaled = keep_top_p(scaled, cfg.top_p)
+        cumulative = scaled.softmax(-1).cumsum(-1)
+        # Scaled to the row's total, so rounding in the cumsum never leaves u past the end.
+        targets = (uniforms.to(cumulative) * cumulative[:, -1]).unsqueeze(-1)
+        tokens = torch.searchsorted(cumulative, targets, right=True).clamp(max=logits.shape[-1] - 1)
+    return torch.where(top.isfinite(), tokens, NOT_FINITE).squeeze(-1)
 
 
 def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -37,12 +48,13 @@ def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability
-    reaches p. A token is dropped when the tokens ranked before it already hold >= p, so
-    the most likely token always stays. logits: [B, V]."""
+    reaches p. A token is dropped when the tokens ranked before it already hold >= p; the
+    most likely token always stays, even where p rounds to 0 in float32. logits: [B, V]."""
     sorted_logits, order = logits.sort(-1, descending=True)
     sorted_probs = sorted_logits.softmax(-1)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    drop = torch.empty_like(mass_before, dtype=torch.bool).scatter_(-1, order, mass_before >= p)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < p
+    keep[:, 0] = True
+    drop = torch.empty_like(keep).scatter_(-1, order, ~keep)
     return logits.masked_fill(drop, float("-inf"))
 
 

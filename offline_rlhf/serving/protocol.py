@@ -1,12 +1,13 @@
 """The OpenAI request and answer shapes `orlhf serve` speaks, checked strictly: a field of
 the wrong type, out of range, unknown, or an OpenAI feature this server does not have
-(penalties, logprobs, tools) set to anything but its default is an APIError (HTTP 4xx in
-OpenAI's error shape), never silently ignored. No torch here.
+(penalties, logprobs, tools, stored completions) set to anything but its default is an
+APIError (HTTP 4xx in OpenAI's error shape), never silently ignored. No torch here.
 
 Chat: `system` (or `developer`) messages may only open the conversation; their texts,
 joined by blank lines, are prepended to the first user message (`{system}\\n\\n{user}`),
 since the paper's template has no system role. The other messages must alternate user,
-assistant, ..., user, and are rendered with the template's `fold_history`.
+assistant, ..., user, and are rendered with the template's `fold_history`. A message's
+`name` is refused: OpenAI shows it to the model, and the template has no place for it.
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from offline_rlhf.config.schema import MIN_TEMPERATURE
 from offline_rlhf.data.template import ASSISTANT, USER, Turn
 
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 200  # a stop string's tail is decoded at every step: keep it short
 SEED_MODULUS = 2**32  # seeds key the sampling streams modulo this
 SYSTEM_ROLES = ("system", "developer")
+ECHO_CHARS = 40  # an error quotes a refused value up to this many characters
 # OpenAI fields this server accepts only at their default (the values that change nothing).
 DEFAULT_ONLY = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "logprobs": (False, None),
                 "top_logprobs": (0, None), "logit_bias": (None,), "echo": (False, None), "suffix": (None, ""),
                 "best_of": (1, None), "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,),
-                "tools": (None, []), "tool_choice": (None, "none")}
+                "tools": (None, []), "tool_choice": (None, "none"), "store": (False, None), "metadata": (None, {})}
 COMMON_FIELDS = {"model", "temperature", "top_p", "n", "max_tokens", "stop", "seed", "user", "stream",
                  "stream_options"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
@@ -53,7 +56,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Sampling:
-    """What a request asks of the engine. temperature 0 is greedy decoding."""
+    """What a request asks of the engine. A temperature below MIN_TEMPERATURE (0 included) is
+    greedy decoding, as in vLLM: sampling there is argmax decoding in all but name."""
 
     temperature: float
     top_p: float
@@ -64,7 +68,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -138,13 +142,19 @@ def check_fields(body: dict, allowed: set[str]) -> None:
     for key, value in body.items():
         if key in DEFAULT_ONLY:
             if not any(is_default(value, ok) for ok in DEFAULT_ONLY[key]):
-                raise APIError(f"{key}={json.dumps(value)} is not supported by this server (leave it out)",
+                raise APIError(f"{key} is not supported by this server (leave it out); got {echo(value)}",
                                param=key, code="unsupported_parameter")
         elif key not in allowed:
             raise APIError(f"unknown field {key!r}", param=key, code="unknown_parameter")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise APIError("user must be a string", param="user")
+
+
+def echo(value) -> str:
+    """A refused value as JSON, cut to ECHO_CHARS, so the reason before it stays readable."""
+    text = json.dumps(value)
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
 
 
 def is_default(value, default) -> bool:
@@ -168,7 +178,7 @@ def typed(body: dict, key: str, kind: type | tuple[type, ...]):
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise APIError(f"{key} must be of type {names}, got {type(value).__name__} {json.dumps(value)[:40]}",
+        raise APIError(f"{key} must be of type {names}, got {type(value).__name__} {echo(value)}",
                        param=key, code="invalid_type")
     return value
 
@@ -238,6 +248,9 @@ def chat_turns(messages: list) -> list[Turn]:
         unknown = set(message) - {"role", "content", "name"}
         if unknown:
             raise APIError(f"{where} has unknown field(s) {sorted(unknown)}", param=where)
+        if message.get("name") is not None:  # OpenAI shows it to the model; the template has no place for it
+            raise APIError(f"{where}.name is not supported by this server (the template has no participant "
+                           "names; leave it out)", param=f"{where}.name", code="unsupported_parameter")
         role, text = message["role"], content_text(message.get("content"), where)
         if role in SYSTEM_ROLES:
             if turns:

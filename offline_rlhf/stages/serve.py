@@ -35,7 +35,8 @@ def api_key(cfg: ServeConfig) -> str | None:
     key = os.environ.get(cfg.api_key_env, "").strip()
     if not key:
         raise ConfigError("api_key_env", f"the environment variable {cfg.api_key_env} is unset or empty",
-                          f"export {cfg.api_key_env}=<the key>, or leave api_key_env empty to serve without a key")
+                          f"export {cfg.api_key_env}=<the key>, or leave api_key_env empty to serve without a key "
+                          "(on a loopback host)")
     return key
 
 

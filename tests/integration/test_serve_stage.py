@@ -157,13 +157,15 @@ def test_an_unset_api_key_variable_is_a_one_line_error(checkpoints, tmp_path, ca
     assert "is not an environment variable name" in capsys.readouterr().err
 
 
-def test_a_taken_port_or_a_foreign_address_is_a_one_line_error(checkpoints, tmp_path, capsys):
+def test_a_taken_port_or_a_foreign_address_is_a_one_line_error(checkpoints, tmp_path, capsys, monkeypatch):
     _, sft, _, _ = checkpoints
+    monkeypatch.setenv(KEY_ENV, KEY)  # a host other than loopback needs a key
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         assert main(["serve", f"run_dir={tmp_path / 'a'}", f"ckpt={sft}", f"port={port}"]) == 2
     assert f"port: cannot listen on 127.0.0.1:{port} (Address already in use" in capsys.readouterr().err
-    assert main(["serve", f"run_dir={tmp_path / 'b'}", f"ckpt={sft}", "host=192.0.2.1", "port=0"]) == 2
+    assert main(["serve", f"run_dir={tmp_path / 'b'}", f"ckpt={sft}", "host=192.0.2.1", "port=0",
+                 f"api_key_env={KEY_ENV}"]) == 2
     assert "cannot listen on 192.0.2.1:0" in capsys.readouterr().err
 
 

@@ -63,6 +63,15 @@ def test_a_wrong_key_gets_an_openai_shaped_one_line_error(server):
                                          "code": "invalid_api_key"}}
 
 
+@pytest.mark.parametrize("header, status", [
+    (f"Bearer {SECRET}", 200), (f"bearer {SECRET}", 200), (f"BEARER  {SECRET}", 200),  # RFC 7235: any case
+    (f"Bearer {SECRET.upper()}", 401), (f"Basic {SECRET}", 401), (SECRET, 401), ("Bearer", 401), (None, 401),
+])
+def test_the_bearer_scheme_is_case_insensitive_and_the_key_is_not(server, header, status):
+    headers = {} if header is None else {"Authorization": header}
+    assert httpx.post(f"{server.url}/echo", content=b"", headers=headers, timeout=10).status_code == status
+
+
 def test_listen_binds_only_the_configured_address(server):
     assert server.port > 0 and server.url == f"http://127.0.0.1:{server.port}"
     with socket.create_connection(("127.0.0.1", server.port), timeout=5):

@@ -149,3 +149,17 @@ def test_cancelled_requests_end_at_the_next_poll_and_queued_ones_never_start(mod
         completions[running].tokens
     assert all(c.tokens == alone[i] for i, c in enumerate(completions) if i not in (running, queued))
     assert len(polls) >= 2 and all(3 <= later - before <= 6 for before, later in zip(polls, polls[1:]))  # 3 loop rounds
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_a_prompt_whose_logits_are_not_finite_is_an_error_not_a_token(greedy):
+    """One prompt holds a token whose embedding is NaN: its logits are NaN from its first
+    token on, and the run stops with an error naming the request instead of sampling a
+    token from them."""
+    model = reference_model().eval()
+    with torch.no_grad():
+        model.tok_embeddings.weight[7] = float("nan")
+    prompts = [[1, 2, 3], [4, 7, 5], [6, 8]]
+    requests = [Request(p, stream_id(i, 0), 6) for i, p in enumerate(prompts)]
+    with pytest.raises(FloatingPointError, match="request 1 are not finite"):
+        run(model, requests, GenerationConfig(6, greedy=greedy, batch_size=2), None, PAD, "cpu")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.config.schema import GenerationConfig
-from offline_rlhf.generation.sampling import keyed_uniforms, sample_next, stream_id
+from offline_rlhf.config.schema import MIN_TEMPERATURE, GenerationConfig
+from offline_rlhf.generation.sampling import NOT_FINITE, keep_top_p, keyed_uniforms, sample_next, stream_id
 from offline_rlhf.generation.shards import shard_indices
 
 DRAWS = 5000
@@ -54,6 +54,36 @@ def test_top_k_then_top_p_and_temperature():
     assert draws(logits, GenerationConfig(greedy=False, temperature=1e-3)) == {ranked[0]}
 
 
+def test_a_top_p_that_rounds_to_zero_in_float32_keeps_the_most_likely_token():
+    logits = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(1))
+    kept = keep_top_p(logits, 1e-46)  # 0 in float32: every mass before a token is >= it
+    assert torch.equal(kept.isfinite(), torch.nn.functional.one_hot(logits.argmax(-1), VOCAB).bool())
+    sampled = sample_next(logits, GenerationConfig(greedy=False, top_p=1e-46), torch.rand(8))
+    assert torch.equal(sampled, logits.argmax(-1))
+
+
+def test_the_smallest_temperature_samples_the_argmax_even_where_logits_over_it_overflow():
+    # Logits of 1e34 over 1e-5 exceed float32 (inf - inf would be NaN); the distribution is
+    # then all on the argmax, as it is for ordinary logits 0.1 apart.
+    logits = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(2))
+    cfg = GenerationConfig(greedy=False, temperature=MIN_TEMPERATURE)
+    for scale in (1.0, 1e34):
+        assert torch.equal(sample_next(logits * scale, cfg, torch.rand(8)), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("cfg", [GenerationConfig(), GenerationConfig(greedy=False, top_k=5, top_p=0.9)])
+def test_a_row_of_logits_that_are_not_finite_gets_no_token(cfg):
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(4))
+    logits[1, 3] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, :VOCAB - 1] = float("-inf")  # -inf is probability 0: the row's one finite logit is its token
+    uniforms = torch.rand(5, generator=torch.Generator().manual_seed(5))
+    tokens = sample_next(logits.bfloat16(), cfg, uniforms).tolist()
+    assert tokens[1:] == [NOT_FINITE, NOT_FINITE, NOT_FINITE, VOCAB - 1]
+    assert 0 <= tokens[0] == sample_next(logits[:1].bfloat16(), cfg, uniforms[:1]).item()  # the others' fault only
+
+
 def test_same_seed_same_tokens():
     logits = torch.randn(64, VOCAB, generator=torch.Generator().manual_seed(0))
     cfg = GenerationConfig(greedy=False)
@@ -73,7 +103,8 @@ def test_shards_are_disjoint_balanced_and_ordered(n_items, world):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-@pytest.mark.parametrize("field, value", [("max_new_tokens", 0), ("temperature", 0.0), ("top_p", 0.0),
+@pytest.mark.parametrize("field, value", [("max_new_tokens", 0), ("temperature", 0.0), ("temperature", 1e-6),
+                                          ("temperature", 1e-46), ("top_p", 0.0),
                                           ("top_p", 1.5), ("top_k", -1), ("batch_size", 0)])
 def test_config_rejects(field, value):
     with pytest.raises(ConfigError, match=f"generation.{field}"):

@@ -33,6 +33,12 @@ def test_defaults_are_openais_and_temperature_zero_is_greedy():
     assert 0 <= sampling.seed < 2**32
 
 
+def test_a_temperature_below_the_sampling_minimum_is_greedy():
+    # 1e-46 is 0 in float32 (logits / 0 is NaN); 1e-6 is argmax decoding in all but name, as in vLLM.
+    assert chat(temperature=1e-46).sampling.greedy and chat(temperature=1e-6).sampling.greedy
+    assert not chat(temperature=1e-5).sampling.greedy
+
+
 def test_seed_stop_and_token_budget_are_read():
     sampling = chat(seed=2**32 + 5, stop="END", max_completion_tokens=7, top_p=0.5, n=4).sampling
     assert (sampling.seed, sampling.stop, sampling.max_tokens, sampling.top_p, sampling.n) == (5, ("END",), 7, 0.5, 4)
@@ -43,8 +49,9 @@ def test_seed_stop_and_token_budget_are_read():
 
 def test_nulls_mean_defaults_and_neutral_openai_fields_are_accepted():
     sampling = chat(temperature=None, n=None, stop=None, frequency_penalty=0.0, presence_penalty=0, logprobs=False,
-                    stream=False, user="someone").sampling
+                    stream=False, user="someone", store=False, metadata={}).sampling
     assert (sampling.temperature, sampling.n, sampling.stop) == (1.0, 1, ())
+    assert chat(store=None, metadata=None).sampling.n == 1
 
 
 def test_stream_and_its_usage_option_are_read():
@@ -61,6 +68,7 @@ def test_stream_and_its_usage_option_are_read():
     ({"seed": "1"}, "seed"), ({"stop": 3}, "stop"), ({"stop": ["x" * 201]}, "stop"), ({"user": 1}, "user"),
     ({"logprobs": True}, "logprobs"), ({"frequency_penalty": False}, "frequency_penalty"), ({"tools": [{}]}, "tools"),
     ({"best_of": 2}, "best_of"), ({"functions": []}, "functions"), ({"model": 3}, "model"),
+    ({"store": True}, "store"), ({"metadata": {"user": "x"}}, "metadata"),
     ({"stream": 1}, "stream"), ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stream": True, "stream_options": []}, "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options"),
@@ -72,11 +80,31 @@ def test_bad_fields_are_errors_naming_them(fields, param):
     assert error.value.status == 400 and error.value.param == param
 
 
+def test_a_refused_feature_is_named_before_its_value_which_is_cut_short():
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}} for i in range(9)]
+    with pytest.raises(APIError) as error:
+        chat(tools=tools)
+    message = str(error.value)
+    assert message.startswith("tools is not supported by this server (leave it out); got [{")
+    assert message.endswith("...") and len(message) < 120 and error.value.code == "unsupported_parameter"
+    with pytest.raises(APIError, match=r"\(leave it out\); got true$"):
+        chat(store=True)
+
+
+def test_a_participant_name_is_refused_not_dropped():
+    with pytest.raises(APIError) as error:
+        chat_turns([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "name": "bot"},
+                    {"role": "user", "content": "c"}])
+    assert (error.value.status, error.value.param) == (400, "messages[1].name")
+    assert error.value.code == "unsupported_parameter"
+    assert chat_turns([{"role": "user", "content": "a", "name": None}]) == [("user", "a")]
+
+
 def test_system_text_opens_the_first_user_turn_and_the_template_renders_the_rest():
     turns = chat_turns([{"role": "system", "content": " Be brief. "}, {"role": "developer", "content": "Be kind."},
                         {"role": "user", "content": [{"type": "text", "text": "Hi "},
                                                      {"type": "text", "text": "there"}]},
-                        {"role": "assistant", "content": "Hello.", "name": "bot"},
+                        {"role": "assistant", "content": "Hello."},
                         {"role": "user", "content": "Bye"}])
     assert turns == [("user", "Be brief.\n\nBe kind.\n\nHi there"), ("assistant", "Hello."), ("user", "Bye")]
     template = ChatTemplate()
