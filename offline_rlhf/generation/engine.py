@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -43,7 +43,7 @@ class Request:
 @dataclass
 class Completion:
     tokens: list[int] = field(default_factory=list)  # ends with the EOS token when one ended it
-    finish: str = ""  # "eos", "stop", "length", or "abort" (`run`'s `cancelled` named it)
+    finish: str = ""  # "eos", "stop", "length", or "abort" (a `run`'s poll cancelled it)
 
 
 @dataclass
@@ -66,8 +66,36 @@ class EngineStats:
 
 StopCheck = Callable[[list[int]], bool]  # a request's tokens so far -> has it reached a stop string
 TokenCallback = Callable[[int, "Completion"], None]
-Cancelled = Callable[[], Collection[int]]  # request indices to end now
-CANCEL_POLL_STEPS = 8  # `cancelled` is asked once per this many decode steps (a collective in a TP world)
+POLL_STEPS = 8  # a run's `poll` is asked once per this many decode steps (a collective in a TP world)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a run's caller tells the engine at a poll."""
+
+    cancelled: Collection[int] = ()  # request indices to end now (finish "abort")
+    added: Sequence[Request] = ()  # requests joining the run, indexed after its others in this order
+
+
+@dataclass
+class Room:
+    """A run's cache columns, and the longest prompt and largest budget among its requests:
+    a slot needs the columns of the longest prompt it was prefilled with plus its budget."""
+
+    columns: int
+    longest: int = 0
+    largest_budget: int = 0
+
+    def take(self, request: Request) -> bool:
+        """Whether the request fits beside the others; if so it is counted."""
+        longest, budget = max(self.longest, len(request.prompt)), max(self.largest_budget, request.max_new_tokens)
+        if longest + budget > self.columns:
+            return False
+        self.longest, self.largest_budget = longest, budget
+        return True
+
+
+Poll = Callable[[Room], Changes]  # given (a copy of) the run's room
 
 
 def stop_on_strings(decode: Callable[[list[int]], str], stops: Sequence[str]) -> StopCheck | None:
@@ -105,7 +133,7 @@ def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_
         pad_id: int, device: torch.device | str, stop: StopCheck | None = None,
         stats: EngineStats | None = None, static: bool | None = None,
         on_token: TokenCallback | None = None, session: DecodeSession | None = None,
-        keep_tokens: bool = True, cancelled: Cancelled | None = None) -> list[Completion]:
+        keep_tokens: bool = True, poll: Poll | None = None) -> list[Completion]:
     """One completion per request, in request order. `eos_id` None never stops early.
     `static`: decode at bucketed shapes (default: on CUDA, as CUDA graphs; see `decode`).
     `session`: a cache and decode step kept from earlier runs of `model` (default: new ones
@@ -113,17 +141,19 @@ def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_
     `on_token(request index, completion)` runs after each token a request gets (streaming);
     the completion's `finish` is set on its last. `keep_tokens=False` drops a completion's
     tokens once `on_token` has had its last (the returned completions then hold finish
-    reasons only): a long run then holds only the answers in flight. `cancelled()`, asked
-    every CANCEL_POLL_STEPS decode steps, names requests to end now (a server's clients
-    that left): their slots are freed, queued ones never start; their finish is "abort".
-    In a TP world it must name the same requests on every rank."""
+    reasons only): a long run then holds only the answers in flight.
+    `poll(room)`, asked every POLL_STEPS decode steps, changes a running batch (a server's):
+    requests it cancels end at once (their slots are freed, queued ones never start; finish
+    "abort"), and requests it adds (each taken by the room, in order) queue for the next
+    free slot. With a poll the run has all `cfg.batch_size` slots. In a TP world
+    it must give the same changes on every rank."""
     _check(model, requests)
     eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     session = session or DecodeSession(model, device, cfg, static)
     if session.model is not model or session.device != torch.device(device):
         raise ValueError(f"a DecodeSession serves the model and device ({session.device}) it was made for")
     engine = _Engine(model, requests, cfg, eos_ids, pad_id, stop, stats or EngineStats(), session, on_token,
-                     keep_tokens, cancelled)
+                     keep_tokens, poll)
     with torch.inference_mode(), autocast_for(engine.device):
         engine.run()
     return engine.completions
@@ -167,12 +197,12 @@ class DecodeSession:
 
 class _Engine:
     def __init__(self, model, requests, cfg, eos_ids, pad_id, stop, stats, session, on_token, keep_tokens,
-                 cancelled):
-        self.model, self.requests, self.cfg, self.eos_ids = model, requests, cfg, eos_ids
+                 poll):
+        self.model, self.requests, self.cfg, self.eos_ids = model, list(requests), cfg, eos_ids
         self.pad_id, self.device, self.stop, self.stats = pad_id, session.device, stop, stats
         self.on_token: TokenCallback | None = on_token
-        self.keep_tokens, self.cancelled = keep_tokens, cancelled
-        self.iterations = 0  # of the decode loop, counted alike on every TP rank (when `cancelled` is asked)
+        self.keep_tokens, self.poll = keep_tokens, poll
+        self.iterations = 0  # of the decode loop, counted alike on every TP rank (when `poll` is asked)
         self.completions = [Completion() for _ in requests]
         # Longest prompts first: an out-of-memory slot count shows up at once.
         self.queue = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt)))
@@ -180,9 +210,11 @@ class _Engine:
         self.pending: list[int] = []  # per busy slot: the token to feed next
         # Prompts of one prefill are left-padded to the longest, so a slot may need columns
         # for the longest prompt plus the largest budget.
-        width = max((len(r.prompt) for r in requests), default=0) + max((r.max_new_tokens for r in requests), default=1)
-        self.slot_count = max(1, min(cfg.batch_size, len(requests)))
-        self.cache, self.step = session.fit(self.slot_count, width)
+        longest = max((len(r.prompt) for r in requests), default=0)
+        largest_budget = max((r.max_new_tokens for r in requests), default=1)
+        self.slot_count = cfg.batch_size if poll else max(1, min(cfg.batch_size, len(requests)))
+        self.cache, self.step = session.fit(self.slot_count, longest + largest_budget)
+        self.room = Room(session.width, longest, largest_budget)
         self.captured_before = self.graphs_captured()
         self.changed = True  # the slots changed since the step's inputs were loaded
         self.streams: torch.Tensor | None = None  # per busy slot, loaded with the step's inputs
@@ -201,8 +233,8 @@ class _Engine:
             current = ahead if ahead is not None else self.launch()
             ahead = self.launch()
             finished = self.advance(range(len(self.slots)), current.tokens())
-            finished += self.abort(finished)
-            if finished:
+            finished += self.changes(finished)
+            if finished or (self.queue and self.free_slots()):
                 survivors = [i for i in range(len(self.slots)) if i not in finished]
                 tokens = ahead.tokens()
                 finished += self.advance(survivors, [tokens[i] for i in survivors])
@@ -300,13 +332,26 @@ class _Engine:
                 self._ended(request, completion.finish)
         return finished
 
-    def abort(self, finished: list[int]) -> list[int]:
-        """Every CANCEL_POLL_STEPS iterations: end the requests `cancelled` names (finish
-        "abort"); returns their busy slots not already `finished`."""
+    def changes(self, finished: list[int]) -> list[int]:
+        """Every POLL_STEPS iterations: the poll's changes. Returns the busy slots it
+        cancelled that were not already `finished`."""
         self.iterations += 1
-        if self.cancelled is None or self.iterations % CANCEL_POLL_STEPS:
+        if self.poll is None or self.iterations % POLL_STEPS:
             return []
-        gone = set(self.cancelled())
+        changes = self.poll(replace(self.room))
+        self.add(changes.added)
+        return self.cancel(set(changes.cancelled), finished)
+
+    def add(self, requests: Sequence[Request]) -> None:
+        _check(self.model, requests)
+        for request in requests:
+            if not self.room.take(request):
+                raise ValueError("a request added to a run must fit its room (see Room.take)")
+            self.queue.append(len(self.requests))
+            self.requests.append(request)
+            self.completions.append(Completion())
+
+    def cancel(self, gone: set[int], finished: list[int]) -> list[int]:
         if not gone:
             return []
         for request in gone.intersection(self.queue):

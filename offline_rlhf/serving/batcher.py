@@ -1,21 +1,24 @@
-"""Requests that arrive together share the engine's continuous batch.
+"""Requests share the engine's continuous batch, also when they arrive while it runs.
 
 The HTTP thread turns each request into a Job (prompt tokens, per-prompt token budgets,
-sampling) and queues it. The main thread (`serve`) takes every job queued by then, groups
-those that one engine `run` can serve (the same decoding rule and stop strings: the
-engine's GenerationConfig and stop check are per run), and runs each group as one batch
-of requests: a request arriving while a batch runs waits for the next one. Sampling is
-keyed per row, so an answer is the same whatever it was batched with: sample i of a
-request with seed s samples the stream `stream_id(s, i)` (prompt p of a completions
-request: sample p * n + i) under engine seed 0.
+sampling) and queues it. The main thread (`serve`) takes the queued jobs, groups those
+that one engine `run` can serve (the same decoding rule and stop strings: the engine's
+GenerationConfig and stop check are per run) and runs the first group as a batch. While it
+runs, the engine polls every few steps (`RunningBatch.poll`): jobs queued since with the
+batch's rule join it (their rows take the next free slots) as long as its cache columns
+hold them and no job of another rule waits (which would otherwise wait for ever); the
+others wait for the next batch. A job is answered as soon as its own rows have ended.
+Sampling is keyed per row, so an answer is the same whatever it was batched with: sample
+i of a request with seed s samples the stream `stream_id(s, i)` (prompt p of a
+completions request: sample p * n + i) under engine seed 0.
 
 A job may carry a per-token callback (a streamed answer): rank 0's engine run calls it
 with (row of the job, completion so far) after each token, on this main thread. A callback
 that fails is dropped, never the batch. A job whose client left (`gone`) is dropped if no
-batch took it yet, else its rows end at the engine's next cancellation poll, freeing their
-slots. In a TP world rank 0 broadcasts each batch (JSON bytes, see world.py) before
-running it, and the rows to cancel at each poll; the other ranks (`follow`) run the same
-batch, with no callbacks, so their collectives line up.
+batch took it yet, else its rows end at the next poll, freeing their slots. In a TP world
+rank 0 broadcasts each batch (JSON bytes, see world.py) before running it, and each poll's
+changes; the other ranks (`follow`) run the same batch with the same changes, with no
+callbacks, so their collectives line up.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation.engine import (
-    Cancelled,
+    Changes,
     Completion,
     DecodeSession,
+    Poll,
     Request,
+    Room,
     TokenCallback,
     run,
     stop_on_strings,
@@ -51,7 +56,7 @@ class ServerStopping(RuntimeError):
     """The server shut down before running a queued job (HTTP 503)."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: hashable by identity
 class Job:
     prompts: list[list[int]]
     budgets: list[int]  # max new tokens per prompt
@@ -87,7 +92,9 @@ class Batcher:
         self.generated = 0  # tokens generated, for the ledger
         self.batches = 0  # engine runs: fewer than the requests when they shared batches
         self._jobs: queue.Queue[Job] = queue.Queue()
+        self.waiting: list[Job] = []  # taken from the queue by the main thread, not yet in a batch
         self._stopping = threading.Event()
+        self._failing = threading.Lock()
         self._released = False
         self.serving = threading.Event()
 
@@ -109,9 +116,9 @@ class Batcher:
         last = time.monotonic()
         try:
             while not self._stopping.is_set():
-                jobs = self._take(poll_s)
-                if jobs:
-                    self._run_jobs(jobs)
+                self.take(poll_s)
+                if self.waiting:
+                    self._run_waiting()
                     last = time.monotonic()
                 elif self.rt.group is not None and time.monotonic() - last > KEEPALIVE_S:
                     broadcast_message(self.rt, KEEPALIVE)
@@ -136,7 +143,7 @@ class Batcher:
                 return
             if kind == CALL:
                 try:
-                    self.execute(body, cancelled=self._told_cancelled)
+                    self.execute(body, poll=self._told_changes)
                 except Exception as error:  # noqa: BLE001 - rank 0 answers the clients with it
                     log.debug("batch failed on rank %d: %s", self.rt.env.rank, error)
 
@@ -150,10 +157,10 @@ class Batcher:
         for rows in (1, 2):
             self.execute(batch_body([Request(prompt, row, 2) for row in range(rows)], True, 1.0, 1.0, ()))
 
-    def execute(self, body: bytes, on_token: TokenCallback | None = None,
-                cancelled: Cancelled | None = None) -> list[Completion]:
+    def execute(self, body: bytes, on_token: TokenCallback | None = None, poll: Poll | None = None
+                ) -> list[Completion]:
         """What every rank runs per batch: the engine on the batch's requests (rank 0 with
-        the streaming jobs' callbacks), ending the rows `cancelled` names."""
+        the streaming jobs' callbacks), changed at each `poll`."""
         batch = json.loads(body)
         stop = tuple(batch["stop"])
         requests = [Request(prompt, stream, budget) for prompt, stream, budget in batch["requests"]]
@@ -162,95 +169,134 @@ class Batcher:
                                batch_size=self.slots, stop=list(stop))
         tokenizer = self.served.tokenizer
         return run(self.served.model, requests, cfg, self.served.stop_ids, tokenizer.pad_id, self.rt.device,
-                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session,
-                   cancelled=cancelled)
+                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session, poll=poll)
 
-    def _told_cancelled(self) -> list[int]:
-        """Ranks other than 0, at each of the engine's polls: the rows rank 0 cancels."""
-        _, _, body = receive_message(self.rt)
-        return json.loads(body) if body else []
-
-    def _cancelled(self, group: list[Job]) -> Cancelled:
-        """Rank 0's poll for one batch: the rows of jobs whose client left, told to the
-        other ranks of a world (nothing but the header while nobody left)."""
-        owners = [job for job in group for _ in range(job.row_count())]
-        logged: set[int] = set()
-
-        def cancelled() -> list[int]:
-            rows = [row for row, job in enumerate(owners) if job.gone.is_set()]
-            broadcast_message(self.rt, CALL, body=json.dumps(rows).encode() if rows else b"")
-            if len(rows) > len(logged):
-                self.rt.log(f"serve: {len(rows) - len(logged)} row(s) of the running batch given up: their client left")
-                logged.update(rows)
-            return rows
-
-        return cancelled
-
-    def _take(self, poll_s: float) -> list[Job]:
-        """Every job queued now (waiting up to poll_s for the first), cancelled ones dropped."""
+    def take(self, timeout: float | None = None) -> None:
+        """Move the jobs queued now to `waiting` (first waiting up to `timeout` for one)."""
         try:
-            jobs = [self._jobs.get(timeout=poll_s)]
+            self.waiting.append(self._jobs.get(timeout=timeout) if timeout else self._jobs.get_nowait())
+            while True:
+                self.waiting.append(self._jobs.get_nowait())
         except queue.Empty:
-            return []
-        while True:
-            try:
-                jobs.append(self._jobs.get_nowait())
-            except queue.Empty:
-                break
-        # A job whose client went away was cancelled by the HTTP side (see server.py).
-        return [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            return
 
-    def _run_jobs(self, jobs: list[Job]) -> None:
-        groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(job.key(), []).append(job)
-        for (greedy, temperature, top_p, stop), group in groups.items():
-            rows = [row for job in group for row in job.rows()]
-            body = batch_body(rows, greedy, temperature, top_p, stop)
-            try:
-                broadcast_message(self.rt, CALL, "generate", body)
-                completions = self.execute(body, token_callback(group), self._cancelled(group))
-            except Exception as error:  # noqa: BLE001 - the clients get it as a 500; the server goes on
-                log.error("a batch of %d request(s) failed", len(group), exc_info=error)
-                for job in group:
-                    job.future.set_exception(error)
-                continue
-            self.generated += sum(len(c.tokens) for c in completions)
-            self.batches += 1
-            for job in group:
-                n = job.sampling.n
-                mine, completions = completions[:job.row_count()], completions[job.row_count():]
-                job.future.set_result([mine[p * n:(p + 1) * n] for p in range(len(job.prompts))])
+    def _told_changes(self, room: Room) -> Changes:
+        """Ranks other than 0, at each of the engine's polls: the changes rank 0 made."""
+        _, _, body = receive_message(self.rt)
+        told = json.loads(body) if body else {}
+        return Changes(told.get("cancel", ()), [Request(*row) for row in told.get("add", ())])
+
+    def _run_waiting(self) -> None:
+        """Run the waiting jobs, a batch per decoding rule (the first job's rule first)."""
+        while self.waiting:
+            key = self.waiting[0].key()
+            group = [job for job in self.waiting if job.key() == key]
+            self.waiting = [job for job in self.waiting if job.key() != key]
+            group = [job for job in group if job.future.set_running_or_notify_cancel()]  # else its client left
+            if group:
+                RunningBatch(self, key, group).run()
 
     def _fail_pending(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(ServerStopping("the server is shutting down"))
+        """Answer every job not in a batch with 503 (the main thread at its end, or the HTTP
+        thread that queued a job just after: hence the lock)."""
+        with self._failing:
+            self.take()
+            waiting, self.waiting = self.waiting, []
+            for job in waiting:
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(ServerStopping("the server is shutting down"))
 
 
-def token_callback(group: list[Job]) -> TokenCallback | None:
-    """The engine's callback for one batch: each streaming job hears of its own rows only.
-    A job's callback that raises is dropped (the batch goes on; that stream's handler gets
-    the rest of its answer from the job's result)."""
-    if not any(job.on_token for job in group):
-        return None
-    owners = [(job, row) for job in group for row in range(job.row_count())]
+class RunningBatch:
+    """One engine run of rank 0: which job each row belongs to, jobs joining at the
+    engine's polls, each job answered once its rows have ended."""
 
-    def on_token(index: int, completion: Completion) -> None:
-        job, row = owners[index]
-        if job.on_token is None:
-            return
+    def __init__(self, batcher: Batcher, key: tuple, jobs: list[Job]):
+        self.batcher, self.key = batcher, key
+        self.owners: list[tuple[Job, int]] = []  # per engine request: its job and the job's row
+        self.ended: dict[Job, dict[int, Completion]] = {}
+        self.logged_gone: set[Job] = set()
+        for job in jobs:
+            self.own(job)
+
+    def own(self, job: Job) -> None:
+        self.owners += [(job, row) for row in range(job.row_count())]
+        self.ended[job] = {}
+
+    def run(self) -> None:
+        jobs = list(self.ended)
+        greedy, temperature, top_p, stop = self.key
+        body = batch_body([row for job in jobs for row in job.rows()], greedy, temperature, top_p, stop)
         try:
-            job.on_token(row, completion)
-        except Exception as error:  # noqa: BLE001 - one client's stream, not the batch
-            log.error("a streamed answer's callback failed; its stream ends", exc_info=error)
-            job.on_token = None
+            broadcast_message(self.batcher.rt, CALL, "generate", body)
+            completions = self.batcher.execute(body, self.on_token, self.poll)
+        except Exception as error:  # noqa: BLE001 - the clients get it as a 500; the server goes on
+            log.error("a batch of %d request(s) failed", len(self.ended), exc_info=error)
+            for job in self.ended:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        self.batcher.generated += sum(len(c.tokens) for c in completions)
+        self.batcher.batches += 1
+        for (job, row), completion in zip(self.owners, completions):  # rows that ended without a last token
+            self.ended[job].setdefault(row, completion)
+        for job in self.ended:
+            if not job.future.done():
+                self.answer(job)
 
-    return on_token
+    def on_token(self, index: int, completion: Completion) -> None:
+        """Each streaming job hears of its own rows (a callback that raises is dropped: the
+        batch goes on, and that stream's handler gets the rest from the job's result)."""
+        job, row = self.owners[index]
+        if job.on_token is not None:
+            try:
+                job.on_token(row, completion)
+            except Exception as error:  # noqa: BLE001 - one client's stream, not the batch
+                log.error("a streamed answer's callback failed; its stream ends", exc_info=error)
+                job.on_token = None
+        if completion.finish:
+            self.ended[job][row] = completion
+            if len(self.ended[job]) == job.row_count():
+                self.answer(job)
+
+    def answer(self, job: Job) -> None:
+        rows, n = self.ended[job], job.sampling.n
+        job.future.set_result([[rows[p * n + i] for i in range(n)] for p in range(len(job.prompts))])
+
+    def poll(self, room: Room) -> Changes:
+        """The changes at one of the engine's polls, told to the other ranks of a world:
+        the rows of jobs whose client left, and the rows of waiting jobs that join."""
+        self.batcher.take()
+        added = [row for job in self.joining(room) for row in job.rows()]
+        cancelled = [index for index, (job, _) in enumerate(self.owners) if job.gone.is_set()
+                     and not job.future.done()]
+        changes = {"cancel": cancelled, "add": [[r.prompt, r.stream, r.max_new_tokens] for r in added]}
+        broadcast_message(self.batcher.rt, CALL, body=json.dumps(changes).encode() if added or cancelled else b"")
+        self.log_gone()
+        return Changes(cancelled, added)
+
+    def joining(self, room: Room) -> list[Job]:
+        """Waiting jobs of this batch's rule whose rows all fit the room, while no job of
+        another rule waits."""
+        waiting = self.batcher.waiting
+        if any(job.key() != self.key for job in waiting):
+            return []
+        joining = []
+        for job in list(waiting):
+            trial = replace(room)
+            if all(trial.take(row) for row in job.rows()):
+                waiting.remove(job)
+                if job.future.set_running_or_notify_cancel():  # else its client left while it waited
+                    room = trial
+                    self.own(job)
+                    joining.append(job)
+        return joining
+
+    def log_gone(self) -> None:
+        gone = {job for job, _ in self.owners if job.gone.is_set()} - self.logged_gone
+        if gone:
+            self.batcher.rt.log(f"serve: {len(gone)} request(s) given up in the running batch: their client left")
+            self.logged_gone |= gone
 
 
 def batch_body(rows: list[Request], greedy: bool, temperature: float, top_p: float, stop: tuple[str, ...]) -> bytes:

@@ -75,23 +75,28 @@ def test_a_tensor_parallel_server_answers_what_one_process_answers(tmp_path):
             assert ask(PROMPTS[0], temperature=1.0, n=2, seed=11) == sampled and len(set(sampled)) == 2
             assert [ask_streamed(p, temperature=0)[0] for p in PROMPTS] == expected
             assert ask_streamed(PROMPTS[0], temperature=1.0, n=2, seed=11) == sampled
-            leave_mid_stream(server.url)
-            assert [ask(p, temperature=0)[0] for p in PROMPTS] == expected  # both ranks ended the row alike
+            joined = ask(PROMPTS[1], temperature=1.0, seed=5)
+            assert join_then_leave(server.url, lambda: ask(PROMPTS[1], temperature=1.0, seed=5)) == joined
+            assert [ask(p, temperature=0)[0] for p in PROMPTS] == expected  # both ranks changed the batch alike
     finally:
         code, output = server.stop()
     assert code == 0, output[-4000:]
     assert "2-way tensor parallel" in output
-    assert "serve: 1 row(s) of the running batch given up: their client left" in output
+    assert "serve: 1 request(s) given up in the running batch: their client left" in output
 
 
-def leave_mid_stream(url: str) -> None:
-    """A long sampled answer whose client leaves after the first event: rank 0 tells rank 1
-    at the engine's next cancellation poll, and both end the row there."""
+def join_then_leave(url: str, ask):
+    """A long sampled answer streams; once its first event came (its batch runs), `ask`'s
+    request of the same rule joins that batch at a poll (rank 0 tells rank 1, both add
+    it), then the stream's client leaves (both ranks end its row at a poll). Returns
+    `ask`'s answer."""
     body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[3]}], "max_tokens": 48,
             "temperature": 1.0, "seed": 3, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
         assert response.status_code == 200
         next(response.iter_lines())
+        answer = ask()
+    return answer
 
 
 def test_a_world_whose_rank_0_cannot_listen_ends_at_once(tmp_path):

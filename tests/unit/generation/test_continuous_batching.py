@@ -8,7 +8,16 @@ import torch
 
 from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation import engine
-from offline_rlhf.generation.engine import EngineStats, Request, cut_at_stop, generate, run, stop_on_strings
+from offline_rlhf.generation.engine import (
+    Changes,
+    EngineStats,
+    Request,
+    Room,
+    cut_at_stop,
+    generate,
+    run,
+    stop_on_strings,
+)
 from offline_rlhf.generation.kv_cache import LayerKVCache
 from offline_rlhf.generation.sampling import stream_id
 from tests.fixtures import reference_model
@@ -125,23 +134,23 @@ def test_on_token_sees_every_token_of_every_request_in_order_and_each_finish_onc
 
 
 def test_cancelled_requests_end_at_the_next_poll_and_queued_ones_never_start(model, monkeypatch):
-    """A server's clients that left: `cancelled` is asked every few decode steps; a running
-    request named there ends ("abort") with the tokens it had, its slot goes to the queue,
+    """A server's clients that left: the poll is asked every few decode steps; a running
+    request it cancels ends ("abort") with the tokens it had, its slot goes to the queue,
     a queued one is never prefilled, and every other request decodes what it would alone."""
-    monkeypatch.setattr(engine, "CANCEL_POLL_STEPS", 3)
+    monkeypatch.setattr(engine, "POLL_STEPS", 3)
     prompts = prompts_of_lengths(LENGTHS)
     alone = [greedy_without_cache(model, p, 16) for p in prompts]
     requests = [Request(p, stream_id(i, 0), 16) for i, p in enumerate(prompts)]
     running, queued = 4, 2  # longest prompts start first: 14 tokens (4) runs at the first poll, 1 (2) waits
     polls = []
 
-    def cancelled():
+    def poll(room):
         polls.append(stats.decode_steps)
-        return {running, queued}
+        return Changes(cancelled={running, queued})
 
     stats = EngineStats()
     completions = run(model, requests, GenerationConfig(16, batch_size=3), None, PAD, "cpu", stats=stats,
-                      cancelled=cancelled)
+                      poll=poll)
     assert [c.finish for c in completions] == ["abort" if i in (running, queued) else "length"
                                                for i in range(len(prompts))]
     assert completions[queued].tokens == [] and stats.admissions == len(prompts) - 1
@@ -163,3 +172,36 @@ def test_a_prompt_whose_logits_are_not_finite_is_an_error_not_a_token(greedy):
     requests = [Request(p, stream_id(i, 0), 6) for i, p in enumerate(prompts)]
     with pytest.raises(FloatingPointError, match="request 1 are not finite"):
         run(model, requests, GenerationConfig(6, greedy=greedy, batch_size=2), None, PAD, "cpu")
+
+
+def test_requests_added_at_a_poll_join_the_running_batch_and_decode_what_they_would_alone(model, monkeypatch):
+    """A server's requests that arrive while a batch runs: added at a poll, they take free
+    slots at once (the run has every slot) or the next slot to free up, and each answer is
+    the one its prompt gets alone; requests that would not fit the run's columns are for
+    the caller to keep (the room refuses them)."""
+    monkeypatch.setattr(engine, "POLL_STEPS", 2)
+    prompts = prompts_of_lengths(LENGTHS)
+    alone = [greedy_without_cache(model, p, 12) for p in prompts]
+    first, later = prompts[:2], prompts[2:]
+    requests = [Request(p, stream_id(i, 0), 12) for i, p in enumerate(first)]
+    waiting = [Request(p, stream_id(i + 2, 0), 12) for i, p in enumerate(later)]
+    refused = []
+
+    def poll(room):
+        added = []
+        while waiting and len(added) < 3:  # a few per poll, as requests trickle in
+            request = waiting.pop(0)
+            (added if room.take(request) else refused).append(request)
+        return Changes(added=added)
+
+    stats = EngineStats()
+    completions = run(model, requests, GenerationConfig(12, batch_size=4), None, PAD, "cpu", stats=stats, poll=poll)
+    assert not refused and not waiting and [c.tokens for c in completions] == alone
+    assert stats.admissions == len(prompts) and stats.prefills > 2  # they came in at several polls
+
+
+def test_a_room_counts_the_longest_prompt_and_the_largest_budget_of_a_run():
+    room = Room(columns=20, longest=5, largest_budget=8)
+    assert room.take(Request([1] * 12, 0, 8)) and (room.longest, room.largest_budget) == (12, 8)
+    assert not room.take(Request([1] * 3, 0, 9)) and room.largest_budget == 8  # 12 + 9 > 20: refused, not counted
+    assert room.take(Request([1] * 2, 0, 8))

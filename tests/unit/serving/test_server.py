@@ -269,7 +269,9 @@ def test_concurrent_requests_share_one_batch_and_answer_as_alone(checkpoint, ser
             for thread in threads:
                 thread.join(60)
         assert answers == alone
-        assert held.batcher.batches == 2  # one engine run per decoding rule, not one per request
+        assert wait_for(lambda: held.batcher.batches == 2)  # one engine run per decoding rule, not one per request
+        time.sleep(0.2)
+        assert held.batcher.batches == 2
     finally:
         held.close()
 
@@ -423,7 +425,7 @@ def test_a_client_leaving_mid_stream_frees_its_rows_and_the_server_goes_on(serve
     answered."""
     body = {**CHAT_ASK, "temperature": 0, "max_tokens": 40}
     _, usage = answered(server, "/v1/chat/completions", body)
-    assert usage["completion_tokens"] > 2 * engine.CANCEL_POLL_STEPS  # long enough to be cut short
+    assert usage["completion_tokens"] > 2 * engine.POLL_STEPS  # long enough to be cut short
     jobs, submit = [], server.batcher.submit
     monkeypatch.setattr(server.batcher, "submit", lambda job: jobs.append(job) or submit(job))
     release, hook = held_decoding(server)
@@ -440,7 +442,7 @@ def test_a_client_leaving_mid_stream_frees_its_rows_and_the_server_goes_on(serve
     assert wait_for(lambda: server.batcher.batches > batches)
     [[completion]] = jobs[0].future.result()
     assert completion.finish == "abort"
-    assert server.batcher.generated - generated <= engine.CANCEL_POLL_STEPS + 2 < usage["completion_tokens"]
+    assert server.batcher.generated - generated <= engine.POLL_STEPS + 2 < usage["completion_tokens"]
     assert answered(server, "/v1/chat/completions", body)[1] == usage
     assert choices_of(stream_chunks(server, "/v1/chat/completions", body), chat=True) == \
         answered(server, "/v1/chat/completions", body)[0]
@@ -468,6 +470,50 @@ def test_a_client_leaving_before_its_batch_starts_is_never_run(server, monkeypat
     assert wait_for(lambda: server.batcher.batches == batches + 1) and jobs[1].future.cancelled()
     time.sleep(0.3)  # the engine thread polls its queue every 0.05 s: nothing more runs
     assert server.batcher.batches == batches + 1
+
+
+def arrivals_while_a_batch_runs(server, monkeypatch, asks: list[dict], batches_expected: int) -> tuple[list, int]:
+    """The first request's batch is held at its first decode step until the others are
+    queued; returns every answer and the number of engine batches they took (a job is
+    answered when its rows end, its batch is counted when it ends: hence the wait)."""
+    jobs, submit = [], server.batcher.submit
+    monkeypatch.setattr(server.batcher, "submit", lambda job: jobs.append(job) or submit(job))
+    release, hook = held_decoding(server)
+    batches, answers = server.batcher.batches, [None] * len(asks)
+
+    def ask(index):
+        answers[index] = answered(server, "/v1/chat/completions", asks[index])
+
+    threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(asks))]
+    try:
+        threads[0].start()
+        assert wait_for(lambda: len(jobs) == 1)
+        for thread in threads[1:]:
+            thread.start()
+        assert wait_for(lambda: len(jobs) == len(asks))
+    finally:
+        release.set()
+        hook.remove()
+        for thread in threads:
+            thread.join(30)
+    monkeypatch.undo()
+    wait_for(lambda: server.batcher.batches - batches >= batches_expected)
+    time.sleep(0.2)  # and no batch more
+    return answers, server.batcher.batches - batches
+
+
+def test_a_request_arriving_while_a_batch_runs_joins_it_unless_another_rule_waits(server, monkeypatch):
+    """A greedy request arriving while a greedy batch runs joins it at the engine's next
+    poll; one arriving with a sampled request waiting does not (that one would wait for
+    ever behind a stream of greedy requests): it runs after the sampled batch. Every answer
+    is the one its request gets alone."""
+    greedy = [{**CHAT_ASK, "temperature": 0, "max_tokens": 30},
+              {**CHAT_ASK, "messages": [{"role": "user", "content": "river stone"}], "temperature": 0}]
+    sampled = {**CHAT_ASK, "temperature": 1.0, "seed": 8}
+    alone = [answered(server, "/v1/chat/completions", ask) for ask in [*greedy, sampled]]
+    assert arrivals_while_a_batch_runs(server, monkeypatch, greedy, 1) == (alone[:2], 1)  # one batch: joined
+    answers, batches = arrivals_while_a_batch_runs(server, monkeypatch, [greedy[0], sampled, greedy[1]], 3)
+    assert answers == [alone[0], alone[2], alone[1]] and batches == 3
 
 
 def test_a_batch_failing_mid_stream_ends_it_with_an_error_event(server):

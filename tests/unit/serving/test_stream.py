@@ -19,7 +19,7 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.generation.engine import Completion, answer_text, stop_on_strings
-from offline_rlhf.serving.batcher import Job, token_callback
+from offline_rlhf.serving.batcher import Job, RunningBatch
 from offline_rlhf.serving.protocol import Sampling, answer_head
 from offline_rlhf.serving.server import completion_text
 from offline_rlhf.serving.stream import StreamedAnswer, TextDeltas, TokenEvents, settled
@@ -178,7 +178,7 @@ def test_settled_holds_back_only_what_a_later_token_may_change(text, stops, expe
     assert settled(text, stops) == expected
 
 
-def test_a_batchs_callback_routes_rows_to_their_jobs_and_drops_one_that_fails():
+def test_a_batch_routes_rows_to_their_jobs_drops_a_failing_callback_and_answers_a_job_once_its_rows_end():
     heard = []
 
     def failing(row, completion):
@@ -188,13 +188,17 @@ def test_a_batchs_callback_routes_rows_to_their_jobs_and_drops_one_that_fails():
     jobs = [Job([[1], [2]], [4, 4], sampling, on_token=lambda row, c: heard.append(("a", row, c.tokens[-1]))),
             Job([[3]], [4], sampling, on_token=failing), Job([[4]], [4], sampling),
             Job([[5]], [4], sampling, on_token=lambda row, c: heard.append(("d", row, c.tokens[-1])))]
-    callback = token_callback(jobs)
+    batch = RunningBatch(None, jobs[0].key(), jobs)
     for index in range(9):  # rows: a 0-3, b 4-5, c 6-7 (not streamed), d 8-9
-        callback(index, Completion([100 + index]))
-    callback(9, Completion([109]))
+        batch.on_token(index, Completion([100 + index]))
+    batch.on_token(9, Completion([109]))
     assert heard == [("a", 0, 100), ("a", 1, 101), ("a", 2, 102), ("a", 3, 103), ("d", 0, 108), ("d", 1, 109)]
     assert jobs[1].on_token is None  # dropped after its first failure; the batch went on
-    assert token_callback([jobs[2]]) is None  # nothing streams: the engine runs without a callback
+    ends = [Completion([7, 2], "eos"), Completion([8], "length")]
+    batch.on_token(7, ends[1])
+    assert not jobs[2].future.done()
+    batch.on_token(6, ends[0])
+    assert jobs[2].future.result() == [ends] and not any(job.future.done() for job in jobs[:2] + jobs[3:])
 
 
 def streamed(tokenizer: Tokenizer, first_token: Completion, then: list, prompt_tokens: int | None) -> list:
