@@ -166,6 +166,53 @@ def checkpoint_template(path: Path, metadata: dict, configured: TemplateConfig) 
     return build_template(metadata.get(TEMPLATE, configured), tokenizer.config if tokenizer else {})
 
 
+def init_template(init: InitConfig, configured: TemplateConfig, key: str,
+                  tokenizer_config: dict) -> ChatTemplate | ChatFormat:
+    """The template of a stage that continues `init.checkpoint` (align and PPO train it,
+    reference scores with it): the one the checkpoint was trained with, as generate, eval
+    and serve use it; `configured` when it records none (random init, an imported model).
+    `configured` (config key `key`: `data.template` or `template`) left at its default
+    adopts the recorded one; set to another, it is an error naming the field to set and
+    the recorded value (it would train or score the model in a format it never saw).
+    `init` has been through `local_init`."""
+    recorded = None
+    if init.checkpoint:
+        path = resolve_checkpoint(init.checkpoint, "init.checkpoint")
+        recorded = read_meta(path).metadata.get(TEMPLATE)
+    if recorded is None:
+        return build_template(configured, tokenizer_config)
+    wanted = asdict(configured)
+    if configured != TemplateConfig() and (field := _first_difference(recorded, wanted)):
+        raise ConfigError(f"{key}.{field}", f"is {wanted.get(field)!r}, but {path} was trained with "
+                          f"{field}={recorded[field]!r} (its metadata.template: {recorded})",
+                          f"set {key}.{field}={_override(recorded[field])}, or leave {key} at its default to use "
+                          "the checkpoint's")
+    return build_template(recorded, tokenizer_config)
+
+
+def require_template(path: Path, metadata: dict, expected: dict, key: str, reader: str) -> None:
+    """A model that reads another one's token ids (PPO's reward model, critic and reference
+    read the policy's rollouts) must have been trained with that model's template
+    (`expected`, a `template_record`), or it would score text laid out as it never saw it.
+    A checkpoint that records none (an imported model) is taken as given."""
+    recorded = metadata.get(TEMPLATE)
+    if recorded is not None and (field := _first_difference(recorded, expected)):
+        raise ConfigError(key, f"{path} was trained with template {field}={recorded[field]!r}, but {reader} "
+                          f"renders with {field}={expected.get(field)!r} (metadata.template {recorded} vs "
+                          f"{expected})", f"pass a model trained with data.template.{field}="
+                          f"{_override(expected.get(field))}")
+
+
+def _first_difference(recorded: dict, wanted: dict) -> str | None:
+    """The first field of a recorded template (`kind` first) that `wanted` sets otherwise."""
+    return next((name for name, value in recorded.items() if wanted.get(name) != value), None)
+
+
+def _override(value) -> str:
+    """`value` as a command-line override writes it: `chat` bare, `'User:'` quoted."""
+    return value if isinstance(value, str) and value.isidentifier() else repr(value)
+
+
 def dt_target(metadata: dict, path: Path, key: str = "reward_prompt") -> float | None:
     """The target score `orlhf align method=dt` recorded (a final checkpoint's `alignment`,
     an intermediate one's training config), None for a model not trained by DT. A DT

@@ -116,6 +116,7 @@ class PPOConfig(Frozen):
     # prompt sources for rollouts (as `orlhf generate`'s)
     sources: list[PromptSourceConfig] = field(default_factory=list)
     total_prompts: Optional[int] = None  # prompts drawn from the mix; null: all
+    # init.checkpoint's recorded template wins; this applies when it records none (another: an error)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     max_prompt_tokens: int = 512  # longer prompts keep their last tokens
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(greedy=False,

@@ -82,6 +82,8 @@ def _reward(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage
         raise ConfigError(_key(cfg), f"the reward model {cfg.settings.checkpoint} stores no reward statistics, "
                           "which PPO normalizes its rewards with", "pass a checkpoint written by `orlhf rm`")
     stats = metadata[REWARD_STATS]
+    # The actor sends token ids rendered in the policy's template; it checked that this
+    # model was trained with that template (ppo_baseline.stage.policy_template).
     _, max_len = scoring_setup(metadata, model.cfg, tokenizer)
     model.eval()
 

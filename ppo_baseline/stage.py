@@ -11,7 +11,7 @@ updates of the actor while the critic trains on the same rollout, metrics. Every
 `save_every` iterations (and at the end) the critic saves, then the actor: a rerun resumes
 from the actor's last checkpoint and loads the critic's checkpoint of the same iteration.
 Outputs in R/ppo/: checkpoints/, metrics.jsonl, critic/checkpoints/, <service>/service.log,
-DONE naming the final actor checkpoint (an `lm` checkpoint with its tokenizer).
+DONE naming the final actor checkpoint (an `lm` checkpoint with its tokenizer and template).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from offline_rlhf.checkpoint import (
     CONFIG_KEY,
+    TEMPLATE,
     CheckpointMeta,
     TrainState,
     latest_checkpoint,
@@ -39,13 +40,23 @@ from offline_rlhf.checkpoint import (
 )
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import InitConfig
-from offline_rlhf.data.chat_template import build_template
+from offline_rlhf.data.chat_template import ChatFormat, template_record
 from offline_rlhf.data.prompts import read_prompt_mix
+from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.generation.engine import DecodeSession
 from offline_rlhf.host import DONE
 from offline_rlhf.runtime import Runtime, stage_runtime
-from offline_rlhf.stage_support import check_resumable, local_init, mark_done, resume_fingerprint
+from offline_rlhf.stage_support import (
+    check_resumable,
+    init_template,
+    load_tokenizer,
+    local_checkpoint,
+    local_init,
+    mark_done,
+    require_template,
+    resume_fingerprint,
+)
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import SampleStream
 from offline_rlhf.train.metrics_log import MetricsLog
@@ -60,7 +71,7 @@ from ppo_baseline.actor import (
     sampling_model,
     update_policy,
 )
-from ppo_baseline.config import PPOConfig
+from ppo_baseline.config import SERVICES, PPOConfig
 from ppo_baseline.launch import Services
 from ppo_baseline.models import LOGPROBS, SAVED, SCORES, STEP, TRAINED, VALUES
 from ppo_baseline.serve import serve_in_job
@@ -75,6 +86,7 @@ def main(cfg: PPOConfig) -> int:
         return serve_in_job(cfg)
     init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
     model_cfg = read_meta(resolve_checkpoint(init.checkpoint, "init.checkpoint")).model
+    template = policy_template(cfg, init, model_cfg)  # checked before any weights load
     previous = signal.signal(signal.SIGTERM, _raise_exit)  # a SIGTERM still shuts the services down
     try:
         with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
@@ -83,7 +95,7 @@ def main(cfg: PPOConfig) -> int:
             if rt.is_main:
                 rt.stage_dir.mkdir(parents=True, exist_ok=True)
                 (rt.stage_dir / DONE).unlink(missing_ok=True)
-            final = run_actor(cfg, init, rt, usage, model_cfg)
+            final = run_actor(cfg, init, rt, usage, model_cfg, template)
             mark_done(rt, final)
             rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
     finally:
@@ -95,9 +107,23 @@ def _raise_exit(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def load_prompts(cfg: PPOConfig, tokenizer, model_cfg) -> tuple[list[list[int]], list[int]]:
-    """Token ids of every prompt (the most recent `limit` tokens) and their ids."""
-    template = build_template(cfg.template, tokenizer.config)
+def policy_template(cfg: PPOConfig, init: InitConfig, model_cfg) -> ChatTemplate | ChatFormat:
+    """The template the policy is prompted with: the one `init.checkpoint` was trained
+    with (`init_template`). The reward model, the critic and the reference read the policy's
+    token ids, so each must have been trained with it too."""
+    tokenizer, _ = load_tokenizer(init, model_cfg)
+    template = init_template(init, cfg.template, "template", tokenizer.config)
+    for name in SERVICES:
+        key = f"services.{name}.checkpoint"
+        path = resolve_checkpoint(local_checkpoint(getattr(cfg.services, name).checkpoint, cfg.run_dir, key), key)
+        require_template(path, read_meta(path).metadata, template_record(template), key,
+                         f"the policy ({init.checkpoint})")
+    return template
+
+
+def load_prompts(cfg: PPOConfig, tokenizer, template: ChatTemplate | ChatFormat,
+                 model_cfg) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every prompt in `template` (the most recent `limit` tokens) and their ids."""
     prompts, _ = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed)
     limit = min(cfg.max_prompt_tokens, model_cfg.max_seq_len - cfg.generation.max_new_tokens)
     if limit < 1:
@@ -107,15 +133,16 @@ def load_prompts(cfg: PPOConfig, tokenizer, model_cfg) -> tuple[list[list[int]],
     return encoded, [p.id for p in prompts]
 
 
-def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg) -> Path:
+def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
+              template: ChatTemplate | ChatFormat) -> Path:
     setup = prepare_training(init, model_cfg, "lm", rt, cfg.seed)
     model, tokenizer = setup.model, setup.tokenizer
     replica = sampling_model(model, model_cfg, rt)
     # One cache and decode step for every iteration (on CUDA its graphs are captured once); it
     # stays allocated through the policy update too: slots x columns of K/V per layer.
     sampler = DecodeSession(replica, rt.device, cfg.generation)
-    prompts, prompt_ids = load_prompts(cfg, tokenizer, model_cfg)
-    stops = stop_token_ids(tokenizer, build_template(cfg.template, tokenizer.config))
+    prompts, prompt_ids = load_prompts(cfg, tokenizer, template, model_cfg)
+    stops = stop_token_ids(tokenizer, template)
     steps_per_iteration = cfg.ppo.epochs * cfg.ppo.rollout_batch // cfg.ppo.minibatch
     optimizer = build_optimizer(model.parameters(), cfg.optim, rt.device)
     scheduler = build_scheduler(optimizer, cfg.ppo.iterations * steps_per_iteration, cfg.optim)
@@ -148,7 +175,8 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg) -
                 checkpoint = save_checkpoint(
                     setup.checkpoints, model,
                     CheckpointMeta(model_cfg, "lm", TrainState(step=iteration + 1), scheduler=scheduler.state_dict(),
-                                   metadata={CONFIG_KEY: fingerprint, "alignment": {"method": "ppo"}}),
+                                   metadata={CONFIG_KEY: fingerprint, "alignment": {"method": "ppo"},
+                                             TEMPLATE: template_record(template)}),
                     optimizer=optimizer, tokenizer_dir=setup.tokenizer_path, keep_last=cfg.keep_last, group=rt.group)
                 usage.beat(force=True)
     log.close()

@@ -162,7 +162,8 @@ class ReferenceConfig(Frozen):
     """`orlhf reference`: preference pairs for DPO/IPO/cDPO from `orlhf label` output (RM-ranked
     best vs worst generated answers, and human pairs) with the summed log-probs of both
     replies under the reference (SFT) model, computed once, into `run_dir/reference/pairs.jsonl`.
-    `template` and `max_seq_len` must equal the `data.` ones of `orlhf align` (it checks)."""
+    `max_seq_len` must equal align's `data.max_seq_len` (it checks); `template` applies only
+    when init.checkpoint records none (its recorded template wins; another set here is an error)."""
 
     run_dir: str = "runs/default"  # the run folder; outputs go to run_dir/reference/
     init: InitConfig = field(default_factory=InitConfig)  # the reference model: the SFT checkpoint

@@ -112,7 +112,9 @@ class JinjaChat:
     def conversation(self, messages: Sequence[Message], response_prefix: str = "") -> ChatRendering:
         """The whole conversation (ending with an assistant turn) and the spans of every
         assistant turn. `response_prefix` goes right after the LAST turn's generation
-        prompt, outside its span, as `prompt` places it at inference."""
+        prompt, outside its span, as `prompt` places it at inference. The last answer may
+        be empty (a labeller's preferred empty reply, an empty generation): its span is then
+        the end-of-turn marker alone, as the paper's format labels EOS alone."""
         check_roles(messages, last=ASSISTANT)
         text, spans = "", []
         for index, message in enumerate(messages):
@@ -136,7 +138,8 @@ def _require_prefix(prefix: str, text: str, index: int, what: str) -> None:
 
 def check_roles(messages: Sequence[Message], last: str) -> None:
     """An optional system message first, then user and assistant turns alternating from a
-    user turn, all with text, ending with a `last` turn."""
+    user turn, all with text (but a last assistant turn, an answer, which may be empty),
+    ending with a `last` turn."""
     turns = list(messages)
     if turns and turns[0].get("role") == SYSTEM:
         turns = turns[1:]
@@ -147,7 +150,9 @@ def check_roles(messages: Sequence[Message], last: str) -> None:
         if message.get("role") != expected:
             raise ValueError(f"expected a {expected!r} turn at position {index + 1}, got {message.get('role')!r} "
                              "(after an optional system message, turns alternate user/assistant)")
-        if not isinstance(message.get("content"), str) or not message["content"].strip():
+        content = message.get("content")
+        answer = expected == ASSISTANT and index == len(turns) - 1
+        if not isinstance(content, str) or not (content.strip() or answer):
             raise ValueError(f"expected text in the {expected} turn at position {index + 1}")
     if turns[-1]["role"] != last:
         raise ValueError(f"expected the conversation to end with a {last!r} turn")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from offline_rlhf.config.schema import DataConfig, SourceConfig
-from offline_rlhf.data.chat_template import build_template
+from offline_rlhf.data.chat_template import ChatFormat, build_template
 from offline_rlhf.data.hub_datasets import hub_options
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.packing import PackedSequence, unpacked
@@ -80,13 +80,15 @@ def pair_text(example: PreferenceExample) -> tuple[str, ...]:
     return example.prompt, example.chosen, example.rejected
 
 
-def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int) -> PreferenceDataset:
+def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int,
+                             template: ChatTemplate | ChatFormat | None = None) -> PreferenceDataset:
     """Build train/val pairs from a `DataConfig`, in the SFT dataset's order of steps:
     read every source (identical or blank pairs skipped and counted unless cfg.strict;
     duplicates counted, dropped with cfg.dedupe); `mix_sources` (cfg.total_samples,
     weights); split over pair TEXT (a pair and its copies, at any line, stay on one
-    side); `encode_pair` each pair with cfg.max_seq_len. Pairs are never packed (cfg.pack is unused)."""
-    template = build_template(cfg.template, tokenizer.config)
+    side); `encode_pair` each pair with cfg.max_seq_len, rendered by `template` (default:
+    cfg.template's). Pairs are never packed (cfg.pack is unused)."""
+    template = template or build_template(cfg.template, tokenizer.config)
     sources, read_stats = read_sources(
         cfg, lambda s, skips: read_preference_source(s.format, s.path, skips=skips, **_reader_kwargs(s, template)),
         pair_text)

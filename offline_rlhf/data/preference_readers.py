@@ -24,6 +24,7 @@ from offline_rlhf.data.records import (
     conversation,
     fold_at,
     iter_json_objects,
+    record_turns,
     require_field,
     require_messages,
     require_text,
@@ -160,7 +161,8 @@ def read_preference_jsonl(
     template: ChatTemplate = ChatTemplate(),
     skips: Skips | None = None,
 ) -> list[PreferenceExample]:
-    """Any JSONL with a single-turn prompt and two replies per line, under the given field names.
+    """Any JSONL with a prompt and two replies per line, under the given field names; a
+    multi-turn prompt carries this project's `turns` (`orlhf reference`'s pairs.jsonl).
     Blank fields and identical replies are counted into `skips` (None: an error)."""
     return keyed_pairs(iter_json_objects(path), prompt_key, chosen_key, rejected_key, template, strict_or(skips),
                        f"jsonl:{Path(path).name}")
@@ -168,11 +170,14 @@ def read_preference_jsonl(
 
 def keyed_pairs(records: Records, prompt_key: str, chosen_key: str, rejected_key: str, template: ChatTemplate,
                 skips: Skips, tag: str) -> list[PreferenceExample]:
-    examples = []
+    examples, keys = [], (prompt_key, chosen_key, rejected_key)
     for where, record in records:
+        for key in keys:  # types first: a malformed record is an error even beside a blank turn
+            require_text(record, key, where, allow_empty=True)
         with skips.record():
-            prompt, chosen, rejected = require_texts(record, (prompt_key, chosen_key, rejected_key), where)
-            examples.append(_pair([(USER, prompt)], chosen, rejected, where, tag, template))
+            turns = record_turns(record, where)  # the history of a multi-turn prompt
+            prompt, chosen, rejected = require_texts(record, keys, where)
+            examples.append(_pair(list(turns) or [(USER, prompt)], chosen, rejected, where, tag, template))
     return examples
 
 

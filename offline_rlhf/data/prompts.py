@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from offline_rlhf.data.hub_datasets import COLUMN_KEYS, hub_options, load_split
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.preference_readers import read_preference_source
-from offline_rlhf.data.records import iter_json_objects, require_text
+from offline_rlhf.data.records import iter_json_objects, record_turns, require_text
 from offline_rlhf.data.sft_readers import read_sft_source
 from offline_rlhf.data.template import ChatTemplate, Turn
 
@@ -24,10 +24,13 @@ class Prompt:
     turns: tuple[Turn, ...] = ()  # the history up to its last user turn; () for a one-turn prompt
 
 
-def read_prompt_file(path: str, prompt_key: str = "prompt") -> list[str]:
-    """The `prompt_key` text of every record; a list of turns (FastChat questions' `turns`)
-    gives its first, the turn a one-turn evaluation answers."""
-    return [_first_turn(record, prompt_key, where) for where, record in iter_json_objects(path)]
+def read_prompt_file_turns(path: str, prompt_key: str = "prompt") -> list[PromptTurns]:
+    """The `prompt_key` text of every record, with the turns of a multi-turn prompt (this
+    project's [role, text] pairs, as generate and label write them: `record_turns`); a
+    list of strings under `prompt_key` (FastChat questions' `turns`) gives its first, the
+    turn a one-turn evaluation answers."""
+    return [(_first_turn(record, prompt_key, where), record_turns(record, where))
+            for where, record in iter_json_objects(path)]
 
 
 def _first_turn(record: dict, key: str, where) -> str:
@@ -45,15 +48,16 @@ def read_prompts(kind: str, format: str, path: str, template: ChatTemplate, prom
 
 def read_prompt_turns(kind: str, format: str, path: str, template: ChatTemplate, prompt_key: str = "prompt",
                       **hub: str) -> list[PromptTurns]:
-    """kind `prompts`: a JSONL file of {prompt_key: text}, or with format `hf` that column of
-    a dataset split (one turn each); kind `sft` / `preference`: the prompts of a dataset read
+    """kind `prompts`: a JSONL file of {prompt_key: text} (with `turns` for multi-turn ones,
+    `read_prompt_file_turns`), or with format `hf` that column of a dataset split (one turn
+    each); kind `sft` / `preference`: the prompts of a dataset read
     with that family's reader for `format`, with the turns of multi-turn ones. `hub` holds the
     `format: hf` options (`hub_options`)."""
     if kind == "prompts":
         if format == "hf":
             rows = load_split(path, **{key: hub[key] for key in ("split", "subset", "data_dir") if key in hub})
             return [(require_text(record, prompt_key, where), ()) for where, record in rows.records()]
-        return [(text, ()) for text in read_prompt_file(path, prompt_key)]
+        return read_prompt_file_turns(path, prompt_key)
     options = {"prompt_key": prompt_key, **hub} if format == "hf" else {}
     if kind == "sft":
         return [(e.prompt, e.turns) for e in read_sft_source(format, path, template=template, **options)]

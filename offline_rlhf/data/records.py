@@ -164,7 +164,8 @@ TURNS = "turns"  # a record's multi-turn prompt: [[role, text], ...], user/assis
 def optional_turns(record: Mapping[str, Any], where: Location) -> tuple[Turn, ...]:
     """record["turns"] as turns, or () when absent: the conversation a chat template renders
     for a multi-turn prompt (`prompt` holds it folded). Anything but a list of [role, text]
-    pairs that alternate user/assistant from user to user is malformed."""
+    pairs that alternate user/assistant from user to user is malformed; a blank text makes
+    the record unusable (as a blank `prompt` does)."""
     if TURNS not in record:
         return ()
     value = record[TURNS]
@@ -174,11 +175,26 @@ def optional_turns(record: Mapping[str, Any], where: Location) -> tuple[Turn, ..
                                               all(isinstance(part, str) for part in turn) for turn in value):
         raise where.error(expected)
     turns = tuple((role, text) for role, text in value)
-    try:
-        check_alternation(turns)
+    try:  # the roles alone (placeholder texts): a blank text is unusable, not malformed
+        check_alternation([(role, "-") for role, _ in turns])
     except ValueError as exc:
         raise where.error(f"{expected} ({exc})") from None
+    if blank := [index for index, (_, text) in enumerate(turns, start=1) if not text.strip()]:
+        raise where.unusable(f"expected every turn of {TURNS!r} to have text (turn {blank[0]} is blank)",
+                             f"blank {TURNS!r} turn")
     return turns
+
+
+def record_turns(record: Mapping[str, Any], where: Location) -> tuple[Turn, ...]:
+    """The turns of a record in a generic file of prompts, SFT or preference data (JSONL, or
+    a dataset's row): `optional_turns`, where one user turn is no conversation (()). A null
+    (a dataset row without them) gives () too, and so does a FastChat question file's
+    `turns`, a list of strings (questions asked one after another, read through
+    prompt_key=turns), not [role, text] pairs."""
+    value = record.get(TURNS)
+    if value is None or isinstance(value, list) and all(isinstance(turn, str) for turn in value):
+        return ()
+    return conversation(optional_turns(record, where))
 
 
 def turns_field(turns: Sequence[Turn]) -> dict[str, list[list[str]]]:

@@ -32,6 +32,7 @@ from offline_rlhf.data.records import (
     fold_at,
     iter_json_objects,
     iter_tsv_rows,
+    record_turns,
     require_field,
     require_messages,
     require_text,
@@ -165,8 +166,14 @@ def read_self_instruct(path: str | PathLike, template: ChatTemplate = ChatTempla
 def _keyed_example(
     record: dict[str, Any], where: Location, prompt_key: str, response_key: str, template: ChatTemplate, tag: str
 ) -> SFTExample:
-    prompt, response = require_texts(record, (prompt_key, response_key), where)
-    return _instruction_example(prompt, "", response, where, template, tag)
+    """A record's prompt and response; a multi-turn prompt's `turns` (this project's records:
+    `record_turns`) are its history, folded into the prompt as the other readers fold theirs."""
+    keys = (prompt_key, response_key)
+    for key in keys:  # types first: a malformed record is an error even beside a blank turn
+        require_text(record, key, where, allow_empty=True)
+    turns = record_turns(record, where)
+    prompt, response = require_texts(record, keys, where)
+    return _history_example(list(turns) or [(USER, prompt)], response, where, template, tag)
 
 
 def read_jsonl(
@@ -176,7 +183,8 @@ def read_jsonl(
     template: ChatTemplate = ChatTemplate(),
     skips: Skips | None = None,
 ) -> list[SFTExample]:
-    """Any JSONL with one single-turn example per line, under the given field names."""
+    """Any JSONL with one example per line, under the given field names: single-turn, or
+    multi-turn with this project's `turns` (`orlhf mix`'s alignment.jsonl)."""
     return keyed_examples(iter_json_objects(path), prompt_key, response_key, template, strict_or(skips),
                           f"jsonl:{Path(path).name}")
 

@@ -140,7 +140,9 @@ def encode_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], max_len
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     ids, starts = list(encoding.ids), [begin for begin, _ in encoding.offsets]
     labels = [token if any(a <= begin < b for a, b in spans) else IGNORE_INDEX for token, begin in zip(ids, starts)]
-    last = next(i for i, begin in enumerate(starts) if begin >= spans[-1][0])
+    # The response's first token; none for an empty answer cut before its end-of-turn marker
+    # (a scorer then reads the prompt alone; nothing is labelled).
+    last = next((i for i, begin in enumerate(starts) if begin >= spans[-1][0]), len(ids))
     kept_prompt, kept_response = truncate_pair(ids[:last], ids[last:], max_len)
     dropped = last - len(kept_prompt)
     return TokenizedSample(input_ids=tuple(kept_prompt + kept_response),

@@ -10,6 +10,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from offline_rlhf.data.errors import DataError
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.stage_support import check_resumable
@@ -18,16 +19,17 @@ FINGERPRINT = "shards_config.json"
 RESTART = "delete {stage_dir}/shard_*.jsonl and rerun the stage to do every item again"
 
 
-def resume_shards(rt: Runtime, fingerprint: dict, n: int) -> set[int]:
+def resume_shards(rt: Runtime, fingerprint: dict, n: int, schema: int | None = None) -> set[int]:
     """The items (each with `n` records) done by an earlier run under the same config: rank
-    0 claims the shards for `fingerprint` and cuts what a crash tore, then every rank reads."""
+    0 claims the shards for `fingerprint` and cuts what a crash tore, then every rank reads
+    (and with `schema`, refuses records another version of the stage wrote: `read_shard_records`)."""
     if rt.is_main:
         claim_shards(rt.stage_dir, fingerprint)
         for path in shard_paths(rt.stage_dir):
             if repair_shard(path, n):
                 rt.log(f"cut a torn last line (and an incomplete item's records) from {path}")
     rt.barrier()
-    return answered_prompts(read_shard_records(rt.stage_dir), n)
+    return answered_prompts(read_shard_records(rt.stage_dir, schema), n)
 
 
 def my_share(rt: Runtime, items: list) -> tuple[list, Path | None]:
@@ -81,8 +83,20 @@ def repair_shard(path: Path, n: int) -> int:
     return len(data) - keep
 
 
-def read_shard_records(stage_dir: Path) -> list[dict]:
-    return [json.loads(line) for path in shard_paths(stage_dir) for line in path.read_text().splitlines() if line]
+def read_shard_records(stage_dir: Path, schema: int | None = None) -> list[dict]:
+    """Every shard's records. With `schema`, each must carry it as its `schema`: records of
+    another version (other fields, or fields that mean other things) would mix into one
+    output with this version's, so a run they came from cannot be resumed."""
+    records = []
+    for path in shard_paths(stage_dir):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line:
+                records.append(json.loads(line))
+                if schema is not None and records[-1].get("schema") != schema:
+                    raise DataError(path, number, f"expected records of schema {schema}, this version's (got "
+                                    f"{records[-1].get('schema')}: another version wrote them, and cannot be resumed); "
+                                    f"{RESTART.format(stage_dir=stage_dir)}")
+    return records
 
 
 def append_durably(path: Path, records: list[dict]) -> None:

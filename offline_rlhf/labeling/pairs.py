@@ -26,6 +26,7 @@ from offline_rlhf.data.packing import PackedSequence
 from offline_rlhf.data.pair_dataset import PairExample, pair_record
 from offline_rlhf.data.records import TURNS
 from offline_rlhf.labeling.mix import units_by_group
+from offline_rlhf.labeling.samples import prompt_key
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import Runtime, autocast_for
 
@@ -46,7 +47,9 @@ class BuiltPair:
 
 
 def _example(chosen: dict, rejected: dict) -> PairExample:
-    """Both sides share the prompt, and its turns (checked by `read_labeled_records`)."""
+    """A pair of answers to one prompt, whose text and turns the chosen side gives: ranked
+    pairs are grouped on both (`prompt_key`), a human pair's sides come from one record of
+    `orlhf label`'s input."""
     return PairExample(chosen["prompt"], chosen["response"], rejected["response"],
                        chosen.get("finished", True), rejected.get("finished", True),
                        tuple(tuple(turn) for turn in chosen.get(TURNS, ())))
@@ -54,13 +57,13 @@ def _example(chosen: dict, rejected: dict) -> PairExample:
 
 def ranked_pairs(records: Sequence[dict], min_gap: float) -> tuple[list[BuiltPair], dict[str, int]]:
     """Best vs worst generated answer per (input, prompt); the counts say what every prompt gave.
-    A prompt is its folded text: in the paper's format it renders its turns faithfully."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    A prompt is its text and turns (`prompt_key`)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
         if record["kind"] == "generated":
-            groups[(record["source"], record["prompt"])].append(record)
+            groups[(record["source"], *prompt_key(record["prompt"], record.get(TURNS, ())))].append(record)
     pairs, counts = [], {"prompts": len(groups), "pairs": 0, "single_sample": 0, "tie": 0, "below_gap": 0}
-    for (source, _), members in groups.items():
+    for (source, *_), members in groups.items():
         best = max(members, key=lambda r: r["reward"])
         worst = min(members, key=lambda r: r["reward"])
         gap = best["reward"] - worst["reward"]

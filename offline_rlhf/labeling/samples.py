@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from offline_rlhf.data.preference_readers import read_preference_source
 from offline_rlhf.data.records import iter_json_objects, optional_turns, require_field, require_text
 from offline_rlhf.data.sft_readers import read_sft_source
-from offline_rlhf.data.skips import Skips, strict_or
+from offline_rlhf.data.skips import Skips, require_texts, strict_or
 from offline_rlhf.data.template import ChatTemplate, Turn
 
 
@@ -30,14 +31,20 @@ UNFINISHED = "unfinished (cut at max_new_tokens)"  # the reason counted for cut-
 def read_generated(path: str, skips: Skips | None = None) -> list[tuple[str, str, bool, tuple[Turn, ...]]]:
     """(prompt, response, finished, turns) per record. `finished` is what `orlhf generate`
     wrote (true when absent: other files hold finished answers), `turns` those of a multi-turn
-    prompt (`optional_turns`); a blank prompt is unusable."""
+    prompt (`optional_turns`). A blank prompt or turn is unusable, and so is an empty answer
+    cut at max_new_tokens: with no EOS (or end-of-turn marker) either, it has no token to score."""
     skips, rows = strict_or(skips), []
     for where, record in iter_json_objects(path):
         finished = require_field(record, "finished", bool, where) if "finished" in record else True
         response = require_text(record, "response", where, allow_empty=True)  # an empty answer is still an answer
-        turns = optional_turns(record, where)
+        prompt = require_text(record, "prompt", where, allow_empty=True)
         with skips.record():
-            rows.append((require_text(record, "prompt", where), response, finished, turns))
+            turns = optional_turns(record, where)  # malformed turns stay an error (not an UnusableRecord)
+            require_texts(record, ("prompt",), where)
+            if not response and not finished:
+                raise where.unusable("expected an unfinished 'response' to have text (blank)",
+                                     "blank unfinished 'response'")
+            rows.append((prompt, response, finished, turns))
     return rows
 
 
@@ -79,14 +86,20 @@ def select_per_prompt(samples: list[Sample], rewards: list[float], selections: d
     """Indices (ascending) of the samples to keep. Inputs (`Sample.source`) whose selection
     is "all" keep everything; the others keep, per prompt, the answer with the highest
     and/or the lowest reward ("best", "worst", "best_worst"; the first one on ties). A prompt
-    is its folded text, which renders its turns faithfully in the paper's format."""
+    is its text and turns (`prompt_key`)."""
     keep, groups = [], defaultdict(list)
     for index, sample in enumerate(samples):
         if selections.get(sample.source, "all") == "all":
             keep.append(index)
         else:
-            groups[(sample.source, sample.prompt)].append(index)
-    for (source, _), members in groups.items():
+            groups[(sample.source, *prompt_key(sample.prompt, sample.turns))].append(index)
+    for (source, *_), members in groups.items():
         best, worst = max(members, key=rewards.__getitem__), min(members, key=rewards.__getitem__)
         keep += {"best": {best}, "worst": {worst}, "best_worst": {best, worst}}[selections[source]]
     return sorted(keep)
+
+
+def prompt_key(prompt: str, turns: Sequence[Sequence[str]]) -> tuple[str, tuple[Turn, ...]]:
+    """What tells the answers of one prompt from another's: its folded text AND its turns
+    (a one-turn prompt's text can equal a conversation's fold, `User:` tags and all)."""
+    return prompt, tuple(tuple(turn) for turn in turns)

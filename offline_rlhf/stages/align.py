@@ -23,9 +23,10 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.training import PREFERENCE_METHODS, AlignConfig
 from offline_rlhf.data.alignment_dataset import RewardedSequence, build_alignment_dataset
 from offline_rlhf.data.batching import collate_sequences, loss_tokens, real_tokens
-from offline_rlhf.data.chat_template import build_template, template_record
+from offline_rlhf.data.chat_template import ChatFormat, template_record
 from offline_rlhf.data.pair_dataset import ReferencedPair, build_pair_dataset
 from offline_rlhf.data.skips import describe
+from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.labeling.pairs import response_logps
 from offline_rlhf.losses.alignment import (
     MAX_LOG_WEIGHT,
@@ -38,7 +39,14 @@ from offline_rlhf.losses.preference import preference_loss
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import stage_runtime
-from offline_rlhf.stage_support import local_init, mark_done, model_config, resume_fingerprint
+from offline_rlhf.stage_support import (
+    init_template,
+    load_tokenizer,
+    local_init,
+    mark_done,
+    model_config,
+    resume_fingerprint,
+)
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 
@@ -103,10 +111,12 @@ def main(cfg: AlignConfig) -> int:
                           "pairs with reference log-probs", "run `orlhf reference` first (it writes them)")
     init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
     model_cfg = model_config(init, cfg.model)
+    # The init (SFT) checkpoint's template, recorded again (later stages render alike);
+    # a config asking for another fails here, before any weights load.
+    template = init_template(init, cfg.data.template, "data.template", load_tokenizer(init, model_cfg)[0].config)
     with stage_runtime(cfg.stage_name, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         setup = prepare_training(init, model_cfg, "lm", rt, cfg.train.seed)
-        dataset, collate = training_data(cfg, setup.tokenizer, rt)
-        template = build_template(cfg.data.template, setup.tokenizer.config)  # recorded: later stages render alike
+        dataset, collate = training_data(cfg, setup.tokenizer, template, rt)
         metadata = {"alignment": {"method": cfg.method, "dt_target": cfg.dt_target if cfg.method == "dt" else None,
                                   "dataset": dataset.card}}
         result = train(alignment_task(cfg), setup.model,
@@ -122,10 +132,9 @@ def main(cfg: AlignConfig) -> int:
     return 0
 
 
-def training_data(cfg: AlignConfig, tokenizer, rt):
-    """The method's dataset (reward-labeled samples, or pairs with reference log-probs) and
-    its collate function."""
-    template = build_template(cfg.data.template, tokenizer.config)
+def training_data(cfg: AlignConfig, tokenizer, template: ChatTemplate | ChatFormat, rt):
+    """The method's dataset (reward-labeled samples, or pairs with reference log-probs),
+    encoded with `template`, and its collate function."""
     if cfg.method in PREFERENCE_METHODS:
         dataset = build_pair_dataset(cfg.data.pairs, tokenizer, template, cfg.data.max_seq_len,
                                      cfg.data.val_fraction, cfg.train.seed)

@@ -22,7 +22,7 @@ from offline_rlhf.checkpoint import TOKENIZER_DIR, CheckpointMeta, resolve_check
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.evaluation import EvalConfig
 from offline_rlhf.data.chat_template import paper_template
-from offline_rlhf.data.prompts import PromptTurns, read_prompt_file, read_prompt_turns
+from offline_rlhf.data.prompts import PromptTurns, read_prompt_file_turns, read_prompt_turns
 from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
@@ -144,10 +144,10 @@ def on_main(rt: Runtime, make: Callable[[], T]) -> T | None:
 
 
 def held_out_prompts(cfg: EvalConfig) -> list[PromptTurns]:
-    """`prompts` as a JSONL file (one turn each), or the prompts of a hub dataset's split
-    (`prompts_kind`), with the turns of multi-turn ones."""
+    """`prompts` as a JSONL file or the prompts of a hub dataset's split (`prompts_kind`),
+    with the turns of multi-turn ones."""
     if parse_repo_id(cfg.prompts) is None:
-        return [(text, ()) for text in read_prompt_file(cfg.prompts, cfg.prompt_key)]
+        return read_prompt_file_turns(cfg.prompts, cfg.prompt_key)
     return read_prompt_turns(cfg.prompts_kind, "hf", cfg.prompts, paper_template(cfg.template), cfg.prompt_key,
                              split=cfg.prompts_split)
 

@@ -41,7 +41,7 @@ from offline_rlhf.stage_support import (
 )
 
 STAGE = "generate"
-SCHEMA_VERSION = 2  # 2: `sample` (index among the n answers of a prompt) and `finish_reason`
+SCHEMA_VERSION = 3  # 2: `sample` (index among the n answers of a prompt) and `finish_reason`; 3: `turns`
 SAMPLES = "samples.jsonl"
 
 
@@ -113,7 +113,7 @@ def main(cfg: GenerateConfig) -> int:
         checkpoint = resolve_checkpoint(init.checkpoint, "init.checkpoint")
         template = checkpoint_template(checkpoint, read_meta(checkpoint).metadata, cfg.template)
         prompts, mix_stats = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed)
-        done = resume_shards(rt, resume_fingerprint(cfg), cfg.generation.n)
+        done = resume_shards(rt, resume_fingerprint(cfg), cfg.generation.n, SCHEMA_VERSION)
         todo = [p for p in prompts if p.id not in done]
         mine, shard = my_share(rt, todo)
         rt.log(f"generate: {len(prompts)} prompts, {len(done)} already answered, {len(todo)} to go on "

@@ -6,9 +6,11 @@ generated answers and human pairs, mixed by weight; counts in `dataset_card.{jso
 this stage rather than `orlhf mix` makes them, so the pair set and its log-probs cannot
 drift apart. The SFT model then scores both replies of every pair: TP-only replicas (like
 `orlhf generate`) each take a disjoint block of the pairs not scored yet and append
-`{id, ref_chosen_logp, ref_rejected_logp}` to their own durable shard; a rerun after a
-crash cuts a torn line, skips scored ids and never scores one twice. Rank 0 merges the
-shards. Its ledger row is DPO's data preparation: align then needs no second model.
+`{id, ref_chosen_logp, ref_rejected_logp, tokens_sha1}` to their own durable shard; a rerun
+after a crash cuts a torn line, skips scored ids and never scores one twice, and stops if a
+scored pair tokenizes otherwise now (its input changed under the same path). Rank 0 merges
+the shards. Pairs are rendered with the template the SFT checkpoint records, as align
+renders them. Its ledger row is DPO's data preparation: align then needs no second model.
 """
 
 from __future__ import annotations
@@ -20,15 +22,23 @@ from offline_rlhf.checkpoint import resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.samples import ReferenceConfig
 from offline_rlhf.config.schema import ModelConfig
-from offline_rlhf.data.chat_template import build_template
+from offline_rlhf.data.chat_template import template_record
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.pair_dataset import DIGEST, REF_CHOSEN, REF_REJECTED, encode_pair_example, tokens_digest
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.generation.shards import append_durably, merge_shards, my_share, resume_shards
+from offline_rlhf.generation.shards import (
+    RESTART,
+    append_durably,
+    merge_shards,
+    my_share,
+    read_shard_records,
+    resume_shards,
+)
 from offline_rlhf.labeling.mix import read_labeled_records
 from offline_rlhf.labeling.pairs import build_pairs, sequence_logps
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
+    init_template,
     load_inference_model,
     load_tokenizer,
     local_init,
@@ -48,13 +58,13 @@ def main(cfg: ReferenceConfig) -> int:
     if cfg.max_seq_len > model_cfg.max_seq_len:
         raise ConfigError("max_seq_len", f"{cfg.max_seq_len} exceeds max_seq_len={model_cfg.max_seq_len} of "
                           "init.checkpoint's model", f"set max_seq_len<={model_cfg.max_seq_len}")
+    tokenizer, _ = load_tokenizer(init, model_cfg)
+    template = init_template(init, cfg.template, "template", tokenizer.config)  # as the model was trained
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        tokenizer, _ = load_tokenizer(init, model_cfg)
-        template = build_template(cfg.template, tokenizer.config)
         pairs, card = build_pairs(read_labeled_records(cfg.input), cfg.min_gap, asdict(cfg.weights), cfg.total,
                                   cfg.seed, cfg.input)
         encoded = [encode_pair_example(tokenizer, template, p.example, cfg.max_seq_len) for p in pairs]
-        done = resume_shards(rt, resume_fingerprint(cfg), 1)
+        done = scored_pairs(rt, cfg, [tokens_digest(*pair) for pair in encoded])
         todo = [i for i in range(len(pairs)) if i not in done]
         mine, shard = my_share(rt, todo)
         rt.log(f"reference: {len(pairs)} pairs ({summary(card)}), {len(pairs) - len(todo)} already scored, "
@@ -70,17 +80,35 @@ def main(cfg: ReferenceConfig) -> int:
             usage.beat()
         rt.barrier()
         if rt.is_main:
-            write_outputs(rt, cfg, pairs, encoded, card, str(checkpoint))
+            write_outputs(rt, cfg, pairs, encoded, card, str(checkpoint), template_record(template))
     return 0
 
 
-def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list, card: dict, model: str) -> None:
-    """Rank 0, after every replica: the merged pairs with their log-probs, the card, DONE."""
+def scored_pairs(rt: Runtime, cfg: ReferenceConfig, digests: list[str]) -> set[int]:
+    """The pairs an earlier run of this config scored (`resume_shards`). Each shard record
+    carries the digest of the tokens it scored: one that is not the pair's digest now (the
+    input file, the tokenizer or the checkpoint's template changed under the same config)
+    holds log-probs of other sequences, and the run stops rather than merge them."""
+    done = resume_shards(rt, resume_fingerprint(cfg), 1)
+    stale = [r["id"] for r in read_shard_records(rt.stage_dir)
+             if not 0 <= r["id"] < len(digests) or r.get(DIGEST) != digests[r["id"]]]
+    if stale:
+        raise ConfigError("input", f"{len(stale)} of the pairs scored in {rt.stage_dir} tokenize otherwise now "
+                          f"(first: id {stale[0]}): {cfg.input}, the tokenizer or init.checkpoint's template "
+                          "changed since", f"restore what they were scored from, or "
+                          f"{RESTART.format(stage_dir=rt.stage_dir)}")
+    return done
+
+
+def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list, card: dict, model: str,
+                  template: dict) -> None:
+    """Rank 0, after every replica: the merged pairs with their log-probs and the digest of
+    the tokens scored, the card, DONE."""
     scores = merge_shards(rt.stage_dir, len(pairs))
     write_jsonl(rt.stage_dir / PAIRS, [{"id": i, **pair.record(), REF_CHOSEN: s[REF_CHOSEN],
-                                        REF_REJECTED: s[REF_REJECTED], DIGEST: tokens_digest(*encoded[i])}
+                                        REF_REJECTED: s[REF_REJECTED], DIGEST: s[DIGEST]}
                                        for i, (pair, s) in enumerate(zip(pairs, scores))])
-    card.update(model=model, template=asdict(cfg.template), max_seq_len=cfg.max_seq_len,
+    card.update(model=model, template=template, max_seq_len=cfg.max_seq_len,
                 truncated=sum(s.truncated for pair in encoded for s in pair))
     write_atomic(rt.stage_dir / "dataset_card.json", json.dumps(card, indent=2))
     write_atomic(rt.stage_dir / "dataset_card.md", card_markdown(card))
@@ -91,10 +119,12 @@ def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list,
 
 def score_block(model, encoded: list, ids: list[int], batch_size: int, rt: Runtime,
                 pad_id: int) -> tuple[list[dict], int]:
-    """Shard records for the pairs `ids` (both replies of each) and the tokens scored."""
+    """Shard records for the pairs `ids` (both replies of each, with the digest of their
+    tokens) and the tokens scored."""
     sequences = unpacked([sample for pair in encoded for sample in pair])  # c0, r0, c1, r1, ...
     logps = sequence_logps(model, sequences, batch_size, rt, pad_id)
-    records = [{"id": i, REF_CHOSEN: logps[2 * k], REF_REJECTED: logps[2 * k + 1]} for k, i in enumerate(ids)]
+    records = [{"id": i, REF_CHOSEN: logps[2 * k], REF_REJECTED: logps[2 * k + 1], DIGEST: tokens_digest(*pair)}
+               for k, (i, pair) in enumerate(zip(ids, encoded))]
     return records, sum(map(len, sequences))
 
 

@@ -10,7 +10,6 @@ import torch
 
 from offline_rlhf.config.training import RMConfig
 from offline_rlhf.data.batching import collate_sequences, real_tokens
-from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.preference_dataset import PreferencePair, build_preference_dataset
 from offline_rlhf.data.sft_dataset import read_summary, write_dataset_card
 from offline_rlhf.fsutil import write_atomic
@@ -25,7 +24,14 @@ from offline_rlhf.labeling.scoring import (
 from offline_rlhf.losses.reward import bradley_terry_loss
 from offline_rlhf.parallel.state_dict import load_full_state_dict
 from offline_rlhf.runtime import Runtime, stage_runtime
-from offline_rlhf.stage_support import local_init, mark_done, model_config, resume_fingerprint
+from offline_rlhf.stage_support import (
+    init_template,
+    load_tokenizer,
+    local_init,
+    mark_done,
+    model_config,
+    resume_fingerprint,
+)
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train, validate
 
@@ -79,17 +85,19 @@ def main(cfg: RMConfig) -> int:
 def train_reward_model(cfg: RMConfig) -> int:
     init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
     model_cfg = model_config(init, cfg.model)
+    # The SFT checkpoint's template (scoring renders as the model was trained): a config
+    # asking for another fails here, before any weights load.
+    template = init_template(init, cfg.data.template, "data.template", load_tokenizer(init, model_cfg)[0].config)
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         # The SFT checkpoint has no `score.weight`: it keeps `init_value_head`'s values (the
         # value-head load is partial), and the LM head's `output.weight` is not requested.
         setup = prepare_training(init, model_cfg, "value", rt, cfg.train.seed,
                                  before_load=lambda model: init_value_head(model, cfg.train.seed))
-        dataset = build_preference_dataset(cfg.data, setup.tokenizer, cfg.train.seed)
+        dataset = build_preference_dataset(cfg.data, setup.tokenizer, cfg.train.seed, template)
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
         collate = partial(collate_pairs, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
         stats = validation_reward_stats(dataset.val, setup.tokenizer.pad_id, cfg.train.micro_batch * 2, rt)
-        template = build_template(cfg.data.template, setup.tokenizer.config)
 
         def final_metadata(trained) -> dict:
             return {**stats(trained), **scoring_metadata(template, cfg.data.max_seq_len)}
@@ -113,7 +121,8 @@ def evaluate(cfg: RMConfig) -> int:
     model_cfg = model_config(init, cfg.model)
     with stage_runtime(EVAL_STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         model, tokenizer, _ = load_reward_model(init.checkpoint, rt, key="init.checkpoint")
-        dataset = build_preference_dataset(cfg.data, tokenizer, cfg.train.seed)
+        template = init_template(init, cfg.data.template, "data.template", tokenizer.config)  # as it was trained
+        dataset = build_preference_dataset(cfg.data, tokenizer, cfg.train.seed, template)
         pairs = dataset.train + dataset.val
         collate = partial(collate_pairs, pad_id=tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
         data = TrainData([], pairs, collate, cfg.data.max_seq_len)

@@ -1,7 +1,8 @@
 """`orlhf reference` end to end: the pairs (RM-ranked and human) with the reference log-probs
 of an LM checkpoint, equal to that model's log-probs in-process; a killed pass resumes
 without duplicates; two replicas equal one process; `orlhf align method=dpo|ipo|cdpo`
-trains on them, starting at loss log 2 (the policy is its reference)."""
+trains on them, starting at loss log 2 (the policy is its reference); both render with the
+template the SFT checkpoint records; a resumed pass refuses log-probs of another input."""
 
 import json
 import math
@@ -11,18 +12,21 @@ import pytest
 import torch
 
 from offline_rlhf.checkpoint import (
+    TEMPLATE,
     CheckpointMeta,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
     read_meta,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from offline_rlhf.cli import main
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
+from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.embedded_task import canonical_response, gold_reward
 from offline_rlhf.data.packing import unpacked
-from offline_rlhf.data.pair_dataset import PairExample, encode_pair_example
+from offline_rlhf.data.pair_dataset import PairExample, encode_pair_example, tokens_digest
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.labeling.pairs import sequence_logps
@@ -32,9 +36,11 @@ from offline_rlhf.models.llama import Transformer
 from offline_rlhf.parallel.dims import ParallelDims
 from tests.fixtures import runtime_for
 from tests.integration.test_generate_stage import run_python, torchrun
+from tests.unit.data.test_chat_template import CHATML
 
 PROMPTS = 11  # RM-ranked pairs: one per prompt; plus one single-sample prompt and HUMAN human pairs
 HUMAN = 5
+CHAT = {"kind": "chat", "system": ""}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +92,16 @@ def pairs_of(out):
     return [json.loads(line) for line in (out / "reference" / "pairs.jsonl").read_text().splitlines()]
 
 
+def example(pair):
+    return PairExample(pair["prompt"], pair["chosen"], pair["rejected"], pair.get("chosen_finished", True),
+                       pair.get("rejected_finished", True))
+
+
+def one_error_line(capsys) -> str:
+    [line] = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
 def test_stored_reference_log_probs_equal_the_models_in_process(lm_run, tmp_path):
     assert main(reference_args(lm_run, tmp_path)) == 0
     pairs = pairs_of(tmp_path)
@@ -105,10 +121,7 @@ def test_stored_reference_log_probs_equal_the_models_in_process(lm_run, tmp_path
     model = Transformer(read_meta(path).model, head="lm")
     load_checkpoint(path, model)
     tokenizer = Tokenizer.from_dir(path / "tokenizer")
-    encoded = [encode_pair_example(tokenizer, ChatTemplate(), PairExample(p["prompt"], p["chosen"], p["rejected"],
-                                                                          p.get("chosen_finished", True),
-                                                                          p.get("rejected_finished", True)), 64)
-               for p in pairs]
+    encoded = [encode_pair_example(tokenizer, ChatTemplate(), example(p), 64) for p in pairs]
     single = runtime_for(ParallelDims.build(ParallelConfig(), 1, model.cfg), None)
     expected = sequence_logps(model.eval(), unpacked([s for pair in encoded for s in pair]), 32, single,
                               tokenizer.pad_id)
@@ -151,6 +164,75 @@ def test_killed_pass_resumes_without_duplicates(lm_run, tmp_path):
     assert [r.status for r in read_ledger(out) if r.stage == "reference"] == ["interrupted", "completed"]
     changed = run_python(["-m", "offline_rlhf.cli", *reference_args(lm_run, out, "min_gap=3.5")])
     assert changed.returncode == 2 and b"min_gap: differs from the run" in changed.stderr
+
+
+def test_a_resumed_pass_refuses_pairs_scored_from_an_earlier_input(lm_run, tmp_path, capsys):
+    """The input rewritten at the same path (a rerun `orlhf label`) after a crash before the
+    merge: the shards hold log-probs of other sequences, so the run stops with the fix."""
+    labeled, out = tmp_path / "labeled.jsonl", tmp_path / "run"
+    labeled.write_text((lm_run / "labeled.jsonl").read_text())
+    args = reference_args(lm_run, out, f"input={labeled}")
+    assert main(args) == 0
+    stage, pairs = out / "reference", pairs_of(out)
+    shard = sorted((json.loads(line) for line in (stage / "shard_00000.jsonl").read_text().splitlines()),
+                   key=lambda record: record["id"])
+    assert [r["tokens_sha1"] for r in shard] == [p["tokens_sha1"] for p in pairs]
+    (stage / "DONE").unlink()
+    (stage / "pairs.jsonl").unlink()
+    rows = [json.loads(line) for line in labeled.read_text().splitlines()]
+    [changed] = [i for i, p in enumerate(pairs) if p["chosen"] == rows[0]["response"]]
+    rows[0]["response"] += " Indeed."
+    labeled.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(args) == 2
+    assert one_error_line(capsys) == (
+        f"orlhf reference: error: input: 1 of the pairs scored in {stage} tokenize otherwise now (first: id "
+        f"{changed}): {labeled}, the tokenizer or init.checkpoint's template changed since; restore what they were "
+        f"scored from, or delete {stage}/shard_*.jsonl and rerun the stage to do every item again")
+    for path in stage.glob("shard_*.jsonl"):  # the fix the message gives
+        path.unlink()
+    assert main(args) == 0
+    assert pairs_of(out)[changed]["chosen"] == rows[0]["response"]
+
+
+@pytest.fixture(scope="module")
+def chat_sft(lm_run):
+    """lm_run's SFT weights, recorded as trained with a ChatML template its tokenizer carries."""
+    folder = lm_run / "chat_tokenizer"
+    tokenizer = Tokenizer.from_dir(lm_run / "task" / "tokenizer")
+    tokenizer.config["chat_template"] = CHATML
+    tokenizer.save(folder)
+    path = latest_checkpoint(lm_run / "sft" / "checkpoints")
+    model = Transformer(read_meta(path).model, head="lm")
+    load_checkpoint(path, model)
+    save_checkpoint(lm_run / "chat_sft", model, CheckpointMeta(model=model.cfg, head="lm", train_state=TrainState(),
+                                                               metadata={TEMPLATE: CHAT}), tokenizer_dir=folder)
+    return resolve_checkpoint(lm_run / "chat_sft")
+
+
+def test_reference_and_align_render_as_the_sft_checkpoint_was_trained(lm_run, chat_sft, tmp_path, capsys):
+    """Under a default config, pairs and DT samples are encoded with the chat template the
+    SFT checkpoint records, and the aligned checkpoints record it again; a config that asks
+    for another template is one line naming the key to set and the recorded value."""
+    assert main(reference_args(lm_run, tmp_path, f"init.checkpoint={chat_sft}")) == 0
+    assert json.loads((tmp_path / "reference" / "dataset_card.json").read_text())["template"] == CHAT
+    tokenizer = Tokenizer.from_dir(chat_sft / "tokenizer")
+    template = build_template(CHAT, tokenizer.config)
+    pairs = pairs_of(tmp_path)
+    assert [p["tokens_sha1"] for p in pairs] == \
+        [tokens_digest(*encode_pair_example(tokenizer, template, example(p), 64)) for p in pairs]
+    for method, extra in (("dpo", ()), ("dt", (f"data.path={lm_run}/labeled.jsonl",))):
+        assert main(align_args(tmp_path, method, f"init.checkpoint={chat_sft}", *extra)) == 0
+        assert read_meta(latest_checkpoint(tmp_path / f"align_{method}" / "checkpoints")).metadata[TEMPLATE] == CHAT
+    capsys.readouterr()
+    assert main(reference_args(lm_run, tmp_path / "paper", f"init.checkpoint={chat_sft}", "template.user_tag=Q:")) == 2
+    assert one_error_line(capsys) == (
+        f"orlhf reference: error: template.kind: is 'paper', but {chat_sft} was trained with kind='chat' (its "
+        f"metadata.template: {CHAT}); set template.kind=chat, or leave template at its default to use the "
+        "checkpoint's")
+    assert main(align_args(tmp_path / "system", "dpo", f"init.checkpoint={chat_sft}", "data.template.kind=chat",
+                           "data.template.system=Be brief.", f"data.pairs={tmp_path}/reference/pairs.jsonl")) == 2
+    assert one_error_line(capsys).startswith(
+        f"orlhf align: error: data.template.system: is 'Be brief.', but {chat_sft} was trained with system=''")
 
 
 def test_two_replicas_equal_one_process(lm_run, tmp_path):

@@ -104,6 +104,20 @@ def test_killed_generation_resumes_every_prompt_exactly_once(sft_run, tmp_path):
     assert changed.returncode == 2 and b"generation.max_new_tokens: differs from the run" in changed.stderr
 
 
+def test_shards_another_version_wrote_are_not_resumed(sft_run, tmp_path, capsys):
+    """Answers written before records carried `turns` (schema 2) would mix with this version's."""
+    shard = tmp_path / "old" / "generate" / "shard_00000.jsonl"
+    shard.parent.mkdir(parents=True)
+    shard.write_text(json.dumps({"schema": 2, "id": 0, "sample": 0, "prompt": "p", "response": "r"}) + "\n")
+    assert main(generate_args(sft_run, tmp_path / "old")) == 2
+    error = capsys.readouterr().err
+    assert f"{shard}:1: expected records of schema 3" in error and f"delete {shard.parent}/shard_*.jsonl" in error
+    assert not (shard.parent / "samples.jsonl").exists()
+    shard.unlink()  # the way to start over
+    assert main(generate_args(sft_run, tmp_path / "old")) == 0
+    assert {r["schema"] for r in samples(tmp_path / "old")} == {3}
+
+
 def test_n_sampled_answers_per_prompt_do_not_depend_on_slots_or_replicas(sft_run, tmp_path):
     sampled = ("generation.n=3", "generation.greedy=false", "generation.seed=7")
     assert main(generate_args(sft_run, tmp_path / "one", *sampled)) == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offline_rlhf.checkpoint import load_checkpoint, resolve_checkpoint
+from offline_rlhf.checkpoint import TEMPLATE, load_checkpoint, read_meta, resolve_checkpoint
 from offline_rlhf.cli import main as orlhf
 from offline_rlhf.ledger import read_ledger
 from tests.fixtures import REPO_ROOT, reference_model
@@ -36,8 +36,8 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-def prepare(run_dir: Path, tokenizer_dir: Path) -> Path:
-    write_checkpoints(run_dir, tokenizer_dir)
+def prepare(run_dir: Path, tokenizer_dir: Path, sft_metadata: dict | None = None) -> Path:
+    write_checkpoints(run_dir, tokenizer_dir, sft_metadata=sft_metadata)
     prompts = run_dir / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in preference_records(16)))
     return run_dir
@@ -96,7 +96,9 @@ def cleanup():
 
 
 def test_a_run_writes_checkpoints_metrics_done_and_a_ledger_row_per_module(tmp_path, tokenizer_dir, cleanup):
-    run_dir = prepare(tmp_path / "run", tokenizer_dir)
+    """The SFT records its own tags: the actor's checkpoints record them again, as eval reads them."""
+    template = {"kind": "paper", "user_tag": "Q:", "assistant_tag": "A:", "sep": " "}
+    run_dir = prepare(tmp_path / "run", tokenizer_dir, {TEMPLATE: template})
     cleanup(run_dir)
     result = subprocess.run(command(run_dir, "ppo.iterations=2"), cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=240)
@@ -104,6 +106,7 @@ def test_a_run_writes_checkpoints_metrics_done_and_a_ledger_row_per_module(tmp_p
     out = run_dir / "ppo"
     final = Path((out / "DONE").read_text().strip())
     assert final == out / "checkpoints" / "step_00000002" and (final / "tokenizer" / "tokenizer.json").is_file()
+    assert read_meta(final).metadata[TEMPLATE] == template
     rows = metric_rows(run_dir)
     assert [row["step"] for row in rows] == [1, 2]
     for key in ("reward_mean", "kl", "clip_frac", "approx_kl", "entropy", "value_loss", "explained_variance",

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, build_template, paper_jinja, template_record
+from offline_rlhf.data.preference_readers import read_hh_rlhf
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import (
     IGNORE_INDEX,
@@ -105,6 +106,39 @@ def test_over_long_conversations_keep_the_last_answer(tokenizers):
     assert cut.truncated and len(cut) == 24
     assert cut.labels[-4:] == whole.labels[-4:]
     assert cut.input_ids == whole.input_ids[-24:]  # the oldest history goes first
+
+
+def test_an_empty_answer_is_labelled_on_its_end_of_turn_marker(tokenizers):
+    """A labeller's preferred empty reply, an empty generation: as the paper's format labels
+    EOS alone, a chat template labels its end-of-turn marker alone (history turns still need text)."""
+    ours, hf = tokenizers
+    fmt = build_template(TemplateConfig(kind="chat"), ours.config)
+    for history in ([], [(m["role"], m["content"]) for m in MULTI[1:4]]):
+        empty = encode_sft(ours, fmt, "What is a cat?", "", 4096, "e", turns=history)
+        messages = [*fmt.messages("What is a cat?", history), {"role": "assistant", "content": ""}]
+        assert list(empty.input_ids) == hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert ours.decode([t for t in empty.labels if t != IGNORE_INDEX], skip_special_tokens=False) == \
+            fmt.end_of_turn()
+        prompt = encode_prompt(ours, fmt, "What is a cat?", turns=history)
+        assert list(empty.input_ids[:len(prompt)]) == prompt and empty.response_tokens == len(empty) - len(prompt)
+        cut = encode_sft(ours, fmt, "What is a cat?", "", 4096, "e", eos=False, turns=history)  # rm-score's case
+        assert list(cut.input_ids) == prompt and set(cut.labels) == {IGNORE_INDEX}
+    paper = encode_sft(ours, ChatTemplate(), "What is a cat?", "", 4096, "e")
+    assert paper.labels[-1] == ours.eos_id
+    with pytest.raises(ValueError, match="expected text in the assistant turn at position 2"):
+        JinjaChat.of(ours.config).conversation([*MULTI[1:2], {"role": "assistant", "content": " "}, *MULTI[3:]])
+
+
+def test_hh_rlhf_pairs_with_an_empty_reply_encode_under_a_chat_template(tokenizers, shared_data):
+    ours, _ = tokenizers
+    fmt = build_template(TemplateConfig(kind="chat"), ours.config)
+    pairs = read_hh_rlhf(shared_data / "hh-rlhf" / "harmless-base" / "test-dev.jsonl", template=fmt)
+    empty_sides = [(pair, reply) for pair in pairs for reply in (pair.chosen, pair.rejected) if not reply]
+    assert len(empty_sides) == 4
+    for pair, reply in empty_sides:
+        sample = encode_sft(ours, fmt, pair.prompt, reply, 4096, pair.source, turns=pair.turns)
+        assert ours.decode([t for t in sample.labels if t != IGNORE_INDEX], skip_special_tokens=False) == \
+            fmt.end_of_turn()
 
 
 def test_roles_and_templates_are_checked(tokenizers):

@@ -4,8 +4,15 @@ import sys
 
 import pytest
 
-from offline_rlhf.data.errors import DataError
-from offline_rlhf.data.records import iter_json_objects, iter_lines, iter_tsv_rows, select_reader
+from offline_rlhf.data.errors import DataError, Location, UnusableRecord
+from offline_rlhf.data.records import (
+    iter_json_objects,
+    iter_lines,
+    iter_tsv_rows,
+    optional_turns,
+    record_turns,
+    select_reader,
+)
 
 
 def test_data_error_message_names_file_record_and_expectation():
@@ -53,6 +60,34 @@ def test_json_array_line_is_not_an_object(write_file):
     path = write_file("a.jsonl", "[1, 2]")
     with pytest.raises(DataError, match=r"a\.jsonl:1: expected a JSON object \(got list\)"):
         list(iter_json_objects(path))
+
+
+HERE = Location("samples.jsonl", 3)
+CONVERSATION = [["user", "Hi"], ["assistant", "Hello!"], ["user", "Name a fruit."]]
+
+
+@pytest.mark.parametrize("blank", [1, 2])
+def test_a_blank_turn_makes_a_record_unusable_not_malformed(blank):
+    turns = [list(turn) for turn in CONVERSATION]
+    turns[blank][1] = "  "
+    with pytest.raises(UnusableRecord, match=rf"^samples\.jsonl:3: expected every turn of 'turns' to have text "
+                                             rf"\(turn {blank + 1} is blank\)") as caught:
+        optional_turns({"turns": turns}, HERE)
+    assert caught.value.reason == "blank 'turns' turn"
+    # Wrong roles stay malformed even beside a blank text.
+    turns[0][0] = "assistant"
+    with pytest.raises(DataError, match="expected turn 1 to be 'user'") as caught:
+        optional_turns({"turns": turns}, HERE)
+    assert not isinstance(caught.value, UnusableRecord)
+
+
+def test_generic_files_read_turns_only_as_role_text_pairs():
+    assert record_turns({"turns": CONVERSATION}, HERE) == tuple(tuple(turn) for turn in CONVERSATION)
+    assert record_turns({"turns": ["Write a poem.", "Now shorter."]}, HERE) == ()  # a FastChat question
+    assert record_turns({"turns": None}, HERE) == record_turns({}, HERE) == ()  # a dataset row without them
+    assert record_turns({"turns": [["user", "Hi"]]}, HERE) == ()  # one user turn: the prompt itself
+    with pytest.raises(DataError, match=r"samples\.jsonl:3: expected 'turns' to be a list of \[role, text\] pairs"):
+        record_turns({"turns": [{"role": "user", "content": "Hi"}]}, HERE)
 
 
 def test_unknown_format_lists_the_known_ones():

@@ -11,6 +11,7 @@ from offline_rlhf.data.preference_readers import (
     read_preference_jsonl,
     read_preference_source,
 )
+from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ChatTemplate
 
 HH_TEST_DEV = "hh-rlhf/harmless-base/test-dev.jsonl"
@@ -173,6 +174,26 @@ def test_preference_jsonl_uses_the_configured_keys(write_file):
     path = write_file("p.jsonl", json.dumps({"q": " hi ", "good": "a ", "bad": " b"}))
     pairs = read_preference_jsonl(path, prompt_key="q", chosen_key="good", rejected_key="bad")
     assert pairs == [PreferenceExample("hi", "a", "b", "jsonl:p.jsonl:1")]
+
+
+def test_preference_jsonl_keeps_the_turns_this_project_writes(write_file):
+    """`orlhf reference`'s pairs.jsonl: a multi-turn prompt's turns are its history; a blank
+    turn skips the pair; a FastChat list of strings under `turns` is no conversation."""
+    conversation = [["user", "Hi"], ["assistant", "Hello!"], ["user", "Name a fruit."]]
+    folded = ChatTemplate().fold_history(conversation)
+    blank = [["user", ""], *conversation[1:]]
+    path = write_file("pairs.jsonl",
+                      json.dumps({"prompt": folded, "chosen": "Apple.", "rejected": "No.", "turns": conversation}),
+                      json.dumps({"prompt": folded, "chosen": "Pear.", "rejected": "No.", "turns": blank}),
+                      json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "turns": ["p", "q"]}))
+    skips = Skips()
+    assert read_preference_jsonl(path, skips=skips) == [
+        PreferenceExample(folded, "Apple.", "No.", "jsonl:pairs.jsonl:1", tuple(map(tuple, conversation))),
+        PreferenceExample("p", "a", "b", "jsonl:pairs.jsonl:3")]
+    assert skips.counts == {"blank 'turns' turn": 1}
+    bad = write_file("bad.jsonl", json.dumps({"prompt": folded, "chosen": "a", "rejected": "b", "turns": "Hi"}))
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: expected 'turns' to be a list of \[role, text\] pairs"):
+        read_preference_jsonl(bad, skips=Skips())
 
 
 def test_read_preference_source_dispatches_by_format(write_file):

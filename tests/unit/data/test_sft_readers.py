@@ -13,6 +13,7 @@ from offline_rlhf.data.sft_readers import (
     read_self_instruct,
     read_sft_source,
 )
+from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ChatTemplate
 
 OASST_TREES = "open-assistant/model_eval_manual_data/en_100_tree.jsonl"
@@ -156,6 +157,30 @@ def test_self_instruct_several_instances_give_several_examples(write_file):
 def test_jsonl_reader_uses_the_configured_keys(write_file):
     path = write_file("x.jsonl", json.dumps({"q": " hi ", "a": "hello "}))
     assert read_jsonl(path, prompt_key="q", response_key="a") == [SFTExample("hi", "hello", "jsonl:x.jsonl:1")]
+
+
+CONVERSATION = [["user", "Hi"], ["assistant", "Hello!"], ["user", "Name a fruit."]]
+
+
+def test_jsonl_records_keep_the_turns_this_project_writes(write_file):
+    """`orlhf mix`'s alignment.jsonl: a multi-turn prompt's turns are its history (folded by
+    the reader's template, as every reader folds); a blank turn skips the record; a FastChat
+    list of strings under `turns` is no conversation."""
+    folded, turns = ChatTemplate().fold_history(CONVERSATION), tuple(map(tuple, CONVERSATION))
+    blank = [CONVERSATION[0], ["assistant", " "], CONVERSATION[2]]
+    path = write_file("alignment.jsonl", json.dumps({"prompt": folded, "response": "Apple.", "turns": CONVERSATION}),
+                      json.dumps({"prompt": folded, "response": "Pear.", "turns": blank}),
+                      json.dumps({"prompt": "Hi", "response": "Hello.", "turns": ["Hi", "And then?"]}))
+    skips = Skips()
+    assert read_jsonl(path, skips=skips) == [SFTExample(folded, "Apple.", "jsonl:alignment.jsonl:1", turns),
+                                             SFTExample("Hi", "Hello.", "jsonl:alignment.jsonl:3")]
+    assert skips.counts == {"blank 'turns' turn": 1}
+    qa = ChatTemplate(user_tag="Q:", assistant_tag="A:")
+    assert read_jsonl(path, template=qa, skips=Skips())[0].prompt == "Hi A: Hello! Q: Name a fruit."
+    repeated = [["user", "a"], ["user", "b"]]
+    bad = write_file("bad.jsonl", json.dumps({"prompt": folded, "response": "x", "turns": repeated}))
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: expected 'turns' to be .*expected turn 2 to be 'assistant'"):
+        read_jsonl(bad, skips=Skips())
 
 
 def test_read_sft_source_dispatches_by_format(write_file):

@@ -4,10 +4,12 @@ part of its answers, and the merge wants every (prompt, sample) exactly once."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from offline_rlhf.generation.shards import answered_prompts, merge_shards, repair_shard
+from offline_rlhf.data.errors import DataError
+from offline_rlhf.generation.shards import answered_prompts, merge_shards, read_shard_records, repair_shard
 
 
 def lines(*keys):
@@ -44,3 +46,17 @@ def test_merge_orders_by_prompt_and_sample_and_refuses_gaps_and_repeats(tmp_path
     (tmp_path / "shard_00002.jsonl").write_text(lines((0, 1)))
     with pytest.raises(RuntimeError, match="prompt 0 \\(sample 1\\) was answered twice"):
         merge_shards(tmp_path, n_prompts=2, n=2)
+
+
+def test_records_of_another_schema_are_refused_with_the_way_to_start_over(tmp_path):
+    """Another version's records (generate's before `turns`) must not mix into this version's output."""
+    current = [{"schema": 3, "id": 0, "sample": 0}, {"schema": 3, "id": 1, "sample": 0}]
+    (tmp_path / "shard_00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in current))
+    assert read_shard_records(tmp_path, 3) == current
+    (tmp_path / "shard_00001.jsonl").write_text(json.dumps({"schema": 3, "id": 2}) + "\n" +
+                                                json.dumps({"schema": 2, "id": 3}) + "\n")
+    assert len(read_shard_records(tmp_path)) == 4  # a stage without a schema reads them all
+    where, restart = re.escape(f"{tmp_path}/shard_00001.jsonl:2"), re.escape(f"delete {tmp_path}/shard_*.jsonl")
+    with pytest.raises(DataError, match=rf"^{where}: expected records of schema 3, this version's \(got 2: .*\); "
+                                        rf"{restart} and rerun the stage"):
+        read_shard_records(tmp_path, 3)

@@ -11,17 +11,18 @@ from offline_rlhf.config.samples import PromptSourceConfig
 from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.alignment_dataset import build_alignment_dataset
 from offline_rlhf.data.chat_template import build_template
-from offline_rlhf.data.errors import DataError, Location
+from offline_rlhf.data.errors import DataError, Location, UnusableRecord
 from offline_rlhf.data.pair_dataset import encode_pair_example, pair_record, read_pair_example
 from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.sft_readers import read_sft_source
+from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.labeling.mix import read_labeled_records
 from offline_rlhf.labeling.normalize import labeled_records
 from offline_rlhf.labeling.pairs import ranked_pairs
-from offline_rlhf.labeling.samples import read_samples
+from offline_rlhf.labeling.samples import Sample, read_samples, select_per_prompt
 from offline_rlhf.labeling.scoring import encode_scored
 from tests.local_data import OASST_TREES
 from tests.unit.data.test_chat_template import CHATML
@@ -141,3 +142,35 @@ def test_a_malformed_turns_field_is_an_error_naming_file_and_line(turns, problem
                                                       for r in (good, record)])
     with pytest.raises(DataError, match=f"^{re.escape(f'{labeled}:2: ')}expected 'turns'"):
         read_labeled_records(str(labeled))
+
+
+def test_a_blank_turn_and_an_empty_cut_off_answer_are_skipped_and_counted(conversation, tmp_path):
+    """As a blank prompt is; an empty finished answer is still an answer (its end of turn is scored)."""
+    good, _, one_turn = generated(conversation)
+    blank_turn = {**good, "turns": [[role, " " if index == 1 else text]
+                                    for index, (role, text) in enumerate(good["turns"])]}
+    empty_cut = {**one_turn, "response": "", "finished": False}
+    empty = {**one_turn, "response": ""}
+    path = write_jsonl(tmp_path / "samples.jsonl", [good, blank_turn, empty_cut, empty])
+    skips = Skips()
+    samples = read_samples("gen", "generated", "jsonl", str(path), PAPER, None, 0, skips, include_unfinished=True)
+    assert [(s.response, s.turns) for s in samples] == [(good["response"], conversation.turns), ("", ())]
+    assert skips.counts == {"blank 'turns' turn": 1, "blank unfinished 'response'": 1}
+    with pytest.raises(UnusableRecord, match=f"^{re.escape(str(path))}:2: expected every turn of 'turns' to have text"):
+        read_samples("gen", "generated", "jsonl", str(path), PAPER, None, 0, Skips(strict=True))
+
+
+def test_answers_are_grouped_by_prompt_text_and_turns(conversation):
+    """A one-turn prompt whose text is a conversation's fold, `User:` tags and all, is another
+    prompt: its answer is never the rejected side of the conversation's pair."""
+    turns = [list(turn) for turn in conversation.turns]
+    record = {"prompt": conversation.prompt, "kind": "generated", "source": "gen"}
+    records = [{**record, "turns": turns, "response": "Sure.", "reward": 1.0},
+               {**record, "turns": turns, "response": "No.", "reward": -1.0},
+               {**record, "response": "A one-turn answer.", "reward": -5.0}]
+    [built], counts = ranked_pairs(records, 0.5)
+    assert (built.example.chosen, built.example.rejected) == ("Sure.", "No.")
+    assert counts == {"prompts": 2, "pairs": 1, "single_sample": 1, "tie": 0, "below_gap": 0}
+    samples = [Sample(r["prompt"], r["response"], "gen", "generated", turns=tuple(map(tuple, r.get("turns", ()))))
+               for r in records]
+    assert select_per_prompt(samples, [r["reward"] for r in records], {"gen": "worst"}) == [1, 2]

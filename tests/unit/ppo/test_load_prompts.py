@@ -28,7 +28,7 @@ def test_multi_turn_prompts_are_encoded_with_their_turns(tmp_path):
         cfg = compose_stage("ppo", PPOConfig, [f"run_dir={tmp_path}", prompt_sources(), f"template.kind={kind}",
                                                "total_prompts=null", "max_prompt_tokens=50000"])
         template = build_template(TemplateConfig(kind=kind), tokenizer.config)
-        encoded, ids = load_prompts(cfg, tokenizer, model_cfg)
+        encoded, ids = load_prompts(cfg, tokenizer, template, model_cfg)
         examples = read_sft_source("oasst", str(OASST_TREES), template=ChatTemplate())
         expected = [encode_prompt(tokenizer, template, e.prompt, turns=e.turns) for e in examples]
         assert sorted(ids) == list(range(len(examples))) and sorted(encoded) == sorted(expected)

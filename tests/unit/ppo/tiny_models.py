@@ -24,10 +24,12 @@ STATS = {"mean": 0.25, "std": 0.5, "count": 10, "source": "test"}
 PPO = PPOAlgorithmConfig(iterations=4, rollout_batch=8, minibatch=4, micro_batch=2)
 
 
-def write_checkpoints(root: Path, tokenizer_dir: Path, stats: dict | None = STATS) -> tuple[Path, Path]:
+def write_checkpoints(root: Path, tokenizer_dir: Path, stats: dict | None = STATS,
+                      sft_metadata: dict | None = None) -> tuple[Path, Path]:
     """(sft, rm) checkpoint roots with seeded random weights."""
     sft, rm = root / "sft" / "checkpoints", root / "rm" / "checkpoints"
-    save_checkpoint(sft, reference_model(MODEL, "lm", seed=0), CheckpointMeta(MODEL, "lm", TrainState(step=1)),
+    save_checkpoint(sft, reference_model(MODEL, "lm", seed=0),
+                    CheckpointMeta(MODEL, "lm", TrainState(step=1), metadata=sft_metadata or {}),
                     tokenizer_dir=tokenizer_dir)
     metadata = {REWARD_STATS: stats} if stats else {}
     save_checkpoint(rm, reference_model(MODEL, "value", seed=1),
