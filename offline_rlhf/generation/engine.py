@@ -28,7 +28,7 @@ import torch
 from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.generation.decode import DynamicStep, StaticStep, bucket_width, decode_step_for
 from offline_rlhf.generation.kv_cache import LayerKVCache, PromptWrite, new_cache
-from offline_rlhf.generation.sampling import NOT_FINITE, keyed_uniforms, sample_next, stream_id
+from offline_rlhf.generation.sampling import NOT_FINITE, RowRules, Rule, keyed_uniforms, sample_next, stream_id
 from offline_rlhf.models.llama import Transformer
 from offline_rlhf.runtime import autocast_for
 
@@ -38,6 +38,7 @@ class Request:
     prompt: list[int]
     stream: int  # the sampling stream: `stream_id(prompt id, sample index)`
     max_new_tokens: int
+    rule: Rule | None = None  # how this request picks tokens; None: the run's cfg (greedy, temperature, top_p)
 
 
 @dataclass
@@ -202,6 +203,7 @@ class _Engine:
         self.pad_id, self.device, self.stop, self.stats = pad_id, session.device, stop, stats
         self.on_token: TokenCallback | None = on_token
         self.keep_tokens, self.poll = keep_tokens, poll
+        self.rule = Rule.of(cfg)  # of the requests that bring none
         self.iterations = 0  # of the decode loop, counted alike on every TP rank (when `poll` is asked)
         self.completions = [Completion() for _ in requests]
         # Longest prompts first: an out-of-memory slot count shows up at once.
@@ -217,8 +219,10 @@ class _Engine:
         self.room = Room(session.width, longest, largest_budget)
         self.captured_before = self.graphs_captured()
         self.changed = True  # the slots changed since the step's inputs were loaded
-        self.streams: torch.Tensor | None = None  # per busy slot, loaded with the step's inputs
+        # Per busy slot, loaded with the step's inputs (`sampling_keys`).
+        self.streams: torch.Tensor | None = None
         self.steps: torch.Tensor | None = None
+        self.rules: RowRules | None = None
 
     def run(self) -> None:
         """Decode until every request has ended, one step ahead: step t+1 is launched from
@@ -290,10 +294,10 @@ class _Engine:
         changed, else from what the last step left on the device); its tokens come later."""
         if self.changed:
             self.step.load([(token, slot.end, slot.start) for token, slot in zip(self.pending, self.slots)])
-            self.streams, self.steps = self.sampling_keys([slot.request for slot in self.slots])
+            self.streams, self.steps, self.rules = self.sampling_keys([slot.request for slot in self.slots])
             self.changed = False
         logits = self.step.logits(max(slot.end for slot in self.slots) + 1)
-        tokens = self.sample(logits, self.streams, self.steps)
+        tokens = self.sample(logits, self.streams, self.steps, self.rules)
         self.step.feed(tokens.clamp(min=0))  # a NOT_FINITE row feeds token 0 ahead; `advance` refuses it
         self.steps += 1
         for slot in self.slots:
@@ -301,17 +305,17 @@ class _Engine:
         self.stats.decode_steps += 1
         return TokenRead(tokens)
 
-    def sampling_keys(self, request_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per request: its sampling stream, and its step (tokens so far)."""
+    def sampling_keys(self, request_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, RowRules]:
+        """Per request: its sampling stream, its step (tokens so far) and its rule."""
         streams = torch.tensor([self.requests[i].stream for i in request_indices], device=self.device)
         steps = torch.tensor([len(self.completions[i].tokens) for i in request_indices], device=self.device)
-        return streams, steps
+        rules = [self.requests[i].rule or self.rule for i in request_indices]
+        return streams, steps, RowRules(rules, self.device)
 
-    def sample(self, logits: torch.Tensor, streams: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """The next token of each row, its uniform keyed by (seed, stream, step)."""
-        if self.cfg.greedy:
-            return sample_next(logits, self.cfg)
-        return sample_next(logits, self.cfg, keyed_uniforms(self.cfg.seed, streams, steps))
+    def sample(self, logits: torch.Tensor, streams: torch.Tensor, steps: torch.Tensor, rules: RowRules) -> torch.Tensor:
+        """The next token of each row by its rule, its uniform keyed by (seed, stream, step)."""
+        uniforms = None if rules.all_greedy else keyed_uniforms(self.cfg.seed, streams, steps)
+        return sample_next(logits, self.cfg, uniforms, rules)
 
     def advance(self, slot_indices: Iterable[int], tokens: list[int]) -> list[int]:
         """Append each slot's new token; returns the slots whose request has ended."""

@@ -2,15 +2,16 @@
 
 The HTTP thread turns each request into a Job (prompt tokens, per-prompt token budgets,
 sampling) and queues it. The main thread (`serve`) takes the queued jobs, groups those
-that one engine `run` can serve (the same decoding rule and stop strings: the engine's
-GenerationConfig and stop check are per run) and runs the first group as a batch. While it
-runs, the engine polls every few steps (`RunningBatch.poll`): jobs queued since with the
-batch's rule join it (their rows take the next free slots) as long as its cache columns
-hold them and no job of another rule waits (which would otherwise wait for ever); the
-others wait for the next batch. A job is answered as soon as its own rows have ended.
-Sampling is keyed per row, so an answer is the same whatever it was batched with: sample
-i of a request with seed s samples the stream `stream_id(s, i)` (prompt p of a
-completions request: sample p * n + i) under engine seed 0.
+that one engine `run` can serve (the same stop strings: the engine's stop check is per
+run; each row brings its own sampling rule, greedy or temperature/top_p) and runs the
+first group as a batch. While it runs, the engine polls every few steps
+(`RunningBatch.poll`): jobs queued since with the batch's stop strings join it (their rows
+take the next free slots) as long as its cache columns hold them and no job with other
+stop strings waits (which would otherwise wait for ever); the others wait for the next
+batch. A job is answered as soon as its own rows have ended. Sampling is keyed per row,
+so an answer is the same whatever it was batched with: sample i of a request with seed s
+samples the stream `stream_id(s, i)` (prompt p of a completions request: sample p * n + i)
+under engine seed 0.
 
 A job may carry a per-token callback (a streamed answer): rank 0's engine run calls it
 with (row of the job, completion so far) after each token, on this main thread. A callback
@@ -43,7 +44,7 @@ from offline_rlhf.generation.engine import (
     run,
     stop_on_strings,
 )
-from offline_rlhf.generation.sampling import stream_id
+from offline_rlhf.generation.sampling import Rule, stream_id
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.serving.model import ServedModel
 from offline_rlhf.serving.protocol import Sampling
@@ -68,17 +69,18 @@ class Job:
     on_token: TokenCallback | None = None
     gone: threading.Event = field(default_factory=threading.Event)  # set when its client left
 
-    def key(self) -> tuple:
-        """Jobs with equal keys can share one engine run."""
-        s = self.sampling
-        return (True, 1.0, 1.0, s.stop) if s.greedy else (False, s.temperature, s.top_p, s.stop)
+    def key(self) -> tuple[str, ...]:
+        """Jobs with equal keys can share one engine run: their stop strings (the engine's
+        stop check is per run; each row has its own sampling rule)."""
+        return self.sampling.stop
 
     def row_count(self) -> int:
         return len(self.prompts) * self.sampling.n
 
     def rows(self) -> list[Request]:
-        n, seed = self.sampling.n, self.sampling.seed
-        return [Request(prompt, stream_id(seed, p * n + i), budget)
+        s = self.sampling
+        n, seed, rule = s.n, s.seed, Rule(s.greedy, s.temperature, s.top_p)
+        return [Request(prompt, stream_id(seed, p * n + i), budget, rule)
                 for p, (prompt, budget) in enumerate(zip(self.prompts, self.budgets)) for i in range(n)]
 
 
@@ -155,7 +157,7 @@ class Batcher:
         self.session.fit(self.slots, 1)
         prompt = [self.served.tokenizer.pad_id or 0]
         for rows in (1, 2):
-            self.execute(batch_body([Request(prompt, row, 2) for row in range(rows)], True, 1.0, 1.0, ()))
+            self.execute(batch_body([Request(prompt, row, 2, Rule()) for row in range(rows)], ()))
 
     def execute(self, body: bytes, on_token: TokenCallback | None = None, poll: Poll | None = None
                 ) -> list[Completion]:
@@ -163,10 +165,9 @@ class Batcher:
         the streaming jobs' callbacks), changed at each `poll`."""
         batch = json.loads(body)
         stop = tuple(batch["stop"])
-        requests = [Request(prompt, stream, budget) for prompt, stream, budget in batch["requests"]]
-        cfg = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), greedy=batch["greedy"],
-                               temperature=batch["temperature"], top_p=batch["top_p"], seed=0,
-                               batch_size=self.slots, stop=list(stop))
+        requests = [request_of(row) for row in batch["requests"]]
+        cfg = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), seed=0, batch_size=self.slots,
+                               stop=list(stop))  # its rule is unused: every request brings its own
         tokenizer = self.served.tokenizer
         return run(self.served.model, requests, cfg, self.served.stop_ids, tokenizer.pad_id, self.rt.device,
                    stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session, poll=poll)
@@ -184,10 +185,10 @@ class Batcher:
         """Ranks other than 0, at each of the engine's polls: the changes rank 0 made."""
         _, _, body = receive_message(self.rt)
         told = json.loads(body) if body else {}
-        return Changes(told.get("cancel", ()), [Request(*row) for row in told.get("add", ())])
+        return Changes(told.get("cancel", ()), [request_of(row) for row in told.get("add", ())])
 
     def _run_waiting(self) -> None:
-        """Run the waiting jobs, a batch per decoding rule (the first job's rule first)."""
+        """Run the waiting jobs, a batch per set of stop strings (the first job's first)."""
         while self.waiting:
             key = self.waiting[0].key()
             group = [job for job in self.waiting if job.key() == key]
@@ -225,8 +226,7 @@ class RunningBatch:
 
     def run(self) -> None:
         jobs = list(self.ended)
-        greedy, temperature, top_p, stop = self.key
-        body = batch_body([row for job in jobs for row in job.rows()], greedy, temperature, top_p, stop)
+        body = batch_body([row for job in jobs for row in job.rows()], self.key)
         try:
             broadcast_message(self.batcher.rt, CALL, "generate", body)
             completions = self.batcher.execute(body, self.on_token, self.poll)
@@ -270,14 +270,14 @@ class RunningBatch:
         added = [row for job in self.joining(room) for row in job.rows()]
         cancelled = [index for index, (job, _) in enumerate(self.owners) if job.gone.is_set()
                      and not job.future.done()]
-        changes = {"cancel": cancelled, "add": [[r.prompt, r.stream, r.max_new_tokens] for r in added]}
+        changes = {"cancel": cancelled, "add": [row_of(r) for r in added]}
         broadcast_message(self.batcher.rt, CALL, body=json.dumps(changes).encode() if added or cancelled else b"")
         self.log_gone()
         return Changes(cancelled, added)
 
     def joining(self, room: Room) -> list[Job]:
-        """Waiting jobs of this batch's rule whose rows all fit the room, while no job of
-        another rule waits."""
+        """Waiting jobs with this batch's stop strings whose rows all fit the room, while no
+        job with other stop strings waits."""
         waiting = self.batcher.waiting
         if any(job.key() != self.key for job in waiting):
             return []
@@ -299,7 +299,17 @@ class RunningBatch:
             self.logged_gone |= gone
 
 
-def batch_body(rows: list[Request], greedy: bool, temperature: float, top_p: float, stop: tuple[str, ...]) -> bytes:
+def batch_body(rows: list[Request], stop: tuple[str, ...]) -> bytes:
     """One engine batch as every rank of a world receives it (JSON bytes, never pickle)."""
-    return json.dumps({"greedy": greedy, "temperature": temperature, "top_p": top_p, "stop": list(stop),
-                       "requests": [[r.prompt, r.stream, r.max_new_tokens] for r in rows]}).encode()
+    return json.dumps({"stop": list(stop), "requests": [row_of(r) for r in rows]}).encode()
+
+
+def row_of(request: Request) -> list:
+    """A request (with its rule) as JSON, for the other ranks of a world."""
+    rule = request.rule
+    return [request.prompt, request.stream, request.max_new_tokens, rule.greedy, rule.temperature, rule.top_p]
+
+
+def request_of(row: list) -> Request:
+    prompt, stream, budget, greedy, temperature, top_p = row
+    return Request(prompt, stream, budget, Rule(greedy, temperature, top_p))

@@ -19,7 +19,7 @@ from offline_rlhf.generation.engine import (
     stop_on_strings,
 )
 from offline_rlhf.generation.kv_cache import LayerKVCache
-from offline_rlhf.generation.sampling import stream_id
+from offline_rlhf.generation.sampling import Rule, stream_id
 from tests.fixtures import reference_model
 from tests.unit.generation.test_engine import PAD, greedy_without_cache, prompts_of_lengths
 
@@ -105,6 +105,20 @@ def test_generate_keys_sampling_by_prompt_id(model):
     prompts = prompts_of_lengths([4, 6, 3, 7])
     whole = generate(model, prompts, SAMPLED, None, PAD, "cpu", prompt_ids=[10, 11, 12, 13])
     assert generate(model, prompts[2:], SAMPLED, None, PAD, "cpu", prompt_ids=[12, 13]) == whole[2:]
+
+
+def test_requests_with_their_own_rules_share_a_run_and_decode_what_their_rules_give_alone(model):
+    """A server's batch: greedy rows and rows sampled at their own temperature and top_p in
+    one run, each answer the one a run of its rule alone gives."""
+    prompts = prompts_of_lengths(LENGTHS[:6])
+    rules = [Rule(), Rule(False, 1.3), Rule(False, 0.7, 0.8), Rule(), Rule(False, 1.0, 0.5), Rule(False, 1.3)]
+    mixed = run(model, [Request(p, stream_id(i, 0), 10, rule) for i, (p, rule) in enumerate(zip(prompts, rules))],
+                GenerationConfig(10, batch_size=4, seed=2), None, PAD, "cpu")
+    for i, (prompt, rule) in enumerate(zip(prompts, rules)):
+        cfg = GenerationConfig(10, greedy=rule.greedy, temperature=rule.temperature, top_p=rule.top_p, seed=2)
+        [alone] = run(model, [Request(prompt, stream_id(i, 0), 10)], cfg, None, PAD, "cpu")
+        assert mixed[i].tokens == alone.tokens, (i, rule)
+    assert mixed[1].tokens != mixed[5].tokens  # same rule, other prompt and stream
 
 
 def test_columns_no_slot_has_written_are_finite():

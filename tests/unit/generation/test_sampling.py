@@ -7,7 +7,15 @@ import torch
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import MIN_TEMPERATURE, GenerationConfig
-from offline_rlhf.generation.sampling import NOT_FINITE, keep_top_p, keyed_uniforms, sample_next, stream_id
+from offline_rlhf.generation.sampling import (
+    NOT_FINITE,
+    RowRules,
+    Rule,
+    keep_top_p,
+    keyed_uniforms,
+    sample_next,
+    stream_id,
+)
 from offline_rlhf.generation.shards import shard_indices
 
 DRAWS = 5000
@@ -28,6 +36,20 @@ def constructed_logits(probs: list[float]) -> tuple[torch.Tensor, list[int]]:
     full = torch.full((VOCAB,), rest)
     full[ranked[:len(probs)]] = torch.tensor(probs)
     return full.log(), ranked
+
+
+def test_each_row_samples_by_its_own_rule_as_it_would_alone():
+    """Rows of one batch with their own greedy / temperature / top_p pick the tokens each
+    row picks in a batch of its rule alone (top_k is the run's)."""
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(1))
+    uniforms = torch.rand(6, generator=torch.Generator().manual_seed(2))
+    rules = [Rule(), Rule(False, 1.5), Rule(False, 0.3, 0.6), Rule(False, 1.0, 0.2), Rule(), Rule(False, 2.0, 0.9)]
+    for top_k in (5, 0):
+        mixed = sample_next(logits, GenerationConfig(top_k=top_k), uniforms, RowRules(rules, "cpu"))
+        for row, rule in enumerate(rules):
+            cfg = GenerationConfig(greedy=rule.greedy, temperature=rule.temperature, top_p=rule.top_p, top_k=top_k)
+            assert mixed[row] == sample_next(logits[row:row + 1], cfg, uniforms[row:row + 1]), (row, rule)
+    assert not torch.equal(mixed, logits.argmax(-1))  # a sampled row (the last, T=2) did not take the argmax
 
 
 def test_greedy_is_argmax():

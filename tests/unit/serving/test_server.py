@@ -246,8 +246,8 @@ def test_an_api_key_is_required_when_configured(checkpoint, tmp_path, monkeypatc
 
 
 def test_concurrent_requests_share_one_batch_and_answer_as_alone(checkpoint, server, client, tmp_path):
-    """Six requests queued while the engine is busy run as one engine batch (two groups:
-    greedy and sampled), and each gets the answer it gets alone."""
+    """Six requests queued while the engine is busy, greedy and sampled, run as one engine
+    batch (each row by its own rule), and each gets the answer it gets alone."""
     asks = [dict(temperature=0, max_tokens=5, messages=[{"role": "user", "content": f"{w} apple"}])
             for w in ("good", "river", "stone")]
     asks += [dict(temperature=1.0, seed=s, max_tokens=5, messages=[{"role": "user", "content": "cloud"}])
@@ -269,9 +269,9 @@ def test_concurrent_requests_share_one_batch_and_answer_as_alone(checkpoint, ser
             for thread in threads:
                 thread.join(60)
         assert answers == alone
-        assert wait_for(lambda: held.batcher.batches == 2)  # one engine run per decoding rule, not one per request
+        assert wait_for(lambda: held.batcher.batches == 1)  # one engine run, not one per request or rule
         time.sleep(0.2)
-        assert held.batcher.batches == 2
+        assert held.batcher.batches == 1
     finally:
         held.close()
 
@@ -502,17 +502,17 @@ def arrivals_while_a_batch_runs(server, monkeypatch, asks: list[dict], batches_e
     return answers, server.batcher.batches - batches
 
 
-def test_a_request_arriving_while_a_batch_runs_joins_it_unless_another_rule_waits(server, monkeypatch):
-    """A greedy request arriving while a greedy batch runs joins it at the engine's next
-    poll; one arriving with a sampled request waiting does not (that one would wait for
-    ever behind a stream of greedy requests): it runs after the sampled batch. Every answer
-    is the one its request gets alone."""
-    greedy = [{**CHAT_ASK, "temperature": 0, "max_tokens": 30},
-              {**CHAT_ASK, "messages": [{"role": "user", "content": "river stone"}], "temperature": 0}]
-    sampled = {**CHAT_ASK, "temperature": 1.0, "seed": 8}
-    alone = [answered(server, "/v1/chat/completions", ask) for ask in [*greedy, sampled]]
-    assert arrivals_while_a_batch_runs(server, monkeypatch, greedy, 1) == (alone[:2], 1)  # one batch: joined
-    answers, batches = arrivals_while_a_batch_runs(server, monkeypatch, [greedy[0], sampled, greedy[1]], 3)
+def test_a_request_arriving_while_a_batch_runs_joins_it_unless_other_stop_strings_wait(server, monkeypatch):
+    """A sampled request arriving while a greedy batch runs joins it at the engine's next
+    poll (rows keep their own rules); one arriving while a request with other stop strings
+    waits does not (that one would wait for ever behind a stream of joiners): it runs after
+    that one's batch. Every answer is the one its request gets alone."""
+    first = {**CHAT_ASK, "temperature": 0, "max_tokens": 30}
+    sampled = {**CHAT_ASK, "messages": [{"role": "user", "content": "river stone"}], "temperature": 1.0, "seed": 8}
+    stopped = {**CHAT_ASK, "temperature": 0, "stop": ["zz"]}
+    alone = [answered(server, "/v1/chat/completions", ask) for ask in (first, sampled, stopped)]
+    assert arrivals_while_a_batch_runs(server, monkeypatch, [first, sampled], 1) == (alone[:2], 1)  # joined
+    answers, batches = arrivals_while_a_batch_runs(server, monkeypatch, [first, stopped, sampled], 3)
     assert answers == [alone[0], alone[2], alone[1]] and batches == 3
 
 
