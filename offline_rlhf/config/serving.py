@@ -33,6 +33,7 @@ class ServeConfig(Frozen):
     template: TemplateConfig = field(default_factory=TemplateConfig)  # used when the checkpoint records none
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     batch_size: int = 32  # decode slots shared by the requests being answered
+    join_running: bool = True  # a request arriving while a batch runs joins it (false: it waits for the batch's end)
     max_tokens: int = 256  # a request's default max_tokens (capped by the room its prompt leaves)
     max_n: int = 8  # the largest n (choices per prompt) a request may ask for
     max_prompts: int = 16  # the most prompts one /v1/completions request may list

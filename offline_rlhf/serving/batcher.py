@@ -86,8 +86,8 @@ class Job:
 
 class Batcher:
     def __init__(self, served: ServedModel, rt: Runtime, slots: int, cuda_graphs: bool = True,
-                 compile_step: bool = True):
-        self.served, self.rt, self.slots = served, rt, slots
+                 compile_step: bool = True, join_running: bool = True):
+        self.served, self.rt, self.slots, self.join_running = served, rt, slots, join_running
         # One cache and decode step for every batch: CUDA graphs are captured once per shape.
         self.session = DecodeSession(served.model, rt.device, GenerationConfig(cuda_graphs=cuda_graphs,
                                                                                 compile=compile_step))
@@ -95,6 +95,7 @@ class Batcher:
         self.batches = 0  # engine runs: fewer than the requests when they shared batches
         self._jobs: queue.Queue[Job] = queue.Queue()
         self.waiting: list[Job] = []  # taken from the queue by the main thread, not yet in a batch
+        self.running: RunningBatch | None = None  # the batch the engine runs now
         self._stopping = threading.Event()
         self._failing = threading.Lock()
         self._released = False
@@ -195,7 +196,11 @@ class Batcher:
             self.waiting = [job for job in self.waiting if job.key() != key]
             group = [job for job in group if job.future.set_running_or_notify_cancel()]  # else its client left
             if group:
-                RunningBatch(self, key, group).run()
+                self.running = RunningBatch(self, key, group)
+                try:
+                    self.running.run()
+                finally:
+                    self.running = None
 
     def _fail_pending(self) -> None:
         """Answer every job not in a batch with 503 (the main thread at its end, or the HTTP
@@ -279,7 +284,7 @@ class RunningBatch:
         """Waiting jobs with this batch's stop strings whose rows all fit the room, while no
         job with other stop strings waits."""
         waiting = self.batcher.waiting
-        if any(job.key() != self.key for job in waiting):
+        if not self.batcher.join_running or any(job.key() != self.key for job in waiting):
             return []
         joining = []
         for job in list(waiting):

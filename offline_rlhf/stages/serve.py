@@ -48,7 +48,7 @@ def main(cfg: ServeConfig) -> int:
             raise ConfigError("parallel.tp", f"is {rt.dims.tp}, but `orlhf serve` runs its {rt.dims.world_size} "
                               "processes as one tensor-parallel group", f"set parallel.tp={rt.dims.world_size}")
         served = load_served_model(cfg, path, rt)
-        batcher = Batcher(served, rt, cfg.batch_size, cfg.cuda_graphs, cfg.compile)
+        batcher = Batcher(served, rt, cfg.batch_size, cfg.cuda_graphs, cfg.compile, cfg.join_running)
         with _stopped_by_signals(batcher, rt):
             if rt.dims.world_size == 1:
                 batcher.warm_up()

@@ -399,8 +399,9 @@ def test_the_openai_client_reads_streamed_answers(server, client):
 
 
 def held_decoding(server):
-    """A forward hook on the real model that holds a batch's first decode step (after its
-    prefill) until the returned event is set; remove() the hook after."""
+    """A forward hook on the real model that holds the next batch's first decode step (after
+    its prefill) until the returned event is set; remove() the hook after."""
+    wait_idle(server)  # no forward of an earlier batch counts
     release, forwards = threading.Event(), []
 
     def hold(module, args):
@@ -409,6 +410,11 @@ def held_decoding(server):
             release.wait(30)
 
     return release, server.served.model.register_forward_pre_hook(hold)
+
+
+def wait_idle(server) -> None:
+    """Until no batch runs (a job is answered when its rows end, before its batch ends)."""
+    assert wait_for(lambda: server.batcher.running is None and not server.batcher._jobs.qsize())
 
 
 def wait_for(condition, timeout_s: float = 30) -> bool:
@@ -490,7 +496,7 @@ def arrivals_while_a_batch_runs(server, monkeypatch, asks: list[dict], batches_e
         assert wait_for(lambda: len(jobs) == 1)
         for thread in threads[1:]:
             thread.start()
-        assert wait_for(lambda: len(jobs) == len(asks))
+        assert wait_for(lambda: server.batcher._jobs.qsize() == len(asks) - 1)  # queued (the first one runs)
     finally:
         release.set()
         hook.remove()
@@ -514,6 +520,17 @@ def test_a_request_arriving_while_a_batch_runs_joins_it_unless_other_stop_string
     assert arrivals_while_a_batch_runs(server, monkeypatch, [first, sampled], 1) == (alone[:2], 1)  # joined
     answers, batches = arrivals_while_a_batch_runs(server, monkeypatch, [first, stopped, sampled], 3)
     assert answers == [alone[0], alone[2], alone[1]] and batches == 3
+
+
+def test_without_join_running_a_request_arriving_while_a_batch_runs_waits_for_its_end(checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    held = InProcess(checkpoint, tmp_path / "serve", join_running=False)
+    try:
+        asks = [{**CHAT_ASK, "temperature": 0, "max_tokens": 30}, {**CHAT_ASK, "temperature": 0}]
+        alone = [answered(held, "/v1/chat/completions", ask) for ask in asks]
+        assert arrivals_while_a_batch_runs(held, monkeypatch, asks, 2) == (alone, 2)
+    finally:
+        held.close()
 
 
 def test_a_batch_failing_mid_stream_ends_it_with_an_error_event(server):

@@ -48,7 +48,7 @@ class InProcess:
         self.cfg = ServeConfig(ckpt=str(ckpt), model_name=NAME, port=0, **settings)
         rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, MODEL), None, stage_dir)
         self.served = load_served_model(self.cfg, resolve_checkpoint(ckpt), rt)
-        self.batcher = Batcher(self.served, rt, self.cfg.batch_size)
+        self.batcher = Batcher(self.served, rt, self.cfg.batch_size, join_running=self.cfg.join_running)
         self.server = OpenAIServer(self.served, self.batcher, self.cfg, KEY if self.cfg.api_key_env else None)
         self.listening = listen(self.server.app(), "127.0.0.1", 0, "serve-test")
         self.thread = threading.Thread(target=self.batcher.serve, kwargs={"poll_s": 0.01}, daemon=True)
