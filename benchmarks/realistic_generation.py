@@ -62,10 +62,13 @@ def load(checkpoint: Path, device) -> tuple[Transformer, Tokenizer]:
     return model.to(device).eval(), Tokenizer.from_dir(checkpoint / TOKENIZER_DIR)
 
 
+def instructions(data: Path = DATA) -> list[str]:
+    """The public instructions the model was trained on, as prompt texts."""
+    return [text for kind, fmt, path in SOURCES for text in read_prompts(kind, fmt, str(data / path), ChatTemplate())]
+
+
 def prompts(tokenizer: Tokenizer, count: int, max_tokens: int, data: Path = DATA) -> list[list[int]]:
-    template = ChatTemplate()
-    texts = [text for kind, fmt, path in SOURCES for text in read_prompts(kind, fmt, str(data / path), template)]
-    encoded = [encode_prompt(tokenizer, template, text)[-max_tokens:] for text in texts]
+    encoded = [encode_prompt(tokenizer, ChatTemplate(), text)[-max_tokens:] for text in instructions(data)]
     return (encoded * (count // len(encoded) + 1))[:count]
 
 
