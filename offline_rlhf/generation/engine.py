@@ -347,6 +347,7 @@ class _Engine:
         return self.cancel(set(changes.cancelled), finished)
 
     def add(self, requests: Sequence[Request]) -> None:
+        """Queue requests joining the run (after the queued ones: first come, first served)."""
         _check(self.model, requests)
         for request in requests:
             if not self.room.take(request):
@@ -356,6 +357,8 @@ class _Engine:
             self.completions.append(Completion())
 
     def cancel(self, gone: set[int], finished: list[int]) -> list[int]:
+        """End the requests `gone` names: queued ones never start, running ones' slots (those
+        not `finished` anyway) are returned to be freed."""
         if not gone:
             return []
         for request in gone.intersection(self.queue):
