@@ -5,10 +5,10 @@ sampling) and queues it. The main thread (`serve`) takes the queued jobs, groups
 that one engine `run` can serve (the same stop strings: the engine's stop check is per
 run; each row brings its own sampling rule, greedy or temperature/top_p) and runs the
 first group as a batch. While it runs, the engine polls every few steps
-(`RunningBatch.poll`): jobs queued since with the batch's stop strings join it (their rows
-take the next free slots) as long as its cache columns hold them and no job with other
-stop strings waits (which would otherwise wait for ever); the others wait for the next
-batch. A job is answered as soon as its own rows have ended. Sampling is keyed per row,
+(`RunningBatch.poll`): jobs queued since join it in arrival order (their rows take the
+next free slots) while they have the batch's stop strings and its cache columns hold
+them; from the first that does not on, they wait for the next batch (none is overtaken
+for ever). A job is answered as soon as its own rows have ended. Sampling is keyed per row,
 so an answer is the same whatever it was batched with: sample i of a request with seed s
 samples the stream `stream_id(s, i)` (prompt p of a completions request: sample p * n + i)
 under engine seed 0.
@@ -281,20 +281,19 @@ class RunningBatch:
         return Changes(cancelled, added)
 
     def joining(self, room: Room) -> list[Job]:
-        """Waiting jobs with this batch's stop strings whose rows all fit the room, while no
-        job with other stop strings waits."""
-        waiting = self.batcher.waiting
-        if not self.batcher.join_running or any(job.key() != self.key for job in waiting):
-            return []
-        joining = []
-        for job in list(waiting):
+        """Waiting jobs, in arrival order, while each has this batch's stop strings and its
+        rows fit the room. The first that does not waits for the batch's end, and the jobs
+        behind it wait too: were they let in, the batch could run for ever with it waiting."""
+        joining, waiting = [], self.batcher.waiting
+        while self.batcher.join_running and waiting and waiting[0].key() == self.key:
             trial = replace(room)
-            if all(trial.take(row) for row in job.rows()):
-                waiting.remove(job)
-                if job.future.set_running_or_notify_cancel():  # else its client left while it waited
-                    room = trial
-                    self.own(job)
-                    joining.append(job)
+            if not all(trial.take(row) for row in waiting[0].rows()):
+                break
+            job = waiting.pop(0)
+            if job.future.set_running_or_notify_cancel():  # else its client left while it waited
+                room = trial
+                self.own(job)
+                joining.append(job)
         return joining
 
     def log_gone(self) -> None:

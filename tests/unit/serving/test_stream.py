@@ -12,13 +12,14 @@ import asyncio
 import itertools
 import json
 from concurrent.futures import Future
+from types import SimpleNamespace
 
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
 from offline_rlhf.data.tokenizer import Tokenizer
-from offline_rlhf.generation.engine import Completion, answer_text, stop_on_strings
+from offline_rlhf.generation.engine import Completion, Room, answer_text, stop_on_strings
 from offline_rlhf.serving.batcher import Job, RunningBatch
 from offline_rlhf.serving.protocol import Sampling, answer_head
 from offline_rlhf.serving.server import completion_text
@@ -199,6 +200,22 @@ def test_a_batch_routes_rows_to_their_jobs_drops_a_failing_callback_and_answers_
     assert not jobs[2].future.done()
     batch.on_token(6, ends[0])
     assert jobs[2].future.result() == [ends] and not any(job.future.done() for job in jobs[:2] + jobs[3:])
+
+
+def test_waiting_jobs_join_in_arrival_order_until_one_cannot():
+    """A running batch lets waiting jobs join in the order they came while their rows fit
+    its room and they share its stop strings; the first that cannot join waits for the
+    batch's end, and so do the jobs behind it (no job is overtaken for ever)."""
+    sampling = Sampling(temperature=0, top_p=1.0, n=1, max_tokens=4, stop=(), seed=0)
+    small, long, other = ([[1] * 3], [4], sampling), ([[1] * 30], [4], sampling), ([[2]], [4], Sampling(
+        temperature=0, top_p=1.0, n=1, max_tokens=4, stop=("zz",), seed=0))
+    for arrivals, joined in (([small, small], 2), ([small, long, small], 1), ([other, small], 0),
+                             ([small, other, small], 1)):
+        jobs = [Job(*job) for job in arrivals]
+        batcher = SimpleNamespace(waiting=list(jobs), join_running=True)
+        batch = RunningBatch(batcher, (), [])
+        assert batch.joining(Room(columns=20, longest=5, largest_budget=8)) == jobs[:joined]
+        assert batcher.waiting == jobs[joined:] and len(batch.owners) == joined
 
 
 def streamed(tokenizer: Tokenizer, first_token: Completion, then: list, prompt_tokens: int | None) -> list:
