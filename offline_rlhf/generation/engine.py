@@ -199,7 +199,8 @@ class DecodeSession:
 class _Engine:
     def __init__(self, model, requests, cfg, eos_ids, pad_id, stop, stats, session, on_token, keep_tokens,
                  poll):
-        self.model, self.requests, self.cfg, self.eos_ids = model, list(requests), cfg, eos_ids
+        self.model, self.cfg, self.eos_ids = model, cfg, eos_ids
+        self.requests: list[Request | None] = list(requests)  # None once ended, without keep_tokens
         self.pad_id, self.device, self.stop, self.stats = pad_id, session.device, stop, stats
         self.on_token: TokenCallback | None = on_token
         self.keep_tokens, self.poll = keep_tokens, poll
@@ -362,7 +363,7 @@ class _Engine:
         if not gone:
             return []
         for request in gone.intersection(self.queue):
-            self.completions[request].finish = "abort"
+            self._ended(request, "abort")
         self.queue = deque(request for request in self.queue if request not in gone)
         aborted = [index for index, slot in enumerate(self.slots) if slot.request in gone and index not in finished]
         for index in aborted:
@@ -370,9 +371,12 @@ class _Engine:
         return aborted
 
     def _ended(self, request: int, finish: str) -> None:
+        """Without keep_tokens the request and its tokens are forgotten (a server's batch
+        may run for ever)."""
         self.completions[request].finish = finish
         if not self.keep_tokens:
             self.completions[request] = Completion(finish=finish)
+            self.requests[request] = None
 
     def _finish(self, tokens: list[int], max_new_tokens: int) -> str:
         if tokens[-1] in self.eos_ids:

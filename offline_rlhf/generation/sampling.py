@@ -4,6 +4,7 @@ make a sampled sequence a function of (seed, stream, step) alone."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +41,10 @@ class RowRules:
         # A greedy row samples at temperature 1 (its draw is then replaced by its argmax).
         self.temperature = torch.tensor([1.0 if rule.greedy else rule.temperature for rule in rules],
                                         device=device).unsqueeze(-1)
-        self.top_p = torch.tensor([1.0 if rule.greedy else rule.top_p for rule in rules], device=device).unsqueeze(-1)
+        # A row without a nucleus keeps every token, also where its float32 cumulative mass
+        # reaches 1 before the vocabulary's end (p = 1 would then cut its tail).
+        self.top_p = torch.tensor([rule.top_p if not rule.greedy and rule.top_p < 1 else math.inf for rule in rules],
+                                  device=device).unsqueeze(-1)
         self.all_greedy = all(rule.greedy for rule in rules)
         self.any_greedy = any(rule.greedy for rule in rules)
         self.any_top_p = any(not rule.greedy and rule.top_p < 1 for rule in rules)

@@ -51,6 +51,7 @@ from offline_rlhf.serving.protocol import Sampling
 from offline_rlhf.serving.world import CALL, KEEPALIVE, KEEPALIVE_S, STOP, broadcast_message, receive_message
 
 log = logging.getLogger(__name__)
+CHANGES = "changes"  # the endpoint name of a poll's changes, as rank 0 tells them
 
 
 class ServerStopping(RuntimeError):
@@ -170,8 +171,10 @@ class Batcher:
         cfg = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), seed=0, batch_size=self.slots,
                                stop=list(stop))  # its rule is unused: every request brings its own
         tokenizer = self.served.tokenizer
+        # keep_tokens=False: a batch that runs for ever holds the answers in flight only.
         return run(self.served.model, requests, cfg, self.served.stop_ids, tokenizer.pad_id, self.rt.device,
-                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session, poll=poll)
+                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session, poll=poll,
+                   keep_tokens=False)
 
     def take(self, timeout: float | None = None) -> None:
         """Move the jobs queued now to `waiting` (first waiting up to `timeout` for one)."""
@@ -184,9 +187,11 @@ class Batcher:
 
     def _told_changes(self, room: Room) -> Changes:
         """Ranks other than 0, at each of the engine's polls: the changes rank 0 made."""
-        _, _, body = receive_message(self.rt)
-        told = json.loads(body) if body else {}
-        return Changes(told.get("cancel", ()), [request_of(row) for row in told.get("add", ())])
+        kind, name, body = receive_message(self.rt)
+        if (kind, name) != (CALL, CHANGES):  # rank 0 left the batch early: its collectives will not line up
+            raise RuntimeError(f"rank 0 sent message {kind} {name!r} where this batch's changes were due")
+        told = json.loads(body)
+        return Changes(told["cancel"], [request_of(row) for row in told["add"]])
 
     def _run_waiting(self) -> None:
         """Run the waiting jobs, a batch per set of stop strings (the first job's first)."""
@@ -215,44 +220,43 @@ class Batcher:
 
 class RunningBatch:
     """One engine run of rank 0: which job each row belongs to, jobs joining at the
-    engine's polls, each job answered once its rows have ended."""
+    engine's polls, each job answered once its rows have ended (or given up once its
+    client left). Holds the jobs in flight only: under steady load a batch never ends."""
 
     def __init__(self, batcher: Batcher, key: tuple, jobs: list[Job]):
         self.batcher, self.key = batcher, key
-        self.owners: list[tuple[Job, int]] = []  # per engine request: its job and the job's row
-        self.ended: dict[Job, dict[int, Completion]] = {}
-        self.logged_gone: set[Job] = set()
+        self.requests = 0  # engine requests so far: the next one's index
+        self.rows: dict[int, tuple[Job, int]] = {}  # engine request -> its job and the job's row (jobs in flight)
+        self.indices: dict[Job, range] = {}  # job in flight -> its engine requests
+        self.ended: dict[Job, dict[int, Completion]] = {}  # job in flight -> its rows that ended
         for job in jobs:
             self.own(job)
 
     def own(self, job: Job) -> None:
-        self.owners += [(job, row) for row in range(job.row_count())]
+        self.indices[job] = range(self.requests, self.requests + job.row_count())
+        self.rows.update((index, (job, row)) for row, index in enumerate(self.indices[job]))
         self.ended[job] = {}
+        self.requests += job.row_count()
 
     def run(self) -> None:
-        jobs = list(self.ended)
-        body = batch_body([row for job in jobs for row in job.rows()], self.key)
+        body = batch_body([row for job in self.indices for row in job.rows()], self.key)
         try:
             broadcast_message(self.batcher.rt, CALL, "generate", body)
-            completions = self.batcher.execute(body, self.on_token, self.poll)
+            self.batcher.execute(body, self.on_token, self.poll)
         except Exception as error:  # noqa: BLE001 - the clients get it as a 500; the server goes on
-            log.error("a batch of %d request(s) failed", len(self.ended), exc_info=error)
-            for job in self.ended:
-                if not job.future.done():
-                    job.future.set_exception(error)
+            log.error("a batch of %d request(s) failed", len(self.indices), exc_info=error)
+            for job in self.indices:
+                job.future.set_exception(error)
             return
-        self.batcher.generated += sum(len(c.tokens) for c in completions)
         self.batcher.batches += 1
-        for (job, row), completion in zip(self.owners, completions):  # rows that ended without a last token
-            self.ended[job].setdefault(row, completion)
-        for job in self.ended:
-            if not job.future.done():
-                self.answer(job)
+        for job in list(self.indices):  # none should be left: every row ends with a token or is given up
+            self.answer(job)
 
     def on_token(self, index: int, completion: Completion) -> None:
         """Each streaming job hears of its own rows (a callback that raises is dropped: the
         batch goes on, and that stream's handler gets the rest from the job's result)."""
-        job, row = self.owners[index]
+        self.batcher.generated += 1
+        job, row = self.rows[index]
         if job.on_token is not None:
             try:
                 job.on_token(row, completion)
@@ -265,42 +269,48 @@ class RunningBatch:
                 self.answer(job)
 
     def answer(self, job: Job) -> None:
-        rows, n = self.ended[job], job.sampling.n
-        job.future.set_result([[rows[p * n + i] for i in range(n)] for p in range(len(job.prompts))])
+        """The job's answers (rows that did not end: "abort"); it leaves the batch's books."""
+        rows, n = self.ended.pop(job), job.sampling.n
+        for index in self.indices.pop(job):
+            del self.rows[index]
+        job.future.set_result([[rows.get(p * n + i, Completion(finish="abort")) for i in range(n)]
+                               for p in range(len(job.prompts))])
 
     def poll(self, room: Room) -> Changes:
         """The changes at one of the engine's polls, told to the other ranks of a world:
-        the rows of jobs whose client left, and the rows of waiting jobs that join."""
+        the rows of jobs whose client left (given up now: the engine ends them in this
+        poll), and the rows of waiting jobs that join."""
         self.batcher.take()
         added = [row for job in self.joining(room) for row in job.rows()]
-        cancelled = [index for index, (job, _) in enumerate(self.owners) if job.gone.is_set()
-                     and not job.future.done()]
+        gone = [job for job in self.indices if job.gone.is_set()]
+        cancelled = [index for job in gone for index in self.indices[job]]
+        for job in gone:
+            self.answer(job)
         changes = {"cancel": cancelled, "add": [row_of(r) for r in added]}
-        broadcast_message(self.batcher.rt, CALL, body=json.dumps(changes).encode() if added or cancelled else b"")
-        self.log_gone()
+        broadcast_message(self.batcher.rt, CALL, CHANGES, json.dumps(changes).encode())
+        if gone:
+            self.batcher.rt.log(f"serve: {len(gone)} request(s) given up in the running batch: their client left")
         return Changes(cancelled, added)
 
     def joining(self, room: Room) -> list[Job]:
         """Waiting jobs, in arrival order, while each has this batch's stop strings and its
         rows fit the room. The first that does not waits for the batch's end, and the jobs
-        behind it wait too: were they let in, the batch could run for ever with it waiting."""
+        behind it wait too: were they let in, the batch could run for ever with it waiting.
+        Jobs whose client left while they waited are dropped on the way."""
         joining, waiting = [], self.batcher.waiting
-        while self.batcher.join_running and waiting and waiting[0].key() == self.key:
+        while self.batcher.join_running and waiting:
+            if waiting[0].future.cancelled():
+                waiting.pop(0)
+                continue
             trial = replace(room)
-            if not all(trial.take(row) for row in waiting[0].rows()):
+            if waiting[0].key() != self.key or not all(trial.take(row) for row in waiting[0].rows()):
                 break
             job = waiting.pop(0)
-            if job.future.set_running_or_notify_cancel():  # else its client left while it waited
+            if job.future.set_running_or_notify_cancel():
                 room = trial
                 self.own(job)
                 joining.append(job)
         return joining
-
-    def log_gone(self) -> None:
-        gone = {job for job, _ in self.owners if job.gone.is_set()} - self.logged_gone
-        if gone:
-            self.batcher.rt.log(f"serve: {len(gone)} request(s) given up in the running batch: their client left")
-            self.logged_gone |= gone
 
 
 def batch_body(rows: list[Request], stop: tuple[str, ...]) -> bytes:

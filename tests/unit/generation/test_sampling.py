@@ -52,6 +52,19 @@ def test_each_row_samples_by_its_own_rule_as_it_would_alone():
     assert not torch.equal(mixed, logits.argmax(-1))  # a sampled row (the last, T=2) did not take the argmax
 
 
+def test_a_row_without_a_nucleus_keeps_its_tail_beside_rows_with_one():
+    """Over a large vocabulary the float32 cumulative mass of a peaky row reaches 1 before
+    its end: a top_p=1 row batched with top_p<1 rows must still draw from its whole
+    distribution, as it does alone."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(512, 32000, generator=generator) * 4
+    uniforms = torch.rand(512, generator=generator) ** 8  # many draws far in the tail
+    rules = [Rule(False, 1.0, 1.0 if row % 2 else 0.9) for row in range(512)]
+    mixed = sample_next(logits, GenerationConfig(), uniforms, RowRules(rules, "cpu"))
+    alone = sample_next(logits[1::2], GenerationConfig(greedy=False), uniforms[1::2])
+    assert torch.equal(mixed[1::2], alone)
+
+
 def test_greedy_is_argmax():
     logits, ranked = constructed_logits([0.3, 0.2])
     assert sample_next(logits[None], GenerationConfig()).tolist() == [ranked[0]]

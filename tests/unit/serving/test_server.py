@@ -522,6 +522,37 @@ def test_a_request_arriving_while_a_batch_runs_joins_it_unless_other_stop_string
     assert answers == [alone[0], alone[2], alone[1]] and batches == 3
 
 
+def test_a_batch_kept_running_by_steady_load_holds_the_requests_in_flight_only(server):
+    """Closed-loop clients keep one batch running as their requests join it: the batch's
+    books never hold more rows than the requests in flight (answered ones leave them)."""
+    wait_idle(server)
+    held, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            running = server.batcher.running
+            held.append(len(running.rows) if running is not None else 0)
+            time.sleep(0.001)
+
+    def client(index):
+        for k in range(8):
+            body = {**CHAT_ASK, "temperature": 1.0, "seed": 100 * index + k, "max_tokens": 12}
+            assert answered(server, "/v1/chat/completions", body)[0][0][1] in ("stop", "length")
+
+    batches, watcher = server.batcher.batches, threading.Thread(target=watch)
+    clients = [threading.Thread(target=client, args=(index,)) for index in range(4)]
+    watcher.start()
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(60)
+    stop.set()
+    watcher.join()
+    wait_idle(server)
+    assert server.batcher.batches - batches < 32 / 2  # the requests joined running batches
+    assert 0 < max(held) <= 4  # one row per client in flight
+
+
 def test_without_join_running_a_request_arriving_while_a_batch_runs_waits_for_its_end(checkpoint, tmp_path,
                                                                                     monkeypatch):
     held = InProcess(checkpoint, tmp_path / "serve", join_running=False)

@@ -189,7 +189,7 @@ def test_a_batch_routes_rows_to_their_jobs_drops_a_failing_callback_and_answers_
     jobs = [Job([[1], [2]], [4, 4], sampling, on_token=lambda row, c: heard.append(("a", row, c.tokens[-1]))),
             Job([[3]], [4], sampling, on_token=failing), Job([[4]], [4], sampling),
             Job([[5]], [4], sampling, on_token=lambda row, c: heard.append(("d", row, c.tokens[-1])))]
-    batch = RunningBatch(None, jobs[0].key(), jobs)
+    batch = RunningBatch(SimpleNamespace(generated=0), jobs[0].key(), jobs)
     for index in range(9):  # rows: a 0-3, b 4-5, c 6-7 (not streamed), d 8-9
         batch.on_token(index, Completion([100 + index]))
     batch.on_token(9, Completion([109]))
@@ -200,6 +200,8 @@ def test_a_batch_routes_rows_to_their_jobs_drops_a_failing_callback_and_answers_
     assert not jobs[2].future.done()
     batch.on_token(6, ends[0])
     assert jobs[2].future.result() == [ends] and not any(job.future.done() for job in jobs[:2] + jobs[3:])
+    assert jobs[2] not in batch.indices and 6 not in batch.rows  # an answered job leaves the batch's books
+    assert batch.batcher.generated == 12
 
 
 def test_waiting_jobs_join_in_arrival_order_until_one_cannot():
@@ -215,7 +217,12 @@ def test_waiting_jobs_join_in_arrival_order_until_one_cannot():
         batcher = SimpleNamespace(waiting=list(jobs), join_running=True)
         batch = RunningBatch(batcher, (), [])
         assert batch.joining(Room(columns=20, longest=5, largest_budget=8)) == jobs[:joined]
-        assert batcher.waiting == jobs[joined:] and len(batch.owners) == joined
+        assert batcher.waiting == jobs[joined:] and len(batch.rows) == joined
+    dead, alive = Job(*long), Job(*small)
+    dead.future.cancel()  # its client left while it waited: it blocks nothing
+    batcher = SimpleNamespace(waiting=[dead, alive], join_running=True)
+    assert RunningBatch(batcher, (), []).joining(Room(columns=20, longest=5, largest_budget=8)) == [alive]
+    assert batcher.waiting == []
 
 
 def streamed(tokenizer: Tokenizer, first_token: Completion, then: list, prompt_tokens: int | None) -> list:
