@@ -42,3 +42,11 @@ def synthetic_tokenizer(out_dir: Path) -> Tokenizer:
     text = "\n".join(" ".join(r.values()) for r in preference_records(200, seed=99))
     corpus.write_text(text + "\nUser: Assistant:\n")
     return train_bpe_tokenizer([corpus], VOCAB, out_dir)
+
+
+def synthetic_chat_tokenizer(out_dir: Path) -> Tokenizer:
+    """`synthetic_tokenizer` with a minimal Jinja chat template (template.kind=chat)."""
+    tokenizer = synthetic_tokenizer(out_dir)
+    tokenizer.config["chat_template"] = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tokenizer.save(out_dir)
+    return tokenizer

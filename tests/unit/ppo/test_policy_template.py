@@ -17,7 +17,7 @@ from ppo_baseline.config import PPOConfig
 from ppo_baseline.stage import load_prompts, policy_template
 from tests.fixtures import reference_model
 from tests.local_data import prompt_sources
-from tests.synthetic_preferences import MODEL, synthetic_tokenizer
+from tests.synthetic_preferences import MODEL, synthetic_chat_tokenizer
 
 CHAT = {"kind": "chat", "system": ""}
 PAPER = {"kind": "paper", "user_tag": "User:", "assistant_tag": "Assistant:", "sep": " "}
@@ -27,9 +27,7 @@ PAPER = {"kind": "paper", "user_tag": "User:", "assistant_tag": "Assistant:", "s
 def models(tmp_path):
     """An SFT checkpoint recording a chat template; reward models recording chat and paper."""
     tokenizer_dir = tmp_path / "tokenizer"
-    tokenizer = synthetic_tokenizer(tokenizer_dir)
-    tokenizer.config["chat_template"] = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    tokenizer.save(tokenizer_dir)
+    synthetic_chat_tokenizer(tokenizer_dir)
     for name, head, record in (("sft", "lm", CHAT), ("rm_chat", "value", CHAT), ("rm_paper", "value", PAPER)):
         save_checkpoint(tmp_path / name, reference_model(MODEL, head),
                         CheckpointMeta(MODEL, head, TrainState(step=1), metadata={TEMPLATE: record}),

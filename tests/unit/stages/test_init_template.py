@@ -12,7 +12,7 @@ from offline_rlhf.data.chat_template import ChatFormat, template_record
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.stage_support import init_template, require_template
 from tests.fixtures import reference_model
-from tests.synthetic_preferences import MODEL, synthetic_tokenizer
+from tests.synthetic_preferences import MODEL, synthetic_chat_tokenizer
 
 CHAT = {"kind": "chat", "system": ""}
 QA = {"kind": "paper", "user_tag": "Q:", "assistant_tag": "A:", "sep": " "}
@@ -22,9 +22,7 @@ QA = {"kind": "paper", "user_tag": "Q:", "assistant_tag": "A:", "sep": " "}
 def checkpoints(tmp_path):
     """Checkpoints recording a chat template, a paper one with its own tags, and none."""
     tokenizer_dir = tmp_path / "tokenizer"
-    tokenizer = synthetic_tokenizer(tokenizer_dir)
-    tokenizer.config["chat_template"] = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    tokenizer.save(tokenizer_dir)
+    tokenizer = synthetic_chat_tokenizer(tokenizer_dir)
     for name, metadata in (("chat", {TEMPLATE: CHAT}), ("qa", {TEMPLATE: QA}), ("imported", {})):
         save_checkpoint(tmp_path / name, reference_model(MODEL, "lm"),
                         CheckpointMeta(MODEL, "lm", TrainState(step=1), metadata=metadata), tokenizer_dir=tokenizer_dir)
