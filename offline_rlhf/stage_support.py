@@ -203,6 +203,19 @@ def require_template(path: Path, metadata: dict, expected: dict, key: str, reade
                           f"{_override(expected.get(field))}")
 
 
+def require_tokenizer(path: Path, expected: Tokenizer, key: str, reader: str) -> None:
+    """A model that reads another one's token ids must map them to the same tokens (two
+    tokenizers of one vocabulary size can differ: Llama's and Mistral's both have 32000). A
+    checkpoint saved without its tokenizer is taken as given."""
+    if not (path / TOKENIZER_DIR).is_dir():
+        return
+    theirs, ours = Tokenizer.from_dir(path / TOKENIZER_DIR).backend.get_vocab(), expected.backend.get_vocab()
+    if theirs != ours:
+        differing = len(set(theirs.items()) ^ set(ours.items())) // 2
+        raise ConfigError(key, f"{path} has another tokenizer than {reader} ({differing} token ids stand for "
+                          "other tokens)", "pass a model trained with the policy's tokenizer")
+
+
 def _first_difference(recorded: dict, wanted: dict) -> str | None:
     """The first field of a recorded template (`kind` first) that `wanted` sets otherwise."""
     return next((name for name, value in recorded.items() if wanted.get(name) != value), None)

@@ -55,6 +55,7 @@ from offline_rlhf.stage_support import (
     local_init,
     mark_done,
     require_template,
+    require_tokenizer,
     resume_fingerprint,
 )
 from offline_rlhf.train.init import prepare_training
@@ -110,14 +111,15 @@ def _raise_exit(signum, frame):
 def policy_template(cfg: PPOConfig, init: InitConfig, model_cfg) -> ChatTemplate | ChatFormat:
     """The template the policy is prompted with: the one `init.checkpoint` was trained
     with (`init_template`). The reward model, the critic and the reference read the policy's
-    token ids, so each must have been trained with it too."""
+    token ids, so each must have been trained with it and the policy's tokenizer too."""
     tokenizer, _ = load_tokenizer(init, model_cfg)
     template = init_template(init, cfg.template, "template", tokenizer.config)
     for name in SERVICES:
         key = f"services.{name}.checkpoint"
         path = resolve_checkpoint(local_checkpoint(getattr(cfg.services, name).checkpoint, cfg.run_dir, key), key)
-        require_template(path, read_meta(path).metadata, template_record(template), key,
-                         f"the policy ({init.checkpoint})")
+        reader = f"the policy ({init.checkpoint})"
+        require_template(path, read_meta(path).metadata, template_record(template), key, reader)
+        require_tokenizer(path, tokenizer, key, reader)
     return template
 
 

@@ -12,7 +12,7 @@ from offline_rlhf.checkpoint import TEMPLATE, CheckpointMeta, TrainState, resolv
 from offline_rlhf.config.compose import compose_stage
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.chat_template import ChatFormat, template_record
-from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from ppo_baseline.config import PPOConfig
 from ppo_baseline.stage import load_prompts, policy_template
 from tests.fixtures import reference_model
@@ -32,6 +32,14 @@ def models(tmp_path):
         save_checkpoint(tmp_path / name, reference_model(MODEL, head),
                         CheckpointMeta(MODEL, head, TrainState(step=1), metadata={TEMPLATE: record}),
                         tokenizer_dir=tokenizer_dir)
+    corpus = tmp_path / "other_corpus.txt"  # another tokenizer of the same vocabulary size
+    corpus.write_text("\n".join(f"token{i} word{i * 7} other text {i}" for i in range(400)))
+    other = train_bpe_tokenizer([corpus], Tokenizer.from_dir(tokenizer_dir).vocab_size, tmp_path / "other_tokenizer")
+    other.config["chat_template"] = Tokenizer.from_dir(tokenizer_dir).config["chat_template"]
+    other.save(tmp_path / "other_tokenizer")
+    save_checkpoint(tmp_path / "rm_other_tokenizer", reference_model(MODEL, "value"),
+                    CheckpointMeta(MODEL, "value", TrainState(step=1), metadata={TEMPLATE: CHAT}),
+                    tokenizer_dir=tmp_path / "other_tokenizer")
     return tmp_path
 
 
@@ -60,6 +68,16 @@ def test_a_service_trained_with_another_template_is_refused_before_anything_load
         f"services.{service}.checkpoint: {resolve_checkpoint(models / 'rm_paper')} was trained with template "
         f"kind='paper', but the policy ({models / 'sft'}) renders with kind='chat' (metadata.template {PAPER} vs "
         f"{CHAT}); pass a model trained with data.template.kind=chat")
+
+
+def test_a_service_with_another_tokenizer_of_the_same_size_is_refused(models):
+    cfg = ppo_config(models, "rm_other_tokenizer")
+    sizes = {Tokenizer.from_dir(models / name).vocab_size for name in ("tokenizer", "other_tokenizer")}
+    assert len(sizes) == 1  # the vocabulary size check alone would pass
+    with pytest.raises(ConfigError, match=r"^services.reward.checkpoint: .*rm_other_tokenizer.* has another tokenizer "
+                                          r"than the policy \(.*sft\) \([0-9]+ token ids stand for other tokens\); "
+                                          r"pass a model trained with the policy's tokenizer$"):
+        policy_template(cfg, cfg.init, MODEL)
 
 
 def test_a_config_asking_for_another_template_than_the_sfts_is_refused(models):
