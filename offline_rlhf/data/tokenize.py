@@ -62,10 +62,13 @@ def encode_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, r
                   turns: Sequence[Turn] = ()) -> list[int]:
     """The prompt side of a sample, exactly as training sees it; generation encodes its
     prompts with this same function, so a model is prompted the way it was trained. BOS
-    leads when the tokenizer asks for it (a chat template writes its own)."""
+    leads when the tokenizer asks for it (a chat template writes its own). The turns of a
+    multi-turn prompt are what is rendered, by either template: the paper's folds them with
+    its own tags (`prompt`, folded elsewhere, may carry another template's)."""
     if isinstance(template, ChatFormat):
         return tokenizer.encode(template.chat.prompt(template.messages(prompt, turns), response_prefix))
-    return tokenizer.encode(template.prompt_text(prompt) + response_prefix, add_bos=tokenizer.adds_bos)
+    instruction = template.fold_history(turns) if turns else prompt
+    return tokenizer.encode(template.prompt_text(instruction) + response_prefix, add_bos=tokenizer.adds_bos)
 
 
 def stop_token_ids(tokenizer, template: ChatTemplate | ChatFormat) -> set[int]:
@@ -113,7 +116,7 @@ def encode_sft(
                            end_of_turn=eos)
     if eos and tokenizer.eos_id is None:
         raise ValueError("the tokenizer defines no eos_token; SFT needs one to end responses")
-    prompt_ids = encode_prompt(tokenizer, template, prompt, response_prefix)
+    prompt_ids = encode_prompt(tokenizer, template, prompt, response_prefix, turns)
     response_ids = tokenizer.encode(template.response_text(response)) + ([tokenizer.eos_id] if eos else [])
     kept_prompt, kept_response = truncate_pair(prompt_ids, response_ids, max_len)
     truncated = len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)

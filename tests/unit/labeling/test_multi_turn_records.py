@@ -1,6 +1,7 @@
 """A multi-turn prompt's `turns` travel with generated, labeled, mixed and pair records, and
 every stage that encodes prompt + response renders them as SFT did: real messages under
-`template.kind=chat`, the folded prompt (unchanged token ids) under the paper's template."""
+`template.kind=chat`, folded with the template's own tags under the paper's (the folded
+prompt's token ids when the tags match)."""
 
 import json
 import re
@@ -17,7 +18,7 @@ from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.sft_readers import read_sft_source
 from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import encode_sft
+from offline_rlhf.data.tokenize import encode_prompt, encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.labeling.mix import read_labeled_records
 from offline_rlhf.labeling.normalize import labeled_records
@@ -174,3 +175,16 @@ def test_answers_are_grouped_by_prompt_text_and_turns(conversation):
     samples = [Sample(r["prompt"], r["response"], "gen", "generated", turns=tuple(map(tuple, r.get("turns", ()))))
                for r in records]
     assert select_per_prompt(samples, [r["reward"] for r in records], {"gen": "worst"}) == [1, 2]
+
+
+def test_the_paper_template_folds_a_prompts_turns_with_its_own_tags(tokenizer, conversation):
+    """A multi-turn prompt's folded text was made with the tags of whatever read it: the
+    paper template renders the turns with its own (identical ids when the tags match)."""
+    qa = ChatTemplate(user_tag="Q:", assistant_tag="A:")
+    ids = encode_prompt(tokenizer, qa, conversation.prompt, turns=conversation.turns)  # folded with User:/Assistant:
+    assert tokenizer.decode(ids) == qa.prompt_text(qa.fold_history(conversation.turns))
+    assert "Assistant:" not in tokenizer.decode(ids)
+    assert encode_prompt(tokenizer, PAPER, conversation.prompt, turns=conversation.turns) == \
+        encode_prompt(tokenizer, PAPER, conversation.prompt)
+    sample = encode_sft(tokenizer, qa, conversation.prompt, "Fine.", 4096, "x", turns=conversation.turns)
+    assert sample.input_ids[:len(ids)] == tuple(ids)
