@@ -494,9 +494,9 @@ def arrivals_while_a_batch_runs(server, monkeypatch, asks: list[dict], batches_e
     try:
         threads[0].start()
         assert wait_for(lambda: len(jobs) == 1)
-        for thread in threads[1:]:
+        for queued, thread in enumerate(threads[1:], start=1):  # one after another: they arrive in this order
             thread.start()
-        assert wait_for(lambda: server.batcher._jobs.qsize() == len(asks) - 1)  # queued (the first one runs)
+            assert wait_for(lambda: server.batcher._jobs.qsize() == queued)  # queued (the first one runs)
     finally:
         release.set()
         hook.remove()
