@@ -43,11 +43,12 @@ class RowRules:
                                         device=device).unsqueeze(-1)
         # A row without a nucleus keeps every token, also where its float32 cumulative mass
         # reaches 1 before the vocabulary's end (p = 1 would then cut its tail).
-        self.top_p = torch.tensor([rule.top_p if not rule.greedy and rule.top_p < 1 else math.inf for rule in rules],
+        nucleus = [not rule.greedy and rule.top_p < 1 for rule in rules]
+        self.top_p = torch.tensor([rule.top_p if cut else math.inf for rule, cut in zip(rules, nucleus)],
                                   device=device).unsqueeze(-1)
         self.all_greedy = all(rule.greedy for rule in rules)
         self.any_greedy = any(rule.greedy for rule in rules)
-        self.any_top_p = any(not rule.greedy and rule.top_p < 1 for rule in rules)
+        self.any_top_p = any(nucleus)
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, uniforms: torch.Tensor | None = None,

@@ -161,10 +161,9 @@ class Batcher:
         for rows in (1, 2):
             self.execute(batch_body([Request(prompt, row, 2, Rule()) for row in range(rows)], ()))
 
-    def execute(self, body: bytes, on_token: TokenCallback | None = None, poll: Poll | None = None
-                ) -> list[Completion]:
+    def execute(self, body: bytes, on_token: TokenCallback | None = None, poll: Poll | None = None) -> None:
         """What every rank runs per batch: the engine on the batch's requests (rank 0 with
-        the streaming jobs' callbacks), changed at each `poll`."""
+        the streaming jobs' callbacks, which take the answers), changed at each `poll`."""
         batch = json.loads(body)
         stop = tuple(batch["stop"])
         requests = [request_of(row) for row in batch["requests"]]
@@ -172,7 +171,7 @@ class Batcher:
                                stop=list(stop))  # its rule is unused: every request brings its own
         tokenizer = self.served.tokenizer
         # keep_tokens=False: a batch that runs for ever holds the answers in flight only.
-        return run(self.served.model, requests, cfg, self.served.stop_ids, tokenizer.pad_id, self.rt.device,
+        run(self.served.model, requests, cfg, self.served.stop_ids, tokenizer.pad_id, self.rt.device,
                    stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session, poll=poll,
                    keep_tokens=False)
 
