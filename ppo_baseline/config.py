@@ -140,6 +140,9 @@ class PPOConfig(Frozen):
             raise ConfigError("generation.greedy", "PPO samples its rollouts", "set generation.greedy=false")
         if self.generation.n != 1:
             raise ConfigError("generation.n", "PPO draws one response per prompt", "set generation.n=1")
+        if self.generation.stop:  # a response ends at an end-of-turn token; a cut one would keep the string
+            raise ConfigError("generation.stop", "PPO rollouts end at EOS or max_new_tokens only",
+                              "remove generation.stop")
         for name in SERVICES:
             require(getattr(self.services, name), "checkpoint", prefix=f"services.{name}.")
         require_positive(self, "save_every", "keep_last", "max_prompt_tokens")

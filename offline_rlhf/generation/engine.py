@@ -39,6 +39,7 @@ class Request:
     stream: int  # the sampling stream: `stream_id(prompt id, sample index)`
     max_new_tokens: int
     rule: Rule | None = None  # how this request picks tokens; None: the run's cfg (greedy, temperature, top_p)
+    stops: tuple[str, ...] | None = None  # strings that end its answer; None: the run's cfg.stop
 
 
 @dataclass
@@ -66,6 +67,7 @@ class EngineStats:
 
 
 StopCheck = Callable[[list[int]], bool]  # a request's tokens so far -> has it reached a stop string
+Decode = Callable[[list[int]], str]  # token ids -> text
 TokenCallback = Callable[[int, "Completion"], None]
 POLL_STEPS = 8  # a run's `poll` is asked once per this many decode steps (a collective in a TP world)
 
@@ -99,7 +101,7 @@ class Room:
 Poll = Callable[[Room], Changes]  # given (a copy of) the run's room
 
 
-def stop_on_strings(decode: Callable[[list[int]], str], stops: Sequence[str]) -> StopCheck | None:
+def stop_on_strings(decode: Decode, stops: Sequence[str]) -> StopCheck | None:
     """A StopCheck for stop strings that decodes only an answer's tail: a string of c
     characters spans at most 4c byte-level tokens (every token holds at least one byte)."""
     if not stops:
@@ -108,7 +110,7 @@ def stop_on_strings(decode: Callable[[list[int]], str], stops: Sequence[str]) ->
     return lambda tokens: any(stop in decode(tokens[-tail:]) for stop in stops)
 
 
-def answer_text(completion: Completion, decode: Callable[[list[int]], str], stops: Sequence[str]) -> str:
+def answer_text(completion: Completion, decode: Decode, stops: Sequence[str]) -> str:
     """An answer's text: without its EOS token and without anything from a stop string on."""
     tokens = completion.tokens[:-1] if completion.finish == "eos" else completion.tokens
     return cut_at_stop(decode(tokens), stops).strip()
@@ -131,11 +133,13 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig
 
 
 def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_id: int | Collection[int] | None,
-        pad_id: int, device: torch.device | str, stop: StopCheck | None = None,
+        pad_id: int, device: torch.device | str, decode: Decode | None = None,
         stats: EngineStats | None = None, static: bool | None = None,
         on_token: TokenCallback | None = None, session: DecodeSession | None = None,
         keep_tokens: bool = True, poll: Poll | None = None) -> list[Completion]:
     """One completion per request, in request order. `eos_id` None never stops early.
+    `decode` turns tokens into text for the stop strings (each request's, or cfg.stop):
+    needed when there are any.
     `static`: decode at bucketed shapes (default: on CUDA, as CUDA graphs; see `decode`).
     `session`: a cache and decode step kept from earlier runs of `model` (default: new ones
     for `device`, `static` and `cfg`'s decode settings; a session brings its own).
@@ -148,25 +152,31 @@ def run(model: Transformer, requests: list[Request], cfg: GenerationConfig, eos_
     "abort"), and requests it adds (each taken by the room, in order) queue for the next
     free slot. With a poll the run has all `cfg.batch_size` slots. In a TP world
     it must give the same changes on every rank."""
-    _check(model, requests)
+    _check(model, requests, decode, cfg)
     eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     session = session or DecodeSession(model, device, cfg, static)
     if session.model is not model or session.device != torch.device(device):
         raise ValueError(f"a DecodeSession serves the model and device ({session.device}) it was made for")
-    engine = _Engine(model, requests, cfg, eos_ids, pad_id, stop, stats or EngineStats(), session, on_token,
+    engine = _Engine(model, requests, cfg, eos_ids, pad_id, decode, stats or EngineStats(), session, on_token,
                      keep_tokens, poll)
     with torch.inference_mode(), autocast_for(engine.device):
         engine.run()
     return engine.completions
 
 
-def _check(model: Transformer, requests: list[Request]) -> None:
+def _check(model: Transformer, requests: Sequence[Request], decode: Decode | None, cfg: GenerationConfig) -> None:
     for request in requests:
+        if decode is None and _stops(request, cfg):
+            raise ValueError("stop strings need a `decode` (token ids -> text) to be checked")
         if not request.prompt:
             raise ValueError("every prompt needs at least one token (e.g. BOS)")
         if len(request.prompt) + request.max_new_tokens > model.cfg.max_seq_len:
             raise ValueError(f"a prompt of {len(request.prompt)} tokens + max_new_tokens={request.max_new_tokens} "
                              f"exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+
+
+def _stops(request: Request, cfg: GenerationConfig) -> tuple[str, ...]:
+    return tuple(cfg.stop) if request.stops is None else request.stops
 
 
 class DecodeSession:
@@ -197,11 +207,12 @@ class DecodeSession:
 
 
 class _Engine:
-    def __init__(self, model, requests, cfg, eos_ids, pad_id, stop, stats, session, on_token, keep_tokens,
+    def __init__(self, model, requests, cfg, eos_ids, pad_id, decode, stats, session, on_token, keep_tokens,
                  poll):
         self.model, self.cfg, self.eos_ids = model, cfg, eos_ids
         self.requests: list[Request | None] = list(requests)  # None once ended, without keep_tokens
-        self.pad_id, self.device, self.stop, self.stats = pad_id, session.device, stop, stats
+        self.pad_id, self.device, self.decode, self.stats = pad_id, session.device, decode, stats
+        self.stop_checks: dict[tuple[str, ...], StopCheck | None] = {}  # per set of stop strings
         self.on_token: TokenCallback | None = on_token
         self.keep_tokens, self.poll = keep_tokens, poll
         self.rule = Rule.of(cfg)  # of the requests that bring none
@@ -329,7 +340,7 @@ class _Engine:
                                          f"at its token {len(completion.tokens)}")
             completion.tokens.append(token)
             self.pending[slot_index] = token
-            completion.finish = self._finish(completion.tokens, self.requests[request].max_new_tokens)
+            completion.finish = self._finish(completion.tokens, self.requests[request])
             if self.on_token is not None:
                 self.on_token(request, completion)
             if completion.finish:
@@ -349,7 +360,7 @@ class _Engine:
 
     def add(self, requests: Sequence[Request]) -> None:
         """Queue requests joining the run (after the queued ones: first come, first served)."""
-        _check(self.model, requests)
+        _check(self.model, requests, self.decode, self.cfg)
         for request in requests:
             if not self.room.take(request):
                 raise ValueError("a request added to a run must fit its room (see Room.take)")
@@ -378,12 +389,18 @@ class _Engine:
             self.completions[request] = Completion(finish=finish)
             self.requests[request] = None
 
-    def _finish(self, tokens: list[int], max_new_tokens: int) -> str:
+    def _finish(self, tokens: list[int], request: Request) -> str:
         if tokens[-1] in self.eos_ids:
             return "eos"
-        if self.stop is not None and self.stop(tokens):
+        stop = self._stop_check(_stops(request, self.cfg))
+        if stop is not None and stop(tokens):
             return "stop"
-        return "length" if len(tokens) >= max_new_tokens else ""
+        return "length" if len(tokens) >= request.max_new_tokens else ""
+
+    def _stop_check(self, stops: tuple[str, ...]) -> StopCheck | None:
+        if stops not in self.stop_checks:
+            self.stop_checks[stops] = stop_on_strings(self.decode, stops)
+        return self.stop_checks[stops]
 
     def release(self, slot_indices: list[int]) -> None:
         """Free slots; the last busy slot moves into each, so busy slots stay 0..busy-1."""

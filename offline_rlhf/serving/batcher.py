@@ -1,14 +1,12 @@
 """Requests share the engine's continuous batch, also when they arrive while it runs.
 
 The HTTP thread turns each request into a Job (prompt tokens, per-prompt token budgets,
-sampling) and queues it. The main thread (`serve`) takes the queued jobs, groups those
-that one engine `run` can serve (the same stop strings: the engine's stop check is per
-run; each row brings its own sampling rule, greedy or temperature/top_p) and runs the
-first group as a batch. While it runs, the engine polls every few steps
-(`RunningBatch.poll`): jobs queued since join it in arrival order (their rows take the
-next free slots) while they have the batch's stop strings and its cache columns hold
-them; from the first that does not on, they wait for the next batch (none is overtaken
-for ever). A job is answered as soon as its own rows have ended. Sampling is keyed per row,
+sampling) and queues it. The main thread (`serve`) runs the queued jobs as one engine
+batch (each row brings its own sampling rule, greedy or temperature/top_p, and its own
+stop strings). While it runs, the engine polls every few steps (`RunningBatch.poll`):
+jobs queued since join it in arrival order (their rows take the next free slots) while
+its cache columns hold them; from the first that does not on, they wait for the next
+batch (none is overtaken for ever). A job is answered as soon as its own rows have ended. Sampling is keyed per row,
 so an answer is the same whatever it was batched with: sample i of a request with seed s
 samples the stream `stream_id(s, i)` (prompt p of a completions request: sample p * n + i)
 under engine seed 0.
@@ -42,7 +40,6 @@ from offline_rlhf.generation.engine import (
     Room,
     TokenCallback,
     run,
-    stop_on_strings,
 )
 from offline_rlhf.generation.sampling import Rule, stream_id
 from offline_rlhf.runtime import Runtime
@@ -70,18 +67,13 @@ class Job:
     on_token: TokenCallback | None = None
     gone: threading.Event = field(default_factory=threading.Event)  # set when its client left
 
-    def key(self) -> tuple[str, ...]:
-        """Jobs with equal keys can share one engine run: their stop strings (the engine's
-        stop check is per run; each row has its own sampling rule)."""
-        return self.sampling.stop
-
     def row_count(self) -> int:
         return len(self.prompts) * self.sampling.n
 
     def rows(self) -> list[Request]:
         s = self.sampling
         n, seed, rule = s.n, s.seed, Rule(s.greedy, s.temperature, s.top_p)
-        return [Request(prompt, stream_id(seed, p * n + i), budget, rule)
+        return [Request(prompt, stream_id(seed, p * n + i), budget, rule, s.stop)
                 for p, (prompt, budget) in enumerate(zip(self.prompts, self.budgets)) for i in range(n)]
 
 
@@ -159,21 +151,18 @@ class Batcher:
         self.session.fit(self.slots, 1)
         prompt = [self.served.tokenizer.pad_id or 0]
         for rows in (1, 2):
-            self.execute(batch_body([Request(prompt, row, 2, Rule()) for row in range(rows)], ()))
+            self.execute(batch_body([Request(prompt, row, 2, Rule(), ()) for row in range(rows)]))
 
     def execute(self, body: bytes, on_token: TokenCallback | None = None, poll: Poll | None = None) -> None:
         """What every rank runs per batch: the engine on the batch's requests (rank 0 with
         the streaming jobs' callbacks, which take the answers), changed at each `poll`."""
-        batch = json.loads(body)
-        stop = tuple(batch["stop"])
-        requests = [request_of(row) for row in batch["requests"]]
-        cfg = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), seed=0, batch_size=self.slots,
-                               stop=list(stop))  # its rule is unused: every request brings its own
+        requests = [request_of(row) for row in json.loads(body)]
+        # Its rule and stop strings are unused: every request brings its own.
+        cfg = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in requests), seed=0, batch_size=self.slots)
         tokenizer = self.served.tokenizer
         # keep_tokens=False: a batch that runs for ever holds the answers in flight only.
         run(self.served.model, requests, cfg, self.served.stop_ids, tokenizer.pad_id, self.rt.device,
-                   stop=stop_on_strings(tokenizer.decode, stop), on_token=on_token, session=self.session, poll=poll,
-                   keep_tokens=False)
+            decode=tokenizer.decode, on_token=on_token, session=self.session, poll=poll, keep_tokens=False)
 
     def take(self, timeout: float | None = None) -> None:
         """Move the jobs queued now to `waiting` (first waiting up to `timeout` for one)."""
@@ -193,18 +182,15 @@ class Batcher:
         return Changes(told["cancel"], [request_of(row) for row in told["add"]])
 
     def _run_waiting(self) -> None:
-        """Run the waiting jobs, a batch per set of stop strings (the first job's first)."""
-        while self.waiting:
-            key = self.waiting[0].key()
-            group = [job for job in self.waiting if job.key() == key]
-            self.waiting = [job for job in self.waiting if job.key() != key]
-            group = [job for job in group if job.future.set_running_or_notify_cancel()]  # else its client left
-            if group:
-                self.running = RunningBatch(self, key, group)
-                try:
-                    self.running.run()
-                finally:
-                    self.running = None
+        """Run the waiting jobs as one batch (jobs queued while it runs may join it)."""
+        waiting, self.waiting = self.waiting, []
+        jobs = [job for job in waiting if job.future.set_running_or_notify_cancel()]  # else its client left
+        if jobs:
+            self.running = RunningBatch(self, jobs)
+            try:
+                self.running.run()
+            finally:
+                self.running = None
 
     def _fail_pending(self) -> None:
         """Answer every job not in a batch with 503 (the main thread at its end, or the HTTP
@@ -222,8 +208,8 @@ class RunningBatch:
     engine's polls, each job answered once its rows have ended (or given up once its
     client left). Holds the jobs in flight only: under steady load a batch never ends."""
 
-    def __init__(self, batcher: Batcher, key: tuple, jobs: list[Job]):
-        self.batcher, self.key = batcher, key
+    def __init__(self, batcher: Batcher, jobs: list[Job]):
+        self.batcher = batcher
         self.requests = 0  # engine requests so far: the next one's index
         self.rows: dict[int, tuple[Job, int]] = {}  # engine request -> its job and the job's row (jobs in flight)
         self.indices: dict[Job, range] = {}  # job in flight -> its engine requests
@@ -238,7 +224,7 @@ class RunningBatch:
         self.requests += job.row_count()
 
     def run(self) -> None:
-        body = batch_body([row for job in self.indices for row in job.rows()], self.key)
+        body = batch_body([row for job in self.indices for row in job.rows()])
         try:
             broadcast_message(self.batcher.rt, CALL, "generate", body)
             self.batcher.execute(body, self.on_token, self.poll)
@@ -292,9 +278,9 @@ class RunningBatch:
         return Changes(cancelled, added)
 
     def joining(self, room: Room) -> list[Job]:
-        """Waiting jobs, in arrival order, while each has this batch's stop strings and its
-        rows fit the room. The first that does not waits for the batch's end, and the jobs
-        behind it wait too: were they let in, the batch could run for ever with it waiting.
+        """Waiting jobs, in arrival order, while each one's rows fit the room. The first that
+        does not waits for the batch's end, and the jobs behind it wait too: were they let
+        in, the batch could run for ever with it waiting.
         Jobs whose client left while they waited are dropped on the way."""
         joining, waiting = [], self.batcher.waiting
         while self.batcher.join_running and waiting:
@@ -302,7 +288,7 @@ class RunningBatch:
                 waiting.pop(0)
                 continue
             trial = replace(room)
-            if waiting[0].key() != self.key or not all(trial.take(row) for row in waiting[0].rows()):
+            if not all(trial.take(row) for row in waiting[0].rows()):
                 break
             job = waiting.pop(0)
             if job.future.set_running_or_notify_cancel():
@@ -312,17 +298,18 @@ class RunningBatch:
         return joining
 
 
-def batch_body(rows: list[Request], stop: tuple[str, ...]) -> bytes:
+def batch_body(rows: list[Request]) -> bytes:
     """One engine batch as every rank of a world receives it (JSON bytes, never pickle)."""
-    return json.dumps({"stop": list(stop), "requests": [row_of(r) for r in rows]}).encode()
+    return json.dumps([row_of(r) for r in rows]).encode()
 
 
 def row_of(request: Request) -> list:
-    """A request (with its rule) as JSON, for the other ranks of a world."""
+    """A request (with its rule and stop strings) as JSON, for the other ranks of a world."""
     rule = request.rule
-    return [request.prompt, request.stream, request.max_new_tokens, rule.greedy, rule.temperature, rule.top_p]
+    return [request.prompt, request.stream, request.max_new_tokens, rule.greedy, rule.temperature, rule.top_p,
+            list(request.stops)]
 
 
 def request_of(row: list) -> Request:
-    prompt, stream, budget, greedy, temperature, top_p = row
-    return Request(prompt, stream, budget, Rule(greedy, temperature, top_p))
+    prompt, stream, budget, greedy, temperature, top_p, stops = row
+    return Request(prompt, stream, budget, Rule(greedy, temperature, top_p), tuple(stops))

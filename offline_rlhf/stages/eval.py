@@ -30,7 +30,7 @@ from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.eval.gold import check_prompts, load_gold
 from offline_rlhf.eval.results import results_markdown, summarize
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.generation.engine import Request, answer_text, run, stop_on_strings
+from offline_rlhf.generation.engine import Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import shard_indices
 from offline_rlhf.hub import parse_repo_id
@@ -102,7 +102,7 @@ def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
     # Sampling keyed by the global prompt index: the same answers at any DP size.
     requests = [Request(ids, stream_id(i, 0), cfg.generation.max_new_tokens) for i, ids in zip(mine, encoded)]
     completions = run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
-                      rt.device, stop=stop_on_strings(tokenizer.decode, cfg.generation.stop))
+                      rt.device, decode=tokenizer.decode)
     answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length") for c in completions]
     return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
 

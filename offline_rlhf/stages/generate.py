@@ -25,7 +25,7 @@ from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.generation.engine import Completion, Request, answer_text, run, stop_on_strings
+from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import append_durably, merge_shards, my_share, resume_shards
 from offline_rlhf.progress import Progress
@@ -152,7 +152,7 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
     bar = Progress("generate", len(prompts), enabled=rt.is_main, unit="prompt")
     writer = AnswerWriter(prompts, truncated, cfg, tokenizer, model_name, shard, usage, bar)
     run(model, requests, gen, stop_token_ids(tokenizer, template), tokenizer.pad_id, rt.device,
-        stop=stop_on_strings(tokenizer.decode, gen.stop), on_token=writer.on_token, keep_tokens=False)
+        decode=tokenizer.decode, on_token=writer.on_token, keep_tokens=False)
     writer.flush()
     bar.close()
     return writer.tokens

@@ -16,7 +16,6 @@ from offline_rlhf.generation.engine import (
     cut_at_stop,
     generate,
     run,
-    stop_on_strings,
 )
 from offline_rlhf.generation.kv_cache import LayerKVCache
 from offline_rlhf.generation.sampling import Rule, stream_id
@@ -66,11 +65,35 @@ def test_a_stop_string_ends_the_answer_at_the_token_that_completes_it(model):
     last_new = max(full.index(token) for token in full)  # the last token to appear for the first time
     assert last_new > 0
     stop = decode([full[last_new]])
-    [completion] = run(model, [Request(prompt, 0, 16)], GenerationConfig(16), None, PAD, "cpu",
-                       stop=stop_on_strings(decode, [stop, "never"]))
+    [completion] = run(model, [Request(prompt, 0, 16)], GenerationConfig(16, stop=[stop, "never"]), None, PAD, "cpu",
+                       decode=decode)
     assert completion.tokens == full[:last_new + 1] and completion.finish == "stop"
     assert cut_at_stop(decode(completion.tokens), [stop]) == decode(full[:last_new])
     assert cut_at_stop("no stop here", ["<1>"]) == "no stop here"
+    with pytest.raises(ValueError, match="stop strings need a `decode`"):
+        run(model, [Request(prompt, 0, 16, stops=(stop,))], GenerationConfig(16), None, PAD, "cpu")
+
+
+def test_each_row_ends_at_its_own_stop_strings_in_one_run(model):
+    """Rows with different stop strings share a run: each ends where it ends alone; a row
+    without its own (stops=None) takes the run's cfg.stop, one with stops=() has none."""
+    prompts = prompts_of_lengths([6, 4, 7])
+    fulls = [greedy_without_cache(model, p, 16) for p in prompts]
+
+    def decode(tokens):
+        return "".join(f"<{t}>" for t in tokens)
+
+    def stop_at(full, index):
+        return decode([full[index]]) if full[index] not in full[:index] else None
+
+    stops = [next(s for i in range(2, 16) if (s := stop_at(full, i))) for full in fulls]
+    cfg = GenerationConfig(16, stop=[stops[2]], batch_size=2)
+    requests = [Request(prompts[0], 0, 16, stops=(stops[0],)), Request(prompts[1], 1, 16, stops=(stops[1], "never")),
+                Request(prompts[2], 2, 16), Request(prompts[2], 3, 16, stops=())]
+    completions = run(model, requests, cfg, None, PAD, "cpu", decode=decode)
+    ends = [full.index(int(stop[1:-1])) + 1 for full, stop in zip(fulls, stops)]
+    assert [c.tokens for c in completions] == [full[:end] for full, end in zip(fulls, ends)] + [fulls[2]]
+    assert [c.finish for c in completions] == ["stop"] * 3 + ["length"]
 
 
 def sampled_answers(model, prompts, ids, n, slots, stats=None):

@@ -100,6 +100,8 @@ def test_the_stage_config_has_the_papers_defaults_and_is_frozen(tmp_path):
         compose_stage("ppo", PPOConfig, ["ppo.minibatch=100"])
     with pytest.raises(ConfigError, match="generation.greedy"):
         compose_stage("ppo", PPOConfig, ["generation.greedy=true"])
+    with pytest.raises(ConfigError, match="^generation.stop: PPO rollouts end at EOS"):  # was silently ignored
+        compose_stage("ppo", PPOConfig, ["generation.stop=[END]"])
 
 
 def test_the_config_refuses_actor_layouts_it_cannot_run(tmp_path):

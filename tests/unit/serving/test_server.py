@@ -508,18 +508,19 @@ def arrivals_while_a_batch_runs(server, monkeypatch, asks: list[dict], batches_e
     return answers, server.batcher.batches - batches
 
 
-def test_a_request_arriving_while_a_batch_runs_joins_it_unless_other_stop_strings_wait(server, monkeypatch):
-    """A sampled request arriving while a greedy batch runs joins it at the engine's next
-    poll (rows keep their own rules); one arriving while a request with other stop strings
-    waits does not (that one would wait for ever behind a stream of joiners): it runs after
-    that one's batch. Every answer is the one its request gets alone."""
+def test_requests_arriving_while_a_batch_runs_join_it_with_their_own_rules_and_stop_strings(server, monkeypatch):
+    """Requests arriving while a greedy batch runs join it at the engine's next poll, each
+    row keeping its own rule (greedy or sampled) and its own stop strings; every answer is
+    the one its request gets alone."""
     first = {**CHAT_ASK, "temperature": 0, "max_tokens": 30}
     sampled = {**CHAT_ASK, "messages": [{"role": "user", "content": "river stone"}], "temperature": 1.0, "seed": 8}
-    stopped = {**CHAT_ASK, "temperature": 0, "stop": ["zz"]}
-    alone = [answered(server, "/v1/chat/completions", ask) for ask in (first, sampled, stopped)]
-    assert arrivals_while_a_batch_runs(server, monkeypatch, [first, sampled], 1) == (alone[:2], 1)  # joined
-    answers, batches = arrivals_while_a_batch_runs(server, monkeypatch, [first, stopped, sampled], 3)
-    assert answers == [alone[0], alone[2], alone[1]] and batches == 3
+    alone = [answered(server, "/v1/chat/completions", ask) for ask in (first, sampled)]
+    stopped = {**first, "stop": [a_stop_string_in(server, "/v1/chat/completions", first)]}
+    cut = answered(server, "/v1/chat/completions", stopped)
+    (text, _), (cut_text, finish) = alone[0][0][0], cut[0][0]
+    assert finish == "stop" and text.startswith(cut_text) and len(cut_text) < len(text)
+    answers, batches = arrivals_while_a_batch_runs(server, monkeypatch, [first, stopped, sampled], 1)
+    assert answers == [alone[0], cut, alone[1]] and batches == 1
 
 
 def test_a_batch_kept_running_by_steady_load_holds_the_requests_in_flight_only(server):

@@ -189,7 +189,7 @@ def test_a_batch_routes_rows_to_their_jobs_drops_a_failing_callback_and_answers_
     jobs = [Job([[1], [2]], [4, 4], sampling, on_token=lambda row, c: heard.append(("a", row, c.tokens[-1]))),
             Job([[3]], [4], sampling, on_token=failing), Job([[4]], [4], sampling),
             Job([[5]], [4], sampling, on_token=lambda row, c: heard.append(("d", row, c.tokens[-1])))]
-    batch = RunningBatch(SimpleNamespace(generated=0), jobs[0].key(), jobs)
+    batch = RunningBatch(SimpleNamespace(generated=0), jobs)
     for index in range(9):  # rows: a 0-3, b 4-5, c 6-7 (not streamed), d 8-9
         batch.on_token(index, Completion([100 + index]))
     batch.on_token(9, Completion([109]))
@@ -206,22 +206,22 @@ def test_a_batch_routes_rows_to_their_jobs_drops_a_failing_callback_and_answers_
 
 def test_waiting_jobs_join_in_arrival_order_until_one_cannot():
     """A running batch lets waiting jobs join in the order they came while their rows fit
-    its room and they share its stop strings; the first that cannot join waits for the
+    its room, whatever their stop strings; the first that cannot join waits for the
     batch's end, and so do the jobs behind it (no job is overtaken for ever)."""
     sampling = Sampling(temperature=0, top_p=1.0, n=1, max_tokens=4, stop=(), seed=0)
     small, long, other = ([[1] * 3], [4], sampling), ([[1] * 30], [4], sampling), ([[2]], [4], Sampling(
         temperature=0, top_p=1.0, n=1, max_tokens=4, stop=("zz",), seed=0))
-    for arrivals, joined in (([small, small], 2), ([small, long, small], 1), ([other, small], 0),
-                             ([small, other, small], 1)):
+    for arrivals, joined in (([small, small], 2), ([small, long, small], 1), ([other, small], 2),
+                             ([small, other, long, small], 2)):
         jobs = [Job(*job) for job in arrivals]
         batcher = SimpleNamespace(waiting=list(jobs), join_running=True)
-        batch = RunningBatch(batcher, (), [])
+        batch = RunningBatch(batcher, [])
         assert batch.joining(Room(columns=20, longest=5, largest_budget=8)) == jobs[:joined]
         assert batcher.waiting == jobs[joined:] and len(batch.rows) == joined
     dead, alive = Job(*long), Job(*small)
     dead.future.cancel()  # its client left while it waited: it blocks nothing
     batcher = SimpleNamespace(waiting=[dead, alive], join_running=True)
-    assert RunningBatch(batcher, (), []).joining(Room(columns=20, longest=5, largest_budget=8)) == [alive]
+    assert RunningBatch(batcher, []).joining(Room(columns=20, longest=5, largest_budget=8)) == [alive]
     assert batcher.waiting == []
 
 
