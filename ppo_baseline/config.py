@@ -118,7 +118,7 @@ class PPOConfig(Frozen):
     total_prompts: Optional[int] = None  # prompts drawn from the mix; null: all
     # init.checkpoint's recorded template wins; this applies when it records none (another: an error)
     template: TemplateConfig = field(default_factory=TemplateConfig)
-    max_prompt_tokens: int = 512  # longer prompts keep their last tokens
+    max_prompt_tokens: int = 512  # longer prompts lose their oldest exchanges, then their first tokens
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(greedy=False,
                                                                                    max_new_tokens=128))
     seed: int = 1234  # seeds prompt sampling and rollouts

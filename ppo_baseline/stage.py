@@ -43,7 +43,7 @@ from offline_rlhf.config.schema import InitConfig
 from offline_rlhf.data.chat_template import ChatFormat, template_record
 from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
+from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.generation.engine import DecodeSession
 from offline_rlhf.host import DONE
 from offline_rlhf.runtime import Runtime, stage_runtime
@@ -125,13 +125,14 @@ def policy_template(cfg: PPOConfig, init: InitConfig, model_cfg) -> ChatTemplate
 
 def load_prompts(cfg: PPOConfig, tokenizer, template: ChatTemplate | ChatFormat,
                  model_cfg) -> tuple[list[list[int]], list[int]]:
-    """Token ids of every prompt in `template` (the most recent `limit` tokens) and their ids."""
+    """Token ids of every prompt in `template` within `limit` tokens (`fit_prompt`: a
+    conversation's oldest exchanges go first) and their ids."""
     prompts, _ = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed)
     limit = min(cfg.max_prompt_tokens, model_cfg.max_seq_len - cfg.generation.max_new_tokens)
     if limit < 1:
         raise ConfigError("generation.max_new_tokens", f"leaves no room for a prompt in max_seq_len="
                           f"{model_cfg.max_seq_len}", "lower it")
-    encoded = [encode_prompt(tokenizer, template, p.text, turns=p.turns)[-limit:] for p in prompts]
+    encoded = [fit_prompt(tokenizer, template, p.text, limit, turns=p.turns)[0] for p in prompts]
     return encoded, [p.id for p in prompts]
 
 

@@ -53,7 +53,7 @@ class GenerateConfig(Frozen):
     total_prompts: Optional[int] = None  # None: every prompt of every source once
     seed: int = 1234  # seeds the prompt mix
     template: TemplateConfig = field(default_factory=TemplateConfig)
-    max_prompt_tokens: int = 1024  # longer prompts lose their start (counted)
+    max_prompt_tokens: int = 1024  # longer prompts lose their oldest exchanges, then their start (counted)
     write_every: int = 64  # prompts per durable write (what a crash can lose)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 

@@ -7,8 +7,9 @@ prediction (logits at t score labels[t + 1]) happens in the loss, not here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, Message
 from offline_rlhf.data.template import ASSISTANT, ChatTemplate, Turn
@@ -71,6 +72,31 @@ def encode_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, r
     return tokenizer.encode(template.prompt_text(instruction) + response_prefix, add_bos=tokenizer.adds_bos)
 
 
+def fit_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, budget: int, response_prefix: str = "",
+               turns: Sequence[Turn] = ()) -> tuple[list[int], bool]:
+    """`encode_prompt` within `budget` tokens, and whether anything was cut: a conversation
+    loses whole exchanges first, oldest first (a chat template's system message and the
+    last user turn stay, so the model still sees a conversation rendered as in training);
+    a prompt still too long keeps its last `budget` tokens."""
+    ids, dropped = fit_turns(turns, lambda kept: encode_prompt(tokenizer, template, prompt, response_prefix, kept),
+                             lambda ids: len(ids) <= budget)
+    return ids[-budget:], dropped > 0 or len(ids) > budget
+
+
+Encoded = TypeVar("Encoded")
+
+
+def fit_turns(turns: Sequence[Turn], encode: Callable[[Sequence[Turn]], Encoded],
+              fits: Callable[[Encoded], bool]) -> tuple[Encoded, int]:
+    """`encode` of the turns without as few of their oldest exchanges (user, assistant) as
+    make it `fits` (the last user turn always stays), and the number of turns dropped."""
+    dropped, encoded = 0, encode(turns)
+    while dropped + 2 < len(turns) and not fits(encoded):
+        dropped += 2
+        encoded = encode(turns[dropped:])
+    return encoded, dropped
+
+
 def stop_token_ids(tokenizer, template: ChatTemplate | ChatFormat) -> set[int]:
     """The tokens that end an answer: EOS, and with a chat template its end-of-turn marker
     when that begins with a special token of its own (ChatML's `<|im_end|>`, Llama 3's
@@ -106,26 +132,52 @@ def encode_sft(
     Separate encoding makes the loss boundary exact (no BPE merge across it). The
     prompt side, `response_prefix` included (Decision Transformer's ` <rm_score> 4.5`),
     gets IGNORE_INDEX labels; response tokens and the EOS are labelled with their ids.
-    Over-long pairs are cut by `truncate_pair`. With a chat template the whole
-    conversation (`turns`, or the prompt as one user turn) goes through `encode_chat`,
-    labelled on the answer and its end-of-turn marker.
+    With a chat template the whole conversation (`turns`, or the prompt as one user turn)
+    is rendered by it (`encode_chat`), labelled on the answer and its end-of-turn marker.
+    An over-long conversation loses its oldest exchanges while that keeps the prompt from
+    being cut (`fit_turns`); what is still too long is cut by `truncate_pair`.
     """
     if isinstance(template, ChatFormat):
-        messages = [*template.messages(prompt, turns), {"role": ASSISTANT, "content": response}]
-        return encode_chat(tokenizer, template.chat, messages, max_len, source, response_prefix, every_turn=False,
-                           end_of_turn=eos)
-    if eos and tokenizer.eos_id is None:
-        raise ValueError("the tokenizer defines no eos_token; SFT needs one to end responses")
-    prompt_ids = encode_prompt(tokenizer, template, prompt, response_prefix, turns)
-    response_ids = tokenizer.encode(template.response_text(response)) + ([tokenizer.eos_id] if eos else [])
-    kept_prompt, kept_response = truncate_pair(prompt_ids, response_ids, max_len)
-    truncated = len(kept_prompt) + len(kept_response) < len(prompt_ids) + len(response_ids)
-    return TokenizedSample(
-        input_ids=tuple(kept_prompt + kept_response),
-        labels=(IGNORE_INDEX,) * len(kept_prompt) + tuple(kept_response),
-        source=source,
-        truncated=truncated,
-    )
+        answer = {"role": ASSISTANT, "content": response}
+
+        def labelled(kept: Sequence[Turn]) -> _Labelled:
+            return _label_chat(tokenizer, template.chat, [*template.messages(prompt, kept), answer], response_prefix,
+                               every_turn=False, end_of_turn=eos)
+    else:
+        if eos and tokenizer.eos_id is None:
+            raise ValueError("the tokenizer defines no eos_token; SFT needs one to end responses")
+        response_ids = tokenizer.encode(template.response_text(response)) + ([tokenizer.eos_id] if eos else [])
+
+        def labelled(kept: Sequence[Turn]) -> _Labelled:
+            prompt_ids = encode_prompt(tokenizer, template, prompt, response_prefix, kept)
+            return _Labelled(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+                             len(prompt_ids))
+
+    sample, dropped = fit_turns(turns, labelled, lambda sample: sample.prompt_whole(max_len))
+    return sample.cut(max_len, source, turns_dropped=dropped > 0)
+
+
+@dataclass(frozen=True)
+class _Labelled:
+    """A sample's ids and labels before any cut, and where its response starts."""
+
+    ids: list[int]
+    labels: list[int]
+    response_start: int
+
+    def prompt_whole(self, max_len: int) -> bool:
+        """Whether `cut` keeps every prompt token (see `truncate_pair`)."""
+        return self.response_start <= max(max_len - (len(self.ids) - self.response_start), max_len // 2)
+
+    def cut(self, max_len: int, source: str, turns_dropped: bool = False) -> TokenizedSample:
+        """The sample within `max_len` tokens (`truncate_pair`); truncated if anything was
+        cut, earlier turns included."""
+        start = self.response_start
+        kept_prompt, kept_response = truncate_pair(self.ids[:start], self.ids[start:], max_len)
+        dropped, kept = start - len(kept_prompt), len(kept_prompt) + len(kept_response)
+        return TokenizedSample(input_ids=tuple(kept_prompt + kept_response),
+                               labels=tuple(self.labels[dropped:dropped + kept]), source=source,
+                               truncated=turns_dropped or kept < len(self.ids))
 
 
 def encode_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], max_len: int, source: str,
@@ -137,6 +189,11 @@ def encode_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], max_len
     `response_prefix` (DT's reward prompt) sits after the last generation prompt, unlabelled;
     `end_of_turn=False` ends the text with the last answer (one cut at max_new_tokens).
     Over-long conversations are cut by `truncate_pair`, the last assistant turn as the response."""
+    return _label_chat(tokenizer, chat, messages, response_prefix, every_turn, end_of_turn).cut(max_len, source)
+
+
+def _label_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], response_prefix: str, every_turn: bool,
+                end_of_turn: bool) -> _Labelled:
     rendering = chat.conversation(messages, response_prefix)
     spans = rendering.spans if every_turn else rendering.spans[-1:]
     text = rendering.text if end_of_turn else _through_answer(rendering.text, spans[-1][0], messages[-1]["content"])
@@ -145,12 +202,8 @@ def encode_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], max_len
     labels = [token if any(a <= begin < b for a, b in spans) else IGNORE_INDEX for token, begin in zip(ids, starts)]
     # The response's first token; none for an empty answer cut before its end-of-turn marker
     # (a scorer then reads the prompt alone; nothing is labelled).
-    last = next((i for i, begin in enumerate(starts) if begin >= spans[-1][0]), len(ids))
-    kept_prompt, kept_response = truncate_pair(ids[:last], ids[last:], max_len)
-    dropped = last - len(kept_prompt)
-    return TokenizedSample(input_ids=tuple(kept_prompt + kept_response),
-                           labels=tuple(labels[dropped:dropped + len(kept_prompt) + len(kept_response)]),
-                           source=source, truncated=len(kept_prompt) + len(kept_response) < len(ids))
+    response_start = next((i for i, begin in enumerate(starts) if begin >= spans[-1][0]), len(ids))
+    return _Labelled(ids, labels, response_start)
 
 
 def _through_answer(text: str, start: int, answer: str) -> str:

@@ -25,7 +25,7 @@ from offline_rlhf.data.chat_template import paper_template
 from offline_rlhf.data.prompts import PromptTurns, read_prompt_file_turns, read_prompt_turns
 from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
+from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.eval.gold import check_prompts, load_gold
 from offline_rlhf.eval.results import results_markdown, summarize
@@ -97,7 +97,8 @@ def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
     if budget < 1:
         raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a prompt "
                           f"in {model.name}'s max_seq_len={model.meta.model.max_seq_len}", "lower it")
-    encoded = [encode_prompt(tokenizer, template, text, prefix, turns)[-budget:]
+    # A conversation too long for the budget loses its oldest exchanges first.
+    encoded = [fit_prompt(tokenizer, template, text, budget, prefix, turns)[0]
                for text, turns in (prompts[i] for i in mine)]
     # Sampling keyed by the global prompt index: the same answers at any DP size.
     requests = [Request(ids, stream_id(i, 0), cfg.generation.max_new_tokens) for i, ids in zip(mine, encoded)]

@@ -23,7 +23,7 @@ from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.data.prompts import Prompt, read_prompt_mix
 from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
+from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
@@ -146,9 +146,9 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
     limit, gen = prompt_budget(cfg, model.cfg), cfg.generation
     requests, truncated = [], []
     for prompt in prompts:
-        ids = encode_prompt(tokenizer, template, prompt.text, turns=prompt.turns)
-        truncated.append(len(ids) > limit)
-        requests += [Request(ids[-limit:], stream_id(prompt.id, sample), gen.max_new_tokens) for sample in range(gen.n)]
+        ids, cut = fit_prompt(tokenizer, template, prompt.text, limit, turns=prompt.turns)
+        truncated.append(cut)
+        requests += [Request(ids, stream_id(prompt.id, sample), gen.max_new_tokens) for sample in range(gen.n)]
     bar = Progress("generate", len(prompts), enabled=rt.is_main, unit="prompt")
     writer = AnswerWriter(prompts, truncated, cfg, tokenizer, model_name, shard, usage, bar)
     run(model, requests, gen, stop_token_ids(tokenizer, template), tokenizer.pad_id, rt.device,

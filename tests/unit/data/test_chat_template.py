@@ -18,6 +18,7 @@ from offline_rlhf.data.tokenize import (
     encode_chat_prompt,
     encode_prompt,
     encode_sft,
+    fit_prompt,
     stop_token_ids,
 )
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
@@ -189,6 +190,24 @@ def test_template_kind_chat_goes_through_encode_sft_and_encode_prompt(tokenizers
     cut = encode_sft(ours, fmt, "What is a cat?", "A small animal.", 4096, "s", eos=False)
     assert cut.input_ids == single.input_ids[:len(cut)] and len(single) - len(cut) >= 1
     assert ours.decode(cut.input_ids[-2:], skip_special_tokens=False).endswith("animal.")
+
+
+def test_a_conversation_cut_to_fit_keeps_the_system_message_and_whole_turns(tokenizers):
+    """Under a chat template with a system message, an over-long conversation loses its
+    oldest exchange, not its first tokens (the BOS, the system message, a turn's header)."""
+    ours, _ = tokenizers
+    fmt = build_template(TemplateConfig(kind="chat", system="Answer briefly."), ours.config)
+    turns = [(m["role"], m["content"]) for m in MULTI[1:-1]]
+    whole = encode_prompt(ours, fmt, "folded", turns=turns)
+    recent = encode_prompt(ours, fmt, "folded", turns=turns[2:])
+    assert fit_prompt(ours, fmt, "folded", len(whole), turns=turns) == (whole, False)
+    assert fit_prompt(ours, fmt, "folded", len(whole) - 1, turns=turns) == (recent, True)
+    text = ours.decode(recent, skip_special_tokens=False)
+    assert "Answer briefly." in text and "And another one?" in text and "Blue." not in text
+    answer = MULTI[-1]["content"]
+    sample = encode_sft(ours, fmt, "folded", answer, len(whole) - 1 + len(ours.encode(answer)), "m", turns=turns)
+    assert sample.input_ids == encode_sft(ours, fmt, "folded", answer, 4096, "m", turns=turns[2:]).input_ids
+    assert sample.truncated
 
 
 def test_records_of_a_template_rebuild_it():

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenStats, encode_sft, truncate_pair
+from offline_rlhf.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizedSample,
+    TokenStats,
+    encode_prompt,
+    encode_sft,
+    fit_prompt,
+    fit_turns,
+    truncate_pair,
+)
 from offline_rlhf.data.tokenizer import train_bpe_tokenizer
 
 TEMPLATE = ChatTemplate()
@@ -112,3 +121,38 @@ def test_encode_sft_truncation_flags_and_stats():
 def test_mismatched_labels_are_refused():
     with pytest.raises(ValueError, match="2 input ids but 1 labels"):
         TokenizedSample((1, 2), (IGNORE_INDEX,), "test:1", False)
+
+
+# Three user turns: `U: u1 A: a1 U: u2 A: a2 U: u3 A:` under SHORT, one token per character.
+TURNS = [("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"), ("user", "u3")]
+
+
+def test_a_conversation_too_long_for_the_prompt_budget_loses_its_oldest_exchanges_first():
+    chars = CharTokenizer()
+
+    def fitted(budget, turns=TURNS):
+        ids, cut = fit_prompt(chars, SHORT, "folded", budget, turns=turns)
+        return text_of(ids), cut
+
+    whole = text_of(encode_prompt(chars, SHORT, "folded", turns=TURNS))
+    assert whole == "U: u1 A: a1 U: u2 A: a2 U: u3 A:" and fitted(len(whole)) == (whole, False)
+    assert fitted(len(whole) - 1) == ("U: u2 A: a2 U: u3 A:", True)  # a whole exchange, not one character
+    assert fitted(len("U: u3 A:")) == ("U: u3 A:", True)
+    assert fitted(5) == ("u3 A:", True)  # the last user turn alone is too long: its last tokens
+    assert fitted(8, turns=()) == ("folded A:"[-8:], True)  # a one-turn prompt: its last tokens, as before
+    assert fit_turns([("user", "x")], len, lambda n: False) == (1, 0)  # the last user turn always stays
+
+
+def test_an_over_long_conversation_in_training_drops_exchanges_while_that_spares_its_prompt():
+    chars = CharTokenizer()
+
+    def sample(max_len, turns=TURNS):
+        return encode_sft(chars, SHORT, "folded", "xyz", max_len, "t", turns=turns)
+
+    whole = sample(1000)
+    assert text_of(whole.input_ids) == "U: u1 A: a1 U: u2 A: a2 U: u3 A: xyz<eos>" and not whole.truncated
+    fitted = sample(len(whole) - 1)
+    assert text_of(fitted.input_ids) == "U: u2 A: a2 U: u3 A: xyz<eos>" and fitted.truncated
+    assert fitted.labels == sample(1000, TURNS[2:]).labels
+    # The last user turn's prompt (8 tokens) is then cut to the room the response (5) leaves.
+    assert text_of(sample(10).input_ids) == "u3 A: xyz<eos>" and sample(10).truncated
