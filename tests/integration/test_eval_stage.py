@@ -16,7 +16,7 @@ from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.prompts import read_prompt_turns
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import encode_prompt, encode_sft
+from offline_rlhf.data.tokenize import encode_sft, fit_prompt
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.eval.gold import load_gold
 from offline_rlhf.labeling.scoring import scoring_metadata
@@ -186,10 +186,10 @@ def test_multi_turn_hub_prompts_are_answered_and_scored_as_their_turns(tmp_path,
     assert len(requests) == len(scored) == len(records) == len(prompts)
     budget = MODEL.max_seq_len - 2
     for (text, turns), request, sequence, record in zip(prompts, requests, scored, records):
-        assert request.prompt == encode_prompt(tokenizer, chat, text, turns=turns)[-budget:]
+        assert request.prompt == fit_prompt(tokenizer, chat, text, budget, turns=turns)[0]  # unit-tested
         assert sequence.input_ids == encode_sft(tokenizer, chat, text, record["response"], MODEL.max_seq_len, "x",
                                                 eos=record["finished"], turns=turns).input_ids
         assert (record["prompt"], [tuple(t) for t in record.get("turns", [])]) == (text, list(turns))
     multi = [(text, turns) for text, turns in prompts if turns]
-    assert multi and any(encode_prompt(tokenizer, chat, text, turns=turns)[-budget:] !=
-                         encode_prompt(tokenizer, chat, text)[-budget:] for text, turns in multi)
+    assert multi and any(fit_prompt(tokenizer, chat, text, budget, turns=turns) !=
+                         fit_prompt(tokenizer, chat, text, budget) for text, turns in multi)

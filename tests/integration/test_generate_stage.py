@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from offline_rlhf.checkpoint import latest_checkpoint, read_meta
 from offline_rlhf.cli import main
 from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import build_template
@@ -58,6 +59,7 @@ def with_kill_hook(args, env=None):
 KILL_AFTER_FIRST_WRITE = """
 import os, signal, sys
 import offline_rlhf.stages.generate as stage
+from offline_rlhf.checkpoint import latest_checkpoint, read_meta
 from offline_rlhf.cli import main
 
 original = stage.append_durably
@@ -171,14 +173,19 @@ def test_multi_turn_prompts_reach_the_engine_as_chat_sft_rendered_them(tmp_path,
     turns_of = {e.prompt: e.turns for e in read_sft_source("oasst", str(OASST_TREES), template=chat)}
     records = samples(out)
     assert len(requests) == len(records) == len(turns_of) and [r["id"] for r in records] == list(range(len(records)))
-    multi = 0
+    budget, multi, cut = read_meta(latest_checkpoint(run_dir / "sft/checkpoints")).model.max_seq_len - 2, 0, 0
     for request, record in zip(requests, records):
         turns = turns_of[record["prompt"]]
         assert [tuple(turn) for turn in record.get("turns", [])] == list(turns)
+        # Without its oldest 0, 2, 4... turns: the first that fits is prompted (or the last one's tail).
+        recent = [encode_prompt(tokenizer, chat, record["prompt"], turns=turns[k:]) for k in range(0, len(turns), 2)]
+        fitting = next((ids for ids in recent if len(ids) <= budget), None) if turns else None
         whole = encode_prompt(tokenizer, chat, record["prompt"], turns=turns)
-        assert request.prompt == whole[-len(request.prompt):] and (len(request.prompt) < len(whole)) == \
-            record["prompt_truncated"]
+        assert request.prompt == (fitting or (recent or [whole])[-1][-budget:])
+        assert record["prompt_truncated"] == (request.prompt != whole)
         if turns and not record["prompt_truncated"]:
             multi += 1
             assert request.prompt == whole != encode_prompt(tokenizer, chat, record["prompt"])
-    assert multi >= 10 and any("turns" not in r for r in records)  # multi-turn prompts checked whole; one-turn ones
+        cut += len(turns) > 1 and fitting is not None and fitting != whole
+    # Multi-turn prompts checked whole, and some cut by whole exchanges; one-turn ones too.
+    assert multi >= 10 and cut >= 1 and any("turns" not in r for r in records)

@@ -175,9 +175,14 @@ def test_label_scores_multi_turn_prompts_as_the_reward_model_was_trained(tmp_pat
                      f"inputs=[{{name: gen, kind: generated, path: '{generated}'}}]"]) == 0
         with_turns = [encode_sft(tokenizer, template, e.prompt, e.response, 128, "x", turns=e.turns).input_ids
                       for e in chosen]
-        folded = encode_sft(tokenizer, template, chosen[0].prompt, chosen[0].response, 128, "x").input_ids
         assert [sequence.input_ids for sequence in scored.pop()] == with_turns
-        assert (with_turns[0] == folded) == (kind == "paper")
+        # Uncut, the paper's format renders turns as their fold; cut to 128 tokens, a
+        # conversation loses whole exchanges, a folded prompt its first tokens.
+        uncut, folded = (encode_sft(tokenizer, template, chosen[0].prompt, chosen[0].response, max_len, "x").input_ids
+                         for max_len in (4096, 128))
+        assert (encode_sft(tokenizer, template, chosen[0].prompt, chosen[0].response, 4096, "x",
+                           turns=chosen[0].turns).input_ids == uncut) == (kind == "paper")
+        assert with_turns[0] != folded
         assert main(["rm-score", f"run_dir={tmp_path / kind}", f"ckpt={rm}", f"input={generated}",
                      f"output={tmp_path / kind / 'scored.jsonl'}"]) == 0
         assert [sequence.input_ids for sequence in scored.pop()] == with_turns
