@@ -159,11 +159,17 @@ def load_tokenizer(init: InitConfig, model: ModelConfig) -> tuple[Tokenizer, Pat
     return tokenizer, path
 
 
-def checkpoint_template(path: Path, metadata: dict, configured: TemplateConfig) -> ChatTemplate | ChatFormat:
+def checkpoint_template(path: Path, metadata: dict, configured: TemplateConfig,
+                        key: str | None = "template") -> ChatTemplate | ChatFormat:
     """The template checkpoint `path` was trained with (its metadata), else `configured`,
-    for the tokenizer saved with it."""
+    for the tokenizer saved with it. `configured` (config key `key`) set to another than
+    the recorded one is an error (`check_configured`); `key` None takes it as a fallback
+    only (eval's one `template` for several models)."""
     tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR) if (path / TOKENIZER_DIR).is_dir() else None
-    return build_template(metadata.get(TEMPLATE, configured), tokenizer.config if tokenizer else {})
+    recorded = metadata.get(TEMPLATE)
+    if recorded is not None and key is not None:
+        check_configured(recorded, configured, key, path)
+    return build_template(configured if recorded is None else recorded, tokenizer.config if tokenizer else {})
 
 
 def init_template(init: InitConfig, configured: TemplateConfig, key: str,
@@ -171,23 +177,28 @@ def init_template(init: InitConfig, configured: TemplateConfig, key: str,
     """The template of a stage that continues `init.checkpoint` (align and PPO train it,
     reference scores with it): the one the checkpoint was trained with, as generate, eval
     and serve use it; `configured` when it records none (random init, an imported model).
-    `configured` (config key `key`: `data.template` or `template`) left at its default
-    adopts the recorded one; set to another, it is an error naming the field to set and
-    the recorded value (it would train or score the model in a format it never saw).
-    `init` has been through `local_init`."""
+    `configured` (config key `key`: `data.template` or `template`) is checked against the
+    recorded one (`check_configured`). `init` has been through `local_init`."""
     recorded = None
     if init.checkpoint:
         path = resolve_checkpoint(init.checkpoint, "init.checkpoint")
         recorded = read_meta(path).metadata.get(TEMPLATE)
     if recorded is None:
         return build_template(configured, tokenizer_config)
+    check_configured(recorded, configured, key, path)
+    return build_template(recorded, tokenizer_config)
+
+
+def check_configured(recorded: dict, configured: TemplateConfig, key: str, path: Path) -> None:
+    """`configured` (config key `key`) left at its default adopts the template `path`
+    recorded; set to another, it is an error naming the field to set and the recorded
+    value (the model would be prompted, trained or scored in a format it never saw)."""
     wanted = asdict(configured)
     if configured != TemplateConfig() and (field := _first_difference(recorded, wanted)):
         raise ConfigError(f"{key}.{field}", f"is {wanted.get(field)!r}, but {path} was trained with "
                           f"{field}={recorded[field]!r} (its metadata.template: {recorded})",
                           f"set {key}.{field}={_override(recorded[field])}, or leave {key} at its default to use "
                           "the checkpoint's")
-    return build_template(recorded, tokenizer_config)
 
 
 def require_template(path: Path, metadata: dict, expected: dict, key: str, reader: str) -> None:

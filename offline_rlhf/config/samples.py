@@ -52,6 +52,7 @@ class GenerateConfig(Frozen):
     sources: list[PromptSourceConfig] = field(default_factory=list)
     total_prompts: Optional[int] = None  # None: every prompt of every source once
     seed: int = 1234  # seeds the prompt mix
+    # init.checkpoint's recorded template wins; this applies when it records none (another: an error)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     max_prompt_tokens: int = 1024  # longer prompts lose their oldest exchanges, then their start (counted)
     write_every: int = 64  # prompts per durable write (what a crash can lose)

@@ -30,7 +30,7 @@ class ServeConfig(Frozen):
     # Decision-Transformer reward prompt `<rm_score> a.b` after the assistant tag; None: the
     # checkpoint's dt_target when it is a DT model, none otherwise.
     reward_prompt: Optional[float] = None
-    template: TemplateConfig = field(default_factory=TemplateConfig)  # used when the checkpoint records none
+    template: TemplateConfig = field(default_factory=TemplateConfig)  # when ckpt records none (another: an error)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     batch_size: int = 32  # decode slots shared by the requests being answered
     join_running: bool = True  # a request arriving while a batch runs joins it (false: it waits for the batch's end)

@@ -72,7 +72,7 @@ def listed_models(cfg: EvalConfig) -> list[Model]:
         key = f"models[{model_cfg.name}].checkpoint"
         path = resolve_checkpoint(model_cfg.checkpoint, key)
         meta = checkpoint_of_head(path, "lm", key)
-        template = checkpoint_template(path, meta.metadata, cfg.template)
+        template = checkpoint_template(path, meta.metadata, cfg.template, key=None)  # a fallback: models differ
         if model_cfg.reward_prompt is not None:
             target, source = model_cfg.reward_prompt, "config"
         else:

@@ -4,9 +4,11 @@ chat template that renders that format through transformers' apply_chat_template
 
 import json
 
+import pytest
 from transformers import AutoTokenizer
 
 from offline_rlhf.checkpoint import TEMPLATE, CheckpointMeta, TrainState, resolve_checkpoint, save_checkpoint
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, template_record
 from offline_rlhf.data.template import ChatTemplate
@@ -42,7 +44,9 @@ def test_a_model_not_trained_here_keeps_its_tokenizer_as_it_was(tmp_path):
 
 
 def test_later_stages_render_with_the_template_the_checkpoint_records(tmp_path):
-    """generate, eval and serve take a checkpoint's recorded template over their own setting."""
+    """generate, eval and serve take a checkpoint's recorded template; their own setting
+    applies to one that records none. Set to another, it is an error (generate, serve) or,
+    for eval's one setting for several models, a fallback only (key None)."""
     tokenizer_dir = tmp_path / "tokenizer"
     tokenizer = synthetic_tokenizer(tokenizer_dir)
     tokenizer.config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -52,8 +56,12 @@ def test_later_stages_render_with_the_template_the_checkpoint_records(tmp_path):
                         CheckpointMeta(MODEL, "lm", TrainState(step=1), metadata=metadata), tokenizer_dir=tokenizer_dir)
     configured = TemplateConfig(user_tag="Q:", assistant_tag="A:")
     recorded = {TEMPLATE: {"kind": "chat", "system": "Be brief."}}
-    chat = checkpoint_template(resolve_checkpoint(tmp_path / "chat"), recorded, configured)
-    assert isinstance(chat, ChatFormat) and chat.system == "Be brief."
+    path = resolve_checkpoint(tmp_path / "chat")
+    with pytest.raises(ConfigError, match=r"^template.kind: is 'paper', but .* was trained with kind='chat'"):
+        checkpoint_template(path, recorded, configured)
+    for chat in (checkpoint_template(path, recorded, configured, key=None),
+                 checkpoint_template(path, recorded, TemplateConfig())):
+        assert isinstance(chat, ChatFormat) and chat.system == "Be brief."
     assert checkpoint_template(resolve_checkpoint(tmp_path / "plain"), {}, configured) == ChatTemplate("Q:", "A:", " ")
 
 
