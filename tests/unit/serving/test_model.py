@@ -54,14 +54,16 @@ def test_a_dt_checkpoint_answers_behind_its_reward_prompt(tokenizer_dir, tmp_pat
     assert served(dt, tmp_path, reward_prompt=-1.25, model_name="x").reward_prefix == " <rm_score> -1.2"
 
 
-def test_the_checkpoints_template_wins_over_the_configured_one(tokenizer_dir, tmp_path):
+def test_the_checkpoints_template_is_served_and_another_configured_one_refused(tokenizer_dir, tmp_path):
     plain = write_lm_checkpoint(tmp_path / "sft" / "checkpoints", tokenizer_dir)
     assert served(plain, tmp_path).reward_prefix == ""
     custom = served(plain, tmp_path, template=QA)
     assert custom.tokenizer.decode(custom.chat_prompt([("user", "hi")])) == "Q: hi A:"
     recorded = write_lm_checkpoint(tmp_path / "rec" / "checkpoints", tokenizer_dir,
                                    metadata={"template": {"user_tag": "Human:", "assistant_tag": "Bot:", "sep": " "}})
-    model = served(recorded, tmp_path, template=QA)
+    with pytest.raises(ConfigError, match=r"^template.user_tag: is 'Q:', but .* was trained with user_tag='Human:'"):
+        served(recorded, tmp_path, template=QA)
+    model = served(recorded, tmp_path)
     assert model.tokenizer.decode(model.chat_prompt([("user", "hi"), ("assistant", "yo"), ("user", "ok")])) == \
         "Human: hi Bot: yo Human: ok Bot:"
 
