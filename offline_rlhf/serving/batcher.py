@@ -6,10 +6,10 @@ batch (each row brings its own sampling rule, greedy or temperature/top_p, and i
 stop strings). While it runs, the engine polls every few steps (`RunningBatch.poll`):
 jobs queued since join it in arrival order (their rows take the next free slots) while
 its cache columns hold them; from the first that does not on, they wait for the next
-batch (none is overtaken for ever). A job is answered as soon as its own rows have ended. Sampling is keyed per row,
-so an answer is the same whatever it was batched with: sample i of a request with seed s
-samples the stream `stream_id(s, i)` (prompt p of a completions request: sample p * n + i)
-under engine seed 0.
+batch (none is overtaken for ever). A job is answered as soon as its own rows have
+ended. Sampling is keyed per row, so an answer is the same whatever it was batched with:
+sample i of a request with seed s samples the stream `stream_id(s, i)` (prompt p of a
+completions request: sample p * n + i) under engine seed 0.
 
 A job may carry a per-token callback (a streamed answer): rank 0's engine run calls it
 with (row of the job, completion so far) after each token, on this main thread. A callback
