@@ -75,8 +75,8 @@ def encode_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, r
 def fit_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, budget: int, response_prefix: str = "",
                turns: Sequence[Turn] = ()) -> tuple[list[int], bool]:
     """`encode_prompt` within `budget` tokens, and whether anything was cut: a conversation
-    loses whole exchanges first, oldest first (a chat template's system message and the
-    last user turn stay, so the model still sees a conversation rendered as in training);
+    loses whole exchanges first, oldest first (the template's system message and the last
+    user turn stay, so the model still sees a conversation rendered as in training);
     a prompt still too long keeps its last `budget` tokens."""
     ids, dropped = fit_turns(turns, lambda kept: encode_prompt(tokenizer, template, prompt, response_prefix, kept),
                              lambda ids: len(ids) <= budget)
