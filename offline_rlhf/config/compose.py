@@ -15,7 +15,7 @@ from typing import Sequence, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -109,12 +109,27 @@ def closest_key(key: str, keys: Sequence[str]) -> str | None:
     return near[0] if near else None
 
 
+def _unparsed_override(err: OverrideParseException) -> ConfigError:
+    """An override Hydra's grammar refuses (`=`, `#`, `;`, spaces... in an unquoted value):
+    the key, Hydra's reason, and how to quote the value."""
+    key, _, value = err.override.partition("=")
+    reason = next((line.strip() for line in err.message.splitlines() if line.strip()), "")
+    if reason.startswith("LexerNoViableAltException"):
+        reason = "a character Hydra's grammar does not take here"
+    return ConfigError(key.strip() or "config", f"cannot parse {err.override!r}: {reason}",
+                       f"quote the value: {key.strip()}='{value}' (in a shell, wrap the whole argument in double "
+                       "quotes)")
+
+
 def _one_line_error(err: Exception, schema: type | None = None) -> ConfigError:
     """Hydra/OmegaConf messages are multi-line; keep the key and the reason."""
     chain = list(_causes(err))
     for cause in chain:
         if isinstance(cause, ConfigError):
             return cause
+    unparsed = next((c for c in chain if isinstance(c, OverrideParseException)), None)
+    if unparsed is not None:
+        return _unparsed_override(unparsed)
     keyed = next((c for c in chain if getattr(c, "full_key", None)), chain[-1])
     text = str(keyed).strip()
     missing = re.search(r"Key '([^']+)' not in '([^']+)'", text)

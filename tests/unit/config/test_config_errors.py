@@ -21,6 +21,10 @@ TINY = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
     (["parallel.dp_mode=zero3"], "parallel.dp_mode", "use 'fsdp' or 'ddp'"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "needs parallel.tp > 1"),
     (["seq_len=4096"], "seq_len", "exceeds model.max_seq_len=512"),
+    # Values Hydra's grammar refuses unquoted: its reason and how to quote (was `config: None`).
+    (["run_dir=a=b"], "run_dir",
+     "cannot parse 'run_dir=a=b': mismatched input '=' expecting <EOF>; quote the value: run_dir='a=b'"),
+    (["run_dir=runs#1"], "run_dir", "cannot parse 'run_dir=runs#1': a character Hydra's grammar does not take here"),
 ])
 def test_compose_errors_name_the_key(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:
