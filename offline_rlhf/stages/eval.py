@@ -83,10 +83,11 @@ def listed_models(cfg: EvalConfig) -> list[Model]:
 
 
 def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
-                   rt: Runtime) -> tuple[list[tuple[str, bool]], int]:
-    """The model's (answer, finished) for every prompt, in order, on every rank (DP replicas
-    split them; finished is False for an answer cut at max_new_tokens), and the number of
-    tokens generated."""
+                   rt: Runtime) -> tuple[list[tuple[str, bool, bool]], int]:
+    """The model's (answer, finished, prompt cut) for every prompt, in order, on every rank
+    (DP replicas split them; finished is False for an answer cut at max_new_tokens; a
+    prompt is cut when it does not fit the model's context beside max_new_tokens), and the
+    number of tokens generated."""
     tokenizer = Tokenizer.from_dir(model.path / TOKENIZER_DIR)
     policy = load_inference_model(model.path, "lm", rt, f"models[{model.name}].checkpoint", decoding=True)
     template = model.template
@@ -98,13 +99,14 @@ def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
         raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a prompt "
                           f"in {model.name}'s max_seq_len={model.meta.model.max_seq_len}", "lower it")
     # A conversation too long for the budget loses its oldest exchanges first.
-    encoded = [fit_prompt(tokenizer, template, text, budget, prefix, turns)[0]
+    encoded = [fit_prompt(tokenizer, template, text, budget, prefix, turns)
                for text, turns in (prompts[i] for i in mine)]
     # Sampling keyed by the global prompt index: the same answers at any DP size.
-    requests = [Request(ids, stream_id(i, 0), cfg.generation.max_new_tokens) for i, ids in zip(mine, encoded)]
+    requests = [Request(ids, stream_id(i, 0), cfg.generation.max_new_tokens) for i, (ids, _) in zip(mine, encoded)]
     completions = run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
                       rt.device, decode=tokenizer.decode)
-    answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length") for c in completions]
+    answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length", cut)
+               for c, (_, cut) in zip(completions, encoded)]
     return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
 
 
@@ -163,14 +165,18 @@ def main(cfg: EvalConfig) -> int:
         texts, turns = [text for text, _ in prompts], [history for _, history in prompts]
         check_prompts(cfg.gold, cfg.prompts, cfg.prompt_key)
         gold = on_main(rt, lambda: load_gold(cfg.gold, rt.device, cfg.batch_size, template))
-        answers, finished = {}, {}
+        answers, finished, cut = {}, {}, {}
         for model in models:
             rt.log(f"eval: {model.name} answers {len(prompts)} prompts" + (
                 f" (reward prompt {model.reward_prompt:.1f} from the {model.reward_prompt_from})"
                 if model.reward_prompt is not None else ""))
             answered, generated = answer_prompts(model, prompts, cfg, rt)
-            answers[model.name], finished[model.name] = [a for a, _ in answered], [f for _, f in answered]
+            answers[model.name], finished[model.name], cut[model.name] = (list(column) for column in zip(*answered))
             usage.tokens += generated
+            if any(cut[model.name]):
+                rt.log(f"eval: {sum(cut[model.name])} of {len(prompts)} prompts were cut to fit {model.name}'s "
+                       f"context (max_seq_len {model.meta.model.max_seq_len} - max_new_tokens "
+                       f"{cfg.generation.max_new_tokens}): a conversation's oldest exchanges first, then its start")
         scores = {name: {} for name in answers}
         if cfg.rm:
             rm, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
@@ -182,23 +188,24 @@ def main(cfg: EvalConfig) -> int:
             if gold is not None:  # after the collectives: a plug-in's error stops rank 0 alone
                 for name, replies in answers.items():  # the gold reward reads paper-format text: the folded prompt
                     scores[name] = {"gold": gold.score(list(zip(texts, replies)), finished[name]), **scores[name]}
-            write_results(rt, cfg, models, prompts, answers, finished, scores)
+            write_results(rt, cfg, models, prompts, answers, finished, cut, scores)
     return 0
 
 
 def write_results(rt: Runtime, cfg: EvalConfig, models: list[Model], prompts: list[PromptTurns],
-                  answers: dict[str, list[str]], finished: dict[str, list[bool]],
+                  answers: dict[str, list[str]], finished: dict[str, list[bool]], cut: dict[str, list[bool]],
                   scores: dict[str, dict[str, list[float]]]) -> None:
     """answers_<model>.jsonl per model, results.json / results.md, DONE (rank 0)."""
     for name, texts in answers.items():
         write_jsonl(rt.stage_dir / f"answers_{name}.jsonl",
                     [{"prompt": p, **turns_field(history), "response": a, "finished": finished[name][i],
-                      **{s: scores[name][s][i] for s in scores[name]}}
+                      "prompt_truncated": cut[name][i], **{s: scores[name][s][i] for s in scores[name]}}
                      for i, ((p, history), a) in enumerate(zip(prompts, texts))])
     table = summarize(scores, cfg.baseline, cfg.bootstrap_samples)
     cut_off = {name: flags.count(False) for name, flags in finished.items()}
     info = {m.name: {"checkpoint": str(m.path), "reward_prompt": m.reward_prompt,
-                     "reward_prompt_from": m.reward_prompt_from, "cut_off": cut_off[m.name]} for m in models}
+                     "reward_prompt_from": m.reward_prompt_from, "cut_off": cut_off[m.name],
+                     "prompts_truncated": sum(cut[m.name])} for m in models}
     results = {"baseline": cfg.baseline, "prompts": len(prompts), "gold": cfg.gold, "rm": cfg.rm,
                "max_new_tokens": cfg.generation.max_new_tokens, "models": info, "table": table}
     markdown = results_markdown(table, cfg.baseline, cut_off)

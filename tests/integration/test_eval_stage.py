@@ -115,6 +115,18 @@ def test_cut_off_answers_are_counted_per_model(evaluated):
     assert 0 < sum(counts) < len(FILLER) * len(counts), counts  # both kinds of answer are there
 
 
+def test_prompts_too_long_for_the_context_are_cut_and_counted(files, tmp_path, capsys):
+    long = " ".join(FILLER * (MODEL.max_seq_len // len(FILLER) + 1))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hi.", long, "Bye.")))
+    assert main(["eval", f"run_dir={tmp_path}", f"prompts={tmp_path / 'prompts.jsonl'}", "prompt_key=prompt", "rm=",
+                 f"gold={PLUGIN}", "generation.max_new_tokens=8", "bootstrap_samples=10",
+                 f"models=[{{name: sft, checkpoint: '{files / 'sft'}'}}]"]) == 0
+    assert [a["prompt_truncated"] for a in answers(tmp_path, "sft")] == [False, True, False]
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["models"]["sft"]["prompts_truncated"] == 1
+    assert f"eval: 1 of 3 prompts were cut to fit sft's context (max_seq_len {MODEL.max_seq_len} - " \
+           "max_new_tokens 8)" in capsys.readouterr().out
+
+
 def test_a_plugin_gold_reward_scores_every_answer(evaluated):
     results = json.loads((evaluated / "eval" / "results.json").read_text())
     for name in results["models"]:
