@@ -5,6 +5,7 @@ a stage."""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import math
 import tempfile
@@ -292,18 +293,23 @@ def note_untrusted(path: Path, rt: Runtime) -> None:
                "so load only ones you trust (exchange weights as Hugging Face safetensors)")
 
 
-# Keys that may change between a run and its resumption: layout (checkpoints reshard),
-# logging, and how long or how often things happen.
-RESUMABLE_CHANGES = ("run_dir", "parallel.", "logging.", "train.max_steps", "train.epochs", "train.val_every",
+# Keys (fnmatch patterns) that may change between a run and its resumption: layout
+# (checkpoints reshard; a PPO service's world and where it runs), logging, how long or how
+# often things happen, and how fast answers are decoded (decode slots, CUDA graphs and
+# compilation leave every answer as it is: tested).
+RESUMABLE_CHANGES = ("run_dir", "parallel.*", "logging.*", "train.max_steps", "train.epochs", "train.val_every",
                      "train.val_batches", "train.save_every", "train.keep_last", "train.log_every",
-                     "train.max_skipped_fraction", "write_every", "ppo.iterations", "save_every", "keep_last")
+                     "train.max_skipped_fraction", "write_every", "ppo.iterations", "save_every", "keep_last",
+                     "generation.batch_size", "generation.cuda_graphs", "generation.compile", "generation.compile_mode",
+                     "generation.decode_attention", "services.host", "services.*_timeout_s", "services.max_body_mb",
+                     "services.*.nproc", "services.*.parallel.*", "services.*.batch_size", "services.*.het_group")
 
 
 def resume_fingerprint(cfg) -> dict[str, object]:
     """The config values a checkpoint (or a partial output) was made under, flattened to
     dotted keys, without the ones a resumed run may change."""
     return {key: value for key, value in flatten(asdict(cfg)).items()
-            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)}
+            if not any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CHANGES)}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -1,0 +1,36 @@
+"""What a rerun may change and still resume: layout, timing and decode speed knobs, never
+what the results depend on."""
+
+from offline_rlhf.config.compose import compose_stage
+from offline_rlhf.config.samples import GenerateConfig
+from offline_rlhf.stage_support import resume_fingerprint
+from ppo_baseline.config import PPOConfig
+
+
+def changed_keys(stage: str, schema: type, overrides: list[str]) -> set[str]:
+    base = resume_fingerprint(compose_stage(stage, schema, []))
+    other = resume_fingerprint(compose_stage(stage, schema, overrides))
+    return {key for key in base.keys() | other.keys() if base.get(key) != other.get(key)}
+
+
+def test_a_ppo_run_resumes_under_another_service_layout_and_timing():
+    # A run started locally resumes under `orlhf launch cluster=slurm` (het_group set) and the reverse.
+    layout = ["services.critic.nproc=2", "services.critic.parallel.tp=2", "services.reward.batch_size=8",
+              "services.reward.het_group=1", "services.host=10.0.0.5", "services.startup_timeout_s=600",
+              "services.request_timeout_s=60", "services.max_body_mb=512", "generation.batch_size=64",
+              "parallel.tp=2", "ppo.iterations=7"]
+    assert changed_keys("ppo", PPOConfig, layout) == set()
+    results = ["services.critic.optim.lr=1e-5", "services.reward.checkpoint=elsewhere", "ppo.kl_coef=0.05",
+               "generation.max_new_tokens=64", "generation.seed=3"]
+    assert changed_keys("ppo", PPOConfig, results) == {
+        "services.critic.optim.lr", "services.reward.checkpoint", "ppo.kl_coef", "generation.max_new_tokens",
+        "generation.seed"}
+
+
+def test_generate_resumes_with_other_decode_settings_but_not_other_sampling():
+    speed = ["generation.batch_size=8", "generation.cuda_graphs=false", "generation.compile=false",
+             "generation.compile_mode=coordinate-descent", "generation.decode_attention=flex", "write_every=8"]
+    assert changed_keys("generate", GenerateConfig, speed) == set()
+    sampling = ["generation.temperature=0.7", "generation.top_p=0.9", "generation.n=2", "max_prompt_tokens=64"]
+    assert changed_keys("generate", GenerateConfig, sampling) == {
+        "generation.temperature", "generation.top_p", "generation.n", "max_prompt_tokens"}
