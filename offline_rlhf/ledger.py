@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from offline_rlhf.data.errors import DataError
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.host import process_started_at
 
@@ -169,10 +170,21 @@ def append_row(run_dir: str | Path, row: LedgerRow) -> None:
 
 
 def read_ledger(run_dir: str | Path) -> list[LedgerRow]:
+    """The ledger's rows; a line that is not one (torn, edited) is an error naming it."""
     path = Path(run_dir) / LEDGER
     if not path.exists():
         return []
-    return [LedgerRow(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [_row(path, number, line) for number, line in enumerate(path.read_text().splitlines(), start=1)
+            if line.strip()]
+
+
+def _row(path: Path, number: int, line: str) -> LedgerRow:
+    try:
+        fields = json.loads(line)
+        return LedgerRow(**fields)
+    except (ValueError, TypeError) as err:  # not JSON, not an object, or other fields
+        raise DataError(path, number, f"expected a ledger row, a JSON object with the fields of LedgerRow ({err}); "
+                        "repair or delete that line") from None
 
 
 def _now() -> str:
