@@ -107,9 +107,10 @@ def train_reward_model(cfg: RMConfig) -> int:
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "value", setup.tokenizer_path, final_metadata,
                                       resume_fingerprint(cfg)))
-        rt.log(f"rm done: {result.steps} steps, "
-               f"validation accuracy {result.last_val.get('accuracy', float('nan')):.4f} "
-               f"on {len(dataset.val)} pairs, final checkpoint {result.checkpoint}; "
+        accuracy = result.last_val.get("accuracy")
+        validation = (f"validation accuracy {accuracy:.4f} on {len(dataset.val)} pairs" if accuracy is not None
+                      else "no validation pairs" if not len(dataset.val) else "no validation (no step ran)")
+        rt.log(f"rm done: {result.steps} steps, {validation}, final checkpoint {result.checkpoint}; "
                f"pairs {read_summary(dataset.card)}")
         mark_done(rt, result.checkpoint)
     return 0

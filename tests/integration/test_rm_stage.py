@@ -3,6 +3,7 @@ statistics that the scoring function reproduces, evaluates (eval_only), scores f
 (rm-score), and exports to a transformers sequence classifier with the same scores."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -33,10 +34,14 @@ def trained(tmp_path_factory):
                     tokenizer_dir=tokenizer_dir)
     data = write_preferences(root / "pairs.jsonl", PAIRS)
     run_dir = root / "run"
-    assert main(["rm", f"run_dir={run_dir}", f"init.checkpoint={root / 'sft'}", *data_args(data),
-                 "train.global_batch=16", "train.micro_batch=8", "train.max_steps=60", "train.val_every=30",
-                 "optim.lr=3e-3", "optim.warmup_steps=5", "logging.progress=false"]) == 0
+    assert main(rm_args(run_dir, root / "sft", data)) == 0
     return run_dir, data
+
+
+def rm_args(run_dir, sft, data):
+    return ["rm", f"run_dir={run_dir}", f"init.checkpoint={sft}", *data_args(data), "train.global_batch=16",
+            "train.micro_batch=8", "train.max_steps=60", "train.val_every=30", "optim.lr=3e-3",
+            "optim.warmup_steps=5", "logging.progress=false"]
 
 
 def data_args(path):
@@ -70,6 +75,15 @@ def test_rm_learns_the_rule_and_logs_its_metrics(trained):
     assert card["train"]["documents"] + card["val"]["documents"] == PAIRS and card["val"]["documents"] == 60
     [row] = read_ledger(run_dir)
     assert row.stage == "rm" and row.status == "completed" and row.tokens > 0
+
+
+def test_a_rerun_of_a_finished_rm_says_no_step_ran(trained, tmp_path, capsys):
+    run_dir, data = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    capsys.readouterr()
+    assert main(rm_args(tmp_path / "run", run_dir.parent / "sft", data)) == 0
+    out = capsys.readouterr().out
+    assert "rm done: 60 steps, no validation (no step ran), final checkpoint" in out and "nan" not in out
 
 
 def test_stored_statistics_match_the_scoring_function_on_validation_responses(trained):
