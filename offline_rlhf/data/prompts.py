@@ -35,9 +35,15 @@ def read_prompt_file_turns(path: str, prompt_key: str = "prompt") -> list[Prompt
 
 def _first_turn(record: dict, key: str, where) -> str:
     turns = record.get(key)
-    if isinstance(turns, list) and turns and all(isinstance(turn, str) for turn in turns):
-        return require_text({key: turns[0]}, key, where)
-    return require_text(record, key, where)
+    if not isinstance(turns, list):
+        return require_text(record, key, where)
+    if not turns:  # as blank as a blank text
+        raise where.unusable(f"expected {key!r} to be text or a non-empty list of strings (an empty list)",
+                             f"empty {key!r}")
+    if not all(isinstance(turn, str) for turn in turns):
+        raise where.error(f"expected {key!r} to be text or a list of strings (a list holding "
+                          f"{sorted({type(turn).__name__ for turn in turns} - {'str'})})")
+    return require_text({key: turns[0]}, key, where)
 
 
 def read_prompts(kind: str, format: str, path: str, template: ChatTemplate, prompt_key: str = "prompt",

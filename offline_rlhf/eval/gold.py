@@ -13,6 +13,7 @@ the answer, never a silently skewed mean.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -153,7 +154,22 @@ def _import_callable(spec: str) -> Callable[[str, str], float]:
     if not callable(found):
         raise ConfigError("gold", f"{spec} is a {type(found).__name__}, not a callable",
                           "name a function (prompt, response) -> float")
+    _check_takes_a_pair(found, spec)
     return found
+
+
+def _check_takes_a_pair(function: Callable, spec: str) -> None:
+    """Before any model answers: a callable that cannot take (prompt, response) would fail
+    only once every answer was generated."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # some builtins have none: their first call will tell
+        return
+    try:
+        signature.bind("prompt", "response")
+    except TypeError as err:
+        raise ConfigError("gold", f"{spec}{signature} cannot be called as f(prompt, response) ({err})",
+                          "name a function (prompt, response) -> float") from None
 
 
 def _transformers(spec: str):

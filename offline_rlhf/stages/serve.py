@@ -72,7 +72,9 @@ def _serve_http(server: OpenAIServer, cfg: ServeConfig, rt: Runtime) -> None:
                           "pick a free port (port=0 takes any) or an address of this host") from None
     address = Path(rt.stage_dir) / ADDRESS
     try:
-        write_atomic(address, json.dumps({"url": listening.url, "pid": os.getpid(), "model": server.served.name}))
+        # base_url: what an OpenAI client (or `orlhf judge`'s judge.base_url) takes.
+        write_atomic(address, json.dumps({"url": listening.url, "base_url": f"{listening.url}/v1", "pid": os.getpid(),
+                                          "model": server.served.name}))
         rt.log(f"serve: {server.served.name} on {listening.url}/v1 ({rt.dims.tp}-way tensor parallel"
                f"{', API key from $' + cfg.api_key_env if cfg.api_key_env else ', no API key'}"
                f"{', reward prompt' + server.served.reward_prefix if server.served.reward_prefix else ''})")

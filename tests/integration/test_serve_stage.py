@@ -65,6 +65,7 @@ class ServeProcess:
             time.sleep(0.1)
         address = json.loads(self.address.read_text())
         self.url, self.pid = address["url"], address["pid"]
+        assert address["base_url"] == f"{self.url}/v1"  # what an OpenAI client takes
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM to the serving process (rank 0: under torchrun it releases the other

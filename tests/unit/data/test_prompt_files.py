@@ -24,7 +24,12 @@ def test_fastchat_questions_give_their_first_turn():
 def test_text_records_and_bad_records(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"text": " hi "}) + "\n" + json.dumps({"text": []}) + "\n")
-    with pytest.raises(DataError, match=r"p\.jsonl:2"):
+    with pytest.raises(DataError, match=r"p\.jsonl:2: expected 'text' to be text or a non-empty list of strings "
+                                        r"\(an empty list\)"):
+        read_prompt_file_turns(str(path), "text")
+    path.write_text(json.dumps({"text": ["first", 2]}) + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:1: expected 'text' to be text or a list of strings \(a list "
+                                        r"holding \['int'\]\)"):
         read_prompt_file_turns(str(path), "text")
     path.write_text(json.dumps({"text": "hi"}) + "\n" + json.dumps({"text": ["first", "second"]}) + "\n")
     assert read_prompt_file_turns(str(path), "text") == [("hi", ()), ("first", ())]

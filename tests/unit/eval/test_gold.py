@@ -63,7 +63,10 @@ def test_a_callable_returning_no_finite_number_is_an_error(name, problem):
 @pytest.mark.parametrize("spec, problem", [
     ("tests.unit.eval.no_such_module:fn", "cannot import 'tests.unit.eval.no_such_module'"),
     ("tests.unit.eval.gold_plugins:missing", "has no attribute 'missing'"),
-    ("tests.unit.eval.gold_plugins:NOT_CALLABLE", "is a float, not a callable")])
+    ("tests.unit.eval.gold_plugins:NOT_CALLABLE", "is a float, not a callable"),
+    # Refused before any model answers (it failed only after all of them had).
+    ("os:system", r"os:system\(command\) cannot be called as f\(prompt, response\) \(too many positional"),
+    ("tests.unit.eval.gold_plugins:Scorers", r"cannot be called as f\(prompt, response\)")])
 def test_unusable_callables_are_named(spec, problem):
     with pytest.raises(ConfigError, match="^gold: .*" + problem):
         load(spec)
