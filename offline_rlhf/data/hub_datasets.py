@@ -61,12 +61,20 @@ def hub_options(source, family: str) -> dict[str, str]:
     return {key: getattr(source, key) for key in HUB_OPTIONS + COLUMN_KEYS[family] if hasattr(source, key)}
 
 
-def load_split(path: str, split: str = "train", subset: str = "", data_dir: str = "") -> HubRows:
+def source_key(source, prefix: str) -> dict[str, str]:
+    """For a `format: hf` source config: the config key of its path (`{prefix}[name].path`),
+    which the hub readers name in their errors; nothing for other formats."""
+    return {"key": f"{prefix}[{source.name or source.path}].path"} if source.format == "hf" else {}
+
+
+def load_split(path: str, split: str = "train", subset: str = "", data_dir: str = "", key: str = "path") -> HubRows:
+    """A split of the dataset at `path` (config key `key`, named by its errors): a hub
+    dataset id, or a local folder or file."""
     datasets = _import_datasets(path)
     kwargs = {"name": subset or None, "data_dir": data_dir or None, "split": split}
     name = f"{path}[{subset}]:{split}" if subset else f"{path}:{split}"
     try:
-        dataset = _load_local(datasets, path, kwargs) if _is_local(path) else _load_hub(datasets, path, kwargs)
+        dataset = _load_local(datasets, path, kwargs) if _is_local(path) else _load_hub(datasets, path, kwargs, key)
     except (ConfigError, DataError):
         raise
     except ValueError as err:  # an unknown split, subset or data_dir
@@ -111,14 +119,14 @@ def _load_local(datasets, path: str, kwargs: dict):
     return datasets.load_dataset(builder, data_files=str(local), **kwargs)
 
 
-def _load_hub(datasets, path: str, kwargs: dict):
+def _load_hub(datasets, path: str, kwargs: dict, key: str):
     ref = parse_repo_id(path) or RepoRef(*path.partition("@")[::2])
     try:
         return datasets.load_dataset(ref.repo_id, revision=ref.revision or None, **kwargs)
     except ConnectionError:  # offline or unreachable, and not in the datasets cache: try the hub cache
-        return datasets.load_dataset(str(snapshot(ref, "path", None, "dataset", local_only=True)), **kwargs)
+        return datasets.load_dataset(str(snapshot(ref, key, None, "dataset", local_only=True)), **kwargs)
     except FileNotFoundError:  # datasets' DatasetNotFoundError
-        raise ConfigError("path", f"{path} was not found on the Hugging Face hub (or is private or gated)",
+        raise ConfigError(key, f"{path} was not found on the Hugging Face hub (or is private or gated)",
                           "check the name, set HF_TOKEN for a private or gated dataset, or pass a local copy") from None
 
 

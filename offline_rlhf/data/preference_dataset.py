@@ -8,7 +8,7 @@ from typing import Any
 
 from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.chat_template import ChatFormat, build_template
-from offline_rlhf.data.hub_datasets import hub_options
+from offline_rlhf.data.hub_datasets import hub_options, source_key
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.preference_readers import PreferenceExample, read_preference_source
@@ -47,7 +47,7 @@ def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, An
     kwargs: dict[str, Any] = {"template": template}
     if source.format == "jsonl":
         kwargs.update(prompt_key=source.prompt_key, chosen_key=source.chosen_key, rejected_key=source.rejected_key)
-    return {**kwargs, **hub_options(source, "preference")}
+    return {**kwargs, **hub_options(source, "preference"), **source_key(source, "data.sources")}
 
 
 def encode_pair(tokenizer, template: ChatTemplate, example: PreferenceExample, max_len: int,

@@ -212,12 +212,14 @@ def read_hf_preferences(
     rejected_key: str = "rejected",
     template: ChatTemplate = ChatTemplate(),
     skips: Skips | None = None,
+    key: str = "path",
 ) -> list[PreferenceExample]:
     """A preference split read through `datasets` (a hub repo id, or a local folder or file),
     parsed by `layout` (`auto`: from its columns, see `hub_datasets.detect_layout`):
     `hh_rlhf` (transcripts), `columns` (prompt/chosen/rejected text), `messages` (chosen and
-    rejected conversations, UltraFeedback binarized) or `oasst` (oasst1/oasst2 rankings)."""
-    rows = hub_datasets.load_split(path, split, subset, data_dir)
+    rejected conversations, UltraFeedback binarized) or `oasst` (oasst1/oasst2 rankings).
+    `key` is the config key holding `path`, for its errors."""
+    rows = hub_datasets.load_split(path, split, subset, data_dir, key)
     layout = hub_datasets.detect_layout(rows, "preference", layout, prompt_key=prompt_key, chosen_key=chosen_key,
                                         rejected_key=rejected_key)
     tag, skips = f"hf:{rows.name}", strict_or(skips)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from offline_rlhf.data.hub_datasets import COLUMN_KEYS, hub_options, load_split
+from offline_rlhf.data.hub_datasets import COLUMN_KEYS, hub_options, load_split, source_key
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.preference_readers import read_preference_source
 from offline_rlhf.data.records import iter_json_objects, record_turns, require_text
@@ -58,10 +58,10 @@ def read_prompt_turns(kind: str, format: str, path: str, template: ChatTemplate,
     `read_prompt_file_turns`), or with format `hf` that column of a dataset split (one turn
     each); kind `sft` / `preference`: the prompts of a dataset read
     with that family's reader for `format`, with the turns of multi-turn ones. `hub` holds the
-    `format: hf` options (`hub_options`)."""
+    `format: hf` options (`hub_options`) and the config `key` holding `path` (for errors)."""
     if kind == "prompts":
         if format == "hf":
-            rows = load_split(path, **{key: hub[key] for key in ("split", "subset", "data_dir") if key in hub})
+            rows = load_split(path, **{key: hub[key] for key in ("split", "subset", "data_dir", "key") if key in hub})
             return [(require_text(record, prompt_key, where), ()) for where, record in rows.records()]
         return read_prompt_file_turns(path, prompt_key)
     options = {"prompt_key": prompt_key, **hub} if format == "hf" else {}
@@ -77,7 +77,7 @@ def read_prompt_source(source, template: ChatTemplate) -> list[PromptTurns]:
     for format hf, the hub options and column names it carries)."""
     hub = hub_options(source, source.kind if source.kind in COLUMN_KEYS else "prompts")
     return read_prompt_turns(source.kind, source.format, source.path, template,
-                             **{"prompt_key": source.prompt_key, **hub})
+                             **{"prompt_key": source.prompt_key, **hub, **source_key(source, "sources")})
 
 
 def read_prompt_mix(sources, template: ChatTemplate, total: int | None, seed: int) -> tuple[list[Prompt], dict]:

@@ -12,7 +12,7 @@ from typing import Any
 from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.chat_template import build_template
 from offline_rlhf.data.errors import DataError
-from offline_rlhf.data.hub_datasets import hub_options
+from offline_rlhf.data.hub_datasets import hub_options, source_key
 from offline_rlhf.data.mixing import content_key, drop_duplicates, mix_sources, split_validation
 from offline_rlhf.data.packing import PackedSequence, pack_samples, unpacked
 from offline_rlhf.data.sft_readers import SFTExample, read_sft_source
@@ -41,7 +41,7 @@ def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, An
     kwargs: dict[str, Any] = {"template": template}
     if source.format == "jsonl":
         kwargs.update(prompt_key=source.prompt_key, response_key=source.response_key)
-    return {**kwargs, **hub_options(source, "sft")}
+    return {**kwargs, **hub_options(source, "sft"), **source_key(source, "data.sources")}
 
 
 def read_sources(cfg: DataConfig, read_one: Callable[[SourceConfig, Skips], list],

@@ -222,12 +222,14 @@ def read_hf_dataset(
     messages_key: str = "messages",
     template: ChatTemplate = ChatTemplate(),
     skips: Skips | None = None,
+    key: str = "path",
 ) -> list[SFTExample]:
     """A dataset split read through `datasets` (a hub repo id, or a local folder or file),
     parsed by `layout` (`auto`: from its columns, see `hub_datasets.detect_layout`):
     `columns` (prompt_key/response_key), `messages` (chat lists under messages_key),
-    `dolly`, or `oasst` (oasst1/oasst2's message table, rebuilt into trees)."""
-    rows = hub_datasets.load_split(path, split, subset, data_dir)
+    `dolly`, or `oasst` (oasst1/oasst2's message table, rebuilt into trees). `key` is the
+    config key holding `path`, for its errors."""
+    rows = hub_datasets.load_split(path, split, subset, data_dir, key)
     layout = hub_datasets.detect_layout(rows, "sft", layout, prompt_key=prompt_key, response_key=response_key,
                                         messages_key=messages_key)
     tag, skips = f"hf:{rows.name}", strict_or(skips)

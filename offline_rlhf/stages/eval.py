@@ -152,6 +152,7 @@ def held_out_prompts(cfg: EvalConfig) -> list[PromptTurns]:
     if parse_repo_id(cfg.prompts) is None:
         return read_prompt_file_turns(cfg.prompts, cfg.prompt_key)
     return read_prompt_turns(cfg.prompts_kind, "hf", cfg.prompts, paper_template(cfg.template), cfg.prompt_key,
+                             key="prompts",
                              split=cfg.prompts_split)
 
 

@@ -18,14 +18,14 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.samples import PromptSourceConfig
 from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.errors import DataError
-from offline_rlhf.data.hub_datasets import hub_options, load_split
+from offline_rlhf.data.hub_datasets import hub_options, load_split, source_key
 from offline_rlhf.data.preference_readers import (
     PreferenceExample,
     read_hh_rlhf,
     read_oasst_pairs,
     read_preference_source,
 )
-from offline_rlhf.data.prompts import read_prompt_source, read_prompts
+from offline_rlhf.data.prompts import read_prompt_source, read_prompt_turns, read_prompts
 from offline_rlhf.data.sft_dataset import build_sft_dataset
 from offline_rlhf.data.sft_readers import SFTExample, read_dolly, read_oasst, read_sft_source
 from offline_rlhf.data.skips import Skips
@@ -291,6 +291,12 @@ def test_the_hub_data_configs_compose_and_name_what_is_missing_offline(hub, stag
     for source in cfg.data.sources:
         assert source.format == "hf" and "/" in source.path
         with pytest.raises(ConfigError) as err:
-            read(source.format, source.path, **hub_options(source, family))
-        assert str(err.value).startswith(f"path: {source.path} is not in the Hugging Face cache")
-        assert "\n" not in str(err.value)
+            read(source.format, source.path, **hub_options(source, family), **source_key(source, "data.sources"))
+        key = f"data.sources[{source.name or source.path}].path"
+        assert str(err.value).startswith(f"{key}: {source.path} is not in the Hugging Face cache")
+        assert str(err.value).endswith(f"or point {key} at a local copy") and "\n" not in str(err.value)
+
+
+def test_eval_s_hub_prompts_missing_offline_name_its_prompts_key(hub):
+    with pytest.raises(ConfigError, match=r"^prompts: org/absent is not in the Hugging Face cache.*point prompts at"):
+        read_prompt_turns("sft", "hf", "org/absent", ChatTemplate(), key="prompts", split="validation")
