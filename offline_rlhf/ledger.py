@@ -37,12 +37,16 @@ BEAT_SECONDS = 5.0
 _previous_end = 0.0  # epoch seconds at which this process's last tracked stage ended
 
 
+COMPLETED, FAILED, INTERRUPTED = "completed", "failed", "interrupted"  # a row's status
+STATUSES = (COMPLETED, FAILED, INTERRUPTED)
+
+
 @dataclass
 class LedgerRow:
     stage: str
     start: str
     end: str
-    status: str  # "completed", "failed" or "interrupted"
+    status: str  # one of STATUSES
     nodes: int
     processes: int
     devices: int
@@ -72,7 +76,7 @@ class Usage:
             if self._heartbeat is None or (not force and now - self._last_beat < BEAT_SECONDS):
                 return
             self._last_beat = now
-            write_atomic(self._heartbeat, json.dumps(asdict(self.finish("interrupted"))))
+            write_atomic(self._heartbeat, json.dumps(asdict(self.finish(INTERRUPTED))))
 
     def finish(self, status: str) -> LedgerRow:
         wall = time.monotonic() - self._start
@@ -103,10 +107,10 @@ def track(run_dir: str | Path, stage: str, env: DistEnv | OneProcess, device: to
     stop = threading.Event()
     beater = threading.Thread(target=_beat_until, args=(usage, stop), name=f"ledger-{stage}", daemon=True)
     beater.start()
-    status = "failed"
+    status = FAILED
     try:
         yield usage
-        status = "completed"
+        status = COMPLETED
     finally:
         stop.set()
         beater.join()  # no beat may recreate the heartbeat after it is removed
@@ -180,11 +184,14 @@ def read_ledger(run_dir: str | Path) -> list[LedgerRow]:
 
 def _row(path: Path, number: int, line: str) -> LedgerRow:
     try:
-        fields = json.loads(line)
-        return LedgerRow(**fields)
+        row = LedgerRow(**json.loads(line))
     except (ValueError, TypeError) as err:  # not JSON, not an object, or other fields
         raise DataError(path, number, f"expected a ledger row, a JSON object with the fields of LedgerRow ({err}); "
                         "repair or delete that line") from None
+    if row.status not in STATUSES:
+        raise DataError(path, number, f"expected a ledger row, its status one of {', '.join(STATUSES)} (got "
+                        f"{row.status!r}); repair or delete that line")
+    return row
 
 
 def _now() -> str:

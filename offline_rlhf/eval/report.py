@@ -9,17 +9,26 @@ alignment and for preparing its data: generation and labeling, then mixing for t
 three methods or the reference log-prob pass `reference` (which builds the pairs) for the
 preference methods (DPO, IPO, cDPO); PPO pays for its four modules (actor,
 critic, reference and reward model), idle time included. SFT and RM are shared by every
-method, PPO included, and shown once."""
+method, PPO included, and shown once. Only executions that produced the stage's result are
+charged (`charged`); the others' device-hours are shown per stage, apart.
+
+The judge's scores are shown only when they graded the answers behind the evaluation shown
+(`judge_freshness`); a judge that an `orlhf eval` rerun made stale is named instead."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
+import yaml
+
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.training import PREFERENCE_METHODS
 from offline_rlhf.eval.results import score_cells
-from offline_rlhf.ledger import read_ledger
+from offline_rlhf.ledger import COMPLETED, FAILED, INTERRUPTED, LedgerRow, read_ledger
 from offline_rlhf.metrics import read_metrics
 
 SAMPLES = ("generate", "label")  # every offline method's data starts here (counted for each)
@@ -30,17 +39,44 @@ OFFLINE_PREFIX = "align_"
 PPO = "ppo"
 
 
+def charged(rows: list[LedgerRow]) -> list[bool]:
+    """Per ledger row, whether Table 3 charges it to its stage: a completed execution, or an
+    interrupted one (killed: time limit, preemption, node failure) that a later completed
+    execution of the same stage resumed. A failed execution (an error: a bad config or
+    input, a crash) and an interrupted one not completed since produced no result; their
+    hours are shown apart, so debugging a config never inflates a method's cost."""
+    completed_later: set[str] = set()
+    flags = []
+    for row in reversed(rows):
+        flags.append(row.status == COMPLETED or (row.status == INTERRUPTED and row.stage in completed_later))
+        if row.status == COMPLETED:
+            completed_later.add(row.stage)
+    return flags[::-1]
+
+
 def device_hours(run_dir: Path) -> dict[str, dict]:
-    """Per stage, in ledger order: device-hours, wall seconds and executions summed over its rows."""
+    """Per stage, in ledger order: the charged executions' device-hours, wall seconds and
+    count (`charged`), and the device-hours and counts of the others (failed, interrupted)."""
     totals: dict[str, dict] = defaultdict(lambda: {"device_hours": 0.0, "wall_seconds": 0.0, "executions": 0,
-                                                   "device_type": ""})
-    for row in read_ledger(run_dir):
+                                                   "device_type": "", "not_charged_device_hours": 0.0,
+                                                   FAILED: 0, INTERRUPTED: 0})
+    rows = read_ledger(run_dir)
+    for row, counted in zip(rows, charged(rows)):
         entry = totals[row.stage]
-        entry["device_hours"] += row.device_hours
-        entry["wall_seconds"] += row.wall_seconds
-        entry["executions"] += 1
         entry["device_type"] = row.device_type
+        if counted:
+            entry["device_hours"] += row.device_hours
+            entry["wall_seconds"] += row.wall_seconds
+            entry["executions"] += 1
+        else:
+            entry["not_charged_device_hours"] += row.device_hours
+            entry[FAILED if row.status == FAILED else INTERRUPTED] += 1
     return dict(totals)
+
+
+def _charged_stages(hours: dict[str, dict]) -> dict[str, dict]:
+    """The stages with a charged execution (a stage that only failed has no cost to show)."""
+    return {stage: entry for stage, entry in hours.items() if entry["executions"]}
 
 
 def is_ppo(stage: str) -> bool:
@@ -50,6 +86,7 @@ def is_ppo(stage: str) -> bool:
 def table3(hours: dict[str, dict]) -> list[dict]:
     """One row per method (offline methods by name, then PPO): the stages it is charged
     for, data preparation, training, total and its share of PPO's total (None without PPO)."""
+    hours = _charged_stages(hours)
     rows = []
     for stage in sorted(s for s in hours if s.startswith(OFFLINE_PREFIX)):
         method = stage.removeprefix(OFFLINE_PREFIX)
@@ -75,7 +112,8 @@ def _cost_row(method: str, hours: dict[str, dict], prep: list[str], training: li
 
 def shared_hours(hours: dict[str, dict]) -> dict[str, float]:
     """SFT and RM device-hours (each method starts from them) and their sum."""
-    parts = {stage: hours[stage]["device_hours"] for stage in SHARED if stage in hours}
+    counted = _charged_stages(hours)
+    parts = {stage: counted[stage]["device_hours"] for stage in SHARED if stage in counted}
     return {**parts, "total": sum(parts.values())}
 
 
@@ -97,46 +135,127 @@ def judge_scores(judge: dict | None) -> dict[str, dict]:
     return found
 
 
+def judge_freshness(run_dir: Path, judge: dict, results: dict | None) -> tuple[str, str]:
+    """("current", ""), ("stale", why) or ("unverified", why) for judge/results.json against the
+    evaluation the report shows. The judge must have graded the answers of the last completed
+    `orlhf eval`: a judge execution that started before that eval ended, or an answers file of
+    a model the evaluation no longer lists (an earlier eval left it), is stale. The inputs are
+    the answer files judge/config.yaml names; files outside run_dir/eval are not the eval's."""
+    inputs = _judge_inputs(run_dir)
+    if inputs is None:
+        return "unverified", "judge/config.yaml, which names the answer files the judge read, is missing or lists none"
+    if [model for model, _ in inputs] != judge.get("models"):
+        return "unverified", ("judge/config.yaml lists other models than judge/results.json (a later `orlhf judge` "
+                              "did not finish), so which answers were judged is unknown")
+    judged = [name for _, name in inputs if name is not None]
+    if not judged:
+        return "current", ""  # answer files of its own, e.g. FastChat's: nothing of eval's to be stale against
+    judged_at, evaluated_at = (_last_completed(run_dir, stage) for stage in ("judge", "eval"))
+    if judged_at is None:
+        return "unverified", "ledger.jsonl has no completed `orlhf judge` execution to date its results"
+    if evaluated_at is not None and datetime.fromisoformat(judged_at.start) < datetime.fromisoformat(evaluated_at.end):
+        return "stale", (f"the judge graded eval/{', eval/'.join(judged)} at {judged_at.start}, before `orlhf eval` "
+                         f"rewrote the answers (it ended at {evaluated_at.end})")
+    leftover = [name for name in judged if results and name.removeprefix("answers_").removesuffix(".jsonl")
+                not in results["models"]]
+    if leftover:
+        return "stale", (f"the judge graded eval/{', eval/'.join(leftover)}, answers of models the last `orlhf eval` "
+                         "did not evaluate (left by an earlier one)")
+    return "current", ""
+
+
+def _judge_inputs(run_dir: Path) -> list[tuple[str, str | None]] | None:
+    """Per answer file in judge/config.yaml: (model, its name when it lies in run_dir/eval/
+    else None); None without a readable list. Paths are compared with the config's run_dir,
+    written from the same working directory."""
+    path = run_dir / "judge" / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", -1) + 1
+        raise ConfigError("run_dir", f"{path}:{line}: not valid YAML", "rerun `orlhf judge`") from None
+    answers = cfg.get("answers") if isinstance(cfg, dict) else None
+    if not isinstance(answers, list) or not all(isinstance(a, dict) and isinstance(a.get("path"), str)
+                                                for a in answers):
+        return None
+    eval_dir = Path(os.path.abspath(str(cfg.get("run_dir", "")))) / "eval"
+    return [(a.get("model"), Path(a["path"]).name if Path(os.path.abspath(a["path"])).parent == eval_dir else None)
+            for a in answers]
+
+
+def _last_completed(run_dir: Path, stage: str) -> LedgerRow | None:
+    return next((row for row in reversed(read_ledger(run_dir)) if row.stage == stage and row.status == COMPLETED),
+                None)
+
+
 def side_by_side(results: dict | None, judge: dict | None, rows: list[dict]) -> list[dict]:
-    """One entry per evaluated model (in the evaluation's order), then per method with
-    device-hours but no evaluation: quality, judge score, answers cut off, device-hours."""
+    """One entry per evaluated model (in the evaluation's order), then per model only the
+    judge graded, then per method with device-hours but neither: quality, judge score,
+    answers cut off, device-hours."""
     costs = {row["method"]: row for row in rows}
     table, info = (results["table"], results.get("models", {})) if results else ({}, {})
     judged = judge_scores(judge)
-    names = list(table) + [m for m in costs if m not in table]
+    names = list(dict.fromkeys([*table, *judged, *costs]))
     return [{"model": name, "quality": table.get(name, {}), "judge": judged.get(name),
              "cut_off": info.get(name, {}).get("cut_off"), "reward_prompt": info.get(name, {}).get("reward_prompt"),
              "device_hours": costs[name]["total"] if name in costs else None,
              "share_of_ppo": costs[name]["share_of_ppo"] if name in costs else None} for name in names]
 
 
-def side_by_side_markdown(entries: list[dict], results: dict | None, judge: dict | None) -> str:
+def side_by_side_markdown(entries: list[dict], results: dict | None, judge: dict | None,
+                          judge_check: tuple[str, str] = ("current", "")) -> str:
+    """The table (none without a model to show) and notes on what is missing and which
+    command adds it; `judge` is None when there is none or it is stale (`judge_check`)."""
+    notes = [_judge_note(judge, judge_check)]
+    if not results:
+        notes.append("No evaluation results (eval/results.json): run `orlhf eval` for the quality columns.")
+    if not entries:
+        return ("No model to show: no evaluation or judge results and no completed `align_<method>` or `ppo` stage "
+                "in ledger.jsonl.\n\n" + "\n".join(notes) + "\n")
+    notes.insert(0, "Device-hours leave out SFT and the reward model, which every method shares (see Table 3 "
+                    "below).")
     scorers = list(results["table"][results["baseline"]]) if results else []
     baseline = results["baseline"] if results else ""
     prompts = results["prompts"] if results else 0
     header = "".join(f" {s} mean ± s.e. | {s} − {baseline} ± paired s.e. | {s} win rate vs {baseline} [95% CI] |"
                      for s in scorers)
-    judge_header = f" judge {judge['judge_model']} ({judge_scores_label(judge)}) |" if judge else ""
+    column = judge is not None and judge_scores_label(judge) is not None
+    judge_header = f" judge {judge['judge_model']} ({judge_scores_label(judge)}) |" if column else ""
     lines = [f"| model |{header}{judge_header} cut off | device-hours | share of PPO's |",
-             "|---|" + "---:|---:|---:|" * len(scorers) + ("---:|" if judge else "") + "---:|---:|---:|"]
+             "|---|" + "---:|---:|---:|" * len(scorers) + ("---:|" if column else "") + "---:|---:|---:|"]
     for entry in entries:
         cells = "".join(f" {score_cells(entry['quality'][s])} |" if s in entry["quality"] else " — | — | — |"
                         for s in scorers)
-        judged = f" {_judge_cell(entry['judge'])} |" if judge else ""
+        judged = f" {_judge_cell(entry['judge'])} |" if column else ""
         cut = f"{entry['cut_off']}/{prompts}" if entry["cut_off"] is not None else "—"
         name = entry["model"] + (f" (`<rm_score> {entry['reward_prompt']:.1f}`)"
                                  if entry["reward_prompt"] is not None else "")
         lines.append(f"| {name} |{cells}{judged} {cut} | {_hours_cell(entry)} | {_share(entry)} |")
-    notes = ["Device-hours leave out SFT and the reward model, which every method shares (see Table 3 below)."]
-    notes.append(f"Judge: {judge['judge_model']} ({judge['format']} format); details in judge/results.md."
-                 if judge else "LLM judge: no judge configured (run `orlhf judge` to add its scores here).")
-    if not results:
-        notes.append("No evaluation results (eval/results.json): run `orlhf eval` for the quality columns.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def judge_scores_label(judge: dict) -> str:
-    return f"win rate vs {judge.get('baseline')}" if judge["format"] == "pairwise" else "mean score ± s.e."
+def _judge_note(judge: dict | None, judge_check: tuple[str, str]) -> str:
+    state, why = judge_check
+    if state == "stale":
+        return (f"LLM judge: judge/results.json is stale and not shown: {why}. Rerun `orlhf judge` with the same "
+                "answer files to grade the current answers (it sends only the requests for changed answers).")
+    if judge is None:
+        return "LLM judge: no judge configured (run `orlhf judge` to add its scores here)."
+    note = f"Judge: {judge['judge_model']} ({judge['format']} format); details in judge/results.md."
+    if judge_scores_label(judge) is None:
+        note = (f"Judge: {judge['judge_model']} (pairwise format, every pair of models, no baseline): its win rates "
+                "per pair are in judge/results.md; judging with `format=pairwise baseline=NAME` puts each model's "
+                "win rate against NAME here.")
+    return note + (f" Not verified against the evaluation: {why}." if state == "unverified" else "")
+
+
+def judge_scores_label(judge: dict) -> str | None:
+    """The judge column's heading; None for pairwise judging without a baseline (no column)."""
+    if judge["format"] != "pairwise":
+        return "mean score ± s.e."
+    return f"win rate vs {judge['baseline']}" if judge.get("baseline") else None
 
 
 def _judge_cell(score: dict | None) -> str:
@@ -163,6 +282,9 @@ def table3_markdown(rows: list[dict], hours: dict[str, dict], shared: dict[str, 
              "|---|---:|---:|---:|---:|---|"]
     lines += [f"| {r['method']} | {r['data_preparation']:.4f} | {r['training']:.4f} | {r['total']:.4f} | "
               f"{_share(r)} | {' + '.join(f'{s} {v:.4f}' for s, v in r['stages'].items())} |" for r in rows]
+    if not rows:
+        lines = ["No method to charge yet: ledger.jsonl has no completed `align_<method>` or `ppo` stage (run "
+                 "`orlhf align` or `orlhf ppo`)."]
     shared_line = (" + ".join(f"{s} {v:.4f}" for s, v in shared.items() if s != "total")
                    + f" = {shared['total']:.4f}") if len(shared) > 1 else "none in the ledger"
     return (f"Device-hours ({', '.join(devices)} devices; devices x wall hours). Offline methods: generation + "
@@ -170,6 +292,20 @@ def table3_markdown(rows: list[dict], hours: dict[str, dict], shared: dict[str, 
             "PPO: actor + critic + "
             "reference + reward model.\n\n" + "\n".join(lines)
             + f"\n\nShared by every method, PPO included (not in the totals): {shared_line}.")
+
+
+def stages_markdown(hours: dict[str, dict]) -> str:
+    lines = ["| stage | device-hours | wall seconds | executions | not charged: device-hours | not charged: "
+             "executions |", "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {stage} | {e['device_hours']:.4f} | {e['wall_seconds']:.1f} | {e['executions']} | "
+              f"{e['not_charged_device_hours']:.4f} | {_not_charged(e)} |" for stage, e in hours.items()]
+    return ("Per stage: executions charged (completed ones, and interrupted ones that a later execution resumed) "
+            "and not charged (failed ones, and interrupted ones not completed since).\n\n" + "\n".join(lines))
+
+
+def _not_charged(entry: dict) -> str:
+    counts = [f"{entry[status]} {status}" for status in (FAILED, INTERRUPTED) if entry[status]]
+    return ", ".join(counts) or "—"
 
 
 def cost_quality_chart(entries: list[dict], rows: list[dict], results: dict | None, out: Path) -> Path | None:
@@ -250,21 +386,20 @@ def loss_curves(run_dir: Path, out: Path) -> Path | None:
     return out
 
 
-def report_markdown(run_dir: Path, results: dict | None, judge: dict | None, entries: list[dict], rows: list[dict],
-                    hours: dict[str, dict], figures: dict[str, Path | None], rounds: list[dict]) -> str:
+def report_markdown(run_dir: Path, results: dict | None, judge: dict | None, judge_check: tuple[str, str],
+                    entries: list[dict], rows: list[dict], hours: dict[str, dict], figures: dict[str, Path | None],
+                    rounds: list[dict]) -> str:
     shared = shared_hours(hours)
     lines = [f"# Offline RLHF run report: `{run_dir}`", "", "## Methods side by side: quality and device-hours", ""]
     if results:
         lines += [f"{results['prompts']} held-out prompts; differences and win rates against {results['baseline']} "
                   f"on the same prompts; cut off: answers that reached max_new_tokens={results['max_new_tokens']}"
                   + (f"; gold reward: {results['gold']}" if results.get("gold") else "") + ".", ""]
-    lines += [side_by_side_markdown(entries, results, judge)]
+    lines += [side_by_side_markdown(entries, results, judge, judge_check)]
     if figures.get("cost_quality"):
         lines += [f"![device-hours and quality per method]({figures['cost_quality'].relative_to(run_dir)})", ""]
     lines += ["## Device-hours per method (the paper's Table 3)", "", table3_markdown(rows, hours, shared), "",
-              "| stage | device-hours | wall seconds | executions |", "|---|---:|---:|---:|"]
-    lines += [f"| {stage} | {e['device_hours']:.4f} | {e['wall_seconds']:.1f} | {e['executions']} |"
-              for stage, e in hours.items()]
+              stages_markdown(hours)]
     if rounds:
         lines += ["", "## Iterative rounds", "", "Each round's policy generates the next round's samples (the RM "
                   "fixed); a round's device-hours are its own generation, labeling, data preparation and alignment "

@@ -1,7 +1,8 @@
 """`orlhf report`: `run_dir/report.md` and `report.json` (every method side by side in
 quality and device-hours, PPO included; the device-hours split as in the paper's Table 3;
 reward distribution; loss curves) from what the stages wrote: `ledger.jsonl`,
-`eval/results.json` and, when `orlhf judge` ran, `judge/results.json`."""
+`eval/results.json` and, when `orlhf judge` ran, `judge/results.json` (not shown when a later
+`orlhf eval` rewrote the answers it graded)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from offline_rlhf.eval.report import (
     cost_quality_chart,
     device_hours,
     iterative_rounds,
+    judge_freshness,
     loss_curves,
     report_markdown,
     shared_hours,
@@ -49,6 +51,9 @@ def main(cfg: ReportConfig) -> int:
         rows = table3(hours)
         results = read_results(run_dir / "eval" / "results.json")
         judge = read_results(run_dir / "judge" / "results.json")
+        judge_check = judge_freshness(run_dir, judge, results) if judge else ("none", "")
+        if judge_check[0] == "stale":
+            judge = None  # never shown as if it graded the answers behind the evaluation
         entries = side_by_side(results, judge, rows)
         figures = {"cost_quality": cost_quality_chart(entries, rows, results,
                                                       rt.stage_dir / "device_hours_and_quality.png"),
@@ -58,11 +63,12 @@ def main(cfg: ReportConfig) -> int:
             figures["reward_distribution"] = Path(shutil.copy(histogram, rt.stage_dir / "reward_histogram.png"))
         rounds = iterative_rounds(run_dir, rows, results)
         report = {"run_dir": str(run_dir), "methods": entries, "table3": rows, "rounds": rounds,
-                  "shared_device_hours": shared_hours(hours), "judge": judge is not None, "evaluation": results,
+                  "shared_device_hours": shared_hours(hours), "judge": judge is not None,
+                  "judge_check": {"state": judge_check[0], "why": judge_check[1]}, "evaluation": results,
                   "device_hours_by_stage": hours, "figures": {k: str(v) for k, v in figures.items() if v}}
         write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-        write_atomic(run_dir / "report.md", report_markdown(run_dir, results, judge, entries, rows, hours, figures,
-                                                                 rounds))
+        write_atomic(run_dir / "report.md", report_markdown(run_dir, results, judge, judge_check, entries, rows, hours,
+                                                                 figures, rounds))
         mark_done(rt, run_dir / "report.md")
         rt.log(f"report: {run_dir / 'report.md'}")
     return 0

@@ -15,7 +15,8 @@ ROW = LedgerRow(stage="sft", start="2026-01-01T00:00:00+00:00", end="2026-01-01T
 
 @pytest.mark.parametrize("damaged, reason", [('{"stage": "rm", "start', "Unterminated string"),
                                              ('["sft"]', "must be a mapping"),
-                                             (json.dumps({**asdict(ROW), "gpus": 8}), "unexpected keyword")])
+                                             (json.dumps({**asdict(ROW), "gpus": 8}), "unexpected keyword"),
+                                             (json.dumps({**asdict(ROW), "status": "done"}), "got 'done'")])
 def test_a_damaged_ledger_line_is_named(tmp_path, capsys, damaged, reason):
     append_row(tmp_path, ROW)
     assert read_ledger(tmp_path) == [ROW]
