@@ -194,6 +194,14 @@ def _row(path: Path, number: int, line: str) -> LedgerRow:
     return row
 
 
+def unrecorded(run_dir: str | Path) -> list[LedgerRow]:
+    """The executions still without a ledger row: each one's last heartbeat (status
+    interrupted), running now or killed since (its row is appended when the stage runs
+    again, `_recover_interrupted`). A damaged heartbeat is an error naming it."""
+    folder = Path(run_dir) / HEARTBEAT_DIR
+    return [_row(path, 1, path.read_text()) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 

@@ -28,7 +28,7 @@ import yaml
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.training import PREFERENCE_METHODS
 from offline_rlhf.eval.results import score_cells
-from offline_rlhf.ledger import COMPLETED, FAILED, INTERRUPTED, LedgerRow, read_ledger
+from offline_rlhf.ledger import COMPLETED, FAILED, INTERRUPTED, LedgerRow, read_ledger, unrecorded
 from offline_rlhf.metrics import read_metrics
 
 SAMPLES = ("generate", "label")  # every offline method's data starts here (counted for each)
@@ -37,6 +37,7 @@ REFERENCE = "reference"  # the preference methods' pairs with their reference lo
 SHARED = ("sft", "rm")  # every method, PPO included, starts from these
 OFFLINE_PREFIX = "align_"
 PPO = "ppo"
+PPO_ACTOR = "ppo_actor"  # the stage that trains the policy (ppo_baseline/stage.py)
 
 
 def charged(rows: list[LedgerRow]) -> list[bool]:
@@ -60,7 +61,7 @@ def device_hours(run_dir: Path) -> dict[str, dict]:
     totals: dict[str, dict] = defaultdict(lambda: {"device_hours": 0.0, "wall_seconds": 0.0, "executions": 0,
                                                    "device_type": "", "not_charged_device_hours": 0.0,
                                                    FAILED: 0, INTERRUPTED: 0})
-    rows = read_ledger(run_dir)
+    rows = read_ledger(run_dir) + unrecorded(run_dir)  # a killed execution shows (not charged) before its rerun
     for row, counted in zip(rows, charged(rows)):
         entry = totals[row.stage]
         entry["device_type"] = row.device_type
@@ -94,9 +95,9 @@ def table3(hours: dict[str, dict]) -> list[dict]:
         prep = [s for s in (*SAMPLES, own) if s in hours]
         rows.append(_cost_row(method, hours, prep, [stage]))
     modules = [s for s in hours if is_ppo(s)]
-    if modules:
+    if PPO_ACTOR in modules:  # without it PPO trained nothing: its services' hours alone are no method's cost
         rows.append(_cost_row(PPO, hours, [], sorted(modules)))
-    ppo_total = rows[-1]["total"] if modules else None
+    ppo_total = rows[-1]["total"] if PPO_ACTOR in modules else None
     for row in rows:
         row["share_of_ppo"] = row["total"] / ppo_total if ppo_total else None
     return rows

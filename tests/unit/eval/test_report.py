@@ -22,6 +22,7 @@ from offline_rlhf.eval.report import (
     table3,
     table3_markdown,
 )
+from offline_rlhf.ledger import HEARTBEAT_DIR
 from tests.unit.eval.report_fixtures import JUDGE, append_ledger, eval_answers, ledger_line, write_judge, write_run
 
 PREP = {"generate": 20.0, "label": 10.0, "mix": 0.5}
@@ -90,6 +91,22 @@ def test_without_ppo_there_is_no_share(run):
     rows = table3(device_hours(run))
     assert [r["method"] for r in rows] == ["dpo", "dt", "mle_filter", "rwr"]
     assert all(r["share_of_ppo"] is None for r in rows)
+
+
+def test_a_killed_ppo_actor_is_shown_not_charged_and_its_services_make_no_method(run):
+    """A killed actor left only its heartbeat (its ledger row comes when it reruns): it is
+    shown, not charged; PPO's services alone, which completed, are no method's cost."""
+    lines = [line for line in (run / "ledger.jsonl").read_text().splitlines() if '"ppo_actor"' not in line]
+    (run / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    (run / HEARTBEAT_DIR).mkdir()
+    (run / HEARTBEAT_DIR / "ppo_actor.json").write_text(ledger_line("ppo_actor", 7.0, "interrupted", 40))
+    hours = device_hours(run)
+    actor = hours["ppo_actor"]
+    assert (actor["executions"], actor["interrupted"], actor["not_charged_device_hours"]) == (0, 1, 7.0)
+    rows = table3(hours)
+    assert [r["method"] for r in rows] == ["dpo", "dt", "mle_filter", "rwr"]
+    assert all(r["share_of_ppo"] is None for r in rows)
+    assert "| ppo_actor | 0.0000 | 0.0 | 0 | 7.0000 | 1 interrupted |" in stages_markdown(hours)
 
 
 def test_side_by_side_joins_quality_judge_and_cost(run):
