@@ -37,7 +37,7 @@ class JudgeEndpointConfig(Frozen):
     max_tokens: int = 2048  # longest judgment
     concurrency: int = 4  # requests in flight at once
     timeout_s: float = 120.0  # per connect / read of one request; a timeout is retried
-    max_retries: int = 6  # per request, on HTTP 429, 5xx, timeouts and refused connections
+    max_retries: int = 6  # per request, on HTTP 429, 5xx, timeouts and failed connections
     backoff_s: float = 2.0  # first retry delay, doubled on each further retry (or the server's Retry-After)
 
     def check(self) -> None:
@@ -84,6 +84,9 @@ class JudgeConfig(Frozen):
     format: str = "single"  # single (MT-bench 1-10), pairwise (FastChat pair-v2, both orders) or paper (Appendix A)
     baseline: str = ""  # a model of `answers`: paired comparisons against it; pairwise: "" judges every pair
     seed: int = 0  # the paper format's per-question order of the assistants
+    # a request the judge cannot judge (prompt past its context, a reply without content) is
+    # skipped and counted; strict makes it an error naming the question and model
+    strict: bool = False
 
     def __post_init__(self):
         require(self, "questions", fix="pass a FastChat question file (question_id, category, turns)")

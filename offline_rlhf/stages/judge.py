@@ -15,6 +15,7 @@ from pathlib import Path
 from offline_rlhf.config.compose import to_yaml
 from offline_rlhf.config.judging import JudgeConfig
 from offline_rlhf.eval.judge.runner import run_judge
+from offline_rlhf.eval.judge.summary import unusable_line
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.host import DONE, claim_stage, open_stage, release_stage_lock
 from offline_rlhf.ledger import OneProcess, track
@@ -30,8 +31,10 @@ def main(cfg: JudgeConfig) -> int:
         with track(cfg.run_dir, STAGE, OneProcess(), "cpu"):
             results = run_judge(cfg, out, lambda line: print(line, flush=True))
         print((out / "results.md").read_text(), end="", flush=True)
+        unusable = results["summary"]["unusable"]
+        skipped = f"; {unusable_line(unusable)} skipped" if unusable else ""
         print(f"judge: {results['judgments']} judgments ({results['sent']} requests sent, {results['retries']} "
-              f"retries) in {out}", flush=True)
+              f"retries{skipped}) in {out}", flush=True)
         write_atomic(out / DONE, f"{out / 'results.json'}\n")
     finally:
         release_stage_lock(lock)

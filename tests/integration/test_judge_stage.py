@@ -5,6 +5,7 @@ only the missing judgments, and an API key sent as a Bearer token and written no
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -58,7 +60,12 @@ class Handler(BaseHTTPRequestHandler):
         if action == "slow":
             time.sleep(1.5)
         content = judge.reply(body["messages"][-1]["content"])
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
+        if isinstance(content, tuple):  # (status, OpenAI error object): a refusal of this request
+            self._send(content[0], {"error": content[1]})
+            return
+        finish = "stop" if content is not None else "length"  # null content: a reasoning model cut off
+        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                      "finish_reason": finish}],
                          "usage": {"prompt_tokens": 100, "completion_tokens": 20}})
 
     def _send(self, status, payload, headers=None):
@@ -79,18 +86,23 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def serve():
-    servers = []
+    servers = {}
 
-    def start(judge: Judge) -> str:
+    def start(judge: Judge, url: str | None = None) -> str:
+        """A new server, or (`url`) the one at url now answering as `judge`: the same endpoint."""
+        if url:
+            servers[url].judge = judge
+            return url
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         server.judge = judge
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/v1"
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        servers[url] = server
+        return url
 
     yield start
-    for server in servers:
+    for server in servers.values():
         server.shutdown()
         server.server_close()
 
@@ -118,14 +130,19 @@ def inputs(tmp_path):
             "reference": write_jsonl(tmp_path / "reference.jsonl", reference), "run_dir": tmp_path / "run"}
 
 
-def run_judge(inputs, base_url, *overrides, key=KEY, answers=None):
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def run_judge(inputs, base_url, *overrides, key=KEY, answers=None, env=None):
+    """The CLI, with this machine's proxy variables replaced by `env`'s (the client honours them)."""
     answers = answers or {"good": inputs["good"], "bad": inputs["bad"]}
     args = ["judge", f"run_dir={inputs['run_dir']}", f"questions={inputs['questions']}",
             "answers=[" + ", ".join(f"{{model: {m}, path: '{p}'}}" for m, p in answers.items()) + "]",
             f"reference_answers={inputs['reference']}", f"judge_prompts={JUDGE_PROMPTS}", "baseline=bad",
             f"judge.base_url={base_url}", "judge.model=judge-x", "judge.api_key_env=JUDGE_TEST_KEY",
             "judge.backoff_s=0.01", "judge.timeout_s=0.5", *overrides]
-    env = {**os.environ, "JUDGE_TEST_KEY": key}
+    clean = {k: v for k, v in os.environ.items() if k.upper() not in PROXY_VARIABLES}
+    env = {**clean, "JUDGE_TEST_KEY": key, **(env or {})}
     return subprocess.run([sys.executable, "-c", CLI, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -179,7 +196,7 @@ def test_single_grading_with_retries_timeouts_and_a_secret_key(inputs, serve):
     ledger = [json.loads(line) for line in (inputs["run_dir"] / "ledger.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["status"], r["devices"], r["device_type"]) for r in ledger] == \
         [("judge", "completed", 1, "cpu")]
-    assert "| good | 8.000 ± 0.000 | 4 |" in (out / "results.md").read_text()
+    assert "| good | 8.000 ± 0.000 | 3 | 4 |" in (out / "results.md").read_text()  # 3 questions, 4 judgments
     # The key is in no output and no file; the config names only its variable.
     assert KEY not in done.stdout + done.stderr
     assert all(KEY not in p.read_text(errors="replace") for p in inputs["run_dir"].rglob("*") if p.is_file())
@@ -188,14 +205,14 @@ def test_single_grading_with_retries_timeouts_and_a_secret_key(inputs, serve):
 
 def test_a_failed_run_resumes_sending_only_the_missing_judgments(inputs, serve):
     first = Judge(grade, fail_after=3)
-    failed = run_judge(inputs, serve(first), "judge.concurrency=1", "judge.max_retries=1")
+    failed = run_judge(inputs, url := serve(first), "judge.concurrency=1", "judge.max_retries=1")
     assert failed.returncode == 2
     assert re.search(r"orlhf judge: error: judge.max_retries: .*HTTP 500 on all 2 tries", failed.stderr)
     assert len(records(inputs, "single")) == 3 and not (inputs["run_dir"] / "judge" / "DONE").exists()
     sent_first = {r["body"]["messages"][-1]["content"] for r in first.requests[:3]}
 
     second = Judge(grade)
-    resumed = run_judge(inputs, serve(second), "judge.concurrency=3")
+    resumed = run_judge(inputs, serve(second, url), "judge.concurrency=3")
     assert resumed.returncode == 0, resumed.stderr
     asked = [r["body"]["messages"][-1]["content"] for r in second.requests]
     assert len(asked) == 4 and not set(asked) & sent_first
@@ -203,7 +220,7 @@ def test_a_failed_run_resumes_sending_only_the_missing_judgments(inputs, serve):
     assert json.loads((inputs["run_dir"] / "judge" / "results.json").read_text())["sent"] == 4
 
     third = Judge(grade)
-    again = run_judge(inputs, serve(third), "judge.concurrency=3")
+    again = run_judge(inputs, serve(third, url), "judge.concurrency=3")
     assert again.returncode == 0 and third.requests == []
     assert len(records(inputs, "single")) == 7
 
@@ -309,3 +326,145 @@ def test_paper_format_anonymizes_shuffles_and_attributes_scores_back(inputs, ser
     summary = json.loads((inputs["run_dir"] / "judge" / "results.json").read_text())["summary"]
     assert {m: row["mean"] for m, row in summary["models"].items()} == TRUE_SCORES
     assert summary["vs_baseline"]["good"]["win"] == 1.0 and summary["parse_failures"] == 0
+
+
+class Proxy(BaseHTTPRequestHandler):
+    """A forwarding HTTP proxy: takes requests in absolute form (`POST http://host/path`, as a
+    client sends them to a proxy), records the host each names and sends it to the upstream
+    judge, whatever the host: so a name only the proxy handles reaches the judge."""
+
+    def do_POST(self):
+        target = urlsplit(self.path)
+        self.server.hosts.append(target.netloc)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "proxy-connection")}
+        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=10)
+        try:
+            upstream.request("POST", target.path, body, headers)
+            reply = upstream.getresponse()
+            data = reply.read()
+        finally:
+            upstream.close()
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.getheader("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def proxy():
+    servers = []
+
+    def start(upstream_url: str) -> tuple[str, list[str]]:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+        server.daemon_threads, server.hosts = True, []
+        parts = urlsplit(upstream_url)
+        server.upstream = (parts.hostname, parts.port)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server.hosts
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_proxy_the_environment_names_carries_the_requests(inputs, serve, proxy):
+    judge = Judge(grade)
+    proxy_url, hosts = proxy(serve(judge))
+    # Without the proxy the name does not resolve, and the error says so (a typo, not an outage).
+    direct = run_judge(inputs, "http://judge.invalid/v1", "judge.max_retries=1")
+    assert direct.returncode == 2 and len(direct.stderr.strip().splitlines()) == 1, direct.stderr
+    assert re.search(r"orlhf judge: error: judge.base_url: http://judge.invalid/v1/chat/completions: cannot connect "
+                     r"\(ConnectError: \[Errno -?\d+\] \w.*\) on all 2 tries; .*HTTP\(S\)_PROXY", direct.stderr)
+    assert judge.requests == []
+
+    done = run_judge(inputs, "http://judge.invalid/v1", env={"HTTP_PROXY": proxy_url})
+    assert done.returncode == 0, done.stderr
+    assert len(judge.requests) == 7 and hosts == ["judge.invalid"] * 7
+    assert {r["path"] for r in judge.requests} == {"/v1/chat/completions"}
+    assert all(r["auth"] == f"Bearer {KEY}" for r in judge.requests)
+    results = json.loads((inputs["run_dir"] / "judge" / "results.json").read_text())
+    assert results["base_url"] == "http://judge.invalid/v1" and results["summary"]["models"]["good"]["mean"] == 8
+
+
+def test_a_failed_connection_names_its_cause(inputs, serve):
+    judge = Judge(grade)
+    # https to a plain http server: the TLS handshake fails on every try, and the error says why.
+    url = serve(judge).replace("http://", "https://")
+    failed = run_judge(inputs, url, "judge.max_retries=1")
+    assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+    assert re.search(r"orlhf judge: error: judge.base_url: https://.*: cannot connect \(ConnectError: .*SSL.*\) "
+                     r"on all 2 tries; check its host and scheme", failed.stderr)
+    assert judge.requests == []
+
+
+def test_another_endpoint_serving_the_same_model_name_is_another_judge(inputs, serve):
+    first, second = Judge(grade), Judge(lambda prompt: "Fine. Rating: [[5]]")
+    url_1, url_2 = serve(first), serve(second)
+    out = inputs["run_dir"] / "judge"
+    assert run_judge(inputs, url_1).returncode == 0 and len(first.requests) == 7
+    other = run_judge(inputs, url_2)
+    assert other.returncode == 0, other.stderr
+    results = json.loads((out / "results.json").read_text())
+    # None of the first server's judgments stands in for the second's.
+    assert len(second.requests) == 7 and results["sent"] == 7 and results["base_url"] == url_2
+    assert {r["score"] for r in records(inputs, "single")} == {5}
+    back = run_judge(inputs, url_1)
+    assert back.returncode == 0 and len(first.requests) == 7  # both endpoints' replies are in the log
+    assert json.loads((out / "results.json").read_text())["summary"]["models"]["good"]["mean"] == 8
+
+
+CONTEXT_ERROR = {"message": "the messages have 600 tokens, the model's context is 512 tokens",
+                 "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}
+
+
+def unusable_for_two(prompt: str):
+    """`orlhf serve`'s context_length_exceeded for good's answer to question 1, null content
+    (a reasoning model cut off) for bad's to question 2, `grade` otherwise."""
+    answer = prompt.split("[The Start of Assistant's Answer]\n")[-1]
+    if "Describe the sea." in prompt and answer.startswith("GOOD"):
+        return 400, CONTEXT_ERROR
+    if "What is 2 + 2?" in prompt and answer.startswith("BAD"):
+        return None
+    return grade(prompt)
+
+
+def test_unusable_judgments_are_skipped_counted_and_cached_unless_strict(inputs, serve):
+    judge = Judge(unusable_for_two)
+    url = serve(judge)
+    strict = run_judge(inputs, url, "strict=true", "judge.concurrency=1")
+    assert strict.returncode == 2 and len(strict.stderr.strip().splitlines()) == 1, strict.stderr
+    assert re.search(r"orlhf judge: error: strict: question_id 1 turn 1, good: the judge gave no usable judgment "
+                     r"\(context_length_exceeded: .*the model's context is 512 tokens", strict.stderr)
+    assert len(judge.requests) == 1  # the first match; nothing else was sent
+
+    done = run_judge(inputs, url)
+    assert done.returncode == 0, done.stderr
+    assert len(judge.requests) == 7  # the logged context error was not sent again, nor retried
+    got = {(r["question_id"], r["model"]): r for r in records(inputs, "single") if r["turn"] == 1}
+    assert (got[(1, "good")]["error"], got[(1, "good")]["score"], got[(1, "good")]["judgment"]) == \
+        ("context_length_exceeded", -1, "$ERROR$")
+    assert (got[(2, "bad")]["error"], got[(2, "bad")]["score"]) == ("no_content", -1)
+    assert "error" not in got[(3, "bad")]
+    summary = json.loads((inputs["run_dir"] / "judge" / "results.json").read_text())["summary"]
+    assert summary["unusable"] == {"good": {"context_length_exceeded": 1}, "bad": {"no_content": 1}}
+    assert summary["models"]["good"]["unusable"] == {"context_length_exceeded": 1}
+    assert summary["parse_failures"] == 1  # bad's UNREADABLE answer: a reply, but no rating in it
+    assert (summary["models"]["good"]["n"], summary["models"]["good"]["judgments"], summary["models"]["bad"]["n"]) \
+        == (2, 3, 1)
+    line = "2 unusable judgments (good: context_length_exceeded 1; bad: no_content 1)"
+    assert f"judge: {line} skipped" in done.stdout and line in (inputs["run_dir"] / "judge" / "results.md").read_text()
+    # 6 sent: the strict run logged the first
+    assert re.search(rf"judge: 7 judgments \(6 requests sent, 0 retries; {re.escape(line)} skipped\) in ", done.stdout)
+
+    again = run_judge(inputs, url)
+    assert again.returncode == 0 and len(judge.requests) == 7
+    strict_again = run_judge(inputs, url, "strict=true")
+    assert strict_again.returncode == 2 and "error: strict: question_id 1 turn 1, good:" in strict_again.stderr
+    assert len(judge.requests) == 7

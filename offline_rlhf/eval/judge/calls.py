@@ -1,8 +1,11 @@
 """The durable log of judge calls (`judge/calls.jsonl`): one line per answered request,
-keyed by a digest of exactly what was asked (judge model, messages, temperature,
-max_tokens). Each line is appended and fsynced as its reply arrives, so a crashed or
-rate-limited run loses at most the requests in flight, and a rerun asks only what the log
-lacks. A line torn by a crash mid-write (the last one, without its newline) is dropped."""
+keyed by a digest of exactly what was asked and of whom (endpoint, judge model, messages,
+temperature, max_tokens). An unusable reply (`error` set: the prompt exceeds the judge's
+context, or the reply had no content) is logged too: it is what the judge answers to that
+request, so a rerun does not pay for it again. Each line is appended and fsynced as its
+reply arrives, so a crashed or rate-limited run loses at most the requests in flight, and a
+rerun asks only what the log lacks. A line torn by a crash mid-write (the last one, without
+its newline) is dropped."""
 
 from __future__ import annotations
 
@@ -23,10 +26,15 @@ class Answered:
     prompt_tokens: int
     completion_tokens: int
     tstamp: float
+    error: str = ""  # why the reply is no usable judgment ("" when it is one); logs without it load
+    detail: str = ""  # what the server said about it
 
 
-def call_key(model: str, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
-    request = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+def call_key(base_url: str, model: str, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
+    """Another endpoint serving a model of the same name is another judge. The base URL holds
+    no credentials (the config refuses them), so the key reveals nothing secret."""
+    request = {"base_url": base_url.rstrip("/"), "model": model, "messages": messages, "temperature": temperature,
+               "max_tokens": max_tokens}
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,14 +1,18 @@
 """A plain OpenAI chat-completions client for the judge (`POST {base_url}/chat/completions`,
-non-streaming), with retries and exponential backoff on HTTP 429, 5xx, timeouts and refused
-connections. The API key travels only in the Authorization header; no message here ever
-contains it. Failures that retrying cannot fix are one-line ConfigErrors naming the key."""
+non-streaming), with retries and exponential backoff on HTTP 429, 5xx, timeouts and failed
+connections. The environment's proxy and CA settings apply (HTTP(S)_PROXY, NO_PROXY,
+SSL_CERT_FILE, SSL_CERT_DIR). The API key travels only in the Authorization header; no
+message here ever contains it. A request the judge cannot answer usefully (its prompt is
+longer than the judge's context, or the reply has no content) is an unusable Reply, not an
+error: it tells nothing about the other requests. Failures that retrying cannot fix are
+one-line ConfigErrors naming the key."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -17,6 +21,9 @@ from offline_rlhf.config.judging import JudgeEndpointConfig
 
 MAX_RETRY_AFTER_S = 60.0  # a server's Retry-After is honoured up to this
 SNIPPET = 200  # characters of an error body quoted in a message
+ERROR_JUDGMENT = "$ERROR$"  # the judgment text of an unusable reply, as FastChat records an API error
+CONTEXT_TOO_LONG = "context_length_exceeded"  # OpenAI's error code (also `orlhf serve`'s)
+NO_CONTENT = "no_content"  # a reply whose message content is null (a refusal, a cut-off reasoning model)
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,8 @@ class Reply:
     retries: int
     prompt_tokens: int
     completion_tokens: int
+    error: str = ""  # why the judge gave no usable judgment: CONTEXT_TOO_LONG or NO_CONTENT
+    detail: str = ""  # what the server said about it
 
 
 def api_key(cfg: JudgeEndpointConfig) -> str | None:
@@ -51,8 +60,8 @@ class JudgeClient:
 
     async def __aenter__(self) -> JudgeClient:
         limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
-        # trust_env=False: no proxy or netrc credentials from the environment join the request.
-        self._http = httpx.AsyncClient(timeout=self.cfg.timeout_s, limits=limits, trust_env=False)
+        # trust_env: the proxy and CA bundle a cluster sets in the environment (httpx 0.28 reads no netrc).
+        self._http = httpx.AsyncClient(timeout=self.cfg.timeout_s, limits=limits, trust_env=True)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -64,12 +73,16 @@ class JudgeClient:
         for attempt in range(self.cfg.max_retries + 1):
             problem, wait = await self._try(body)
             if isinstance(problem, Reply):
-                return Reply(problem.content, attempt, problem.prompt_tokens, problem.completion_tokens)
+                return replace(problem, retries=attempt)
             if attempt < self.cfg.max_retries:
                 await self._sleep(wait if wait is not None else self.cfg.backoff_s * 2 ** attempt)
+        saved = "the judgments made so far are saved: rerun later to send only the missing ones"
+        if problem.startswith("cannot connect"):
+            raise ConfigError("judge.base_url", f"{self.url}: {problem} on all {self.cfg.max_retries + 1} tries",
+                              "check its host and scheme (http or https), and HTTP(S)_PROXY, NO_PROXY and "
+                              f"SSL_CERT_FILE in the environment; {saved}")
         raise ConfigError("judge.max_retries", f"{self.url}: {problem} on all {self.cfg.max_retries + 1} tries",
-                          "the judgments made so far are saved: rerun later to send only the missing ones, "
-                          "or raise judge.max_retries")
+                          f"{saved}, or raise judge.max_retries")
 
     async def _try(self, body: dict) -> tuple[Reply | str, float | None]:
         """One request: (the reply, None), or (why it failed, seconds to wait) when retrying
@@ -78,26 +91,61 @@ class JudgeClient:
             response = await self._http.post(self.url, json=body, headers=self._headers)
         except httpx.TimeoutException:
             return f"no answer within judge.timeout_s={self.cfg.timeout_s:g}s", None
-        except httpx.TransportError as exc:
-            return f"cannot connect ({type(exc).__name__})", None
+        except httpx.TransportError as exc:  # DNS, TLS, refused, proxy: the cause tells a typo from an outage
+            return f"cannot connect ({type(exc).__name__}: {_cause(exc)})", None
         if response.status_code == 200:
             return _reply(response, self.url), None
         if response.status_code == 429 or response.status_code >= 500:
             return f"HTTP {response.status_code}", _retry_after(response)
+        if response.status_code == 400 and _context_too_long(response):
+            return Reply(ERROR_JUDGMENT, 0, 0, 0, CONTEXT_TOO_LONG, _snippet(response)), None
         raise _refusal(response, self.url)
+
+
+def _cause(exc: BaseException) -> str:
+    """The first non-empty message along the exception's causes (httpx wraps httpcore's,
+    which wraps the socket's or ssl's)."""
+    while exc is not None:
+        if str(exc):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return "no detail"
+
+
+def _context_too_long(response: httpx.Response) -> bool:
+    """This request's prompt (plus max_tokens) exceeds the judge's context: OpenAI's error code
+    (`{"error": {"code": "context_length_exceeded"}}`, also `orlhf serve`'s), or vLLM's
+    message ("This model's maximum context length is ...", its code being 400)."""
+    try:
+        data = response.json()
+    except ValueError:
+        return False
+    error = data.get("error", data) if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        return False
+    return error.get("code") == CONTEXT_TOO_LONG or "maximum context length" in str(error.get("message"))
 
 
 def _reply(response: httpx.Response, url: str) -> Reply:
     try:
         data = response.json()
-        content = data["choices"][0]["message"]["content"]
+        choice = data["choices"][0]
+        content = choice["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
-        content = None
+        content = ...  # not an OpenAI reply at all
+    if content is None:  # well formed, but the judge wrote no text
+        why = {k: choice.get(k) or choice["message"].get(k) for k in ("finish_reason", "refusal")}
+        detail = ", ".join(f"{k}={v!r}" for k, v in why.items() if v) or "content null"
+        return Reply(ERROR_JUDGMENT, 0, *_usage(data), NO_CONTENT, detail[:SNIPPET])
     if not isinstance(content, str):
         raise ConfigError("judge.base_url", f"{url} answered without choices[0].message.content "
                           f"({_snippet(response)})", "point it at an OpenAI-compatible chat-completions server")
+    return Reply(content, 0, *_usage(data))
+
+
+def _usage(data: dict) -> tuple[int, int]:
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    return Reply(content, 0, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+    return _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
 
 
 def _count(value) -> int:

@@ -61,11 +61,12 @@ class Setup:
     judge_model: str
     temperature: float
     max_tokens: int
+    base_url: str = ""  # the endpoint, part of every call's key
 
 
 def _request(setup: Setup, system_prompt: str, user_prompt: str) -> Request:
     chat = messages(system_prompt, user_prompt)
-    return Request(call_key(setup.judge_model, chat, setup.temperature, setup.max_tokens), chat)
+    return Request(call_key(setup.base_url, setup.judge_model, chat, setup.temperature, setup.max_tokens), chat)
 
 
 def _template(setup: Setup, kind: str, question: Question, turn: int) -> JudgePrompt:
@@ -149,7 +150,13 @@ def _single_record(match: Match, replies: Sequence[Answered]) -> list[dict]:
     reply = replies[0]
     return [{"question_id": match.question.question_id, "model": match.models[0], "judge": list(match.judge),
              "user_prompt": match.user_prompts[0], "judgment": reply.judgment, "score": parse_rating(reply.judgment),
-             "turn": match.turn, "tstamp": reply.tstamp}]
+             "turn": match.turn, "tstamp": reply.tstamp, **_error(reply)}]
+
+
+def _error(reply: Answered, name: str = "error") -> dict:
+    """`{name: why}` for an unusable reply (its judgment is "$ERROR$", which parses as -1 or
+    "error" as in FastChat), nothing for a usable one: the records keep FastChat's fields."""
+    return {name: reply.error} if reply.error else {}
 
 
 def _pair_record(match: Match, replies: Sequence[Answered]) -> list[dict]:
@@ -162,7 +169,8 @@ def _pair_record(match: Match, replies: Sequence[Answered]) -> list[dict]:
              "g1_winner": g1, "g2_winner": g2, "judge": list(match.judge),
              "g1_user_prompt": match.user_prompts[0], "g1_judgment": replies[0].judgment,
              "g2_user_prompt": match.user_prompts[1], "g2_judgment": replies[1].judgment,
-             "turn": match.turn, "tstamp": max(r.tstamp for r in replies)}]
+             "turn": match.turn, "tstamp": max(r.tstamp for r in replies),
+             **_error(replies[0], "g1_error"), **_error(replies[1], "g2_error")}]
 
 
 def _paper_records(match: Match, replies: Sequence[Answered]) -> list[dict]:
@@ -176,5 +184,5 @@ def _paper_records(match: Match, replies: Sequence[Answered]) -> list[dict]:
     return [{"question_id": match.question.question_id, "model": model, "judge": list(match.judge),
              "user_prompt": match.user_prompts[0], "judgment": reply.judgment, "score": scores[model],
              "turn": 1, "tstamp": reply.tstamp, "assistant": letter, "order": list(match.models),
-             "rank_score": None if ranks is None else ranks[model]}
+             "rank_score": None if ranks is None else ranks[model], **_error(reply)}
             for letter, model in zip(letters, match.models)]

@@ -1,6 +1,8 @@
 """Run the judge: read the inputs, build the matches of the chosen format, send the
 requests the call log lacks (`judge.concurrency` at a time), append each finished match's
-judgments to `judgments_<format>.jsonl` as it completes, and summarize."""
+judgments to `judgments_<format>.jsonl` as it completes, and summarize. A judgment the judge
+could not give (calls.py's `error`) is a record like any other, counted in the summary, or
+with `strict` an error naming its question and model."""
 
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.judging import JudgeConfig
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.eval.judge.calls import Answered, CallLog
-from offline_rlhf.eval.judge.client import JudgeClient, api_key
+from offline_rlhf.eval.judge.client import CONTEXT_TOO_LONG, JudgeClient, api_key
 from offline_rlhf.eval.judge.inputs import read_answers, read_judge_prompts, read_questions
 from offline_rlhf.eval.judge.matches import Match, Request, Setup, pair_matches, paper_matches, single_matches
 from offline_rlhf.eval.judge.summary import (
@@ -24,6 +27,7 @@ from offline_rlhf.eval.judge.summary import (
     plot_scores,
     results_markdown,
     single_summary,
+    unusable_line,
 )
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 
@@ -49,7 +53,7 @@ def load_setup(cfg: JudgeConfig) -> tuple[Setup, dict[str, int]]:
     references = read_answers(cfg.reference_answers, questions).turns if cfg.reference_answers else {}
     prompts = read_judge_prompts(cfg.judge_prompts) if cfg.judge_prompts else {}
     return Setup(questions, answers, references, prompts, cfg.judge.model, cfg.judge.temperature,
-                 cfg.judge.max_tokens), unmatched
+                 cfg.judge.max_tokens, cfg.judge.base_url), unmatched
 
 
 def missing_second_turns(setup: Setup, models: list[str]) -> dict[str, int]:
@@ -78,6 +82,16 @@ def build_matches(cfg: JudgeConfig, setup: Setup) -> list[Match]:
 def _replies(match: Match, log: CallLog) -> list[Answered] | None:
     replies = [log.answered.get(r.key) for r in match.requests]
     return None if None in replies else replies
+
+
+def match_records(match: Match, replies: list[Answered], strict: bool) -> list[dict]:
+    """The match's judgment records; with `strict`, an unusable reply is an error instead."""
+    if strict and (bad := next((r for r in replies if r.error), None)):
+        raise ConfigError("strict", f"question_id {match.question.question_id!r} turn {match.turn}, "
+                          f"{' vs '.join(match.models)}: the judge gave no usable judgment ({bad.error}: {bad.detail})",
+                          "set strict=false to skip and count such judgments (they are logged: a rerun does not "
+                          "resend them)")
+    return match.records(replies)
 
 
 def _append_records(path: Path, records: list[dict]) -> None:
@@ -110,7 +124,7 @@ async def send_missing(matches: list[Match], log: CallLog, client: JudgeClient, 
             request = queue.pop()
             reply = await client.chat(request.messages)
             log.append(Answered(request.key, reply.content, reply.retries, reply.prompt_tokens,
-                                reply.completion_tokens, time.time()))
+                                reply.completion_tokens, time.time(), reply.error, reply.detail))
             for match in waiting.pop(request.key):
                 if _replies(match, log) is not None:
                     on_match(match)
@@ -149,7 +163,8 @@ def run_judge(cfg: JudgeConfig, out: Path, say: Callable[[str], None] = print) -
     log = CallLog(out / CALLS)
     path = out / judgments_file(cfg.format)
     # What earlier runs finished, once each; new matches are appended as they complete.
-    write_jsonl(path, [r for m in matches if (replies := _replies(m, log)) for r in m.records(replies)])
+    strict = cfg.strict
+    write_jsonl(path, [r for m in matches if (replies := _replies(m, log)) for r in match_records(m, replies, strict)])
     sent_before = sum(_replies(m, log) is not None for m in matches)
     say(f"judge: {len(matches)} {cfg.format} matches, {sent_before} already judged; asking {cfg.judge.model} "
         f"at {cfg.judge.base_url}")
@@ -157,7 +172,8 @@ def run_judge(cfg: JudgeConfig, out: Path, say: Callable[[str], None] = print) -
     async def judge() -> int:
         async with JudgeClient(cfg.judge, key) as client:
             return await send_missing(matches, log, client, cfg.judge.concurrency,
-                                      lambda m: _append_records(path, m.records(_replies(m, log))), say)
+                                      lambda m: _append_records(path, match_records(m, _replies(m, log), strict)),
+                                      say)
 
     sent = asyncio.run(judge())
     replies = [_replies(m, log) for m in matches]
@@ -166,6 +182,10 @@ def run_judge(cfg: JudgeConfig, out: Path, say: Callable[[str], None] = print) -
     results = {**_header(cfg, setup, len(matches), len(records), sent), **_costs(replies),
                "answers_to_unlisted_questions": unmatched, "wall_seconds": round(time.monotonic() - start, 3),
                "summary": summarize(cfg, records)}
+    if unusable := results["summary"]["unusable"]:
+        hint = ("; a prompt plus judge.max_tokens past the judge's context: a lower judge.max_tokens or a longer-"
+                "context judge may fit it" if any(CONTEXT_TOO_LONG in r for r in unusable.values()) else "")
+        say(f"judge: {unusable_line(unusable)} skipped (strict=true makes them errors{hint})")
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(out / "results.md", results_markdown(results))
     plot_scores(results, out / "scores.png")

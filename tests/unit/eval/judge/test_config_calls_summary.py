@@ -14,7 +14,8 @@ from offline_rlhf.data.errors import DataError
 from offline_rlhf.eval.judge.calls import Answered, CallLog, call_key
 from offline_rlhf.eval.judge.inputs import read_answers, read_questions
 from offline_rlhf.eval.judge.runner import key_exposure
-from offline_rlhf.eval.judge.summary import pairwise_summary, paper_summary, single_summary
+from offline_rlhf.eval.judge.summary import clustered_stderr, pairwise_summary, paper_summary, single_summary
+from offline_rlhf.eval.stats import mean_and_stderr, paired_stderr
 
 BASE = ["questions=q.jsonl", "judge.model=judge-x", "judge_prompts=p.jsonl"]
 
@@ -70,11 +71,23 @@ def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_is_an_error(tmp_path)
 
 
 def test_the_call_key_covers_everything_that_changes_the_reply():
-    chat = [{"role": "user", "content": "hi"}]
-    key = call_key("m", chat, 0.0, 10)
-    assert key == call_key("m", [dict(chat[0])], 0.0, 10)
-    assert len({key, call_key("m2", chat, 0.0, 10), call_key("m", chat, 0.5, 10), call_key("m", chat, 0.0, 11),
-                call_key("m", [{"role": "user", "content": "hi!"}], 0.0, 10)}) == 5
+    chat, url = [{"role": "user", "content": "hi"}], "http://a/v1"
+    key = call_key(url, "m", chat, 0.0, 10)
+    assert key == call_key(url, "m", [dict(chat[0])], 0.0, 10) == call_key(url + "/", "m", chat, 0.0, 10)
+    # Another endpoint serving a model of the same name is another judge.
+    assert len({key, call_key("http://b/v1", "m", chat, 0.0, 10), call_key(url, "m2", chat, 0.0, 10),
+                call_key(url, "m", chat, 0.5, 10), call_key(url, "m", chat, 0.0, 11),
+                call_key(url, "m", [{"role": "user", "content": "hi!"}], 0.0, 10)}) == 6
+
+
+def test_a_log_written_before_unusable_replies_were_logged_still_loads(tmp_path):
+    path = tmp_path / "calls.jsonl"
+    path.write_text(json.dumps({"key": "k1", "judgment": "[[4]]", "retries": 0, "prompt_tokens": 1,
+                                "completion_tokens": 2, "tstamp": 1.0}) + "\n")
+    log = CallLog(path)
+    log.append(Answered("k2", "$ERROR$", 0, 0, 0, 2.0, "context_length_exceeded", "too long"))
+    again = CallLog(path)
+    assert again.answered["k1"].error == "" and again.answered["k2"].error == "context_length_exceeded"
 
 
 def test_eval_answers_match_questions_by_prompt_and_fastchat_ones_by_id(write_file):
@@ -103,8 +116,10 @@ def test_single_summary_pairs_with_the_baseline_on_the_same_questions():
                single(1, "b", 7), single(2, "b", 6), single(3, "b", 5), single(4, "b", 4), single(1, "b", 3, turn=2)]
     summary = single_summary(records, ["a", "b"], "b")
     assert summary["models"]["a"]["mean"] == pytest.approx(23 / 3) and summary["models"]["a"]["n"] == 3
-    assert summary["models"]["b"]["by_turn"] == {"1": pytest.approx({"mean": 5.5, "stderr": 0.6454972, "n": 4}),
-                                                 "2": {"mean": 3, "stderr": 0.0, "n": 1}}
+    assert (summary["models"]["b"]["n"], summary["models"]["b"]["judgments"]) == (4, 5)
+    assert summary["models"]["b"]["by_turn"] == {
+        "1": pytest.approx({"mean": 5.5, "stderr": 0.6454972, "n": 4, "judgments": 4}),
+        "2": {"mean": 3, "stderr": 0.0, "n": 1, "judgments": 1}}
     assert summary["parse_failures"] == 1
     vs = summary["vs_baseline"]["a"]
     # Differences on questions 1-3 (4 has no parsed score for a): 1, 0, 4.
@@ -120,11 +135,12 @@ def game(g1, g2, qid=1):
 
 
 def test_pairwise_order_flips_count_as_ties_and_unreadable_games_are_left_out():
-    records = [game("model_1", "model_1"), game("model_1", "model_2"), game("tie", "tie"), game("model_2", "model_2"),
-               game("model_1", "tie"), game("error", "model_1"), game("model_1", "model_1")]
+    verdicts = [("model_1", "model_1"), ("model_1", "model_2"), ("tie", "tie"), ("model_2", "model_2"),
+                ("model_1", "tie"), ("error", "model_1"), ("model_1", "model_1")]
+    records = [game(*v, qid=i) for i, v in enumerate(verdicts)]
     summary = pairwise_summary(records)
     row = summary["games"][0]
-    assert (row["model"], row["opponent"], row["n"]) == ("a", "base", 6)
+    assert (row["model"], row["opponent"], row["n"], row["judgments"]) == ("a", "base", 6, 6)
     assert (row["win"], row["tie"], row["loss"]) == pytest.approx((2 / 6, 3 / 6, 1 / 6))
     assert row["inconsistent"] == 2 and summary["inconsistency_rate"] == pytest.approx(2 / 6)
     assert summary["parse_failures"] == 1 and summary["games_with_unreadable_verdicts"] == 1
@@ -145,3 +161,42 @@ def test_a_key_sent_over_plain_http_to_another_host_is_warned_about():
     assert key_exposure(remote, None) is None
     assert key_exposure(compose("judge.base_url=https://judge.example.org/v1"), "k") is None
     assert key_exposure(compose("judge.base_url=http://127.0.0.1:8000/v1"), "k") is None
+
+
+def test_a_question_counts_once_however_many_turns_it_has():
+    """Both turns of a question are one unit: judging each turn twice (a second turn that
+    repeats the first) must not shrink a standard error or an interval, nor grow n."""
+    a, b = [8, 6, 9, 5, 7, 7, 2], [7, 6, 5, 4, 8, 7, 3]
+    one = [single(q, m, s) for q, (x, y) in enumerate(zip(a, b)) for m, s in (("a", x), ("b", y))]
+    two = one + [{**r, "turn": 2} for r in one]
+    once, twice = single_summary(one, ["a", "b"], "b"), single_summary(two, ["a", "b"], "b")
+    for key in ("n", "difference", "difference_stderr", "win", "win_low", "win_high", "loss_low", "loss_high",
+                "win_rate", "win_rate_low", "win_rate_high"):
+        assert twice["vs_baseline"]["a"][key] == pytest.approx(once["vs_baseline"]["a"][key]), key
+    assert (twice["vs_baseline"]["a"]["n"], twice["vs_baseline"]["a"]["judgments"]) == (7, 14)
+    assert twice["models"]["a"]["stderr"] == pytest.approx(once["models"]["a"]["stderr"])
+    assert (twice["models"]["a"]["n"], twice["models"]["a"]["judgments"]) == (7, 14)
+    # One judgment per question: the usual sample standard errors.
+    assert once["models"]["a"]["stderr"] == pytest.approx(mean_and_stderr(a)[1])
+    assert once["vs_baseline"]["a"]["difference_stderr"] == pytest.approx(paired_stderr(a, b))
+
+
+def test_the_clustered_standard_error_sums_a_questions_deviations():
+    # Mean 2; the questions' summed deviations -1 - 1 = -2 and 0 + 2 = 2: sqrt(2/1 * 8) / 4.
+    assert clustered_stderr([[1, 1], [2, 4]]) == pytest.approx(8 ** 0.5 * 2 ** 0.5 / 4)
+    assert clustered_stderr([[1, 5]]) == 0.0
+
+
+def test_unusable_judgments_are_counted_apart_from_unreadable_ones():
+    records = [single(1, "a", -1), {**single(2, "a", -1), "error": "no_content"},
+               {**single(3, "a", -1), "error": "context_length_exceeded"}, single(1, "b", 4)]
+    summary = single_summary(records, ["a", "b"], "")
+    assert summary["parse_failures"] == 1 and summary["models"]["a"]["parse_failures"] == 1
+    assert summary["unusable"] == {"a": {"context_length_exceeded": 1, "no_content": 1}}
+    assert summary["models"]["b"]["unusable"] == {}
+    paper = paper_summary([{**r, "rank_score": None} for r in records], ["a", "b"], "")
+    assert paper["unusable"] == summary["unusable"] and paper["parse_failures"] == 1
+    games = [{**game("error", "model_1"), "g1_error": "no_content"}, game("error", "tie", qid=2)]
+    pairwise = pairwise_summary(games)
+    assert pairwise["unusable"] == {"a vs base": {"no_content": 1}} and pairwise["parse_failures"] == 1
+    assert pairwise["games_with_unreadable_verdicts"] == 2 and pairwise["games"] == []
