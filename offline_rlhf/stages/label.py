@@ -14,7 +14,7 @@ import json
 from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.config.samples import LabelConfig
 from offline_rlhf.data.errors import DataError
-from offline_rlhf.data.hub_datasets import hub_options
+from offline_rlhf.data.hub_datasets import hub_options, source_key
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.skips import Skips, describe
 from offline_rlhf.fsutil import write_atomic, write_jsonl
@@ -72,7 +72,7 @@ def read_inputs(cfg: LabelConfig, template) -> tuple[list[Sample], dict[str, dic
     for i in cfg.inputs:
         name, skips = i.name or i.path, Skips(strict=cfg.strict)
         read = read_samples(name, i.kind, i.format, i.path, template, i.max_samples, cfg.seed, skips,
-                            cfg.include_unfinished, **hub_options(i, i.kind))
+                            cfg.include_unfinished, **hub_options(i, i.kind), **source_key(i, "inputs"))
         if not read:  # nothing to score would fail later, far from its cause
             raise DataError(i.path, None, f"expected at least one usable sample ({describe(skips.counts)}; "
                                           "strict=true names the first, include_unfinished=true keeps cut-off ones)")

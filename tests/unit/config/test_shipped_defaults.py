@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.samples import read_samples
 from offline_rlhf.stages.eval import held_out_prompts
+from offline_rlhf.stages.label import read_inputs
 from tests.fixtures import REPO_ROOT
 from tests.unit.data.test_hub_datasets import HH_FILE, OASST_TREES, dataset_repo, jsonl_rows, oasst_message_table
 from tests.unit.test_hub import offline_hub
@@ -124,10 +126,11 @@ def test_a_stage_run_with_its_defaults_offline_says_in_one_line_which_dataset_an
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
+    key = "data.sources[oasst1].path"  # the shipped data config's first source
     assert lines[0] == (
-        f"orlhf sft: error: path: OpenAssistant/oasst1 is not in the Hugging Face cache ({hf_home / 'hub'}) and "
+        f"orlhf sft: error: {key}: OpenAssistant/oasst1 is not in the Hugging Face cache ({hf_home / 'hub'}) and "
         "the hub cannot be reached (HF_HUB_OFFLINE=1); download it where there is network (hf download "
-        "OpenAssistant/oasst1 --repo-type dataset) into the same HF_HOME, or point path at a local copy")
+        f"OpenAssistant/oasst1 --repo-type dataset) into the same HF_HOME, or point {key} at a local copy")
 
 
 @pytest.fixture
@@ -137,15 +140,16 @@ def hub(tmp_path, monkeypatch):
 
 def test_the_default_prompt_sources_and_label_inputs_name_each_missing_dataset_in_one_line(hub):
     sources = compose_stage("generate", GenerateConfig).sources
-    inputs = [i for i in compose_stage("label", LabelConfig).inputs if i.kind != "generated"]
-    reads = [(s.path, lambda s=s: read_prompt_source(s, ChatTemplate())) for s in sources]
-    reads += [(i.path, lambda i=i: read_samples(i.name, i.kind, i.format, i.path, ChatTemplate(), None, 0,
-                                                **hub_options(i, i.kind))) for i in inputs]
-    for path, read in reads:
+    label = compose_stage("label", LabelConfig)
+    inputs = [i for i in label.inputs if i.kind != "generated"]
+    reads = [(s.path, f"sources[{s.name}].path", lambda s=s: read_prompt_source(s, ChatTemplate())) for s in sources]
+    reads += [(i.path, f"inputs[{i.name}].path", lambda i=i: read_inputs(replace(label, inputs=[i]), ChatTemplate()))
+              for i in inputs]
+    for path, key, read in reads:
         with pytest.raises(ConfigError) as err:
             read()
-        assert str(err.value).startswith(f"path: {path} is not in the Hugging Face cache"), str(err.value)
-        assert "\n" not in str(err.value) and str(err.value).endswith("or point path at a local copy")
+        assert str(err.value).startswith(f"{key}: {path} is not in the Hugging Face cache"), str(err.value)
+        assert "\n" not in str(err.value) and str(err.value).endswith(f"or point {key} at a local copy")
 
 
 def test_the_default_sources_read_their_hub_datasets_with_every_hub_option(hub, tmp_path):
