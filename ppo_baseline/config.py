@@ -7,9 +7,11 @@ lr 5e-7, critic lr 9e-6, one PPO epoch, KL coefficient 0.01, GAE lambda 0.95, ga
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from offline_rlhf.config.base import Frozen, freeze, require, require_positive
 from offline_rlhf.config.errors import ConfigError
@@ -22,8 +24,47 @@ from offline_rlhf.config.schema import (
     ParallelConfig,
     TemplateConfig,
 )
+from offline_rlhf.parallel.dims import ParallelDims
 
 SERVICES = ("reward", "reference", "critic")
+# A DNS name (labels of letters, digits, '-' and '_', as Slurm node names may have): what can
+# sit between `http://` and `:port` as it is; anything else (spaces, '/', '@') would change the URL.
+HOST_NAME = re.compile(r"(?=.{1,253}$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*")
+T = TypeVar("T")
+
+
+def check_host(key: str, host: str) -> None:
+    """`host` must be an IP literal (no IPv6 zone: its '%' would need escaping in a URL) or a host name."""
+    if "%" in host or not (_is_ip(host) or HOST_NAME.fullmatch(host)):
+        raise ConfigError(key, f"{host!r} is not a host name or IP address", "pass e.g. 127.0.0.1 or a node's name")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def refuse_layouts(parallel: ParallelConfig, keys: tuple[str, ...], prefix: str, module: str, why: str) -> None:
+    """Each of `keys` (sequence_parallel, loss_parallel) of `parallel` must be off for PPO's `module`."""
+    for key in keys:
+        if getattr(parallel, key):
+            raise ConfigError(f"{prefix}parallel.{key}", f"is not supported by the PPO {module} ({why})",
+                              f"set {prefix}parallel.{key}=false")
+
+
+def nested(prefix: str, check: Callable[[], T]) -> T:
+    """Run `check`, written for a shared config piece at the top level (parallel.tp, optim.lr:
+    the actor's keys), for a copy of it under `prefix`: its error names the full key, and so
+    do the other keys of that piece its message mentions."""
+    try:
+        return check()
+    except ConfigError as error:
+        section = re.escape(error.key.split(".")[0])
+        message = re.sub(rf"(?<![\w.]){section}\.", f"{prefix}{error.key.split('.')[0]}.", str(error))
+        raise ConfigError(f"{prefix}{error.key}", message.removeprefix(f"{prefix}{error.key}: ")) from None
 
 
 @dataclass
@@ -50,38 +91,72 @@ class PPOAlgorithmConfig(Frozen):
         if self.minibatch % self.micro_batch:
             raise ConfigError("ppo.micro_batch", f"{self.micro_batch} does not divide ppo.minibatch={self.minibatch}",
                               "choose a divisor")
-        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
-            raise ConfigError("ppo.lam", "gamma and lam must be in [0, 1]")
-        if self.kl_coef < 0 or self.clip <= 0 or self.value_clip <= 0:
-            raise ConfigError("ppo.kl_coef", "kl_coef must be >= 0, clip and value_clip > 0")
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(self, key) <= 1:  # NaN fails it too
+                raise ConfigError(f"ppo.{key}", f"must be in [0, 1], got {getattr(self, key)}")
+        if self.kl_coef < 0:
+            raise ConfigError("ppo.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        require_positive(self, "clip", "value_clip", prefix="ppo.")
 
-    def check_split(self, dp: int, module: str, fix: str) -> None:
+    def check_split(self, dp: int, module: str, key: str, fix: str) -> None:
         """Every data-parallel rank of `module` takes an equal share of each minibatch, in
-        whole micro-batches (FSDP gathers weights collectively: all ranks run the same forwards)."""
+        whole micro-batches (FSDP gathers weights collectively: all ranks run the same forwards).
+        `key`: what the error names, the setting that gave `dp`."""
         if self.minibatch % (dp * self.micro_batch):
-            raise ConfigError("ppo.micro_batch", f"the {module}'s minibatch of {self.minibatch} does not split into "
+            raise ConfigError(key, f"the {module}'s minibatch of {self.minibatch} does not split into "
                               f"micro-batches of {self.micro_batch} on {dp} data-parallel ranks",
                               f"make ppo.minibatch a multiple of ppo.micro_batch x {fix}")
+
+
+# A service's parallel and optim sections are checked by ServiceSettings.check, under their
+# full keys (services.critic.parallel.tp): OmegaConf builds a nested config before the one
+# holding it, so their own __post_init__ could only name the actor's keys (parallel.tp).
+
+
+@dataclass
+class ServiceParallelConfig(ParallelConfig):
+    def __post_init__(self):
+        pass
+
+
+@dataclass
+class ServiceOptimConfig(OptimConfig):
+    def __post_init__(self):
+        pass
 
 
 @dataclass
 class ServiceSettings(Frozen):
     """One service: its checkpoint, its own world (`nproc` processes under torchrun, split
-    by `parallel`), and what it answers per forward."""
+    by `parallel`), and what it answers per forward. Checked by `check` (by PPOConfig and
+    ServiceConfig), which knows the service's name."""
 
     checkpoint: str = ""  # the module's weights (SFT checkpoint for reference/critic, RM for reward)
     nproc: int = 1  # processes of the module's world (TP x DP)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ServiceParallelConfig = field(default_factory=ServiceParallelConfig)
     batch_size: int = 16  # sequences per forward
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6, schedule="constant"))  # critic only
+    # critic only
+    optim: ServiceOptimConfig = field(default_factory=lambda: ServiceOptimConfig(lr=9e-6, schedule="constant"))
     # Set by `orlhf launch` on Slurm: the heterogeneous-job component serving it (the actor
     # then finds it there instead of starting it). None: the actor starts it on its node.
     het_group: Optional[int] = None
 
-    def __post_init__(self):
-        require_positive(self, "nproc", "batch_size")
+    def check(self, name: str, ppo: PPOAlgorithmConfig) -> None:
+        """What the config alone decides of service `name`, every error under services.NAME.:
+        its world's split (ParallelDims, as torchrun would get it) and, for the critic, that
+        each of its data-parallel ranks takes whole micro-batches of every minibatch."""
+        prefix = f"services.{name}."
+        require_positive(self, "nproc", "batch_size", prefix=prefix)
         if self.het_group is not None and self.het_group < 1:
-            raise ConfigError("het_group", f"must be >= 1 (group 0 is the actor's), got {self.het_group}")
+            raise ConfigError(f"{prefix}het_group", f"must be >= 1 (group 0 is the actor's), got {self.het_group}")
+        nested(prefix, lambda: OptimConfig.__post_init__(self.optim))
+        nested(prefix, lambda: ParallelConfig.__post_init__(self.parallel))
+        dims = nested(prefix, lambda: ParallelDims.build(self.parallel, self.nproc))
+        if name == "critic":  # the reward model pads rows for SP; the reference is a TP-only replica
+            refuse_layouts(self.parallel, ("sequence_parallel",), prefix, name, "rollout rows have any length; "
+                           "sequence parallelism splits every row evenly over the TP ranks")
+            ppo.check_split(dims.dp, name, f"{prefix}nproc", f"the critic's data-parallel size ({prefix}nproc / "
+                            f"{prefix}parallel.tp)")
 
 
 @dataclass
@@ -97,6 +172,7 @@ class ServicesConfig(Frozen):
 
     def __post_init__(self):
         require_positive(self, "startup_timeout_s", "request_timeout_s", "max_body_mb", prefix="services.")
+        check_host("services.host", self.host)
 
 
 @dataclass
@@ -143,8 +219,16 @@ class PPOConfig(Frozen):
         if self.generation.stop:  # a response ends at an end-of-turn token; a cut one would keep the string
             raise ConfigError("generation.stop", "PPO rollouts end at EOS or max_new_tokens only",
                               "remove generation.stop")
+        # The ratio and the KL use the policy's log-probs at temperature 1 over the whole
+        # vocabulary: rollouts must be drawn from that same distribution.
+        for key, plain in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0)):
+            if getattr(self.generation, key) != plain:
+                raise ConfigError(f"generation.{key}", "PPO samples from the policy itself, whose log-probs "
+                                  "(temperature 1, whole vocabulary) feed its ratio and KL",
+                                  f"set generation.{key}={plain:g}")
         for name in SERVICES:
             require(getattr(self.services, name), "checkpoint", prefix=f"services.{name}.")
+            getattr(self.services, name).check(name, self.ppo)
         require_positive(self, "save_every", "keep_last", "max_prompt_tokens")
         self.check_world()
 
@@ -153,13 +237,11 @@ class PPOConfig(Frozen):
         parallelism are refused: rollout rows have any length (SP splits sequences evenly)
         and the entropy metric and the log-probs sent along need whole logits. `dp`: the
         data-parallel size once the world is known (default: an explicit parallel.dp)."""
-        for key in ("sequence_parallel", "loss_parallel"):
-            if getattr(self.parallel, key):
-                raise ConfigError(f"parallel.{key}", "is not supported by the PPO actor (rollout rows have any "
-                                  "length; its log-probs and entropy need whole logits)", f"set parallel.{key}=false")
+        refuse_layouts(self.parallel, ("sequence_parallel", "loss_parallel"), "", "actor",
+                       "rollout rows have any length; its log-probs and entropy need whole logits")
         dp = self.parallel.dp if dp is None else dp
         if dp > 0:
-            self.ppo.check_split(dp, "actor", "the actor's data-parallel size")
+            self.ppo.check_split(dp, "actor", "ppo.micro_batch", "the actor's data-parallel size")
 
 
 @dataclass
@@ -182,6 +264,8 @@ class ServiceConfig(Frozen):
     def __post_init__(self):
         if self.name not in SERVICES:
             raise ConfigError("name", f"unknown service {self.name!r}", f"use one of {', '.join(SERVICES)}")
+        self.settings.check(self.name, self.ppo)
+        check_host("services.host", self.host)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -190,6 +274,6 @@ class ServiceConfig(Frozen):
     def from_json(cls, text: str) -> ServiceConfig:
         raw = json.loads(text)
         settings = dict(raw.pop("settings"))
-        settings = ServiceSettings(parallel=ParallelConfig(**settings.pop("parallel")),
-                                   optim=OptimConfig(**settings.pop("optim")), **settings)
+        settings = ServiceSettings(parallel=ServiceParallelConfig(**settings.pop("parallel")),
+                                   optim=ServiceOptimConfig(**settings.pop("optim")), **settings)
         return freeze(cls(settings=settings, ppo=PPOAlgorithmConfig(**raw.pop("ppo")), **raw))

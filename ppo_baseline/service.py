@@ -5,7 +5,10 @@ A Service serves `POST /<endpoint>` (a wire.py payload in, one out), `GET /healt
 `Authorization: Bearer <token>` (the shared secret of write_token); bodies over
 `max_body_bytes` are refused with 413 before they are read whole. Status codes: 401 bad
 token, 404 unknown endpoint, 413 too large, 400 payload or handler ValueError (WireError
-is one), 500 any other handler exception (the service keeps serving), 503 stopping.
+is one; a float that is NaN or infinite in a request is one too), 500 any other handler
+exception (the service keeps serving): a ConfigError (the service's model or settings at
+fault, not the request) and a NaN or infinite number in the answer (NonFiniteAnswer)
+included, 503 stopping.
 
 Threads: uvicorn runs in a background thread and only authenticates, caps and queues each
 request as a Call; the thread that calls `serve()` (the main thread) takes the calls one at
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import re
 import threading
@@ -28,12 +32,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import httpx
+import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.http import authorized, bearer, http_url, listen, one_line, read_capped_body
 from offline_rlhf.http import read_token as read_token  # re-exported: the PPO launcher and tests use it here
 from offline_rlhf.http import write_token as write_token
@@ -54,6 +60,20 @@ class ServiceStopping(RuntimeError):
 
 class ServiceError(RuntimeError):
     """A client call that failed; the message names the service, its URL and the endpoint."""
+
+
+class NonFiniteAnswer(ArithmeticError):
+    """The service computed a NaN or infinite number (HTTP 500): its model or its training
+    diverged; passing it on would poison the PPO update silently."""
+
+
+def non_finite(payload: Payload) -> list[str]:
+    """The tensors and metadata keys of `payload` holding a float that is NaN or infinite."""
+    tensors = [f"tensor {name!r}" for name, value in payload.tensors.items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    meta = [f"metadata {key!r}" for key, value in payload.meta.items()
+            if isinstance(value, float) and not math.isfinite(value)]
+    return tensors + meta
 
 
 # --- the server ----------------------------------------------------------------------
@@ -124,9 +144,17 @@ class Service:
 
     def execute(self, endpoint: str, body: bytes) -> bytes:
         """What every rank runs per request: decode against the endpoint's schema, call
-        its handler, encode the answer. Raises WireError for a bad payload."""
+        its handler, encode the answer. Raises WireError for a bad payload, ValueError for a
+        NaN or infinite float in it, NonFiniteAnswer for one in the answer."""
         handler, schema = self.routes[endpoint]
-        return encode(handler(decode(body, schema)))
+        request = decode(body, schema)
+        if bad := non_finite(request):
+            raise ValueError(f"NaN or infinite values in the request's {', '.join(bad)}")
+        answer = handler(request)
+        if bad := non_finite(answer):
+            raise NonFiniteAnswer(f"{self.name} /{endpoint} computed NaN or infinite values in its answer's "
+                                  f"{', '.join(bad)}")
+        return encode(answer)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop serving and the HTTP thread; queued calls are answered 503."""
@@ -155,7 +183,7 @@ class Service:
         try:
             call.future.set_result(self.execute(call.endpoint, call.body))
         except Exception as error:
-            if not isinstance(error, ValueError):
+            if not isinstance(error, ValueError) or isinstance(error, ConfigError):
                 log.error("%s /%s failed", self.name, call.endpoint, exc_info=error)
             call.future.set_exception(error)
 
@@ -208,6 +236,8 @@ async def answer(call: Call) -> Response:
     """Wait for the main thread to run `call` and map its outcome to a response."""
     try:
         return Response(await asyncio.wrap_future(call.future), media_type=OCTET_STREAM)
+    except ConfigError as error:  # a ValueError, but of the service's own model or settings
+        return PlainTextResponse(f"{type(error).__name__}: {one_line(error)}", status_code=500)
     except ValueError as error:  # WireError included: the request was at fault
         return PlainTextResponse(f"{type(error).__name__}: {one_line(error)}", status_code=400)
     except ServiceStopping as error:

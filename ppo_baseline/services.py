@@ -13,6 +13,7 @@ of `rt`; `ppo_baseline.serve` runs it as a process (or torchrun world) of its ow
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -57,6 +58,10 @@ from ppo_baseline.models import (
 from ppo_baseline.wire import Payload
 from ppo_baseline.world import WorldService
 
+# Checkpoint folders are step_%08d (offline_rlhf.checkpoint.step_dir_name): a larger step
+# would sort among them by its text, not its value.
+MAX_STEP = 10**8
+
 
 def build_service(cfg: ServiceConfig, rt: Runtime, token: str, usage: Usage | None = None) -> WorldService:
     """The service `cfg.name`, built (and its model loaded) on every rank of `rt`."""
@@ -76,12 +81,32 @@ def _key(cfg: ServiceConfig) -> str:
     return f"services.{cfg.name}.checkpoint"
 
 
-def _reward(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage | None) -> None:
-    model, tokenizer, metadata = load_reward_model(cfg.settings.checkpoint, rt, _key(cfg))
+def _step(payload: Payload) -> int:
+    """The request's `step` (an actor iteration): an int, not a bool (JSON true passes the
+    schema's int), in [0, MAX_STEP); a ValueError (HTTP 400) otherwise."""
+    step = payload.meta["step"]
+    if isinstance(step, bool) or not 0 <= step < MAX_STEP:
+        raise ValueError(f"metadata 'step' must be an integer in [0, {MAX_STEP}), got {step!r}")
+    return step
+
+
+def reward_statistics(metadata: dict, checkpoint: str, key: str) -> dict:
+    """The z-score statistics `orlhf rm` stored in the reward model's metadata, which PPO
+    normalizes its rewards with: present, with a finite mean and std."""
     if REWARD_STATS not in metadata:
-        raise ConfigError(_key(cfg), f"the reward model {cfg.settings.checkpoint} stores no reward statistics, "
+        raise ConfigError(key, f"the reward model {checkpoint} stores no reward statistics, "
                           "which PPO normalizes its rewards with", "pass a checkpoint written by `orlhf rm`")
     stats = metadata[REWARD_STATS]
+    if not all(isinstance(stats.get(name), (int, float)) and math.isfinite(stats[name]) for name in ("mean", "std")):
+        raise ConfigError(key, f"the reward statistics of {checkpoint} are not finite numbers (mean "
+                          f"{stats.get('mean')}, std {stats.get('std')}): every reward would be NaN",
+                          "use a reward model whose `orlhf rm` run recorded finite statistics")
+    return stats
+
+
+def _reward(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage | None) -> None:
+    model, tokenizer, metadata = load_reward_model(cfg.settings.checkpoint, rt, _key(cfg))
+    stats = reward_statistics(metadata, cfg.settings.checkpoint, _key(cfg))
     # The actor sends token ids rendered in the policy's template; it checked that this
     # model was trained with that template (ppo_baseline.stage.policy_template).
     _, max_len = scoring_setup(metadata, model.cfg, tokenizer)
@@ -127,7 +152,7 @@ class Critic:
 
     def __init__(self, cfg: ServiceConfig, rt: Runtime):
         self.cfg, self.rt, self.ppo = cfg, rt, cfg.ppo
-        self.ppo.check_split(rt.dims.dp, "critic", "services.critic DP size")
+        self.ppo.check_split(rt.dims.dp, "critic", "services.critic.nproc", "the critic's data-parallel size")
         path = resolve_checkpoint(cfg.settings.checkpoint, _key(cfg))
         self.meta = checkpoint_of_head(path, "value", _key(cfg))
         self.tokenizer = path / TOKENIZER_DIR if (path / TOKENIZER_DIR).is_dir() else None
@@ -149,7 +174,7 @@ class Critic:
                              f"{self.ppo.minibatch}")
         self.model.train()
         metrics = train_epochs(self.task, self.model, self.optimizer, self.scheduler, payload.tensors, self.ppo,
-                               self.cfg.seed, payload.meta["step"], self.cfg.settings.optim.grad_clip, self.rt)
+                               self.cfg.seed, _step(payload), self.cfg.settings.optim.grad_clip, self.rt)
         return {("value_loss" if key == "loss" else f"critic_{key}"): value for key, value in metrics.items()}
 
     def save(self, step: int) -> Path:
@@ -180,14 +205,15 @@ def _critic(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage
         check_sequences(payload, critic.meta.model.vocab_size, critic.meta.model.max_seq_len)
         metrics = critic.train(payload)
         _count(usage, payload)
-        service.step = payload.meta["step"] + 1
+        service.step = payload.meta["step"] + 1  # checked by critic.train
         return Payload(meta={"step": service.step, **metrics})
 
     def save(payload: Payload) -> Payload:
-        return Payload(meta={"step": payload.meta["step"], "path": str(critic.save(payload.meta["step"]))})
+        step = _step(payload)
+        return Payload(meta={"step": step, "path": str(critic.save(step))})
 
     def load(payload: Payload) -> Payload:
-        critic.load(payload.meta["step"])
+        critic.load(_step(payload))
         service.step = payload.meta["step"]
         return Payload(meta={"step": service.step})
 

@@ -48,8 +48,8 @@ def test_serve_names_a_service_placed_in_a_het_group(tmp_path):
     for serve in ("reward", "actor"):
         with pytest.raises(ConfigError, match="serve: .* is not a service placed in a het group"):
             ppo_config(tmp_path, {"critic": 1}, serve=serve)
-    with pytest.raises(ConfigError, match="het_group: must be >= 1"):
-        ServiceSettings(het_group=0)
+    with pytest.raises(ConfigError, match="^services.critic.het_group: must be >= 1"):
+        ppo_config(tmp_path, {"critic": 0})
 
 
 def test_the_actor_finds_remote_services_by_het_group_and_shuts_them_down(tmp_path, monkeypatch):
