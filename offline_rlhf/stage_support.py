@@ -299,7 +299,7 @@ def note_untrusted(path: Path, rt: Runtime) -> None:
 # compilation leave every answer as it is: tested).
 RESUMABLE_CHANGES = ("run_dir", "parallel.*", "logging.*", "train.max_steps", "train.epochs", "train.val_every",
                      "train.val_batches", "train.save_every", "train.keep_last", "train.log_every",
-                     "train.max_skipped_fraction", "write_every", "ppo.iterations", "save_every", "keep_last",
+                     "*.max_skipped_fraction", "write_every", "ppo.iterations", "save_every", "keep_last",
                      "generation.batch_size", "generation.cuda_graphs", "generation.compile", "generation.compile_mode",
                      "generation.decode_attention", "services.host", "services.*_timeout_s", "services.max_body_mb",
                      "services.*.nproc", "services.*.parallel.*", "services.*.batch_size", "services.*.het_group")

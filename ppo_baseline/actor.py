@@ -2,9 +2,10 @@
 advantages, and update the policy with the clipped surrogate (paper Sec. 4, Eq. 3).
 
 Everything random is keyed by (seed, iteration): the prompts of iteration i are positions
-[i R, (i + 1) R) of an endless stream of seeded permutations, a response's sampling stream
-is (prompt id, 0) under a generation seed derived from i, and minibatch orders are seeded
-by (seed, i, epoch). A resumed run therefore repeats exactly what the killed one did.
+[i R, (i + 1) R) of an endless stream of seeded permutations (one per epoch), a row's
+sampling stream is (prompt id, epoch of its position) under a generation seed derived
+from i (`rollout_streams`), and minibatch orders are seeded by (seed, i, epoch). A resumed
+run therefore repeats exactly what the killed one did.
 
 Over a world of processes (DP x TP, the training stages' layout): each data-parallel
 replica samples its block of the prompts with an inference copy of the policy (TP only,
@@ -31,7 +32,7 @@ from offline_rlhf.generation.shards import my_share
 from offline_rlhf.parallel.parallelize import build_inference_model
 from offline_rlhf.parallel.state_dict import copy_parameters
 from offline_rlhf.runtime import Runtime
-from offline_rlhf.train.loop import Task
+from offline_rlhf.train.loop import SampleStream, Task
 from ppo_baseline import algorithm
 from ppo_baseline.config import PPOAlgorithmConfig
 from ppo_baseline.models import response_logprobs, sequence_logprobs, token_entropy, train_epochs
@@ -55,6 +56,17 @@ def iteration_generation(cfg: GenerationConfig, iteration: int) -> GenerationCon
     return replace(cfg, seed=(cfg.seed * 1_000_003 + iteration) & MASK32)
 
 
+def rollout_streams(stream: SampleStream, prompt_ids: list[int], start: int,
+                    count: int) -> tuple[list[int], list[int]]:
+    """The prompts at positions [start, start + count) of the prompt stream (indices) and
+    each row's sampling stream: (prompt id, the epoch of its position). Every epoch draws a
+    prompt once, so a prompt drawn twice in one rollout (more rows than prompts, or a
+    rollout across an epoch's end) samples two independent responses; the key is the row's
+    place in the global stream, not in a replica's share or a resumed run's batch."""
+    chosen = stream.take(start, count)
+    return chosen, [stream_id(prompt_ids[i], (start + k) // stream.size) for k, i in enumerate(chosen)]
+
+
 def sampling_model(model: nn.Module, model_cfg: ModelConfig, rt: Runtime) -> nn.Module:
     """What the actor samples with: on CPU without data parallelism, the training model
     itself; else an inference replica in the runtime's TP layout (`orlhf generate`'s), so
@@ -74,16 +86,17 @@ def refresh(replica: nn.Module, model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def sample(sampler: DecodeSession, prompts: list[list[int]], prompt_ids: list[int], gen: GenerationConfig,
+def sample(sampler: DecodeSession, prompts: list[list[int]], streams: list[int], gen: GenerationConfig,
            stop_ids: int | set[int], pad_id: int, rt: Runtime) -> Rollout:
     """One sampled response per prompt with the generation engine and the weights of the
     sampler's model (its cache and decode step, CUDA graphs included, serve every iteration).
     Each data-parallel replica answers its block of the prompts (the TP ranks of a replica
-    together); every rank gets the whole rollout in prompt order. A response's sampling
-    stream is (prompt id, 0): the rows do not depend on how many replicas there are."""
+    together); every rank gets the whole rollout in prompt order. Row i samples with the
+    stream `streams[i]` (`rollout_streams`): the rows do not depend on how many replicas
+    there are."""
     mine, _ = my_share(rt, list(range(len(prompts))))
     sampler.model.eval()
-    requests = [Request(prompts[i], stream_id(prompt_ids[i], 0), gen.max_new_tokens) for i in mine]
+    requests = [Request(prompts[i], streams[i], gen.max_new_tokens) for i in mine]
     completions = run(sampler.model, requests, gen, stop_ids, pad_id, rt.device, session=sampler)
     sampler.model.train()
     rows = [prompts[i] + c.tokens for i, c in zip(mine, completions)]

@@ -82,6 +82,8 @@ class PPOAlgorithmConfig(Frozen):
     clip: float = 0.2  # PPO's policy-ratio clip range
     value_clip: float = 0.2  # the critic's value clip range
     whiten_advantages: bool = True  # normalize advantages to zero mean, unit variance per batch
+    # policy steps skipped (non-finite gradient norm) beyond this share of the run fail it
+    max_skipped_fraction: float = 0.5
 
     def __post_init__(self):
         require_positive(self, "iterations", "rollout_batch", "minibatch", "micro_batch", "epochs", prefix="ppo.")
@@ -94,6 +96,8 @@ class PPOAlgorithmConfig(Frozen):
         for key in ("gamma", "lam"):
             if not 0 <= getattr(self, key) <= 1:  # NaN fails it too
                 raise ConfigError(f"ppo.{key}", f"must be in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError("ppo.max_skipped_fraction", f"must be in [0, 1], got {self.max_skipped_fraction}")
         if self.kl_coef < 0:
             raise ConfigError("ppo.kl_coef", f"must be >= 0, got {self.kl_coef}")
         require_positive(self, "clip", "value_clip", prefix="ppo.")

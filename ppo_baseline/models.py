@@ -36,14 +36,15 @@ STEP = Schema({}, meta={"step": int})
 SAVED = Schema({}, meta={"step": int, "path": str})
 
 
-def check_sequences(payload: Payload, vocab_size: int, max_len: int) -> None:
-    """What a model needs beyond the schema; a ValueError is the client's fault (HTTP 400)."""
+def check_sequences(payload: Payload, vocab_size: int, max_len: int, limit: str) -> None:
+    """What a model needs beyond the schema; a ValueError is the client's fault (HTTP 400).
+    `limit` says what `max_len` is (a reward model's is its recorded training length)."""
     tokens, mask, lengths = (payload.tensors[k] for k in ("tokens", "mask", "lengths"))
     batch, width = tokens.shape
     if batch == 0 or width == 0:
         raise ValueError(f"empty batch: tokens has shape {list(tokens.shape)}")
     if width > max_len:
-        raise ValueError(f"sequences of {width} tokens exceed the model's max_seq_len={max_len}")
+        raise ValueError(f"sequences of {width} tokens exceed {limit} ({max_len} tokens)")
     if tokens.min() < 0 or tokens.max() >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
     if lengths.min() < 1 or lengths.max() > width:
@@ -130,7 +131,8 @@ def train_epochs(task: Task, model: nn.Module, optimizer, scheduler, data: dict[
     minibatches of `cfg.minibatch` rows, in an order seeded by (seed, step, epoch); each
     minibatch is one optimizer step, data-parallel rank r taking its r-th contiguous share
     of it in micro-batches (train_step normalizes over the global minibatch, so any DP size
-    makes the same step). Returns the metrics averaged over steps."""
+    makes the same step). Returns the metrics averaged over steps, and `skipped_steps`: how
+    many were skipped for a non-finite gradient norm (their weights unchanged)."""
     rows = next(iter(data.values())).shape[0]
     per_rank, rank = cfg.minibatch // rt.dims.dp, rt.dp_rank
     sums: dict[str, float] = {}
@@ -146,4 +148,5 @@ def train_epochs(task: Task, model: nn.Module, optimizer, scheduler, data: dict[
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
             steps += 1
-    return {key: value / steps for key, value in sums.items()}
+    skipped = sums.pop("skipped_step")
+    return {**{key: value / steps for key, value in sums.items()}, "skipped_steps": skipped}

@@ -61,6 +61,7 @@ from ppo_baseline.world import WorldService
 # Checkpoint folders are step_%08d (offline_rlhf.checkpoint.step_dir_name): a larger step
 # would sort among them by its text, not its value.
 MAX_STEP = 10**8
+CRITIC_LIMIT = "the critic's max_seq_len"  # what a critic request is checked against
 
 
 def build_service(cfg: ServiceConfig, rt: Runtime, token: str, usage: Usage | None = None) -> WorldService:
@@ -113,7 +114,7 @@ def _reward(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage
     model.eval()
 
     def score(payload: Payload) -> Payload:
-        check_sequences(payload, model.cfg.vocab_size, max_len)
+        check_sequences(payload, model.cfg.vocab_size, max_len, "the reward model's recorded training length")
         rows = zip(payload.tensors["tokens"].tolist(), payload.tensors["lengths"].tolist())
         sequences = unpacked([TokenizedSample(tuple(ids[:n]), (IGNORE_INDEX,) * n, "ppo", False) for ids, n in rows])
         raw = score_sequences(model, sequences, cfg.settings.batch_size, rt, tokenizer.pad_id)
@@ -128,7 +129,7 @@ def _reference(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Us
     model = load_inference_model(resolve_checkpoint(cfg.settings.checkpoint, _key(cfg)), "lm", rt, _key(cfg))
 
     def logprobs(payload: Payload) -> Payload:
-        check_sequences(payload, model.cfg.vocab_size, model.cfg.max_seq_len)
+        check_sequences(payload, model.cfg.vocab_size, model.cfg.max_seq_len, "the reference model's max_seq_len")
         result = response_logprobs(model, payload.tensors, rt, cfg.settings.batch_size)
         _count(usage, payload)
         return Payload({"logprobs": result})
@@ -195,14 +196,14 @@ def _critic(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage
     critic = Critic(cfg, rt)
 
     def values(payload: Payload) -> Payload:
-        check_sequences(payload, critic.meta.model.vocab_size, critic.meta.model.max_seq_len)
+        check_sequences(payload, critic.meta.model.vocab_size, critic.meta.model.max_seq_len, CRITIC_LIMIT)
         critic.model.eval()
         result = critic_values(critic.model, payload.tensors, rt, cfg.settings.batch_size)
         _count(usage, payload)
         return Payload({"values": result})
 
     def train(payload: Payload) -> Payload:
-        check_sequences(payload, critic.meta.model.vocab_size, critic.meta.model.max_seq_len)
+        check_sequences(payload, critic.meta.model.vocab_size, critic.meta.model.max_seq_len, CRITIC_LIMIT)
         metrics = critic.train(payload)
         _count(usage, payload)
         service.step = payload.meta["step"] + 1  # checked by critic.train

@@ -10,6 +10,13 @@ values from the services at once, KL-shaped rewards and GAE, `ppo.epochs` of min
 updates of the actor while the critic trains on the same rollout, metrics. Every
 `save_every` iterations (and at the end) the critic saves, then the actor: a rerun resumes
 from the actor's last checkpoint and loads the critic's checkpoint of the same iteration.
+Whether there is anything to run is decided before any service starts (`resume_point`): a
+finished run is not run again, and a start without an actor checkpoint clears the critic's
+checkpoints, so that an old run's critic never meets a new actor.
+Prompts are cut to fit every module: the policy's, the reference's and the critic's
+max_seq_len and the reward model's recorded training length, less generation.max_new_tokens.
+A service answering non-finite numbers, or a run whose policy steps were mostly skipped
+(non-finite gradients) or whose final weights are not finite, fails without DONE.
 Outputs in R/ppo/: checkpoints/, metrics.jsonl, critic/checkpoints/, <service>/service.log,
 DONE naming the final actor checkpoint (an `lm` checkpoint with its tokenizer and template).
 """
@@ -17,6 +24,7 @@ DONE naming the final actor checkpoint (an `lm` checkpoint with its tokenizer an
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +45,7 @@ from offline_rlhf.checkpoint import (
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
+    step_dir_name,
 )
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import InitConfig
@@ -46,6 +55,7 @@ from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.generation.engine import DecodeSession
 from offline_rlhf.host import DONE
+from offline_rlhf.labeling.scoring import scoring_setup
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
     check_resumable,
@@ -59,7 +69,7 @@ from offline_rlhf.stage_support import (
     resume_fingerprint,
 )
 from offline_rlhf.train.init import prepare_training
-from offline_rlhf.train.loop import SampleStream
+from offline_rlhf.train.loop import SampleStream, TrainingFailed, weights_finite  # the training stages' checks
 from offline_rlhf.train.metrics_log import MetricsLog
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler
 from ppo_baseline import algorithm
@@ -68,11 +78,12 @@ from ppo_baseline.actor import (
     iteration_generation,
     policy_logprobs,
     refresh,
+    rollout_streams,
     sample,
     sampling_model,
     update_policy,
 )
-from ppo_baseline.config import SERVICES, PPOConfig
+from ppo_baseline.config import SERVICES, PPOAlgorithmConfig, PPOConfig
 from ppo_baseline.launch import Services
 from ppo_baseline.models import LOGPROBS, SAVED, SCORES, STEP, TRAINED, VALUES
 from ppo_baseline.serve import serve_in_job
@@ -80,6 +91,12 @@ from ppo_baseline.wire import Payload
 
 STAGE = "ppo_actor"
 OUT = "ppo"
+POLICY_KEY = "init.checkpoint"
+# The share of the policy's optimizer steps that may be skipped (non-finite gradient norm)
+# before the run fails: the training stages' default (train.max_skipped_fraction).
+# What each service answers, by the key ask_services returns it under: (service, what).
+ANSWERS = {"scores": ("reward", "rewards"), "raw": ("reward", "raw rewards"),
+           "ref_logp": ("reference", "log-probs"), "values": ("critic", "values")}
 
 
 def main(cfg: PPOConfig) -> int:
@@ -96,9 +113,13 @@ def main(cfg: PPOConfig) -> int:
             if rt.is_main:
                 rt.stage_dir.mkdir(parents=True, exist_ok=True)
                 (rt.stage_dir / DONE).unlink(missing_ok=True)
-            final = run_actor(cfg, init, rt, usage, model_cfg, template)
+            start, final = resume_point(cfg, rt)  # before any weights load or service starts
+            if start == cfg.ppo.iterations:
+                rt.log(f"ppo: {final} already holds all {start} iterations; nothing to do (no service started)")
+            else:
+                final = run_actor(cfg, init, rt, usage, model_cfg, template)
+                rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
             mark_done(rt, final)
-            rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
@@ -115,25 +136,81 @@ def policy_template(cfg: PPOConfig, init: InitConfig, model_cfg) -> ChatTemplate
     tokenizer, _ = load_tokenizer(init, model_cfg)
     template = init_template(init, cfg.template, "template", tokenizer.config)
     for name in SERVICES:
-        key = f"services.{name}.checkpoint"
-        path = resolve_checkpoint(local_checkpoint(getattr(cfg.services, name).checkpoint, cfg.run_dir, key), key)
+        key, path = service_checkpoint(cfg, name)
         reader = f"the policy ({init.checkpoint})"
         require_template(path, read_meta(path).metadata, template_record(template), key, reader)
         require_tokenizer(path, tokenizer, key, reader)
     return template
 
 
+def service_checkpoint(cfg: PPOConfig, name: str) -> tuple[str, Path]:
+    """A service's checkpoint key and step folder (a hub model imported into the run once)."""
+    key = f"services.{name}.checkpoint"
+    return key, resolve_checkpoint(local_checkpoint(getattr(cfg.services, name).checkpoint, cfg.run_dir, key), key)
+
+
+def module_limits(cfg: PPOConfig, tokenizer, model_cfg) -> dict[str, int]:
+    """The longest row each module takes, by its checkpoint's key, as each enforces it
+    (ppo_baseline/services.py): the policy's, the reference's and the critic's max_seq_len,
+    the reward model's recorded training length (`scoring_setup`)."""
+    limits = {POLICY_KEY: model_cfg.max_seq_len}
+    for name in SERVICES:
+        key, path = service_checkpoint(cfg, name)
+        meta = read_meta(path)
+        limits[key] = (scoring_setup(meta.metadata, meta.model, tokenizer)[1] if name == "reward"
+                       else meta.model.max_seq_len)
+    return limits
+
+
+def prompt_limit(cfg: PPOConfig, limits: dict[str, int], rt: Runtime) -> int:
+    """The longest prompt every module takes beside generation.max_new_tokens (a longer
+    rollout row would fail that service's call mid-run), at most max_prompt_tokens."""
+    key = min(limits, key=limits.get)  # the policy's on a tie: it comes first
+    room = limits[key] - cfg.generation.max_new_tokens
+    if room < 1:
+        raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a "
+                          f"prompt in the {limits[key]} tokens that {key} takes",
+                          f"lower generation.max_new_tokens, or use a {key} with a longer max_seq_len")
+    if key != POLICY_KEY and room < cfg.max_prompt_tokens:
+        rt.log(f"ppo: prompts are limited to {room} tokens: {key} takes {limits[key]} tokens with "
+               f"generation.max_new_tokens={cfg.generation.max_new_tokens}; the policy takes "
+               f"{limits[POLICY_KEY]}")
+    return min(cfg.max_prompt_tokens, room)
+
+
 def load_prompts(cfg: PPOConfig, tokenizer, template: ChatTemplate | ChatFormat,
-                 model_cfg) -> tuple[list[list[int]], list[int]]:
+                 limit: int) -> tuple[list[list[int]], list[int]]:
     """Token ids of every prompt in `template` within `limit` tokens (`fit_prompt`: a
     conversation's oldest exchanges go first) and their ids."""
     prompts, _ = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed)
-    limit = min(cfg.max_prompt_tokens, model_cfg.max_seq_len - cfg.generation.max_new_tokens)
-    if limit < 1:
-        raise ConfigError("generation.max_new_tokens", f"leaves no room for a prompt in max_seq_len="
-                          f"{model_cfg.max_seq_len}", "lower it")
     encoded = [fit_prompt(tokenizer, template, p.text, limit, turns=p.turns)[0] for p in prompts]
     return encoded, [p.id for p in prompts]
+
+
+def resume_point(cfg: PPOConfig, rt: Runtime) -> tuple[int, Path | None]:
+    """The iteration the run starts at and the actor checkpoint it resumes from (None: a
+    fresh start), decided before any weights load or service starts. A resumed run needs
+    the critic's checkpoint of the actor's iteration. A fresh start removes the critic's
+    checkpoints left by an earlier start: the critic resumes from the step the actor names,
+    and pruning keeps the highest steps, so an old run's would outlive this run's."""
+    critic = rt.stage_dir / "critic" / "checkpoints"  # where the critic service saves
+    latest = latest_checkpoint(rt.stage_dir / "checkpoints")
+    if latest is None:
+        if rt.is_main and critic.exists():
+            rt.log(f"ppo: no actor checkpoint to resume; removing the critic checkpoints in {critic}")
+            shutil.rmtree(critic)
+        return 0, None
+    meta = read_meta(latest)
+    check_resumable(meta.metadata.get(CONFIG_KEY), resume_fingerprint(cfg), rt.stage_dir)
+    step, over = meta.train_state.step, f"delete {rt.stage_dir} to start this stage over"
+    if step > cfg.ppo.iterations:
+        raise ConfigError("ppo.iterations", f"{cfg.ppo.iterations} is below the {step} iterations that {latest} "
+                          "already holds", f"set ppo.iterations={step} to finish with it (or more to continue), "
+                          f"or {over}")
+    if step < cfg.ppo.iterations and not (critic / step_dir_name(step)).is_dir():
+        raise ConfigError("services.critic", f"{critic} holds no critic checkpoint of iteration {step}, which "
+                          f"resuming from {latest} needs", over)
+    return step, latest
 
 
 def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
@@ -144,13 +221,14 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
     # One cache and decode step for every iteration (on CUDA its graphs are captured once); it
     # stays allocated through the policy update too: slots x columns of K/V per layer.
     sampler = DecodeSession(replica, rt.device, cfg.generation)
-    prompts, prompt_ids = load_prompts(cfg, tokenizer, template, model_cfg)
+    limit = prompt_limit(cfg, module_limits(cfg, tokenizer, model_cfg), rt)
+    prompts, prompt_ids = load_prompts(cfg, tokenizer, template, limit)
     stops = stop_token_ids(tokenizer, template)
     steps_per_iteration = cfg.ppo.epochs * cfg.ppo.rollout_batch // cfg.ppo.minibatch
     optimizer = build_optimizer(model.parameters(), cfg.optim, rt.device)
     scheduler = build_scheduler(optimizer, cfg.ppo.iterations * steps_per_iteration, cfg.optim)
     fingerprint = resume_fingerprint(cfg)
-    start = _resume(setup.checkpoints, model, optimizer, scheduler, fingerprint, rt)
+    start, skipped = _resume(setup.checkpoints, model, optimizer, scheduler, rt)
     stream = SampleStream(len(prompts), cfg.seed)
     log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)
     rt.log(f"ppo: {len(prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} responses "
@@ -163,21 +241,25 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
         if start and services is not None:
             services.call_all({"critic": lambda c: c.call("load", Payload(meta={"step": start}), STEP)}, pool)
         for iteration in range(start, cfg.ppo.iterations):
-            chosen = stream.take(iteration * cfg.ppo.rollout_batch, cfg.ppo.rollout_batch)
+            chosen, streams = rollout_streams(stream, prompt_ids, iteration * cfg.ppo.rollout_batch,
+                                              cfg.ppo.rollout_batch)
             refresh(replica, model)
             metrics = iterate(cfg, rt, (model, sampler), optimizer, scheduler, services, pool,
-                              (stops, tokenizer.pad_id), [prompts[i] for i in chosen],
-                              [prompt_ids[i] for i in chosen], iteration)
+                              (stops, tokenizer.pad_id), [prompts[i] for i in chosen], streams, iteration)
             usage.tokens += int(metrics.pop("tokens"))
             usage.beat()
-            log.train(iteration + 1, metrics, every=1)
+            skipped += int(metrics["skipped_steps"])
+            log.train(iteration + 1, defined(metrics), every=1)
+            check_learned(model, skipped, iteration + 1, cfg.ppo, steps_per_iteration, rt)
             if iteration + 1 == cfg.ppo.iterations or (iteration + 1) % cfg.save_every == 0:
                 if services is not None:
                     services.call_all({"critic": lambda c, s=iteration + 1: c.call(
                         "save", Payload(meta={"step": s}), SAVED)}, pool)
                 checkpoint = save_checkpoint(
                     setup.checkpoints, model,
-                    CheckpointMeta(model_cfg, "lm", TrainState(step=iteration + 1), scheduler=scheduler.state_dict(),
+                    CheckpointMeta(model_cfg, "lm", TrainState(step=iteration + 1,
+                                                               data_position={"skipped_steps": skipped}),
+                                   scheduler=scheduler.state_dict(),
                                    metadata={CONFIG_KEY: fingerprint, "alignment": {"method": "ppo"},
                                              TEMPLATE: template_record(template)}),
                     optimizer=optimizer, tokenizer_dir=setup.tokenizer_path, keep_last=cfg.keep_last, group=rt.group)
@@ -186,31 +268,58 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
     return checkpoint
 
 
-def _resume(root: Path, model, optimizer, scheduler, fingerprint: dict, rt: Runtime) -> int:
+def _resume(root: Path, model, optimizer, scheduler, rt: Runtime) -> tuple[int, int]:
+    """The iteration and the count of skipped policy steps of the actor's last checkpoint,
+    loaded (`resume_point` checked it), or (0, 0)."""
     latest = latest_checkpoint(root)
     if latest is None:
-        return 0
-    check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), fingerprint, root)
+        return 0, 0
     meta = load_checkpoint(latest, model, optimizer, restore_rng=True, group=rt.group)
     scheduler.load_state_dict(meta.scheduler)
     rt.log(f"resuming from {latest} (iteration {meta.train_state.step})")
-    return meta.train_state.step
+    return meta.train_state.step, meta.train_state.data_position.get("skipped_steps", 0)
+
+
+def check_learned(model, skipped: int, done: int, ppo: PPOAlgorithmConfig, steps_per_iteration: int,
+                  rt: Runtime) -> None:
+    """After each iteration, before its save (the training stages' rule, train/loop.py): a
+    skipped policy step (non-finite gradient norm) leaves the weights as they were, so a run
+    of mostly skipped steps is the SFT model with a DONE on it; the final weights must be
+    finite (collective)."""
+    planned = ppo.iterations * steps_per_iteration
+    if skipped > ppo.max_skipped_fraction * planned:
+        raise TrainingFailed("ppo.max_skipped_fraction", f"{skipped} of the {done * steps_per_iteration} policy steps "
+                             f"so far (of {planned} planned) were skipped for a non-finite gradient norm, more than "
+                             f"{ppo.max_skipped_fraction:g} of the run, so the policy learned little or nothing; no "
+                             "final checkpoint or DONE was written",
+                             "lower optim.lr or check the rewards (metrics.jsonl: train/skipped_steps)")
+    if done == ppo.iterations and not weights_finite(model, rt):
+        raise TrainingFailed("optim.lr", "the final policy weights hold NaN or Inf (the optimizer diverged); no "
+                             "final checkpoint or DONE was written", "lower optim.lr and rerun")
+
+
+def defined(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics with a finite value: one undefined at this iteration (explained variance
+    when the returns do not vary, a gradient norm of skipped steps) is left out of its row,
+    since JSON has no NaN (strict parsers reject metrics.jsonl's rows otherwise)."""
+    return {key: value for key, value in metrics.items() if math.isfinite(value)}
 
 
 def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, services: Services | None, pool,
-            tokens: tuple[set[int], int], prompts: list[list[int]], prompt_ids: list[int],
+            tokens: tuple[set[int], int], prompts: list[list[int]], streams: list[int],
             iteration: int) -> dict[str, float]:
     """One PPO iteration; returns its metrics (and `tokens`, generated and trained on).
     `models`: the training model and the decode session of the model sampling with its
     weights (often the same model);
-    `services`: rank 0's, None on the other ranks; `tokens`: the ids that end an answer, the pad id."""
+    `services`: rank 0's, None on the other ranks; `tokens`: the ids that end an answer, the pad id;
+    `streams`: each row's sampling stream (`rollout_streams`)."""
     model, sampler = models
     began = time.perf_counter()
     stops, pad_id = tokens
-    rollout = sample(sampler, prompts, prompt_ids, iteration_generation(cfg.generation, iteration), stops, pad_id, rt)
+    rollout = sample(sampler, prompts, streams, iteration_generation(cfg.generation, iteration), stops, pad_id, rt)
     old_logp = policy_logprobs(model, rollout, rt, cfg.ppo.micro_batch)
     generated = time.perf_counter()
-    answer = ask_services(services, pool, rollout.sequences(), rt)
+    answer = ask_services(services, pool, rollout.sequences(), rt, iteration)
     scored = time.perf_counter()
     scores, values = answer["scores"], answer["values"]
     shaped = advantages(old_logp, answer["ref_logp"], values, scores, rollout.mask, cfg.ppo)
@@ -225,12 +334,17 @@ def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, se
                            cfg.ppo, cfg.seed, iteration, cfg.optim.grad_clip, rt)
     if critic is not None:
         value_loss = services.results({"critic": critic})["critic"].meta["value_loss"]
+        if not math.isfinite(value_loss):
+            raise ConfigError("services.critic.checkpoint", f"the critic service's value loss at iteration "
+                              f"{iteration + 1} is {value_loss}", "lower services.critic.optim.lr, or check the "
+                              "rewards and the critic's checkpoint")
     done = time.perf_counter()
     mask = rollout.mask
     response_tokens = int(mask.sum())
     return {"reward_mean": float(scores.mean()), "reward_raw_mean": float(answer["raw"].mean()),
             "kl": float(shaped.kl.sum() / len(prompts)), "loss": policy["loss"], "approx_kl": policy["approx_kl"],
             "clip_frac": policy["clip_frac"], "entropy": policy["entropy"], "grad_norm": policy["grad_norm"],
+            "skipped_steps": policy["skipped_steps"],
             "value_loss": value_loss,
             "explained_variance": float(algorithm.explained_variance(values, shaped.returns, mask)),
             "response_length": response_tokens / len(prompts), "finished": float(rollout.finished.float().mean()),
@@ -240,9 +354,10 @@ def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, se
 
 
 def ask_services(services: Services | None, pool, sequences: dict[str, torch.Tensor],
-                 rt: Runtime) -> dict[str, torch.Tensor]:
+                 rt: Runtime, iteration: int) -> dict[str, torch.Tensor]:
     """Rewards (normalized and raw), reference log-probs and values of the rollout, asked
-    for by rank 0 (`services`; None on the other ranks) and shared with every rank."""
+    for by rank 0 (`services`; None on the other ranks) and shared with every rank, which
+    all fail alike on a non-finite number (it would spoil every advantage)."""
     rows, width = sequences["tokens"].shape
     shapes = {"scores": (rows,), "raw": (rows,), "ref_logp": (rows, width), "values": (rows, width)}
     answer = None
@@ -253,7 +368,21 @@ def ask_services(services: Services | None, pool, sequences: dict[str, torch.Ten
                                  "critic": lambda c: c.call("values", payload, VALUES)}, pool)
         answer = {"scores": got["reward"].tensors["rewards"], "raw": got["reward"].tensors["raw"],
                   "ref_logp": got["reference"].tensors["logprobs"], "values": got["critic"].tensors["values"]}
-    return from_main(answer, shapes, rt)
+    answer = from_main(answer, shapes, rt)
+    check_answers(answer, iteration)
+    return answer
+
+
+def check_answers(answer: dict[str, torch.Tensor], iteration: int) -> None:
+    """The services' answers must be finite; one NaN reward would spoil every whitened
+    advantage and skip every policy step (the services refuse to send them too)."""
+    for key, tensor in answer.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            name, what = ANSWERS[key]
+            raise ConfigError(f"services.{name}.checkpoint", f"the {name} service answered {bad} non-finite "
+                              f"{what} (of {tensor.numel()}) at iteration {iteration + 1}; no DONE was written",
+                              "check that checkpoint (a reward model's reward_stats must be finite)")
 
 
 def from_main(tensors: dict[str, torch.Tensor] | None, shapes: dict[str, tuple[int, ...]],

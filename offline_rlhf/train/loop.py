@@ -188,12 +188,12 @@ def check_learned(model: nn.Module, state: TrainState, steps: int, cfg: TrainCon
                              f"gradient norm, more than {cfg.max_skipped_fraction:g} of the run, so the model "
                              "learned little or nothing; no final checkpoint or DONE was written",
                              "lower optim.lr or check the data for extreme values (metrics.jsonl: train/skipped_step)")
-    if state.step == steps and not _weights_finite(model, rt):
+    if state.step == steps and not weights_finite(model, rt):
         raise TrainingFailed("optim", "the final weights hold NaN or Inf (the optimizer diverged); no final "
                              "checkpoint or DONE was written", "lower optim.lr and rerun")
 
 
-def _weights_finite(model: nn.Module, rt: Runtime) -> bool:
+def weights_finite(model: nn.Module, rt: Runtime) -> bool:
     local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
     bad = torch.zeros((), device=rt.device)
     for tensor in local:

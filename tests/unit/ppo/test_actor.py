@@ -1,5 +1,6 @@
 """The actor's pieces: reproducible rollouts, log-probs consistent with the engine's
-sampling, the composition of the PPO math, and the config's paper defaults."""
+sampling, the composition of the PPO math, skipped steps counted, rows checked against a
+model's limit, and the config's paper defaults."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from offline_rlhf.train.schedule import build_optimizer
 from ppo_baseline import algorithm
 from ppo_baseline.actor import advantages, iteration_generation, policy_logprobs, sample, update_policy
 from ppo_baseline.config import PPOAlgorithmConfig, PPOConfig
+from ppo_baseline.models import check_sequences
+from ppo_baseline.wire import Payload
 from tests.fixtures import TINY, reference_model, runtime_for
 
 GEN = GenerationConfig(greedy=False, max_new_tokens=6, batch_size=3, seed=7)
@@ -117,3 +120,30 @@ def test_the_config_refuses_actor_layouts_it_cannot_run(tmp_path):
     cfg.check_world(dp=2)  # 8 rows = 2 ranks x one micro-batch of 4
     with pytest.raises(ConfigError, match="on 4 data-parallel ranks"):
         cfg.check_world(dp=4)  # what the stage checks once torchrun has given it the world
+
+
+def test_a_policy_update_counts_its_skipped_steps(rt):
+    """A step whose gradient norm is not finite leaves the weights alone and is counted
+    (the stage fails a run of mostly skipped steps)."""
+    model = reference_model(TINY)
+    ids, pids = prompts()
+    rollout = sample(DecodeSession(model, rt.device, GEN), ids, pids, iteration_generation(GEN, 0), 2, 0, rt)
+    old = policy_logprobs(model, rollout, rt, 4)
+    optimizer = build_optimizer(model.parameters(), OptimConfig(lr=1e-2), rt.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    cfg = PPOAlgorithmConfig(rollout_batch=4, minibatch=2, micro_batch=1, epochs=2)
+    data = {**rollout.sequences(), "old_logp": old, "advantages": torch.where(rollout.mask, 1.0, 0.0)}
+    assert update_policy(model, optimizer, scheduler, data, cfg, 1, 0, 1.0, rt)["skipped_steps"] == 0
+    before = model.output.weight.detach().clone()
+    data["advantages"] = torch.where(rollout.mask, float("nan"), 0.0)
+    assert update_policy(model, optimizer, scheduler, data, cfg, 1, 1, 1.0, rt)["skipped_steps"] == 4
+    assert torch.equal(before, model.output.weight)
+
+
+def test_a_row_beyond_a_models_limit_is_refused_naming_that_limit():
+    rows = Payload({"tokens": torch.ones(2, 6, dtype=torch.long), "mask": torch.zeros(2, 6, dtype=torch.bool),
+                    "lengths": torch.tensor([6, 4])})
+    check_sequences(rows, vocab_size=8, max_len=6, limit="the critic's max_seq_len")
+    with pytest.raises(ValueError, match=r"^sequences of 6 tokens exceed the reward model's recorded training "
+                                         r"length \(5 tokens\)$"):
+        check_sequences(rows, vocab_size=8, max_len=5, limit="the reward model's recorded training length")

@@ -4,8 +4,6 @@ policy's token ids, so they would score text laid out as they never saw it."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from offline_rlhf.checkpoint import TEMPLATE, CheckpointMeta, TrainState, resolve_checkpoint, save_checkpoint
@@ -55,7 +53,7 @@ def test_a_chat_sft_is_prompted_in_its_chat_template_under_a_default_config(mode
     template = policy_template(cfg, cfg.init, MODEL)
     assert isinstance(template, ChatFormat) and template_record(template) == CHAT
     tokenizer = Tokenizer.from_dir(models / "tokenizer")
-    encoded, _ = load_prompts(cfg, tokenizer, template, replace(MODEL, max_seq_len=100_000))
+    encoded, _ = load_prompts(cfg, tokenizer, template, cfg.max_prompt_tokens)
     assert all(tokenizer.decode(ids).startswith("[user] ") for ids in encoded)
 
 
