@@ -92,8 +92,6 @@ from ppo_baseline.wire import Payload
 STAGE = "ppo_actor"
 OUT = "ppo"
 POLICY_KEY = "init.checkpoint"
-# The share of the policy's optimizer steps that may be skipped (non-finite gradient norm)
-# before the run fails: the training stages' default (train.max_skipped_fraction).
 # What each service answers, by the key ask_services returns it under: (service, what).
 ANSWERS = {"scores": ("reward", "rewards"), "raw": ("reward", "raw rewards"),
            "ref_logp": ("reference", "log-probs"), "values": ("critic", "values")}
