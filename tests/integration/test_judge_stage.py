@@ -404,20 +404,20 @@ def test_a_failed_connection_names_its_cause(inputs, serve):
     assert judge.requests == []
 
 
-def test_another_endpoint_serving_the_same_model_name_is_another_judge(inputs, serve):
+def test_judgments_made_at_another_address_are_reused_and_said_so(inputs, serve):
+    """A judge is its model name (a served judge's node and port change from job to job): a
+    rerun told another address reuses what the same model judged, and names that address;
+    another model name judges again."""
     first, second = Judge(grade), Judge(lambda prompt: "Fine. Rating: [[5]]")
     url_1, url_2 = serve(first), serve(second)
-    out = inputs["run_dir"] / "judge"
     assert run_judge(inputs, url_1).returncode == 0 and len(first.requests) == 7
-    other = run_judge(inputs, url_2)
-    assert other.returncode == 0, other.stderr
-    results = json.loads((out / "results.json").read_text())
-    # None of the first server's judgments stands in for the second's.
-    assert len(second.requests) == 7 and results["sent"] == 7 and results["base_url"] == url_2
+    moved = run_judge(inputs, url_2)
+    assert moved.returncode == 0 and second.requests == [], moved.stderr
+    assert f"judge: 7 judgments reused were made by judge-x at {url_1} (a judgment is keyed by the judge's model " \
+           "name, not its address)" in moved.stdout
+    renamed = run_judge(inputs, url_2, "judge.model=judge-y")
+    assert renamed.returncode == 0 and len(second.requests) == 7 and "reused were made" not in renamed.stdout
     assert {r["score"] for r in records(inputs, "single")} == {5}
-    back = run_judge(inputs, url_1)
-    assert back.returncode == 0 and len(first.requests) == 7  # both endpoints' replies are in the log
-    assert json.loads((out / "results.json").read_text())["summary"]["models"]["good"]["mean"] == 8
 
 
 CONTEXT_ERROR = {"message": "the messages have 600 tokens, the model's context is 512 tokens",
@@ -468,3 +468,17 @@ def test_unusable_judgments_are_skipped_counted_and_cached_unless_strict(inputs,
     strict_again = run_judge(inputs, url, "strict=true")
     assert strict_again.returncode == 2 and "error: strict: question_id 1 turn 1, good:" in strict_again.stderr
     assert len(judge.requests) == 7
+
+
+def test_a_run_in_which_nothing_could_be_judged_fails_naming_the_setting(inputs, serve):
+    """Every request past the judge's context (judge.max_tokens above what `orlhf serve`'s
+    model leaves): nothing was judged, so the stage fails in one line, without DONE."""
+    judge = Judge(lambda prompt: (400, CONTEXT_ERROR))
+    done = run_judge(inputs, serve(judge))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert re.search(r"orlhf judge: error: judge.max_tokens: \d+: all 7 requests were refused by http://127.0.0.1:"
+                     r"\d+/v1 \(7 past its context; first: .*\); lower judge.max_tokens", done.stderr)
+    assert not (inputs["run_dir"] / "judge" / "DONE").exists()
+    nothing = Judge(lambda prompt: None)  # null content every time
+    failed = run_judge(inputs, serve(nothing), "judge.model=silent")
+    assert failed.returncode == 2 and "error: judge.model: silent at http://127.0.0.1:" in failed.stderr

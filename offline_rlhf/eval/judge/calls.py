@@ -1,6 +1,7 @@
 """The durable log of judge calls (`judge/calls.jsonl`): one line per answered request,
-keyed by a digest of exactly what was asked and of whom (endpoint, judge model, messages,
-temperature, max_tokens). An unusable reply (`error` set: the prompt exceeds the judge's
+keyed by a digest of exactly what was asked and of whom (judge model, messages,
+temperature, max_tokens: not the endpoint's address, which changes with a served judge's
+node and port), and recording the endpoint that answered. An unusable reply (`error` set: the prompt exceeds the judge's
 context, or the reply had no content) is logged too: it is what the judge answers to that
 request, so a rerun does not pay for it again. Each line is appended and fsynced as its
 reply arrives, so a crashed or rate-limited run loses at most the requests in flight, and a
@@ -28,13 +29,14 @@ class Answered:
     tstamp: float
     error: str = ""  # why the reply is no usable judgment ("" when it is one); logs without it load
     detail: str = ""  # what the server said about it
+    base_url: str = ""  # the endpoint that answered ("" in logs written before it was recorded)
 
 
-def call_key(base_url: str, model: str, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
-    """Another endpoint serving a model of the same name is another judge. The base URL holds
-    no credentials (the config refuses them), so the key reveals nothing secret."""
-    request = {"base_url": base_url.rstrip("/"), "model": model, "messages": messages, "temperature": temperature,
-               "max_tokens": max_tokens}
+def call_key(model: str, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
+    """The judge is its model name: the same model answers alike at another address (a served
+    judge's node and port change from job to job). A run told another endpoint says how
+    many judgments it reuses from elsewhere (`runner.reused_elsewhere`)."""
+    request = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 

@@ -53,7 +53,8 @@ class JudgeClient:
     def __init__(self, cfg: JudgeEndpointConfig, key: str | None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.cfg = cfg
-        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.base_url = cfg.base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._sleep = sleep
         self._http: httpx.AsyncClient | None = None

@@ -61,12 +61,11 @@ class Setup:
     judge_model: str
     temperature: float
     max_tokens: int
-    base_url: str = ""  # the endpoint, part of every call's key
 
 
 def _request(setup: Setup, system_prompt: str, user_prompt: str) -> Request:
     chat = messages(system_prompt, user_prompt)
-    return Request(call_key(setup.base_url, setup.judge_model, chat, setup.temperature, setup.max_tokens), chat)
+    return Request(call_key(setup.judge_model, chat, setup.temperature, setup.max_tokens), chat)
 
 
 def _template(setup: Setup, kind: str, question: Question, turn: int) -> JudgePrompt:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -53,7 +54,7 @@ def load_setup(cfg: JudgeConfig) -> tuple[Setup, dict[str, int]]:
     references = read_answers(cfg.reference_answers, questions).turns if cfg.reference_answers else {}
     prompts = read_judge_prompts(cfg.judge_prompts) if cfg.judge_prompts else {}
     return Setup(questions, answers, references, prompts, cfg.judge.model, cfg.judge.temperature,
-                 cfg.judge.max_tokens, cfg.judge.base_url), unmatched
+                 cfg.judge.max_tokens), unmatched
 
 
 def missing_second_turns(setup: Setup, models: list[str]) -> dict[str, int]:
@@ -124,7 +125,7 @@ async def send_missing(matches: list[Match], log: CallLog, client: JudgeClient, 
             request = queue.pop()
             reply = await client.chat(request.messages)
             log.append(Answered(request.key, reply.content, reply.retries, reply.prompt_tokens,
-                                reply.completion_tokens, time.time(), reply.error, reply.detail))
+                                reply.completion_tokens, time.time(), reply.error, reply.detail, client.base_url))
             for match in waiting.pop(request.key):
                 if _replies(match, log) is not None:
                     on_match(match)
@@ -168,6 +169,10 @@ def run_judge(cfg: JudgeConfig, out: Path, say: Callable[[str], None] = print) -
     sent_before = sum(_replies(m, log) is not None for m in matches)
     say(f"judge: {len(matches)} {cfg.format} matches, {sent_before} already judged; asking {cfg.judge.model} "
         f"at {cfg.judge.base_url}")
+    for url, count in reused_elsewhere(matches, log, cfg.judge.base_url).items():
+        say(f"judge: {count} judgments reused were made by {cfg.judge.model} at {url} (a judgment is keyed by the "
+            "judge's model name, not its address); give judge.model another name, or delete judge/calls.jsonl, "
+            "to judge them again")
 
     async def judge() -> int:
         async with JudgeClient(cfg.judge, key) as client:
@@ -177,6 +182,7 @@ def run_judge(cfg: JudgeConfig, out: Path, say: Callable[[str], None] = print) -
 
     sent = asyncio.run(judge())
     replies = [_replies(m, log) for m in matches]
+    _require_a_usable_reply(replies, cfg)
     records = [r for m, rs in zip(matches, replies) for r in m.records(rs)]
     write_jsonl(path, records)  # the same records, now in match order
     results = {**_header(cfg, setup, len(matches), len(records), sent), **_costs(replies),
@@ -192,6 +198,29 @@ def run_judge(cfg: JudgeConfig, out: Path, say: Callable[[str], None] = print) -
     return results
 
 
+def reused_elsewhere(matches: list[Match], log: CallLog, base_url: str) -> dict[str, int]:
+    """Per other endpoint, the logged replies this run reuses that it answered."""
+    here = base_url.rstrip("/")
+    replies = _distinct([_replies(m, log) or [] for m in matches])
+    return dict(Counter(a.base_url for a in replies if a.base_url and a.base_url != here))
+
+
+def _require_a_usable_reply(replies: list[list[Answered]], cfg: JudgeConfig) -> None:
+    """A run in which no request got a usable judgment judged nothing: its setting is wrong
+    (every prompt plus judge.max_tokens past the judge's context, or a judge that writes no
+    text), not its inputs; it fails rather than write an empty table and DONE."""
+    used = _distinct(replies)
+    if not used or any(not a.error for a in used):
+        return
+    too_long = sum(a.error == CONTEXT_TOO_LONG for a in used)
+    if too_long:
+        raise ConfigError("judge.max_tokens", f"{cfg.judge.max_tokens}: all {len(used)} requests were refused by "
+                          f"{cfg.judge.base_url} ({too_long} past its context; first: {next(iter(used)).detail})",
+                          "lower judge.max_tokens, or use a judge with a longer context")
+    raise ConfigError("judge.model", f"{cfg.judge.model} at {cfg.judge.base_url} answered none of the {len(used)} "
+                      f"requests with text (first: {next(iter(used)).detail})", "use a judge that writes its verdict")
+
+
 def _header(cfg: JudgeConfig, setup: Setup, matches: int, judgments: int, sent: int) -> dict:
     models = [e.model for e in cfg.answers]
     return {"format": cfg.format, "judge_model": cfg.judge.model, "base_url": cfg.judge.base_url,
@@ -200,8 +229,13 @@ def _header(cfg: JudgeConfig, setup: Setup, matches: int, judgments: int, sent: 
             "second_turns_not_judged": {} if cfg.format == "paper" else missing_second_turns(setup, models)}
 
 
+def _distinct(replies: list[list[Answered]]) -> list[Answered]:
+    """Each reply once (a reply may serve several matches: the paper format's)."""
+    return list({a.key: a for rs in replies for a in rs}.values())
+
+
 def _costs(replies: list[list[Answered]]) -> dict:
     """Retries and tokens over the replies the judgments rest on (each reply once)."""
-    used = {a.key: a for rs in replies for a in rs}.values()
+    used = _distinct(replies)
     return {"retries": sum(a.retries for a in used), "prompt_tokens": sum(a.prompt_tokens for a in used),
             "completion_tokens": sum(a.completion_tokens for a in used)}
