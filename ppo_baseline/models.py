@@ -131,12 +131,13 @@ def train_epochs(task: Task, model: nn.Module, optimizer, scheduler, data: dict[
     minibatches of `cfg.minibatch` rows, in an order seeded by (seed, step, epoch); each
     minibatch is one optimizer step, data-parallel rank r taking its r-th contiguous share
     of it in micro-batches (train_step normalizes over the global minibatch, so any DP size
-    makes the same step). Returns the metrics averaged over steps, and `skipped_steps`: how
-    many were skipped for a non-finite gradient norm (their weights unchanged)."""
+    makes the same step). Returns the metrics averaged over steps (the gradient norm over the
+    steps taken: a skipped one's is not finite; absent when none was), and `skipped_steps`:
+    how many were skipped for a non-finite gradient norm (their weights unchanged)."""
     rows = next(iter(data.values())).shape[0]
     per_rank, rank = cfg.minibatch // rt.dims.dp, rt.dp_rank
     sums: dict[str, float] = {}
-    steps = 0
+    counts: dict[str, int] = {}
     for epoch in range(cfg.epochs):
         order = torch.randperm(rows, generator=minibatch_generator(seed, step, epoch))
         for start in range(0, rows, cfg.minibatch):
@@ -146,7 +147,7 @@ def train_epochs(task: Task, model: nn.Module, optimizer, scheduler, data: dict[
             metrics, _ = train_step(task, model, optimizer, batches, rt, grad_clip)
             scheduler.step()
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value
-            steps += 1
+                if key != "grad_norm" or not metrics["skipped_step"]:
+                    sums[key], counts[key] = sums.get(key, 0.0) + value, counts.get(key, 0) + 1
     skipped = sums.pop("skipped_step")
-    return {**{key: value / steps for key, value in sums.items()}, "skipped_steps": skipped}
+    return {**{key: value / counts[key] for key, value in sums.items()}, "skipped_steps": skipped}

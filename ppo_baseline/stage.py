@@ -330,20 +330,18 @@ def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, se
     policy = update_policy(model, optimizer, scheduler,
                            {**rollout.sequences(), "old_logp": old_logp, "advantages": shaped.advantages},
                            cfg.ppo, cfg.seed, iteration, cfg.optim.grad_clip, rt)
-    if critic is not None:
-        value_loss = services.results({"critic": critic})["critic"].meta["value_loss"]
-        if not math.isfinite(value_loss):
-            raise ConfigError("services.critic.checkpoint", f"the critic service's value loss at iteration "
-                              f"{iteration + 1} is {value_loss}", "lower services.critic.optim.lr, or check the "
-                              "rewards and the critic's checkpoint")
+    critic_skipped = float("nan")
+    if critic is not None:  # a non-finite value loss was answered with 500, which stopped the run
+        trained = services.results({"critic": critic})["critic"].meta
+        value_loss, critic_skipped = trained["value_loss"], trained["critic_skipped_steps"]
     done = time.perf_counter()
     mask = rollout.mask
     response_tokens = int(mask.sum())
     return {"reward_mean": float(scores.mean()), "reward_raw_mean": float(answer["raw"].mean()),
             "kl": float(shaped.kl.sum() / len(prompts)), "loss": policy["loss"], "approx_kl": policy["approx_kl"],
-            "clip_frac": policy["clip_frac"], "entropy": policy["entropy"], "grad_norm": policy["grad_norm"],
-            "skipped_steps": policy["skipped_steps"],
-            "value_loss": value_loss,
+            "clip_frac": policy["clip_frac"], "entropy": policy["entropy"],
+            "grad_norm": policy.get("grad_norm", math.nan),  # absent when every step was skipped
+            "skipped_steps": policy["skipped_steps"], "value_loss": value_loss, "critic_skipped_steps": critic_skipped,
             "explained_variance": float(algorithm.explained_variance(values, shaped.returns, mask)),
             "response_length": response_tokens / len(prompts), "finished": float(rollout.finished.float().mean()),
             "tokens_per_s": response_tokens / max(generated - began, 1e-9), "lr": lr,

@@ -5,6 +5,7 @@ model's limit, and the config's paper defaults."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -133,10 +134,12 @@ def test_a_policy_update_counts_its_skipped_steps(rt):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     cfg = PPOAlgorithmConfig(rollout_batch=4, minibatch=2, micro_batch=1, epochs=2)
     data = {**rollout.sequences(), "old_logp": old, "advantages": torch.where(rollout.mask, 1.0, 0.0)}
-    assert update_policy(model, optimizer, scheduler, data, cfg, 1, 0, 1.0, rt)["skipped_steps"] == 0
+    taken = update_policy(model, optimizer, scheduler, data, cfg, 1, 0, 1.0, rt)
+    assert taken["skipped_steps"] == 0 and math.isfinite(taken["grad_norm"])
     before = model.output.weight.detach().clone()
     data["advantages"] = torch.where(rollout.mask, float("nan"), 0.0)
-    assert update_policy(model, optimizer, scheduler, data, cfg, 1, 1, 1.0, rt)["skipped_steps"] == 4
+    skipped = update_policy(model, optimizer, scheduler, data, cfg, 1, 1, 1.0, rt)
+    assert skipped["skipped_steps"] == 4 and "grad_norm" not in skipped  # a skipped step's norm is not averaged in
     assert torch.equal(before, model.output.weight)
 
 
