@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # no torch at import: torch-free stages (`orlhf judge`) keep 
 LEDGER = "ledger.jsonl"
 HEARTBEAT_DIR = ".ledger"
 BEAT_SECONDS = 5.0
+STALE_BEATS = 6  # a heartbeat this many beats old belongs to a process that is gone
 _previous_end = 0.0  # epoch seconds at which this process's last tracked stage ended
 
 
@@ -194,12 +195,19 @@ def _row(path: Path, number: int, line: str) -> LedgerRow:
     return row
 
 
-def unrecorded(run_dir: str | Path) -> list[LedgerRow]:
-    """The executions still without a ledger row: each one's last heartbeat (status
-    interrupted), running now or killed since (its row is appended when the stage runs
-    again, `_recover_interrupted`). A damaged heartbeat is an error naming it."""
-    folder = Path(run_dir) / HEARTBEAT_DIR
-    return [_row(path, 1, path.read_text()) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+def killed(run_dir: str | Path) -> list[LedgerRow]:
+    """The executions killed without their ledger row (it is appended when the stage runs
+    again, `_recover_interrupted`): each one's last heartbeat (status interrupted), older
+    than a running stage's would be. A damaged heartbeat is an error naming it."""
+    folder, rows = Path(run_dir) / HEARTBEAT_DIR, []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            row = _row(path, 1, path.read_text())
+        except FileNotFoundError:  # its stage ended meanwhile: its row is in the ledger now
+            continue
+        if time.time() - datetime.fromisoformat(row.end).timestamp() > STALE_BEATS * BEAT_SECONDS:
+            rows.append(row)
+    return rows
 
 
 def _now() -> str:

@@ -28,7 +28,7 @@ import yaml
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.training import PREFERENCE_METHODS
 from offline_rlhf.eval.results import score_cells
-from offline_rlhf.ledger import COMPLETED, FAILED, INTERRUPTED, LedgerRow, read_ledger, unrecorded
+from offline_rlhf.ledger import COMPLETED, FAILED, INTERRUPTED, LedgerRow, killed, read_ledger
 from offline_rlhf.metrics import read_metrics
 
 SAMPLES = ("generate", "label")  # every offline method's data starts here (counted for each)
@@ -61,7 +61,7 @@ def device_hours(run_dir: Path) -> dict[str, dict]:
     totals: dict[str, dict] = defaultdict(lambda: {"device_hours": 0.0, "wall_seconds": 0.0, "executions": 0,
                                                    "device_type": "", "not_charged_device_hours": 0.0,
                                                    FAILED: 0, INTERRUPTED: 0})
-    rows = read_ledger(run_dir) + unrecorded(run_dir)  # a killed execution shows (not charged) before its rerun
+    rows = read_ledger(run_dir) + killed(run_dir)  # a killed execution shows (not charged) before its rerun
     for row, counted in zip(rows, charged(rows)):
         entry = totals[row.stage]
         entry["device_type"] = row.device_type

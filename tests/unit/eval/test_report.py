@@ -4,6 +4,7 @@ evaluation results (tests/unit/eval/report_fixtures.py)."""
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,12 @@ def test_a_killed_ppo_actor_is_shown_not_charged_and_its_services_make_no_method
     (run / "ledger.jsonl").write_text("\n".join(lines) + "\n")
     (run / HEARTBEAT_DIR).mkdir()
     (run / HEARTBEAT_DIR / "ppo_actor.json").write_text(ledger_line("ppo_actor", 7.0, "interrupted", 40))
+    # A running stage's heartbeat (the report's own, as `orlhf report` runs) is fresh: not counted.
+    running = json.loads(ledger_line("report", 0.0, "interrupted"))
+    (run / HEARTBEAT_DIR / "report.json").write_text(json.dumps({**running, "end": datetime.now(timezone.utc)
+                                                                  .isoformat()}))
     hours = device_hours(run)
+    assert "report" not in hours
     actor = hours["ppo_actor"]
     assert (actor["executions"], actor["interrupted"], actor["not_charged_device_hours"]) == (0, 1, 7.0)
     rows = table3(hours)
