@@ -27,7 +27,7 @@ from offline_rlhf.data.records import (
     turns_field,
 )
 from offline_rlhf.data.template import ChatTemplate, Turn
-from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
+from offline_rlhf.data.tokenize import Reply, TokenizedSample, TokenStats, encode_replies
 
 REF_CHOSEN, REF_REJECTED, DIGEST = "ref_chosen_logp", "ref_rejected_logp", "tokens_sha1"
 
@@ -61,11 +61,13 @@ class PairDataset:
 
 def encode_pair_example(tokenizer, template: ChatTemplate, example: PairExample,
                         max_len: int) -> tuple[TokenizedSample, TokenizedSample]:
-    """`prompt + reply (+ EOS when finished)` for both replies, cut by `encode_sft`'s rule."""
-    return tuple(encode_sft(tokenizer, template, example.prompt, reply, max_len, side, eos=finished,
-                            turns=example.turns)
-                 for side, reply, finished in (("chosen", example.chosen, example.chosen_finished),
-                                               ("rejected", example.rejected, example.rejected_finished)))
+    """`prompt + reply (+ EOS when finished)` for both replies, cut by `encode_sft`'s rule
+    with one history for both sides (`encode_replies`)."""
+    chosen, rejected = encode_replies(tokenizer, template, example.prompt,
+                                      [Reply(example.chosen, example.chosen_finished, "chosen"),
+                                       Reply(example.rejected, example.rejected_finished, "rejected")],
+                                      max_len, turns=example.turns)
+    return chosen, rejected
 
 
 def tokens_digest(chosen: TokenizedSample, rejected: TokenizedSample) -> str:

@@ -20,7 +20,7 @@ from offline_rlhf.data.sft_dataset import (
     with_read_stats,
 )
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import TokenStats, encode_sft
+from offline_rlhf.data.tokenize import Reply, TokenStats, encode_replies
 
 Item = tuple[str, PreferenceExample]  # (source name, example)
 
@@ -52,11 +52,11 @@ def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, An
 
 def encode_pair(tokenizer, template: ChatTemplate, example: PreferenceExample, max_len: int,
                 stats: TokenStats) -> PreferencePair | None:
-    """Both replies through `encode_sft` (its EOS and its truncation rule, one rule for both
-    sides), counted into `stats`. None when truncation leaves the two sequences identical:
-    such a pair has no signal and would count as a wrong ranking."""
-    chosen, rejected = (encode_sft(tokenizer, template, example.prompt, reply, max_len, example.source,
-                                   turns=example.turns) for reply in (example.chosen, example.rejected))
+    """Both replies through `encode_replies` (`encode_sft`'s EOS and truncation rule, one
+    history for both sides), counted into `stats`. None when truncation leaves the two
+    sequences identical: such a pair has no signal and would count as a wrong ranking."""
+    replies = [Reply(reply, True, example.source) for reply in (example.chosen, example.rejected)]
+    chosen, rejected = encode_replies(tokenizer, template, example.prompt, replies, max_len, turns=example.turns)
     stats.add(chosen)
     stats.add(rejected)
     if chosen.input_ids == rejected.input_ids:

@@ -137,24 +137,46 @@ def encode_sft(
     An over-long conversation loses its oldest exchanges while that keeps the prompt from
     being cut (`fit_turns`); what is still too long is cut by `truncate_pair`.
     """
+    return encode_replies(tokenizer, template, prompt, [Reply(response, eos, source)], max_len, response_prefix,
+                          turns)[0]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply of `encode_replies`: its text, whether it ended (EOS), the sample's source."""
+
+    text: str
+    eos: bool
+    source: str
+
+
+def encode_replies(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, replies: Sequence[Reply],
+                   max_len: int, response_prefix: str = "", turns: Sequence[Turn] = ()) -> list[TokenizedSample]:
+    """`encode_sft` of several replies to one prompt (the two sides of a preference pair):
+    an over-long conversation loses the exchanges the longest reply needs, on every side,
+    so that each side answers the same history."""
+    labellers = [_labeller(tokenizer, template, prompt, reply, response_prefix) for reply in replies]
+    samples, dropped = fit_turns(turns, lambda kept: [label(kept) for label in labellers],
+                                 lambda samples: all(sample.prompt_whole(max_len) for sample in samples))
+    return [sample.cut(max_len, reply.source, turns_dropped=dropped > 0) for sample, reply in zip(samples, replies)]
+
+
+def _labeller(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, reply: Reply,
+              response_prefix: str) -> Callable[[Sequence[Turn]], _Labelled]:
+    """The labelled sample of `reply` after the turns kept of a conversation."""
     if isinstance(template, ChatFormat):
-        answer = {"role": ASSISTANT, "content": response}
+        answer = {"role": ASSISTANT, "content": reply.text}
+        return lambda kept: _label_chat(tokenizer, template.chat, [*template.messages(prompt, kept), answer],
+                                        response_prefix, every_turn=False, end_of_turn=reply.eos)
+    if reply.eos and tokenizer.eos_id is None:
+        raise ValueError("the tokenizer defines no eos_token; SFT needs one to end responses")
+    response_ids = tokenizer.encode(template.response_text(reply.text)) + ([tokenizer.eos_id] if reply.eos else [])
 
-        def labelled(kept: Sequence[Turn]) -> _Labelled:
-            return _label_chat(tokenizer, template.chat, [*template.messages(prompt, kept), answer], response_prefix,
-                               every_turn=False, end_of_turn=eos)
-    else:
-        if eos and tokenizer.eos_id is None:
-            raise ValueError("the tokenizer defines no eos_token; SFT needs one to end responses")
-        response_ids = tokenizer.encode(template.response_text(response)) + ([tokenizer.eos_id] if eos else [])
+    def labelled(kept: Sequence[Turn]) -> _Labelled:
+        prompt_ids = encode_prompt(tokenizer, template, prompt, response_prefix, kept)
+        return _Labelled(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, len(prompt_ids))
 
-        def labelled(kept: Sequence[Turn]) -> _Labelled:
-            prompt_ids = encode_prompt(tokenizer, template, prompt, response_prefix, kept)
-            return _Labelled(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-                             len(prompt_ids))
-
-    sample, dropped = fit_turns(turns, labelled, lambda sample: sample.prompt_whole(max_len))
-    return sample.cut(max_len, source, turns_dropped=dropped > 0)
+    return labelled
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@ import pytest
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import (
     IGNORE_INDEX,
+    Reply,
     TokenizedSample,
     TokenStats,
     encode_prompt,
+    encode_replies,
     encode_sft,
     fit_prompt,
     fit_turns,
@@ -156,3 +158,16 @@ def test_an_over_long_conversation_in_training_drops_exchanges_while_that_spares
     assert fitted.labels == sample(1000, TURNS[2:]).labels
     # The last user turn's prompt (8 tokens) is then cut to the room the response (5) leaves.
     assert text_of(sample(10).input_ids) == "u3 A: xyz<eos>" and sample(10).truncated
+
+
+def test_the_replies_to_one_prompt_answer_the_same_history():
+    """A preference pair's sides: a long reply needs an exchange dropped that a short one
+    would keep; fitted together, both drop it (each side answers the same conversation)."""
+    chars, short, long = CharTokenizer(), Reply("x", True, "chosen"), Reply("y" * 20, True, "rejected")
+    alone = [encode_sft(chars, SHORT, "folded", r.text, 42, r.source, turns=TURNS) for r in (short, long)]
+    assert [text_of(s.input_ids).split(" A: ")[0] for s in alone] == ["U: u1", "U: u2"]  # apart, they differ
+    together = encode_replies(chars, SHORT, "folded", [short, long], 42, turns=TURNS)
+    assert [text_of(s.input_ids) for s in together] == ["U: u2 A: a2 U: u3 A: x<eos>",
+                                                        "U: u2 A: a2 U: u3 A: " + "y" * 20 + "<eos>"]
+    assert [s.source for s in together] == ["chosen", "rejected"] and all(s.truncated for s in together)
+    assert together[1] == alone[1]
