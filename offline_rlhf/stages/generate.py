@@ -96,8 +96,9 @@ class AnswerWriter:
 
 
 def prompt_budget(cfg: GenerateConfig, model_cfg: ModelConfig) -> int:
-    """Prompt tokens kept (the most recent ones): what max_prompt_tokens and the room the
-    model has left after max_new_tokens allow."""
+    """The longest prompt (`fit_prompt`: a conversation's oldest exchanges go first, then its
+    first tokens): what max_prompt_tokens and the room the model has left after
+    max_new_tokens allow."""
     budget = min(cfg.max_prompt_tokens, model_cfg.max_seq_len - cfg.generation.max_new_tokens)
     if budget < 1:
         raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a prompt "
