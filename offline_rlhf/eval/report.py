@@ -145,10 +145,14 @@ def judge_freshness(run_dir: Path, judge: dict, results: dict | None) -> tuple[s
     inputs = _judge_inputs(run_dir)
     if inputs is None:
         return "unverified", "judge/config.yaml, which names the answer files the judge read, is missing or lists none"
-    if [model for model, _ in inputs] != judge.get("models"):
+    if [model for model, _, _ in inputs] != judge.get("models"):
         return "unverified", ("judge/config.yaml lists other models than judge/results.json (a later `orlhf judge` "
                               "did not finish), so which answers were judged is unknown")
-    judged = [name for _, name in inputs if name is not None]
+    judged = [name for _, _, name in inputs if name is not None]
+    unresolved = [path for _, path, name in inputs if name is None and Path(path).parent.name == "eval"]
+    if unresolved:  # eval answers, but not found where the report resolves run_dir/eval: cannot compare
+        return "unverified", (f"judge/config.yaml names {unresolved[0]}, an eval answers file outside {run_dir}/eval "
+                              "as resolved here (relative paths written from another directory?)")
     if not judged:
         return "current", ""  # answer files of its own, e.g. FastChat's: nothing of eval's to be stale against
     judged_at, evaluated_at = (_last_completed(run_dir, stage) for stage in ("judge", "eval"))
@@ -165,10 +169,10 @@ def judge_freshness(run_dir: Path, judge: dict, results: dict | None) -> tuple[s
     return "current", ""
 
 
-def _judge_inputs(run_dir: Path) -> list[tuple[str, str | None]] | None:
-    """Per answer file in judge/config.yaml: (model, its name when it lies in run_dir/eval/
-    else None); None without a readable list. Paths are compared with the config's run_dir,
-    written from the same working directory."""
+def _judge_inputs(run_dir: Path) -> list[tuple[str, str, str | None]] | None:
+    """Per answer file in judge/config.yaml: (model, its path, its name when it lies in
+    run_dir/eval/ else None); None without a readable list. Paths are compared with the
+    config's run_dir, written from the same working directory."""
     path = run_dir / "judge" / "config.yaml"
     if not path.exists():
         return None
@@ -182,8 +186,8 @@ def _judge_inputs(run_dir: Path) -> list[tuple[str, str | None]] | None:
                                                 for a in answers):
         return None
     eval_dir = Path(os.path.abspath(str(cfg.get("run_dir", "")))) / "eval"
-    return [(a.get("model"), Path(a["path"]).name if Path(os.path.abspath(a["path"])).parent == eval_dir else None)
-            for a in answers]
+    return [(a.get("model"), a["path"], Path(a["path"]).name if Path(os.path.abspath(a["path"])).parent == eval_dir
+             else None) for a in answers]
 
 
 def _last_completed(run_dir: Path, stage: str) -> LedgerRow | None:

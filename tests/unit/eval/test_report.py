@@ -248,6 +248,19 @@ def test_relative_paths_are_compared_with_the_judge_run_dir(tmp_path, monkeypatc
     assert judge_freshness(tmp_path / run, JUDGE, None)[0] == "stale"
 
 
+def test_eval_answers_the_report_cannot_place_leave_the_judge_unverified(tmp_path, monkeypatch):
+    """A config mixing a relative run_dir with absolute answer paths, read from another
+    directory: the answers are eval's but not found under run_dir/eval as resolved here,
+    so the judge cannot be compared with the evaluation (not called current)."""
+    run = write_run(tmp_path / "run", judge=True)
+    write_judge(run, JUDGE, eval_answers(run, JUDGE["models"]))  # absolute answer paths
+    config = (run / "judge" / "config.yaml").read_text().replace(f"run_dir: {run}", "run_dir: run")
+    (run / "judge" / "config.yaml").write_text(config)
+    monkeypatch.chdir("/")
+    state, why = judge_freshness(run, JUDGE, None)
+    assert state == "unverified" and f"{run}/eval/answers_sft.jsonl, an eval answers file outside {run}/eval" in why
+
+
 def test_an_unverified_judge_is_shown_with_the_reason():
     text = side_by_side_markdown(side_by_side(None, JUDGE, []), None, JUDGE,
                                  ("unverified", "judge/config.yaml, which names the answer files, is missing"))
