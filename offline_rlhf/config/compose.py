@@ -113,12 +113,18 @@ def _unparsed_override(err: OverrideParseException) -> ConfigError:
     """An override Hydra's grammar refuses (`=`, `#`, `;`, spaces... in an unquoted value):
     the key, Hydra's reason, and how to quote the value."""
     key, _, value = err.override.partition("=")
+    key = key.strip()
     reason = next((line.strip() for line in err.message.splitlines() if line.strip()), "")
     if reason.startswith("LexerNoViableAltException"):
         reason = "a character Hydra's grammar does not take here"
-    return ConfigError(key.strip() or "config", f"cannot parse {err.override!r}: {reason}",
-                       f"quote the value: {key.strip()}='{value}' (in a shell, wrap the whole argument in double "
-                       "quotes)")
+    if not re.fullmatch(r"[+~]*[\w.\[\]/@-]+", key):
+        return ConfigError("config", f"cannot parse {err.override!r}: {reason}", "write it as key=value")
+    if value.startswith(("[", "{")) or "'" in value:  # a list, a dict or quotes: which part to quote is theirs
+        quote = f"each string in the value, e.g. {key}=['a=b']"
+    else:
+        quote = f"the value: {key}='{value}'"
+    return ConfigError(key, f"cannot parse {err.override!r}: {reason}",
+                       f"quote {quote} (in a shell, wrap the whole argument in double quotes)")
 
 
 def _one_line_error(err: Exception, schema: type | None = None) -> ConfigError:
