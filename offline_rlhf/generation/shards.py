@@ -19,17 +19,19 @@ FINGERPRINT = "shards_config.json"
 RESTART = "delete {stage_dir}/shard_*.jsonl and rerun the stage to do every item again"
 
 
-def resume_shards(rt: Runtime, fingerprint: dict, n: int, schema: int | None = None) -> set[int]:
-    """The items (each with `n` records) done by an earlier run under the same config: rank
-    0 claims the shards for `fingerprint` and cuts what a crash tore, then every rank reads
-    (and with `schema`, refuses records another version of the stage wrote: `read_shard_records`)."""
+def resume_shards(rt: Runtime, fingerprint: dict, n: int, schema: int | None = None) -> tuple[set[int], list[dict]]:
+    """The items (each with `n` records) done by an earlier run under the same config, and
+    their records: rank 0 claims the shards for `fingerprint` and cuts what a crash tore,
+    then every rank reads (and with `schema`, refuses records another version of the stage
+    wrote: `read_shard_records`)."""
     if rt.is_main:
         claim_shards(rt.stage_dir, fingerprint)
         for path in shard_paths(rt.stage_dir):
             if repair_shard(path, n):
                 rt.log(f"cut a torn last line (and an incomplete item's records) from {path}")
     rt.barrier()
-    return answered_prompts(read_shard_records(rt.stage_dir, schema), n)
+    records = read_shard_records(rt.stage_dir, schema)
+    return answered_prompts(records, n), records
 
 
 def my_share(rt: Runtime, items: list) -> tuple[list, Path | None]:

@@ -31,7 +31,6 @@ from offline_rlhf.generation.shards import (
     append_durably,
     merge_shards,
     my_share,
-    read_shard_records,
     resume_shards,
 )
 from offline_rlhf.labeling.mix import read_labeled_records
@@ -89,9 +88,8 @@ def scored_pairs(rt: Runtime, cfg: ReferenceConfig, digests: list[str]) -> set[i
     carries the digest of the tokens it scored: one that is not the pair's digest now (the
     input file, the tokenizer or the checkpoint's template changed under the same config)
     holds log-probs of other sequences, and the run stops rather than merge them."""
-    done = resume_shards(rt, resume_fingerprint(cfg), 1)
-    stale = [r["id"] for r in read_shard_records(rt.stage_dir)
-             if not 0 <= r["id"] < len(digests) or r.get(DIGEST) != digests[r["id"]]]
+    done, records = resume_shards(rt, resume_fingerprint(cfg), 1)
+    stale = [r["id"] for r in records if not 0 <= r["id"] < len(digests) or r.get(DIGEST) != digests[r["id"]]]
     if stale:
         raise ConfigError("input", f"{len(stale)} of the pairs scored in {rt.stage_dir} tokenize otherwise now "
                           f"(first: id {stale[0]}): {cfg.input}, the tokenizer or init.checkpoint's template "
