@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 
 from launcher.plan import STAGE_MODULE, StagePlan
 from launcher.ppo import TOKEN_ENV, TOKEN_FILE, Component
@@ -31,10 +32,16 @@ port=$((20000 + SLURM_JOB_ID % 20000))
 
 def job_name(plan: StagePlan) -> str:
     """Run and stage, so two runs' jobs differ (continuation waits on jobs of the same name).
-    A later round's stage lives in run_dir/round_<r>/ and its name already says the round."""
+    A later round's name already says the round."""
+    return f"{run_folder(plan).name}.{plan.name}"
+
+
+def run_folder(plan: StagePlan) -> Path:
+    """The run's folder: the stage's parent, or its grandparent for a later round's stage
+    (run_dir/round_<r>/<stage>, named `round_<r>.<stage>`)."""
     folder = plan.stage_dir.parent
     in_round = re.fullmatch(r"round_\d+", folder.name) and plan.name.startswith(f"{folder.name}.")
-    return f"{(folder.parent if in_round else folder).name}.{plan.name}"
+    return folder.parent if in_round else folder
 
 
 def tasks_per_node(plan: StagePlan, cluster: ClusterConfig) -> int:
@@ -111,7 +118,8 @@ def _srun_words(plan: StagePlan, cluster: ClusterConfig, step: str = "", cpus: i
     if cpus is not None:
         words[0] += f" --cpus-per-task={cpus}"
     if cluster.container_image:
-        mounts = [f"{plan.stage_dir.parent}:{plan.stage_dir.parent}", *cluster.container_mounts]
+        # The whole run: a later round's stage reads the task data, the SFT/RM and earlier rounds.
+        mounts = [f"{run_folder(plan)}:{run_folder(plan)}", *cluster.container_mounts]
         words.append(f"--container-image={shlex.quote(cluster.container_image)} "
                      f"--container-mounts={shlex.quote(','.join(mounts))} --no-container-mount-home")
     return words

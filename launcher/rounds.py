@@ -3,11 +3,14 @@ generate -> label -> mix or reference -> align) run again K - 1 times. Round r >
 `run_dir/round_<r>/`: its policy-reading stages (generate, reference, align) start from the
 policy the previous round's align entry trained, label scores with the run's fixed reward
 model, and `${run_dir}` in the entries' own overrides still means the run's folder (task
-data, prompts). The rounds follow the last repeated entry, before the stages after it
-(evaluation, report), which may then list every round's policy."""
+data, prompts), except before a repeated entry's folder: `${run_dir}/generate/...` in a
+repeated label entry is that round's generation. The rounds follow the last repeated
+entry, before the stages after it (evaluation, report), which may then list every round's
+policy."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,7 +41,8 @@ def pipeline_steps(pipeline: PipelineConfig, run_dir: Path) -> list[Step]:
     if not PLAIN_PATH.fullmatch(str(run_dir)):  # it is written into the rounds' overrides as is
         raise LaunchError("run_dir", f"{str(run_dir)!r} has characters iterative rounds cannot pass on",
                           "use only letters, digits and _ . / + - in run_dir")
-    later = [_round_step(step, run_dir, number, aligned.folder)
+    folders = [step.entry.folder for step in repeated]
+    later = [_round_step(step, run_dir, number, aligned.folder, folders)
              for number in range(2, pipeline.rounds + 1) for step in repeated]
     cut = steps.index(repeated[-1]) + 1
     return steps[:cut] + later + steps[cut:]
@@ -52,13 +56,24 @@ def _the_iterated_policy(repeated: list[Step]) -> StageEntry:
     return aligned[0]
 
 
-def _round_step(step: Step, run_dir: Path, number: int, align_folder: str) -> Step:
+def _round_step(step: Step, run_dir: Path, number: int, align_folder: str, repeated_folders: list[str]) -> Step:
     previous = run_dir if number == 2 else run_dir / f"round_{number - 1}"
+    round_dir = run_dir / f"round_{number}"
     extra = {}
     if step.entry.stage in POLICY_STAGES:
         extra["init.checkpoint"] = previous / align_folder / "checkpoints"
     if step.entry.stage == LABEL_STAGE:
         extra["rm"] = run_dir / "rm" / "checkpoints"
-    own = [o.replace("${run_dir}", str(run_dir)) for o in step.entry.overrides if o.split("=", 1)[0] not in extra]
+    own = [_in_round(o, run_dir, round_dir, repeated_folders) for o in step.entry.overrides
+           if o.split("=", 1)[0] not in extra]
     entry = replace(step.entry, overrides=[*own, *(f"{key}={path}" for key, path in extra.items())])
-    return Step(step.index, entry, run_dir / f"round_{number}", f"round_{number}.{step.entry.folder}")
+    return Step(step.index, entry, round_dir, f"round_{number}.{step.entry.folder}")
+
+
+def _in_round(override: str, run_dir: Path, round_dir: Path, repeated_folders: list[str]) -> str:
+    """`override` with `${run_dir}` resolved: a repeated entry's folder (its outputs this
+    round) under `round_dir`, anything else (task data, the SFT and RM) under `run_dir`."""
+    folders = "|".join(re.escape(folder) for folder in repeated_folders)
+    override = re.sub(rf"\$\{{run_dir\}}/({folders})(?=/|['\"\],}}\s]|$)", lambda m: f"{round_dir}/{m.group(1)}",
+                      override)
+    return override.replace("${run_dir}", str(run_dir))

@@ -131,3 +131,11 @@ def test_job_names_are_run_then_stage_also_for_a_later_rounds_stage():
     same = replace(first, name="dt8b.v2", stage_dir=RUN_DIR / "dt8b.v2")
     assert [job_name(plan) for plan in (first, later, dotted, same)] == [
         f"{RUN_DIR.name}.generate", f"{RUN_DIR.name}.round_2.generate", f"{RUN_DIR.name}.align.dt", "dt8b.dt8b.v2"]
+
+
+def test_a_later_rounds_container_mounts_the_whole_run():
+    """Round 2's stages read the task data, the SFT/RM and round 1's policy: the run's folder is
+    mounted, not run_dir/round_2."""
+    later = replace(make_plan("generate"), name="round_2.generate", stage_dir=RUN_DIR / "round_2" / "generate")
+    script = render_script(later, gpu_cluster(), "python")
+    assert f"--container-mounts={RUN_DIR}:{RUN_DIR},/data:/data" in script and "round_2:" not in script

@@ -9,11 +9,12 @@ from launcher.rounds import pipeline_steps
 from launcher.schema import LaunchError, PipelineConfig, StageEntry
 
 RUN = Path("/runs/it")
+LABEL_INPUTS = "inputs=[{path: '${run_dir}/generate/samples.jsonl'}, {path: '${run_dir}/task/s.jsonl'}]"
 
 
 def pipeline(rounds=3, align_repeats=1):
     loop = [StageEntry(stage="generate", overrides=["sources=[{path: '${run_dir}/task/p.jsonl'}]"], repeat=True),
-            StageEntry(stage="label", overrides=["rm=elsewhere", "batch_size=8"], repeat=True),
+            StageEntry(stage="label", overrides=["rm=elsewhere", "batch_size=8", LABEL_INPUTS], repeat=True),
             StageEntry(stage="mix", repeat=True)]
     aligns = [StageEntry(stage="align", name=f"align_{m}", overrides=[f"method={m}"], repeat=i < align_repeats)
               for i, m in enumerate(("dt", "rwr"))]
@@ -33,7 +34,11 @@ def test_rounds_follow_the_loop_from_the_previous_policy():
         "sources=[{path: '/runs/it/task/p.jsonl'}]", "init.checkpoint=/runs/it/align_dt/checkpoints"]
     assert by_name["round_3.align_dt"].entry.overrides == [
         "method=dt", "init.checkpoint=/runs/it/round_2/align_dt/checkpoints"]
-    assert by_name["round_2.label"].entry.overrides == ["batch_size=8", "rm=/runs/it/rm/checkpoints"]  # the RM fixed
+    # The RM is fixed; a repeated entry's outputs are this round's (its own generation), task data the run's.
+    assert by_name["round_2.label"].entry.overrides == [
+        "batch_size=8", "inputs=[{path: '/runs/it/round_2/generate/samples.jsonl'}, {path: '/runs/it/task/s.jsonl'}]",
+        "rm=/runs/it/rm/checkpoints"]
+    assert by_name["label"].entry.overrides[2].startswith("inputs=[{path: '${run_dir}/generate/")  # round 1 as given
     assert by_name["round_2.mix"].entry.overrides == []
     assert [s.name for s in pipeline_steps(pipeline(rounds=1), RUN)][-1] == "eval"
 
