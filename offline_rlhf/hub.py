@@ -23,7 +23,9 @@ from pathlib import Path
 from offline_rlhf.config.errors import ConfigError
 
 # What a model import reads (models.hf): weights as safetensors only, never pickles.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# chat_template.jinja: where transformers >= 4.50 saves a chat template (not in tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
 MODEL_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
 
 _PART = r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*"

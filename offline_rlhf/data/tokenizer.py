@@ -20,6 +20,7 @@ from offline_rlhf.config.errors import ConfigError
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a chat template saved on its own (transformers >= 4.50)
 ROLES = ("bos_token", "eos_token", "pad_token")
 
 
@@ -39,6 +40,8 @@ class Tokenizer:
                               "pass a folder with a tokenizer.json (only those tokenizers are supported)")
         config_path = path / CONFIG_FILE
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if "chat_template" not in config and (path / CHAT_TEMPLATE_FILE).is_file():
+            config["chat_template"] = (path / CHAT_TEMPLATE_FILE).read_text()  # transformers >= 4.50 saves it there
         return cls(BackendTokenizer.from_file(str(path / TOKENIZER_FILE)), config)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:

@@ -1,6 +1,8 @@
 """Chat-template rendering and the assistant-token loss mask against transformers'
 `apply_chat_template`, on a Llama-3-style and a ChatML (Qwen2-style) template."""
 
+import json
+
 import jinja2
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
@@ -274,3 +276,20 @@ def test_answers_stop_at_eos_and_at_the_templates_end_of_turn_token(tokenizers):
     plain = ChatFormat(JinjaChat("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                  "{% if add_generation_prompt %}assistant: {% endif %}"))
     assert stop_token_ids(ours, plain) == {ours.eos_id}  # what follows an answer is no special token
+
+
+def test_a_chat_template_saved_on_its_own_is_read_and_imported(tokenizers, tmp_path):
+    """transformers >= 4.50 saves a chat template to chat_template.jinja, not into
+    tokenizer_config.json: it is read from there, and an import copies it."""
+    from offline_rlhf.models.hf import copy_tokenizer_files
+
+    ours, hf = tokenizers
+    hf.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert "chat_template.jinja" in copy_tokenizer_files(tmp_path / "hf", tmp_path / "imported")
+    imported = Tokenizer.from_dir(tmp_path / "imported")
+    assert imported.config["chat_template"] == ours.config["chat_template"]
+    fmt = build_template(TemplateConfig(kind="chat"), imported.config)
+    assert encode_prompt(imported, fmt, "What is a cat?") == hf.apply_chat_template(
+        SINGLE[:1], add_generation_prompt=True, tokenize=True, return_dict=False)
