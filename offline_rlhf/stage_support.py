@@ -312,6 +312,12 @@ def resume_fingerprint(cfg) -> dict[str, object]:
             if not any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CHANGES)}
 
 
+def model_fingerprint(cfg, checkpoint: Path) -> dict[str, object]:
+    """`resume_fingerprint` plus the checkpoint step whose outputs (answers, log-probs) a
+    partial output holds: the config names a root, and a model trained on since is another."""
+    return {**resume_fingerprint(cfg), "model_step": str(checkpoint.resolve())}
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     flat = {}
     for key, value in tree.items():

@@ -12,13 +12,14 @@ into `run_dir/align_<method>/`, with the generic training loop.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from offline_rlhf.checkpoint import TEMPLATE
+from offline_rlhf.checkpoint import TEMPLATE, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.training import PREFERENCE_METHODS, AlignConfig
 from offline_rlhf.data.alignment_dataset import RewardedSequence, build_alignment_dataset
@@ -105,11 +106,27 @@ def global_ess(m: dict[str, float]) -> dict[str, float]:
     return {"count/ess": ess, "ess_fraction": ess / max(m["count/samples"], 1.0)}
 
 
+def check_reference_model(pairs: Path, init) -> None:
+    """The pairs' reference log-probs must be the policy's own at its start (DPO's ratio is
+    against them): `orlhf reference`'s card next to them names the checkpoint that scored
+    them, which must be the one init.checkpoint resolves to now (an SFT that trained on
+    since would make them another model's). Pairs without a card are taken as given."""
+    card = pairs.parent / "dataset_card.json"
+    scored_by = json.loads(card.read_text()).get("model") if card.is_file() else None
+    start = resolve_checkpoint(init.checkpoint, "init.checkpoint")
+    if scored_by is not None and Path(scored_by).resolve() != start.resolve():
+        raise ConfigError("init.checkpoint", f"resolves to {start}, but the reference log-probs in {pairs} were "
+                          f"computed by {scored_by} (its dataset_card.json)",
+                          "rerun `orlhf reference` from this init.checkpoint, or point init.checkpoint at that one")
+
+
 def main(cfg: AlignConfig) -> int:
     if cfg.method in PREFERENCE_METHODS and not Path(cfg.data.pairs).is_file():
         raise ConfigError("data.pairs", f"{cfg.data.pairs} does not exist: method={cfg.method} trains on "
                           "pairs with reference log-probs", "run `orlhf reference` first (it writes them)")
     init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
+    if cfg.method in PREFERENCE_METHODS:
+        check_reference_model(Path(cfg.data.pairs), init)
     model_cfg = model_config(init, cfg.model)
     # The init (SFT) checkpoint's template, recorded again (later stages render alike);
     # a config asking for another fails here, before any weights load.

@@ -37,7 +37,7 @@ from offline_rlhf.stage_support import (
     local_init,
     mark_done,
     model_config,
-    resume_fingerprint,
+    model_fingerprint,
 )
 
 STAGE = "generate"
@@ -114,7 +114,7 @@ def main(cfg: GenerateConfig) -> int:
         checkpoint = resolve_checkpoint(init.checkpoint, "init.checkpoint")
         template = checkpoint_template(checkpoint, read_meta(checkpoint).metadata, cfg.template)
         prompts, mix_stats = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed)
-        done, _ = resume_shards(rt, resume_fingerprint(cfg), cfg.generation.n, SCHEMA_VERSION)
+        done, _ = resume_shards(rt, model_fingerprint(cfg, checkpoint), cfg.generation.n, SCHEMA_VERSION)
         todo = [p for p in prompts if p.id not in done]
         mine, shard = my_share(rt, todo)
         rt.log(f"generate: {len(prompts)} prompts, {len(done)} already answered, {len(todo)} to go on "

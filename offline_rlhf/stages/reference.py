@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 from offline_rlhf.checkpoint import resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
@@ -43,7 +44,7 @@ from offline_rlhf.stage_support import (
     local_init,
     mark_done,
     model_config,
-    resume_fingerprint,
+    model_fingerprint,
 )
 
 STAGE = "reference"
@@ -63,7 +64,7 @@ def main(cfg: ReferenceConfig) -> int:
         pairs, card = build_pairs(read_labeled_records(cfg.input), cfg.min_gap, asdict(cfg.weights), cfg.total,
                                   cfg.seed, cfg.input)
         encoded = [encode_pair_example(tokenizer, template, p.example, cfg.max_seq_len) for p in pairs]
-        done = scored_pairs(rt, cfg, [tokens_digest(*pair) for pair in encoded])
+        done = scored_pairs(rt, cfg, checkpoint, [tokens_digest(*pair) for pair in encoded])
         todo = [i for i in range(len(pairs)) if i not in done]
         mine, shard = my_share(rt, todo)
         rt.log(f"reference: {len(pairs)} pairs ({summary(card)}), {len(pairs) - len(todo)} already scored, "
@@ -83,12 +84,12 @@ def main(cfg: ReferenceConfig) -> int:
     return 0
 
 
-def scored_pairs(rt: Runtime, cfg: ReferenceConfig, digests: list[str]) -> set[int]:
+def scored_pairs(rt: Runtime, cfg: ReferenceConfig, checkpoint: Path, digests: list[str]) -> set[int]:
     """The pairs an earlier run of this config scored (`resume_shards`). Each shard record
     carries the digest of the tokens it scored: one that is not the pair's digest now (the
     input file, the tokenizer or the checkpoint's template changed under the same config)
     holds log-probs of other sequences, and the run stops rather than merge them."""
-    done, records = resume_shards(rt, resume_fingerprint(cfg), 1)
+    done, records = resume_shards(rt, model_fingerprint(cfg, checkpoint), 1)
     stale = [r["id"] for r in records if not 0 <= r["id"] < len(digests) or r.get(DIGEST) != digests[r["id"]]]
     if stale:
         raise ConfigError("input", f"{len(stale)} of the pairs scored in {rt.stage_dir} tokenize otherwise now "

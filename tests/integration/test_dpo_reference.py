@@ -7,6 +7,7 @@ template the SFT checkpoint records; a resumed pass refuses log-probs of another
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -287,3 +288,25 @@ def test_align_refuses_pairs_tokenized_otherwise_and_a_missing_reference_stage(r
     assert main(align_args(tmp_path, "dpo", f"init.checkpoint={referenced_run}/sft/checkpoints")) == 2
     err = capsys.readouterr().err
     assert "data.pairs" in err and "run `orlhf reference` first" in err and len(err.strip().splitlines()) == 1
+
+
+def test_log_probs_of_an_earlier_sft_step_are_neither_resumed_nor_trained_on(lm_run, tmp_path, capsys):
+    """The SFT trained on after the reference pass (its root's `latest` names a later step):
+    a resumed pass does not add the new step's log-probs to the old one's, and align refuses
+    pairs scored by the old step (DPO's ratio would be against another model)."""
+    sft = tmp_path / "sft" / "checkpoints"
+    shutil.copytree(lm_run / "sft" / "checkpoints", sft)
+    shutil.copy(lm_run / "labeled.jsonl", tmp_path / "labeled.jsonl")
+    args = reference_args(tmp_path, tmp_path)  # its SFT and labeled file are the copies
+    assert main(args) == 0
+    scored_by = resolve_checkpoint(sft)
+    shutil.copytree(scored_by, sft / "step_00000007")  # the SFT trained on
+    (sft / "latest").write_text("step_00000007")
+    assert main(align_args(tmp_path, "dpo", f"init.checkpoint={sft}")) == 2
+    assert one_error_line(capsys) == (
+        f"orlhf align: error: init.checkpoint: resolves to {sft / 'step_00000007'}, but the reference log-probs in "
+        f"{tmp_path / 'reference' / 'pairs.jsonl'} were computed by {scored_by} (its dataset_card.json); rerun "
+        "`orlhf reference` from this init.checkpoint, or point init.checkpoint at that one")
+    (tmp_path / "reference" / "DONE").unlink()  # as after a crash before the merge: shards to resume
+    assert main(args) == 2
+    assert "model_step: differs from the run that wrote" in one_error_line(capsys)
