@@ -178,6 +178,7 @@ class ReferenceConfig(Frozen):
     max_seq_len: int = 512  # tokens per reply sequence (as align's data.max_seq_len)
     batch_size: int = 16  # sequences per reference-model forward
     write_every: int = 256  # pairs per durable write (what a crash can lose)
+    strict: bool = False  # a pair identical after truncation to max_seq_len is an error, not skipped and counted
 
     def __post_init__(self):
         require(self, "input", fix="pass the labeled samples written by `orlhf label`")

@@ -63,7 +63,7 @@ def main(cfg: ReferenceConfig) -> int:
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         pairs, card = build_pairs(read_labeled_records(cfg.input), cfg.min_gap, asdict(cfg.weights), cfg.total,
                                   cfg.seed, cfg.input)
-        encoded = [encode_pair_example(tokenizer, template, p.example, cfg.max_seq_len) for p in pairs]
+        pairs, encoded = distinct_pairs(pairs, tokenizer, template, cfg, card)
         done = scored_pairs(rt, cfg, checkpoint, [tokens_digest(*pair) for pair in encoded])
         todo = [i for i in range(len(pairs)) if i not in done]
         mine, shard = my_share(rt, todo)
@@ -82,6 +82,22 @@ def main(cfg: ReferenceConfig) -> int:
         if rt.is_main:
             write_outputs(rt, cfg, pairs, encoded, card, str(checkpoint), template_record(template))
     return 0
+
+
+def distinct_pairs(pairs: list, tokenizer, template, cfg: ReferenceConfig, card: dict) -> tuple[list, list]:
+    """The pairs and their encodings, without those whose two sides are identical once cut
+    to max_seq_len (no signal, as the RM stage decides: a margin of 0 counts as a wrong
+    ranking), counted in the card; with `strict` they are an error."""
+    encoded = [encode_pair_example(tokenizer, template, p.example, cfg.max_seq_len) for p in pairs]
+    kept = [i for i, (chosen, rejected) in enumerate(encoded) if chosen.input_ids != rejected.input_ids]
+    card["identical_after_truncation"] = identical = len(pairs) - len(kept)
+    card["pairs"] = len(kept)  # what pairs.jsonl holds
+    if identical and (cfg.strict or not kept):
+        first = next(p.example.prompt for p, (c, r) in zip(pairs, encoded) if c.input_ids == r.input_ids)
+        raise ConfigError("max_seq_len", f"{identical} of {len(pairs)} pairs have identical sides once cut to "
+                          f"{cfg.max_seq_len} tokens (first: prompt {first[:60]!r})",
+                          "raise max_seq_len" + ("" if not kept else ", or strict=false to skip and count them"))
+    return [pairs[i] for i in kept], [encoded[i] for i in kept]
 
 
 def scored_pairs(rt: Runtime, cfg: ReferenceConfig, checkpoint: Path, digests: list[str]) -> set[int]:
@@ -131,7 +147,8 @@ def summary(card: dict) -> str:
     ranked, human = card["rm_ranked"], card["human"]
     return (f"{ranked['pairs']} RM-ranked from {ranked['prompts']} prompts: {ranked['single_sample']} with one "
             f"sample, {ranked['tie']} ties, {ranked['below_gap']} below min_gap {card['min_gap']}; "
-            f"{human['pairs']} human, {human['incomplete']} incomplete")
+            f"{human['pairs']} human, {human['incomplete']} incomplete; "
+            f"{card['identical_after_truncation']} skipped, identical once cut to max_seq_len")
 
 
 def card_markdown(card: dict) -> str:

@@ -310,3 +310,29 @@ def test_log_probs_of_an_earlier_sft_step_are_neither_resumed_nor_trained_on(lm_
     (tmp_path / "reference" / "DONE").unlink()  # as after a crash before the merge: shards to resume
     assert main(args) == 2
     assert "model_step: differs from the run that wrote" in one_error_line(capsys)
+
+
+def test_pairs_identical_once_cut_are_skipped_and_counted_or_refused_with_strict(lm_run, tmp_path, capsys):
+    """Two human pairs whose replies differ only past max_seq_len carry no signal (the RM
+    stage drops them too): skipped and counted, an error with strict=true, and when no pair
+    is left, an error either way."""
+    shared = " ".join(["add"] * 80)
+    rows = [{"prompt": "add 2 and 2", "response": f"{shared} {end}", "kind": side, "source": "human", "pair": 0,
+             "reward": 0.0} for side, end in (("chosen", "4."), ("rejected", "5."))]
+    rows += [{"prompt": "add 1 and 1", "response": text, "kind": side, "source": "human", "pair": 1, "reward": 0.0}
+             for side, text in (("chosen", "1 plus 1 is 2."), ("rejected", "off topic."))]
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = reference_args(lm_run, tmp_path, f"input={labeled}")
+    assert main(args) == 0
+    assert [p["prompt"] for p in pairs_of(tmp_path)] == ["add 1 and 1"]
+    card = json.loads((tmp_path / "reference" / "dataset_card.json").read_text())
+    assert (card["identical_after_truncation"], card["pairs"]) == (1, 1)
+    capsys.readouterr()
+    assert main(reference_args(lm_run, tmp_path / "strict", f"input={labeled}", "strict=true")) == 2
+    assert one_error_line(capsys) == (
+        "orlhf reference: error: max_seq_len: 1 of 2 pairs have identical sides once cut to 64 tokens (first: "
+        "prompt 'add 2 and 2'); raise max_seq_len, or strict=false to skip and count them")
+    labeled.write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))  # no pair left
+    assert main(reference_args(lm_run, tmp_path / "none", f"input={labeled}")) == 2
+    assert one_error_line(capsys).endswith("(first: prompt 'add 2 and 2'); raise max_seq_len")
