@@ -28,6 +28,7 @@ from offline_rlhf.data.template import ASSISTANT, REWARD_TAG, USER, ChatTemplate
 SYSTEM = "system"
 Message = dict  # {"role": SYSTEM | USER | ASSISTANT, "content": str}
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+TEMPLATE_DATE = datetime(2024, 7, 26)  # what strftime_now gives: Llama 3's templates' own default date_string
 
 
 class _Generation(jinja2.ext.Extension):
@@ -58,7 +59,9 @@ def _compile(source: str) -> jinja2.Template:
     env.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
         json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    # A fixed day, not today's: text rendered for training, its resume and inference would
+    # otherwise differ from day to day (Llama 3.x templates print "Today Date").
+    env.globals["strftime_now"] = lambda fmt: TEMPLATE_DATE.strftime(fmt)
     return env.from_string(source)
 
 

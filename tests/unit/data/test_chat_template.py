@@ -293,3 +293,10 @@ def test_a_chat_template_saved_on_its_own_is_read_and_imported(tokenizers, tmp_p
     fmt = build_template(TemplateConfig(kind="chat"), imported.config)
     assert encode_prompt(imported, fmt, "What is a cat?") == hf.apply_chat_template(
         SINGLE[:1], add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_a_template_that_prints_todays_date_renders_one_fixed_date():
+    """Llama 3.x templates print `strftime_now("%d %b %Y")`: rendered with today's date,
+    training text, its resume and inference would differ from day to day."""
+    dated = JinjaChat("{{ strftime_now('%d %b %Y') }}|{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert dated.render(SINGLE) == "26 Jul 2024|What is a cat?A small animal."
