@@ -201,8 +201,21 @@ def build_template(cfg, tokenizer_config: dict) -> ChatTemplate | ChatFormat:
     """The template a `TemplateConfig` (or its recorded dict) names, for this tokenizer."""
     fields = cfg if isinstance(cfg, dict) else asdict(cfg)
     if fields.get("kind", "paper") == "chat":
-        return ChatFormat(JinjaChat.of(tokenizer_config), fields.get("system", ""))
+        chat = ChatFormat(JinjaChat.of(tokenizer_config), fields.get("system", ""))
+        if chat.system:
+            _check_system(chat)
+        return chat
     return paper_template(fields)
+
+
+def _check_system(chat: ChatFormat) -> None:
+    """A template that refuses a system message (Mistral's raise an exception) says so
+    before any data is read, naming the setting, not mid-way through a dataset."""
+    try:
+        chat.chat.prompt(chat.messages("Hi."))
+    except ValueError as err:
+        raise ConfigError("template.system", f"is set, but the tokenizer's chat template refuses it ({err})",
+                          "leave template.system empty for this model") from None
 
 
 def paper_template(cfg) -> ChatTemplate:

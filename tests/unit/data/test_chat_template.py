@@ -300,3 +300,13 @@ def test_a_template_that_prints_todays_date_renders_one_fixed_date():
     training text, its resume and inference would differ from day to day."""
     dated = JinjaChat("{{ strftime_now('%d %b %Y') }}|{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert dated.render(SINGLE) == "26 Jul 2024|What is a cat?A small animal."
+
+
+def test_a_template_that_refuses_a_system_message_names_template_system():
+    mistral_like = {"chat_template": "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception("
+                                     "'Conversation roles must alternate user/assistant') }}{% endif %}"
+                                     "{{ m['content'] }}{% endfor %}"}
+    assert build_template(TemplateConfig(kind="chat"), mistral_like).system == ""
+    with pytest.raises(ConfigError, match=r"^template.system: is set, but the tokenizer's chat template refuses it "
+                                          r"\(the chat template failed: Conversation roles must alternate"):
+        build_template(TemplateConfig(kind="chat", system="Be nice."), mistral_like)
