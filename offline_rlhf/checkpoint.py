@@ -123,11 +123,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     if not pointer.exists():
         return None
     path = Path(root) / pointer.read_text().strip()
-    if not is_complete(path):
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint "
-                                f"(missing {META} or DCP .metadata); the folder was modified after saving; "
-                                f"write the name of a complete step_* folder into {pointer}, or delete {root} "
-                                "to start over")
+    if not is_complete(path):  # a config-level error: one line, not a traceback
+        raise ConfigError(str(pointer), f"names {path.name}, which is not a complete checkpoint (missing {META} or "
+                          "DCP .metadata): the folder was modified after saving",
+                          f"write the name of a complete step_* folder into it, or delete {root} to start over")
     return path
 
 

@@ -199,7 +199,7 @@ def _complete_checkpoint(path: str, key: str):
 
     try:
         return resolve_checkpoint(path, key)
-    except (ConfigError, FileNotFoundError):
+    except ConfigError:
         return None
 
 

@@ -16,6 +16,7 @@ from offline_rlhf.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.models.llama import Transformer
 from tests.fixtures import REPO_ROOT, TINY, batch, reference_model
 
@@ -74,7 +75,8 @@ def test_loading_optimizer_from_weights_only_checkpoint_is_an_error(tmp_path):
 def test_latest_naming_an_incomplete_folder_is_an_error(tmp_path):
     save_checkpoint(tmp_path, reference_model(), _meta(1))
     (tmp_path / "step_00000001" / "meta.json").unlink()
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/latest: names step_00000001, which is not a complete "
+                                          "checkpoint .*; write the name of a complete step_\\* folder into it"):
         latest_checkpoint(tmp_path)
 
 
