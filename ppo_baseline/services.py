@@ -37,7 +37,7 @@ from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.stage_support import checkpoint_of_head, load_inference_model, note_untrusted
 from offline_rlhf.train.loop import Task
-from offline_rlhf.train.schedule import build_optimizer, build_scheduler
+from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
 from ppo_baseline.algorithm import value_loss
 from ppo_baseline.config import ServiceConfig
 from ppo_baseline.models import (
@@ -189,7 +189,7 @@ class Critic:
         if not path.is_dir():
             raise ValueError(f"the critic has no checkpoint for step {step} in {self.root}")
         meta = load_checkpoint(path, self.model, self.optimizer, group=self.rt.group)
-        self.scheduler.load_state_dict(meta.scheduler)
+        resume_schedule(self.scheduler, meta.scheduler)
 
 
 def _critic(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage | None) -> Critic:

@@ -71,7 +71,7 @@ from offline_rlhf.stage_support import (
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import SampleStream, TrainingFailed, weights_finite  # the training stages' checks
 from offline_rlhf.train.metrics_log import MetricsLog
-from offline_rlhf.train.schedule import build_optimizer, build_scheduler
+from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
 from ppo_baseline import algorithm
 from ppo_baseline.actor import (
     advantages,
@@ -273,7 +273,7 @@ def _resume(root: Path, model, optimizer, scheduler, rt: Runtime) -> tuple[int, 
     if latest is None:
         return 0, 0
     meta = load_checkpoint(latest, model, optimizer, restore_rng=True, group=rt.group)
-    scheduler.load_state_dict(meta.scheduler)
+    resume_schedule(scheduler, meta.scheduler)
     rt.log(f"resuming from {latest} (iteration {meta.train_state.step})")
     return meta.train_state.step, meta.train_state.data_position.get("skipped_steps", 0)
 

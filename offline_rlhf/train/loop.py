@@ -44,7 +44,7 @@ from offline_rlhf.parallel.parallelize import loss_context
 from offline_rlhf.runtime import Runtime, autocast_for
 from offline_rlhf.stage_support import check_resumable
 from offline_rlhf.train.metrics_log import MetricsLog, throughput_metrics
-from offline_rlhf.train.schedule import build_optimizer, build_scheduler
+from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
 
 Batch = dict[str, torch.Tensor]
 COUNT = "count/"
@@ -128,6 +128,10 @@ def total_steps(cfg: TrainConfig, num_items: int) -> int:
 
 def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig, optim_cfg: OptimConfig,
           logging_cfg: LoggingConfig, rt: Runtime, usage: Usage, ckpt: CheckpointSpec) -> TrainResult:
+    if len(data.train) == 0:  # before any work: one line for the user, not SampleStream's ValueError
+        raise TrainingFailed("data", "no training items: every record was skipped as unusable or went to validation "
+                             "(dataset_card.md, in this stage's folder or in the one that made its data, counts "
+                             "them per source)", "give it usable records, or hold fewer out for validation")
     per_rank = rt.dims.per_rank_batch(train_cfg.global_batch, train_cfg.micro_batch)
     steps = total_steps(train_cfg, len(data.train))
     optimizer = build_optimizer(model.parameters(), optim_cfg, rt.device)
@@ -286,7 +290,7 @@ def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, rt: Runtime) -> t
         check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), ckpt.fingerprint, ckpt.root)
     meta = load_checkpoint(latest, model, optimizer, restore_rng=True, group=rt.group)
     if meta.scheduler:
-        scheduler.load_state_dict(meta.scheduler)
+        resume_schedule(scheduler, meta.scheduler)
     rt.log(f"resuming from {latest} (step {meta.train_state.step})")
     return meta.train_state, latest
 

@@ -28,3 +28,13 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.opt
 
 def build_scheduler(optimizer, total_steps: int, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    """Load a saved schedule position and set the rates its own rule gives there: the
+    optimizer's saved rates are the saved run's, whose total steps a resumed run may have
+    changed (train.max_steps), and the first resumed step would use them otherwise."""
+    scheduler.load_state_dict(state)
+    for group, base, rule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * rule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() tells
