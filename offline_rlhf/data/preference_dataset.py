@@ -8,21 +8,25 @@ from typing import Any
 
 from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.chat_template import ChatFormat, build_template
+from offline_rlhf.data.errors import DataError, UnusableRecord
 from offline_rlhf.data.hub_datasets import hub_options, source_key
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.preference_readers import PreferenceExample, read_preference_source
 from offline_rlhf.data.sft_dataset import (
+    PAIRS_KIND,
     dataset_card,
     read_card_fields,
     read_sources,
     split_by_content,
     with_read_stats,
 )
+from offline_rlhf.data.skips import Skips, describe
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import Reply, TokenStats, encode_replies
 
 Item = tuple[str, PreferenceExample]  # (source name, example)
+IDENTICAL_AFTER_TRUNCATION = "identical after truncation"  # the skip reason of `encode_pair`
 
 
 @dataclass(frozen=True)
@@ -51,29 +55,49 @@ def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, An
 
 
 def encode_pair(tokenizer, template: ChatTemplate, example: PreferenceExample, max_len: int,
-                stats: TokenStats) -> PreferencePair | None:
+                stats: TokenStats) -> PreferencePair:
     """Both replies through `encode_replies` (`encode_sft`'s EOS and truncation rule, one
-    history for both sides), counted into `stats`. None when truncation leaves the two
-    sequences identical: such a pair has no signal and would count as a wrong ranking."""
+    history for both sides), counted into `stats`. Raises UnusableRecord when truncation
+    leaves the two sequences identical: such a pair has no signal and would count as a
+    wrong ranking."""
     replies = [Reply(reply, True, example.source) for reply in (example.chosen, example.rejected)]
     chosen, rejected = encode_replies(tokenizer, template, example.prompt, replies, max_len, turns=example.turns)
     stats.add(chosen)
     stats.add(rejected)
     if chosen.input_ids == rejected.input_ids:
-        return None
+        # example.source is `{format}:{file}:{line}`: the record, with no separate number.
+        raise UnusableRecord(example.source, None, f"expected 'chosen' and 'rejected' to differ within "
+                                                   f"data.max_seq_len={max_len} tokens (identical after truncation)",
+                             IDENTICAL_AFTER_TRUNCATION)
     return PreferencePair(*unpacked([chosen, rejected]), example)
 
 
 def _encode_all(items: list[Item], tokenizer, template: ChatTemplate, max_len: int,
-                stats: dict[str, TokenStats], dropped: dict[str, int]) -> list[PreferencePair]:
+                stats: dict[str, TokenStats], skips: dict[str, Skips]) -> list[PreferencePair]:
+    """`encode_pair` every (source name, example); an unusable pair is counted into its
+    source's skips (an error when strict)."""
     pairs = []
     for name, example in items:
-        pair = encode_pair(tokenizer, template, example, max_len, stats[name])
-        if pair is None:
-            dropped[name] += 1
-        else:
-            pairs.append(pair)
+        with skips[name].record():
+            pairs.append(encode_pair(tokenizer, template, example, max_len, stats[name]))
     return pairs
+
+
+def _with_encode_skips(read_stats: dict[str, dict], skips: dict[str, Skips],
+                       mix_stats: dict[str, dict]) -> dict[str, dict]:
+    """read_stats with the pairs `encode_pair` skipped added to each source's counts, so
+    the card and the last line show them beside the skips of reading. A source whose
+    every pair was skipped is an error naming it, as one whose every record was."""
+    merged = {}
+    for name, stats in read_stats.items():
+        reasons = dict(stats["skip_reasons"])
+        for reason, count in skips[name].counts.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        if skips[name].total and skips[name].total == mix_stats[name]["taken"]:
+            raise DataError(name, None, f"expected at least one usable pair ({describe(skips[name].counts)}; "
+                                        "raise data.max_seq_len, or data.strict=true names the first)")
+        merged[name] = {**stats, "skipped": stats["skipped"] + skips[name].total, "skip_reasons": reasons}
+    return merged
 
 
 def pair_text(example: PreferenceExample) -> tuple[str, ...]:
@@ -95,9 +119,11 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int,
     mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)
     train_items, val_items = split_by_content(mixed, cfg, seed, pair_text)
     stats = {name: TokenStats() for name in mix_stats}
-    dropped = {name: 0 for name in mix_stats}
-    train, val = (_encode_all(items, tokenizer, template, cfg.max_seq_len, stats, dropped)
+    skips = {name: Skips(strict=cfg.strict) for name in mix_stats}
+    train, val = (_encode_all(items, tokenizer, template, cfg.max_seq_len, stats, skips)
                   for items in (train_items, val_items))
+    read_stats = _with_encode_skips(read_stats, skips, mix_stats)
+    dropped = {name: source_skips.counts.get(IDENTICAL_AFTER_TRUNCATION, 0) for name, source_skips in skips.items()}
     card = preference_card(cfg, seed, with_read_stats(mix_stats, read_stats), stats, dropped, train, val)
     return PreferenceDataset(train, val, {**card, **read_card_fields(cfg, read_stats)})
 
@@ -106,10 +132,12 @@ def preference_card(cfg: DataConfig, seed: int, mix_stats: dict[str, dict], stat
                     dropped: dict[str, int], train: list[PreferencePair], val: list[PreferencePair]) -> dict:
     """The SFT card's fields, counted for pairs: `taken` and `documents` count pairs,
     token counts cover both sequences of a pair (the prompt twice), `truncated` counts
-    sequences, `identical_after_truncation` the pairs dropped by `encode_pair`."""
+    sequences, `skipped` includes the pairs `encode_pair` skipped, also counted alone as
+    `identical_after_truncation`. Pairs are never packed: no packing fields."""
     with_dropped = {name: {**entry, "identical_after_truncation": dropped[name]} for name, entry in mix_stats.items()}
     sequences = [sequence for pair in train + val for sequence in (pair.chosen, pair.rejected)]
     card = dataset_card(cfg, seed, with_dropped, stats, sequences, [], len(train), len(val))
     card["train"]["sequences"], card["val"]["sequences"] = 2 * len(train), 2 * len(val)
-    card["kind"] = "preference pairs"
+    del card["pack"], card["packing_efficiency"]
+    card["kind"] = PAIRS_KIND
     return card

@@ -94,9 +94,9 @@ def read_hh_rlhf(path: str | os.PathLike, template: ChatTemplate = ChatTemplate(
     """Anthropic hh-rlhf JSONL (`chosen`, `rejected`: full `\\n\\nHuman: ... \\n\\nAssistant: ...` transcripts).
 
     Prompt: the longest common transcript prefix ending at an Assistant tag, parsed
-    into turns and folded. Chosen/rejected: the rest of each transcript, stripped
-    (it may be empty: a labeller can prefer an empty reply). Identical replies are
-    counted into `skips` (None: an error, as for every reader here).
+    into turns and folded. Chosen/rejected: the rest of each transcript, stripped.
+    Blank and identical replies are counted into `skips` (None: an error, as for every
+    reader here).
     """
     return hh_pairs(iter_json_objects(path), template, strict_or(skips), f"hh_rlhf:{Path(path).name}")
 
@@ -109,9 +109,9 @@ def hh_pairs(records: Records, template: ChatTemplate, skips: Skips, tag: str) -
         end = _hh_prompt_end(chosen, rejected, where)
         history = _hh_turns(chosen[:end], where)
         reply_start = end + len(HH_ASSISTANT_TAG)
-        with skips.record():
-            examples.append(_pair(history, chosen[reply_start:].strip(), rejected[reply_start:].strip(), where, tag,
-                                  template))
+        replies = {"chosen": chosen[reply_start:], "rejected": rejected[reply_start:]}
+        with skips.record():  # a blank reply is no side of a preference, as in a JSONL file
+            examples.append(_pair(history, *require_texts(replies, list(replies), where), where, tag, template))
     return examples
 
 

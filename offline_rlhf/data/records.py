@@ -22,10 +22,12 @@ Records = Iterable[tuple[Location, dict[str, Any]]]  # what readers loop over: a
 SYSTEM = "system"
 _MESSAGE_ROLES = {"user": USER, "assistant": ASSISTANT}
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_BOM = "\ufeff"
 
 
 def iter_lines(path: str | PathLike) -> Iterator[tuple[Location, str]]:
-    """Yield (location, text) for every non-blank line; raise DataError if there is none."""
+    """Yield (location, text) for every non-blank line, without its line ending (LF or CRLF)
+    or a leading UTF-8 byte-order mark; raise DataError if there is none."""
     found = False
     # Binary lines split on b"\n" only: str.splitlines would also split on U+2028,
     # which JSON strings may hold unescaped.
@@ -38,6 +40,8 @@ def iter_lines(path: str | PathLike) -> Iterator[tuple[Location, str]]:
         for number, raw in enumerate(handle, start=1):
             where = Location(str(path), number)
             text = _decode(raw, where).rstrip("\r\n")
+            if number == 1:  # as utf-8-sig reads it: the byte-order mark Windows editors write is no text
+                text = text.removeprefix(_BOM)
             if text.strip():
                 found = True
                 yield where, text

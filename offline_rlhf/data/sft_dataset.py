@@ -22,6 +22,7 @@ from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
 
 CARD_JSON = "dataset_card.json"
 CARD_MD = "dataset_card.md"
+PAIRS_KIND = "preference pairs"  # a card's `kind` for the reward model's pairs (an SFT card has none)
 
 
 @dataclass
@@ -177,13 +178,15 @@ def read_summary(card: dict) -> str:
 
 def _card_markdown(card: dict) -> str:
     columns = ("available", "taken", "repeated", "skipped", "duplicates", "tokens", "response_tokens", "truncated")
+    pairs = card.get("kind") == PAIRS_KIND
+    documents = "pairs" if pairs else "documents"
+    packing = "" if pairs else f", pack {card['pack']}, packing efficiency {card['packing_efficiency']:.1%}"
     lines = [
-        "# SFT dataset card",
+        "# Reward-model dataset card (preference pairs)" if pairs else "# SFT dataset card",
         "",
-        f"- train: {card['train']['documents']} documents in {card['train']['sequences']} sequences",
-        f"- val: {card['val']['documents']} documents in {card['val']['sequences']} sequences",
-        f"- max_seq_len {card['max_seq_len']}, pack {card['pack']}, "
-        f"packing efficiency {card['packing_efficiency']:.1%}, seed {card['seed']}",
+        f"- train: {card['train']['documents']} {documents} in {card['train']['sequences']} sequences",
+        f"- val: {card['val']['documents']} {documents} in {card['val']['sequences']} sequences",
+        f"- max_seq_len {card['max_seq_len']}{packing}, seed {card['seed']}",
         "",
         "| source | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),

@@ -33,7 +33,7 @@ from offline_rlhf.stage_support import (
     resume_fingerprint,
 )
 from offline_rlhf.train.init import prepare_training
-from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train, validate
+from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, TrainingFailed, train, validate
 
 STAGE = "rm"
 EVAL_STAGE = "rm_eval"
@@ -96,6 +96,11 @@ def train_reward_model(cfg: RMConfig) -> int:
         dataset = build_preference_dataset(cfg.data, setup.tokenizer, cfg.train.seed, template)
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
+        if not dataset.val:  # before training: the reward statistics stored at its end are taken over them
+            raise TrainingFailed("data", "no validation pairs: the only pair, or every pair put in validation, was "
+                                 "skipped as unusable (dataset_card.md in the stage folder has the counts)",
+                                 "add pairs, raise data.val_fraction, or raise data.max_seq_len if pairs were "
+                                 "identical after truncation")
         collate = partial(collate_pairs, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
         stats = validation_reward_stats(dataset.val, setup.tokenizer.pad_id, cfg.train.micro_batch * 2, rt)
 

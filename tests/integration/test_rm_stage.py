@@ -151,3 +151,58 @@ def test_rm_checkpoint_exports_to_transformers_with_the_same_scores(trained, tmp
     with torch.no_grad():  # right-padded batch: transformers reads the last non-pad token
         theirs = hf_model(tokens).logits.squeeze(-1)
     assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
+
+
+# --- pairs that truncation leaves identical (replies sharing more than MAX_LEN tokens): skipped and counted
+
+SHARED_START = " ".join(["apple river stone"] * 30)
+TRUNCATED = {"prompt": "hi", "chosen": f"{SHARED_START} good", "rejected": f"{SHARED_START} cloud"}
+
+
+def short_rm_args(run_dir, sft, data, *extra):
+    return ["rm", f"run_dir={run_dir}", f"init.checkpoint={sft}", jsonl_data("synthetic", data),
+            f"data.max_seq_len={MAX_LEN}", "train.global_batch=2", "train.micro_batch=2", "train.max_steps=1",
+            "logging.progress=false", *extra]
+
+
+def write_records(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_a_pair_identical_after_truncation_is_counted_in_the_last_line(trained, tmp_path, capsys):
+    run_dir, data = trained
+    records = [json.loads(line) for line in data.read_text().splitlines()[:8]]
+    pairs = write_records(tmp_path / "pairs.jsonl", [TRUNCATED, *records])
+    capsys.readouterr()
+    assert main(short_rm_args(tmp_path / "run", run_dir.parent / "sft", pairs, "data.val_fraction=0.2")) == 0
+    [done] = [line for line in capsys.readouterr().out.splitlines() if "rm done:" in line]
+    assert "pairs 1 skipped (1 identical after truncation), 0 duplicates" in done
+    card = (tmp_path / "run" / "rm" / "dataset_card.md").read_text()
+    assert "synthetic: 1 skipped (1 identical after truncation)" in card
+    assert main(short_rm_args(tmp_path / "strict", run_dir.parent / "sft", pairs, "data.strict=true")) == 2
+    assert capsys.readouterr().err == (f"orlhf rm: error: jsonl:pairs.jsonl:1: expected 'chosen' and 'rejected' to "
+                                       f"differ within data.max_seq_len={MAX_LEN} tokens (identical after "
+                                       "truncation)\n")
+
+
+def test_no_training_or_validation_pair_left_is_a_one_line_error(trained, tmp_path, capsys):
+    run_dir, data = trained
+    pairs = write_records(tmp_path / "pairs.jsonl", [TRUNCATED, json.loads(data.read_text().splitlines()[0])])
+    capsys.readouterr()
+    # Of the two pairs, train.seed=1 puts the truncated one in training, 1234 in validation.
+    for seed, side, (train_pairs, val_pairs) in ((1, "training items", (0, 1)), (1234, "validation pairs", (1, 0))):
+        run = tmp_path / f"run{seed}"
+        args = short_rm_args(run, run_dir.parent / "sft", pairs, "data.val_fraction=0.5", f"train.seed={seed}")
+        assert main(args) == 2
+        card = json.loads((run / "rm" / "dataset_card.json").read_text())
+        assert (card["train"]["documents"], card["val"]["documents"], card["totals"]["skipped"]) == (train_pairs,
+                                                                                                     val_pairs, 1)
+        error = capsys.readouterr().err
+        assert error.startswith(f"orlhf rm: error: data: no {side}: ") and error.count("\n") == 1, error
+        assert not (run / "rm" / "DONE").exists()
+    only_truncated = write_records(tmp_path / "truncated.jsonl", [TRUNCATED, {**TRUNCATED, "chosen": SHARED_START}])
+    assert main(short_rm_args(tmp_path / "run2", run_dir.parent / "sft", only_truncated)) == 2
+    assert capsys.readouterr().err == ("orlhf rm: error: synthetic: expected at least one usable pair (2 skipped "
+                                       "(2 identical after truncation); raise data.max_seq_len, or data.strict=true "
+                                       "names the first)\n")

@@ -13,6 +13,7 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, build_template, paper_jinja, template_record
 from offline_rlhf.data.preference_readers import read_hh_rlhf
+from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import (
     IGNORE_INDEX,
@@ -132,14 +133,13 @@ def test_an_empty_answer_is_labelled_on_its_end_of_turn_marker(tokenizers):
         JinjaChat.of(ours.config).conversation([*MULTI[1:2], {"role": "assistant", "content": " "}, *MULTI[3:]])
 
 
-def test_hh_rlhf_pairs_with_an_empty_reply_encode_under_a_chat_template(tokenizers, shared_data):
+def test_hh_rlhf_histories_with_an_empty_reply_encode_under_a_chat_template(tokenizers, shared_data):
+    # The reader skips a pair with a blank side; an empty reply still encodes (SFT's end-of-turn label).
     ours, _ = tokenizers
     fmt = build_template(TemplateConfig(kind="chat"), ours.config)
-    pairs = read_hh_rlhf(shared_data / "hh-rlhf" / "harmless-base" / "test-dev.jsonl", template=fmt)
-    empty_sides = [(pair, reply) for pair in pairs for reply in (pair.chosen, pair.rejected) if not reply]
-    assert len(empty_sides) == 4
-    for pair, reply in empty_sides:
-        sample = encode_sft(ours, fmt, pair.prompt, reply, 4096, pair.source, turns=pair.turns)
+    pairs = read_hh_rlhf(shared_data / "hh-rlhf" / "harmless-base" / "test-dev.jsonl", template=fmt, skips=Skips())
+    for pair in pairs[:4]:
+        sample = encode_sft(ours, fmt, pair.prompt, "", 4096, pair.source, turns=pair.turns)
         assert ours.decode([t for t in sample.labels if t != IGNORE_INDEX], skip_special_tokens=False) == \
             fmt.end_of_turn()
 

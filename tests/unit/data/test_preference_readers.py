@@ -19,6 +19,7 @@ OASST_TREES = "open-assistant/model_eval_manual_data/en_100_tree.jsonl"
 # 1-based lines of test-dev.jsonl whose final reply contains `Human:` or `Assistant:`
 # (MANIFEST lists them 0-based: 992, 1326, 1542, 1543, 1604).
 HH_EMBEDDED_TAG_LINES = (993, 1327, 1543, 1544, 1605)
+HH_BLANK_CHOSEN_LINES = (68, 410, 735, 881)  # the chosen transcript ends with an empty Assistant turn
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,8 @@ def hh_raw(shared_data):
 
 @pytest.fixture(scope="module")
 def hh_pairs(shared_data):
-    return read_hh_rlhf(shared_data / HH_TEST_DEV)
+    """{line: pair}; the four pairs with a blank chosen reply are skipped."""
+    return {line_of(pair): pair for pair in read_hh_rlhf(shared_data / HH_TEST_DEV, skips=Skips())}
 
 
 def line_of(example):
@@ -39,12 +41,12 @@ def line_of(example):
 
 
 def test_hh_every_record_parses(hh_pairs):
-    assert len(hh_pairs) == 1812
-    assert [line_of(pair) for pair in hh_pairs] == list(range(1, 1813))
+    assert list(hh_pairs) == [line for line in range(1, 1813) if line not in HH_BLANK_CHOSEN_LINES]
 
 
 def test_hh_replies_are_the_transcript_tails_after_one_shared_history(hh_raw, hh_pairs):
-    for raw, pair in zip(hh_raw, hh_pairs):
+    for line, pair in hh_pairs.items():
+        raw = hh_raw[line - 1]
         chosen_head = raw["chosen"].rstrip()[: len(raw["chosen"].rstrip()) - len(pair.chosen)]
         rejected_head = raw["rejected"].rstrip()[: len(raw["rejected"].rstrip()) - len(pair.rejected)]
         assert raw["chosen"].rstrip().endswith(pair.chosen) and raw["rejected"].rstrip().endswith(pair.rejected)
@@ -54,7 +56,7 @@ def test_hh_replies_are_the_transcript_tails_after_one_shared_history(hh_raw, hh
 
 @pytest.mark.parametrize("line", HH_EMBEDDED_TAG_LINES)
 def test_hh_replies_that_contain_turn_tags_keep_them(hh_raw, hh_pairs, line):
-    raw, pair = hh_raw[line - 1], hh_pairs[line - 1]
+    raw, pair = hh_raw[line - 1], hh_pairs[line]
     # Splitting each side at its own last tag gives two different histories here.
     last_tag = "\n\nAssistant:"
     assert raw["chosen"][: raw["chosen"].rfind(last_tag)] != raw["rejected"][: raw["rejected"].rfind(last_tag)]
@@ -63,7 +65,7 @@ def test_hh_replies_that_contain_turn_tags_keep_them(hh_raw, hh_pairs, line):
 
 
 def test_hh_embedded_tag_example_exactly(hh_pairs):
-    pair = hh_pairs[993 - 1]
+    pair = hh_pairs[993]
     assert pair.prompt == (
         "Are drag queens men? Assistant: No. Drag queens are women who act like stereotypical men."
         " User: Isn't that drag kings?"
@@ -76,7 +78,7 @@ def test_hh_embedded_tag_example_exactly(hh_pairs):
 
 
 def test_hh_multi_turn_history_is_rendered_in_the_template(hh_pairs):
-    pair = hh_pairs[0]
+    pair = hh_pairs[1]
     assert pair.prompt.startswith(
         "How do I pick a lock? Assistant: Do you mean how do you physically pick a lock or a digital lock?"
         " User: How do I physically pick a lock? Assistant: If you’re trying to break into a room,"
@@ -88,19 +90,21 @@ def test_hh_multi_turn_history_is_rendered_in_the_template(hh_pairs):
 
 
 def test_hh_repeated_assistant_tag_in_history_is_merged_into_one_turn(hh_pairs):
-    prompt = hh_pairs[1464 - 1].prompt
+    prompt = hh_pairs[1464].prompt
     assert " Assistant: Here’s a short joke from a friend:\n\n“Question: What do humans do for a living?" in prompt
     assert prompt.endswith(" User: Another one but more mean.")
 
 
-def test_hh_empty_chosen_replies_are_kept(hh_pairs):
-    assert [line_of(pair) for pair in hh_pairs if not pair.chosen] == [68, 410, 735, 881]
-    assert all(pair.rejected for pair in hh_pairs)
+def test_hh_blank_chosen_replies_are_skipped_and_counted(shared_data):
+    skips = Skips()
+    pairs = read_hh_rlhf(shared_data / HH_TEST_DEV, skips=skips)
+    assert skips.counts == {"blank 'chosen'": len(HH_BLANK_CHOSEN_LINES)}
+    assert all(pair.chosen and pair.rejected for pair in pairs)
 
 
 def test_hh_custom_template(shared_data):
     template = ChatTemplate(user_tag="<|user|>", assistant_tag="<|assistant|>", sep="\n")
-    prompt = read_hh_rlhf(shared_data / HH_TEST_DEV, template=template)[0].prompt
+    prompt = read_hh_rlhf(shared_data / HH_TEST_DEV, template=template, skips=Skips())[0].prompt
     assert prompt.startswith("How do I pick a lock?\n<|assistant|>\nDo you mean how do you physically pick")
     assert "User:" not in prompt
 
