@@ -13,10 +13,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
 from launcher.compose import compose_launch
-from launcher.local import run_locally
+from launcher.local import already_complete, run_locally
 from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir, run_dir_override
 from launcher.schema import ClusterConfig, LaunchConfig, LaunchError
-from launcher.slurm import submit_chain, write_launch_record, write_stage_files
+from launcher.slurm import (
+    LAUNCH_RECORD,
+    active_jobs,
+    submit_chain,
+    write_dry_run,
+    write_launch_record,
+    write_stage_files,
+)
 from launcher.status import show_status
 from launcher.table import format_table
 
@@ -26,7 +33,8 @@ usage: orlhf launch pipeline=NAME [cluster=local|slurm|local_slurm] [run_dir=DIR
 
 Pipelines are conf/pipeline/*.yaml, clusters conf/cluster/*.yaml; keys are in launcher/schema.py.
   orlhf launch pipeline=offline_dt cluster=slurm cluster.partition=batch cluster.account=proj
---dry-run (or cluster.dry_run=true) writes every script and config but runs or submits nothing."""
+--dry-run (or cluster.dry_run=true) runs or submits nothing; on Slurm it writes each script and resolved
+config under run_dir/dry_run/ and leaves the stage folders as they are."""
 
 
 def main(argv: list[str]) -> int:
@@ -55,15 +63,30 @@ def launch(argv: list[str]) -> int:
 
 
 def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], run_dir: Path, python: str, dry_run: bool) -> int:
-    scripts = [write_stage_files(plan, cfg.cluster, python) for plan in plans]
+    """Submits the stages after those already complete (as a local run skips them), never over
+    a chain still queued or running in the same run_dir. A dry run writes only run_dir/dry_run/."""
+    skipped = already_complete(plans)
+    for plan in plans[:skipped]:
+        print(f"{plan.name}: already complete, skipped", flush=True)
+    if skipped == len(plans):
+        print("every stage is complete; nothing to submit")
+        return 0
+    todo = plans[skipped:]
     if dry_run:
-        rows = [(plan.name, "(dry run)", str(script)) for plan, script in zip(plans, scripts)]
+        rows = [(plan.name, "(dry run)", str(write_dry_run(plan, cfg.cluster, python, run_dir))) for plan in todo]
         print(format_table([("STAGE", "JOB", "SCRIPT"), *rows]))
         return 0
-    submitted = submit_chain(plans, scripts, cfg.cluster.max_attempts)
+    status = f"orlhf launch status {shlex.quote(run_dir_override(run_dir))}"
+    running = active_jobs(run_dir)
+    if running:
+        raise LaunchError("run_dir", f"job(s) {' '.join(running)} of the launch recorded in {run_dir / LAUNCH_RECORD} "
+                          "are still pending or running", f"wait for them ({status}) or cancel them: "
+                          f"scancel {' '.join(running)}")
+    scripts = [write_stage_files(plan, cfg.cluster, python) for plan in todo]
+    submitted = submit_chain(todo, scripts, cfg.cluster.max_attempts)
     write_launch_record(run_dir, cfg.pipeline.name, submitted)
     print(format_table([("STAGE", "JOB", "SCRIPT"), *((s.name, ",".join(s.job_ids), s.script) for s in submitted)]))
-    print(f"submitted; follow with: orlhf launch status {shlex.quote(run_dir_override(run_dir))}")
+    print(f"submitted; follow with: {status}")
     return 0
 
 

@@ -7,6 +7,7 @@ Hydra and OmegaConf report problems in several lines; every failure here becomes
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Sequence
 
@@ -68,7 +69,7 @@ def _causes(err: BaseException):
 def _one_line(err: Exception) -> LaunchError:
     if isinstance(err, OverrideParseException):
         return LaunchError("command line", f"cannot parse an override: {_first_line(str(err))}",
-                           "quote list items that contain '=': key=['a=b']")
+                           _quoting_hint(err.override))
     chain = list(_causes(err))
     launch_error = next((c for c in chain if isinstance(c, LaunchError)), None)
     if launch_error is not None:  # raised by a __post_init__ while converting
@@ -89,6 +90,20 @@ def _one_line(err: Exception) -> LaunchError:
         group, option = missing_option.groups()
         return LaunchError(group, f"no config named {option!r}", f"choose one of: {', '.join(_options(group))}")
     return LaunchError(getattr(keyed, "full_key", None) or "config", _first_line(text))
+
+
+def _quoting_hint(override: str) -> str:
+    """Which character Hydra's grammar refuses unquoted, and the override with its whole value
+    quoted; a list or mapping quotes its items instead."""
+    key, _, value = override.partition("=")
+    if value[:1] in ("[", "{"):
+        return "quote list items that contain '=' or other special characters: key=['a=b']"
+    bad = re.search(r"[^\w\s/\\+.$%*@?|:,-]", re.sub(r"\$\{[^}]*\}", "", value))
+    if not key or bad is None:
+        return "write key=value"
+    quote = "'" if '"' in value else '"'
+    hydra = f"{key}={quote}{value}{quote}"
+    return f"{bad.group()!r} needs quotes: quote the whole value, {shlex.quote(hydra)}"  # one shell word
 
 
 def _first_line(text: str) -> str:

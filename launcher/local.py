@@ -31,7 +31,7 @@ def local_command(plan: StagePlan, python: str) -> list[str]:
 
 def is_complete(plan: StagePlan) -> bool:
     """The stage wrote its DONE marker last, under the same resolved config."""
-    config = plan.stage_dir / "config.yaml"
+    config = plan.config_file
     return (plan.stage_dir / DONE).exists() and config.exists() and \
         _parsed(config.read_text()) == _parsed(plan.config_yaml)
 
@@ -41,25 +41,27 @@ def _parsed(yaml_text: str):
     return OmegaConf.to_container(OmegaConf.create(yaml_text))
 
 
+def already_complete(plans: list[StagePlan]) -> int:
+    """How many leading stages are complete with the same config: a rerun resumes after
+    them. Once one stage runs, every later stage runs too (its inputs may have changed)."""
+    return next((count for count, plan in enumerate(plans) if not is_complete(plan)), len(plans))
+
+
 def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:
     """Stops at the first failing stage; each stage's output goes to `<stage>/launch.log`.
-    A rerun skips the stages already complete with the same config, so it resumes after
-    a failure; once one stage runs, every later stage runs too (its inputs may have
-    changed), and a stage that runs loses its DONE marker first."""
-    upstream_ran = False
+    A rerun skips the stages `already_complete`; a stage that runs loses its DONE marker first."""
+    skipped = already_complete(plans)
     for index, plan in enumerate(plans, 1):
         command = local_command(plan, python)
         log = plan.stage_dir / "launch.log"
-        if not upstream_ran and is_complete(plan):
+        if index <= skipped:
             print(f"[{index}/{len(plans)}] {plan.name}: already complete, skipped", flush=True)
             continue
-        upstream_ran = True
         print(f"[{index}/{len(plans)}] {plan.name}: {shlex.join(command)}", flush=True)
         if dry_run:
             continue
         plan.stage_dir.mkdir(parents=True, exist_ok=True)
         (plan.stage_dir / DONE).unlink(missing_ok=True)
-        (plan.stage_dir / "config.yaml").write_text(plan.config_yaml)
         print(f"    log: {log}", flush=True)
         start = time.monotonic()
         code = run_showing_progress(command, log, sys.stdout)

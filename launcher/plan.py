@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -26,6 +26,7 @@ from launcher.rounds import Step, pipeline_steps
 from launcher.schema import PLAIN_PATH, ClusterConfig, LaunchConfig, LaunchError, StageEntry, check_sbatch_value
 
 STAGE_MODULE = "offline_rlhf.cli"
+PPO_ACTOR_FOLDER = "ppo_actor"  # ppo_baseline.stage.STAGE
 CHECK_WORLD_SIZE = "ORLHF_CHECK_WORLD_SIZE"  # offline_rlhf.cli.CHECK_WORLD_SIZE (not imported: no torch here)
 
 
@@ -33,7 +34,7 @@ CHECK_WORLD_SIZE = "ORLHF_CHECK_WORLD_SIZE"  # offline_rlhf.cli.CHECK_WORLD_SIZE
 class StagePlan:
     """Everything needed to run or render one stage; paths are absolute."""
 
-    name: str  # folder under run_dir and part of the job name
+    name: str  # the folder the stage writes (a later round's: round_<r>.<folder>); part of the job name
     stage: str  # `orlhf STAGE`
     args: tuple[str, ...]  # the stage's key=value arguments, run_dir included
     nodes: int
@@ -47,6 +48,13 @@ class StagePlan:
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
 
+    @property
+    def config_file(self) -> Path:
+        """The resolved config the stage itself writes when it runs (the launcher never does):
+        in its folder, except PPO's, in its actor's runtime folder (ppo_baseline.stage.STAGE)."""
+        folder = PPO_ACTOR_FOLDER if self.stage == PPO_STAGE else self.stage_dir.name
+        return self.stage_dir.parent / folder / "config.yaml"
+
 
 def resolved_run_dir(cfg: LaunchConfig) -> Path:
     """Absolute, because jobs start in other directories and on other hosts."""
@@ -54,20 +62,37 @@ def resolved_run_dir(cfg: LaunchConfig) -> Path:
 
 
 def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
+    """Each entry is planned once as written; the folders its stage writes then name the
+    entries, and the later rounds' steps (launcher.rounds) are planned from those."""
     run_dir = resolved_run_dir(cfg)
     if cfg.cluster.kind == "slurm":
         check_slurm_run_dir(run_dir, cfg.cluster)
-    entries = list(enumerate(cfg.pipeline.stages))
-    if not entries:
+    if not cfg.pipeline.stages:
         raise LaunchError("pipeline.stages", "is empty",
                           f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")
-    _check_unique_names(entries)
-    steps = pipeline_steps(cfg.pipeline, run_dir)
-    with ThreadPoolExecutor(max_workers=min(8, len(steps))) as pool:
-        plans = list(pool.map(lambda step: _plan_stage(step, cfg.cluster), steps))
+    first_round = [Step(index, entry, run_dir, entry.folder) for index, entry in enumerate(cfg.pipeline.stages)]
+    with ThreadPoolExecutor(max_workers=min(8, len(first_round))) as pool:
+        written = list(pool.map(lambda step: _plan_stage(step, cfg.cluster), first_round))
+        _check_unique_folders(written)
+        pipeline = replace(cfg.pipeline, stages=[replace(s.entry, name=p.name) for s, p in zip(first_round, written)])
+        steps = pipeline_steps(pipeline, run_dir)
+        later = iter(pool.map(lambda step: _plan_stage(step, cfg.cluster), [s for s in steps if s.run_dir != run_dir]))
+        plans = [written[step.index] if step.run_dir == run_dir else next(later) for step in steps]
         inputs = list(pool.map(lambda pair: check_stage(pair[0].index, pair[1]), zip(steps, plans)))
     check_inputs(plans, inputs, [step.index for step in steps])
     return plans
+
+
+def stage_folder(stage: str, resolved: dict) -> str:
+    """The folder under run_dir that a stage writes its outputs and DONE to. The stages decide
+    (offline_rlhf.config.training.AlignConfig.stage_name, offline_rlhf.stages.rm.EVAL_STAGE,
+    offline_rlhf.stages.rm_score.STAGE, ppo_baseline.stage.OUT); not imported (no torch here),
+    tests/unit/launcher/test_launch_review.py keeps them equal."""
+    if stage == "align":
+        return f"align_{resolved['method']}"
+    if stage == "rm" and resolved.get("eval_only"):
+        return "rm_eval"
+    return {"rm-score": "rm_score"}.get(stage, stage)
 
 
 def check_slurm_run_dir(run_dir: Path, cluster: ClusterConfig) -> None:
@@ -91,14 +116,15 @@ def run_dir_override(run_dir: Path) -> str:
     return "run_dir=" + QuotedString(text=text, quote=Quote.double).with_quotes()
 
 
-def _check_unique_names(entries: list[tuple[int, StageEntry]]) -> None:
+def _check_unique_folders(plans: list[StagePlan]) -> None:
+    """Two entries writing one folder would overwrite each other's outputs."""
     seen: dict[str, int] = {}
-    for index, entry in entries:
-        if entry.folder in seen:
-            raise LaunchError(f"pipeline.stages[{index}].name",
-                              f"{entry.folder!r} is also stages[{seen[entry.folder]}]",
-                              "give one of them a distinct name (it is the folder under run_dir)")
-        seen[entry.folder] = index
+    for index, plan in enumerate(plans):
+        if plan.name in seen:
+            raise LaunchError(f"pipeline.stages[{index}]",
+                              f"writes run_dir/{plan.name}, as stages[{seen[plan.name]}] does",
+                              "run the stage once, or change what decides its folder (align: method)")
+        seen[plan.name] = index
 
 
 def _plan_stage(step: Step, cluster: ClusterConfig) -> StagePlan:
@@ -114,8 +140,13 @@ def _plan_stage(step: Step, cluster: ClusterConfig) -> StagePlan:
     nodes, per_node = _process_layout(key, entry, resolved.get("parallel") or {}, cluster)
     components = ppo_components(key, entry.ppo, Module("actor", per_node), nodes,
                                 resolved.get("services") or {}) if hetjob else ()
-    return StagePlan(name=step.name, stage=entry.stage, args=args, nodes=nodes, procs_per_node=per_node,
-                     stage_dir=run_dir / entry.folder, config_yaml=config_yaml,
+    folder = stage_folder(entry.stage, resolved)
+    if entry.name is not None and entry.name != folder:
+        raise LaunchError(f"{key}.name", f"{entry.name!r} is not the folder the stage writes, run_dir/{folder}",
+                          f"set name: {folder} or remove it")
+    name = step.name if entry.name is not None else folder  # a later round's step is named by then
+    return StagePlan(name=name, stage=entry.stage, args=args, nodes=nodes, procs_per_node=per_node,
+                     stage_dir=run_dir / folder, config_yaml=config_yaml,
                      time_limit=entry.time_limit or cluster.time_limit, components=components)
 
 

@@ -58,7 +58,7 @@ def render_script(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
     continued = cluster.max_attempts > 1
     sections = [
         "#!/bin/bash\n" + "".join(f"#SBATCH {d}\n" for d in sbatch_directives(plan, cluster)),
-        f"# orlhf launch: stage {plan.stage!r}; resolved config: {plan.stage_dir / 'config.yaml'}\n"
+        f"# orlhf launch: stage {plan.stage!r}; resolved config: {plan.config_file}\n"
         "set -euo pipefail\n",
         _skip_if_complete(plan) if continued else "",
         _environment(cluster),
@@ -151,7 +151,7 @@ def render_hetjob(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
     sections = [
         "#!/bin/bash\n" + "".join(f"#SBATCH {d}\n" for d in header),
         f"# orlhf launch: stage {plan.stage!r} as a heterogeneous job; het groups: {layout}\n"
-        f"# resolved config: {plan.stage_dir / 'config.yaml'}\nset -euo pipefail\n",
+        f"# resolved config: {plan.config_file}\nset -euo pipefail\n",
         _skip_if_complete(plan) if continued else "",
         _environment(cluster) + "# The shared secret stays in its 0600 file; the components get its path.\n"
         f"export {TOKEN_ENV}={shlex.quote(str(plan.stage_dir / TOKEN_FILE))}\n",

@@ -23,6 +23,8 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # `#SBATCH` lines are comments to bash but sbatch splits them at spaces, quotes and `#`, and
 # expands `%` in paths: no quoting suits both, so their values keep to these characters.
 SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:+@=/-]+")
+# Slurm's time formats (sbatch --time): minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|(?i:unlimited|infinite)")
 
 
 # Paths Hydra's override grammar reads as one plain string; any other goes in its quotes.
@@ -49,6 +51,13 @@ def check_sbatch_value(key: str, value: str) -> None:
     if not SBATCH_VALUE.fullmatch(value):
         raise LaunchError(key, f"{value!r} cannot go on an #SBATCH line",
                           "use only ASCII letters, digits and _ . , : + @ = / -")
+
+
+def check_time_limit(key: str, value: str) -> None:
+    """sbatch accepts a malformed time only to fail the job when it is scheduled."""
+    if not SLURM_TIME.fullmatch(value):
+        raise LaunchError(key, f"{value!r} is not a Slurm time",
+                          "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 04:00:00, 2-00:00:00)")
 
 
 def check_identifier(key: str, value: str) -> None:
@@ -80,7 +89,9 @@ class StageEntry:
     """One step of a pipeline: `orlhf STAGE overrides...` on `nodes` nodes."""
 
     stage: str = MISSING  # the orlhf stage to run (`orlhf STAGE`)
-    name: Optional[str] = None  # folder under run_dir and job name; None: the stage name
+    # The folder the stage writes under run_dir, which the stage decides (align: align_<method>);
+    # when set, it must be that folder. None: whatever the stage writes.
+    name: Optional[str] = None
     overrides: List[str] = field(default_factory=list)  # key=value for the stage's own config
     nodes: int = 1
     nproc: Optional[int] = None  # total processes; None: derived (see launcher.plan)
@@ -98,7 +109,7 @@ class StageEntry:
         if self.name is not None:
             check_identifier(f"{key}.name", self.name)
         if self.time_limit is not None:
-            check_sbatch_value(f"{key}.time_limit", self.time_limit)
+            check_time_limit(f"{key}.time_limit", self.time_limit)
         for index, override in enumerate(self.overrides):
             check_printable(f"{key}.overrides[{index}]", override)
         self.ppo.check(f"{key}.ppo")
@@ -161,9 +172,11 @@ class ClusterConfig:
                               "set cluster.time_limit (e.g. 04:00:00)")
 
     def _check_script_values(self) -> None:
-        for key in ("partition", "account", "mem", "time_limit"):
+        for key in ("partition", "account", "mem"):
             if getattr(self, key) is not None:
                 check_sbatch_value(f"cluster.{key}", getattr(self, key))
+        if self.time_limit is not None:
+            check_time_limit("cluster.time_limit", self.time_limit)
         for key in ("container_image", "python"):
             if getattr(self, key) is not None:
                 check_printable(f"cluster.{key}", getattr(self, key))

@@ -23,6 +23,9 @@ from launcher.render import COMPLETE_MARKER, render_script
 from launcher.schema import ClusterConfig, LaunchError
 
 LAUNCH_RECORD = "launch.json"
+DRY_RUN_DIR = "dry_run"  # under run_dir: what a dry run renders
+SBATCH_TIMEOUT_S = 60  # a controller that does not answer in this long is treated as down
+CONTROLLER_HINT = "is slurmctld reachable? (scontrol ping)"
 
 
 @dataclass
@@ -33,44 +36,72 @@ class SubmittedStage:
 
 
 def write_stage_files(plan: StagePlan, cluster: ClusterConfig, python: str) -> Path:
-    """`submission.sh` and the resolved `config.yaml` in the stage's folder (for the PPO
-    heterogeneous job also its token); a new launch forgets an earlier launch's completion marker."""
+    """`submission.sh` in the stage's folder (for the PPO heterogeneous job also its token).
+    The stage's `config.yaml` is the stage's own: it writes it when it runs."""
     plan.stage_dir.mkdir(parents=True, exist_ok=True)
-    (plan.stage_dir / "config.yaml").write_text(plan.config_yaml)
     script = plan.stage_dir / "submission.sh"
     script.write_text(render_script(plan, cluster, python))
     script.chmod(0o755)
-    (plan.stage_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     if plan.components:
         prepare_stage_dir(plan.stage_dir, plan.components)
     return script
 
 
+def write_dry_run(plan: StagePlan, cluster: ClusterConfig, python: str, run_dir: Path) -> Path:
+    """A dry run's script and resolved config, under run_dir/dry_run/ where no stage or later
+    launch looks: the stage folders (config.yaml, markers, token) stay as they are."""
+    folder = run_dir / DRY_RUN_DIR / plan.stage_dir.relative_to(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(plan.config_yaml)
+    script = folder / "submission.sh"
+    script.write_text(render_script(plan, cluster, python))
+    return script
+
+
 def submit_chain(plans: list[StagePlan], scripts: list[Path], max_attempts: int) -> list[SubmittedStage]:
-    """Submit in pipeline order; if any sbatch fails, cancel what was already submitted."""
+    """Submit in pipeline order; if any sbatch fails, times out or is interrupted (Ctrl-C),
+    cancel what was already submitted. Each stage forgets an earlier launch's completion
+    marker just before its first attempt is submitted."""
     submitted: list[SubmittedStage] = []
     previous: str | None = None
     try:
         for plan, script in zip(plans, scripts):
-            ids = []
+            (plan.stage_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+            ids: list[str] = []
+            submitted.append(SubmittedStage(plan.name, str(script), ids))
             for attempt in range(max_attempts):
                 dependencies = ([f"afterok:{previous}"] if previous else []) + (["singleton"] if attempt else [])
-                ids.append(sbatch(script, dependencies))
-            submitted.append(SubmittedStage(plan.name, str(script), ids))
+                ids.append(sbatch(plan.name, script, dependencies))
             previous = ids[-1]
-    except LaunchError:
-        cancel([job for stage in submitted for job in stage.job_ids])
-        raise
+    except (LaunchError, KeyboardInterrupt) as err:
+        jobs = [job for stage in submitted for job in stage.job_ids]
+        cancel(jobs)
+        cancelled = f"cancelled job(s) {' '.join(jobs)}" if jobs else "nothing was submitted"
+        if isinstance(err, KeyboardInterrupt):
+            raise LaunchError("orlhf launch", "interrupted while submitting", cancelled) from None
+        raise LaunchError(err.key, str(err).removeprefix(f"{err.key}: "), cancelled) from None
     return submitted
 
 
-def sbatch(script: Path, dependencies: list[str]) -> str:
+def sbatch(stage: str, script: Path, dependencies: list[str]) -> str:
     command = ["sbatch", "--parsable"]
     if dependencies:
         command += [f"--dependency={','.join(dependencies)}", "--kill-on-invalid-dep=yes"]
-    proc = _run([*command, str(script)])
+    key = f"stage {stage}: sbatch"
+    try:
+        proc = _run([*command, str(script)], SBATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        # sbatch may have queued the job before it hung: cancel any id it printed.
+        printed = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else err.stdout or ""
+        queued = re.findall(r"^(\d+)", printed, flags=re.M)
+        cancel(queued)
+        unknown = "" if queued else "; a job it may have queued is unknown to the launcher: check squeue --me"
+        raise LaunchError(key, f"no answer in {SBATCH_TIMEOUT_S:g} s" + "".join(f" (cancelled job {job} it queued)"
+                                                                         for job in queued),
+                          CONTROLLER_HINT + unknown) from None
     if proc.returncode != 0:
-        raise LaunchError(f"sbatch {script}", _first_line(proc.stderr) or f"exit code {proc.returncode}")
+        raise LaunchError(key, _first_line(proc.stderr) or f"exit code {proc.returncode}",
+                          "cluster.partition or cluster.account may be the cause: only sbatch checks them")
     return proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
 
 
@@ -79,12 +110,26 @@ def cancel(job_ids: list[str]) -> None:
         _run(["scancel", *job_ids])
 
 
+def active_jobs(run_dir: Path) -> list[str]:
+    """The jobs of the launch recorded in run_dir that are still queued or running."""
+    if not (run_dir / LAUNCH_RECORD).exists():
+        return []
+    recorded = [job for stage in read_launch_record(run_dir) for job in stage.job_ids]
+    proc = _run(["squeue", "-h", "-o", "%i", f"--jobs={','.join(recorded)}"])
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:  # every job long gone
+        raise LaunchError("squeue", _first_line(proc.stderr) or f"exit code {proc.returncode}")
+    queued = {line.strip().split("+")[0] for line in proc.stdout.splitlines()}  # a het job: id+component
+    return [job for job in recorded if job in queued]
+
+
 def write_launch_record(run_dir: Path, pipeline: str, stages: list[SubmittedStage]) -> Path:
-    """Atomically (temp file + rename), so `status` never reads half a record."""
+    """Atomically (temp file + rename), so `status` never reads half a record; readable by
+    everyone sharing the project folder (job ids and script paths, no secret)."""
     record = {"pipeline": pipeline, "stages": [asdict(stage) for stage in stages]}
     path = run_dir / LAUNCH_RECORD
     with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".launch.", delete=False) as handle:
         json.dump(record, handle, indent=2)
+    os.chmod(handle.name, 0o644)
     os.replace(handle.name, path)
     return path
 
@@ -153,9 +198,13 @@ def _gpus_in_tres(tres: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
+def _run(command: list[str], timeout_s: float = 60) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        if command[0] == "sbatch":  # its caller cancels what it may have submitted
+            raise
+        raise LaunchError(command[0], f"no answer in {timeout_s:g} s", CONTROLLER_HINT) from err
     except FileNotFoundError:
         raise LaunchError("cluster.kind", f"{command[0]} not found", "is this a Slurm login node? "
                           "(scripts/local_slurm.sh sets up a single-node Slurm)") from None

@@ -20,13 +20,13 @@ from launcher.status import FINISHED
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
 POLL_TIMEOUT_S = 120
-DEMO = "{stage: smoke, name: %s, nproc: 2, overrides: [%s]}"
 # A failure only the running job can see: launch checks that `mix`'s input exists, but not
 # that it holds labeled JSON (this README does not), so the job fails with a data error.
+# (Each entry is another stage: a stage writes its own folder, run_dir/<stage>.)
 FAILING_CHAIN = "pipeline.stages=[%s]" % ", ".join([
-    DEMO % ("first", "'parallel.tp=2'"),
-    "{stage: mix, name: broken, overrides: ['input=%s']}" % (REPO / "README.md"),
-    DEMO % ("after", "'parallel.tp=2'"),
+    "{stage: smoke, nproc: 2, overrides: ['parallel.tp=2']}",
+    "{stage: mix, overrides: ['input=%s']}" % (REPO / "README.md"),
+    "{stage: task}",
 ])
 
 
@@ -106,8 +106,8 @@ def test_failing_stage_fails_its_job_and_cancels_the_dependants(slurm, tmp_path)
     run_dir = tmp_path / "run"
     launch(run_dir, FAILING_CHAIN)
     states = wait_until_finished(run_dir)
-    assert states == {"first": "COMPLETED", "broken": "FAILED", "after": "CANCELLED"}, job_outputs(run_dir)
-    assert "README.md:1: expected" in "".join(p.read_text() for p in (run_dir / "broken").glob("slurm-*"))
+    assert states == {"smoke": "COMPLETED", "mix": "FAILED", "task": "CANCELLED"}, job_outputs(run_dir)
+    assert "README.md:1: expected" in "".join(p.read_text() for p in (run_dir / "mix").glob("slurm-*"))
 
 
 def test_continuation_attempt_after_a_completed_stage_exits_at_once(slurm, tmp_path):

@@ -71,7 +71,7 @@ def test_paper_pipelines_compose_without_their_stages_existing_yet(tmp_path):
 def test_duplicate_stage_folders_are_refused(tmp_path):
     cfg = compose_launch(["pipeline=smoke", f"run_dir={tmp_path}"])
     cfg.pipeline.stages.append(cfg.pipeline.stages[0])
-    with pytest.raises(LaunchError, match=r"^pipeline.stages\[1\].name: 'smoke' is also stages\[0\]"):
+    with pytest.raises(LaunchError, match=r"^pipeline.stages\[1\]: writes run_dir/smoke, as stages\[0\] does"):
         plan_pipeline(cfg)
 
 

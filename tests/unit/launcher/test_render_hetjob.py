@@ -74,7 +74,7 @@ PAPER_GOLDEN = """\
 #SBATCH --exclusive
 
 # orlhf launch: stage 'ppo' as a heterogeneous job; het groups: 0 actor (8 node(s)), 1 critic (2 node(s)), 2 reference (1 node(s)), 3 reward (1 node(s))
-# resolved config: /lustre/runs/dt8b/ppo/config.yaml
+# resolved config: /lustre/runs/dt8b/ppo_actor/config.yaml
 set -euo pipefail
 
 export NCCL_DEBUG=WARN
@@ -129,7 +129,7 @@ TWO_NODE_GOLDEN = """\
 #SBATCH --partition=debug
 
 # orlhf launch: stage 'ppo' as a heterogeneous job; het groups: 0 actor (1 node(s)), 1 critic+reward (1 node(s))
-# resolved config: /lustre/runs/dt8b/ppo/config.yaml
+# resolved config: /lustre/runs/dt8b/ppo_actor/config.yaml
 set -euo pipefail
 
 export OMP_NUM_THREADS=1

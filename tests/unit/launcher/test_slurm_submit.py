@@ -19,7 +19,7 @@ class FakeSlurm:
         self.commands: list[list[str]] = []
         self.fail_at = fail_at
 
-    def __call__(self, command):
+    def __call__(self, command, timeout_s=60):
         self.commands.append(command)
         submitted = sum(c[0] == "sbatch" for c in self.commands)
         if command[0] == "sbatch" and submitted == self.fail_at:
@@ -62,7 +62,9 @@ def test_a_failed_submission_cancels_the_jobs_already_submitted(tmp_path, monkey
     fake = FakeSlurm(fail_at=3)
     monkeypatch.setattr(slurm, "_run", fake)
     names = ("sft", "rm", "generate")
-    with pytest.raises(LaunchError, match="invalid partition specified: gpu$"):
+    with pytest.raises(LaunchError, match=r"^stage generate: sbatch: sbatch: error: invalid partition specified: gpu; "
+                       r"cluster.partition or cluster.account may be the cause: only sbatch checks them; "
+                       r"cancelled job\(s\) 100 101$"):
         slurm.submit_chain(plans(tmp_path, *names), scripts(tmp_path, *names), max_attempts=1)
     assert fake.commands[-1] == ["scancel", "100", "101"]
 
@@ -77,4 +79,4 @@ def test_launch_record_round_trips_and_leaves_no_temporary_file(tmp_path):
 def test_missing_sbatch_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(LaunchError, match="^cluster.kind: sbatch not found"):
-        slurm.sbatch(Path("/x.sh"), [])
+        slurm.sbatch("sft", Path("/x.sh"), [])

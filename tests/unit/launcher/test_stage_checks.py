@@ -70,8 +70,8 @@ def test_tensor_parallelism_must_divide_the_heads(files):
 
 def test_a_missing_data_file_names_the_stage_key_and_path(files):
     missing = files["data"].parent / "nope.jsonl"
-    message = fails(files, sft(files, name="first"), sft(files, name="second", data=missing))
-    assert message == (f"pipeline.stages[1] (second) data.sources[0].path: {missing} does not exist and no earlier "
+    message = fails(files, StageEntry(stage="task"), sft(files, data=missing))
+    assert message == (f"pipeline.stages[1] (sft) data.sources[0].path: {missing} does not exist and no earlier "
                        "stage of the pipeline writes it; fix the path, or run the stage that writes it first")
 
 
