@@ -45,7 +45,8 @@ def paired_difference(a, b):
 def test_every_stage_leaves_its_artifacts(demo_run):
     for stage in STAGES:
         assert (demo_run / stage / "DONE").exists(), stage
-        assert (demo_run / stage / "config.yaml").exists(), stage
+        # The stage writes its resolved config where its runtime lives (PPO's: its actor's).
+        assert (demo_run / ("ppo_actor" if stage == "ppo" else stage) / "config.yaml").exists(), stage
     for stage in ("sft", "rm", "align_mle_filter", "align_rwr", "align_dt", "align_dpo", "ppo"):
         assert latest_checkpoint(demo_run / stage / "checkpoints") is not None, stage
         assert (demo_run / stage / "metrics.jsonl").stat().st_size > 0, stage
