@@ -123,7 +123,10 @@ def test_an_sbatch_that_hangs_is_cancelled_with_every_job_before_it(tmp_path, mo
 
 def test_ctrl_c_during_submission_cancels_what_was_submitted_and_prints_one_line(tmp_path):
     """The second sbatch sends SIGINT to the launcher, as Ctrl-C in its terminal would."""
-    program = (f"import sys; from pathlib import Path; from launcher import slurm\n"
+    # Python's Ctrl-C handler, also where SIGINT is ignored (a job started in the background,
+    # as CI runs the suite, inherits SIGINT ignored and Python then installs none).
+    program = (f"import signal, sys; from pathlib import Path; from launcher import slurm\n"
+               f"signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                f"from tests.unit.launcher.test_launch_review import chain\n"
                f"plans = chain(Path({str(tmp_path)!r}), 'sft', 'rm')\n"
                f"scripts = [slurm.write_stage_files(p, slurm.ClusterConfig(kind='slurm'), 'python') for p in plans]\n"
