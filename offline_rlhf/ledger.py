@@ -141,7 +141,7 @@ def _opening_row(stage: str, env: DistEnv | OneProcess, device: torch.device | s
 
 def _recover_interrupted(run_dir: str | Path, heartbeat: Path) -> None:
     if heartbeat.exists():
-        append_row(run_dir, LedgerRow(**json.loads(heartbeat.read_text())))
+        append_row(run_dir, _row(heartbeat, 1, heartbeat.read_text()))
         heartbeat.unlink()
 
 

@@ -155,7 +155,8 @@ def judge_freshness(run_dir: Path, judge: dict, results: dict | None) -> tuple[s
                               "as resolved here (relative paths written from another directory?)")
     if not judged:
         return "current", ""  # answer files of its own, e.g. FastChat's: nothing of eval's to be stale against
-    judged_at, evaluated_at = (_last_completed(run_dir, stage) for stage in ("judge", "eval"))
+    rows = read_ledger(run_dir)
+    judged_at, evaluated_at = (_last_completed(rows, stage) for stage in ("judge", "eval"))
     if judged_at is None:
         return "unverified", "ledger.jsonl has no completed `orlhf judge` execution to date its results"
     if evaluated_at is not None and datetime.fromisoformat(judged_at.start) < datetime.fromisoformat(evaluated_at.end):
@@ -190,9 +191,8 @@ def _judge_inputs(run_dir: Path) -> list[tuple[str, str, str | None]] | None:
              else None) for a in answers]
 
 
-def _last_completed(run_dir: Path, stage: str) -> LedgerRow | None:
-    return next((row for row in reversed(read_ledger(run_dir)) if row.stage == stage and row.status == COMPLETED),
-                None)
+def _last_completed(rows: list[LedgerRow], stage: str) -> LedgerRow | None:
+    return next((row for row in reversed(rows) if row.stage == stage and row.status == COMPLETED), None)
 
 
 def side_by_side(results: dict | None, judge: dict | None, rows: list[dict]) -> list[dict]:
