@@ -16,6 +16,18 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
+def clustered_stderr(clusters: Sequence[Sequence[float]]) -> float:
+    """Standard error of the mean over all values, clustered by question (the CR1 estimate:
+    G/(G-1) * sum over questions of (their summed deviations)^2 / N^2); with one value per
+    question it is the usual sample s.e., mean_and_stderr's."""
+    values = [v for cluster in clusters for v in cluster]
+    if len(clusters) < 2:
+        return 0.0
+    mean, groups = statistics.fmean(values), len(clusters)
+    spread = sum(sum(v - mean for v in cluster) ** 2 for cluster in clusters)
+    return math.sqrt(groups / (groups - 1) * spread) / len(values)
+
+
 def _paired(scores: Sequence[float], baseline: Sequence[float]) -> None:
     if len(scores) != len(baseline):
         raise ValueError("a paired statistic needs one score per prompt for both models")

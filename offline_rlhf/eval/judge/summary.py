@@ -11,7 +11,6 @@ error), and `n` counts questions, `judgments` the (question, turn) pairs."""
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -19,23 +18,11 @@ from functools import partial
 from pathlib import Path
 
 from offline_rlhf.eval.judge.parsing import UNPARSED
-from offline_rlhf.eval.stats import bootstrap_interval, win_rate, win_tie_loss
+from offline_rlhf.eval.stats import bootstrap_interval, clustered_stderr, win_rate, win_tie_loss
 
 OUTCOMES = ("win", "tie", "loss")
 ERROR_FIELDS = ("error", "g1_error", "g2_error")  # where a record names an unusable judgment
 Clusters = Sequence[Sequence]  # per question, its values (or (score, baseline) pairs): one per judged turn
-
-
-def clustered_stderr(clusters: Clusters) -> float:
-    """Standard error of the mean over all values, clustered by question (the CR1 estimate:
-    G/(G-1) * sum over questions of (their summed deviations)^2 / N^2); with one value per
-    question it is the usual sample s.e., stats.mean_and_stderr's."""
-    values = [v for cluster in clusters for v in cluster]
-    if len(clusters) < 2:
-        return 0.0
-    mean, groups = statistics.fmean(values), len(clusters)
-    spread = sum(sum(v - mean for v in cluster) ** 2 for cluster in clusters)
-    return math.sqrt(groups / (groups - 1) * spread) / len(values)
 
 
 def _mean(clusters: Clusters) -> dict:

@@ -14,8 +14,8 @@ from offline_rlhf.data.errors import DataError
 from offline_rlhf.eval.judge.calls import Answered, CallLog, call_key
 from offline_rlhf.eval.judge.inputs import read_answers, read_questions
 from offline_rlhf.eval.judge.runner import key_exposure
-from offline_rlhf.eval.judge.summary import clustered_stderr, pairwise_summary, paper_summary, single_summary
-from offline_rlhf.eval.stats import mean_and_stderr, paired_stderr
+from offline_rlhf.eval.judge.summary import pairwise_summary, paper_summary, single_summary
+from offline_rlhf.eval.stats import clustered_stderr, mean_and_stderr, paired_stderr
 
 BASE = ["questions=q.jsonl", "judge.model=judge-x", "judge_prompts=p.jsonl"]
 
