@@ -2,7 +2,8 @@
 # Here (the CPU machine), before a device session: what benchmarks/gpu_session.sh needs on a
 # GPU machine that reaches no network and has no ../shared. Both folders are git-ignored
 # (.git/info/exclude) and travel when the device call carries them:
-#   .whl/       hydra-core, omegaconf, antlr4 as wheels (the GPU image lacks them)
+#   .whl/       hydra-core, omegaconf, antlr4, starlette, uvicorn as wheels (the GPU image
+#               lacks them; the PPO services' test needs the last two)
 #   .gpu_data/  the two public prompt files of the realistic workload and its trained
 #               4M-parameter model (trained here first if runs/bench_generation has none)
 #
@@ -15,7 +16,8 @@ for folder in /.whl/ /.gpu_data/; do
 done
 mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux2014_x86_64 -d .whl hydra-core==1.3.2 omegaconf==2.3.0
+  --platform manylinux2014_x86_64 -d .whl hydra-core==1.3.2 omegaconf==2.3.0 \
+  starlette==1.10.0 uvicorn==0.54.0
 "$PY" -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # sdist only: a pure-Python wheel
 PYTHONPATH=benchmarks "$PY" -c "
 from pathlib import Path

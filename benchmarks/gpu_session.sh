@@ -15,8 +15,9 @@
 # `variants` (about 6), then `unfused`, `autotune` or `realistic` if time is left.
 #
 # benchmarks/gpu_prepare.sh makes what it needs here first: the packages the GPU image lacks
-# (hydra-core, omegaconf, antlr4) as wheels in .whl/, installed to /tmp/site there, and the
-# realistic workload's prompts and trained model in .gpu_data/ (carry both folders).
+# (hydra-core, omegaconf, antlr4, starlette, uvicorn) as wheels in .whl/, installed to
+# /tmp/site there, and the realistic workload's prompts and trained model in .gpu_data/
+# (carry both folders).
 set -u
 PARTS=${*:-tests generation}
 OUT=${OUT:-/tmp/gpu_session}

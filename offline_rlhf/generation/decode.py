@@ -34,6 +34,7 @@ from offline_rlhf.models.llama import KeySpan, Transformer
 from offline_rlhf.parallel.parallelize import is_sharded
 
 WIDTH_BUCKET = 256  # columns: a step attends to at most this many more than it needs
+DECODE_RECOMPILE_LIMIT = 64  # compilations of the decode step one process may make (see compiled_decode_logits)
 
 
 class StepInputs(NamedTuple):
@@ -179,10 +180,24 @@ def compiled_decode_logits(mode: str = "default"):
     products (norms, RoPE, residuals, mask, cache writes), which a graph would otherwise
     replay as hundreds of tiny kernels. Dynamic shapes: besides one row (which the compiler
     specializes), one compilation serves every bucket, and every model of the same shape
-    (its parameters are inputs). `mode`: one of config.schema.COMPILE_MODES."""
+    (its parameters are inputs). `mode`: one of config.schema.COMPILE_MODES.
+
+    Every model shape and dtype, one row or several, mask or FlexAttention is a compilation
+    of its own, all counted against dynamo's recompile limit for `decode_logits` (8 by
+    default): a process decoding with several models (eval of several checkpoints) passed
+    it, and dynamo then ran the step uncompiled, which FlexAttention cannot do inside a
+    graph capture. Calls reach this only while capturing, so the patched limit costs nothing
+    per token."""
     if mode == "coordinate-descent":  # gpt-fast's setting, without max-autotune's template search
-        return torch.compile(decode_logits, dynamic=True, options={"coordinate_descent_tuning": True})
-    return torch.compile(decode_logits, dynamic=True, mode=mode)
+        compiled = torch.compile(decode_logits, dynamic=True, options={"coordinate_descent_tuning": True})
+    else:
+        compiled = torch.compile(decode_logits, dynamic=True, mode=mode)
+
+    @functools.wraps(decode_logits)
+    def within_recompile_budget(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=DECODE_RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+    return within_recompile_budget
 
 
 def decode_step_for(model: Transformer, cache: list[LayerKVCache], limits: tuple[int, int], device: torch.device,

@@ -96,6 +96,23 @@ def test_the_compiled_step_decodes_what_the_eager_step_decodes_and_compiles_once
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # rows 1 and >1, not per bucket
 
 
+def test_the_compiled_step_runs_under_its_own_recompile_limit(monkeypatch):
+    """Each model, dtype, row count and attention kind compiles the step anew; past dynamo's
+    default limit of 8 (eval of several checkpoints in one process) it ran uncompiled, which
+    FlexAttention cannot inside a CUDA graph capture (seen on an H100)."""
+    limits = []
+    monkeypatch.setattr(torch, "compile", lambda function, **_: lambda *args, **kwargs: limits.append(
+        torch._dynamo.config.recompile_limit))
+    decode.compiled_decode_logits.cache_clear()
+    try:
+        for mode in ("default", "coordinate-descent"):
+            decode.compiled_decode_logits(mode)("model", "kv", flex=True)
+    finally:
+        decode.compiled_decode_logits.cache_clear()
+    assert limits == [decode.DECODE_RECOMPILE_LIMIT] * 2 and decode.DECODE_RECOMPILE_LIMIT > 8
+    assert torch._dynamo.config.recompile_limit == 8  # only while the step compiles
+
+
 def test_the_engine_launches_the_next_step_before_reading_the_last(model, small_buckets, monkeypatch):
     """One step ahead: when the host reads step t's tokens, step t+1 is already launched
     (from tokens step t left on the device). When rows end, the step ahead is read too (its
