@@ -4,15 +4,17 @@
 #
 #   bash benchmarks/gpu_session.sh                    # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_session.sh tests generation   # some parts only (tests, generation, training,
-#                                                     # realistic, variants, unfused, autotune)
+#                                                     # realistic, variants, profile, unfused, autotune)
 #
 # `generation` runs our engine as users get it (fused projections, mask attention, default
 # compilation); `variants` measures our batch-1 and batch-32 decode step against the
 # roofline compiled with coordinate-descent tuning (tuned matrix-vector reductions), then
-# with FlexAttention decode; `unfused` without fused projections; `autotune` with all of
-# inductor's kernel tuning (several minutes of compilation). Within one device session's 15
-# minutes: a first call `tests generation` (about 8 minutes with the start), a second
-# `variants` (about 6), then `unfused`, `autotune` or `realistic` if time is left.
+# with FlexAttention decode; `profile` how busy the GPU is during a batch-1 step and which
+# kernels take its time (benchmarks/decode_profile.py); `unfused` without fused
+# projections; `autotune` with all of inductor's kernel tuning (several minutes of
+# compilation). A device session has 15 minutes, a machine's start included: one call
+# `tests generation variants` took 590 s on an H100 (its FlexAttention variant cut off).
+# Next: `tests generation` (about 5 minutes), then `profile unfused realistic`.
 #
 # benchmarks/gpu_prepare.sh makes what it needs here first: the packages the GPU image lacks
 # (hydra-core, omegaconf, antlr4, starlette, uvicorn) as wheels in .whl/, installed to
@@ -44,6 +46,8 @@ set -o pipefail
 VARIANT="python3 benchmarks/generation_throughput.py --model 1b --batch 1 32 --new 256 --rounds 2 --roofline-only"
 [[ $PARTS == *variants* ]] && { timeout 240 $VARIANT --compile-mode coordinate-descent 2>&1 | tee -a "$OUT/variants.log"
   timeout 150 $VARIANT --attention flex 2>&1 | tee -a "$OUT/variants.log"; }
+[[ $PARTS == *profile* ]] && timeout 150 python3 benchmarks/decode_profile.py --batch 1 --new 64 2>&1 \
+  | tee "$OUT/profile.log"
 [[ $PARTS == *unfused* ]] && timeout 150 $VARIANT --fused 0 2>&1 | tee "$OUT/unfused.log"
 [[ $PARTS == *autotune* ]] && timeout 400 $VARIANT --compile-mode max-autotune-no-cudagraphs 2>&1 \
   | tee "$OUT/autotune.log"
