@@ -237,7 +237,7 @@ def paper_jinja(template: ChatTemplate, bos: bool) -> str:
     `encode_sft` do: `User: u1 Assistant: a1 User: u2 Assistant:`, EOS after a final answer,
     BOS first when the tokenizer adds one. `orlhf convert export_hf` writes it into the
     exported tokenizer, so `apply_chat_template` prompts the model the way it was trained."""
-    sep, user, assistant = (json.dumps(text) for text in (template.sep, template.user_tag, template.assistant_tag))
+    sep, user, assistant = (jinja_string(text) for text in (template.sep, template.user_tag, template.assistant_tag))
     return ("{%- if " + ("true" if bos else "false") + " %}{{- bos_token }}{%- endif %}"
             "{%- for m in messages %}"
             "{%- if m['role'] == 'user' %}{{- ('' if loop.first else " + sep + ") + " + user + " + " + sep
@@ -247,3 +247,20 @@ def paper_jinja(template: ChatTemplate, bos: bool) -> str:
             "{%- else %}{{- raise_exception('the paper format has user and assistant turns only') }}{%- endif %}"
             "{%- endfor %}"
             "{%- if add_generation_prompt %}{{- " + sep + " + " + assistant + " }}{%- endif %}")
+
+
+def with_default_system(source: str, system: str) -> str:
+    """A chat template that renders as `source` does after a system message `system` first
+    when the conversation has none (what training with template.system did); a caller's
+    own system message replaces it. Exports carry it, so Hugging Face users prompt the
+    model as it was trained. (A top-level `set` shadows the caller's `messages`.)"""
+    return ("{%- if not messages or messages[0]['role'] != 'system' %}"
+            "{%- set messages = [{'role': 'system', 'content': " + jinja_string(system) + "}] + messages %}"
+            "{%- endif %}" + source)
+
+
+def jinja_string(text: str) -> str:
+    """`text` as a Jinja string literal. JSON's escapes are Jinja's, but not ASCII-only
+    JSON: Jinja decodes a character past U+FFFF written as two surrogate escapes into two
+    broken characters."""
+    return json.dumps(text, ensure_ascii=False)

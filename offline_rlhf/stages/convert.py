@@ -15,9 +15,15 @@ from pathlib import Path
 from offline_rlhf.checkpoint import TEMPLATE, TOKENIZER_DIR, load_checkpoint, read_meta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.tools import ConvertConfig
-from offline_rlhf.data.chat_template import build_template, paper_jinja, paper_template
+from offline_rlhf.data.chat_template import (
+    JinjaChat,
+    build_template,
+    paper_jinja,
+    paper_template,
+    with_default_system,
+)
 from offline_rlhf.data.tokenize import stop_token_ids
-from offline_rlhf.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from offline_rlhf.data.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, Tokenizer
 from offline_rlhf.hub import resolve_dir
 from offline_rlhf.models.hf import CONFIG_FILE, config_to_hf, copy_tokenizer_files, hf_state_dict, write_hf_weights
 from offline_rlhf.stage_support import empty_model, import_hf, num_params
@@ -61,13 +67,30 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
 
 
 def carry_template(recorded: dict, out: Path) -> None:
-    """A paper-format model's export gets a chat template that renders that format (a chat
-    model's tokenizer already carries its own), so Hugging Face users prompt it as trained."""
-    if recorded.get("kind", "paper") != "paper":
-        return
+    """The export renders conversations as training did, so Hugging Face users prompt the
+    model as trained: a paper-format model gets a chat template of that format; a chat
+    model's own template gets the system message training put first (template.system).
+    chat_template.jinja, which transformers reads before tokenizer_config.json, is
+    rewritten too when the tokenizer came with one."""
     tokenizer = Tokenizer.from_dir(out)
-    tokenizer.config["chat_template"] = paper_jinja(paper_template(recorded), tokenizer.adds_bos)
+    if recorded.get("kind", "paper") == "paper":
+        tokenizer.config["chat_template"] = template = paper_jinja(paper_template(recorded), tokenizer.adds_bos)
+    elif recorded.get("system"):
+        template = with_default_system(JinjaChat.of(tokenizer.config).source, recorded["system"])
+        tokenizer.config["chat_template"] = replace_default_template(tokenizer.config["chat_template"], template)
+    else:
+        return
     tokenizer.save(out)
+    if (out / CHAT_TEMPLATE_FILE).is_file():
+        (out / CHAT_TEMPLATE_FILE).write_text(template)
+
+
+def replace_default_template(configured: str | list[dict], template: str) -> str | list[dict]:
+    """tokenizer_config.json's chat_template with its default replaced: the one template,
+    or in a list of named ones (Hugging Face's `default`, `tool_use`...) the `default`."""
+    if isinstance(configured, list):
+        return [{**named, "template": template} if named.get("name") == "default" else named for named in configured]
+    return template
 
 
 def special_token_ids(tokenizer_dir: Path, template: dict | None = None) -> dict[str, int | list[int]]:

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from offline_rlhf.checkpoint import TEMPLATE, CheckpointMeta, TrainState, resolve_checkpoint, save_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
-from offline_rlhf.data.chat_template import ChatFormat, template_record
+from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, jinja_string, template_record, with_default_system
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
@@ -78,3 +78,60 @@ def test_a_chat_model_whose_end_of_turn_is_not_eos_exports_both_as_eos_token_id(
     assert chat["eos_token_id"] == [tokenizer.eos_id, im_end] and tokenizer.eos_id != im_end
     assert special_token_ids(folder, {"kind": "paper"})["eos_token_id"] == tokenizer.eos_id
     assert special_token_ids(folder)["eos_token_id"] == tokenizer.eos_id
+
+
+SYSTEM = "Be brief. 'Quoted' \"twice\", a back\\slash,\nanother line and 😀 past U+FFFF."
+
+
+def chat_checkpoint(tmp_path, chat_template, jinja_file: bool = False):
+    """A ChatML checkpoint trained with template.system=SYSTEM; its template in
+    tokenizer_config.json or (transformers >= 4.50) in chat_template.jinja."""
+    from tests.unit.data.test_chat_template import SPECIALS
+
+    folder = tmp_path / "tokenizer"
+    (tmp_path / "corpus.txt").write_text("hello there, how are you\n" * 20)
+    tokenizer = train_bpe_tokenizer([tmp_path / "corpus.txt"], 300, folder, special_tokens=SPECIALS)
+    tokenizer.config["chat_template"] = chat_template
+    tokenizer.save(folder)
+    if jinja_file:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "chat_template.jinja").write_text(config.pop("chat_template"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, reference_model(MODEL, "lm"), CheckpointMeta(
+        MODEL, "lm", TrainState(step=1), metadata={TEMPLATE: {"kind": "chat", "system": SYSTEM}}), tokenizer_dir=folder)
+    return export_hf(root, tmp_path / "hf"), Tokenizer.from_dir(folder)
+
+
+@pytest.mark.parametrize("jinja_file", [False, True], ids=["tokenizer_config", "chat_template.jinja"])
+def test_a_chat_export_puts_the_trained_system_message_first_unless_the_caller_sends_one(tmp_path, jinja_file):
+    from tests.unit.data.test_chat_template import CHATML
+
+    out, tokenizer = chat_checkpoint(tmp_path, CHATML, jinja_file)
+    hf = AutoTokenizer.from_pretrained(out)
+    trained = ChatFormat(JinjaChat.of(tokenizer.config), SYSTEM)
+    question = [{"role": "user", "content": "good music"}]
+    assert hf.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        encode_prompt(tokenizer, trained, "good music")
+    own = [{"role": "system", "content": "Answer in French."}, *question]
+    assert hf.apply_chat_template(own, add_generation_prompt=True, tokenize=False) == \
+        JinjaChat.of(tokenizer.config).render(own, add_generation_prompt=True)  # the caller's, alone
+    assert (out / "chat_template.jinja").is_file() == jinja_file
+
+
+def test_a_chat_export_keeps_the_other_named_templates(tmp_path):
+    from tests.unit.data.test_chat_template import CHATML
+
+    tool_use = "{{ 'tools' }}"
+    out, tokenizer = chat_checkpoint(tmp_path, [{"name": "default", "template": CHATML},
+                                                {"name": "tool_use", "template": tool_use}])
+    exported = {named["name"]: named["template"] for named in
+                json.loads((out / "tokenizer_config.json").read_text())["chat_template"]}
+    assert exported["tool_use"] == tool_use
+    assert exported["default"] == with_default_system(CHATML, SYSTEM)
+
+
+def test_a_jinja_string_literal_renders_back_to_its_text():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    assert ImmutableSandboxedEnvironment().from_string("{{ " + jinja_string(SYSTEM) + " }}").render() == SYSTEM
