@@ -31,7 +31,8 @@ SCORES = Schema({"rewards": TensorSpec(torch.float32, ("B",)), "raw": TensorSpec
 LOGPROBS = Schema({"logprobs": B_T_FLOAT})
 VALUES = Schema({"values": B_T_FLOAT})
 TRAIN = Schema({**SEQUENCES.tensors, "returns": B_T_FLOAT, "old_values": B_T_FLOAT}, meta={"step": int})
-TRAINED = Schema({}, meta={"step": int, "value_loss": float})
+# critic_skipped_steps: its optimizer steps skipped for a non-finite gradient norm (the actor bounds them)
+TRAINED = Schema({}, meta={"step": int, "value_loss": float, "critic_skipped_steps": (int, float)})
 STEP = Schema({}, meta={"step": int})
 SAVED = Schema({}, meta={"step": int, "path": str})
 

@@ -15,8 +15,9 @@ finished run is not run again, and a start without an actor checkpoint clears th
 checkpoints, so that an old run's critic never meets a new actor.
 Prompts are cut to fit every module: the policy's, the reference's and the critic's
 max_seq_len and the reward model's recorded training length, less generation.max_new_tokens.
-A service answering non-finite numbers, or a run whose policy steps were mostly skipped
-(non-finite gradients) or whose final weights are not finite, fails without DONE.
+A service answering non-finite numbers, or a run whose policy steps or critic steps were
+mostly skipped (non-finite gradients) or whose final policy weights are not finite, fails
+without DONE.
 Outputs in R/ppo/: checkpoints/, metrics.jsonl, critic/checkpoints/, <service>/service.log,
 DONE naming the final actor checkpoint (an `lm` checkpoint with its tokenizer and template).
 """
@@ -95,6 +96,9 @@ POLICY_KEY = "init.checkpoint"
 # What each service answers, by the key ask_services returns it under: (service, what).
 ANSWERS = {"scores": ("reward", "rewards"), "raw": ("reward", "raw rewards"),
            "ref_logp": ("reference", "log-probs"), "values": ("critic", "values")}
+# The running counts of skipped steps (non-finite gradient norm), each a metric and a key of
+# the actor checkpoint's data_position: (whose steps, the learning rate to lower).
+SKIPPED = {"skipped_steps": ("policy", "optim.lr"), "critic_skipped_steps": ("critic", "services.critic.optim.lr")}
 
 
 def main(cfg: PPOConfig) -> int:
@@ -246,7 +250,7 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
                               (stops, tokenizer.pad_id), [prompts[i] for i in chosen], streams, iteration)
             usage.tokens += int(metrics.pop("tokens"))
             usage.beat()
-            skipped += int(metrics["skipped_steps"])
+            skipped = {key: count + int(metrics[key]) for key, count in skipped.items()}
             log.train(iteration + 1, defined(metrics), every=1)
             check_learned(model, skipped, iteration + 1, cfg.ppo, steps_per_iteration, rt)
             if iteration + 1 == cfg.ppo.iterations or (iteration + 1) % cfg.save_every == 0:
@@ -256,7 +260,7 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
                 checkpoint = save_checkpoint(
                     setup.checkpoints, model,
                     CheckpointMeta(model_cfg, "lm", TrainState(step=iteration + 1,
-                                                               data_position={"skipped_steps": skipped}),
+                                                               data_position=skipped),
                                    scheduler=scheduler.state_dict(),
                                    metadata={CONFIG_KEY: fingerprint, "alignment": {"method": "ppo"},
                                              TEMPLATE: template_record(template)}),
@@ -266,31 +270,35 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
     return checkpoint
 
 
-def _resume(root: Path, model, optimizer, scheduler, rt: Runtime) -> tuple[int, int]:
-    """The iteration and the count of skipped policy steps of the actor's last checkpoint,
-    loaded (`resume_point` checked it), or (0, 0)."""
+def _resume(root: Path, model, optimizer, scheduler, rt: Runtime) -> tuple[int, dict[str, int]]:
+    """The iteration and the counts of skipped steps (`SKIPPED`) of the actor's last
+    checkpoint, loaded (`resume_point` checked it), or 0 and zero counts. A checkpoint
+    written before the critic's count was kept resumes it at 0."""
     latest = latest_checkpoint(root)
     if latest is None:
-        return 0, 0
+        return 0, dict.fromkeys(SKIPPED, 0)
     meta = load_checkpoint(latest, model, optimizer, restore_rng=True, group=rt.group)
     resume_schedule(scheduler, meta.scheduler)
     rt.log(f"resuming from {latest} (iteration {meta.train_state.step})")
-    return meta.train_state.step, meta.train_state.data_position.get("skipped_steps", 0)
+    return meta.train_state.step, {key: int(meta.train_state.data_position.get(key, 0)) for key in SKIPPED}
 
 
-def check_learned(model, skipped: int, done: int, ppo: PPOAlgorithmConfig, steps_per_iteration: int,
+def check_learned(model, skipped: dict[str, int], done: int, ppo: PPOAlgorithmConfig, steps_per_iteration: int,
                   rt: Runtime) -> None:
     """After each iteration, before its save (the training stages' rule, train/loop.py): a
-    skipped policy step (non-finite gradient norm) leaves the weights as they were, so a run
-    of mostly skipped steps is the SFT model with a DONE on it; the final weights must be
-    finite (collective)."""
-    planned = ppo.iterations * steps_per_iteration
-    if skipped > ppo.max_skipped_fraction * planned:
-        raise TrainingFailed("ppo.max_skipped_fraction", f"{skipped} of the {done * steps_per_iteration} policy steps "
-                             f"so far (of {planned} planned) were skipped for a non-finite gradient norm, more than "
-                             f"{ppo.max_skipped_fraction:g} of the run, so the policy learned little or nothing; no "
-                             "final checkpoint or DONE was written",
-                             "lower optim.lr or check the rewards (metrics.jsonl: train/skipped_steps)")
+    skipped step (non-finite gradient norm) leaves the weights as they were, so a run of
+    mostly skipped policy steps is the SFT model with a DONE on it, and one of mostly
+    skipped critic steps shaped its advantages with an untrained critic's values. `skipped`:
+    the running counts (`SKIPPED`), the same on every rank (the critic's is shared by rank 0),
+    so every rank fails alike. The final policy weights must be finite (collective)."""
+    planned = ppo.iterations * steps_per_iteration  # the critic's too: it steps on the same minibatches
+    for key, (module, lr) in SKIPPED.items():
+        if skipped[key] > ppo.max_skipped_fraction * planned:
+            raise TrainingFailed("ppo.max_skipped_fraction", f"{skipped[key]} of the {done * steps_per_iteration} "
+                                 f"{module} steps so far (of {planned} planned) were skipped for a non-finite "
+                                 f"gradient norm, more than {ppo.max_skipped_fraction:g} of the run, so the {module} "
+                                 "learned little or nothing; no final checkpoint or DONE was written",
+                                 f"lower {lr} or check the rewards (metrics.jsonl: train/{key})")
     if done == ppo.iterations and not weights_finite(model, rt):
         raise TrainingFailed("optim.lr", "the final policy weights hold NaN or Inf (the optimizer diverged); no "
                              "final checkpoint or DONE was written", "lower optim.lr and rerun")
@@ -321,7 +329,7 @@ def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, se
     scored = time.perf_counter()
     scores, values = answer["scores"], answer["values"]
     shaped = advantages(old_logp, answer["ref_logp"], values, scores, rollout.mask, cfg.ppo)
-    critic, value_loss = None, float("nan")  # only rank 0 logs metrics: the others need no critic loss
+    critic, value_loss, critic_skipped = None, float("nan"), None  # only rank 0 logs the critic's loss
     if services is not None:  # the critic trains on the same rollout meanwhile
         critic_batch = Payload({**rollout.sequences(), "returns": shaped.returns, "old_values": values},
                                {"step": iteration})
@@ -330,10 +338,10 @@ def iterate(cfg: PPOConfig, rt: Runtime, models: tuple, optimizer, scheduler, se
     policy = update_policy(model, optimizer, scheduler,
                            {**rollout.sequences(), "old_logp": old_logp, "advantages": shaped.advantages},
                            cfg.ppo, cfg.seed, iteration, cfg.optim.grad_clip, rt)
-    critic_skipped = float("nan")
     if critic is not None:  # a non-finite value loss was answered with 500, which stopped the run
         trained = services.results({"critic": critic})["critic"].meta
         value_loss, critic_skipped = trained["value_loss"], trained["critic_skipped_steps"]
+    critic_skipped = count_from_main(critic_skipped, rt)  # every rank fails alike on too many (check_learned)
     done = time.perf_counter()
     mask = rollout.mask
     response_tokens = int(mask.sum())
@@ -379,6 +387,12 @@ def check_answers(answer: dict[str, torch.Tensor], iteration: int) -> None:
             raise ConfigError(f"services.{name}.checkpoint", f"the {name} service answered {bad} non-finite "
                               f"{what} (of {tensor.numel()}) at iteration {iteration + 1}; no DONE was written",
                               "check that checkpoint (a reward model's reward_stats must be finite)")
+
+
+def count_from_main(count: float | None, rt: Runtime) -> float:
+    """Rank 0's `count` (a service's answer; None on the other ranks) on every rank (`from_main`)."""
+    return from_main(None if count is None else {"count": torch.tensor([float(count)])}, {"count": (1,)},
+                     rt)["count"].item()
 
 
 def from_main(tensors: dict[str, torch.Tensor] | None, shapes: dict[str, tuple[int, ...]],

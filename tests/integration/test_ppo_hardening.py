@@ -1,6 +1,7 @@
 """`orlhf ppo` on tiny checkpoints, where it used to fail late or not at all: prompts fit
-the reward model's recorded training length, a reward model with NaN statistics fails the
-run without DONE, and a rerun decides before starting any service (nothing to do, a
+the reward model's recorded training length, a reward model with NaN statistics or a
+critic skipping its steps fails the run without DONE (the critic's count resumes with the
+actor's checkpoint), and a rerun decides before starting any service (nothing to do, a
 checkpoint past ppo.iterations, a start-over clearing the critic's old checkpoints, a
 resume lacking the critic's checkpoint, a changed config naming the stage folder)."""
 
@@ -11,13 +12,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+from offline_rlhf.checkpoint import CheckpointMeta, TrainState, read_meta, save_checkpoint
 from offline_rlhf.labeling.scoring import MAX_SEQ_LEN, REWARD_STATS
 from offline_rlhf.ledger import read_ledger
 from tests.fixtures import REPO_ROOT, reference_model
 from tests.integration.test_ppo_stage import cleanup, command, prepare, tokenizer_dir  # noqa: F401 (fixtures)
 from tests.synthetic_preferences import FILLER, MODEL
-from tests.unit.ppo.tiny_models import STATS
+from tests.unit.ppo.tiny_models import STATS, write_skipping_critic
 
 RM_LEN = 30  # the reward model's recorded training length: prompts get 30 - 8 new tokens
 LONG = " ".join(FILLER * 6)  # about 60 tokens: beyond RM_LEN, within the policy's 64 - 8
@@ -109,3 +110,31 @@ def test_a_reward_model_with_nan_statistics_fails_the_run_without_done(tmp_path,
     assert "services.reward" in last and "reward" in last.split(":", 2)[-1], result.stderr[-3000:]
     assert not (run_dir / "ppo" / "DONE").exists()
     assert not (run_dir / "ppo" / "checkpoints").exists() and strict_rows(run_dir) == []
+
+
+def test_a_critic_skipping_its_steps_fails_the_run_without_done_and_its_count_resumes(
+        tmp_path, tokenizer_dir, cleanup):  # noqa: F811 (pytest fixtures)
+    """Was: every critic step skipped (critic_skipped_steps in each row), and DONE. Two
+    iterations of 2 critic steps: the run fails at the second, whose rerun fails again only
+    because the first iteration's 2 skipped steps resume from the actor's checkpoint."""
+    run_dir = prepare(tmp_path / "run", tokenizer_dir)
+    cleanup(run_dir)
+    root = run_dir / "critic_skips" / "checkpoints"
+    write_skipping_critic(root, tokenizer_dir)
+    critic, out = f"services.critic.checkpoint={root}", run_dir / "ppo"
+    failed = ("orlhf ppo: error: ppo.max_skipped_fraction: 4 of the 4 critic steps so far (of 4 planned) were "
+              "skipped for a non-finite gradient norm, more than 0.5 of the run, so the critic learned little or "
+              "nothing; no final checkpoint or DONE was written; lower services.critic.optim.lr or check the "
+              "rewards (metrics.jsonl: train/critic_skipped_steps)")
+    result = run(run_dir, critic, "ppo.iterations=2", "save_every=1")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == failed, result.stderr[-3000:]
+    assert not (out / "DONE").exists()
+    assert [row["train/critic_skipped_steps"] for row in strict_rows(run_dir)] == [2, 2]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000001"]
+    assert read_meta(out / "checkpoints" / "step_00000001").train_state.data_position == {
+        "skipped_steps": 0, "critic_skipped_steps": 2}
+
+    again = run(run_dir, critic, "ppo.iterations=2")
+    assert "(iteration 1)" in again.stdout, again.stdout[-3000:]
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == failed, again.stderr[-3000:]
+    assert not (out / "DONE").exists()

@@ -37,6 +37,19 @@ def write_checkpoints(root: Path, tokenizer_dir: Path, stats: dict | None = STAT
     return sft, rm
 
 
+def write_skipping_critic(root: Path, tokenizer_dir: Path) -> Path:
+    """A critic checkpoint (the reward model's weights, `write_checkpoints`' seed) whose
+    every training step is skipped: its final norm weight scaled by 1e30 and its value head
+    by 1e-30 keep its values (finite, about those of the reward model), but the value head's
+    gradient is about 1e30 times the loss's, so the gradient norm overflows fp32."""
+    model = reference_model(MODEL, "value", seed=1)
+    with torch.no_grad():
+        model.norm.weight.mul_(1e30)
+        model.score.weight.mul_(1e-30)
+    return save_checkpoint(root, model, CheckpointMeta(MODEL, "value", TrainState(step=1),
+                                                       metadata={REWARD_STATS: STATS}), tokenizer_dir=tokenizer_dir)
+
+
 def service_config(name: str, run_dir: Path, checkpoint: Path, **settings) -> ServiceConfig:
     return ServiceConfig(name=name, run_dir=str(run_dir), ppo=PPO, max_body_mb=1,
                          settings=ServiceSettings(checkpoint=str(checkpoint), batch_size=3, **settings))
