@@ -10,6 +10,7 @@ import hashlib
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -307,15 +308,40 @@ RESUMABLE_CHANGES = ("run_dir", "parallel.*", "logging.*", "train.max_steps", "t
 
 def resume_fingerprint(cfg) -> dict[str, object]:
     """The config values a checkpoint (or a partial output) was made under, flattened to
-    dotted keys, without the ones a resumed run may change."""
-    return {key: value for key, value in flatten(asdict(cfg)).items()
+    dotted keys, without the ones a resumed run may change. Paths inside the run are written
+    relative to it (`${run_dir}/...`), and `run_dir` is kept to read older fingerprints by,
+    so a run folder moved elsewhere (scratch to project storage) resumes."""
+    run_dir = getattr(cfg, "run_dir", None)
+    inside = within_run(run_dir)
+    kept = {key: inside(value) for key, value in flatten(asdict(cfg)).items()
             if not any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CHANGES)}
+    return kept if run_dir is None else {**kept, "run_dir": run_dir}
 
 
 def model_fingerprint(cfg, checkpoint: Path) -> dict[str, object]:
     """`resume_fingerprint` plus the checkpoint step whose outputs (answers, log-probs) a
     partial output holds: the config names a root, and a model trained on since is another."""
-    return {**resume_fingerprint(cfg), "model_step": str(checkpoint.resolve())}
+    step = within_run(getattr(cfg, "run_dir", None))(str(checkpoint.resolve()))
+    return {**resume_fingerprint(cfg), "model_step": step}
+
+
+def within_run(run_dir: str | None) -> Callable[[object], object]:
+    """A function that writes each path inside `run_dir` in a config value (a string, or
+    one in a list or mapping) as `${run_dir}/...`, the run spelled as configured or resolved."""
+    if not run_dir:
+        return lambda value: value
+    prefixes = {run_dir.rstrip("/") or "/", str(Path(run_dir).resolve())}
+
+    def relative(value):
+        if isinstance(value, str):
+            prefix = next((p for p in prefixes if value == p or value.startswith(p.rstrip("/") + "/")), None)
+            return value if prefix is None else "${run_dir}" + value[len(prefix):]
+        if isinstance(value, (list, tuple)):
+            return [relative(item) for item in value]
+        if isinstance(value, dict):
+            return {key: relative(item) for key, item in value.items()}
+        return value
+    return relative
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -333,8 +359,10 @@ def check_resumable(saved: dict | None, current: dict, where: Path) -> None:
     RESUMABLE_CHANGES); otherwise it would silently mix two experiments."""
     if saved is None:
         return
+    # An older fingerprint holds absolute paths: as the run's, they are the current run's.
+    inside = within_run(current.get("run_dir"))
     # Keys only one side has came with a newer or older version of the project, not the user.
-    changed = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+    changed = sorted(k for k in set(saved) & set(current) - {"run_dir"} if inside(saved[k]) != current[k])
     if changed:
         raise ConfigError(changed[0], f"differs from the run that wrote {where} ({len(changed)} changed: "
                           f"{', '.join(changed[:4])}{'...' if len(changed) > 4 else ''})",

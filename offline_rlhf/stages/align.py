@@ -110,11 +110,17 @@ def check_reference_model(pairs: Path, init) -> None:
     """The pairs' reference log-probs must be the policy's own at its start (DPO's ratio is
     against them): `orlhf reference`'s card next to them names the checkpoint that scored
     them, which must be the one init.checkpoint resolves to now (an SFT that trained on
-    since would make them another model's). Pairs without a card are taken as given."""
-    card = pairs.parent / "dataset_card.json"
-    scored_by = json.loads(card.read_text()).get("model") if card.is_file() else None
+    since would make them another model's). A checkpoint inside the reference's run is
+    looked for where that run is now (a run folder moves whole). Pairs without a card are
+    taken as given."""
+    card_path = pairs.parent / "dataset_card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    if card.get("model") is None:
+        return
+    in_run = card.get("model_in_run")
+    scored_by = pairs.parent.parent / in_run if in_run else Path(card["model"])
     start = resolve_checkpoint(init.checkpoint, "init.checkpoint")
-    if scored_by is not None and Path(scored_by).resolve() != start.resolve():
+    if scored_by.resolve() != start.resolve():
         raise ConfigError("init.checkpoint", f"resolves to {start}, but the reference log-probs in {pairs} were "
                           f"computed by {scored_by} (its dataset_card.json)",
                           "rerun `orlhf reference` from this init.checkpoint, or point init.checkpoint at that one")

@@ -80,7 +80,7 @@ def main(cfg: ReferenceConfig) -> int:
             usage.beat()
         rt.barrier()
         if rt.is_main:
-            write_outputs(rt, cfg, pairs, encoded, card, str(checkpoint), template_record(template))
+            write_outputs(rt, cfg, pairs, encoded, card, checkpoint, template_record(template))
     return 0
 
 
@@ -115,15 +115,18 @@ def scored_pairs(rt: Runtime, cfg: ReferenceConfig, checkpoint: Path, digests: l
     return done
 
 
-def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list, card: dict, model: str,
+def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list, card: dict, model: Path,
                   template: dict) -> None:
     """Rank 0, after every replica: the merged pairs with their log-probs and the digest of
-    the tokens scored, the card, DONE."""
+    the tokens scored, the card (naming the scoring checkpoint, also relative to the run
+    when inside it: align finds it there after the run folder moved), DONE."""
     scores = merge_shards(rt.stage_dir, len(pairs))
     write_jsonl(rt.stage_dir / PAIRS, [{"id": i, **pair.record(), REF_CHOSEN: s[REF_CHOSEN],
                                         REF_REJECTED: s[REF_REJECTED], DIGEST: s[DIGEST]}
                                        for i, (pair, s) in enumerate(zip(pairs, scores))])
-    card.update(model=model, template=template, max_seq_len=cfg.max_seq_len,
+    run = rt.stage_dir.parent.resolve()
+    in_run = str(model.resolve().relative_to(run)) if model.resolve().is_relative_to(run) else None
+    card.update(model=str(model), model_in_run=in_run, template=template, max_seq_len=cfg.max_seq_len,
                 truncated=sum(s.truncated for pair in encoded for s in pair))
     write_atomic(rt.stage_dir / "dataset_card.json", json.dumps(card, indent=2))
     write_atomic(rt.stage_dir / "dataset_card.md", card_markdown(card))

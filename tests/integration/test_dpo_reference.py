@@ -312,6 +312,22 @@ def test_log_probs_of_an_earlier_sft_step_are_neither_resumed_nor_trained_on(lm_
     assert "model_step: differs from the run that wrote" in one_error_line(capsys)
 
 
+def test_a_run_folder_moved_elsewhere_trains_on_its_own_reference_pass(lm_run, tmp_path, capsys):
+    """The card names the scoring checkpoint relative to the run too: after the whole run
+    moved (scratch to project storage), align finds it where the run is now; the checkpoint
+    the card names in another run is still not this one."""
+    scratch, storage = tmp_path / "scratch", tmp_path / "storage"
+    shutil.copytree(lm_run / "sft" / "checkpoints", scratch / "sft" / "checkpoints")
+    shutil.copy(lm_run / "labeled.jsonl", scratch / "labeled.jsonl")
+    assert main(reference_args(scratch, scratch)) == 0
+    scratch.rename(storage)
+    assert main(align_args(storage, "dpo", f"init.checkpoint={storage}/sft/checkpoints")) == 0
+    capsys.readouterr()
+    assert main(align_args(tmp_path / "elsewhere", "dpo", f"data.pairs={storage}/reference/pairs.jsonl",
+                           f"init.checkpoint={lm_run}/sft/checkpoints")) == 2
+    assert "but the reference log-probs in" in one_error_line(capsys)
+
+
 def test_pairs_identical_once_cut_are_skipped_and_counted_or_refused_with_strict(lm_run, tmp_path, capsys):
     """Two human pairs whose replies differ only past max_seq_len carry no signal (the RM
     stage drops them too): skipped and counted, an error with strict=true, and when no pair

@@ -1,6 +1,7 @@
 """`orlhf sft` end to end on real public data, and exact resumption after SIGKILL."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -58,6 +59,19 @@ def test_rerun_continues_only_the_same_experiment(tmp_path, public_tokenizer, ca
     assert "optim.lr: differs from the run that wrote" in capsys.readouterr().err
     assert main([*args[:-2], "train.max_steps=6", "train.save_every=4", "logging.progress=true"]) == 0
     assert latest_checkpoint(run_dir / "sft" / "checkpoints").name == "step_00000006"  # longer runs may resume
+
+
+def test_a_run_folder_moved_elsewhere_resumes(tmp_path, public_tokenizer):
+    """Paths inside the run (here its tokenizer, as a pipeline's ${run_dir}/task/tokenizer)
+    are compared relative to it: a run moved from scratch to project storage continues."""
+    scratch, storage = tmp_path / "scratch" / "run", tmp_path / "storage" / "run"
+    shutil.copytree(public_tokenizer, scratch / "tokenizer")
+    assert main(sft_args(scratch, scratch / "tokenizer", "train.max_steps=4", "train.save_every=4")) == 0
+    storage.parent.mkdir()
+    scratch.rename(storage)
+    assert main(sft_args(storage, storage / "tokenizer", "train.max_steps=6", "train.save_every=4")) == 0
+    assert latest_checkpoint(storage / "sft" / "checkpoints").name == "step_00000006"
+    assert main(sft_args(storage, public_tokenizer, "train.max_steps=8")) == 2  # another tokenizer is not
 
 
 KILL_AFTER_SAVE = """

@@ -1,9 +1,12 @@
 """What a rerun may change and still resume: layout, timing and decode speed knobs, never
 what the results depend on."""
 
+import pytest
+
 from offline_rlhf.config.compose import compose_stage
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.samples import GenerateConfig
-from offline_rlhf.stage_support import resume_fingerprint
+from offline_rlhf.stage_support import check_resumable, resume_fingerprint, within_run
 from ppo_baseline.config import PPOConfig
 
 
@@ -34,3 +37,22 @@ def test_generate_resumes_with_other_decode_settings_but_not_other_sampling():
     sampling = ["generation.temperature=0.7", "generation.top_p=0.9", "generation.n=2", "max_prompt_tokens=64"]
     assert changed_keys("generate", GenerateConfig, sampling) == {
         "generation.temperature", "generation.top_p", "generation.n", "max_prompt_tokens"}
+
+
+def test_paths_inside_the_run_are_compared_relative_to_it(tmp_path):
+    def fingerprint(run_dir, checkpoint):
+        return resume_fingerprint(compose_stage("generate", GenerateConfig, [
+            f"run_dir={run_dir}", f"init.checkpoint={checkpoint}"]))
+
+    scratch = fingerprint("/scratch/run", "/scratch/run/sft/checkpoints")
+    assert scratch["init.checkpoint"] == "${run_dir}/sft/checkpoints" and scratch["run_dir"] == "/scratch/run"
+    check_resumable(scratch, fingerprint("runs/b", "runs/b/sft/checkpoints"), tmp_path)  # moved, spelled relative
+    for elsewhere in ("runs/b/rm/checkpoints", "/scratch/run2/sft/checkpoints"):  # a sibling is not inside the run
+        with pytest.raises(ConfigError, match="^init.checkpoint: differs"):
+            check_resumable(scratch, fingerprint("/scratch/run", elsewhere), tmp_path)
+    older = {key: value.replace("${run_dir}", "/scratch/run") if isinstance(value, str) else value
+             for key, value in scratch.items() if key != "run_dir"}  # written before paths were relative
+    check_resumable(older, scratch, tmp_path)
+    inside = within_run("/scratch/run")
+    assert inside([{"path": "/scratch/run/task/p.jsonl"}, "/data/q.jsonl", 3]) == [
+        {"path": "${run_dir}/task/p.jsonl"}, "/data/q.jsonl", 3]
