@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.fsutil import write_atomic
 
 LOCK = ".lock"
 _IMPORTED = time.time()
@@ -143,6 +144,7 @@ def _remove_if_unchanged(path: Path, stale: Holder) -> bool:
 
 
 DONE = "DONE"  # a stage's last write (stage_support.mark_done)
+CONFIG_FILE = "config.yaml"  # the config a stage's outputs were made under
 
 
 def unwritable(stage_dir: Path) -> ConfigError | None:
@@ -168,10 +170,27 @@ def claim_stage(stage_dir: Path, stage: str) -> tuple[Path, str | None]:
     return acquire_stage_lock(stage_dir, stage)
 
 
-def open_stage(stage_dir: Path, note: str | None, config_text: str) -> None:
+def open_stage(stage_dir: Path, note: str | None, config_text: str) -> dict[str, str | None]:
     """A stage's first writes once it holds the lock: the old DONE goes before anything else
-    changes, so a killed rerun never leaves DONE beside a new config.yaml."""
+    changes, so a killed rerun never leaves DONE beside a new config.yaml. Returns what the
+    two files held before (None: absent), for `restore_stage`."""
     if note:
         print(note, flush=True)
+    earlier = {name: _text_or_none(stage_dir / name) for name in (DONE, CONFIG_FILE)}
     (stage_dir / DONE).unlink(missing_ok=True)
-    (stage_dir / "config.yaml").write_text(config_text)
+    (stage_dir / CONFIG_FILE).write_text(config_text)
+    return earlier
+
+
+def restore_stage(stage_dir: Path, earlier: dict[str, str | None]) -> None:
+    """Undo `open_stage` for a rerun that stopped before writing anything (a refused resume):
+    a pipeline then finds the stage complete under its old config again."""
+    for name, text in earlier.items():
+        if text is None:
+            (stage_dir / name).unlink(missing_ok=True)
+        else:
+            write_atomic(stage_dir / name, text)
+
+
+def _text_or_none(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None

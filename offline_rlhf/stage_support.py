@@ -30,7 +30,7 @@ from offline_rlhf.checkpoint import (
     save_checkpoint,
 )
 from offline_rlhf.config.base import freeze
-from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.schema import InitConfig, ModelConfig, TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, build_template
 from offline_rlhf.data.template import ChatTemplate
@@ -364,7 +364,7 @@ def check_resumable(saved: dict | None, current: dict, where: Path) -> None:
     # Keys only one side has came with a newer or older version of the project, not the user.
     changed = sorted(k for k in set(saved) & set(current) - {"run_dir"} if inside(saved[k]) != current[k])
     if changed:
-        raise ConfigError(changed[0], f"differs from the run that wrote {where} ({len(changed)} changed: "
+        raise ResumeRefused(changed[0], f"differs from the run that wrote {where} ({len(changed)} changed: "
                           f"{', '.join(changed[:4])}{'...' if len(changed) > 4 else ''})",
                           f"restore it, or delete {where} to start this stage over")
 

@@ -10,3 +10,8 @@ class ConfigError(ValueError):
         if fix:
             message += f"; {fix}"
         super().__init__(message)
+
+
+class ResumeRefused(ConfigError):
+    """A rerun's config differs from the one a stage's outputs were made under. Raised
+    before the stage writes anything, so the outputs (and their DONE) stand as they were."""

@@ -55,8 +55,11 @@ def test_rerun_continues_only_the_same_experiment(tmp_path, public_tokenizer, ca
     assert main(args) == 0
     assert main(args) == 0  # finished already: no step runs, DONE still names the checkpoint
     assert (run_dir / "sft" / "DONE").read_text().strip().endswith("step_00000004")
+    finished = {name: (run_dir / "sft" / name).read_text() for name in ("DONE", "config.yaml")}
     assert main([*args, "optim.lr=1e-4"]) == 2
     assert "optim.lr: differs from the run that wrote" in capsys.readouterr().err
+    # Refused before writing anything: the finished stage stands as it was (a pipeline skips it).
+    assert {name: (run_dir / "sft" / name).read_text() for name in finished} == finished
     assert main([*args[:-2], "train.max_steps=6", "train.save_every=4", "logging.progress=true"]) == 0
     assert latest_checkpoint(run_dir / "sft" / "checkpoints").name == "step_00000006"  # longer runs may resume
 
