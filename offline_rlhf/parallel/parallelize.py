@@ -70,9 +70,11 @@ def build_inference_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh:
 def _init_like_one_process(model: Transformer, seed: int) -> None:
     """Random ops on DTensors over a CPU mesh draw the same numbers on every rank (no
     per-shard offsets), so shards would be copies of each other. CPU models are small:
-    initialize a whole one from the seed and load it, the same weights under any layout."""
-    torch.manual_seed(seed)
+    initialize a whole one from the seed and load it, the same weights under any layout.
+    Seeded after it is built: building on a real device draws its default initialization,
+    which one process (building on the meta device) never does."""
     reference = Transformer(model.cfg, model.head)
+    torch.manual_seed(seed)
     reference.init_weights()
     load_full_state_dict(model, reference.state_dict())
 

@@ -71,3 +71,27 @@ def test_loss_parallel_and_activation_checkpointing_match_single_process(tmp_pat
         torch.testing.assert_close(result["loss"], ref_loss.detach(), atol=1e-6, rtol=1e-6)
         for name, param in reference.named_parameters():
             torch.testing.assert_close(result["grads"][name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _initialized(rank, world_size, parallel):
+    """A model initialized from a seed (random weights, as `orlhf sft` without an init
+    checkpoint starts), gathered whole."""
+    from offline_rlhf.config.schema import ParallelConfig
+    from offline_rlhf.parallel.dims import ParallelDims
+    from offline_rlhf.parallel.distributed import detect_env, device_for
+    from offline_rlhf.parallel.parallelize import build_mesh, build_model
+    from tests.fixtures import TINY
+
+    dims = ParallelDims.build(ParallelConfig(**parallel), world_size, TINY)
+    device = device_for(detect_env())
+    model = build_model(TINY, "lm", dims, build_mesh(dims, device), device, seed=7)
+    return {name: _full(param).detach().clone() for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("parallel", [{"tp": 2}, {"tp": 1}], ids=["tp2", "dp2"])
+def test_a_model_initialized_from_a_seed_is_the_same_under_any_layout(tmp_path, parallel):
+    [one] = run_distributed(_initialized, 1, tmp_path / "one", {})
+    for result in run_distributed(_initialized, 2, tmp_path / "two", parallel):
+        assert result.keys() == one.keys()
+        for name, param in one.items():
+            torch.testing.assert_close(result[name], param, atol=0, rtol=0, msg=name)
