@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 
@@ -124,6 +125,7 @@ def run(argv: list[str]) -> int:
 
 
 FLAGS = ("--cfg", "--check")
+OTHER_RANKS_WAIT_S = 5.0  # before a rank other than 0 reports a failure (say_once)
 # The process count `orlhf STAGE --check` validates for (the launcher sets it: nodes x
 # processes per node); unset: parallel.tp x parallel.dp, dp=-1 counting as 1.
 CHECK_WORLD_SIZE = "ORLHF_CHECK_WORLD_SIZE"
@@ -234,12 +236,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(argv)
     except (ConfigError, DataError) as err:
-        if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
-            print(f"orlhf {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+        say_once(f"orlhf {argv[0] if argv else ''}: error: {err}")
         code = 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         _exit_without_teardown(code)
     return code
+
+
+def say_once(message: str) -> None:
+    """Every rank fails the same way: under torchrun rank 0 says it, and the others first
+    wait a moment, in which torchrun ends them once rank 0 has exited. They used to stay
+    silent, and a rank that exited first got rank 0 killed before it printed: no message at
+    all. Now one that outlives the wait says it too (rank 0 never failed, or is slow)."""
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(OTHER_RANKS_WAIT_S)
+    print(message, file=sys.stderr, flush=True)
 
 
 def _exit_without_teardown(code: int) -> None:

@@ -102,3 +102,26 @@ def test_every_rank_fails_cleanly_on_an_unwritable_run_dir(tmp_path):
     assert len(lines) == 1 and "not writable" in lines[0], proc.stderr
     assert "offline_rlhf/" not in proc.stderr, proc.stderr  # no traceback through the project (torchrun's own is its)
     assert "exitcode: 2" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_config_error_every_rank_raises_is_said_under_torchrun(tmp_path):
+    """Both ranks fail alike before any collective (no tokenizer for a model from scratch);
+    whichever exits first, the line is printed (rank 1 exiting first used to get rank 0
+    killed before it printed, and only torchrun's summary was left)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "offline_rlhf.cli", "sft", "model=tiny", f"run_dir={tmp_path / 'run'}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert any(line.startswith("orlhf sft: error: init.tokenizer") for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_a_rank_other_than_0_waits_for_rank_0_then_says_it(monkeypatch, capsys):
+    from offline_rlhf import cli
+
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        cli.say_once(f"failed on {rank}")
+    assert waits == [cli.OTHER_RANKS_WAIT_S] and capsys.readouterr().err == "failed on 0\nfailed on 1\n"
