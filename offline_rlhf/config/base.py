@@ -67,3 +67,9 @@ def require_positive(config, *keys: str, prefix: str = "") -> None:
     for key in keys:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{prefix}{key}", f"must be positive, got {getattr(config, key)}")
+
+
+def require_non_negative(config, *keys: str, prefix: str = "") -> None:
+    for key in keys:
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{prefix}{key}", f"must be >= 0, got {getattr(config, key)}")

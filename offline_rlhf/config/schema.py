@@ -13,7 +13,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
-from offline_rlhf.config.base import Frozen, require_positive
+from offline_rlhf.config.base import Frozen, require_non_negative, require_positive
 from offline_rlhf.config.errors import ConfigError
 
 
@@ -263,7 +263,7 @@ class TrainConfig(Frozen):
     val_every: int = 100  # steps; 0 disables periodic validation (it still runs at the end)
     val_batches: int = 0  # 0: the whole validation split
     save_every: int = 500  # steps between checkpoints (the last step is always saved)
-    keep_last: int = 2  # checkpoints kept on disk (older ones are removed)
+    keep_last: int = 2  # checkpoints kept on disk (older ones are removed); 0 keeps every one
     log_every: int = 1  # steps between metrics lines
     seed: int = 1234  # seeds initialization, shuffling and the validation split
     # A step whose gradient norm is not finite is skipped; a run that skipped more than this
@@ -271,7 +271,11 @@ class TrainConfig(Frozen):
     max_skipped_fraction: float = 0.5
 
     def __post_init__(self):
-        require_positive(self, "global_batch", "micro_batch", "save_every", "log_every", prefix="train.")
+        require_positive(self, "global_batch", "micro_batch", "save_every", "log_every", "epochs", prefix="train.")
+        require_non_negative(self, "keep_last", "val_every", "val_batches", prefix="train.")
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ConfigError("train.max_steps", f"must be positive (or -1: as many as train.epochs gives), got "
+                              f"{self.max_steps}")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ConfigError("train.max_skipped_fraction", f"must be in [0, 1], got {self.max_skipped_fraction}")
 
@@ -346,7 +350,7 @@ class GenerationConfig(Frozen):
     top_k: int = 0  # sample among the k likeliest tokens; 0: off
     seed: int = 0  # sampling seed; with the prompt id and sample index it fixes every answer
     batch_size: int = 32  # decode slots (continuous batching)
-    n: int = 1  # answers per prompt (sampling; with greedy they are n copies)
+    n: int = 1  # answers per prompt; more than one needs greedy=false (greedy ones would be copies)
     stop: list[str] = field(default_factory=list)  # an answer ends at the first of these strings (not kept)
     cuda_graphs: bool = True  # on CUDA, replay each bucketed decode shape as a CUDA graph (false: plain eager)
     compile: bool = True  # with cuda_graphs, torch.compile the decode step first (about a minute per process)
@@ -367,6 +371,9 @@ class GenerationConfig(Frozen):
             raise ConfigError("generation.batch_size", f"must be >= 1, got {self.batch_size}")
         if self.n < 1:
             raise ConfigError("generation.n", f"must be >= 1, got {self.n}")
+        if self.n > 1 and self.greedy:  # argmax answers are n identical copies at n times the compute
+            raise ConfigError("generation.n", f"is {self.n} with greedy decoding, which makes {self.n} identical "
+                              "answers", "set generation.greedy=false to sample them, or generation.n=1")
         for key, value, allowed in (("compile_mode", self.compile_mode, COMPILE_MODES),
                                     ("decode_attention", self.decode_attention, DECODE_ATTENTION)):
             if value not in allowed:

@@ -63,6 +63,9 @@ def test_meta_round_trip_and_pruning(tmp_path):
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003"]
     meta = read_meta(latest_checkpoint(root))
     assert meta.model == TINY and meta.train_state == _meta(3).train_state and not meta.has_optimizer
+    for step in (4, 5):  # keep_last=0: every checkpoint stays
+        save_checkpoint(root, reference_model(), _meta(step), keep_last=0)
+    assert sorted(p.name for p in root.glob("step_*")) == [f"step_0000000{step}" for step in (2, 3, 4, 5)]
 
 
 def test_loading_optimizer_from_weights_only_checkpoint_is_an_error(tmp_path):

@@ -107,3 +107,17 @@ def test_generation_decode_settings_take_known_values(key, value, allowed):
     with pytest.raises(ConfigError) as info:
         GenerationConfig(**{key: value})
     assert info.value.key == f"generation.{key}" and str(info.value).endswith(f"use one of {allowed}")
+
+
+@pytest.mark.parametrize("override,key,fragment", [
+    ("train.keep_last=-1", "train.keep_last", "must be >= 0, got -1"),  # it deleted the final checkpoint
+    ("train.val_every=-5", "train.val_every", "must be >= 0"),
+    ("train.max_steps=0", "train.max_steps", "must be positive (or -1: as many as train.epochs gives)"),
+    ("train.epochs=0", "train.epochs", "must be positive"),
+])
+def test_training_loop_settings_are_checked(override, key, fragment):
+    from offline_rlhf.config.training import SFTConfig
+
+    with pytest.raises(ConfigError) as info:
+        compose_stage("sft", SFTConfig, [override])
+    assert info.value.key == key and fragment in str(info.value)
