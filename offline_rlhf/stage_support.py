@@ -299,6 +299,7 @@ def note_untrusted(path: Path, rt: Runtime) -> None:
 # often things happen, and how fast answers are decoded (decode slots, CUDA graphs and
 # compilation leave every answer as it is: tested).
 RESUMABLE_CHANGES = ("run_dir", "parallel.*", "logging.*", "train.max_steps", "train.epochs", "train.val_every",
+                     "train.micro_batch",  # accumulation: the loss is normalized over the global batch
                      "train.val_batches", "train.save_every", "train.keep_last", "train.log_every",
                      "*.max_skipped_fraction", "write_every", "ppo.iterations", "save_every", "keep_last",
                      "generation.batch_size", "generation.cuda_graphs", "generation.compile", "generation.compile_mode",
@@ -313,16 +314,24 @@ def resume_fingerprint(cfg) -> dict[str, object]:
     so a run folder moved elsewhere (scratch to project storage) resumes."""
     run_dir = getattr(cfg, "run_dir", None)
     inside = within_run(run_dir)
+    # An init checkpoint fixes the architecture: `model` is then unused (config_text says so).
+    unused = ("model.*",) if getattr(getattr(cfg, "init", None), "checkpoint", None) else ()
     kept = {key: inside(value) for key, value in flatten(asdict(cfg)).items()
-            if not any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CHANGES)}
+            if not any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CHANGES + unused)}
     return kept if run_dir is None else {**kept, "run_dir": run_dir}
 
 
 def model_fingerprint(cfg, checkpoint: Path) -> dict[str, object]:
     """`resume_fingerprint` plus the checkpoint step whose outputs (answers, log-probs) a
-    partial output holds: the config names a root, and a model trained on since is another."""
+    partial output holds: the config names a root, and a model trained on since is another.
+    A step folder replaced by another training's (same name) is told apart by a sha256 of
+    its small files (meta.json: the training config and state; DCP's .metadata), not of
+    the weight shards (*.distcp: gigabytes to read for every rerun)."""
     step = within_run(getattr(cfg, "run_dir", None))(str(checkpoint.resolve()))
-    return {**resume_fingerprint(cfg), "model_step": step}
+    digest = hashlib.sha256()
+    for path in sorted(p for p in checkpoint.iterdir() if p.is_file() and p.suffix != ".distcp"):
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode() + path.read_bytes())
+    return {**resume_fingerprint(cfg), "model_step": step, "model_meta_sha256": digest.hexdigest()}
 
 
 def within_run(run_dir: str | None) -> Callable[[object], object]:

@@ -34,9 +34,10 @@ def test_generate_resumes_with_other_decode_settings_but_not_other_sampling():
     speed = ["generation.batch_size=8", "generation.cuda_graphs=false", "generation.compile=false",
              "generation.compile_mode=coordinate-descent", "generation.decode_attention=flex", "write_every=8"]
     assert changed_keys("generate", GenerateConfig, speed) == set()
-    sampling = ["generation.temperature=0.7", "generation.top_p=0.9", "generation.n=2", "max_prompt_tokens=64"]
+    sampling = ["generation.greedy=false", "generation.temperature=0.7", "generation.top_p=0.9", "generation.n=2",
+                "max_prompt_tokens=64"]
     assert changed_keys("generate", GenerateConfig, sampling) == {
-        "generation.temperature", "generation.top_p", "generation.n", "max_prompt_tokens"}
+        "generation.greedy", "generation.temperature", "generation.top_p", "generation.n", "max_prompt_tokens"}
 
 
 def test_paths_inside_the_run_are_compared_relative_to_it(tmp_path):
@@ -56,3 +57,12 @@ def test_paths_inside_the_run_are_compared_relative_to_it(tmp_path):
     inside = within_run("/scratch/run")
     assert inside([{"path": "/scratch/run/task/p.jsonl"}, "/data/q.jsonl", 3]) == [
         {"path": "${run_dir}/task/p.jsonl"}, "/data/q.jsonl", 3]
+
+
+def test_a_training_run_resumes_with_another_micro_batch_and_ignores_an_unused_model():
+    from offline_rlhf.config.training import AlignConfig, SFTConfig
+
+    assert changed_keys("sft", SFTConfig, ["train.micro_batch=4"]) == set()  # accumulation changes no result
+    demo = ["model=demo", "data.max_seq_len=128"]
+    assert "model.dim" in changed_keys("sft", SFTConfig, demo)  # from scratch: the model it builds
+    assert changed_keys("align", AlignConfig, demo) == {"data.max_seq_len"}  # init.checkpoint fixes the architecture
