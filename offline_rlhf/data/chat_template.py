@@ -259,6 +259,12 @@ def with_default_system(source: str, system: str) -> str:
             "{%- endif %}" + source)
 
 
+def with_reward_prompt(source: str, reward_prompt: str) -> str:
+    """A chat template that renders as `source` does, with `reward_prompt` (DT's, Eq. 6)
+    right after the generation prompt, where `encode_prompt` puts it."""
+    return source + "{%- if add_generation_prompt %}{{- " + jinja_string(reward_prompt) + " }}{%- endif %}"
+
+
 def jinja_string(text: str) -> str:
     """`text` as a Jinja string literal. JSON's escapes are Jinja's, but not ASCII-only
     JSON: Jinja decodes a character past U+FFFF written as two surrogate escapes into two

@@ -21,12 +21,13 @@ from offline_rlhf.data.chat_template import (
     paper_jinja,
     paper_template,
     with_default_system,
+    with_reward_prompt,
 )
 from offline_rlhf.data.tokenize import stop_token_ids
 from offline_rlhf.data.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, Tokenizer
 from offline_rlhf.hub import resolve_dir
 from offline_rlhf.models.hf import CONFIG_FILE, config_to_hf, copy_tokenizer_files, hf_state_dict, write_hf_weights
-from offline_rlhf.stage_support import empty_model, import_hf, num_params
+from offline_rlhf.stage_support import dt_target, empty_model, import_hf, num_params
 
 __all__ = ["empty_model", "export_hf", "import_hf", "main", "special_token_ids"]
 
@@ -60,29 +61,47 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     copied = copy_tokenizer_files(tokenizer_dir, out) if tokenizer_dir.is_dir() else []
     if copied and TEMPLATE in meta.metadata:  # trained here: the export renders as training did
-        carry_template(meta.metadata[TEMPLATE], out)
+        carry_template(meta.metadata[TEMPLATE], out, dt_target(meta.metadata, step_dir, "ckpt"))
     print(f"exported {step_dir} -> {out}: {num_params(model):,} parameters, {meta.model.n_layers} layers, "
           f"{hf_config['architectures'][0]}, {dtype}, {len(files)} weight file(s), tokenizer files {copied or 'none'}")
     return out
 
 
-def carry_template(recorded: dict, out: Path) -> None:
+def carry_template(recorded: dict, out: Path, reward: float | None = None) -> None:
     """The export renders conversations as training did, so Hugging Face users prompt the
-    model as trained: a paper-format model gets a chat template of that format; a chat
-    model's own template gets the system message training put first (template.system).
-    chat_template.jinja, which transformers reads before tokenizer_config.json, is
-    rewritten too when the tokenizer came with one."""
+    model as trained (`exported_template`). chat_template.jinja, which transformers reads
+    before tokenizer_config.json, is rewritten too when the tokenizer came with one."""
     tokenizer = Tokenizer.from_dir(out)
-    if recorded.get("kind", "paper") == "paper":
-        tokenizer.config["chat_template"] = template = paper_jinja(paper_template(recorded), tokenizer.adds_bos)
-    elif recorded.get("system"):
-        template = with_default_system(JinjaChat.of(tokenizer.config).source, recorded["system"])
-        tokenizer.config["chat_template"] = replace_default_template(tokenizer.config["chat_template"], template)
-    else:
+    template = exported_template(recorded, tokenizer, reward)
+    if template is None:
         return
+    paper = recorded.get("kind", "paper") == "paper"
+    tokenizer.config["chat_template"] = template if paper else \
+        replace_default_template(tokenizer.config["chat_template"], template)
     tokenizer.save(out)
     if (out / CHAT_TEMPLATE_FILE).is_file():
         (out / CHAT_TEMPLATE_FILE).write_text(template)
+    if reward is not None:
+        print(f"the exported chat template ends each generation prompt with the reward prompt for {reward:.1f}, "
+              "which this Decision-Transformer model was trained to answer (its dt_target)")
+
+
+def exported_template(recorded: dict, tokenizer: Tokenizer, reward: float | None) -> str | None:
+    """A paper-format model gets a chat template of that format; a chat model's own template
+    gets the system message training put first (template.system); a Decision-Transformer
+    model's generation prompt ends with its reward prompt for `reward` (its dt_target),
+    which it never answered without. None: the tokenizer's own template renders as trained."""
+    if recorded.get("kind", "paper") == "paper":
+        template = paper_jinja(paper_template(recorded), tokenizer.adds_bos)
+    elif recorded.get("system"):
+        template = with_default_system(JinjaChat.of(tokenizer.config).source, recorded["system"])
+    elif reward is not None:
+        template = JinjaChat.of(tokenizer.config).source
+    else:
+        return None
+    if reward is None:
+        return template
+    return with_reward_prompt(template, build_template(recorded, tokenizer.config).reward_prompt(reward))
 
 
 def replace_default_template(configured: str | list[dict], template: str) -> str | list[dict]:

@@ -135,3 +135,37 @@ def test_a_jinja_string_literal_renders_back_to_its_text():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     assert ImmutableSandboxedEnvironment().from_string("{{ " + jinja_string(SYSTEM) + " }}").render() == SYSTEM
+
+
+DT = {"alignment": {"method": "dt", "dt_target": 1.5}}
+
+
+def test_a_decision_transformer_export_prompts_with_its_reward_prompt(tmp_path):
+    """`orlhf align method=dt` trained the model to answer after `<rm_score> 1.5`; serve and
+    eval add it, and so does the exported template's generation prompt (it was left out)."""
+    template = ChatTemplate("Q:", "A:", " ")
+    out, tokenizer = export(tmp_path, {TEMPLATE: template_record(template), **DT})
+    hf = AutoTokenizer.from_pretrained(out)
+    question = [{"role": "user", "content": "good music"}]
+    assert hf.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        encode_prompt(tokenizer, template, "good music", template.reward_prompt(1.5))
+    answered = [*question, {"role": "assistant", "content": "jazz"}]
+    assert "<rm_score>" not in hf.apply_chat_template(answered, tokenize=False)  # only where an answer starts
+
+
+def test_a_chat_decision_transformer_export_keeps_its_template_and_adds_the_reward_prompt(tmp_path):
+    from tests.unit.data.test_chat_template import CHATML, SPECIALS
+
+    folder = tmp_path / "tokenizer"
+    (tmp_path / "corpus.txt").write_text("hello there, how are you\n" * 20)
+    tokenizer = train_bpe_tokenizer([tmp_path / "corpus.txt"], 300, folder, special_tokens=SPECIALS)
+    tokenizer.config["chat_template"] = CHATML
+    tokenizer.save(folder)
+    save_checkpoint(tmp_path / "ckpt", reference_model(MODEL, "lm"), CheckpointMeta(
+        MODEL, "lm", TrainState(step=1), metadata={TEMPLATE: {"kind": "chat", "system": ""}, **DT}),
+        tokenizer_dir=folder)
+    hf = AutoTokenizer.from_pretrained(export_hf(tmp_path / "ckpt", tmp_path / "hf"))
+    chat = ChatFormat(JinjaChat.of(tokenizer.config))
+    question = [{"role": "user", "content": "good music"}]
+    assert hf.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        encode_prompt(tokenizer, chat, "good music", chat.reward_prompt(1.5))
