@@ -93,6 +93,9 @@ class AlignDataConfig(SequenceDataConfig):
     path: str = ""  # mle_filter/rwr/dt: the reward-labeled JSONL from `orlhf mix`
     reward_key: str = "reward"  # the normalized reward
     pairs: str = ""  # dpo/ipo/cdpo: the pairs with reference log-probs from `orlhf reference`
+    # A record with a blank prompt or response is skipped and counted (the log's dataset line,
+    # dataset_card.json); strict makes it an error naming file:line, as a malformed one is.
+    strict: bool = False
 
 
 @dataclass

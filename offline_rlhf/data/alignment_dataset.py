@@ -67,11 +67,13 @@ def encode_labeled(example: LabeledExample, tokenizer, template: ChatTemplate, m
 
 def build_alignment_dataset(path: str | PathLike, tokenizer, template: ChatTemplate, max_len: int,
                             val_fraction: float, seed: int, reward_prompt: bool,
-                            reward_key: str = "reward", keep_above: float | None = None) -> AlignmentDataset:
+                            reward_key: str = "reward", keep_above: float | None = None,
+                            strict: bool = False) -> AlignmentDataset:
     """With `keep_above` (Eq. 4's t), only samples with reward > t are tokenized and enter
     the splits: a filtered sample would cost a forward and backward for a zero loss, and
-    the step count would be reckoned on samples never trained on."""
-    skips = Skips()
+    the step count would be reckoned on samples never trained on. `strict`: an unusable
+    record is an error (counted and skipped otherwise)."""
+    skips = Skips(strict=strict)
     examples = read_labeled(path, reward_key, skips)
     # Split by content: copies of one answer never land on both sides.
     train_items, val_items = split_validation(examples, val_fraction, seed,

@@ -167,7 +167,8 @@ def training_data(cfg: AlignConfig, tokenizer, template: ChatTemplate | ChatForm
     dataset = build_alignment_dataset(cfg.data.path, tokenizer, template, cfg.data.max_seq_len,
                                       cfg.data.val_fraction, cfg.train.seed, reward_prompt=cfg.method == "dt",
                                       reward_key=cfg.data.reward_key,
-                                      keep_above=cfg.filter_threshold if cfg.method == "mle_filter" else None)
+                                      keep_above=cfg.filter_threshold if cfg.method == "mle_filter" else None,
+                                      strict=cfg.data.strict)
     rt.log(dataset_summary(cfg, dataset))
     if cfg.method == "rwr":
         warn_clamped(cfg, dataset, rt.log)

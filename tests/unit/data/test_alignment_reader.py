@@ -36,6 +36,8 @@ def test_blank_answers_are_skipped_and_counted(write_file, tokenizer):
     path = labeled(write_file, {"response": "a"}, {"response": "  "}, {"response": "b"})
     dataset = build(path, tokenizer)
     assert len(dataset.train) == 2 and sum(dataset.card["skipped"].values()) == 1
+    with pytest.raises(DataError, match=r"labeled.jsonl:2: "):  # data.strict=true: the blank one is an error
+        build_alignment_dataset(path, tokenizer, ChatTemplate(), 64, 0.0, 0, reward_prompt=False, strict=True)
     with pytest.raises(DataError, match="labeled.jsonl:1: expected 'finished' to be bool"):
         build(labeled(write_file, {"response": "a", "finished": "yes"}), tokenizer)
 
