@@ -66,13 +66,10 @@ def test_later_stages_render_with_the_template_the_checkpoint_records(tmp_path):
 
 
 def test_a_chat_model_whose_end_of_turn_is_not_eos_exports_both_as_eos_token_id(tmp_path):
-    from tests.unit.data.test_chat_template import CHATML, SPECIALS
+    from tests.unit.data.test_chat_template import CHATML
 
     folder = tmp_path / "tok"
-    (tmp_path / "corpus.txt").write_text("hello there, how are you\n" * 20)
-    tokenizer = train_bpe_tokenizer([tmp_path / "corpus.txt"], 300, folder, special_tokens=SPECIALS)
-    tokenizer.config["chat_template"] = CHATML
-    tokenizer.save(folder)
+    tokenizer = chat_tokenizer(tmp_path, folder, CHATML)
     im_end = tokenizer.backend.token_to_id("<|im_end|>")
     chat = special_token_ids(folder, {"kind": "chat", "system": ""})
     assert chat["eos_token_id"] == [tokenizer.eos_id, im_end] and tokenizer.eos_id != im_end
@@ -83,23 +80,31 @@ def test_a_chat_model_whose_end_of_turn_is_not_eos_exports_both_as_eos_token_id(
 SYSTEM = "Be brief. 'Quoted' \"twice\", a back\\slash,\nanother line and 😀 past U+FFFF."
 
 
-def chat_checkpoint(tmp_path, chat_template, jinja_file: bool = False):
-    """A ChatML checkpoint trained with template.system=SYSTEM; its template in
-    tokenizer_config.json or (transformers >= 4.50) in chat_template.jinja."""
+def chat_tokenizer(tmp_path, folder, chat_template):
+    """A small BPE with ChatML's special tokens and `chat_template`, saved in `folder`."""
     from tests.unit.data.test_chat_template import SPECIALS
 
-    folder = tmp_path / "tokenizer"
     (tmp_path / "corpus.txt").write_text("hello there, how are you\n" * 20)
     tokenizer = train_bpe_tokenizer([tmp_path / "corpus.txt"], 300, folder, special_tokens=SPECIALS)
     tokenizer.config["chat_template"] = chat_template
     tokenizer.save(folder)
+    return tokenizer
+
+
+def chat_checkpoint(tmp_path, chat_template, jinja_file: bool = False, metadata=None):
+    """A checkpoint of a chat model (by default trained with template.system=SYSTEM), its
+    template in tokenizer_config.json or (transformers >= 4.50) in chat_template.jinja;
+    exported. Returns the export's folder and the checkpoint's tokenizer."""
+    folder = tmp_path / "tokenizer"
+    chat_tokenizer(tmp_path, folder, chat_template)
     if jinja_file:
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "chat_template.jinja").write_text(config.pop("chat_template"))
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
     root = tmp_path / "ckpt"
-    save_checkpoint(root, reference_model(MODEL, "lm"), CheckpointMeta(
-        MODEL, "lm", TrainState(step=1), metadata={TEMPLATE: {"kind": "chat", "system": SYSTEM}}), tokenizer_dir=folder)
+    metadata = metadata or {TEMPLATE: {"kind": "chat", "system": SYSTEM}}
+    save_checkpoint(root, reference_model(MODEL, "lm"), CheckpointMeta(MODEL, "lm", TrainState(step=1),
+                                                                      metadata=metadata), tokenizer_dir=folder)
     return export_hf(root, tmp_path / "hf"), Tokenizer.from_dir(folder)
 
 
@@ -154,17 +159,10 @@ def test_a_decision_transformer_export_prompts_with_its_reward_prompt(tmp_path):
 
 
 def test_a_chat_decision_transformer_export_keeps_its_template_and_adds_the_reward_prompt(tmp_path):
-    from tests.unit.data.test_chat_template import CHATML, SPECIALS
+    from tests.unit.data.test_chat_template import CHATML
 
-    folder = tmp_path / "tokenizer"
-    (tmp_path / "corpus.txt").write_text("hello there, how are you\n" * 20)
-    tokenizer = train_bpe_tokenizer([tmp_path / "corpus.txt"], 300, folder, special_tokens=SPECIALS)
-    tokenizer.config["chat_template"] = CHATML
-    tokenizer.save(folder)
-    save_checkpoint(tmp_path / "ckpt", reference_model(MODEL, "lm"), CheckpointMeta(
-        MODEL, "lm", TrainState(step=1), metadata={TEMPLATE: {"kind": "chat", "system": ""}, **DT}),
-        tokenizer_dir=folder)
-    hf = AutoTokenizer.from_pretrained(export_hf(tmp_path / "ckpt", tmp_path / "hf"))
+    out, tokenizer = chat_checkpoint(tmp_path, CHATML, metadata={TEMPLATE: {"kind": "chat", "system": ""}, **DT})
+    hf = AutoTokenizer.from_pretrained(out)
     chat = ChatFormat(JinjaChat.of(tokenizer.config))
     question = [{"role": "user", "content": "good music"}]
     assert hf.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"] == \
