@@ -8,10 +8,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
+import struct
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, replace
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -319,6 +321,35 @@ def resume_fingerprint(cfg) -> dict[str, object]:
     kept = {key: inside(value) for key, value in flatten(asdict(cfg)).items()
             if not any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CHANGES + unused)}
     return kept if run_dir is None else {**kept, "run_dir": run_dir}
+
+
+TRAINING_DATA = "training data"  # the key of a training run's fingerprint naming what it trains on
+
+
+def training_fingerprint(cfg, train: Sequence) -> dict[str, object]:
+    """`resume_fingerprint` plus a digest of the training items (their token ids and numbers):
+    a checkpoint's data position indexes them, so a resume over input files rewritten since
+    (a mix regenerated under the same path) would go on in other data."""
+    return {**resume_fingerprint(cfg), TRAINING_DATA: items_digest(train)}
+
+
+def items_digest(items: Sequence) -> str:
+    """sha256 of the token-id tuples and numbers in dataclass items (PackedSequence, pairs,
+    rewarded sequences); their texts are in the token ids."""
+    digest = hashlib.sha256()
+
+    def absorb(value) -> None:
+        if is_dataclass(value):
+            for item in fields(value):
+                absorb(getattr(value, item.name))
+        elif isinstance(value, tuple) and value and isinstance(value[0], int):
+            digest.update(array("q", value).tobytes())
+        elif isinstance(value, (int, float)):
+            digest.update(struct.pack("<d", value))
+
+    for item in items:
+        absorb(item)
+    return digest.hexdigest()
 
 
 def model_fingerprint(cfg, checkpoint: Path) -> dict[str, object]:

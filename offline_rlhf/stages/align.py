@@ -46,7 +46,7 @@ from offline_rlhf.stage_support import (
     local_init,
     mark_done,
     model_config,
-    resume_fingerprint,
+    training_fingerprint,
 )
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
@@ -146,7 +146,8 @@ def main(cfg: AlignConfig) -> int:
                        TrainData(dataset.train, dataset.val, collate, seq_len=cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
-                                      final_metadata=lambda _: metadata, fingerprint=resume_fingerprint(cfg),
+                                      final_metadata=lambda _: metadata,
+                                      fingerprint=training_fingerprint(cfg, dataset.train),
                                       metadata={TEMPLATE: template_record(template)}))
         rt.log(f"{cfg.stage_name} done: {result.steps} steps, final checkpoint {result.checkpoint}; "
                f"{dataset.card['tokens']['truncated']} of {dataset.card['tokens']['samples']} sequences "

@@ -30,7 +30,7 @@ from offline_rlhf.stage_support import (
     local_init,
     mark_done,
     model_config,
-    resume_fingerprint,
+    training_fingerprint,
 )
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, TrainingFailed, train, validate
@@ -111,7 +111,7 @@ def train_reward_model(cfg: RMConfig) -> int:
                        TrainData(dataset.train, dataset.val, collate, cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "value", setup.tokenizer_path, final_metadata,
-                                      resume_fingerprint(cfg)))
+                                      training_fingerprint(cfg, dataset.train)))
         accuracy = result.last_val.get("accuracy")
         validation = (f"validation accuracy {accuracy:.4f} on {len(dataset.val)} pairs" if accuracy is not None
                       else "no validation pairs" if not len(dataset.val) else "no validation (no step ran)")

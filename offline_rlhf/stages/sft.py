@@ -13,7 +13,7 @@ from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.masks import document_mask
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import stage_runtime
-from offline_rlhf.stage_support import local_init, mark_done, model_config, resume_fingerprint
+from offline_rlhf.stage_support import local_init, mark_done, model_config, training_fingerprint
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 
@@ -47,7 +47,7 @@ def main(cfg: SFTConfig) -> int:
                                                                          cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
-                                      fingerprint=resume_fingerprint(cfg),
+                                      fingerprint=training_fingerprint(cfg, dataset.train),
                                       metadata={TEMPLATE: template_record(template)}))
         totals = dataset.card["totals"]
         rt.log(f"sft done: {result.steps} steps, final checkpoint {result.checkpoint}; "
