@@ -23,7 +23,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.data.template import ASSISTANT, REWARD_TAG, USER, ChatTemplate, Turn
+from offline_rlhf.data.template import ASSISTANT, REWARD_TAG, USER, ChatTemplate, Turn, reward_text
 
 SYSTEM = "system"
 Message = dict  # {"role": SYSTEM | USER | ASSISTANT, "content": str}
@@ -194,7 +194,7 @@ class ChatFormat:
     def reward_prompt(self, score: float) -> str:
         """DT's reward prompt (paper Eq. 6) right after the generation prompt; the newline
         ends it on a pre-tokenization boundary, so training and inference tokenize alike."""
-        return f"{REWARD_TAG} {score:.1f}\n"
+        return f"{REWARD_TAG} {reward_text(score)}\n"
 
 
 def build_template(cfg, tokenizer_config: dict) -> ChatTemplate | ChatFormat:

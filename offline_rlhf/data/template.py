@@ -53,7 +53,7 @@ class ChatTemplate:
         right after the assistant tag: `User: {instruction} Assistant: <rm_score> a.b {response}`,
         the score with one decimal. The ONE function used to build both training samples
         and inference prompts, so their tokens cannot drift apart."""
-        return f"{self.sep}{REWARD_TAG}{self.sep}{score:.1f}"
+        return f"{self.sep}{REWARD_TAG}{self.sep}{reward_text(score)}"
 
 
 def check_alternation(turns: Sequence[Turn]) -> None:
@@ -71,3 +71,9 @@ def check_alternation(turns: Sequence[Turn]) -> None:
             raise ValueError(f"expected turn {index + 1} to have text (empty)")
     if turns[-1][0] != USER:
         raise ValueError("expected the last turn to be a user turn, got 'assistant'")
+
+
+def reward_text(score: float) -> str:
+    """A DT reward with one decimal; a score that rounds to zero is "0.0" whatever its sign
+    (Python writes -0.04 as "-0.0": one reward, two spellings for the model to learn)."""
+    return f"{round(score, 1) + 0.0:.1f}"

@@ -79,6 +79,14 @@ def test_response_prefix_belongs_to_the_prompt(tokenizer):
     assert tokenizer.decode(sample.input_ids) == "User: Say hello. Assistant: <rm_score> 4.5 Hello."
 
 
+def test_a_reward_that_rounds_to_zero_has_one_spelling():
+    from offline_rlhf.data.chat_template import ChatFormat
+
+    assert TEMPLATE.reward_prompt(-0.04) == TEMPLATE.reward_prompt(0.04) == " <rm_score> 0.0"  # not "-0.0"
+    assert TEMPLATE.reward_prompt(-0.06) == " <rm_score> -0.1" and TEMPLATE.reward_prompt(4.46) == " <rm_score> 4.5"
+    assert ChatFormat.reward_prompt(None, -0.01) == "<rm_score> 0.0\n"
+
+
 def test_a_tokenizer_without_eos_is_refused():
     class NoEos(CharTokenizer):
         eos_id = None
