@@ -57,6 +57,9 @@ def stage_runtime(stage: str, run_dir: str, parallel: ParallelConfig, model: Mod
     device = init_distributed(env)
     try:
         dims = ParallelDims.build(parallel, env.world_size, model)
+        train = getattr(config, "train", None)
+        if hasattr(train, "global_batch"):  # a training stage: say it before data and weights load
+            dims.per_rank_batch(train.global_batch, train.micro_batch)
         stage_dir = Path(run_dir) / stage
         with _claimed(stage, stage_dir, env, device, config, model):
             runtime = Runtime(env=env, device=device, dims=dims, mesh=build_mesh(dims, device), stage_dir=stage_dir,

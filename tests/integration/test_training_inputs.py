@@ -1,6 +1,7 @@
-"""A training run resumes only over the data it was training on: its checkpoint's data
-position indexes the training items, so input files rewritten since (a mix regenerated
-under the same path) are refused, by a digest of the items' tokens."""
+"""What a training stage checks of its inputs: a run resumes only over the data it was
+training on (its checkpoint's data position indexes the training items, so input files
+rewritten since, a mix regenerated under the same path, are refused by a digest of the
+items' tokens), and a global batch that cannot split is said before any data is read."""
 
 import json
 
@@ -35,3 +36,13 @@ def test_a_resume_over_rewritten_training_data_is_refused(tmp_path, public_token
     data.write_text(original)
     assert sft(run_dir, data, public_tokenizer, 4) == 0
     assert latest_checkpoint(run_dir / "sft" / "checkpoints").name == "step_00000004"
+
+
+def test_a_global_batch_that_does_not_split_is_said_before_any_data_is_read(tmp_path, public_tokenizer, capsys):
+    data = tmp_path / "broken.jsonl"
+    data.write_text("{not json\n")  # reading it would fail first
+    assert main(["sft", f"run_dir={tmp_path / 'run'}", f"init.tokenizer={public_tokenizer}",
+                 f"data.sources=[{{name: mine, format: jsonl, path: '{data}'}}]", "train.global_batch=6",
+                 "train.micro_batch=4"]) == 2
+    assert capsys.readouterr().err.startswith("orlhf sft: error: train.global_batch: 6 is not divisible by "
+                                              "train.micro_batch=4 x data-parallel size 1")
