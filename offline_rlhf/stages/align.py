@@ -173,6 +173,8 @@ def training_data(cfg: AlignConfig, tokenizer, template: ChatTemplate | ChatForm
     rt.log(dataset_summary(cfg, dataset))
     if cfg.method == "rwr":
         warn_clamped(cfg, dataset, rt.log)
+    if cfg.method == "dt":
+        warn_unseen_target(cfg, dataset.card["train_rewards"], rt.log)
     return dataset, partial(collate_rewarded, pad_id=tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
 
 
@@ -187,6 +189,15 @@ def dataset_summary(cfg: AlignConfig, dataset) -> str:
     if dataset.card["skipped"]:
         line += f"; {describe(dataset.card['skipped'])} records of {cfg.data.path}"
     return line
+
+
+def warn_unseen_target(cfg: AlignConfig, rewards: dict, log) -> None:
+    """DT is asked at inference for `dt_target` (Eq. 6's R*): a reward prompt outside every
+    training reward is one the model never saw; it may or may not extrapolate."""
+    if not rewards["min"] <= cfg.dt_target <= rewards["max"]:
+        log(f"note: dt_target={cfg.dt_target:g} (the reward prompt eval and serve use) lies outside the training "
+            f"rewards [{rewards['min']:.2f}, {rewards['max']:.2f}]; the model never saw it in training; a target "
+            "near the best rewards (e.g. their 90th percentile) is the conservative choice")
 
 
 def warn_clamped(cfg: AlignConfig, dataset, log) -> None:

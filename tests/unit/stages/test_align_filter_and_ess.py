@@ -75,3 +75,15 @@ def test_a_filter_that_keeps_nothing_is_one_line(labeled, rm_tokenizer_dir):
         build(labeled, rm_tokenizer_dir, 3.0)
     assert str(err.value).startswith(f"{labeled}: expected a training sample with 'reward' > 3.0 "
                                      "(filter_threshold; the highest of 8 is ")
+
+
+def test_a_dt_target_no_training_reward_reaches_is_noted():
+    from offline_rlhf.stages.align import warn_unseen_target
+
+    rewards = {"min": -1.6, "max": 2.0}
+    lines = []
+    for target in (5.0, 1.5, -1.6, -3.0):
+        warn_unseen_target(AlignConfig(method="dt", dt_target=target, data=AlignDataConfig(path="x")), rewards,
+                           lines.append)
+    assert [line.split(" (")[0] for line in lines] == ["note: dt_target=5", "note: dt_target=-3"]
+    assert "outside the training rewards [-1.60, 2.00]" in lines[0]
