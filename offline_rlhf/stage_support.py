@@ -334,15 +334,15 @@ def training_fingerprint(cfg, train: Sequence) -> dict[str, object]:
 
 
 def items_digest(items: Sequence) -> str:
-    """sha256 of the token-id tuples and numbers in dataclass items (PackedSequence, pairs,
-    rewarded sequences); their texts are in the token ids."""
+    """sha256 of the token ids and numbers in `items`: token-id sequences, or dataclasses
+    holding them (PackedSequence, pairs, rewarded sequences); their texts are in the ids."""
     digest = hashlib.sha256()
 
     def absorb(value) -> None:
         if is_dataclass(value):
             for item in fields(value):
                 absorb(getattr(value, item.name))
-        elif isinstance(value, tuple) and value and isinstance(value[0], int):
+        elif isinstance(value, (tuple, list)) and value and isinstance(value[0], int):
             digest.update(array("q", value).tobytes())
         elif isinstance(value, (int, float)):
             digest.update(struct.pack("<d", value))

@@ -61,6 +61,7 @@ from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
     check_resumable,
     init_template,
+    items_digest,
     load_tokenizer,
     local_checkpoint,
     local_init,
@@ -93,6 +94,7 @@ from ppo_baseline.wire import Payload
 STAGE = "ppo_actor"
 OUT = "ppo"
 POLICY_KEY = "init.checkpoint"
+PROMPTS = "prompts"  # the resume fingerprint's key for a digest of the prompts' token ids
 # What each service answers, by the key ask_services returns it under: (service, what).
 ANSWERS = {"scores": ("reward", "rewards"), "raw": ("reward", "raw rewards"),
            "ref_logp": ("reference", "log-probs"), "values": ("critic", "values")}
@@ -229,7 +231,10 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
     steps_per_iteration = cfg.ppo.epochs * cfg.ppo.rollout_batch // cfg.ppo.minibatch
     optimizer = build_optimizer(model.parameters(), cfg.optim, rt.device)
     scheduler = build_scheduler(optimizer, cfg.ppo.iterations * steps_per_iteration, cfg.optim)
-    fingerprint = resume_fingerprint(cfg)
+    # The prompts too: a checkpoint's stream position indexes them (resume_point saw the config only).
+    fingerprint = {**resume_fingerprint(cfg), PROMPTS: items_digest(prompts)}
+    if (latest := latest_checkpoint(setup.checkpoints)) is not None:
+        check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), fingerprint, rt.stage_dir)
     start, skipped = _resume(setup.checkpoints, model, optimizer, scheduler, rt)
     stream = SampleStream(len(prompts), cfg.seed)
     log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)

@@ -3,7 +3,8 @@ the reward model's recorded training length, a reward model with NaN statistics 
 critic skipping its steps fails the run without DONE (the critic's count resumes with the
 actor's checkpoint), and a rerun decides before starting any service (nothing to do, a
 checkpoint past ppo.iterations, a start-over clearing the critic's old checkpoints, a
-resume lacking the critic's checkpoint, a changed config naming the stage folder)."""
+resume lacking the critic's checkpoint, a changed config or rewritten prompts naming the
+stage folder)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,16 @@ def test_prompts_fit_the_reward_models_length_and_reruns_decide_before_starting_
     changed = run(run_dir, reward, "ppo.iterations=3", "ppo.kl_coef=0.5")
     assert changed.returncode == 2 and services_started(run_dir) == 1
     assert changed.stderr.strip().endswith(f"restore it, or delete {out} to start this stage over")
+
+    prompts = run_dir / "prompts.jsonl"  # rewritten under the same path: the stream position indexes others
+    original = prompts.read_text()
+    prompts.write_text("".join(json.dumps({"prompt": f"{i} {LONG} other"}) + "\n" for i in range(8)))  # its end: kept
+    rewritten = run(run_dir, reward, "ppo.iterations=3")
+    assert rewritten.returncode == 2 and services_started(run_dir) == 1
+    assert rewritten.stderr.strip().splitlines()[-1] == (
+        f"orlhf ppo: error: prompts: differs from the run that wrote {out} (1 changed: prompts); restore it, or "
+        f"delete {out} to start this stage over")
+    prompts.write_text(original)
 
     shutil.rmtree(out / "critic" / "checkpoints" / "step_00000002")  # a resume needs the critic's of its iteration
     lost = run(run_dir, reward, "ppo.iterations=3")
