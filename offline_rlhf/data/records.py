@@ -64,7 +64,7 @@ def iter_json_objects(path: str | PathLike) -> Iterator[tuple[Location, dict[str
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise where.error(f"expected a JSON object (invalid JSON: {exc.msg} at column {exc.colno})") from None
+            raise where.error(f"expected a JSON object (invalid JSON: {exc.msg}, column {exc.colno})") from None
         if not isinstance(record, dict):
             raise where.error(f"expected a JSON object (got {type(record).__name__})")
         if "\\u" in text:  # only a \uXXXX escape can make a lone surrogate; raw UTF-8 cannot

@@ -81,7 +81,8 @@ def test_a_byte_order_mark_and_crlf_line_ends_read_as_plain_utf8(write_file):
 def test_a_byte_order_mark_later_in_a_file_is_still_an_error(write_file):
     path = write_file("p.jsonl", json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}),
                       b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "chosen": "c", "rejected": "d"}).encode())
-    with pytest.raises(DataError, match=rf"^{path}:2: expected a JSON object \(invalid JSON"):
+    with pytest.raises(DataError, match=rf"^{path}:2: expected a JSON object \(invalid JSON: Unexpected UTF-8 BOM "
+                                        r"\(decode using utf-8-sig\), column 1\)$"):  # not "...: ... at at column 1"
         read_preference_jsonl(path)
 
 
