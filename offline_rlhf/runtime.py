@@ -82,7 +82,7 @@ def _claimed(stage: str, stage_dir: Path, env: DistEnv, device: torch.device, co
         except ConfigError as err:
             problem = err
     try:
-        _raise_everywhere(problem, env, device)
+        raise_everywhere(problem, env, device)
         if lock is not None:
             earlier = open_stage(stage_dir, note, config_text(config, model))
         yield
@@ -95,13 +95,16 @@ def _claimed(stage: str, stage_dir: Path, env: DistEnv, device: torch.device, co
             release_stage_lock(lock)
 
 
-def _raise_everywhere(problem: ConfigError | None, env: DistEnv, device: torch.device) -> None:
+def raise_everywhere(problem: Exception | None, env: DistEnv, device: torch.device,
+                     what: str = "prepare the stage folder or take its lock") -> None:
+    """A collective in place of a barrier after work rank 0 does alone: its `problem`
+    fails every rank (the others would wait at the barrier for ever); theirs say that rank
+    0 could not do `what`."""
     if env.world_size > 1:
         failed = torch.tensor([problem is not None], dtype=torch.int32, device=device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item() and problem is None:
-            problem = ConfigError("run_dir", "rank 0 could not prepare the stage folder or take its lock "
-                                  "(its message says why)")
+            problem = ConfigError("run_dir", f"rank 0 could not {what} (its message says why)")
     if problem is not None:
         raise problem
 

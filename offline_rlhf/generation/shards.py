@@ -10,9 +10,10 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.fsutil import write_atomic
-from offline_rlhf.runtime import Runtime
+from offline_rlhf.runtime import Runtime, raise_everywhere
 from offline_rlhf.stage_support import check_resumable
 
 FINGERPRINT = "shards_config.json"
@@ -24,12 +25,16 @@ def resume_shards(rt: Runtime, fingerprint: dict, n: int, schema: int | None = N
     their records: rank 0 claims the shards for `fingerprint` and cuts what a crash tore,
     then every rank reads (and with `schema`, refuses records another version of the stage
     wrote: `read_shard_records`)."""
+    problem = None
     if rt.is_main:
-        claim_shards(rt.stage_dir, fingerprint)
-        for path in shard_paths(rt.stage_dir):
-            if repair_shard(path, n):
-                rt.log(f"cut a torn last line (and an incomplete item's records) from {path}")
-    rt.barrier()
+        try:
+            claim_shards(rt.stage_dir, fingerprint)
+            for path in shard_paths(rt.stage_dir):
+                if repair_shard(path, n):
+                    rt.log(f"cut a torn last line (and an incomplete item's records) from {path}")
+        except (ConfigError, DataError) as err:  # a changed config, a damaged shard
+            problem = err
+    raise_everywhere(problem, rt.env, rt.device, "resume the shards")
     records = read_shard_records(rt.stage_dir, schema)
     return answered_prompts(records, n), records
 
@@ -75,7 +80,7 @@ def repair_shard(path: Path, n: int) -> int:
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
     lines = data[:keep].splitlines(keepends=True)
-    ids = [json.loads(line)["id"] for line in lines]
+    ids = [shard_record(path, number, line)["id"] for number, line in enumerate(lines, start=1)]
     last_run = next((k for k, prompt_id in enumerate(reversed(ids)) if prompt_id != ids[-1]), len(ids))
     if 0 < last_run < n:
         keep -= sum(map(len, lines[-last_run:]))
@@ -93,12 +98,31 @@ def read_shard_records(stage_dir: Path, schema: int | None = None) -> list[dict]
     for path in shard_paths(stage_dir):
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if line:
-                records.append(json.loads(line))
+                records.append(shard_record(path, number, line))
                 if schema is not None and records[-1].get("schema") != schema:
                     raise DataError(path, number, f"expected records of schema {schema}, this version's (got "
                                     f"{records[-1].get('schema')}: another version wrote them, and cannot be resumed); "
                                     f"{RESTART.format(stage_dir=stage_dir)}")
     return records
+
+
+def shard_record(path: Path, number: int, line: str | bytes) -> dict:
+    """Line `number` of shard `path` as its record. A crash tears only the last line
+    (`repair_shard` cuts it); anything else that is no record was damaged otherwise, and
+    which answers it held is unknown."""
+    try:
+        text = (line.decode() if isinstance(line, bytes) else line).rstrip("\r\n")
+        record = json.loads(text)
+        usable = isinstance(record, dict) and isinstance(record.get("id"), int)
+        problem = None if usable else f"got {text[:80]}"
+    except UnicodeDecodeError:
+        problem = "not UTF-8"
+    except json.JSONDecodeError as exc:
+        problem = f"invalid JSON: {exc.msg}, column {exc.colno}"
+    if problem:
+        raise DataError(path, number, f"expected a shard record with an integer 'id' ({problem}; the shard was "
+                        f"damaged other than by a crash mid-write); {RESTART.format(stage_dir=path.parent)}")
+    return record
 
 
 def append_durably(path: Path, records: list[dict]) -> None:
@@ -123,7 +147,12 @@ def merge_shards(stage_dir: Path, n_prompts: int, n: int = 1) -> list[dict]:
             raise RuntimeError(f"prompt {key[0]} (sample {key[1]}) was answered twice in {stage_dir} (two runs "
                                f"wrote its shards at once?); {RESTART.format(stage_dir=stage_dir)}")
         by_key[key] = record
-    missing = sorted({(i, j) for i in range(n_prompts) for j in range(n)} - set(by_key))
+    expected = {(i, j) for i in range(n_prompts) for j in range(n)}
+    if unexpected := sorted(set(by_key) - expected):
+        raise RuntimeError(f"{len(unexpected)} answers in {stage_dir} are to no prompt of this run (first (prompt, "
+                           f"sample) {unexpected[:5]}, of {n_prompts} prompts with {n} answers each: the inputs "
+                           f"changed since they were written); {RESTART.format(stage_dir=stage_dir)}")
+    missing = sorted(expected - set(by_key))
     if missing:
         raise RuntimeError(f"{len(missing)} answers are missing in {stage_dir} (first (prompt, sample) {missing[:5]}); "
                            f"rerun the stage to do them, or {RESTART.format(stage_dir=stage_dir)}")
