@@ -56,12 +56,17 @@ class GenerateConfig(Frozen):
     template: TemplateConfig = field(default_factory=TemplateConfig)
     max_prompt_tokens: int = 1024  # longer prompts lose their oldest exchanges, then their start (counted)
     write_every: int = 64  # prompts per durable write (what a crash can lose)
+    strict: bool = False  # unusable prompt records (a blank prompt) are errors, not skipped and counted
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
         if not self.sources:
             raise ConfigError("sources", "is empty", "list at least one prompt source")
         require(self.init, "checkpoint", prefix="init.", fix="pass the SFT checkpoint to generate with")
+        if self.total_prompts is not None and self.total_prompts < 1:
+            raise ConfigError("total_prompts", f"must be >= 1 or null, got {self.total_prompts}",
+                              "set total_prompts=null for every prompt of every source once")
+        require_positive(self, "max_prompt_tokens", "write_every")
 
 
 NORMALIZATIONS = ("labeled_set", "rm_stats")
@@ -75,7 +80,8 @@ class LabelInputConfig(InputDataset):
     the chosen and the rejected response of every pair)."""
 
     kind: str = "generated"
-    max_samples: Optional[int] = None  # a seeded subset; None: all
+    # a seeded subset of records (sft), pairs (preference) or prompts with all their answers (generated); None: all
+    max_samples: Optional[int] = None
     # Generated inputs with several answers per prompt (`generation.n`): keep all, or per
     # prompt the best, the worst, or both by reward (rejection sampling, pair building).
     select: str = "all"
@@ -86,6 +92,9 @@ class LabelInputConfig(InputDataset):
         if self.kind == "generated" and self.format != "jsonl":
             raise ConfigError(f"inputs[{self.name or self.path}].format", "generated samples are JSONL files",
                               "drop format or set format=jsonl")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"inputs[{self.name or self.path}].max_samples",
+                              f"must be >= 1 or null, got {self.max_samples}", "drop it to label every sample")
         key = f"inputs[{self.name or self.path}].select"
         if self.select not in SELECTIONS:
             raise ConfigError(key, f"unknown choice {self.select!r}", f"use one of {', '.join(SELECTIONS)}")
@@ -120,6 +129,10 @@ class LabelConfig(Frozen):
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError("normalization", f"unknown choice {self.normalization!r}",
                               f"use one of {', '.join(NORMALIZATIONS)}")
+        names = [i.name or i.path for i in self.inputs]  # each record's `source`, and the key of its counts
+        if twice := next((name for name in names if names.count(name) > 1), None):
+            raise ConfigError(f"inputs[{twice}].name", "names two inputs",
+                              "give each input its own name (its records' `source` in labeled.jsonl)")
 
 
 @dataclass
@@ -144,8 +157,13 @@ class MixConfig(Frozen):
 
     def __post_init__(self):
         require(self, "input", fix="pass the labeled samples written by `orlhf label`")
-        if min(self.weights.generated, self.weights.sft, self.weights.preference) < 0:
-            raise ConfigError("weights", "must be >= 0")
+        weights = {group: getattr(self.weights, group) for group in ("generated", "sft", "preference")}
+        for group, weight in weights.items():
+            if weight < 0:
+                raise ConfigError(f"weights.{group}", f"must be >= 0, got {weight}")
+        if not any(weights.values()):
+            raise ConfigError("weights", "are all 0", "give weights.generated, weights.sft or weights.preference "
+                                                      "a positive share")
         if self.total is not None and self.total < 1:
             raise ConfigError("total", f"must be >= 1 or null, got {self.total}")
 

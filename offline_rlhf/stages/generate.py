@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
-from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.samples import GenerateConfig
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.data.prompts import Prompt, read_prompt_mix
 from offline_rlhf.data.records import turns_field
+from offline_rlhf.data.skips import describe
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
-from offline_rlhf.generation.shards import append_durably, merge_shards, my_share, resume_shards
+from offline_rlhf.generation.shards import RESTART, append_durably, merge_shards, my_share, resume_shards
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
@@ -113,28 +115,71 @@ def main(cfg: GenerateConfig) -> int:
         tokenizer, _ = load_tokenizer(init, model_cfg)
         checkpoint = resolve_checkpoint(init.checkpoint, "init.checkpoint")
         template = checkpoint_template(checkpoint, read_meta(checkpoint).metadata, cfg.template)
-        prompts, mix_stats = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed)
-        done, _ = resume_shards(rt, model_fingerprint(cfg, checkpoint), cfg.generation.n, SCHEMA_VERSION)
+        prompts, mix_stats = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed, cfg.strict)
+        done, answered = resume_shards(rt, model_fingerprint(cfg, checkpoint), cfg.generation.n, SCHEMA_VERSION)
+        check_answered_prompts(answered, prompts, rt.stage_dir)
         todo = [p for p in prompts if p.id not in done]
         mine, shard = my_share(rt, todo)
-        rt.log(f"generate: {len(prompts)} prompts, {len(done)} already answered, {len(todo)} to go on "
-               f"{rt.dims.dp} replica(s) of TP={rt.dims.tp}")
+        repeats = sum(stats["repeated"] for stats in mix_stats.values())
+        repeated = f"{repeats} of them repeats to reach total_prompts; " if repeats else ""
+        rt.log(f"generate: {len(prompts)} prompts ({repeated}unusable records: {describe(skip_counts(mix_stats))}), "
+               f"{len(done)} already answered, "
+               f"{len(todo)} to go on {rt.dims.dp} replica(s) of TP={rt.dims.tp}")
         model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint", decoding=True)
+        started = time.perf_counter()
         usage.tokens = _generate_all(model, mine, cfg, tokenizer, template, rt, str(checkpoint), shard, usage)
         rt.barrier()
         if rt.is_main:
-            records = merge_shards(rt.stage_dir, len(prompts), cfg.generation.n)
-            write_jsonl(rt.stage_dir / SAMPLES, records)
-            card = {"prompts": len(prompts), "sources": mix_stats, "model": str(checkpoint),
-                    "finished": sum(r["finished"] for r in records),
-                    "prompt_truncated": sum(r["prompt_truncated"] for r in records),
-                    "gen_config": asdict(cfg.generation)}
-            write_atomic(rt.stage_dir / "generation_card.json", json.dumps(card, indent=2))
-            mark_done(rt, rt.stage_dir / SAMPLES)
-            rt.log(f"generate done: {len(records)} answers to {len(prompts)} prompts in {rt.stage_dir / SAMPLES}; "
-                   f"{len(records) - card['finished']} hit max_new_tokens without EOS, "
-                   f"{card['prompt_truncated']} prompts were cut to {prompt_budget(cfg, model_cfg)} tokens")
+            write_outputs(rt, cfg, (prompts, mix_stats, done), str(checkpoint), prompt_budget(cfg, model_cfg), usage,
+                          time.perf_counter() - started)
     return 0
+
+
+def write_outputs(rt: Runtime, cfg: GenerateConfig, inputs: tuple, checkpoint: str, budget: int, usage,
+                  seconds: float) -> None:
+    """Rank 0, after every replica: the merged answers, the card, DONE, the summary line.
+    `inputs`: the prompts, their sources' stats and the ids answered before this run."""
+    prompts, mix_stats, done = inputs
+    records = merge_shards(rt.stage_dir, len(prompts), cfg.generation.n)
+    write_jsonl(rt.stage_dir / SAMPLES, records)
+    usage.tokens = sum(r["response_tokens"] for r in records if r["id"] not in done)  # every replica's
+    card = {"prompts": len(prompts), "sources": mix_stats, "skipped": skip_counts(mix_stats),
+            "model": checkpoint, "finished": sum(r["finished"] for r in records),
+            # a prompt's n answers share its (cut) prompt: count it once
+            "prompt_truncated": sum(r["prompt_truncated"] for r in records if r["sample"] == 0),
+            "gen_config": asdict(cfg.generation)}
+    write_atomic(rt.stage_dir / "generation_card.json", json.dumps(card, indent=2))
+    mark_done(rt, rt.stage_dir / SAMPLES)
+    rt.log(f"generate done: {len(records)} answers to {len(prompts)} prompts in {rt.stage_dir / SAMPLES}; "
+           f"{usage.tokens} new tokens in {seconds:.1f} s ({usage.tokens / max(seconds, 1e-9):.0f} tokens/s over "
+           f"{rt.dims.dp} replica(s)); {len(records) - card['finished']} hit max_new_tokens without EOS, "
+           f"{card['prompt_truncated']} of {len(prompts)} prompts were cut to {budget} tokens; unusable prompt "
+           f"records: {describe(card['skipped'])}")
+
+
+def skip_counts(mix_stats: dict) -> dict[str, int]:
+    """The sources' unusable records (`read_prompt_mix` stats) by reason, all sources together."""
+    return dict(sum((Counter(stats["skipped"]) for stats in mix_stats.values()), Counter()))
+
+
+def check_answered_prompts(records: list[dict], prompts: list[Prompt], stage_dir: Path) -> None:
+    """Shard records are resumed by prompt id, a position in the mix: each must answer the
+    prompt that has its id now (text and turns), or the prompt sources changed since it was
+    written (the config names files, not their content) and the answers would go to other
+    prompts. Checked before anything is generated."""
+    def asked(record: dict) -> tuple[str, list | None]:
+        return record["prompt"], record.get("turns")
+
+    changed = sorted({r["id"] for r in records if not 0 <= r["id"] < len(prompts)
+                      or asked(r) != (prompts[r["id"]].text, turns_field(prompts[r["id"]].turns).get("turns"))})
+    if changed:
+        first = next(r for r in records if r["id"] == changed[0])
+        now = (f"now {prompts[first['id']].text[:60]!r}" if 0 <= first["id"] < len(prompts)
+               else f"and there are {len(prompts)} prompts now")
+        raise ResumeRefused("sources", f"the prompt inputs changed since the shards in {stage_dir} were written: "
+                            f"{len(changed)} answered prompt ids now ask another prompt or none (first: prompt "
+                            f"{first['id']} was {first['prompt'][:60]!r}, {now})",
+                            f"restore them, or {RESTART.format(stage_dir=stage_dir)}")
 
 
 def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template: ChatTemplate, rt: Runtime,

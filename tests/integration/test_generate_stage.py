@@ -3,6 +3,7 @@ losing or repeating a prompt."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,7 +87,7 @@ def test_two_replicas_produce_exactly_the_single_process_samples(sft_run, tmp_pa
     assert len(per_shard) == 2 and not (per_shard[0] & per_shard[1])
     assert per_shard[0] | per_shard[1] == set(range(PROMPTS))
     [row] = [r for r in read_ledger(tmp_path / "two") if r.stage == "generate"]
-    assert row.processes == 2 and row.tokens > 0
+    assert row.processes == 2 and row.tokens == sum(r["response_tokens"] for r in two) > 0  # both replicas' tokens
 
 
 def test_killed_generation_resumes_every_prompt_exactly_once(sft_run, tmp_path):
@@ -189,3 +190,67 @@ def test_multi_turn_prompts_reach_the_engine_as_chat_sft_rendered_them(tmp_path,
         cut += len(turns) > 1 and fitting is not None and fitting != whole
     # Multi-turn prompts checked whole, and some cut by whole exchanges; one-turn ones too.
     assert multi >= 10 and cut >= 1 and any("turns" not in r for r in records)
+
+
+def write_jsonl(path, *records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_a_resume_after_the_prompt_file_changed_is_refused_before_generating(sft_run, tmp_path, capsys):
+    """Prompt ids are positions in the mix of the sources' content: shards written for
+    another content would answer prompts no longer asked and leave others unanswered."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", *({"prompt": f"Name {i} fruits."} for i in range(12)))
+    out = tmp_path / "out"
+    args = ["generate", f"run_dir={out}", f"init.checkpoint={sft_run}/sft/checkpoints",
+            prompt_sources("prompts", "jsonl", prompts), "generation.max_new_tokens=4", "write_every=4"]
+    assert main(args) == 0
+    (out / "generate" / "DONE").unlink()  # as after a crash before the merge: shards to resume
+    (out / "generate" / "samples.jsonl").unlink()
+    shards = {path: path.read_bytes() for path in (out / "generate").glob("shard_*.jsonl")}
+    prompts.write_text("".join(prompts.read_text().splitlines(keepends=True)[3:]))  # the first lines deleted
+    capsys.readouterr()
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and (
+        f"sources: the prompt inputs changed since the shards in {out / 'generate'} were written: " in error)
+    assert f"restore them, or delete {out / 'generate'}/shard_*.jsonl and rerun the stage" in error
+    assert {path: path.read_bytes() for path in shards} == shards  # nothing generated, nothing merged
+    assert not (out / "generate" / "samples.jsonl").exists()
+    for path in shards:  # the way to start over
+        path.unlink()
+    assert main(args) == 0
+    assert sorted(r["prompt"] for r in samples(out)) == sorted(f"Name {i} fruits." for i in range(3, 12))
+
+
+def test_records_only_training_cannot_use_give_their_prompts_and_blank_prompts_are_counted(sft_run, tmp_path,
+                                                                                          capsys):
+    """An SFT example with a blank response and a pair with identical sides still ask a
+    prompt; a blank prompt is skipped and counted (strict=true: an error naming file:line).
+    Cut prompts are counted once each, whatever generation.n."""
+    sft = write_jsonl(tmp_path / "sft_blank.jsonl",
+                      {"prompt": "Write a long poem about the sea.", "response": "Waves."},
+                      {"prompt": "Describe the color of the sky at dusk.", "response": " "})
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", {"prompt": "Explain why the grass is green.",
+                                                   "chosen": "Chlorophyll.", "rejected": "Chlorophyll."})
+    asked = write_jsonl(tmp_path / "prompts.jsonl", {"prompt": "Tell me a story about a cat."}, {"prompt": ""})
+    sources = (f"sources=[{{name: sft, kind: sft, path: '{sft}'}}, {{name: pref, kind: preference, path: '{pairs}'}}, "
+               f"{{name: mine, kind: prompts, path: '{asked}'}}]")
+    args = ["generate", f"run_dir={tmp_path / 'out'}", f"init.checkpoint={sft_run}/sft/checkpoints", sources,
+            "generation.max_new_tokens=4", "generation.n=2", "generation.greedy=false", "max_prompt_tokens=3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    records = samples(tmp_path / "out")
+    assert len(records) == 8 and {r["prompt"] for r in records} == {
+        "Write a long poem about the sea.", "Describe the color of the sky at dusk.", "Explain why the grass is green.",
+        "Tell me a story about a cat."}
+    card = json.loads((tmp_path / "out" / "generate" / "generation_card.json").read_text())
+    assert card["skipped"] == {"blank 'prompt'": 1} and card["sources"]["mine"]["skipped"] == {"blank 'prompt'": 1}
+    assert card["prompt_truncated"] == 4  # every prompt cut to 3 tokens: 4 prompts, 8 answers
+    assert "4 of 4 prompts were cut to 3 tokens; unusable prompt records: 1 skipped (1 blank 'prompt')" in out
+    assert re.search(r"; \d+ new tokens in [\d.]+ s \(\d+ tokens/s over 1 replica\(s\)\);", out), out
+    assert main([*args, f"run_dir={tmp_path / 'more'}", "total_prompts=6"]) == 0
+    assert "generate: 6 prompts (2 of them repeats to reach total_prompts; unusable records: 1 skipped" in \
+        capsys.readouterr().out
+    assert main([*args, f"run_dir={tmp_path / 'strict'}", "strict=true"]) == 2
+    assert f"{asked}:2: expected 'prompt' to be non-empty text (blank)" in capsys.readouterr().err
