@@ -78,6 +78,6 @@ def test_rwr_large_rewards_do_not_overflow():
 
 def test_reward_prompt_renders_one_decimal_after_the_assistant_tag():
     assert ChatTemplate().reward_prompt(4.96) == " <rm_score> 5.0"
-    assert ChatTemplate().reward_prompt(-0.04) == " <rm_score> -0.0"
+    assert ChatTemplate().reward_prompt(-0.04) == " <rm_score> 0.0"  # one spelling of zero, not "-0.0"
     assert ChatTemplate(sep="\n").reward_prompt(1.25) == "\n<rm_score>\n1.2"
     assert ChatTemplate().prompt_text("hi") + ChatTemplate().reward_prompt(5) == "User: hi Assistant: <rm_score> 5.0"
