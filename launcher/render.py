@@ -9,6 +9,16 @@ The PPO stage renders as one heterogeneous job (`render_hetjob`, layout in launc
 one `#SBATCH hetjob` component per module, the services' job steps started first (one task
 per process, so rank 0, which serves HTTP, is on the first node of its component), then
 the actor's; the first step to fail ends the job.
+
+Warning ahead of the time limit: `#SBATCH --signal=USR1@<cluster.signal_lead_s>` has Slurm
+signal every process of the job's steps (not the batch shell), torchrun's workers included
+(proctrack/cgroup or linuxproc follow them into their own sessions). The training loop saves
+and exits on it. SIGUSR1 rather than SIGTERM: torchrun, signalled too, answers SIGTERM by
+killing its workers 30 s later, mid-save for a large model (only recent torch has
+--shutdown-timeout; the NGC 25.01 image's 2.6 has not). It would die of SIGUSR1, so the
+step starts with SIGUSR1 ignored (IGNORE_WARNING), a disposition torchrun and the stages
+inherit and only the training loop replaces. The PPO heterogeneous job gets no warning:
+its loop does not handle it.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from launcher.ppo import TOKEN_ENV, TOKEN_FILE, Component
 from launcher.schema import ClusterConfig
 
 COMPLETE_MARKER = ".launch_complete"  # written when a continued stage has finished
+WARNING_SIGNAL = "USR1"
+IGNORE_WARNING = f"bash -c 'trap \"\" {WARNING_SIGNAL}; exec \"$@\"' ignore-{WARNING_SIGNAL.lower()}"
 
 RENDEZVOUS = """\
 # Rendezvous at the first host of the allocation; every node derives the same port.
@@ -72,6 +84,8 @@ def sbatch_directives(plan: StagePlan, cluster: ClusterConfig) -> list[str]:
     """Unset optional settings are left out, so a CPU-only cluster needs no GPU request."""
     directives = [f"--job-name={job_name(plan)}",
                   *_resources(plan, cluster, plan.nodes, tasks_per_node(plan, cluster))]
+    if cluster.signal_lead_s:
+        directives.append(f"--signal={WARNING_SIGNAL}@{cluster.signal_lead_s}")
     directives += [f"--output={plan.stage_dir}/slurm-%j.out", f"--error={plan.stage_dir}/slurm-%j.err"]
     return directives
 
@@ -96,7 +110,8 @@ def _environment(cluster: ClusterConfig) -> str:
 
 
 def _run_line(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
-    return " \\\n  ".join([*_srun_words(plan, cluster), _program(plan, cluster, python)]) + "\n"
+    wrapper = [IGNORE_WARNING] if cluster.signal_lead_s else []
+    return " \\\n  ".join([*_srun_words(plan, cluster), *wrapper, _program(plan, cluster, python)]) + "\n"
 
 
 # Automatic continuation: later attempts of this script are queued behind it (singleton) and

@@ -25,6 +25,7 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:+@=/-]+")
 # Slurm's time formats (sbatch --time): minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|(?i:unlimited|infinite)")
+SIGNAL_LEAD_MAX_S = 65535  # sbatch --signal: "sig_time must be an integer between 0 and 65535"
 
 
 # Paths Hydra's override grammar reads as one plain string; any other goes in its quotes.
@@ -58,6 +59,30 @@ def check_time_limit(key: str, value: str) -> None:
     if not SLURM_TIME.fullmatch(value):
         raise LaunchError(key, f"{value!r} is not a Slurm time",
                           "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 04:00:00, 2-00:00:00)")
+
+
+def time_limit_seconds(value: str) -> int | None:
+    """A valid Slurm time (SLURM_TIME) in seconds; None for unlimited. Without a day part,
+    one field is minutes, two are MM:SS, three HH:MM:SS; with one, D-HH[:MM[:SS]]."""
+    if value.lower() in ("unlimited", "infinite"):
+        return None
+    days, _, clock = value.rpartition("-")
+    fields = [int(part) for part in clock.split(":")]
+    if days:
+        hours, minutes, seconds = fields + [0] * (3 - len(fields))
+    else:
+        hours, minutes, seconds = {1: [0, fields[0], 0], 2: [0, *fields], 3: fields}[len(fields)]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def check_signal_lead(key: str, time_limit: str | None, lead_s: int) -> None:
+    """The warning must come after the job starts, or every attempt would stop after its
+    first step (Slurm may also send it up to a minute early)."""
+    limit = time_limit_seconds(time_limit) if time_limit else None
+    if lead_s and limit is not None and lead_s >= limit:
+        raise LaunchError(key, f"{time_limit} is not longer than cluster.signal_lead_s={lead_s} s, the time before "
+                          "the limit at which training stages save and stop",
+                          "give the stage more time or lower cluster.signal_lead_s")
 
 
 def check_identifier(key: str, value: str) -> None:
@@ -152,6 +177,11 @@ class ClusterConfig:
     # Jobs per stage. >1 turns on automatic continuation: later attempts wait (singleton) for
     # the previous one and resume from run_dir/<stage>/checkpoints/latest. Needs time_limit.
     max_attempts: int = 1
+    # On Slurm: seconds before a job's time limit at which Slurm sends SIGUSR1 to the stage's
+    # processes. A training stage (sft, rm, align) then saves a checkpoint at its next step
+    # and exits with status 75 (the next attempt or a rerun resumes there); other stages
+    # ignore it. Leave the time one step and one save need. 0: no signal.
+    signal_lead_s: int = 120
     dry_run: bool = False  # render scripts and configs, submit or run nothing
 
     def __post_init__(self):
@@ -170,6 +200,10 @@ class ClusterConfig:
         if self.max_attempts > 1 and not self.time_limit:
             raise LaunchError("cluster.max_attempts", "automatic continuation needs a time limit",
                               "set cluster.time_limit (e.g. 04:00:00)")
+        if not 0 <= self.signal_lead_s <= SIGNAL_LEAD_MAX_S:
+            raise LaunchError("cluster.signal_lead_s", f"must be in [0, {SIGNAL_LEAD_MAX_S}] seconds, got "
+                              f"{self.signal_lead_s}", "0 sends no signal")
+        check_signal_lead("cluster.time_limit", self.time_limit, self.signal_lead_s)
 
     def _check_script_values(self) -> None:
         for key in ("partition", "account", "mem"):
@@ -206,3 +240,5 @@ class LaunchConfig:
 
     def __post_init__(self):
         check_printable("run_dir", self.run_dir)
+        for index, entry in enumerate(self.pipeline.stages):
+            check_signal_lead(f"pipeline.stages[{index}].time_limit", entry.time_limit, self.cluster.signal_lead_s)

@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         say_once(f"orlhf {argv[0] if argv else ''}: error: {err}")
         code = 2
+    except SystemExit as stop:  # a stage that stopped on request (its work saved): its exit status
+        code = stop.code if isinstance(stop.code, int) else 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         _exit_without_teardown(code)
     return code

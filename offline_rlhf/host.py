@@ -4,7 +4,9 @@ lock file built on that. Imports no torch.
 `stage_dir/.lock` holds its holder's host, PID, process start time (clock ticks since
 boot, from /proc/<pid>/stat) and the wall-clock time it was taken. A lock whose holder
 is gone from this host (PID not running, or running with another start time: the PID
-was reused) is stale and taken over; a lock held on another host is never broken here.
+was reused) is stale and taken over. A lock held on another host is broken only by a later
+attempt of the same Slurm job name (`orlhf launch` continuation: its singleton dependency
+started it after the holder's job ended, killed at its time limit say, on any node).
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ class Holder:
     pid: int
     start_ticks: int | None  # None where /proc is missing: liveness then rests on the PID alone
     since: str
+    job_id: str | None = None  # under Slurm: SLURM_JOB_ID and SLURM_JOB_NAME of the holder's job
+    job_name: str | None = None
+
+    def earlier_attempt_of(self, other: Holder) -> bool:
+        """Whether this holder ran in an earlier job of `other`'s Slurm job name: a
+        continuation attempt waits (--dependency=singleton) for the last one to end."""
+        return None not in (self.job_id, other.job_id, other.job_name) and self.job_id != other.job_id \
+            and self.job_name == other.job_name
 
 
 def start_ticks(pid: int | str) -> int | None:
@@ -72,13 +82,19 @@ def acquire_stage_lock(stage_dir: Path, stage: str) -> tuple[Path, str | None]:
     lock's path and a note when a stale lock was taken over."""
     path = Path(stage_dir) / LOCK
     mine = Holder(socket.gethostname(), os.getpid(), start_ticks("self"),
-                  datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                  datetime.now(timezone.utc).isoformat(timespec="seconds"), os.environ.get("SLURM_JOB_ID"),
+                  os.environ.get("SLURM_JOB_NAME"))
     note = None
     for _ in range(5):  # each pass either takes the lock, refuses, or removes one stale lock
         if _create(path, mine):
             return path, note
         held = _read(path)
         if held is None:  # released in between
+            continue
+        if held.host != mine.host and held.earlier_attempt_of(mine):
+            if _remove_if_unchanged(path, held):
+                note = (f"{stage}: took over the lock of job {held.job_id} ({held.job_name}) on {held.host}: an "
+                        "earlier attempt of this job, ended")
             continue
         if held.host != mine.host:
             raise ConfigError("run_dir", f"{stage} in {stage_dir} is locked by pid {held.pid} on host {held.host} "

@@ -112,6 +112,9 @@ def track(run_dir: str | Path, stage: str, env: DistEnv | OneProcess, device: to
     try:
         yield usage
         status = COMPLETED
+    except SystemExit:  # stopped on request with its work saved (a training stage's signal stop): resumable
+        status = INTERRUPTED
+        raise
     finally:
         stop.set()
         beater.join()  # no beat may recreate the heartbeat after it is removed

@@ -66,6 +66,10 @@ def stage_runtime(stage: str, run_dir: str, parallel: ParallelConfig, model: Mod
                               group=dist.group.WORLD if env.world_size > 1 else None)
             with ledger.track(run_dir, stage, env, device) as usage:
                 yield runtime, usage
+    except SystemExit:  # every rank stops together (a signal stop): none may be killed while rank 0
+        if env.world_size > 1:  # still writes its ledger row and releases the lock
+            dist.barrier()
+        raise
     finally:
         shutdown_distributed()
 

@@ -10,17 +10,26 @@ epoch. Optimizer step s consumes stream positions [s*G, (s+1)*G) for a global ba
 data-parallel rank r takes a contiguous 1/dp of them, cut into micro-batches. The stream
 position is saved with each checkpoint, so a resumed run continues with exactly the
 items it would have seen.
+
+Stopping early: SIGTERM or SIGUSR1 (Slurm sends SIGUSR1 `cluster.signal_lead_s` ahead of a
+job's time limit, see launcher.render) only sets a flag. At the next step boundary every
+rank learns whether any rank got one (a MAX over one int per step), and if so all save a
+checkpoint and leave with `STOPPED_EXIT_CODE`; a rerun resumes there. The handlers that were
+installed before `train` are restored when it returns.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import signal
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,6 +57,9 @@ from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume
 
 Batch = dict[str, torch.Tensor]
 COUNT = "count/"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# sysexits' EX_TEMPFAIL: stopped on request with a checkpoint saved; a rerun continues.
+STOPPED_EXIT_CODE = 75
 
 
 @dataclass
@@ -126,6 +138,35 @@ def total_steps(cfg: TrainConfig, num_items: int) -> int:
     return max(1, math.ceil(cfg.epochs * num_items / cfg.global_batch))
 
 
+def repeats_warning(cfg: TrainConfig, num_items: int, dp: int) -> str | None:
+    """A global batch larger than the data makes every step hold items more than once (the
+    stream wraps into the next epoch's permutation within the step): worth one line."""
+    if num_items >= cfg.global_batch:
+        return None
+    unit = cfg.micro_batch * dp
+    fits = num_items // unit * unit
+    fix = (f"set train.global_batch to at most {fits} (a multiple of train.micro_batch x data-parallel size = "
+           f"{unit})" if fits else f"add data (at least {unit} items, train.micro_batch x data-parallel size)")
+    return (f"warning: train.global_batch={cfg.global_batch} is larger than the {num_items} training items, so "
+            f"every step holds items more than once (each about {cfg.global_batch / num_items:.1f} times); {fix}")
+
+
+class StoppedBySignal(SystemExit):
+    """`train` saved a checkpoint on SIGTERM/SIGUSR1 and stops; the process exits with
+    STOPPED_EXIT_CODE (a SystemExit, so no `except Exception` on the way swallows it)."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(STOPPED_EXIT_CODE)
+        self.step, self.checkpoint = step, checkpoint
+
+    @classmethod
+    def after_saving(cls, step: int, steps: int, checkpoint: Path, rt: Runtime) -> "StoppedBySignal":
+        """The stop, said in one line on rank 0."""
+        rt.log(f"{rt.stage_dir.name}: stopped by a signal (SIGTERM/SIGUSR1) after saving step {step} of {steps} to "
+               f"{checkpoint}; exit status {STOPPED_EXIT_CODE}: rerun the same command to resume from it")
+        return cls(step, checkpoint)
+
+
 def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig, optim_cfg: OptimConfig,
           logging_cfg: LoggingConfig, rt: Runtime, usage: Usage, ckpt: CheckpointSpec) -> TrainResult:
     if len(data.train) == 0:  # before any work: one line for the user, not SampleStream's ValueError
@@ -134,45 +175,81 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
                              "them per source)", "give it usable records, or hold fewer out for validation")
     per_rank = rt.dims.per_rank_batch(train_cfg.global_batch, train_cfg.micro_batch)
     steps = total_steps(train_cfg, len(data.train))
+    warning = repeats_warning(train_cfg, len(data.train), rt.dims.dp)
+    if warning:
+        rt.log(warning)
     optimizer = build_optimizer(model.parameters(), optim_cfg, rt.device)
     scheduler = build_scheduler(optimizer, steps, optim_cfg)
-    state, resumed_from = _resume(ckpt, model, optimizer, scheduler, rt)
+    state, resumed_from = _resume(ckpt, model, optimizer, scheduler, steps, rt)
     stream = SampleStream(len(data.train), train_cfg.seed)
     log = MetricsLog(rt.stage_dir, logging_cfg, rt.is_main, resumed_step=state.step, total_steps=steps)
     rt.log(f"training: {len(data.train)} items, {steps} steps of {train_cfg.global_batch} "
            f"({per_rank // train_cfg.micro_batch} micro-batches of {train_cfg.micro_batch} per rank), "
            f"starting at step {state.step}")
     result = TrainResult(steps=steps, checkpoint=resumed_from)
-    while state.step < steps:
-        started = time.perf_counter()
-        batches = _micro_batches(data, stream, state, train_cfg, per_rank, rt.dp_rank)
-        loaded = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        metrics, tokens = train_step(task, model, optimizer, batches, rt, optim_cfg.grad_clip)
-        scheduler.step()
-        state.step += 1
-        state.tokens_seen += tokens
-        consumed = state.data_position.get("samples_consumed", 0) + train_cfg.global_batch
-        skipped = state.data_position.get("skipped_steps", 0) + int(metrics["skipped_step"])
-        state.data_position = {"samples_consumed": consumed, "skipped_steps": skipped}
-        usage.tokens += tokens
-        usage.beat()
-        metrics.update(lr=lr,
-                       **throughput_metrics(tokens, time.perf_counter() - started, loaded - started, ckpt.model,
-                                          ckpt.head, data.seq_len, rt))
-        result.last_train = metrics
-        log.train(state.step, metrics, every=train_cfg.log_every)
-        check_learned(model, state, steps, train_cfg, rt)
-        final = state.step == steps
-        if final or (train_cfg.val_every and state.step % train_cfg.val_every == 0):
-            result.last_val = validate(task, model, data, train_cfg, rt)
-            log.validation(state.step, result.last_val)
-        if final or state.step % train_cfg.save_every == 0:
-            metadata = ckpt.final_metadata(model) if final and ckpt.final_metadata else {}
-            result.checkpoint = _save(ckpt, model, optimizer, scheduler, state, train_cfg, metadata, rt)
-            usage.beat(force=True)  # a later kill then still accounts for everything up to here
+    with _stop_requests() as requested:
+        while state.step < steps:
+            started = time.perf_counter()
+            batches = _micro_batches(data, stream, state, train_cfg, per_rank, rt.dp_rank)
+            loaded = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            metrics, tokens = train_step(task, model, optimizer, batches, rt, optim_cfg.grad_clip)
+            scheduler.step()
+            state.step += 1
+            state.tokens_seen += tokens
+            consumed = state.data_position.get("samples_consumed", 0) + train_cfg.global_batch
+            skipped = state.data_position.get("skipped_steps", 0) + int(metrics["skipped_step"])
+            state.data_position = {"samples_consumed": consumed, "skipped_steps": skipped}
+            usage.tokens += tokens
+            usage.beat()
+            metrics.update(lr=lr,
+                           **throughput_metrics(tokens, time.perf_counter() - started, loaded - started, ckpt.model,
+                                                ckpt.head, data.seq_len, rt))
+            result.last_train = metrics
+            log.train(state.step, metrics, every=train_cfg.log_every)
+            check_learned(model, state, steps, train_cfg, rt)
+            final = state.step == steps
+            # The last step finishes normally; a stop skips this step's validation: the time
+            # before Slurm's kill is for the save.
+            stopping = not final and any_rank(requested.is_set(), rt)
+            if not stopping and (final or (train_cfg.val_every and state.step % train_cfg.val_every == 0)):
+                result.last_val = validate(task, model, data, train_cfg, rt)
+                log.validation(state.step, result.last_val)
+            if stopping or final or state.step % train_cfg.save_every == 0:
+                metadata = ckpt.final_metadata(model) if final and ckpt.final_metadata else {}
+                result.checkpoint = _save(ckpt, model, optimizer, scheduler, state, train_cfg, metadata, rt)
+                usage.beat(force=True)  # a later kill then still accounts for everything up to here
+            if stopping:
+                log.close()
+                raise StoppedBySignal.after_saving(state.step, steps, result.checkpoint, rt)
     log.close()
     return result
+
+
+@contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """An event STOP_SIGNALS set while the block runs; the previous handlers come back after.
+    Handlers can only be installed from the main thread: elsewhere the signals keep theirs."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: requested.set()) for sig in STOP_SIGNALS}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            # None: a handler installed outside Python, which cannot be reinstalled; the default.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """Whether `flag` is true on any rank (collective over the default group)."""
+    if rt.dims.world_size == 1:
+        return flag
+    value = torch.tensor(int(flag), device=rt.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=rt.group)
+    return bool(value.item())
 
 
 class TrainingFailed(ConfigError):
@@ -202,9 +279,7 @@ def weights_finite(model: nn.Module, rt: Runtime) -> bool:
     bad = torch.zeros((), device=rt.device)
     for tensor in local:
         bad += (~torch.isfinite(tensor.detach())).sum()
-    if rt.dims.world_size > 1:  # any rank's shard spoils the model (group None: the default group)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=rt.group)
-    return bool(bad == 0)
+    return not any_rank(bool(bad), rt)  # any rank's shard spoils the model
 
 
 def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt: Runtime,
@@ -282,16 +357,22 @@ def _micro_batches(data: TrainData, stream: SampleStream, state: TrainState, cfg
             for at in range(0, per_rank, cfg.micro_batch)]
 
 
-def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, rt: Runtime) -> tuple[TrainState, Path | None]:
+def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, steps: int,
+            rt: Runtime) -> tuple[TrainState, Path | None]:
     latest = latest_checkpoint(ckpt.root)
     if latest is None:
         return TrainState(data_position={"samples_consumed": 0}), None
     if ckpt.fingerprint is not None:
         check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), ckpt.fingerprint, ckpt.root)
     meta = load_checkpoint(latest, model, optimizer, restore_rng=True, group=rt.group)
+    rt.log(f"resuming from {latest} (step {meta.train_state.step})")
     if meta.scheduler:
         resume_schedule(scheduler, meta.scheduler)
-    rt.log(f"resuming from {latest} (step {meta.train_state.step})")
+        saved_lr, lr = meta.scheduler.get("_last_lr", [None])[0], scheduler.get_last_lr()[0]
+        if saved_lr is not None and saved_lr != lr:  # intended (the new run's schedule), but not silently
+            rt.log(f"the learning-rate schedule now spans {steps} steps (train.max_steps or train.epochs changed "
+                   f"since step {meta.train_state.step} was saved): the rate of step {meta.train_state.step + 1} "
+                   f"jumps from {saved_lr:.2e} to {lr:.2e}")
     return meta.train_state, latest
 
 

@@ -120,3 +120,77 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path, public_tokenizer):
     assert rows[0].tokens >= at_step_2 > 0 and rows[0].device_hours > 0
     logged = [row["step"] for row in read_metrics(killed / "sft") if "train/loss" in row]
     assert logged == list(range(1, 7))  # no step logged twice after the resume
+
+
+def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_to_identical_weights(tmp_path, public_tokenizer):
+    """SIGTERM (scancel, preemption; Slurm's warning before a time limit, SIGUSR1, is handled
+    alike): the loop saves at the next step boundary and exits 75, writing nothing else."""
+    import re
+    import signal
+    import time
+
+    steps = ["train.max_steps=16", "train.save_every=100", "train.val_every=0", "train.keep_last=5"]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "offline_rlhf.cli", *sft_args(stopped, public_tokenizer, *steps)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = stopped / "sft" / "metrics.jsonl", time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and \
+            not (metrics.exists() and metrics.read_text().count("train/loss") >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # mid-run: step 2 is logged, 14 more to go
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    reached = int(re.search(r"stopped by a signal \(SIGTERM/SIGUSR1\) after saving step (\d+) of 16 to \S+; exit "
+                            r"status 75: rerun the same command to resume from it", out).group(1))
+    assert 2 <= reached < 16
+    assert latest_checkpoint(stopped / "sft" / "checkpoints").name == f"step_{reached:08d}"
+    assert sorted(p.name for p in (stopped / "sft" / "checkpoints").glob("step_*")) == [f"step_{reached:08d}"]
+    assert not (stopped / "sft" / "DONE").exists()
+    assert [row["step"] for row in read_metrics(stopped / "sft") if "train/loss" in row] == list(range(1, reached + 1))
+
+    assert main(sft_args(stopped, public_tokenizer, *steps)) == 0  # resumes at the step it reached
+    uninterrupted = tmp_path / "straight"
+    assert main(sft_args(uninterrupted, public_tokenizer, *steps)) == 0
+    resumed, straight = _final_weights(stopped), _final_weights(uninterrupted)
+    for name, tensor in straight.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert [row["step"] for row in read_metrics(stopped / "sft") if "train/loss" in row] == list(range(1, 17))
+    # The stopped execution was resumed: the report charges it (a failed one would be left out).
+    assert [row.status for row in read_ledger(stopped)] == ["interrupted", "completed"]
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, public_tokenizer):
+    """Two ranks under torchrun; only rank 1 is signalled (Slurm's signals reach the ranks at
+    slightly different times): the per-step MAX makes both save the same step together."""
+    import os
+    import re
+    import signal
+    import time
+    from pathlib import Path
+
+    run_dir, steps = tmp_path / "run", ["train.max_steps=16", "train.save_every=100", "train.val_every=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "offline_rlhf.cli", *sft_args(run_dir, public_tokenizer, *steps)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run_dir / "sft" / "metrics.jsonl", time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline and \
+            not (metrics.exists() and metrics.read_text().count("train/loss") >= 2):
+        time.sleep(0.02)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    [rank_1] = [pid for pid in workers if b"\0RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes()]
+    os.kill(int(rank_1), signal.SIGUSR1)  # mid-run: step 2 of 16 is logged
+    try:
+        out, err = proc.communicate(timeout=180)  # ranks that disagreed would hang in mismatched collectives
+    finally:
+        for pid in [proc.pid, *map(int, workers)] if proc.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)  # torchrun's workers run in sessions of their own
+    # Rank 0, never signalled, says it stopped: it learned of rank 1's signal at the same step.
+    reached = int(re.search(r"after saving step (\d+) of 16 to", out).group(1))
+    assert 2 <= reached < 16, out
+    # torchrun's summary: the first rank to leave (after the save, which ends in a barrier) exited
+    # with the status; the other did too, or was still tearing down when torchrun, seeing the
+    # first gone, sent it SIGTERM.
+    exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\n\s*exitcode\s*: (-?\d+)", err))
+    assert set(exits) == {"0", "1"} and "75" in exits.values() and set(exits.values()) <= {"75", "-15"}, err[-3000:]
+    ckpt = latest_checkpoint(run_dir / "sft" / "checkpoints")
+    assert ckpt.name == f"step_{reached:08d}" and read_meta(ckpt).world_size == 2

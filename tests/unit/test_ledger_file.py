@@ -27,3 +27,15 @@ def test_a_damaged_ledger_line_is_named(tmp_path, capsys, damaged, reason):
         read_ledger(tmp_path)
     assert main(["report", f"run_dir={tmp_path}"]) == 2
     assert f"{tmp_path / LEDGER}:2: expected a ledger row" in capsys.readouterr().err
+
+
+def test_a_stage_stopped_on_request_is_recorded_as_interrupted(tmp_path):
+    """A training stage's signal stop (a SystemExit after saving) is resumed by a rerun, so
+    the report charges it like a killed execution, not as failed (left uncharged)."""
+    from offline_rlhf.ledger import OneProcess, track
+
+    for stopping, status in ((SystemExit(75), "interrupted"), (ValueError("bad"), "failed")):
+        with pytest.raises(type(stopping)):
+            with track(tmp_path, "sft", OneProcess(), "cpu"):
+                raise stopping
+        assert read_ledger(tmp_path)[-1].status == status

@@ -9,7 +9,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.compose import compose_launch
-from launcher.schema import LaunchError
+from launcher.schema import LaunchError, time_limit_seconds
 
 
 def launch_error(*overrides: str) -> str:
@@ -59,9 +59,24 @@ def test_missing_or_unknown_pipeline_lists_the_choices():
     ("cluster.gpus_per_node=0", "cluster.gpus_per_node: must be >= 1"),
     ("+cluster.env.SLURM_NNODES=2", "cluster.env.SLURM_NNODES: is set by Slurm"),
     ("cluster.gpus_per_node=eight", "cluster.gpus_per_node: Value 'eight'"),
+    ("cluster.signal_lead_s=-1", "cluster.signal_lead_s: must be in [0, 65535] seconds, got -1"),
+    ("cluster.signal_lead_s=70000", "cluster.signal_lead_s: must be in [0, 65535] seconds, got 70000"),
+    ("cluster.time_limit=2", "cluster.time_limit: 2 is not longer than cluster.signal_lead_s=120 s, the time before "
+                             "the limit at which training stages save and stop; give the stage more time or lower"),
+    ("pipeline.stages.0.time_limit=01:30", "pipeline.stages[0].time_limit: 01:30 is not longer than "
+                                           "cluster.signal_lead_s=120 s"),
 ])
 def test_invalid_values_name_the_key(override, start):
     assert launch_error("pipeline=smoke", override).startswith(start)
+
+
+def test_the_signal_lead_fits_any_slurm_time_and_zero_turns_it_off():
+    assert [time_limit_seconds(value) for value in ("90", "30:00", "04:00:00", "2-12", "2-12:30", "2-12:30:05",
+                                                    "UNLIMITED")] == [5400, 1800, 14400, 216000, 217800, 217805, None]
+    assert compose_launch(["pipeline=smoke", "cluster=slurm"]).cluster.signal_lead_s == 120
+    cluster = compose_launch(["pipeline=smoke", "cluster.time_limit=2", "cluster.signal_lead_s=0"]).cluster
+    assert (cluster.time_limit, cluster.signal_lead_s) == ("2", 0)
+    assert compose_launch(["pipeline=smoke", "cluster.time_limit=3"]).cluster.time_limit == "3"  # 180 s > 120 s
 
 
 def test_cli_prints_one_error_line_and_exits_2(capsys):

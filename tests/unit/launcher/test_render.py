@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from launcher.local import local_command
 from launcher.plan import StagePlan
@@ -39,6 +45,7 @@ FOUR_NODE_GOLDEN = """\
 #SBATCH --partition=batch
 #SBATCH --account=llm
 #SBATCH --exclusive
+#SBATCH --signal=USR1@120
 #SBATCH --output=/lustre/runs/dt8b/sft/slurm-%j.out
 #SBATCH --error=/lustre/runs/dt8b/sft/slurm-%j.err
 
@@ -54,6 +61,7 @@ port=$((20000 + SLURM_JOB_ID % 20000))
 
 srun --kill-on-bad-exit=1 --cpus-per-task=64 \\
   --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   python -m torch.distributed.run --nnodes=4 --nproc-per-node=8 \\
   --rdzv-backend=c10d --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID" \\
   -m offline_rlhf.cli sft parallel=tp4_sp 'data.path=/data/my file.jsonl' run_dir=/lustre/runs/dt8b
@@ -71,6 +79,7 @@ CPU_SINGLE_PROCESS_GOLDEN = """\
 #SBATCH --job-name=dt8b.mix
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
+#SBATCH --signal=USR1@120
 #SBATCH --output=/lustre/runs/dt8b/mix/slurm-%j.out
 #SBATCH --error=/lustre/runs/dt8b/mix/slurm-%j.err
 
@@ -78,14 +87,50 @@ CPU_SINGLE_PROCESS_GOLDEN = """\
 set -euo pipefail
 
 srun --kill-on-bad-exit=1 \\
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   /venv/bin/python -m offline_rlhf.cli mix run_dir=/lustre/runs/dt8b
 """
 
 
 def test_single_process_cpu_stage_golden():
-    """No GPU request, no rendezvous, no torchrun, every optional directive left out."""
+    """No GPU request, no rendezvous, no torchrun, every optional directive left out (the
+    warning signal is on by default)."""
     script = render_script(make_plan(name="mix"), ClusterConfig(kind="slurm"), python="/venv/bin/python")
     assert script == CPU_SINGLE_PROCESS_GOLDEN
+
+
+def test_the_time_limit_warning_is_a_setting():
+    """(The PPO heterogeneous job's golden in test_render_hetjob.py has neither.)"""
+    directives = sbatch_directives(make_plan(time_limit="04:00:00"), gpu_cluster(signal_lead_s=600))
+    assert directives[directives.index("--exclusive") + 1] == "--signal=USR1@600"  # steps, not B: (batch shell)
+    script = render_script(make_plan(), gpu_cluster(signal_lead_s=0), python="python")
+    assert "--signal" not in script and "trap" not in script
+
+
+SURVIVES_WARNING = """
+import os, signal, subprocess, sys
+# torchrun starts its workers in sessions of their own; Slurm signals them all the same.
+child = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGUSR1).name)"],
+                       start_new_session=True, capture_output=True, text=True)
+os.kill(os.getpid(), signal.SIGUSR1)
+print("survived; worker:", child.stdout.strip())
+"""
+
+
+@pytest.mark.parametrize("lead", [120, 0])
+def test_the_step_ignores_the_warning_so_torchrun_survives_it(tmp_path, lead):
+    """What srun runs (the wrapper, then a program that does not handle SIGUSR1, as torchrun)
+    lives through Slurm's warning; its children inherit the ignore until the training loop
+    installs its handler. Without the wrapper the program dies of the signal."""
+    script = render_script(make_plan(name="mix"), ClusterConfig(kind="slurm", signal_lead_s=lead),
+                           python=sys.executable)
+    run_line = script[script.index("srun "):].replace("srun --kill-on-bad-exit=1 \\\n  ", "")
+    program = run_line.replace("-m offline_rlhf.cli mix run_dir=/lustre/runs/dt8b", f"-c {shlex.quote(SURVIVES_WARNING)}")
+    proc = subprocess.run(["bash", "-c", program], capture_output=True, text=True, cwd=tmp_path)
+    if lead:
+        assert (proc.returncode, proc.stdout) == (0, "survived; worker: SIG_IGN\n"), proc.stderr
+    else:
+        assert proc.returncode == -signal.SIGUSR1 and proc.stdout == ""
 
 
 def test_tasks_mode_starts_one_task_per_gpu_and_lets_the_stage_rendezvous():

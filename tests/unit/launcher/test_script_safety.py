@@ -156,6 +156,7 @@ def test_hostile_values_reach_srun_verbatim_and_run_nothing(tmp_path):
     assert record.read_text().split("\0")[:-1] == [
         "--kill-on-bad-exit=1", f"--container-image={HOSTILE}",
         f"--container-mounts={tmp_path / 'run'}:{tmp_path / 'run'},/data/{HOSTILE}:/data", "--no-container-mount-home",
+        "bash", "-c", 'trap "" USR1; exec "$@"', "ignore-usr1",
         HOSTILE, "-m", "offline_rlhf.cli", HOSTILE, f"data.path={HOSTILE}", run_dir_override(tmp_path / "run"),
         HOSTILE]
     assert (plan.stage_dir / COMPLETE_MARKER).exists()
