@@ -261,7 +261,7 @@ class TrainConfig(Frozen):
     epochs: float = 1.0  # passes over the training data (fractions allowed)
     max_steps: int = -1  # -1: as many as `epochs` gives
     val_every: int = 100  # steps; 0 disables periodic validation (it still runs at the end)
-    val_batches: int = 0  # 0: the whole validation split
+    val_batches: int = 0  # validate on this many global batches (the same items under any layout); 0: all
     save_every: int = 500  # steps between checkpoints (the last step is always saved)
     keep_last: int = 2  # checkpoints kept on disk (older ones are removed); 0 keeps every one
     log_every: int = 1  # steps between metrics lines

@@ -33,7 +33,7 @@ from offline_rlhf.stage_support import (
     training_fingerprint,
 )
 from offline_rlhf.train.init import prepare_training
-from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, TrainingFailed, train, validate
+from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, TrainingFailed, train, validate, validation_items
 
 STAGE = "rm"
 EVAL_STAGE = "rm_eval"
@@ -113,7 +113,8 @@ def train_reward_model(cfg: RMConfig) -> int:
                        CheckpointSpec(setup.checkpoints, model_cfg, "value", setup.tokenizer_path, final_metadata,
                                       training_fingerprint(cfg, dataset.train)))
         accuracy = result.last_val.get("accuracy")
-        validation = (f"validation accuracy {accuracy:.4f} on {len(dataset.val)} pairs" if accuracy is not None
+        scored = len(validation_items(dataset.val, cfg.train))
+        validation = (f"validation accuracy {accuracy:.4f} on {scored} pairs" if accuracy is not None
                       else "no validation pairs" if not len(dataset.val) else "no validation (no step ran)")
         rt.log(f"rm done: {result.steps} steps, {validation}, final checkpoint {result.checkpoint}; "
                f"pairs {read_summary(dataset.card)}")

@@ -318,13 +318,18 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
 
 
 @torch.no_grad()
+def validation_items(val: Sequence[Any], cfg: TrainConfig) -> list[Any]:
+    """The whole split, or its first `val_batches` global batches: the same items under any
+    layout (counted in micro-batches per rank they were more with more ranks or larger
+    micro-batches, and the metric moved with the layout)."""
+    return list(val)[: cfg.val_batches * cfg.global_batch] if cfg.val_batches else list(val)
+
+
 def validate(task: Task, model: nn.Module, data: TrainData, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
     """Every validation item once, split over dp ranks. Ranks run the same number of
     forwards (FSDP gathers weights collectively), repeating a batch with zero weight
     where a rank has run out of items."""
-    items = list(data.val)
-    if cfg.val_batches:
-        items = items[: cfg.val_batches * cfg.micro_batch * rt.dims.dp]
+    items = validation_items(data.val, cfg)
     if not items:
         return {}
     mine = items[rt.dp_rank::rt.dims.dp]
