@@ -21,8 +21,15 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA (one kernel for all parameters)."""
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    """AdamW, fused on CUDA (one kernel for all parameters). Weight decay shrinks matrices
+    (projections, embeddings) only, not the 1-D norm scales and biases, as Megatron-LM and
+    transformers do: decaying a norm's scale pulls it towards 0, not towards its 1 at
+    initialization. Without weight decay, one parameter group (as checkpoints before hold)."""
+    params = list(params)
+    groups = params if not cfg.weight_decay else [
+        group for group in ({"params": [p for p in params if p.ndim >= 2]},
+                            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}) if group["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 

@@ -1,10 +1,12 @@
 """A resumed run whose total steps changed (train.max_steps, ppo.iterations may) continues on
-the new schedule from its first resumed step, as an uninterrupted run of the new length."""
+the new schedule from its first resumed step, as an uninterrupted run of the new length; and
+the optimizer decays matrices, not norm scales."""
 
 import torch
 
 from offline_rlhf.config.schema import OptimConfig
-from offline_rlhf.train.schedule import build_scheduler, resume_schedule
+from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
+from tests.fixtures import reference_model
 
 COSINE = OptimConfig(lr=1e-3, warmup_steps=2, schedule="cosine")
 
@@ -33,3 +35,20 @@ def test_a_resume_with_more_steps_takes_the_new_schedules_rate_at_once():
     same = build_scheduler(same_optimizer, 6, COSINE)
     resume_schedule(same, saved.state_dict())  # an unchanged schedule resumes bit for bit
     assert same_optimizer.param_groups[0]["lr"] == saved_optimizer.param_groups[0]["lr"]
+
+
+def test_weight_decay_shrinks_matrices_but_not_norm_scales():
+    """A step with zero gradients moves a decayed weight by lr * wd * w, an undecayed one
+    not at all (AdamW's update is 0 for a zero gradient at the first step)."""
+    model = reference_model()
+    optimizer = build_optimizer(model.parameters(), OptimConfig(lr=0.1, weight_decay=0.5), torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        expected = before[name] * (1 - 0.1 * 0.5) if param.ndim >= 2 else before[name]
+        torch.testing.assert_close(param.detach(), expected, msg=name)
+    assert any(p.ndim < 2 for p in model.parameters())  # norms to leave alone
+    undecayed = build_optimizer(model.parameters(), OptimConfig(lr=0.1), torch.device("cpu"))
+    assert len(undecayed.param_groups) == 1  # as checkpoints written before hold it
