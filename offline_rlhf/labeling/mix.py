@@ -72,10 +72,21 @@ def draw(cfg: MixConfig, records: list[dict]) -> tuple[list[dict], dict]:
                                          "preference kinds)")
     total_units = _total_units(cfg, units, weights, present)
     mixed, stats = mix_sources([(g, units[g], weights[g]) for g in present], total_units, cfg.seed)
+    for group in present:  # units drawn per unit available: above 1, the same samples train again and again
+        stats[group]["repetition"] = round(stats[group]["taken"] / stats[group]["available"], 2)
     for group in GROUPS:
         if weights[group] > 0 and not units[group]:  # its share goes to the others: say so
-            stats[group] = {"available": 0, "taken": 0, "repeated": 0, "missing": True}
+            stats[group] = {"available": 0, "taken": 0, "repeated": 0, "repetition": 0, "missing": True}
     return [record for unit in mixed for record in unit], stats
+
+
+def repetition_notes(stats: dict) -> list[str]:
+    """A line per group drawn more often than it has units: the default mix repeats small
+    human sources many times over, which only the card's numbers would otherwise show."""
+    return [f"mix: {group} repeated {s['repetition']:.1f}x ({s['available']}"
+            f"{' pairs' if group == 'preference' else ''} available, {s['taken']} drawn); "
+            f"lower weights.{group} or total to repeat less"
+            for group, s in stats.items() if s["repeated"] > 0]
 
 
 def _total_units(cfg: MixConfig, units, weights, present) -> int:
@@ -102,8 +113,9 @@ def card(records: list[dict], stats: dict, cfg: MixConfig) -> dict:
 
 def card_markdown(summary: dict) -> str:
     lines = ["# Alignment dataset card", "", f"{summary['samples']} samples from `{summary['input']}`", "",
-             "| group | available units | taken units | repeated |", "|---|---:|---:|---:|"]
-    lines += [f"| {g} | {s['available']} | {s['taken']} | {s['repeated']} |" for g, s in summary["groups"].items()]
+             "| group | available units | taken units | repeated | repetition |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {g} | {s['available']} | {s['taken']} | {s['repeated']} | {s['repetition']:.2f}x |"
+              for g, s in summary["groups"].items()]
     lines += ["", "| source:kind | samples | mean reward | std |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {r['count']} | {r['mean']:.3f} | {r['std']:.3f} |"
               for name, r in summary["rewards_by_source"].items()]

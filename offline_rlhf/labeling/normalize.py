@@ -25,8 +25,9 @@ def normalize(raw: list[float], stats: dict) -> list[float]:
 
 
 def labeled_records(samples: list[Sample], raw: list[float], normalized: list[float]) -> list[dict]:
-    return [{**{k: v for k, v in asdict(s).items() if v is not None and k != TURNS}, **turns_field(s.turns),
-             "reward_raw": r, "reward": n}
+    """labeled.jsonl's rows: the sample (a generated one's provenance keys as read), its rewards."""
+    return [{**{k: v for k, v in asdict(s).items() if v is not None and k not in (TURNS, "origin")},
+             **dict(s.origin), **turns_field(s.turns), "reward_raw": r, "reward": n}
             for s, r, n in zip(samples, raw, normalized)]
 
 

@@ -6,9 +6,10 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from offline_rlhf.data.preference_readers import read_preference_source
-from offline_rlhf.data.records import iter_json_objects, optional_turns, require_field, require_text
+from offline_rlhf.data.records import iter_json_objects, optional_turns, require_field
 from offline_rlhf.data.sft_readers import read_sft_source
 from offline_rlhf.data.skips import Skips, require_texts, strict_or
 from offline_rlhf.data.template import ChatTemplate, Turn
@@ -23,36 +24,47 @@ class Sample:
     pair: int | None = None  # preference pair index: both sides of a pair share it
     finished: bool | None = None  # False: a generation cut at max_new_tokens, kept by include_unfinished
     turns: tuple[Turn, ...] = ()  # a multi-turn prompt's conversation (`prompt` is it folded); () for one turn
+    origin: tuple[tuple[str, Any], ...] = ()  # a generated record's PROVENANCE keys, (key, value) as read
+    selected: str | None = None  # best, worst or ONLY when its input's `select` kept it (`selected_per_prompt`)
 
 
 UNFINISHED = "unfinished (cut at max_new_tokens)"  # the reason counted for cut-off generations left out
+# What `orlhf generate` records about an answer, copied to labeled.jsonl so that a labeled
+# row joins back to samples.jsonl on (id, sample).
+PROVENANCE = ("id", "sample", "model", "finish_reason", "prompt_truncated")
 
 
-def read_generated(path: str, skips: Skips | None = None) -> list[tuple[str, str, bool, tuple[Turn, ...]]]:
-    """(prompt, response, finished, turns) per record. `finished` is what `orlhf generate`
-    wrote (true when absent: other files hold finished answers), `turns` those of a multi-turn
-    prompt (`optional_turns`). A blank prompt or turn is unusable, and so is an empty answer
-    cut at max_new_tokens: with no EOS (or end-of-turn marker) either, it has no token to score."""
+@dataclass(frozen=True)
+class GeneratedRow:
+    prompt: str
+    response: str
+    finished: bool
+    turns: tuple[Turn, ...]
+    origin: tuple[tuple[str, Any], ...]
+
+
+def read_generated(path: str, skips: Skips | None = None) -> list[GeneratedRow]:
+    """One row per record. `finished` is what `orlhf generate` wrote (true when absent: other
+    files hold finished answers), `turns` those of a multi-turn prompt (`optional_turns`). A
+    blank prompt, turn or answer is unusable (as in `orlhf align`): an empty answer says
+    nothing a reward could rank, and an empty cut-off one has not even an EOS to score."""
     skips, rows = strict_or(skips), []
     for where, record in iter_json_objects(path):
         finished = require_field(record, "finished", bool, where) if "finished" in record else True
-        response = require_text(record, "response", where, allow_empty=True)  # an empty answer is still an answer
-        prompt = require_text(record, "prompt", where, allow_empty=True)
         with skips.record():
             turns = optional_turns(record, where)  # malformed turns stay an error (not an UnusableRecord)
-            require_texts(record, ("prompt",), where)
-            if not response and not finished:
-                raise where.unusable("expected an unfinished 'response' to have text (blank)",
-                                     "blank unfinished 'response'")
-            rows.append((prompt, response, finished, turns))
+            prompt, response = require_texts(record, ("prompt", "response"), where)
+            origin = tuple((key, record[key]) for key in PROVENANCE if key in record)
+            rows.append(GeneratedRow(prompt, response, finished, turns, origin))
     return rows
 
 
 def read_samples(name: str, kind: str, format: str, path: str, template: ChatTemplate,
                  max_samples: int | None, seed: int, skips: Skips | None = None,
                  include_unfinished: bool = False, **hub: str) -> list[Sample]:
-    """Every sample of one input, or a seeded subset of `max_samples` (pairs for
-    preference data, so both sides of a kept pair stay together). `hub` holds the
+    """Every sample of one input, or a seeded subset of `max_samples` records of sft data,
+    pairs of preference data (both sides of a kept pair stay together) or prompts of
+    generated data (all the answers of a kept prompt stay together). `hub` holds the
     `format: hf` options and column names of sft and preference inputs (`hub_options`).
 
     Unusable records are counted into `skips` (None: errors). Generated samples cut at
@@ -65,14 +77,13 @@ def read_samples(name: str, kind: str, format: str, path: str, template: ChatTem
                 for side, response in (("chosen", p.chosen), ("rejected", p.rejected))]
     if kind == "sft":
         examples = read_sft_source(format, path, template=template, skips=skips, **hub)
-        rows = [(e.prompt, e.response, True, e.turns) for e in examples]
-    else:
-        rows = read_generated(path, skips)
-    if not include_unfinished and (cut := sum(not finished for _, _, finished, _ in rows)):
+        return [Sample(e.prompt, e.response, name, kind, turns=e.turns) for e in _subset(examples, max_samples, seed)]
+    rows = read_generated(path, skips)
+    if not include_unfinished and (cut := sum(not row.finished for row in rows)):
         skips.add(UNFINISHED, cut)
-        rows = [row for row in rows if row[2]]
-    return [Sample(prompt, response, name, kind, finished=None if finished else False, turns=turns)
-            for prompt, response, finished, turns in _subset(rows, max_samples, seed)]
+        rows = [row for row in rows if row.finished]
+    return [Sample(row.prompt, row.response, name, kind, finished=None if row.finished else False, turns=row.turns,
+                   origin=row.origin) for row in _whole_prompts(rows, max_samples, seed)]
 
 
 def _subset(items: list, limit: int | None, seed: int) -> list:
@@ -82,21 +93,38 @@ def _subset(items: list, limit: int | None, seed: int) -> list:
     return [items[i] for i in chosen]
 
 
-def select_per_prompt(samples: list[Sample], rewards: list[float], selections: dict[str, str]) -> list[int]:
-    """Indices (ascending) of the samples to keep. Inputs (`Sample.source`) whose selection
-    is "all" keep everything; the others keep, per prompt, the answer with the highest
-    and/or the lowest reward ("best", "worst", "best_worst"; the first one on ties). A prompt
-    is its text and turns (`prompt_key`)."""
-    keep, groups = [], defaultdict(list)
+def _whole_prompts(rows: list[GeneratedRow], limit: int | None, seed: int) -> list[GeneratedRow]:
+    """The answers of a seeded subset of `limit` prompts, every answer of each (best of n
+    must stay of n), in file order; with one answer per prompt, the subset `_subset` draws."""
+    keys = list(dict.fromkeys(prompt_key(row.prompt, row.turns) for row in rows))
+    chosen = set(_subset(keys, limit, seed))
+    return [row for row in rows if prompt_key(row.prompt, row.turns) in chosen]
+
+
+ONLY = "only"  # the `selected` mark of a prompt's best that is also its worst (one distinct answer, or all tied)
+
+
+def selected_per_prompt(samples: list[Sample], rewards: list[float],
+                        selections: dict[str, str]) -> dict[int, str | None]:
+    """{index: mark} of the samples to keep, in ascending order. Inputs (`Sample.source`)
+    whose selection is "all" keep everything, unmarked (None); the others keep, per prompt,
+    the answer with the highest and/or the lowest reward ("best", "worst", "best_worst"),
+    marked "best", "worst" or ONLY. Copies of one answer text are one candidate, the first
+    read: their rewards can differ in the last bits with the scoring batch, and an answer
+    must not be a prompt's best and its worst. Ties go to the first. A prompt is its text
+    and turns (`prompt_key`)."""
+    marks, groups = {}, defaultdict(dict)
     for index, sample in enumerate(samples):
         if selections.get(sample.source, "all") == "all":
-            keep.append(index)
+            marks[index] = None
         else:
-            groups[(sample.source, *prompt_key(sample.prompt, sample.turns))].append(index)
-    for (source, *_), members in groups.items():
-        best, worst = max(members, key=rewards.__getitem__), min(members, key=rewards.__getitem__)
-        keep += {"best": {best}, "worst": {worst}, "best_worst": {best, worst}}[selections[source]]
-    return sorted(keep)
+            groups[(sample.source, *prompt_key(sample.prompt, sample.turns))].setdefault(sample.response, index)
+    for (source, *_), by_text in groups.items():
+        candidates = list(by_text.values())
+        best, worst = max(candidates, key=rewards.__getitem__), min(candidates, key=rewards.__getitem__)
+        chosen = {"best": {best: "best"}, "worst": {worst: "worst"}, "best_worst": {best: "best", worst: "worst"}}
+        marks.update({best: ONLY} if best == worst else chosen[selections[source]])
+    return dict(sorted(marks.items()))
 
 
 def prompt_key(prompt: str, turns: Sequence[Sequence[str]]) -> tuple[str, tuple[Turn, ...]]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from offline_rlhf.checkpoint import TEMPLATE, TOKENIZER_DIR, load_checkpoint, resolve_checkpoint
+from offline_rlhf.checkpoint import TEMPLATE, TOKENIZER_DIR, CheckpointMeta, load_checkpoint, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.data.batching import PAD_DOCUMENT, collate_sequences
@@ -29,6 +30,7 @@ from offline_rlhf.data.tokenize import TokenizedSample, encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.models.llama import last_token_values
 from offline_rlhf.parallel.parallelize import build_model
+from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, autocast_for
 from offline_rlhf.stage_support import checkpoint_of_head, note_untrusted
 
@@ -64,13 +66,14 @@ def encode_scored(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, 
 
 @torch.no_grad()
 def score_sequences(model: nn.Module, sequences: Sequence[PackedSequence], batch_size: int, rt: Runtime,
-                    pad_id: int) -> list[float]:
+                    pad_id: int, progress: Progress | None = None) -> list[float]:
     """One reward per sequence, in input order, on every rank.
 
     Sequences are sorted by length (less padding), then dealt round-robin to the DP
     ranks, each scoring its disjoint share in batches of `batch_size`. Every rank runs
     the same number of forwards (FSDP gathers weights collectively), repeating its
-    first batch where it has run out. TP ranks compute identical rewards.
+    first batch where it has run out. TP ranks compute identical rewards. `progress`
+    (total: len(sequences)) advances by what all ranks scored in each lockstep batch.
     """
     if not sequences:
         return []
@@ -86,6 +89,8 @@ def score_sequences(model: nn.Module, sequences: Sequence[PackedSequence], batch
         with autocast_for(rt.device):
             rewards = sequence_rewards(model, {k: v.to(rt.device) for k, v in batch.items()})
         local[start:start + len(chunk)] = rewards[:len(chunk)].double()
+        if progress is not None:  # ranks run in lockstep: order[:k * dp] is scored when each has scored k
+            progress.update(min(len(order), (start + batch_size) * dp) - min(len(order), start * dp))
     return _require_finite(_gather_in_order(local, order, rt))
 
 
@@ -141,16 +146,28 @@ def scoring_setup(metadata: dict, model: ModelConfig, tokenizer: Tokenizer) -> t
 
 
 def load_reward_model(ckpt: str, rt: Runtime, key: str = "ckpt") -> tuple[nn.Module, Tokenizer, dict]:
-    """A value-head checkpoint in the runtime's layout (FSDP over DP, like training:
-    score_sequences runs the same forwards on every rank), its tokenizer and metadata."""
+    """A value-head checkpoint in the runtime's layout, its tokenizer and metadata."""
+    path, meta, tokenizer = reward_checkpoint(ckpt, key)
+    return reward_weights(path, meta, rt), tokenizer, meta.metadata
+
+
+def reward_checkpoint(ckpt: str, key: str = "ckpt") -> tuple[Path, CheckpointMeta, Tokenizer]:
+    """A value-head checkpoint's path, metadata and tokenizer, without its weights: what a
+    stage needs to read its inputs as the model will score them, before the slow load."""
     path = resolve_checkpoint(ckpt, key)
     meta = checkpoint_of_head(path, "value", key)
     if not (path / TOKENIZER_DIR).is_dir():
         raise ConfigError(key, f"{path} has no {TOKENIZER_DIR}/ folder", "score with a checkpoint that has one")
+    return path, meta, Tokenizer.from_dir(path / TOKENIZER_DIR)
+
+
+def reward_weights(path: Path, meta: CheckpointMeta, rt: Runtime) -> nn.Module:
+    """The reward model of `reward_checkpoint` in the runtime's layout (FSDP over DP, like
+    training: score_sequences runs the same forwards on every rank)."""
     model = build_model(meta.model, "value", rt.dims, rt.mesh, rt.device)
     note_untrusted(path, rt)
     load_checkpoint(path, model, group=rt.group)
-    return model, Tokenizer.from_dir(path / TOKENIZER_DIR), meta.metadata
+    return model
 
 
 def read_scoring_input(path: str, prompt_key: str,

@@ -10,8 +10,8 @@ and the numbers go into `labels_meta.json`; `reward_histogram.png` shows both di
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
-from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.config.samples import LabelConfig
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.hub_datasets import hub_options, source_key
@@ -20,8 +20,15 @@ from offline_rlhf.data.skips import Skips, describe
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.labeling.normalize import counts_by_source, labeled_records, normalization_stats, normalize
 from offline_rlhf.labeling.plots import reward_histogram
-from offline_rlhf.labeling.samples import Sample, read_samples, select_per_prompt
-from offline_rlhf.labeling.scoring import encode_scored, load_reward_model, score_sequences, scoring_setup
+from offline_rlhf.labeling.samples import Sample, read_samples, selected_per_prompt
+from offline_rlhf.labeling.scoring import (
+    encode_scored,
+    reward_checkpoint,
+    reward_weights,
+    score_sequences,
+    scoring_setup,
+)
+from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.stage_support import mark_done
 
@@ -31,23 +38,26 @@ META = "labels_meta.json"
 
 
 def main(cfg: LabelConfig) -> int:
-    rm_path = resolve_checkpoint(cfg.rm, "rm")
-    model_cfg = read_meta(rm_path).model
-    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-        model, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
-        template, max_len = scoring_setup(metadata, model_cfg, tokenizer)
-        samples, skipped = read_inputs(cfg, template)
-        rt.log(f"label: scoring {len(samples)} samples with {rm_path}")
+    rm_path, rm_meta, tokenizer = reward_checkpoint(cfg.rm, key="rm")
+    metadata = rm_meta.metadata
+    with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, rm_meta.model, cfg) as (rt, usage):
+        template, max_len = scoring_setup(metadata, rm_meta.model, tokenizer)
+        samples, skipped = read_inputs(cfg, template)  # before the model: a bad input fails in seconds
         encoded = encode_scored(tokenizer, template, [(s.prompt, s.response) for s in samples], max_len,
                                 [s.finished is not False for s in samples], [s.turns for s in samples])
         sequences = unpacked(encoded)
-        raw = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id)
+        model = reward_weights(rm_path, rm_meta, rt)
+        rt.log(f"label: scoring {len(samples)} samples with {rm_path}")
+        progress = Progress(STAGE, len(sequences), enabled=rt.is_main, unit="sample")
+        raw = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id, progress)
+        progress.close()
         # Statistics over every scored answer: selecting the best per prompt must not move the scale.
         stats = normalization_stats(cfg.normalization, raw, metadata, str(rm_path))
         usage.tokens = sum(map(len, sequences))
-        kept = select_per_prompt(samples, raw, {i.name or i.path: i.select for i in cfg.inputs})
-        dropped = len(samples) - len(kept)
-        samples, raw, encoded = [samples[i] for i in kept], [raw[i] for i in kept], [encoded[i] for i in kept]
+        marks = selected_per_prompt(samples, raw, {i.name or i.path: i.select for i in cfg.inputs})
+        dropped = len(samples) - len(marks)
+        samples = [replace(samples[i], selected=mark) for i, mark in marks.items()]
+        raw, encoded = [raw[i] for i in marks], [encoded[i] for i in marks]
         normalized = normalize(raw, stats)
         if rt.is_main:
             write_jsonl(rt.stage_dir / LABELED, labeled_records(samples, raw, normalized))

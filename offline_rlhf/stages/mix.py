@@ -8,7 +8,7 @@ import json
 from offline_rlhf.config.samples import MixConfig
 from offline_rlhf.config.schema import ParallelConfig
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.labeling.mix import card, card_markdown, draw, read_labeled_records
+from offline_rlhf.labeling.mix import card, card_markdown, draw, read_labeled_records, repetition_notes
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.stage_support import mark_done
 
@@ -28,6 +28,8 @@ def main(cfg: MixConfig) -> int:
         mark_done(rt, rt.stage_dir / ALIGNMENT)
         groups = ", ".join(f"{g} {s['taken']}" + (" pairs" if g == "preference" else "") for g, s in stats.items())
         rt.log(f"mix done: {len(mixed)} samples ({groups}) in {rt.stage_dir / ALIGNMENT}")
+        for note in repetition_notes(stats):
+            rt.log(note)
         for group in (g for g, s in stats.items() if s.get("missing")):
             rt.log(f"mix: warning: the input has no {group} samples; the other groups took its share "
                    f"(label them with `orlhf label inputs=...`)")

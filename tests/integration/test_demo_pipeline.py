@@ -58,7 +58,8 @@ def test_every_stage_leaves_its_artifacts(demo_run):
     labeled = json.loads((demo_run / "label" / "labels_meta.json").read_text())
     # the best and the worst answer of each prompt (one when all four answers are alike)
     assert 600 < labeled["by_source"]["generated:generated"] <= 1200
-    assert labeled["not_selected"] == 2400 - labeled["by_source"]["generated:generated"]
+    blank = sum(labeled["skipped"]["generated"].values())  # answers skipped before best/worst selection
+    assert labeled["not_selected"] == 2400 - blank - labeled["by_source"]["generated:generated"]
     assert card["groups"]["generated"]["taken"] == labeled["by_source"]["generated:generated"]
     groups = card["groups"]  # preference pairs count as two samples (chosen and rejected)
     assert card["samples"] == groups["generated"]["taken"] + groups["sft"]["taken"] + 2 * groups["preference"]["taken"]

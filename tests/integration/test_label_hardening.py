@@ -3,6 +3,7 @@ at max_new_tokens and over-long samples: counted and reported, not fatal; `stric
 the error; cut-off generations are left out by default and, kept, scored without an EOS."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -122,3 +123,47 @@ def test_rm_score_scores_cut_off_generations_without_eos(files, tmp_path):
     assert label(files, tmp_path / "label", "include_unfinished=true") == 0
     labeled = {(r["prompt"], r["response"]): r["reward_raw"] for r in outputs(tmp_path / "label")[0]}
     assert len(scored) == 6 and all(abs(labeled[r["prompt"], r["response"]] - r["reward_raw"]) < 1e-4 for r in scored)
+
+
+def test_inputs_are_read_before_the_reward_model_is_loaded(files, tmp_path, monkeypatch, capsys):
+    """A typo'd path or a malformed line fails before the (slow, at scale) model load."""
+    import offline_rlhf.stages.label as stage
+
+    loads, load = [], stage.reward_weights
+    monkeypatch.setattr(stage, "reward_weights", lambda *args: loads.append(args) or load(*args))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    for path, error in ((tmp_path / "typo.jsonl", "typo.jsonl"), (bad, f"{bad}:2: expected an object with key")):
+        assert main(["label", f"run_dir={tmp_path}", f"rm={files / 'rm'}",
+                     f"inputs=[{{name: gen, kind: generated, path: {path}}}]"]) == 2
+        assert error in capsys.readouterr().err and loads == []
+    assert label(files, tmp_path / "good") == 0 and len(loads) == 1
+
+
+def test_empty_answers_are_skipped_and_counted_and_scoring_shows_progress(files, tmp_path, capsys):
+    path = tmp_path / "generated.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say something about {w}.", "response": r, "finished": True}) + "\n"
+                            for w, r in (("apple", "good apple"), ("paper", ""), ("music", " "), ("light", "light"))))
+    args = ["label", f"run_dir={tmp_path}", f"rm={files / 'rm'}", "batch_size=3",
+            f"inputs=[{{name: gen, kind: generated, path: {path}}}]"]
+    assert main(args) == 0
+    records, meta = outputs(tmp_path)
+    assert [r["response"] for r in records] == ["good apple", "light"]
+    assert meta["skipped"] == {"gen": {"blank 'response'": 2}}
+    out, err = capsys.readouterr()
+    assert "2 skipped (2 blank 'response')" in out.strip().splitlines()[-1]
+    assert "[progress] label: sample 2/2 (100%)" in err
+    assert main([*args, f"run_dir={tmp_path / 'strict'}", "strict=true"]) == 2
+    assert capsys.readouterr().err.strip() == (f"orlhf label: error: {path}:2: expected 'response' to be non-empty "
+                                               "text (blank)")
+
+
+def test_scoring_progress_counts_what_every_rank_scored(files):
+    rt = runtime_for(ParallelDims(dp=1, tp=1), None)
+    model, tokenizer, _ = load_reward_model(str(files / "rm"), rt)
+    sequences = unpacked([encode_sft(tokenizer, ChatTemplate(), f"p{i}", "river " * (i + 1), 64, "t")
+                          for i in range(11)])
+    steps = []
+    assert score_sequences(model, sequences, 3, rt, tokenizer.pad_id, SimpleNamespace(update=steps.append)) == \
+        score_sequences(model, sequences, 3, rt, tokenizer.pad_id)
+    assert steps == [3, 3, 3, 2]  # one DP rank: its batches of 3

@@ -86,6 +86,18 @@ def test_tp2_labels_equal_tp1(task_run, tmp_path):
         assert abs(one["reward_raw"] - two["reward_raw"]) < 1e-5
 
 
+def test_dp2_progress_counts_every_ranks_samples(task_run, tmp_path):
+    """Two replicas each score half: the progress line counts both halves, to the total."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "offline_rlhf.cli", *label_args(task_run, tmp_path, "rm_plain", "parallel.dp=2",
+                                                                    "batch_size=16")],
+                            cwd=REPO_ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    lines = [line for line in result.stderr.decode().splitlines() if line.startswith("[progress] label:")]
+    assert lines and lines[-1].startswith("[progress] label: sample 140/140 (100%)")
+    assert len(labeled(tmp_path)) == 140
+
+
 def mix(task_run, out, *extra):
     assert main(["mix", f"run_dir={out}", f"input={task_run / 'labeled' / 'label' / 'labeled.jsonl'}", *extra]) == 0
     return [json.loads(line) for line in (out / "mix" / "alignment.jsonl").read_text().splitlines()]
@@ -188,3 +200,58 @@ def test_label_scores_multi_turn_prompts_as_the_reward_model_was_trained(tmp_pat
         assert [sequence.input_ids for sequence in scored.pop()] == with_turns
         records = labeled(tmp_path / kind)
         assert records[0]["turns"] == [list(t) for t in chosen[0].turns] and "turns" not in records[1]
+
+
+def test_best_worst_is_the_same_at_any_batch_size_and_rows_join_back_to_the_samples(task_run, tmp_path):
+    """Generated records as `orlhf generate` writes them (id, sample, ...), two answers per
+    prompt and one prompt answered "." four times: at batch 7 and 64 alike, that prompt keeps
+    one record (its copies are one answer) and every kept row names its sample and its role."""
+    rows = [json.loads(line) for line in (task_run / "task" / "sft.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if len(r["response"].strip()) >= 8][:8]
+    answers = [(r["prompt"], [r["response"], r["response"][:len(r["response"]) // 2].strip()]) for r in rows]
+    answers.append(("Say nothing.", ["."] * 4))
+    samples = [{"id": f"task-{p}", "sample": s, "prompt": prompt, "response": text, "model": "sft",
+                "finished": True, "finish_reason": "eos", "prompt_truncated": False}
+               for p, (prompt, texts) in enumerate(answers) for s, text in enumerate(texts)]
+    generated = tmp_path / "samples.jsonl"
+    generated.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    by_key = {(s["id"], s["sample"]): s for s in samples}
+    kept = {}
+    for batch in (7, 64):
+        assert main(["label", f"run_dir={tmp_path / str(batch)}", f"rm={task_run / 'rm_plain'}", f"batch_size={batch}",
+                     f"inputs=[{{name: gen, kind: generated, path: {generated}, select: best_worst}}]"]) == 0
+        records = labeled(tmp_path / str(batch))
+        assert [r["selected"] for r in records if r["id"] == "task-8"] == ["only"]
+        for record in records:
+            source = by_key[record["id"], record["sample"]]
+            assert (record["prompt"], record["response"], record["finish_reason"]) == \
+                (source["prompt"], source["response"], "eos")
+        for p in range(8):
+            best, worst = (next(r for r in records if r["id"] == f"task-{p}" and r["selected"] == side)
+                           for side in ("best", "worst"))
+            assert best["reward_raw"] > worst["reward_raw"]
+        kept[batch] = [(r["id"], r["sample"], r["selected"]) for r in records]
+    assert kept[7] == kept[64] and len(kept[7]) == 17
+
+
+def test_mix_says_which_group_it_repeats(task_run, labeled_set, tmp_path, capsys):
+    records = mix(task_run, tmp_path, "weights.sft=6")
+    out = capsys.readouterr().out
+    assert len(records) == 20 + 120 + 20
+    assert "mix: sft repeated 2.0x (60 available, 120 drawn); lower weights.sft or total to repeat less" in out
+    assert out.count("repeated") == 1
+    card = json.loads((tmp_path / "mix" / "dataset_card.json").read_text())
+    assert card["groups"]["sft"]["repetition"] == 2.0 and card["groups"]["generated"]["repetition"] == 1.0
+    assert "| sft | 60 | 120 | 60 | 2.00x |" in (tmp_path / "mix" / "dataset_card.md").read_text()
+
+
+def test_duplicate_input_names_and_all_zero_mix_weights_are_config_errors(task_run, tmp_path, capsys):
+    task = task_run / "task"
+    assert main(["label", f"run_dir={tmp_path}", f"rm={task_run / 'rm_plain'}",
+                 f"inputs=[{{name: gen, kind: generated, path: {task}/sft.jsonl, select: best}},"
+                 f" {{name: gen, kind: sft, format: jsonl, path: {task}/sft.jsonl}}]"]) == 2
+    assert capsys.readouterr().err.strip() == ("orlhf label: error: inputs[gen].name: names two inputs; give each "
+                                               "input its own name (its records' `source` in labeled.jsonl)")
+    assert main(["mix", f"run_dir={tmp_path}", f"input={tmp_path}/missing.jsonl", "weights.generated=0",
+                 "weights.sft=0", "weights.preference=0"]) == 2
+    assert "orlhf mix: error: weights: are all 0" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.labeling.mix import read_labeled_records
 from offline_rlhf.labeling.normalize import labeled_records
 from offline_rlhf.labeling.pairs import ranked_pairs
-from offline_rlhf.labeling.samples import Sample, read_samples, select_per_prompt
+from offline_rlhf.labeling.samples import Sample, read_samples, selected_per_prompt
 from offline_rlhf.labeling.scoring import encode_scored
 from tests.local_data import OASST_TREES
 from tests.unit.data.test_chat_template import CHATML
@@ -145,20 +145,24 @@ def test_a_malformed_turns_field_is_an_error_naming_file_and_line(turns, problem
         read_labeled_records(str(labeled))
 
 
-def test_a_blank_turn_and_an_empty_cut_off_answer_are_skipped_and_counted(conversation, tmp_path):
-    """As a blank prompt is; an empty finished answer is still an answer (its end of turn is scored)."""
+def test_a_blank_turn_and_empty_answers_are_skipped_and_counted(conversation, tmp_path):
+    """As a blank prompt is, and as `orlhf align` skips a blank answer: cut off or finished,
+    an empty (or blank) answer gives a reward nothing to rank."""
     good, _, one_turn = generated(conversation)
     blank_turn = {**good, "turns": [[role, " " if index == 1 else text]
                                     for index, (role, text) in enumerate(good["turns"])]}
     empty_cut = {**one_turn, "response": "", "finished": False}
-    empty = {**one_turn, "response": ""}
-    path = write_jsonl(tmp_path / "samples.jsonl", [good, blank_turn, empty_cut, empty])
+    empty, blank = {**one_turn, "response": ""}, {**one_turn, "response": " \n"}
+    path = write_jsonl(tmp_path / "samples.jsonl", [good, blank_turn, empty_cut, empty, blank])
     skips = Skips()
     samples = read_samples("gen", "generated", "jsonl", str(path), PAPER, None, 0, skips, include_unfinished=True)
-    assert [(s.response, s.turns) for s in samples] == [(good["response"], conversation.turns), ("", ())]
-    assert skips.counts == {"blank 'turns' turn": 1, "blank unfinished 'response'": 1}
+    assert [(s.response, s.turns) for s in samples] == [(good["response"], conversation.turns)]
+    assert skips.counts == {"blank 'turns' turn": 1, "blank 'response'": 3}
     with pytest.raises(UnusableRecord, match=f"^{re.escape(str(path))}:2: expected every turn of 'turns' to have text"):
         read_samples("gen", "generated", "jsonl", str(path), PAPER, None, 0, Skips(strict=True))
+    strict = write_jsonl(tmp_path / "empty.jsonl", [good, empty])
+    with pytest.raises(UnusableRecord, match=f"^{re.escape(str(strict))}:2: expected 'response' to be non-empty text"):
+        read_samples("gen", "generated", "jsonl", str(strict), PAPER, None, 0, Skips(strict=True))
 
 
 def test_answers_are_grouped_by_prompt_text_and_turns(conversation):
@@ -174,7 +178,7 @@ def test_answers_are_grouped_by_prompt_text_and_turns(conversation):
     assert counts == {"prompts": 2, "pairs": 1, "single_sample": 1, "tie": 0, "below_gap": 0}
     samples = [Sample(r["prompt"], r["response"], "gen", "generated", turns=tuple(map(tuple, r.get("turns", ()))))
                for r in records]
-    assert select_per_prompt(samples, [r["reward"] for r in records], {"gen": "worst"}) == [1, 2]
+    assert list(selected_per_prompt(samples, [r["reward"] for r in records], {"gen": "worst"})) == [1, 2]
 
 
 def test_the_paper_template_folds_a_prompts_turns_with_its_own_tags(tokenizer, conversation):

@@ -6,7 +6,7 @@ import pytest
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.samples import LabelInputConfig
-from offline_rlhf.labeling.samples import Sample, select_per_prompt
+from offline_rlhf.labeling.samples import Sample, selected_per_prompt
 
 SAMPLES = [Sample("p", "a", "gen", "generated"), Sample("p", "b", "gen", "generated"),
            Sample("q", "c", "gen", "generated"), Sample("p", "d", "gen", "generated"),
@@ -17,13 +17,13 @@ REWARDS = [0.5, 2.0, -1.0, -3.0, 9.0]
 @pytest.mark.parametrize("select,kept", [("all", [0, 1, 2, 3, 4]), ("best", [1, 2, 4]), ("worst", [2, 3, 4]),
                                          ("best_worst", [1, 2, 3, 4])])
 def test_per_prompt_selection_keeps_the_extremes_and_other_inputs_whole(select, kept):
-    assert select_per_prompt(SAMPLES, REWARDS, {"gen": select, "sft": "all"}) == kept
+    assert list(selected_per_prompt(SAMPLES, REWARDS, {"gen": select, "sft": "all"})) == kept
 
 
 def test_ties_keep_the_first_and_best_worst_of_one_answer_keeps_it_once():
     samples = [Sample("p", "a", "gen", "generated"), Sample("p", "b", "gen", "generated")]
-    assert select_per_prompt(samples, [1.0, 1.0], {"gen": "best"}) == [0]
-    assert select_per_prompt(samples[:1], [1.0], {"gen": "best_worst"}) == [0]
+    assert list(selected_per_prompt(samples, [1.0, 1.0], {"gen": "best"})) == [0]
+    assert list(selected_per_prompt(samples[:1], [1.0], {"gen": "best_worst"})) == [0]
 
 
 def test_selection_is_validated_per_input():
