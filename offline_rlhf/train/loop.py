@@ -192,19 +192,12 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
             started = time.perf_counter()
             batches = _micro_batches(data, stream, state, train_cfg, per_rank, rt.dp_rank)
             loaded = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            metrics, tokens = train_step(task, model, optimizer, batches, rt, optim_cfg.grad_clip)
-            scheduler.step()
-            state.step += 1
-            state.tokens_seen += tokens
-            consumed = state.data_position.get("samples_consumed", 0) + train_cfg.global_batch
-            skipped = state.data_position.get("skipped_steps", 0) + int(metrics["skipped_step"])
-            state.data_position = {"samples_consumed": consumed, "skipped_steps": skipped}
+            metrics, tokens = _optimizer_step(task, model, (optimizer, scheduler), batches, state, train_cfg,
+                                              optim_cfg.grad_clip, rt)
             usage.tokens += tokens
             usage.beat()
-            metrics.update(lr=lr,
-                           **throughput_metrics(tokens, time.perf_counter() - started, loaded - started, ckpt.model,
-                                                ckpt.head, data.seq_len, rt))
+            metrics.update(throughput_metrics(tokens, time.perf_counter() - started, loaded - started, ckpt.model,
+                                              ckpt.head, data.seq_len, rt))
             result.last_train = metrics
             log.train(state.step, metrics, every=train_cfg.log_every)
             check_learned(model, state, steps, train_cfg, rt)
@@ -224,6 +217,23 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
                 raise StoppedBySignal.after_saving(state.step, steps, result.checkpoint, rt)
     log.close()
     return result
+
+
+def _optimizer_step(task: Task, model: nn.Module, optimization: tuple, batches: list[Batch], state: TrainState,
+                    cfg: TrainConfig, grad_clip: float, rt: Runtime) -> tuple[dict[str, float], int]:
+    """One step on `batches`: (optimizer, scheduler) advanced, `state` counting it (step,
+    tokens, the data position and skipped steps a checkpoint saves); its metrics with the
+    rate it used, and its tokens."""
+    optimizer, scheduler = optimization
+    lr = scheduler.get_last_lr()[0]
+    metrics, tokens = train_step(task, model, optimizer, batches, rt, grad_clip)
+    scheduler.step()
+    state.step += 1
+    state.tokens_seen += tokens
+    consumed = state.data_position.get("samples_consumed", 0) + cfg.global_batch
+    skipped = state.data_position.get("skipped_steps", 0) + int(metrics["skipped_step"])
+    state.data_position = {"samples_consumed": consumed, "skipped_steps": skipped}
+    return {**metrics, "lr": lr}, tokens
 
 
 @contextmanager
