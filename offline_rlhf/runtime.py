@@ -86,7 +86,7 @@ def _claimed(stage: str, stage_dir: Path, env: DistEnv, device: torch.device, co
         except ConfigError as err:
             problem = err
     try:
-        raise_everywhere(problem, env, device)
+        raise_everywhere(problem, device, "prepare the stage folder or take its lock")
         if lock is not None:
             earlier = open_stage(stage_dir, note, config_text(config, model))
         yield
@@ -99,18 +99,24 @@ def _claimed(stage: str, stage_dir: Path, env: DistEnv, device: torch.device, co
             release_stage_lock(lock)
 
 
-def raise_everywhere(problem: Exception | None, env: DistEnv, device: torch.device,
-                     what: str = "prepare the stage folder or take its lock") -> None:
+def raise_everywhere(problem: Exception | None, device: torch.device, what: str, key: str = "run_dir") -> None:
     """A collective in place of a barrier after work rank 0 does alone: its `problem`
-    fails every rank (the others would wait at the barrier for ever); theirs say that rank
-    0 could not do `what`."""
-    if env.world_size > 1:
-        failed = torch.tensor([problem is not None], dtype=torch.int32, device=device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if failed.item() and problem is None:
-            problem = ConfigError("run_dir", f"rank 0 could not {what} (its message says why)")
+    fails every rank (the others would wait at the barrier for ever); theirs name `key` and
+    say that rank 0 could not do `what`."""
+    if any_rank(problem is not None, device) and problem is None:
+        problem = ConfigError(key, f"rank 0 could not {what} (its message says why)")
     if problem is not None:
         raise problem
+
+
+def any_rank(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether `flag` is true on any rank of `group` (None: the default group, the stage's
+    world); one process needs no collective."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
 
 
 def check_sequence_length(config, model: ModelConfig | None) -> None:

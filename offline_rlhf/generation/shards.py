@@ -34,7 +34,7 @@ def resume_shards(rt: Runtime, fingerprint: dict, n: int, schema: int | None = N
                     rt.log(f"cut a torn last line (and an incomplete item's records) from {path}")
         except (ConfigError, DataError) as err:  # a changed config, a damaged shard
             problem = err
-    raise_everywhere(problem, rt.env, rt.device, "resume the shards")
+    raise_everywhere(problem, rt.device, "resume the shards")
     records = read_shard_records(rt.stage_dir, schema)
     return answered_prompts(records, n), records
 

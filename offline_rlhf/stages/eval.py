@@ -35,7 +35,7 @@ from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import shard_indices
 from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
-from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.runtime import Runtime, raise_everywhere, stage_runtime
 from offline_rlhf.stage_support import (
     checkpoint_of_head,
     checkpoint_template,
@@ -136,13 +136,7 @@ def on_main(rt: Runtime, make: Callable[[], T]) -> T | None:
             value = make()
         except ConfigError as err:
             problem = err
-    if rt.group is not None:
-        failed = torch.tensor([problem is not None], dtype=torch.int32, device=rt.device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=rt.group)
-        if failed.item() and problem is None:
-            problem = ConfigError("gold", "rank 0 could not load the gold reward (its message says why)")
-    if problem is not None:
-        raise problem
+    raise_everywhere(problem, rt.device, "load the gold reward", key="gold")
     return value
 
 

@@ -50,7 +50,7 @@ from offline_rlhf.config.schema import LoggingConfig, ModelConfig, OptimConfig, 
 from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.grad import clip_grad_norm_
 from offline_rlhf.parallel.parallelize import loss_context
-from offline_rlhf.runtime import Runtime, autocast_for
+from offline_rlhf.runtime import Runtime, any_rank, autocast_for
 from offline_rlhf.stage_support import check_resumable
 from offline_rlhf.train.metrics_log import MetricsLog, throughput_metrics
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
@@ -204,7 +204,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
             final = state.step == steps
             # The last step finishes normally; a stop skips this step's validation: the time
             # before Slurm's kill is for the save.
-            stopping = not final and any_rank(requested.is_set(), rt)
+            stopping = not final and any_rank(requested.is_set(), rt.device, rt.group)
             if not stopping and (final or (train_cfg.val_every and state.step % train_cfg.val_every == 0)):
                 result.last_val = validate(task, model, data, train_cfg, rt)
                 log.validation(state.step, result.last_val)
@@ -253,15 +253,6 @@ def _stop_requests() -> Iterator[threading.Event]:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
-def any_rank(flag: bool, rt: Runtime) -> bool:
-    """Whether `flag` is true on any rank (collective over the default group)."""
-    if rt.dims.world_size == 1:
-        return flag
-    value = torch.tensor(int(flag), device=rt.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=rt.group)
-    return bool(value.item())
-
-
 class TrainingFailed(ConfigError):
     """Training ran but learned nothing usable: the stage fails (no final checkpoint, no
     DONE) with one line naming the setting to change."""
@@ -289,7 +280,7 @@ def weights_finite(model: nn.Module, rt: Runtime) -> bool:
     bad = torch.zeros((), device=rt.device)
     for tensor in local:
         bad += (~torch.isfinite(tensor.detach())).sum()
-    return not any_rank(bool(bad), rt)  # any rank's shard spoils the model
+    return not any_rank(bool(bad), rt.device, rt.group)  # any rank's shard spoils the model
 
 
 def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt: Runtime,
