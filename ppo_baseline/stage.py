@@ -241,7 +241,7 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
     rt.log(f"ppo: {len(prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} responses "
            f"on {rt.dims.world_size} actor process(es) (TP={rt.dims.tp} x DP={rt.dims.dp}), starting at iteration "
            f"{start}; starting the reward, reference and critic services")
-    checkpoint = latest_checkpoint(setup.checkpoints)
+    checkpoint = latest
     # Rank 0 alone starts and calls the services (the TP and DP ranks get its answers).
     with (Services(cfg, rt.stage_dir) if rt.is_main else nullcontext()) as services, \
             ThreadPoolExecutor(3, thread_name_prefix="ppo-call") as pool:
