@@ -192,9 +192,16 @@ def open_stage(stage_dir: Path, note: str | None, config_text: str) -> dict[str,
     two files held before (None: absent), for `restore_stage`."""
     if note:
         print(note, flush=True)
-    earlier = {name: _text_or_none(stage_dir / name) for name in (DONE, CONFIG_FILE)}
-    (stage_dir / DONE).unlink(missing_ok=True)
+    earlier = {CONFIG_FILE: _text_or_none(stage_dir / CONFIG_FILE), **clear_done(stage_dir)}
     (stage_dir / CONFIG_FILE).write_text(config_text)
+    return earlier
+
+
+def clear_done(stage_dir: Path) -> dict[str, str | None]:
+    """Remove a stage's DONE before its rerun changes anything; returns what it held, for
+    `restore_stage`."""
+    earlier = {DONE: _text_or_none(stage_dir / DONE)}
+    (stage_dir / DONE).unlink(missing_ok=True)
     return earlier
 
 

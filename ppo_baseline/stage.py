@@ -48,14 +48,14 @@ from offline_rlhf.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
-from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.schema import InitConfig
 from offline_rlhf.data.chat_template import ChatFormat, template_record
 from offline_rlhf.data.prompts import read_prompt_mix
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.generation.engine import DecodeSession
-from offline_rlhf.host import DONE
+from offline_rlhf.host import clear_done, restore_stage
 from offline_rlhf.labeling.scoring import scoring_setup
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
@@ -114,19 +114,32 @@ def main(cfg: PPOConfig) -> int:
         with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
             cfg.check_world(rt.dims.dp)
             rt = replace(rt, stage_dir=Path(cfg.run_dir) / OUT)
+            earlier = None
             if rt.is_main:
                 rt.stage_dir.mkdir(parents=True, exist_ok=True)
-                (rt.stage_dir / DONE).unlink(missing_ok=True)
-            start, final = resume_point(cfg, rt)  # before any weights load or service starts
-            if start == cfg.ppo.iterations:
-                rt.log(f"ppo: {final} already holds all {start} iterations; nothing to do (no service started)")
-            else:
-                final = run_actor(cfg, init, rt, usage, model_cfg, template)
-                rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
+                earlier = clear_done(rt.stage_dir)  # the runtime's open_stage cleared R/ppo_actor's only
+            try:
+                final = run_from_resume_point(cfg, init, rt, usage, model_cfg, template)
+            except ResumeRefused:
+                if earlier is not None:  # nothing was written: the outputs stand as before, complete or not
+                    restore_stage(rt.stage_dir, earlier)
+                raise
             mark_done(rt, final)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def run_from_resume_point(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
+                          template: ChatTemplate | ChatFormat) -> Path:
+    """The final actor checkpoint: the one already holding every iteration, or a new one."""
+    start, final = resume_point(cfg, rt)  # before any weights load or service starts
+    if start == cfg.ppo.iterations:
+        rt.log(f"ppo: {final} already holds all {start} iterations; nothing to do (no service started)")
+        return final
+    final = run_actor(cfg, init, rt, usage, model_cfg, template)
+    rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
+    return final
 
 
 def _raise_exit(signum, frame):
@@ -208,7 +221,7 @@ def resume_point(cfg: PPOConfig, rt: Runtime) -> tuple[int, Path | None]:
     check_resumable(meta.metadata.get(CONFIG_KEY), resume_fingerprint(cfg), rt.stage_dir)
     step, over = meta.train_state.step, f"delete {rt.stage_dir} to start this stage over"
     if step > cfg.ppo.iterations:
-        raise ConfigError("ppo.iterations", f"{cfg.ppo.iterations} is below the {step} iterations that {latest} "
+        raise ResumeRefused("ppo.iterations", f"{cfg.ppo.iterations} is below the {step} iterations that {latest} "
                           "already holds", f"set ppo.iterations={step} to finish with it (or more to continue), "
                           f"or {over}")
     if step < cfg.ppo.iterations and not (critic / step_dir_name(step)).is_dir():

@@ -4,7 +4,7 @@ critic skipping its steps fails the run without DONE (the critic's count resumes
 actor's checkpoint), and a rerun decides before starting any service (nothing to do, a
 checkpoint past ppo.iterations, a start-over clearing the critic's old checkpoints, a
 resume lacking the critic's checkpoint, a changed config or rewritten prompts naming the
-stage folder)."""
+stage folder, each refusal leaving the finished run's DONE as it was)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def test_prompts_fit_the_reward_models_length_and_reruns_decide_before_starting_
     again = run(run_dir, reward, "ppo.iterations=2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"ppo: {out / 'checkpoints' / 'step_00000002'} already holds all 2 iterations; nothing to do" in again.stdout
-    assert services_started(run_dir) == 1 and (out / "DONE").read_text().strip().endswith("step_00000002")
+    done = (out / "DONE").read_text()
+    assert services_started(run_dir) == 1 and done.strip().endswith("step_00000002")
 
     fewer = run(run_dir, reward, "ppo.iterations=1")
     assert fewer.returncode == 2 and services_started(run_dir) == 1
@@ -91,6 +92,8 @@ def test_prompts_fit_the_reward_models_length_and_reruns_decide_before_starting_
         f"orlhf ppo: error: prompts: differs from the run that wrote {out} (1 changed: prompts); restore it, or "
         f"delete {out} to start this stage over")
     prompts.write_text(original)
+    # Was: each refused rerun removed DONE, and a pipeline then took the finished stage for unfinished.
+    assert (out / "DONE").read_text() == done
 
     shutil.rmtree(out / "critic" / "checkpoints" / "step_00000002")  # a resume needs the critic's of its iteration
     lost = run(run_dir, reward, "ppo.iterations=3")
