@@ -36,7 +36,7 @@ from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.stage_support import checkpoint_of_head, load_inference_model, note_untrusted
-from offline_rlhf.train.loop import Task
+from offline_rlhf.train.loop import Task, TrainingFailed, weights_finite
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
 from ppo_baseline.algorithm import value_loss
 from ppo_baseline.config import ServiceConfig
@@ -179,6 +179,13 @@ class Critic:
         return {("value_loss" if key == "loss" else f"critic_{key}"): value for key, value in metrics.items()}
 
     def save(self, step: int) -> Path:
+        """The critic's checkpoint of the actor's iteration `step`. Non-finite weights fail the
+        run (the actor saves after the critic, so no actor checkpoint or DONE follows): the
+        last iteration's update would otherwise reach the final checkpoint unnoticed, as no
+        later values call returns its NaN."""
+        if not weights_finite(self.model, self.rt):
+            raise TrainingFailed("services.critic.optim.lr", f"the critic's weights are not finite after iteration "
+                                 f"{step}; its checkpoint was not written", "lower services.critic.optim.lr and rerun")
         meta = CheckpointMeta(model=self.meta.model, head="value", train_state=TrainState(step=step),
                               scheduler=self.scheduler.state_dict(), metadata=self.meta.metadata)
         return save_checkpoint(self.root, self.model, meta, optimizer=self.optimizer, tokenizer_dir=self.tokenizer,

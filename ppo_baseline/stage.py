@@ -16,8 +16,8 @@ checkpoints, so that an old run's critic never meets a new actor.
 Prompts are cut to fit every module: the policy's, the reference's and the critic's
 max_seq_len and the reward model's recorded training length, less generation.max_new_tokens.
 A service answering non-finite numbers, or a run whose policy steps or critic steps were
-mostly skipped (non-finite gradients) or whose final policy weights are not finite, fails
-without DONE.
+mostly skipped (non-finite gradients) or whose final policy weights (or the critic's
+weights at a save) are not finite, fails without DONE.
 Outputs in R/ppo/: checkpoints/, metrics.jsonl, critic/checkpoints/, <service>/service.log,
 DONE naming the final actor checkpoint (an `lm` checkpoint with its tokenizer and template).
 """

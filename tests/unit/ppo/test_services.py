@@ -11,6 +11,7 @@ import torch
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ParallelConfig
 from offline_rlhf.parallel.dims import ParallelDims
+from offline_rlhf.train.loop import TrainingFailed
 from ppo_baseline.models import LOGPROBS, SAVED, SCORES, STEP, TRAINED, VALUES
 from ppo_baseline.services import Critic, build_service
 from ppo_baseline.wire import Payload, encode
@@ -101,6 +102,17 @@ def test_critic_save_and_load_restore_weights_and_optimizer(running, tmp_path):
     again = service.client.call("train", Payload(train.tensors, {"step": 1}), TRAINED).meta["value_loss"]
     assert again == pytest.approx(first, rel=1e-6)
     torch.testing.assert_close(service.client.call("values", Payload(batch), VALUES).tensors["values"], after_first)
+
+
+def test_a_critic_with_non_finite_weights_refuses_to_save(tmp_path, checkpoints):
+    rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, MODEL), None, tmp_path / "local")
+    critic = Critic(service_config("critic", tmp_path / "local", checkpoints[1]), rt)
+    with torch.no_grad():
+        next(critic.model.parameters())[0] = float("inf")
+    with pytest.raises(TrainingFailed, match="the critic's weights are not finite after iteration 3; its checkpoint "
+                                             "was not written; lower services.critic.optim.lr"):
+        critic.save(3)
+    assert not critic.root.exists()
 
 
 def test_bad_requests_get_a_4xx_naming_the_problem_and_the_service_keeps_serving(running):
