@@ -166,8 +166,11 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     meta = read_meta(path)
     if optimizer is not None and not meta.has_optimizer:
         raise ValueError(f"{path} holds no optimizer state; load it as weights only (optimizer=None)")
-    state = _tensor_state(model, optimizer)
     saved = _read_dcp_metadata(path)
+    target = optimizer
+    if optimizer is not None and _saved_groups(saved) == 1 < len(optimizer.param_groups):
+        optimizer = _one_group_like(optimizer)  # saved before weight decay spared 1-D parameters
+    state = _tensor_state(model, optimizer)
     _check_shard_sizes(path, saved)
     lacking = _lacking(saved, state["model"])
     unexpected = sorted(lacking - set(may_lack))
@@ -181,9 +184,25 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         set_model_state_dict(model, state["model"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for param, param_state in optimizer.state.items():  # the moments move to this run's groups
+            target.state[param] = param_state
     if restore_rng and meta.world_size == _world_size(group):
         _load_rng(path, _rank(group))
     return meta
+
+
+def _saved_groups(saved: Any) -> int:
+    """How many parameter groups the checkpoint's optimizer had (its DCP metadata `saved`)."""
+    prefix = "optim.param_groups."
+    return len({key[len(prefix):].split(".")[0] for key in saved.state_dict_metadata if key.startswith(prefix)})
+
+
+def _one_group_like(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """An optimizer of the same kind and settings over the same parameters in one group, to
+    load a one-group checkpoint into; its per-parameter state then moves to `optimizer`."""
+    one = type(optimizer)([param for group in optimizer.param_groups for param in group["params"]])
+    one.param_groups[0].update(optimizer.defaults)  # never steps: its settings only name what DCP loads
+    return one
 
 
 def _lacking(saved: Any, model_state: dict[str, Any]) -> set[str]:

@@ -40,8 +40,12 @@ def build_scheduler(optimizer, total_steps: int, cfg: OptimConfig) -> torch.opti
 def resume_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
     """Load a saved schedule position and set the rates its own rule gives there: the
     optimizer's saved rates are the saved run's, whose total steps a resumed run may have
-    changed (train.max_steps), and the first resumed step would use them otherwise."""
+    changed (train.max_steps), and the first resumed step would use them otherwise. The base
+    rates stay this run's, one per parameter group (the same lr: a resume cannot change it),
+    as a checkpoint from before weight decay spared 1-D parameters holds one group's."""
+    base_lrs = scheduler.base_lrs
     scheduler.load_state_dict(state)
+    scheduler.base_lrs = base_lrs
     for group, base, rule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * rule(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() tells

@@ -1,9 +1,10 @@
 """A resumed run whose total steps changed (train.max_steps, ppo.iterations may) continues on
 the new schedule from its first resumed step, as an uninterrupted run of the new length; and
-the optimizer decays matrices, not norm scales."""
+the optimizer decays matrices, not norm scales (older one-group checkpoints resume into both groups)."""
 
 import torch
 
+from offline_rlhf.checkpoint import CheckpointMeta, TrainState, load_checkpoint, save_checkpoint
 from offline_rlhf.config.schema import OptimConfig
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
 from tests.fixtures import reference_model
@@ -52,3 +53,32 @@ def test_weight_decay_shrinks_matrices_but_not_norm_scales():
     assert any(p.ndim < 2 for p in model.parameters())  # norms to leave alone
     undecayed = build_optimizer(model.parameters(), OptimConfig(lr=0.1), torch.device("cpu"))
     assert len(undecayed.param_groups) == 1  # as checkpoints written before hold it
+
+
+def test_a_one_group_checkpoint_resumes_into_the_decay_and_no_decay_groups(tmp_path):
+    """Was: a checkpoint saved before 1-D parameters were spared weight decay (one optimizer
+    group) failed to load ('Missing key ... param_groups.1.weight_decay'). Its moments move to
+    this run's two groups, whose rates follow the schedule alike."""
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=2)
+    model = reference_model()
+    old = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # as before: one group
+    old_schedule = build_scheduler(old, 10, cfg)
+    model(torch.randint(0, 50, (2, 8))).float().pow(2).mean().backward()
+    old.step()
+    old_schedule.step()
+    save_checkpoint(tmp_path, model, CheckpointMeta(model.cfg, "lm", TrainState(step=1),
+                                                    scheduler=old_schedule.state_dict()), optimizer=old)
+
+    resumed = reference_model()  # a new process's
+    optimizer = build_optimizer(resumed.parameters(), cfg, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, 10, cfg)
+    meta = load_checkpoint(tmp_path / "step_00000001", resumed, optimizer)
+    resume_schedule(scheduler, meta.scheduler)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+    for param, saved in zip(resumed.parameters(), model.parameters(), strict=True):
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optimizer.state[param][moment], old.state[saved][moment])
+    assert [group["lr"] for group in optimizer.param_groups] == [old.param_groups[0]["lr"]] * 2
+    scheduler.step()
+    old_schedule.step()
+    assert scheduler.get_last_lr() == old_schedule.get_last_lr() * 2
