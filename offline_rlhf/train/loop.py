@@ -167,6 +167,27 @@ class StoppedBySignal(SystemExit):
         return cls(step, checkpoint)
 
 
+@dataclass
+class _Run:
+    """What the steps of one `train` call share."""
+
+    task: Task
+    model: nn.Module
+    data: TrainData
+    cfg: TrainConfig
+    rt: Runtime
+    usage: Usage
+    ckpt: CheckpointSpec
+    optimization: tuple  # (optimizer, scheduler)
+    grad_clip: float
+    stream: SampleStream
+    per_rank: int  # items per data-parallel rank and step
+    state: TrainState
+    steps: int
+    log: MetricsLog
+    result: TrainResult
+
+
 def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig, optim_cfg: OptimConfig,
           logging_cfg: LoggingConfig, rt: Runtime, usage: Usage, ckpt: CheckpointSpec) -> TrainResult:
     if len(data.train) == 0:  # before any work: one line for the user, not SampleStream's ValueError
@@ -186,37 +207,50 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
     rt.log(f"training: {len(data.train)} items, {steps} steps of {train_cfg.global_batch} "
            f"({per_rank // train_cfg.micro_batch} micro-batches of {train_cfg.micro_batch} per rank), "
            f"starting at step {state.step}")
-    result = TrainResult(steps=steps, checkpoint=resumed_from)
+    run = _Run(task, model, data, train_cfg, rt, usage, ckpt, (optimizer, scheduler), optim_cfg.grad_clip, stream,
+               per_rank, state, steps, log, TrainResult(steps=steps, checkpoint=resumed_from))
     with _stop_requests() as requested:
         while state.step < steps:
-            started = time.perf_counter()
-            batches = _micro_batches(data, stream, state, train_cfg, per_rank, rt.dp_rank)
-            loaded = time.perf_counter()
-            metrics, tokens = _optimizer_step(task, model, (optimizer, scheduler), batches, state, train_cfg,
-                                              optim_cfg.grad_clip, rt)
-            usage.tokens += tokens
-            usage.beat()
-            metrics.update(throughput_metrics(tokens, time.perf_counter() - started, loaded - started, ckpt.model,
-                                              ckpt.head, data.seq_len, rt))
-            result.last_train = metrics
-            log.train(state.step, metrics, every=train_cfg.log_every)
-            check_learned(model, state, steps, train_cfg, rt)
+            _step(run)
             final = state.step == steps
             # The last step finishes normally; a stop skips this step's validation: the time
             # before Slurm's kill is for the save.
             stopping = not final and any_rank(requested.is_set(), rt.device, rt.group)
-            if not stopping and (final or (train_cfg.val_every and state.step % train_cfg.val_every == 0)):
-                result.last_val = validate(task, model, data, train_cfg, rt)
-                log.validation(state.step, result.last_val)
-            if stopping or final or state.step % train_cfg.save_every == 0:
-                metadata = ckpt.final_metadata(model) if final and ckpt.final_metadata else {}
-                result.checkpoint = _save(ckpt, model, optimizer, scheduler, state, train_cfg, metadata, rt)
-                usage.beat(force=True)  # a later kill then still accounts for everything up to here
+            _validate_and_save(run, final, stopping)
             if stopping:
                 log.close()
-                raise StoppedBySignal.after_saving(state.step, steps, result.checkpoint, rt)
+                raise StoppedBySignal.after_saving(state.step, steps, run.result.checkpoint, rt)
     log.close()
-    return result
+    return run.result
+
+
+def _step(run: _Run) -> None:
+    """One optimizer step with its accounting, metrics and learned-anything check."""
+    started = time.perf_counter()
+    batches = _micro_batches(run.data, run.stream, run.state, run.cfg, run.per_rank, run.rt.dp_rank)
+    loaded = time.perf_counter()
+    metrics, tokens = _optimizer_step(run.task, run.model, run.optimization, batches, run.state, run.cfg,
+                                      run.grad_clip, run.rt)
+    run.usage.tokens += tokens
+    run.usage.beat()
+    metrics.update(throughput_metrics(tokens, time.perf_counter() - started, loaded - started, run.ckpt.model,
+                                      run.ckpt.head, run.data.seq_len, run.rt))
+    run.result.last_train = metrics
+    run.log.train(run.state.step, metrics, every=run.cfg.log_every)
+    check_learned(run.model, run.state, run.steps, run.cfg, run.rt)
+
+
+def _validate_and_save(run: _Run, final: bool, stopping: bool) -> None:
+    """After a step: validation every val_every steps and at the end (not when stopping), a
+    checkpoint every save_every steps, at the end and when stopping."""
+    step, cfg = run.state.step, run.cfg
+    if not stopping and (final or (cfg.val_every and step % cfg.val_every == 0)):
+        run.result.last_val = validate(run.task, run.model, run.data, cfg, run.rt)
+        run.log.validation(step, run.result.last_val)
+    if stopping or final or step % cfg.save_every == 0:
+        metadata = run.ckpt.final_metadata(run.model) if final and run.ckpt.final_metadata else {}
+        run.result.checkpoint = _save(run.ckpt, run.model, *run.optimization, run.state, cfg, metadata, run.rt)
+        run.usage.beat(force=True)  # a later kill then still accounts for everything up to here
 
 
 def _optimizer_step(task: Task, model: nn.Module, optimization: tuple, batches: list[Batch], state: TrainState,
@@ -318,7 +352,6 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
     return metrics, int(totals[-1])
 
 
-@torch.no_grad()
 def validation_items(val: Sequence[Any], cfg: TrainConfig) -> list[Any]:
     """The whole split, or its first `val_batches` global batches: the same items under any
     layout (counted in micro-batches per rank they were more with more ranks or larger
@@ -326,6 +359,7 @@ def validation_items(val: Sequence[Any], cfg: TrainConfig) -> list[Any]:
     return list(val)[: cfg.val_batches * cfg.global_batch] if cfg.val_batches else list(val)
 
 
+@torch.no_grad()
 def validate(task: Task, model: nn.Module, data: TrainData, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
     """Every validation item once, split over dp ranks. Ranks run the same number of
     forwards (FSDP gathers weights collectively), repeating a batch with zero weight
