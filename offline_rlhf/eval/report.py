@@ -223,7 +223,7 @@ def side_by_side_markdown(entries: list[dict], results: dict | None, judge: dict
                     "below).")
     scorers = list(results["table"][results["baseline"]]) if results else []
     baseline = results["baseline"] if results else ""
-    prompts = results["prompts"] if results else 0
+    answers = results.get("answers", results["prompts"]) if results else 0  # before generation.n: one per prompt
     header = "".join(f" {s} mean ± s.e. | {s} − {baseline} ± paired s.e. | {s} win rate vs {baseline} [95% CI] |"
                      for s in scorers)
     column = judge is not None and judge_scores_label(judge) is not None
@@ -234,7 +234,7 @@ def side_by_side_markdown(entries: list[dict], results: dict | None, judge: dict
         cells = "".join(f" {score_cells(entry['quality'][s])} |" if s in entry["quality"] else " — | — | — |"
                         for s in scorers)
         judged = f" {_judge_cell(entry['judge'])} |" if column else ""
-        cut = f"{entry['cut_off']}/{prompts}" if entry["cut_off"] is not None else "—"
+        cut = f"{entry['cut_off']}/{answers}" if entry["cut_off"] is not None else "—"
         name = entry["model"] + (f" (`<rm_score> {entry['reward_prompt']:.1f}`)"
                                  if entry["reward_prompt"] is not None else "")
         lines.append(f"| {name} |{cells}{judged} {cut} | {_hours_cell(entry)} | {_share(entry)} |")

@@ -25,8 +25,15 @@ def compare(values: list[float], baseline: list[float], samples: int = 1000) -> 
             "win": win, "tie": tie, "loss": loss, "win_rate": win + tie / 2, "win_rate_low": low, "win_rate_high": high}
 
 
-def results_markdown(table: dict[str, dict], baseline: str, cut_off: dict[str, int] | None = None) -> str:
-    """One row per model; `cut_off[model]` counts its answers that ended at max_new_tokens."""
+def prompt_means(values: list[float], n: int) -> list[float]:
+    """Per prompt, the mean of its `n` consecutive values (its sampled answers' scores)."""
+    return [sum(values[at:at + n]) / n for at in range(0, len(values), n)]
+
+
+def results_markdown(table: dict[str, dict], baseline: str, cut_off: dict[str, int] | None = None,
+                     answers: int | None = None) -> str:
+    """One row per model; `cut_off[model]` counts its answers that ended at max_new_tokens,
+    of `answers` per model (default: one per prompt)."""
     scorers = list(next(iter(table.values())))
     header = " | ".join(f"{s} mean ± s.e. | {s} − {baseline} ± paired s.e. | {s} win rate vs {baseline} [95% CI]"
                         for s in scorers)
@@ -34,7 +41,7 @@ def results_markdown(table: dict[str, dict], baseline: str, cut_off: dict[str, i
     lines = [f"| model | {header} | {tail[0]}".rstrip(), "|---|" + "---:|---:|---:|" * len(scorers) + tail[1]]
     for name, row in table.items():
         cells = " | ".join(score_cells(row[s]) for s in scorers)
-        count = f" {cut_off[name]}/{row[scorers[0]]['n']} |" if cut_off is not None else ""
+        count = f" {cut_off[name]}/{answers or row[scorers[0]]['n']} |" if cut_off is not None else ""
         lines.append(f"| {name} | {cells} |{count}")
     return "\n".join(lines) + "\n"
 

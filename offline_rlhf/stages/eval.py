@@ -1,9 +1,11 @@
 """`orlhf eval`: every model answers the held-out prompts (Decision-Transformer models
 behind their reward prompt, at the target score their checkpoint records unless
-`reward_prompt` overrides it); answers are scored by the gold reward and/or the reward
-model; `results.md`/`results.json` hold per model and scorer the mean and standard error,
-the paired difference from the baseline (SFT) and the win rate with a bootstrap interval,
-and how many answers were cut off at max_new_tokens.
+`reward_prompt` overrides it), `generation.n` sampled answers per prompt; answers are
+scored by the gold reward and/or the reward model; `results.md`/`results.json` hold per
+model and scorer the mean and standard error, the paired difference from the baseline
+(SFT) and the win rate with a bootstrap interval, all over prompts (a prompt's score is the
+mean of its answers': its samples are not independent evidence), and how many answers were
+cut off at max_new_tokens.
 
 Every checkpoint, the reward model and the gold reward are checked before any model
 answers, so a typo in the last model's path costs seconds, not a generation run."""
@@ -28,7 +30,7 @@ from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.eval.gold import check_prompts, load_gold
-from offline_rlhf.eval.results import results_markdown, summarize
+from offline_rlhf.eval.results import prompt_means, results_markdown, summarize
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
@@ -84,10 +86,10 @@ def listed_models(cfg: EvalConfig) -> list[Model]:
 
 def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
                    rt: Runtime) -> tuple[list[tuple[str, bool, bool]], int]:
-    """The model's (answer, finished, prompt cut) for every prompt, in order, on every rank
-    (DP replicas split them; finished is False for an answer cut at max_new_tokens; a
-    prompt is cut when it does not fit the model's context beside max_new_tokens), and the
-    number of tokens generated."""
+    """The model's (answer, finished, prompt cut) for every prompt's `generation.n` samples,
+    prompt by prompt, on every rank (DP replicas split the prompts; finished is False for an
+    answer cut at max_new_tokens; a prompt is cut when it does not fit the model's context
+    beside max_new_tokens), and the number of tokens generated."""
     tokenizer = Tokenizer.from_dir(model.path / TOKENIZER_DIR)
     policy = load_inference_model(model.path, "lm", rt, f"models[{model.name}].checkpoint", decoding=True)
     template = model.template
@@ -101,12 +103,14 @@ def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
     # A conversation too long for the budget loses its oldest exchanges first.
     encoded = [fit_prompt(tokenizer, template, text, budget, prefix, turns)
                for text, turns in (prompts[i] for i in mine)]
-    # Sampling keyed by the global prompt index: the same answers at any DP size.
-    requests = [Request(ids, stream_id(i, 0), cfg.generation.max_new_tokens) for i, (ids, _) in zip(mine, encoded)]
+    # Sampling keyed by the global prompt index and sample: the same answers at any DP size.
+    n = cfg.generation.n
+    requests = [Request(ids, stream_id(i, sample), cfg.generation.max_new_tokens)
+                for i, (ids, _) in zip(mine, encoded) for sample in range(n)]
     completions = run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
                       rt.device, decode=tokenizer.decode)
-    answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length", cut)
-               for c, (_, cut) in zip(completions, encoded)]
+    answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length", encoded[row // n][1])
+               for row, c in enumerate(completions)]
     return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
 
 
@@ -157,20 +161,22 @@ def main(cfg: EvalConfig) -> int:
     template = paper_template(cfg.template)  # the gold reward scores plain paper-format text
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, models[0].meta.model, cfg) as (rt, usage):
         prompts = held_out_prompts(cfg)
-        texts, turns = [text for text, _ in prompts], [history for _, history in prompts]
+        rows = [prompt for prompt in prompts for _ in range(cfg.generation.n)]  # one per answer
+        texts, turns = [text for text, _ in rows], [history for _, history in rows]
         check_prompts(cfg.gold, cfg.prompts, cfg.prompt_key)
         gold = on_main(rt, lambda: load_gold(cfg.gold, rt.device, cfg.batch_size, template))
         answers, finished, cut = {}, {}, {}
         for model in models:
             rt.log(f"eval: {model.name} answers {len(prompts)} prompts" + (
+                f" ({cfg.generation.n} samples each)" if cfg.generation.n > 1 else "") + (
                 f" (reward prompt {model.reward_prompt:.1f} from the {model.reward_prompt_from})"
                 if model.reward_prompt is not None else ""))
             answered, generated = answer_prompts(model, prompts, cfg, rt)
             answers[model.name], finished[model.name], cut[model.name] = (list(column) for column in zip(*answered))
             usage.tokens += generated
             if any(cut[model.name]):
-                rt.log(f"eval: {sum(cut[model.name])} of {len(prompts)} prompts were cut to fit {model.name}'s "
-                       f"context (max_seq_len {model.meta.model.max_seq_len} - max_new_tokens "
+                rt.log(f"eval: {sum(cut[model.name]) // cfg.generation.n} of {len(prompts)} prompts were cut to fit "
+                       f"{model.name}'s context (max_seq_len {model.meta.model.max_seq_len} - max_new_tokens "
                        f"{cfg.generation.max_new_tokens}): a conversation's oldest exchanges first, then its start")
         scores = {name: {} for name in answers}
         if cfg.rm:
@@ -190,20 +196,27 @@ def main(cfg: EvalConfig) -> int:
 def write_results(rt: Runtime, cfg: EvalConfig, models: list[Model], prompts: list[PromptTurns],
                   answers: dict[str, list[str]], finished: dict[str, list[bool]], cut: dict[str, list[bool]],
                   scores: dict[str, dict[str, list[float]]]) -> None:
-    """answers_<model>.jsonl per model, results.json / results.md, DONE (rank 0)."""
+    """answers_<model>.jsonl per model (a line per answer: `generation.n` per prompt, each
+    with its `sample` index), results.json / results.md, DONE (rank 0)."""
+    n = cfg.generation.n
+    rows = [prompt for prompt in prompts for _ in range(n)]
     for name, texts in answers.items():
         write_jsonl(rt.stage_dir / f"answers_{name}.jsonl",
-                    [{"prompt": p, **turns_field(history), "response": a, "finished": finished[name][i],
-                      "prompt_truncated": cut[name][i], **{s: scores[name][s][i] for s in scores[name]}}
-                     for i, ((p, history), a) in enumerate(zip(prompts, texts))])
-    table = summarize(scores, cfg.baseline, cfg.bootstrap_samples)
+                    [{"prompt": p, **turns_field(history), "sample": i % n, "response": a,
+                      "finished": finished[name][i], "prompt_truncated": cut[name][i],
+                      **{s: scores[name][s][i] for s in scores[name]}}
+                     for i, ((p, history), a) in enumerate(zip(rows, texts))])
+    per_prompt = {name: {scorer: prompt_means(values, n) for scorer, values in by_scorer.items()}
+                  for name, by_scorer in scores.items()}
+    table = summarize(per_prompt, cfg.baseline, cfg.bootstrap_samples)
     cut_off = {name: flags.count(False) for name, flags in finished.items()}
     info = {m.name: {"checkpoint": str(m.path), "reward_prompt": m.reward_prompt,
                      "reward_prompt_from": m.reward_prompt_from, "cut_off": cut_off[m.name],
-                     "prompts_truncated": sum(cut[m.name])} for m in models}
-    results = {"baseline": cfg.baseline, "prompts": len(prompts), "gold": cfg.gold, "rm": cfg.rm,
+                     "prompts_truncated": sum(cut[m.name]) // n} for m in models}
+    results = {"baseline": cfg.baseline, "prompts": len(prompts), "samples_per_prompt": n,
+               "answers": len(prompts) * n, "gold": cfg.gold, "rm": cfg.rm,
                "max_new_tokens": cfg.generation.max_new_tokens, "models": info, "table": table}
-    markdown = results_markdown(table, cfg.baseline, cut_off)
+    markdown = results_markdown(table, cfg.baseline, cut_off, len(prompts) * n)
     write_atomic(rt.stage_dir / RESULTS, json.dumps(results, indent=2))
     write_atomic(rt.stage_dir / "results.md", markdown)
     mark_done(rt, rt.stage_dir / RESULTS)

@@ -6,6 +6,7 @@ cut off at max_new_tokens are counted, and plug-in gold rewards score every answ
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -113,6 +114,28 @@ def test_cut_off_answers_are_counted_per_model(evaluated):
                                                          if line.startswith(f"| {name} |"))
     counts = [info["cut_off"] for info in results["models"].values()]
     assert 0 < sum(counts) < len(FILLER) * len(counts), counts  # both kinds of answer are there
+
+
+def test_several_samples_per_prompt_are_scored_and_averaged_per_prompt(files, tmp_path):
+    """Was: generation.n was ignored (one answer per prompt, silently). Each prompt's score
+    is the mean of its samples', and statistics run over prompts; sample 0 is the answer an
+    n=1 run samples."""
+    sampled = (f"gold={PLUGIN}", f"generation.stop=[{STOP}]", "generation.greedy=false")
+    assert evaluate(files, tmp_path / "one", {"sft": "sft"}, *sampled) == 0
+    assert evaluate(files, tmp_path / "three", {"sft": "sft", "dt": "dt"}, *sampled, "generation.n=3") == 0
+    records = answers(tmp_path / "three", "sft")
+    assert [r["sample"] for r in records] == [0, 1, 2] * len(FILLER)
+    assert [r["response"] for r in records[::3]] == [r["response"] for r in answers(tmp_path / "one", "sft")]
+    assert len({r["response"] for r in records}) > len(FILLER)  # the samples differ
+    results = json.loads((tmp_path / "three" / "eval" / "results.json").read_text())
+    per_prompt = [statistics.fmean(r["gold"] for r in records[at:at + 3]) for at in range(0, len(records), 3)]
+    gold = results["table"]["sft"]["gold"]
+    assert gold["n"] == len(FILLER) and gold["mean"] == pytest.approx(statistics.fmean(per_prompt))
+    assert gold["stderr"] == pytest.approx(statistics.stdev(per_prompt) / len(FILLER) ** 0.5)
+    assert (results["samples_per_prompt"], results["answers"]) == (3, 3 * len(FILLER))
+    cut_off = sum(not r["finished"] for r in records)
+    assert results["models"]["sft"]["cut_off"] == cut_off
+    assert f"| {cut_off}/{3 * len(FILLER)} |" in (tmp_path / "three" / "eval" / "results.md").read_text()
 
 
 def test_prompts_too_long_for_the_context_are_cut_and_counted(files, tmp_path, capsys):

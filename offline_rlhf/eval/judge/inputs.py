@@ -72,13 +72,16 @@ def read_questions(path: str) -> list[Question]:
 def read_answers(path: str, questions: list[Question]) -> AnswerFile:
     """A FastChat answer file, or `orlhf eval`'s answers (matched to the questions by their
     `question_id` when present, else by prompt text: eval strips its prompts, so the first
-    turn is compared stripped; repeated question texts take the answers in order)."""
+    turn is compared stripped; repeated question texts take the answers in order). Of an
+    eval run with several samples per prompt (`generation.n`), the first is judged."""
     by_text: dict[str, deque[QuestionId]] = defaultdict(deque)
     for question in questions:
         by_text[question.turns[0].strip()].append(question.question_id)
     known = {q.question_id for q in questions}
     answers, first_line, unmatched = {}, {}, 0
     for where, record in iter_json_objects(path):
+        if record.get("sample", 0) != 0:
+            continue
         qid, turns = _answer(record, where, by_text)
         if qid is None or qid not in known:
             unmatched += 1

@@ -94,6 +94,9 @@ def test_eval_answers_match_questions_by_prompt_and_fastchat_ones_by_id(write_fi
     evaluated = read_answers(write_file("a.jsonl", '{"prompt": "Hi?", "response": " ans "}',
                                         '{"prompt": "other", "response": "r"}'), questions)
     assert evaluated.turns == {7: (" ans ",)} and evaluated.unmatched == 1
+    samples = read_answers(write_file("s.jsonl", *(f'{{"prompt": "Hi?", "sample": {k}, "response": "r{k}"}}'
+                                                   for k in range(3))), questions)
+    assert samples.turns == {7: ("r0",)} and samples.unmatched == 0  # eval's generation.n: the first is judged
     fastchat = read_answers(write_file("f.jsonl", '{"question_id": 8, "choices": [{"turns": ["a", "b"]}]}'),
                             questions)
     assert fastchat.turns == {8: ("a", "b")}
