@@ -128,6 +128,20 @@ def test_side_by_side_joins_quality_judge_and_cost(run):
     assert entries["rwr"]["quality"] == {} and entries["rwr"]["device_hours"] == 89.0
 
 
+def test_cut_off_answers_are_counted_out_of_every_sampled_answer(run):
+    """An evaluation of several samples per prompt (generation.n) counts cut-off answers out
+    of all of them; an older results.json, without `answers`, out of its prompts."""
+    results = json.loads((run / "eval" / "results.json").read_text())
+    entries = side_by_side(results, None, table3(device_hours(run)))
+    ppo_row = next(line for line in side_by_side_markdown(entries, results, None).splitlines()
+                   if line.startswith("| ppo |"))
+    assert " 3/4 | " in ppo_row
+    sampled = {**results, "samples_per_prompt": 2, "answers": 8}
+    ppo_row = next(line for line in side_by_side_markdown(entries, sampled, None).splitlines()
+                   if line.startswith("| ppo |"))
+    assert " 3/8 | " in ppo_row
+
+
 def test_pairwise_judge_results_give_win_rates_against_the_judge_baseline():
     judge = {"format": "pairwise", "baseline": "sft", "judge_model": "j", "summary": {"games": [
         {"model": "dt", "opponent": "sft", "n": 10, "win_rate": 0.7, "win_rate_low": 0.5, "win_rate_high": 0.9},
