@@ -355,14 +355,20 @@ def items_digest(items: Sequence) -> str:
 def model_fingerprint(cfg, checkpoint: Path) -> dict[str, object]:
     """`resume_fingerprint` plus the checkpoint step whose outputs (answers, log-probs) a
     partial output holds: the config names a root, and a model trained on since is another.
-    A step folder replaced by another training's (same name) is told apart by a sha256 of
-    its small files (meta.json: the training config and state; DCP's .metadata), not of
-    the weight shards (*.distcp: gigabytes to read for every rerun)."""
+    A step folder replaced by another training's (same name) is told apart by its
+    `checkpoint_digest`."""
     step = within_run(getattr(cfg, "run_dir", None))(str(checkpoint.resolve()))
+    return {**resume_fingerprint(cfg), "model_step": step, "model_meta_sha256": checkpoint_digest(checkpoint)}
+
+
+def checkpoint_digest(checkpoint: Path) -> str:
+    """sha256 of a step folder's small files (meta.json: the training config and state;
+    DCP's .metadata), which tells a step apart from another training's of the same name
+    without reading the weight shards (*.distcp: gigabytes)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in checkpoint.iterdir() if p.is_file() and p.suffix != ".distcp"):
         digest.update(f"{path.name}\0{path.stat().st_size}\0".encode() + path.read_bytes())
-    return {**resume_fingerprint(cfg), "model_step": step, "model_meta_sha256": digest.hexdigest()}
+    return digest.hexdigest()
 
 
 def within_run(run_dir: str | None) -> Callable[[object], object]:

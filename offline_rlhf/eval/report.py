@@ -25,11 +25,13 @@ from pathlib import Path
 
 import yaml
 
+from offline_rlhf.checkpoint import resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.training import PREFERENCE_METHODS
 from offline_rlhf.eval.results import score_cells
 from offline_rlhf.ledger import COMPLETED, FAILED, INTERRUPTED, LedgerRow, killed, read_ledger
 from offline_rlhf.metrics import read_metrics
+from offline_rlhf.stage_support import checkpoint_digest
 
 SAMPLES = ("generate", "label")  # every offline method's data starts here (counted for each)
 MIX = "mix"  # the reward-labeled alignment set of the paper's methods
@@ -195,18 +197,63 @@ def _last_completed(rows: list[LedgerRow], stage: str) -> LedgerRow | None:
     return next((row for row in reversed(rows) if row.stage == stage and row.status == COMPLETED), None)
 
 
-def side_by_side(results: dict | None, judge: dict | None, rows: list[dict]) -> list[dict]:
+def side_by_side(results: dict | None, judge: dict | None, rows: list[dict], run_dir: Path | None = None) -> list[dict]:
     """One entry per evaluated model (in the evaluation's order), then per model only the
     judge graded, then per method with device-hours but neither: quality, judge score,
-    answers cut off, device-hours."""
+    answers cut off, device-hours. With `run_dir`, an evaluated model's quality is dropped
+    when its checkpoint changed since (`stale_evaluations`: "stale" says why), and a
+    method's device-hours go only to the model of its name that was trained by it in this
+    run ("cost_elsewhere" says why not: a model named `ppo` evaluated from the SFT folder
+    must not show SFT's quality at PPO's cost)."""
     costs = {row["method"]: row for row in rows}
     table, info = (results["table"], results.get("models", {})) if results else ({}, {})
+    stale = stale_evaluations(results) if run_dir is not None else {}
     judged = judge_scores(judge)
-    names = list(dict.fromkeys([*table, *judged, *costs]))
-    return [{"model": name, "quality": table.get(name, {}), "judge": judged.get(name),
-             "cut_off": info.get(name, {}).get("cut_off"), "reward_prompt": info.get(name, {}).get("reward_prompt"),
-             "device_hours": costs[name]["total"] if name in costs else None,
-             "share_of_ppo": costs[name]["share_of_ppo"] if name in costs else None} for name in names]
+    entries = []
+    for name in dict.fromkeys([*table, *judged, *costs]):
+        model = info.get(name, {})
+        elsewhere = _trained_elsewhere(name, model.get("checkpoint"), run_dir) if name in costs else None
+        cost = costs[name] if name in costs and not elsewhere else {}
+        entries.append({"model": name, "quality": {} if name in stale else table.get(name, {}),
+                        "judge": judged.get(name), "cut_off": model.get("cut_off"),
+                        "reward_prompt": model.get("reward_prompt"), "device_hours": cost.get("total"),
+                        "share_of_ppo": cost.get("share_of_ppo"), "stale": stale.get(name),
+                        "cost_elsewhere": elsewhere})
+    return entries
+
+
+def stale_evaluations(results: dict | None) -> dict[str, str]:
+    """Per evaluated model whose checkpoint changed since `orlhf eval` answered with it, why:
+    the configured checkpoint (a root: its `latest`) resolves to another step now, or the
+    evaluated step was rewritten (its `checkpoint_digest` differs: a rerun trained another
+    model into the same folder). Models whose configured path is gone (a moved run) or that
+    an older eval recorded without a digest are not checked."""
+    stale = {}
+    for name, model in (results or {}).get("models", {}).items():
+        configured, digest = model.get("configured"), model.get("checkpoint_sha256")
+        if not configured or not digest or not Path(configured).exists():
+            continue
+        try:
+            now = resolve_checkpoint(configured)
+        except ConfigError:
+            stale[name] = f"{configured} holds no complete checkpoint any more"
+            continue
+        if now.resolve() != Path(model["checkpoint"]).resolve():
+            stale[name] = f"{configured} now resolves to {now.name}, not the evaluated {Path(model['checkpoint']).name}"
+        elif checkpoint_digest(now) != digest:
+            stale[name] = f"{now} was rewritten since (a rerun trained another model into it)"
+    return stale
+
+
+def _trained_elsewhere(method: str, checkpoint: str | None, run_dir: Path | None) -> str | None:
+    """Why `method`'s device-hours do not belong to the model of that name evaluated from
+    `checkpoint` (a step folder), or None when its stage folder in `run_dir` trained it."""
+    if run_dir is None or checkpoint is None:
+        return None
+    folder = Path(run_dir).resolve() / (PPO if method == PPO else OFFLINE_PREFIX + method)
+    if Path(checkpoint).resolve().is_relative_to(folder):
+        return None
+    return f"the evaluated checkpoint {checkpoint} is not from {folder}, which the cost of {method} is for"
 
 
 def side_by_side_markdown(entries: list[dict], results: dict | None, judge: dict | None,
@@ -221,6 +268,10 @@ def side_by_side_markdown(entries: list[dict], results: dict | None, judge: dict
                 "in ledger.jsonl.\n\n" + "\n".join(notes) + "\n")
     notes.insert(0, "Device-hours leave out SFT and the reward model, which every method shares (see Table 3 "
                     "below).")
+    notes += [f"{e['model']}: quality not shown: {e['stale']}; rerun `orlhf eval` to evaluate it as it is now."
+              for e in entries if e.get("stale")]
+    notes += [f"{e['model']}: device-hours not shown: {e['cost_elsewhere']}." for e in entries
+              if e.get("cost_elsewhere")]
     scorers = list(results["table"][results["baseline"]]) if results else []
     baseline = results["baseline"] if results else ""
     answers = results.get("answers", results["prompts"]) if results else 0  # before generation.n: one per prompt

@@ -39,6 +39,7 @@ from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
 from offline_rlhf.runtime import Runtime, raise_everywhere, stage_runtime
 from offline_rlhf.stage_support import (
+    checkpoint_digest,
     checkpoint_of_head,
     checkpoint_template,
     dt_target,
@@ -210,7 +211,9 @@ def write_results(rt: Runtime, cfg: EvalConfig, models: list[Model], prompts: li
                   for name, by_scorer in scores.items()}
     table = summarize(per_prompt, cfg.baseline, cfg.bootstrap_samples)
     cut_off = {name: flags.count(False) for name, flags in finished.items()}
-    info = {m.name: {"checkpoint": str(m.path), "reward_prompt": m.reward_prompt,
+    configured = {m.name: m.checkpoint for m in cfg.models}  # the report checks them against what was evaluated
+    info = {m.name: {"checkpoint": str(m.path.absolute()), "configured": str(Path(configured[m.name]).absolute()),
+                     "checkpoint_sha256": checkpoint_digest(m.path), "reward_prompt": m.reward_prompt,
                      "reward_prompt_from": m.reward_prompt_from, "cut_off": cut_off[m.name],
                      "prompts_truncated": sum(cut[m.name]) // n} for m in models}
     results = {"baseline": cfg.baseline, "prompts": len(prompts), "samples_per_prompt": n,

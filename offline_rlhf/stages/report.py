@@ -54,7 +54,7 @@ def main(cfg: ReportConfig) -> int:
         judge_check = judge_freshness(run_dir, judge, results) if judge else ("none", "")
         if judge_check[0] == "stale":
             judge = None  # never shown as if it graded the answers behind the evaluation
-        entries = side_by_side(results, judge, rows)
+        entries = side_by_side(results, judge, rows, run_dir)
         figures = {"cost_quality": cost_quality_chart(entries, rows, results,
                                                       rt.stage_dir / "device_hours_and_quality.png"),
                    "loss_curves": loss_curves(run_dir, rt.stage_dir / "loss_curves.png")}

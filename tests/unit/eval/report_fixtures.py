@@ -23,6 +23,7 @@ LEDGER_ROWS = [("sft", 1.5), ("sft", 30.0), ("rm", 8.5), ("generate", 20.0), ("l
 # killed and not completed since. The first MLE-filter execution was killed and resumed.
 STATUSES = {0: "failed", 6: "interrupted", 16: "failed", 18: "interrupted"}
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+TRAINED_IN = {"sft": "sft", "dt": "align_dt", "dt_low": "align_dt", "ppo": "ppo"}  # each evaluated model's stage folder
 SCORES = {"sft": [0.0, 1.0, 2.0, 3.0], "dt": [1.0, 1.0, 3.0, 2.5], "dt_low": [0.0, 0.0, 1.0, 1.0],
           "ppo": [2.0, 1.0, 3.0, 3.0]}
 JUDGE = {"format": "single", "judge_model": "gpt-4", "baseline": "sft", "models": ["sft", "dt", "ppo"],
@@ -65,7 +66,8 @@ def write_run(run_dir: Path, judge: bool = False) -> Path:
                                                   + "\n" for index, (stage, hours) in enumerate(LEDGER_ROWS)))
     (run_dir / "eval").mkdir(exist_ok=True)
     table = summarize({name: {"gold": values} for name, values in SCORES.items()}, "sft", samples=100)
-    models = {name: {"checkpoint": f"/ckpt/{name}", "reward_prompt": {"dt_low": -1.5}.get(name),
+    models = {name: {"checkpoint": str(run_dir / TRAINED_IN[name] / "checkpoints" / "step_00000001"),
+                     "reward_prompt": {"dt_low": -1.5}.get(name),
                      "reward_prompt_from": "config" if name == "dt_low" else None, "cut_off": index}
               for index, name in enumerate(SCORES)}
     results = {"baseline": "sft", "prompts": 4, "gold": "embedded_task", "rm": "", "max_new_tokens": 24,
