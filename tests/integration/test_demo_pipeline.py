@@ -6,7 +6,8 @@ Sizes and seeds are the demo's defaults (conf/pipeline/demo.yaml, conf/model/dem
 offline_rlhf/config/task.py): seed 0 task with 2000 demonstrations (40% good), 2000
 preference pairs, 600 generation prompts (4 sampled answers each, seed 1) and 200 held-out
 evaluation prompts; a 0.8M-parameter model; DPO on the RM-ranked best/worst pairs; PPO 40
-iterations of 64 answers; evaluation samples at temperature 1 with generation seed 0.
+iterations of 64 answers; evaluation samples 8 answers per prompt at temperature 1 with
+generation seed 0.
 """
 
 import json
@@ -32,8 +33,11 @@ def demo_run(tmp_path_factory):
 
 
 def answer_scores(run_dir, model, score: str = "gold"):
+    """Per prompt, the mean score of its sampled answers (eval's generation.n, in order)."""
     path = run_dir / "eval" / f"answers_{model}.jsonl"
-    return [json.loads(line)[score] for line in path.read_text().splitlines()]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    n = 1 + max(record["sample"] for record in records)
+    return [statistics.fmean(r[score] for r in records[at:at + n]) for at in range(0, len(records), n)]
 
 
 def paired_difference(a, b):
