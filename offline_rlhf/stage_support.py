@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import math
 import struct
 import tempfile
@@ -381,7 +382,11 @@ def within_run(run_dir: str | None) -> Callable[[object], object]:
     def relative(value):
         if isinstance(value, str):
             prefix = next((p for p in prefixes if value == p or value.startswith(p.rstrip("/") + "/")), None)
-            return value if prefix is None else "${run_dir}" + value[len(prefix):]
+            if prefix is None:
+                return value
+            # `run_dir=R/` interpolates `${run_dir}/task` as R//task: one slash, as R would.
+            rest = value[len(prefix):].lstrip("/")
+            return "${run_dir}" + (f"/{rest}" if rest else "")
         if isinstance(value, (list, tuple)):
             return [relative(item) for item in value]
         if isinstance(value, dict):
@@ -410,9 +415,17 @@ def check_resumable(saved: dict | None, current: dict, where: Path) -> None:
     # Keys only one side has came with a newer or older version of the project, not the user.
     changed = sorted(k for k in set(saved) & set(current) - {"run_dir"} if inside(saved[k]) != current[k])
     if changed:
-        raise ResumeRefused(changed[0], f"differs from the run that wrote {where} ({len(changed)} changed: "
-                          f"{', '.join(changed[:4])}{'...' if len(changed) > 4 else ''})",
+        first = changed[0]
+        raise ResumeRefused(first, f"differs from the run that wrote {where} ({len(changed)} changed: "
+                          f"{', '.join(changed[:4])}{'...' if len(changed) > 4 else ''}; {first} was "
+                          f"{_shown(inside(saved[first]))}, now {_shown(current[first])})",
                           f"restore it, or delete {where} to start this stage over")
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A config value in a one-line message, cut to `limit` characters."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def mark_done(rt: Runtime, result: str | Path) -> None:

@@ -88,9 +88,10 @@ def test_prompts_fit_the_reward_models_length_and_reruns_decide_before_starting_
     prompts.write_text("".join(json.dumps({"prompt": f"{i} {LONG} other"}) + "\n" for i in range(8)))  # its end: kept
     rewritten = run(run_dir, reward, "ppo.iterations=3")
     assert rewritten.returncode == 2 and services_started(run_dir) == 1
-    assert rewritten.stderr.strip().splitlines()[-1] == (
-        f"orlhf ppo: error: prompts: differs from the run that wrote {out} (1 changed: prompts); restore it, or "
-        f"delete {out} to start this stage over")
+    refusal = rewritten.stderr.strip().splitlines()[-1]
+    assert refusal.startswith(f"orlhf ppo: error: prompts: differs from the run that wrote {out} (1 changed: "
+                              "prompts; prompts was ")  # then both digests
+    assert refusal.endswith(f"); restore it, or delete {out} to start this stage over")
     prompts.write_text(original)
     # Was: each refused rerun removed DONE, and a pipeline then took the finished stage for unfinished.
     assert (out / "DONE").read_text() == done

@@ -57,6 +57,15 @@ def test_paths_inside_the_run_are_compared_relative_to_it(tmp_path):
     inside = within_run("/scratch/run")
     assert inside([{"path": "/scratch/run/task/p.jsonl"}, "/data/q.jsonl", 3]) == [
         {"path": "${run_dir}/task/p.jsonl"}, "/data/q.jsonl", 3]
+    # Was: `run_dir=/scratch/run/` made `${run_dir}//task/p.jsonl`, and the resume was refused.
+    slash = fingerprint("/scratch/run/", "/scratch/run//sft/checkpoints")
+    assert slash["init.checkpoint"] == "${run_dir}/sft/checkpoints"
+    check_resumable(scratch, slash, tmp_path)
+    with pytest.raises(ConfigError, match=r"^init.checkpoint: differs from the run that wrote .* \(1 changed: "
+                       r"init.checkpoint; init.checkpoint was \$\{run_dir\}/sft/checkpoints, now "
+                       r"/scratch/run2/sft/checkpoints\); restore it"):
+        check_resumable(scratch, fingerprint("/scratch/run", "/scratch/run2/sft/checkpoints"), tmp_path)
+    assert within_run("/scratch/run/")(["/scratch/run/", "/scratch/run"]) == ["${run_dir}", "${run_dir}"]
 
 
 def test_a_training_run_resumes_with_another_micro_batch_and_ignores_an_unused_model():
