@@ -88,7 +88,8 @@ def save_checkpoint(root: str | Path, model: nn.Module, meta: CheckpointMeta,
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     if _rank(group) == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # left over by a killed save
+        for stale in root.glob(f"step_*{PARTIAL_SUFFIX}"):  # left over by killed saves (of any step)
+            shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir()
     _barrier(group)
     meta.has_optimizer = optimizer is not None
@@ -103,7 +104,7 @@ def save_checkpoint(root: str | Path, model: nn.Module, meta: CheckpointMeta,
         write_atomic(partial / META, json.dumps(asdict(meta), indent=2))
         _publish(partial, final)
         if keep_last:
-            _prune(root, keep_last)
+            _prune(root, keep_last, final)
     _barrier(group)
     return final
 
@@ -121,6 +122,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint `latest` names, or None when there is none yet."""
     pointer = Path(root) / LATEST
     if not pointer.exists():
+        steps = sorted(p.name for p in Path(root).glob("step_*") if is_complete(p))
+        if steps:  # a fresh start here would prune them and could lose its own newest save
+            raise ConfigError(str(pointer), f"is missing, but {root} holds complete checkpoints ({', '.join(steps)})",
+                              f"write the name of the one to resume from (the newest: {steps[-1]}) into {pointer}, "
+                              f"or delete {root} to start over")
         return None
     path = Path(root) / pointer.read_text().strip()
     if not is_complete(path):  # a config-level error: one line, not a traceback
@@ -271,9 +277,12 @@ def _load_rng(path: Path, rank: int) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.glob("step_*") if is_complete(p))
-    for old in complete[:-keep_last]:
+def _prune(root: Path, keep_last: int, saved: Path) -> None:
+    """Keep `saved` (the step just saved, which `latest` names) and the newest `keep_last` - 1
+    other complete steps: steps above `saved` are left from before a resume from an earlier
+    one, and must not push out the checkpoint the run continues from."""
+    others = sorted(p for p in root.glob("step_*") if is_complete(p) and p != saved)
+    for old in others[:max(len(others) - (keep_last - 1), 0)]:
         shutil.rmtree(old)
 
 

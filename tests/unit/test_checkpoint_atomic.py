@@ -66,6 +66,8 @@ def test_meta_round_trip_and_pruning(tmp_path):
     for step in (4, 5):  # keep_last=0: every checkpoint stays
         save_checkpoint(root, reference_model(), _meta(step), keep_last=0)
     assert sorted(p.name for p in root.glob("step_*")) == [f"step_0000000{step}" for step in (2, 3, 4, 5)]
+    save_checkpoint(root, reference_model(), _meta(6), keep_last=6)  # more than there are: none goes
+    assert sorted(p.name for p in root.glob("step_*")) == [f"step_0000000{step}" for step in (2, 3, 4, 5, 6)]
 
 
 def test_loading_optimizer_from_weights_only_checkpoint_is_an_error(tmp_path):
@@ -94,3 +96,32 @@ def test_only_named_parameters_may_be_missing(tmp_path):
     deeper = Transformer(replace(TINY, n_layers=3))
     with pytest.raises(ValueError, match="another architecture"):
         load_checkpoint(latest_checkpoint(tmp_path), deeper, may_lack=("score.weight",))
+
+
+def test_a_root_without_latest_but_with_checkpoints_is_refused_not_started_over(tmp_path):
+    """Was: a fresh start there saved step 12, pruning kept the old steps 80 and 104, and
+    `latest` named the deleted step 12."""
+    for step in (80, 104):
+        save_checkpoint(tmp_path, reference_model(), _meta(step))
+    (tmp_path / "latest").unlink()
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/latest: is missing, but {tmp_path} holds complete "
+                                          r"checkpoints \(step_00000080, step_00000104\); write the name of the one "
+                                          r"to resume from \(the newest: step_00000104\) into"):
+        latest_checkpoint(tmp_path)
+
+
+def test_pruning_keeps_the_step_just_saved_below_older_higher_ones(tmp_path):
+    """A resume from an earlier step (its name written into `latest`) saves below steps left
+    from before: the new save stays, whatever keep_last."""
+    for step in (3, 9):
+        save_checkpoint(tmp_path, reference_model(), _meta(step))
+    (tmp_path / "latest").write_text("step_00000003")
+    save_checkpoint(tmp_path, reference_model(), _meta(4), keep_last=1)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000004"
+
+
+def test_a_save_clears_partial_folders_of_any_killed_save(tmp_path):
+    (tmp_path / "step_00000006.partial").mkdir(parents=True)  # a save of step 6 killed; the rerun saves step 5
+    save_checkpoint(tmp_path, reference_model(), _meta(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000005"]
