@@ -412,14 +412,30 @@ def check_resumable(saved: dict | None, current: dict, where: Path) -> None:
         return
     # An older fingerprint holds absolute paths: as the run's, they are the current run's.
     inside = within_run(current.get("run_dir"))
-    # Keys only one side has came with a newer or older version of the project, not the user.
-    changed = sorted(k for k in set(saved) & set(current) - {"run_dir"} if inside(saved[k]) != current[k])
+    # Keys only one side has came with a newer or older version of the project, not the user,
+    # unless the other side has the same field unset or set (`model.rope_scaling` None against
+    # `model.rope_scaling.factor`: flattening splits a set sub-config into keys of its own).
+    changed = sorted({k for k in set(saved) & set(current) - {"run_dir"} if inside(saved[k]) != current[k]}
+                     | _unset_against_set(set(saved) ^ set(current)))
     if changed:
         first = changed[0]
         raise ResumeRefused(first, f"differs from the run that wrote {where} ({len(changed)} changed: "
                           f"{', '.join(changed[:4])}{'...' if len(changed) > 4 else ''}; {first} was "
-                          f"{_shown(inside(saved[first]))}, now {_shown(current[first])})",
+                          f"{_shown(inside(_value(saved, first)))}, now {_shown(_value(current, first))})",
                           f"restore it, or delete {where} to start this stage over")
+
+
+def _unset_against_set(one_sided: set[str]) -> set[str]:
+    """Of the keys only one fingerprint has, those whose field the other has in another
+    shape: `a` on one side beside `a.b` on the other."""
+    return {key for key in one_sided if any(other.startswith(key + ".") for other in one_sided)}
+
+
+def _value(fingerprint: dict, key: str) -> object:
+    """A fingerprint's value of `key`, or of the sub-config flattened under it."""
+    if key in fingerprint:
+        return fingerprint[key]
+    return {k[len(key) + 1:]: v for k, v in fingerprint.items() if k.startswith(key + ".")}
 
 
 def _shown(value: object, limit: int = 60) -> str:

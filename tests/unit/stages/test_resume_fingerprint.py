@@ -68,6 +68,20 @@ def test_paths_inside_the_run_are_compared_relative_to_it(tmp_path):
     assert within_run("/scratch/run/")(["/scratch/run/", "/scratch/run"]) == ["${run_dir}", "${run_dir}"]
 
 
+def test_an_optional_sub_config_switched_on_or_off_is_a_change(tmp_path):
+    """Was: `model.rope_scaling` None in the saved fingerprint and set now flatten to keys only
+    one side has (`model.rope_scaling` / `model.rope_scaling.factor`), which were ignored as
+    fields of another version of the project."""
+    saved = {"model.rope_scaling": None, "optim.lr": 1e-3}
+    switched = {"model.rope_scaling.factor": 8.0, "model.rope_scaling.original_max_position_embeddings": 8192,
+                "optim.lr": 1e-3}
+    with pytest.raises(ConfigError, match=r"^model.rope_scaling: differs from the run that wrote .*\(1 changed: "):
+        check_resumable(saved, switched, tmp_path)
+    with pytest.raises(ConfigError, match="^model.rope_scaling: differs"):
+        check_resumable(switched, saved, tmp_path)
+    check_resumable(saved, {**saved, "data.new_field": 1}, tmp_path)  # a field another version added: ignored
+
+
 def test_a_training_run_resumes_with_another_micro_batch_and_ignores_an_unused_model():
     from offline_rlhf.config.training import AlignConfig, SFTConfig
 
