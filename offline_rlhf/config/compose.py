@@ -48,6 +48,18 @@ def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = ()) ->
         raise
     except (HydraException, OmegaConfBaseException) as err:
         raise _one_line_error(err, schema) from None
+    except (AttributeError, AssertionError) as err:  # omegaconf merging an override into a null sub-config
+        raise _null_sub_config(err, overrides) from None
+
+
+def _null_sub_config(err: Exception, overrides: Sequence[str]) -> ConfigError:
+    """omegaconf cannot merge a command-line override into a sub-config that is null by
+    default (`model.rope_scaling`); it fails with a bare AttributeError or AssertionError."""
+    return ConfigError(getattr(err, "full_key", None) or "overrides",
+                       "an override of a sub-config that is null by default (such as model.rope_scaling) cannot be "
+                       "applied from the command line",
+                       "set it in a YAML file of its group (e.g. a copy of conf/model/8b.yaml with "
+                       "`rope_scaling: {factor: 8.0, ...}`, passed as model=<name>)")
 
 
 def composed_defaults(stage: str, schema: type, overrides: Sequence[str] = ()) -> dict:

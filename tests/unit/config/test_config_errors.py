@@ -7,6 +7,7 @@ from offline_rlhf.config.compose import compose_stage
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
 from offline_rlhf.config.tools import SmokeConfig
+from offline_rlhf.config.training import SFTConfig
 from offline_rlhf.parallel.dims import ParallelDims
 
 TINY = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=512)
@@ -121,3 +122,12 @@ def test_training_loop_settings_are_checked(override, key, fragment):
     with pytest.raises(ConfigError) as info:
         compose_stage("sft", SFTConfig, [override])
     assert info.value.key == key and fragment in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["model.rope_scaling={factor: 8.0}", "model.rope_scaling.factor=8.0"])
+def test_setting_a_null_sub_config_on_the_command_line_is_one_line_saying_where_to_set_it(override):
+    """Was: omegaconf's AttributeError / AssertionError traceback."""
+    with pytest.raises(ConfigError, match=r"^overrides: an override of a sub-config that is null by default \(such "
+                                          r"as model.rope_scaling\) cannot be applied from the command line; set it "
+                                          r"in a YAML file of its group"):
+        compose_stage("sft", SFTConfig, [override])
