@@ -8,6 +8,10 @@ the last beat. A row starts when its process was created (imports and start-up a
 of a stage's cost) or, for a later stage in the same process, when the previous one
 ended. Slurm runs carry the job id, node count and GPUs per node so cluster costs add up
 the same way.
+
+Each row also says whether its execution continued earlier ones' work (`resumed`: from a
+checkpoint or partial outputs they wrote), so the executions behind a stage's result are
+known (`result_chain`): a rerun that starts fresh replaces what the earlier ones made.
 """
 
 from __future__ import annotations
@@ -57,19 +61,53 @@ class LedgerRow:
     tokens: int
     job_id: str | None = None
     gpus_per_node: int | None = None
+    resumed: bool | None = None  # continued earlier executions' work; None: a row written before rows said
+
+
+def result_chain(rows: list[LedgerRow]) -> list[bool]:
+    """Per row of one stage (in ledger order), whether its execution produced the stage's
+    result: the last completed one and, walking back while an execution resumed, the ones it
+    continued (whatever their status) down to the fresh start. Earlier ones were superseded,
+    later ones have not completed. The walk passes over a failed execution that counted no
+    token (refused at the start, crashed before its first step or write): it left nothing to
+    continue. (A killed one's heartbeat may lag its count, so killed ones are never passed
+    over.) From a row that does not say whether it resumed (written before rows did) back,
+    the older rule holds: every completed or interrupted execution."""
+    flags = [False] * len(rows)
+    last = max((k for k, row in enumerate(rows) if row.status == COMPLETED), default=-1)
+    for k in range(last, -1, -1):
+        if rows[k].status == FAILED and not rows[k].tokens:
+            continue
+        flags[k] = True
+        if rows[k].resumed is None:
+            return [flag or (j < k and row.status != FAILED) for j, (flag, row) in enumerate(zip(flags, rows))]
+        if not rows[k].resumed:
+            break
+    return flags
 
 
 class Usage:
-    """Handed to the stage while it runs: it reports tokens; `beat()` runs in the background
-    (a stage may also call it, e.g. right after new tokens)."""
+    """Handed to the stage while it runs: it reports tokens, and a stage that continues an
+    earlier execution's work sets `resumed`; `beat()` runs in the background (a stage may
+    also call it, e.g. right after new tokens)."""
 
     def __init__(self, row: LedgerRow, heartbeat: Path | None, started: float):
         self.tokens = 0
+        self._resumed = False  # stages that never resume leave it: only their last completion counts
         self._row = row
         self._heartbeat = heartbeat
         self._start = time.monotonic() - (time.time() - started)  # `started` on the monotonic clock
         self._last_beat = float("-inf")
         self._beating = threading.Lock()  # the thread and the stage write the same file
+
+    @property
+    def resumed(self) -> bool:
+        return self._resumed
+
+    @resumed.setter
+    def resumed(self, value: bool) -> None:
+        self._resumed = value
+        self.beat(force=True)  # a kill before the next beat must not leave a heartbeat that says otherwise
 
     def beat(self, force: bool = False) -> None:
         with self._beating:
@@ -82,7 +120,8 @@ class Usage:
     def finish(self, status: str) -> LedgerRow:
         wall = time.monotonic() - self._start
         return LedgerRow(**{**asdict(self._row), "status": status, "end": _now(), "wall_seconds": round(wall, 3),
-                            "device_hours": self._row.devices * wall / 3600, "tokens": self.tokens})
+                            "device_hours": self._row.devices * wall / 3600, "tokens": self.tokens,
+                            "resumed": self._resumed})
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ def run_from_resume_point(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, 
                           template: ChatTemplate | ChatFormat) -> Path:
     """The final actor checkpoint: the one already holding every iteration, or a new one."""
     start, final = resume_point(cfg, rt)  # before any weights load or service starts
+    usage.resumed = final is not None  # the ledger charges the executions whose checkpoint this continues
     if start == cfg.ppo.iterations:
         rt.log(f"ppo: {final} already holds all {start} iterations; nothing to do (no service started)")
         return final

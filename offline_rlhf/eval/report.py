@@ -10,7 +10,8 @@ three methods or the reference log-prob pass `reference` (which builds the pairs
 preference methods (DPO, IPO, cDPO); PPO pays for its four modules (actor,
 critic, reference and reward model), idle time included. SFT and RM are shared by every
 method, PPO included, and shown once. Only executions that produced the stage's result are
-charged (`charged`); the others' device-hours are shown per stage, apart.
+charged (`charged`: the last completed execution and the ones it resumed; PPO's services with
+the actor execution they served); the others' device-hours are shown per stage, apart.
 
 The judge's scores are shown only when they graded the answers behind the evaluation shown
 (`judge_freshness`); a judge that an `orlhf eval` rerun made stale is named instead."""
@@ -29,7 +30,7 @@ from offline_rlhf.checkpoint import resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.training import PREFERENCE_METHODS
 from offline_rlhf.eval.results import score_cells
-from offline_rlhf.ledger import COMPLETED, FAILED, INTERRUPTED, LedgerRow, killed, read_ledger
+from offline_rlhf.ledger import COMPLETED, FAILED, INTERRUPTED, LedgerRow, killed, read_ledger, result_chain
 from offline_rlhf.metrics import read_metrics
 from offline_rlhf.stage_support import checkpoint_digest
 
@@ -42,27 +43,45 @@ PPO = "ppo"
 PPO_ACTOR = "ppo_actor"  # the stage that trains the policy (ppo_baseline/stage.py)
 
 
+SUPERSEDED = "superseded"  # completed, but its result is not the stage's (a fresh rerun replaced it)
+
+
 def charged(rows: list[LedgerRow]) -> list[bool]:
-    """Per ledger row, whether Table 3 charges it to its stage: a completed execution, or an
-    interrupted one (killed: time limit, preemption, node failure) that a later completed
-    execution of the same stage resumed. A failed execution (an error: a bad config or
-    input, a crash) and an interrupted one not completed since produced no result; their
-    hours are shown apart, so debugging a config never inflates a method's cost."""
-    completed_later: set[str] = set()
-    flags = []
-    for row in reversed(rows):
-        flags.append(row.status == COMPLETED or (row.status == INTERRUPTED and row.stage in completed_later))
-        if row.status == COMPLETED:
-            completed_later.add(row.stage)
-    return flags[::-1]
+    """Per ledger row, whether Table 3 charges it to its stage: the executions that produced
+    the stage's result (`result_chain`: the last completed one and those it resumed), so a
+    failed or killed execution that nothing continued, and one a fresh rerun replaced, are
+    not; their hours are shown apart, so debugging a config never inflates a method's cost.
+    PPO's services (critic, reference, reward model) are charged with the actor execution
+    they served: when their row's time span overlaps a charged `ppo_actor` row."""
+    flags = [False] * len(rows)
+    for stage in {row.stage for row in rows}:
+        indices = [k for k, row in enumerate(rows) if row.stage == stage]
+        for k, counted in zip(indices, result_chain([rows[k] for k in indices])):
+            flags[k] = counted
+    actors = [_span(row) for row, counted in zip(rows, flags) if counted and row.stage == PPO_ACTOR]
+    return [any(_overlap(_span(row), actor) for actor in actors) if _is_ppo_service(row.stage) else counted
+            for row, counted in zip(rows, flags)]
+
+
+def _is_ppo_service(stage: str) -> bool:
+    return stage.startswith(PPO + "_") and stage != PPO_ACTOR
+
+
+def _span(row: LedgerRow) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(row.start), datetime.fromisoformat(row.end)
+
+
+def _overlap(one: tuple[datetime, datetime], other: tuple[datetime, datetime]) -> bool:
+    return one[0] < other[1] and other[0] < one[1]
 
 
 def device_hours(run_dir: Path) -> dict[str, dict]:
     """Per stage, in ledger order: the charged executions' device-hours, wall seconds and
-    count (`charged`), and the device-hours and counts of the others (failed, interrupted)."""
+    count (`charged`), and the device-hours and counts of the others (failed, interrupted,
+    superseded: completed but not charged)."""
     totals: dict[str, dict] = defaultdict(lambda: {"device_hours": 0.0, "wall_seconds": 0.0, "executions": 0,
                                                    "device_type": "", "not_charged_device_hours": 0.0,
-                                                   FAILED: 0, INTERRUPTED: 0})
+                                                   FAILED: 0, INTERRUPTED: 0, SUPERSEDED: 0})
     rows = read_ledger(run_dir) + killed(run_dir)  # a killed execution shows (not charged) before its rerun
     for row, counted in zip(rows, charged(rows)):
         entry = totals[row.stage]
@@ -73,7 +92,7 @@ def device_hours(run_dir: Path) -> dict[str, dict]:
             entry["executions"] += 1
         else:
             entry["not_charged_device_hours"] += row.device_hours
-            entry[FAILED if row.status == FAILED else INTERRUPTED] += 1
+            entry[SUPERSEDED if row.status == COMPLETED else row.status] += 1
     return dict(totals)
 
 
@@ -355,12 +374,14 @@ def stages_markdown(hours: dict[str, dict]) -> str:
              "executions |", "|---|---:|---:|---:|---:|---|"]
     lines += [f"| {stage} | {e['device_hours']:.4f} | {e['wall_seconds']:.1f} | {e['executions']} | "
               f"{e['not_charged_device_hours']:.4f} | {_not_charged(e)} |" for stage, e in hours.items()]
-    return ("Per stage: executions charged (completed ones, and interrupted ones that a later execution resumed) "
-            "and not charged (failed ones, and interrupted ones not completed since).\n\n" + "\n".join(lines))
+    return ("Per stage: executions charged (the last completed one and the earlier ones it resumed from, "
+            "whatever their status; PPO's services with the actor execution they served) and not charged (failed "
+            "or interrupted ones that no completed execution continued, and superseded ones: completed, but a "
+            "fresh rerun replaced their result).\n\n" + "\n".join(lines))
 
 
 def _not_charged(entry: dict) -> str:
-    counts = [f"{entry[status]} {status}" for status in (FAILED, INTERRUPTED) if entry[status]]
+    counts = [f"{entry[status]} {status}" for status in (FAILED, INTERRUPTED, SUPERSEDED) if entry[status]]
     return ", ".join(counts) or "—"
 
 
@@ -442,6 +463,18 @@ def loss_curves(run_dir: Path, out: Path) -> Path | None:
     return out
 
 
+def _rm_note(run_dir: Path, rm: str) -> str:
+    """What the rm column measures: with this run's own reward model, what the methods were
+    trained to raise, not their quality."""
+    units = ("Its scores are raw (a DT reward prompt such as `<rm_score> 1.5` is in z-scores of the labeled set's "
+             "rewards).")
+    if Path(rm).resolve().is_relative_to((run_dir / "rm").resolve()):
+        return ("rm: this run's own reward model, which labeled the offline methods' data and rewarded PPO: it "
+                "grades what they were trained to raise, not their quality (the gold reward and an LLM judge do). "
+                + units)
+    return f"rm: the reward model {rm}. " + units
+
+
 def report_markdown(run_dir: Path, results: dict | None, judge: dict | None, judge_check: tuple[str, str],
                     entries: list[dict], rows: list[dict], hours: dict[str, dict], figures: dict[str, Path | None],
                     rounds: list[dict]) -> str:
@@ -451,6 +484,8 @@ def report_markdown(run_dir: Path, results: dict | None, judge: dict | None, jud
         lines += [f"{results['prompts']} held-out prompts; differences and win rates against {results['baseline']} "
                   f"on the same prompts; cut off: answers that reached max_new_tokens={results['max_new_tokens']}"
                   + (f"; gold reward: {results['gold']}" if results.get("gold") else "") + ".", ""]
+        if results.get("rm"):
+            lines += [_rm_note(run_dir, results["rm"]), ""]
     lines += [side_by_side_markdown(entries, results, judge, judge_check)]
     if figures.get("cost_quality"):
         lines += [f"![device-hours and quality per method]({figures['cost_quality'].relative_to(run_dir)})", ""]

@@ -118,6 +118,7 @@ def main(cfg: GenerateConfig) -> int:
         prompts, mix_stats = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed, cfg.strict)
         done, answered = resume_shards(rt, model_fingerprint(cfg, checkpoint), cfg.generation.n, SCHEMA_VERSION)
         check_answered_prompts(answered, prompts, rt.stage_dir)
+        usage.resumed = bool(done)  # continues the answers of earlier executions (charged with this one)
         todo = [p for p in prompts if p.id not in done]
         mine, shard = my_share(rt, todo)
         repeats = sum(stats["repeated"] for stats in mix_stats.values())

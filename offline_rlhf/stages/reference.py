@@ -65,6 +65,7 @@ def main(cfg: ReferenceConfig) -> int:
                                   cfg.seed, cfg.input)
         pairs, encoded = distinct_pairs(pairs, tokenizer, template, cfg, card)
         done = scored_pairs(rt, cfg, checkpoint, [tokens_digest(*pair) for pair in encoded])
+        usage.resumed = bool(done)  # continues the scores of earlier executions (charged with this one)
         todo = [i for i in range(len(pairs)) if i not in done]
         mine, shard = my_share(rt, todo)
         rt.log(f"reference: {len(pairs)} pairs ({summary(card)}), {len(pairs) - len(todo)} already scored, "

@@ -22,6 +22,7 @@ LEDGER_ROWS = [("sft", 1.5), ("sft", 30.0), ("rm", 8.5), ("generate", 20.0), ("l
 # Not completed: the first SFT try and an eval with a bad input failed; a rerun of RWR was
 # killed and not completed since. The first MLE-filter execution was killed and resumed.
 STATUSES = {0: "failed", 6: "interrupted", 16: "failed", 18: "interrupted"}
+SERVING = {12: 15, 13: 15, 14: 15}  # PPO's services run in the hour of the actor they serve
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 TRAINED_IN = {"sft": "sft", "dt": "align_dt", "dt_low": "align_dt", "ppo": "ppo"}  # each evaluated model's stage folder
 SCORES = {"sft": [0.0, 1.0, 2.0, 3.0], "dt": [1.0, 1.0, 3.0, 2.5], "dt_low": [0.0, 0.0, 1.0, 1.0],
@@ -62,8 +63,9 @@ def eval_answers(run_dir: Path, models: list[str]) -> dict[str, str]:
 
 def write_run(run_dir: Path, judge: bool = False) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "ledger.jsonl").write_text("".join(ledger_line(stage, hours, STATUSES.get(index, "completed"), index)
-                                                  + "\n" for index, (stage, hours) in enumerate(LEDGER_ROWS)))
+    (run_dir / "ledger.jsonl").write_text("".join(ledger_line(stage, hours, STATUSES.get(index, "completed"),
+                                                              SERVING.get(index, index)) + "\n"
+                                                  for index, (stage, hours) in enumerate(LEDGER_ROWS)))
     (run_dir / "eval").mkdir(exist_ok=True)
     table = summarize({name: {"gold": values} for name, values in SCORES.items()}, "sft", samples=100)
     models = {name: {"checkpoint": str(run_dir / TRAINED_IN[name] / "checkpoints" / "step_00000001"),

@@ -63,7 +63,7 @@ def test_only_completed_and_resumed_executions_are_charged(run):
     hours = device_hours(run)
     assert hours["sft"] == {"device_hours": 30.0, "wall_seconds": 30.0 / 8 * 3600, "executions": 1,
                             "device_type": "NVIDIA A100", "not_charged_device_hours": 1.5, "failed": 1,
-                            "interrupted": 0}
+                            "interrupted": 0, "superseded": 0}
     assert (hours["eval"]["device_hours"], hours["eval"]["executions"], hours["eval"]["failed"]) == (2.0, 1, 1)
     assert (hours["align_mle_filter"]["device_hours"], hours["align_mle_filter"]["executions"]) == (22.0, 2)
     rwr = hours["align_rwr"]
@@ -96,7 +96,8 @@ def test_without_ppo_there_is_no_share(run):
 
 def test_a_killed_ppo_actor_is_shown_not_charged_and_its_services_make_no_method(run):
     """A killed actor left only its heartbeat (its ledger row comes when it reruns): it is
-    shown, not charged; PPO's services alone, which completed, are no method's cost."""
+    shown, not charged; its services, though completed, served no charged actor execution:
+    not charged either (superseded), and no method's cost."""
     lines = [line for line in (run / "ledger.jsonl").read_text().splitlines() if '"ppo_actor"' not in line]
     (run / "ledger.jsonl").write_text("\n".join(lines) + "\n")
     (run / HEARTBEAT_DIR).mkdir()
@@ -113,6 +114,7 @@ def test_a_killed_ppo_actor_is_shown_not_charged_and_its_services_make_no_method
     assert [r["method"] for r in rows] == ["dpo", "dt", "mle_filter", "rwr"]
     assert all(r["share_of_ppo"] is None for r in rows)
     assert "| ppo_actor | 0.0000 | 0.0 | 0 | 7.0000 | 1 interrupted |" in stages_markdown(hours)
+    assert (hours["ppo_critic"]["executions"], hours["ppo_critic"]["superseded"]) == (0, 1)
 
 
 def test_side_by_side_joins_quality_judge_and_cost(run):
