@@ -45,7 +45,7 @@ from offline_rlhf.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.schema import LoggingConfig, ModelConfig, OptimConfig, TrainConfig
 from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.grad import clip_grad_norm_
@@ -60,6 +60,7 @@ COUNT = "count/"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint saved; a rerun continues.
 STOPPED_EXIT_CODE = 75
+FINAL = "final"  # checkpoint metadata: the last step of its schedule, validated, with the final metadata
 
 
 @dataclass
@@ -202,6 +203,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
     optimizer = build_optimizer(model.parameters(), optim_cfg, rt.device)
     scheduler = build_scheduler(optimizer, steps, optim_cfg)
     state, resumed_from = _resume(ckpt, model, optimizer, scheduler, steps, rt)
+    usage.resumed = resumed_from is not None  # the ledger charges the executions whose checkpoints this continues
     stream = SampleStream(len(data.train), train_cfg.seed)
     log = MetricsLog(rt.stage_dir, logging_cfg, rt.is_main, resumed_step=state.step, total_steps=steps)
     rt.log(f"training: {len(data.train)} items, {steps} steps of {train_cfg.global_batch} "
@@ -209,6 +211,10 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
            f"starting at step {state.step}")
     run = _Run(task, model, data, train_cfg, rt, usage, ckpt, (optimizer, scheduler), optim_cfg.grad_clip, stream,
                per_rank, state, steps, log, TrainResult(steps=steps, checkpoint=resumed_from))
+    if resumed_from is not None and state.step == steps and not read_meta(resumed_from).metadata.get(FINAL):
+        # Saved as an intermediate step of a longer schedule (or before final steps were marked):
+        # the end's validation and final metadata (reward statistics, DT target) are still due.
+        _validate_and_save(run, final=True, stopping=False)
     with _stop_requests() as requested:
         while state.step < steps:
             _step(run)
@@ -248,7 +254,9 @@ def _validate_and_save(run: _Run, final: bool, stopping: bool) -> None:
         run.result.last_val = validate(run.task, run.model, run.data, cfg, run.rt)
         run.log.validation(step, run.result.last_val)
     if stopping or final or step % cfg.save_every == 0:
-        metadata = run.ckpt.final_metadata(run.model) if final and run.ckpt.final_metadata else {}
+        metadata = {}
+        if final:
+            metadata = {FINAL: True, **(run.ckpt.final_metadata(run.model) if run.ckpt.final_metadata else {})}
         run.result.checkpoint = _save(run.ckpt, run.model, *run.optimization, run.state, cfg, metadata, run.rt)
         run.usage.beat(force=True)  # a later kill then still accounts for everything up to here
 
@@ -402,8 +410,14 @@ def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, steps: int,
     latest = latest_checkpoint(ckpt.root)
     if latest is None:
         return TrainState(data_position={"samples_consumed": 0}), None
+    saved = read_meta(latest)
     if ckpt.fingerprint is not None:
-        check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), ckpt.fingerprint, ckpt.root)
+        check_resumable(saved.metadata.get(CONFIG_KEY), ckpt.fingerprint, ckpt.root)
+    if saved.train_state.step > steps:  # finishing "at" a step behind the checkpoint would mark it final
+        raise ResumeRefused("train.max_steps", f"the run now ends at step {steps}, before the "
+                            f"{saved.train_state.step} steps {latest} already holds",
+                            f"set train.max_steps={saved.train_state.step} (or more, or train.epochs to reach it) to "
+                            f"finish with it, or delete {ckpt.root} to start this stage over")
     meta = load_checkpoint(latest, model, optimizer, restore_rng=True, group=rt.group)
     rt.log(f"resuming from {latest} (step {meta.train_state.step})")
     if meta.scheduler:

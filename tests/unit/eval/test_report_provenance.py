@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
-from offline_rlhf.eval.report import side_by_side, side_by_side_markdown, stale_evaluations
+from offline_rlhf.eval.report import _rm_note, side_by_side, side_by_side_markdown, stale_evaluations
 from offline_rlhf.stage_support import checkpoint_digest
 from tests.fixtures import reference_model
 from tests.synthetic_preferences import MODEL
@@ -66,3 +66,11 @@ def test_a_methods_cost_goes_only_to_a_model_its_stage_trained(tmp_path):
     entries = {e["model"]: e for e in side_by_side(trained, None, COSTS, tmp_path)}
     assert entries["ppo"]["device_hours"] == 10.0 and entries["ppo"]["cost_elsewhere"] is None
     assert entries["dt"]["device_hours"] == 2.0  # a method nobody evaluated keeps its cost row
+
+
+def test_the_rm_column_says_when_it_is_the_runs_own_reward_model(tmp_path):
+    own = _rm_note(tmp_path, str(tmp_path / "rm" / "checkpoints"))
+    assert own.startswith("rm: this run's own reward model, which labeled the offline methods' data and rewarded "
+                          "PPO: it grades what they were trained to raise, not their quality")
+    other = _rm_note(tmp_path, "/models/other_rm")
+    assert other.startswith("rm: the reward model /models/other_rm. Its scores are raw")

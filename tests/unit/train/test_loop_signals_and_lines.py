@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from offline_rlhf.checkpoint import latest_checkpoint, read_meta
+from offline_rlhf.config.errors import ResumeRefused
 from offline_rlhf.config.schema import LoggingConfig, OptimConfig, ParallelConfig, TrainConfig
 from offline_rlhf.data.batching import collate_sequences
-from offline_rlhf.ledger import OneProcess, track
+from offline_rlhf.ledger import OneProcess, read_ledger, track
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.stages.sft import sft_task
 from offline_rlhf.train.loop import STOPPED_EXIT_CODE, CheckpointSpec, StoppedBySignal, Task, TrainData, train
@@ -78,6 +79,10 @@ def test_the_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path):
     assert result.steps == 6 and result.checkpoint.name == "step_00000006"
     for (name, tensor), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(tensor, other), name
+    # The ledger charges the stopped execution with the one that resumed its checkpoint.
+    assert [(r.status, r.resumed) for r in read_ledger(tmp_path / "stopped")] == [("interrupted", False),
+                                                                                  ("completed", True)]
+    assert [(r.status, r.resumed) for r in read_ledger(tmp_path / "straight")] == [("completed", False)]
 
 
 def test_a_longer_resumed_schedule_says_how_the_rate_jumps(tmp_path, capsys):
@@ -103,3 +108,20 @@ def test_a_global_batch_larger_than_the_data_is_named_once(tmp_path, capsys):
     assert "training: 3 items, 1 steps of 16" in out
     run(tmp_path / "enough", replace(STEPS, max_steps=2), items=4)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_schedule_shortened_to_the_checkpoint_finishes_it_and_one_behind_it_is_refused(tmp_path):
+    """Was: a rerun with train.max_steps at or below a stopped run's step wrote DONE on that
+    intermediate checkpoint, without the final validation and metadata (an RM's reward
+    statistics, a DT's target), which later stages then lacked."""
+    with pytest.raises(StoppedBySignal):  # step 2 of 6 saved as an intermediate step
+        run(tmp_path, task=signalling_task(3, signal.SIGUSR1))
+    checkpoints = tmp_path / "sft" / "checkpoints"
+    assert "final" not in read_meta(latest_checkpoint(checkpoints)).metadata
+    with pytest.raises(ResumeRefused, match=r"^train.max_steps: the run now ends at step 1, before the 2 steps .* "
+                                            r"already holds; set train.max_steps=2 \(or more"):
+        run(tmp_path, cfg=replace(STEPS, max_steps=1))
+    _, result = run(tmp_path, cfg=replace(STEPS, max_steps=2, val_every=1), items=8)
+    meta = read_meta(latest_checkpoint(checkpoints))
+    assert result.checkpoint.name == "step_00000002" and meta.metadata["final"] is True
+    assert result.last_val == {}  # no validation items here; the final save ran all the same
