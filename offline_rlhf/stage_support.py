@@ -405,6 +405,15 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def check_checkpoint_resumable(root: Path, fingerprint: dict) -> Path | None:
+    """`check_resumable` against the latest checkpoint in `root`, which it returns (None: a
+    fresh start). A stage calls it before writing anything a refused rerun must not change."""
+    latest = latest_checkpoint(root)
+    if latest is not None:
+        check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), fingerprint, root)
+    return latest
+
+
 def check_resumable(saved: dict | None, current: dict, where: Path) -> None:
     """A rerun may continue an earlier one only under the same config (apart from
     RESUMABLE_CHANGES); otherwise it would silently mix two experiments."""

@@ -25,6 +25,7 @@ from offline_rlhf.losses.reward import bradley_terry_loss
 from offline_rlhf.parallel.state_dict import load_full_state_dict
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
+    check_checkpoint_resumable,
     init_template,
     load_tokenizer,
     local_init,
@@ -94,6 +95,8 @@ def train_reward_model(cfg: RMConfig) -> int:
         setup = prepare_training(init, model_cfg, "value", rt, cfg.train.seed,
                                  before_load=lambda model: init_value_head(model, cfg.train.seed))
         dataset = build_preference_dataset(cfg.data, setup.tokenizer, cfg.train.seed, template)
+        fingerprint = training_fingerprint(cfg, dataset.train)
+        check_checkpoint_resumable(setup.checkpoints, fingerprint)  # a refused rerun keeps the card
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
         if not dataset.val:  # before training: the reward statistics stored at its end are taken over them
@@ -111,7 +114,7 @@ def train_reward_model(cfg: RMConfig) -> int:
                        TrainData(dataset.train, dataset.val, collate, cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "value", setup.tokenizer_path, final_metadata,
-                                      training_fingerprint(cfg, dataset.train)))
+                                      fingerprint))
         accuracy = result.last_val.get("accuracy")
         scored = len(validation_items(dataset.val, cfg.train))
         validation = (f"validation accuracy {accuracy:.4f} on {scored} pairs" if accuracy is not None

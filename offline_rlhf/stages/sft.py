@@ -13,7 +13,13 @@ from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.masks import document_mask
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import stage_runtime
-from offline_rlhf.stage_support import local_init, mark_done, model_config, training_fingerprint
+from offline_rlhf.stage_support import (
+    check_checkpoint_resumable,
+    local_init,
+    mark_done,
+    model_config,
+    training_fingerprint,
+)
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 
@@ -40,6 +46,8 @@ def main(cfg: SFTConfig) -> int:
         setup = prepare_training(init, model_cfg, "lm", rt, cfg.train.seed)
         dataset = build_sft_dataset(cfg.data, setup.tokenizer, cfg.train.seed)
         template = build_template(cfg.data.template, setup.tokenizer.config)  # recorded: later stages render alike
+        fingerprint = training_fingerprint(cfg, dataset.train)
+        check_checkpoint_resumable(setup.checkpoints, fingerprint)  # a refused rerun keeps the card
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
         collate = partial(collate_sequences, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
@@ -47,7 +55,7 @@ def main(cfg: SFTConfig) -> int:
                                                                          cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
-                                      fingerprint=training_fingerprint(cfg, dataset.train),
+                                      fingerprint=fingerprint,
                                       metadata={TEMPLATE: template_record(template)}))
         totals = dataset.card["totals"]
         rt.log(f"sft done: {result.steps} steps, final checkpoint {result.checkpoint}; "

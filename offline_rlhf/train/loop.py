@@ -51,7 +51,7 @@ from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.grad import clip_grad_norm_
 from offline_rlhf.parallel.parallelize import loss_context
 from offline_rlhf.runtime import Runtime, any_rank, autocast_for
-from offline_rlhf.stage_support import check_resumable
+from offline_rlhf.stage_support import check_checkpoint_resumable
 from offline_rlhf.train.metrics_log import MetricsLog, throughput_metrics
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
 
@@ -407,12 +407,11 @@ def _micro_batches(data: TrainData, stream: SampleStream, state: TrainState, cfg
 
 def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, steps: int,
             rt: Runtime) -> tuple[TrainState, Path | None]:
-    latest = latest_checkpoint(ckpt.root)
+    latest = (latest_checkpoint(ckpt.root) if ckpt.fingerprint is None
+              else check_checkpoint_resumable(ckpt.root, ckpt.fingerprint))
     if latest is None:
         return TrainState(data_position={"samples_consumed": 0}), None
     saved = read_meta(latest)
-    if ckpt.fingerprint is not None:
-        check_resumable(saved.metadata.get(CONFIG_KEY), ckpt.fingerprint, ckpt.root)
     if saved.train_state.step > steps:  # finishing "at" a step behind the checkpoint would mark it final
         raise ResumeRefused("train.max_steps", f"the run now ends at step {steps}, before the "
                             f"{saved.train_state.step} steps {latest} already holds",

@@ -28,11 +28,13 @@ def test_a_resume_over_rewritten_training_data_is_refused(tmp_path, public_token
     write_records(data, 60)
     assert sft(run_dir, data, public_tokenizer, 2) == 0
     original = data.read_text()
+    card = (run_dir / "sft" / "dataset_card.json").read_text()
     write_records(data, 40)  # the same path, other contents
     capsys.readouterr()
     assert sft(run_dir, data, public_tokenizer, 4) == 2
     assert capsys.readouterr().err.startswith(
         f"orlhf sft: error: training data: differs from the run that wrote {run_dir / 'sft' / 'checkpoints'}")
+    assert (run_dir / "sft" / "dataset_card.json").read_text() == card  # was: the refused rerun's 40 records
     data.write_text(original)
     assert sft(run_dir, data, public_tokenizer, 4) == 0
     assert latest_checkpoint(run_dir / "sft" / "checkpoints").name == "step_00000004"
