@@ -2,18 +2,23 @@
 lock file built on that. Imports no torch.
 
 `stage_dir/.lock` holds its holder's host, PID, process start time (clock ticks since
-boot, from /proc/<pid>/stat) and the wall-clock time it was taken. A lock whose holder
-is gone from this host (PID not running, or running with another start time: the PID
-was reused) is stale and taken over. A lock held on another host is broken only by a later
-attempt of the same Slurm job name (`orlhf launch` continuation: its singleton dependency
-started it after the holder's job ended, killed at its time limit say, on any node).
+boot, from /proc/<pid>/stat), the wall-clock time it was taken and, under Slurm, the job's
+id, name and restart count. A lock whose holder is gone from this host (PID not running, or
+running with another start time: the PID was reused) is stale and taken over. A lock held on
+another host is broken only by a later run of the same Slurm job: the same job id with a
+higher SLURM_RESTART_COUNT (a requeue, which Slurm starts only after the job's processes are
+gone), or another job id of the same job name (`orlhf launch` continuation: its singleton
+dependency started it after the holder's job ended, killed at its time limit say) once
+squeue, where it answers, no longer lists the holder's job.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +30,12 @@ from offline_rlhf.fsutil import write_atomic
 
 LOCK = ".lock"
 _IMPORTED = time.time()
+_JOB_ID = re.compile("[0-9]+(_[0-9]+)?")  # SLURM_JOB_ID, or an array task's <job>_<index>
+SQUEUE_TIMEOUT_S = 10  # a controller that does not answer in this long: singleton alone vouches
+COMPLETING_WAIT_S = 90  # a job's processes get KillWait (30 s by default) to exit after its end
+# squeue's states of a job that has ended (it lists them for MinJobAge after the end)
+_ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                           "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"})
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,12 @@ class Holder:
     since: str
     job_id: str | None = None  # under Slurm: SLURM_JOB_ID and SLURM_JOB_NAME of the holder's job
     job_name: str | None = None
+    restart_count: int = 0  # SLURM_RESTART_COUNT: how often Slurm requeued the job (locks written before: 0)
+
+    def requeued_before(self, other: Holder) -> bool:
+        """Whether this holder ran in `other`'s Slurm job before Slurm requeued it (node
+        failure, preemption): the same job id, restarted fewer times."""
+        return self.job_id is not None and self.job_id == other.job_id and self.restart_count < other.restart_count
 
     def earlier_attempt_of(self, other: Holder) -> bool:
         """Whether this holder ran in an earlier job of `other`'s Slurm job name: a
@@ -83,7 +100,7 @@ def acquire_stage_lock(stage_dir: Path, stage: str) -> tuple[Path, str | None]:
     path = Path(stage_dir) / LOCK
     mine = Holder(socket.gethostname(), os.getpid(), start_ticks("self"),
                   datetime.now(timezone.utc).isoformat(timespec="seconds"), os.environ.get("SLURM_JOB_ID"),
-                  os.environ.get("SLURM_JOB_NAME"))
+                  os.environ.get("SLURM_JOB_NAME"), _restart_count())
     note = None
     for _ in range(5):  # each pass either takes the lock, refuses, or removes one stale lock
         if _create(path, mine):
@@ -91,14 +108,11 @@ def acquire_stage_lock(stage_dir: Path, stage: str) -> tuple[Path, str | None]:
         held = _read(path)
         if held is None:  # released in between
             continue
-        if held.host != mine.host and held.earlier_attempt_of(mine):
-            if _remove_if_unchanged(path, held):
-                note = (f"{stage}: took over the lock of job {held.job_id} ({held.job_name}) on {held.host}: an "
-                        "earlier attempt of this job, ended")
-            continue
         if held.host != mine.host:
-            raise ConfigError("run_dir", f"{stage} in {stage_dir} is locked by pid {held.pid} on host {held.host} "
-                              f"since {held.since}", f"if no {stage} run is alive there, delete {path}")
+            reason = _ended_elsewhere(held, mine, stage, path)
+            if _remove_if_unchanged(path, held):
+                note = f"{stage}: took over the lock of job {held.job_id} ({held.job_name}) on {held.host}: {reason}"
+            continue
         if _alive(held):
             raise ConfigError("run_dir", f"{stage} in {stage_dir} is already running as pid {held.pid} on "
                               f"{held.host} since {held.since}", "wait for it to end or use another run_dir")
@@ -106,6 +120,55 @@ def acquire_stage_lock(stage_dir: Path, stage: str) -> tuple[Path, str | None]:
             note = (f"{stage}: took over the lock of pid {held.pid} (since {held.since}), "
                     "which is no longer running: a killed run")
     raise ConfigError("run_dir", f"could not take {path}: other runs keep replacing it", "run one at a time")
+
+
+def _ended_elsewhere(held: Holder, mine: Holder, stage: str, path: Path) -> str:
+    """Why the lock `held` on another host may be taken over (the end of the log line), or a
+    one-line ConfigError naming the holder."""
+    if held.requeued_before(mine):
+        return f"its run before Slurm requeued it (restart {held.restart_count}), ended"
+    if held.earlier_attempt_of(mine):
+        state = _queued_state(held.job_id)
+        if state is None:
+            return "an earlier attempt of this job, ended"
+        raise ConfigError("run_dir", f"{stage} in {path.parent} is locked by job {held.job_id} ({held.job_name}) on "
+                          f"host {held.host}, which squeue still lists as {state}",
+                          f"wait for it to end or cancel it: scancel {held.job_id}")
+    raise ConfigError("run_dir", f"{stage} in {path.parent} is locked by pid {held.pid} on host {held.host} "
+                      f"since {held.since}", f"if no {stage} run is alive there, delete {path}")
+
+
+def _queued_state(job_id: str) -> str | None:
+    """The state squeue lists the job in while it is queued or running, after waiting out a
+    COMPLETING one (a singleton successor may start while the job's processes still exit);
+    None when the job has ended or squeue cannot tell."""
+    deadline = time.monotonic() + COMPLETING_WAIT_S
+    while True:
+        states = _squeue_states(job_id)
+        if states != {"COMPLETING"} or time.monotonic() > deadline:
+            return min(states, key=lambda state: state == "COMPLETING", default=None)  # the others first
+        time.sleep(1)
+
+
+def _squeue_states(job_id: str) -> set[str]:
+    """The states squeue lists the job (each component of a heterogeneous one) in, ended ones
+    left out. Empty also when squeue does not know the job (exit 1, "Invalid job id": purged,
+    long ended) and when it is missing, fails or does not answer: then the launcher's
+    --dependency=singleton alone vouches that the job ended. No shell: a list of arguments."""
+    try:
+        proc = subprocess.run(["squeue", "-h", f"--jobs={job_id}", "-o", "%T"], capture_output=True, text=True,
+                              timeout=SQUEUE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return set() if proc.returncode else set(proc.stdout.split()) - _ENDED_STATES
+
+
+def _restart_count() -> int:
+    """SLURM_RESTART_COUNT, which Slurm sets from a job's first requeue on; 0 when unset."""
+    value = os.environ.get("SLURM_RESTART_COUNT", "0").strip() or "0"
+    if not re.fullmatch("[0-9]+", value):
+        raise ConfigError("SLURM_RESTART_COUNT", f"{value!r} is not a restart count", "expected a whole number >= 0")
+    return int(value)
 
 
 def release_stage_lock(path: Path) -> None:
@@ -130,13 +193,21 @@ def _create(path: Path, holder: Holder) -> bool:
 
 
 def _read(path: Path) -> Holder | None:
+    """The lock's holder; its job id, which may reach squeue's command line, checked."""
     try:
-        return Holder(**json.loads(path.read_text()))
+        holder = Holder(**json.loads(path.read_text()))
     except FileNotFoundError:
         return None
     except (ValueError, TypeError):
         raise ConfigError("run_dir", f"{path} is not a lock this project wrote",
                           "delete it if no run of this stage is alive") from None
+    if holder.job_id is not None and not (isinstance(holder.job_id, str) and _JOB_ID.fullmatch(holder.job_id)):
+        raise ConfigError("run_dir", f"{path}: job_id {holder.job_id!r} is not a Slurm job id (expected digits, "
+                          "optionally _<array index>)", "delete it if no run of this stage is alive")
+    if type(holder.restart_count) is not int or holder.restart_count < 0:
+        raise ConfigError("run_dir", f"{path}: restart_count {holder.restart_count!r} is not a whole number >= 0",
+                          "delete it if no run of this stage is alive")
+    return holder
 
 
 def _remove_if_unchanged(path: Path, stale: Holder) -> bool:

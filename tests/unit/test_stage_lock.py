@@ -1,6 +1,6 @@
 """The per-stage lock (`offline_rlhf.host`): a live holder refuses a second run, a holder
-killed on this host is taken over, a holder on another host is broken only by a later
-attempt of its Slurm job name, and the process start time the ledger's clock uses is the
+killed on this host is taken over, a holder on another host is left alone (outside Slurm; under
+Slurm see test_stage_lock_slurm.py), and the process start time the ledger's clock uses is the
 process's creation."""
 
 import json
@@ -66,27 +66,6 @@ def test_a_lock_from_another_host_is_never_broken(tmp_path):
     with pytest.raises(ConfigError, match=f"pid 1 on host elsewhere .*delete {tmp_path / LOCK}"):
         acquire_stage_lock(tmp_path, "sft")
     assert json.loads((tmp_path / LOCK).read_text())["host"] == "elsewhere"
-
-
-def test_a_lock_of_an_earlier_slurm_attempt_on_another_node_is_taken_over(tmp_path, monkeypatch):
-    """orlhf launch's continuation: attempt 2 of job name run.generate starts (singleton)
-    after attempt 1 ended at its time limit, killed holding the lock on another node."""
-    monkeypatch.setenv("SLURM_JOB_NAME", "run.generate")
-    monkeypatch.setenv("SLURM_JOB_ID", "101")
-    for other_job, refused in (("101", True), ("100", False)):  # the same job elsewhere: a live run, maybe
-        write_lock(tmp_path, Holder("node7", 1, 1, "2026-01-01T00:00:00", other_job, "run.generate"))
-        if refused:
-            with pytest.raises(ConfigError, match="locked by pid 1 on host node7"):
-                acquire_stage_lock(tmp_path, "generate")
-            continue
-        path, note = acquire_stage_lock(tmp_path, "generate")
-        assert note == "generate: took over the lock of job 100 (run.generate) on node7: an earlier attempt of this " \
-                       "job, ended"
-        assert json.loads(path.read_text())["job_id"] == "101"
-        release_stage_lock(path)
-    write_lock(tmp_path, Holder("node7", 1, 1, "2026-01-01T00:00:00", "100", "other.generate"))  # another job name
-    with pytest.raises(ConfigError, match="locked by pid 1 on host node7"):
-        acquire_stage_lock(tmp_path, "generate")
 
 
 def test_process_start_time_is_the_creation_of_the_process():
