@@ -114,7 +114,7 @@ def _count_wrong(m: re.Match, rng: random.Random) -> str:
 FAMILIES = (
     Family("add", re.compile(r"add (\d) and (\d)"), re.compile(r"\d+ plus \d+ is \d+"),
            _add_answer, _add_wrong, lambda: [f"add {a} and {b}" for a in range(10) for b in range(10)]),
-    Family("reverse", re.compile(r"reverse ([a-z](?: [a-z])+)"), re.compile(r"the reverse is [a-z](?: [a-z])*"),
+    Family("reverse", re.compile(r"reverse ([a-z](?: [a-z])+)"), re.compile(r"the reverse is [a-z](?: [a-z])+"),
            _reverse_answer, _reverse_wrong, lambda: [f"reverse {s}" for s in _letter_strings(range(2, 5))]),
     Family("repeat", re.compile(rf"repeat ({'|'.join(WORDS)}) ([{REPEAT_COUNTS[0]}-{REPEAT_COUNTS[-1]}]) times"),
            re.compile(r"([a-z]+)(?: \1)+"),

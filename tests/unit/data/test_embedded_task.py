@@ -78,6 +78,14 @@ def test_gold_reward_edge_cases(response, expected):
     assert gold_reward("add 3 and 5", response) == expected
 
 
+def test_one_item_answers_are_off_topic_in_every_family():
+    """Every reverse and repeat instruction has at least two items, and so do their response
+    templates (was: a one-letter reverse was well formed, a one-word repeat off topic)."""
+    assert gold_reward("reverse a c b c", "the reverse is d.") == -1.0
+    assert gold_reward("repeat moon 4 times", "moon.") == -1.0
+    assert gold_reward("reverse a c b c", "the reverse is c b d a.") == 1.0  # two or more: well formed
+
+
 def test_gold_reward_rejects_unknown_instructions():
     with pytest.raises(ValueError, match="not an embedded-task instruction"):
         gold_reward("what color is the sky", "blue.")
