@@ -270,7 +270,11 @@ def _save_rng(path: Path, rank: int) -> None:
 
 
 def _load_rng(path: Path, rank: int) -> None:
-    state = torch.load(_rng_file(path, rank), weights_only=True)
+    file = _rng_file(path, rank)
+    try:
+        state = torch.load(file, weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # missing, truncated, corrupt
+        raise damaged(path / file.parent.name, f"{file.name} is unreadable: {type(exc).__name__}") from None
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():

@@ -125,3 +125,11 @@ def test_a_save_clears_partial_folders_of_any_killed_save(tmp_path):
     (tmp_path / "step_00000006.partial").mkdir(parents=True)  # a save of step 6 killed; the rerun saves step 5
     save_checkpoint(tmp_path, reference_model(), _meta(5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000005"]
+
+
+def test_a_missing_rng_state_is_a_damaged_checkpoint_not_a_traceback(tmp_path):
+    save_checkpoint(tmp_path, reference_model(), _meta(1))
+    (tmp_path / "step_00000001" / "rng" / "rank00000.pt").unlink()
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/step_00000001/rng: the checkpoint is damaged \(rank00000.pt "
+                                          r"is unreadable: FileNotFoundError\); load an earlier step_\* folder of "):
+        load_checkpoint(latest_checkpoint(tmp_path), Transformer(TINY), restore_rng=True)
