@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     except SystemExit as stop:  # a stage that stopped on request (its work saved): its exit status
         code = stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; a rerun resumes from the last checkpoint
+        say_once(f"orlhf {argv[0] if argv else ''}: interrupted (Ctrl-C); rerun the same command to resume")
+        code = 130
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         _exit_without_teardown(code)
     return code

@@ -151,7 +151,7 @@ def track(run_dir: str | Path, stage: str, env: DistEnv | OneProcess, device: to
     try:
         yield usage
         status = COMPLETED
-    except SystemExit:  # stopped on request with its work saved (a training stage's signal stop): resumable
+    except (SystemExit, KeyboardInterrupt):  # a signal stop (its work saved: resumable), or Ctrl-C: not an error
         status = INTERRUPTED
         raise
     finally:

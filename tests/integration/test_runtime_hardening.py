@@ -5,6 +5,7 @@ the model a checkpoint fixes, and a log line for a checkpoint from outside the r
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -129,6 +130,19 @@ def test_a_killed_stage_is_charged_the_seconds_it_ran_start_up_included(labeled,
     assert row.status == "interrupted"
     assert epoch(row.start) - spawned < 0.5  # from the process's creation, before torch was imported
     assert row.wall_seconds >= ran - 1.5, (row.wall_seconds, ran)  # at most one beat (0.5 s) lost
+
+
+def test_ctrl_c_is_one_line_and_an_interrupted_row(labeled, tmp_path):
+    """Was: a KeyboardInterrupt traceback and a `failed` ledger row (left uncharged even when
+    a rerun resumed the work)."""
+    run_dir, flag = tmp_path / "run", tmp_path / "started"
+    stage = start_slow_mix(mix_args(run_dir, labeled), flag, hold=30.0)
+    wait_for(flag, stage)
+    stage.send_signal(signal.SIGINT)
+    _, err = stage.communicate(timeout=60)
+    assert stage.returncode == 130
+    assert err.decode().strip().splitlines()[-1] == "orlhf mix: interrupted (Ctrl-C); rerun the same command to resume"
+    assert [row.status for row in read_ledger(run_dir)] == ["interrupted"]
 
 
 def test_a_short_stage_row_covers_its_start_up(labeled, tmp_path):

@@ -34,7 +34,8 @@ def test_a_stage_stopped_on_request_is_recorded_as_interrupted(tmp_path):
     the report charges it like a killed execution, not as failed (left uncharged)."""
     from offline_rlhf.ledger import OneProcess, track
 
-    for stopping, status in ((SystemExit(75), "interrupted"), (ValueError("bad"), "failed")):
+    for stopping, status in ((SystemExit(75), "interrupted"), (KeyboardInterrupt(), "interrupted"),
+                             (ValueError("bad"), "failed")):
         with pytest.raises(type(stopping)):
             with track(tmp_path, "sft", OneProcess(), "cpu"):
                 raise stopping
