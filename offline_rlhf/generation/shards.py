@@ -84,10 +84,23 @@ def repair_shard(path: Path, n: int) -> int:
     last_run = next((k for k, prompt_id in enumerate(reversed(ids)) if prompt_id != ids[-1]), len(ids))
     if 0 < last_run < n:
         keep -= sum(map(len, lines[-last_run:]))
+        ids = ids[:-last_run]
+    _check_whole_items(path, ids, n)
     if keep < len(data):
         with open(path, "r+b") as handle:
             handle.truncate(keep)
     return len(data) - keep
+
+
+def _check_whole_items(path: Path, ids: list[int], n: int) -> None:
+    """Every item's `n` records, written together, are in the shard once: fewer or more
+    means a hand edit or a copy, not a crash (found before any work, not at the merge)."""
+    counts = Counter(ids)
+    for number, item in enumerate(ids, start=1):
+        if counts[item] != n:
+            raise DataError(path, number, f"expected the {n} record(s) of item {item} together, once (found "
+                            f"{counts[item]}: the shard was damaged other than by a crash mid-write); "
+                            f"{RESTART.format(stage_dir=path.parent)}")
 
 
 def read_shard_records(stage_dir: Path, schema: int | None = None) -> list[dict]:

@@ -31,6 +31,18 @@ def test_repair_leaves_complete_shards_alone(tmp_path, n, content):
     assert repair_shard(shard, n) == 0 and shard.read_text() == lines(*content)
 
 
+def test_an_incomplete_or_repeated_item_before_the_last_is_damage_named_at_once(tmp_path):
+    """Was: found only at the merge, after every remaining prompt had been generated, as a
+    RuntimeError traceback ("answered twice")."""
+    shard = tmp_path / "shard_00000.jsonl"
+    for content, line, found in (([(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)], 1, 1),  # item 0 lost a line
+                                 ([(0, 0), (0, 1), (0, 0), (0, 1), (1, 0), (1, 1)], 1, 4)):  # item 0 twice
+        shard.write_text(lines(*content))
+        with pytest.raises(DataError, match=rf"^{shard}:{line}: expected the 2 record\(s\) of item 0 together, once "
+                                            rf"\(found {found}: the shard was damaged other than by a crash"):
+            repair_shard(shard, 2)
+
+
 def test_answered_prompts_need_all_their_samples():
     records = [{"id": 0}, {"id": 0}, {"id": 1}]
     assert answered_prompts(records, 2) == {0} and answered_prompts(records, 1) == {0, 1}
