@@ -362,10 +362,14 @@ def table3_markdown(rows: list[dict], hours: dict[str, dict], shared: dict[str, 
                  "`orlhf align` or `orlhf ppo`)."]
     shared_line = (" + ".join(f"{s} {v:.4f}" for s, v in shared.items() if s != "total")
                    + f" = {shared['total']:.4f}") if len(shared) > 1 else "none in the ledger"
+    # On CPU a "device" is a process; PPO's four share the cores one offline process has alone.
+    cpu = "" if "cpu" not in devices else (" On CPU a device is one process, and processes share the machine's "
+                                           "cores, so these shares move with the machine's load; on GPUs each "
+                                           "process holds its own device, as in the paper.")
     return (f"Device-hours ({', '.join(devices)} devices; devices x wall hours). Offline methods: generation + "
             "labeling + mixing (the paper's methods) or the reference pass (DPO-style methods) + alignment; "
             "PPO: actor + critic + "
-            "reference + reward model.\n\n" + "\n".join(lines)
+            f"reference + reward model.{cpu}\n\n" + "\n".join(lines)
             + f"\n\nShared by every method, PPO included (not in the totals): {shared_line}.")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
-from offline_rlhf.eval.report import _rm_note, side_by_side, side_by_side_markdown, stale_evaluations
+from offline_rlhf.eval.report import _rm_note, side_by_side, side_by_side_markdown, stale_evaluations, table3_markdown
 from offline_rlhf.stage_support import checkpoint_digest
 from tests.fixtures import reference_model
 from tests.synthetic_preferences import MODEL
@@ -74,3 +74,9 @@ def test_the_rm_column_says_when_it_is_the_runs_own_reward_model(tmp_path):
                           "PPO: it grades what they were trained to raise, not their quality")
     other = _rm_note(tmp_path, "/models/other_rm")
     assert other.startswith("rm: the reward model /models/other_rm. Its scores are raw")
+
+
+def test_cpu_device_hours_say_that_their_shares_move_with_the_load():
+    hours = {"align_dt": {"device_type": "cpu"}}
+    assert "On CPU a device is one process" in table3_markdown([], hours, {"total": 0.0})
+    assert "On CPU" not in table3_markdown([], {"align_dt": {"device_type": "NVIDIA H100"}}, {"total": 0.0})
