@@ -13,7 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
 from launcher.compose import compose_launch
-from launcher.local import already_complete, run_locally
+from launcher.local import already_complete, forget_if_complete, run_locally
 from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir, run_dir_override
 from launcher.schema import ClusterConfig, LaunchConfig, LaunchError
 from launcher.slurm import (
@@ -82,6 +82,8 @@ def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], run_dir: Path, py
         raise LaunchError("run_dir", f"job(s) {' '.join(running)} of the launch recorded in {run_dir / LAUNCH_RECORD} "
                           "are still pending or running", f"wait for them ({status}) or cancel them: "
                           f"scancel {' '.join(running)}")
+    for plan in todo:
+        forget_if_complete(plan)
     scripts = [write_stage_files(plan, cfg.cluster, python) for plan in todo]
     submitted = submit_chain(todo, scripts, cfg.cluster.max_attempts)
     write_launch_record(run_dir, cfg.pipeline.name, submitted)

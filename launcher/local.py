@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -18,6 +24,13 @@ DONE = "DONE"  # every stage writes it last, once its outputs are complete
 # imports nothing of offline_rlhf, a test keeps the two equal).
 PROGRESS_PREFIX = "[progress] "
 POLL_S = 1.0
+# A training stage stopped by SIGTERM/SIGUSR1 after saving a checkpoint exits with this status and
+# logs a line holding STOP_LINE (offline_rlhf.train.loop; tests check both on real stops); under
+# torchrun the stage exits 1, and only that line tells a stop from a failure.
+STOPPED_EXIT_CODE = 75
+STOP_LINE = ": stopped by a signal ("
+ERROR_LINE = re.compile(r"orlhf \S+: error: ")  # how a stage says why it failed (offline_rlhf.cli)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def local_command(plan: StagePlan, python: str) -> list[str]:
@@ -47,9 +60,19 @@ def already_complete(plans: list[StagePlan]) -> int:
     return next((count for count, plan in enumerate(plans) if not is_complete(plan)), len(plans))
 
 
+def forget_if_complete(plan: StagePlan) -> None:
+    """A stage complete under the same config that runs again only because an earlier stage
+    ran (its inputs changed) loses its DONE now: were the run to die before the stage clears
+    DONE itself, a relaunch would skip the stale outputs. (A stage whose config changed keeps
+    its DONE until it opens its folder: a refused resume leaves it complete.)"""
+    if is_complete(plan):
+        (plan.stage_dir / DONE).unlink()
+
+
 def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:
-    """Stops at the first failing stage; each stage's output goes to `<stage>/launch.log`.
-    A rerun skips the stages `already_complete`; a stage that runs loses its DONE marker first."""
+    """Stops at the first stage that fails (1) or stops (75, STOPPED_EXIT_CODE: a training stage
+    saved a checkpoint on a signal, or this launcher was signalled); each stage's output is
+    appended to `<stage>/launch.log`. A rerun skips the stages `already_complete`."""
     skipped = already_complete(plans)
     for index, plan in enumerate(plans, 1):
         command = local_command(plan, python)
@@ -61,23 +84,77 @@ def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:
         if dry_run:
             continue
         plan.stage_dir.mkdir(parents=True, exist_ok=True)
-        (plan.stage_dir / DONE).unlink(missing_ok=True)
+        forget_if_complete(plan)
         print(f"    log: {log}", flush=True)
         start = time.monotonic()
-        code = run_showing_progress(command, log, sys.stdout)
-        if code != 0:
-            print(f"orlhf launch: stage {plan.name} failed (exit code {code}); log: {log}", file=sys.stderr)
-            return 1
+        run = run_showing_progress(command, log, sys.stdout, workers_apart=plan.world_size > 1)
+        if run.code != 0 or run.signal:
+            return _report_end(plan.name, run)
         print(f"    done in {time.monotonic() - start:.1f} s", flush=True)
     return 0
 
 
-def run_showing_progress(command: list[str], log: Path, out: TextIO) -> int:
-    """Run `command` with its output in `log`, showing its latest progress line on `out`
-    while it runs: rewritten in place on a terminal, else a new line whenever it changes."""
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-    tail, shown, live = LogTail(log), "", out.isatty()
+def _report_end(name: str, run: StageRun) -> int:
+    """Say on the console why the pipeline ends at stage `name`: the stage's own last error or
+    stop line (buried in the log, under torchrun's dump of its failed workers), then whether it
+    stopped (STOPPED_EXIT_CODE: a relaunch continues) or failed (1)."""
+    own = run.last_own_line()
+    if own:
+        print(f"    {own}", file=sys.stderr)
+    received = f" on {signal.Signals(run.signal).name}" if run.signal else ""
+    status = f"killed by {signal.Signals(-run.code).name}" if run.code < 0 else f"exit code {run.code}"
+    if run.code == 0:
+        end = f"stopped{received} after stage {name} completed; relaunch to continue"
+    elif run.code == STOPPED_EXIT_CODE or STOP_LINE in own:
+        end = f"stage {name} stopped{received} (a checkpoint was saved; relaunch to resume)"
+    elif run.signal:
+        end = f"stage {name} stopped{received} ({status}, no checkpoint); relaunch to run it again"
+    else:
+        print(f"orlhf launch: stage {name} failed ({status}); log: {run.log}", file=sys.stderr)
+        return 1
+    print(f"orlhf launch: {end}; log: {run.log}", file=sys.stderr)
+    return STOPPED_EXIT_CODE
+
+
+@dataclass
+class StageRun:
+    """How one attempt of a stage ended: its exit status, the first stop signal this launcher
+    received and forwarded meanwhile (None: none), and where its output starts in the log."""
+
+    code: int
+    signal: int | None
+    log: Path
+    offset: int
+
+    def last_own_line(self) -> str:
+        """The attempt's last `orlhf STAGE: error: ...` or signal-stop line ('' if none)."""
+        with open(self.log, "rb") as handle:
+            handle.seek(self.offset)
+            lines = handle.read().decode(errors="replace").splitlines()
+        return next((line.strip() for line in reversed(lines) if ERROR_LINE.match(line) or STOP_LINE in line), "")
+
+
+def run_showing_progress(command: list[str], log: Path, out: TextIO, workers_apart: bool = False) -> StageRun:
+    """Run `command` with its output appended to `log` (after a line naming the attempt),
+    showing its latest progress line on `out` while it runs: rewritten in place on a terminal,
+    else a new line whenever it changes. SIGTERM, SIGINT and SIGUSR1 sent to this process
+    meanwhile go to the stage (`SignalForwarder`), which is waited for."""
+    with open(log, "a") as handle:
+        handle.write(f"[orlhf launch {datetime.now().astimezone().isoformat(timespec='seconds')}] "
+                     f"{shlex.join(command)}\n")
+        handle.flush()
+        offset = handle.tell()
+        with SignalForwarder(workers_apart) as forwarder:
+            # A session of its own: a signal for the launcher's group (a terminal's Ctrl-C)
+            # reaches the stage only through the forwarder, once.
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+            forwarder.attach(process.pid)
+            _show_progress(process, LogTail(log, offset), out)
+    return StageRun(process.returncode, forwarder.received, log, offset)
+
+
+def _show_progress(process: subprocess.Popen, tail: LogTail, out: TextIO) -> None:
+    shown, live = "", out.isatty()
     while not _ended(process):
         latest = tail.latest_progress()
         if latest and latest != shown:
@@ -86,7 +163,68 @@ def run_showing_progress(command: list[str], log: Path, out: TextIO) -> int:
             out.flush()
     if live and shown:
         out.write("\n")  # the next output starts on a line of its own
-    return process.returncode
+
+
+class SignalForwarder:
+    """While a stage runs, the signals that would end this launcher (leaving the stage running
+    on, orphaned) are passed on to the stage instead (SIGINT as SIGTERM, so that Ctrl-C too lets
+    a training stage save a checkpoint): to its process group, or with `workers_apart`
+    (torchrun) to each worker's own session (torchrun starts them so). torchrun itself is
+    spared: it dies of SIGUSR1 and kills its workers 30 s after a SIGTERM, possibly mid-save,
+    and it ends by itself once they have. The handlers in place before are restored on exit.
+    Only the main thread may install handlers; elsewhere nothing changes."""
+
+    def __init__(self, workers_apart: bool):
+        self.workers_apart, self.pid, self.received, self.previous = workers_apart, None, None, {}
+
+    def __enter__(self) -> SignalForwarder:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._forward) for sig in FORWARDED_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def attach(self, pid: int) -> None:
+        """Forward to the stage started as `pid`, including a signal that came while it started."""
+        self.pid = pid
+        if self.received is not None:
+            self._forward(self.received, None)
+
+    def _forward(self, signum: int, frame) -> None:
+        self.received = self.received or signum
+        if self.pid is None:
+            return
+        # Ctrl-C stops the stage as SIGTERM does: a training stage saves a checkpoint first.
+        sent = signal.SIGTERM if signum == signal.SIGINT else signum
+        workers = _children(self.pid) if self.workers_apart else []
+        for pid in workers or [self.pid]:
+            _signal_group(pid, sent)
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """Signal the process group `pid` leads, or `pid` alone if it leads none; nothing if it ended."""
+    for send in (os.killpg, os.kill):
+        try:
+            send(pid, signum)
+            return
+        except ProcessLookupError:
+            continue
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc; [] elsewhere)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def _ended(process: subprocess.Popen) -> bool:
@@ -101,8 +239,8 @@ def _ended(process: subprocess.Popen) -> bool:
 class LogTail:
     """The lines appended to a growing log since the last look (a partial last line waits)."""
 
-    def __init__(self, path: Path):
-        self.path, self.offset, self.partial = path, 0, b""
+    def __init__(self, path: Path, offset: int = 0):
+        self.path, self.offset, self.partial = path, offset, b""
 
     def latest_progress(self) -> str:
         with open(self.path, "rb") as handle:

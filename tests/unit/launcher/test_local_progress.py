@@ -1,6 +1,7 @@
 """`orlhf pipeline` shows a running stage's progress lines (read from its log) as they come."""
 
 import io
+import shlex
 import sys
 
 from launcher.local import LogTail, run_showing_progress
@@ -20,7 +21,7 @@ class Terminal(io.StringIO):
 
 def test_progress_lines_reach_the_console_and_everything_the_log(tmp_path):
     out, log = io.StringIO(), tmp_path / "launch.log"
-    assert run_showing_progress([sys.executable, "-c", STAGE], log, out) == 3
+    assert run_showing_progress([sys.executable, "-c", STAGE], log, out).code == 3
     shown = out.getvalue().splitlines()
     assert shown and all(line.startswith("    sft: step ") for line in shown)
     assert shown[-1] == "    sft: step 3/3" and len(shown) == len(set(shown))  # each change once
@@ -43,3 +44,15 @@ def test_a_partial_line_waits_for_its_end(tmp_path):
         handle.write(b"ep 2/2\nother\n")
     assert tail.latest_progress() == "a: step 2/2"
     assert tail.latest_progress() == ""  # nothing new
+
+
+def test_each_attempt_is_appended_after_a_header_and_shows_only_its_own_progress(tmp_path):
+    log, out = tmp_path / "launch.log", io.StringIO()
+    run_showing_progress([sys.executable, "-c", STAGE], log, io.StringIO())
+    quiet = [sys.executable, "-c", "print('orlhf sft: error: x: is wrong; fix it')"]
+    run = run_showing_progress(quiet, log, out)
+    assert out.getvalue() == ""  # the first attempt's progress lines are not this one's
+    headers = [line for line in log.read_text().splitlines() if line.startswith("[orlhf launch ")]
+    assert len(headers) == 2 and headers[1].endswith(f"] {shlex.join(quiet)}")
+    assert "noise 3" in log.read_text() and run.code == 0
+    assert run.last_own_line() == "orlhf sft: error: x: is wrong; fix it"
