@@ -12,7 +12,8 @@ position is saved with each checkpoint, so a resumed run continues with exactly 
 items it would have seen.
 
 Stopping early: SIGTERM or SIGUSR1 (Slurm sends SIGUSR1 `cluster.signal_lead_s` ahead of a
-job's time limit, see launcher.render) only sets a flag. At the next step boundary every
+job's time limit, see launcher.render) or a first Ctrl-C only sets a flag (a second Ctrl-C
+interrupts at once). At the next step boundary every
 rank learns whether any rank got one (a MAX over one int per step), and if so all save a
 checkpoint and leave with `STOPPED_EXIT_CODE`; a rerun resumes there. The handlers that were
 installed before `train` are restored when it returns.
@@ -57,7 +58,8 @@ from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume
 
 Batch = dict[str, torch.Tensor]
 COUNT = "count/"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Ctrl-C (SIGINT) too: the first saves like them, a second one interrupts at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint saved; a rerun continues.
 STOPPED_EXIT_CODE = 75
 FINAL = "final"  # checkpoint metadata: the last step of its schedule, validated, with the final metadata
@@ -153,7 +155,7 @@ def repeats_warning(cfg: TrainConfig, num_items: int, dp: int) -> str | None:
 
 
 class StoppedBySignal(SystemExit):
-    """`train` saved a checkpoint on SIGTERM/SIGUSR1 and stops; the process exits with
+    """`train` saved a checkpoint on SIGTERM/SIGUSR1/SIGINT and stops; the process exits with
     STOPPED_EXIT_CODE (a SystemExit, so no `except Exception` on the way swallows it)."""
 
     def __init__(self, step: int, checkpoint: Path):
@@ -163,8 +165,8 @@ class StoppedBySignal(SystemExit):
     @classmethod
     def after_saving(cls, step: int, steps: int, checkpoint: Path, rt: Runtime) -> "StoppedBySignal":
         """The stop, said in one line on rank 0."""
-        rt.log(f"{rt.stage_dir.name}: stopped by a signal (SIGTERM/SIGUSR1) after saving step {step} of {steps} to "
-               f"{checkpoint}; exit status {STOPPED_EXIT_CODE}: rerun the same command to resume from it")
+        rt.log(f"{rt.stage_dir.name}: stopped by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving step {step} of "
+               f"{steps} to {checkpoint}; exit status {STOPPED_EXIT_CODE}: rerun the same command to resume from it")
         return cls(step, checkpoint)
 
 
@@ -286,7 +288,12 @@ def _stop_requests() -> Iterator[threading.Event]:
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
-    previous = {sig: signal.signal(sig, lambda signum, frame: requested.set()) for sig in STOP_SIGNALS}
+    def request(signum, frame):
+        if signum == signal.SIGINT and requested.is_set():
+            raise KeyboardInterrupt  # Ctrl-C again: no waiting for the step and its save
+        requested.set()
+
+    previous = {sig: signal.signal(sig, request) for sig in STOP_SIGNALS}
     try:
         yield requested
     finally:

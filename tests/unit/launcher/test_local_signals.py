@@ -130,7 +130,7 @@ def test_sigterm_to_the_launcher_stops_the_torchrun_stage_and_a_relaunch_resumes
     out, err = first.communicate(timeout=DEADLINE_S)
     assert first.returncode == STOPPED_EXIT_CODE, err
     stopped_at = saved_step(sft)
-    assert stopped_at >= 3 and f"    sft: stopped by a signal (SIGTERM/SIGUSR1) after saving step {stopped_at} " in err
+    assert stopped_at >= 3 and f"    sft: stopped by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving step {stopped_at} " in err
     assert err.splitlines()[-1] == ("orlhf launch: stage sft stopped on SIGTERM (a checkpoint was saved; relaunch "
                                     f"to resume); log: {sft / 'launch.log'}")
     assert not processes_naming(str(run_dir)) and not (sft / DONE).exists()  # nothing left running

@@ -49,7 +49,7 @@ def signalling_task(at_call: int, sig: signal.Signals) -> Task:
     return replace(sft, loss=loss)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_the_step_it_reached_and_exits_with_the_status(tmp_path, capsys, sig):
     received = []
     previous = signal.signal(sig, lambda signum, frame: received.append(signum))
@@ -67,8 +67,23 @@ def test_a_stop_signal_saves_the_step_it_reached_and_exits_with_the_status(tmp_p
     assert read_meta(latest_checkpoint(checkpoints)).has_optimizer  # resumable, not just weights
     assert not (tmp_path / "sft" / "DONE").exists()
     out = capsys.readouterr().out
-    assert f"sft: stopped by a signal (SIGTERM/SIGUSR1) after saving step 2 of 6 to {stop.value.checkpoint}; exit " \
-           "status 75: rerun the same command to resume from it" in out
+    assert (f"sft: stopped by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving step 2 of 6 to {stop.value.checkpoint}; "
+            "exit status 75: rerun the same command to resume from it") in out
+
+
+def test_a_second_ctrl_c_interrupts_without_waiting_for_the_save(tmp_path):
+    twice = signalling_task(3, signal.SIGINT)
+    sft, calls = sft_task(True), []
+
+    def loss(model, batch, normalizer):  # Ctrl-C at the 3rd micro-batch (in `twice`), again at the 4th
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return twice.loss(model, batch, normalizer)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, task=replace(sft, loss=loss))
+    assert latest_checkpoint(tmp_path / "sft" / "checkpoints") is None  # interrupted before step 2's save
 
 
 def test_the_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path):
