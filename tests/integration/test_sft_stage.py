@@ -140,8 +140,8 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_to_identical_weigh
     proc.send_signal(signal.SIGTERM)  # mid-run: step 2 is logged, 14 more to go
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
-    reached = int(re.search(r"stopped by a signal \(SIGTERM/SIGUSR1/Ctrl-C\) after saving step (\d+) of 16 to \S+; exit "
-                            r"status 75: rerun the same command to resume from it", out).group(1))
+    reached = int(re.search(r"stopped by a signal \(SIGTERM/SIGUSR1/Ctrl-C\) after saving step (\d+) of 16 to "
+                            r"\S+; exit status 75: rerun the same command to resume from it", out).group(1))
     assert 2 <= reached < 16
     assert latest_checkpoint(stopped / "sft" / "checkpoints").name == f"step_{reached:08d}"
     assert sorted(p.name for p in (stopped / "sft" / "checkpoints").glob("step_*")) == [f"step_{reached:08d}"]

@@ -130,7 +130,8 @@ def test_sigterm_to_the_launcher_stops_the_torchrun_stage_and_a_relaunch_resumes
     out, err = first.communicate(timeout=DEADLINE_S)
     assert first.returncode == STOPPED_EXIT_CODE, err
     stopped_at = saved_step(sft)
-    assert stopped_at >= 3 and f"    sft: stopped by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving step {stopped_at} " in err
+    assert stopped_at >= 3
+    assert f"    sft: stopped by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving step {stopped_at} " in err
     assert err.splitlines()[-1] == ("orlhf launch: stage sft stopped on SIGTERM (a checkpoint was saved; relaunch "
                                     f"to resume); log: {sft / 'launch.log'}")
     assert not processes_naming(str(run_dir)) and not (sft / DONE).exists()  # nothing left running
@@ -208,15 +209,21 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_a_signal_ends_the_stages_whole_process_group_and_nothing_after_it_starts(tmp_path, capsys):
-    child = tmp_path / "child.pid"
-    python, plans = shell_stages(tmp_path, f"sleep 120 & echo $! > {child}; wait")
-    sender = signal_soon(signal.SIGTERM, child)
+def stopped_by(tmp_path, capsys, command: str, sig: signal.Signals, flag: Path) -> str:
+    """Run two shell stages, the first `command`, sending this launcher `sig` once `flag`
+    exists; the launcher's last line on stderr."""
+    python, plans = shell_stages(tmp_path, command)
+    sender = signal_soon(sig, flag)
     assert run_locally(plans, python, dry_run=False) == STOPPED_EXIT_CODE
     sender.join()
-    err = capsys.readouterr().err.splitlines()
-    assert err[-1] == ("orlhf launch: stage first stopped on SIGTERM (killed by SIGTERM, no checkpoint); relaunch "
-                       f"to run it again; log: {tmp_path / 'first' / 'launch.log'}")
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_signal_ends_the_stages_whole_process_group_and_nothing_after_it_starts(tmp_path, capsys):
+    child = tmp_path / "child.pid"
+    last = stopped_by(tmp_path, capsys, f"sleep 120 & echo $! > {child}; wait", signal.SIGTERM, child)
+    assert last == ("orlhf launch: stage first stopped on SIGTERM (killed by SIGTERM, no checkpoint); relaunch "
+                    f"to run it again; log: {tmp_path / 'first' / 'launch.log'}")
     deadline = time.monotonic() + 10  # the stage's own child got the signal too, and is gone
     while alive(int(child.read_text())) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -225,11 +232,7 @@ def test_a_signal_ends_the_stages_whole_process_group_and_nothing_after_it_start
 
 def test_a_stage_that_completes_despite_the_signal_is_the_last_to_run(tmp_path, capsys):
     ready = tmp_path / "ready"
-    python, plans = shell_stages(tmp_path, f"trap 'exit 0' USR1; touch {ready}; sleep 120 & wait")
-    sender = signal_soon(signal.SIGUSR1, ready)
-    assert run_locally(plans, python, dry_run=False) == STOPPED_EXIT_CODE
-    sender.join()
-    last = capsys.readouterr().err.splitlines()[-1]
+    last = stopped_by(tmp_path, capsys, f"trap 'exit 0' USR1; touch {ready}; sleep 120 & wait", signal.SIGUSR1, ready)
     assert last == ("orlhf launch: stopped on SIGUSR1 after stage first completed; relaunch to continue; "
                     f"log: {tmp_path / 'first' / 'launch.log'}")
     assert not (tmp_path / "next").exists()
