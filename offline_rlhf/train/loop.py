@@ -288,12 +288,16 @@ def _stop_requests() -> Iterator[threading.Event]:
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
+
     def request(signum, frame):
         if signum == signal.SIGINT and requested.is_set():
             raise KeyboardInterrupt  # Ctrl-C again: no waiting for the step and its save
         requested.set()
 
-    previous = {sig: signal.signal(sig, request) for sig in STOP_SIGNALS}
+    # SIGINT ignored from the start (a shell's background job) stays ignored; SIGUSR1 does not:
+    # the launcher's Slurm steps ignore it above the workers, which must take it.
+    taken = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT or signal.getsignal(sig) != signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, request) for sig in taken}
     try:
         yield requested
     finally:

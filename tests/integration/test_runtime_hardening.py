@@ -35,6 +35,7 @@ import offline_rlhf.stages.mix as stage
 from offline_rlhf.cli import main
 
 ledger.BEAT_SECONDS = 0.5
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background CI job ignores it)
 original = stage.draw
 def slow_draw(*args):
     open(os.environ["STARTED_FLAG"], "w").close()

@@ -81,9 +81,23 @@ def test_a_second_ctrl_c_interrupts_without_waiting_for_the_save(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
         return twice.loss(model, batch, normalizer)
 
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, task=replace(sft, loss=loss))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, not a background job
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, task=replace(sft, loss=loss))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert latest_checkpoint(tmp_path / "sft" / "checkpoints") is None  # interrupted before step 2's save
+
+
+def test_a_ctrl_c_ignored_from_the_start_stays_ignored(tmp_path):
+    """A shell's background job starts with SIGINT ignored: training does not take it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _, result = run(tmp_path, task=signalling_task(3, signal.SIGINT))
+        assert result.checkpoint.name == "step_00000006" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_the_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path):
