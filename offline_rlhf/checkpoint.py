@@ -51,6 +51,9 @@ LATEST = "latest"
 TOKENIZER_DIR = "tokenizer"
 CONFIG_KEY = "config"  # metadata: the resume fingerprint (train.loop), a training run's settings
 TEMPLATE = "template"  # metadata: how the model's conversations are rendered (data.chat_template.template_record)
+# metadata of a reward model (`orlhf rm`): the mean and std of its validation scores, which
+# z-score its rewards; an export to Hugging Face carries them in config.json under this key
+REWARD_STATS = "reward_stats"
 META = "meta.json"
 PARTIAL_SUFFIX = ".partial"
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from offline_rlhf.checkpoint import (
     CONFIG_KEY,
+    REWARD_STATS,
     TEMPLATE,
     TOKENIZER_DIR,
     CheckpointMeta,
@@ -74,7 +75,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, head: str = "lm") -> tuple[Pa
     cfg = read_hf_config(hf_dir)
     model = empty_model(cfg, head)
     load_hf_weights(model, HFWeights(hf_dir))
-    meta = CheckpointMeta(model=cfg, head=head, train_state=TrainState(step=0))
+    # A reward model exported by `orlhf convert` brings its normalization statistics back.
+    stats = json.loads((Path(hf_dir) / CONFIG_FILE).read_text()).get(REWARD_STATS) if head == "value" else None
+    meta = CheckpointMeta(model=cfg, head=head, train_state=TrainState(step=0),
+                          metadata={REWARD_STATS: stats} if isinstance(stats, dict) else {})
     with tempfile.TemporaryDirectory() as staging:
         # save_checkpoint copies a whole folder; stage only the tokenizer files, not the weights.
         copied = copy_tokenizer_files(hf_dir, staging)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from offline_rlhf.checkpoint import (
+    REWARD_STATS,
     TOKENIZER_DIR,
     CheckpointMeta,
     TrainState,
@@ -31,7 +32,7 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample
 from offline_rlhf.labeling.normalize import normalize
-from offline_rlhf.labeling.scoring import REWARD_STATS, load_reward_model, score_sequences, scoring_setup
+from offline_rlhf.labeling.scoring import load_reward_model, score_sequences, scoring_setup
 from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import Runtime

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from offline_rlhf.checkpoint import REWARD_STATS
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.records import TURNS, turns_field
 from offline_rlhf.labeling.samples import Sample
-from offline_rlhf.labeling.scoring import REWARD_STATS, reward_stats
+from offline_rlhf.labeling.scoring import reward_stats
 
 
 def normalization_stats(choice: str, raw: list[float], rm_metadata: dict, rm_path: str) -> dict:

@@ -34,8 +34,7 @@ from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, autocast_for
 from offline_rlhf.stage_support import checkpoint_of_head, note_untrusted
 
-REWARD_STATS = "reward_stats"  # checkpoint metadata keys written by `orlhf rm`
-MAX_SEQ_LEN = "max_seq_len"
+MAX_SEQ_LEN = "max_seq_len"  # checkpoint metadata written by `orlhf rm` (REWARD_STATS too: checkpoint.py)
 
 
 def sequence_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from offline_rlhf.checkpoint import TEMPLATE, TOKENIZER_DIR, load_checkpoint, read_meta, resolve_checkpoint
+from offline_rlhf.checkpoint import (
+    REWARD_STATS,
+    TEMPLATE,
+    TOKENIZER_DIR,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+)
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.tools import ConvertConfig
 from offline_rlhf.data.chat_template import (
@@ -55,8 +62,11 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
     model = empty_model(meta.model, meta.head)
     load_checkpoint(step_dir, model)
     tokenizer_dir = step_dir / TOKENIZER_DIR
+    # A reward model's normalization statistics travel in config.json (`config.reward_stats`
+    # in transformers), so its raw scores can be z-scored as `orlhf label` does.
+    stats = {REWARD_STATS: meta.metadata[REWARD_STATS]} if REWARD_STATS in meta.metadata else {}
     hf_config = config_to_hf(meta.model, meta.head, dtype,
-                             extra=special_token_ids(tokenizer_dir, meta.metadata.get(TEMPLATE)))
+                             extra={**special_token_ids(tokenizer_dir, meta.metadata.get(TEMPLATE)), **stats})
     files = write_hf_weights(hf_state_dict(model, dtype), out)
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     copied = copy_tokenizer_files(tokenizer_dir, out) if tokenizer_dir.is_dir() else []

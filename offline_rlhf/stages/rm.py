@@ -8,13 +8,13 @@ from functools import partial
 
 import torch
 
+from offline_rlhf.checkpoint import REWARD_STATS
 from offline_rlhf.config.training import RMConfig
 from offline_rlhf.data.batching import collate_sequences, real_tokens
 from offline_rlhf.data.preference_dataset import PreferencePair, build_preference_dataset
 from offline_rlhf.data.sft_dataset import read_summary, write_dataset_card
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.labeling.scoring import (
-    REWARD_STATS,
     load_reward_model,
     reward_stats,
     score_sequences,

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+from offline_rlhf.checkpoint import REWARD_STATS, CheckpointMeta, TrainState, save_checkpoint
 from offline_rlhf.cli import main
 from offline_rlhf.config.schema import ModelConfig, TemplateConfig
 from offline_rlhf.data.chat_template import build_template
@@ -16,7 +16,7 @@ from offline_rlhf.data.sft_readers import read_sft_source
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
-from offline_rlhf.labeling.scoring import REWARD_STATS, scoring_metadata
+from offline_rlhf.labeling.scoring import scoring_metadata
 from offline_rlhf.models.llama import Transformer
 from tests.fixtures import REPO_ROOT
 from tests.local_data import OASST_TREES

@@ -13,8 +13,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from offline_rlhf.checkpoint import CheckpointMeta, TrainState, read_meta, save_checkpoint
-from offline_rlhf.labeling.scoring import MAX_SEQ_LEN, REWARD_STATS
+from offline_rlhf.checkpoint import REWARD_STATS, CheckpointMeta, TrainState, read_meta, save_checkpoint
+from offline_rlhf.labeling.scoring import MAX_SEQ_LEN
 from offline_rlhf.ledger import read_ledger
 from tests.fixtures import REPO_ROOT, reference_model
 from tests.integration.test_ppo_stage import cleanup, command, prepare, tokenizer_dir  # noqa: F401 (fixtures)

@@ -8,7 +8,14 @@ import shutil
 import pytest
 import torch
 
-from offline_rlhf.checkpoint import CheckpointMeta, TrainState, latest_checkpoint, read_meta, save_checkpoint
+from offline_rlhf.checkpoint import (
+    REWARD_STATS,
+    CheckpointMeta,
+    TrainState,
+    latest_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from offline_rlhf.cli import main
 from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.preference_dataset import build_preference_dataset
@@ -151,6 +158,12 @@ def test_rm_checkpoint_exports_to_transformers_with_the_same_scores(trained, tmp
     with torch.no_grad():  # right-padded batch: transformers reads the last non-pad token
         theirs = hf_model(tokens).logits.squeeze(-1)
     assert theirs.tolist() == pytest.approx(ours, abs=1e-5)
+    # Its normalization statistics travel in config.json, and come back with an import
+    # (was: dropped, so `orlhf label normalization=rm_stats` refused the round-tripped RM).
+    stats = read_meta(latest_checkpoint(run_dir / "rm" / "checkpoints")).metadata[REWARD_STATS]
+    assert hf_model.config.reward_stats == stats and stats["std"] > 0
+    assert main(["convert", "import_hf", f"hf_dir={exported}", f"out={tmp_path / 'back'}", "head=value"]) == 0
+    assert read_meta(tmp_path / "back" / "step_00000000").metadata == {REWARD_STATS: stats}
 
 
 # --- pairs that truncation leaves identical (replies sharing more than MAX_LEN tokens): skipped and counted

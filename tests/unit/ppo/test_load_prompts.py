@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+from offline_rlhf.checkpoint import REWARD_STATS, CheckpointMeta, TrainState, save_checkpoint
 from offline_rlhf.config.compose import compose_stage
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ParallelConfig, TemplateConfig
@@ -16,7 +16,7 @@ from offline_rlhf.data.sft_readers import read_sft_source
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
-from offline_rlhf.labeling.scoring import MAX_SEQ_LEN, REWARD_STATS
+from offline_rlhf.labeling.scoring import MAX_SEQ_LEN
 from offline_rlhf.parallel.dims import ParallelDims
 from ppo_baseline.config import PPOConfig
 from ppo_baseline.stage import load_prompts, module_limits, prompt_limit

@@ -11,10 +11,9 @@ import httpx
 import pytest
 import torch
 
-from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+from offline_rlhf.checkpoint import REWARD_STATS, CheckpointMeta, TrainState, save_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ParallelConfig
-from offline_rlhf.labeling.scoring import REWARD_STATS
 from offline_rlhf.parallel.dims import ParallelDims
 from ppo_baseline.models import SAVED, SCORES, STEP, TRAINED, VALUES
 from ppo_baseline.service import ServiceError

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+from offline_rlhf.checkpoint import REWARD_STATS, CheckpointMeta, TrainState, save_checkpoint
 from offline_rlhf.config.schema import ParallelConfig
-from offline_rlhf.labeling.scoring import REWARD_STATS
 from offline_rlhf.parallel.dims import ParallelDims
 from ppo_baseline.config import PPOAlgorithmConfig, ServiceConfig, ServiceSettings
 from ppo_baseline.service import Client
