@@ -152,21 +152,23 @@ def answered_prompts(records: list[dict], n: int) -> set[int]:
 
 
 def merge_shards(stage_dir: Path, n_prompts: int, n: int = 1) -> list[dict]:
-    """All shard records ordered by (prompt id, sample); every answer exactly once, or an error."""
+    """All shard records ordered by (prompt id, sample); every answer exactly once, or a
+    one-line error naming the stage folder and the way out."""
     by_key: dict[tuple[int, int], dict] = {}
+    restart = RESTART.format(stage_dir=stage_dir)
     for record in read_shard_records(stage_dir):
         key = (record["id"], record.get("sample", 0))
         if key in by_key:
-            raise RuntimeError(f"prompt {key[0]} (sample {key[1]}) was answered twice in {stage_dir} (two runs "
-                               f"wrote its shards at once?); {RESTART.format(stage_dir=stage_dir)}")
+            raise ConfigError(str(stage_dir), f"prompt {key[0]} (sample {key[1]}) was answered twice (two runs wrote "
+                              "its shards at once?)", restart)
         by_key[key] = record
     expected = {(i, j) for i in range(n_prompts) for j in range(n)}
     if unexpected := sorted(set(by_key) - expected):
-        raise RuntimeError(f"{len(unexpected)} answers in {stage_dir} are to no prompt of this run (first (prompt, "
-                           f"sample) {unexpected[:5]}, of {n_prompts} prompts with {n} answers each: the inputs "
-                           f"changed since they were written); {RESTART.format(stage_dir=stage_dir)}")
+        raise ConfigError(str(stage_dir), f"{len(unexpected)} answers are to no prompt of this run (first (prompt, "
+                          f"sample) {unexpected[:5]}, of {n_prompts} prompts with {n} answers each: the inputs "
+                          "changed since they were written)", restart)
     missing = sorted(expected - set(by_key))
     if missing:
-        raise RuntimeError(f"{len(missing)} answers are missing in {stage_dir} (first (prompt, sample) {missing[:5]}); "
-                           f"rerun the stage to do them, or {RESTART.format(stage_dir=stage_dir)}")
+        raise ConfigError(str(stage_dir), f"{len(missing)} answers are missing (first (prompt, sample) "
+                          f"{missing[:5]})", f"rerun the stage to do them, or {restart}")
     return [by_key[(i, j)] for i in range(n_prompts) for j in range(n)]

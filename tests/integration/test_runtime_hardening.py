@@ -163,10 +163,11 @@ def test_shards_written_twice_name_the_way_out(tmp_path):
     record = {"schema": 1, "id": 0, "prompt": "p", "response": "r"}
     for replica in (0, 1):  # two runs at once both answered prompt 0
         (tmp_path / f"shard_{replica:05d}.jsonl").write_text(json.dumps(record) + "\n")
-    with pytest.raises(RuntimeError, match=r"answered twice .*delete .*shard_\*\.jsonl and rerun the stage"):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: prompt 0 \(sample 0\) was answered twice .*; delete "
+                                          r".*shard_\*\.jsonl and rerun the stage"):
         merge_shards(tmp_path, 1)
     (tmp_path / "shard_00001.jsonl").unlink()
-    with pytest.raises(RuntimeError, match=r"missing .*rerun the stage to do them"):
+    with pytest.raises(ConfigError, match=r"missing .*; rerun the stage to do them"):
         merge_shards(tmp_path, 2)
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.generation.shards import merge_shards, read_shard_records, repair_shard
 
@@ -32,7 +33,7 @@ def test_a_damaged_middle_line_names_the_shard_line_and_the_way_to_start_over(tm
 def test_merge_refuses_answers_to_prompts_the_run_does_not_have(tmp_path):
     write(tmp_path / "shard_00000.jsonl", *(json.dumps({"id": i, "sample": 0}) for i in (0, 1, 2)))
     assert [r["id"] for r in merge_shards(tmp_path, n_prompts=3)] == [0, 1, 2]
-    with pytest.raises(RuntimeError, match=r"^1 answers in .* are to no prompt of this run \(first \(prompt, sample\) "
+    with pytest.raises(ConfigError, match=r": 1 answers are to no prompt of this run \(first \(prompt, sample\) "
                                            r"\[\(2, 0\)\], of 2 prompts with 1 answers each: the inputs changed since "
                                            r"they were written\); delete .*/shard_\*\.jsonl"):
         merge_shards(tmp_path, n_prompts=2)

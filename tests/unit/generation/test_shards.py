@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.generation.shards import answered_prompts, merge_shards, read_shard_records, repair_shard
 
@@ -53,10 +54,10 @@ def test_merge_orders_by_prompt_and_sample_and_refuses_gaps_and_repeats(tmp_path
     (tmp_path / "shard_00001.jsonl").write_text(lines((1, 0), (0, 1)))
     merged = merge_shards(tmp_path, n_prompts=2, n=2)
     assert [(r["id"], r["sample"]) for r in merged] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    with pytest.raises(RuntimeError, match=r"answers are missing .* \(first \(prompt, sample\) \[\(2, 0\)"):
+    with pytest.raises(ConfigError, match=r"answers are missing \(first \(prompt, sample\) \[\(2, 0\)"):
         merge_shards(tmp_path, n_prompts=3, n=2)
     (tmp_path / "shard_00002.jsonl").write_text(lines((0, 1)))
-    with pytest.raises(RuntimeError, match="prompt 0 \\(sample 1\\) was answered twice"):
+    with pytest.raises(ConfigError, match="prompt 0 \\(sample 1\\) was answered twice"):
         merge_shards(tmp_path, n_prompts=2, n=2)
 
 
