@@ -43,15 +43,33 @@ def local_command(plan: StagePlan, python: str) -> list[str]:
 
 
 def is_complete(plan: StagePlan) -> bool:
-    """The stage wrote its DONE marker last, under the same resolved config."""
+    """The stage wrote its DONE marker last, under the same resolved config (a run folder
+    moved whole since counts as the same: `_moved`)."""
     config = plan.config_file
-    return (plan.stage_dir / DONE).exists() and config.exists() and \
-        _parsed(config.read_text()) == _parsed(plan.config_yaml)
+    if not ((plan.stage_dir / DONE).exists() and config.exists()):
+        return False
+    written, planned = _parsed(config.read_text()), _parsed(plan.config_yaml)
+    if isinstance(written, dict) and isinstance(planned, dict) and written.get("run_dir") != planned.get("run_dir"):
+        written = _moved(written, str(written.get("run_dir")), str(planned.get("run_dir")))
+    return written == planned
 
 
 def _parsed(yaml_text: str):
     """Compare configs by value: the order keys are printed in is not a change."""
     return OmegaConf.to_container(OmegaConf.create(yaml_text))
+
+
+def _moved(value, old: str, new: str):
+    """`value` with every path inside the run folder `old` (and `old` itself) under `new`:
+    a config written before the folder moved (scratch to project storage), as the stage's
+    own resume check reads it (offline_rlhf.stage_support.within_run)."""
+    if isinstance(value, dict):
+        return {key: _moved(item, old, new) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_moved(item, old, new) for item in value]
+    if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+        return new.rstrip("/") + value[len(old.rstrip("/")):]
+    return value
 
 
 def already_complete(plans: list[StagePlan]) -> int:
