@@ -118,7 +118,8 @@ def train_reward_model(cfg: RMConfig) -> int:
         accuracy = result.last_val.get("accuracy")
         scored = len(validation_items(dataset.val, cfg.train))
         validation = (f"validation accuracy {accuracy:.4f} on {scored} pairs" if accuracy is not None
-                      else "no validation pairs" if not len(dataset.val) else "no validation (no step ran)")
+                      else "no validation pairs" if not len(dataset.val)
+                      else "already complete (its validation is in metrics.jsonl)")
         rt.log(f"rm done: {result.steps} steps, {validation}, final checkpoint {result.checkpoint}; "
                f"pairs {read_summary(dataset.card)}")
         mark_done(rt, result.checkpoint)

@@ -84,13 +84,14 @@ def test_rm_learns_the_rule_and_logs_its_metrics(trained):
     assert row.stage == "rm" and row.status == "completed" and row.tokens > 0
 
 
-def test_a_rerun_of_a_finished_rm_says_no_step_ran(trained, tmp_path, capsys):
+def test_a_rerun_of_a_finished_rm_says_it_was_complete(trained, tmp_path, capsys):
     run_dir, data = trained
     shutil.copytree(run_dir, tmp_path / "run")
     capsys.readouterr()
     assert main(rm_args(tmp_path / "run", run_dir.parent / "sft", data)) == 0
     out = capsys.readouterr().out
-    assert "rm done: 60 steps, no validation (no step ran), final checkpoint" in out and "nan" not in out
+    assert "rm done: 60 steps, already complete (its validation is in metrics.jsonl), final checkpoint" in out
+    assert "nan" not in out
 
 
 def test_stored_statistics_match_the_scoring_function_on_validation_responses(trained):
