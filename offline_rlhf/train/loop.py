@@ -204,7 +204,8 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
         rt.log(warning)
     optimizer = build_optimizer(model.parameters(), optim_cfg, rt.device)
     scheduler = build_scheduler(optimizer, steps, optim_cfg)
-    state, resumed_from = _resume(ckpt, model, optimizer, scheduler, steps, rt)
+    resumed, resumed_from = _resume(ckpt, model, optimizer, scheduler, steps, rt)
+    state = resumed.train_state if resumed else TrainState(data_position={"samples_consumed": 0})
     usage.resumed = resumed_from is not None  # the ledger charges the executions whose checkpoints this continues
     stream = SampleStream(len(data.train), train_cfg.seed)
     log = MetricsLog(rt.stage_dir, logging_cfg, rt.is_main, resumed_step=state.step, total_steps=steps)
@@ -213,7 +214,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
            f"starting at step {state.step}")
     run = _Run(task, model, data, train_cfg, rt, usage, ckpt, (optimizer, scheduler), optim_cfg.grad_clip, stream,
                per_rank, state, steps, log, TrainResult(steps=steps, checkpoint=resumed_from))
-    if resumed_from is not None and state.step == steps and not read_meta(resumed_from).metadata.get(FINAL):
+    if resumed is not None and state.step == steps and not resumed.metadata.get(FINAL):
         # Saved as an intermediate step of a longer schedule (or before final steps were marked):
         # the end's validation and final metadata (reward statistics, DT target) are still due.
         _validate_and_save(run, final=True, stopping=False)
@@ -417,11 +418,13 @@ def _micro_batches(data: TrainData, stream: SampleStream, state: TrainState, cfg
 
 
 def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, steps: int,
-            rt: Runtime) -> tuple[TrainState, Path | None]:
+            rt: Runtime) -> tuple[CheckpointMeta | None, Path | None]:
+    """The latest checkpoint's meta and path, loaded into model, optimizer and schedule
+    (None, None: a fresh start)."""
     latest = (latest_checkpoint(ckpt.root) if ckpt.fingerprint is None
               else check_checkpoint_resumable(ckpt.root, ckpt.fingerprint))
     if latest is None:
-        return TrainState(data_position={"samples_consumed": 0}), None
+        return None, None
     saved = read_meta(latest)
     if saved.train_state.step > steps:  # finishing "at" a step behind the checkpoint would mark it final
         raise ResumeRefused("train.max_steps", f"the run now ends at step {steps}, before the "
@@ -437,7 +440,7 @@ def _resume(ckpt: CheckpointSpec, model, optimizer, scheduler, steps: int,
             rt.log(f"the learning-rate schedule now spans {steps} steps (train.max_steps or train.epochs changed "
                    f"since step {meta.train_state.step} was saved): the rate of step {meta.train_state.step + 1} "
                    f"jumps from {saved_lr:.2e} to {lr:.2e}")
-    return meta.train_state, latest
+    return meta, latest
 
 
 def _save(ckpt: CheckpointSpec, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
