@@ -11,7 +11,10 @@ the same way.
 
 Each row also says whether its execution continued earlier ones' work (`resumed`: from a
 checkpoint or partial outputs they wrote), so the executions behind a stage's result are
-known (`result_chain`): a rerun that starts fresh replaces what the earlier ones made.
+known (`result_chain`): a rerun that starts fresh replaces what the earlier ones made. An
+execution killed before it knew (in its start-up) is recorded as resumed: if it would have
+started fresh, a later execution can only have resumed what one after it made, and the walk
+back stops at that one.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class Usage:
 
     def __init__(self, row: LedgerRow, heartbeat: Path | None, started: float):
         self.tokens = 0
-        self._resumed = False  # stages that never resume leave it: only their last completion counts
+        self._resumed: bool | None = None  # not known yet; stages that never resume leave it so
         self._row = row
         self._heartbeat = heartbeat
         self._start = time.monotonic() - (time.time() - started)  # `started` on the monotonic clock
@@ -101,7 +104,7 @@ class Usage:
         self._beating = threading.Lock()  # the thread and the stage write the same file
 
     @property
-    def resumed(self) -> bool:
+    def resumed(self) -> bool | None:
         return self._resumed
 
     @resumed.setter
@@ -118,10 +121,13 @@ class Usage:
             write_atomic(self._heartbeat, json.dumps(asdict(self.finish(INTERRUPTED))))
 
     def finish(self, status: str) -> LedgerRow:
+        """The row as of now. Never told whether it resumed: a stage that ended did not (only
+        its last completion counts); one killed may not have known yet (see the module)."""
         wall = time.monotonic() - self._start
+        resumed = self._resumed if self._resumed is not None else status == INTERRUPTED
         return LedgerRow(**{**asdict(self._row), "status": status, "end": _now(), "wall_seconds": round(wall, 3),
                             "device_hours": self._row.devices * wall / 3600, "tokens": self.tokens,
-                            "resumed": self._resumed})
+                            "resumed": resumed})
 
 
 @dataclass(frozen=True)

@@ -101,3 +101,15 @@ def test_a_stage_records_whether_it_resumed_in_its_row_and_heartbeat(tmp_path):
     with track(tmp_path, "label", OneProcess(), "cpu"):
         pass
     assert [(r.stage, r.resumed) for r in read_ledger(tmp_path)] == [("generate", True), ("label", False)]
+
+
+def test_an_execution_killed_before_it_knew_whether_it_resumed_does_not_end_the_chain(tmp_path):
+    """Killed in its start-up (before its checkpoint was looked at), an execution's heartbeat
+    says it resumed: the next execution resumed the checkpoint the one before it saved, so
+    that one is still charged. (Recorded as a fresh start, it ended the walk back.)"""
+    with track(tmp_path, "sft", OneProcess(), "cpu") as usage:
+        heartbeat = json.loads((tmp_path / HEARTBEAT_DIR / "sft.json").read_text())
+        assert heartbeat["resumed"] is True and usage.finish("failed").resumed is False
+    fresh = row("sft", "interrupted", 0, False)
+    killed_in_start_up = LedgerRow(**{**heartbeat, "start": (T0 + timedelta(hours=1)).isoformat()})
+    assert charged([fresh, killed_in_start_up, row("sft", "completed", 2, True)]) == [True, True, True]
