@@ -51,6 +51,8 @@ STAGES = {
                    "grade answers with a judge model at an OpenAI-compatible endpoint into run_dir/judge/"),
     "report": Stage("offline_rlhf.stages.report", "offline_rlhf.config.evaluation:ReportConfig",
                     "report.md / report.json: evaluation, reward distribution, device-hours per method"),
+    "seeds-report": Stage("offline_rlhf.stages.seeds_report", "offline_rlhf.config.evaluation:SeedsReportConfig",
+                          "seeds_report.md / .json: every method across training seeds (run_dir/seed_<s>/report.json)"),
     "rm-score": Stage("offline_rlhf.stages.rm_score", "offline_rlhf.config.samples:RMScoreConfig",
                       "add reward_raw to every record of a JSONL file with a reward model"),
     "convert": Stage("offline_rlhf.stages.convert", "offline_rlhf.config.tools:ConvertConfig",
@@ -67,7 +69,7 @@ STAGES = {
 
 def usage() -> str:
     lines = ["usage: orlhf STAGE [key=value ...] [--cfg]", "", "stages:"]
-    lines += [f"  {name:<10} {stage.summary}" for name, stage in STAGES.items()]
+    lines += [f"  {name:<12} {stage.summary}" for name, stage in STAGES.items()]
     return "\n".join(lines)
 
 

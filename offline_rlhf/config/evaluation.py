@@ -1,7 +1,8 @@
-"""Configs of `orlhf eval` and `orlhf report`."""
+"""Configs of `orlhf eval`, `orlhf report` and `orlhf seeds-report`."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -100,3 +101,26 @@ class ReportConfig(Frozen):
     """`orlhf report`: `run_dir/report.md` and `report.json` from what the stages wrote."""
 
     run_dir: str = "runs/default"  # the run folder whose ledger, eval and judge results are reported
+
+
+@dataclass
+class SeedsReportConfig(Frozen):
+    """`orlhf seeds-report`: every method across training seeds, from each replicate's
+    `report.json` (one complete run per seed: `run_dir/seed_<s>/`, as `pipeline.seeds`
+    writes them), into `run_dir/seeds_report.md` and `seeds_report.json`."""
+
+    run_dir: str = "runs/default"  # the folder holding one run per seed (seed_<s>/); the outputs go here
+    replicates: list[str] = field(default_factory=list)  # replicate folders inside run_dir; empty: every seed_<s>/
+    strict: bool = False  # fail on a replicate or method that would be skipped, instead of listing it
+
+    def __post_init__(self):
+        require(self, "run_dir")
+        root, seen = os.path.realpath(self.run_dir), set()
+        for index, folder in enumerate(self.replicates):
+            inside = os.path.realpath(os.path.join(self.run_dir, folder))
+            if not folder or os.path.commonpath([root, inside]) != root or inside == root:
+                raise ConfigError(f"replicates[{index}]", f"{folder!r} is not a folder inside run_dir {self.run_dir}",
+                                  "name each replicate's folder relative to run_dir (e.g. seed_1)")
+            if inside in seen:
+                raise ConfigError(f"replicates[{index}]", f"{folder!r} is listed twice", "name each replicate once")
+            seen.add(inside)
