@@ -5,7 +5,9 @@ is either a local path or a hub repo id, optionally pinned: `org/name@revision`.
 (`parse_repo_id`): a path that exists locally is always local; otherwise the value is a
 repo id when it has the `org/name` shape (exactly one `/`, neither part starting with `.`,
 only letters, digits, `-`, `_` and `.`); anything else is a local path. Write `./org/name`
-to force a local path that does not exist yet.
+to force a local path that does not exist yet. A pinned revision is a git name: `/`-separated
+parts, none empty or starting with `.`, and no `..`; another is an error, since
+huggingface_hub joins it to its cache folder as a path.
 
 Repo ids resolve through `huggingface_hub` (imported only when one is resolved) and so
 follow its environment: the cache under `HF_HOME` / `HF_HUB_CACHE`, `HF_TOKEN` for private
@@ -47,20 +49,33 @@ class RepoRef:
         return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
 
 
-def parse_repo_id(value: str) -> RepoRef | None:
-    """The hub repo `value` names, or None when it is a local path (see the module doc)."""
+def parse_repo_id(value: str, key: str = "") -> RepoRef | None:
+    """The hub repo `value` names, or None when it is a local path (see the module doc).
+    `key` names the config key in errors (the value itself when not given)."""
     if not value or os.path.exists(value):
         return None
     match = _REPO_ID.fullmatch(value)
     if match is None or match["repo"].endswith(".") or ".." in match["repo"]:
         return None
-    return RepoRef(match["repo"], match["revision"])
+    ref = RepoRef(match["repo"], match["revision"])
+    check_revision(ref, key or value)
+    return ref
+
+
+def check_revision(ref: RepoRef, key: str) -> None:
+    """Refuse a revision that is no git branch, tag or commit name: huggingface_hub reads and
+    writes `refs/<revision>` in its cache, so `../..` or a leading `/` would leave the cache."""
+    revision = ref.revision
+    if revision and (".." in revision or any(not p or p.startswith(".") for p in revision.split("/"))):
+        raise ConfigError(key, f"revision {revision!r} of {ref.repo_id} is no branch, tag or commit name (it holds "
+                          "'..', or a '/'-separated part that is empty or starts with '.')",
+                          "pin an existing branch, tag or commit after '@'")
 
 
 def resolve_dir(value: str, key: str, patterns: tuple[str, ...] = MODEL_FILES, repo_type: str = "model") -> Path:
     """`value` as a local folder: the path itself, or the hub snapshot of the repo it names
     (only the files matching `patterns` are fetched). `key` names the config key in errors."""
-    ref = parse_repo_id(value)
+    ref = parse_repo_id(value, key)
     return Path(value) if ref is None else snapshot(ref, key, patterns, repo_type)
 
 
@@ -68,6 +83,7 @@ def snapshot(ref: RepoRef, key: str, patterns: tuple[str, ...] | None = MODEL_FI
              local_only: bool = False) -> Path:
     """The local snapshot folder of `ref` from the hub cache, downloading what is missing
     unless offline (`HF_HUB_OFFLINE=1`) or `local_only`."""
+    check_revision(ref, key)
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (

@@ -56,13 +56,22 @@ class JudgeEndpointConfig(Frozen):
 
 
 def check_base_url(url: str) -> None:
-    """An http(s) URL with a host and no query, fragment, credentials or whitespace: the
-    request URL is this plus `/chat/completions`."""
-    parts = urlsplit(url)
+    """An http(s) URL with a host, a port (if any) in 1..65535, and no query, fragment,
+    credentials or whitespace: the request URL is this plus `/chat/completions`."""
+    authority = re.split(r"[/?#]", url.partition("//")[2], maxsplit=1)[0]  # what urlsplit takes for the netloc
+    if "@" in authority:  # even `http://:KEY@host`, whose username is empty; the message does not repeat it
+        raise ConfigError("judge.base_url", "credentials in the URL (user:password@host) are refused: they would be "
+                          "printed and recorded with the results",
+                          "pass the key through the environment variable that judge.api_key_env names")
+    fix = "pass e.g. http://127.0.0.1:8000/v1 (the part before /chat/completions)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when not a number in 0..65535
+    except ValueError as exc:  # also an unclosed IPv6 bracket
+        raise ConfigError("judge.base_url", f"{url!r} is not an http(s) base URL ({exc})", fix) from None
     if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
-            or parts.username or any(c.isspace() or ord(c) < 32 for c in url)):
-        raise ConfigError("judge.base_url", f"{url!r} is not an http(s) base URL",
-                          "pass e.g. http://127.0.0.1:8000/v1 (the part before /chat/completions)")
+            or port == 0 or any(c.isspace() or ord(c) < 32 for c in url)):
+        raise ConfigError("judge.base_url", f"{url!r} is not an http(s) base URL", fix)
 
 
 @dataclass

@@ -114,6 +114,10 @@ def write_jsonl(path: Path, rows) -> Path:
 
 @pytest.fixture
 def inputs(tmp_path):
+    return write_inputs(tmp_path)
+
+
+def write_inputs(tmp_path: Path) -> dict:
     """Three questions (one math, graded against a reference; one with two turns); `good`
     answers in FastChat's format, `bad` in `orlhf eval`'s (one turn only)."""
     questions = [{"question_id": 1, "category": "writing", "turns": ["Describe the sea."]},

@@ -125,3 +125,28 @@ def test_dataset_repos_resolve_from_their_own_cache_folders(tmp_path, monkeypatc
         snapshot(RepoRef("org/data"), "path", None, repo_type="model")  # a model of that name is not cached
     with pytest.raises(ConfigError, match=r"\(hf download org/other --repo-type dataset\)"):
         snapshot(RepoRef("org/other"), "path", None, repo_type="dataset")
+
+
+@pytest.mark.parametrize("revision", ["../../../planted", "/etc", "refs//pr", "v1/../main", ".hidden", "v1..2", "v1/"])
+def test_a_revision_that_is_no_git_name_is_refused_in_one_line(revision):
+    with pytest.raises(ConfigError) as err:
+        parse_repo_id(f"org/name@{revision}")
+    assert str(err.value).startswith(f"org/name@{revision}: revision {revision!r} of org/name is no branch, tag")
+    with pytest.raises(ConfigError, match=r"^init.checkpoint: revision .* pin an existing branch, tag or commit"):
+        resolve_dir(f"org/name@{revision}", "init.checkpoint")
+    with pytest.raises(ConfigError, match=r"^path: revision"):
+        snapshot(RepoRef("org/name", revision), "path", None, repo_type="dataset")
+
+
+def test_a_revision_cannot_lead_the_cache_to_a_folder_outside_it(tmp_path, monkeypatch):
+    """huggingface_hub reads `refs/<revision>` offline and returns `snapshots/<what it says>`:
+    with `..` a planted file outside the cache would name any folder on the machine."""
+    cache = offline_hub(monkeypatch, tmp_path / "hub")
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "config.json").write_text("{}")
+    hub_repo(cache, "org/tiny", files)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "planted").write_text("../../../elsewhere")  # refs/../../../planted is tmp_path/planted
+    with pytest.raises(ConfigError, match="revision '../../../planted' of org/tiny is no branch, tag or commit"):
+        resolve_dir("org/tiny@../../../planted", "hf_dir")

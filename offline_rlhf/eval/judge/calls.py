@@ -55,7 +55,7 @@ class CallLog:
                 continue
             try:
                 entry = Answered(**json.loads(raw))
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, RecursionError):  # RecursionError: JSON nested past the parser's depth
                 if number == len(lines):  # the torn tail of a killed write: cut it off
                     with open(self.path, "r+b") as handle:
                         handle.truncate(len(data) - len(raw))

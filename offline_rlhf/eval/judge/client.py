@@ -2,17 +2,20 @@
 non-streaming), with retries and exponential backoff on HTTP 429, 5xx, timeouts and failed
 connections. The environment's proxy and CA settings apply (HTTP(S)_PROXY, NO_PROXY,
 SSL_CERT_FILE, SSL_CERT_DIR). The API key travels only in the Authorization header; no
-message here ever contains it. A request the judge cannot answer usefully (its prompt is
-longer than the judge's context, or the reply has no content) is an unusable Reply, not an
-error: it tells nothing about the other requests. Failures that retrying cannot fix are
-one-line ConfigErrors naming the key."""
+message here ever contains it, and a reply that echoes it has it redacted before anything
+reads the reply. A reply is read up to MAX_REPLY_BYTES, no further. A request the judge
+cannot answer usefully (its prompt is longer than the judge's context, or the reply has no
+content) is an unusable Reply, not an error: it tells nothing about the other requests.
+Failures that retrying cannot fix are one-line ConfigErrors naming the key."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import httpx
 
@@ -24,6 +27,9 @@ SNIPPET = 200  # characters of an error body quoted in a message
 ERROR_JUDGMENT = "$ERROR$"  # the judgment text of an unusable reply, as FastChat records an API error
 CONTEXT_TOO_LONG = "context_length_exceeded"  # OpenAI's error code (also `orlhf serve`'s)
 NO_CONTENT = "no_content"  # a reply whose message content is null (a refusal, a cut-off reasoning model)
+# The most of a reply that is read: a judgment of max_tokens tokens is a few hundred KiB at most.
+MAX_REPLY_BYTES = 8 * 2**20
+REDACTED = "[key redacted]"  # replaces the API key wherever a reply echoes it
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,15 @@ class Reply:
     completion_tokens: int
     error: str = ""  # why the judge gave no usable judgment: CONTEXT_TOO_LONG or NO_CONTENT
     detail: str = ""  # what the server said about it
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer as read: its status, its body as text (the key redacted) and its Retry-After."""
+
+    status: int
+    text: str
+    retry_after: str = ""
 
 
 def api_key(cfg: JudgeEndpointConfig) -> str | None:
@@ -56,6 +71,8 @@ class JudgeClient:
         self.base_url = cfg.base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # The key as a reply may echo it: verbatim, or JSON-escaped inside a string.
+        self._key_forms = {key, json.dumps(key)[1:-1]} if key else set()
         self._sleep = sleep
         self._http: httpx.AsyncClient | None = None
 
@@ -89,18 +106,38 @@ class JudgeClient:
         """One request: (the reply, None), or (why it failed, seconds to wait) when retrying
         can help. Raises ConfigError when it cannot."""
         try:
-            response = await self._http.post(self.url, json=body, headers=self._headers)
+            answer = await self._post(body)
         except httpx.TimeoutException:
             return f"no answer within judge.timeout_s={self.cfg.timeout_s:g}s", None
         except httpx.TransportError as exc:  # DNS, TLS, refused, proxy: the cause tells a typo from an outage
             return f"cannot connect ({type(exc).__name__}: {_cause(exc)})", None
-        if response.status_code == 200:
-            return _reply(response, self.url), None
-        if response.status_code == 429 or response.status_code >= 500:
-            return f"HTTP {response.status_code}", _retry_after(response)
-        if response.status_code == 400 and _context_too_long(response):
-            return Reply(ERROR_JUDGMENT, 0, 0, 0, CONTEXT_TOO_LONG, _snippet(response)), None
-        raise _refusal(response, self.url)
+        except httpx.DecodingError as exc:  # a body its Content-Encoding does not describe
+            raise ConfigError("judge.base_url", f"{self.url} sent a body that cannot be decoded ({_cause(exc)})",
+                              "point it at an OpenAI-compatible chat-completions server") from None
+        if answer.status == 200:
+            return _reply(answer, self.url), None
+        if answer.status == 429 or answer.status >= 500:
+            return f"HTTP {answer.status}", _retry_after(answer)
+        if answer.status == 400 and _context_too_long(answer):
+            return Reply(ERROR_JUDGMENT, 0, 0, 0, CONTEXT_TOO_LONG, _snippet(answer)), None
+        raise _refusal(answer, self.url)
+
+    async def _post(self, body: dict) -> Answer:
+        """POST `body` and read the answer as it streams in, refusing one past MAX_REPLY_BYTES
+        (a hostile or broken server could send gigabytes, which would land in calls.jsonl)."""
+        chunks, size = [], 0
+        async with self._http.stream("POST", self.url, json=body, headers=self._headers) as response:
+            async for chunk in response.aiter_bytes():  # decompressed: a gzip bomb stops here too
+                size += len(chunk)
+                if size > MAX_REPLY_BYTES:
+                    raise ConfigError("judge.base_url", f"{self.url} sent a reply longer than {MAX_REPLY_BYTES} "
+                                      "bytes, far past any judgment", "point it at an OpenAI-compatible "
+                                      "chat-completions server")
+                chunks.append(chunk)
+        text = b"".join(chunks).decode("utf-8", errors="replace")  # JSON is UTF-8 (RFC 8259)
+        for form in self._key_forms:
+            text = text.replace(form, REDACTED)
+        return Answer(response.status_code, text, response.headers.get("retry-after", ""))
 
 
 def _cause(exc: BaseException) -> str:
@@ -113,26 +150,31 @@ def _cause(exc: BaseException) -> str:
     return "no detail"
 
 
-def _context_too_long(response: httpx.Response) -> bool:
+def _json(text: str) -> Any:
+    """The JSON value of a reply; None when it is none (or nests deeper than the parser goes)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _context_too_long(answer: Answer) -> bool:
     """This request's prompt (plus max_tokens) exceeds the judge's context: OpenAI's error code
     (`{"error": {"code": "context_length_exceeded"}}`, also `orlhf serve`'s), or vLLM's
     message ("This model's maximum context length is ...", its code being 400)."""
-    try:
-        data = response.json()
-    except ValueError:
-        return False
+    data = _json(answer.text)
     error = data.get("error", data) if isinstance(data, dict) else None
     if not isinstance(error, dict):
         return False
     return error.get("code") == CONTEXT_TOO_LONG or "maximum context length" in str(error.get("message"))
 
 
-def _reply(response: httpx.Response, url: str) -> Reply:
+def _reply(answer: Answer, url: str) -> Reply:
+    data = _json(answer.text)
     try:
-        data = response.json()
         choice = data["choices"][0]
         content = choice["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (KeyError, IndexError, TypeError):
         content = ...  # not an OpenAI reply at all
     if content is None:  # well formed, but the judge wrote no text
         why = {k: choice.get(k) or choice["message"].get(k) for k in ("finish_reason", "refusal")}
@@ -140,7 +182,7 @@ def _reply(response: httpx.Response, url: str) -> Reply:
         return Reply(ERROR_JUDGMENT, 0, *_usage(data), NO_CONTENT, detail[:SNIPPET])
     if not isinstance(content, str):
         raise ConfigError("judge.base_url", f"{url} answered without choices[0].message.content "
-                          f"({_snippet(response)})", "point it at an OpenAI-compatible chat-completions server")
+                          f"({_snippet(answer)})", "point it at an OpenAI-compatible chat-completions server")
     return Reply(content, 0, *_usage(data))
 
 
@@ -153,21 +195,21 @@ def _count(value) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(answer: Answer) -> float | None:
     try:
-        seconds = float(response.headers.get("retry-after", ""))
+        seconds = float(answer.retry_after)
     except ValueError:
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S) if seconds == seconds else None
 
 
-def _refusal(response: httpx.Response, url: str) -> ConfigError:
-    code, snippet = response.status_code, _snippet(response)
+def _refusal(answer: Answer, url: str) -> ConfigError:
+    code, snippet = answer.status, _snippet(answer)
     if code in (401, 403):
         key, fix = "judge.api_key_env", "name the variable holding a valid key"
     elif code in (404, 405):
         key, fix = "judge.base_url", "check judge.base_url (it ends before /chat/completions) and judge.model"
-    elif "max_tokens" in response.text or "context" in response.text:
+    elif "max_tokens" in answer.text or "context" in answer.text:
         key, fix = "judge.max_tokens", "the prompt plus judge.max_tokens must fit the judge's context: lower it, " \
             "or use a judge with a longer context"
     else:
@@ -175,5 +217,5 @@ def _refusal(response: httpx.Response, url: str) -> ConfigError:
     return ConfigError(key, f"{url} answered HTTP {code}: {snippet}", fix)
 
 
-def _snippet(response: httpx.Response) -> str:
-    return " ".join(response.text.split())[:SNIPPET] or "empty body"
+def _snippet(answer: Answer) -> str:
+    return " ".join(answer.text.split())[:SNIPPET] or "empty body"

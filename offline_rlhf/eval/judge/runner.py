@@ -192,10 +192,16 @@ def run_judge(cfg: JudgeConfig, out: Path, say: Callable[[str], None] = print) -
         hint = ("; a prompt plus judge.max_tokens past the judge's context: a lower judge.max_tokens or a longer-"
                 "context judge may fit it" if any(CONTEXT_TOO_LONG in r for r in unusable.values()) else "")
         say(f"judge: {unusable_line(unusable)} skipped (strict=true makes them errors{hint})")
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_results(out, results)
+    return results
+
+
+def write_results(out: Path, results: dict) -> None:
+    """results.json (strict JSON: a non-finite number in it is a bug, raised before anything
+    is written), results.md and scores.png."""
+    write_atomic(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     write_atomic(out / "results.md", results_markdown(results))
     plot_scores(results, out / "scores.png")
-    return results
 
 
 def reused_elsewhere(matches: list[Match], log: CallLog, base_url: str) -> dict[str, int]:

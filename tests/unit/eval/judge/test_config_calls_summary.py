@@ -4,16 +4,17 @@ hand-computed cases."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from offline_rlhf.config.compose import compose_stage
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.config.judging import JudgeConfig
+from offline_rlhf.config.judging import JudgeConfig, check_base_url
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.eval.judge.calls import Answered, CallLog, call_key
 from offline_rlhf.eval.judge.inputs import read_answers, read_questions
-from offline_rlhf.eval.judge.runner import key_exposure
+from offline_rlhf.eval.judge.runner import key_exposure, write_results
 from offline_rlhf.eval.judge.summary import pairwise_summary, paper_summary, single_summary
 from offline_rlhf.eval.stats import clustered_stderr, mean_and_stderr, paired_stderr
 
@@ -52,6 +53,42 @@ def test_config_errors_name_the_key(overrides, key):
     assert err.value.key == key
 
 
+@pytest.mark.parametrize("url", ["http://:sk-SECRET@127.0.0.1:8000/v1", "http://user:sk-SECRET@h/v1",
+                                 "http://sk-SECRET@h/v1", "http://@h/v1", "https://h\\@sk-SECRET/v1"])
+def test_credentials_in_the_base_url_are_refused_without_repeating_them(url):
+    with pytest.raises(ConfigError) as err:
+        check_base_url(url)
+    message = str(err.value)
+    assert err.value.key == "judge.base_url" and "credentials in the URL" in message and "judge.api_key_env" in message
+    assert "SECRET" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("url, why", [
+    ("http://127.0.0.1:99999/v1", "Port out of range"),
+    ("http://127.0.0.1:abc/v1", "Port could not be cast to integer"),
+    ("http://[::1/v1", "Invalid IPv6 URL"),
+    ("https://h:0/v1", ""),
+])
+def test_a_base_url_without_a_usable_port_or_host_is_a_config_error(url, why):
+    with pytest.raises(ConfigError) as err:
+        check_base_url(url)
+    assert err.value.key == "judge.base_url" and f"{url!r} is not an http(s) base URL" in str(err.value)
+    assert why in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["http://[::1]:8000/v1", "https://h:65535/v1", "http://h:1/v1", "HTTPS://h/v1"])
+def test_base_urls_with_ports_and_ipv6_hosts_pass(url):
+    check_base_url(url)
+
+
+def test_results_with_a_non_finite_number_are_an_error_and_no_file(tmp_path):
+    """A non-finite number in results.json would be a bug (scores are 1..10): it is raised,
+    not written as JSON's non-standard `Infinity`."""
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        write_results(tmp_path, {"format": "single", "summary": {"models": {"a": {"mean": math.inf}}}})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_paper_format_needs_no_fastchat_prompts():
     assert compose("judge_prompts=''", "format=paper").format == "paper"
 
@@ -67,6 +104,9 @@ def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_is_an_error(tmp_path)
     assert [json.loads(line)["key"] for line in log.path.read_text().splitlines()] == ["k1", "k3"]
     log.path.write_text('{"key": 1}\n' + log.path.read_text())
     with pytest.raises(DataError, match=r"calls.jsonl:1: expected a judge call"):
+        CallLog(log.path)
+    log.path.write_text(log.path.read_text().replace('{"key": 1}', "[" * 100_000 + "]" * 100_000))
+    with pytest.raises(DataError, match=r"calls.jsonl:1: expected a judge call"):  # nested past the parser's depth
         CallLog(log.path)
 
 

@@ -23,10 +23,23 @@ MODELS = ["sft", "mle_filter", "rwr", "dt", "ppo"]
     ("see [2] but finally [[9]]", 9),  # doubled brackets win over an earlier single one
     ("Rating: 7/10", UNPARSED),
     ("Rating: [[seven]]", UNPARSED),
+    ("Rating: [[10]]", 10),
+    ("Rating: [[1.0]]", 1.0),
 ])
 def test_rating_is_read_as_fastchat_reads_it(judgment, score):
     parsed = parse_rating(judgment)
     assert parsed == score and type(parsed) is type(score)
+
+
+@pytest.mark.parametrize("rating", ["0", "10.5", "1000000", "9" * 400, "9" * 400 + ".5", "9" * 5000, "8." + "0" * 40])
+def test_a_rating_off_the_1_to_10_scale_is_unreadable_not_a_score(rating):
+    """A hostile or broken judge's number counts as an unreadable rating: it would become a
+    model's mean (1000000), overflow it (400 digits), turn it into inf (a 400-digit float), or
+    make int() refuse (past 4300 digits); the later [[8]] does not count, as FastChat reads
+    only the first rating."""
+    assert parse_rating(f"Rating: [[{rating}]], or rather [[8]]") == UNPARSED
+    assert parse_rating(f"Rating: [{rating}]") == UNPARSED
+    assert parse_paper_scores(f"Assistant A: {rating}\nAssistant B: 7", "AB") == {"A": UNPARSED, "B": 7}
 
 
 @pytest.mark.parametrize("judgment, verdict", [
