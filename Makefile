@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_DIR ?= runs/demo
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo demo-seeds test setup clean-venv
 
 $(BIN)/.installed-base: pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -19,6 +19,11 @@ setup: $(BIN)/.installed-test
 demo: $(BIN)/.installed-base
 	$(BIN)/orlhf pipeline run_dir=$(RUN_DIR)
 	@echo "demo: the report is $(RUN_DIR)/report.md (stage outputs in $(RUN_DIR)/, device-hours in $(RUN_DIR)/ledger.jsonl)"
+
+# The demo over training seeds 0, 1 and 2 (README "Seeds"): one run per seed, then the report across them.
+demo-seeds: $(BIN)/.installed-base
+	$(BIN)/orlhf pipeline run_dir=runs/demo_seeds 'pipeline.seeds=[0,1,2]'
+	@echo "demo-seeds: the report across seeds is runs/demo_seeds/seeds_report.md (each seed's run in runs/demo_seeds/seed_<s>/)"
 
 # The Slurm integration tests need a real (two-node, simulated) Slurm; it is installed when this
 # machine can (root with apt-get), otherwise those tests say why they skip.

@@ -13,7 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 
 from launcher.compose import compose_launch
-from launcher.local import already_complete, forget_if_complete, run_locally
+from launcher.local import forget_if_complete, run_locally, stages_to_run
 from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir, run_dir_override
 from launcher.schema import ClusterConfig, LaunchConfig, LaunchError
 from launcher.slurm import (
@@ -33,6 +33,7 @@ usage: orlhf launch pipeline=NAME [cluster=local|slurm|local_slurm] [run_dir=DIR
 
 Pipelines are conf/pipeline/*.yaml, clusters conf/cluster/*.yaml; keys are in launcher/schema.py.
   orlhf launch pipeline=offline_dt cluster=slurm cluster.partition=batch cluster.account=proj
+  orlhf launch pipeline=demo 'pipeline.seeds=[0,1,2]'   (once per training seed in run_dir/seed_<s>/, then seeds-report)
 --dry-run (or cluster.dry_run=true) runs or submits nothing; on Slurm it writes each script and resolved
 config under run_dir/dry_run/ and leaves the stage folders as they are."""
 
@@ -63,15 +64,15 @@ def launch(argv: list[str]) -> int:
 
 
 def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], run_dir: Path, python: str, dry_run: bool) -> int:
-    """Submits the stages after those already complete (as a local run skips them), never over
-    a chain still queued or running in the same run_dir. A dry run writes only run_dir/dry_run/."""
-    skipped = already_complete(plans)
-    for plan in plans[:skipped]:
+    """Submits the stages a local run would run (`stages_to_run`), never over a chain still
+    queued or running in the same run_dir. A dry run writes only run_dir/dry_run/."""
+    runs = stages_to_run(plans)
+    for plan in (plan for plan, run in zip(plans, runs) if not run):
         print(f"{plan.name}: already complete, skipped", flush=True)
-    if skipped == len(plans):
+    todo = [plan for plan, run in zip(plans, runs) if run]
+    if not todo:
         print("every stage is complete; nothing to submit")
         return 0
-    todo = plans[skipped:]
     if dry_run:
         rows = [(plan.name, "(dry run)", str(write_dry_run(plan, cfg.cluster, python, run_dir))) for plan in todo]
         print(format_table([("STAGE", "JOB", "SCRIPT"), *rows]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_dir
@@ -17,14 +16,14 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launcher.schema import LaunchConfig, LaunchError
+from launcher.schema import CONF_DIR, LaunchConfig, LaunchError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_NAME = "orlhf_launch"
 # The schema first, so the selected pipeline and cluster files are merged into it (typed).
 DEFAULTS = ["launch_schema", {"pipeline": MISSING}, {"cluster": "local"}]
 RUN_DIR_REFERENCE = "${run_dir}"
-ADDABLE_PREFIX = "cluster.env."  # a free-form mapping: `+cluster.env.NAME=value` adds a variable
+# Free-form mappings: `+cluster.env.NAME=value` adds a variable, `+pipeline.seed_keys.STAGE=[key]` a stage kind.
+ADDABLE_PREFIXES = ("cluster.env.", "pipeline.seed_keys.")
 
 
 def compose_launch(overrides: Sequence[str]) -> LaunchConfig:
@@ -56,7 +55,7 @@ def _reject_added_keys(overrides: Sequence[str]) -> None:
     """`+key=value` would add a key no dataclass declares; the schema is the whole truth."""
     for override in overrides:
         key = override.lstrip("+").split("=", 1)[0]
-        if override.startswith("+") and not key.startswith(ADDABLE_PREFIX):
+        if override.startswith("+") and not key.startswith(ADDABLE_PREFIXES):
             raise LaunchError(key, "keys cannot be added with '+'", "set an existing key: key=value")
 
 

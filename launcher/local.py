@@ -17,7 +17,7 @@ from typing import TextIO
 
 from omegaconf import OmegaConf
 
-from launcher.plan import STAGE_MODULE, StagePlan
+from launcher.plan import STAGE_MODULE, StagePlan, waits_for
 
 DONE = "DONE"  # every stage writes it last, once its outputs are complete
 # How stages mark a progress line in a log file (offline_rlhf.progress.PREFIX; the launcher
@@ -72,10 +72,14 @@ def _moved(value, old: str, new: str):
     return value
 
 
-def already_complete(plans: list[StagePlan]) -> int:
-    """How many leading stages are complete with the same config: a rerun resumes after
-    them. Once one stage runs, every later stage runs too (its inputs may have changed)."""
-    return next((count for count, plan in enumerate(plans) if not is_complete(plan)), len(plans))
+def stages_to_run(plans: list[StagePlan]) -> list[bool]:
+    """Which stages a (re)run runs: those not complete with the same config, and every stage
+    that waits for one that runs (its inputs may have changed; `waits_for`): in a chain, all
+    after the first that runs. Complete stages of other replicates' chains are skipped."""
+    runs: list[bool] = []
+    for plan, waits in zip(plans, waits_for(plans)):
+        runs.append(any(runs[position] for position in waits) or not is_complete(plan))
+    return runs
 
 
 def forget_if_complete(plan: StagePlan) -> None:
@@ -90,12 +94,12 @@ def forget_if_complete(plan: StagePlan) -> None:
 def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:
     """Stops at the first stage that fails (1) or stops (75, STOPPED_EXIT_CODE: a training stage
     saved a checkpoint on a signal, or this launcher was signalled); each stage's output is
-    appended to `<stage>/launch.log`. A rerun skips the stages `already_complete`."""
-    skipped = already_complete(plans)
-    for index, plan in enumerate(plans, 1):
+    appended to `<stage>/launch.log`. A rerun skips the stages complete (`stages_to_run`);
+    replicates (launcher.seeds) run one after another."""
+    for index, (plan, runs) in enumerate(zip(plans, stages_to_run(plans)), 1):
         command = local_command(plan, python)
         log = plan.stage_dir / "launch.log"
-        if index <= skipped:
+        if not runs:
             print(f"[{index}/{len(plans)}] {plan.name}: already complete, skipped", flush=True)
             continue
         print(f"[{index}/{len(plans)}] {plan.name}: {shlex.join(command)}", flush=True)

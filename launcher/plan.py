@@ -22,8 +22,9 @@ import yaml
 from hydra.core.override_parser.types import Quote, QuotedString
 
 from launcher.ppo import PPO_STAGE, Component, Module, placement_overrides, ppo_components
-from launcher.rounds import Step, pipeline_steps
+from launcher.rounds import Step
 from launcher.schema import PLAIN_PATH, ClusterConfig, LaunchConfig, LaunchError, StageEntry, check_sbatch_value
+from launcher.seeds import first_run, sweep_steps
 
 STAGE_MODULE = "offline_rlhf.cli"
 PPO_ACTOR_FOLDER = "ppo_actor"  # ppo_baseline.stage.STAGE
@@ -43,6 +44,7 @@ class StagePlan:
     config_yaml: str  # the stage's resolved config, as `--cfg` printed it
     time_limit: str | None
     components: tuple[Component, ...] = ()  # the PPO stage on Slurm: its heterogeneous job (launcher.ppo)
+    chain: str = ""  # the replicate (seed_<s>) whose chain it is part of; "": the run's own (`waits_for`)
 
     @property
     def world_size(self) -> int:
@@ -62,25 +64,50 @@ def resolved_run_dir(cfg: LaunchConfig) -> Path:
 
 
 def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
-    """Each entry is planned once as written; the folders its stage writes then name the
-    entries, and the later rounds' steps (launcher.rounds) are planned from those."""
+    """Each entry is planned once as written (with seeds, in the first replicate); the folders
+    its stage writes then name the entries, and the other steps (later rounds, the other
+    replicates: launcher.seeds) are planned from those."""
     run_dir = resolved_run_dir(cfg)
     if cfg.cluster.kind == "slurm":
         check_slurm_run_dir(run_dir, cfg.cluster)
     if not cfg.pipeline.stages:
         raise LaunchError("pipeline.stages", "is empty",
                           f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")
-    first_round = [Step(index, entry, run_dir, entry.folder) for index, entry in enumerate(cfg.pipeline.stages)]
-    with ThreadPoolExecutor(max_workers=min(8, len(first_round))) as pool:
-        written = list(pool.map(lambda step: _plan_stage(step, cfg.cluster), first_round))
+    first, first_dir = first_run(cfg.pipeline, run_dir)
+    as_written = [Step(index, entry, first_dir, entry.folder) for index, entry in enumerate(first.stages)]
+    with ThreadPoolExecutor(max_workers=min(8, len(as_written))) as pool:
+        written = list(pool.map(lambda step: _plan_stage(step, cfg.cluster), as_written))
         _check_unique_folders(written)
-        pipeline = replace(cfg.pipeline, stages=[replace(s.entry, name=p.name) for s, p in zip(first_round, written)])
-        steps = pipeline_steps(pipeline, run_dir)
-        later = iter(pool.map(lambda step: _plan_stage(step, cfg.cluster), [s for s in steps if s.run_dir != run_dir]))
-        plans = [written[step.index] if step.run_dir == run_dir else next(later) for step in steps]
-        inputs = list(pool.map(lambda pair: check_stage(pair[0].index, pair[1]), zip(steps, plans)))
-    check_inputs(plans, inputs, [step.index for step in steps])
+        pipeline = replace(cfg.pipeline, stages=[replace(e, name=p.name) for e, p in zip(cfg.pipeline.stages, written)])
+        steps = sweep_steps(pipeline, run_dir)
+        known = {_identity(step): plan for step, plan in zip(as_written, written)}
+        fresh = iter(pool.map(lambda step: _plan_stage(step, cfg.cluster),
+                              [step for step in steps if _identity(step) not in known]))
+        plans = [replace(known[_identity(step)], name=step.name, chain=step.chain) if _identity(step) in known
+                 else next(fresh) for step in steps]
+        inputs = list(pool.map(lambda pair: check_stage(pair[0].key, pair[1]), zip(steps, plans)))
+    check_inputs(plans, inputs, [step.key for step in steps])
     return plans
+
+
+def _identity(step: Step) -> tuple:
+    """What a stage's plan follows from, its name aside."""
+    return step.index, step.run_dir, tuple(step.entry.overrides)
+
+
+def waits_for(plans: list[StagePlan]) -> list[list[int]]:
+    """The positions of the plans each plan waits for: the one before it in its replicate's
+    chain; for a stage of the run's own, the one before it and the last of every replicate.
+    Without seeds every stage waits for the one before it."""
+    last: dict[str, int] = {}
+    waits = []
+    for position, plan in enumerate(plans):
+        if plan.chain:
+            waits.append([last[plan.chain]] if plan.chain in last else [])
+        else:
+            waits.append(sorted(last.values()))
+        last[plan.chain] = position
+    return waits
 
 
 def stage_folder(stage: str, resolved: dict) -> str:
@@ -128,8 +155,7 @@ def _check_unique_folders(plans: list[StagePlan]) -> None:
 
 
 def _plan_stage(step: Step, cluster: ClusterConfig) -> StagePlan:
-    entry, run_dir = step.entry, step.run_dir
-    key = f"pipeline.stages[{step.index}]"
+    entry, run_dir, key = step.entry, step.run_dir, step.key
     if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in entry.overrides):
         raise LaunchError(f"{key}.overrides", "run_dir is set by the launcher", "pass run_dir=... to orlhf launch")
     hetjob = entry.stage == PPO_STAGE and cluster.kind == "slurm"
@@ -147,7 +173,7 @@ def _plan_stage(step: Step, cluster: ClusterConfig) -> StagePlan:
     name = step.name if entry.name is not None else folder  # a later round's step is named by then
     return StagePlan(name=name, stage=entry.stage, args=args, nodes=nodes, procs_per_node=per_node,
                      stage_dir=run_dir / folder, config_yaml=config_yaml,
-                     time_limit=entry.time_limit or cluster.time_limit, components=components)
+                     time_limit=entry.time_limit or cluster.time_limit, components=components, chain=step.chain)
 
 
 def resolve_stage_config(key: str, stage: str, args: tuple[str, ...]) -> str:
@@ -160,14 +186,14 @@ def resolve_stage_config(key: str, stage: str, args: tuple[str, ...]) -> str:
     return proc.stdout
 
 
-def check_stage(index: int, plan: StagePlan) -> list[dict]:
+def check_stage(key: str, plan: StagePlan) -> list[dict]:
     """`orlhf STAGE ... --check` with the process count the stage will get: what `--cfg`
     cannot see (the layout against the world size and the model, the global batch split, a
     tokenizer). Returns the input paths the stage reported ({key, path, exists})."""
     env = {**os.environ, CHECK_WORLD_SIZE: str(plan.world_size)}
     proc = subprocess.run([sys.executable, "-m", STAGE_MODULE, plan.stage, *plan.args, "--check"],
                           capture_output=True, text=True, env=env)
-    key = f"pipeline.stages[{index}] ({plan.stage}, nproc={plan.world_size})"
+    key = f"{key} ({plan.stage}, nproc={plan.world_size})"
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
         raise LaunchError(key, lines[0])
@@ -177,18 +203,18 @@ def check_stage(index: int, plan: StagePlan) -> list[dict]:
         raise LaunchError(key, f"`--check` printed no input list: {proc.stdout.strip()[:200]!r}") from None
 
 
-def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], indices: list[int]) -> None:
-    """Every input a stage reads exists now, or lies in the folder of an earlier stage of the
-    pipeline (which writes it first); relative paths are as the stages see them, from here.
-    `indices`: each plan's entry in pipeline.stages (a round repeats an entry)."""
+def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], keys: list[str]) -> None:
+    """Every input a stage reads exists now, or lies in the folder of a stage it runs after
+    (an earlier stage of its replicate's chain, or of the run's own), which writes it first;
+    relative paths are as the stages see them, from here. `keys`: what errors name for each plan."""
     for position, (plan, needed) in enumerate(zip(plans, inputs)):
-        index, earlier = indices[position], [p.stage_dir for p in plans[:position]]
+        earlier = [p.stage_dir for p in plans[:position] if not plan.chain or p.chain == plan.chain]
         for item in needed:
             path = Path(item["path"]).expanduser().absolute()
             if item["exists"] or path.exists() or any(path.is_relative_to(folder) for folder in earlier):
                 continue
             written_later = next((p.name for p in plans[position + 1:] if path.is_relative_to(p.stage_dir)), None)
-            raise LaunchError(f"pipeline.stages[{index}] ({plan.name}) {item['key']}",
+            raise LaunchError(f"{keys[position]} ({plan.name}) {item['key']}",
                               f"{item['path']} does not exist" + (
                                   f" yet: stage {written_later!r} writes it, but runs later" if written_later
                                   else " and no earlier stage of the pipeline writes it"),

@@ -31,6 +31,7 @@ from launcher.plan import STAGE_MODULE, StagePlan
 from launcher.ppo import TOKEN_ENV, TOKEN_FILE, Component
 from launcher.schema import ClusterConfig
 
+SUB_RUN = re.compile(r"(seed|round)_\d+")  # a replicate's folder (seed_<s>) or a later round's
 COMPLETE_MARKER = ".launch_complete"  # written when a continued stage has finished
 WARNING_SIGNAL = "USR1"
 IGNORE_WARNING = f"bash -c 'trap \"\" {WARNING_SIGNAL}; exec \"$@\"' ignore-{WARNING_SIGNAL.lower()}"
@@ -44,16 +45,19 @@ port=$((20000 + SLURM_JOB_ID % 20000))
 
 def job_name(plan: StagePlan) -> str:
     """Run and stage, so two runs' jobs differ (continuation waits on jobs of the same name).
-    A later round's name already says the round."""
+    A replicate's or a later round's name already says which."""
     return f"{run_folder(plan).name}.{plan.name}"
 
 
 def run_folder(plan: StagePlan) -> Path:
-    """The run's folder: the stage's parent, or its grandparent for a later round's stage
-    (run_dir/round_<r>/<stage>, named `round_<r>.<stage>`)."""
+    """The run's folder: the stage's parent, or above it one folder per part its name has
+    before the stage's folder (run_dir/seed_<s>/round_<r>/<stage> is `seed_<s>.round_<r>.<stage>`)."""
     folder = plan.stage_dir.parent
-    in_round = re.fullmatch(r"round_\d+", folder.name) and plan.name.startswith(f"{folder.name}.")
-    return folder.parent if in_round else folder
+    for part in reversed(plan.name.split(".")[:-1]):
+        if not (SUB_RUN.fullmatch(part) and folder.name == part):
+            break
+        folder = folder.parent
+    return folder
 
 
 def tasks_per_node(plan: StagePlan, cluster: ClusterConfig) -> int:

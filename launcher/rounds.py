@@ -29,6 +29,13 @@ class Step:
     entry: StageEntry
     run_dir: Path
     name: str
+    chain: str = ""  # the replicate whose chain it is part of (seed_<s>: launcher.seeds); "": the run's own
+    origin: str = ""  # the setting that adds it (a stage no entry names); "": its entry
+
+    @property
+    def key(self) -> str:
+        """What an error about the stage names."""
+        return self.origin or f"pipeline.stages[{self.index}]"
 
 
 def pipeline_steps(pipeline: PipelineConfig, run_dir: Path) -> list[Step]:
@@ -64,9 +71,8 @@ def _round_step(step: Step, run_dir: Path, number: int, align_folder: str, repea
         extra["init.checkpoint"] = previous / align_folder / "checkpoints"
     if step.entry.stage == LABEL_STAGE:
         extra["rm"] = run_dir / "rm" / "checkpoints"
-    own = [_in_round(o, run_dir, round_dir, repeated_folders) for o in step.entry.overrides
-           if o.split("=", 1)[0] not in extra]
-    entry = replace(step.entry, overrides=[*own, *(f"{key}={path}" for key, path in extra.items())])
+    own = [_in_round(o, run_dir, round_dir, repeated_folders) for o in step.entry.overrides]
+    entry = replace(step.entry, overrides=own).overriding(extra)
     return Step(step.index, entry, round_dir, f"round_{number}.{step.entry.folder}")
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 LAUNCH_MODES = ("torchrun", "tasks")
 # Set per process by torchrun; exporting them in the job script would hide Slurm's own
 # variables from the stage (and the SLURM_* ones its device-hour rows carry).
@@ -30,6 +32,15 @@ SIGNAL_LEAD_MAX_S = 65535  # sbatch --signal: "sig_time must be an integer betwe
 
 # Paths Hydra's override grammar reads as one plain string; any other goes in its quotes.
 PLAIN_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")
+# A stage config key as an override names it (`train.seed`).
+CONFIG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+# What a replicate's seed sets (`pipeline.seeds`, launcher.seeds): the training seed of the
+# training stages (initialization, shuffling, the validation split: TrainConfig.seed; PPO's
+# top-level `seed` also draws its prompts and seeds its services) and the sampling seed of the
+# stages whose samples are trained on. The task data, label/mix/reference draws and the
+# evaluation (its prompts and sampling seed) stay fixed: replicates differ in training only.
+DEFAULT_SEED_KEYS = {"sft": ["train.seed"], "rm": ["train.seed"], "align": ["train.seed"],
+                     "generate": ["generation.seed"], "ppo": ["seed", "generation.seed"]}
 
 
 class LaunchError(ValueError):
@@ -128,6 +139,12 @@ class StageEntry:
     def folder(self) -> str:
         return self.name or self.stage
 
+    def overriding(self, values: dict) -> StageEntry:
+        """This entry with `values` (key -> value) set after its own overrides, which win over
+        them; an own override of one of those keys is dropped."""
+        own = [override for override in self.overrides if override.split("=", 1)[0] not in values]
+        return replace(self, overrides=[*own, *(f"{key}={value}" for key, value in values.items())])
+
     def check(self, key: str) -> None:
         """Every value here reaches a job script; `key` is the entry's place in the pipeline."""
         check_identifier(f"{key}.stage", self.stage)
@@ -147,12 +164,36 @@ class PipelineConfig:
     # Iterative rounds: the entries marked `repeat` run `rounds` times, round r > 1 in
     # run_dir/round_<r>/ with the previous round's aligned policy generating (launcher.rounds).
     rounds: int = 1
+    # Training seeds: the whole pipeline once per seed, seed s in run_dir/seed_<s>/, then
+    # `orlhf seeds-report` across them in run_dir (launcher.seeds). Empty: one run, in run_dir.
+    seeds: List[int] = field(default_factory=list)
+    # Stage kind -> the keys of its config a replicate's seed sets (after the entry's own overrides).
+    seed_keys: Dict[str, List[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_SEED_KEYS.items()})
 
     def __post_init__(self):
         for index, entry in enumerate(self.stages):
             entry.check(f"pipeline.stages[{index}]")
         if self.rounds < 1:
             raise LaunchError("pipeline.rounds", f"must be >= 1, got {self.rounds}")
+        self._check_seeds()
+
+    def _check_seeds(self) -> None:
+        if len(self.seeds) == 1:  # orlhf seeds-report would fail once the replicate has run
+            raise LaunchError("pipeline.seeds", f"one seed ({self.seeds[0]}) has no spread across seeds to report",
+                              "list at least two, or none for a single run in run_dir")
+        for index, seed in enumerate(self.seeds):
+            if seed < 0:
+                raise LaunchError(f"pipeline.seeds[{index}]", f"must be >= 0, got {seed}")
+            if seed in self.seeds[:index]:
+                raise LaunchError(f"pipeline.seeds[{index}]", f"repeats seed {seed}", "list each seed once")
+        known = sorted(path.stem for path in (CONF_DIR / "stage").glob("*.yaml"))
+        for stage, keys in self.seed_keys.items():
+            if stage not in known:
+                raise LaunchError(f"pipeline.seed_keys.{stage}", "is not a stage", f"use one of {', '.join(known)}")
+            for index, key in enumerate(keys):
+                if not CONFIG_KEY.fullmatch(key):
+                    raise LaunchError(f"pipeline.seed_keys.{stage}[{index}]", f"{key!r} is not a config key",
+                                      "write a dotted key such as train.seed")
 
 
 @dataclass

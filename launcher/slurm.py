@@ -1,10 +1,12 @@
 """Submit a pipeline as chained sbatch jobs and ask Slurm about them afterwards.
 
 Stage k+1 waits for stage k with `afterok` and `--kill-on-invalid-dep=yes` (without it a
-job whose dependency failed stays PENDING forever). With `cluster.max_attempts > 1` each
-stage is submitted that many times: later attempts also wait on `singleton` (the previous
-attempt of the same job name) and resume from the stage's latest checkpoint; the next stage
-waits on the last attempt, which succeeds only if the stage completed.
+job whose dependency failed stays PENDING forever); with seeds each replicate is a chain of
+its own and `seeds-report` waits for the last job of every one (launcher.plan.waits_for).
+With `cluster.max_attempts > 1` each stage is submitted that many times: later attempts also
+wait on `singleton` (the previous attempt of the same job name) and resume from the stage's
+latest checkpoint; the next stage waits on the last attempt, which succeeds only if the
+stage completed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from launcher.plan import StagePlan
+from launcher.plan import StagePlan, waits_for
 from launcher.ppo import prepare_stage_dir
 from launcher.render import COMPLETE_MARKER, render_script
 from launcher.schema import ClusterConfig, LaunchError
@@ -59,20 +61,19 @@ def write_dry_run(plan: StagePlan, cluster: ClusterConfig, python: str, run_dir:
 
 
 def submit_chain(plans: list[StagePlan], scripts: list[Path], max_attempts: int) -> list[SubmittedStage]:
-    """Submit in pipeline order; if any sbatch fails, times out or is interrupted (Ctrl-C),
-    cancel what was already submitted. Each stage forgets an earlier launch's completion
-    marker just before its first attempt is submitted."""
+    """Submit in pipeline order, each stage after the last attempts of those it waits for
+    (`waits_for`: the one before it; replicates' chains side by side); if any sbatch fails,
+    times out or is interrupted (Ctrl-C), cancel what was already submitted. Each stage
+    forgets an earlier launch's completion marker just before its first attempt is submitted."""
     submitted: list[SubmittedStage] = []
-    previous: str | None = None
     try:
-        for plan, script in zip(plans, scripts):
+        for plan, script, waits in zip(plans, scripts, waits_for(plans)):
             (plan.stage_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+            after = [f"afterok:{':'.join(submitted[position].job_ids[-1] for position in waits)}"] if waits else []
             ids: list[str] = []
             submitted.append(SubmittedStage(plan.name, str(script), ids))
             for attempt in range(max_attempts):
-                dependencies = ([f"afterok:{previous}"] if previous else []) + (["singleton"] if attempt else [])
-                ids.append(sbatch(plan.name, script, dependencies))
-            previous = ids[-1]
+                ids.append(sbatch(plan.name, script, after + (["singleton"] if attempt else [])))
     except (LaunchError, KeyboardInterrupt) as err:
         jobs = [job for stage in submitted for job in stage.job_ids]
         cancel(jobs)

@@ -1,7 +1,8 @@
 """`orlhf launch status run_dir=DIR`: each job's state and, once finished, its device-hours.
 
-Device-hours come from the rows the stages append to `run_dir/ledger.jsonl` (a resumed stage
-adds a row per execution, so rows are summed per job); without a row, from Slurm's elapsed
+Device-hours come from the rows the stages append to `run_dir/ledger.jsonl` and the ledgers
+of its replicates and later rounds (`seed_<s>/`, `round_<r>/`, `seed_<s>/round_<r>/`; a
+resumed stage adds a row per execution, so rows are summed per job); without a row, from Slurm's elapsed
 time x allocated GPUs. A job whose rows come from several ledger stages (the PPO stage's
 heterogeneous job: ppo_actor, ppo_critic, ppo_reference, ppo_reward, every row carrying the
 job's id) is followed by one indented row per module with that module's hours.
@@ -16,6 +17,9 @@ from launcher.slurm import JobInfo, query_job, read_launch_record
 from launcher.table import format_table
 
 LEDGER = "ledger.jsonl"
+# Where the stages of a run write their ledgers: the run's own, its replicates' (launcher.seeds)
+# and later rounds' (launcher.rounds).
+LEDGERS = (LEDGER, f"round_*/{LEDGER}", f"seed_*/{LEDGER}", f"seed_*/round_*/{LEDGER}")
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 
 
@@ -47,9 +51,9 @@ def ledger_hours(run_dir: Path) -> dict[str, float]:
 
 def module_hours(run_dir: Path) -> dict[str, dict[str, float]]:
     """Job id -> ledger stage -> summed device_hours of the rows that carry both."""
-    path = run_dir / LEDGER
     hours: dict[str, dict[str, float]] = {}
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = [line for pattern in LEDGERS for path in sorted(run_dir.glob(pattern)) for line in
+             path.read_text().splitlines()]
     for row in (json.loads(line) for line in lines if line.strip()):
         if row.get("job_id") is not None:
             stages = hours.setdefault(str(row["job_id"]), {})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.local import DONE, already_complete
+from launcher.local import DONE, stages_to_run
 from launcher.plan import StagePlan
 
 
@@ -32,6 +32,6 @@ def test_a_moved_run_skips_its_complete_stages_but_not_a_changed_one(tmp_path):
     completed(planned(old, "eval", data=f"{old}-other/x.jsonl"))  # a sibling folder's file, not the run's
     new.parent.mkdir()
     old.rename(new)
-    assert already_complete([planned(new, "label"), planned(new, "mix")]) == 2
-    assert already_complete([planned(new, "label", seed=2), planned(new, "mix")]) == 0  # a real change
-    assert already_complete([planned(new, "eval", data=f"{new}-other/x.jsonl")]) == 0  # the sibling did not move
+    assert stages_to_run([planned(new, "label"), planned(new, "mix")]) == [False, False]
+    assert stages_to_run([planned(new, "label", seed=2), planned(new, "mix")]) == [True, True]  # a real change
+    assert stages_to_run([planned(new, "eval", data=f"{new}-other/x.jsonl")]) == [True]  # the sibling did not move
