@@ -232,6 +232,7 @@ def _remove_if_unchanged(path: Path, stale: Holder) -> bool:
 
 DONE = "DONE"  # a stage's last write (stage_support.mark_done)
 CONFIG_FILE = "config.yaml"  # the config a stage's outputs were made under
+_NOT_OUTPUTS = (DONE, CONFIG_FILE, "launch.log")  # a rerun's first writes, and the launcher's log (`stage_outputs`)
 
 
 def unwritable(stage_dir: Path) -> ConfigError | None:
@@ -277,13 +278,33 @@ def clear_done(stage_dir: Path) -> dict[str, str | None]:
 
 
 def restore_stage(stage_dir: Path, earlier: dict[str, str | None]) -> None:
-    """Undo `open_stage` for a rerun that stopped before writing anything (a refused resume):
-    a pipeline then finds the stage complete under its old config again."""
+    """Undo `open_stage` for a rerun that stopped before writing anything (a refused resume,
+    a missing input, a stop during start-up): a pipeline then finds the stage complete under
+    its old config again."""
     for name, text in earlier.items():
         if text is None:
             (stage_dir / name).unlink(missing_ok=True)
         else:
             write_atomic(stage_dir / name, text)
+
+
+def stage_outputs(stage_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the stage folder (relative path -> size, modification time in ns),
+    but the ones a run writes before its stage starts (DONE, config.yaml, the lock, the
+    launcher's log): whether a failed rerun changed the stage's outputs."""
+    found = {}
+    for path in stage_dir.rglob("*") if stage_dir.is_dir() else ():
+        relative = path.relative_to(stage_dir)
+        if relative.parts[0] in _NOT_OUTPUTS or relative.parts[0].startswith(LOCK):
+            continue
+        try:
+            status = path.stat()
+        except FileNotFoundError:  # removed while listed: it changed
+            found[str(relative)] = (-1, -1)
+            continue
+        if path.is_file():
+            found[str(relative)] = (status.st_size, status.st_mtime_ns)
+    return found
 
 
 def _text_or_none(path: Path) -> str | None:

@@ -13,9 +13,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from offline_rlhf import ledger
 from offline_rlhf.config.compose import to_yaml
-from offline_rlhf.config.errors import ConfigError, ResumeRefused
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
-from offline_rlhf.host import claim_stage, open_stage, release_stage_lock, restore_stage
+from offline_rlhf.host import claim_stage, open_stage, release_stage_lock, restore_stage, stage_outputs
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.parallel.distributed import DistEnv, detect_env, init_distributed, shutdown_distributed
 from offline_rlhf.parallel.parallelize import build_mesh
@@ -78,8 +78,11 @@ def stage_runtime(stage: str, run_dir: str, parallel: ParallelConfig, model: Mod
 def _claimed(stage: str, stage_dir: Path, env: DistEnv, device: torch.device, config, model: ModelConfig | None):
     """Rank 0 takes the stage's lock (two runs of one stage would interleave metrics, shards
     and ledger rows), then drops the old DONE before anything else changes, so a killed
-    rerun never leaves DONE beside a new config.yaml. Every rank fails if the lock is taken."""
-    lock, problem, earlier = None, None, None
+    rerun never leaves DONE beside a new config.yaml. Every rank fails if the lock is taken.
+    A rerun that fails or stops before it changed any output (a refused resume, a missing
+    input, Ctrl-C during start-up) puts DONE and config.yaml back: the outputs stand, complete
+    or not, as before."""
+    lock, problem, earlier, outputs = None, None, None, None
     if env.is_main:
         try:
             lock, note = claim_stage(stage_dir, stage)
@@ -88,10 +91,11 @@ def _claimed(stage: str, stage_dir: Path, env: DistEnv, device: torch.device, co
     try:
         raise_everywhere(problem, device, "prepare the stage folder or take its lock")
         if lock is not None:
+            outputs = stage_outputs(stage_dir)
             earlier = open_stage(stage_dir, note, config_text(config, model))
         yield
-    except ResumeRefused:
-        if earlier is not None:  # nothing was written: the outputs stand, complete or not, as before
+    except BaseException:
+        if earlier is not None and stage_outputs(stage_dir) == outputs:
             restore_stage(stage_dir, earlier)
         raise
     finally:
