@@ -190,7 +190,7 @@ def _service_step(plan: StagePlan, cluster: ClusterConfig, python: str, componen
     job's environment (SLURM_NTASKS_HET_GROUP_<n>), its largest module's."""
     log = plan.stage_dir / name / "service.log"
     step = (f" --het-group={component.group} --overlap --nodes={component.nodes}"
-            f" --ntasks={component.nodes * per_node} --ntasks-per-node={per_node} --output={log}")
+            f" --ntasks={component.nodes * per_node} --ntasks-per-node={per_node} --output={shlex.quote(str(log))}")
     serve = " ".join(shlex.quote(word) for word in (STAGE_MODULE, plan.stage, *plan.args, f"serve={name}"))
     words = _srun_words(plan, cluster, step, _service_cpus(cluster, per_node))
     return " \\\n  ".join([*words, f"{shlex.quote(python)} -m {serve}"]) + " &\n"

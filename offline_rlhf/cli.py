@@ -220,7 +220,7 @@ def input_paths(config) -> list[tuple[str, str]]:
         for part in dotted.split("."):
             value = getattr(value, part, None)
         if not item_key:
-            if isinstance(value, str) and value and parse_repo_id(value) is None:
+            if isinstance(value, str) and value and parse_repo_id(value, dotted) is None:
                 found.append((dotted, value))
             continue
         for index, item in enumerate(value if isinstance(value, (list, tuple)) else ()):

@@ -96,7 +96,7 @@ def local_init(init: InitConfig, run_dir: str | Path) -> InitConfig:
     folder; a hub repo id or local HF directory in `checkpoint` becomes its import under
     `run_dir/imported/` (made once; later stages and reruns of the run reuse it)."""
     tokenizer = init.tokenizer
-    if parse_repo_id(tokenizer):
+    if parse_repo_id(tokenizer, "init.tokenizer"):
         tokenizer = str(resolve_dir(tokenizer, "init.tokenizer", TOKENIZER_FILES))
     return freeze(replace(init, checkpoint=local_checkpoint(init.checkpoint, run_dir), tokenizer=tokenizer))
 
@@ -104,7 +104,7 @@ def local_init(init: InitConfig, run_dir: str | Path) -> InitConfig:
 def local_checkpoint(source: str, run_dir: str | Path, key: str = "init.checkpoint") -> str:
     """`source` itself when it is one of our checkpoints; its import under
     `run_dir/imported/` when it is a hub repo id or a local Hugging Face directory."""
-    if parse_repo_id(source) or (Path(source) / CONFIG_FILE).is_file():
+    if parse_repo_id(source, key) or (Path(source) / CONFIG_FILE).is_file():
         return str(imported_checkpoint(source, run_dir, key))
     return source
 

@@ -120,7 +120,7 @@ def _load_local(datasets, path: str, kwargs: dict):
 
 
 def _load_hub(datasets, path: str, kwargs: dict, key: str):
-    ref = parse_repo_id(path) or RepoRef(*path.partition("@")[::2])
+    ref = parse_repo_id(path, key) or RepoRef(*path.partition("@")[::2])
     try:
         return datasets.load_dataset(ref.repo_id, revision=ref.revision or None, **kwargs)
     except ConnectionError:  # offline or unreachable, and not in the datasets cache: try the hub cache

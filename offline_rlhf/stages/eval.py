@@ -148,7 +148,7 @@ def on_main(rt: Runtime, make: Callable[[], T]) -> T | None:
 def held_out_prompts(cfg: EvalConfig) -> list[PromptTurns]:
     """`prompts` as a JSONL file or the prompts of a hub dataset's split (`prompts_kind`),
     with the turns of multi-turn ones."""
-    if parse_repo_id(cfg.prompts) is None:
+    if parse_repo_id(cfg.prompts, "prompts") is None:
         return read_prompt_file_turns(cfg.prompts, cfg.prompt_key)
     return read_prompt_turns(cfg.prompts_kind, "hf", cfg.prompts, paper_template(cfg.template), cfg.prompt_key,
                              key="prompts",

@@ -25,7 +25,7 @@ from tests.fixtures import REPO_ROOT
 
 def test_the_launchers_stage_folders_are_the_ones_the_stages_write():
     from offline_rlhf.config.training import AlignConfig
-    from offline_rlhf.stages import rm, rm_score
+    from offline_rlhf.stages import rm, rm_score, seeds_report
     from ppo_baseline import stage as ppo_stage
 
     for method in ("mle_filter", "rwr", "dt", "dpo", "ipo", "cdpo"):
@@ -34,6 +34,7 @@ def test_the_launchers_stage_folders_are_the_ones_the_stages_write():
     assert stage_folder("rm", {"eval_only": True}) == rm.EVAL_STAGE
     assert stage_folder("rm", {"eval_only": False}) == rm.STAGE
     assert stage_folder("rm-score", {}) == rm_score.STAGE
+    assert stage_folder("seeds-report", {}) == seeds_report.STAGE
     assert stage_folder("ppo", {}) == ppo_stage.OUT and PPO_ACTOR_FOLDER == ppo_stage.STAGE
 
 
