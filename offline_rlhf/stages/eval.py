@@ -32,11 +32,12 @@ from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.eval.gold import check_prompts, load_gold
 from offline_rlhf.eval.results import prompt_means, results_markdown, summarize
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.generation.engine import Request, answer_text, run
+from offline_rlhf.generation.engine import Completion, Request, TokenCallback, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import shard_indices
 from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
+from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, raise_everywhere, stage_runtime
 from offline_rlhf.stage_support import (
     checkpoint_digest,
@@ -108,11 +109,21 @@ def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
     n = cfg.generation.n
     requests = [Request(ids, stream_id(i, sample), cfg.generation.max_new_tokens)
                 for i, (ids, _) in zip(mine, encoded) for sample in range(n)]
+    bar = Progress(f"eval {model.name}", len(requests), enabled=rt.is_main, unit="answer")
     completions = run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
-                      rt.device, decode=tokenizer.decode)
+                      rt.device, decode=tokenizer.decode, on_token=count_answers(bar))
+    bar.close()
     answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length", encoded[row // n][1])
                for row, c in enumerate(completions)]
     return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
+
+
+def count_answers(bar: Progress) -> TokenCallback:
+    """An engine callback that moves `bar` on by one whenever an answer ends."""
+    def on_token(_: int, completion: Completion) -> None:
+        if completion.finish:
+            bar.update()
+    return on_token
 
 
 def _total_over_replicas(count: int, rt: Runtime) -> int:

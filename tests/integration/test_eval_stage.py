@@ -21,6 +21,7 @@ from offline_rlhf.data.tokenize import encode_sft, fit_prompt
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.eval.gold import load_gold
 from offline_rlhf.labeling.scoring import scoring_metadata
+from offline_rlhf.progress import PREFIX as PROGRESS
 from tests.fixtures import reference_model
 from tests.local_data import OASST_TREES
 from tests.synthetic_preferences import FILLER, MODEL, synthetic_tokenizer
@@ -146,8 +147,11 @@ def test_prompts_too_long_for_the_context_are_cut_and_counted(files, tmp_path, c
                  f"models=[{{name: sft, checkpoint: '{files / 'sft'}'}}]"]) == 0
     assert [a["prompt_truncated"] for a in answers(tmp_path, "sft")] == [False, True, False]
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["models"]["sft"]["prompts_truncated"] == 1
+    printed = capsys.readouterr()
     assert f"eval: 1 of 3 prompts were cut to fit sft's context (max_seq_len {MODEL.max_seq_len} - " \
-           "max_new_tokens 8)" in capsys.readouterr().out
+           "max_new_tokens 8)" in printed.out
+    # Progress as answers end (was: nothing for the whole of a model's answers).
+    assert f"{PROGRESS}eval sft: answer 3/3 (100%)" in printed.err
 
 
 def test_a_plugin_gold_reward_scores_every_answer(evaluated):
