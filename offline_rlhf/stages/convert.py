@@ -33,10 +33,19 @@ from offline_rlhf.data.chat_template import (
 from offline_rlhf.data.tokenize import stop_token_ids
 from offline_rlhf.data.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, Tokenizer
 from offline_rlhf.hub import resolve_dir
-from offline_rlhf.models.hf import CONFIG_FILE, config_to_hf, copy_tokenizer_files, hf_state_dict, write_hf_weights
+from offline_rlhf.models.hf import (
+    CONFIG_FILE,
+    config_to_hf,
+    copy_tokenizer_files,
+    hf_head,
+    hf_state_dict,
+    write_hf_weights,
+)
 from offline_rlhf.stage_support import dt_target, empty_model, import_hf, num_params
 
 __all__ = ["empty_model", "export_hf", "import_hf", "main", "special_token_ids"]
+
+HEAD_KINDS = {"lm": "a language model (`*ForCausalLM`)", "value": "a reward model (`*ForSequenceClassification`)"}
 
 
 def main(config: ConvertConfig) -> int:
@@ -44,7 +53,12 @@ def main(config: ConvertConfig) -> int:
         if config.dtype != "float32":
             raise ConfigError("dtype", f"{config.dtype!r} applies to export_hf only",
                               "imported checkpoints hold float32 master weights; drop dtype")
-        print(import_hf(resolve_dir(config.hf_dir, "hf_dir"), config.out, config.head)[1])
+        hf_dir = resolve_dir(config.hf_dir, "hf_dir")
+        found = hf_head(hf_dir)
+        if found != config.head:  # else a missing tensor, far from its cause
+            raise ConfigError("head", f"{hf_dir}/config.json names {HEAD_KINDS[found]}, not a {config.head!r} head",
+                              f"pass head={found}")
+        print(import_hf(hf_dir, config.out, config.head)[1])
     else:
         export_hf(config.ckpt, config.out, config.head, config.dtype)
     return 0

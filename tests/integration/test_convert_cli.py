@@ -72,3 +72,14 @@ def test_cli_reports_unsupported_model_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"orlhf convert: error: {tmp_path / 'config.json'}: model_type: unsupported 'gpt2'; " \
                   "supported: llama, mistral, qwen2"
+
+
+def test_a_reward_model_imported_without_head_value_names_the_fix(tmp_path, capsys):
+    """Was: "no tensor 'lm_head.weight' ... (wrong head or model type?)", far from its cause."""
+    hf_dir_with_tokenizer(tmp_path, "llama", "SequenceClassification")
+    capsys.readouterr()  # transformers' own progress while saving the model
+    assert orlhf(["convert", "import_hf", f"hf_dir={tmp_path / 'hf'}", f"out={tmp_path / 'ckpt'}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"orlhf convert: error: head: {tmp_path / 'hf'}/config.json names a reward model "
+        "(`*ForSequenceClassification`), not a 'lm' head; pass head=value")
+    assert not (tmp_path / "ckpt").exists()
