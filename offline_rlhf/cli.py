@@ -12,6 +12,7 @@ import difflib
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; a rerun resumes from the last checkpoint
         say_once(f"orlhf {argv[0] if argv else ''}: interrupted (Ctrl-C); rerun the same command to resume")
         code = 130
+    except BrokenPipeError:  # the reader went away (`orlhf sft --help | head`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
+        code = 128 + signal.SIGPIPE
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         _exit_without_teardown(code)
     return code

@@ -78,3 +78,12 @@ def test_every_key_of_every_stage_has_a_description():
         if stage.schema:
             missing += [f"{name}: {key}" for key, _, text in key_rows(_load(stage.schema), {}) if not text]
     assert not missing, "fields without a comment (add `# ...` after them): " + ", ".join(missing)
+
+
+def test_help_into_a_closed_pipe_stops_quietly():
+    """`orlhf sft --help | head -1`: was a BrokenPipeError traceback once head had gone."""
+    process = subprocess.Popen([sys.executable, "-m", "offline_rlhf.cli", "sft", "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the help is printed (start-up takes far longer)
+    err = process.stderr.read().decode()
+    assert (process.wait(), err) == (141, "")
