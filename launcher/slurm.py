@@ -101,9 +101,16 @@ def sbatch(stage: str, script: Path, dependencies: list[str]) -> str:
                                                                          for job in queued),
                           CONTROLLER_HINT + unknown) from None
     if proc.returncode != 0:
-        raise LaunchError(key, _first_line(proc.stderr) or f"exit code {proc.returncode}",
-                          "cluster.partition or cluster.account may be the cause: only sbatch checks them")
+        raise LaunchError(key, _first_line(proc.stderr) or f"exit code {proc.returncode}", _sbatch_hint(proc.stderr))
     return proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
+
+
+def _sbatch_hint(stderr: str) -> str:
+    """What to check for a refused submission: the controller when sbatch could not reach
+    it, else the settings only sbatch checks."""
+    if re.search(r"contact|connect|controller", stderr, flags=re.I):
+        return CONTROLLER_HINT
+    return "cluster.partition or cluster.account may be the cause: only sbatch checks them"
 
 
 def cancel(job_ids: list[str]) -> None:

@@ -18,12 +18,13 @@ class FakeSlurm:
     def __init__(self, fail_at: int | None = None):
         self.commands: list[list[str]] = []
         self.fail_at = fail_at
+        self.error = "sbatch: error: invalid partition specified: gpu"
 
     def __call__(self, command, timeout_s=60):
         self.commands.append(command)
         submitted = sum(c[0] == "sbatch" for c in self.commands)
         if command[0] == "sbatch" and submitted == self.fail_at:
-            return subprocess.CompletedProcess(command, 1, "", "sbatch: error: invalid partition specified: gpu\n")
+            return subprocess.CompletedProcess(command, 1, "", self.error + "\n")
         return subprocess.CompletedProcess(command, 0, f"{99 + submitted};cluster\n", "")
 
 
@@ -80,3 +81,13 @@ def test_missing_sbatch_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(LaunchError, match="^cluster.kind: sbatch not found"):
         slurm.sbatch("sft", Path("/x.sh"), [])
+
+
+def test_a_submission_the_controller_never_got_points_at_the_controller(tmp_path, monkeypatch):
+    """Was: "cluster.partition or cluster.account may be the cause" for a controller that is down."""
+    fake = FakeSlurm(fail_at=1)
+    fake.error = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
+    monkeypatch.setattr(slurm, "_run", fake)
+    with pytest.raises(LaunchError, match=r"Unable to contact slurm controller \(connect failure\); is slurmctld "
+                                          r"reachable\? \(scontrol ping\)$"):
+        slurm.submit_chain(plans(tmp_path, "sft"), scripts(tmp_path, "sft"), max_attempts=1)
