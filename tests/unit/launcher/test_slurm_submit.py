@@ -89,5 +89,5 @@ def test_a_submission_the_controller_never_got_points_at_the_controller(tmp_path
     fake.error = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
     monkeypatch.setattr(slurm, "_run", fake)
     with pytest.raises(LaunchError, match=r"Unable to contact slurm controller \(connect failure\); is slurmctld "
-                                          r"reachable\? \(scontrol ping\)$"):
+                                          r"reachable\? \(scontrol ping\); nothing was submitted$"):
         slurm.submit_chain(plans(tmp_path, "sft"), scripts(tmp_path, "sft"), max_attempts=1)
