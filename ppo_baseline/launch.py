@@ -34,7 +34,7 @@ from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.http import http_url
 from ppo_baseline.config import SERVICES, PPOConfig
 from ppo_baseline.serve import ADDRESS, CONFIG_ENV, TOKEN_ENV, het_group_host, service_config, service_dir, service_port
-from ppo_baseline.service import Client, ServiceError, read_token, write_token
+from ppo_baseline.service import Client, NotOurService, ServiceError, read_token, write_token
 
 LOG = "service.log"
 TOKEN_FILE = "token"
@@ -127,8 +127,10 @@ class Services:
         return Path(os.environ[TOKEN_ENV])
 
     def wait_ready(self) -> None:
-        """Until every service answers /health as ready; a service that exits or is not
-        ready within services.startup_timeout_s fails the run."""
+        """Until every service answers /health as ready, proving it holds the run's token; a
+        service that exits or is not ready within services.startup_timeout_s fails the run,
+        and so does anything else answering at a service's address (on Slurm its port is
+        predictable, and another user's process may hold it)."""
         deadline = time.monotonic() + self.cfg.services.startup_timeout_s
         waiting = set(self.processes)
         while waiting:
@@ -153,6 +155,8 @@ class Services:
                                     timeout_s=self.cfg.services.request_timeout_s, retries=2)
         try:
             return bool(service.client.health().get("ready"))
+        except NotOurService as error:
+            raise ServiceFailed(service.name, f"cannot be reached: {error}", service.log) from None
         except ServiceError:
             return False
 

@@ -10,6 +10,14 @@ exception (the service keeps serving): a ConfigError (the service's model or set
 fault, not the request) and a NaN or infinite number in the answer (NonFiniteAnswer)
 included, 503 stopping.
 
+The client sends the token only to a peer that has proved it holds it. On Slurm a service
+listens on a port anyone can predict (ppo_baseline.serve.service_port), and until it has
+loaded its weights anything else may listen there. So `GET /health?nonce=N` carries no
+token and the service answers `proof`, HMAC-SHA256 under the token of its name and N
+(`health_proof`); the Client checks it just before each authenticated request (which then
+reuses that kept-alive connection), not once, since a service that dies frees its port.
+/health tells nothing else but the service's name and whether it is ready.
+
 Threads: uvicorn runs in a background thread and only authenticates, caps and queues each
 request as a Call; the thread that calls `serve()` (the main thread) takes the calls one at
 a time and runs `execute(endpoint, body)`: decode, handler, encode. This is the seam for a
@@ -21,10 +29,13 @@ pass); only rank 0's answer goes back over HTTP.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import math
 import queue
 import re
+import secrets
 import threading
 import time
 from concurrent.futures import Future
@@ -51,6 +62,7 @@ OCTET_STREAM = "application/octet-stream"
 DEFAULT_MAX_BODY_BYTES = 256 * 2**20  # a rollout batch of 1024 x 2048 tokens is ~16 MiB per tensor
 RESERVED = {"health", "shutdown"}
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+NONCE = re.compile(r"[A-Za-z0-9_-]{16,128}")  # a /health challenge: what secrets.token_hex writes, bounded
 log = logging.getLogger(__name__)
 
 
@@ -62,9 +74,20 @@ class ServiceError(RuntimeError):
     """A client call that failed; the message names the service, its URL and the endpoint."""
 
 
+class NotOurService(ServiceError):
+    """What answered /health at a service's address did not prove that it holds the token."""
+
+
 class NonFiniteAnswer(ArithmeticError):
     """The service computed a NaN or infinite number (HTTP 500): its model or its training
     diverged; passing it on would poison the PPO update silently."""
+
+
+def health_proof(token: str, name: str, nonce: str) -> str:
+    """What service `name` answers to /health?nonce=`nonce`: HMAC-SHA256 under the shared
+    token, hex. The name is in it so that the answer of one service of the run, relayed,
+    does not pass for another's."""
+    return hmac.new(token.encode(), f"{name}:{nonce}".encode(), hashlib.sha256).hexdigest()
 
 
 def non_finite(payload: Payload) -> list[str]:
@@ -96,13 +119,14 @@ class Service:
     port 0 picks a free port; `service.port` and `service.url` report it once started."""
 
     def __init__(self, name: str, token: str, *, host: str = "127.0.0.1", port: int = 0,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model: str = ""):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         if not token:
             raise ValueError("a service needs a non-empty token")
-        self.name, self.host, self.port, self.model = name, host, port, model
+        self.name, self.host, self.port = name, host, port
         self.max_body_bytes = max_body_bytes
-        self.step = 0  # reported by /health; the owner updates it after each training step
+        self.step = 0  # the training steps taken, logged at exit; the owner updates it after each
         self.routes: dict[str, tuple[Handler, Schema]] = {}
+        self._token = token
         self._expected = bearer(token)
         self._calls: queue.Queue[Call] = queue.Queue()
         self._stopping = threading.Event()
@@ -207,8 +231,14 @@ class Service:
         return authorized(request, self._expected)
 
     async def _health(self, request: Request) -> Response:
-        return JSONResponse({"name": self.name, "model": self.model, "step": self.step,
-                             "ready": self._serving.is_set() and not self._stopping.is_set()})
+        """Open to all: the name, readiness and, for a nonce, the proof of the token."""
+        answer = {"name": self.name, "ready": self._serving.is_set() and not self._stopping.is_set()}
+        nonce = request.query_params.get("nonce")
+        if nonce is not None:
+            if not NONCE.fullmatch(nonce):
+                return PlainTextResponse(f"nonce must match {NONCE.pattern}", status_code=400)
+            answer["proof"] = health_proof(self._token, self.name, nonce)
+        return JSONResponse(answer)
 
     async def _shutdown(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -257,29 +287,51 @@ def unauthorized() -> Response:
 class Client:
     """Calls one Service. Connection failures and 502/503/504 are retried `retries` times
     with exponential backoff; a 500 is not, since it is the handler's own failure and the
-    call (a training step) may not be safe to repeat. Failures raise ServiceError."""
+    call (a training step) may not be safe to repeat. Failures raise ServiceError.
+
+    The token goes only to a peer that proved it holds it: `health()` sends none and checks
+    the answer's proof (NotOurService if it is wrong or missing); `call` and `shutdown` run
+    that check just before each of their attempts. Proxy variables of the environment are
+    ignored: the token goes to the service only."""
 
     def __init__(self, name: str, url: str, token: str, *, timeout_s: float = 600.0, connect_timeout_s: float = 10.0,
                  retries: int = 3, backoff_s: float = 0.5, retry_statuses: tuple[int, ...] = (502, 503, 504)):
         self.name, self.url = name, url
         self.retries, self.backoff_s, self.retry_statuses = retries, backoff_s, retry_statuses
-        self._http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"},
-                                  timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+        self._token = token
+        self._http = httpx.Client(base_url=url, timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+                                  trust_env=False)
+
+    @property
+    def address(self) -> str:
+        return self._http.base_url.netloc.decode()
 
     def call(self, endpoint: str, payload: Payload, schema: Schema) -> Payload:
         """POST the payload to /<endpoint>; the answer is validated against `schema`."""
         response = self._request("POST", f"/{endpoint}", content=encode(payload),
-                                 headers={"Content-Type": OCTET_STREAM})
+                                 headers={"Content-Type": OCTET_STREAM}, authenticated=True)
         try:
             return decode(response.content, schema)
         except WireError as error:
             raise self._error(f"/{endpoint}", f"malformed answer: {error}") from None
 
     def health(self) -> dict:
-        return self._request("GET", "/health").json()
+        """GET /health with a fresh nonce and no token; the answer, once its proof checks."""
+        nonce = secrets.token_hex(16)
+        response = self._request("GET", "/health", params={"nonce": nonce})
+        try:
+            answer = response.json()
+            proof = answer.get("proof", "") if isinstance(answer, dict) else ""
+        except ValueError:  # not JSON
+            proof = ""
+        expected = health_proof(self._token, self.name, nonce)
+        if not (isinstance(proof, str) and hmac.compare_digest(proof.encode(), expected.encode())):
+            raise NotOurService(f"something else answers at {self.address}: not our {self.name} service (its "
+                                f"/health did not prove it holds the run's token, so the token was not sent there)")
+        return answer
 
     def shutdown(self) -> None:
-        self._request("POST", "/shutdown")
+        self._request("POST", "/shutdown", authenticated=True)
 
     def close(self) -> None:
         self._http.close()
@@ -290,13 +342,17 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, authenticated: bool = False, **kwargs) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
         failure = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if authenticated:
+                self.health()
+            token = {"Authorization": f"Bearer {self._token}"} if authenticated else {}
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = self._http.request(method, path, headers={**headers, **token}, **kwargs)
             except (httpx.ConnectError, httpx.ConnectTimeout) as error:
                 failure = f"cannot connect ({one_line(error)})"
                 continue

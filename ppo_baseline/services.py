@@ -56,6 +56,7 @@ from ppo_baseline.models import (
     shifted_values,
     train_epochs,
 )
+from ppo_baseline.service import NonFiniteAnswer
 from ppo_baseline.wire import Payload
 from ppo_baseline.world import WorldService
 
@@ -63,12 +64,16 @@ from ppo_baseline.world import WorldService
 # would sort among them by its text, not its value.
 MAX_STEP = 10**8
 CRITIC_LIMIT = "the critic's max_seq_len"  # what a critic request is checked against
+# The largest |returns| or |old_values| a /train request may hold. The actor's are sums of
+# z-scored rewards and KL penalties, far below it; the value loss squares them in fp32, where
+# returns of 4e18 already overflowed the tiny test critic's, so larger ones are the request's
+# fault (400), refused before the critic's step, schedule or weights change.
+MAX_TARGET = 1e6
 
 
 def build_service(cfg: ServiceConfig, rt: Runtime, token: str, usage: Usage | None = None) -> WorldService:
     """The service `cfg.name`, built (and its model loaded) on every rank of `rt`."""
-    service = WorldService(cfg.name, token, rt, host=cfg.host, port=cfg.port, max_body_bytes=cfg.max_body_mb * 2**20,
-                           model=cfg.settings.checkpoint)
+    service = WorldService(cfg.name, token, rt, host=cfg.host, port=cfg.port, max_body_bytes=cfg.max_body_mb * 2**20)
     {"reward": _reward, "reference": _reference, "critic": _critic}[cfg.name](service, cfg, rt, usage)
     return service
 
@@ -143,7 +148,11 @@ def value_task(clip: float) -> Task:
     normalized by the minibatch's response tokens (all micro-batches and DP ranks)."""
     def loss(model, batch, normalizer):
         values = shifted_values(model(batch["tokens"]))
-        return value_loss(values, batch["old_values"], batch["returns"], batch["mask"], normalizer, clip)
+        loss, metrics = value_loss(values, batch["old_values"], batch["returns"], batch["mask"], normalizer, clip)
+        # train_step skips a step for a non-finite gradient norm only, but a loss that
+        # overflows may leave a finite gradient (where the clipped error wins, its gradient
+        # is 0): a NaN factor makes that gradient NaN, so the step is skipped, not taken.
+        return loss * torch.where(torch.isfinite(metrics["loss"]), 1.0, math.nan), metrics
     return Task(loss=loss, normalizer=lambda b: float(b["mask"].sum()), tokens=lambda b: int(b["lengths"].sum()))
 
 
@@ -167,17 +176,37 @@ class Critic:
         self.task = value_task(self.ppo.value_clip)
         self.root = Path(cfg.run_dir) / "ppo" / "critic" / "checkpoints"
 
-    def train(self, payload: Payload) -> dict[str, float]:
-        """`ppo.epochs` passes over the batch in minibatches of `ppo.minibatch` rows, in an
-        order seeded by (seed, step, epoch); each minibatch is one optimizer step."""
+    def check(self, payload: Payload) -> int:
+        """What a training batch must hold besides `check_sequences`; its step. A ValueError
+        (HTTP 400) here comes before anything about the critic changes."""
         rows = payload.tensors["tokens"].shape[0]
         if rows % self.ppo.minibatch:
             raise ValueError(f"a training batch of {rows} rows does not split into minibatches of "
                              f"{self.ppo.minibatch}")
+        for name in ("returns", "old_values"):
+            largest = float(payload.tensors[name].abs().max())
+            if largest > MAX_TARGET:
+                raise ValueError(f"tensor {name!r} holds a value of magnitude {largest:.3g}; the critic takes "
+                                 f"|{name}| <= {MAX_TARGET:g}")
+        return _step(payload)
+
+    def train(self, payload: Payload) -> dict[str, float]:
+        """`ppo.epochs` passes over the batch in minibatches of `ppo.minibatch` rows, in an
+        order seeded by (seed, step, epoch); each minibatch is one optimizer step, one whose
+        loss or gradient is not finite skipped. A non-finite result raises NonFiniteAnswer
+        (HTTP 500: the request was checked, so the critic diverged) with the schedule put
+        back where it was."""
+        step = self.check(payload)
+        schedule = self.scheduler.state_dict()
         self.model.train()
         metrics = train_epochs(self.task, self.model, self.optimizer, self.scheduler, payload.tensors, self.ppo,
-                               self.cfg.seed, _step(payload), self.cfg.settings.optim.grad_clip, self.rt)
-        return {("value_loss" if key == "loss" else f"critic_{key}"): value for key, value in metrics.items()}
+                               self.cfg.seed, step, self.cfg.settings.optim.grad_clip, self.rt)
+        metrics = {("value_loss" if key == "loss" else f"critic_{key}"): value for key, value in metrics.items()}
+        if bad := [key for key, value in metrics.items() if not math.isfinite(value)]:
+            resume_schedule(self.scheduler, schedule)
+            raise NonFiniteAnswer(f"critic /train computed a NaN or infinite {', '.join(bad)} at step {step}; its "
+                                  "steps with a non-finite loss were skipped and its schedule and step are as before")
+        return metrics
 
     def save(self, step: int) -> Path:
         """The critic's checkpoint of the actor's iteration `step`. Non-finite weights fail the
@@ -212,9 +241,9 @@ def _critic(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage
 
     def train(payload: Payload) -> Payload:
         check_sequences(payload, critic.meta.model.vocab_size, critic.meta.model.max_seq_len, CRITIC_LIMIT)
-        metrics = critic.train(payload)
+        metrics = critic.train(payload)  # checks the request first, and its own result
         _count(usage, payload)
-        service.step = payload.meta["step"] + 1  # checked by critic.train
+        service.step = payload.meta["step"] + 1
         return Payload(meta={"step": service.step, **metrics})
 
     def save(payload: Payload) -> Payload:

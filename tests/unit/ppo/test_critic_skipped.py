@@ -5,6 +5,7 @@ failure would leave the others waiting in a collective)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,13 +17,15 @@ from offline_rlhf.config.schema import ParallelConfig
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.parallel.distributed import detect_env, device_for
 from offline_rlhf.parallel.parallelize import build_mesh
-from offline_rlhf.train.loop import TrainingFailed
+from offline_rlhf.train.loop import TrainingFailed, train_step
 from ppo_baseline.config import PPOAlgorithmConfig
-from ppo_baseline.models import TRAINED, VALUES
+from ppo_baseline.models import TRAINED, VALUES, shifted_values
+from ppo_baseline.services import value_task
 from ppo_baseline.stage import SKIPPED, check_learned, count_from_main
 from ppo_baseline.wire import Payload
 from tests.distributed.launch import run_distributed
 from tests.fixtures import TINY, reference_model, runtime_for
+from tests.synthetic_preferences import MODEL
 from tests.unit.ppo.tiny_models import PPO, Running, rollout, service_config, write_skipping_critic
 
 # Two iterations of the tiny PPO's 2 critic steps each: more than half skipped fails the run.
@@ -75,3 +78,24 @@ def _decide_in_world(rank: int, world_size: int, answered: float) -> str:
 def test_every_rank_fails_alike_on_the_critics_skipped_steps(tmp_path):
     assert run_distributed(_decide_in_world, 2, tmp_path, float(STEPS_PER_ITERATION)) == [CRITIC_FAILED] * 2
     assert run_distributed(_decide_in_world, 2, tmp_path, 1.0) == ["", ""]  # half the steps may be skipped
+
+
+def test_a_step_whose_value_loss_overflows_is_skipped_though_its_gradient_is_finite(tmp_path):
+    """Where the clipped error wins its gradient is 0, so an old value of 1e20 makes the loss
+    infinite and leaves the gradient finite: train_step took that step before."""
+    model = reference_model(MODEL, "value", seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = rollout(rows=4)
+    with torch.no_grad():
+        values = shifted_values(model(batch["tokens"]))
+    old_values = values.clone()
+    old_values[0, 3] = 1e20  # position 3: every row's first response token
+    data = {**batch, "returns": torch.where(batch["mask"], values + 1.0, 0.0), "old_values": old_values}
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, MODEL), None, tmp_path)
+    metrics, _ = train_step(value_task(0.2), model, optimizer, [data], rt, grad_clip=1.0)
+    assert metrics["loss"] == math.inf and metrics["skipped_step"] == 1
+    assert all(torch.equal(now, then) for now, then in zip(model.parameters(), before))
+    metrics, _ = train_step(value_task(0.2), model, optimizer, [{**data, "old_values": values}], rt, grad_clip=1.0)
+    assert math.isfinite(metrics["loss"]) and metrics["skipped_step"] == 0  # the same batch, bounded, trains
+    assert not all(torch.equal(now, then) for now, then in zip(model.parameters(), before))

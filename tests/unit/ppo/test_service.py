@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from ppo_baseline.service import Client, Service, ServiceError, read_token, write_token
+from ppo_baseline.service import Client, Service, ServiceError, health_proof, read_token, write_token
 from ppo_baseline.wire import Payload, Schema, TensorSpec, encode
 
 TOKEN = "test-token"
@@ -35,7 +35,7 @@ class Running:
     """A started service whose calls are served by a background thread, as a main thread would."""
 
     def __init__(self):
-        self.service = Service("critic", TOKEN, port=0, max_body_bytes=MAX_BODY, model="tiny")
+        self.service = Service("critic", TOKEN, port=0, max_body_bytes=MAX_BODY)
         self.handler_threads = []
         for name, handler in {"double": double, "fail": fail, "reject": reject}.items():
             self.service.route(name, self._recording(handler), IN)
@@ -93,9 +93,15 @@ def test_port_zero_reports_the_bound_port(running):
     assert running.service.url == f"http://127.0.0.1:{running.service.port}"
 
 
-def test_health_needs_no_token_and_reports_the_model(running):
-    running.service.step = 12
-    assert running.http.get("/health").json() == {"name": "critic", "model": "tiny", "step": 12, "ready": True}
+def test_health_needs_no_token_and_tells_only_the_name_readiness_and_a_proof_of_the_token(running):
+    running.service.step = 12  # the weights' path and the training step are nobody's business
+    assert running.http.get("/health").json() == {"name": "critic", "ready": True}
+    nonce = "0123456789abcdef"
+    assert running.http.get("/health", params={"nonce": nonce}).json() == {
+        "name": "critic", "ready": True, "proof": health_proof(TOKEN, "critic", nonce)}
+    for bad in ("short", "x" * 129, "not/url-safe-0123456789"):
+        response = running.http.get("/health", params={"nonce": bad})
+        assert (response.status_code, response.text) == (400, "nonce must match [A-Za-z0-9_-]{16,128}")
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token", TOKEN + "x"])

@@ -1,7 +1,9 @@
 """The PPO services over real HTTP on 127.0.0.1 refuse NaN or infinite numbers: in a
 request with a 400 naming the field, in what they compute with a 500 naming it (the actor's
-client then stops with that message); and the critic's save, load and train take only a
-step that is a non-negative integer below MAX_STEP."""
+client then stops with that message); the critic's save, load and train take only a step
+that is a non-negative integer below MAX_STEP, and its train only returns and old values of
+magnitude up to MAX_TARGET; a refused or failed training request changes nothing of the
+critic's step, weights or schedule."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from offline_rlhf.checkpoint import REWARD_STATS, CheckpointMeta, TrainState, sa
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ParallelConfig
 from offline_rlhf.parallel.dims import ParallelDims
+from ppo_baseline.config import ServiceOptimConfig
 from ppo_baseline.models import SAVED, SCORES, STEP, TRAINED, VALUES
-from ppo_baseline.service import ServiceError
-from ppo_baseline.services import MAX_STEP, build_service
+from ppo_baseline.service import NonFiniteAnswer, ServiceError
+from ppo_baseline.services import MAX_STEP, MAX_TARGET, Critic, build_service
 from ppo_baseline.wire import Payload, encode
 from tests.fixtures import reference_model, runtime_for
 from tests.synthetic_preferences import MODEL
@@ -76,7 +79,7 @@ def test_a_non_finite_tensor_in_a_request_is_a_400_naming_it(start, field, value
     assert response.status_code == 400, response.text
     assert response.text == f"ValueError: NaN or infinite values in the request's tensor {field!r}"
     torch.testing.assert_close(critic.client.call("values", Payload(batch), VALUES).tensors["values"], before)
-    assert critic.client.health()["step"] == 0  # nothing trained
+    assert critic.service.step == 0  # nothing trained
 
 
 def test_a_non_finite_metadata_number_in_a_request_is_a_400_naming_it(start):
@@ -87,17 +90,46 @@ def test_a_non_finite_metadata_number_in_a_request_is_a_400_naming_it(start):
                                                            "metadata 'scale'")
 
 
-def test_a_loss_that_overflows_is_a_500_naming_it_and_the_critic_keeps_its_weights(start):
+@pytest.mark.parametrize("field,value", [("returns", 1e30), ("returns", -2e6), ("old_values", 1e7)])
+def test_returns_or_old_values_beyond_the_bound_are_a_400_that_changes_nothing(start, field, value):
+    """1e30 is finite, its square is not: the critic answered 500 after its step had moved."""
     critic = start("critic")
     batch = rollout(rows=8)
-    before = critic.client.call("values", Payload(batch), VALUES).tensors["values"]
-    huge = train_payload(critic, batch, returns=torch.full((8, 12), 1e30))  # finite, its square is not
-    with pytest.raises(ServiceError, match=r"^critic service at http://127.0.0.1:\d+/train: HTTP 500: "
-                                           r"NonFiniteAnswer: critic /train computed NaN or infinite values in its "
-                                           r"answer's metadata 'value_loss'"):
-        critic.client.call("train", huge, TRAINED)
-    torch.testing.assert_close(critic.client.call("values", Payload(batch), VALUES).tensors["values"], before)
-    assert critic.client.call("train", train_payload(critic, batch), TRAINED).meta["value_loss"] > 0  # still serving
+    good = train_payload(critic, batch)
+    bad = good.tensors[field].clone()
+    bad[2, 3] = value
+    response = post(critic, "train", Payload({**good.tensors, field: bad}, good.meta))
+    assert (response.status_code, response.text) == (400, f"ValueError: tensor {field!r} holds a value of magnitude "
+                                                           f"{abs(value):.3g}; the critic takes |{field}| <= 1e+06")
+    assert critic.service.step == 0
+    torch.testing.assert_close(critic.client.call("values", Payload(batch), VALUES).tensors["values"],
+                               good.tensors["old_values"], atol=0, rtol=0)
+    at_bound = good.tensors[field].clone()
+    at_bound[2, 3] = math.copysign(MAX_TARGET, value)
+    trained = critic.client.call("train", Payload({**good.tensors, field: at_bound}, good.meta), TRAINED)
+    assert trained.meta["step"] == 1 and trained.meta["critic_skipped_steps"] == 0
+
+
+def test_a_critic_whose_training_goes_non_finite_answers_500_and_its_step_stays(start, tmp_path, rm_tokenizer_dir):
+    critic = start("critic", rm=nan_reward_model(tmp_path, rm_tokenizer_dir))
+    zeros = torch.zeros(8, 12)
+    response = post(critic, "train", Payload({**rollout(rows=8), "returns": zeros, "old_values": zeros}, {"step": 0}))
+    assert (response.status_code, response.text) == (
+        500, "NonFiniteAnswer: critic /train computed a NaN or infinite value_loss at step 0; its steps with a "
+             "non-finite loss were skipped and its schedule and step are as before")
+    assert critic.service.step == 0
+
+
+def test_a_failed_update_puts_the_critics_schedule_back(tmp_path, rm_tokenizer_dir):
+    rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, MODEL), None, tmp_path / "local")
+    moving = ServiceOptimConfig(lr=1e-3, schedule="cosine", warmup_steps=3)  # every step changes the rate
+    local = Critic(service_config("critic", tmp_path, nan_reward_model(tmp_path, rm_tokenizer_dir), optim=moving), rt)
+    schedule, rates = local.scheduler.state_dict(), [group["lr"] for group in local.optimizer.param_groups]
+    zeros = torch.zeros(8, 12)
+    with pytest.raises(NonFiniteAnswer, match="value_loss at step 3"):
+        local.train(Payload({**rollout(rows=8), "returns": zeros, "old_values": zeros}, {"step": 3}))
+    assert local.scheduler.state_dict() == schedule
+    assert [group["lr"] for group in local.optimizer.param_groups] == rates
 
 
 def test_non_finite_values_from_a_diverged_critic_are_a_500_naming_them(start, tmp_path, rm_tokenizer_dir):
@@ -138,7 +170,7 @@ def test_save_and_load_take_only_a_non_negative_integer_step(start, tmp_path, st
     assert not root.exists() or not list(root.iterdir())  # no step folder was written
     train = train_payload(critic, rollout(rows=8), step=step)
     assert post(critic, "train", train).status_code == 400
-    assert critic.client.health()["step"] == 0
+    assert critic.service.step == 0
 
 
 def test_a_valid_step_still_saves_and_loads(start, tmp_path):
