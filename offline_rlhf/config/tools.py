@@ -31,7 +31,7 @@ class TaskConfig(Frozen):
 
     run_dir: str = "runs/demo"  # the run folder; the task goes to run_dir/task/
     seed: int = 0  # seeds every sampled record
-    n_sft: int = 2000  # demonstrations (prompt, good answer) for SFT
+    n_sft: int = 2000  # SFT demonstrations (prompt, answer): good_fraction good, the rest flawed
     n_preferences: int = 2000  # preference pairs for the reward model
     n_gen_prompts: int = 600  # prompts for generation
     n_eval_prompts: int = 200  # held-out prompts for evaluation
