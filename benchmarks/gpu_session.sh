@@ -14,7 +14,7 @@
 # projections; `autotune` with all of inductor's kernel tuning (several minutes of
 # compilation). A device session has 15 minutes, a machine's start included: one call
 # `tests generation variants` took 590 s on an H100 (its FlexAttention variant cut off).
-# Next: `tests generation` (about 5 minutes), then `profile unfused realistic`.
+# Next: `tests generation` (about 5 minutes), then `profile unfused realistic`, then `training`.
 #
 # benchmarks/gpu_prepare.sh makes what it needs here first: the packages the GPU image lacks
 # (hydra-core, omegaconf, antlr4, starlette, uvicorn) as wheels in .whl/, installed to
