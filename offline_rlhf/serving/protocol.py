@@ -100,7 +100,7 @@ def parse_body(body: bytes) -> dict:
     """The request's JSON object; NaN and Infinity are refused (they are not JSON)."""
     try:
         value = json.loads(body, parse_constant=_no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, and an integer over Python's 4300 digits
         raise APIError(f"the body is not valid JSON: {error}") from None
     except RecursionError:
         raise APIError("the body nests too deeply") from None

@@ -7,11 +7,15 @@ loop: a large prompt does not stall other streams) and measured against the mode
 max_seq_len here, and it is queued as one Job for the engine thread (batcher.py); the
 answer is decoded here once the job ran, or, streamed (`stream: true`), told as its tokens
 come (stream.py). Errors are JSON in OpenAI's shape: 400 a bad request, 401 a missing or
-wrong key, 404 an unknown model or route, 413 a body over the cap, 500 a failed batch (the
-server goes on), 503 shutting down. A streamed request gets these too, up to its batch's
-first token; a batch that fails after that ends its stream with an error event. A client
-that disconnects gives its request up: queued, it never runs; running, its rows end at the
-engine's next cancellation poll and free their slots.
+wrong key, 404 an unknown model or route, 413 a body over the cap, 415 a POST body not
+declared JSON, 500 a failed batch (the server goes on; the answer names an error id, the
+log has the details under it), 503 shutting down. Without an API key the server answers
+only requests naming a loopback Host (400 otherwise), and the 415 also applies with one:
+together they keep a web page the user visits from driving it (see `_refusal`). A
+streamed request gets these too, up to its batch's first token; a batch that fails after
+that ends its stream with an error event. A client that disconnects gives its request
+up: queued, it never runs; running, its rows end at the engine's next cancellation poll
+and free their slots.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from offline_rlhf.config.serving import ServeConfig
+from offline_rlhf.config.serving import ServeConfig, is_loopback
 from offline_rlhf.generation.engine import Completion, answer_text, cut_at_stop
-from offline_rlhf.http import authorized, bearer, json_error, read_capped_body
+from offline_rlhf.http import authorized, bearer, internal_error, json_error, read_capped_body
 from offline_rlhf.serving.batcher import Batcher, Job, ServerStopping
 from offline_rlhf.serving.model import ServedModel
 from offline_rlhf.serving.protocol import (
@@ -54,6 +58,7 @@ from offline_rlhf.serving.stream import StreamedAnswer, TextDeltas, TokenEvents
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's status for a request its client gave up (nobody receives it)
+JSON = "application/json"  # the one media type a POST body may have
 
 
 class ClientGone(Exception):
@@ -72,15 +77,17 @@ class OpenAIServer:
                    Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
                    Route("/v1/models", self._guard(self.models), methods=["GET"]),
                    Route("/v1/models/{model:path}", self._guard(self.model), methods=["GET"])]
-        return Starlette(routes=[Route("/health", self.health, methods=["GET"]), *guarded],
+        return Starlette(routes=[Route("/health", self._guard(self.health, keyed=False), methods=["GET"]), *guarded],
                          exception_handlers={HTTPException: no_route})
 
-    def _guard(self, endpoint: Endpoint) -> Endpoint:
-        """The API key check first, and APIError raised anywhere below as its JSON answer."""
+    def _guard(self, endpoint: Endpoint, keyed: bool = True) -> Endpoint:
+        """The checks of `_refusal` first (the key's when `keyed`), and APIError raised
+        anywhere below as its JSON answer; any other exception is a 500 that names an error
+        id, not the exception, whose text may tell a client about the server."""
         async def guarded(request: Request) -> Response:
-            if self._expected is not None and not authorized(request, self._expected):
-                return json_error(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key",
-                                  headers={"WWW-Authenticate": "Bearer"})
+            refused = self._refusal(request, keyed)
+            if refused is not None:
+                return refused
             try:
                 return await endpoint(request)
             except ClientGone:
@@ -88,9 +95,28 @@ class OpenAIServer:
             except APIError as error:
                 return json_error(error.status, str(error), error.kind, error.param, error.code)
             except Exception as error:  # noqa: BLE001 - a failed batch or a bug: this request's 500, not the server's end
-                log.error("%s %s failed", request.method, request.url.path, exc_info=error)
-                return json_error(500, f"{type(error).__name__}: {error}", "server_error")
+                return json_error(500, internal_error(log, f"{request.method} {request.url.path}", error),
+                                  "server_error")
         return guarded
+
+    def _refusal(self, request: Request, keyed: bool) -> Response | None:
+        """The answer to a request refused before its handler runs, None if it is not. A web
+        page the user visits can send requests to a server on the user's machine: a keyless
+        one checks the Host, which names the page's site even after DNS rebinding points
+        that name at 127.0.0.1, and no POST is taken unless its body is declared JSON, which
+        a browser sends cross-site only after a CORS preflight that this server does not
+        answer (text/plain, form and multipart bodies are sent without asking)."""
+        if self._expected is None and not loopback_host(request.headers.get("host", "")):
+            return json_error(400, f"Host {request.headers.get('host', '')!r} is not a loopback name: a server without "
+                              "an API key answers only requests to 127.0.0.1, localhost or [::1]", code="invalid_host")
+        if keyed and self._expected is not None and not authorized(request, self._expected):
+            return json_error(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key",
+                              headers={"WWW-Authenticate": "Bearer"})
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and content_type.partition(";")[0].strip().lower() != JSON:
+            return json_error(415, f"the body must be JSON, sent with Content-Type: {JSON} (got {content_type!r})",
+                              code="unsupported_media_type")
+        return None
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.served.name, "ready": self.batcher.serving.is_set()})
@@ -236,6 +262,17 @@ def completion_text(completion: Completion, decode: Callable[[list[int]], str], 
     (unlike chat answers, where the template's separator precedes the answer)."""
     tokens = completion.tokens[:-1] if completion.finish == "eos" else completion.tokens
     return cut_at_stop(decode(tokens), stop)
+
+
+def loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine by a loopback name: localhost, 127.x.x.x
+    or [::1], with or without a port."""
+    name = host.lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif ":" in name:
+        name = name.rpartition(":")[0]
+    return is_loopback(name)
 
 
 async def no_route(request: Request, error: HTTPException) -> Response:

@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 
 from offline_rlhf.generation.engine import Completion
-from offline_rlhf.http import one_line
+from offline_rlhf.http import internal_error
 from offline_rlhf.serving.protocol import Choice, chat_chunk, completion_chunk, openai_finish, stream_error, usage_chunk
 
 DONE = b"data: [DONE]\n\n"
 INCOMPLETE = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 Event = tuple[int, int, str] | Future  # (row, its new token, its finish), or the job's future once done
+log = logging.getLogger(__name__)
 
 
 def sse(chunk: dict) -> bytes:
@@ -182,8 +184,8 @@ class StreamedAnswer:
 
     async def body(self, events: TokenEvents, first: list[Event]) -> AsyncIterator[bytes]:
         """The events from the job's first (already taken) on. A batch that fails now ends
-        the stream with an error event; the stream stopping early (the client left)
-        closes `events`."""
+        the stream with an error event (naming an error id, as a 500 does); the stream
+        stopping early (the client left) closes `events`."""
         try:
             for chunk in self.opening():
                 yield sse(chunk)
@@ -191,7 +193,7 @@ class StreamedAnswer:
             while pending:
                 failed = self.apply(batch, pending)
                 if failed is not None:
-                    yield sse(stream_error(one_line(f"{type(failed).__name__}: {failed}")))
+                    yield sse(stream_error(internal_error(log, "a streamed answer", failed)))
                     break
                 for row in sorted(pending):
                     text, finish = self.texts[row].take(), self.texts[row].completion.finish

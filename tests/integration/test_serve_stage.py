@@ -118,7 +118,7 @@ def test_served_greedy_answers_are_orlhf_evals_and_sigterm_ends_the_server(check
             with pytest.raises(openai.AuthenticationError):
                 client.models.list()
         bad = httpx.post(f"{server.url}/v1/completions", content=b"{not json", timeout=30,
-                         headers={"Authorization": f"Bearer {KEY}"})
+                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
         assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
         assert chat_answers(server.url, "sft", KEY) == expected["sft"]  # and it goes on serving
         assert chat_answers(server.url, "sft", KEY, stream=True) == expected["sft"]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from offline_rlhf.http import (
@@ -19,6 +25,7 @@ from offline_rlhf.http import (
     json_error,
     listen,
     one_line,
+    open_file_limit,
     read_capped_body,
     read_token,
     write_token,
@@ -98,3 +105,186 @@ def test_token_files_are_private_and_checked(tmp_path):
     os.chmod(path, 0o600)
     with pytest.raises(ValueError, match="empty"):
         read_token(path)
+
+
+
+# --- slow and idle clients: the header deadline and the connection cap ---------------------
+
+DEADLINE_S = 1.0
+SLOW_S = 2.0  # a handler slower than the deadline
+
+
+async def fast(request: Request):
+    return PlainTextResponse("ok")
+
+
+async def slow(request: Request):
+    await asyncio.sleep(SLOW_S)
+    return PlainTextResponse("slow ok")
+
+
+def guarded(**limits):
+    return listen(Starlette(routes=[Route("/", fast), Route("/slow", slow)]), "127.0.0.1", 0, "guard-test", **limits)
+
+
+def ask(sock: socket.socket, path: str = "/") -> bytes:
+    """One HTTP/1.1 request on an open connection (kept alive) and its answer's body."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return answer_body(sock)
+
+
+def answer_body(sock: socket.socket) -> bytes:
+    """The body of the next answer on `sock` (its head and body may come in several reads)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < length(data):
+        chunk = sock.recv(4096)
+        assert chunk, f"the server closed the connection; got {data!r}"
+        data += chunk
+    return data.partition(b"\r\n\r\n")[2]
+
+
+def length(answer: bytes) -> int:
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    return int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+
+
+def closed_within(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the server closes `sock` within timeout_s (it sends nothing before)."""
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def open_connections(server) -> int:
+    return len(server.server.server_state.connections)
+
+
+def wait_for(condition, timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_connections_that_do_not_send_a_requests_headers_in_time_are_closed_but_slow_handlers_answer():
+    server = guarded(header_timeout_s=DEADLINE_S)
+    try:
+        silent = socket.create_connection(("127.0.0.1", server.port))
+        half = socket.create_connection(("127.0.0.1", server.port))
+        half.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        with socket.create_connection(("127.0.0.1", server.port)) as kept:
+            assert ask(kept) == b"ok"
+            assert ask(kept, "/slow") == b"slow ok"  # the handler took longer than the deadline
+            time.sleep(DEADLINE_S / 2)
+            assert ask(kept) == b"ok"  # the same connection, kept alive, within the deadline
+            kept.sendall(b"GET / HTTP/1.1\r\n")  # after an answer, the next request's headers trickle in
+            for _ in range(3):
+                time.sleep(DEADLINE_S / 2)
+                try:
+                    kept.sendall(b"X-Trickle: 1\r\n")
+                except OSError:
+                    break
+            assert closed_within(kept, DEADLINE_S)
+        # silent and half were closed at their deadline, long before this
+        assert closed_within(silent, 0.1) and closed_within(half, 0.1)
+        assert wait_for(lambda: open_connections(server) == 0)
+    finally:
+        server.stop()
+
+
+def test_a_connection_is_not_closed_before_its_deadline():
+    server = guarded(header_timeout_s=3 * DEADLINE_S)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            assert not closed_within(sock, 2 * DEADLINE_S)
+            sock.sendall(b"Host: 127.0.0.1\r\n\r\n")  # completed in time: answered
+            assert answer_body(sock) == b"ok"
+    finally:
+        server.stop()
+
+
+def test_over_the_cap_the_longest_idle_connection_makes_room_and_when_all_are_answering_a_new_one_is_closed():
+    cap = 4
+    server = guarded(max_connections=cap, header_timeout_s=30)
+    try:
+        idle = []
+        for _ in range(cap):
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+            assert wait_for(lambda: open_connections(server) == len(idle))
+        assert httpx.get(f"{server.url}/", timeout=5).text == "ok"  # answered at the cap
+        assert closed_within(idle[0], 1.0)  # the longest idle one made room
+        assert not any(closed_within(sock, 0.05) for sock in idle[1:])
+        answers = []
+        busy = [threading.Thread(target=lambda: answers.append(httpx.get(f"{server.url}/slow", timeout=10).text))
+                for _ in range(cap)]
+        for thread in busy:
+            thread.start()
+        assert all(closed_within(sock, 1.0) for sock in idle[1:])  # each made room for a request
+        assert wait_for(lambda: open_connections(server) == cap and not any(
+            c.waiting() for c in server.server.server_state.connections))  # the slow requests' headers are in
+        with socket.create_connection(("127.0.0.1", server.port)) as refused:
+            assert closed_within(refused, 1.0)  # every open connection is being answered
+        for thread in busy:
+            thread.join(10)
+        assert answers == ["slow ok"] * cap
+        assert httpx.get(f"{server.url}/", timeout=5).text == "ok"
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+
+
+def test_the_cap_stays_below_the_open_file_limit():
+    server = guarded(max_connections=10**9)
+    try:
+        assert server.server.guard.max_connections == open_file_limit() // 2
+    finally:
+        server.stop()
+
+
+# A server process left a few file descriptors: connections beyond them fail to be accepted.
+OUT_OF_FILES = textwrap.dedent("""
+    import logging, os, resource, sys
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from offline_rlhf.http import listen
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    async def fast(request):
+        return PlainTextResponse("ok")
+    server = listen(Starlette(routes=[Route("/", fast)]), "127.0.0.1", 0, "fd-test", header_timeout_s=60)
+    hog = []
+    try:
+        while True:
+            hog.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    for fd in hog[:10]:
+        os.close(fd)
+    print(server.port, flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_running_out_of_file_descriptors_is_logged_once_not_per_attempt():
+    child = subprocess.Popen([sys.executable, "-c", OUT_OF_FILES], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]  # the kernel queues them
+        time.sleep(3)  # asyncio retries the accept every second
+        for sock in held:
+            sock.close()
+        answer = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)  # the connections gone, it accepts again
+        assert answer.text == "ok"
+    finally:
+        _, stderr = child.communicate("", timeout=30)
+    failures = [line for line in stderr.splitlines() if "cannot accept connections" in line]
+    assert len(failures) == 1 and "Too many open files" in failures[0], stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]

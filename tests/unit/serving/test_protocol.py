@@ -134,9 +134,11 @@ def test_completion_prompts_are_text_and_bounded():
 
 
 DEEP = b'{"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}"
+HUGE_INT = b'{"seed": ' + b"9" * 5000 + b"}"  # Python refuses to convert integers over 4300 digits (a ValueError)
 
 
-@pytest.mark.parametrize("body", [b"{", b"[1]", b'"x"', b"\xff", b'{"a": Infinity}', DEEP, b'{"a": "\\ud800"}'])
+@pytest.mark.parametrize("body", [b"{", b"[1]", b'"x"', b"\xff", b'{"a": Infinity}', DEEP, b'{"a": "\\ud800"}',
+                                  HUGE_INT])
 def test_a_body_must_be_a_json_object(body):
     with pytest.raises(APIError):
         parse_body(body)

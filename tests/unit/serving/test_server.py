@@ -170,6 +170,52 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_goes_on(server, client,
     assert answer.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("content_type, status", [
+    ("application/json", 200), ("application/json; charset=utf-8", 200), ("Application/JSON", 200),
+    ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("multipart/form-data; boundary=x", 415),
+    ("application/jsonx", 415), (None, 415),
+])
+def test_a_post_must_say_its_body_is_json(server, content_type, status):
+    """Browsers send text/plain, form and multipart bodies cross-site without asking (no
+    CORS preflight): refusing them keeps a web page from driving a keyless local server."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps(CHAT).encode(), headers=headers,
+                          timeout=30)
+    assert response.status_code == status, response.text
+    if status == 415:
+        assert response.json()["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("host, status", [
+    ("127.0.0.1", 200), ("127.0.0.1:8000", 200), ("localhost:8000", 200), ("LOCALHOST", 200), ("[::1]:8000", 200),
+    ("[::1]", 200), ("127.0.0.2:80", 200), ("evil.example", 400), ("evil.example:8000", 400),
+    ("127.0.0.1.evil.example", 400), ("localhost.evil.example:80", 400), ("[::2]:80", 400), ("", 400),
+])
+def test_without_an_api_key_only_loopback_host_names_are_answered(server, host, status):
+    """DNS rebinding: a page on evil.example re-points its name at 127.0.0.1 and reads the
+    answers as same-origin; the request still says Host: evil.example."""
+    for path, method, body in (("/v1/chat/completions", "POST", CHAT), ("/v1/models", "GET", b""),
+                               ("/health", "GET", b"")):
+        response = raw(server, path, body, {"Host": host}, method=method)
+        assert response.status_code == status, (path, response.text)
+        if status == 400:
+            assert response.json()["error"]["code"] == "invalid_host"
+
+
+def test_an_integer_too_long_for_python_is_a_bad_request(checkpoint, tmp_path):
+    """Python refuses to convert integers of over 4300 digits (a ValueError that is no
+    JSONDecodeError): a 400, not a 500 (the module's server caps bodies below that size)."""
+    roomy = InProcess(checkpoint, tmp_path / "serve", max_body_kb=16)
+    try:
+        body = json.dumps(CHAT).encode()[:-1] + b', "seed": 1' + b"0" * 5000 + b"}"
+        response = raw(roomy, "/v1/chat/completions", body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"].startswith("the body is not valid JSON")
+        assert raw(roomy, "/v1/chat/completions", CHAT).status_code == 200
+    finally:
+        roomy.close()
+
+
 def test_a_prompt_over_the_context_is_the_messages_fault_and_a_budget_over_the_room_max_tokens(server):
     long = {**CHAT, "messages": [{"role": "user", "content": "apple " * 100}]}
     del long["max_tokens"]
@@ -239,6 +285,11 @@ def test_an_api_key_is_required_when_configured(checkpoint, tmp_path, monkeypatc
                 assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
         assert raw(keyed, "/v1/models", b"", {}, method="GET").status_code == 401
         assert raw(keyed, "/health", b"", method="GET").status_code == 200  # probes need no key
+        assert raw(keyed, "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {KEY}", "Host": "api.example:443"}
+                   ).status_code == 200  # with a key, any Host name
+        plain = {"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"}
+        assert raw(keyed, "/v1/chat/completions", CHAT, plain).status_code == 415
+        assert raw(keyed, "/v1/chat/completions", CHAT, {"Content-Type": "text/plain"}).status_code == 401
         with openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=KEY, max_retries=0) as client:
             assert client.chat.completions.create(model=NAME, messages=CHAT["messages"], max_tokens=2).choices
     finally:
@@ -565,7 +616,7 @@ def test_without_join_running_a_request_arriving_while_a_batch_runs_waits_for_it
         held.close()
 
 
-def test_a_batch_failing_mid_stream_ends_it_with_an_error_event(server):
+def test_a_batch_failing_mid_stream_ends_it_with_an_error_event(server, caplog):
     """The model fails at the first decode step (a forward hook raises, as a lost device
     would), after the job's first token was told: the status was sent, so the stream ends
     with an error event and [DONE]; the server goes on."""
@@ -586,5 +637,30 @@ def test_a_batch_failing_mid_stream_ends_it_with_an_error_event(server):
         hook.remove()
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2][len("data: "):])["error"]
-    assert error["message"] == "RuntimeError: device lost" and error["type"] == "server_error"
+    assert error["type"] == "server_error"
+    assert_logged_not_told(error["message"], caplog)
     assert choices_of(stream_chunks(server, "/v1/chat/completions", CHAT_ASK), chat=True)[0][1] in ("stop", "length")
+
+
+def assert_logged_not_told(message: str, caplog) -> None:
+    """A 500's message names an error id and nothing of the exception; the log has the
+    exception, with its traceback, under that id."""
+    told = r"internal server error \(error id ([0-9a-f]{12}); the server's log has the details\)"
+    match = re.fullmatch(told, message)
+    assert match, message
+    [record] = [r for r in caplog.records if match.group(1) in r.getMessage()]
+    assert record.exc_info and str(record.exc_info[1]) == "device lost"
+
+
+def test_a_failed_batch_is_a_500_naming_an_error_id_that_the_log_explains(server, caplog):
+    def fail(module, args):
+        raise RuntimeError("device lost")
+
+    hook = server.served.model.register_forward_pre_hook(fail)
+    try:
+        response = raw(server, "/v1/chat/completions", CHAT)
+    finally:
+        hook.remove()
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert_logged_not_told(response.json()["error"]["message"], caplog)
+    assert raw(server, "/v1/chat/completions", CHAT).status_code == 200  # the server goes on
