@@ -36,7 +36,7 @@ class JudgeEndpointConfig(Frozen):
     temperature: float = 0.0  # the judge's sampling temperature (0: deterministic)
     max_tokens: int = 2048  # longest judgment
     concurrency: int = 4  # requests in flight at once
-    timeout_s: float = 120.0  # per connect / read of one request; a timeout is retried
+    timeout_s: float = 120.0  # one request, from connecting to its reply's last byte; a timeout is retried
     max_retries: int = 6  # per request, on HTTP 429, 5xx, timeouts and failed connections
     backoff_s: float = 2.0  # first retry delay, doubled on each further retry (or the server's Retry-After)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -175,3 +176,21 @@ def test_a_refusal_that_echoes_the_key_does_not_print_it(inputs, raw_judge, key)
     one_line_error(done, r"orlhf judge: error: judge.api_key_env: .* answered HTTP 401: .*bad key Bearer "
                          r"\[key redacted\]")
     assert key not in done.stderr and json.dumps(key)[1:-1] not in done.stderr
+
+
+
+def dripping(request: dict):
+    """A well-formed reply a byte every 50 ms (about 6 s in all): no single read waits long."""
+    _, headers, (body,) = chat("Rating: [[5]]")
+    return 200, headers, (time.sleep(0.05) or body[i:i + 1] for i in range(len(body)))
+
+
+def test_a_reply_dripped_a_byte_at_a_time_times_out_as_a_whole(inputs, raw_judge):
+    """Was: judge.timeout_s bounded each read, so a dripping server held a call for as long
+    as it liked."""
+    url, _ = raw_judge(dripping)
+    started = time.monotonic()
+    done = run_judge(inputs, url, "judge.max_retries=1", "judge.concurrency=1")
+    one_line_error(done, rf"orlhf judge: error: judge.max_retries: {url}/chat/completions: no answer within "
+                         r"judge.timeout_s=0.5s on all 2 tries")
+    assert time.monotonic() - started < 30

@@ -106,8 +106,10 @@ class JudgeClient:
         """One request: (the reply, None), or (why it failed, seconds to wait) when retrying
         can help. Raises ConfigError when it cannot."""
         try:
-            answer = await self._post(body)
-        except httpx.TimeoutException:
+            # The whole request, not just each read: a server dripping a byte at a time never
+            # lets a read time out.
+            answer = await asyncio.wait_for(self._post(body), self.cfg.timeout_s)
+        except (httpx.TimeoutException, TimeoutError):
             return f"no answer within judge.timeout_s={self.cfg.timeout_s:g}s", None
         except httpx.TransportError as exc:  # DNS, TLS, refused, proxy: the cause tells a typo from an outage
             return f"cannot connect ({type(exc).__name__}: {_cause(exc)})", None
