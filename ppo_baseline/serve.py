@@ -106,6 +106,12 @@ def run(cfg: ServiceConfig, token: str) -> int:
 
 
 def main() -> int:
+    missing = [name for name in (CONFIG_ENV, TOKEN_ENV) if not os.environ.get(name)]
+    if missing:  # started by hand: the actor (orlhf ppo) starts its services with both set
+        print(f"python -m ppo_baseline.serve: {' and '.join(missing)} not set: the PPO actor starts its services "
+              "itself; run `orlhf ppo ...` (or `orlhf ppo serve=NAME` in a Slurm job of `orlhf launch`)",
+              file=sys.stderr)
+        return 2
     cfg = ServiceConfig.from_json(Path(os.environ[CONFIG_ENV]).read_text())
     code = run(cfg, read_token(os.environ[TOKEN_ENV]))
     sys.stdout.flush()

@@ -105,3 +105,15 @@ def test_a_service_process_config_is_checked_under_its_name_too():
         ServiceConfig.from_json(good.to_json().replace('"lr": 9e-06', '"lr": -1').replace('"critic"', '"reward"'))
     with pytest.raises(ConfigError, match=r"^services.host: 'a b'"):
         dataclasses.replace(good, host="a b")
+
+
+def test_a_service_started_by_hand_says_who_starts_it(monkeypatch, capsys):
+    """Was: a KeyError traceback for PPO_SERVICE_CONFIG."""
+    from ppo_baseline import serve
+
+    monkeypatch.delenv(serve.CONFIG_ENV, raising=False)
+    monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
+    assert serve.main() == 2
+    assert capsys.readouterr().err == (f"python -m ppo_baseline.serve: {serve.CONFIG_ENV} and {serve.TOKEN_ENV} not "
+                                       "set: the PPO actor starts its services itself; run `orlhf ppo ...` (or "
+                                       "`orlhf ppo serve=NAME` in a Slurm job of `orlhf launch`)\n")
