@@ -25,6 +25,7 @@ import yaml
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.eval.report import PPO, stale_evaluations
 from offline_rlhf.eval.stats import mean_and_stderr
+from offline_rlhf.stage_support import within_run
 
 SFT = "sft"
 REFERENCES = (SFT, PPO)  # every method's paired differences are against these
@@ -328,7 +329,8 @@ def _share_text(summary: dict, model: str) -> str:
 
 def settings_that_differed(dirs: list[tuple[str, Path]]) -> list[dict]:
     """Per stage folder and config key whose resolved value is not the same in every
-    replicate's `<stage>/config.yaml` (the replicate's own run_dir written as `<run_dir>`):
+    replicate's `<stage>/config.yaml` (the replicate's own run_dir written as `${run_dir}`, as
+    the resume fingerprint writes it: `within_run`):
     {"stage", "key", "values": {replicate: value or None where absent}}."""
     configs = {name: {stage.name: _flat_config(stage / CONFIG) for stage in sorted(path.iterdir())
                       if (stage / CONFIG).is_file()} for name, path in dirs}
@@ -351,19 +353,10 @@ def _flat_config(path: Path) -> dict[str, object]:
         raise ConfigError("run_dir", f"{path}:{line}: not valid YAML", "rerun the stage that wrote it") from None
     if not isinstance(config, dict):
         raise ConfigError("run_dir", f"{path}: expected a mapping of config keys", "rerun the stage that wrote it")
-    run_dir = config.get("run_dir") if isinstance(config.get("run_dir"), str) else ""
+    inside = within_run(config.get("run_dir") if isinstance(config.get("run_dir"), str) else None)
     flat: dict[str, object] = {}
     _flatten(config, "", flat)
-    return {key: _own_run_dir(value, run_dir) for key, value in flat.items()}
-
-
-def _own_run_dir(value, run_dir: str):
-    """`value` with the replicate's run_dir, where a path starts with it, written `<run_dir>`."""
-    if not run_dir or not isinstance(value, str):
-        return value
-    if value == run_dir or value.startswith(run_dir.rstrip("/") + "/"):
-        return "<run_dir>" + value[len(run_dir):]
-    return value
+    return {key: inside(value) for key, value in flat.items()}
 
 
 def _flatten(value, prefix: str, into: dict) -> None:
@@ -448,7 +441,7 @@ def _skipped_text(skipped: list[dict]) -> str:
 
 def _differed_table(differed: list[dict], names: list[str]) -> str:
     if not differed:
-        return "None: every stage's config.yaml is the same in every replicate (`<run_dir>` aside)."
+        return "None: every stage's config.yaml is the same in every replicate (`${run_dir}` aside)."
     lines = ["| stage | key | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     return "\n".join(lines + [f"| {d['stage']} | {d['key']} | " + " | ".join(
         "—" if d["values"].get(name) is None else _cell(d["values"][name]) for name in names) + " |" for d in differed])
