@@ -82,7 +82,7 @@ class PPOAlgorithmConfig(Frozen):
     clip: float = 0.2  # PPO's policy-ratio clip range
     value_clip: float = 0.2  # the critic's value clip range
     whiten_advantages: bool = True  # normalize advantages to zero mean, unit variance per batch
-    # policy steps, or critic steps, skipped (non-finite gradient norm) beyond this share of the run fail it
+    # policy steps, or critic steps, skipped (non-finite loss or gradient norm) beyond this share of the run fail it
     max_skipped_fraction: float = 0.5
 
     def __post_init__(self):

@@ -31,7 +31,7 @@ SCORES = Schema({"rewards": TensorSpec(torch.float32, ("B",)), "raw": TensorSpec
 LOGPROBS = Schema({"logprobs": B_T_FLOAT})
 VALUES = Schema({"values": B_T_FLOAT})
 TRAIN = Schema({**SEQUENCES.tensors, "returns": B_T_FLOAT, "old_values": B_T_FLOAT}, meta={"step": int})
-# critic_skipped_steps: its optimizer steps skipped for a non-finite gradient norm (the actor bounds them)
+# critic_skipped_steps: its optimizer steps skipped for a non-finite loss or gradient norm (the actor bounds them)
 TRAINED = Schema({}, meta={"step": int, "value_loss": float, "critic_skipped_steps": (int, float)})
 STEP = Schema({}, meta={"step": int})
 SAVED = Schema({}, meta={"step": int, "path": str})
@@ -134,7 +134,7 @@ def train_epochs(task: Task, model: nn.Module, optimizer, scheduler, data: dict[
     of it in micro-batches (train_step normalizes over the global minibatch, so any DP size
     makes the same step). Returns the metrics averaged over steps (the gradient norm over the
     steps taken: a skipped one's is not finite; absent when none was), and `skipped_steps`:
-    how many were skipped for a non-finite gradient norm (their weights unchanged)."""
+    how many were skipped for a non-finite loss or gradient norm (their weights unchanged)."""
     rows = next(iter(data.values())).shape[0]
     per_rank, rank = cfg.minibatch // rt.dims.dp, rt.dp_rank
     sums: dict[str, float] = {}

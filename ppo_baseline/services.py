@@ -148,11 +148,7 @@ def value_task(clip: float) -> Task:
     normalized by the minibatch's response tokens (all micro-batches and DP ranks)."""
     def loss(model, batch, normalizer):
         values = shifted_values(model(batch["tokens"]))
-        loss, metrics = value_loss(values, batch["old_values"], batch["returns"], batch["mask"], normalizer, clip)
-        # train_step skips a step for a non-finite gradient norm only, but a loss that
-        # overflows may leave a finite gradient (where the clipped error wins, its gradient
-        # is 0): a NaN factor makes that gradient NaN, so the step is skipped, not taken.
-        return loss * torch.where(torch.isfinite(metrics["loss"]), 1.0, math.nan), metrics
+        return value_loss(values, batch["old_values"], batch["returns"], batch["mask"], normalizer, clip)
     return Task(loss=loss, normalizer=lambda b: float(b["mask"].sum()), tokens=lambda b: int(b["lengths"].sum()))
 
 

@@ -98,7 +98,7 @@ PROMPTS = "prompts"  # the resume fingerprint's key for a digest of the prompts'
 # What each service answers, by the key ask_services returns it under: (service, what).
 ANSWERS = {"scores": ("reward", "rewards"), "raw": ("reward", "raw rewards"),
            "ref_logp": ("reference", "log-probs"), "values": ("critic", "values")}
-# The running counts of skipped steps (non-finite gradient norm), each a metric and a key of
+# The running counts of skipped steps (non-finite loss or gradient norm), each a metric and a key of
 # the actor checkpoint's data_position: (whose steps, the learning rate to lower).
 SKIPPED = {"skipped_steps": ("policy", "optim.lr"), "critic_skipped_steps": ("critic", "services.critic.optim.lr")}
 
@@ -305,7 +305,7 @@ def _resume(root: Path, model, optimizer, scheduler, rt: Runtime) -> tuple[int, 
 def check_learned(model, skipped: dict[str, int], done: int, ppo: PPOAlgorithmConfig, steps_per_iteration: int,
                   rt: Runtime) -> None:
     """After each iteration, before its save (the training stages' rule, train/loop.py): a
-    skipped step (non-finite gradient norm) leaves the weights as they were, so a run of
+    skipped step (non-finite loss or gradient norm) leaves the weights as they were, so a run of
     mostly skipped policy steps is the SFT model with a DONE on it, and one of mostly
     skipped critic steps shaped its advantages with an untrained critic's values. `skipped`:
     the running counts (`SKIPPED`), the same on every rank (the critic's is shared by rank 0),
@@ -315,8 +315,8 @@ def check_learned(model, skipped: dict[str, int], done: int, ppo: PPOAlgorithmCo
         if skipped[key] > ppo.max_skipped_fraction * planned:
             raise TrainingFailed("ppo.max_skipped_fraction", f"{skipped[key]} of the {done * steps_per_iteration} "
                                  f"{module} steps so far (of {planned} planned) were skipped for a non-finite "
-                                 f"gradient norm, more than {ppo.max_skipped_fraction:g} of the run, so the {module} "
-                                 "learned little or nothing; no final checkpoint or DONE was written",
+                                 f"loss or gradient norm, more than {ppo.max_skipped_fraction:g} of the run, so the "
+                                 f"{module} learned little or nothing; no final checkpoint or DONE was written",
                                  f"lower {lr} or check the rewards (metrics.jsonl: train/{key})")
     if done == ppo.iterations and not weights_finite(model, rt):
         raise TrainingFailed("optim.lr", "the final policy weights hold NaN or Inf (the optimizer diverged); no "

@@ -266,7 +266,7 @@ class TrainConfig(Frozen):
     keep_last: int = 2  # checkpoints kept on disk (older ones are removed); 0 keeps every one
     log_every: int = 1  # steps between metrics lines
     seed: int = 1234  # seeds initialization, shuffling and the validation split
-    # A step whose gradient norm is not finite is skipped; a run that skipped more than this
+    # A step whose loss or gradient norm is not finite is skipped; a run that skipped more than this
     # share of its steps (or ends with non-finite weights) fails instead of writing DONE.
     max_skipped_fraction: float = 0.5
 

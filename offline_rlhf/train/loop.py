@@ -313,7 +313,7 @@ class TrainingFailed(ConfigError):
 
 
 def check_learned(model: nn.Module, state: TrainState, steps: int, cfg: TrainConfig, rt: Runtime) -> None:
-    """After each step, before its save. A skipped step (non-finite gradient norm) leaves
+    """After each step, before its save. A skipped step (non-finite loss or gradient norm) leaves
     the weights as they were, so a run of mostly skipped steps is the initial model with a
     DONE on it: fail as soon as the share of `steps` is certain to be exceeded. At the last
     step the weights must be finite (collective: it reduces over every rank)."""
@@ -321,7 +321,7 @@ def check_learned(model: nn.Module, state: TrainState, steps: int, cfg: TrainCon
     if skipped > cfg.max_skipped_fraction * steps:
         raise TrainingFailed("train.max_skipped_fraction",
                              f"{skipped} of {state.step} steps (of {steps} planned) were skipped for a non-finite "
-                             f"gradient norm, more than {cfg.max_skipped_fraction:g} of the run, so the model "
+                             f"loss or gradient norm, more than {cfg.max_skipped_fraction:g} of the run, so the model "
                              "learned little or nothing; no final checkpoint or DONE was written",
                              "lower optim.lr or check the data for extreme values (metrics.jsonl: train/skipped_step)")
     if state.step == steps and not weights_finite(model, rt):
@@ -345,7 +345,7 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
     normalizer = max(counted, 1.0)  # an all-filtered batch: zero loss, not NaN
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=rt.device))
-    tokens = 0
+    tokens, step_loss = 0, torch.zeros((), device=rt.device)
     for index, batch in enumerate(batches):
         batch = _to_device(batch, rt.device)
         _set_gradient_sync(model, index == len(batches) - 1)
@@ -353,23 +353,27 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
             loss, metrics = task.loss(model, batch, normalizer)
             # FSDP/DDP average gradients over dp ranks; the loss is already a global mean.
             (loss * rt.dims.dp).backward()
+        step_loss += loss.detach().float()
         for key, value in metrics.items():
             sums[key] += value.float()
         tokens += task.tokens(batch)
+    keys = sorted(sums)
+    # Reduced before the step decision, so every rank skips when any rank's loss is not
+    # finite: a loss that overflows may leave a finite gradient (e.g. where a clipped error
+    # wins, its gradient is 0), which the norm alone would let through.
+    *totals, tokens, step_loss = _dp_sum(rt, [sums[k] for k in keys] + [float(tokens), step_loss])
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
-    finite = bool(torch.isfinite(grad_norm))  # the same on every rank: the norm is global
+    finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))  # global: the same on every rank
     # With nothing to learn from (counted == 0, global), Adam's momentum and weight decay
     # would still move every weight: no step either.
     if finite and counted > 0:
         optimizer.step()
     else:  # one bad batch must not write NaN into every weight; the step is skipped and logged
         optimizer.zero_grad(set_to_none=True)
-    keys = sorted(sums)
-    totals = _dp_sum(rt, [sums[k] for k in keys] + [float(tokens)])
-    metrics = task.reduce(keys, totals[:-1], normalizer)
+    metrics = task.reduce(keys, totals, normalizer)
     metrics["grad_norm"] = float(grad_norm)
     metrics["skipped_step"] = float(not finite)
-    return metrics, int(totals[-1])
+    return metrics, int(tokens)
 
 
 def validation_items(val: Sequence[Any], cfg: TrainConfig) -> list[Any]:

@@ -9,6 +9,7 @@ from offline_rlhf.stages.sft import sft_task
 from offline_rlhf.train.loop import train_step
 from tests.distributed.launch import run_distributed
 from tests.fixtures import parallel_copy, reference_model, runtime_for, sft_sequences
+from tests.unit.train.test_learned_nothing import overflowing
 from tests.unit.train.test_train_invariants import sgd_step
 
 
@@ -38,3 +39,20 @@ def test_train_step_matches_single_process(tmp_path, parallel):
         assert tokens == ref_tokens
         for name, weight in ref_weights.items():
             torch.testing.assert_close(weights[name], weight, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def _step_with_rank_1_overflowing(rank, world_size):
+    model, dims, mesh = parallel_copy(reference_model(), world_size, dp=2)
+    before = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    batches = [collate_sequences([sft_sequences(2)[mesh.get_local_rank("dp")]], pad_id=0)]
+    task = overflowing(sft_task(packed=True), mesh.get_local_rank("dp"), of_rank=1)
+    metrics, _ = train_step(task, model, torch.optim.SGD(model.parameters(), lr=1.0), batches, runtime_for(dims, mesh),
+                            grad_clip=100.0)
+    unchanged = all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
+    return metrics["skipped_step"], unchanged
+
+
+def test_a_loss_that_is_not_finite_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """The step decision reads the loss reduced over the data-parallel group: decided by
+    its own loss, rank 0 would step while rank 1 skipped, and the replicas would part."""
+    assert run_distributed(_step_with_rank_1_overflowing, 2, tmp_path) == [(1.0, True)] * 2

@@ -63,7 +63,7 @@ def test_a_run_of_skipped_steps_fails_without_done(task, tmp_path, capsys):
                  "train.save_every=100") == 2
     line = one_error_line(capsys)
     assert line.startswith("orlhf align: error: train.max_skipped_fraction: 3 of 4 steps (of 4 planned) were "
-                           "skipped for a non-finite gradient norm")
+                           "skipped for a non-finite loss or gradient norm")
     stage = tmp_path / "align_dt"
     assert not (stage / "DONE").exists() and latest_checkpoint(stage / "checkpoints") is None
     assert [row["train/skipped_step"] for row in read_metrics(stage)] == [0.0, 1.0, 1.0, 1.0]

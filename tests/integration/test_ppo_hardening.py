@@ -138,8 +138,8 @@ def test_a_critic_skipping_its_steps_fails_the_run_without_done_and_its_count_re
     write_skipping_critic(root, tokenizer_dir)
     critic, out = f"services.critic.checkpoint={root}", run_dir / "ppo"
     failed = ("orlhf ppo: error: ppo.max_skipped_fraction: 4 of the 4 critic steps so far (of 4 planned) were "
-              "skipped for a non-finite gradient norm, more than 0.5 of the run, so the critic learned little or "
-              "nothing; no final checkpoint or DONE was written; lower services.critic.optim.lr or check the "
+              "skipped for a non-finite loss or gradient norm, more than 0.5 of the run, so the critic learned "
+              "little or nothing; no final checkpoint or DONE was written; lower services.critic.optim.lr or check the "
               "rewards (metrics.jsonl: train/critic_skipped_steps)")
     result = run(run_dir, critic, "ppo.iterations=2", "save_every=1")
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == failed, result.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""A critic whose steps are skipped (non-finite gradient norm) counts against
+"""A critic whose steps are skipped (non-finite loss or gradient norm) counts against
 ppo.max_skipped_fraction: the critic service answers how many of its steps it skipped,
 rank 0 shares that count with every actor rank, and every rank fails alike (a rank-0-only
 failure would leave the others waiting in a collective)."""
@@ -33,8 +33,8 @@ RUN = PPOAlgorithmConfig(iterations=2, rollout_batch=PPO.rollout_batch, minibatc
                          micro_batch=PPO.micro_batch)
 STEPS_PER_ITERATION = PPO.rollout_batch // PPO.minibatch
 CRITIC_FAILED = ("ppo.max_skipped_fraction: 4 of the 4 critic steps so far (of 4 planned) were skipped for a "
-                 "non-finite gradient norm, more than 0.5 of the run, so the critic learned little or nothing; no "
-                 "final checkpoint or DONE was written; lower services.critic.optim.lr or check the rewards "
+                 "non-finite loss or gradient norm, more than 0.5 of the run, so the critic learned little or nothing; "
+                 "no final checkpoint or DONE was written; lower services.critic.optim.lr or check the rewards "
                  "(metrics.jsonl: train/critic_skipped_steps)")
 
 

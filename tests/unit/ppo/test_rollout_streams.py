@@ -83,7 +83,8 @@ def test_mostly_skipped_policy_steps_or_non_finite_final_weights_fail_the_run(rt
     model, ppo = reference_model(TINY), PPOAlgorithmConfig(iterations=2, rollout_batch=8, minibatch=8, micro_batch=8)
     check_learned(model, skipped=counts(4, 4), done=2, ppo=ppo, steps_per_iteration=4, rt=rt)  # half may be skipped
     with pytest.raises(TrainingFailed, match=r"^ppo.max_skipped_fraction: 5 of the 8 policy steps so far \(of 8 "
-                                             r"planned\) were skipped for a non-finite gradient norm, more than 0.5"):
+                                             r"planned\) were skipped for a non-finite loss or gradient norm, "
+                                             r"more than 0.5"):
         check_learned(model, skipped=counts(5), done=2, ppo=ppo, steps_per_iteration=4, rt=rt)
     check_learned(model, skipped=counts(5), done=2, ppo=replace(ppo, max_skipped_fraction=0.75),
                   steps_per_iteration=4, rt=rt)
@@ -104,8 +105,8 @@ def test_mostly_skipped_critic_steps_fail_the_run_naming_the_critics_learning_ra
         check_learned(model, skipped=counts(critic=5), done=2, ppo=ppo, steps_per_iteration=4, rt=rt)
     assert str(failed.value) == (
         "ppo.max_skipped_fraction: 5 of the 8 critic steps so far (of 8 planned) were skipped for a non-finite "
-        "gradient norm, more than 0.5 of the run, so the critic learned little or nothing; no final checkpoint or "
-        "DONE was written; lower services.critic.optim.lr or check the rewards (metrics.jsonl: "
+        "loss or gradient norm, more than 0.5 of the run, so the critic learned little or nothing; no final "
+        "checkpoint or DONE was written; lower services.critic.optim.lr or check the rewards (metrics.jsonl: "
         "train/critic_skipped_steps)")
     check_learned(model, skipped=counts(critic=5), done=2, ppo=replace(ppo, max_skipped_fraction=0.75),
                   steps_per_iteration=4, rt=rt)

@@ -2,6 +2,8 @@
 non-finite final weights (`check_learned`, called by `train` after every step), and a
 step with nothing to learn from does not move the weights."""
 
+import math
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def test_more_skipped_steps_than_allowed_fail_with_the_reason():
         check_learned(reference_model(), state(4, 3), 4, TrainConfig(max_skipped_fraction=0.5), rt())
     message = str(err.value)
     assert message.startswith("train.max_skipped_fraction: 3 of 4 steps (of 4 planned) were skipped for a "
-                              "non-finite gradient norm, more than 0.5 of the run")
+                              "non-finite loss or gradient norm, more than 0.5 of the run")
     assert "no final checkpoint or DONE was written; lower optim.lr" in message and "\n" not in message
 
 
@@ -62,3 +64,26 @@ def test_a_step_with_nothing_to_learn_from_leaves_the_weights():
                    tokens=sft_task(True).tokens)
     train_step(nothing, model, optimizer, batches, rt(), grad_clip=1.0)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def overflowing(task: Task, rank: int = 0, of_rank: int = 0) -> Task:
+    """`task` whose loss on data-parallel rank `of_rank` gains an infinite constant: its
+    gradient stays finite (the constant has none), its loss is not."""
+    def loss(model, batch, normalizer):
+        value, metrics = task.loss(model, batch, normalizer)
+        return (value + math.inf, metrics) if rank == of_rank else (value, metrics)
+    return Task(loss=loss, normalizer=task.normalizer, tokens=task.tokens)
+
+
+def test_a_step_whose_loss_is_not_finite_is_skipped_though_its_gradient_is():
+    """train_step skipped a step for a non-finite gradient norm only: an overflowing loss
+    with a finite gradient (a clipped error, a constant) stepped."""
+    model = reference_model()
+    optimizer = build_optimizer(model.parameters(), OptimConfig(lr=1e-2), torch.device("cpu"))
+    batches = [collate_rewarded([RewardedSequence(s, 0.0) for s in sft_sequences(2)], pad_id=0)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics, _ = train_step(overflowing(sft_task(True)), model, optimizer, batches, rt(), grad_clip=1.0)
+    assert metrics["skipped_step"] == 1 and math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    metrics, _ = train_step(sft_task(True), model, optimizer, batches, rt(), grad_clip=1.0)
+    assert metrics["skipped_step"] == 0 and not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
