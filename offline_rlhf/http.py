@@ -30,6 +30,7 @@ ERROR_CHARS = 500  # error messages are one line, cut to this length
 HEADER_TIMEOUT_S = 10.0  # a client must send a request's headers this soon after connecting, and after each answer
 MAX_CONNECTIONS = 1000  # open connections per server at most (and at most half the open-file limit)
 LOG_EVERY_S = 60.0  # a connection-level failure that repeats is logged at most once per this interval
+MALFORMED_REQUEST = "Invalid HTTP request received."  # uvicorn's warning (h11), logged per request
 log = logging.getLogger(__name__)
 
 
@@ -205,6 +206,7 @@ class Guard:
     max_connections: int
     refusals: Throttled = field(default_factory=Throttled)
     accept_failures: Throttled = field(default_factory=Throttled)
+    malformed: Throttled = field(default_factory=Throttled)
 
     def loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """The server loop's handler for errors outside any request. When the process is out
@@ -247,15 +249,17 @@ class GuardedH11(H11Protocol):
       idle connections cannot lock clients out; when every other connection is being
       answered, the new one is closed at once.
 
-    It relies only on asyncio's connection_made/connection_lost and on uvicorn's
-    on_response_complete (called once an answer is sent), `cycle` (the request being
-    answered), `connections` (the server's open ones) and `loop`, alike in uvicorn 0.30
+    Its warning per malformed request is throttled too (MalformedThrottled). It relies only
+    on asyncio's connection_made/connection_lost and on uvicorn's on_response_complete
+    (called once an answer is sent), `cycle` (the request being answered), `connections`
+    (the server's open ones), `loop` and `logger`, alike in uvicorn 0.30
     (pyproject's lowest) and 0.54; tests/unit/test_http.py passes with both."""
 
     def __init__(self, *args, guard: Guard, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard = guard
         self.deadline: asyncio.TimerHandle | None = None
+        self.logger = MalformedThrottled(self.logger, guard)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -301,3 +305,21 @@ class GuardedH11(H11Protocol):
             return False
         min(idle, key=lambda c: c.deadline.when()).transport.close()
         return True
+
+
+class MalformedThrottled:
+    """uvicorn's logger for one connection, with its warning about each malformed request
+    (one line per request: anyone who can connect could fill the log at network speed)
+    logged through the server's throttle; every other record as before."""
+
+    def __init__(self, logger: logging.Logger, guard: Guard):
+        self.logger, self.guard = logger, guard
+
+    def warning(self, message: str, *args, **kwargs) -> None:
+        if message == MALFORMED_REQUEST:
+            self.guard.malformed.warn("%s: malformed HTTP requests answered 400", self.guard.name)
+        else:
+            self.logger.warning(message, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.logger, name)

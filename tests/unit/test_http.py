@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -288,3 +289,21 @@ def test_running_out_of_file_descriptors_is_logged_once_not_per_attempt():
     failures = [line for line in stderr.splitlines() if "cannot accept connections" in line]
     assert len(failures) == 1 and "Too many open files" in failures[0], stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_malformed_requests_are_answered_400_and_logged_once_not_per_request(caplog):
+    """uvicorn logged one warning per malformed request: anyone who can connect could fill
+    the log at network speed."""
+    server = guarded()
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                    sock.sendall(b"NOT HTTP\r\n\r\n")
+                    assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                assert ask(sock) == b"ok"  # the server still answers
+    finally:
+        server.stop()
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warnings == ["guard-test: malformed HTTP requests answered 400"], warnings
