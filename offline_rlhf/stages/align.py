@@ -71,7 +71,9 @@ def preference_task(cfg: AlignConfig) -> Task:
 
 def collate_rewarded(items: Sequence[RewardedSequence], pad_id: int, multiple_of: int = 1) -> dict[str, torch.Tensor]:
     batch = collate_sequences([item.sequence for item in items], pad_id, multiple_of)
-    batch["rewards"] = torch.tensor([item.reward for item in items], dtype=torch.float32)
+    # float64, as the dataset's filter compared them: a reward just above the threshold that
+    # float32 rounds onto it would be kept there and dropped by the loss's own filter.
+    batch["rewards"] = torch.tensor([item.reward for item in items], dtype=torch.float64)
     return batch
 
 

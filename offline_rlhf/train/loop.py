@@ -342,7 +342,7 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
     """zero grad, micro-batches, clip, step. Returns (metrics averaged over the global
     batch, tokens processed by the whole data-parallel group)."""
     counted = _dp_sum(rt, [float(sum(task.normalizer(b) for b in batches))])[0]
-    normalizer = max(counted, 1.0)  # an all-filtered batch: zero loss, not NaN
+    normalizer = divisor(counted)
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=rt.device))
     tokens, step_loss = 0, torch.zeros((), device=rt.device)
@@ -410,7 +410,14 @@ def validate(task: Task, model: nn.Module, data: TrainData, cfg: TrainConfig, rt
     model.train()
     keys = sorted(sums)
     totals = _dp_sum(rt, [sums[k] for k in keys] + [normalizer])
-    return task.reduce(keys, totals[:-1], max(totals[-1], 1.0))
+    return task.reduce(keys, totals[:-1], divisor(totals[-1]))
+
+
+def divisor(count: float) -> float:
+    """What a global batch's loss and metric sums are divided by: the count of the units they
+    average over, or 1 when there are none (an all-filtered batch gives 0, not NaN). Not
+    floored at 1: RWR's weighted token count (rwr_normalize) may legitimately be far below it."""
+    return count if count > 0 else 1.0
 
 
 def _micro_batches(data: TrainData, stream: SampleStream, state: TrainState, cfg: TrainConfig, per_rank: int,

@@ -87,3 +87,26 @@ def test_a_dt_target_no_training_reward_reaches_is_noted():
                            lines.append)
     assert [line.split(" (")[0] for line in lines] == ["note: dt_target=5", "note: dt_target=-3"]
     assert "outside the training rewards [-1.60, 2.00]" in lines[0]
+
+
+def rwr_normalized_loss(rewards: list[float]) -> float:
+    items = [RewardedSequence(s, r) for s, r in zip(sft_sequences(2), rewards)]
+    task = alignment_task(AlignConfig(method="rwr", rwr_beta=0.5, rwr_normalize=True, data=AlignDataConfig(path="x")))
+    rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, TINY), None)
+    model = reference_model()
+    return train_step(task, model, torch.optim.SGD(model.parameters(), lr=0.1), [collate_rewarded(items, pad_id=0)],
+                      rt, grad_clip=1.0)[0]["loss"]
+
+
+def test_rwr_normalize_gives_a_weighted_mean_however_small_the_weights():
+    """A weighted mean does not change when every reward moves by the same amount. The loop
+    floored its divisor at 1, so at weights of exp(-20) the loss came out 1e-8 too small."""
+    assert rwr_normalized_loss([-10.0, -12.0]) == approx(rwr_normalized_loss([0.0, -2.0]), rel=1e-4)
+
+
+def test_a_reward_just_above_the_threshold_is_trained_on_as_the_dataset_kept_it():
+    """The dataset's filter compares in float64; the loss's filter saw float32 rewards, in
+    which 0.1 + 1e-10 is 0.1, and gave the kept sample no loss."""
+    batch = collate_rewarded([RewardedSequence(sft_sequences(1)[0], 0.1 + 1e-10)], pad_id=0)
+    task = alignment_task(AlignConfig(method="mle_filter", filter_threshold=0.1, data=AlignDataConfig(path="x")))
+    assert task.normalizer(batch) > 0
