@@ -47,9 +47,17 @@ class ModelConfig(Frozen):
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     tie_embeddings: bool = False  # the output head shares the embedding's weights
     init_std: float = 0.02  # standard deviation of the initial weights
+    # Set by `orlhf convert import_hf` for a Mistral/Qwen2 model with sliding-window attention,
+    # which is not implemented: max_seq_len is capped to the window (where it changes nothing)
+    # and `orlhf convert export_hf` restores it, so transformers reproduces the source model.
+    sliding_window: Optional[int] = None  # the source model's attention window; null: none
+    window_layers_from: int = 0  # the first layer using sliding_window (Qwen2's max_window_layers); 0: all
 
     def __post_init__(self):
         require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", prefix="model.")
+        if self.sliding_window is not None and self.sliding_window < self.max_seq_len:
+            raise ConfigError("model.sliding_window", f"{self.sliding_window} < model.max_seq_len={self.max_seq_len}",
+                              "sliding-window attention is not implemented; set max_seq_len <= sliding_window")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 "model.n_kv_heads",

@@ -24,11 +24,13 @@ from offline_rlhf.hub import TOKENIZER_FILES
 from offline_rlhf.models.llama import Transformer
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config default
 
 # Our name -> HF name, for the parts inside `layers.{i}.` / `model.layers.{i}.`.
 _LAYER_NAMES = {
@@ -102,6 +104,7 @@ def config_from_hf(hf_config: dict, source: str = CONFIG_FILE) -> ModelConfig:
         return hf_config[key]
 
     rope_theta, rope_scaling = _rope_from_hf(hf_config, source)
+    window, window_layers_from = _applied_sliding_window(hf_config) or (None, 0)
     return ModelConfig(
         name=hf_config.get("_name_or_path") or model_type,
         vocab_size=required("vocab_size"),
@@ -114,11 +117,13 @@ def config_from_hf(hf_config: dict, source: str = CONFIG_FILE) -> ModelConfig:
         norm_eps=required("rms_norm_eps"),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        max_seq_len=_max_seq_len(hf_config, source, required("max_position_embeddings")),
+        max_seq_len=_max_seq_len(window, source, required("max_position_embeddings")),
         # Qwen2 always has q/k/v biases; Llama's attention_bias is rejected above.
         qkv_bias=model_type == "qwen2",
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         init_std=hf_config.get("initializer_range", 0.02),
+        sliding_window=window,
+        window_layers_from=window_layers_from,
     )
 
 
@@ -158,11 +163,9 @@ def _rope_from_hf(hf_config: dict, source: str) -> tuple[float, RopeScalingConfi
     return theta, RopeScalingConfig(**{ours: rope[theirs] for theirs, ours in _LLAMA3_ROPE_KEYS.items()})
 
 
-def _max_seq_len(hf_config: dict, source: str, max_positions: int) -> int:
+def _max_seq_len(window: int | None, source: str, max_positions: int) -> int:
     """Sliding-window attention is not implemented. Up to the window's length it equals full
     causal attention, so a model with a smaller window is capped to it (with a warning)."""
-    enabled = hf_config["model_type"] == "mistral" or hf_config.get("use_sliding_window", False)
-    window = hf_config.get("sliding_window") if enabled else None
     if window is None or window >= max_positions:
         return max_positions
     warnings.warn(f"{source}: sliding_window={window} < max_position_embeddings={max_positions}; "
@@ -170,15 +173,36 @@ def _max_seq_len(hf_config: dict, source: str, max_positions: int) -> int:
     return window
 
 
+def _applied_sliding_window(hf_config: dict) -> tuple[int, int] | None:
+    """(window, first layer using it) as transformers applies it, else None. Mistral: every
+    layer. Qwen2: with use_sliding_window, the layers that `layer_types` (transformers 5)
+    names "sliding_attention", else those from `max_window_layers` on, so none when it is
+    >= num_hidden_layers. (Qwen2 makes them the last layers; the export assumes so.)"""
+    window = hf_config.get("sliding_window")
+    if window is None or hf_config["model_type"] not in ("mistral", "qwen2"):
+        return None
+    if hf_config["model_type"] == "mistral":
+        return window, 0
+    if not hf_config.get("use_sliding_window", False):
+        return None
+    first = hf_config.get("max_window_layers", _QWEN2_MAX_WINDOW_LAYERS)
+    layer_types = hf_config.get("layer_types") or \
+        ["sliding_attention" if i >= first else "full_attention" for i in range(hf_config["num_hidden_layers"])]
+    windowed = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    return (window, windowed[0]) if windowed else None
+
+
 def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", extra: dict | None = None) -> dict:
     """ModelConfig -> a `config.json` dict that transformers loads. Qwen2 when there are q/k/v
-    biases (Llama's attention_bias would add an o_proj bias too), Llama otherwise. head=value
+    biases (Llama's attention_bias would add an o_proj bias too), Mistral for an imported
+    model with a sliding window (it is restored, so transformers reproduces the source
+    model past max_seq_len too), Llama otherwise. head=value
     is `*ForSequenceClassification` with one label; it needs `pad_token_id` in `extra`,
     since HF reads the score at the last non-pad token. `extra` (token ids...) is merged in."""
     extra = extra or {}
     if head == "value":
         _check_pad_token_for_scoring(extra)
-    family = "Qwen2" if cfg.qkv_bias else "Llama"
+    family = "Qwen2" if cfg.qkv_bias else "Mistral" if cfg.sliding_window is not None else "Llama"
     task = "ForCausalLM" if head == "lm" else "ForSequenceClassification"
     rope_scaling = None
     if cfg.rope_scaling is not None:
@@ -206,6 +230,10 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", ext
         "torch_dtype": dtype,  # transformers 4.x name
         "dtype": dtype,  # transformers 5.x name
     }
+    if cfg.sliding_window is not None:
+        hf["sliding_window"] = cfg.sliding_window
+        if cfg.qkv_bias:
+            hf.update(use_sliding_window=True, max_window_layers=cfg.window_layers_from)
     if head == "value":
         hf["num_labels"] = 1
     return {**hf, **extra}
@@ -217,7 +245,8 @@ def _check_pad_token_for_scoring(token_ids: dict) -> None:
     if token_ids.get("pad_token_id") is None:
         raise ConfigError("pad_token_id", "a value-head export needs the pad token id",
                           "export from a checkpoint with a tokenizer/ folder that defines a pad token")
-    if token_ids["pad_token_id"] == token_ids.get("eos_token_id"):
+    eos = token_ids.get("eos_token_id")
+    if token_ids["pad_token_id"] == (eos[0] if isinstance(eos, list) else eos):  # a list starts with the EOS
         warnings.warn("pad_token_id == eos_token_id: transformers will score the token before a trailing eos, "
                       "not the eos our reward model scores; use a tokenizer with a distinct pad token")
 
@@ -236,13 +265,13 @@ class HFWeights:
             self.source = index
             weight_map = json.loads(index.read_text())["weight_map"]
             self._file_of = {name: hf_dir / shard for name, shard in weight_map.items()}
+            _check_shards_present(index, set(self._file_of.values()))
         elif single.is_file():
             self.source = single
             with safe_open(single, framework="pt") as handle:
                 self._file_of = {name: single for name in handle.keys()}
         else:
-            raise ConfigError("hf_dir", f"no {SINGLE_WEIGHTS_FILE} or {INDEX_FILE} in {hf_dir}",
-                              "only safetensors checkpoints are supported")
+            _refuse_missing_safetensors(hf_dir)
         self._handles = {}
 
     def names(self) -> set[str]:
@@ -256,6 +285,26 @@ class HFWeights:
         if path not in self._handles:
             self._handles[path] = safe_open(path, framework="pt")
         return self._handles[path].get_tensor(name)
+
+
+def _check_shards_present(index: Path, shards: set[Path]) -> None:
+    """Before reading anything, so an incomplete download is one line, not a traceback mid-import."""
+    missing = sorted(shard.name for shard in shards if not shard.is_file())
+    if missing:
+        raise HFFormatError(str(index), f"{len(missing)} shard(s) it lists are missing: {', '.join(missing)}",
+                            "download the checkpoint again (an interrupted download leaves shards out)")
+
+
+def _refuse_missing_safetensors(hf_dir: Path) -> None:
+    """Pickled weights (`*.bin`) are never loaded: unpickling runs code. Say how to convert them."""
+    pickled = sorted(path.name for path in hf_dir.glob("*.bin"))
+    if pickled:
+        raise ConfigError("hf_dir", f"{hf_dir} has only pickled weights ({', '.join(pickled)}): only safetensors "
+                          "checkpoints are supported (unpickling can run code)",
+                          "convert them to safetensors first, in a trusted environment: load the model with "
+                          "transformers' from_pretrained, then save_pretrained(NEW_DIR) writes safetensors")
+    raise ConfigError("hf_dir", f"no {SINGLE_WEIGHTS_FILE} or {INDEX_FILE} in {hf_dir}",
+                      "only safetensors checkpoints are supported")
 
 
 def load_hf_weights(model: Transformer, weights: HFWeights) -> None:

@@ -35,6 +35,7 @@ from offline_rlhf.data.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, Toke
 from offline_rlhf.hub import resolve_dir
 from offline_rlhf.models.hf import (
     CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
     config_to_hf,
     copy_tokenizer_files,
     hf_head,
@@ -53,6 +54,9 @@ def main(config: ConvertConfig) -> int:
         if config.dtype != "float32":
             raise ConfigError("dtype", f"{config.dtype!r} applies to export_hf only",
                               "imported checkpoints hold float32 master weights; drop dtype")
+        # An existing checkpoint root would get step_00000000 and its `latest` repointed to it.
+        require_empty(config.out, "choose an empty folder or delete this one (importing there would replace "
+                                  "its `latest` checkpoint)")
         hf_dir = resolve_dir(config.hf_dir, "hf_dir")
         found = hf_head(hf_dir)
         if found != config.head:  # else a missing tensor, far from its cause
@@ -70,25 +74,42 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
     meta = read_meta(step_dir)
     if meta.head != head:
         raise ConfigError("head", f"{step_dir} holds a {meta.head!r} head, not {head!r}", f"pass head={meta.head}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError("out", f"{out} exists and is not empty", "choose a new directory (stale shards would mix in)")
+    out = require_empty(out, "choose a new directory (stale shards would mix in)")
     model = empty_model(meta.model, meta.head)
     load_checkpoint(step_dir, model)
     tokenizer_dir = step_dir / TOKENIZER_DIR
     # A reward model's normalization statistics travel in config.json (`config.reward_stats`
     # in transformers), so its raw scores can be z-scored as `orlhf label` does.
     stats = {REWARD_STATS: meta.metadata[REWARD_STATS]} if REWARD_STATS in meta.metadata else {}
-    hf_config = config_to_hf(meta.model, meta.head, dtype,
-                             extra={**special_token_ids(tokenizer_dir, meta.metadata.get(TEMPLATE)), **stats})
+    token_ids = special_token_ids(tokenizer_dir, meta.metadata.get(TEMPLATE))
+    hf_config = config_to_hf(meta.model, meta.head, dtype, extra={**token_ids, **stats})
     files = write_hf_weights(hf_state_dict(model, dtype), out)
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     copied = copy_tokenizer_files(tokenizer_dir, out) if tokenizer_dir.is_dir() else []
+    align_generation_config(out, token_ids)
     if copied and TEMPLATE in meta.metadata:  # trained here: the export renders as training did
         carry_template(meta.metadata[TEMPLATE], out, dt_target(meta.metadata, step_dir, "ckpt"))
     print(f"exported {step_dir} -> {out}: {num_params(model):,} parameters, {meta.model.n_layers} layers, "
           f"{hf_config['architectures'][0]}, {dtype}, {len(files)} weight file(s), tokenizer files {copied or 'none'}")
     return out
+
+
+def require_empty(out: str | Path, fix: str) -> Path:
+    """`out` unless it holds anything (a file counts as not empty)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError("out", f"{out} exists and is not empty", fix)
+    return out
+
+
+def align_generation_config(out: Path, token_ids: dict) -> None:
+    """transformers' generate reads generation_config.json before config.json, so the one
+    copied from the imported model gets config.json's token ids (a chat-trained model then
+    stops at its end-of-turn token too); its sampling settings stay. Without the file,
+    transformers derives one from config.json, so none is written."""
+    path = out / GENERATION_CONFIG_FILE
+    if path.is_file():
+        path.write_text(json.dumps({**json.loads(path.read_text()), **token_ids}, indent=2) + "\n")
 
 
 def carry_template(recorded: dict, out: Path, reward: float | None = None) -> None:
@@ -137,15 +158,24 @@ def replace_default_template(configured: str | list[dict], template: str) -> str
 
 
 def special_token_ids(tokenizer_dir: Path, template: dict | None = None) -> dict[str, int | list[int]]:
-    """bos/eos/pad token ids for config.json, from the tokenizer when there is one. A model
-    trained with a chat template whose end-of-turn token is not EOS lists both as
-    eos_token_id (as Llama 3 Instruct does), so Hugging Face generation stops where ours does."""
+    """bos/eos/pad token ids for config.json and generation_config.json, from the tokenizer
+    when there is one. A model trained with a chat template whose end-of-turn token is not
+    EOS lists both as eos_token_id (as Llama 3 Instruct does), so Hugging Face generation
+    stops where ours does; the other ids the imported generation_config.json ends at stay."""
     if not (tokenizer_dir / TOKENIZER_FILE).is_file():
         return {}
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     eos = tokenizer.eos_id
+    stops = set(generation_eos_ids(tokenizer_dir / GENERATION_CONFIG_FILE))
     if template is not None and template.get("kind") == "chat":
-        extra = stop_token_ids(tokenizer, build_template(template, tokenizer.config)) - {eos}
-        eos = [eos, *sorted(extra)] if extra and eos is not None else eos
+        stops |= stop_token_ids(tokenizer, build_template(template, tokenizer.config))
+    extra = stops - {eos}
+    eos = [eos, *sorted(extra)] if extra and eos is not None else eos
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id}
     return {key: value for key, value in ids.items() if value is not None}
+
+
+def generation_eos_ids(path: Path) -> list[int]:
+    """The eos_token_id of a generation_config.json (an id or a list), [] without one."""
+    value = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return value if isinstance(value, list) else [] if value is None else [value]

@@ -10,7 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offline_rlhf.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from offline_rlhf.checkpoint import (
+    TEMPLATE,
+    CheckpointMeta,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import RopeScalingConfig
 from offline_rlhf.config.tools import ConvertConfig
@@ -28,6 +36,8 @@ VARIANTS = {
     "llama_mha_tied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
     "mistral_head_dim": ("mistral", dict(head_dim=8, sliding_window=None)),
     "qwen2_bias": ("qwen2", dict()),
+    # transformers applies the window from layer max_window_layers on: here to none.
+    "qwen2_window_in_no_layer": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
 }
 
 
@@ -128,6 +138,26 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, variant):
         assert (reloaded(tokens).logits - hf_model(tokens).logits).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("model_type, window", [("mistral", dict(sliding_window=8)),
+                                               ("qwen2", dict(sliding_window=8, use_sliding_window=True,
+                                                              max_window_layers=1))], ids=["mistral", "qwen2"])
+def test_sliding_window_export_reproduces_the_source_past_the_window(tmp_path, model_type, window):
+    """The import is capped to the window (where windowed attention is full attention);
+    the export restores the window, so transformers matches the source at any length."""
+    hf_model = tiny_hf_model(model_type, **window)
+    hf_model.save_pretrained(tmp_path / "hf")
+    with pytest.warns(UserWarning, match="sliding_window=8"):
+        ours = import_dir(tmp_path / "hf", tmp_path / "ckpt")
+    assert ours.cfg.max_seq_len == 8
+    main(ConvertConfig(action="export_hf", ckpt=str(tmp_path / "ckpt"), out=str(tmp_path / "out")))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded) is type(hf_model)
+    tokens = fixed_batch()  # 24 tokens: 3 windows
+    with torch.no_grad():
+        assert (reloaded(tokens).logits - hf_model(tokens).logits).abs().max().item() <= 1e-5
+        assert (ours(tokens[:, :8]) - hf_model(tokens[:, :8]).logits).abs().max().item() <= 1e-5
+
+
 def test_export_dtype_and_tied_weights_left_out(tmp_path):
     tiny_hf_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "hf")
     import_dir(tmp_path / "hf", tmp_path / "ckpt")
@@ -149,6 +179,41 @@ def test_export_refuses_wrong_head_and_non_empty_out(tmp_path):
     (tmp_path / "out" / "model.safetensors").touch()
     with pytest.raises(ConfigError, match="out: .* exists and is not empty"):
         main(ConvertConfig(action="export_hf", ckpt=str(step_dir), out=str(tmp_path / "out")))
+
+
+def test_import_refuses_a_non_empty_out(tmp_path):
+    """Importing into a checkpoint root would repoint its `latest` at the import."""
+    tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
+    import_dir(tmp_path / "hf", tmp_path / "ckpt")
+    before = latest_checkpoint(tmp_path / "ckpt")
+    tiny_hf_model("qwen2").save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"out: .*ckpt exists and is not empty; choose an empty folder or delete"):
+        main(ConvertConfig(action="import_hf", hf_dir=str(tmp_path / "other"), out=str(tmp_path / "ckpt")))
+    assert latest_checkpoint(tmp_path / "ckpt") == before
+    assert not read_meta(before).model.qkv_bias  # still the llama
+
+
+def test_chat_export_generation_config_stops_where_config_json_does(tmp_path):
+    """transformers' generate reads generation_config.json first: it must list the
+    end-of-turn token a chat-trained model ends its replies with, as config.json does,
+    besides the stops the imported model's file listed."""
+    from tests.fixtures import reference_model
+    from tests.synthetic_preferences import MODEL
+    from tests.unit.data.test_chat_template import CHATML
+    from tests.unit.stages.test_export_template import chat_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    tokenizer = chat_tokenizer(tmp_path, folder, CHATML)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_id, 4],
+                                                               "temperature": 0.6, "do_sample": True}))
+    meta = CheckpointMeta(MODEL, "lm", TrainState(step=1), metadata={TEMPLATE: {"kind": "chat", "system": ""}})
+    save_checkpoint(tmp_path / "ckpt", reference_model(MODEL, "lm"), meta, tokenizer_dir=folder)
+    main(ConvertConfig(action="export_hf", ckpt=str(tmp_path / "ckpt"), out=str(tmp_path / "out")))
+    stops = [tokenizer.eos_id, 4, tokenizer.backend.token_to_id("<|im_end|>")]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == stops
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert generation.eos_token_id == stops and generation.pad_token_id == tokenizer.pad_id
+    assert (generation.temperature, generation.do_sample) == (0.6, True)
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -190,8 +255,9 @@ def test_value_head_config_needs_pad_token():
         config_to_hf(cfg, "value")
     hf_config = config_to_hf(cfg, "value", extra={"pad_token_id": 0})
     assert hf_config["architectures"] == ["LlamaForSequenceClassification"] and hf_config["num_labels"] == 1
-    with pytest.warns(UserWarning, match="pad_token_id == eos_token_id"):
-        config_to_hf(cfg, "value", extra={"pad_token_id": 2, "eos_token_id": 2})
+    for eos in (2, [2, 5]):  # a list: EOS, then the other stops (generation_config.json's, end of turn)
+        with pytest.warns(UserWarning, match="pad_token_id == eos_token_id"):
+            config_to_hf(cfg, "value", extra={"pad_token_id": 2, "eos_token_id": eos})
 
 
 def test_sliding_window_caps_max_seq_len():
@@ -200,6 +266,19 @@ def test_sliding_window_caps_max_seq_len():
         assert config_from_hf(hf_config).max_seq_len == 64
     qwen = {"model_type": "qwen2", **TINY, "sliding_window": 64, "use_sliding_window": False}
     assert config_from_hf(qwen).max_seq_len == TINY["max_position_embeddings"]
+
+
+def test_qwen2_window_caps_only_when_some_layer_uses_it():
+    """transformers' Qwen2: layers from max_window_layers on (default 28), or those that
+    layer_types names, attend within the window; the others attend to everything."""
+    qwen = {"model_type": "qwen2", **TINY, "sliding_window": 64, "use_sliding_window": True}
+    uncapped = [{**qwen, "max_window_layers": 2}, qwen, {**qwen, "layer_types": ["full_attention"] * 2}]
+    for hf_config in uncapped:
+        assert config_from_hf(hf_config).max_seq_len == TINY["max_position_embeddings"]
+    capped = [{**qwen, "max_window_layers": 1}, {**qwen, "layer_types": ["full_attention", "sliding_attention"]}]
+    for hf_config in capped:
+        with pytest.warns(UserWarning, match="sliding_window=64"):
+            assert config_from_hf(hf_config).max_seq_len == 64
 
 
 def test_shards_split_by_size_with_index(tmp_path):
@@ -236,6 +315,26 @@ def test_missing_tensor_names_file_and_tensor(tmp_path):
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(HFFormatError, match=r"model\.safetensors: no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         main(ConvertConfig(action="import_hf", hf_dir=str(hf_dir), out=str(tmp_path / "out")))
+
+
+def test_missing_shard_is_one_line_naming_it(tmp_path):
+    hf_dir = tmp_path / "hf"
+    tiny_hf_model("llama").save_pretrained(hf_dir, max_shard_size="20KB")
+    shards = sorted(hf_dir.glob("model-*.safetensors"))
+    shards[1].unlink()
+    with pytest.raises(HFFormatError, match=rf"index\.json: 1 shard\(s\) it lists are missing: {shards[1].name}; "
+                                            "download the checkpoint again"):
+        HFWeights(hf_dir)
+
+
+def test_pickled_weights_are_refused_with_how_to_convert_them(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(ConfigError, match=r"only pickled weights \(pytorch_model\.bin\): .*; convert them to "
+                                          "safetensors first"):
+        HFWeights(tmp_path)
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(ConfigError, match="no model.safetensors or model.safetensors.index.json"):
+        HFWeights(tmp_path)
 
 
 def test_unexpected_tensor_is_an_error(tmp_path):
