@@ -91,7 +91,7 @@ class AnswerWriter:
         if self.shard is not None:
             append_durably(self.shard, self.due)
         self.usage.tokens = self.tokens
-        self.usage.beat()
+        self.usage.beat(force=True)  # a killed run's row then counts the tokens its shard kept
         self.bar.update(len(self.due) // self.cfg.generation.n,
                         tok_s=f"{self.tokens / (time.perf_counter() - self.started):.0f}")
         self.due = []

@@ -78,7 +78,7 @@ def main(cfg: ReferenceConfig) -> int:
             if shard is not None:
                 append_durably(shard, records)
             usage.tokens += tokens
-            usage.beat()
+            usage.beat(force=True)  # a killed run's row then counts the tokens its shard kept
         rt.barrier()
         if rt.is_main:
             write_outputs(rt, cfg, pairs, encoded, card, checkpoint, template_record(template))
