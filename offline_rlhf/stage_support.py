@@ -6,9 +6,11 @@ a stage."""
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import math
+import os
 import struct
 import tempfile
 import time
@@ -22,6 +24,7 @@ from torch import nn
 
 from offline_rlhf.checkpoint import (
     CONFIG_KEY,
+    META,
     REWARD_STATS,
     TEMPLATE,
     TOKENIZER_DIR,
@@ -38,10 +41,10 @@ from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.schema import InitConfig, ModelConfig, TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, build_template
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.host import DONE, acquire_stage_lock, release_stage_lock
-from offline_rlhf.hub import TOKENIZER_FILES, parse_repo_id, resolve_dir
+from offline_rlhf.hub import MODEL_FILES, TOKENIZER_FILES, parse_repo_id, resolve_dir
 from offline_rlhf.models.hf import (
     CONFIG_FILE,
     HFWeights,
@@ -56,6 +59,13 @@ from offline_rlhf.runtime import Runtime
 
 IMPORTED_DIR = "imported"  # run_dir/imported/<model>: Hugging Face init checkpoints, imported once per run
 IMPORT_POLL_SECONDS = 2.0  # how often a process waits on another one's import
+# Checkpoint metadata of an import into run_dir/imported/: its source, when, and the source's
+# `source_fingerprint`, which tells a later stage whether the folder changed since.
+IMPORTED_FROM = "imported_from"
+# Checkpoint metadata of an imported reward model whose config.json pad_token_id is its EOS
+# (common for TRL's): transformers reads its score at the last token that is not this id,
+# the one before a trailing EOS, and so does our scoring (labeling.scoring).
+SCORED_BEFORE_TOKEN = "scored_before_token"
 
 
 def empty_model(cfg: ModelConfig, head: str) -> Transformer:
@@ -69,22 +79,39 @@ def empty_model(cfg: ModelConfig, head: str) -> Transformer:
     return model
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, head: str = "lm") -> tuple[Path, str]:
+def import_hf(hf_dir: str | Path, out: str | Path, head: str = "lm", metadata: dict | None = None) -> tuple[Path, str]:
     """A Hugging Face directory (config.json, safetensors, tokenizer files) as our checkpoint
-    `out/step_00000000/` in fp32. Returns its path and a line saying what was imported."""
+    `out/step_00000000/` in fp32, `metadata` added to its own. Returns its path and a line
+    saying what was imported."""
     cfg = read_hf_config(hf_dir)
     model = empty_model(cfg, head)
     load_hf_weights(model, HFWeights(hf_dir))
-    # A reward model exported by `orlhf convert` brings its normalization statistics back.
-    stats = json.loads((Path(hf_dir) / CONFIG_FILE).read_text()).get(REWARD_STATS) if head == "value" else None
-    meta = CheckpointMeta(model=cfg, head=head, train_state=TrainState(step=0),
-                          metadata={REWARD_STATS: stats} if isinstance(stats, dict) else {})
+    hf_config = json.loads((Path(hf_dir) / CONFIG_FILE).read_text())
     with tempfile.TemporaryDirectory() as staging:
         # save_checkpoint copies a whole folder; stage only the tokenizer files, not the weights.
         copied = copy_tokenizer_files(hf_dir, staging)
+        scoring = reward_import_metadata(hf_config, Path(staging)) if head == "value" else {}
+        meta = CheckpointMeta(model=cfg, head=head, train_state=TrainState(step=0),
+                              metadata={**scoring, **(metadata or {})})
         path = save_checkpoint(out, model, meta, tokenizer_dir=staging if copied else None)
+    scored = (f", scored at the last token before a trailing EOS (pad_token_id {scoring[SCORED_BEFORE_TOKEN]} is "
+              "its EOS), as transformers scores it") if SCORED_BEFORE_TOKEN in scoring else ""
     return path, (f"imported {hf_dir} -> {path}: {num_params(model):,} parameters, {cfg.n_layers} layers, head={head}, "
-                  f"tokenizer files {copied or 'none'}")
+                  f"tokenizer files {copied or 'none'}{scored}")
+
+
+def reward_import_metadata(hf_config: dict, tokenizer_dir: Path) -> dict:
+    """What an imported reward model's metadata records from its config.json: the
+    normalization statistics of one exported by `orlhf convert`, and `SCORED_BEFORE_TOKEN`
+    when its pad_token_id is its EOS (config.json's eos_token_id or the tokenizer's)."""
+    stats = hf_config.get(REWARD_STATS)
+    eos = hf_config.get("eos_token_id")
+    ends = set(eos if isinstance(eos, list) else [eos])
+    if (tokenizer_dir / TOKENIZER_FILE).is_file():
+        ends.add(Tokenizer.from_dir(tokenizer_dir).eos_id)
+    pad = hf_config.get("pad_token_id")
+    return {**({REWARD_STATS: stats} if isinstance(stats, dict) else {}),
+            **({SCORED_BEFORE_TOKEN: pad} if pad is not None and pad in ends else {})}
 
 
 def num_params(model: nn.Module) -> int:
@@ -124,10 +151,51 @@ def imported_checkpoint(source: str, run_dir: str | Path, key: str = "init.check
         try:
             if latest_checkpoint(out) is None:
                 hf_dir = resolve_dir(source, key)
-                print(f"{key}: " + import_hf(hf_dir, out, hf_head(hf_dir))[1], flush=True)
+                record = {"source": source, "at": _utc_now(), "fingerprint": source_fingerprint(hf_dir)}
+                print(f"{key}: " + import_hf(hf_dir, out, hf_head(hf_dir), {IMPORTED_FROM: record})[1], flush=True)
+                return latest_checkpoint(out)
         finally:
             release_stage_lock(lock)
+    check_import_current(done, source, key)
     return done
+
+
+def check_import_current(done: Path, source: str, key: str) -> None:
+    """Reuse the import `done` of `source`, saying so; a local folder that changed since
+    (re-exported or trained on elsewhere) is refused: its import holds the old weights. A
+    hub repo's import is taken as given (checking it would ask the hub at every stage)."""
+    record = read_meta(done).metadata.get(IMPORTED_FROM) or {}
+    made = record.get("at") or _utc_now((done / META).stat().st_mtime)  # an import made before the record
+    if parse_repo_id(source) is None and record.get("fingerprint") not in (None, source_fingerprint(source)):
+        raise ConfigError(key, f"{source} changed since it was imported into {done.parent} at {made} (its "
+                          "config.json, tokenizer or weight files differ)",
+                          f"delete {done.parent} to import it again, or restore the folder")
+    note_once(f"{key}: reusing the import of {source} made at {made} ({done.parent})")
+
+
+def source_fingerprint(hf_dir: str | Path) -> str:
+    """sha256 over the bytes of the small files an import reads (config.json, the index,
+    tokenizer files) and the name, size and modification time of its weight files (reading
+    gigabytes at every stage start would take minutes)."""
+    digest = hashlib.sha256()
+    files = sorted({path for pattern in MODEL_FILES for path in Path(hf_dir).glob(pattern) if path.is_file()})
+    for path in files:
+        stat = path.stat()
+        content = f"{stat.st_mtime_ns}".encode() if path.suffix == ".safetensors" else path.read_bytes()
+        digest.update(f"{path.name}\0{stat.st_size}\0".encode() + content + b"\0")
+    return digest.hexdigest()
+
+
+def _utc_now(seconds: float | None = None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+@functools.cache
+def note_once(message: str) -> None:
+    """Print `message` once per process, from the first rank only (every rank of a job
+    prepares the same stage)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
 
 
 def _import_folder_name(source: str) -> str:
@@ -158,14 +226,35 @@ def tokenizer_dir(init: InitConfig) -> Path:
 
 
 def load_tokenizer(init: InitConfig, model: ModelConfig) -> tuple[Tokenizer, Path]:
+    """The stage's tokenizer, which must fit the model's vocabulary and name an EOS; one
+    without a pad token pads with EOS (`Tokenizer.pad_with_eos`), as Llama 3's base needs."""
     path = tokenizer_dir(init)
     tokenizer = Tokenizer.from_dir(path)
     if tokenizer.vocab_size > model.vocab_size:
-        raise ConfigError("model.vocab_size", f"{model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} tokens ({path})", f"set model.vocab_size >= {tokenizer.vocab_size}")
-    if tokenizer.eos_id is None or tokenizer.pad_id is None:
-        raise ConfigError("init.tokenizer", f"{path} defines no eos or pad token", "add them to tokenizer_config.json")
+        raise vocabulary_error(init, model, tokenizer.vocab_size, path)
+    if tokenizer.eos_id is None:
+        raise ConfigError("init.tokenizer", f"{path} defines no eos token (eos_token in tokenizer_config.json)",
+                          "pass init.tokenizer=DIR, a tokenizer folder that names its eos_token")
+    if tokenizer.pad_with_eos():
+        note_once(f"init.tokenizer: {path} defines no pad token; padding with its eos token "
+                  f"{tokenizer.backend.id_to_token(tokenizer.eos_id)!r} (padding is always masked)")
     return tokenizer, path
+
+
+def vocabulary_error(init: InitConfig, model: ModelConfig, tokens: int, path: Path) -> ConfigError:
+    """A tokenizer with more tokens than the model's embedding. With an init checkpoint the
+    architecture is the checkpoint's (`model=` is ignored): the tokenizer is not its own."""
+    if not init.checkpoint:
+        return ConfigError("model.vocab_size", f"{model.vocab_size} is smaller than the tokenizer's {tokens} tokens "
+                           f"({path})", f"set model.vocab_size >= {tokens}")
+    if init.tokenizer:
+        return ConfigError("init.tokenizer", f"{path} has {tokens} tokens, more than the {model.vocab_size} of "
+                           f"{init.checkpoint}'s embedding: it is not this checkpoint's tokenizer",
+                           "leave init.tokenizer unset to use the checkpoint's own, or pass the one it was "
+                           "trained with")
+    return ConfigError("init.tokenizer", f"{path}, the tokenizer saved with the checkpoint, has {tokens} tokens, more "
+                       f"than the {model.vocab_size} of its embedding: they do not belong together",
+                       "pass init.tokenizer=DIR, the tokenizer the model was trained with")
 
 
 def checkpoint_template(path: Path, metadata: dict, configured: TemplateConfig,

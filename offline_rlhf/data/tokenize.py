@@ -98,11 +98,13 @@ def fit_turns(turns: Sequence[Turn], encode: Callable[[Sequence[Turn]], Encoded]
 
 
 def stop_token_ids(tokenizer, template: ChatTemplate | ChatFormat) -> set[int]:
-    """The tokens that end an answer: EOS, and with a chat template its end-of-turn marker
-    when that begins with a special token of its own (ChatML's `<|im_end|>`, Llama 3's
-    `<|eot_id|>`): a model fine-tuned from a base tokenizer, whose EOS is another token,
-    learns to end its answers with the marker."""
-    stops = {tokenizer.eos_id} - {None}
+    """The tokens that end an answer: EOS and the other ids the model's generation_config.json
+    lists (`Tokenizer.generation_eos_ids`: transformers stops at each, Llama 3.1 Instruct at
+    `<|eom_id|>` too), and with a chat template its end-of-turn marker when that begins with
+    a special token of its own (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`): a model
+    fine-tuned from a base tokenizer, whose EOS is another token, learns to end its answers
+    with the marker."""
+    stops = {tokenizer.eos_id, *tokenizer.generation_eos_ids} - {None}
     if isinstance(template, ChatFormat) and (marker := template.end_of_turn().strip()):
         first = tokenizer.backend.encode(marker, add_special_tokens=False).ids[0]
         added = tokenizer.backend.get_added_tokens_decoder().get(first)

@@ -2,6 +2,8 @@
 
 A tokenizer directory holds `tokenizer.json` and, when present, `tokenizer_config.json`
 naming the bos/eos/pad tokens, so `transformers.AutoTokenizer` loads the same directory.
+Special tokens only an older `special_tokens_map.json` names, and the extra end-of-sequence
+ids of a model's `generation_config.json` beside them, are read as transformers reads them.
 Special tokens are added explicitly (`add_bos`), never by a post-processor, so what a
 sequence starts with is decided by our data code alone.
 """
@@ -21,16 +23,19 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a chat template saved on its own (transformers >= 4.50)
+GENERATION_CONFIG_FILE = "generation_config.json"  # a model's generation defaults, copied beside its tokenizer
 ROLES = ("bos_token", "eos_token", "pad_token")
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the names of its bos/eos/pad tokens (None when absent)."""
+    """A `tokenizers.Tokenizer` plus the names of its bos/eos/pad tokens (None when absent)
+    and `generation_eos_ids`, the ids generation_config.json also ends a generation at."""
 
-    def __init__(self, backend: BackendTokenizer, config: dict | None = None):
+    def __init__(self, backend: BackendTokenizer, config: dict | None = None, generation_eos_ids: tuple[int, ...] = ()):
         self.backend = backend
         # The rest of tokenizer_config.json (chat template...) is kept so `save` loses nothing.
         self.config = dict(config or {})
+        self.generation_eos_ids = generation_eos_ids
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -42,7 +47,10 @@ class Tokenizer:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         if "chat_template" not in config and (path / CHAT_TEMPLATE_FILE).is_file():
             config["chat_template"] = (path / CHAT_TEMPLATE_FILE).read_text()  # transformers >= 4.50 saves it there
-        return cls(BackendTokenizer.from_file(str(path / TOKENIZER_FILE)), config)
+        config.update(_legacy_special_tokens(path, config))
+        backend = BackendTokenizer.from_file(str(path / TOKENIZER_FILE))
+        return cls(backend, config, _generation_eos_ids(path / GENERATION_CONFIG_FILE,
+                                                         backend.get_vocab_size(with_added_tokens=True)))
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Special-token strings inside `text` map to their ids (as in transformers)."""
@@ -77,6 +85,16 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self._special_id("pad_token")
 
+    def pad_with_eos(self) -> bool:
+        """Without a pad token, pad with EOS (in memory only: the files stay as they are), and
+        say whether it did, for the caller to log. Padding is masked wherever it is made:
+        batches give it a document id of its own (attention, labels, the reward's read
+        position ignore it), generation's left padding is outside its `real` mask."""
+        if self.pad_id is not None or self.eos_id is None:
+            return False
+        self.config["pad_token"] = self.config["eos_token"]
+        return True
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -98,6 +116,34 @@ class Tokenizer:
         (path / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
         special = {role: self.config[role] for role in ROLES if self.config.get(role) is not None}
         (path / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+
+
+def _legacy_special_tokens(path: Path, config: dict) -> dict:
+    """The special tokens (`bos_token`, `eos_token`...) of special_tokens_map.json, which
+    transformers reads, over tokenizer_config.json's, when tokenizer_config.json has no
+    `added_tokens_decoder` (older saves, and transformers 5's); otherwise it ignores the file."""
+    special_map = path / SPECIAL_TOKENS_MAP_FILE
+    if "added_tokens_decoder" in config or not special_map.is_file():
+        return {}
+    return {key: value for key, value in json.loads(special_map.read_text()).items()
+            if key.endswith("_token") and value is not None}
+
+
+def _generation_eos_ids(path: Path, vocab_size: int) -> tuple[int, ...]:
+    """generation_config.json's `eos_token_id` (an id or a list; Qwen2.5-Instruct's lists
+    <|im_end|> and <|endoftext|>, Llama 3.1 Instruct's three ids), every one a token of
+    this tokenizer; () without the file or the key."""
+    if not path.is_file():
+        return ()
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError) as error:
+        raise ConfigError(str(path), f"is not a JSON object ({error})", "fix or delete the file") from None
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(type(token) is int and 0 <= token < vocab_size for token in ids):
+        raise ConfigError(f"{path}: eos_token_id", f"{value!r} is not a token id or list of token ids of this "
+                          f"tokenizer (0..{vocab_size - 1})", "fix or delete it")
+    return tuple(ids)
 
 
 def _token_content(value: str | dict | None) -> str | None:

@@ -4,7 +4,9 @@ and `eval`.
 
 A reward is the value head's output at the last real token of `prompt + response + EOS`,
 tokenized exactly as in reward-model training (`encode_sft`, same template and length
-limit), so a score here equals the score training saw for the same text.
+limit), so a score here equals the score training saw for the same text. An imported
+transformers reward model whose pad token is its EOS is read where transformers reads it,
+at the token before a trailing EOS (`scored_lengths`).
 """
 
 from __future__ import annotations
@@ -32,15 +34,27 @@ from offline_rlhf.models.llama import last_token_values
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, autocast_for
-from offline_rlhf.stage_support import checkpoint_of_head, note_untrusted
+from offline_rlhf.stage_support import SCORED_BEFORE_TOKEN, checkpoint_of_head, note_once, note_untrusted
 
 MAX_SEQ_LEN = "max_seq_len"  # checkpoint metadata written by `orlhf rm` (REWARD_STATS too: checkpoint.py)
 
 
 def sequence_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B] rewards of right-padded one-document rows, each read at its last real token."""
+    """[B] rewards of right-padded one-document rows, each read at its last real token
+    (`scored_lengths`)."""
     values = model(batch["tokens"], positions=batch["positions"])  # [B, T]
-    return last_token_values(values, (batch["document_ids"] != PAD_DOCUMENT).sum(1))
+    return last_token_values(values, scored_lengths(batch, getattr(model, SCORED_BEFORE_TOKEN, None)))
+
+
+def scored_lengths(batch: dict[str, torch.Tensor], skipped: int | None = None) -> torch.Tensor:
+    """[B] each row's length up to the token its reward is read at: its last real token,
+    or with `skipped` (an imported model's pad token that is its EOS) the last real one that
+    is not `skipped`, as transformers' `*ForSequenceClassification` reads it."""
+    real = batch["document_ids"] != PAD_DOCUMENT
+    if skipped is None:
+        return real.sum(1)
+    kept = real & (batch["tokens"] != skipped)
+    return (torch.arange(kept.shape[1], device=kept.device) * kept).argmax(1) + 1
 
 
 def encode_responses(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
@@ -152,20 +166,28 @@ def load_reward_model(ckpt: str, rt: Runtime, key: str = "ckpt") -> tuple[nn.Mod
 
 def reward_checkpoint(ckpt: str, key: str = "ckpt") -> tuple[Path, CheckpointMeta, Tokenizer]:
     """A value-head checkpoint's path, metadata and tokenizer, without its weights: what a
-    stage needs to read its inputs as the model will score them, before the slow load."""
+    stage needs to read its inputs as the model will score them, before the slow load. A
+    tokenizer without a pad token pads with EOS, as the training stages do (`load_tokenizer`)."""
     path = resolve_checkpoint(ckpt, key)
     meta = checkpoint_of_head(path, "value", key)
     if not (path / TOKENIZER_DIR).is_dir():
         raise ConfigError(key, f"{path} has no {TOKENIZER_DIR}/ folder", "score with a checkpoint that has one")
-    return path, meta, Tokenizer.from_dir(path / TOKENIZER_DIR)
+    tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR)
+    tokenizer.pad_with_eos()  # padding is masked: which id fills it never shows in a score
+    if SCORED_BEFORE_TOKEN in meta.metadata:
+        note_once(f"{key}: {path} is an imported reward model whose pad token is its EOS: its scores are read at the "
+                  "last token before a trailing EOS, as transformers reads them")
+    return path, meta, tokenizer
 
 
 def reward_weights(path: Path, meta: CheckpointMeta, rt: Runtime) -> nn.Module:
     """The reward model of `reward_checkpoint` in the runtime's layout (FSDP over DP, like
-    training: score_sequences runs the same forwards on every rank)."""
+    training: score_sequences runs the same forwards on every rank), carrying where its
+    scores are read (its `SCORED_BEFORE_TOKEN`, an attribute) to `sequence_rewards`."""
     model = build_model(meta.model, "value", rt.dims, rt.mesh, rt.device)
     note_untrusted(path, rt)
     load_checkpoint(path, model, group=rt.group)
+    setattr(model, SCORED_BEFORE_TOKEN, meta.metadata.get(SCORED_BEFORE_TOKEN))
     return model
 
 

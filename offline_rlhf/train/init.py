@@ -8,7 +8,8 @@ from typing import Callable
 
 from torch import nn
 
-from offline_rlhf.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
+from offline_rlhf.checkpoint import latest_checkpoint, load_checkpoint, read_meta, resolve_checkpoint
+from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import InitConfig, ModelConfig
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.parallel.parallelize import build_model
@@ -17,6 +18,7 @@ from offline_rlhf.stage_support import load_tokenizer, note_untrusted
 
 # What an init checkpoint of the other head (an SFT model for a reward model) cannot hold.
 NEW_HEAD_PARAMETERS = {"lm": (), "value": ("score.weight",)}
+HEAD_NAMES = {"lm": "a language model (lm head)", "value": "a reward model (value head)"}
 
 
 @dataclass
@@ -32,6 +34,7 @@ def prepare_training(init: InitConfig, model_cfg: ModelConfig, head: str, rt: Ru
     """Tokenizer, model in the runtime's layout, and its starting weights: the stage's own
     checkpoint when resuming, else `init.checkpoint` (partially for a new value head),
     else the seeded random init. `before_load` runs between building and loading."""
+    check_init_head(init, head, rt.stage_dir.name)
     tokenizer, tokenizer_path = load_tokenizer(init, model_cfg)
     model = build_model(model_cfg, head, rt.dims, rt.mesh, rt.device, seed=seed)
     if before_load is not None:
@@ -39,6 +42,18 @@ def prepare_training(init: InitConfig, model_cfg: ModelConfig, head: str, rt: Ru
     checkpoints = rt.stage_dir / "checkpoints"
     rt.log(initialize_weights(init, model, checkpoints, may_lack=NEW_HEAD_PARAMETERS[head], rt=rt))
     return TrainingSetup(model, tokenizer, tokenizer_path, checkpoints)
+
+
+def check_init_head(init: InitConfig, head: str, stage: str) -> None:
+    """A language model may start a reward model (its new value head starts random), but a
+    reward model cannot start a language model: it has no lm head to generate with."""
+    if not init.checkpoint or head != "lm":
+        return
+    path = resolve_checkpoint(init.checkpoint, "init.checkpoint")
+    theirs = read_meta(path).head
+    if theirs != head:
+        raise ConfigError("init.checkpoint", f"{path} is {HEAD_NAMES[theirs]}; {stage} needs {HEAD_NAMES[head]}",
+                          "pass an SFT, aligned or imported language-model checkpoint")
 
 
 def initialize_weights(init: InitConfig, model: nn.Module, resume_root: Path, may_lack: tuple[str, ...] = (),

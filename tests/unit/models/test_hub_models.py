@@ -57,7 +57,7 @@ def test_init_checkpoint_by_repo_id_is_imported_once_into_the_run(tmp_path, monk
 
     stamp = (imported / "step_00000000" / ".metadata").stat().st_mtime_ns
     assert local_init(InitConfig(checkpoint=repo), run_dir) == init  # a later stage or rerun reuses it
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out.startswith(f"init.checkpoint: reusing the import of {repo} made at ")
     assert (imported / "step_00000000" / ".metadata").stat().st_mtime_ns == stamp
 
 
