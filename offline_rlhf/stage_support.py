@@ -241,6 +241,15 @@ def load_tokenizer(init: InitConfig, model: ModelConfig) -> tuple[Tokenizer, Pat
     return tokenizer, path
 
 
+def checkpoint_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer saved with checkpoint `path`, for a stage that only runs the model: one
+    without a pad token pads with EOS, as the training stages do (padding is masked, so which
+    id fills it never shows in an answer or a score)."""
+    tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR)
+    tokenizer.pad_with_eos()
+    return tokenizer
+
+
 def vocabulary_error(init: InitConfig, model: ModelConfig, tokens: int, path: Path) -> ConfigError:
     """A tokenizer with more tokens than the model's embedding. With an init checkpoint the
     architecture is the checkpoint's (`model=` is ignored): the tokenizer is not its own."""

@@ -34,7 +34,13 @@ from offline_rlhf.models.llama import last_token_values
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, autocast_for
-from offline_rlhf.stage_support import SCORED_BEFORE_TOKEN, checkpoint_of_head, note_once, note_untrusted
+from offline_rlhf.stage_support import (
+    SCORED_BEFORE_TOKEN,
+    checkpoint_of_head,
+    checkpoint_tokenizer,
+    note_once,
+    note_untrusted,
+)
 
 MAX_SEQ_LEN = "max_seq_len"  # checkpoint metadata written by `orlhf rm` (REWARD_STATS too: checkpoint.py)
 
@@ -172,8 +178,7 @@ def reward_checkpoint(ckpt: str, key: str = "ckpt") -> tuple[Path, CheckpointMet
     meta = checkpoint_of_head(path, "value", key)
     if not (path / TOKENIZER_DIR).is_dir():
         raise ConfigError(key, f"{path} has no {TOKENIZER_DIR}/ folder", "score with a checkpoint that has one")
-    tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR)
-    tokenizer.pad_with_eos()  # padding is masked: which id fills it never shows in a score
+    tokenizer = checkpoint_tokenizer(path)
     if SCORED_BEFORE_TOKEN in meta.metadata:
         note_once(f"{key}: {path} is an imported reward model whose pad token is its EOS: its scores are read at the "
                   "last token before a trailing EOS, as transformers reads them")

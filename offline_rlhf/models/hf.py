@@ -24,7 +24,6 @@ from offline_rlhf.hub import TOKENIZER_FILES
 from offline_rlhf.models.llama import Transformer
 
 CONFIG_FILE = "config.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -192,16 +191,19 @@ def _applied_sliding_window(hf_config: dict) -> tuple[int, int] | None:
     return (window, windowed[0]) if windowed else None
 
 
-def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", extra: dict | None = None) -> dict:
+def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", extra: dict | None = None,
+                 scored_before_eos: bool = False) -> dict:
     """ModelConfig -> a `config.json` dict that transformers loads. Qwen2 when there are q/k/v
     biases (Llama's attention_bias would add an o_proj bias too), Mistral for an imported
     model with a sliding window (it is restored, so transformers reproduces the source
     model past max_seq_len too), Llama otherwise. head=value
     is `*ForSequenceClassification` with one label; it needs `pad_token_id` in `extra`,
-    since HF reads the score at the last non-pad token. `extra` (token ids...) is merged in."""
+    since HF reads the score at the last non-pad token. `extra` (token ids...) is merged in.
+    `scored_before_eos`: the model reads its score where HF does when pad == eos (an imported
+    reward model that recorded so), so that case needs no warning."""
     extra = extra or {}
     if head == "value":
-        _check_pad_token_for_scoring(extra)
+        _check_pad_token_for_scoring(extra, scored_before_eos)
     family = "Qwen2" if cfg.qkv_bias else "Mistral" if cfg.sliding_window is not None else "Llama"
     task = "ForCausalLM" if head == "lm" else "ForSequenceClassification"
     rope_scaling = None
@@ -239,14 +241,15 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", ext
     return {**hf, **extra}
 
 
-def _check_pad_token_for_scoring(token_ids: dict) -> None:
+def _check_pad_token_for_scoring(token_ids: dict, scored_before_eos: bool) -> None:
     """HF sequence classifiers score the rightmost token that is not `pad_token_id`; our
     reward model scores the last real token, which is eos when pad == eos would skip it."""
     if token_ids.get("pad_token_id") is None:
         raise ConfigError("pad_token_id", "a value-head export needs the pad token id",
                           "export from a checkpoint with a tokenizer/ folder that defines a pad token")
     eos = token_ids.get("eos_token_id")
-    if token_ids["pad_token_id"] == (eos[0] if isinstance(eos, list) else eos):  # a list starts with the EOS
+    eos = eos[0] if isinstance(eos, list) else eos  # a list starts with the EOS
+    if token_ids["pad_token_id"] == eos and not scored_before_eos:
         warnings.warn("pad_token_id == eos_token_id: transformers will score the token before a trailing eos, "
                       "not the eos our reward model scores; use a tokenizer with a distinct pad token")
 

@@ -16,7 +16,7 @@ from offline_rlhf.data.template import ChatTemplate, Turn
 from offline_rlhf.data.tokenize import encode_prompt, stop_token_ids
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.runtime import Runtime
-from offline_rlhf.stage_support import checkpoint_template, dt_target, load_inference_model
+from offline_rlhf.stage_support import checkpoint_template, checkpoint_tokenizer, dt_target, load_inference_model
 
 
 @dataclass
@@ -45,7 +45,7 @@ def load_served_model(cfg: ServeConfig, path: Path, rt: Runtime) -> ServedModel:
                           "serve a checkpoint saved with its tokenizer")
     template = checkpoint_template(path, meta.metadata, cfg.template)
     score = cfg.reward_prompt if cfg.reward_prompt is not None else dt_target(meta.metadata, path)
-    tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR)
+    tokenizer = checkpoint_tokenizer(path)
     model = load_inference_model(path, "lm", rt, "ckpt", decoding=True)
     return ServedModel(name=cfg.model_name or default_name(path), model=model, tokenizer=tokenizer,
                        template=template, reward_prefix="" if score is None else template.reward_prompt(score),

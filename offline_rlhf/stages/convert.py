@@ -31,18 +31,17 @@ from offline_rlhf.data.chat_template import (
     with_reward_prompt,
 )
 from offline_rlhf.data.tokenize import stop_token_ids
-from offline_rlhf.data.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILE, Tokenizer
+from offline_rlhf.data.tokenizer import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from offline_rlhf.hub import resolve_dir
 from offline_rlhf.models.hf import (
     CONFIG_FILE,
-    GENERATION_CONFIG_FILE,
     config_to_hf,
     copy_tokenizer_files,
     hf_head,
     hf_state_dict,
     write_hf_weights,
 )
-from offline_rlhf.stage_support import dt_target, empty_model, import_hf, num_params
+from offline_rlhf.stage_support import SCORED_BEFORE_TOKEN, dt_target, empty_model, import_hf, num_params
 
 __all__ = ["empty_model", "export_hf", "import_hf", "main", "special_token_ids"]
 
@@ -82,7 +81,8 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
     # in transformers), so its raw scores can be z-scored as `orlhf label` does.
     stats = {REWARD_STATS: meta.metadata[REWARD_STATS]} if REWARD_STATS in meta.metadata else {}
     token_ids = special_token_ids(tokenizer_dir, meta.metadata.get(TEMPLATE))
-    hf_config = config_to_hf(meta.model, meta.head, dtype, extra={**token_ids, **stats})
+    hf_config = config_to_hf(meta.model, meta.head, dtype, extra={**token_ids, **stats},
+                             scored_before_eos=SCORED_BEFORE_TOKEN in meta.metadata)
     files = write_hf_weights(hf_state_dict(model, dtype), out)
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     copied = copy_tokenizer_files(tokenizer_dir, out) if tokenizer_dir.is_dir() else []
@@ -166,16 +166,10 @@ def special_token_ids(tokenizer_dir: Path, template: dict | None = None) -> dict
         return {}
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     eos = tokenizer.eos_id
-    stops = set(generation_eos_ids(tokenizer_dir / GENERATION_CONFIG_FILE))
+    stops = set(tokenizer.generation_eos_ids)
     if template is not None and template.get("kind") == "chat":
         stops |= stop_token_ids(tokenizer, build_template(template, tokenizer.config))
     extra = stops - {eos}
     eos = [eos, *sorted(extra)] if extra and eos is not None else eos
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id}
     return {key: value for key, value in ids.items() if value is not None}
-
-
-def generation_eos_ids(path: Path) -> list[int]:
-    """The eos_token_id of a generation_config.json (an id or a list), [] without one."""
-    value = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-    return value if isinstance(value, list) else [] if value is None else [value]

@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
 
+from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.cli import main as cli
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.config.schema import InitConfig, ModelConfig
+from offline_rlhf.config.schema import GenerationConfig, InitConfig, ModelConfig, ParallelConfig
+from offline_rlhf.config.serving import ServeConfig
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import stop_token_ids
 from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.generation.engine import generate
 from offline_rlhf.labeling.scoring import encode_responses, reward_checkpoint, scoring_setup
 from offline_rlhf.parallel.dims import ParallelDims
+from offline_rlhf.serving.model import load_served_model
 from offline_rlhf.stage_support import load_tokenizer, local_init, model_config, tokenizer_dir
+from offline_rlhf.stages.convert import export_hf
 from offline_rlhf.train.init import prepare_training
 from tests.fixtures import runtime_for
 from tests.synthetic_preferences import VOCAB
@@ -104,6 +110,18 @@ def test_a_reward_model_whose_pad_is_eos_scores_as_transformers(tmp_path, rm_tok
     ours, theirs = rm_scores_against_transformers(tmp_path, tokenizer, pad_token_id=EOS)
     assert ours == pytest.approx(theirs, abs=1e-4)  # read at the token before the trailing EOS
     assert "scored at the last token before a trailing EOS" in capsys.readouterr().out
+
+
+def test_a_reward_model_whose_pad_is_eos_exports_without_a_false_warning(tmp_path, rm_tokenizer_dir):
+    """The export warned that transformers would score another token than ours; an import
+    that recorded `scored_before_token` is scored where transformers scores it."""
+    tokenizer = tokenizer_copy(rm_tokenizer_dir, tmp_path / "tok", pad_token="<|eos|>")
+    hf_folder(tmp_path / "hf", tokenizer, task="SequenceClassification", pad_token_id=EOS)
+    assert cli(["convert", "import_hf", f"hf_dir={tmp_path / 'hf'}", f"out={tmp_path / 'rm'}", "head=value"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_hf(tmp_path / "rm", tmp_path / "out", head="value")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["pad_token_id"] == EOS
 
 
 def test_a_reward_model_without_a_pad_token_scores(tmp_path, rm_tokenizer_dir):
@@ -198,3 +216,16 @@ def test_where_both_files_name_eos_the_same_one_wins_as_in_transformers(tmp_path
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     theirs = transformers.AutoTokenizer.from_pretrained(path)
     assert Tokenizer.from_dir(path).eos_id == theirs.eos_token_id == (PAD if decoder else EOS)
+
+
+def test_a_model_whose_tokenizer_has_no_pad_token_serves(tmp_path, rm_tokenizer_dir):
+    """serve (and eval) passed the tokenizer's pad id, None, to the engine's left padding."""
+    hf_folder(tmp_path / "hf", tokenizer_copy(rm_tokenizer_dir, tmp_path / "tok", pad_token=None))
+    assert cli(["convert", "import_hf", f"hf_dir={tmp_path / 'hf'}", f"out={tmp_path / 'lm'}"]) == 0
+    path = resolve_checkpoint(tmp_path / "lm")
+    rt = runtime_for(ParallelDims.build(ParallelConfig(), 1, read_meta(path).model), None, tmp_path / "serve")
+    served = load_served_model(ServeConfig(ckpt=str(path)), path, rt)
+    assert served.tokenizer.pad_id == EOS
+    prompts = [served.tokenizer.encode(text, add_bos=True) for text in ("a longer prompt here", "hi")]
+    answers = generate(served.model, prompts, GenerationConfig(max_new_tokens=4), EOS, served.tokenizer.pad_id, "cpu")
+    assert len(answers) == 2 and all(1 <= len(answer) <= 4 for answer in answers)
