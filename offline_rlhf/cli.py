@@ -67,6 +67,11 @@ STAGES = {
                       "run a whole pipeline here (default: the embedded demo), resuming after failures"),
 }
 
+# Stages whose rerun after Ctrl-C goes on from the work saved so far: checkpoints (sft, rm,
+# align, ppo), fsynced shards or call logs (generate, reference, judge), each model's
+# answers (eval), the stages a pipeline finished (launch, pipeline). The others start over.
+RESUMABLE = frozenset({"sft", "rm", "generate", "reference", "align", "eval", "judge", "ppo", "launch", "pipeline"})
+
 
 def usage() -> str:
     lines = ["usage: orlhf STAGE [key=value ...] [--cfg]", "", "stages:"]
@@ -243,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     except SystemExit as stop:  # a stage that stopped on request (its work saved): its exit status
         code = stop.code if isinstance(stop.code, int) else 1
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; a rerun resumes from the last checkpoint
-        say_once(f"orlhf {argv[0] if argv else ''}: interrupted (Ctrl-C); rerun the same command to resume")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback, saying whether a rerun resumes
+        say_once(interrupted_line(argv[0] if argv else ""))
         code = 130
     except BrokenPipeError:  # the reader went away (`orlhf sft --help | head`): stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
@@ -252,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         _exit_without_teardown(code)
     return code
+
+
+def interrupted_line(name: str) -> str:
+    """What Ctrl-C leaves, for stage `name`: resumable work, or nothing."""
+    then = "rerun the same command to resume" if name in RESUMABLE else \
+        "nothing was kept: rerun the same command to start it over"
+    return f"orlhf {name}: interrupted (Ctrl-C); {then}"
 
 
 def say_once(message: str) -> None:

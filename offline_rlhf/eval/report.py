@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from offline_rlhf.config.training import PREFERENCE_METHODS
 from offline_rlhf.eval.results import score_cells
 from offline_rlhf.ledger import COMPLETED, FAILED, INTERRUPTED, LedgerRow, killed, read_ledger, result_chain
 from offline_rlhf.metrics import read_metrics
-from offline_rlhf.stage_support import checkpoint_digest
+from offline_rlhf.stage_support import checkpoint_digest, within_run
 
 SAMPLES = ("generate", "label")  # every offline method's data starts here (counted for each)
 MIX = "mix"  # the reward-labeled alignment set of the paper's methods
@@ -43,6 +44,7 @@ PPO = "ppo"
 PPO_ACTOR = "ppo_actor"  # the stage that trains the policy (ppo_baseline/stage.py)
 
 
+RUN_DIR = "${run_dir}"  # how `within_run` writes the run folder in a path
 SUPERSEDED = "superseded"  # completed, but its result is not the stage's (a fresh rerun replaced it)
 
 
@@ -226,12 +228,14 @@ def side_by_side(results: dict | None, judge: dict | None, rows: list[dict], run
     must not show SFT's quality at PPO's cost)."""
     costs = {row["method"]: row for row in rows}
     table, info = (results["table"], results.get("models", {})) if results else ({}, {})
-    stale = stale_evaluations(results) if run_dir is not None else {}
+    here = relocated(results, run_dir) if run_dir is not None else None
+    stale = stale_evaluations(results, here) if here is not None else {}
     judged = judge_scores(judge)
     entries = []
     for name in dict.fromkeys([*table, *judged, *costs]):
         model = info.get(name, {})
-        elsewhere = _trained_elsewhere(name, model.get("checkpoint"), run_dir) if name in costs else None
+        checkpoint = here(model["checkpoint"]) if here is not None and model.get("checkpoint") else None
+        elsewhere = _trained_elsewhere(name, checkpoint, run_dir) if name in costs else None
         cost = costs[name] if name in costs and not elsewhere else {}
         entries.append({"model": name, "quality": {} if name in stale else table.get(name, {}),
                         "judge": judged.get(name), "cut_off": model.get("cut_off"),
@@ -241,15 +245,29 @@ def side_by_side(results: dict | None, judge: dict | None, rows: list[dict], run
     return entries
 
 
-def stale_evaluations(results: dict | None) -> dict[str, str]:
+def relocated(results: dict | None, run_dir: Path) -> Callable[[str], str]:
+    """A path `orlhf eval` recorded (absolute, inside the run folder as it was then) as it
+    is inside `run_dir` now: a run folder moved whole (scratch to project storage) keeps its
+    evaluated checkpoints beside their stages' device-hours. Paths outside the run, and those
+    of an eval that recorded no run_dir, stay as recorded."""
+    inside = within_run((results or {}).get("run_dir"))
+
+    def here(path: str) -> str:
+        mapped = inside(path)
+        return str(run_dir) + mapped[len(RUN_DIR):] if mapped.startswith(RUN_DIR) else mapped
+    return here
+
+
+def stale_evaluations(results: dict | None, here: Callable[[str], str] = str) -> dict[str, str]:
     """Per evaluated model whose checkpoint changed since `orlhf eval` answered with it, why:
     the configured checkpoint (a root: its `latest`) resolves to another step now, or the
     evaluated step was rewritten (its `checkpoint_digest` differs: a rerun trained another
-    model into the same folder). Models whose configured path is gone (a moved run) or that
-    an older eval recorded without a digest are not checked."""
+    model into the same folder). Recorded paths are read through `here` (see `relocated`).
+    Models whose configured path is gone or that an older eval recorded without a digest are
+    not checked."""
     stale = {}
     for name, model in (results or {}).get("models", {}).items():
-        configured, digest = model.get("configured"), model.get("checkpoint_sha256")
+        configured, digest = here(model.get("configured") or ""), model.get("checkpoint_sha256")
         if not configured or not digest or not Path(configured).exists():
             continue
         try:
@@ -257,7 +275,7 @@ def stale_evaluations(results: dict | None) -> dict[str, str]:
         except ConfigError:
             stale[name] = f"{configured} holds no complete checkpoint any more"
             continue
-        if now.resolve() != Path(model["checkpoint"]).resolve():
+        if now.resolve() != Path(here(model["checkpoint"])).resolve():
             stale[name] = f"{configured} now resolves to {now.name}, not the evaluated {Path(model['checkpoint']).name}"
         elif checkpoint_digest(now) != digest:
             stale[name] = f"{now} was rewritten since (a rerun trained another model into it)"
@@ -489,7 +507,7 @@ def report_markdown(run_dir: Path, results: dict | None, judge: dict | None, jud
                   f"on the same prompts; cut off: answers that reached max_new_tokens={results['max_new_tokens']}"
                   + (f"; gold reward: {results['gold']}" if results.get("gold") else "") + ".", ""]
         if results.get("rm"):
-            lines += [_rm_note(run_dir, results["rm"]), ""]
+            lines += [_rm_note(run_dir, relocated(results, run_dir)(results["rm"])), ""]
     lines += [side_by_side_markdown(entries, results, judge, judge_check)]
     if figures.get("cost_quality"):
         lines += [f"![device-hours and quality per method]({figures['cost_quality'].relative_to(run_dir)})", ""]

@@ -8,30 +8,37 @@ mean of its answers': its samples are not independent evidence), and how many an
 cut off at max_new_tokens.
 
 Every checkpoint, the reward model and the gold reward are checked before any model
-answers, so a typo in the last model's path costs seconds, not a generation run."""
+answers, so a typo in the last model's path costs seconds, not a generation run.
+
+A model's answers are saved (atomically) to `answered/<model>.json` as soon as it has
+answered, with what they depend on: a rerun after Ctrl-C or a crash reuses them instead of
+answering again, and so does any later run under the same inputs (the files stay: a
+rerun with changed settings answers again only with the models they change)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from offline_rlhf.checkpoint import TOKENIZER_DIR, CheckpointMeta, resolve_checkpoint
-from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.checkpoint import CheckpointMeta, resolve_checkpoint
+from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.evaluation import EvalConfig
+from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.data.chat_template import paper_template
 from offline_rlhf.data.prompts import PromptTurns, read_prompt_file_turns, read_prompt_turns
 from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
-from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.eval.gold import check_prompts, load_gold
 from offline_rlhf.eval.results import prompt_means, results_markdown, summarize
-from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.fsutil import fsync_dir, write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Completion, Request, TokenCallback, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import shard_indices
@@ -40,16 +47,21 @@ from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scorin
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, raise_everywhere, stage_runtime
 from offline_rlhf.stage_support import (
+    check_resumable,
     checkpoint_digest,
     checkpoint_of_head,
     checkpoint_template,
+    checkpoint_tokenizer,
     dt_target,
     load_inference_model,
     mark_done,
+    model_fingerprint,
 )
 
 STAGE = "eval"
 RESULTS = "results.json"
+ANSWERED = "answered"  # answered/<model>.json: a model's answers and their inputs (`save_answers`)
+ANSWERS_SCHEMA = 1  # what a saved answer is: [response, finished, prompt cut]
 T = TypeVar("T")
 
 
@@ -92,7 +104,7 @@ def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
     prompt by prompt, on every rank (DP replicas split the prompts; finished is False for an
     answer cut at max_new_tokens; a prompt is cut when it does not fit the model's context
     beside max_new_tokens), and the number of tokens generated."""
-    tokenizer = Tokenizer.from_dir(model.path / TOKENIZER_DIR)
+    tokenizer = checkpoint_tokenizer(model.path)
     policy = load_inference_model(model.path, "lm", rt, f"models[{model.name}].checkpoint", decoding=True)
     template = model.template
     prefix = "" if model.reward_prompt is None else template.reward_prompt(model.reward_prompt)
@@ -179,13 +191,19 @@ def main(cfg: EvalConfig) -> int:
         gold = on_main(rt, lambda: load_gold(cfg.gold, rt.device, cfg.batch_size, template))
         answers, finished, cut = {}, {}, {}
         for model in models:
-            rt.log(f"eval: {model.name} answers {len(prompts)} prompts" + (
-                f" ({cfg.generation.n} samples each)" if cfg.generation.n > 1 else "") + (
-                f" (reward prompt {model.reward_prompt:.1f} from the {model.reward_prompt_from})"
-                if model.reward_prompt is not None else ""))
-            answered, generated = answer_prompts(model, prompts, cfg, rt)
+            inputs = answer_inputs(model, prompts, cfg) if rt.is_main else None
+            answered = saved_answers(model, inputs, rt)
+            usage.resumed = usage.resumed or answered is not None  # continues an earlier execution's answers
+            if answered is None:
+                rt.log(f"eval: {model.name} answers {len(prompts)} prompts" + (
+                    f" ({cfg.generation.n} samples each)" if cfg.generation.n > 1 else "") + (
+                    f" (reward prompt {model.reward_prompt:.1f} from the {model.reward_prompt_from})"
+                    if model.reward_prompt is not None else ""))
+                answered, generated = answer_prompts(model, prompts, cfg, rt)
+                usage.tokens += generated
+                if rt.is_main:
+                    save_answers(answered_path(rt, model), inputs, answered)
             answers[model.name], finished[model.name], cut[model.name] = (list(column) for column in zip(*answered))
-            usage.tokens += generated
             if any(cut[model.name]):
                 rt.log(f"eval: {sum(cut[model.name]) // cfg.generation.n} of {len(prompts)} prompts were cut to fit "
                        f"{model.name}'s context (max_seq_len {model.meta.model.max_seq_len} - max_new_tokens "
@@ -203,6 +221,67 @@ def main(cfg: EvalConfig) -> int:
                     scores[name] = {"gold": gold.score(list(zip(texts, replies)), finished[name]), **scores[name]}
             write_results(rt, cfg, models, prompts, answers, finished, cut, scores)
     return 0
+
+
+@dataclass(frozen=True)
+class AnswerInputs:
+    """What a model's answers depend on besides its checkpoint, which `model_fingerprint`
+    adds as generate's shards have it: the step folder resolved, and its identity (another
+    training's step saved under the same name differs). Settings that leave every answer as
+    it is (`generation.batch_size`, CUDA graphs...) drop out as they do there."""
+
+    run_dir: str
+    generation: GenerationConfig
+    template: ChatTemplate
+    reward_prompt: float | None
+    prompts_sha256: str
+    schema: int = ANSWERS_SCHEMA
+
+
+def answer_inputs(model: Model, prompts: list[PromptTurns], cfg: EvalConfig) -> dict[str, object]:
+    held_out = json.dumps([[text, turns_field(turns)] for text, turns in prompts]).encode()
+    inputs = AnswerInputs(cfg.run_dir, cfg.generation, model.template, model.reward_prompt,
+                          hashlib.sha256(held_out).hexdigest())
+    return model_fingerprint(inputs, model.path)
+
+
+def answered_path(rt: Runtime, model: Model) -> Path:
+    return rt.stage_dir / ANSWERED / f"{model.name}.json"
+
+
+def save_answers(path: Path, inputs: dict[str, object], answered: list[tuple[str, bool, bool]]) -> None:
+    """A model's answers and their `inputs`, durably (temporary sibling, fsync, rename, fsync
+    of the folder). In the stage folder, which a run never clears: they outlive Ctrl-C."""
+    write_atomic(path, json.dumps({"inputs": inputs, "answers": answered}))
+    fsync_dir(path.parent)
+
+
+def saved_answers(model: Model, inputs: dict[str, object] | None, rt: Runtime) -> list | None:
+    """The model's answers an earlier run saved under the same `inputs`, or None: answer
+    again. Rank 0 reads and decides; every rank gets its answers (or None)."""
+    found = _matching_answers(answered_path(rt, model), inputs, model.name, rt) if rt.is_main else None
+    if rt.group is not None:
+        box = [found]
+        dist.broadcast_object_list(box, src=0, group=rt.group)
+        found = box[0]
+    return found
+
+
+def _matching_answers(path: Path, inputs: dict[str, object], name: str, rt: Runtime) -> list | None:
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        check_resumable(saved["inputs"], inputs, path)
+    except ResumeRefused as err:
+        rt.log(f"eval {name}: answering again: {err.key} changed since {path} was written")
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # not as this stage writes it
+        rt.log(f"eval {name}: answering again: {path} is unreadable ({err})")
+        return None
+    written = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    rt.log(f"eval {name}: reusing its {len(saved['answers'])} answers from {path} (written {written})")
+    return saved["answers"]
 
 
 def write_results(rt: Runtime, cfg: EvalConfig, models: list[Model], prompts: list[PromptTurns],
@@ -227,8 +306,11 @@ def write_results(rt: Runtime, cfg: EvalConfig, models: list[Model], prompts: li
                      "checkpoint_sha256": checkpoint_digest(m.path), "reward_prompt": m.reward_prompt,
                      "reward_prompt_from": m.reward_prompt_from, "cut_off": cut_off[m.name],
                      "prompts_truncated": sum(cut[m.name]) // n} for m in models}
-    results = {"baseline": cfg.baseline, "prompts": len(prompts), "samples_per_prompt": n,
-               "answers": len(prompts) * n, "gold": cfg.gold, "rm": cfg.rm,
+    # run_dir: the report maps the absolute paths above into the run folder where it finds them
+    # (a run folder moved whole keeps its device-hours beside its evaluation).
+    results = {"run_dir": str(Path(cfg.run_dir).absolute()), "baseline": cfg.baseline, "prompts": len(prompts),
+               "samples_per_prompt": n, "answers": len(prompts) * n, "gold": cfg.gold,
+               "rm": str(Path(cfg.rm).absolute()) if cfg.rm else cfg.rm,
                "max_new_tokens": cfg.generation.max_new_tokens, "models": info, "table": table}
     markdown = results_markdown(table, cfg.baseline, cut_off, len(prompts) * n)
     write_atomic(rt.stage_dir / RESULTS, json.dumps(results, indent=2))

@@ -142,7 +142,8 @@ def test_ctrl_c_is_one_line_and_an_interrupted_row(labeled, tmp_path):
     stage.send_signal(signal.SIGINT)
     _, err = stage.communicate(timeout=60)
     assert stage.returncode == 130
-    assert err.decode().strip().splitlines()[-1] == "orlhf mix: interrupted (Ctrl-C); rerun the same command to resume"
+    assert err.decode().strip().splitlines()[-1] == \
+        "orlhf mix: interrupted (Ctrl-C); nothing was kept: rerun the same command to start it over"
     assert [row.status for row in read_ledger(run_dir)] == ["interrupted"]
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
-from offline_rlhf.eval.report import _rm_note, side_by_side, side_by_side_markdown, stale_evaluations, table3_markdown
+from offline_rlhf.eval.report import (
+    _rm_note,
+    report_markdown,
+    side_by_side,
+    side_by_side_markdown,
+    stale_evaluations,
+    table3_markdown,
+)
 from offline_rlhf.stage_support import checkpoint_digest
 from tests.fixtures import reference_model
 from tests.synthetic_preferences import MODEL
@@ -66,6 +73,25 @@ def test_a_methods_cost_goes_only_to_a_model_its_stage_trained(tmp_path):
     entries = {e["model"]: e for e in side_by_side(trained, None, COSTS, tmp_path)}
     assert entries["ppo"]["device_hours"] == 10.0 and entries["ppo"]["cost_elsewhere"] is None
     assert entries["dt"]["device_hours"] == 2.0  # a method nobody evaluated keeps its cost row
+
+
+def test_a_run_folder_moved_whole_keeps_its_costs_beside_its_evaluation(tmp_path):
+    """eval records absolute paths: after `mv run moved` every method lost its device-hours
+    (its checkpoint was "not from" the moved stage folder), and a checkpoint trained on
+    since was not found to be stale."""
+    old = tmp_path / "run"
+    sft, ppo = old / "sft" / "checkpoints", old / "ppo" / "checkpoints"
+    results = {**evaluated({"sft": (sft, save_step(sft, 4, 1e-3)), "ppo": (ppo, save_step(ppo, 40, 1e-3))}),
+               "run_dir": str(old), "rm": str(old / "rm" / "checkpoints")}
+    moved = tmp_path / "moved"
+    old.rename(moved)
+    entries = {e["model"]: e for e in side_by_side(results, None, COSTS, moved)}
+    assert entries["ppo"]["device_hours"] == 10.0 and entries["ppo"]["cost_elsewhere"] is None
+    save_step(moved / "ppo" / "checkpoints", 50, 1e-3)
+    entries = {e["model"]: e for e in side_by_side(results, None, COSTS, moved)}
+    assert entries["ppo"]["stale"] == f"{moved / 'ppo' / 'checkpoints'} now resolves to step_00000050, not the " \
+                                      "evaluated step_00000040"
+    assert "rm: this run's own reward model" in report_markdown(moved, results, None, ("none", ""), [], [], {}, {}, [])
 
 
 def test_the_rm_column_says_when_it_is_the_runs_own_reward_model(tmp_path):

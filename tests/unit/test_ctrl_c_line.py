@@ -1,0 +1,30 @@
+"""Ctrl-C's line says "resume" only for stages whose rerun goes on from saved work (was:
+for every stage, label, mix and report included, which start over)."""
+
+import pytest
+
+import offline_rlhf.cli as cli
+
+
+def interrupted(monkeypatch, capsys, stage: str) -> str:
+    def ctrl_c(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "run", ctrl_c)
+    assert cli.main([stage, "run_dir=/nowhere"]) == 130
+    return capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("stage", ["eval", "generate", "sft"])
+def test_a_resumable_stage_says_rerun_to_resume(monkeypatch, capsys, stage):
+    assert interrupted(monkeypatch, capsys, stage) == \
+        f"orlhf {stage}: interrupted (Ctrl-C); rerun the same command to resume"
+
+
+@pytest.mark.parametrize("stage", ["label", "mix", "report"])
+def test_a_stage_that_starts_over_says_so(monkeypatch, capsys, stage):
+    assert interrupted(monkeypatch, capsys, stage) == \
+        f"orlhf {stage}: interrupted (Ctrl-C); nothing was kept: rerun the same command to start it over"
+
+
+def test_every_resumable_stage_is_a_stage():
+    assert cli.RESUMABLE <= set(cli.STAGES)
