@@ -155,19 +155,30 @@ cmd_start() {
 recorded_pids() { cat "$STATE_DIR"/*.pid.recorded 2>/dev/null || true; }
 alive_pids() { local pid; for pid in "$@"; do if kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi; done; }
 
+# Wait up to $2 seconds for the PIDs in $1 to exit; prints the ones still alive.
+wait_exit() {
+  local alive
+  for _ in $(seq $(($2 * 5))); do
+    # shellcheck disable=SC2086  # one PID per word
+    alive=$(alive_pids $1)
+    [ -z "$alive" ] && return
+    sleep 0.2
+  done
+  echo "$alive"
+}
+
 cmd_stop() {
   local pids alive
   pids=$(recorded_pids)
   [ -n "$pids" ] || { say "not running"; return; }
   # shellcheck disable=SC2086  # one PID per word
   kill $pids 2>/dev/null || true
-  for _ in $(seq 50); do
-    # shellcheck disable=SC2086
-    alive=$(alive_pids $pids)
-    [ -z "$alive" ] && break
-    sleep 0.2
-  done
-  [ -z "$alive" ] || die "still running after 10 s: pid(s) $(echo "$alive" | tr '\n' ' ')"
+  # slurmd waits for a cancelled job's processes (Slurm's KillWait, 30 s by default), so a
+  # daemon may outlive a shorter wait; these are the daemons this script started: killed then.
+  alive=$(wait_exit "$pids" 40)
+  # shellcheck disable=SC2086
+  [ -z "$alive" ] || { kill -KILL $alive 2>/dev/null || true; alive=$(wait_exit "$alive" 5); }
+  [ -z "$alive" ] || die "still running after SIGKILL: pid(s) $(echo "$alive" | tr '\n' ' ')"
   rm -f "$STATE_DIR"/*.pid.recorded
   say "stopped"
 }
