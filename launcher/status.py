@@ -25,7 +25,7 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 def status_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
     modules = module_hours(run_dir)
-    ledger = {job: sum(hours.values()) for job, hours in modules.items()}
+    ledger = ledger_hours(modules)
     rows = []
     for stage in read_launch_record(run_dir):
         for attempt, job_id in enumerate(stage.job_ids, 1):
@@ -44,9 +44,10 @@ def show_status(run_dir: Path) -> int:
     return 0
 
 
-def ledger_hours(run_dir: Path) -> dict[str, float]:
-    """Job id -> summed device_hours of the ledger rows that carry it."""
-    return {job: sum(hours.values()) for job, hours in module_hours(run_dir).items()}
+def ledger_hours(modules: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Job id -> summed device_hours of the ledger rows that carry it, from `module_hours`
+    (one reading of the ledgers for a job's total and its modules' rows)."""
+    return {job: sum(hours.values()) for job, hours in modules.items()}
 
 
 def module_hours(run_dir: Path) -> dict[str, dict[str, float]]:

@@ -129,6 +129,11 @@ class ServiceOptimConfig(OptimConfig):
         pass
 
 
+def critic_optim() -> ServiceOptimConfig:
+    """The critic's optimizer by default (paper: lr 9e-6, constant); the only service that trains."""
+    return ServiceOptimConfig(lr=9e-6, schedule="constant")
+
+
 @dataclass
 class ServiceSettings(Frozen):
     """One service: its checkpoint, its own world (`nproc` processes under torchrun, split
@@ -139,21 +144,28 @@ class ServiceSettings(Frozen):
     nproc: int = 1  # processes of the module's world (TP x DP)
     parallel: ServiceParallelConfig = field(default_factory=ServiceParallelConfig)
     batch_size: int = 16  # sequences per forward
-    # critic only
-    optim: ServiceOptimConfig = field(default_factory=lambda: ServiceOptimConfig(lr=9e-6, schedule="constant"))
+    # critic only (the reward model and the reference only answer forwards: set elsewhere, refused)
+    optim: ServiceOptimConfig = field(default_factory=critic_optim)
     # Set by `orlhf launch` on Slurm: the heterogeneous-job component serving it (the actor
     # then finds it there instead of starting it). None: the actor starts it on its node.
     het_group: Optional[int] = None
 
     def check(self, name: str, ppo: PPOAlgorithmConfig) -> None:
         """What the config alone decides of service `name`, every error under services.NAME.:
-        its world's split (ParallelDims, as torchrun would get it) and, for the critic, that
-        each of its data-parallel ranks takes whole micro-batches of every minibatch."""
+        its world's split (ParallelDims, as torchrun would get it), an optimizer setting
+        only for the critic (the one service that trains) and, for the critic, that each of
+        its data-parallel ranks takes whole micro-batches of every minibatch."""
         prefix = f"services.{name}."
         require_positive(self, "nproc", "batch_size", prefix=prefix)
         if self.het_group is not None and self.het_group < 1:
             raise ConfigError(f"{prefix}het_group", f"must be >= 1 (group 0 is the actor's), got {self.het_group}")
         nested(prefix, lambda: OptimConfig.__post_init__(self.optim))
+        if name != "critic":
+            default = asdict(critic_optim())
+            changed = [key for key, value in asdict(self.optim).items() if value != default[key]]
+            if changed:
+                raise ConfigError(f"{prefix}optim.{changed[0]}", f"is not used: only the critic trains, the "
+                                  f"{name} service only answers forwards", f"remove {prefix}optim.{changed[0]}")
         nested(prefix, lambda: ParallelConfig.__post_init__(self.parallel))
         dims = nested(prefix, lambda: ParallelDims.build(self.parallel, self.nproc))
         if name == "critic":  # the reward model pads rows for SP; the reference is a TP-only replica

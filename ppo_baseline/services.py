@@ -42,14 +42,9 @@ from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume
 from ppo_baseline.algorithm import value_loss
 from ppo_baseline.config import ServiceConfig
 from ppo_baseline.models import (
-    LOGPROBS,
-    SAVED,
-    SCORES,
     SEQUENCES,
     STEP,
     TRAIN,
-    TRAINED,
-    VALUES,
     check_sequences,
     critic_values,
     response_logprobs,
@@ -257,5 +252,3 @@ def _critic(service: WorldService, cfg: ServiceConfig, rt: Runtime, usage: Usage
     service.route("load", load, STEP)
     return critic
 
-
-RESPONSES = {"score": SCORES, "logprobs": LOGPROBS, "values": VALUES, "train": TRAINED, "save": SAVED, "load": STEP}

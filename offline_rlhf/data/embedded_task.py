@@ -185,11 +185,6 @@ def _holdout_cap(pool: list[str]) -> int:
     return int(len(pool) * HOLDOUT_CAP)
 
 
-def max_eval_prompts() -> int:
-    """How many instructions `split_instructions` can hold out at most."""
-    return sum(_holdout_cap(family.pool()) for family in FAMILIES)
-
-
 def split_instructions(n_eval: int, rng: random.Random) -> tuple[Pools, list[str]]:
     """Hold out `n_eval` distinct instructions, spread over the families as evenly as
     `HOLDOUT_CAP` allows. Returns the training pools (the rest) and the held-out list."""

@@ -135,7 +135,7 @@ def encode_sft(
     prompt side, `response_prefix` included (Decision Transformer's ` <rm_score> 4.5`),
     gets IGNORE_INDEX labels; response tokens and the EOS are labelled with their ids.
     With a chat template the whole conversation (`turns`, or the prompt as one user turn)
-    is rendered by it (`encode_chat`), labelled on the answer and its end-of-turn marker.
+    is rendered by it as one text (`_label_chat`), labelled on the answer and its end-of-turn marker.
     An over-long conversation loses its oldest exchanges while that keeps the prompt from
     being cut (`fit_turns`); what is still too long is cut by `truncate_pair`.
     """
@@ -204,20 +204,16 @@ class _Labelled:
                                truncated=turns_dropped or kept < len(self.ids))
 
 
-def encode_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], max_len: int, source: str,
-                response_prefix: str = "", every_turn: bool = True, end_of_turn: bool = True) -> TokenizedSample:
+def _label_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], response_prefix: str, every_turn: bool,
+                end_of_turn: bool) -> _Labelled:
     """A conversation ending in an assistant turn, rendered by the tokenizer's own chat
     template and tokenized as one text (as `apply_chat_template` does), labelled on the
     tokens of the assistant turns (each with its end-of-turn marker) and nowhere else:
-    every turn, or with `every_turn=False` only the last (earlier ones are history).
+    every turn, or with `every_turn=False` only the last (earlier ones are history; what
+    training uses, every turn is what the tests compare with transformers' assistant mask).
     `response_prefix` (DT's reward prompt) sits after the last generation prompt, unlabelled;
     `end_of_turn=False` ends the text with the last answer (one cut at max_new_tokens).
-    Over-long conversations are cut by `truncate_pair`, the last assistant turn as the response."""
-    return _label_chat(tokenizer, chat, messages, response_prefix, every_turn, end_of_turn).cut(max_len, source)
-
-
-def _label_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], response_prefix: str, every_turn: bool,
-                end_of_turn: bool) -> _Labelled:
+    The response of `_Labelled.cut` (`truncate_pair`) is the last assistant turn."""
     rendering = chat.conversation(messages, response_prefix)
     spans = rendering.spans if every_turn else rendering.spans[-1:]
     text = rendering.text if end_of_turn else _through_answer(rendering.text, spans[-1][0], messages[-1]["content"])
@@ -236,12 +232,6 @@ def _through_answer(text: str, start: int, answer: str) -> str:
     if at < 0:
         raise ValueError("the chat template rewrites the answer text; an unfinished answer cannot be cut from it")
     return text[:at + len(answer.strip())]
-
-
-def encode_chat_prompt(tokenizer, chat: JinjaChat, messages: Sequence[Message], response_prefix: str = "") -> list[int]:
-    """The inference prompt of a conversation ending in a user turn: its tokens equal the
-    training text's tokens up to the assistant turn (tested), so generation sees what training saw."""
-    return tokenizer.encode(chat.prompt(messages, response_prefix))
 
 
 @dataclass

@@ -57,7 +57,8 @@ class Slot:
 
 @dataclass
 class EngineStats:
-    """Counters for tests and benchmarks: work done, not time."""
+    """Counters of work done, not time, for a caller that passes one to `run` (the tests
+    check slot reuse and shared prefills with them; production passes none)."""
 
     prefills: int = 0  # prefill forward passes
     prompts_prefilled: int = 0  # distinct prompts computed (shared n-sample prefixes count once)

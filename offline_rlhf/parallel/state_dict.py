@@ -1,28 +1,23 @@
 """Move whole (unsharded) state dicts in and out of a parallelized model.
 
-Used for Hugging Face import/export, for tests that compare layouts, and to refresh an
-inference replica from a training model (the PPO actor samples with one). Sharded
-training checkpoints go through `offline_rlhf.checkpoint` (DCP) instead.
+Used to load weights made whole in one process into any layout (a CPU model's seeded
+initialization, `parallelize._init_like_one_process`; the reward model's new value head,
+`stages.rm`), by tests that compare layouts, and to refresh an inference replica from a
+training model (the PPO actor samples with one, `ppo_baseline.actor`). Sharded training
+checkpoints go through `offline_rlhf.checkpoint` (DCP) instead.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Every rank passes the full tensors; each keeps its own shards."""
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=strict))
-
-
-def gather_full_state_dict(model: nn.Module, cpu: bool = True) -> dict[str, torch.Tensor]:
-    """Full tensors (a collective: all ranks must call it): on every rank with `cpu=False`;
-    with `cpu=True` offloaded to CPU on rank 0 only, the others get an empty dict. Names
-    are the model's own, with wrapper prefixes (activation checkpointing, compile) removed."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from offline_rlhf.labeling.scoring import (
     scoring_setup,
 )
 from offline_rlhf.runtime import stage_runtime
+from offline_rlhf.stage_support import mark_done
 
 STAGE = "rm_score"
 
@@ -31,5 +32,6 @@ def main(cfg: RMScoreConfig) -> int:
         usage.tokens += sum(map(len, sequences))
         if rt.is_main:
             write_jsonl(cfg.output, [{**record, "reward_raw": score} for record, score in zip(records, scores)])
+        mark_done(rt, cfg.output)  # a pipeline's rerun skips it (launcher.local.is_complete)
         rt.log(f"rm-score: {len(scores)} records scored -> {cfg.output}")
     return 0

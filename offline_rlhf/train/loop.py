@@ -101,7 +101,8 @@ class CheckpointSpec:
     # Called on the trained model before the final save; returns checkpoint metadata
     # (e.g. the reward model's normalization statistics). Collective.
     final_metadata: Callable[[nn.Module], dict] | None = None
-    # The config a resumed run must match (train.init.resume_fingerprint); None: unchecked.
+    # The config a resumed run must match (stage_support.resume_fingerprint or
+    # training_fingerprint); None: unchecked.
     fingerprint: dict | None = None
     # Recorded in every save, intermediate ones included (e.g. the chat template).
     metadata: dict = field(default_factory=dict)
@@ -110,7 +111,6 @@ class CheckpointSpec:
 @dataclass
 class TrainResult:
     steps: int
-    last_train: dict[str, float] = field(default_factory=dict)
     last_val: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
 
@@ -244,7 +244,6 @@ def _step(run: _Run) -> None:
     run.usage.beat()
     metrics.update(throughput_metrics(tokens, time.perf_counter() - started, loaded - started, run.ckpt.model,
                                       run.ckpt.head, run.data.seq_len, run.rt))
-    run.result.last_train = metrics
     run.log.train(run.state.step, metrics, every=run.cfg.log_every)
     check_learned(run.model, run.state, run.steps, run.cfg, run.rt)
 

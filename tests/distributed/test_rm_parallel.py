@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from offline_rlhf.config.schema import ParallelConfig
@@ -11,7 +12,6 @@ from offline_rlhf.data.preference_readers import PreferenceExample
 from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample
 from offline_rlhf.labeling.scoring import score_sequences
 from offline_rlhf.parallel.dims import ParallelDims
-from offline_rlhf.parallel.state_dict import gather_full_state_dict
 from offline_rlhf.stages.rm import collate_pairs, init_value_head, rm_task
 from offline_rlhf.train.loop import train_step
 from tests.distributed.launch import run_distributed
@@ -83,7 +83,8 @@ def test_rm_train_step_matches_single_process(tmp_path, parallel):
 def _value_head(rank, world_size, parallel):
     model, _, _ = parallel_copy(reference_model(TINY, "value"), world_size, **parallel)
     init_value_head(model, seed=7)
-    return gather_full_state_dict(model, cpu=False)["score.weight"]  # cpu=True fills rank 0 only
+    # Full tensors on every rank (a collective); with cpu_offload only rank 0 would get them.
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))["score.weight"]
 
 
 @pytest.mark.parametrize("parallel", LAYOUTS[::2], ids=IDS[::2])

@@ -142,6 +142,25 @@ def test_rm_score_adds_reward_raw_to_every_record(trained, tmp_path):
     assert [r["reward_raw"] for r in scored] == pytest.approx(expected, abs=1e-5)
 
 
+def test_rm_score_ends_with_done_so_a_pipeline_rerun_skips_it(trained, tmp_path):
+    """Was: no DONE, so every rerun of a pipeline scored its files again."""
+    from launcher.local import is_complete
+    from launcher.plan import StagePlan, resolve_stage_config, stage_folder
+
+    run_dir, data = trained
+    (inputs := tmp_path / "samples.jsonl").write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "response": r["chosen"]}) + "\n"
+                for r in map(json.loads, data.read_text().splitlines()[:4])))
+    args = (f"ckpt={run_dir / 'rm' / 'checkpoints'}", f"input={inputs}", f"output={tmp_path / 'scored.jsonl'}",
+            f"run_dir={tmp_path}")
+    assert main(["rm-score", *args]) == 0
+    stage_dir = tmp_path / stage_folder("rm-score", {})
+    assert (stage_dir / "DONE").read_text() == f"{tmp_path / 'scored.jsonl'}\n"
+    plan = StagePlan(name="rm_score", stage="rm-score", args=args, nodes=1, procs_per_node=1, stage_dir=stage_dir,
+                     config_yaml=resolve_stage_config("stages[0]", "rm-score", args), time_limit=None)
+    assert is_complete(plan)
+
+
 def test_rm_checkpoint_exports_to_transformers_with_the_same_scores(trained, tmp_path):
     transformers = pytest.importorskip("transformers")
     run_dir, data = trained

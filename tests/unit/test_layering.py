@@ -29,14 +29,27 @@ def documented_layers() -> dict[str, int]:
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (lazy imports inside functions count)."""
+    """Every module a file imports, at any depth (lazy imports inside functions count).
+    Relative imports are resolved against the file's package, and `from PACKAGE import NAME`
+    names the submodule PACKAGE.NAME when that is one of the repository's modules (so
+    `from offline_rlhf import ledger` is `offline_rlhf.ledger`, not the package)."""
+    package = module_name(path).split(".")[:-1]  # a module's package; an __init__'s own
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join([*package[:len(package) - node.level + 1], *([node.module] if node.module else [])]) \
+                if node.level else node.module
+            for alias in node.names:
+                names.add(f"{base}.{alias.name}" if is_repo_module(f"{base}.{alias.name}") else base)
     return names
+
+
+def is_repo_module(name: str) -> bool:
+    """Whether `name` (a.b.c) is a module or package of this repository."""
+    where = REPO.joinpath(*name.split("."))
+    return where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()
 
 
 def unit_of(module: str) -> str:

@@ -83,7 +83,8 @@ def test_paper_8b_attributes():
 
 def test_config_formats_name_the_data_readers():
     from offline_rlhf.config.schema import PREFERENCE_FORMATS, SFT_FORMATS
-    from offline_rlhf.data import PREFERENCE_READERS, READERS
+    from offline_rlhf.data.preference_readers import PREFERENCE_READERS
+    from offline_rlhf.data.sft_readers import READERS
 
     assert set(SFT_FORMATS) == set(READERS) and set(PREFERENCE_FORMATS) == set(PREFERENCE_READERS)
 

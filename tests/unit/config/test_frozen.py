@@ -33,6 +33,8 @@ def test_configs_built_in_code_stay_mutable_until_frozen():
 
 
 def test_the_embedded_task_facts_match_its_data():
-    from offline_rlhf.data.embedded_task import FLAWS, max_eval_prompts
+    from offline_rlhf.data.embedded_task import FAMILIES, FLAWS, _holdout_cap
 
-    assert TASK_MAX_EVAL_PROMPTS == max_eval_prompts() and FLAWS == TASK_FLAWS
+    # As many instructions as `split_instructions` can hold out at most.
+    assert TASK_MAX_EVAL_PROMPTS == sum(_holdout_cap(family.pool()) for family in FAMILIES)
+    assert FLAWS == TASK_FLAWS

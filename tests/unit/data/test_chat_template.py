@@ -17,8 +17,7 @@ from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import (
     IGNORE_INDEX,
-    encode_chat,
-    encode_chat_prompt,
+    _label_chat,
     encode_prompt,
     encode_sft,
     fit_prompt,
@@ -48,6 +47,20 @@ MULTI = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "con
          {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And another one?"},
          {"role": "assistant", "content": "Green, the colour of grass."}]
 CONVERSATIONS = [SINGLE, MULTI, MULTI[1:]]
+
+
+def encode_chat(tokenizer, chat, messages, max_len, source, response_prefix="", every_turn=True):
+    """A whole conversation as production labels it (`_label_chat`, which `encode_sft` uses
+    with `every_turn=False`), every assistant turn labelled by default, cut to `max_len`."""
+    return _label_chat(tokenizer, chat, messages, response_prefix, every_turn, end_of_turn=True).cut(max_len, source)
+
+
+def encode_chat_prompt(tokenizer, chat, messages, response_prefix=""):
+    """The inference prompt of a conversation ending in a user turn, through production's
+    `encode_prompt` (a leading system message as the format's `system`, the rest as turns)."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    turns = [(m["role"], m["content"]) for m in messages[1 if system else 0:]]
+    return encode_prompt(tokenizer, ChatFormat(chat, system=system), "", response_prefix, turns)
 
 
 @pytest.fixture(scope="module", params=[LLAMA3, CHATML], ids=["llama3", "chatml"])

@@ -33,7 +33,7 @@ def test_device_hours_sum_ledger_rows_then_fall_back_to_slurm(tmp_path):
     rows = [{"stage": "sft", "job_id": "42", "device_hours": 1.5}, {"stage": "sft", "job_id": 42, "device_hours": 0.5},
             {"stage": "demo", "job_id": None, "device_hours": 9.0}]
     (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    ledger = status.ledger_hours(tmp_path)
+    ledger = status.ledger_hours(status.module_hours(tmp_path))
     assert ledger == {"42": 2.0}
     assert status.device_hours("42", None, ledger) == "2.0000 (ledger)"
     assert status.device_hours("43", slurm.JobInfo("TIMEOUT", 3600, 8), ledger) == "8.0000 (slurm)"

@@ -82,6 +82,23 @@ def test_service_layouts_that_run_compose_and_the_actors_keys_stay_its_own(tmp_p
         compose_stage("ppo", PPOConfig, ["optim.lr=-1"])
 
 
+@pytest.mark.parametrize("service,key,value,expected", [("reward", "lr", "1e-5", 1e-5),
+                                                       ("reference", "weight_decay", "0.1", 0.1),
+                                                       ("reward", "schedule", "cosine", "cosine")])
+def test_an_optimizer_setting_for_a_service_that_does_not_train_is_refused(service, key, value, expected):
+    """Was: accepted and ignored (only the critic trains); the critic's own is kept."""
+    full = f"services.{service}.optim.{key}"
+    with pytest.raises(ConfigError, match=rf"^{full}: is not used: only the critic trains, the {service} service "
+                                          rf"only answers forwards; remove {full}$"):
+        compose_stage("ppo", PPOConfig, [f"{full}={value}"])
+    critic = compose_stage("ppo", PPOConfig, [f"services.critic.optim.{key}={value}"]).services.critic.optim
+    assert getattr(critic, key) == expected
+    # A service process refuses it too (from its JSON).
+    good = ServiceConfig(name="reward", ppo=PPO, settings=ServiceSettings(checkpoint="rm"))
+    with pytest.raises(ConfigError, match=r"^services.reward.optim.lr: is not used"):
+        ServiceConfig.from_json(good.to_json().replace('"lr": 9e-06', '"lr": 1e-05'))
+
+
 @pytest.mark.parametrize("override,plain", [("generation.temperature=0.7", "1"), ("generation.top_p=0.9", "1"),
                                             ("generation.top_k=40", "0")])
 def test_sampling_other_than_the_policys_own_distribution_is_refused(override, plain):
