@@ -9,8 +9,8 @@ from offline_rlhf.config.base import Frozen, require
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
 
-# Facts of the embedded task (offline_rlhf.data.embedded_task, which imports them; a test
-# keeps the second equal to what its instruction pools can hold out).
+# Facts of the embedded task (offline_rlhf.data.embedded_task imports the first; a test keeps
+# the second equal to what its instruction pools can hold out).
 TASK_FLAWS = ("wrong", "truncated", "off_topic", "rambling")
 TASK_MAX_EVAL_PROMPTS = 14096
 
