@@ -111,7 +111,7 @@ def copy_bandwidth(device, gigabytes: float = 2.0, repeats: int = 10) -> float:
     return 2 * source.numel() * repeats / (time.perf_counter() - start)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a conf/model name (default: a ~20M CPU model)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
@@ -135,14 +135,13 @@ def main() -> None:
     parser.add_argument("--cache", default=str(REPO / "runs" / "bench_generation"),
                         help="realistic: where the trained model lives")
     parser.add_argument("--data", default=str(DATA), help="realistic: the public data folder (../shared/data)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.workload == "realistic":
-        run_realistic(args, device, hf_twin)
-        return
+
+def build_models(args: argparse.Namespace, device) -> tuple[ModelConfig, Transformer, torch.nn.Module, torch.dtype]:
+    """Our model (`--model`, else a ~20M CPU model; seeded random weights, fused with
+    `--fused`) and its transformers twin with the same weights, on `device` in bf16 on CUDA
+    (else float32), in eval mode: (config, ours, theirs, dtype)."""
     cfg: ModelConfig = CPU_DEFAULT if args.model is None else compose_stage(
         "smoke", SmokeConfig, [f"model={args.model}", "seq_len=8"]).model
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -153,6 +152,19 @@ def main() -> None:
     ours = ours.to(device, dtype).eval()
     if args.fused:
         fuse_projections(ours)
+    return cfg, ours, theirs, dtype
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.workload == "realistic":
+        run_realistic(args, device, hf_twin)
+        return
+    cfg, ours, theirs, dtype = build_models(args, device)
     settings = {"compile": bool(args.compile), "compile_mode": args.compile_mode, "decode_attention": args.attention}
 
     print(f"device={device} model={cfg.name} params={cfg.num_params() / 1e6:.1f}M dtype={dtype} "

@@ -32,3 +32,12 @@ def fsync_dir(path: str | Path) -> None:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def append_jsonl_durably(path: str | Path, rows: Iterable[dict]) -> None:
+    """Append `rows` as JSON lines in one write, flushed and fsynced: they land together,
+    and a crash tears at most the last line (which a reader must be ready to cut)."""
+    with open(path, "a") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in rows))
+        handle.flush()
+        os.fsync(handle.fileno())

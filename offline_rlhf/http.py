@@ -1,7 +1,8 @@
 """The HTTP pieces every service of the project shares (the PPO modules, `orlhf serve`):
-the bearer secret and its file, the request-size cap, the bearer check, error text on one
-line, JSON error answers, and uvicorn started on an explicitly bound socket in a thread,
-with a deadline for a request's headers and a cap on open connections.
+the bearer secret and its file, an API key from the environment (also `orlhf judge`'s),
+the request-size cap, the bearer check, error text on one line, JSON error answers, and
+uvicorn started on an explicitly bound socket in a thread, with a deadline for a
+request's headers and a cap on open connections.
 
 Starlette on uvicorn; nothing here unpickles or evaluates what a client sends.
 """
@@ -25,6 +26,8 @@ import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from offline_rlhf.config.errors import ConfigError
 
 ERROR_CHARS = 500  # error messages are one line, cut to this length
 HEADER_TIMEOUT_S = 10.0  # a client must send a request's headers this soon after connecting, and after each answer
@@ -69,6 +72,19 @@ def read_token(path: str | Path) -> str:
     if not token:
         raise ValueError(f"token file {path} is empty")
     return token
+
+
+def key_from_env(variable: str, key: str, fix: str) -> str | None:
+    """The API key held in the environment variable `variable`, stripped (None when
+    `variable` is "": no key). Unset, empty or only whitespace is a ConfigError on `key`,
+    the setting that names the variable, with `fix`. Only the variable's name is ever
+    configured or logged, never the key."""
+    if not variable:
+        return None
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        raise ConfigError(key, f"the environment variable {variable} is unset or empty (or only whitespace)", fix)
+    return value
 
 
 def bearer(token: str) -> bytes:

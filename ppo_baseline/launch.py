@@ -199,21 +199,23 @@ class Services:
         deadline = time.monotonic() + grace_s
         started = [service.process for service in self.processes.values() if service.process is not None]
         for process in started:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+            _wait_at_most(process, max(0.1, deadline - time.monotonic()))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for process in started:
                 _signal_group(process, sig)
             for process in started:
-                try:
-                    process.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
+                _wait_at_most(process, 5)
         for service in self.processes.values():
             if service.client is not None:
                 service.client.close()
+
+
+def _wait_at_most(process: subprocess.Popen, seconds: float) -> None:
+    """Wait for the process to end, `seconds` at most (still running after them is no error)."""
+    try:
+        process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -30,7 +30,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,7 +70,7 @@ from offline_rlhf.stage_support import (
     require_tokenizer,
     resume_fingerprint,
 )
-from offline_rlhf.train.init import prepare_training
+from offline_rlhf.train.init import TrainingSetup, prepare_training
 from offline_rlhf.train.loop import SampleStream, TrainingFailed, weights_finite  # the training stages' checks
 from offline_rlhf.train.metrics_log import MetricsLog
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
@@ -231,8 +231,66 @@ def resume_point(cfg: PPOConfig, rt: Runtime) -> tuple[int, Path | None]:
     return step, latest
 
 
+@dataclass
+class Actor:
+    """What the actor trains with (`set_up_actor`): the policy and its tokenizer (`setup`),
+    the replica it samples with and one decode session, the prompts' token ids and ids,
+    the stop tokens, the optimizer and schedule, and the fingerprint its checkpoints carry."""
+
+    setup: TrainingSetup
+    replica: torch.nn.Module
+    sampler: DecodeSession
+    prompts: list[list[int]]
+    prompt_ids: list[int]
+    stops: set[int]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_iteration: int
+    fingerprint: dict
+    latest: Path | None  # the actor checkpoint the run resumes from, checked against `fingerprint`
+
+
 def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
               template: ChatTemplate | ChatFormat) -> Path:
+    actor = set_up_actor(cfg, init, rt, model_cfg, template)
+    model = actor.setup.model
+    start, skipped = _resume(actor.setup.checkpoints, model, actor.optimizer, actor.scheduler, rt)
+    stream = SampleStream(len(actor.prompts), cfg.seed)
+    log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)
+    rt.log(f"ppo: {len(actor.prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} "
+           f"responses on {rt.dims.world_size} actor process(es) (TP={rt.dims.tp} x DP={rt.dims.dp}), starting at "
+           f"iteration {start}; starting the reward, reference and critic services")
+    checkpoint = actor.latest
+    # Rank 0 alone starts and calls the services (the TP and DP ranks get its answers).
+    with (Services(cfg, rt.stage_dir) if rt.is_main else nullcontext()) as services, \
+            ThreadPoolExecutor(3, thread_name_prefix="ppo-call") as pool:
+        if start and services is not None:
+            services.call_all({"critic": lambda c: c.call("load", Payload(meta={"step": start}), STEP)}, pool)
+        for iteration in range(start, cfg.ppo.iterations):
+            chosen, streams = rollout_streams(stream, actor.prompt_ids, iteration * cfg.ppo.rollout_batch,
+                                              cfg.ppo.rollout_batch)
+            refresh(actor.replica, model)
+            metrics = iterate(cfg, rt, (model, actor.sampler), actor.optimizer, actor.scheduler, services, pool,
+                              (actor.stops, actor.setup.tokenizer.pad_id), [actor.prompts[i] for i in chosen],
+                              streams, iteration)
+            usage.tokens += int(metrics.pop("tokens"))
+            usage.beat()
+            skipped = {key: count + int(metrics[key]) for key, count in skipped.items()}
+            log.train(iteration + 1, defined(metrics), every=1)
+            check_learned(model, skipped, iteration + 1, cfg.ppo, actor.steps_per_iteration, rt)
+            if iteration + 1 == cfg.ppo.iterations or (iteration + 1) % cfg.save_every == 0:
+                checkpoint = save_iteration(cfg, actor, iteration + 1, skipped, model_cfg, template, rt, services,
+                                            pool)
+                usage.beat(force=True)
+    log.close()
+    return checkpoint
+
+
+def set_up_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, model_cfg,
+                 template: ChatTemplate | ChatFormat) -> Actor:
+    """The policy loaded (from this stage's last checkpoint, else init.checkpoint), its
+    sampling replica and decode session, the prompts cut to fit every module, the optimizer
+    and schedule; a checkpoint to resume from is checked against this run's fingerprint."""
     setup = prepare_training(init, model_cfg, "lm", rt, cfg.seed)
     model, tokenizer = setup.model, setup.tokenizer
     replica = sampling_model(model, model_cfg, rt)
@@ -249,44 +307,23 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
     fingerprint = {**resume_fingerprint(cfg), PROMPTS: items_digest(prompts)}
     if (latest := latest_checkpoint(setup.checkpoints)) is not None:
         check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), fingerprint, rt.stage_dir)
-    start, skipped = _resume(setup.checkpoints, model, optimizer, scheduler, rt)
-    stream = SampleStream(len(prompts), cfg.seed)
-    log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)
-    rt.log(f"ppo: {len(prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} responses "
-           f"on {rt.dims.world_size} actor process(es) (TP={rt.dims.tp} x DP={rt.dims.dp}), starting at iteration "
-           f"{start}; starting the reward, reference and critic services")
-    checkpoint = latest
-    # Rank 0 alone starts and calls the services (the TP and DP ranks get its answers).
-    with (Services(cfg, rt.stage_dir) if rt.is_main else nullcontext()) as services, \
-            ThreadPoolExecutor(3, thread_name_prefix="ppo-call") as pool:
-        if start and services is not None:
-            services.call_all({"critic": lambda c: c.call("load", Payload(meta={"step": start}), STEP)}, pool)
-        for iteration in range(start, cfg.ppo.iterations):
-            chosen, streams = rollout_streams(stream, prompt_ids, iteration * cfg.ppo.rollout_batch,
-                                              cfg.ppo.rollout_batch)
-            refresh(replica, model)
-            metrics = iterate(cfg, rt, (model, sampler), optimizer, scheduler, services, pool,
-                              (stops, tokenizer.pad_id), [prompts[i] for i in chosen], streams, iteration)
-            usage.tokens += int(metrics.pop("tokens"))
-            usage.beat()
-            skipped = {key: count + int(metrics[key]) for key, count in skipped.items()}
-            log.train(iteration + 1, defined(metrics), every=1)
-            check_learned(model, skipped, iteration + 1, cfg.ppo, steps_per_iteration, rt)
-            if iteration + 1 == cfg.ppo.iterations or (iteration + 1) % cfg.save_every == 0:
-                if services is not None:
-                    services.call_all({"critic": lambda c, s=iteration + 1: c.call(
-                        "save", Payload(meta={"step": s}), SAVED)}, pool)
-                checkpoint = save_checkpoint(
-                    setup.checkpoints, model,
-                    CheckpointMeta(model_cfg, "lm", TrainState(step=iteration + 1,
-                                                               data_position=skipped),
-                                   scheduler=scheduler.state_dict(),
-                                   metadata={CONFIG_KEY: fingerprint, "alignment": {"method": "ppo"},
-                                             TEMPLATE: template_record(template)}),
-                    optimizer=optimizer, tokenizer_dir=setup.tokenizer_path, keep_last=cfg.keep_last, group=rt.group)
-                usage.beat(force=True)
-    log.close()
-    return checkpoint
+    return Actor(setup, replica, sampler, prompts, prompt_ids, stops, optimizer, scheduler, steps_per_iteration,
+                 fingerprint, latest)
+
+
+def save_iteration(cfg: PPOConfig, actor: Actor, step: int, skipped: dict[str, int], model_cfg,
+                   template: ChatTemplate | ChatFormat, rt: Runtime, services: Services | None, pool) -> Path:
+    """Iteration `step` saved: the critic's checkpoint first (by its service, from rank 0),
+    then the actor's, with the skipped-step counts and what a resume checks; returns the
+    actor's checkpoint."""
+    if services is not None:
+        services.call_all({"critic": lambda c: c.call("save", Payload(meta={"step": step}), SAVED)}, pool)
+    meta = CheckpointMeta(model_cfg, "lm", TrainState(step=step, data_position=skipped),
+                          scheduler=actor.scheduler.state_dict(),
+                          metadata={CONFIG_KEY: actor.fingerprint, "alignment": {"method": "ppo"},
+                                    TEMPLATE: template_record(template)})
+    return save_checkpoint(actor.setup.checkpoints, actor.setup.model, meta, optimizer=actor.optimizer,
+                           tokenizer_dir=actor.setup.tokenizer_path, keep_last=cfg.keep_last, group=rt.group)
 
 
 def _resume(root: Path, model, optimizer, scheduler, rt: Runtime) -> tuple[int, dict[str, int]]:

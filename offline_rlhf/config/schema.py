@@ -366,6 +366,12 @@ class GenerationConfig(Frozen):
     decode_attention: str = "sdpa"  # compiled steps: sdpa (a boolean mask) or flex (FlexAttention over each row's span)
 
     def __post_init__(self):
+        self._check_decoding()
+        self._check_counts()
+        self._check_options()
+
+    def _check_decoding(self) -> None:
+        """An answer's length and its sampling settings."""
         if self.max_new_tokens < 1:
             raise ConfigError("generation.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if self.temperature < MIN_TEMPERATURE:
@@ -375,6 +381,9 @@ class GenerationConfig(Frozen):
             raise ConfigError("generation.top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError("generation.top_k", f"must be >= 0 (0: off), got {self.top_k}")
+
+    def _check_counts(self) -> None:
+        """The decode slots and the answers per prompt."""
         if self.batch_size < 1:
             raise ConfigError("generation.batch_size", f"must be >= 1, got {self.batch_size}")
         if self.n < 1:
@@ -382,6 +391,9 @@ class GenerationConfig(Frozen):
         if self.n > 1 and self.greedy:  # argmax answers are n identical copies at n times the compute
             raise ConfigError("generation.n", f"is {self.n} with greedy decoding, which makes {self.n} identical "
                               "answers", "set generation.greedy=false to sample them, or generation.n=1")
+
+    def _check_options(self) -> None:
+        """The named choices of the decode step, and the stop strings."""
         for key, value, allowed in (("compile_mode", self.compile_mode, COMPILE_MODES),
                                     ("decode_attention", self.decode_attention, DECODE_ATTENTION)):
             if value not in allowed:

@@ -4,12 +4,10 @@ of each pair; and its dataset card (no torch here)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from offline_rlhf.config.schema import DataConfig, SourceConfig
+from offline_rlhf.config.schema import DataConfig
 from offline_rlhf.data.chat_template import ChatFormat, build_template
 from offline_rlhf.data.errors import DataError, UnusableRecord
-from offline_rlhf.data.hub_datasets import hub_options, source_key
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.preference_readers import PreferenceExample, read_preference_source
@@ -18,6 +16,7 @@ from offline_rlhf.data.sft_dataset import (
     dataset_card,
     read_card_fields,
     read_sources,
+    reader_kwargs,
     split_by_content,
     with_read_stats,
 )
@@ -44,14 +43,6 @@ class PreferenceDataset:
     train: list[PreferencePair]
     val: list[PreferencePair]
     card: dict
-
-
-def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, Any]:
-    # Only the generic JSONL reader takes field names; `hf` also takes its hub options (split...).
-    kwargs: dict[str, Any] = {"template": template}
-    if source.format == "jsonl":
-        kwargs.update(prompt_key=source.prompt_key, chosen_key=source.chosen_key, rejected_key=source.rejected_key)
-    return {**kwargs, **hub_options(source, "preference"), **source_key(source, "data.sources")}
 
 
 def encode_pair(tokenizer, template: ChatTemplate, example: PreferenceExample, max_len: int,
@@ -114,7 +105,8 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int,
     cfg.template's). Pairs are never packed (cfg.pack is unused)."""
     template = template or build_template(cfg.template, tokenizer.config)
     sources, read_stats = read_sources(
-        cfg, lambda s, skips: read_preference_source(s.format, s.path, skips=skips, **_reader_kwargs(s, template)),
+        cfg, lambda s, skips: read_preference_source(s.format, s.path, skips=skips,
+                                                     **reader_kwargs(s, template, "preference")),
         pair_text)
     mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)
     train_items, val_items = split_by_content(mixed, cfg, seed, pair_text)

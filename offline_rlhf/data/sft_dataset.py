@@ -23,6 +23,8 @@ from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
 CARD_JSON = "dataset_card.json"
 CARD_MD = "dataset_card.md"
 PAIRS_KIND = "preference pairs"  # a card's `kind` for the reward model's pairs (an SFT card has none)
+# The field names a source of each kind configures for the generic JSONL reader (its parameters too).
+READER_FIELDS = {"sft": ("prompt_key", "response_key"), "preference": ("prompt_key", "chosen_key", "rejected_key")}
 
 
 @dataclass
@@ -37,12 +39,12 @@ def source_name(source: SourceConfig) -> str:
     return source.name or source.path
 
 
-def _reader_kwargs(source: SourceConfig, template: ChatTemplate) -> dict[str, Any]:
-    # Only the keyed readers take field names; `hf` also takes its hub options (split...).
-    kwargs: dict[str, Any] = {"template": template}
-    if source.format == "jsonl":
-        kwargs.update(prompt_key=source.prompt_key, response_key=source.response_key)
-    return {**kwargs, **hub_options(source, "sft"), **source_key(source, "data.sources")}
+def reader_kwargs(source: SourceConfig, template: ChatTemplate, kind: str) -> dict[str, Any]:
+    """The keyword arguments of `source`'s reader of `kind` ("sft" or "preference"): the
+    template; only for the generic JSONL reader, the field names (`READER_FIELDS`); for
+    `hf`, its hub options (split...)."""
+    names = {field: getattr(source, field) for field in READER_FIELDS[kind]} if source.format == "jsonl" else {}
+    return {"template": template, **names, **hub_options(source, kind), **source_key(source, "data.sources")}
 
 
 def read_sources(cfg: DataConfig, read_one: Callable[[SourceConfig, Skips], list],
@@ -111,7 +113,8 @@ def build_sft_dataset(cfg: DataConfig, tokenizer, seed: int) -> SFTDataset:
     """
     template = build_template(cfg.template, tokenizer.config)
     sources, read_stats = read_sources(
-        cfg, lambda s, skips: read_sft_source(s.format, s.path, skips=skips, **_reader_kwargs(s, template)), sft_text)
+        cfg, lambda s, skips: read_sft_source(s.format, s.path, skips=skips, **reader_kwargs(s, template, "sft")),
+        sft_text)
     mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)
     train_items, val_items = split_by_content(mixed, cfg, seed, sft_text)
     token_stats = {name: TokenStats() for name in mix_stats}

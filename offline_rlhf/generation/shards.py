@@ -6,7 +6,6 @@ Also which contiguous block of prompts each replica takes."""
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -136,13 +135,6 @@ def shard_record(path: Path, number: int, line: str | bytes) -> dict:
         raise DataError(path, number, f"expected a shard record with an integer 'id' ({problem}; the shard was "
                         f"damaged other than by a crash mid-write); {RESTART.format(stage_dir=path.parent)}")
     return record
-
-
-def append_durably(path: Path, records: list[dict]) -> None:
-    with open(path, "a") as handle:
-        handle.write("".join(json.dumps(r) + "\n" for r in records))
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def answered_prompts(records: list[dict], n: int) -> set[int]:

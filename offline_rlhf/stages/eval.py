@@ -44,6 +44,7 @@ from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import shard_indices
 from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
+from offline_rlhf.ledger import Usage
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, raise_everywhere, stage_runtime
 from offline_rlhf.stage_support import (
@@ -191,36 +192,53 @@ def main(cfg: EvalConfig) -> int:
         gold = on_main(rt, lambda: load_gold(cfg.gold, rt.device, cfg.batch_size, template))
         answers, finished, cut = {}, {}, {}
         for model in models:
-            inputs = answer_inputs(model, prompts, cfg) if rt.is_main else None
-            answered = saved_answers(model, inputs, rt)
-            usage.resumed = usage.resumed or answered is not None  # continues an earlier execution's answers
-            if answered is None:
-                rt.log(f"eval: {model.name} answers {len(prompts)} prompts" + (
-                    f" ({cfg.generation.n} samples each)" if cfg.generation.n > 1 else "") + (
-                    f" (reward prompt {model.reward_prompt:.1f} from the {model.reward_prompt_from})"
-                    if model.reward_prompt is not None else ""))
-                answered, generated = answer_prompts(model, prompts, cfg, rt)
-                usage.tokens += generated
-                if rt.is_main:
-                    save_answers(answered_path(rt, model), inputs, answered)
-            answers[model.name], finished[model.name], cut[model.name] = (list(column) for column in zip(*answered))
-            if any(cut[model.name]):
-                rt.log(f"eval: {sum(cut[model.name]) // cfg.generation.n} of {len(prompts)} prompts were cut to fit "
-                       f"{model.name}'s context (max_seq_len {model.meta.model.max_seq_len} - max_new_tokens "
-                       f"{cfg.generation.max_new_tokens}): a conversation's oldest exchanges first, then its start")
+            answers[model.name], finished[model.name], cut[model.name] = model_answers(model, prompts, cfg, rt, usage)
         scores = {name: {} for name in answers}
         if cfg.rm:
-            rm, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
-            rm_template, max_len = scoring_setup(metadata, rm.cfg, tokenizer)
-            for name, replies in answers.items():
-                scores[name]["rm"] = score_texts(rm, tokenizer, rm_template, list(zip(texts, replies)),
-                                                 cfg.batch_size, rt, max_len, finished=finished[name], turns=turns)
+            for name, values in reward_model_scores(cfg, rt, answers, finished, texts, turns).items():
+                scores[name]["rm"] = values
         if rt.is_main:
             if gold is not None:  # after the collectives: a plug-in's error stops rank 0 alone
                 for name, replies in answers.items():  # the gold reward reads paper-format text: the folded prompt
                     scores[name] = {"gold": gold.score(list(zip(texts, replies)), finished[name]), **scores[name]}
             write_results(rt, cfg, models, prompts, answers, finished, cut, scores)
     return 0
+
+
+def model_answers(model: Model, prompts: list[PromptTurns], cfg: EvalConfig, rt: Runtime,
+                  usage: Usage) -> tuple[list[str], list[bool], list[bool]]:
+    """The model's answers, whether each finished, and whether its prompt was cut (a row per
+    answer, on every rank): those an earlier run saved under the same inputs (`usage` then
+    continues that run), else answered now (their tokens counted into `usage`) and saved."""
+    inputs = answer_inputs(model, prompts, cfg) if rt.is_main else None
+    answered = saved_answers(model, inputs, rt)
+    usage.resumed = usage.resumed or answered is not None  # continues an earlier execution's answers
+    if answered is None:
+        rt.log(f"eval: {model.name} answers {len(prompts)} prompts" + (
+            f" ({cfg.generation.n} samples each)" if cfg.generation.n > 1 else "") + (
+            f" (reward prompt {model.reward_prompt:.1f} from the {model.reward_prompt_from})"
+            if model.reward_prompt is not None else ""))
+        answered, generated = answer_prompts(model, prompts, cfg, rt)
+        usage.tokens += generated
+        if rt.is_main:
+            save_answers(answered_path(rt, model), inputs, answered)
+    replies, finished, cut = (list(column) for column in zip(*answered))
+    if any(cut):
+        rt.log(f"eval: {sum(cut) // cfg.generation.n} of {len(prompts)} prompts were cut to fit "
+               f"{model.name}'s context (max_seq_len {model.meta.model.max_seq_len} - max_new_tokens "
+               f"{cfg.generation.max_new_tokens}): a conversation's oldest exchanges first, then its start")
+    return replies, finished, cut
+
+
+def reward_model_scores(cfg: EvalConfig, rt: Runtime, answers: dict[str, list[str]], finished: dict[str, list[bool]],
+                        texts: list[str], turns: list) -> dict[str, list[float]]:
+    """Per model, the reward model `cfg.rm`'s score of each answer to its prompt `texts`
+    (with their `turns`), in its own template (every rank takes part)."""
+    rm, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
+    rm_template, max_len = scoring_setup(metadata, rm.cfg, tokenizer)
+    return {name: score_texts(rm, tokenizer, rm_template, list(zip(texts, replies)), cfg.batch_size, rt, max_len,
+                              finished=finished[name], turns=turns)
+            for name, replies in answers.items()}
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.skips import describe
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
-from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
-from offline_rlhf.generation.shards import RESTART, append_durably, merge_shards, my_share, resume_shards
+from offline_rlhf.generation.shards import RESTART, merge_shards, my_share, resume_shards
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import (
@@ -89,7 +89,7 @@ class AnswerWriter:
         if not self.due:
             return
         if self.shard is not None:
-            append_durably(self.shard, self.due)
+            append_jsonl_durably(self.shard, self.due)
         self.usage.tokens = self.tokens
         self.usage.beat(force=True)  # a killed run's row then counts the tokens its shard kept
         self.bar.update(len(self.due) // self.cfg.generation.n,

@@ -26,10 +26,9 @@ from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.data.chat_template import template_record
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.pair_dataset import DIGEST, REF_CHOSEN, REF_REJECTED, encode_pair_example, tokens_digest
-from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
 from offline_rlhf.generation.shards import (
     RESTART,
-    append_durably,
     merge_shards,
     my_share,
     resume_shards,
@@ -76,7 +75,7 @@ def main(cfg: ReferenceConfig) -> int:
             records, tokens = score_block(model, [encoded[i] for i in ids], ids, cfg.batch_size, rt,
                                           tokenizer.pad_id)
             if shard is not None:
-                append_durably(shard, records)
+                append_jsonl_durably(shard, records)
             usage.tokens += tokens
             usage.beat(force=True)  # a killed run's row then counts the tokens its shard kept
         rt.barrier()

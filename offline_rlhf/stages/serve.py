@@ -17,7 +17,7 @@ from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.serving import ServeConfig
 from offline_rlhf.fsutil import write_atomic
-from offline_rlhf.http import listen
+from offline_rlhf.http import key_from_env, listen
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.serving.batcher import Batcher
 from offline_rlhf.serving.model import load_served_model
@@ -28,16 +28,9 @@ ADDRESS = "address.json"
 
 
 def api_key(cfg: ServeConfig) -> str | None:
-    """The key held in the environment variable cfg.api_key_env (None: no key needed).
-    Only the variable's name is ever configured or logged."""
-    if not cfg.api_key_env:
-        return None
-    key = os.environ.get(cfg.api_key_env, "").strip()
-    if not key:
-        raise ConfigError("api_key_env", f"the environment variable {cfg.api_key_env} is unset or empty",
-                          f"export {cfg.api_key_env}=<the key>, or leave api_key_env empty to serve without a key "
-                          "(on a loopback host)")
-    return key
+    """The key held in the environment variable cfg.api_key_env (None: no key needed)."""
+    return key_from_env(cfg.api_key_env, "api_key_env", f"export {cfg.api_key_env}=<the key>, or leave api_key_env "
+                        "empty to serve without a key (on a loopback host)")
 
 
 def main(cfg: ServeConfig) -> int:

@@ -138,13 +138,13 @@ import os, signal, sys
 import offline_rlhf.stages.reference as stage
 from offline_rlhf.cli import main
 
-original = stage.append_durably
+original = stage.append_jsonl_durably
 def append_then_die(path, records):
     original(path, records)
     with open(path, "a") as handle:
         handle.write('{"id": 99, "ref_chosen')  # a torn line, as a crash mid-write leaves
     os.kill(os.getpid(), signal.SIGKILL)
-stage.append_durably = append_then_die
+stage.append_jsonl_durably = append_then_die
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -63,14 +63,14 @@ import offline_rlhf.stages.generate as stage
 from offline_rlhf.checkpoint import latest_checkpoint, read_meta
 from offline_rlhf.cli import main
 
-original = stage.append_durably
+original = stage.append_jsonl_durably
 def append_then_maybe_die(path, records):
     original(path, records)
     if os.environ.get("KILL_AFTER_WRITE"):
         with open(path, "a") as handle:
             handle.write('{"schema": 1, "id": 99')  # a torn line, as a crash mid-write leaves
         os.kill(os.getpid(), signal.SIGKILL)
-stage.append_durably = append_then_maybe_die
+stage.append_jsonl_durably = append_then_maybe_die
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -140,9 +140,10 @@ def test_one_continuous_batch_per_replica_writes_every_write_every_prompts(sft_r
     import offline_rlhf.stages.generate as stage
 
     runs, writes = [], []
-    engine_run, append = stage.run, stage.append_durably
+    engine_run, append = stage.run, stage.append_jsonl_durably
     monkeypatch.setattr(stage, "run", lambda *args, **kwargs: runs.append(len(args[1])) or engine_run(*args, **kwargs))
-    monkeypatch.setattr(stage, "append_durably", lambda path, records: writes.append(records) or append(path, records))
+    monkeypatch.setattr(stage, "append_jsonl_durably",
+                        lambda path, records: writes.append(records) or append(path, records))
     assert main(generate_args(sft_run, tmp_path, "generation.n=2", "generation.greedy=false")) == 0
     assert runs == [2 * PROMPTS]
     assert [len(records) for records in writes] == [16] * (PROMPTS // 8) + [2 * (PROMPTS % 8)]

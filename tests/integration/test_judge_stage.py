@@ -260,7 +260,8 @@ def test_refusals_are_one_line_errors_naming_the_key(inputs, status, message, ke
 def test_an_unset_key_variable_is_an_error_before_any_request(inputs, serve):
     judge = Judge(grade)
     unset = run_judge(inputs, serve(judge), key="")
-    assert unset.returncode == 2 and "the environment variable JUDGE_TEST_KEY is not set" in unset.stderr
+    assert unset.returncode == 2
+    assert "judge.api_key_env: the environment variable JUDGE_TEST_KEY is unset or empty" in unset.stderr
     assert judge.requests == []
 
 

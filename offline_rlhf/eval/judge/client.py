@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,6 +20,7 @@ import httpx
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.judging import JudgeEndpointConfig
+from offline_rlhf.http import key_from_env
 
 MAX_RETRY_AFTER_S = 60.0  # a server's Retry-After is honoured up to this
 SNIPPET = 200  # characters of an error body quoted in a message
@@ -52,14 +52,10 @@ class Answer:
 
 
 def api_key(cfg: JudgeEndpointConfig) -> str | None:
-    """The key from the environment variable `judge.api_key_env` names (None when unset)."""
-    if not cfg.api_key_env:
-        return None
-    key = os.environ.get(cfg.api_key_env, "")
-    if not key:
-        raise ConfigError("judge.api_key_env", f"the environment variable {cfg.api_key_env} is not set or empty",
-                          f"export {cfg.api_key_env}=..., or leave judge.api_key_env empty for a keyless endpoint")
-    return key
+    """The key from the environment variable `judge.api_key_env` names, stripped (None when
+    judge.api_key_env is empty)."""
+    return key_from_env(cfg.api_key_env, "judge.api_key_env", f"export {cfg.api_key_env}=..., or leave "
+                        "judge.api_key_env empty for a keyless endpoint")
 
 
 class JudgeClient:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from offline_rlhf.eval.judge.summary import (
     single_summary,
     unusable_line,
 )
-from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
 
 CALLS = "calls.jsonl"
 PROGRESS_EVERY_S = 10.0
@@ -93,13 +92,6 @@ def match_records(match: Match, replies: list[Answered], strict: bool) -> list[d
                           "set strict=false to skip and count such judgments (they are logged: a rerun does not "
                           "resend them)")
     return match.records(replies)
-
-
-def _append_records(path: Path, records: list[dict]) -> None:
-    with open(path, "a") as handle:  # one write: a match's records land together
-        handle.write("".join(json.dumps(r) + "\n" for r in records))
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 async def send_missing(matches: list[Match], log: CallLog, client: JudgeClient, concurrency: int,
@@ -177,7 +169,7 @@ def run_judge(cfg: JudgeConfig, out: Path, say: Callable[[str], None] = print) -
     async def judge() -> int:
         async with JudgeClient(cfg.judge, key) as client:
             return await send_missing(matches, log, client, cfg.judge.concurrency,
-                                      lambda m: _append_records(path, match_records(m, _replies(m, log), strict)),
+                                      lambda m: append_jsonl_durably(path, match_records(m, _replies(m, log), strict)),
                                       say)
 
     sent = asyncio.run(judge())

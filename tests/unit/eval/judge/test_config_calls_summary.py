@@ -13,6 +13,7 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.judging import JudgeConfig, check_base_url
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.eval.judge.calls import Answered, CallLog, call_key
+from offline_rlhf.eval.judge.client import api_key
 from offline_rlhf.eval.judge.inputs import read_answers, read_questions
 from offline_rlhf.eval.judge.runner import key_exposure, write_results
 from offline_rlhf.eval.judge.summary import pairwise_summary, paper_summary, single_summary
@@ -202,6 +203,23 @@ def test_a_key_sent_over_plain_http_to_another_host_is_warned_about():
     assert key_exposure(remote, None) is None
     assert key_exposure(compose("judge.base_url=https://judge.example.org/v1"), "k") is None
     assert key_exposure(compose("judge.base_url=http://127.0.0.1:8000/v1"), "k") is None
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\t\n"])
+def test_an_unset_empty_or_blank_key_variable_is_refused(value, monkeypatch):
+    monkeypatch.setenv("ORLHF_JUDGE_TEST_KEY", value)
+    with pytest.raises(ConfigError) as error:
+        api_key(compose("judge.api_key_env=ORLHF_JUDGE_TEST_KEY").judge)
+    assert error.value.key == "judge.api_key_env" and "ORLHF_JUDGE_TEST_KEY is unset or empty" in str(error.value)
+    monkeypatch.delenv("ORLHF_JUDGE_TEST_KEY")
+    with pytest.raises(ConfigError, match="judge.api_key_env: "):
+        api_key(compose("judge.api_key_env=ORLHF_JUDGE_TEST_KEY").judge)
+
+
+def test_the_key_is_read_stripped_and_none_without_a_variable(monkeypatch):
+    monkeypatch.setenv("ORLHF_JUDGE_TEST_KEY", " sk-test\n")
+    assert api_key(compose("judge.api_key_env=ORLHF_JUDGE_TEST_KEY").judge) == "sk-test"
+    assert api_key(compose().judge) is None
 
 
 def test_a_question_counts_once_however_many_turns_it_has():
