@@ -30,7 +30,26 @@ POLL_S = 1.0
 STOPPED_EXIT_CODE = 75
 STOP_LINE = ": stopped by a signal ("
 ERROR_LINE = re.compile(r"orlhf \S+: error: ")  # how a stage says why it failed (offline_rlhf.cli)
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+# Sent to the stage as SIGTERM, so that a training stage saves a checkpoint (it takes SIGTERM).
+AS_SIGTERM = (signal.SIGINT, signal.SIGHUP)
+# Left ignored when ignored at the start: nohup (SIGHUP), a script's background job (SIGINT).
+KEPT_IGNORED = (signal.SIGINT, signal.SIGHUP)
+# Run as `python -c ORPHAN_GUARD LAUNCHER_PID COMMAND...`, it becomes the stage (exec) once the
+# kernel will send it SIGTERM when the launcher dies (PR_SET_PDEATHSIG = 1, kept across exec):
+# a launcher SIGKILLed (OOM killer, kill -9) no longer leaves its stage running on, holding the
+# stage's lock. Not `preexec_fn`, which runs Python between fork and exec and may deadlock when
+# the caller has other threads (tests call run_locally beside threads of their own). A launcher
+# that died before prctl took effect is no longer the parent: nothing runs. (The kernel signals
+# when the thread that started the stage ends: that thread waits for it.) Under torchrun the
+# signal reaches torchrun, whose handler sends SIGTERM to each worker's process group (the
+# training loop saves a checkpoint and stops) and SIGKILLs those still running after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default 30 s), then exits itself.
+ORPHAN_GUARD = ("import ctypes, os, signal, sys\n"
+                "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+                "if os.getppid() != int(sys.argv[1]):\n"
+                "    sys.exit(128 + signal.SIGTERM)\n"
+                "os.execvp(sys.argv[2], sys.argv[2:])\n")
 
 
 def local_command(plan: StagePlan, python: str) -> list[str]:
@@ -159,8 +178,9 @@ class StageRun:
 def run_showing_progress(command: list[str], log: Path, out: TextIO, workers_apart: bool = False) -> StageRun:
     """Run `command` with its output appended to `log` (after a line naming the attempt),
     showing its latest progress line on `out` while it runs: rewritten in place on a terminal,
-    else a new line whenever it changes. SIGTERM, SIGINT and SIGUSR1 sent to this process
-    meanwhile go to the stage (`SignalForwarder`), which is waited for."""
+    else a new line whenever it changes. SIGTERM, SIGINT, SIGUSR1 and SIGHUP sent to this process
+    meanwhile go to the stage (`SignalForwarder`), which is waited for; on Linux the stage gets
+    SIGTERM if this process dies (`ORPHAN_GUARD`)."""
     with open(log, "a") as handle:
         handle.write(f"[orlhf launch {datetime.now().astimezone().isoformat(timespec='seconds')}] "
                      f"{shlex.join(command)}\n")
@@ -169,28 +189,40 @@ def run_showing_progress(command: list[str], log: Path, out: TextIO, workers_apa
         with SignalForwarder(workers_apart) as forwarder:
             # A session of its own: a signal for the launcher's group (a terminal's Ctrl-C)
             # reaches the stage only through the forwarder, once.
-            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(_guarded(command), stdout=handle, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
             forwarder.attach(process.pid)
             _show_progress(process, LogTail(log, offset), out)
     return StageRun(process.returncode, forwarder.received, log, offset)
 
 
+def _guarded(command: list[str]) -> list[str]:
+    """`command` started through ORPHAN_GUARD on Linux; as it is elsewhere."""
+    if sys.platform != "linux" or not sys.executable:
+        return command
+    return [sys.executable, "-I", "-S", "-c", ORPHAN_GUARD, str(os.getpid()), *command]
+
+
 def _show_progress(process: subprocess.Popen, tail: LogTail, out: TextIO) -> None:
-    shown, live = "", out.isatty()
+    shown, live, showing = "", out.isatty(), True
     while not _ended(process):
-        latest = tail.latest_progress()
+        latest = tail.latest_progress() if showing else ""
         if latest and latest != shown:
             shown = latest
-            out.write(f"\r    {latest}\x1b[K" if live else f"    {latest}\n")
-            out.flush()
+            try:
+                out.write(f"\r    {latest}\x1b[K" if live else f"    {latest}\n")
+                out.flush()
+            except OSError:  # a terminal that hung up (EIO): show no more, still wait for the stage
+                showing = live = False
     if live and shown:
         out.write("\n")  # the next output starts on a line of its own
 
 
 class SignalForwarder:
     """While a stage runs, the signals that would end this launcher (leaving the stage running
-    on, orphaned) are passed on to the stage instead (SIGINT as SIGTERM, so that Ctrl-C too lets
-    a training stage save a checkpoint): to its process group, or with `workers_apart`
+    on, orphaned) are passed on to the stage instead (SIGINT and SIGHUP as SIGTERM, so that
+    Ctrl-C or a closed terminal too lets a training stage save a checkpoint; one ignored when
+    the launcher started stays ignored: KEPT_IGNORED): to its process group, or with `workers_apart`
     (torchrun) to each worker's own session (torchrun starts them so). torchrun itself is
     spared: it dies of SIGUSR1 and kills its workers 30 s after a SIGTERM, possibly mid-save,
     and it ends by itself once they have. The handlers in place before are restored on exit.
@@ -201,12 +233,15 @@ class SignalForwarder:
 
     def __enter__(self) -> SignalForwarder:
         if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._forward) for sig in FORWARDED_SIGNALS}
+            taken = [sig for sig in FORWARDED_SIGNALS
+                     if sig not in KEPT_IGNORED or signal.getsignal(sig) != signal.SIG_IGN]
+            self.previous = {sig: signal.signal(sig, self._forward) for sig in taken}
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python, which cannot be reinstalled; the default.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     def attach(self, pid: int) -> None:
         """Forward to the stage started as `pid`, including a signal that came while it started."""
@@ -218,8 +253,8 @@ class SignalForwarder:
         self.received = self.received or signum
         if self.pid is None:
             return
-        # Ctrl-C stops the stage as SIGTERM does: a training stage saves a checkpoint first.
-        sent = signal.SIGTERM if signum == signal.SIGINT else signum
+        # Ctrl-C and SIGHUP stop the stage as SIGTERM does: a training stage saves a checkpoint first.
+        sent = signal.SIGTERM if signum in AS_SIGTERM else signum
         workers = _children(self.pid) if self.workers_apart else []
         for pid in workers or [self.pid]:
             _signal_group(pid, sent)

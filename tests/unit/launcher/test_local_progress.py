@@ -1,10 +1,16 @@
 """`orlhf pipeline` shows a running stage's progress lines (read from its log) as they come."""
 
+import errno
 import io
+import os
 import shlex
+import signal
+import subprocess
 import sys
 
-from launcher.local import LogTail, run_showing_progress
+import pytest
+
+from launcher.local import ORPHAN_GUARD, LogTail, run_showing_progress
 
 STAGE = ("import sys, time\n"
          "for step in range(1, 4):\n"
@@ -56,3 +62,40 @@ def test_each_attempt_is_appended_after_a_header_and_shows_only_its_own_progress
     assert len(headers) == 2 and headers[1].endswith(f"] {shlex.join(quiet)}")
     assert "noise 3" in log.read_text() and run.code == 0
     assert run.last_own_line() == "orlhf sft: error: x: is wrong; fix it"
+
+
+class HungUpTerminal(Terminal):
+    def write(self, text):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_terminal_that_hung_up_stops_the_display_but_not_the_wait(tmp_path):
+    """After SIGHUP the console is gone: writing to it fails, the stage is still waited for."""
+    log = tmp_path / "launch.log"
+    assert run_showing_progress([sys.executable, "-c", STAGE], log, HungUpTerminal()).code == 3
+    assert "noise 3" in log.read_text()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_guard_runs_nothing_once_the_launcher_that_started_it_is_gone(tmp_path):
+    """The launcher died before prctl (the guard's parent is another process): nothing runs;
+    else the command runs with SIGTERM as its parent-death signal."""
+    ran = tmp_path / "ran"
+    guard = [sys.executable, "-I", "-S", "-c", ORPHAN_GUARD]
+    assert subprocess.run([*guard, "1", "touch", str(ran)]).returncode == 128 + signal.SIGTERM
+    assert not ran.exists()
+    gets = "import ctypes, signal; n = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(n)); print(n.value)"
+    shown = subprocess.run([*guard, str(os.getpid()), sys.executable, "-c", gets], capture_output=True, text=True)
+    assert shown.stdout.strip() == str(int(signal.SIGTERM))  # what PR_GET_PDEATHSIG says the stage got
+
+
+def test_a_sighup_ignored_from_the_start_stays_ignored(tmp_path):
+    """`nohup orlhf pipeline ...`: a closed terminal must not stop the stage."""
+    stage = "import os, signal, time; os.kill(os.getppid(), signal.SIGHUP); time.sleep(1.5); print('survived')"
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        run = run_showing_progress([sys.executable, "-c", stage], tmp_path / "launch.log", io.StringIO())
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert run.code == 0 and run.signal is None and "survived" in (tmp_path / "launch.log").read_text()
