@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
+import transformers
 
 from offline_rlhf.cli import main as orlhf
 from offline_rlhf.data.tokenizer import train_bpe_tokenizer
 from offline_rlhf.models.llama import last_token_values
 from tests.unit.data.test_tokenizer import SHAKESPEARE
 from tests.unit.models.test_hf_convert import TINY, fixed_batch, load_ours, tiny_hf_model
-
-transformers = pytest.importorskip("transformers")
 
 
 def hf_dir_with_tokenizer(tmp_path, model_type: str, task: str):

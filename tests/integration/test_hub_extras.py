@@ -19,8 +19,6 @@ from tests.unit.data.test_tokenizer import SHAKESPEARE
 from tests.unit.models.test_hf_convert import TINY, fixed_batch, load_ours, tiny_hf_model
 from tests.unit.test_hub import hub_repo
 
-transformers = pytest.importorskip("transformers")
-
 
 def orlhf_offline(tmp_path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}

@@ -162,7 +162,7 @@ def test_rm_score_ends_with_done_so_a_pipeline_rerun_skips_it(trained, tmp_path)
 
 
 def test_rm_checkpoint_exports_to_transformers_with_the_same_scores(trained, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     run_dir, data = trained
     exported = tmp_path / "hf"
     assert main(["convert", "export_hf", f"ckpt={run_dir / 'rm' / 'checkpoints'}", f"out={exported}",

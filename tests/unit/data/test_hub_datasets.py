@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import datasets
 import pytest
 
 from offline_rlhf.config.errors import ConfigError
@@ -34,8 +35,6 @@ from offline_rlhf.data.tokenize import IGNORE_INDEX
 from offline_rlhf.data.tokenizer import Tokenizer
 from tests.fixtures import SHARED_DATA
 from tests.unit.test_hub import hub_repo, offline_hub
-
-datasets = pytest.importorskip("datasets")
 
 HH_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test-dev.jsonl"
 OASST_TREES = SHARED_DATA / "open-assistant" / "model_eval_manual_data" / "en_100_tree.jsonl"

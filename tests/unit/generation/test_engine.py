@@ -49,7 +49,8 @@ def test_rows_stop_at_their_eos_and_keep_it():
 
 
 def test_matches_transformers_greedy_generate(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from offline_rlhf.models.hf import HFWeights, load_hf_weights, read_hf_config
     from offline_rlhf.stages.convert import empty_model
 

@@ -108,6 +108,27 @@ def test_the_mix_says_which_group_it_repeats_and_how_often():
     assert repetition_notes(enough) == [] and enough["sft"]["repetition"] == 0.5
 
 
+def test_without_a_total_every_generated_sample_is_kept_and_the_others_take_their_weights_share():
+    """total=None: the generated group is drawn once, whatever its weight, and sets the
+    scale. 30 generated, 10 SFT samples, 5 pairs; weights 2, 1, 2 (a pair unit: 2 / 2 = 1):
+    units = 30 * (2 + 1 + 1) / 2 = 60, of which 30 generated, 15 SFT and 15 pairs."""
+    cfg = MixConfig(input="labeled.jsonl", weights=MixWeights(generated=2, sft=1, preference=2))
+    mixed, stats = draw(cfg, labeled_mix(30, 10, 5))
+    assert [(stats[g]["available"], stats[g]["taken"]) for g in ("generated", "sft", "preference")] == \
+        [(30, 30), (10, 15), (5, 15)]
+    assert len(mixed) == 30 + 15 + 2 * 15
+
+
+@pytest.mark.parametrize("weights, generated_n", [(MixWeights(), 0), (MixWeights(generated=0), 40)])
+def test_without_a_total_or_generated_samples_the_other_groups_are_drawn_in_their_shares(weights, generated_n):
+    """No generated group (none given, or weight 0) and total=None: as many units as the
+    groups hold together, 8 SFT samples + 4 pairs = 12, shared by weight 1 : 0.5 (a pair
+    unit counts half): 8 SFT samples and 4 pairs, each taken once."""
+    mixed, stats = draw(MixConfig(input="labeled.jsonl", weights=weights), labeled_mix(generated_n, 8, 4))
+    assert (stats["sft"]["taken"], stats["preference"]["taken"]) == (8, 4)
+    assert len(mixed) == 8 + 2 * 4 and {record["kind"] for record in mixed} == {"sft", "chosen", "rejected"}
+
+
 def test_duplicate_label_input_names_are_refused():
     inputs = [LabelInputConfig(name="gen", path="a.jsonl", select="best"), LabelInputConfig(name="gen", path="b.jsonl")]
     with pytest.raises(ConfigError, match=r"^inputs\[gen\].name: names two inputs; give each input its own name"):

@@ -7,7 +7,7 @@ from pytest import approx
 
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import IGNORE_INDEX
-from offline_rlhf.losses.alignment import mle_filter_loss, rwr_loss, rwr_normalizer, rwr_weights
+from offline_rlhf.losses.alignment import kept_by_filter, mle_filter_loss, rwr_loss, rwr_normalizer, rwr_weights
 from offline_rlhf.losses.logprobs import shifted_token_nll
 from offline_rlhf.losses.sft import sft_loss
 
@@ -37,6 +37,13 @@ def test_mle_filter_keeps_samples_above_threshold():
     assert loss.item() == approx(SAMPLE_NLL[0] / 2)
     assert (metrics["count/kept"].item(), metrics["count/samples"].item(),
             metrics["count/kept_tokens"].item()) == (1, 2, 2)
+
+
+def test_a_reward_equal_to_the_threshold_is_filtered_out():
+    """Eq. 4 keeps R > t, strictly: a sample exactly at t is not trained on."""
+    assert kept_by_filter(torch.tensor([0.5, 0.75, 0.25, -0.5]), 0.5).tolist() == [False, True, False, False]
+    loss, metrics = mle_filter_loss(*TOKEN_NLL, torch.tensor([0.5, 0.75]), threshold=0.5, normalizer=2)
+    assert loss.item() == approx(SAMPLE_NLL[1] / 2) and metrics["count/kept"].item() == 1
 
 
 def test_mle_filter_all_filtered_is_zero_not_nan():

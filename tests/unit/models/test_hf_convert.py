@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from offline_rlhf.checkpoint import (
@@ -24,8 +25,6 @@ from offline_rlhf.config.schema import RopeScalingConfig
 from offline_rlhf.config.tools import ConvertConfig
 from offline_rlhf.models.hf import HFFormatError, HFWeights, config_from_hf, config_to_hf, hf_name, write_hf_weights
 from offline_rlhf.stages.convert import empty_model, main
-
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, pad_token_id=0)

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.cli import main as cli
@@ -30,8 +31,6 @@ from offline_rlhf.train.init import prepare_training
 from tests.fixtures import runtime_for
 from tests.synthetic_preferences import VOCAB
 from tests.unit.models.test_hf_convert import tiny_hf_model
-
-transformers = pytest.importorskip("transformers")
 
 PAD, BOS, EOS = 0, 1, 2  # the synthetic tokenizer's special tokens (<|pad|>, <|bos|>, <|eos|>)
 

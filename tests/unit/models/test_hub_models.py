@@ -20,8 +20,6 @@ from tests.unit.data.test_tokenizer import SHAKESPEARE
 from tests.unit.models.test_hf_convert import TINY, fixed_batch, load_ours, tiny_hf_model
 from tests.unit.test_hub import hub_repo, offline_hub
 
-transformers = pytest.importorskip("transformers")
-
 
 def cached_model(tmp_path, monkeypatch, model_type: str, task: str = "CausalLM"):
     """A tiny transformers model plus a tokenizer, as `tiny-org/tiny-{model_type}` in an

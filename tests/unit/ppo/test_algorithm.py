@@ -74,6 +74,25 @@ def test_gae_with_lambda_one_is_reward_to_go_minus_value():
     close(advantages[0], [0.5, 0.5, 0.6, 0.8])
 
 
+def test_gae_discounts_by_gamma_and_gamma_lambda_by_hand():
+    # gamma 0.5 and lambda 0.5 (gamma * lambda = 0.25, not lambda), so both discounts show;
+    # outside the mask, 7s and 9s that must not leak in. Row 0: a prompt token, three
+    # response tokens, one padding token; row 1: two response tokens, three padding tokens.
+    # delta_t = r_t + 0.5 V_{t'} - V_t, A_t = delta_t + 0.25 A_{t'} (V, A = 0 after the last):
+    #   row 0: delta_3 = 1.0 + 0 - 0.5 = 0.5              A_3 = 0.5
+    #          delta_2 = 0.0 + 0.5 * 0.5 - 0.25 = 0.0     A_2 = 0.0 + 0.25 * 0.5 = 0.125
+    #          delta_1 = 0.0 + 0.5 * 0.25 - 0.5 = -0.375  A_1 = -0.375 + 0.25 * 0.125 = -0.34375
+    #   row 1: delta_1 = 2.0 + 0 - 1.5 = 0.5              A_1 = 0.5
+    #          delta_0 = 0.5 + 0.5 * 1.5 - 1.0 = 0.25     A_0 = 0.25 + 0.25 * 0.5 = 0.375
+    # returns = A + V.
+    rewards = torch.tensor([[7.0, 0.0, 0.0, 1.0, 7.0], [0.5, 2.0, 7.0, 7.0, 7.0]])
+    values = torch.tensor([[9.0, 0.5, 0.25, 0.5, 9.0], [1.0, 1.5, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    advantages, returns = gae(rewards, values, mask, gamma=0.5, lam=0.5)
+    close(advantages, [[0, -0.34375, 0.125, 0.5, 0], [0.375, 0.5, 0, 0, 0]])
+    close(returns, [[0, 0.15625, 0.375, 1.0, 0], [1.375, 2.0, 0, 0, 0]])
+
+
 def test_whiten_uses_response_tokens_only():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)

@@ -579,6 +579,9 @@ def test_a_batch_kept_running_by_steady_load_holds_the_requests_in_flight_only(s
     books never hold more rows than the requests in flight (answered ones leave them)."""
     wait_idle(server)
     held, stop = [], threading.Event()
+    # Each thread's outcome (its finish reasons, or what it raised): an assert or an error
+    # inside a thread would only be a warning, so the main thread checks them.
+    finishes: dict[int, list[str] | BaseException] = {}
 
     def watch():
         while not stop.is_set():
@@ -587,19 +590,28 @@ def test_a_batch_kept_running_by_steady_load_holds_the_requests_in_flight_only(s
             time.sleep(0.001)
 
     def client(index):
-        for k in range(8):
-            body = {**CHAT_ASK, "temperature": 1.0, "seed": 100 * index + k, "max_tokens": 12}
-            assert answered(server, "/v1/chat/completions", body)[0][0][1] in ("stop", "length")
+        try:
+            finishes[index] = [answered(server, "/v1/chat/completions", {
+                **CHAT_ASK, "temperature": 1.0, "seed": 100 * index + k, "max_tokens": 12})[0][0][1] for k in range(8)]
+        except BaseException as error:  # re-raised in the main thread
+            finishes[index] = error
 
     batches, watcher = server.batcher.batches, threading.Thread(target=watch)
     clients = [threading.Thread(target=client, args=(index,)) for index in range(4)]
     watcher.start()
-    for thread in clients:
-        thread.start()
-    for thread in clients:
-        thread.join(60)
-    stop.set()
-    watcher.join()
+    try:
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(60)
+    finally:
+        stop.set()
+        watcher.join()
+    assert not any(thread.is_alive() for thread in clients), finishes  # no client hung
+    for index in range(4):
+        if isinstance(finishes[index], BaseException):
+            raise finishes[index]
+        assert len(finishes[index]) == 8 and set(finishes[index]) <= {"stop", "length"}, (index, finishes[index])
     wait_idle(server)
     assert server.batcher.batches - batches < 32 / 2  # the requests joined running batches
     assert 0 < max(held) <= 4  # one row per client in flight
