@@ -63,8 +63,10 @@ def run_dir(tmp_path):
 
 def start_and_train(run_dir: Path, nproc: int) -> subprocess.Popen:
     """The driver of the embedded task then a long SFT, once SFT logged three steps."""
+    # SIGHUP at its default, as in a terminal: a test run under nohup would pass it on ignored.
     driver = subprocess.Popen(launch(run_dir, "train.max_steps=5000", nproc=nproc), cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     wait_for(lambda: steps_logged(run_dir / "sft") >= 3 or driver.poll() is not None, "three SFT steps")
     assert driver.poll() is None, driver.communicate()
     return driver

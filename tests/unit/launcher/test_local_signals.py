@@ -155,6 +155,9 @@ def test_ctrl_c_stops_a_one_process_stage_with_a_checkpoint_and_restores_the_han
     """SIGINT reaches the stage as SIGTERM (its own session keeps a terminal's Ctrl-C off it)."""
     run_dir = tmp_path / "run"
     plans = plans_for(run_dir, "train.max_steps=5000", nproc=1)
+    # Ctrl-C at a terminal: SIGINT handled, as Python does by default. A test run started in
+    # the background (`make test &`) inherits SIGINT ignored, which the launcher keeps so.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     finished = threading.Event()
 
@@ -169,14 +172,16 @@ def test_ctrl_c_stops_a_one_process_stage_with_a_checkpoint_and_restores_the_han
     presser.start()
     try:
         code = run_locally(plans, sys.executable, dry_run=False)
+        restored = {sig: signal.getsignal(sig) for sig in before}
     finally:
         finished.set()
         presser.join()
+        signal.signal(signal.SIGINT, inherited)
     err = capsys.readouterr().err
     assert code == STOPPED_EXIT_CODE, err
     assert "stage sft stopped on SIGINT (a checkpoint was saved; relaunch to resume)" in err
     assert saved_step(run_dir / "sft") >= 3 and not (run_dir / "sft" / DONE).exists()
-    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert restored == before
 
 
 def signal_soon(signum: int, ready: Path) -> threading.Thread:
