@@ -17,7 +17,14 @@ import pytest
 
 from launcher.local import DONE, STOPPED_EXIT_CODE
 from tests.fixtures import REPO_ROOT
-from tests.unit.launcher.test_local_signals import HEADER, launch_args, saved_step, steps_logged, wait_for
+from tests.unit.launcher.test_local_signals import (
+    HEADER,
+    launch_args,
+    pids_naming,
+    saved_step,
+    steps_logged,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")]
 
@@ -27,20 +34,6 @@ STOPPED = "sft: stopped by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving step "
 
 def launch(run_dir: Path, *sft: str, nproc: int) -> list[str]:
     return [sys.executable, "-m", "offline_rlhf.cli", "launch", *launch_args(run_dir, *sft, nproc=nproc)]
-
-
-def pids_naming(text: str) -> list[int]:
-    """Live (not zombie) processes whose command line mentions `text`."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            zombie = stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except (OSError, IndexError):
-            continue
-        if text in cmdline and not zombie:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def ended_within(run_dir: Path, seconds: float) -> bool:

@@ -52,8 +52,8 @@ def wait_for(condition, what: str) -> None:
         time.sleep(0.1)
 
 
-def processes_naming(text: str) -> list[str]:
-    """Command lines of live processes that mention `text` (zombies have none)."""
+def pids_naming(text: str) -> list[int]:
+    """Live processes whose command line mentions `text` (zombies have none)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -61,7 +61,7 @@ def processes_naming(text: str) -> list[str]:
         except OSError:
             continue
         if text in line:
-            found.append(line)
+            found.append(int(cmdline.parent.name))
     return found
 
 
@@ -134,7 +134,7 @@ def test_sigterm_to_the_launcher_stops_the_torchrun_stage_and_a_relaunch_resumes
     assert f"    sft: stopped by a signal (SIGTERM/SIGUSR1/Ctrl-C) after saving step {stopped_at} " in err
     assert err.splitlines()[-1] == ("orlhf launch: stage sft stopped on SIGTERM (a checkpoint was saved; relaunch "
                                     f"to resume); log: {sft / 'launch.log'}")
-    assert not processes_naming(str(run_dir)) and not (sft / DONE).exists()  # nothing left running
+    assert not pids_naming(str(run_dir)) and not (sft / DONE).exists()  # nothing left running
 
     second = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: steps_logged(sft) >= stopped_at + 3 or second.poll() is not None, "three more SFT steps")
@@ -143,7 +143,7 @@ def test_sigterm_to_the_launcher_stops_the_torchrun_stage_and_a_relaunch_resumes
     assert second.returncode == STOPPED_EXIT_CODE, err
     assert "[1/2] task: already complete, skipped" in out
     assert saved_step(sft) >= stopped_at + 3 and "stage sft stopped on SIGUSR1 (a checkpoint was saved" in err
-    assert not processes_naming(str(run_dir)) and not (sft / DONE).exists()
+    assert not pids_naming(str(run_dir)) and not (sft / DONE).exists()
     log = (sft / "launch.log").read_text()
     attempts = HEADER.split(log)[1:]
     assert len(attempts) == 2 and f"after saving step {stopped_at} " in attempts[0]
