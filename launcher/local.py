@@ -141,7 +141,7 @@ def _report_end(name: str, run: StageRun) -> int:
     stopped (STOPPED_EXIT_CODE: a relaunch continues) or failed (1)."""
     own = run.last_own_line()
     if own:
-        print(f"    {own}", file=sys.stderr)
+        _tell(f"    {own}")
     received = f" on {signal.Signals(run.signal).name}" if run.signal else ""
     status = f"killed by {signal.Signals(-run.code).name}" if run.code < 0 else f"exit code {run.code}"
     if run.code == 0:
@@ -151,10 +151,19 @@ def _report_end(name: str, run: StageRun) -> int:
     elif run.signal:
         end = f"stage {name} stopped{received} ({status}, no checkpoint); relaunch to run it again"
     else:
-        print(f"orlhf launch: stage {name} failed ({status}); log: {run.log}", file=sys.stderr)
+        _tell(f"orlhf launch: stage {name} failed ({status}); log: {run.log}")
         return 1
-    print(f"orlhf launch: {end}; log: {run.log}", file=sys.stderr)
+    _tell(f"orlhf launch: {end}; log: {run.log}")
     return STOPPED_EXIT_CODE
+
+
+def _tell(line: str) -> None:
+    """`line` on stderr, unless the terminal hung up (EIO): the stage's end is in its log and in
+    this launcher's exit status, which must stay 75 or 1, not a traceback's."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 @dataclass

@@ -6,10 +6,14 @@ saves a checkpoint and stops, and a relaunch resumes there."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -97,3 +101,33 @@ def test_sighup_to_the_launcher_stops_the_stage_as_sigterm_does(run_dir):
     assert err.splitlines()[-1] == ("orlhf launch: stage sft stopped on SIGHUP (a checkpoint was saved; relaunch "
                                     f"to resume); log: {sft / 'launch.log'}")
     assert not pids_naming(str(run_dir)) and not (sft / DONE).exists()
+
+
+def test_a_terminal_that_hangs_up_stops_the_stage_and_the_launcher_says_stopped(run_dir):
+    """A real hangup: the driver's terminal (a pty it controls) closes. The stage stops and
+    saves as on SIGHUP above, and the driver exits 75 although it can no longer write its last
+    lines (EIO): it used to fail on them and exit 1."""
+    sft = run_dir / "sft"
+    terminal, driver_side = pty.openpty()
+
+    def own_the_terminal():
+        os.setsid()
+        fcntl.ioctl(1, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    driver = subprocess.Popen(launch(run_dir, "train.max_steps=5000", nproc=1), cwd=REPO_ROOT,
+                              stdin=subprocess.DEVNULL, stdout=driver_side, stderr=driver_side,
+                              preexec_fn=own_the_terminal)
+    os.close(driver_side)
+
+    def drained_and_trained() -> bool:
+        while select.select([terminal], [], [], 0)[0]:
+            os.read(terminal, 65536)  # a full pty would block the driver's writes
+        return steps_logged(sft) >= 3 or driver.poll() is not None
+
+    wait_for(drained_and_trained, "three SFT steps")
+    assert driver.poll() is None
+    os.close(terminal)  # the hangup: SIGHUP to the driver, EIO on every later write
+    assert driver.wait(timeout=ENDS_WITHIN_S) == STOPPED_EXIT_CODE
+    assert saved_step(sft) >= 3 and not (sft / DONE).exists()
+    assert not pids_naming(str(run_dir))
