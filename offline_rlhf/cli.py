@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # a stage that stopped on request (its work saved): its exit status
         code = stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback, saying whether a rerun resumes
-        say_once(interrupted_line(argv[0] if argv else ""))
+        say_once(interrupted_line(argv))
         code = 130
     except BrokenPipeError:  # the reader went away (`orlhf sft --help | head`): stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
@@ -259,11 +259,27 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def interrupted_line(name: str) -> str:
-    """What Ctrl-C leaves, for stage `name`: resumable work, or nothing."""
-    then = "rerun the same command to resume" if name in RESUMABLE else \
-        "nothing was kept: rerun the same command to start it over"
+def interrupted_line(argv: list[str]) -> str:
+    """What Ctrl-C leaves, for the stage `argv` runs: resumable work, or nothing (`rm
+    eval_only=true` only scores, from the start each time)."""
+    name = argv[0] if argv else ""
+    resumes = name in RESUMABLE and not (name == "rm" and _set_true(argv[1:], "eval_only"))
+    then = ("rerun the same command to resume" if resumes
+            else "nothing was kept: rerun the same command to start it over")
     return f"orlhf {name}: interrupted (Ctrl-C); {then}"
+
+
+def _set_true(overrides: list[str], key: str) -> bool:
+    """Whether the Hydra `overrides` set `key` to a true value (as the config would read it)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return False
+    return any(o.key_or_group.lstrip("+") == key and str(o.value()).lower() in ("true", "1", "yes", "on")
+               for o in parsed)
 
 
 def say_once(message: str) -> None:

@@ -6,11 +6,11 @@ import pytest
 import offline_rlhf.cli as cli
 
 
-def interrupted(monkeypatch, capsys, stage: str) -> str:
+def interrupted(monkeypatch, capsys, stage: str, *overrides: str) -> str:
     def ctrl_c(argv):
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "run", ctrl_c)
-    assert cli.main([stage, "run_dir=/nowhere"]) == 130
+    assert cli.main([stage, "run_dir=/nowhere", *overrides]) == 130
     return capsys.readouterr().err.strip()
 
 
@@ -24,6 +24,13 @@ def test_a_resumable_stage_says_rerun_to_resume(monkeypatch, capsys, stage):
 def test_a_stage_that_starts_over_says_so(monkeypatch, capsys, stage):
     assert interrupted(monkeypatch, capsys, stage) == \
         f"orlhf {stage}: interrupted (Ctrl-C); nothing was kept: rerun the same command to start it over"
+
+
+@pytest.mark.parametrize("setting", ["eval_only=true", "eval_only=True", "+eval_only=yes"])
+def test_a_reward_model_that_only_scores_starts_over(monkeypatch, capsys, setting):
+    line = interrupted(monkeypatch, capsys, "rm", setting, "init.checkpoint=x")
+    assert line.endswith("nothing was kept: rerun the same command to start it over")
+    assert interrupted(monkeypatch, capsys, "rm", "eval_only=false").endswith("rerun the same command to resume")
 
 
 def test_every_resumable_stage_is_a_stage():
