@@ -32,7 +32,7 @@ from offline_rlhf.stage_support import local_checkpoint
 from ppo_baseline.config import SERVICES, PPOConfig, ServiceConfig
 from ppo_baseline.service import read_token
 from ppo_baseline.services import build_service
-from ppo_baseline.world import watch_parent
+from ppo_baseline.world import sigterm_exits, watch_parent
 
 CONFIG_ENV = "PPO_SERVICE_CONFIG"
 TOKEN_ENV = "PPO_TOKEN_FILE"
@@ -86,7 +86,9 @@ def run(cfg: ServiceConfig, token: str) -> int:
     cfg = replace(cfg, settings=replace(cfg.settings, checkpoint=local_checkpoint(cfg.settings.checkpoint,
                                                                                   cfg.run_dir, key)))
     model_cfg = read_meta(resolve_checkpoint(cfg.settings.checkpoint, key)).model
-    with stage_runtime(f"ppo_{cfg.name}", cfg.run_dir, cfg.settings.parallel, model_cfg, cfg) as (rt, usage):
+    # A SIGTERM (Slurm's time limit, the actor's last resort) still writes the ledger row.
+    with sigterm_exits(), stage_runtime(f"ppo_{cfg.name}", cfg.run_dir, cfg.settings.parallel, model_cfg,
+                                        cfg) as (rt, usage):
         service = build_service(cfg, rt, token, usage)
         if rt.is_main:
             service.start()

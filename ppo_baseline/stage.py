@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -90,6 +89,7 @@ from ppo_baseline.launch import Services
 from ppo_baseline.models import LOGPROBS, SAVED, SCORES, STEP, TRAINED, VALUES
 from ppo_baseline.serve import serve_in_job
 from ppo_baseline.wire import Payload
+from ppo_baseline.world import sigterm_exits
 
 STAGE = "ppo_actor"
 OUT = "ppo"
@@ -109,24 +109,21 @@ def main(cfg: PPOConfig) -> int:
     init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
     model_cfg = read_meta(resolve_checkpoint(init.checkpoint, "init.checkpoint")).model
     template = policy_template(cfg, init, model_cfg)  # checked before any weights load
-    previous = signal.signal(signal.SIGTERM, _raise_exit)  # a SIGTERM still shuts the services down
-    try:
-        with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
-            cfg.check_world(rt.dims.dp)
-            rt = replace(rt, stage_dir=Path(cfg.run_dir) / OUT)
-            earlier = None
-            if rt.is_main:
-                rt.stage_dir.mkdir(parents=True, exist_ok=True)
-                earlier = clear_done(rt.stage_dir)  # the runtime's open_stage cleared R/ppo_actor's only
-            try:
-                final = run_from_resume_point(cfg, init, rt, usage, model_cfg, template)
-            except ResumeRefused:
-                if earlier is not None:  # nothing was written: the outputs stand as before, complete or not
-                    restore_stage(rt.stage_dir, earlier)
-                raise
-            mark_done(rt, final)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # A SIGTERM still shuts the services down.
+    with sigterm_exits(), stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
+        cfg.check_world(rt.dims.dp)
+        rt = replace(rt, stage_dir=Path(cfg.run_dir) / OUT)
+        earlier = None
+        if rt.is_main:
+            rt.stage_dir.mkdir(parents=True, exist_ok=True)
+            earlier = clear_done(rt.stage_dir)  # the runtime's open_stage cleared R/ppo_actor's only
+        try:
+            final = run_from_resume_point(cfg, init, rt, usage, model_cfg, template)
+        except ResumeRefused:
+            if earlier is not None:  # nothing was written: the outputs stand as before, complete or not
+                restore_stage(rt.stage_dir, earlier)
+            raise
+        mark_done(rt, final)
     return 0
 
 
@@ -136,15 +133,11 @@ def run_from_resume_point(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, 
     start, final = resume_point(cfg, rt)  # before any weights load or service starts
     usage.resumed = final is not None  # the ledger charges the executions whose checkpoint this continues
     if start == cfg.ppo.iterations:
-        rt.log(f"ppo: {final} already holds all {start} iterations; nothing to do (no service started)")
+        rt.log(f"ppo: {final} already holds all {start} iterations; nothing to do (no service needed)")
         return final
     final = run_actor(cfg, init, rt, usage, model_cfg, template)
     rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
     return final
-
-
-def _raise_exit(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def policy_template(cfg: PPOConfig, init: InitConfig, model_cfg) -> ChatTemplate | ChatFormat:

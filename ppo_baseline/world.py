@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 import time
+from contextlib import contextmanager
 
 from offline_rlhf.host import start_ticks
 from offline_rlhf.runtime import Runtime
@@ -96,3 +98,19 @@ def watch_parent(service: Service, pid: int, ticks: int | None, poll_s: float = 
     thread = threading.Thread(target=watch, name=f"{service.name}-parent-watch", daemon=True)
     thread.start()
     return thread
+
+
+@contextmanager
+def sigterm_exits():
+    """In the block, SIGTERM raises SystemExit(143) in the main thread instead of ending the
+    process at once, so `finally` blocks run: the actor shuts its services down, a service
+    (Slurm's time limit, the actor's last resort) writes its ledger row. Restored after."""
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)

@@ -18,7 +18,7 @@ import torch
 
 from offline_rlhf.checkpoint import TEMPLATE, load_checkpoint, read_meta, resolve_checkpoint
 from offline_rlhf.cli import main as orlhf
-from offline_rlhf.ledger import read_ledger
+from offline_rlhf.ledger import HEARTBEAT_DIR, read_ledger
 from tests.fixtures import REPO_ROOT, reference_model
 from tests.synthetic_preferences import MODEL, preference_records, synthetic_tokenizer
 from tests.unit.ppo.tiny_models import write_checkpoints
@@ -120,14 +120,17 @@ def test_a_run_writes_checkpoints_metrics_done_and_a_ledger_row_per_module(tmp_p
     assert service_pids(run_dir) == []
 
 
-def test_killing_the_critic_fails_the_run_with_one_line_naming_it(tmp_path, tokenizer_dir, cleanup):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_critic_fails_the_run_with_one_line_naming_it(tmp_path, tokenizer_dir, cleanup, sig):
+    """SIGTERM (Slurm's time limit, the actor's last resort) lets the critic write its ledger
+    row, as interrupted; it used to die at once and leave only a heartbeat, as SIGKILL does."""
     run_dir = prepare(tmp_path / "run", tokenizer_dir)
     cleanup(run_dir)
     actor = start(run_dir, "ppo.iterations=500")
     try:
         wait_for(lambda: len(metric_rows(run_dir)) >= 1 or actor.poll() is not None, 180, "a first iteration")
         critic = json.loads((run_dir / "ppo" / "critic" / "address.json").read_text())["pid"]
-        os.kill(critic, signal.SIGKILL)
+        os.kill(critic, sig)
         killed = time.monotonic()
         _, stderr = actor.communicate(timeout=60)
     finally:
@@ -137,8 +140,10 @@ def test_killing_the_critic_fails_the_run_with_one_line_naming_it(tmp_path, toke
     last = stderr.strip().splitlines()[-1]
     assert "critic" in last and str(run_dir / "ppo" / "critic" / "service.log") in last, stderr[-2000:]
     wait_for(lambda: not service_pids(run_dir), 30, "the other services to exit")
-    stages = {row.stage for row in read_ledger(run_dir)}
-    assert {"ppo_actor", "ppo_reward", "ppo_reference"} <= stages
+    stages = {row.stage: row.status for row in read_ledger(run_dir)}
+    assert {"ppo_actor", "ppo_reward", "ppo_reference"} <= set(stages)
+    assert stages.get("ppo_critic") == (None if sig == signal.SIGKILL else "interrupted")
+    assert (run_dir / HEARTBEAT_DIR / "ppo_critic.json").exists() == (sig == signal.SIGKILL)
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer_dir, cleanup):
