@@ -56,15 +56,18 @@ def slurm_port(job_id: str) -> int:
     return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
 
 
+# One host-list entry: a name whose bracket groups may hold commas ('rack[1-2]-node[01,04]').
+_HOST_ENTRY = r"(?:[^,\[\]]|\[[^\[\]]+\])+"
+
+
 def first_host(nodelist: str) -> str:
-    """First host of a Slurm host list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if match is None:
+    """First host of a Slurm host list: 'gpu[003-005,9],cpu1' -> 'gpu003', and with several
+    bracket groups in one name, 'rack[1-2]-node[01-04]' -> 'rack1-node01'."""
+    text = nodelist.strip()
+    if not re.fullmatch(rf"{_HOST_ENTRY}(?:,{_HOST_ENTRY})*", text):
         raise ValueError(f"cannot parse Slurm node list {nodelist!r}")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    first = re.match(_HOST_ENTRY, text)[0]
+    return re.sub(r"\[([^\]]+)\]", lambda group: group[1].split(",")[0].split("-")[0], first)
 
 
 def device_for(env: DistEnv) -> torch.device:

@@ -1,5 +1,7 @@
 """Detecting torchrun, Slurm and a plain single process from the environment."""
 
+import pytest
+
 from offline_rlhf.parallel.distributed import detect_env, first_host, slurm_port
 
 
@@ -35,3 +37,8 @@ def test_first_host_of_node_lists():
     assert first_host("node7") == "node7"
     assert first_host("a-b-1,a-b-2") == "a-b-1"
     assert first_host("rack1-[10,12]") == "rack1-10"
+    assert first_host("rack[1-2]-node[01-04],login1") == "rack1-node01"  # every bracket group
+    assert first_host(" dgx-[a1,b2]-x ") == "dgx-a1-x"
+    for broken in ("", "gpu[1-2", "gpu]1["):
+        with pytest.raises(ValueError, match="cannot parse Slurm node list"):
+            first_host(broken)
