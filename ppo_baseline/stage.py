@@ -56,7 +56,7 @@ from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.generation.engine import DecodeSession
 from offline_rlhf.host import clear_done, restore_stage
 from offline_rlhf.labeling.scoring import scoring_setup
-from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.runtime import Runtime, any_rank, stage_runtime
 from offline_rlhf.stage_support import (
     check_resumable,
     init_template,
@@ -70,7 +70,13 @@ from offline_rlhf.stage_support import (
     resume_fingerprint,
 )
 from offline_rlhf.train.init import TrainingSetup, prepare_training
-from offline_rlhf.train.loop import SampleStream, TrainingFailed, weights_finite  # the training stages' checks
+from offline_rlhf.train.loop import (  # the training stages' checks and stop on a signal
+    SampleStream,
+    StoppedBySignal,
+    TrainingFailed,
+    stop_requests,
+    weights_finite,
+)
 from offline_rlhf.train.metrics_log import MetricsLog
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
 from ppo_baseline import algorithm
@@ -109,7 +115,7 @@ def main(cfg: PPOConfig) -> int:
     init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
     model_cfg = read_meta(resolve_checkpoint(init.checkpoint, "init.checkpoint")).model
     template = policy_template(cfg, init, model_cfg)  # checked before any weights load
-    # A SIGTERM still shuts the services down.
+    # A SIGTERM before the iterations (or during a save) still shuts the services down.
     with sigterm_exits(), stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         cfg.check_world(rt.dims.dp)
         rt = replace(rt, stage_dir=Path(cfg.run_dir) / OUT)
@@ -255,8 +261,10 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
            f"iteration {start}; starting the reward, reference and critic services")
     checkpoint = actor.latest
     # Rank 0 alone starts and calls the services (the TP and DP ranks get its answers).
+    # A stop signal (SIGTERM, SIGUSR1: Slurm's warning, Ctrl-C) ends the run after the current
+    # iteration, saved, as the training stages do; the services are then shut down.
     with (Services(cfg, rt.stage_dir) if rt.is_main else nullcontext()) as services, \
-            ThreadPoolExecutor(3, thread_name_prefix="ppo-call") as pool:
+            ThreadPoolExecutor(3, thread_name_prefix="ppo-call") as pool, stop_requests() as requested:
         if start and services is not None:
             services.call_all({"critic": lambda c: c.call("load", Payload(meta={"step": start}), STEP)}, pool)
         for iteration in range(start, cfg.ppo.iterations):
@@ -271,10 +279,15 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
             skipped = {key: count + int(metrics[key]) for key, count in skipped.items()}
             log.train(iteration + 1, defined(metrics), every=1)
             check_learned(model, skipped, iteration + 1, cfg.ppo, actor.steps_per_iteration, rt)
-            if iteration + 1 == cfg.ppo.iterations or (iteration + 1) % cfg.save_every == 0:
+            final = iteration + 1 == cfg.ppo.iterations
+            stopping = not final and any_rank(requested.is_set(), rt.device, rt.group)
+            if final or stopping or (iteration + 1) % cfg.save_every == 0:
                 checkpoint = save_iteration(cfg, actor, iteration + 1, skipped, model_cfg, template, rt, services,
                                             pool)
                 usage.beat(force=True)
+            if stopping:
+                log.close()
+                raise StoppedBySignal.after_saving(iteration + 1, cfg.ppo.iterations, checkpoint, rt)
     log.close()
     return checkpoint
 

@@ -218,7 +218,7 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
         # Saved as an intermediate step of a longer schedule (or before final steps were marked):
         # the end's validation and final metadata (reward statistics, DT target) are still due.
         _validate_and_save(run, final=True, stopping=False)
-    with _stop_requests() as requested:
+    with stop_requests() as requested:
         while state.step < steps:
             _step(run)
             final = state.step == steps
@@ -281,7 +281,7 @@ def _optimizer_step(task: Task, model: nn.Module, optimization: tuple, batches: 
 
 
 @contextmanager
-def _stop_requests() -> Iterator[threading.Event]:
+def stop_requests() -> Iterator[threading.Event]:
     """An event STOP_SIGNALS set while the block runs; the previous handlers come back after.
     Handlers can only be installed from the main thread: elsewhere the signals keep theirs."""
     requested = threading.Event()

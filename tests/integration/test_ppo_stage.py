@@ -19,6 +19,7 @@ import torch
 from offline_rlhf.checkpoint import TEMPLATE, load_checkpoint, read_meta, resolve_checkpoint
 from offline_rlhf.cli import main as orlhf
 from offline_rlhf.ledger import HEARTBEAT_DIR, read_ledger
+from offline_rlhf.train.loop import STOPPED_EXIT_CODE
 from tests.fixtures import REPO_ROOT, reference_model
 from tests.synthetic_preferences import MODEL, preference_records, synthetic_tokenizer
 from tests.unit.ppo.tiny_models import write_checkpoints
@@ -144,6 +145,34 @@ def test_killing_the_critic_fails_the_run_with_one_line_naming_it(tmp_path, toke
     assert {"ppo_actor", "ppo_reward", "ppo_reference"} <= set(stages)
     assert stages.get("ppo_critic") == (None if sig == signal.SIGKILL else "interrupted")
     assert (run_dir / HEARTBEAT_DIR / "ppo_critic.json").exists() == (sig == signal.SIGKILL)
+
+
+def test_a_stop_signal_saves_the_iteration_and_a_rerun_resumes_there(tmp_path, tokenizer_dir, cleanup):
+    """SIGTERM (the launcher's Ctrl-C, Slurm's warning): the actor finishes its iteration,
+    saves it, shuts its services down and exits 75; it used to exit at once, losing every
+    iteration since the last `save_every`."""
+    run_dir = prepare(tmp_path / "run", tokenizer_dir)
+    cleanup(run_dir)
+    actor = start(run_dir, "ppo.iterations=500", "save_every=100")
+    try:
+        wait_for(lambda: len(metric_rows(run_dir)) >= 1 or actor.poll() is not None, 180, "a first iteration")
+        actor.send_signal(signal.SIGTERM)
+        stdout, stderr = actor.communicate(timeout=120)
+    finally:
+        actor.kill()
+    assert actor.returncode == STOPPED_EXIT_CODE, stderr[-3000:]
+    saved = resolve_checkpoint(run_dir / "ppo" / "checkpoints")
+    iterations = int(saved.name.removeprefix("step_"))
+    assert 1 <= iterations < 100 and f"after saving step {iterations} of 500" in stdout
+    assert (run_dir / "ppo" / "critic" / "checkpoints" / saved.name).is_dir()
+    wait_for(lambda: not service_pids(run_dir), 30, "the services to exit")
+    assert {row.stage: row.status for row in read_ledger(run_dir)} == {
+        "ppo_actor": "interrupted", "ppo_reward": "completed", "ppo_reference": "completed", "ppo_critic": "completed"}
+    result = subprocess.run(command(run_dir, f"ppo.iterations={iterations + 1}"), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {saved}" in result.stdout
+    assert [row["step"] for row in metric_rows(run_dir)][-1] == iterations + 1
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer_dir, cleanup):
