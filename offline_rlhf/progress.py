@@ -5,6 +5,7 @@ looks for to show each running stage's progress."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
@@ -13,18 +14,20 @@ from tqdm import tqdm
 
 PREFIX = "[progress] "
 PLAIN_EVERY_S = 10.0
+QUIET_FOR_S = 10.0  # `quiet_progress`: work done within this long shows nothing
 
 
 class Progress:
-    """`update(n, **shown)` after each unit of work; `write(text)` for a line between units."""
+    """`update(n, **shown)` after each unit of work; `write(text)` for a line between units.
+    With `delay`, nothing shows before the work has run that many seconds."""
 
     def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True, unit: str = "step",
-                 stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S):
+                 stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S, delay: float = 0.0):
         self.desc, self.total, self.done, self.unit = desc, total, initial, unit
         self.stream = stream or sys.stderr
-        self.enabled, self.every_s = enabled, every_s
+        self.enabled, self.every_s, self.delay = enabled, every_s, delay
         self.started, self.last_line, self.shown = time.monotonic(), float("-inf"), {}
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.stream,
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.stream, delay=delay,
                         disable=not (enabled and _is_terminal(self.stream)))
         self.first = self.printed = initial
 
@@ -34,7 +37,8 @@ class Progress:
         if not self.bar.disable:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(n)
-        elif self.enabled and (time.monotonic() - self.last_line >= self.every_s or self.done >= self.total):
+        elif self.enabled and self._due() and (time.monotonic() - self.last_line >= self.every_s
+                                               or self.done >= self.total):
             self._plain_line()
 
     def write(self, text: str) -> None:
@@ -44,14 +48,33 @@ class Progress:
             self.bar.write(text, file=self.stream)
 
     def close(self) -> None:
-        if self.bar.disable and self.enabled and self.done != self.printed:
+        if self.bar.disable and self.enabled and self.done != self.printed and self._due():
             self._plain_line()
         self.bar.close()
+
+    def _due(self) -> bool:
+        return self.delay <= 0 or time.monotonic() - self.started >= self.delay
 
     def _plain_line(self) -> None:
         self.last_line, self.printed = time.monotonic(), self.done
         print(PREFIX + plain_status(self.desc, self.done, self.total, self.first, self.last_line - self.started,
                                     self.shown, self.unit), file=self.stream, flush=True)
+
+
+def quiet_progress(desc: str, total: int, unit: str, enabled: bool = True) -> Progress:
+    """Progress for work that may be long or short and has no Runtime at hand (building a
+    dataset): only on rank 0 (`main_process`), and only once it has run QUIET_FOR_S, so
+    that a small dataset adds no line. `enabled` False (logging.progress=false) shows nothing."""
+    return Progress(desc, total, enabled=enabled and main_process(), unit=unit, delay=QUIET_FOR_S)
+
+
+def main_process() -> bool:
+    """Whether this process is rank 0 of its stage's world (or alone): torch.distributed's
+    rank once a stage started it, else torchrun's RANK. torch is not imported for this."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def plain_status(desc: str, done: int, total: int, first: int, elapsed: float, shown: dict, unit: str) -> str:

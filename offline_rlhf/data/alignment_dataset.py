@@ -19,6 +19,14 @@ from offline_rlhf.data.records import iter_json_objects, optional_turns, require
 from offline_rlhf.data.skips import Skips, require_texts, strict_or
 from offline_rlhf.data.template import ChatTemplate, Turn
 from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
+from offline_rlhf.progress import quiet_progress
+
+# The largest |reward| a labeled record may hold. `reward` is a z-score: over the n rewards
+# it was normalized with, |z| < sqrt(n) (Samuelson's inequality), so 1e6 allows sets of up
+# to 1e12 samples, and a raw reward-model score (reward_key=reward_raw) is far smaller. A
+# larger value is a broken file or model, which would overflow the statistics (1e200 squared)
+# and put a reward prompt no one can reach into DT training.
+MAX_ABS_REWARD = 1e6
 
 
 @dataclass(frozen=True)
@@ -45,14 +53,19 @@ class AlignmentDataset:
 
 
 def read_labeled(path: str | PathLike, reward_key: str = "reward", skips: Skips | None = None) -> list[LabeledExample]:
-    """Every usable record; a blank prompt or response is counted in `skips` (an error without)."""
+    """Every usable record; a blank prompt or response is counted in `skips` (an error without).
+    A reward beyond MAX_ABS_REWARD in absolute value is an error naming the line."""
     tag, skips, examples = f"labeled:{Path(path).name}", strict_or(skips), []
     for where, record in iter_json_objects(path):
         with skips.record():
             prompt, response = require_texts(record, ("prompt", "response"), where)
             finished = require_field(record, "finished", bool, where) if "finished" in record else True
-            examples.append(LabeledExample(prompt, response, require_number(record, reward_key, where),
-                                           f"{tag}:{where.record}", finished, optional_turns(record, where)))
+            reward = require_number(record, reward_key, where)
+            if abs(reward) > MAX_ABS_REWARD:
+                raise where.error(f"expected {reward_key!r} to be a normalized reward (a z-score, at most "
+                                  f"{MAX_ABS_REWARD:g} in absolute value; got {reward:g})")
+            examples.append(LabeledExample(prompt, response, reward, f"{tag}:{where.record}", finished,
+                                           optional_turns(record, where)))
     return examples
 
 
@@ -68,11 +81,12 @@ def encode_labeled(example: LabeledExample, tokenizer, template: ChatTemplate, m
 def build_alignment_dataset(path: str | PathLike, tokenizer, template: ChatTemplate, max_len: int,
                             val_fraction: float, seed: int, reward_prompt: bool,
                             reward_key: str = "reward", keep_above: float | None = None,
-                            strict: bool = False) -> AlignmentDataset:
+                            strict: bool = False, progress: bool = True) -> AlignmentDataset:
     """With `keep_above` (Eq. 4's t), only samples with reward > t are tokenized and enter
     the splits: a filtered sample would cost a forward and backward for a zero loss, and
     the step count would be reckoned on samples never trained on. `strict`: an unusable
-    record is an error (counted and skipped otherwise)."""
+    record is an error (counted and skipped otherwise). Tokenizing shows progress on rank 0
+    when it takes more than a few seconds, unless `progress` is False (logging.progress)."""
     skips = Skips(strict=strict)
     examples = read_labeled(path, reward_key, skips)
     # Split by content: copies of one answer never land on both sides.
@@ -82,14 +96,20 @@ def build_alignment_dataset(path: str | PathLike, tokenizer, template: ChatTempl
     if keep_above is not None:
         train_items, val_items = _kept(train_items, keep_above, path, reward_key), _kept(val_items, keep_above)
     stats = TokenStats()
+    bar = quiet_progress("align dataset", len(train_items) + len(val_items), "sample", progress)
 
     def encode_all(items: list[LabeledExample]) -> list[RewardedSequence]:
-        samples = [encode_labeled(e, tokenizer, template, max_len, reward_prompt) for e in items]
-        for sample in samples:
-            stats.add(sample)
+        samples = []
+        for example in items:
+            samples.append(encode_labeled(example, tokenizer, template, max_len, reward_prompt))
+            stats.add(samples[-1])
+            bar.update()
         return [RewardedSequence(seq, e.reward) for seq, e in zip(unpacked(samples), items)]
 
-    train, val = encode_all(train_items), encode_all(val_items)
+    try:  # closed on an error too: a terminal's bar ends its line before the message
+        train, val = encode_all(train_items), encode_all(val_items)
+    finally:
+        bar.close()
     card = {"path": str(path), "examples": len(examples), "skipped": skips.counts, "train": len(train), "val": len(val),
             "reward_prompt": reward_prompt, "max_seq_len": max_len, "seed": seed, "tokens": asdict(stats),
             "train_rewards": reward_summary([e.reward for e in all_train])}

@@ -4,10 +4,11 @@ of each pair; and its dataset card (no torch here)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from offline_rlhf.config.schema import DataConfig
+from offline_rlhf.config.schema import DataConfig, SourceConfig
 from offline_rlhf.data.chat_template import ChatFormat, build_template
-from offline_rlhf.data.errors import DataError, UnusableRecord
+from offline_rlhf.data.errors import DataError, Location, UnusableRecord
 from offline_rlhf.data.mixing import mix_sources
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.preference_readers import PreferenceExample, read_preference_source
@@ -17,12 +18,14 @@ from offline_rlhf.data.sft_dataset import (
     read_card_fields,
     read_sources,
     reader_kwargs,
+    source_name,
     split_by_content,
     with_read_stats,
 )
 from offline_rlhf.data.skips import Skips, describe
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import Reply, TokenStats, encode_replies
+from offline_rlhf.progress import Progress, quiet_progress
 
 Item = tuple[str, PreferenceExample]  # (source name, example)
 IDENTICAL_AFTER_TRUNCATION = "identical after truncation"  # the skip reason of `encode_pair`
@@ -46,31 +49,45 @@ class PreferenceDataset:
 
 
 def encode_pair(tokenizer, template: ChatTemplate, example: PreferenceExample, max_len: int,
-                stats: TokenStats) -> PreferencePair:
+                stats: TokenStats, where: Location | None = None) -> PreferencePair:
     """Both replies through `encode_replies` (`encode_sft`'s EOS and truncation rule, one
     history for both sides), counted into `stats`. Raises UnusableRecord when truncation
     leaves the two sequences identical: such a pair has no signal and would count as a
-    wrong ranking."""
+    wrong ranking. It names `where` (the record's file and line), else `example.source`."""
     replies = [Reply(reply, True, example.source) for reply in (example.chosen, example.rejected)]
     chosen, rejected = encode_replies(tokenizer, template, example.prompt, replies, max_len, turns=example.turns)
     stats.add(chosen)
     stats.add(rejected)
     if chosen.input_ids == rejected.input_ids:
-        # example.source is `{format}:{file}:{line}`: the record, with no separate number.
-        raise UnusableRecord(example.source, None, f"expected 'chosen' and 'rejected' to differ within "
-                                                   f"data.max_seq_len={max_len} tokens (identical after truncation)",
+        # example.source is `{format}:{file name}:{line}`: the record, with no separate number.
+        source, record = (where.source, where.record) if where is not None else (example.source, None)
+        raise UnusableRecord(source, record, f"expected 'chosen' and 'rejected' to differ within "
+                                             f"data.max_seq_len={max_len} tokens (identical after truncation)",
                              IDENTICAL_AFTER_TRUNCATION)
     return PreferencePair(*unpacked([chosen, rejected]), example)
 
 
+def record_location(example: PreferenceExample, source: SourceConfig) -> Location | None:
+    """The file and line of a file source's example, from its `source` tag
+    (`{format}:{file name}:{line}`, which names the file without its folder); None for a
+    hub split, whose tag already names it as its reading errors do."""
+    tag = f"{source.format}:{Path(source.path).name}:"
+    line = example.source.removeprefix(tag)
+    return Location(source.path, int(line)) if source.format != "hf" and line != example.source and \
+        line.isdigit() else None
+
+
 def _encode_all(items: list[Item], tokenizer, template: ChatTemplate, max_len: int,
-                stats: dict[str, TokenStats], skips: dict[str, Skips]) -> list[PreferencePair]:
+                stats: dict[str, TokenStats], skips: dict[str, Skips], sources: dict[str, SourceConfig],
+                bar: Progress) -> list[PreferencePair]:
     """`encode_pair` every (source name, example); an unusable pair is counted into its
-    source's skips (an error when strict)."""
+    source's skips (an error when strict, naming the record's file by its configured path)."""
     pairs = []
     for name, example in items:
         with skips[name].record():
-            pairs.append(encode_pair(tokenizer, template, example, max_len, stats[name]))
+            pairs.append(encode_pair(tokenizer, template, example, max_len, stats[name],
+                                     record_location(example, sources[name])))
+        bar.update()
     return pairs
 
 
@@ -96,13 +113,16 @@ def pair_text(example: PreferenceExample) -> tuple[str, ...]:
 
 
 def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int,
-                             template: ChatTemplate | ChatFormat | None = None) -> PreferenceDataset:
+                             template: ChatTemplate | ChatFormat | None = None,
+                             progress: bool = True) -> PreferenceDataset:
     """Build train/val pairs from a `DataConfig`, in the SFT dataset's order of steps:
     read every source (identical or blank pairs skipped and counted unless cfg.strict;
     duplicates counted, dropped with cfg.dedupe); `mix_sources` (cfg.total_samples,
     weights); split over pair TEXT (a pair and its copies, at any line, stay on one
     side); `encode_pair` each pair with cfg.max_seq_len, rendered by `template` (default:
-    cfg.template's). Pairs are never packed (cfg.pack is unused)."""
+    cfg.template's). Pairs are never packed (cfg.pack is unused). Encoding shows progress
+    on rank 0 when it takes more than a few seconds, unless `progress` is False (a stage's
+    logging.progress)."""
     template = template or build_template(cfg.template, tokenizer.config)
     sources, read_stats = read_sources(
         cfg, lambda s, skips: read_preference_source(s.format, s.path, skips=skips,
@@ -112,8 +132,13 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int,
     train_items, val_items = split_by_content(mixed, cfg, seed, pair_text)
     stats = {name: TokenStats() for name in mix_stats}
     skips = {name: Skips(strict=cfg.strict) for name in mix_stats}
-    train, val = (_encode_all(items, tokenizer, template, cfg.max_seq_len, stats, skips)
-                  for items in (train_items, val_items))
+    configured = {source_name(source): source for source in cfg.sources}
+    bar = quiet_progress("rm dataset", len(train_items) + len(val_items), "pair", progress)
+    try:  # closed on a strict error too: a terminal's bar ends its line before the message
+        train, val = (_encode_all(items, tokenizer, template, cfg.max_seq_len, stats, skips, configured, bar)
+                      for items in (train_items, val_items))
+    finally:
+        bar.close()
     read_stats = _with_encode_skips(read_stats, skips, mix_stats)
     dropped = {name: source_skips.counts.get(IDENTICAL_AFTER_TRUNCATION, 0) for name, source_skips in skips.items()}
     card = preference_card(cfg, seed, with_read_stats(mix_stats, read_stats), stats, dropped, train, val)

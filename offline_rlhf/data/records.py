@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ SYSTEM = "system"
 _MESSAGE_ROLES = {"user": USER, "assistant": ASSISTANT}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = "\ufeff"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def iter_lines(path: str | PathLike) -> Iterator[tuple[Location, str]]:
@@ -53,18 +55,61 @@ def _decode(raw: bytes, where: Location) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        if where.record == 1 and raw.startswith(_UTF16_BOMS):
+            raise where.error("expected UTF-8 text (the file starts with a UTF-16 byte-order mark: it looks like "
+                              "UTF-16; save it as UTF-8)") from None
         raise where.error(
             f"expected UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)"
         ) from None
 
 
+class _RepeatedKey(Exception):
+    """Raised by `_unique_keys` inside json.loads, turned into a DataError naming the line."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook, for every object at every level: a repeated key is an error
+    (json.loads would silently keep the last value: `{"response": "a", "response": "b"}`)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen = set()
+        raise _RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return record
+
+
+# One decoder: json.loads with a keyword builds a new one per call (+80% on a 100k-line file).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def parse_json_line(text: str, where: Location) -> Any:
+    """One line's JSON value; anything json cannot read is a DataError at `where`: broken
+    JSON, a repeated key in any object, an integer longer than Python converts (4300 digits
+    by default) or nesting deeper than its recursion limit (about 1000 levels)."""
+    try:
+        if text.startswith(_BOM):  # as json.loads says it (its check; the decoder has none)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        # UTF-16 without a byte-order mark decodes as UTF-8 (ASCII with a NUL byte after each character).
+        utf16 = " (a third or more of the line is NUL bytes: it looks like UTF-16; save it as UTF-8)" \
+            if text.count("\x00") * 3 >= len(text) else ""
+        raise where.error(f"expected a JSON object (invalid JSON: {exc.msg}, column {exc.colno}){utf16}") from None
+    except _RepeatedKey as exc:
+        raise where.error(f"expected a JSON object whose keys are unique (key {exc.args[0]!r} appears more than "
+                          "once; json would keep only its last value)") from None
+    except RecursionError:
+        raise where.error(f"expected a JSON object nested less than about {sys.getrecursionlimit()} levels deep "
+                          "(this line nests deeper than Python's json reader can read)") from None
+    except ValueError as exc:  # json's own errors are JSONDecodeErrors: this is int() refusing a huge literal
+        digits = sys.get_int_max_str_digits()
+        what = f"an integer literal has more than {digits} digits" if "digits" in str(exc) else str(exc)
+        raise where.error(f"expected a JSON object with numbers Python can read ({what})") from None
+
+
 def iter_json_objects(path: str | PathLike) -> Iterator[tuple[Location, dict[str, Any]]]:
     """Yield (location, object) for every line of a JSONL file; each line must be a JSON object."""
     for where, text in iter_lines(path):
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise where.error(f"expected a JSON object (invalid JSON: {exc.msg}, column {exc.colno})") from None
+        record = parse_json_line(text, where)
         if not isinstance(record, dict):
             raise where.error(f"expected a JSON object (got {type(record).__name__})")
         if "\\u" in text:  # only a \uXXXX escape can make a lone surrogate; raw UTF-8 cannot
@@ -73,13 +118,18 @@ def iter_json_objects(path: str | PathLike) -> Iterator[tuple[Location, dict[str
 
 
 def _check_surrogates(value: Any, where: Location) -> None:
-    """A lone surrogate (`"\\ud800"`) is valid JSON but not text: UTF-8 encoding fails later."""
-    strings = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in strings:
-        if isinstance(item, str) and (lone := _SURROGATE.search(item)):
-            raise where.error(f"expected valid Unicode text in {key!r} (a lone surrogate escape "
-                              f"\\u{ord(lone.group()):04x})")
-        _check_surrogates(item, where)
+    """A lone surrogate (`"\\ud800"`) is valid JSON but not text: UTF-8 encoding fails later.
+    A stack, not recursion: a record may be nested nearly as deep as json reads."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            if isinstance(item, str) and (lone := _SURROGATE.search(item)):
+                raise where.error(f"expected valid Unicode text in {key!r} (a lone surrogate escape "
+                                  f"\\u{ord(lone.group()):04x})")
+            if isinstance(item, (dict, list)):
+                stack.append(item)
 
 
 def iter_tsv_rows(path: str | PathLike, columns: Sequence[str]) -> Iterator[tuple[Location, dict[str, str]]]:

@@ -19,6 +19,7 @@ from offline_rlhf.data.sft_readers import SFTExample, read_sft_source
 from offline_rlhf.data.skips import Skips, describe
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
+from offline_rlhf.progress import Progress, quiet_progress
 
 CARD_JSON = "dataset_card.json"
 CARD_MD = "dataset_card.md"
@@ -87,14 +88,16 @@ def sft_text(example: SFTExample) -> tuple[str, ...]:
 
 
 def _tokenize(items: list[tuple[str, SFTExample]], tokenizer, template: ChatTemplate, max_len: int,
-              stats: dict[str, TokenStats]) -> list[TokenizedSample]:
-    """`encode_sft` every (source name, example), counting into that source's stats."""
+              stats: dict[str, TokenStats], bar: Progress | None = None) -> list[TokenizedSample]:
+    """`encode_sft` every (source name, example), counting into that source's stats (and `bar`)."""
     samples = []
     for name, example in items:
         sample = encode_sft(tokenizer, template, example.prompt, example.response, max_len, example.source,
                             turns=example.turns)
         stats[name].add(sample)
         samples.append(sample)
+        if bar is not None:
+            bar.update()
     return samples
 
 
@@ -102,14 +105,16 @@ def _sequences(samples: list[TokenizedSample], cfg: DataConfig) -> list[PackedSe
     return pack_samples(samples, cfg.max_seq_len) if cfg.pack else unpacked(samples)
 
 
-def build_sft_dataset(cfg: DataConfig, tokenizer, seed: int) -> SFTDataset:
+def build_sft_dataset(cfg: DataConfig, tokenizer, seed: int, progress: bool = True) -> SFTDataset:
     """Build train/val sequences from a `DataConfig`.
 
     Order of steps: read every source; `mix_sources` (cfg.total_samples, weights);
     `split_validation` on examples, before packing, so no sequence mixes train and
     val documents; `encode_sft` each example with cfg.max_seq_len; pack train and
     val separately when cfg.pack, else one document per sequence. A source with no
-    examples is an error naming it (raised by `mix_sources`).
+    examples is an error naming it (raised by `mix_sources`). Tokenizing shows progress
+    on rank 0 when it takes more than a few seconds, unless `progress` is False (a stage's
+    logging.progress).
     """
     template = build_template(cfg.template, tokenizer.config)
     sources, read_stats = read_sources(
@@ -118,8 +123,12 @@ def build_sft_dataset(cfg: DataConfig, tokenizer, seed: int) -> SFTDataset:
     mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)
     train_items, val_items = split_by_content(mixed, cfg, seed, sft_text)
     token_stats = {name: TokenStats() for name in mix_stats}
-    train, val = (_sequences(_tokenize(items, tokenizer, template, cfg.max_seq_len, token_stats), cfg)
-                  for items in (train_items, val_items))
+    bar = quiet_progress("sft dataset", len(train_items) + len(val_items), "example", progress)
+    try:  # closed on an error too: a terminal's bar ends its line before the message
+        train, val = (_sequences(_tokenize(items, tokenizer, template, cfg.max_seq_len, token_stats, bar), cfg)
+                      for items in (train_items, val_items))
+    finally:
+        bar.close()
     card = dataset_card(cfg, seed, with_read_stats(mix_stats, read_stats), token_stats, train, val,
                         len(train_items), len(val_items))
     return SFTDataset(train, val, {**card, **read_card_fields(cfg, read_stats)})

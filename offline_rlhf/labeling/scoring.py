@@ -32,7 +32,7 @@ from offline_rlhf.data.tokenize import TokenizedSample, encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.models.llama import last_token_values
 from offline_rlhf.parallel.parallelize import build_model
-from offline_rlhf.progress import Progress
+from offline_rlhf.progress import Progress, quiet_progress
 from offline_rlhf.runtime import Runtime, autocast_for
 from offline_rlhf.stage_support import (
     SCORED_BEFORE_TOKEN,
@@ -72,15 +72,24 @@ def encode_responses(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[st
 
 def encode_scored(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], max_len: int,
                   finished: Sequence[bool] | None = None,
-                  turns: Sequence[Sequence[Turn]] | None = None) -> list[TokenizedSample]:
+                  turns: Sequence[Sequence[Turn]] | None = None, progress: bool = True) -> list[TokenizedSample]:
     """`encode_responses` before unpacking, so a caller can count `.truncated`. A pair with
     `finished[i]` False (a generation cut at max_new_tokens) gets no EOS: its reward is
     read at its last real token, not at an end the answer never reached. `turns[i]`, a
-    multi-turn prompt's conversation, is what a chat template renders (as in training)."""
+    multi-turn prompt's conversation, is what a chat template renders (as in training).
+    Tokenizing shows progress on rank 0 when it takes more than a few seconds, unless
+    `progress` is False."""
     ends = [True] * len(pairs) if finished is None else finished
     histories = [()] * len(pairs) if turns is None else turns
-    return [encode_sft(tokenizer, template, prompt, response, max_len, f"pair {index}", eos=end, turns=history)
-            for index, ((prompt, response), end, history) in enumerate(zip(pairs, ends, histories, strict=True))]
+    bar, samples = quiet_progress("tokenizing for scoring", len(pairs), "sample", progress), []
+    try:  # closed on an error too: a terminal's bar ends its line before the message
+        for index, ((prompt, response), end, history) in enumerate(zip(pairs, ends, histories, strict=True)):
+            samples.append(encode_sft(tokenizer, template, prompt, response, max_len, f"pair {index}", eos=end,
+                                      turns=history))
+            bar.update()
+    finally:
+        bar.close()
+    return samples
 
 
 @torch.no_grad()

@@ -171,7 +171,7 @@ def training_data(cfg: AlignConfig, tokenizer, template: ChatTemplate | ChatForm
                                       cfg.data.val_fraction, cfg.train.seed, reward_prompt=cfg.method == "dt",
                                       reward_key=cfg.data.reward_key,
                                       keep_above=cfg.filter_threshold if cfg.method == "mle_filter" else None,
-                                      strict=cfg.data.strict)
+                                      strict=cfg.data.strict, progress=cfg.logging.progress)
     rt.log(dataset_summary(cfg, dataset))
     if cfg.method == "rwr":
         warn_clamped(cfg, dataset, rt.log)

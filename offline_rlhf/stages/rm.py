@@ -94,7 +94,8 @@ def train_reward_model(cfg: RMConfig) -> int:
         # value-head load is partial), and the LM head's `output.weight` is not requested.
         setup = prepare_training(init, model_cfg, "value", rt, cfg.train.seed,
                                  before_load=lambda model: init_value_head(model, cfg.train.seed))
-        dataset = build_preference_dataset(cfg.data, setup.tokenizer, cfg.train.seed, template)
+        dataset = build_preference_dataset(cfg.data, setup.tokenizer, cfg.train.seed, template,
+                                           progress=cfg.logging.progress)
         fingerprint = training_fingerprint(cfg, dataset.train)
         check_checkpoint_resumable(setup.checkpoints, fingerprint)  # a refused rerun keeps the card
         if rt.is_main:
@@ -133,7 +134,7 @@ def evaluate(cfg: RMConfig) -> int:
     with stage_runtime(EVAL_STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         model, tokenizer, _ = load_reward_model(init.checkpoint, rt, key="init.checkpoint")
         template = init_template(init, cfg.data.template, "data.template", tokenizer.config)  # as it was trained
-        dataset = build_preference_dataset(cfg.data, tokenizer, cfg.train.seed, template)
+        dataset = build_preference_dataset(cfg.data, tokenizer, cfg.train.seed, template, progress=cfg.logging.progress)
         pairs = dataset.train + dataset.val
         collate = partial(collate_pairs, pad_id=tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
         data = TrainData([], pairs, collate, cfg.data.max_seq_len)

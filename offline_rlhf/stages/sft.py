@@ -44,7 +44,7 @@ def main(cfg: SFTConfig) -> int:
     model_cfg = model_config(init, cfg.model)
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, model_cfg, cfg) as (rt, usage):
         setup = prepare_training(init, model_cfg, "lm", rt, cfg.train.seed)
-        dataset = build_sft_dataset(cfg.data, setup.tokenizer, cfg.train.seed)
+        dataset = build_sft_dataset(cfg.data, setup.tokenizer, cfg.train.seed, progress=cfg.logging.progress)
         template = build_template(cfg.data.template, setup.tokenizer.config)  # recorded: later stages render alike
         fingerprint = training_fingerprint(cfg, dataset.train)
         check_checkpoint_resumable(setup.checkpoints, fingerprint)  # a refused rerun keeps the card

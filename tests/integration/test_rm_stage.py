@@ -214,7 +214,7 @@ def test_a_pair_identical_after_truncation_is_counted_in_the_last_line(trained, 
     card = (tmp_path / "run" / "rm" / "dataset_card.md").read_text()
     assert "synthetic: 1 skipped (1 identical after truncation)" in card
     assert main(short_rm_args(tmp_path / "strict", run_dir.parent / "sft", pairs, "data.strict=true")) == 2
-    assert capsys.readouterr().err == (f"orlhf rm: error: jsonl:pairs.jsonl:1: expected 'chosen' and 'rejected' to "
+    assert capsys.readouterr().err == (f"orlhf rm: error: {pairs}:1: expected 'chosen' and 'rejected' to "
                                        f"differ within data.max_seq_len={MAX_LEN} tokens (identical after "
                                        "truncation)\n")
 

@@ -56,7 +56,7 @@ def test_strict_makes_a_pair_identical_after_truncation_an_error_naming_its_reco
     path = pairs_with_two_truncated(write_file)
     with pytest.raises(UnusableRecord) as error:
         build_preference_dataset(pref_config(path, strict=True), tokenizer, seed=0)
-    assert str(error.value) == (f"jsonl:{path.name}:1: expected 'chosen' and 'rejected' to differ within "
+    assert str(error.value) == (f"{path}:1: expected 'chosen' and 'rejected' to differ within "
                                 f"data.max_seq_len={MAX_LEN} tokens (identical after truncation)")
 
 
