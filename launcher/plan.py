@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from launcher.seeds import first_run, sweep_steps
 
 STAGE_MODULE = "offline_rlhf.cli"
 PPO_ACTOR_FOLDER = "ppo_actor"  # ppo_baseline.stage.STAGE
+# A Hugging Face repo id as the stages take one (offline_rlhf.hub.parse_repo_id; not imported: no torch here).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 CHECK_WORLD_SIZE = "ORLHF_CHECK_WORLD_SIZE"  # offline_rlhf.cli.CHECK_WORLD_SIZE (not imported: no torch here)
 
 
@@ -86,7 +89,7 @@ def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
         plans = [replace(known[_identity(step)], name=step.name, chain=step.chain) if _identity(step) in known
                  else next(fresh) for step in steps]
         inputs = list(pool.map(lambda pair: check_stage(pair[0].key, pair[1]), zip(steps, plans)))
-    check_inputs(plans, inputs, [step.key for step in steps])
+    check_inputs(plans, inputs, [step.key for step in steps], cfg.cluster, run_dir)
     return plans
 
 
@@ -164,6 +167,7 @@ def _plan_stage(step: Step, cluster: ClusterConfig) -> StagePlan:
     config_yaml = resolve_stage_config(key, entry.stage, args)
     resolved = yaml.safe_load(config_yaml)
     nodes, per_node = _process_layout(key, entry, resolved.get("parallel") or {}, cluster)
+    _check_node_cpus(key, entry.stage, per_node, cluster)
     components = ppo_components(key, entry.ppo, Module("actor", per_node), nodes,
                                 resolved.get("services") or {}) if hetjob else ()
     folder = stage_folder(entry.stage, resolved)
@@ -203,22 +207,70 @@ def check_stage(key: str, plan: StagePlan) -> list[dict]:
         raise LaunchError(key, f"`--check` printed no input list: {proc.stdout.strip()[:200]!r}") from None
 
 
-def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], keys: list[str]) -> None:
+def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], keys: list[str],
+                 cluster: ClusterConfig | None = None, run_dir: Path | None = None) -> None:
     """Every input a stage reads exists now, or lies in the folder of a stage it runs after
     (an earlier stage of its replicate's chain, or of the run's own), which writes it first;
-    relative paths are as the stages see them, from here. `keys`: what errors name for each plan."""
+    relative paths are as the stages see them, from here. In a container every input must
+    also be visible (`check_container_path`). `keys`: what errors name for each plan."""
     for position, (plan, needed) in enumerate(zip(plans, inputs)):
         earlier = [p.stage_dir for p in plans[:position] if not plan.chain or p.chain == plan.chain]
         for item in needed:
+            key = f"{keys[position]} ({plan.name}) {item['key']}"
+            if cluster is not None and cluster.kind == "slurm" and cluster.container_image and run_dir is not None:
+                check_container_path(key, item, cluster, run_dir)
             path = Path(item["path"]).expanduser().absolute()
             if item["exists"] or path.exists() or any(path.is_relative_to(folder) for folder in earlier):
                 continue
             written_later = next((p.name for p in plans[position + 1:] if path.is_relative_to(p.stage_dir)), None)
-            raise LaunchError(f"{keys[position]} ({plan.name}) {item['key']}",
-                              f"{item['path']} does not exist" + (
+            raise LaunchError(key, f"{item['path']} does not exist" + (
                                   f" yet: stage {written_later!r} writes it, but runs later" if written_later
                                   else " and no earlier stage of the pipeline writes it"),
                               "fix the path, or run the stage that writes it first")
+
+
+def check_container_path(key: str, item: dict, cluster: ClusterConfig, run_dir: Path) -> None:
+    """A stage in a container (pyxis) sees the image, run_dir (mounted at its own path) and
+    each `cluster.container_mounts` item SRC:DST at DST; it starts in the image's working
+    directory. So an input must be an absolute path under run_dir or under a mount whose
+    DST is its SRC (the launcher checks the path here, the stage opens it there). A Hugging
+    Face repo id (org/name, nothing of that name here) is no path: the stage resolves it."""
+    text = item["path"]
+    path = Path(text).expanduser()
+    fix = ("give an absolute path under run_dir, or add a cluster.container_mounts item that mounts its folder "
+           "at the same path (SRC:SRC)")
+    if not path.is_absolute():
+        if HUB_ID.fullmatch(text) and not path.exists():
+            return
+        raise LaunchError(key, f"{text!r} is a relative path, which a stage in the container reads from the image's "
+                          "working directory, not from here", fix)
+    path = Path(os.path.normpath(path))
+    mounts = [(run_dir, run_dir), *(_mount(item) for item in cluster.container_mounts)]
+    if any(path.is_relative_to(source) for source, target in mounts if source == target):
+        return
+    moved = next((f" (cluster.container_mounts mounts {source} at {target}, another path)"
+                  for source, target in mounts if source != target and path.is_relative_to(source)), "")
+    raise LaunchError(key, f"{text} is neither under run_dir ({run_dir}) nor under a cluster.container_mounts item "
+                      f"mounted at the same path, so the stage in the container does not see it{moved}", fix)
+
+
+def _mount(item: str) -> tuple[Path, Path]:
+    """pyxis's SRC[:DST[:FLAGS]] as (SRC, DST); DST defaults to SRC."""
+    source, _, rest = item.partition(":")
+    target = rest.split(":")[0] or source
+    return Path(os.path.normpath(source)), Path(os.path.normpath(target))
+
+
+def _check_node_cpus(key: str, stage: str, per_node: int, cluster: ClusterConfig) -> None:
+    """In torchrun mode a node's processes are one Slurm task; on a shared node (not
+    exclusive) Slurm gives a task one CPU unless told more, which torchrun, every worker and
+    their data loading would then share."""
+    if (cluster.kind == "slurm" and cluster.launch_mode == "torchrun" and per_node > 1 and not cluster.exclusive
+            and cluster.cpus_per_task is None):
+        raise LaunchError("cluster.cpus_per_task", f"is unset on shared nodes (cluster.exclusive=false): Slurm would "
+                          f"give the one torchrun task per node of {key} ({stage}, {per_node} processes a node) a "
+                          "single CPU", "set it to the CPUs a node's processes need (e.g. 8 per GPU: "
+                          "cluster.cpus_per_task=64), or set cluster.exclusive=true")
 
 
 def _process_layout(key: str, entry: StageEntry, parallel: dict, cluster: ClusterConfig) -> tuple[int, int]:

@@ -8,7 +8,7 @@ variables itself (offline_rlhf.parallel.distributed). Both derive the rendezvous
 The PPO stage renders as one heterogeneous job (`render_hetjob`, layout in launcher.ppo):
 one `#SBATCH hetjob` component per module, the services' job steps started first (one task
 per process, so rank 0, which serves HTTP, is on the first node of its component), then
-the actor's; the first step to fail ends the job.
+the actor's, whose exit status is the job's (below).
 
 Warning ahead of the time limit: `#SBATCH --signal=USR1@<cluster.signal_lead_s>` has Slurm
 signal every process of the job's steps (not the batch shell), torchrun's workers included
@@ -17,8 +17,19 @@ and exits on it. SIGUSR1 rather than SIGTERM: torchrun, signalled too, answers S
 killing its workers 30 s later, mid-save for a large model (only recent torch has
 --shutdown-timeout; the NGC 25.01 image's 2.6 has not). It would die of SIGUSR1, so the
 step starts with SIGUSR1 ignored (IGNORE_WARNING), a disposition torchrun and the stages
-inherit and only the training loop replaces. The PPO heterogeneous job gets no warning:
-its loop does not handle it.
+inherit and only the training loop replaces.
+
+The PPO heterogeneous job gets the same warning, and its steps start the same way: the
+actor's loop (ppo_baseline.stage, with the training loop's handler) finishes its iteration,
+saves, shuts its services down over HTTP (they record their ledger rows) and exits 75; the
+services ignore the warning itself. The actor's exit status is the job's: once its step has
+ended the services get SERVICE_GRACE_S to end (the actor tells them to; an actor that found
+nothing to do may not have) and are then ended with the job; a service step that fails while
+the actor runs ends the job at once.
+
+The submitting shell's environment reaches the job (sbatch exports it): its rendezvous and
+torchrun variables (launcher.schema.PROCESS_VARIABLES, TORCHELASTIC_*) are unset first, or a
+stage launched from inside another job or a torchrun worker would join that one's rendezvous.
 """
 
 from __future__ import annotations
@@ -29,12 +40,13 @@ from pathlib import Path
 
 from launcher.plan import STAGE_MODULE, StagePlan
 from launcher.ppo import TOKEN_ENV, TOKEN_FILE, Component
-from launcher.schema import ClusterConfig
+from launcher.schema import PROCESS_VARIABLES, ClusterConfig
 
 SUB_RUN = re.compile(r"(seed|round)_\d+")  # a replicate's folder (seed_<s>) or a later round's
 COMPLETE_MARKER = ".launch_complete"  # written when a continued stage has finished
 WARNING_SIGNAL = "USR1"
 IGNORE_WARNING = f"bash -c 'trap \"\" {WARNING_SIGNAL}; exec \"$@\"' ignore-{WARNING_SIGNAL.lower()}"
+SERVICE_GRACE_S = 60  # seconds the PPO services may take to end once the actor's step has ended
 
 RENDEZVOUS = """\
 # Rendezvous at the first host of the allocation; every node derives the same port.
@@ -110,7 +122,10 @@ def _resources(plan: StagePlan, cluster: ClusterConfig, nodes: int, tasks: int, 
 
 
 def _environment(cluster: ClusterConfig) -> str:
-    return "".join(f"export {name}={shlex.quote(str(value))}\n" for name, value in cluster.env.items())
+    unset = ("# The submitting shell's rendezvous and torchrun variables would reach the stage (sbatch\n"
+             "# exports them): a stage would join another job's rendezvous.\n"
+             f"unset {' '.join(PROCESS_VARIABLES)} ${{!TORCHELASTIC_@}}\n")
+    return unset + "".join(f"export {name}={shlex.quote(str(value))}\n" for name, value in cluster.env.items())
 
 
 def _run_line(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
@@ -159,6 +174,7 @@ def render_hetjob(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
     actor, services = plan.components[0], plan.components[1:]
     header = [f"--job-name={job_name(plan)}",
               *_resources(plan, cluster, actor.nodes, tasks_per_node(plan, cluster)),
+              *([f"--signal={WARNING_SIGNAL}@{cluster.signal_lead_s}"] if cluster.signal_lead_s else []),
               f"--output={plan.stage_dir}/slurm-%j.out", f"--error={plan.stage_dir}/slurm-%j.err"]
     for component in services:
         tasks = max(module.procs_per_node for module in component.modules)
@@ -176,9 +192,9 @@ def render_hetjob(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
         f"export {TOKEN_ENV}={shlex.quote(str(plan.stage_dir / TOKEN_FILE))}\n",
         "# Services first: each binds a port derived from the job id on its component's first node;\n"
         "# the actor finds them through SLURM_JOB_NODELIST_HET_GROUP_<n> and waits for their health.\n"
-        + "".join(steps),
+        "services=\n" + "".join(steps),
         (RENDEZVOUS if uses_torchrun(plan, cluster) else "") + _actor_step(plan, cluster, python),
-        _wait_for_steps(len(steps) + 1) + (_mark_complete(plan) if continued else ""),
+        _wait_for_steps(SERVICE_GRACE_S) + (_mark_complete(plan) if continued else ""),
     ]
     return "\n".join(section for section in sections if section)
 
@@ -190,10 +206,12 @@ def _service_step(plan: StagePlan, cluster: ClusterConfig, python: str, componen
     job's environment (SLURM_NTASKS_HET_GROUP_<n>), its largest module's."""
     log = plan.stage_dir / name / "service.log"
     step = (f" --het-group={component.group} --overlap --nodes={component.nodes}"
-            f" --ntasks={component.nodes * per_node} --ntasks-per-node={per_node} --output={shlex.quote(str(log))}")
+            f" --ntasks={component.nodes * per_node} --ntasks-per-node={per_node} --open-mode=append"
+            f" --output={shlex.quote(str(log))}")
     serve = " ".join(shlex.quote(word) for word in (STAGE_MODULE, plan.stage, *plan.args, f"serve={name}"))
     words = _srun_words(plan, cluster, step, _service_cpus(cluster, per_node))
-    return " \\\n  ".join([*words, f"{shlex.quote(python)} -m {serve}"]) + " &\n"
+    wrapper = [IGNORE_WARNING] if cluster.signal_lead_s else []
+    return " \\\n  ".join([*words, *wrapper, f"{shlex.quote(python)} -m {serve}"]) + f' &\nservices+=" $!:{name}"\n'
 
 
 def _service_cpus(cluster: ClusterConfig, tasks_per_node: int) -> int | None:
@@ -206,13 +224,37 @@ def _service_cpus(cluster: ClusterConfig, tasks_per_node: int) -> int | None:
 
 def _actor_step(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
     words = _srun_words(plan, cluster, " --het-group=0")
-    return " \\\n  ".join([*words, _program(plan, cluster, python)]) + " &\n"
+    wrapper = [IGNORE_WARNING] if cluster.signal_lead_s else []
+    return " \\\n  ".join([*words, *wrapper, _program(plan, cluster, python)]) + " &\nactor=$!\n"
 
 
-def _wait_for_steps(count: int) -> str:
-    """Every step ends with 0 once the actor has finished and shut its services down; the
-    first one that fails ends the job, and with it every other step."""
-    return (f"for _ in $(seq {count}); do\n"
-            "  wait -n || { code=$?; echo \"orlhf launch: a PPO job step failed (exit code $code);"
-            " ending the job\" >&2; exit \"$code\"; }\n"
-            "done\n")
+def _wait_for_steps(grace_s: int) -> str:
+    """`services` holds "pid:name" of each service step. Polled rather than `wait -n`, which
+    cannot tell which step ended; bash reaps each step as it ends and `wait PID` gives its status."""
+    return f"""\
+# A service step that fails while the actor runs ends the job, and with it every other step.
+# The actor's exit status is the job's: once its step has ended, the services (it tells them
+# to shut down) get {grace_s} s to end; the job's end ends any still running.
+ended() {{ ! kill -0 "$1" 2>/dev/null; }}
+reap_services() {{  # drop the ended service steps; a failed one while the actor runs ends the job
+  local left= entry code
+  for entry in $services; do
+    if ! ended "${{entry%%:*}}"; then left+=" $entry"; continue; fi
+    wait "${{entry%%:*}}" && code=0 || code=$?
+    [ "$code" -eq 0 ] && continue
+    echo "orlhf launch: a PPO job step failed (the ${{entry#*:}} service, exit code $code)$1" >&2
+    [ -n "$1" ] || exit "$code"
+  done
+  services=$left
+}}
+while ! ended "$actor"; do reap_services ""; sleep 1; done
+wait "$actor" && actor_code=0 || actor_code=$?
+deadline=$((SECONDS + {grace_s}))
+while [ -n "$services" ] && [ "$SECONDS" -lt "$deadline" ]; do reap_services " after the actor ended"; sleep 1; done
+[ -z "$services" ] || echo "orlhf launch: PPO service step(s) (pid:name)$services still running \\
+{grace_s} s after the actor's ended; ending them" >&2
+if [ "$actor_code" -ne 0 ]; then
+  echo "orlhf launch: a PPO job step failed (the actor, exit code $actor_code); ending the job" >&2
+  exit "$actor_code"
+fi
+"""

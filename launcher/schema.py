@@ -16,9 +16,14 @@ from omegaconf import MISSING
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 LAUNCH_MODES = ("torchrun", "tasks")
-# Set per process by torchrun; exporting them in the job script would hide Slurm's own
-# variables from the stage (and the SLURM_* ones its device-hour rows carry).
-PROCESS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+# Set per process by torchrun (torchelastic: also TORCHELASTIC_*) or derived per job by the
+# stages' rendezvous: exporting them in the job script would hide Slurm's own variables from
+# the stage (and the SLURM_* ones its device-hour rows carry) or send it to another job's
+# rendezvous. cluster.env may not set them, and the job script unsets those the submitting
+# shell carries (sbatch exports its environment into the job).
+PROCESS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                     "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE")
+PROCESS_PREFIXES = ("SLURM_", "TORCHELASTIC_")
 CLUSTER_KINDS = ("local", "slurm")
 # Stage names become folders under run_dir and parts of job names: no `/`, `..` or spaces.
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -268,9 +273,9 @@ class ClusterConfig:
     def _check_env_name(name: str) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise LaunchError(f"cluster.env.{name}", "is not a valid environment variable name")
-        if name.startswith("SLURM_") or name in PROCESS_VARIABLES:
-            raise LaunchError(f"cluster.env.{name}", "is set by Slurm or torchrun for each process",
-                              "remove it from cluster.env")
+        if name.startswith(PROCESS_PREFIXES) or name in PROCESS_VARIABLES:
+            raise LaunchError(f"cluster.env.{name}", "is set by Slurm or torchrun for each process, or derived "
+                              "per job", "remove it from cluster.env")
 
 
 @dataclass

@@ -105,12 +105,40 @@ def sbatch(stage: str, script: Path, dependencies: list[str]) -> str:
     return proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
 
 
+# What sbatch's refusal names -> the setting behind it, checked in order (an account error
+# also names the partition, a QOS policy error time limits). The values come from the
+# #SBATCH lines the launcher wrote (cluster.*, a stage's nodes and time_limit) or from
+# sbatch's own input variables (SBATCH_QOS, ...).
+SBATCH_REFUSALS = (
+    (r"--mem\b|memory", "cluster.mem: use Slurm's syntax (500G, 0 for all of a node's memory) within what the "
+                       "partition's nodes have"),
+    (r"\baccount\b", "cluster.account (with cluster.partition): use an account you may charge on that "
+                    "partition (sacctmgr show assoc user=$USER)"),
+    (r"partition", "cluster.partition: use a partition of this cluster (sinfo -s)"),
+    (r"qos", "the QOS: SBATCH_QOS in the submitting shell, or the account's default"),
+    (r"--time\b|time limit", "cluster.time_limit or the stage's time_limit: within the partition's MaxTime "
+                             "(sinfo -o '%P %l')"),
+    (r"gres|generic resource|gpu", "cluster.gpus_per_node: as many as the partition's nodes have, or null for none"),
+    (r"reservation", "the reservation: SBATCH_RESERVATION in the submitting shell"),
+    (r"feature|constraint", "the node features: SBATCH_CONSTRAINT in the submitting shell"),
+    (r"cpu", "cluster.cpus_per_task: at most the CPUs of the partition's nodes"),
+    (r"node count|nodes", "the stage's nodes: at most the partition's node count"),
+    (r"node configuration is not available", "the resources asked for per node (cluster.gpus_per_node, "
+     "cpus_per_task, mem) or the stage's nodes exceed what the partition's nodes have"),
+)
+
+
 def _sbatch_hint(stderr: str) -> str:
     """What to check for a refused submission: the controller when sbatch could not reach
-    it, else the settings only sbatch checks."""
+    it, else the setting sbatch's message names (sbatch prints what it refused first)."""
     if re.search(r"contact|connect|controller", stderr, flags=re.I):
         return CONTROLLER_HINT
-    return "cluster.partition or cluster.account may be the cause: only sbatch checks them"
+    for line in (line for line in stderr.splitlines() if line.strip()):
+        for pattern, setting in SBATCH_REFUSALS:
+            if re.search(pattern, line, flags=re.I):
+                return f"check {setting}"
+    return ("check the stage's #SBATCH lines (cluster.partition, account, mem, gpus_per_node, cpus_per_task, "
+            "time_limit) and any SBATCH_* variables of the submitting shell: only sbatch checks them")
 
 
 def cancel(job_ids: list[str]) -> None:
@@ -154,6 +182,7 @@ class JobInfo:
     state: str  # Slurm's state word: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
     elapsed_s: float | None
     gpus: int  # GPUs allocated to the whole job
+    reason: str = ""  # why a pending job waits (Slurm's Reason: Resources, Priority, Dependency, ...)
 
 
 def query_job(job_id: str) -> JobInfo | None:
@@ -171,8 +200,10 @@ def _from_scontrol(job_id: str) -> JobInfo | None:
     fields = dict(re.findall(r"(\S+?)=(\S*)", proc.stdout)) if proc.returncode == 0 else {}
     if "JobState" not in fields:
         return None
+    reason = fields.get("Reason", "") if fields["JobState"] == "PENDING" else ""
     return JobInfo(fields["JobState"], _seconds(fields.get("RunTime", "")),
-                   _gpus_in_tres(fields.get("AllocTRES") or fields.get("TRES", "")))
+                   _gpus_in_tres(fields.get("AllocTRES") or fields.get("TRES", "")),
+                   "" if reason in ("None", "(null)") else reason)
 
 
 def _from_sacct(job_id: str) -> JobInfo | None:

@@ -5,7 +5,9 @@ of its replicates and later rounds (`seed_<s>/`, `round_<r>/`, `seed_<s>/round_<
 resumed stage adds a row per execution, so rows are summed per job); without a row, from Slurm's elapsed
 time x allocated GPUs. A job whose rows come from several ledger stages (the PPO stage's
 heterogeneous job: ppo_actor, ppo_critic, ppo_reference, ppo_reward, every row carrying the
-job's id) is followed by one indented row per module with that module's hours.
+job's id) is followed by one indented row per module with that module's hours. A pending
+job's state carries Slurm's reason for the wait: `PENDING (Dependency)`, `PENDING (Resources)`,
+`PENDING (PartitionConfig)` (the job asks for more than the partition allows: it never starts).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def status_rows(run_dir: Path) -> list[tuple[str, str, str, str]]:
         for attempt, job_id in enumerate(stage.job_ids, 1):
             label = stage.name if len(stage.job_ids) == 1 else f"{stage.name} [{attempt}/{len(stage.job_ids)}]"
             info = query_job(job_id)
-            state = info.state if info else "UNKNOWN"
+            state = (f"{info.state} ({info.reason})" if info.reason else info.state) if info else "UNKNOWN"
             rows.append((label, job_id, state, device_hours(job_id, info, ledger)))
             if len(modules.get(job_id, {})) > 1:
                 rows += [(f"  {module}", job_id, state, f"{hours:.4f} (ledger)")

@@ -119,3 +119,31 @@ def test_continuation_attempt_after_a_completed_stage_exits_at_once(slurm, tmp_p
     assert states == {"smoke [1/2]": "COMPLETED", "smoke [2/2]": "COMPLETED"}, job_outputs(run_dir)
     second = run_dir / "smoke" / f"slurm-{jobs['smoke [2/2]']}.out"
     assert second.read_text().strip() == "smoke: already complete"
+
+
+def test_a_job_that_can_never_start_shows_slurms_reason(slurm, tmp_path):
+    """Was: PENDING alone, as for a job waiting its turn. More CPUs than a node has: sbatch
+    queues it, the scheduler never starts it."""
+    run_dir = tmp_path / "run"
+    jobs = launch(run_dir, "cluster.cpus_per_task=999")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (rows := status_rows(run_dir))[0][2] == "PENDING":
+            time.sleep(0.5)  # until the scheduler has looked at it
+    finally:
+        subprocess.run(["scancel", *jobs.values()], timeout=60)
+    assert rows == [("smoke", jobs["smoke"], "PENDING (PartitionConfig)")]
+
+
+@pytest.mark.parametrize(("variable", "refusal", "hint"), [
+    ("SBATCH_RESERVATION", "Requested reservation is invalid", "check the reservation: SBATCH_RESERVATION"),
+    ("SBATCH_CONSTRAINT", "Invalid feature specification", "check the node features: SBATCH_CONSTRAINT"),
+])
+def test_sbatch_reads_its_own_input_variables_from_the_launching_shell(slurm, tmp_path, monkeypatch, variable,
+                                                                       refusal, hint):
+    """Site settings without a key (docs/launcher.md): sbatch takes them from the environment;
+    a value this cluster does not have is refused, and the hint names the variable."""
+    monkeypatch.setenv(variable, "no_such_thing")
+    proc = orlhf_launch("pipeline=smoke", "cluster=local_slurm", f"run_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert f"{refusal}; {hint}" in proc.stderr and proc.stderr.endswith("nothing was submitted\n")

@@ -193,3 +193,25 @@ def test_a_stage_data_parallel_across_two_nodes_matches_one_process(slurm, tmp_p
     expected, got = final_weights(single), final_weights(run_dir)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_slurms_warning_makes_the_ppo_actor_save_and_its_services_record_their_rows(slurm, tmp_path):  # noqa: F811
+    """Was: the PPO job got no warning, and at its time limit every step was killed at once
+    (no save since the last save_every, services without a row). `scancel --signal=USR1`
+    stands in for `#SBATCH --signal=USR1@N` (test_slurm_stop_signal.py)."""
+    run_dir = ppo_run(tmp_path)
+    overrides = [item for item in ppo_overrides(run_dir) if not item.startswith("ppo.iterations=")]
+    submit(run_dir, entry("ppo", [*overrides, "ppo.iterations=500", "save_every=1000"], ppo=TWO_NODE_PPO, nproc=2))
+    [(_, job_id, _)] = status_rows(run_dir)
+    metrics, deadline = run_dir / "ppo" / "metrics.jsonl", time.monotonic() + POLL_TIMEOUT_S
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=60)
+    states = wait_finished(run_dir)
+    output = job_outputs(run_dir)
+    assert states["ppo"] == "FAILED", output  # torchrun's status for its workers' 75, as for a training stage
+    saved = re.search(r"ppo: stopped by a signal \(SIGTERM/SIGUSR1/Ctrl-C\) after saving step (\d+) of 500", output)
+    assert saved and latest_checkpoint(run_dir / "ppo" / "checkpoints").name == f"step_{int(saved[1]):08d}", output
+    rows = {row.stage: row.status for row in read_ledger(run_dir)}
+    assert rows == {"ppo_actor": "interrupted", "ppo_critic": "completed", "ppo_reference": "completed",
+                    "ppo_reward": "completed"}, output

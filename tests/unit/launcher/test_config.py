@@ -58,6 +58,12 @@ def test_missing_or_unknown_pipeline_lists_the_choices():
     ("cluster.max_attempts=3", "cluster.max_attempts: automatic continuation needs a time limit"),
     ("cluster.gpus_per_node=0", "cluster.gpus_per_node: must be >= 1"),
     ("+cluster.env.SLURM_NNODES=2", "cluster.env.SLURM_NNODES: is set by Slurm"),
+    # Derived per job (the job script unsets a leaked one): a fixed one would send every job
+    # to one rendezvous.
+    ("+cluster.env.MASTER_ADDR=n1", "cluster.env.MASTER_ADDR: is set by Slurm or torchrun for each process, or "
+                                    "derived per job; remove it from cluster.env"),
+    ("+cluster.env.MASTER_PORT=29500", "cluster.env.MASTER_PORT: is set by Slurm or torchrun"),
+    ("+cluster.env.TORCHELASTIC_RUN_ID=x", "cluster.env.TORCHELASTIC_RUN_ID: is set by Slurm or torchrun"),
     ("cluster.gpus_per_node=eight", "cluster.gpus_per_node: Value 'eight'"),
     ("cluster.signal_lead_s=-1", "cluster.signal_lead_s: must be in [0, 65535] seconds, got -1"),
     ("cluster.signal_lead_s=70000", "cluster.signal_lead_s: must be in [0, 65535] seconds, got 70000"),

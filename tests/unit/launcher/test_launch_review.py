@@ -159,7 +159,7 @@ def test_an_sbatch_error_names_the_stage_and_the_settings_only_sbatch_checks(tmp
     FakeSlurm(tmp_path, monkeypatch, {1: "echo 'sbatch: error: invalid account or account/partition' >&2; exit 1"})
     (plan,) = chain(tmp_path, "sft")
     with pytest.raises(LaunchError, match=r"^stage sft: sbatch: sbatch: error: invalid account or account/partition; "
-                                          r"cluster.partition or cluster.account may be the cause"):
+                                          r"check cluster.account \(with cluster.partition\)"):
         slurm.submit_chain([plan], [Path("/x.sh")], max_attempts=1)
 
 

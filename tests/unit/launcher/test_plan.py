@@ -45,6 +45,20 @@ def test_gpu_cluster_runs_one_process_per_gpu(tmp_path):
     assert (plan.nodes, plan.procs_per_node) == (4, 8)
 
 
+def test_shared_nodes_in_torchrun_mode_need_cpus_per_task(tmp_path):
+    """Was: Slurm gave a node's one torchrun task, and so all its workers, a single CPU."""
+    shared = ["cluster.exclusive=false", "cluster.gpus_per_node=null"]
+    with pytest.raises(LaunchError, match=r"^cluster.cpus_per_task: is unset on shared nodes "
+                                          r"\(cluster.exclusive=false\): Slurm would give the one torchrun task "
+                                          r"per node of pipeline.stages\[0\] \(smoke, 2 processes a node\) a single "
+                                          r"CPU; set it to the CPUs"):
+        plans_for(tmp_path, *shared, cluster="slurm")
+    assert plans_for(tmp_path, *shared, "cluster.cpus_per_task=4", cluster="slurm")
+    assert plans_for(tmp_path, *shared, "cluster.launch_mode=tasks", cluster="slurm")  # a task per process
+    assert plans_for(tmp_path, "cluster.gpus_per_node=null", cluster="slurm")  # exclusive: the whole node
+    assert plans_for(tmp_path, cluster="local_slurm")  # which sets cpus_per_task
+
+
 @pytest.mark.parametrize("overrides, start", [
     (["pipeline.stages.0.nproc=3"], "pipeline.stages[0].nproc: 3 processes do not fit parallel.tp=2"),
     (["pipeline.stages.0.nodes=2"], "pipeline.stages[0].nodes: 2 nodes need a cluster"),

@@ -52,6 +52,9 @@ FOUR_NODE_GOLDEN = """\
 # orlhf launch: stage 'sft'; resolved config: /lustre/runs/dt8b/sft/config.yaml
 set -euo pipefail
 
+# The submitting shell's rendezvous and torchrun variables would reach the stage (sbatch
+# exports them): a stage would join another job's rendezvous.
+unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE ROLE_RANK ROLE_NAME ROLE_WORLD_SIZE ${!TORCHELASTIC_@}
 export NCCL_DEBUG=WARN
 export NCCL_SOCKET_IFNAME=ib0,eth0
 
@@ -86,6 +89,10 @@ CPU_SINGLE_PROCESS_GOLDEN = """\
 # orlhf launch: stage 'mix'; resolved config: /lustre/runs/dt8b/mix/config.yaml
 set -euo pipefail
 
+# The submitting shell's rendezvous and torchrun variables would reach the stage (sbatch
+# exports them): a stage would join another job's rendezvous.
+unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE ROLE_RANK ROLE_NAME ROLE_WORLD_SIZE ${!TORCHELASTIC_@}
+
 srun --kill-on-bad-exit=1 \\
   bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   /venv/bin/python -m offline_rlhf.cli mix run_dir=/lustre/runs/dt8b
@@ -100,7 +107,7 @@ def test_single_process_cpu_stage_golden():
 
 
 def test_the_time_limit_warning_is_a_setting():
-    """(The PPO heterogeneous job's golden in test_render_hetjob.py has neither.)"""
+    """(The PPO heterogeneous job gets it too: test_render_hetjob.py.)"""
     directives = sbatch_directives(make_plan(time_limit="04:00:00"), gpu_cluster(signal_lead_s=600))
     assert directives[directives.index("--exclusive") + 1] == "--signal=USR1@600"  # steps, not B: (batch shell)
     script = render_script(make_plan(), gpu_cluster(signal_lead_s=0), python="python")

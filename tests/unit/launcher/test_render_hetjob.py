@@ -40,6 +40,7 @@ PAPER_GOLDEN = """\
 #SBATCH --partition=batch
 #SBATCH --account=llm
 #SBATCH --exclusive
+#SBATCH --signal=USR1@120
 #SBATCH --output=/lustre/runs/dt8b/ppo/slurm-%j.out
 #SBATCH --error=/lustre/runs/dt8b/ppo/slurm-%j.err
 #SBATCH hetjob
@@ -77,6 +78,9 @@ PAPER_GOLDEN = """\
 # resolved config: /lustre/runs/dt8b/ppo_actor/config.yaml
 set -euo pipefail
 
+# The submitting shell's rendezvous and torchrun variables would reach the stage (sbatch
+# exports them): a stage would join another job's rendezvous.
+unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE ROLE_RANK ROLE_NAME ROLE_WORLD_SIZE ${!TORCHELASTIC_@}
 export NCCL_DEBUG=WARN
 export NCCL_SOCKET_IFNAME=ib0,eth0
 # The shared secret stays in its 0600 file; the components get its path.
@@ -84,28 +88,59 @@ export PPO_TOKEN_FILE=/lustre/runs/dt8b/ppo/token
 
 # Services first: each binds a port derived from the job id on its component's first node;
 # the actor finds them through SLURM_JOB_NODELIST_HET_GROUP_<n> and waits for their health.
-srun --het-group=1 --overlap --nodes=2 --ntasks=16 --ntasks-per-node=8 --output=/lustre/runs/dt8b/ppo/critic/service.log --kill-on-bad-exit=1 --cpus-per-task=8 \\
+services=
+srun --het-group=1 --overlap --nodes=2 --ntasks=16 --ntasks-per-node=8 --open-mode=append --output=/lustre/runs/dt8b/ppo/critic/service.log --kill-on-bad-exit=1 --cpus-per-task=8 \\
   --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   python -m offline_rlhf.cli ppo services.critic.parallel.tp=4 services.critic.het_group=1 services.reference.het_group=2 services.reward.het_group=3 run_dir=/lustre/runs/dt8b serve=critic &
-srun --het-group=2 --overlap --nodes=1 --ntasks=8 --ntasks-per-node=8 --output=/lustre/runs/dt8b/ppo/reference/service.log --kill-on-bad-exit=1 --cpus-per-task=8 \\
+services+=" $!:critic"
+srun --het-group=2 --overlap --nodes=1 --ntasks=8 --ntasks-per-node=8 --open-mode=append --output=/lustre/runs/dt8b/ppo/reference/service.log --kill-on-bad-exit=1 --cpus-per-task=8 \\
   --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   python -m offline_rlhf.cli ppo services.critic.parallel.tp=4 services.critic.het_group=1 services.reference.het_group=2 services.reward.het_group=3 run_dir=/lustre/runs/dt8b serve=reference &
-srun --het-group=3 --overlap --nodes=1 --ntasks=8 --ntasks-per-node=8 --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 --cpus-per-task=8 \\
+services+=" $!:reference"
+srun --het-group=3 --overlap --nodes=1 --ntasks=8 --ntasks-per-node=8 --open-mode=append --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 --cpus-per-task=8 \\
   --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   python -m offline_rlhf.cli ppo services.critic.parallel.tp=4 services.critic.het_group=1 services.reference.het_group=2 services.reward.het_group=3 run_dir=/lustre/runs/dt8b serve=reward &
+services+=" $!:reward"
 
 # Rendezvous at the first host of the allocation; every node derives the same port.
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 port=$((20000 + SLURM_JOB_ID % 20000))
 srun --het-group=0 --kill-on-bad-exit=1 --cpus-per-task=64 \\
   --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   python -m torch.distributed.run --nnodes=8 --nproc-per-node=8 \\
   --rdzv-backend=c10d --rdzv-endpoint="$head:$port" --rdzv-id="$SLURM_JOB_ID" \\
   -m offline_rlhf.cli ppo services.critic.parallel.tp=4 services.critic.het_group=1 services.reference.het_group=2 services.reward.het_group=3 run_dir=/lustre/runs/dt8b &
+actor=$!
 
-for _ in $(seq 4); do
-  wait -n || { code=$?; echo "orlhf launch: a PPO job step failed (exit code $code); ending the job" >&2; exit "$code"; }
-done
+# A service step that fails while the actor runs ends the job, and with it every other step.
+# The actor's exit status is the job's: once its step has ended, the services (it tells them
+# to shut down) get 60 s to end; the job's end ends any still running.
+ended() { ! kill -0 "$1" 2>/dev/null; }
+reap_services() {  # drop the ended service steps; a failed one while the actor runs ends the job
+  local left= entry code
+  for entry in $services; do
+    if ! ended "${entry%%:*}"; then left+=" $entry"; continue; fi
+    wait "${entry%%:*}" && code=0 || code=$?
+    [ "$code" -eq 0 ] && continue
+    echo "orlhf launch: a PPO job step failed (the ${entry#*:} service, exit code $code)$1" >&2
+    [ -n "$1" ] || exit "$code"
+  done
+  services=$left
+}
+while ! ended "$actor"; do reap_services ""; sleep 1; done
+wait "$actor" && actor_code=0 || actor_code=$?
+deadline=$((SECONDS + 60))
+while [ -n "$services" ] && [ "$SECONDS" -lt "$deadline" ]; do reap_services " after the actor ended"; sleep 1; done
+[ -z "$services" ] || echo "orlhf launch: PPO service step(s) (pid:name)$services still running \\
+60 s after the actor's ended; ending them" >&2
+if [ "$actor_code" -ne 0 ]; then
+  echo "orlhf launch: a PPO job step failed (the actor, exit code $actor_code); ending the job" >&2
+  exit "$actor_code"
+fi
 """
 
 
@@ -121,6 +156,7 @@ TWO_NODE_GOLDEN = """\
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --partition=debug
+#SBATCH --signal=USR1@120
 #SBATCH --output=/lustre/runs/dt8b/ppo/slurm-%j.out
 #SBATCH --error=/lustre/runs/dt8b/ppo/slurm-%j.err
 #SBATCH hetjob
@@ -132,23 +168,55 @@ TWO_NODE_GOLDEN = """\
 # resolved config: /lustre/runs/dt8b/ppo_actor/config.yaml
 set -euo pipefail
 
+# The submitting shell's rendezvous and torchrun variables would reach the stage (sbatch
+# exports them): a stage would join another job's rendezvous.
+unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE ROLE_RANK ROLE_NAME ROLE_WORLD_SIZE ${!TORCHELASTIC_@}
 export OMP_NUM_THREADS=1
 # The shared secret stays in its 0600 file; the components get its path.
 export PPO_TOKEN_FILE=/lustre/runs/dt8b/ppo/token
 
 # Services first: each binds a port derived from the job id on its component's first node;
 # the actor finds them through SLURM_JOB_NODELIST_HET_GROUP_<n> and waits for their health.
-srun --het-group=1 --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --output=/lustre/runs/dt8b/ppo/critic/service.log --kill-on-bad-exit=1 \\
+services=
+srun --het-group=1 --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --open-mode=append --output=/lustre/runs/dt8b/ppo/critic/service.log --kill-on-bad-exit=1 \\
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   /venv/bin/python -m offline_rlhf.cli ppo services.critic.het_group=1 services.reward.het_group=1 run_dir=/lustre/runs/dt8b serve=critic &
-srun --het-group=1 --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 \\
+services+=" $!:critic"
+srun --het-group=1 --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --open-mode=append --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 \\
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   /venv/bin/python -m offline_rlhf.cli ppo services.critic.het_group=1 services.reward.het_group=1 run_dir=/lustre/runs/dt8b serve=reward &
+services+=" $!:reward"
 
 srun --het-group=0 --kill-on-bad-exit=1 \\
+  bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   /venv/bin/python -m offline_rlhf.cli ppo services.critic.het_group=1 services.reward.het_group=1 run_dir=/lustre/runs/dt8b &
+actor=$!
 
-for _ in $(seq 3); do
-  wait -n || { code=$?; echo "orlhf launch: a PPO job step failed (exit code $code); ending the job" >&2; exit "$code"; }
-done
+# A service step that fails while the actor runs ends the job, and with it every other step.
+# The actor's exit status is the job's: once its step has ended, the services (it tells them
+# to shut down) get 60 s to end; the job's end ends any still running.
+ended() { ! kill -0 "$1" 2>/dev/null; }
+reap_services() {  # drop the ended service steps; a failed one while the actor runs ends the job
+  local left= entry code
+  for entry in $services; do
+    if ! ended "${entry%%:*}"; then left+=" $entry"; continue; fi
+    wait "${entry%%:*}" && code=0 || code=$?
+    [ "$code" -eq 0 ] && continue
+    echo "orlhf launch: a PPO job step failed (the ${entry#*:} service, exit code $code)$1" >&2
+    [ -n "$1" ] || exit "$code"
+  done
+  services=$left
+}
+while ! ended "$actor"; do reap_services ""; sleep 1; done
+wait "$actor" && actor_code=0 || actor_code=$?
+deadline=$((SECONDS + 60))
+while [ -n "$services" ] && [ "$SECONDS" -lt "$deadline" ]; do reap_services " after the actor ended"; sleep 1; done
+[ -z "$services" ] || echo "orlhf launch: PPO service step(s) (pid:name)$services still running \\
+60 s after the actor's ended; ending them" >&2
+if [ "$actor_code" -ne 0 ]; then
+  echo "orlhf launch: a PPO job step failed (the actor, exit code $actor_code); ending the job" >&2
+  exit "$actor_code"
+fi
 """
 
 
@@ -181,7 +249,7 @@ def test_a_shared_component_asks_for_its_largest_module_and_splits_cpus_per_proc
     assert second.startswith("#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=8\n#SBATCH --gpus-per-node=8\n"
                              "#SBATCH --cpus-per-task=8\n")
     assert "--het-group=1 --overlap --nodes=2 --ntasks=4 --ntasks-per-node=2 " in script  # reward: 4 processes on 2 nodes
-    assert ("--ntasks-per-node=2 --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 "
+    assert ("--ntasks-per-node=2 --open-mode=append --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 "
             "--cpus-per-task=32 ") in script
 
 
@@ -208,4 +276,4 @@ def test_automatic_continuation_skips_a_completed_ppo_stage_and_marks_completion
     script = render_script(plan, gpu_cluster(max_attempts=2), python="python")
     marker = "/lustre/runs/dt8b/ppo/.launch_complete"
     assert f"set -euo pipefail\n\nif [ -e {marker} ]; then echo 'ppo: already complete'; exit 0; fi\n" in script
-    assert script.endswith(f"done\ntouch {marker}\n")
+    assert script.endswith(f"fi\ntouch {marker}\n")  # after the actor's status is known to be 0

@@ -64,7 +64,7 @@ def test_a_failed_submission_cancels_the_jobs_already_submitted(tmp_path, monkey
     monkeypatch.setattr(slurm, "_run", fake)
     names = ("sft", "rm", "generate")
     with pytest.raises(LaunchError, match=r"^stage generate: sbatch: sbatch: error: invalid partition specified: gpu; "
-                       r"cluster.partition or cluster.account may be the cause: only sbatch checks them; "
+                       r"check cluster.partition: use a partition of this cluster \(sinfo -s\); "
                        r"cancelled job\(s\) 100 101$"):
         slurm.submit_chain(plans(tmp_path, *names), scripts(tmp_path, *names), max_attempts=1)
     assert fake.commands[-1] == ["scancel", "100", "101"]
@@ -91,3 +91,34 @@ def test_a_submission_the_controller_never_got_points_at_the_controller(tmp_path
     with pytest.raises(LaunchError, match=r"Unable to contact slurm controller \(connect failure\); is slurmctld "
                                           r"reachable\? \(scontrol ping\); nothing was submitted$"):
         slurm.submit_chain(plans(tmp_path, "sft"), scripts(tmp_path, "sft"), max_attempts=1)
+
+
+@pytest.mark.parametrize(("error", "hint"), [
+    # What this Slurm (22.05) prints; was "cluster.partition or cluster.account may be the cause" for each.
+    ("sbatch: error: Invalid --mem specification", "check cluster.mem: use Slurm's syntax"),
+    ("sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch job submission failed: "
+     "Requested node configuration is not available", "check cluster.mem: "),
+    ("sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed: Invalid "
+     "partition name specified", "check cluster.partition: use a partition of this cluster (sinfo -s)"),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+     "check cluster.account (with cluster.partition)"),
+    ("sbatch: error: Invalid --time specification", "check cluster.time_limit or the stage's time_limit"),
+    ("sbatch: error: Invalid generic resource (gres) specification", "check cluster.gpus_per_node"),
+    ("sbatch: error: Batch job submission failed: Invalid qos specification", "check the QOS: SBATCH_QOS"),
+    ("sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, user's "
+     "size and/or time limits)", "check the QOS: SBATCH_QOS"),
+    ("sbatch: error: Batch job submission failed: Requested reservation is invalid",
+     "check the reservation: SBATCH_RESERVATION"),
+    ("sbatch: error: Batch job submission failed: Invalid feature specification",
+     "check the node features: SBATCH_CONSTRAINT"),
+    ("sbatch: error: Batch job submission failed: Requested node configuration is not available",
+     "check the resources asked for per node"),
+    ("sbatch: error: Batch job submission failed: something new", "check the stage's #SBATCH lines"),
+])
+def test_a_refused_submission_names_the_setting_sbatch_refused(tmp_path, monkeypatch, error, hint):
+    fake = FakeSlurm(fail_at=1)
+    fake.error = error
+    monkeypatch.setattr(slurm, "_run", fake)
+    with pytest.raises(LaunchError) as info:
+        slurm.submit_chain(plans(tmp_path, "sft"), scripts(tmp_path, "sft"), max_attempts=1)
+    assert str(info.value).startswith(f"stage sft: sbatch: {error.splitlines()[0]}; {hint}")

@@ -19,6 +19,26 @@ def test_scontrol_answer_gives_state_runtime_and_gpus(monkeypatch):
     assert slurm.query_job("42") == slurm.JobInfo("COMPLETED", 5400, 32)
 
 
+def test_a_pending_job_carries_slurms_reason_and_the_table_shows_it(tmp_path, monkeypatch, capsys):
+    """Was: PENDING alone, for a job that never starts (PartitionConfig) as for one that waits its turn."""
+    answers = {"5": "JobId=5 JobName=r.sft JobState=PENDING Reason=PartitionConfig Dependency=(null) RunTime=00:00:00",
+               "6": "JobId=6 JobName=r.rm JobState=PENDING Reason=Dependency Dependency=afterok:5(unfulfilled)",
+               "7": "JobId=7 JobName=r.eval JobState=RUNNING Reason=None RunTime=00:01:00"}
+    monkeypatch.setattr(slurm, "_run", lambda command: subprocess.CompletedProcess(command, 0, answers[command[-1]],
+                                                                                    ""))
+    assert slurm.query_job("5") == slurm.JobInfo("PENDING", 0, 0, "PartitionConfig")
+    assert slurm.query_job("7") == slurm.JobInfo("RUNNING", 60, 0)
+    slurm.write_launch_record(tmp_path, "p", [slurm.SubmittedStage(name, "s", [job])
+                                              for name, job in (("sft", "5"), ("rm", "6"), ("eval", "7"))])
+    status.show_status(tmp_path)
+    assert capsys.readouterr().out.splitlines() == [
+        "STAGE  JOB  STATE                      DEVICE-HOURS",
+        "sft    5    PENDING (PartitionConfig)  -",
+        "rm     6    PENDING (Dependency)       -",
+        "eval   7    RUNNING                    -",
+    ]
+
+
 def test_jobcomp_log_is_the_last_resort(monkeypatch):
     """`scontrol` forgot the job, `sacct` has no accounting storage, `sacct -c` knows it."""
     def run(command):
