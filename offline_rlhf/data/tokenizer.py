@@ -71,7 +71,19 @@ class Tokenizer:
         (Llama 3's does; `encode` never runs the post-processor, so this asks it directly)."""
         if "add_bos_token" in self.config:
             return bool(self.config["add_bos_token"]) and self.bos_id is not None
-        return self.bos_id is not None and self.backend.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        bos_id = self.bos_id
+        return bos_id is not None and self._post_processor_start() == [bos_id]
+
+    def _post_processor_start(self) -> list[int]:
+        """The first id of "a" encoded through tokenizer.json's post-processor, asked of the
+        backend once per post-processor: `adds_bos` is read for every prompt encoded. The
+        backend, and its post-processor (replaceable in place) in serialized form, key it."""
+        processor = self.backend.post_processor
+        key = (self.backend, None if processor is None else processor.__getstate__())
+        cache = self.__dict__.setdefault("_post_processor_starts", {})
+        if key not in cache:
+            cache[key] = self.backend.encode("a", add_special_tokens=True).ids[:1]
+        return cache[key]
 
     @property
     def bos_id(self) -> int | None:

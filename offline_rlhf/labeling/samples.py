@@ -104,14 +104,16 @@ def _whole_prompts(rows: list[GeneratedRow], limit: int | None, seed: int) -> li
 ONLY = "only"  # the `selected` mark of a prompt's best that is also its worst (one distinct answer, or all tied)
 
 
-def selected_per_prompt(samples: list[Sample], rewards: list[float],
-                        selections: dict[str, str]) -> dict[int, str | None]:
+def selected_per_prompt(samples: list[Sample], rewards: list[float], selections: dict[str, str],
+                        sequences: Sequence[Sequence[int]] | None = None) -> dict[int, str | None]:
     """{index: mark} of the samples to keep, in ascending order. Inputs (`Sample.source`)
     whose selection is "all" keep everything, unmarked (None); the others keep, per prompt,
     the answer with the highest and/or the lowest reward ("best", "worst", "best_worst"),
     marked "best", "worst" or ONLY. Copies of one answer text are one candidate, the first
     read: their rewards can differ in the last bits with the scoring batch, and an answer
-    must not be a prompt's best and its worst. Ties go to the first. A prompt is its text
+    must not be a prompt's best and its worst. With `sequences` (the token ids each sample
+    was scored on), so are different texts that the reward model's length cut to one
+    sequence (`identical_once_cut` counts them). Ties go to the first. A prompt is its text
     and turns (`prompt_key`)."""
     marks, groups = {}, defaultdict(dict)
     for index, sample in enumerate(samples):
@@ -120,11 +122,41 @@ def selected_per_prompt(samples: list[Sample], rewards: list[float],
         else:
             groups[(sample.source, *prompt_key(sample.prompt, sample.turns))].setdefault(sample.response, index)
     for (source, *_), by_text in groups.items():
-        candidates = list(by_text.values())
+        candidates = _distinct_once_cut(list(by_text.values()), sequences)
         best, worst = max(candidates, key=rewards.__getitem__), min(candidates, key=rewards.__getitem__)
         chosen = {"best": {best: "best"}, "worst": {worst: "worst"}, "best_worst": {best: "best", worst: "worst"}}
         marks.update({best: ONLY} if best == worst else chosen[selections[source]])
     return dict(sorted(marks.items()))
+
+
+def _distinct_once_cut(indices: list[int], sequences: Sequence[Sequence[int]] | None) -> list[int]:
+    """The first of `indices` with each scored sequence (all of them without `sequences`)."""
+    if sequences is None:
+        return indices
+    first: dict[tuple[int, ...], int] = {}
+    for index in indices:
+        first.setdefault(tuple(sequences[index]), index)
+    return list(first.values())
+
+
+def identical_once_cut(samples: list[Sample], sequences: Sequence[Sequence[int]],
+                       selections: dict[str, str]) -> dict[str, int]:
+    """What the reward model's length limit made identical: `answers`, those of inputs that
+    select per prompt whose text differs from every earlier answer's to that prompt but
+    whose scored tokens (`sequences`) equal one's (left out as its copies by
+    `selected_per_prompt`); `prompts`, the prompts with two or more answer texts left with
+    one candidate by that (marked ONLY); `pairs`, the preference pairs whose chosen and
+    rejected sides are (both kept, scored alike: no signal)."""
+    groups, sides = defaultdict(dict), defaultdict(list)
+    for index, sample in enumerate(samples):
+        if sample.pair is not None:
+            sides[(sample.source, sample.pair)].append(tuple(sequences[index]))
+        if selections.get(sample.source, "all") != "all":
+            groups[(sample.source, *prompt_key(sample.prompt, sample.turns))].setdefault(sample.response, index)
+    left = {key: len(_distinct_once_cut(list(by_text.values()), sequences)) for key, by_text in groups.items()}
+    return {"answers": sum(len(groups[key]) - left[key] for key in groups),
+            "prompts": sum(len(groups[key]) > 1 and left[key] == 1 for key in groups),
+            "pairs": sum(len(pair) == 2 and pair[0] == pair[1] for pair in sides.values())}
 
 
 def prompt_key(prompt: str, turns: Sequence[Sequence[str]]) -> tuple[str, tuple[Turn, ...]]:

@@ -20,7 +20,7 @@ from offline_rlhf.data.skips import Skips, describe
 from offline_rlhf.fsutil import write_atomic, write_jsonl
 from offline_rlhf.labeling.normalize import counts_by_source, labeled_records, normalization_stats, normalize
 from offline_rlhf.labeling.plots import reward_histogram
-from offline_rlhf.labeling.samples import Sample, read_samples, selected_per_prompt
+from offline_rlhf.labeling.samples import Sample, identical_once_cut, read_samples, selected_per_prompt
 from offline_rlhf.labeling.scoring import (
     encode_scored,
     reward_checkpoint,
@@ -54,8 +54,10 @@ def main(cfg: LabelConfig) -> int:
         # Statistics over every scored answer: selecting the best per prompt must not move the scale.
         stats = normalization_stats(cfg.normalization, raw, metadata, str(rm_path))
         usage.tokens = sum(map(len, sequences))
-        marks = selected_per_prompt(samples, raw, {i.name or i.path: i.select for i in cfg.inputs})
-        dropped = len(samples) - len(marks)
+        selections = {i.name or i.path: i.select for i in cfg.inputs}
+        scored = [sequence.input_ids for sequence in encoded]
+        marks = selected_per_prompt(samples, raw, selections, scored)
+        dropped, ties = len(samples) - len(marks), identical_once_cut(samples, scored, selections)
         samples = [replace(samples[i], selected=mark) for i, mark in marks.items()]
         raw, encoded = [raw[i] for i in marks], [encoded[i] for i in marks]
         normalized = normalize(raw, stats)
@@ -63,7 +65,7 @@ def main(cfg: LabelConfig) -> int:
             write_jsonl(rt.stage_dir / LABELED, labeled_records(samples, raw, normalized))
             meta = {"reward_model": str(rm_path), "normalization": cfg.normalization, "stats": stats,
                     "samples": len(samples), "by_source": counts_by_source(samples),
-                    "not_selected": dropped, **read_counts(samples, skipped, encoded, max_len, cfg)}
+                    "not_selected": dropped, **read_counts(samples, skipped, encoded, max_len, cfg, ties)}
             write_atomic(rt.stage_dir / META, json.dumps(meta, indent=2))
             reward_histogram(raw, normalized, [s.kind for s in samples], rt.stage_dir / "reward_histogram.png",
                              title=f"rewards of {len(samples)} samples ({cfg.normalization} normalization)")
@@ -71,8 +73,27 @@ def main(cfg: LabelConfig) -> int:
             rt.log(f"label done: {rt.stage_dir / LABELED}; normalized with mean {stats['mean']:.4f}, "
                    f"std {stats['std']:.4f} ({cfg.normalization}); {meta['truncated']} of {len(samples)} "
                    f"truncated to {max_len} tokens; {describe(meta['skipped_total'])}; "
-                   f"{meta['unfinished_kept']} unfinished kept; {dropped} not selected (inputs' select)")
+                   f"{meta['unfinished_kept']} unfinished kept; {not_selected(dropped, ties, max_len)}")
     return 0
+
+
+def cut_reason(max_len: int) -> str:
+    return f"identical once cut to the reward model's {max_len} tokens"
+
+
+def not_selected(dropped: int, ties: dict[str, int], max_len: int) -> str:
+    """The summary's account of the answers selection left out, and of what the reward
+    model's length made identical (`identical_once_cut`): raising data.max_seq_len of the
+    reward model is the remedy, and nothing else would say so."""
+    text = f"{dropped} not selected (inputs' select"
+    if ties["answers"]:
+        text += (f"; {ties['answers']} of them identical to another answer once cut to the reward model's {max_len} "
+                 f"tokens, leaving {ties['prompts']} prompts one answer: a reward model trained with a larger "
+                 "data.max_seq_len would tell them apart")
+    text += ")"
+    if ties["pairs"]:
+        text += f"; {ties['pairs']} preference pairs {cut_reason(max_len)} (kept, scored alike)"
+    return text
 
 
 def read_inputs(cfg: LabelConfig, template) -> tuple[list[Sample], dict[str, dict[str, int]]]:
@@ -92,14 +113,17 @@ def read_inputs(cfg: LabelConfig, template) -> tuple[list[Sample], dict[str, dic
 
 
 def read_counts(samples: list[Sample], skipped: dict[str, dict[str, int]], encoded, max_len: int,
-                cfg: LabelConfig) -> dict:
+                cfg: LabelConfig, ties: dict[str, int] | None = None) -> dict:
     """labels_meta.json's account of what was not scored as read: skipped records by input
-    and reason, their total by reason, truncated samples and unfinished ones kept."""
+    and reason, their total by reason, truncated samples and unfinished ones kept; and
+    (`ties`, `identical_once_cut`) the answers and pairs the length limit made identical."""
     total: dict[str, int] = {}
     for counts in skipped.values():
         for reason, n in counts.items():
             total[reason] = total.get(reason, 0) + n
+    ties = ties or {"answers": 0, "prompts": 0, "pairs": 0}
     return {"skipped": skipped, "skipped_total": total, "strict": cfg.strict,
             "truncated": sum(sample.truncated for sample in encoded), "max_seq_len": max_len,
+            "identical_once_cut": {"reason": cut_reason(max_len), **ties},
             "include_unfinished": cfg.include_unfinished,
             "unfinished_kept": sum(s.finished is False for s in samples)}
