@@ -83,10 +83,24 @@ def _hh_prompt_end(chosen: str, rejected: str, where: Location) -> int:
     for key, transcript in (("chosen", chosen), ("rejected", rejected)):
         if HH_ASSISTANT_TAG not in transcript:
             raise where.error(f"expected {key!r} to contain an {HH_ASSISTANT_TAG!r} turn (none found)")
-    tag_at = os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT_TAG)
+    tag_at = chosen.rfind(HH_ASSISTANT_TAG, 0, common_prefix_length(chosen, rejected))
     if tag_at < 0:
         raise where.error(f"expected 'chosen' and 'rejected' to share the transcript up to an {HH_ASSISTANT_TAG!r} tag")
     return tag_at
+
+
+def common_prefix_length(one: str, other: str) -> int:
+    """How many leading characters `one` and `other` share: a bisection over slice
+    comparisons, which run in C (os.path.commonprefix compares character by character in
+    Python, a tenth of building an hh-rlhf dataset)."""
+    low, high = 0, min(len(one), len(other))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if one[:middle] == other[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def read_hh_rlhf(path: str | os.PathLike, template: ChatTemplate = ChatTemplate(),
