@@ -28,6 +28,36 @@ def ppo_plan(layout: PPOComponents, services: dict, actor_nodes: int = 1, actor_
                                                actor_nodes, services))
 
 
+# How each PPO golden ends: the script follows the actor's step (render._wait_for_steps).
+WAIT_FOR_THE_ACTOR = """\
+# A service step that fails while the actor runs ends the job, and with it every other step.
+# The actor's exit status is the job's: once its step has ended, the services (it tells them
+# to shut down) get 60 s to end; the job's end ends any still running.
+ended() { ! kill -0 "$1" 2>/dev/null; }
+reap_services() {  # drop the ended service steps; a failed one while the actor runs ends the job
+  local left= entry code
+  for entry in $services; do
+    if ! ended "${entry%%:*}"; then left+=" $entry"; continue; fi
+    wait "${entry%%:*}" && code=0 || code=$?
+    [ "$code" -eq 0 ] && continue
+    echo "orlhf launch: a PPO job step failed (the ${entry#*:} service, exit code $code)$1" >&2
+    [ -n "$1" ] || exit "$code"
+  done
+  services=$left
+}
+while ! ended "$actor"; do reap_services ""; sleep 1; done
+wait "$actor" && actor_code=0 || actor_code=$?
+deadline=$((SECONDS + 60))
+while [ -n "$services" ] && [ "$SECONDS" -lt "$deadline" ]; do reap_services " after the actor ended"; sleep 1; done
+[ -z "$services" ] || echo "orlhf launch: PPO service step(s) (pid:name)$services still running \\
+60 s after the actor's ended; ending them" >&2
+if [ "$actor_code" -ne 0 ]; then
+  echo "orlhf launch: a PPO job step failed (the actor, exit code $actor_code); ending the job" >&2
+  exit "$actor_code"
+fi
+"""
+
+
 PAPER_GOLDEN = """\
 #!/bin/bash
 #SBATCH --job-name=dt8b.ppo
@@ -116,32 +146,7 @@ srun --het-group=0 --kill-on-bad-exit=1 --cpus-per-task=64 \\
   -m offline_rlhf.cli ppo services.critic.parallel.tp=4 services.critic.het_group=1 services.reference.het_group=2 services.reward.het_group=3 run_dir=/lustre/runs/dt8b &
 actor=$!
 
-# A service step that fails while the actor runs ends the job, and with it every other step.
-# The actor's exit status is the job's: once its step has ended, the services (it tells them
-# to shut down) get 60 s to end; the job's end ends any still running.
-ended() { ! kill -0 "$1" 2>/dev/null; }
-reap_services() {  # drop the ended service steps; a failed one while the actor runs ends the job
-  local left= entry code
-  for entry in $services; do
-    if ! ended "${entry%%:*}"; then left+=" $entry"; continue; fi
-    wait "${entry%%:*}" && code=0 || code=$?
-    [ "$code" -eq 0 ] && continue
-    echo "orlhf launch: a PPO job step failed (the ${entry#*:} service, exit code $code)$1" >&2
-    [ -n "$1" ] || exit "$code"
-  done
-  services=$left
-}
-while ! ended "$actor"; do reap_services ""; sleep 1; done
-wait "$actor" && actor_code=0 || actor_code=$?
-deadline=$((SECONDS + 60))
-while [ -n "$services" ] && [ "$SECONDS" -lt "$deadline" ]; do reap_services " after the actor ended"; sleep 1; done
-[ -z "$services" ] || echo "orlhf launch: PPO service step(s) (pid:name)$services still running \\
-60 s after the actor's ended; ending them" >&2
-if [ "$actor_code" -ne 0 ]; then
-  echo "orlhf launch: a PPO job step failed (the actor, exit code $actor_code); ending the job" >&2
-  exit "$actor_code"
-fi
-"""
+""" + WAIT_FOR_THE_ACTOR
 
 
 def test_paper_layout_four_components_with_containers_golden():
@@ -192,32 +197,7 @@ srun --het-group=0 --kill-on-bad-exit=1 \\
   /venv/bin/python -m offline_rlhf.cli ppo services.critic.het_group=1 services.reward.het_group=1 run_dir=/lustre/runs/dt8b &
 actor=$!
 
-# A service step that fails while the actor runs ends the job, and with it every other step.
-# The actor's exit status is the job's: once its step has ended, the services (it tells them
-# to shut down) get 60 s to end; the job's end ends any still running.
-ended() { ! kill -0 "$1" 2>/dev/null; }
-reap_services() {  # drop the ended service steps; a failed one while the actor runs ends the job
-  local left= entry code
-  for entry in $services; do
-    if ! ended "${entry%%:*}"; then left+=" $entry"; continue; fi
-    wait "${entry%%:*}" && code=0 || code=$?
-    [ "$code" -eq 0 ] && continue
-    echo "orlhf launch: a PPO job step failed (the ${entry#*:} service, exit code $code)$1" >&2
-    [ -n "$1" ] || exit "$code"
-  done
-  services=$left
-}
-while ! ended "$actor"; do reap_services ""; sleep 1; done
-wait "$actor" && actor_code=0 || actor_code=$?
-deadline=$((SECONDS + 60))
-while [ -n "$services" ] && [ "$SECONDS" -lt "$deadline" ]; do reap_services " after the actor ended"; sleep 1; done
-[ -z "$services" ] || echo "orlhf launch: PPO service step(s) (pid:name)$services still running \\
-60 s after the actor's ended; ending them" >&2
-if [ "$actor_code" -ne 0 ]; then
-  echo "orlhf launch: a PPO job step failed (the actor, exit code $actor_code); ending the job" >&2
-  exit "$actor_code"
-fi
-"""
+""" + WAIT_FOR_THE_ACTOR
 
 
 def test_two_node_layout_critic_with_reward_and_reference_with_actor_golden():
