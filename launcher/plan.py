@@ -207,8 +207,8 @@ def check_stage(key: str, plan: StagePlan) -> list[dict]:
         raise LaunchError(key, f"`--check` printed no input list: {proc.stdout.strip()[:200]!r}") from None
 
 
-def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], keys: list[str],
-                 cluster: ClusterConfig | None = None, run_dir: Path | None = None) -> None:
+def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], keys: list[str], cluster: ClusterConfig,
+                 run_dir: Path) -> None:
     """Every input a stage reads exists now, or lies in the folder of a stage it runs after
     (an earlier stage of its replicate's chain, or of the run's own), which writes it first;
     relative paths are as the stages see them, from here. In a container every input must
@@ -217,7 +217,7 @@ def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], keys: list[st
         earlier = [p.stage_dir for p in plans[:position] if not plan.chain or p.chain == plan.chain]
         for item in needed:
             key = f"{keys[position]} ({plan.name}) {item['key']}"
-            if cluster is not None and cluster.kind == "slurm" and cluster.container_image and run_dir is not None:
+            if cluster.kind == "slurm" and cluster.container_image:
                 check_container_path(key, item, cluster, run_dir)
             path = Path(item["path"]).expanduser().absolute()
             if item["exists"] or path.exists() or any(path.is_relative_to(folder) for folder in earlier):

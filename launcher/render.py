@@ -129,8 +129,13 @@ def _environment(cluster: ClusterConfig) -> str:
 
 
 def _run_line(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
-    wrapper = [IGNORE_WARNING] if cluster.signal_lead_s else []
-    return " \\\n  ".join([*_srun_words(plan, cluster), *wrapper, _program(plan, cluster, python)]) + "\n"
+    words = [*_srun_words(plan, cluster), *_warning_ignored(cluster), _program(plan, cluster, python)]
+    return " \\\n  ".join(words) + "\n"
+
+
+def _warning_ignored(cluster: ClusterConfig) -> list[str]:
+    """The wrapper a job step starts under when Slurm sends the warning (IGNORE_WARNING)."""
+    return [IGNORE_WARNING] if cluster.signal_lead_s else []
 
 
 # Automatic continuation: later attempts of this script are queued behind it (singleton) and
@@ -171,11 +176,8 @@ def _program(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
 
 def render_hetjob(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
     """The PPO stage: one component per het group, services first, then the actor."""
-    actor, services = plan.components[0], plan.components[1:]
-    header = [f"--job-name={job_name(plan)}",
-              *_resources(plan, cluster, actor.nodes, tasks_per_node(plan, cluster)),
-              *([f"--signal={WARNING_SIGNAL}@{cluster.signal_lead_s}"] if cluster.signal_lead_s else []),
-              f"--output={plan.stage_dir}/slurm-%j.out", f"--error={plan.stage_dir}/slurm-%j.err"]
+    services = plan.components[1:]
+    header = sbatch_directives(plan, cluster)  # the actor's component (0): the stage's own nodes
     for component in services:
         tasks = max(module.procs_per_node for module in component.modules)
         header += ["hetjob", *_resources(plan, cluster, component.nodes, tasks, _service_cpus(cluster, tasks))]
@@ -210,8 +212,8 @@ def _service_step(plan: StagePlan, cluster: ClusterConfig, python: str, componen
             f" --output={shlex.quote(str(log))}")
     serve = " ".join(shlex.quote(word) for word in (STAGE_MODULE, plan.stage, *plan.args, f"serve={name}"))
     words = _srun_words(plan, cluster, step, _service_cpus(cluster, per_node))
-    wrapper = [IGNORE_WARNING] if cluster.signal_lead_s else []
-    return " \\\n  ".join([*words, *wrapper, f"{shlex.quote(python)} -m {serve}"]) + f' &\nservices+=" $!:{name}"\n'
+    line = " \\\n  ".join([*words, *_warning_ignored(cluster), f"{shlex.quote(python)} -m {serve}"])
+    return line + f' &\nservices+=" $!:{name}"\n'
 
 
 def _service_cpus(cluster: ClusterConfig, tasks_per_node: int) -> int | None:
@@ -224,8 +226,7 @@ def _service_cpus(cluster: ClusterConfig, tasks_per_node: int) -> int | None:
 
 def _actor_step(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
     words = _srun_words(plan, cluster, " --het-group=0")
-    wrapper = [IGNORE_WARNING] if cluster.signal_lead_s else []
-    return " \\\n  ".join([*words, *wrapper, _program(plan, cluster, python)]) + " &\nactor=$!\n"
+    return " \\\n  ".join([*words, *_warning_ignored(cluster), _program(plan, cluster, python)]) + " &\nactor=$!\n"
 
 
 def _wait_for_steps(grace_s: int) -> str:
