@@ -19,7 +19,9 @@ QUIET_FOR_S = 10.0  # `quiet_progress`: work done within this long shows nothing
 
 class Progress:
     """`update(n, **shown)` after each unit of work; `write(text)` for a line between units.
-    With `delay`, nothing shows before the work has run that many seconds."""
+    With `delay`, nothing shows before the work has run that many seconds. As a context
+    manager it closes on leaving, an error included (a terminal's bar then ends its line
+    before the error's message)."""
 
     def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True, unit: str = "step",
                  stream: TextIO | None = None, every_s: float = PLAIN_EVERY_S, delay: float = 0.0):
@@ -46,6 +48,12 @@ class Progress:
             print(text, file=self.stream, flush=True)
         else:
             self.bar.write(text, file=self.stream)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.bar.disable and self.enabled and self.done != self.printed and self._due():

@@ -19,7 +19,7 @@ from offline_rlhf.data.records import iter_json_objects, optional_turns, require
 from offline_rlhf.data.skips import Skips, require_texts, strict_or
 from offline_rlhf.data.template import ChatTemplate, Turn
 from offline_rlhf.data.tokenize import TokenizedSample, TokenStats, encode_sft
-from offline_rlhf.progress import quiet_progress
+from offline_rlhf.progress import Progress, quiet_progress
 
 # The largest |reward| a labeled record may hold. `reward` is a z-score: over the n rewards
 # it was normalized with, |z| < sqrt(n) (Samuelson's inequality), so 1e6 allows sets of up
@@ -96,9 +96,8 @@ def build_alignment_dataset(path: str | PathLike, tokenizer, template: ChatTempl
     if keep_above is not None:
         train_items, val_items = _kept(train_items, keep_above, path, reward_key), _kept(val_items, keep_above)
     stats = TokenStats()
-    bar = quiet_progress("align dataset", len(train_items) + len(val_items), "sample", progress)
 
-    def encode_all(items: list[LabeledExample]) -> list[RewardedSequence]:
+    def encode_all(items: list[LabeledExample], bar: Progress) -> list[RewardedSequence]:
         samples = []
         for example in items:
             samples.append(encode_labeled(example, tokenizer, template, max_len, reward_prompt))
@@ -106,10 +105,8 @@ def build_alignment_dataset(path: str | PathLike, tokenizer, template: ChatTempl
             bar.update()
         return [RewardedSequence(seq, e.reward) for seq, e in zip(unpacked(samples), items)]
 
-    try:  # closed on an error too: a terminal's bar ends its line before the message
-        train, val = encode_all(train_items), encode_all(val_items)
-    finally:
-        bar.close()
+    with quiet_progress("align dataset", len(train_items) + len(val_items), "sample", progress) as bar:
+        train, val = encode_all(train_items, bar), encode_all(val_items, bar)
     card = {"path": str(path), "examples": len(examples), "skipped": skips.counts, "train": len(train), "val": len(val),
             "reward_prompt": reward_prompt, "max_seq_len": max_len, "seed": seed, "tokens": asdict(stats),
             "train_rewards": reward_summary([e.reward for e in all_train])}

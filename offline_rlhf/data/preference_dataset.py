@@ -133,12 +133,9 @@ def build_preference_dataset(cfg: DataConfig, tokenizer, seed: int,
     stats = {name: TokenStats() for name in mix_stats}
     skips = {name: Skips(strict=cfg.strict) for name in mix_stats}
     configured = {source_name(source): source for source in cfg.sources}
-    bar = quiet_progress("rm dataset", len(train_items) + len(val_items), "pair", progress)
-    try:  # closed on a strict error too: a terminal's bar ends its line before the message
+    with quiet_progress("rm dataset", len(train_items) + len(val_items), "pair", progress) as bar:
         train, val = (_encode_all(items, tokenizer, template, cfg.max_seq_len, stats, skips, configured, bar)
                       for items in (train_items, val_items))
-    finally:
-        bar.close()
     read_stats = _with_encode_skips(read_stats, skips, mix_stats)
     dropped = {name: source_skips.counts.get(IDENTICAL_AFTER_TRUNCATION, 0) for name, source_skips in skips.items()}
     card = preference_card(cfg, seed, with_read_stats(mix_stats, read_stats), stats, dropped, train, val)

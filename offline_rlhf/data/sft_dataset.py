@@ -88,16 +88,15 @@ def sft_text(example: SFTExample) -> tuple[str, ...]:
 
 
 def _tokenize(items: list[tuple[str, SFTExample]], tokenizer, template: ChatTemplate, max_len: int,
-              stats: dict[str, TokenStats], bar: Progress | None = None) -> list[TokenizedSample]:
-    """`encode_sft` every (source name, example), counting into that source's stats (and `bar`)."""
+              stats: dict[str, TokenStats], bar: Progress) -> list[TokenizedSample]:
+    """`encode_sft` every (source name, example), counting into that source's stats and `bar`."""
     samples = []
     for name, example in items:
         sample = encode_sft(tokenizer, template, example.prompt, example.response, max_len, example.source,
                             turns=example.turns)
         stats[name].add(sample)
         samples.append(sample)
-        if bar is not None:
-            bar.update()
+        bar.update()
     return samples
 
 
@@ -123,12 +122,9 @@ def build_sft_dataset(cfg: DataConfig, tokenizer, seed: int, progress: bool = Tr
     mixed, mix_stats = mix_sources(sources, cfg.total_samples, seed)
     train_items, val_items = split_by_content(mixed, cfg, seed, sft_text)
     token_stats = {name: TokenStats() for name in mix_stats}
-    bar = quiet_progress("sft dataset", len(train_items) + len(val_items), "example", progress)
-    try:  # closed on an error too: a terminal's bar ends its line before the message
+    with quiet_progress("sft dataset", len(train_items) + len(val_items), "example", progress) as bar:
         train, val = (_sequences(_tokenize(items, tokenizer, template, cfg.max_seq_len, token_stats, bar), cfg)
                       for items in (train_items, val_items))
-    finally:
-        bar.close()
     card = dataset_card(cfg, seed, with_read_stats(mix_stats, read_stats), token_stats, train, val,
                         len(train_items), len(val_items))
     return SFTDataset(train, val, {**card, **read_card_fields(cfg, read_stats)})

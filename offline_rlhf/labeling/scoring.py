@@ -81,14 +81,12 @@ def encode_scored(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, 
     `progress` is False."""
     ends = [True] * len(pairs) if finished is None else finished
     histories = [()] * len(pairs) if turns is None else turns
-    bar, samples = quiet_progress("tokenizing for scoring", len(pairs), "sample", progress), []
-    try:  # closed on an error too: a terminal's bar ends its line before the message
+    samples = []
+    with quiet_progress("tokenizing for scoring", len(pairs), "sample", progress) as bar:
         for index, ((prompt, response), end, history) in enumerate(zip(pairs, ends, histories, strict=True)):
             samples.append(encode_sft(tokenizer, template, prompt, response, max_len, f"pair {index}", eos=end,
                                       turns=history))
             bar.update()
-    finally:
-        bar.close()
     return samples
 
 
