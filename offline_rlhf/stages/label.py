@@ -113,7 +113,7 @@ def read_inputs(cfg: LabelConfig, template) -> tuple[list[Sample], dict[str, dic
 
 
 def read_counts(samples: list[Sample], skipped: dict[str, dict[str, int]], encoded, max_len: int,
-                cfg: LabelConfig, ties: dict[str, int] | None = None) -> dict:
+                cfg: LabelConfig, ties: dict[str, int]) -> dict:
     """labels_meta.json's account of what was not scored as read: skipped records by input
     and reason, their total by reason, truncated samples and unfinished ones kept; and
     (`ties`, `identical_once_cut`) the answers and pairs the length limit made identical."""
@@ -121,7 +121,6 @@ def read_counts(samples: list[Sample], skipped: dict[str, dict[str, int]], encod
     for counts in skipped.values():
         for reason, n in counts.items():
             total[reason] = total.get(reason, 0) + n
-    ties = ties or {"answers": 0, "prompts": 0, "pairs": 0}
     return {"skipped": skipped, "skipped_total": total, "strict": cfg.strict,
             "truncated": sum(sample.truncated for sample in encoded), "max_seq_len": max_len,
             "identical_once_cut": {"reason": cut_reason(max_len), **ties},
