@@ -5,8 +5,8 @@ asked of the backend for every prompt), on the same pairs in the same run, with 
 sample checked identical (ids, labels, truncation flag).
 
 Input: the real hh-rlhf pairs of ../shared/data (harmless-base test-dev, 1,808 usable
-pairs) repeated to `--pairs`, each copy's replies given a copy number (as helper-71's
-100k-record scale run did), read by `read_hh_rlhf` and tokenized by a byte-level BPE
+pairs) repeated to `--pairs`, each copy's replies given a copy number (so no two copies
+are the same text), read by `read_hh_rlhf` and tokenized by a byte-level BPE
 tokenizer trained here on that text (or `--tokenizer DIR`). Prints, per max_seq_len, the
 seconds of each implementation, the speedup, the backend encode calls per pair, and how
 many exchanges the pairs dropped.
