@@ -115,18 +115,28 @@ def selected_per_prompt(samples: list[Sample], rewards: list[float], selections:
     was scored on), so are different texts that the reward model's length cut to one
     sequence (`identical_once_cut` counts them). Ties go to the first. A prompt is its text
     and turns (`prompt_key`)."""
-    marks, groups = {}, defaultdict(dict)
-    for index, sample in enumerate(samples):
-        if selections.get(sample.source, "all") == "all":
-            marks[index] = None
-        else:
-            groups[(sample.source, *prompt_key(sample.prompt, sample.turns))].setdefault(sample.response, index)
-    for (source, *_), by_text in groups.items():
+    marks = {index: None for index, sample in enumerate(samples) if not _per_prompt(sample, selections)}
+    for (source, *_), by_text in _answers_per_prompt(samples, selections).items():
         candidates = _distinct_once_cut(list(by_text.values()), sequences)
         best, worst = max(candidates, key=rewards.__getitem__), min(candidates, key=rewards.__getitem__)
         chosen = {"best": {best: "best"}, "worst": {worst: "worst"}, "best_worst": {best: "best", worst: "worst"}}
         marks.update({best: ONLY} if best == worst else chosen[selections[source]])
     return dict(sorted(marks.items()))
+
+
+def _per_prompt(sample: Sample, selections: dict[str, str]) -> bool:
+    """Whether `sample`'s input selects per prompt (its select is not "all")."""
+    return selections.get(sample.source, "all") != "all"
+
+
+def _answers_per_prompt(samples: list[Sample], selections: dict[str, str]) -> dict[tuple, dict[str, int]]:
+    """{(input, prompt_key...): {answer text: index of its first copy}} over the inputs that
+    select per prompt."""
+    groups = defaultdict(dict)
+    for index, sample in enumerate(samples):
+        if _per_prompt(sample, selections):
+            groups[(sample.source, *prompt_key(sample.prompt, sample.turns))].setdefault(sample.response, index)
+    return groups
 
 
 def _distinct_once_cut(indices: list[int], sequences: Sequence[Sequence[int]] | None) -> list[int]:
@@ -147,12 +157,10 @@ def identical_once_cut(samples: list[Sample], sequences: Sequence[Sequence[int]]
     `selected_per_prompt`); `prompts`, the prompts with two or more answer texts left with
     one candidate by that (marked ONLY); `pairs`, the preference pairs whose chosen and
     rejected sides are (both kept, scored alike: no signal)."""
-    groups, sides = defaultdict(dict), defaultdict(list)
+    groups, sides = _answers_per_prompt(samples, selections), defaultdict(list)
     for index, sample in enumerate(samples):
         if sample.pair is not None:
             sides[(sample.source, sample.pair)].append(tuple(sequences[index]))
-        if selections.get(sample.source, "all") != "all":
-            groups[(sample.source, *prompt_key(sample.prompt, sample.turns))].setdefault(sample.response, index)
     left = {key: len(_distinct_once_cut(list(by_text.values()), sequences)) for key, by_text in groups.items()}
     return {"answers": sum(len(groups[key]) - left[key] for key in groups),
             "prompts": sum(len(groups[key]) > 1 and left[key] == 1 for key in groups),
