@@ -14,7 +14,7 @@ from hydra.errors import OverrideParseException
 
 from launcher.compose import compose_launch
 from launcher.local import forget_if_complete, run_locally, stages_to_run
-from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir, run_dir_override
+from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir, run_dir_override, waits_among
 from launcher.schema import ClusterConfig, LaunchConfig, LaunchError
 from launcher.slurm import (
     LAUNCH_RECORD,
@@ -86,7 +86,7 @@ def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], run_dir: Path, py
     for plan in todo:
         forget_if_complete(plan)
     scripts = [write_stage_files(plan, cfg.cluster, python) for plan in todo]
-    submitted = submit_chain(todo, scripts, cfg.cluster.max_attempts)
+    submitted = submit_chain(todo, scripts, waits_among(plans, runs), cfg.cluster.max_attempts)
     write_launch_record(run_dir, cfg.pipeline.name, submitted)
     print(format_table([("STAGE", "JOB", "SCRIPT"), *((s.name, ",".join(s.job_ids), s.script) for s in submitted)]))
     print(f"submitted; follow with: {status}")

@@ -93,8 +93,9 @@ def _moved(value, old: str, new: str):
 
 def stages_to_run(plans: list[StagePlan]) -> list[bool]:
     """Which stages a (re)run runs: those not complete with the same config, and every stage
-    that waits for one that runs (its inputs may have changed; `waits_for`): in a chain, all
-    after the first that runs. Complete stages of other replicates' chains are skipped."""
+    that waits for one that runs (it reads what that one writes again; `waits_for`), so a
+    complete stage beside one that runs (another alignment method) is skipped, as are complete
+    stages of other replicates' chains."""
     runs: list[bool] = []
     for plan, waits in zip(plans, waits_for(plans)):
         runs.append(any(runs[position] for position in waits) or not is_complete(plan))

@@ -48,6 +48,7 @@ class StagePlan:
     time_limit: str | None
     components: tuple[Component, ...] = ()  # the PPO stage on Slurm: its heterogeneous job (launcher.ppo)
     chain: str = ""  # the replicate (seed_<s>) whose chain it is part of; "": the run's own (`waits_for`)
+    reads: tuple[Path, ...] = ()  # the absolute input paths `--check` listed (`waits_for`)
 
     @property
     def world_size(self) -> int:
@@ -90,7 +91,13 @@ def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
                  else next(fresh) for step in steps]
         inputs = list(pool.map(lambda pair: check_stage(pair[0].key, pair[1]), zip(steps, plans)))
     check_inputs(plans, inputs, [step.key for step in steps], cfg.cluster, run_dir)
-    return plans
+    return [replace(plan, reads=tuple(_input_path(item) for item in needed)) for plan, needed in zip(plans, inputs)]
+
+
+def _input_path(item: dict) -> Path:
+    """An input `--check` listed, as the launcher compares it with stage folders: relative
+    paths are as the stages see them, from here."""
+    return Path(item["path"]).expanduser().absolute()
 
 
 def _identity(step: Step) -> tuple:
@@ -99,18 +106,31 @@ def _identity(step: Step) -> tuple:
 
 
 def waits_for(plans: list[StagePlan]) -> list[list[int]]:
-    """The positions of the plans each plan waits for: the one before it in its replicate's
-    chain; for a stage of the run's own, the one before it and the last of every replicate.
-    Without seeds every stage waits for the one before it."""
-    last: dict[str, int] = {}
+    """The positions of the plans each plan waits for: the earlier stages whose folders hold
+    what it reads (`StagePlan.reads`), so stages that do not read each other's outputs run side
+    by side (the alignment methods after `mix`, PPO beside them, `rm` beside `generate`). A
+    stage that reads no earlier stage's folder but has earlier stages (`report`, which reads
+    the whole run; `seeds-report`) waits for all of them. Earlier means of its replicate's
+    chain (launcher.seeds), or any for a stage of the run's own. A wait already implied by
+    another (it waits for it in turn) is left out: a straight chain waits for the one before."""
+    ancestors: list[set[int]] = []
     waits = []
     for position, plan in enumerate(plans):
-        if plan.chain:
-            waits.append([last[plan.chain]] if plan.chain in last else [])
-        else:
-            waits.append(sorted(last.values()))
-        last[plan.chain] = position
+        earlier = [p for p in range(position) if not plan.chain or plans[p].chain == plan.chain]
+        reading = [p for p in earlier if any(path.is_relative_to(plans[p].stage_dir) for path in plan.reads)]
+        direct = reading or earlier
+        implied = set().union(*(ancestors[p] for p in direct))
+        waits.append([p for p in direct if p not in implied])
+        ancestors.append(implied | set(direct))
     return waits
+
+
+def waits_among(plans: list[StagePlan], runs: list[bool]) -> list[list[int]]:
+    """`waits_for` of the plans that run, as positions among them. A stage that does not run
+    is complete and so is all it waits for (a stage waiting for one that runs, runs:
+    launcher.local.stages_to_run), so no wait is lost."""
+    among = {position: index for index, position in enumerate(p for p, run in enumerate(runs) if run)}
+    return [[among[p] for p in waits if runs[p]] for waits, run in zip(waits_for(plans), runs) if run]
 
 
 def stage_folder(stage: str, resolved: dict) -> str:
@@ -219,7 +239,7 @@ def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], keys: list[st
             key = f"{keys[position]} ({plan.name}) {item['key']}"
             if cluster.kind == "slurm" and cluster.container_image:
                 check_container_path(key, item, cluster, run_dir)
-            path = Path(item["path"]).expanduser().absolute()
+            path = _input_path(item)
             if item["exists"] or path.exists() or any(path.is_relative_to(folder) for folder in earlier):
                 continue
             written_later = next((p.name for p in plans[position + 1:] if path.is_relative_to(p.stage_dir)), None)

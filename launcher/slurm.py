@@ -1,8 +1,10 @@
 """Submit a pipeline as chained sbatch jobs and ask Slurm about them afterwards.
 
-Stage k+1 waits for stage k with `afterok` and `--kill-on-invalid-dep=yes` (without it a
-job whose dependency failed stays PENDING forever); with seeds each replicate is a chain of
-its own and `seeds-report` waits for the last job of every one (launcher.plan.waits_for).
+A stage waits for the stages whose outputs it reads (launcher.plan.waits_for) with `afterok`
+and `--kill-on-invalid-dep=yes` (without it a job whose dependency failed stays PENDING
+forever): stages that do not read each other's outputs run side by side, and a failed stage
+cancels only those that need it. With seeds each replicate is a chain of its own and
+`seeds-report` waits for the last job of every one.
 With `cluster.max_attempts > 1` each stage is submitted that many times: later attempts also
 wait on `singleton` (the previous attempt of the same job name) and resume from the stage's
 latest checkpoint; the next stage waits on the last attempt, which succeeds only if the
@@ -19,7 +21,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from launcher.plan import StagePlan, waits_for
+from launcher.plan import StagePlan
 from launcher.ppo import prepare_stage_dir
 from launcher.render import COMPLETE_MARKER, render_script
 from launcher.schema import ClusterConfig, LaunchError
@@ -60,16 +62,17 @@ def write_dry_run(plan: StagePlan, cluster: ClusterConfig, python: str, run_dir:
     return script
 
 
-def submit_chain(plans: list[StagePlan], scripts: list[Path], max_attempts: int) -> list[SubmittedStage]:
+def submit_chain(plans: list[StagePlan], scripts: list[Path], waits: list[list[int]],
+                 max_attempts: int) -> list[SubmittedStage]:
     """Submit in pipeline order, each stage after the last attempts of those it waits for
-    (`waits_for`: the one before it; replicates' chains side by side); if any sbatch fails,
+    (`waits[i]`: positions in `plans`, from launcher.plan.waits_for); if any sbatch fails,
     times out or is interrupted (Ctrl-C), cancel what was already submitted. Each stage
     forgets an earlier launch's completion marker just before its first attempt is submitted."""
     submitted: list[SubmittedStage] = []
     try:
-        for plan, script, waits in zip(plans, scripts, waits_for(plans)):
+        for plan, script, needed in zip(plans, scripts, waits, strict=True):
             (plan.stage_dir / COMPLETE_MARKER).unlink(missing_ok=True)
-            after = [f"afterok:{':'.join(submitted[position].job_ids[-1] for position in waits)}"] if waits else []
+            after = [f"afterok:{':'.join(submitted[position].job_ids[-1] for position in needed)}"] if needed else []
             ids: list[str] = []
             submitted.append(SubmittedStage(plan.name, str(script), ids))
             for attempt in range(max_attempts):

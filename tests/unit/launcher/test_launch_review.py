@@ -116,7 +116,7 @@ def test_an_sbatch_that_hangs_is_cancelled_with_every_job_before_it(tmp_path, mo
     plans = chain(tmp_path, "sft", "rm")
     scripts = [slurm.write_stage_files(plan, ClusterConfig(kind="slurm"), "python") for plan in plans]
     with pytest.raises(LaunchError) as info:
-        slurm.submit_chain(plans, scripts, max_attempts=1)
+        slurm.submit_chain(plans, scripts, [[], [0]], max_attempts=1)
     assert str(info.value) == ("stage rm: sbatch: no answer in 1 s (cancelled job 101 it queued); is slurmctld "
                                "reachable? (scontrol ping); cancelled job(s) 100")
     assert fake.calls("scancel") == ["scancel 101", "scancel 100"]
@@ -131,7 +131,7 @@ def test_ctrl_c_during_submission_cancels_what_was_submitted_and_prints_one_line
                f"from tests.unit.launcher.test_launch_review import chain\n"
                f"plans = chain(Path({str(tmp_path)!r}), 'sft', 'rm')\n"
                f"scripts = [slurm.write_stage_files(p, slurm.ClusterConfig(kind='slurm'), 'python') for p in plans]\n"
-               f"try:\n    slurm.submit_chain(plans, scripts, 1)\n"
+               f"try:\n    slurm.submit_chain(plans, scripts, [[], [0]], 1)\n"
                f"except slurm.LaunchError as err:\n    print(err, file=sys.stderr); sys.exit(2)\n")
     with pytest.MonkeyPatch.context() as patch:
         fake = FakeSlurm(tmp_path, patch, {2: "kill -INT $PPID; exec sleep 30"})
@@ -160,7 +160,7 @@ def test_an_sbatch_error_names_the_stage_and_the_settings_only_sbatch_checks(tmp
     (plan,) = chain(tmp_path, "sft")
     with pytest.raises(LaunchError, match=r"^stage sft: sbatch: sbatch: error: invalid account or account/partition; "
                                           r"check cluster.account \(with cluster.partition\)"):
-        slurm.submit_chain([plan], [Path("/x.sh")], max_attempts=1)
+        slurm.submit_chain([plan], [Path("/x.sh")], [[]], max_attempts=1)
 
 
 @pytest.mark.parametrize(("override", "hint"), [

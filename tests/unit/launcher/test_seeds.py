@@ -52,6 +52,13 @@ def test_each_replicate_runs_every_stage_in_its_own_folder_and_the_report_comes_
     waits = waits_for(plans)
     assert waits[0] == [] and waits[14] == [] and waits[15] == [14]  # seed_1 starts a chain of its own
     assert waits[-1] == [13, 27]  # the report waits for each replicate's last stage
+    # Within a replicate each stage waits for the stages it reads (the stages list their inputs).
+    assert {plans[p].name: [plans[w].name.removeprefix("seed_0.") for w in waits[p]] for p in range(1, 14)} == {
+        "seed_0.sft": ["task"], "seed_0.rm": ["sft"], "seed_0.generate": ["sft"], "seed_0.label": ["rm", "generate"],
+        "seed_0.mix": ["label"], "seed_0.align_mle_filter": ["mix"], "seed_0.align_rwr": ["mix"],
+        "seed_0.align_dt": ["mix"], "seed_0.reference": ["label"], "seed_0.align_dpo": ["reference"],
+        "seed_0.ppo": ["rm"], "seed_0.eval": ["align_mle_filter", "align_rwr", "align_dt", "align_dpo", "ppo"],
+        "seed_0.report": ["eval"]}
 
 
 def test_the_seed_reaches_training_and_sampling_only_and_wins_over_the_entrys_own(demo_plans):

@@ -40,7 +40,8 @@ def scripts(tmp_path: Path, *names: str) -> list[Path]:
 def test_stages_are_chained_with_afterok_and_killed_on_invalid_dependency(tmp_path, monkeypatch):
     fake = FakeSlurm()
     monkeypatch.setattr(slurm, "_run", fake)
-    submitted = slurm.submit_chain(plans(tmp_path, "sft", "rm"), scripts(tmp_path, "sft", "rm"), max_attempts=1)
+    submitted = slurm.submit_chain(plans(tmp_path, "sft", "rm"), scripts(tmp_path, "sft", "rm"), [[], [0]],
+                                   max_attempts=1)
     assert [(s.name, s.job_ids) for s in submitted] == [("sft", ["100"]), ("rm", ["101"])]
     assert fake.commands == [
         ["sbatch", "--parsable", str(tmp_path / "sft/submission.sh")],
@@ -52,7 +53,8 @@ def test_stages_are_chained_with_afterok_and_killed_on_invalid_dependency(tmp_pa
 def test_continuation_attempts_wait_on_singleton_and_the_next_stage_on_the_last_attempt(tmp_path, monkeypatch):
     fake = FakeSlurm()
     monkeypatch.setattr(slurm, "_run", fake)
-    submitted = slurm.submit_chain(plans(tmp_path, "sft", "rm"), scripts(tmp_path, "sft", "rm"), max_attempts=2)
+    submitted = slurm.submit_chain(plans(tmp_path, "sft", "rm"), scripts(tmp_path, "sft", "rm"), [[], [0]],
+                                   max_attempts=2)
     assert [s.job_ids for s in submitted] == [["100", "101"], ["102", "103"]]
     dependencies = [c[2] if len(c) > 3 else None for c in fake.commands]
     assert dependencies == [None, "--dependency=singleton",
@@ -66,7 +68,7 @@ def test_a_failed_submission_cancels_the_jobs_already_submitted(tmp_path, monkey
     with pytest.raises(LaunchError, match=r"^stage generate: sbatch: sbatch: error: invalid partition specified: gpu; "
                        r"check cluster.partition: use a partition of this cluster \(sinfo -s\); "
                        r"cancelled job\(s\) 100 101$"):
-        slurm.submit_chain(plans(tmp_path, *names), scripts(tmp_path, *names), max_attempts=1)
+        slurm.submit_chain(plans(tmp_path, *names), scripts(tmp_path, *names), [[], [0], [1]], max_attempts=1)
     assert fake.commands[-1] == ["scancel", "100", "101"]
 
 
@@ -90,7 +92,7 @@ def test_a_submission_the_controller_never_got_points_at_the_controller(tmp_path
     monkeypatch.setattr(slurm, "_run", fake)
     with pytest.raises(LaunchError, match=r"Unable to contact slurm controller \(connect failure\); is slurmctld "
                                           r"reachable\? \(scontrol ping\); nothing was submitted$"):
-        slurm.submit_chain(plans(tmp_path, "sft"), scripts(tmp_path, "sft"), max_attempts=1)
+        slurm.submit_chain(plans(tmp_path, "sft"), scripts(tmp_path, "sft"), [[]], max_attempts=1)
 
 
 @pytest.mark.parametrize(("error", "hint"), [
@@ -120,5 +122,5 @@ def test_a_refused_submission_names_the_setting_sbatch_refused(tmp_path, monkeyp
     fake.error = error
     monkeypatch.setattr(slurm, "_run", fake)
     with pytest.raises(LaunchError) as info:
-        slurm.submit_chain(plans(tmp_path, "sft"), scripts(tmp_path, "sft"), max_attempts=1)
+        slurm.submit_chain(plans(tmp_path, "sft"), scripts(tmp_path, "sft"), [[]], max_attempts=1)
     assert str(info.value).startswith(f"stage sft: sbatch: {error.splitlines()[0]}; {hint}")
