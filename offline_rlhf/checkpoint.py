@@ -113,12 +113,18 @@ def save_checkpoint(root: str | Path, model: nn.Module, meta: CheckpointMeta,
 
 
 def _publish(partial: Path, final: Path) -> None:
-    """The rename makes the checkpoint visible; `latest` moves only after it."""
+    """The rename makes the checkpoint visible; `latest` moves only after it. A step saved
+    again (a resume that reaches the step `latest` names) first moves the old folder aside,
+    deleted once the new one is in place: a kill while a large checkpoint was being deleted
+    left `latest` naming a half-deleted folder; now only two renames lie between. The folder
+    aside ends in PARTIAL_SUFFIX, so a save after such a kill clears it."""
+    replaced = final.with_name(final.name + ".replaced" + PARTIAL_SUFFIX)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, replaced)
     os.replace(partial, final)
     fsync_dir(final.parent)
     write_atomic(final.parent / LATEST, final.name + "\n")
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

@@ -244,8 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run(argv)
     except (ConfigError, DataError) as err:
-        say_once(f"orlhf {argv[0] if argv else ''}: error: {err}")
+        say_once(error_line(argv, str(err)))
         code = 2
+    except RuntimeError as err:
+        if not lost_another_process(err):
+            raise
+        first = str(err).splitlines()[0][:200]
+        say_once(error_line(argv, f"lost contact with another process of the job ({first}): one ended first; its "
+                                  "own error line or torchrun's summary says which and why"))
+        code = 1
     except SystemExit as stop:  # a stage that stopped on request (its work saved): its exit status
         code = stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback, saying whether a rerun resumes
@@ -254,9 +261,36 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`orlhf sft --help | head`): stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
         code = 128 + signal.SIGPIPE
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if multi_process():
         _exit_without_teardown(code)
     return code
+
+
+# How a collective fails on the processes left when another one of the job has died (gloo's
+# transport; NCCL's watchdog aborts the process instead): the cause is the dead one's.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def lost_another_process(err: RuntimeError) -> bool:
+    """Whether a multi-process stage failed only because another process of its job died."""
+    return multi_process() and any(text in str(err) for text in PEER_LOST)
+
+
+def multi_process() -> bool:
+    """Whether this process is one of several of its job (torchrun's, or Slurm's tasks)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def error_line(argv: list[str], reason: str) -> str:
+    """`orlhf STAGE: error: ...`, with the rank of a process other than rank 0 (a data file
+    only that rank's node sees damaged or different, or rank 0 died first)."""
+    rank = process_rank()
+    return f"orlhf {argv[0] if argv else ''}: error: {'' if rank == '0' else f'rank {rank}: '}{reason}"
+
+
+def process_rank() -> str:
+    """This process's rank in its job: torchrun's RANK, or Slurm's task number in tasks mode."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
 
 
 def interrupted_line(argv: list[str]) -> str:
@@ -287,7 +321,7 @@ def say_once(message: str) -> None:
     wait a moment, in which torchrun ends them once rank 0 has exited. They used to stay
     silent, and a rank that exited first got rank 0 killed before it printed: no message at
     all. Now one that outlives the wait says it too (rank 0 never failed, or is slow)."""
-    if os.environ.get("RANK", "0") != "0":
+    if process_rank() != "0":
         time.sleep(OTHER_RANKS_WAIT_S)
     print(message, file=sys.stderr, flush=True)
 

@@ -257,7 +257,9 @@ class Transformer(nn.Module):
         h = self.norm(h[:, -1:] if last_only else h)
         if self.head == "lm":
             return self.output(h)
-        return self.score(h).squeeze(-1)
+        # Not a view: FSDP2 warns (on every forward) of a wrapped module returning one, which
+        # an in-place op by the caller would detach from its backward hook.
+        return self.score(h).squeeze(-1).clone()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output projection when configured. Call again after

@@ -1,8 +1,10 @@
 """A save killed between writing the shards and publishing must not become `latest`."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +56,29 @@ def test_killed_save_is_not_picked_up_as_latest(tmp_path):
     # The next save of that step clears the leftover and publishes normally.
     save_checkpoint(root, reference_model(seed=2), _meta(2))
     assert latest_checkpoint(root) == root / "step_00000002" and not partial.exists()
+
+
+def test_a_kill_while_a_saved_again_step_is_replaced_leaves_a_loadable_latest(tmp_path, monkeypatch):
+    """Saving the step `latest` names again used to delete the old folder before the new one
+    took its place: killed mid-deletion, `latest` named a half-deleted folder and the stage
+    could not resume."""
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, reference_model(seed=1), _meta(1))
+    deleting = shutil.rmtree
+
+    def killed_mid_deletion(path, *args, **kwargs):  # deletes the metadata, then the process dies
+        (Path(path) / "meta.json").unlink(missing_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_mid_deletion)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, reference_model(seed=2), _meta(1))
+    monkeypatch.setattr(shutil, "rmtree", deleting)
+    model = Transformer(TINY)
+    load_checkpoint(latest_checkpoint(root), model)  # the new save of the step, whole
+    torch.testing.assert_close(model(batch()), reference_model(seed=2)(batch()))
+    save_checkpoint(root, reference_model(seed=3), _meta(2))  # the next save clears what was set aside
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
 
 
 def test_meta_round_trip_and_pruning(tmp_path):

@@ -4,6 +4,7 @@ with one line through the CLI (hardening issue, item 13), not a traceback."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -113,7 +114,7 @@ def test_a_config_error_every_rank_raises_is_said_under_torchrun(tmp_path):
                            "-m", "offline_rlhf.cli", "sft", "model=tiny", f"run_dir={tmp_path / 'run'}"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert any(line.startswith("orlhf sft: error: init.tokenizer") for line in proc.stderr.splitlines()), proc.stderr
+    assert re.search(r"^orlhf sft: error: (rank 1: )?init.tokenizer", proc.stderr, flags=re.M), proc.stderr
 
 
 def test_a_rank_other_than_0_waits_for_rank_0_then_says_it(monkeypatch, capsys):
@@ -125,3 +126,49 @@ def test_a_rank_other_than_0_waits_for_rank_0_then_says_it(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         cli.say_once(f"failed on {rank}")
     assert waits == [cli.OTHER_RANKS_WAIT_S] and capsys.readouterr().err == "failed on 0\nfailed on 1\n"
+
+
+GLOO_PEER_GONE = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                  "[127.0.0.1]:36273. This is typically caused by a remote worker crashing.")
+
+
+@pytest.mark.parametrize(("rank", "prefix"), [("0", ""), ("3", "rank 3: ")])
+def test_a_collective_failing_because_another_process_died_is_one_line(monkeypatch, capsys, rank, prefix):
+    """The survivors of a dead rank printed a traceback through the training loop down to
+    gloo's message; the dead rank's own line (or torchrun's summary) has the cause."""
+    from offline_rlhf import cli
+
+    def collective_fails(argv):
+        raise RuntimeError(GLOO_PEER_GONE + "\nmore detail")
+
+    monkeypatch.setattr(cli, "run", collective_fails)
+    monkeypatch.setattr(cli, "_exit_without_teardown", lambda code: None)
+    monkeypatch.setattr(cli.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", rank)
+    assert cli.main(["sft"]) == 1
+    assert capsys.readouterr().err == (f"orlhf sft: error: {prefix}lost contact with another process of the job "
+                                       f"({GLOO_PEER_GONE}): one ended first; its own error line or torchrun's "
+                                       "summary says which and why\n")
+
+
+def test_any_other_runtime_error_keeps_its_traceback(monkeypatch):
+    from offline_rlhf import cli
+
+    def bug(argv):
+        raise RuntimeError(GLOO_PEER_GONE)
+
+    monkeypatch.setattr(cli, "run", bug)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    with pytest.raises(RuntimeError):  # one process: no peer to lose, so this is a bug of its own
+        cli.main(["sft"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "_exit_without_teardown", lambda code: None)
+
+    def another_bug(argv):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(cli, "run", another_bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["sft"])

@@ -103,6 +103,9 @@ def test_value_head_reads_last_real_token():
     # Causal attention: padding after the last real token cannot change its value.
     torch.testing.assert_close(values[0], model(tokens[:1, :3])[0, -1])
     torch.testing.assert_close(values[1], model(tokens[1:])[0, -1])
+    # Its own tensor, not a view of the head's [B, T, 1] output: FSDP2 warned of a wrapped
+    # module returning a view on every forward of a multi-process reward model.
+    assert model(tokens)._base is None
 
 
 def test_tied_embeddings_share_one_tensor_and_count_once():
