@@ -28,7 +28,7 @@ from offline_rlhf.data.chat_template import ChatFormat, build_template, template
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.records import iter_json_objects, optional_turns, require_text
 from offline_rlhf.data.template import ChatTemplate, Turn
-from offline_rlhf.data.tokenize import TokenizedSample, encode_sft
+from offline_rlhf.data.tokenize import Reply, TokenizedSample, encode_replies
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.models.llama import last_token_values
 from offline_rlhf.parallel.parallelize import build_model
@@ -78,16 +78,34 @@ def encode_scored(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, 
     read at its last real token, not at an end the answer never reached. `turns[i]`, a
     multi-turn prompt's conversation, is what a chat template renders (as in training).
     Tokenizing shows progress on rank 0 when it takes more than a few seconds, unless
-    `progress` is False."""
+    `progress` is False.
+
+    The answers to one single-turn prompt (generate's n samples) are encoded together, the
+    prompt once (`encode_replies`: for a prompt without turns each sample is `encode_sft`'s
+    of its own pair); a multi-turn prompt's answers are encoded one by one, as the history
+    each keeps depends on its own length."""
     ends = [True] * len(pairs) if finished is None else finished
     histories = [()] * len(pairs) if turns is None else turns
-    samples = []
+    samples: list[TokenizedSample | None] = [None] * len(pairs)
     with quiet_progress("tokenizing for scoring", len(pairs), "sample", progress) as bar:
-        for index, ((prompt, response), end, history) in enumerate(zip(pairs, ends, histories, strict=True)):
-            samples.append(encode_sft(tokenizer, template, prompt, response, max_len, f"pair {index}", eos=end,
-                                      turns=history))
-            bar.update()
+        for prompt, history, indices in _answers_together(pairs, histories):
+            replies = [Reply(pairs[i][1], ends[i], f"pair {i}") for i in indices]
+            for index, sample in zip(indices, encode_replies(tokenizer, template, prompt, replies, max_len,
+                                                             turns=history)):
+                samples[index] = sample
+            bar.update(len(indices))
     return samples
+
+
+def _answers_together(pairs: Sequence[tuple[str, str]],
+                      histories: Sequence[Sequence[Turn]]) -> list[tuple[str, Sequence[Turn], list[int]]]:
+    """(prompt, turns, indices of its pairs): a single-turn prompt's pairs in one group, in
+    the order of their first pair; each pair of a multi-turn prompt a group of its own."""
+    groups: dict[object, tuple[str, Sequence[Turn], list[int]]] = {}
+    for index, ((prompt, _), history) in enumerate(zip(pairs, histories, strict=True)):
+        key = prompt if not history else index
+        groups.setdefault(key, (prompt, history, []))[2].append(index)
+    return list(groups.values())
 
 
 @torch.no_grad()
