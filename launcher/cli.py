@@ -73,9 +73,12 @@ def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], run_dir: Path, py
     if not todo:
         print("every stage is complete; nothing to submit")
         return 0
+    waits = waits_among(plans, runs)
+    after = [", ".join(todo[position].name for position in needed) or "-" for needed in waits]
     if dry_run:
-        rows = [(plan.name, "(dry run)", str(write_dry_run(plan, cfg.cluster, python, run_dir))) for plan in todo]
-        print(format_table([("STAGE", "JOB", "SCRIPT"), *rows]))
+        rows = [(plan.name, "(dry run)", names, str(write_dry_run(plan, cfg.cluster, python, run_dir)))
+                for plan, names in zip(todo, after)]
+        print(format_table([("STAGE", "JOB", "AFTER", "SCRIPT"), *rows]))
         return 0
     status = f"orlhf launch status {shlex.quote(run_dir_override(run_dir))}"
     running = active_jobs(run_dir)
@@ -86,9 +89,10 @@ def launch_on_slurm(cfg: LaunchConfig, plans: list[StagePlan], run_dir: Path, py
     for plan in todo:
         forget_if_complete(plan)
     scripts = [write_stage_files(plan, cfg.cluster, python) for plan in todo]
-    submitted = submit_chain(todo, scripts, waits_among(plans, runs), cfg.cluster.max_attempts)
+    submitted = submit_chain(todo, scripts, waits, cfg.cluster.max_attempts)
     write_launch_record(run_dir, cfg.pipeline.name, submitted)
-    print(format_table([("STAGE", "JOB", "SCRIPT"), *((s.name, ",".join(s.job_ids), s.script) for s in submitted)]))
+    print(format_table([("STAGE", "JOB", "AFTER", "SCRIPT"),
+                        *((s.name, ",".join(s.job_ids), names, s.script) for s, names in zip(submitted, after))]))
     print(f"submitted; follow with: {status}")
     return 0
 

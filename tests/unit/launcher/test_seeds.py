@@ -172,6 +172,9 @@ def test_on_slurm_replicates_are_chains_side_by_side_and_the_report_waits_for_al
         ("seed_0/task", ""), ("seed_0/smoke", AFTER + "100"), ("seed_0/report", AFTER + "101"),
         ("seed_1/task", ""), ("seed_1/smoke", AFTER + "103"), ("seed_1/report", AFTER + "104"),
         ("seeds-report", AFTER + "102:105")]
+    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}  # STAGE JOB AFTER SCRIPT
+    assert table["seed_1.task"].split()[:3] == ["seed_1.task", "103", "-"]
+    assert table["seeds-report"].split()[:4] == ["seeds-report", "106", "seed_0.report,", "seed_1.report"]
     script = (run_dir / "seed_1" / "smoke" / "submission.sh").read_text()
     assert "#SBATCH --job-name=run.seed_1.smoke\n" in script
     assert f"#SBATCH --output={run_dir}/seed_1/smoke/slurm-%j.out\n" in script
@@ -181,7 +184,6 @@ def test_on_slurm_replicates_are_chains_side_by_side_and_the_report_waits_for_al
     assert [s["name"] for s in record["stages"]] == [*names, "seeds-report"]
     # Both replicates complete; a third seed runs only its own chain and the report again.
     completed(plan_pipeline(compose_launch([*SMALL, f"run_dir={run_dir}", "pipeline.seeds=[0,1]"]))[:-1])
-    capsys.readouterr()
     assert cli.main([*SMALL, f"run_dir={run_dir}", "pipeline.seeds=[0,1,2]"]) == 0
     assert submissions(fake, run_dir)[7:] == [
         ("seed_2/task", ""), ("seed_2/smoke", AFTER + "107"), ("seed_2/report", AFTER + "108"),
