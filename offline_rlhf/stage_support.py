@@ -40,6 +40,7 @@ from offline_rlhf.config.base import freeze
 from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.schema import InitConfig, ModelConfig, TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, build_template
+from offline_rlhf.data.packing import PackedSequence
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from offline_rlhf.fsutil import write_atomic
@@ -438,14 +439,20 @@ def training_fingerprint(cfg, train: Sequence) -> dict[str, object]:
 
 def items_digest(items: Sequence) -> str:
     """sha256 of the token ids and numbers in `items`: token-id sequences, or dataclasses
-    holding them (PackedSequence, pairs, rewarded sequences); their texts are in the ids."""
+    holding them (PackedSequence, pairs, rewarded sequences); their texts are in the ids.
+    A PackedSequence is read as input_ids, labels, positions, document_ids, the fields it
+    had before it derived the last two from its documents' lengths: fingerprints, and so
+    the checkpoints they guard, stay those of earlier runs."""
     digest = hashlib.sha256()
 
     def absorb(value) -> None:
-        if is_dataclass(value):
+        if isinstance(value, PackedSequence):
+            for ids in (value.input_ids, value.labels, value.positions, value.document_ids):
+                absorb(ids)
+        elif is_dataclass(value):
             for item in fields(value):
                 absorb(getattr(value, item.name))
-        elif isinstance(value, (tuple, list)) and value and isinstance(value[0], int):
+        elif isinstance(value, (tuple, list, array)) and value and isinstance(value[0], int):
             digest.update(array("q", value).tobytes())
         elif isinstance(value, (int, float)):
             digest.update(struct.pack("<d", value))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from offline_rlhf.data.packing import PackedSequence
-from offline_rlhf.data.tokenize import IGNORE_INDEX
+from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenIds
 
 PAD_DOCUMENT = -1
 
@@ -16,19 +17,25 @@ def collate_sequences(sequences: Sequence[PackedSequence], pad_id: int,
                       multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence, rounded up to `multiple_of` (sequence parallelism
     needs the length divisible by TP). Padding: pad_id tokens, ignored labels, position 0,
-    its own document id."""
+    its own document id. Rows are copied from the token buffers, positions and document
+    ids computed from the document lengths (numpy: no Python int per token)."""
     longest = max(len(s.input_ids) for s in sequences)
     length = -(-longest // multiple_of) * multiple_of
+    shape = (len(sequences), length)
+    tokens, labels = np.full(shape, pad_id, dtype=np.int64), np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    positions, document_ids = np.zeros(shape, dtype=np.int64), np.full(shape, PAD_DOCUMENT, dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        size = len(sequence.input_ids)
+        tokens[row, :size] = np.frombuffer(sequence.input_ids, dtype=_C_INT)
+        labels[row, :size] = np.frombuffer(sequence.labels, dtype=_C_INT)
+        lengths = np.array(sequence.document_lengths, dtype=np.int64)
+        document_ids[row, :size] = np.repeat(np.arange(len(lengths)), lengths)
+        positions[row, :size] = np.arange(size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+            "positions": torch.from_numpy(positions), "document_ids": torch.from_numpy(document_ids)}
 
-    def padded(values, fill):
-        return torch.tensor([list(v) + [fill] * (length - len(v)) for v in values], dtype=torch.long)
 
-    return {
-        "tokens": padded((s.input_ids for s in sequences), pad_id),
-        "labels": padded((s.labels for s in sequences), IGNORE_INDEX),
-        "positions": padded((s.positions for s in sequences), 0),
-        "document_ids": padded((s.document_ids for s in sequences), PAD_DOCUMENT),
-    }
+_C_INT = np.dtype(f"i{TokenIds().itemsize}")  # TokenIds' ints, in the machine's byte order
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -71,8 +71,10 @@ def encode_pair_example(tokenizer, template: ChatTemplate, example: PairExample,
 
 
 def tokens_digest(chosen: TokenizedSample, rejected: TokenizedSample) -> str:
-    """SHA-1 of both sequences' ids and labels: equal exactly when both are tokenized alike."""
-    text = repr((chosen.input_ids, chosen.labels, rejected.input_ids, rejected.labels))
+    """SHA-1 of both sequences' ids and labels: equal exactly when both are tokenized alike.
+    The text hashed is the repr of their tuples, as when samples held tuples: reference
+    shards record it, and align compares."""
+    text = repr(tuple(map(tuple, (chosen.input_ids, chosen.labels, rejected.input_ids, rejected.labels))))
     return hashlib.sha1(text.encode()).hexdigest()
 
 

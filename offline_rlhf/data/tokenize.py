@@ -3,11 +3,17 @@
 Labels are aligned with `input_ids`: `labels[t]` is `input_ids[t]` where the token
 is trained on and `IGNORE_INDEX` where it is not. The shift for next-token
 prediction (logits at t score labels[t + 1]) happens in the loss, not here.
+
+Token fields are `TokenIds`, read like the tuples of ints they replace: 4 bytes a token
+where a tuple took an 8-byte slot plus a 28-byte int for each id above 256 (every rank
+holds the whole tokenized dataset).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from array import array
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,17 +23,92 @@ from offline_rlhf.data.template import ASSISTANT, ChatTemplate, Turn
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
-@dataclass(frozen=True)
+class TokenIds(array):
+    """Token ids (or labels, positions) as C ints, read-only, behaving as the tuple of
+    ints they replace: equal to a tuple or array of the same values (never to a list, as
+    a tuple is not), hashed and repr'd as that tuple (so digests of either are the
+    same), sliced and concatenated (with a tuple too) into TokenIds. The buffer is the
+    ints themselves, for `torch.frombuffer`. Changing one in place is a TypeError: a
+    sample's fields are shared (a one-document PackedSequence holds its sample's)."""
+
+    __slots__ = ()
+
+    def __new__(cls, values: Iterable[int] = ()) -> TokenIds:
+        return super().__new__(cls, "i", values)
+
+    def __getitem__(self, index):
+        item = array.__getitem__(self, index)
+        return TokenIds(item) if isinstance(index, slice) else item
+
+    def __add__(self, other: Iterable[int]) -> TokenIds:
+        joined = TokenIds(self)
+        array.extend(joined, other if isinstance(other, TokenIds) else TokenIds(other))
+        return joined
+
+    def __radd__(self, other: Iterable[int]) -> TokenIds:
+        return TokenIds(other) + self
+
+    def __mul__(self, times: int) -> TokenIds:
+        return TokenIds(array.__mul__(self, times))
+
+    __rmul__ = __mul__
+    __iadd__ = __add__  # `ids += more` rebinds to a new one, as with a tuple
+    __imul__ = __mul__
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, array):
+            return array.__eq__(self, other)
+        if isinstance(other, tuple):
+            return len(self) == len(other) and all(map(operator.eq, self, other))
+        return NotImplemented
+
+    def __ne__(self, other) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+    def __copy__(self) -> TokenIds:
+        return self
+
+    def __deepcopy__(self, memo) -> TokenIds:
+        return self
+
+    def __reduce_ex__(self, protocol):  # array's own would call TokenIds("i", ...) for protocols below 3
+        return TokenIds, (self.tolist(),)
+
+
+def _read_only(name: str):
+    def refuse(self, *args, **kwargs):
+        raise TypeError(f"TokenIds are read-only, as the tuples they replace: no {name}")
+    return refuse
+
+
+for _name in ("append", "byteswap", "extend", "frombytes", "fromfile", "fromlist", "fromunicode", "insert", "pop",
+              "remove", "reverse", "__setitem__", "__delitem__"):
+    setattr(TokenIds, _name, _read_only(_name))
+del _name
+
+
+@dataclass(frozen=True, slots=True)
 class TokenizedSample:
     """One document: `input_ids` and `labels` of equal length, `source` for tracing,
-    `truncated` when any token was cut to fit the length limit."""
+    `truncated` when any token was cut to fit the length limit. Token fields given as
+    any sequence of ints (a tuple) are stored as `TokenIds`."""
 
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
+    input_ids: TokenIds
+    labels: TokenIds
     source: str
     truncated: bool
 
     def __post_init__(self):
+        for name in ("input_ids", "labels"):
+            if not isinstance(getattr(self, name), TokenIds):
+                object.__setattr__(self, name, TokenIds(getattr(self, name)))
         if len(self.input_ids) != len(self.labels):
             raise ValueError(f"{self.source}: {len(self.input_ids)} input ids but {len(self.labels)} labels")
 
@@ -246,8 +327,8 @@ class _Labelled:
         start = self.response_start
         kept_prompt, kept_response = truncate_pair(self.ids[:start], self.ids[start:], max_len)
         dropped, kept = start - len(kept_prompt), len(kept_prompt) + len(kept_response)
-        return TokenizedSample(input_ids=tuple(kept_prompt + kept_response),
-                               labels=tuple(self.labels[dropped:dropped + kept]), source=source,
+        return TokenizedSample(input_ids=TokenIds(kept_prompt + kept_response),
+                               labels=TokenIds(self.labels[dropped:dropped + kept]), source=source,
                                truncated=turns_dropped or kept < len(self.ids))
 
 

@@ -89,4 +89,6 @@ def test_a_sample_longer_than_seq_len_is_refused():
 
 def test_fields_must_have_one_length():
     with pytest.raises(ValueError, match="one length"):
-        PackedSequence((1, 2), (IGNORE_INDEX, 2), (0,), (0, 0))
+        PackedSequence((1, 2), (IGNORE_INDEX,), (2,))
+    with pytest.raises(ValueError, match="one length"):
+        PackedSequence((1, 2), (IGNORE_INDEX, 2), (1,))
