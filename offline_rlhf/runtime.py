@@ -3,9 +3,12 @@ parallel layout, build the mesh, write its resolved config, and record its devic
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -17,7 +20,13 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
 from offline_rlhf.host import claim_stage, open_stage, release_stage_lock, restore_stage, stage_outputs
 from offline_rlhf.parallel.dims import ParallelDims
-from offline_rlhf.parallel.distributed import DistEnv, detect_env, init_distributed, shutdown_distributed
+from offline_rlhf.parallel.distributed import (
+    DistEnv,
+    detect_env,
+    init_distributed,
+    long_wait_group,
+    shutdown_distributed,
+)
 from offline_rlhf.parallel.parallelize import build_mesh
 
 
@@ -29,6 +38,7 @@ class Runtime:
     mesh: DeviceMesh | None
     stage_dir: Path
     group: dist.ProcessGroup | None = None  # the stage's whole world; None: one process (or the default group)
+    waits: dist.ProcessGroup | None = None  # the same world, gloo, no timeout to speak of (`long_wait_group`)
 
     @property
     def is_main(self) -> bool:
@@ -43,9 +53,26 @@ class Runtime:
         if self.is_main:
             print(message, flush=True)
 
-    def barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
+    @property
+    def wait_group(self) -> dist.ProcessGroup | None:
+        """Where to wait for the slowest rank's long work (`long_wait_group`; the stage's
+        world where a test built none); on CPU tensors and objects."""
+        return self.waits if self.waits is not None else self.group
+
+    def barrier(self, poll: Callable[[], None] | None = None, every: float = 5.0) -> None:
+        """Wait for every rank after work whose length differs between them by more than the
+        process group's timeout (a replica's share of generation): on `wait_group`. `poll`
+        (rank 0's ledger count, say) runs every `every` seconds meanwhile."""
+        if self.group is None:
+            return
+        work = dist.barrier(group=self.wait_group, async_op=True)
+        due = 0.0
+        while poll is not None and not work.is_completed():
+            if time.monotonic() >= due:
+                poll()
+                due = time.monotonic() + every
+            time.sleep(0.05)
+        work.wait()
 
 
 @contextmanager
@@ -54,7 +81,7 @@ def stage_runtime(stage: str, run_dir: str, parallel: ParallelConfig, model: Mod
     `model` is the model the stage runs (an init checkpoint's, whatever `config.model` says)."""
     check_sequence_length(config, model)
     env = detect_env()
-    device = init_distributed(env)
+    device = init_distributed(env, timedelta(minutes=parallel.timeout_min))
     try:
         dims = ParallelDims.build(parallel, env.world_size, model)
         train = getattr(config, "train", None)
@@ -63,7 +90,8 @@ def stage_runtime(stage: str, run_dir: str, parallel: ParallelConfig, model: Mod
         stage_dir = Path(run_dir) / stage
         with _claimed(stage, stage_dir, env, device, config, model):
             runtime = Runtime(env=env, device=device, dims=dims, mesh=build_mesh(dims, device), stage_dir=stage_dir,
-                              group=dist.group.WORLD if env.world_size > 1 else None)
+                              group=dist.group.WORLD if env.world_size > 1 else None,
+                              waits=long_wait_group(env.world_size))
             with ledger.track(run_dir, stage, env, device) as usage:
                 yield runtime, usage
     except SystemExit:  # every rank stops together (a signal stop): none may be killed while rank 0
@@ -103,11 +131,12 @@ def _claimed(stage: str, stage_dir: Path, env: DistEnv, device: torch.device, co
             release_stage_lock(lock)
 
 
-def raise_everywhere(problem: Exception | None, device: torch.device, what: str, key: str = "run_dir") -> None:
-    """A collective in place of a barrier after work rank 0 does alone: its `problem`
-    fails every rank (the others would wait at the barrier for ever); theirs name `key` and
-    say that rank 0 could not do `what`."""
-    if any_rank(problem is not None, device) and problem is None:
+def raise_everywhere(problem: Exception | None, device: torch.device, what: str, key: str = "run_dir",
+                     group: dist.ProcessGroup | None = None) -> None:
+    """A collective (of `group`: None, the default group) in place of a barrier after work
+    rank 0 does alone: its `problem` fails every rank (the others would wait at the barrier
+    for ever); theirs name `key` and say that rank 0 could not do `what`."""
+    if any_rank(problem is not None, device, group) and problem is None:
         problem = ConfigError(key, f"rank 0 could not {what} (its message says why)")
     if problem is not None:
         raise problem
@@ -118,9 +147,32 @@ def any_rank(flag: bool, device: torch.device, group: dist.ProcessGroup | None =
     world); one process needs no collective."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return flag
-    value = torch.tensor(int(flag), device=device)
+    value = torch.tensor(int(flag), device="cpu" if dist.get_backend(group) == "gloo" else device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())
+
+
+# The fix `same_on_every_rank` names.
+SAME_INPUTS = ("every rank must read the same inputs (a file rewritten while the ranks read it, or a node's stale copy "
+               "of it, differs): make them agree and rerun")
+
+
+def same_on_every_rank(rt: Runtime, value: dict[str, object], key: str, what: str, fix: str) -> None:
+    """Every rank read the same inputs (`value`: their counts and digests): a file rewritten
+    between the ranks' reads, or a node's stale copy, would have them work on other items
+    (and, with other counts, wait at mismatched collectives for ever). Otherwise every rank
+    fails with one line naming the ranks that differ from rank 0 and how."""
+    if rt.group is None:
+        return
+    values: list = [None] * dist.get_world_size(rt.wait_group)
+    dist.all_gather_object(values, value, group=rt.wait_group)  # each rank's reading may take its time
+    differ = [rank for rank, theirs in enumerate(values) if theirs != values[0]]
+    if differ:
+        def said(seen: dict) -> str:
+            return ", ".join(f"{name} {str(v)[:12]}" for name, v in seen.items())
+        ranks = f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))}"
+        raise ConfigError(key, f"{ranks} read other {what} than rank 0 (rank {differ[0]}: {said(values[differ[0]])}; "
+                          f"rank 0: {said(values[0])})", fix)
 
 
 def check_sequence_length(config, model: ModelConfig | None) -> None:

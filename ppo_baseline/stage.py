@@ -56,7 +56,7 @@ from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.generation.engine import DecodeSession
 from offline_rlhf.host import clear_done, restore_stage
 from offline_rlhf.labeling.scoring import scoring_setup
-from offline_rlhf.runtime import Runtime, any_rank, stage_runtime
+from offline_rlhf.runtime import SAME_INPUTS, Runtime, any_rank, same_on_every_rank, stage_runtime
 from offline_rlhf.stage_support import (
     check_resumable,
     init_template,
@@ -267,6 +267,7 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
             ThreadPoolExecutor(3, thread_name_prefix="ppo-call") as pool, stop_requests() as requested:
         if start and services is not None:
             services.call_all({"critic": lambda c: c.call("load", Payload(meta={"step": start}), STEP)}, pool)
+        rt.barrier()  # while rank 0 starts the services (minutes, loading three models): no timeout
         for iteration in range(start, cfg.ppo.iterations):
             chosen, streams = rollout_streams(stream, actor.prompt_ids, iteration * cfg.ppo.rollout_batch,
                                               cfg.ppo.rollout_batch)
@@ -311,6 +312,8 @@ def set_up_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, model_cfg,
     scheduler = build_scheduler(optimizer, cfg.ppo.iterations * steps_per_iteration, cfg.optim)
     # The prompts too: a checkpoint's stream position indexes them (resume_point saw the config only).
     fingerprint = {**resume_fingerprint(cfg), PROMPTS: items_digest(prompts)}
+    same_on_every_rank(rt, {"prompts": len(prompts), "sha256": fingerprint[PROMPTS]}, "prompts", "prompts",
+                       SAME_INPUTS)  # every rank draws the rollout's rows from them by index
     if (latest := latest_checkpoint(setup.checkpoints)) is not None:
         check_resumable(read_meta(latest).metadata.get(CONFIG_KEY), fingerprint, rt.stage_dir)
     return Actor(setup, replica, sampler, prompts, prompt_ids, stops, optimizer, scheduler, steps_per_iteration,
@@ -459,11 +462,14 @@ def count_from_main(count: float | None, rt: Runtime) -> float:
 
 def from_main(tensors: dict[str, torch.Tensor] | None, shapes: dict[str, tuple[int, ...]],
               rt: Runtime) -> dict[str, torch.Tensor]:
-    """Rank 0's float32 `tensors` (of `shapes`; None elsewhere) on every rank: one broadcast."""
+    """Rank 0's float32 `tensors` (of `shapes`; None elsewhere) on every rank: one broadcast,
+    on the group without a timeout (`Runtime.wait_group`): the others wait here while rank 0
+    waits for the services (up to `services.request_timeout_s`, which may exceed it)."""
     if rt.group is None:
         return tensors
     sizes = [math.prod(shape) for shape in shapes.values()]
+    device = "cpu" if dist.get_backend(rt.wait_group) == "gloo" else rt.device
     flat = (torch.cat([tensors[key].float().flatten() for key in shapes]) if tensors is not None
-            else torch.empty(sum(sizes))).to(rt.device)
-    dist.broadcast(flat, src=0, group=rt.group)
+            else torch.empty(sum(sizes))).to(device)
+    dist.broadcast(flat, src=0, group=rt.wait_group)
     return {key: part.view(shape) for (key, shape), part in zip(shapes.items(), flat.cpu().split(sizes))}

@@ -102,8 +102,15 @@ class ParallelConfig(Frozen):
     loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (no all-gather of logits)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     compile: bool = False  # torch.compile each block
+    # How long a collective waits for the slowest rank before the job fails (torch's defaults:
+    # NCCL 10, gloo 30). Waits for a rank's long work (a replica's share of generation, the
+    # PPO services) do not count against it: they have a group of their own (parallel/distributed.py).
+    timeout_min: float = 30.0
 
     def __post_init__(self):
+        if not 2 <= self.timeout_min <= 7 * 24 * 60:  # idle serving ranks hear a keep-alive every minute
+            raise ConfigError("parallel.timeout_min", f"must be between 2 and {7 * 24 * 60} (minutes, a week), got "
+                              f"{self.timeout_min}", "a collective gets that long to wait for the slowest rank")
         if self.tp < 1:
             raise ConfigError("parallel.tp", f"must be >= 1, got {self.tp}")
         if self.dp == 0 or self.dp < -1:

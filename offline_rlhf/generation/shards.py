@@ -47,6 +47,32 @@ def my_share(rt: Runtime, items: list) -> tuple[list, Path | None]:
     return [items[i] for i in shard_indices(len(items), replica, rt.dims.dp)], shard if writes else None
 
 
+class ShardTokens:
+    """A running count of the `response_tokens` in every replica's shard, each shard read on
+    from where the last count stopped, up to its last whole line (a replica may be writing).
+    Rank 0 alone keeps the ledger's heartbeat: it counts the others' tokens with this, so a
+    killed run's row holds every replica's."""
+
+    def __init__(self, stage_dir: Path):
+        self.stage_dir, self.total = stage_dir, 0
+        self._read: dict[Path, int] = {}  # shard -> bytes counted
+
+    def count(self) -> int:
+        for path in shard_paths(self.stage_dir):
+            start = self._read.get(path, 0)
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                data = handle.read()
+            whole = data[:data.rfind(b"\n") + 1]
+            for line in whole.splitlines():
+                try:
+                    self.total += int(json.loads(line).get("response_tokens", 0))
+                except (ValueError, AttributeError, TypeError):  # not a record: the merge says so, not the ledger
+                    pass
+            self._read[path] = start + len(whole)
+        return self.total
+
+
 def shard_indices(n_items: int, rank: int, world: int) -> range:
     """The contiguous block of item indices replica `rank` of `world` generates. Blocks are
     disjoint, cover 0..n_items-1 in order and differ in size by at most one (the first

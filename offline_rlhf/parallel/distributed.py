@@ -11,12 +11,19 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
+from offline_rlhf.config.schema import ParallelConfig
+
 DEFAULT_PORT = 29500
+# Waits for the slowest rank's long work (a replica's whole share of prompts, rank 0 alone
+# starting or calling the PPO services): bounded by the job's time limit, not by the
+# process-group timeout. A rank that dies ends them at once (its sockets close).
+LONG_WAIT = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -76,18 +83,26 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(env: DistEnv) -> torch.device:
+def init_distributed(env: DistEnv, timeout: timedelta = timedelta(minutes=ParallelConfig.timeout_min)) -> torch.device:
     """Start the default process group (NCCL on CUDA, gloo on CPU) when there is more than
-    one process; returns this process's device."""
+    one process, its collectives failing after `timeout` (torch's own defaults are NCCL's
+    10 and gloo's 30 minutes); returns this process's device."""
     device = device_for(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                rank=env.rank, world_size=env.world_size,
+                                rank=env.rank, world_size=env.world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     return device
+
+
+def long_wait_group(world_size: int) -> dist.ProcessGroup | None:
+    """A gloo group of the whole world whose collectives (on CPU tensors and objects) wait
+    up to LONG_WAIT: for barriers after work whose length differs between ranks by more than
+    the default group's timeout. Collective: every rank creates it, in the same order."""
+    return dist.new_group(backend="gloo", timeout=LONG_WAIT) if world_size > 1 else None
 
 
 def shutdown_distributed() -> None:

@@ -46,7 +46,7 @@ from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
 from offline_rlhf.ledger import Usage
 from offline_rlhf.progress import Progress
-from offline_rlhf.runtime import Runtime, raise_everywhere, stage_runtime
+from offline_rlhf.runtime import SAME_INPUTS, Runtime, raise_everywhere, same_on_every_rank, stage_runtime
 from offline_rlhf.stage_support import (
     check_resumable,
     checkpoint_digest,
@@ -128,6 +128,7 @@ def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
     bar.close()
     answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length", encoded[row // n][1])
                for row, c in enumerate(completions)]
+    rt.barrier()  # the replicas' shares take their time: wait without the process group's timeout
     return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
 
 
@@ -165,7 +166,7 @@ def on_main(rt: Runtime, make: Callable[[], T]) -> T | None:
             value = make()
         except ConfigError as err:
             problem = err
-    raise_everywhere(problem, rt.device, "load the gold reward", key="gold")
+    raise_everywhere(problem, rt.device, "load the gold reward", key="gold", group=rt.wait_group)  # may download
     return value
 
 
@@ -186,6 +187,8 @@ def main(cfg: EvalConfig) -> int:
     template = paper_template(cfg.template)  # the gold reward scores plain paper-format text
     with stage_runtime(STAGE, cfg.run_dir, cfg.parallel, models[0].meta.model, cfg) as (rt, usage):
         prompts = held_out_prompts(cfg)
+        same_on_every_rank(rt, {"prompts": len(prompts), "sha256": prompts_sha256(prompts)}, "prompts",
+                           "held-out prompts", SAME_INPUTS)  # each replica answers its block of them
         rows = [prompt for prompt in prompts for _ in range(cfg.generation.n)]  # one per answer
         texts, turns = [text for text, _ in rows], [history for _, history in rows]
         check_prompts(cfg.gold, cfg.prompts, cfg.prompt_key)
@@ -257,10 +260,12 @@ class AnswerInputs:
 
 
 def answer_inputs(model: Model, prompts: list[PromptTurns], cfg: EvalConfig) -> dict[str, object]:
-    held_out = json.dumps([[text, turns_field(turns)] for text, turns in prompts]).encode()
-    inputs = AnswerInputs(cfg.run_dir, cfg.generation, model.template, model.reward_prompt,
-                          hashlib.sha256(held_out).hexdigest())
+    inputs = AnswerInputs(cfg.run_dir, cfg.generation, model.template, model.reward_prompt, prompts_sha256(prompts))
     return model_fingerprint(inputs, model.path)
+
+
+def prompts_sha256(prompts: list[PromptTurns]) -> str:
+    return hashlib.sha256(json.dumps([[text, turns_field(turns)] for text, turns in prompts]).encode()).hexdigest()
 
 
 def answered_path(rt: Runtime, model: Model) -> Path:

@@ -11,11 +11,13 @@ off first. When all replicas are done, rank 0 merges the shards into `samples.js
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError, ResumeRefused
@@ -29,9 +31,9 @@ from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
-from offline_rlhf.generation.shards import RESTART, merge_shards, my_share, resume_shards
+from offline_rlhf.generation.shards import RESTART, ShardTokens, merge_shards, my_share, resume_shards
 from offline_rlhf.progress import Progress
-from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.runtime import SAME_INPUTS, Runtime, same_on_every_rank, stage_runtime
 from offline_rlhf.stage_support import (
     checkpoint_template,
     load_inference_model,
@@ -54,9 +56,11 @@ class AnswerWriter:
     most one prompt incomplete: `repair_shard`)."""
 
     def __init__(self, prompts: list[Prompt], truncated: list[bool], cfg: GenerateConfig,
-                 tokenizer, model_name: str, shard: Path | None, usage, bar: Progress):
+                 tokenizer, model_name: str, shard: Path | None, usage, bar: Progress,
+                 counted: Callable[[], int] | None = None):
         self.prompts, self.truncated, self.cfg = prompts, truncated, cfg  # truncated: per prompt, cut to the budget
         self.tokenizer, self.model_name, self.shard, self.usage, self.bar = tokenizer, model_name, shard, usage, bar
+        self.counted = counted  # rank 0's: every replica's new tokens in the shards (None: this one's)
         self.ended: dict[int, dict[int, Completion]] = {}  # prompt index -> sample -> its completion
         self.due: list[dict] = []
         self.tokens = 0
@@ -90,8 +94,8 @@ class AnswerWriter:
             return
         if self.shard is not None:
             append_jsonl_durably(self.shard, self.due)
-        self.usage.tokens = self.tokens
-        self.usage.beat(force=True)  # a killed run's row then counts the tokens its shard kept
+        self.usage.tokens = self.counted() if self.counted is not None else self.tokens
+        self.usage.beat(force=True)  # a killed run's row then counts the tokens the shards kept
         self.bar.update(len(self.due) // self.cfg.generation.n,
                         tok_s=f"{self.tokens / (time.perf_counter() - self.started):.0f}")
         self.due = []
@@ -116,7 +120,10 @@ def main(cfg: GenerateConfig) -> int:
         checkpoint = resolve_checkpoint(init.checkpoint, "init.checkpoint")
         template = checkpoint_template(checkpoint, read_meta(checkpoint).metadata, cfg.template)
         prompts, mix_stats = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed, cfg.strict)
+        same_on_every_rank(rt, {"prompts": len(prompts), "sha256": prompts_sha256(prompts)}, "sources", "prompts",
+                           SAME_INPUTS)  # each replica answers its block of them, by position
         done, answered = resume_shards(rt, model_fingerprint(cfg, checkpoint), cfg.generation.n, SCHEMA_VERSION)
+        counted = new_tokens(rt) if rt.is_main else None
         check_answered_prompts(answered, prompts, rt.stage_dir)
         usage.resumed = bool(done)  # continues the answers of earlier executions (charged with this one)
         todo = [p for p in prompts if p.id not in done]
@@ -128,12 +135,30 @@ def main(cfg: GenerateConfig) -> int:
                f"{len(todo)} to go on {rt.dims.dp} replica(s) of TP={rt.dims.tp}")
         model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint", decoding=True)
         started = time.perf_counter()
-        usage.tokens = _generate_all(model, mine, cfg, tokenizer, template, rt, str(checkpoint), shard, usage)
-        rt.barrier()
+        usage.tokens = _generate_all(model, mine, cfg, tokenizer, template, rt, str(checkpoint), shard, usage,
+                                     counted)
+
+        def beat() -> None:  # rank 0, while the other replicas finish: their tokens into its heartbeat
+            usage.tokens = counted()
+            usage.beat(force=True)
+
+        rt.barrier(poll=beat if rt.is_main else None)  # no timeout: a replica may finish hours before the last
         if rt.is_main:
             write_outputs(rt, cfg, (prompts, mix_stats, done), str(checkpoint), prompt_budget(cfg, model_cfg), usage,
                           time.perf_counter() - started)
     return 0
+
+
+def prompts_sha256(prompts: list[Prompt]) -> str:
+    return hashlib.sha256(json.dumps([[p.id, p.text, p.source, turns_field(p.turns)] for p in prompts]).encode()
+                          ).hexdigest()
+
+
+def new_tokens(rt: Runtime) -> Callable[[], int]:
+    """The response tokens the shards gained since now (this execution's, every replica's)."""
+    tally = ShardTokens(rt.stage_dir)
+    earlier = tally.count()
+    return lambda: tally.count() - earlier
 
 
 def write_outputs(rt: Runtime, cfg: GenerateConfig, inputs: tuple, checkpoint: str, budget: int, usage,
@@ -184,7 +209,7 @@ def check_answered_prompts(records: list[dict], prompts: list[Prompt], stage_dir
 
 
 def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template: ChatTemplate, rt: Runtime,
-                  model_name: str, shard: Path | None, usage) -> int:
+                  model_name: str, shard: Path | None, usage, counted: Callable[[], int] | None = None) -> int:
     """Answers to `prompts` in one engine run (decode slots stay busy until the last
     answers; runs per chunk would drain the batch at every chunk's end), written as they
     end and then dropped (memory holds the answers in flight, not the replica's share).
@@ -197,7 +222,7 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
         truncated.append(cut)
         requests += [Request(ids, stream_id(prompt.id, sample), gen.max_new_tokens) for sample in range(gen.n)]
     bar = Progress("generate", len(prompts), enabled=rt.is_main, unit="prompt")
-    writer = AnswerWriter(prompts, truncated, cfg, tokenizer, model_name, shard, usage, bar)
+    writer = AnswerWriter(prompts, truncated, cfg, tokenizer, model_name, shard, usage, bar, counted)
     run(model, requests, gen, stop_token_ids(tokenizer, template), tokenizer.pad_id, rt.device,
         decode=tokenizer.decode, on_token=writer.on_token, keep_tokens=False)
     writer.flush()

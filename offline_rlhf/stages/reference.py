@@ -15,6 +15,7 @@ renders them. Its ledger row is DPO's data preparation: align then needs no seco
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +36,7 @@ from offline_rlhf.generation.shards import (
 )
 from offline_rlhf.labeling.mix import read_labeled_records
 from offline_rlhf.labeling.pairs import build_pairs, sequence_logps
-from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.runtime import SAME_INPUTS, Runtime, same_on_every_rank, stage_runtime
 from offline_rlhf.stage_support import (
     init_template,
     load_inference_model,
@@ -63,7 +64,10 @@ def main(cfg: ReferenceConfig) -> int:
         pairs, card = build_pairs(read_labeled_records(cfg.input), cfg.min_gap, asdict(cfg.weights), cfg.total,
                                   cfg.seed, cfg.input)
         pairs, encoded = distinct_pairs(pairs, tokenizer, template, cfg, card)
-        done = scored_pairs(rt, cfg, checkpoint, [tokens_digest(*pair) for pair in encoded])
+        digests = [tokens_digest(*pair) for pair in encoded]
+        same_on_every_rank(rt, {"pairs": len(pairs), "sha256": hashlib.sha256("".join(digests).encode()).hexdigest()},
+                           "input", "pairs", SAME_INPUTS)  # each replica scores its block of them, by position
+        done = scored_pairs(rt, cfg, checkpoint, digests)
         usage.resumed = bool(done)  # continues the scores of earlier executions (charged with this one)
         todo = [i for i in range(len(pairs)) if i not in done]
         mine, shard = my_share(rt, todo)
@@ -78,7 +82,7 @@ def main(cfg: ReferenceConfig) -> int:
                 append_jsonl_durably(shard, records)
             usage.tokens += tokens
             usage.beat(force=True)  # a killed run's row then counts the tokens its shard kept
-        rt.barrier()
+        rt.barrier()  # no timeout: a replica may finish long before the last
         if rt.is_main:
             write_outputs(rt, cfg, pairs, encoded, card, checkpoint, template_record(template))
     return 0

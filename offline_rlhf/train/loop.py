@@ -51,8 +51,8 @@ from offline_rlhf.config.schema import LoggingConfig, ModelConfig, OptimConfig, 
 from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.grad import clip_grad_norm_
 from offline_rlhf.parallel.parallelize import loss_context
-from offline_rlhf.runtime import Runtime, any_rank, autocast_for
-from offline_rlhf.stage_support import check_checkpoint_resumable
+from offline_rlhf.runtime import SAME_INPUTS, Runtime, any_rank, autocast_for, same_on_every_rank
+from offline_rlhf.stage_support import TRAINING_DATA, check_checkpoint_resumable
 from offline_rlhf.train.metrics_log import MetricsLog, throughput_metrics
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
 
@@ -193,6 +193,7 @@ class _Run:
 
 def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig, optim_cfg: OptimConfig,
           logging_cfg: LoggingConfig, rt: Runtime, usage: Usage, ckpt: CheckpointSpec) -> TrainResult:
+    check_same_data(data, ckpt, rt)
     if len(data.train) == 0:  # before any work: one line for the user, not SampleStream's ValueError
         raise TrainingFailed("data", "no training items: every record was skipped as unusable or went to validation "
                              "(dataset_card.md, in this stage's folder or in the one that made its data, counts "
@@ -231,6 +232,16 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
                 raise StoppedBySignal.after_saving(state.step, steps, run.result.checkpoint, rt)
     log.close()
     return run.result
+
+
+def check_same_data(data: TrainData, ckpt: CheckpointSpec, rt: Runtime) -> None:
+    """Every rank trains on the same items (`same_on_every_rank`: their counts and the
+    fingerprint's digest of the training items): with other counts the ranks plan other step
+    counts and hang at mismatched collectives; with the same, they would train on other items."""
+    seen = {"training items": len(data.train), "validation items": len(data.val)}
+    if ckpt.fingerprint is not None and TRAINING_DATA in ckpt.fingerprint:
+        seen["sha256"] = ckpt.fingerprint[TRAINING_DATA]
+    same_on_every_rank(rt, seen, "data", "training data", SAME_INPUTS)
 
 
 def _step(run: _Run) -> None:

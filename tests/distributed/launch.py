@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -17,13 +18,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn, out_dir: str, args: tuple) -> None:
+def _entry(rank: int, world_size: int, port: int, fn, out_dir: str, args: tuple, pg_timeout: float | None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from offline_rlhf.parallel.distributed import detect_env, init_distributed, shutdown_distributed
 
     init_distributed(detect_env())
+    if pg_timeout is not None:  # cut once every rank is in (a slow start must not trip it)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=pg_timeout))
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -35,12 +41,14 @@ def _entry(rank: int, world_size: int, port: int, fn, out_dir: str, args: tuple)
     os._exit(0)
 
 
-def run_distributed(fn, world_size: int, tmp_path: Path, *args, timeout: float = 240.0) -> list:
+def run_distributed(fn, world_size: int, tmp_path: Path, *args, timeout: float = 240.0,
+                    pg_timeout: float | None = None) -> list:
     """Call fn(rank, world_size, *args) in `world_size` spawned processes; returns each
-    rank's return value (saved with torch.save) in rank order."""
+    rank's return value (saved with torch.save) in rank order. `pg_timeout`: the default
+    process group's timeout in seconds once every rank started (None: init_distributed's)."""
     out_dir = Path(tmp_path) / f"dist_{fn.__name__}_{time.monotonic_ns()}"
     out_dir.mkdir(parents=True)
-    context = mp.start_processes(_entry, args=(world_size, free_port(), fn, str(out_dir), args),
+    context = mp.start_processes(_entry, args=(world_size, free_port(), fn, str(out_dir), args, pg_timeout),
                                  nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):
