@@ -1,5 +1,6 @@
-"""What the embedded-task integration tests share: the demo pipeline's settings of a stage,
-and the gold reward of a model against SFT over several sampled evaluations."""
+"""What the embedded-task integration tests share: a check that the demo pipeline's stages
+they start from (conftest.DemoStages) ran with their settings, and the gold reward of a
+model against SFT over several sampled evaluations."""
 
 from __future__ import annotations
 
@@ -8,19 +9,18 @@ import math
 import statistics
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
 
 from offline_rlhf.cli import main
-from tests.fixtures import REPO_ROOT
 
 EVAL_SEEDS = range(5)
 
 
-def demo_overrides(stage: str, run_dir: Path) -> list[str]:
-    """The demo pipeline's overrides of `stage`, with its run directory filled in."""
-    pipeline = yaml.safe_load((REPO_ROOT / "conf" / "pipeline" / "demo.yaml").read_text())
-    entry = next(s for s in pipeline["stages"] if s["stage"] == stage)
-    return [o.replace("${run_dir}", str(run_dir)) for o in entry.get("overrides", [])]
+def assert_settings(config: Path, overrides: list[str]) -> None:
+    """The resolved config a stage wrote holds each of `overrides` (key=value)."""
+    ran, settings = OmegaConf.load(config), OmegaConf.from_dotlist(overrides)
+    for key in (override.split("=", 1)[0] for override in overrides):
+        assert OmegaConf.select(ran, key) == OmegaConf.select(settings, key), (config, key)
 
 
 def gold(eval_dir: Path, model: str) -> list[float]:

@@ -1,7 +1,8 @@
 """DPO on the embedded task raises the gold reward above the SFT model it starts from.
 
-Setup: `orlhf task` (seed 0, its defaults), then SFT and the reward model with exactly the
-demo pipeline's settings (conf/pipeline/demo.yaml). Generation: the task's 600 generation
+Setup: `orlhf task` (seed 0, its defaults), then SFT, the reward model and generation with
+exactly the demo pipeline's settings and outputs (conf/pipeline/demo.yaml; the session's
+run of those stages, tests/integration/conftest.py). Generation: the task's 600 generation
 prompts, 4 answers each sampled at temperature 1 (generation seed 1, max 24 new tokens);
 `orlhf label` scores them (include_unfinished, labeled-set normalization); `orlhf reference`
 pairs the best and the worst answer of each prompt (min_gap 0.5, the default) and stores
@@ -23,21 +24,20 @@ import pytest
 
 from offline_rlhf.cli import main
 from offline_rlhf.ledger import read_ledger
-from tests.integration.embedded_gold import demo_overrides, gold_against_sft, paired_gain
+from tests.integration.embedded_gold import assert_settings, gold_against_sft, paired_gain
 
+GENERATE = ["generation.max_new_tokens=24", "generation.batch_size=64", "write_every=200", "generation.greedy=false",
+            "generation.n=4", "generation.seed=1"]  # over the task's generation prompts
 DPO = ["method=dpo", "beta=1.0", "data.max_seq_len=64", "train.global_batch=32", "train.micro_batch=32",
        "train.epochs=1", "optim.lr=2e-4", "train.val_every=0", "logging.progress=false"]
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("dpo_task") / "run"
-    for stage in ("task", "sft", "rm"):
-        assert main([stage, f"run_dir={run_dir}", *demo_overrides(stage, run_dir)]) == 0
-    assert main(["generate", f"run_dir={run_dir}",
-                 f"sources=[{{name: task, kind: prompts, path: '{run_dir}/task/gen_prompts.jsonl'}}]",
-                 "generation.max_new_tokens=24", "generation.batch_size=64", "write_every=200",
-                 "generation.greedy=false", "generation.n=4", "generation.seed=1"]) == 0
+def dpo_run(tmp_path_factory, demo_stages):
+    # task, SFT, RM and generation are the demo pipeline's stages (conftest.DemoStages: run
+    # once a session, copied here); its generation is this one, as its config records.
+    run_dir = demo_stages.copy_to(tmp_path_factory.mktemp("dpo_task") / "run", ("task", "sft", "rm", "generate"))
+    assert_settings(run_dir / "generate" / "config.yaml", GENERATE)
     assert main(["label", f"run_dir={run_dir}", "batch_size=64", "include_unfinished=true",
                  f"inputs=[{{name: generated, kind: generated, path: '{run_dir}/generate/samples.jsonl'}}]"]) == 0
     assert main(["reference", f"run_dir={run_dir}", "max_seq_len=64", "batch_size=64"]) == 0
