@@ -147,9 +147,15 @@ def any_rank(flag: bool, device: torch.device, group: dist.ProcessGroup | None =
     world); one process needs no collective."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return flag
-    value = torch.tensor(int(flag), device="cpu" if dist.get_backend(group) == "gloo" else device)
+    value = torch.tensor(int(flag), device=collective_device(group, device))
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())
+
+
+def collective_device(group: dist.ProcessGroup | None, device: torch.device | str) -> torch.device | str:
+    """Where a tensor for a collective of `group` (None: the default group) must live: on
+    the CPU for gloo (`Runtime.wait_group` is gloo on GPUs too), else on `device`."""
+    return "cpu" if dist.get_backend(group) == "gloo" else device
 
 
 # The fix `same_on_every_rank` names.

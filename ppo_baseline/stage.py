@@ -56,7 +56,14 @@ from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.generation.engine import DecodeSession
 from offline_rlhf.host import clear_done, restore_stage
 from offline_rlhf.labeling.scoring import scoring_setup
-from offline_rlhf.runtime import SAME_INPUTS, Runtime, any_rank, same_on_every_rank, stage_runtime
+from offline_rlhf.runtime import (
+    SAME_INPUTS,
+    Runtime,
+    any_rank,
+    collective_device,
+    same_on_every_rank,
+    stage_runtime,
+)
 from offline_rlhf.stage_support import (
     check_resumable,
     init_template,
@@ -468,7 +475,7 @@ def from_main(tensors: dict[str, torch.Tensor] | None, shapes: dict[str, tuple[i
     if rt.group is None:
         return tensors
     sizes = [math.prod(shape) for shape in shapes.values()]
-    device = "cpu" if dist.get_backend(rt.wait_group) == "gloo" else rt.device
+    device = collective_device(rt.wait_group, rt.device)
     flat = (torch.cat([tensors[key].float().flatten() for key in shapes]) if tensors is not None
             else torch.empty(sum(sizes))).to(device)
     dist.broadcast(flat, src=0, group=rt.wait_group)

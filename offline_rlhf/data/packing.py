@@ -100,4 +100,3 @@ def pack_samples(samples: Sequence[TokenizedSample], seq_len: int) -> list[Packe
 def unpacked(samples: Sequence[TokenizedSample]) -> list[PackedSequence]:
     """One document per sequence, in the same format as `pack_samples`."""
     return [_concat([sample]) for sample in samples]
-

@@ -57,7 +57,7 @@ class AnswerWriter:
 
     def __init__(self, prompts: list[Prompt], truncated: list[bool], cfg: GenerateConfig,
                  tokenizer, model_name: str, shard: Path | None, usage, bar: Progress,
-                 counted: Callable[[], int] | None = None):
+                 counted: Callable[[], int] | None):
         self.prompts, self.truncated, self.cfg = prompts, truncated, cfg  # truncated: per prompt, cut to the budget
         self.tokenizer, self.model_name, self.shard, self.usage, self.bar = tokenizer, model_name, shard, usage, bar
         self.counted = counted  # rank 0's: every replica's new tokens in the shards (None: this one's)
@@ -209,7 +209,7 @@ def check_answered_prompts(records: list[dict], prompts: list[Prompt], stage_dir
 
 
 def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template: ChatTemplate, rt: Runtime,
-                  model_name: str, shard: Path | None, usage, counted: Callable[[], int] | None = None) -> int:
+                  model_name: str, shard: Path | None, usage, counted: Callable[[], int] | None) -> int:
     """Answers to `prompts` in one engine run (decode slots stay busy until the last
     answers; runs per chunk would drain the batch at every chunk's end), written as they
     end and then dropped (memory holds the answers in flight, not the replica's share).
