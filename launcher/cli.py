@@ -15,7 +15,7 @@ from hydra.errors import OverrideParseException
 from launcher.compose import compose_launch
 from launcher.local import forget_if_complete, run_locally, stages_to_run
 from launcher.plan import StagePlan, plan_pipeline, resolved_run_dir, run_dir_override, waits_among
-from launcher.schema import ClusterConfig, LaunchConfig, LaunchError
+from launcher.schema import CONFIG_DIR_FLAG, ClusterConfig, LaunchConfig, LaunchError
 from launcher.slurm import (
     LAUNCH_RECORD,
     active_jobs,
@@ -29,9 +29,12 @@ from launcher.table import format_table
 
 USAGE = """\
 usage: orlhf launch pipeline=NAME [cluster=local|slurm|local_slurm] [run_dir=DIR] [key=value ...] [--dry-run]
+                    [--config-dir DIR]
        orlhf launch status run_dir=DIR
 
 Pipelines are conf/pipeline/*.yaml, clusters conf/cluster/*.yaml; keys are in launcher/schema.py.
+--config-dir DIR adds your own configs (DIR/pipeline/NAME.yaml, DIR/cluster/NAME.yaml, DIR/model/...),
+searched before the shipped ones by the launcher and every stage.
   orlhf launch pipeline=offline_dt cluster=slurm cluster.partition=batch cluster.account=proj
   orlhf launch pipeline=demo 'pipeline.seeds=[0,1,2]'   (once per training seed in run_dir/seed_<s>/, then seeds-report)
 --dry-run (or cluster.dry_run=true) runs or submits nothing; on Slurm it writes each script and resolved
@@ -52,9 +55,11 @@ def main(argv: list[str]) -> int:
 
 
 def launch(argv: list[str]) -> int:
-    cfg = compose_launch([arg for arg in argv if arg != "--dry-run"])
+    config_dirs = [arg.split("=", 1)[1] for arg in argv if arg.startswith(CONFIG_DIR_FLAG + "=")]
+    cfg = compose_launch([arg for arg in argv if arg != "--dry-run" and not arg.startswith(CONFIG_DIR_FLAG + "=")],
+                         config_dirs)
     dry_run = "--dry-run" in argv or cfg.cluster.dry_run
-    plans = plan_pipeline(cfg)
+    plans = plan_pipeline(cfg, config_dirs)
     run_dir = resolved_run_dir(cfg)
     print(f"pipeline {cfg.pipeline.name}: {len(plans)} stage(s) validated; run_dir {run_dir}", flush=True)
     python = interpreter(cfg.cluster)

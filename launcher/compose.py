@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,20 +28,25 @@ RUN_DIR_REFERENCE = "${run_dir}"
 ADDABLE_PREFIXES = ("cluster.env.", "pipeline.seed_keys.")
 
 
-def compose_launch(overrides: Sequence[str]) -> LaunchConfig:
+def compose_launch(overrides: Sequence[str], config_dirs: Sequence[str] = ()) -> LaunchConfig:
+    """`config_dirs`: the user's config folders, searched after conf/ (as the stages search
+    them; offline_rlhf.config.compose.search_path)."""
     store = ConfigStore.instance()
     store.store(name="launch_schema", node=LaunchConfig)
     store.store(name=CONFIG_NAME, node={"defaults": DEFAULTS})
     _reject_added_keys(overrides)
+    searched = ", ".join(QuotedString(text=f"file://{folder}", quote=Quote.single).with_quotes()
+                         for folder in config_dirs)
+    search = [f"hydra.searchpath=[{searched}]"] if config_dirs else []
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+            cfg = compose(config_name=CONFIG_NAME, overrides=[*search, *overrides])
         _leave_run_dir_to_the_stages(cfg)
         return OmegaConf.to_object(cfg)
     except LaunchError:
         raise
     except (HydraException, OmegaConfBaseException) as err:
-        raise _one_line(err) from None
+        raise _one_line(err, config_dirs) from None
 
 
 def _leave_run_dir_to_the_stages(cfg) -> None:
@@ -65,7 +72,7 @@ def _causes(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
-def _one_line(err: Exception) -> LaunchError:
+def _one_line(err: Exception, config_dirs: Sequence[str]) -> LaunchError:
     if isinstance(err, OverrideParseException):
         return LaunchError("command line", f"cannot parse an override: {_first_line(str(err))}",
                            _quoting_hint(err.override))
@@ -79,7 +86,7 @@ def _one_line(err: Exception) -> LaunchError:
         return LaunchError(keyed.full_key, "unknown key", "check the spelling; see launcher/schema.py for the keys")
     if "You must specify" in text:
         group = re.search(r"You must specify '([^']+)'", text).group(1)
-        return LaunchError(group, "required", f"choose one of: {', '.join(_options(group))}")
+        return LaunchError(group, "required", f"choose one of: {', '.join(_options(group, config_dirs))}")
     sweep = re.search(r"Ambiguous value for argument '([^=']+)=", text)
     if sweep:  # Hydra reads an unquoted `a,b` as a sweep over two values
         key = sweep.group(1)
@@ -87,7 +94,8 @@ def _one_line(err: Exception) -> LaunchError:
     missing_option = re.search(r"Could not find '([^/']+)/([^']+)'", text)
     if missing_option:
         group, option = missing_option.groups()
-        return LaunchError(group, f"no config named {option!r}", f"choose one of: {', '.join(_options(group))}")
+        return LaunchError(group, f"no config named {option!r}",
+                           f"choose one of: {', '.join(_options(group, config_dirs))}")
     return LaunchError(getattr(keyed, "full_key", None) or "config", _first_line(text))
 
 
@@ -109,5 +117,5 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else "invalid"
 
 
-def _options(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+def _options(group: str, config_dirs: Sequence[str]) -> list[str]:
+    return sorted({path.stem for folder in (CONF_DIR, *config_dirs) for path in (Path(folder) / group).glob("*.yaml")})

@@ -18,13 +18,22 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 from hydra.core.override_parser.types import Quote, QuotedString
 
 from launcher.ppo import PPO_STAGE, Component, Module, placement_overrides, ppo_components
 from launcher.rounds import Step
-from launcher.schema import PLAIN_PATH, ClusterConfig, LaunchConfig, LaunchError, StageEntry, check_sbatch_value
+from launcher.schema import (
+    CONFIG_DIR_FLAG,
+    PLAIN_PATH,
+    ClusterConfig,
+    LaunchConfig,
+    LaunchError,
+    StageEntry,
+    check_sbatch_value,
+)
 from launcher.seeds import first_run, sweep_steps
 
 STAGE_MODULE = "offline_rlhf.cli"
@@ -67,25 +76,30 @@ def resolved_run_dir(cfg: LaunchConfig) -> Path:
     return Path(cfg.run_dir).expanduser().resolve()
 
 
-def plan_pipeline(cfg: LaunchConfig) -> list[StagePlan]:
+def plan_pipeline(cfg: LaunchConfig, config_dirs: Sequence[str] = ()) -> list[StagePlan]:
     """Each entry is planned once as written (with seeds, in the first replicate); the folders
     its stage writes then name the entries, and the other steps (later rounds, the other
-    replicates: launcher.seeds) are planned from those."""
+    replicates: launcher.seeds) are planned from those. `config_dirs`, the user's config
+    folders (absolute), go to every stage as `--config-dir=DIR`."""
     run_dir = resolved_run_dir(cfg)
     if cfg.cluster.kind == "slurm":
         check_slurm_run_dir(run_dir, cfg.cluster)
+        for folder in config_dirs:
+            if cfg.cluster.container_image:
+                check_container_path(CONFIG_DIR_FLAG, {"path": folder}, cfg.cluster, run_dir)
+    flags = tuple(f"{CONFIG_DIR_FLAG}={folder}" for folder in config_dirs)
     if not cfg.pipeline.stages:
         raise LaunchError("pipeline.stages", "is empty",
                           f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")
     first, first_dir = first_run(cfg.pipeline, run_dir)
     as_written = [Step(index, entry, first_dir, entry.folder) for index, entry in enumerate(first.stages)]
     with ThreadPoolExecutor(max_workers=min(8, len(as_written))) as pool:
-        written = list(pool.map(lambda step: _plan_stage(step, cfg.cluster), as_written))
+        written = list(pool.map(lambda step: _plan_stage(step, cfg.cluster, flags), as_written))
         _check_unique_folders(written)
         pipeline = replace(cfg.pipeline, stages=[replace(e, name=p.name) for e, p in zip(cfg.pipeline.stages, written)])
         steps = sweep_steps(pipeline, run_dir)
         known = {_identity(step): plan for step, plan in zip(as_written, written)}
-        fresh = iter(pool.map(lambda step: _plan_stage(step, cfg.cluster),
+        fresh = iter(pool.map(lambda step: _plan_stage(step, cfg.cluster, flags),
                               [step for step in steps if _identity(step) not in known]))
         plans = [replace(known[_identity(step)], name=step.name, chain=step.chain) if _identity(step) in known
                  else next(fresh) for step in steps]
@@ -177,13 +191,13 @@ def _check_unique_folders(plans: list[StagePlan]) -> None:
         seen[plan.name] = index
 
 
-def _plan_stage(step: Step, cluster: ClusterConfig) -> StagePlan:
+def _plan_stage(step: Step, cluster: ClusterConfig, flags: tuple[str, ...]) -> StagePlan:
     entry, run_dir, key = step.entry, step.run_dir, step.key
     if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in entry.overrides):
         raise LaunchError(f"{key}.overrides", "run_dir is set by the launcher", "pass run_dir=... to orlhf launch")
     hetjob = entry.stage == PPO_STAGE and cluster.kind == "slurm"
     placement = placement_overrides(entry.ppo) if hetjob else []
-    args = (*entry.overrides, *placement, run_dir_override(run_dir))
+    args = (*flags, *entry.overrides, *placement, run_dir_override(run_dir))
     config_yaml = resolve_stage_config(key, entry.stage, args)
     resolved = yaml.safe_load(config_yaml)
     nodes, per_node = _process_layout(key, entry, resolved.get("parallel") or {}, cluster)

@@ -14,7 +14,10 @@ from typing import Dict, List, Optional
 
 from omegaconf import MISSING
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "offline_rlhf" / "conf"  # offline_rlhf.config.compose.CONF_DIR
+# Folders of the user's own configs (offline_rlhf.config.compose.CONFIG_DIR_FLAG): `orlhf`
+# passes them to the launcher absolute, as `--config-dir=DIR`, and the launcher to each stage.
+CONFIG_DIR_FLAG = "--config-dir"
 LAUNCH_MODES = ("torchrun", "tasks")
 # Set per process by torchrun (torchelastic: also TORCHELASTIC_*) or derived per job by the
 # stages' rendezvous: exporting them in the job script would hide Slurm's own variables from

@@ -3,7 +3,8 @@
 Imports are lazy so `orlhf launch` and `orlhf STAGE --cfg` never load torch.
 Common flags: `--cfg` prints the resolved config and exits; `--check` validates the stage for
 `ORLHF_CHECK_WORLD_SIZE` processes without loading a model and prints its input paths as
-JSON (`orlhf launch` runs it for every stage); `-h/--help` lists stages.
+JSON (`orlhf launch` runs it for every stage); `--config-dir DIR` adds a folder of the
+user's own configs; `-h/--help` lists stages.
 """
 
 from __future__ import annotations
@@ -74,21 +75,22 @@ RESUMABLE = frozenset({"sft", "rm", "generate", "reference", "align", "eval", "j
 
 
 def usage() -> str:
-    lines = ["usage: orlhf STAGE [key=value ...] [--cfg]", "", "stages:"]
+    lines = ["usage: orlhf STAGE [key=value ...] [--config-dir DIR] [--cfg]", "", "stages:"]
     lines += [f"  {name:<12} {stage.summary}" for name, stage in STAGES.items()]
     return "\n".join(lines)
 
 
-def stage_help(name: str, stage: Stage, overrides: list[str]) -> str:
+def stage_help(name: str, stage: Stage, overrides: list[str], config_dirs: list[str]) -> str:
     from offline_rlhf.config.compose import composed_defaults
     from offline_rlhf.config.help import format_keys, key_rows
 
     schema = _load(stage.schema)
     doc = (schema.__doc__ or "").strip()
-    keys = format_keys(key_rows(schema, composed_defaults(name, schema, overrides)))
-    return (f"usage: orlhf {name} [key=value ...] [--cfg] [--check]\n\n{stage.summary}\n\n{doc}\n\n"
-            f"keys (default; ??? = no default), from conf/stage/{name}.yaml:\n{keys}\n\n"
-            f"`orlhf {name} --cfg` prints the resolved config with your overrides.")
+    keys = format_keys(key_rows(schema, composed_defaults(name, schema, overrides, config_dirs)))
+    return (f"usage: orlhf {name} [key=value ...] [--config-dir DIR] [--cfg] [--check]\n\n{stage.summary}\n\n"
+            f"{doc}\n\nkeys (default; ??? = no default), from conf/stage/{name}.yaml:\n{keys}\n\n"
+            f"`orlhf {name} --cfg` prints the resolved config with your overrides; `--config-dir DIR` adds your own "
+            "configs (DIR/model/my_model.yaml is model=my_model), searched before the shipped ones.")
 
 
 def _load(path: str):
@@ -109,20 +111,21 @@ def run(argv: list[str]) -> int:
     stage = STAGES[name]
     if name == "pipeline":  # `orlhf launch` on this machine, the demo unless another pipeline is named
         args = [*(() if any(a.startswith("pipeline=") for a in args) else ("pipeline=demo",)), "cluster=local", *args]
-    if not stage.schema:
-        return _load(f"{stage.module}:main")(args) or 0
-    from offline_rlhf.config.compose import compose_stage, to_yaml
+    from offline_rlhf.config.compose import CONFIG_DIR_FLAG, compose_stage, split_config_dirs, to_yaml
     from offline_rlhf.config.errors import ConfigError
 
+    config_dirs, args = split_config_dirs(args)
+    if not stage.schema:  # the launcher: it searches the folders too and passes them on to every stage
+        return _load(f"{stage.module}:main")([*(f"{CONFIG_DIR_FLAG}={d}" for d in config_dirs), *args]) or 0
     if stage.positional and args and "=" not in args[0] and not args[0].startswith("-"):
         args = [f"{stage.positional}={args[0]}", *args[1:]]
     if "-h" in args or "--help" in args:
-        print(stage_help(name, stage, [a for a in args if "=" in a]))
+        print(stage_help(name, stage, [a for a in args if "=" in a], config_dirs))
         return 0
     stray = next((a for a in args if "=" not in a and a not in FLAGS), None)
     if stray is not None:
         raise ConfigError(stray, "is not an override", f"write key=value; `orlhf {name} --cfg` lists the keys")
-    config = compose_stage(name, _load(stage.schema), [a for a in args if a not in FLAGS])
+    config = compose_stage(name, _load(stage.schema), [a for a in args if a not in FLAGS], config_dirs)
     if "--cfg" in args:
         print(to_yaml(config).rstrip())
         return 0
@@ -297,7 +300,8 @@ def interrupted_line(argv: list[str]) -> str:
     """What Ctrl-C leaves, for the stage `argv` runs: resumable work, or nothing (`rm
     eval_only=true` only scores, from the start each time)."""
     name = argv[0] if argv else ""
-    resumes = name in RESUMABLE and not (name == "rm" and _set_true(argv[1:], "eval_only"))
+    overrides = [arg for arg in argv[1:] if "=" in arg and not arg.startswith("-")]
+    resumes = name in RESUMABLE and not (name == "rm" and _set_true(overrides, "eval_only"))
     then = ("rerun the same command to resume" if resumes
             else "nothing was kept: rerun the same command to start it over")
     return f"orlhf {name}: interrupted (Ctrl-C); {then}"

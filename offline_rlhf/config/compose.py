@@ -15,6 +15,7 @@ from typing import Sequence, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -22,12 +23,18 @@ from omegaconf.errors import OmegaConfBaseException
 from offline_rlhf.config.base import freeze, require_finite
 from offline_rlhf.config.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# The shipped configs: conf/ at the repository's root, reached through the package's `conf`
+# link, which a wheel turns into a copy (pyproject.toml's package data): `pip install .`
+# finds them in the package.
+CONF_DIR = PACKAGE_DIR / "conf"
+CONFIG_DIR_FLAG = "--config-dir"
 T = TypeVar("T")
 
 # `${repo:../shared/data/x.jsonl}` in a config: a path relative to the repository root, so
-# shipped defaults work from any working directory (and on every node of a cluster job).
-OmegaConf.register_new_resolver("repo", lambda relative: str((CONF_DIR.parent / relative).resolve()), replace=True)
+# configs in tests work from any working directory (and on every node of a cluster job).
+OmegaConf.register_new_resolver("repo", lambda relative: str((PACKAGE_DIR.parent / relative).resolve()),
+                                replace=True)
 
 
 def register_stage(stage: str, schema: type) -> None:
@@ -35,13 +42,63 @@ def register_stage(stage: str, schema: type) -> None:
     ConfigStore.instance().store(name=f"{stage}_schema", node=schema)
 
 
-def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = ()) -> T:
-    """Compose `conf/stage/<stage>.yaml` with `overrides` into a validated, frozen instance of `schema`."""
+def split_config_dirs(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`--config-dir DIR` or `--config-dir=DIR`, any number of times: folders of the user's
+    own configs (model/, data/, pipeline/... as in conf/), searched after the shipped ones.
+    Returns the folders, absolute, and the other arguments."""
+    folders, rest, args = [], [], iter(args)
+    for arg in args:
+        if arg == CONFIG_DIR_FLAG or arg.startswith(CONFIG_DIR_FLAG + "="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(args, "")
+            folders.append(_config_dir(value, [CONF_DIR, *map(Path, folders)]))
+        else:
+            rest.append(arg)
+    return folders, rest
+
+
+def _config_dir(value: str, earlier: list[Path]) -> str:
+    """A folder holding configs of conf/'s groups (`model/my_model.yaml`), none named like
+    one of an `earlier` folder (ambiguous: Hydra would take the earlier one), absolute: the
+    launcher passes it on to stages started elsewhere."""
+    if not value or value.startswith("-"):  # `--config-dir --cfg`: the folder left out
+        raise ConfigError(CONFIG_DIR_FLAG, "needs a folder", f"write {CONFIG_DIR_FLAG} DIR")
+    folder = Path(value).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(CONFIG_DIR_FLAG, f"{value} is not a folder", "pass the folder that holds your model/, "
+                          "data/, pipeline/... subfolders")
+    configs = sorted(path.relative_to(folder) for path in folder.glob("*/**/*.yaml"))
+    if not configs:
+        groups = ", ".join(sorted(path.name for path in CONF_DIR.iterdir() if path.is_dir()))
+        raise ConfigError(CONFIG_DIR_FLAG, f"{value} holds no config: a config goes in a subfolder named after its "
+                          f"group ({groups}), e.g. model/my_model.yaml, and is chosen as model=my_model")
+    for config in configs:
+        other = next((root for root in earlier if (root / config).exists()), None)
+        if other is not None:
+            what = f"the shipped conf/{config}" if other == CONF_DIR else str(other / config)
+            raise ConfigError(CONFIG_DIR_FLAG, f"{folder / config} has the name of {what}, which would be used "
+                              f"instead", f"rename yours and choose it as {config.parent.as_posix()}=<new name>")
+    return str(folder)
+
+
+def search_path(config_dirs: Sequence[str]) -> list[str]:
+    """The override that has Hydra search the user's config folders after conf/ (Hydra's own
+    `hydra.searchpath`): their `model/my_model.yaml` is `model=my_model` (`_config_dir` refuses
+    a name conf/ has too)."""
+    if not config_dirs:
+        return []
+    folders = ", ".join(QuotedString(text=f"file://{folder}", quote=Quote.single).with_quotes()
+                        for folder in config_dirs)
+    return [f"hydra.searchpath=[{folders}]"]
+
+
+def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = (), config_dirs: Sequence[str] = ()) -> T:
+    """Compose `conf/stage/<stage>.yaml` with `overrides` into a validated, frozen instance of
+    `schema`; the user's `config_dirs` (`split_config_dirs`) are searched too."""
     register_stage(stage, schema)
     _reject_new_keys(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name=f"stage/{stage}", overrides=list(overrides))
+            cfg = compose(config_name=f"stage/{stage}", overrides=[*search_path(config_dirs), *overrides])
         OmegaConf.set_struct(cfg, True)
         return freeze(require_finite(OmegaConf.to_object(cfg)))
     except ConfigError:
@@ -58,18 +115,18 @@ def _null_sub_config(err: Exception, overrides: Sequence[str]) -> ConfigError:
     return ConfigError(getattr(err, "full_key", None) or "overrides",
                        "an override of a sub-config that is null by default (such as model.rope_scaling) cannot be "
                        "applied from the command line",
-                       "set it in a YAML file of its group (e.g. a copy of conf/model/8b.yaml with "
-                       "`rope_scaling: {factor: 8.0, ...}`, passed as model=<name>)")
+                       "set it in a YAML file of its group (e.g. a renamed copy of conf/model/8b.yaml with "
+                       "`rope_scaling: {factor: 8.0, ...}` in DIR/model/, passed as --config-dir DIR model=<name>)")
 
 
-def composed_defaults(stage: str, schema: type, overrides: Sequence[str] = ()) -> dict:
+def composed_defaults(stage: str, schema: type, overrides: Sequence[str] = (), config_dirs: Sequence[str] = ()) -> dict:
     """The stage's YAML merged into the schema, unvalidated and unresolved (`???` where a
     value is required): what `--help` shows. Falls back to the schema's own defaults when
     the overrides do not compose."""
     register_stage(stage, schema)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name=f"stage/{stage}", overrides=list(overrides))
+            cfg = compose(config_name=f"stage/{stage}", overrides=[*search_path(config_dirs), *overrides])
     except (HydraException, OmegaConfBaseException):
         cfg = OmegaConf.structured(schema)
     return OmegaConf.to_container(cfg, resolve=False)

@@ -70,7 +70,7 @@ def project(tmp_path_factory) -> Path:
     """The project as a user's clone has it: no ../shared beside it."""
     root = tmp_path_factory.mktemp("clone") / "project"
     for part in PROJECT_PARTS:
-        shutil.copytree(REPO_ROOT / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO_ROOT / part, root / part, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     assert not (root.parent / "shared").exists()
     return root
 
@@ -88,7 +88,7 @@ def composed(project) -> dict[str, dict[str, str]]:
     result = run_in(project, ["-c", COMPOSE, json.dumps(REQUIRED)])
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert Path(out["conf_dir"]) == project / "conf"  # the copy was composed, not this checkout
+    assert Path(out["conf_dir"]).resolve() == project / "conf"  # the copy was composed, not this checkout
     return out["stages"]
 
 
