@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.errors import DataError
@@ -48,13 +49,13 @@ def my_share(rt: Runtime, items: list) -> tuple[list, Path | None]:
 
 
 class ShardTokens:
-    """A running count of the `response_tokens` in every replica's shard, each shard read on
-    from where the last count stopped, up to its last whole line (a replica may be writing).
-    Rank 0 alone keeps the ledger's heartbeat: it counts the others' tokens with this, so a
-    killed run's row holds every replica's."""
+    """A running count of the tokens (`tokens_of` a record) in every replica's shard, each
+    shard read on from where the last count stopped, up to its last whole line (a replica
+    may be writing). Rank 0 alone keeps the ledger's heartbeat: it counts the others' tokens
+    with this, so a killed run's row holds every replica's."""
 
-    def __init__(self, stage_dir: Path):
-        self.stage_dir, self.total = stage_dir, 0
+    def __init__(self, stage_dir: Path, tokens_of: Callable[[dict], int]):
+        self.stage_dir, self.tokens_of, self.total = stage_dir, tokens_of, 0
         self._read: dict[Path, int] = {}  # shard -> bytes counted
 
     def count(self) -> int:
@@ -66,11 +67,19 @@ class ShardTokens:
             whole = data[:data.rfind(b"\n") + 1]
             for line in whole.splitlines():
                 try:
-                    self.total += int(json.loads(line).get("response_tokens", 0))
-                except (ValueError, AttributeError, TypeError):  # not a record: the merge says so, not the ledger
-                    pass
+                    self.total += int(self.tokens_of(json.loads(line)))
+                except (ValueError, AttributeError, TypeError, KeyError, IndexError):  # not a record: the merge
+                    pass  # says so, not the ledger
             self._read[path] = start + len(whole)
         return self.total
+
+
+def new_tokens(rt: Runtime, tokens_of: Callable[[dict], int]) -> Callable[[], int]:
+    """Rank 0's count of the tokens the shards gained since now (this execution's, every
+    replica's)."""
+    tally = ShardTokens(rt.stage_dir, tokens_of)
+    earlier = tally.count()
+    return lambda: tally.count() - earlier
 
 
 def shard_indices(n_items: int, rank: int, world: int) -> range:

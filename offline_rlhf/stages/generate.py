@@ -31,7 +31,7 @@ from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
-from offline_rlhf.generation.shards import RESTART, ShardTokens, merge_shards, my_share, resume_shards
+from offline_rlhf.generation.shards import RESTART, merge_shards, my_share, new_tokens, resume_shards
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import SAME_INPUTS, Runtime, same_on_every_rank, stage_runtime
 from offline_rlhf.stage_support import (
@@ -123,7 +123,7 @@ def main(cfg: GenerateConfig) -> int:
         same_on_every_rank(rt, {"prompts": len(prompts), "sha256": prompts_sha256(prompts)}, "sources", "prompts",
                            SAME_INPUTS)  # each replica answers its block of them, by position
         done, answered = resume_shards(rt, model_fingerprint(cfg, checkpoint), cfg.generation.n, SCHEMA_VERSION)
-        counted = new_tokens(rt) if rt.is_main else None
+        counted = new_tokens(rt, lambda record: record.get("response_tokens", 0)) if rt.is_main else None
         check_answered_prompts(answered, prompts, rt.stage_dir)
         usage.resumed = bool(done)  # continues the answers of earlier executions (charged with this one)
         todo = [p for p in prompts if p.id not in done]
@@ -152,13 +152,6 @@ def main(cfg: GenerateConfig) -> int:
 def prompts_sha256(prompts: list[Prompt]) -> str:
     return hashlib.sha256(json.dumps([[p.id, p.text, p.source, turns_field(p.turns)] for p in prompts]).encode()
                           ).hexdigest()
-
-
-def new_tokens(rt: Runtime) -> Callable[[], int]:
-    """The response tokens the shards gained since now (this execution's, every replica's)."""
-    tally = ShardTokens(rt.stage_dir)
-    earlier = tally.count()
-    return lambda: tally.count() - earlier
 
 
 def write_outputs(rt: Runtime, cfg: GenerateConfig, inputs: tuple, checkpoint: str, budget: int, usage,

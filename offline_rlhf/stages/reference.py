@@ -19,6 +19,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from offline_rlhf.checkpoint import resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
@@ -28,12 +29,7 @@ from offline_rlhf.data.chat_template import template_record
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.pair_dataset import DIGEST, REF_CHOSEN, REF_REJECTED, encode_pair_example, tokens_digest
 from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
-from offline_rlhf.generation.shards import (
-    RESTART,
-    merge_shards,
-    my_share,
-    resume_shards,
-)
+from offline_rlhf.generation.shards import RESTART, merge_shards, my_share, new_tokens, resume_shards
 from offline_rlhf.labeling.mix import read_labeled_records
 from offline_rlhf.labeling.pairs import build_pairs, sequence_logps
 from offline_rlhf.runtime import SAME_INPUTS, Runtime, same_on_every_rank, stage_runtime
@@ -68,6 +64,8 @@ def main(cfg: ReferenceConfig) -> int:
         same_on_every_rank(rt, {"pairs": len(pairs), "sha256": hashlib.sha256("".join(digests).encode()).hexdigest()},
                            "input", "pairs", SAME_INPUTS)  # each replica scores its block of them, by position
         done = scored_pairs(rt, cfg, checkpoint, digests)
+        tokens = [len(chosen) + len(rejected) for chosen, rejected in encoded]  # what scoring a pair reads
+        counted = new_tokens(rt, lambda record: tokens[record["id"]]) if rt.is_main else None
         usage.resumed = bool(done)  # continues the scores of earlier executions (charged with this one)
         todo = [i for i in range(len(pairs)) if i not in done]
         mine, shard = my_share(rt, todo)
@@ -76,14 +74,16 @@ def main(cfg: ReferenceConfig) -> int:
         model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint")
         for start in range(0, len(mine), cfg.write_every):
             ids = mine[start:start + cfg.write_every]
-            records, tokens = score_block(model, [encoded[i] for i in ids], ids, cfg.batch_size, rt,
-                                          tokenizer.pad_id)
+            records = score_block(model, [encoded[i] for i in ids], ids, cfg.batch_size, rt, tokenizer.pad_id)
             if shard is not None:
                 append_jsonl_durably(shard, records)
-            usage.tokens += tokens
-            usage.beat(force=True)  # a killed run's row then counts the tokens its shard kept
-        rt.barrier()  # no timeout: a replica may finish long before the last
+            if rt.is_main:
+                count_tokens(usage, counted)
+
+        # no timeout: a replica may finish long before the last; rank 0 meanwhile counts its tokens
+        rt.barrier(poll=(lambda: count_tokens(usage, counted)) if rt.is_main else None)
         if rt.is_main:
+            count_tokens(usage, counted)
             write_outputs(rt, cfg, pairs, encoded, card, checkpoint, template_record(template))
     return 0
 
@@ -139,15 +139,19 @@ def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list,
            f"{card['truncated']} replies truncated to {cfg.max_seq_len} tokens")
 
 
-def score_block(model, encoded: list, ids: list[int], batch_size: int, rt: Runtime,
-                pad_id: int) -> tuple[list[dict], int]:
-    """Shard records for the pairs `ids` (both replies of each, with the digest of their
-    tokens) and the tokens scored."""
+def count_tokens(usage, counted: Callable[[], int]) -> None:
+    """Rank 0's ledger heartbeat with every replica's tokens so far: a killed run's row then
+    counts the tokens the shards kept."""
+    usage.tokens = counted()
+    usage.beat(force=True)
+
+
+def score_block(model, encoded: list, ids: list[int], batch_size: int, rt: Runtime, pad_id: int) -> list[dict]:
+    """Shard records for the pairs `ids`: both replies' log-probs and the digest of their tokens."""
     sequences = unpacked([sample for pair in encoded for sample in pair])  # c0, r0, c1, r1, ...
     logps = sequence_logps(model, sequences, batch_size, rt, pad_id)
-    records = [{"id": i, REF_CHOSEN: logps[2 * k], REF_REJECTED: logps[2 * k + 1], DIGEST: tokens_digest(*pair)}
-               for k, (i, pair) in enumerate(zip(ids, encoded))]
-    return records, sum(map(len, sequences))
+    return [{"id": i, REF_CHOSEN: logps[2 * k], REF_REJECTED: logps[2 * k + 1], DIGEST: tokens_digest(*pair)}
+            for k, (i, pair) in enumerate(zip(ids, encoded))]
 
 
 def summary(card: dict) -> str:

@@ -247,6 +247,9 @@ def test_two_replicas_equal_one_process(lm_run, tmp_path):
     assert [p["ref_chosen_logp"] for p in two] == pytest.approx([p["ref_chosen_logp"] for p in one], abs=1e-5)
     shards = sorted((tmp_path / "two" / "reference").glob("shard_*.jsonl"))
     assert len(shards) == 2 and all(path.read_text() for path in shards)
+    # Rank 0's ledger row counts both replicas' tokens (it counted its own only).
+    assert [r.tokens for r in read_ledger(tmp_path / "two") if r.stage == "reference"] == \
+        [r.tokens for r in read_ledger(tmp_path / "one") if r.stage == "reference"]
 
 
 def align_args(run_dir, method, *extra):
