@@ -96,6 +96,8 @@ class Usage:
 
     def __init__(self, row: LedgerRow, heartbeat: Path | None, started: float):
         self.tokens = 0
+        # Ended early without an exception (a PPO service whose actor died): its row reads interrupted.
+        self.interrupted = False
         self._resumed: bool | None = None  # not known yet; stages that never resume leave it so
         self._row = row
         self._heartbeat = heartbeat
@@ -156,7 +158,7 @@ def track(run_dir: str | Path, stage: str, env: DistEnv | OneProcess, device: to
     status = FAILED
     try:
         yield usage
-        status = COMPLETED
+        status = INTERRUPTED if usage.interrupted else COMPLETED
     except (SystemExit, KeyboardInterrupt):  # a signal stop (its work saved: resumable), or Ctrl-C: not an error
         status = INTERRUPTED
         raise

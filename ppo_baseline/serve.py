@@ -93,7 +93,7 @@ def run(cfg: ServiceConfig, token: str) -> int:
         if rt.is_main:
             service.start()
             if cfg.parent_pid:
-                watch_parent(service, cfg.parent_pid, cfg.parent_start_ticks)
+                watch_parent(service, cfg.parent_pid, cfg.parent_start_ticks, usage)
             write_atomic(service_dir(cfg.run_dir, cfg.name) / ADDRESS,
                          json.dumps({"url": service.url, "pid": os.getpid()}))
             rt.log(f"{cfg.name} service ready on {service.url} ({rt.dims.world_size} process(es), "

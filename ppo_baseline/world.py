@@ -22,6 +22,7 @@ import time
 from contextlib import contextmanager
 
 from offline_rlhf.host import start_ticks
+from offline_rlhf.ledger import Usage
 from offline_rlhf.runtime import Runtime
 from offline_rlhf.serving.world import CALL, KEEPALIVE, KEEPALIVE_S, STOP, broadcast_message, receive_message
 from ppo_baseline.service import Service
@@ -83,14 +84,16 @@ class WorldService(Service):
             self.follow()
 
 
-def watch_parent(service: Service, pid: int, ticks: int | None, poll_s: float = 1.0) -> threading.Thread:
+def watch_parent(service: Service, pid: int, ticks: int | None, usage: Usage, poll_s: float = 1.0) -> threading.Thread:
     """Stop `service` once process `pid` (started at `ticks`, so a reused PID does not
-    count) is gone. Returns the daemon thread watching it."""
+    count) is gone, its ledger row (`usage`) then reading interrupted, as the run is.
+    Returns the daemon thread watching it."""
     def watch() -> None:
         while not service._stopping.is_set():
             now = start_ticks(pid)
             if now is None or (ticks is not None and now != ticks):
                 print(f"{service.name}: the actor (pid {pid}) is gone; shutting down", flush=True)
+                usage.interrupted = True
                 service.stop(timeout_s=0)
                 return
             time.sleep(poll_s)

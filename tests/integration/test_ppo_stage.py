@@ -192,9 +192,12 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, t
         actor.wait(30)
     finally:
         actor.kill()
-    # The services notice the actor is gone and exit on their own.
+    # The services notice the actor is gone and exit on their own, their rows saying they stopped early.
     wait_for(lambda: not service_pids(killed), 60, "the services of the killed actor to exit")
     assert not (killed / "ppo" / "DONE").exists()
+    services = [f"ppo_{name}" for name in ("reward", "reference", "critic")]
+    assert sorted((row.stage, row.status) for row in read_ledger(killed) if row.stage in services) == \
+        sorted((stage, "interrupted") for stage in services)
     result = subprocess.run(command(killed, *overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
