@@ -27,6 +27,7 @@ from launcher.ppo import PPO_STAGE, Component, Module, placement_overrides, ppo_
 from launcher.rounds import Step
 from launcher.schema import (
     CONFIG_DIR_FLAG,
+    CPU_STAGES,
     PLAIN_PATH,
     ClusterConfig,
     LaunchConfig,
@@ -58,6 +59,8 @@ class StagePlan:
     components: tuple[Component, ...] = ()  # the PPO stage on Slurm: its heterogeneous job (launcher.ppo)
     chain: str = ""  # the replicate (seed_<s>) whose chain it is part of; "": the run's own (`waits_for`)
     reads: tuple[Path, ...] = ()  # the absolute input paths `--check` listed (`waits_for`)
+    gpus_per_node: int | None = None  # its Slurm job's GPUs per node; None: cluster.gpus_per_node
+    cpu_only: bool = False  # a Slurm job asking for no GPU: not exclusive, in cluster.cpu_partition
 
     @property
     def world_size(self) -> int:
@@ -200,7 +203,9 @@ def _plan_stage(step: Step, cluster: ClusterConfig, flags: tuple[str, ...]) -> S
     args = (*flags, *entry.overrides, *placement, run_dir_override(run_dir))
     config_yaml = resolve_stage_config(key, entry.stage, args)
     resolved = yaml.safe_load(config_yaml)
-    nodes, per_node = _process_layout(key, entry, resolved.get("parallel") or {}, cluster)
+    cpu_only = entry.gpus_per_node == 0 or (entry.gpus_per_node is None and entry.stage in CPU_STAGES)
+    gpus = None if cpu_only else entry.gpus_per_node or cluster.gpus_per_node
+    nodes, per_node = _process_layout(key, entry, resolved.get("parallel") or {}, cluster.kind, gpus)
     _check_node_cpus(key, entry.stage, per_node, cluster)
     components = ppo_components(key, entry.ppo, Module("actor", per_node), nodes,
                                 resolved.get("services") or {}) if hetjob else ()
@@ -211,7 +216,8 @@ def _plan_stage(step: Step, cluster: ClusterConfig, flags: tuple[str, ...]) -> S
     name = step.name if entry.name is not None else folder  # a later round's step is named by then
     return StagePlan(name=name, stage=entry.stage, args=args, nodes=nodes, procs_per_node=per_node,
                      stage_dir=run_dir / folder, config_yaml=config_yaml,
-                     time_limit=entry.time_limit or cluster.time_limit, components=components, chain=step.chain)
+                     time_limit=entry.time_limit or cluster.time_limit, components=components, chain=step.chain,
+                     gpus_per_node=entry.gpus_per_node or None, cpu_only=cpu_only)
 
 
 def resolve_stage_config(key: str, stage: str, args: tuple[str, ...]) -> str:
@@ -307,18 +313,18 @@ def _check_node_cpus(key: str, stage: str, per_node: int, cluster: ClusterConfig
                           "cluster.cpus_per_task=64), or set cluster.exclusive=true")
 
 
-def _process_layout(key: str, entry: StageEntry, parallel: dict, cluster: ClusterConfig) -> tuple[int, int]:
-    """(nodes, processes per node). Total processes: the entry's `nproc`; else one per GPU on
-    a GPU cluster; else parallel.tp x parallel.dp with dp=-1 counted as 1."""
+def _process_layout(key: str, entry: StageEntry, parallel: dict, kind: str, gpus: int | None) -> tuple[int, int]:
+    """(nodes, processes per node). Total processes: the entry's `nproc`; else one per GPU
+    (`gpus` a node) on a GPU cluster; else parallel.tp x parallel.dp with dp=-1 counted as 1."""
     tp, dp = parallel.get("tp", 1), parallel.get("dp", -1)
     if entry.nodes < 1:
         raise LaunchError(f"{key}.nodes", f"must be >= 1, got {entry.nodes}")
-    if cluster.kind == "local" and entry.nodes > 1:
+    if kind == "local" and entry.nodes > 1:
         raise LaunchError(f"{key}.nodes", f"{entry.nodes} nodes need a cluster", "use cluster=slurm")
     if entry.nproc is not None:
         total = entry.nproc
-    elif cluster.kind == "slurm" and cluster.gpus_per_node:
-        total = entry.nodes * cluster.gpus_per_node
+    elif kind == "slurm" and gpus:
+        total = entry.nodes * gpus
     else:
         total = tp * max(dp, 1)
     if total < 1 or total % entry.nodes:

@@ -107,18 +107,21 @@ def sbatch_directives(plan: StagePlan, cluster: ClusterConfig) -> list[str]:
 
 
 def _resources(plan: StagePlan, cluster: ClusterConfig, nodes: int, tasks: int, cpus: int | None = None) -> list[str]:
-    """What one job (or one component of a heterogeneous job) asks for; `cpus` per task."""
+    """What one job (or one component of a heterogeneous job) asks for; `cpus` per task. A
+    CPU job (`StagePlan.cpu_only`) asks for no GPU and no whole node (not exclusive, not all
+    its memory: `--mem=0`), in cluster.cpu_partition."""
+    gpus = None if plan.cpu_only else plan.gpus_per_node or cluster.gpus_per_node
     optional = [
-        ("--gpus-per-node", cluster.gpus_per_node),
+        ("--gpus-per-node", gpus),
         ("--cpus-per-task", cpus if cpus is not None else cluster.cpus_per_task),
-        ("--mem", cluster.mem),
+        ("--mem", None if plan.cpu_only and cluster.mem == "0" else cluster.mem),
         ("--time", plan.time_limit),
-        ("--partition", cluster.partition),
+        ("--partition", cluster.cpu_partition if plan.cpu_only and cluster.cpu_partition else cluster.partition),
         ("--account", cluster.account),
     ]
     directives = [f"--nodes={nodes}", f"--ntasks-per-node={tasks}"]
     directives += [f"{flag}={value}" for flag, value in optional if value is not None]
-    return directives + (["--exclusive"] if cluster.exclusive else [])
+    return directives + (["--exclusive"] if cluster.exclusive and not plan.cpu_only else [])
 
 
 def _environment(cluster: ClusterConfig) -> str:

@@ -28,6 +28,9 @@ PROCESS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_
                      "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE")
 PROCESS_PREFIXES = ("SLURM_", "TORCHELASTIC_")
 CLUSTER_KINDS = ("local", "slurm")
+# Stages that never use a GPU: on a GPU cluster their Slurm jobs ask for none, so a dataset
+# mix or a report neither waits for nor holds a whole GPU node (StageEntry.gpus_per_node).
+CPU_STAGES = ("task", "mix", "report", "seeds-report", "judge")
 # Stage names become folders under run_dir and parts of job names: no `/`, `..` or spaces.
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # `#SBATCH` lines are comments to bash but sbatch splits them at spaces, quotes and `#`, and
@@ -140,6 +143,9 @@ class StageEntry:
     nodes: int = 1
     nproc: Optional[int] = None  # total processes; None: derived (see launcher.plan)
     time_limit: Optional[str] = None  # Slurm time format; None: cluster.time_limit
+    # GPUs its Slurm job asks for per node; None: cluster.gpus_per_node, or none for a stage
+    # that uses no GPU (CPU_STAGES); 0: none (a CPU job: not exclusive, in cluster.cpu_partition).
+    gpus_per_node: Optional[int] = None
     ppo: PPOComponents = field(default_factory=PPOComponents)  # stage ppo only: its heterogeneous job
     repeat: bool = False  # part of the loop `pipeline.rounds` repeats (generate, label, mix/reference, align)
 
@@ -160,6 +166,9 @@ class StageEntry:
             check_identifier(f"{key}.name", self.name)
         if self.time_limit is not None:
             check_time_limit(f"{key}.time_limit", self.time_limit)
+        if self.gpus_per_node is not None and self.gpus_per_node < 0:
+            raise LaunchError(f"{key}.gpus_per_node", f"must be >= 0, got {self.gpus_per_node}",
+                              "0 runs the stage as a CPU job")
         for index, override in enumerate(self.overrides):
             check_printable(f"{key}.overrides[{index}]", override)
         self.ppo.check(f"{key}.ppo")
@@ -210,6 +219,9 @@ class ClusterConfig:
 
     kind: str = "local"  # local (torchrun on this machine) or slurm (chained sbatch jobs)
     partition: Optional[str] = None
+    # The partition of CPU jobs (stages that use no GPU: CPU_STAGES, an entry's gpus_per_node=0);
+    # None: `partition`.
+    cpu_partition: Optional[str] = None
     account: Optional[str] = None
     gpus_per_node: Optional[int] = None  # None: request no GPUs (CPU partitions, local Slurm)
     cpus_per_task: Optional[int] = None
@@ -255,7 +267,7 @@ class ClusterConfig:
         check_signal_lead("cluster.time_limit", self.time_limit, self.signal_lead_s)
 
     def _check_script_values(self) -> None:
-        for key in ("partition", "account", "mem"):
+        for key in ("partition", "cpu_partition", "account", "mem"):
             if getattr(self, key) is not None:
                 check_sbatch_value(f"cluster.{key}", getattr(self, key))
         if self.time_limit is not None:

@@ -56,6 +56,14 @@ def test_every_stage_is_rendered_on_the_papers_nodes(rendered):
         assert "--nodes=4" in directives((rendered / stage / "submission.sh").read_text())[0], stage
 
 
+def test_mix_and_report_are_cpu_jobs_and_the_rest_take_whole_gpu_nodes(rendered):
+    for stage in STAGES:
+        [job, *_] = directives((rendered / stage / "submission.sh").read_text())
+        gpu_job = stage not in ("mix", "report")
+        assert ("--gpus-per-node=8" in job, "--exclusive" in job) == (gpu_job, gpu_job), stage
+        assert "--ntasks-per-node=1" in job and ("--nodes=1" in job or gpu_job), stage
+
+
 def test_generation_runs_at_tp1_everything_else_at_tp4(rendered):
     assert resolved(rendered, "generate")["parallel"]["tp"] == 1
     for stage in ("sft", "rm", "label", "align_dt", "ppo"):
