@@ -33,8 +33,8 @@ usage: orlhf launch pipeline=NAME [cluster=local|slurm|local_slurm] [run_dir=DIR
        orlhf launch status run_dir=DIR
 
 Pipelines are conf/pipeline/*.yaml, clusters conf/cluster/*.yaml; keys are in launcher/schema.py.
---config-dir DIR adds your own configs (DIR/pipeline/NAME.yaml, DIR/cluster/NAME.yaml, DIR/model/...),
-searched before the shipped ones by the launcher and every stage.
+--config-dir DIR adds your own configs (DIR/pipeline/NAME.yaml, DIR/cluster/NAME.yaml, DIR/model/...)
+beside the shipped ones, for the launcher and every stage.
   orlhf launch pipeline=offline_dt cluster=slurm cluster.partition=batch cluster.account=proj
   orlhf launch pipeline=demo 'pipeline.seeds=[0,1,2]'   (once per training seed in run_dir/seed_<s>/, then seeds-report)
 --dry-run (or cluster.dry_run=true) runs or submits nothing; on Slurm it writes each script and resolved

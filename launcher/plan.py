@@ -87,8 +87,8 @@ def plan_pipeline(cfg: LaunchConfig, config_dirs: Sequence[str] = ()) -> list[St
     run_dir = resolved_run_dir(cfg)
     if cfg.cluster.kind == "slurm":
         check_slurm_run_dir(run_dir, cfg.cluster)
-        for folder in config_dirs:
-            if cfg.cluster.container_image:
+        if cfg.cluster.container_image:  # the stages compose their configs in the container
+            for folder in config_dirs:
                 check_container_path(CONFIG_DIR_FLAG, {"path": folder}, cfg.cluster, run_dir)
     flags = tuple(f"{CONFIG_DIR_FLAG}={folder}" for folder in config_dirs)
     if not cfg.pipeline.stages:

@@ -90,7 +90,7 @@ def stage_help(name: str, stage: Stage, overrides: list[str], config_dirs: list[
     return (f"usage: orlhf {name} [key=value ...] [--config-dir DIR] [--cfg] [--check]\n\n{stage.summary}\n\n"
             f"{doc}\n\nkeys (default; ??? = no default), from conf/stage/{name}.yaml:\n{keys}\n\n"
             f"`orlhf {name} --cfg` prints the resolved config with your overrides; `--config-dir DIR` adds your own "
-            "configs (DIR/model/my_model.yaml is model=my_model), searched before the shipped ones.")
+            "configs (DIR/model/my_model.yaml is model=my_model) beside the shipped ones.")
 
 
 def _load(path: str):
