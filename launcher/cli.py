@@ -27,6 +27,7 @@ from launcher.slurm import (
 from launcher.status import show_status
 from launcher.table import format_table
 
+DRY_RUN = "--dry-run"
 USAGE = """\
 usage: orlhf launch pipeline=NAME [cluster=local|slurm|local_slurm] [run_dir=DIR] [key=value ...] [--dry-run]
                     [--config-dir DIR]
@@ -45,20 +46,24 @@ def main(argv: list[str]) -> int:
     if not argv or "-h" in argv or "--help" in argv:
         print(USAGE)
         return 0
+    config_dirs = [arg.split("=", 1)[1] for arg in argv if arg.startswith(CONFIG_DIR_FLAG + "=")]
+    argv = [arg for arg in argv if not arg.startswith(CONFIG_DIR_FLAG + "=")]
     try:
-        if argv[0] == "status":
+        unknown = next((arg for arg in argv if arg.startswith("-") and arg != DRY_RUN), None)
+        if unknown is not None:
+            raise LaunchError(unknown, "unknown option", f"the options are {DRY_RUN}, {CONFIG_DIR_FLAG} DIR and --help")
+        if argv[:1] == ["status"]:  # reads the run's records only: config folders change nothing
             return show_status(_status_run_dir(argv[1:]))
-        return launch(argv)
+        return launch(argv, config_dirs)
     except LaunchError as err:
         print(f"orlhf launch: error: {err}", file=sys.stderr)
         return 2
 
 
-def launch(argv: list[str]) -> int:
-    config_dirs = [arg.split("=", 1)[1] for arg in argv if arg.startswith(CONFIG_DIR_FLAG + "=")]
-    cfg = compose_launch([arg for arg in argv if arg != "--dry-run" and not arg.startswith(CONFIG_DIR_FLAG + "=")],
-                         config_dirs)
-    dry_run = "--dry-run" in argv or cfg.cluster.dry_run
+def launch(argv: list[str], config_dirs: list[str]) -> int:
+    """`argv`: overrides and --dry-run; `config_dirs`: the user's config folders (absolute)."""
+    cfg = compose_launch([arg for arg in argv if arg != DRY_RUN], config_dirs)
+    dry_run = DRY_RUN in argv or cfg.cluster.dry_run
     plans = plan_pipeline(cfg, config_dirs)
     run_dir = resolved_run_dir(cfg)
     print(f"pipeline {cfg.pipeline.name}: {len(plans)} stage(s) validated; run_dir {run_dir}", flush=True)

@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.types import Quote, QuotedString
@@ -45,6 +46,11 @@ def compose_launch(overrides: Sequence[str], config_dirs: Sequence[str] = ()) ->
         return OmegaConf.to_object(cfg)
     except LaunchError:
         raise
+    except yaml.YAMLError as err:  # a pipeline or cluster file: where and why, in one line
+        mark = getattr(err, "problem_mark", None)
+        raise LaunchError(f"{mark.name}:{mark.line + 1}" if mark else "config",
+                          f"is not valid YAML ({getattr(err, 'problem', None) or _first_line(str(err))})",
+                          "fix that file") from None
     except (HydraException, OmegaConfBaseException) as err:
         raise _one_line(err, config_dirs) from None
 
@@ -84,6 +90,9 @@ def _one_line(err: Exception, config_dirs: Sequence[str]) -> LaunchError:
     text = str(keyed).strip()
     if re.search(r"Key '[^']+' (not in|is not in struct)", text) and getattr(keyed, "full_key", None):
         return LaunchError(keyed.full_key, "unknown key", "check the spelling; see launcher/schema.py for the keys")
+    if "issing mandatory value" in text and "pipeline.name" in f"{text} {getattr(keyed, 'full_key', '')}":
+        return LaunchError("pipeline.name", "is not set", "add `name: <name>` to the pipeline's file (the run's "
+                           "default folder is runs/<name>)")
     if "You must specify" in text:
         group = re.search(r"You must specify '([^']+)'", text).group(1)
         return LaunchError(group, "required", f"choose one of: {', '.join(_options(group, config_dirs))}")

@@ -93,7 +93,7 @@ def plan_pipeline(cfg: LaunchConfig, config_dirs: Sequence[str] = ()) -> list[St
     flags = tuple(f"{CONFIG_DIR_FLAG}={folder}" for folder in config_dirs)
     if not cfg.pipeline.stages:
         raise LaunchError("pipeline.stages", "is empty",
-                          f"list at least one stage in conf/pipeline/{cfg.pipeline.name}.yaml")
+                          f"list at least one stage in the pipeline's file (pipeline/{cfg.pipeline.name}.yaml)")
     first, first_dir = first_run(cfg.pipeline, run_dir)
     as_written = [Step(index, entry, first_dir, entry.folder) for index, entry in enumerate(first.stages)]
     with ThreadPoolExecutor(max_workers=min(8, len(as_written))) as pool:
@@ -225,9 +225,15 @@ def resolve_stage_config(key: str, stage: str, args: tuple[str, ...]) -> str:
     proc = subprocess.run([sys.executable, "-m", STAGE_MODULE, stage, *args, "--cfg"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
-        raise LaunchError(f"{key} ({stage})", lines[0])
+        raise LaunchError(f"{key} ({stage})", _failure(proc))
     return proc.stdout
+
+
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    """What a stage's `--cfg` or `--check` said when it failed: its one error line, or the
+    last line of a traceback (the exception), not the traceback's first."""
+    lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
 def check_stage(key: str, plan: StagePlan) -> list[dict]:
@@ -239,8 +245,7 @@ def check_stage(key: str, plan: StagePlan) -> list[dict]:
                           capture_output=True, text=True, env=env)
     key = f"{key} ({plan.stage}, nproc={plan.world_size})"
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
-        raise LaunchError(key, lines[0])
+        raise LaunchError(key, _failure(proc))
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])["inputs"]
     except (IndexError, KeyError, ValueError):

@@ -116,12 +116,16 @@ def run(argv: list[str]) -> int:
 
     config_dirs, args = split_config_dirs(args)
     if not stage.schema:  # the launcher: it searches the folders too and passes them on to every stage
-        return _load(f"{stage.module}:main")([*(f"{CONFIG_DIR_FLAG}={d}" for d in config_dirs), *args]) or 0
+        return _load(f"{stage.module}:main")([*args, *(f"{CONFIG_DIR_FLAG}={d}" for d in config_dirs)]) or 0
     if stage.positional and args and "=" not in args[0] and not args[0].startswith("-"):
         args = [f"{stage.positional}={args[0]}", *args[1:]]
     if "-h" in args or "--help" in args:
         print(stage_help(name, stage, [a for a in args if "=" in a], config_dirs))
         return 0
+    option = next((a for a in args if a.startswith("-") and a not in FLAGS), None)
+    if option is not None:  # a misspelt flag (`--confg-dir=D`) is no override to quote
+        raise ConfigError(option, "unknown option", f"the options are {CONFIG_DIR_FLAG} DIR, {', '.join(FLAGS)} "
+                          "and --help")
     stray = next((a for a in args if "=" not in a and a not in FLAGS), None)
     if stray is not None:
         raise ConfigError(stray, "is not an override", f"write key=value; `orlhf {name} --cfg` lists the keys")

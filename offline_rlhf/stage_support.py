@@ -430,11 +430,25 @@ def resume_fingerprint(cfg) -> dict[str, object]:
 TRAINING_DATA = "training data"  # the key of a training run's fingerprint naming what it trains on
 
 
-def training_fingerprint(cfg, train: Sequence) -> dict[str, object]:
+def training_fingerprint(cfg, train: Sequence, init: InitConfig) -> dict[str, object]:
     """`resume_fingerprint` plus a digest of the training items (their token ids and numbers):
     a checkpoint's data position indexes them, so a resume over input files rewritten since
-    (a mix regenerated under the same path) would go on in other data."""
-    return {**resume_fingerprint(cfg), TRAINING_DATA: items_digest(train)}
+    (a mix regenerated under the same path) would go on in other data. And the step `init`
+    (local: `local_init`) starts from: a reward model resumed over an SFT trained again since
+    would keep weights grown from the old one (`INIT_STEP`)."""
+    started = {INIT_STEP: step_identity(resolve_checkpoint(init.checkpoint, "init.checkpoint"))} \
+        if init.checkpoint else {}
+    return {**resume_fingerprint(cfg), TRAINING_DATA: items_digest(train), **started}
+
+
+# The key of a training run's fingerprint naming the step it started from. Checkpoints
+# written before it existed lack it, and a key only one side has is not compared.
+INIT_STEP = "init.checkpoint's step"
+
+
+def step_identity(checkpoint: Path) -> str:
+    """A step folder as a fingerprint shows it: its name and the digest of its small files."""
+    return f"{checkpoint.name} (sha256 {checkpoint_digest(checkpoint)[:16]})"
 
 
 def items_digest(items: Sequence) -> str:

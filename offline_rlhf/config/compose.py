@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.types import Quote, QuotedString
@@ -29,6 +30,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # finds them in the package.
 CONF_DIR = PACKAGE_DIR / "conf"
 CONFIG_DIR_FLAG = "--config-dir"
+STAGES_GROUP = "stage"  # conf/stage/<stage>.yaml: one per stage, naming its schema; not a group users add to
 T = TypeVar("T")
 
 # `${repo:../shared/data/x.jsonl}` in a config: a path relative to the repository root, so
@@ -50,7 +52,8 @@ def split_config_dirs(args: Sequence[str]) -> tuple[list[str], list[str]]:
     for arg in args:
         if arg == CONFIG_DIR_FLAG or arg.startswith(CONFIG_DIR_FLAG + "="):
             value = arg.split("=", 1)[1] if "=" in arg else next(args, "")
-            folders.append(_config_dir(value, [CONF_DIR, *map(Path, folders)]))
+            if str(Path(value).expanduser().resolve()) not in folders:  # a folder given twice counts once
+                folders.append(_config_dir(value, [CONF_DIR, *map(Path, folders)]))
         else:
             rest.append(arg)
     return folders, rest
@@ -67,10 +70,17 @@ def _config_dir(value: str, earlier: list[Path]) -> str:
         raise ConfigError(CONFIG_DIR_FLAG, f"{value} is not a folder", "pass the folder that holds your model/, "
                           "data/, pipeline/... subfolders")
     configs = sorted(path.relative_to(folder) for path in folder.glob("*/**/*.yaml"))
+    groups = sorted(path.name for path in CONF_DIR.iterdir() if path.is_dir() and path.name != STAGES_GROUP)
     if not configs:
-        groups = ", ".join(sorted(path.name for path in CONF_DIR.iterdir() if path.is_dir()))
         raise ConfigError(CONFIG_DIR_FLAG, f"{value} holds no config: a config goes in a subfolder named after its "
-                          f"group ({groups}), e.g. model/my_model.yaml, and is chosen as model=my_model")
+                          f"group ({', '.join(groups)}), e.g. model/my_model.yaml, and is chosen as model=my_model")
+    unread = next(folder.glob("*/**/*.yml"), None) or (folder / STAGES_GROUP if (folder / STAGES_GROUP).is_dir()
+                                                         else None)
+    if unread is not None:
+        raise ConfigError(CONFIG_DIR_FLAG, f"{unread} would be ignored: " + (
+            "Hydra reads .yaml files only" if unread.suffix == ".yml" else
+            "a stage's own config is not replaceable (set its keys on the command line or in a pipeline entry's "
+            "overrides)"), "rename or move it")
     for config in configs:
         other = next((root for root in earlier if (root / config).exists()), None)
         if other is not None:
@@ -103,6 +113,8 @@ def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = (), co
         return freeze(require_finite(OmegaConf.to_object(cfg)))
     except ConfigError:
         raise
+    except yaml.YAMLError as err:
+        raise _not_yaml(err) from None
     except (HydraException, OmegaConfBaseException) as err:
         raise _one_line_error(err, schema) from None
     except (AttributeError, AssertionError) as err:  # omegaconf merging an override into a null sub-config
@@ -127,9 +139,19 @@ def composed_defaults(stage: str, schema: type, overrides: Sequence[str] = (), c
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name=f"stage/{stage}", overrides=[*search_path(config_dirs), *overrides])
+    except yaml.YAMLError as err:
+        raise _not_yaml(err) from None
     except (HydraException, OmegaConfBaseException):
         cfg = OmegaConf.structured(schema)
     return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _not_yaml(err: yaml.YAMLError) -> ConfigError:
+    """A config file the YAML parser refuses: where (file:line) and why, in one line."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{mark.name}:{mark.line + 1}" if mark is not None else "config"
+    reason = ", ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None))))
+    return ConfigError(where, f"is not valid YAML ({reason or str(err).splitlines()[0]})", "fix that file")
 
 
 def _reject_new_keys(overrides: Sequence[str]) -> None:

@@ -149,7 +149,7 @@ def main(cfg: AlignConfig) -> int:
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
                        CheckpointSpec(setup.checkpoints, model_cfg, "lm", setup.tokenizer_path,
                                       final_metadata=lambda _: metadata,
-                                      fingerprint=training_fingerprint(cfg, dataset.train),
+                                      fingerprint=training_fingerprint(cfg, dataset.train, init),
                                       metadata={TEMPLATE: template_record(template)}))
         rt.log(f"{cfg.stage_name} done: {result.steps} steps, final checkpoint {result.checkpoint}; "
                f"{dataset.card['tokens']['truncated']} of {dataset.card['tokens']['samples']} sequences "

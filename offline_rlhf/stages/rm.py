@@ -96,7 +96,7 @@ def train_reward_model(cfg: RMConfig) -> int:
                                  before_load=lambda model: init_value_head(model, cfg.train.seed))
         dataset = build_preference_dataset(cfg.data, setup.tokenizer, cfg.train.seed, template,
                                            progress=cfg.logging.progress)
-        fingerprint = training_fingerprint(cfg, dataset.train)
+        fingerprint = training_fingerprint(cfg, dataset.train, init)
         check_checkpoint_resumable(setup.checkpoints, fingerprint)  # a refused rerun keeps the card
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)

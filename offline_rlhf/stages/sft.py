@@ -46,7 +46,7 @@ def main(cfg: SFTConfig) -> int:
         setup = prepare_training(init, model_cfg, "lm", rt, cfg.train.seed)
         dataset = build_sft_dataset(cfg.data, setup.tokenizer, cfg.train.seed, progress=cfg.logging.progress)
         template = build_template(cfg.data.template, setup.tokenizer.config)  # recorded: later stages render alike
-        fingerprint = training_fingerprint(cfg, dataset.train)
+        fingerprint = training_fingerprint(cfg, dataset.train, init)
         check_checkpoint_resumable(setup.checkpoints, fingerprint)  # a refused rerun keeps the card
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)

@@ -94,6 +94,26 @@ def test_a_rerun_of_a_finished_rm_says_it_was_complete(trained, tmp_path, capsys
     assert "nan" not in out
 
 
+def test_a_rerun_over_an_sft_trained_again_refuses_to_keep_the_old_reward_model(trained, tmp_path, capsys):
+    """Its checkpoint grew from the old SFT's weights: resumed (or taken as complete), every
+    later stage would score with a reward model of the SFT that is gone."""
+    run_dir, data = trained
+    sft, tokenizer = tmp_path / "sft", run_dir.parent / "tokenizer"
+    save_checkpoint(sft, reference_model(MODEL, "lm"), CheckpointMeta(MODEL, "lm", TrainState()),
+                    tokenizer_dir=tokenizer)
+    args = short_rm_args(tmp_path / "run", sft, data, "data.val_fraction=0.2")
+    assert main(args) == 0 and main(args) == 0  # the same SFT step: complete, as before
+    shutil.rmtree(sft)  # trained again: the same path, other weights
+    save_checkpoint(sft, reference_model(MODEL, "lm", seed=1), CheckpointMeta(MODEL, "lm", TrainState(step=7)),
+                    tokenizer_dir=tokenizer)
+    capsys.readouterr()
+    assert main(args) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    rm = tmp_path / "run" / "rm"
+    assert line.startswith(f"orlhf rm: error: init.checkpoint's step: differs from the run that wrote {rm}") and \
+        f"delete {rm}" in line, line
+
+
 def test_stored_statistics_match_the_scoring_function_on_validation_responses(trained):
     run_dir, data = trained
     meta = read_meta(checkpoint(run_dir))

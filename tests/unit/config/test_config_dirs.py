@@ -71,7 +71,7 @@ def test_two_folders_may_not_hold_the_same_name(tmp_path, mine):
     (["--config-dir"], "--config-dir: needs a folder; write --config-dir DIR"),
     (["--config-dir=missing"], "--config-dir: missing is not a folder; pass the folder that holds your model/"),
     (["--config-dir=empty"], "--config-dir: empty holds no config: a config goes in a subfolder named after its "
-                             "group (cluster, data, model, parallel, pipeline, stage), e.g. model/my_model.yaml"),
+                             "group (cluster, data, model, parallel, pipeline), e.g. model/my_model.yaml"),
     (["--config-dir=flat"], "--config-dir: flat holds no config"),  # a config beside, not in, a group folder
 ])
 def test_a_folder_that_is_not_a_config_folder_is_one_line(tmp_path, monkeypatch, capsys, args, fragment):
@@ -81,3 +81,33 @@ def test_a_folder_that_is_not_a_config_folder_is_one_line(tmp_path, monkeypatch,
     assert main(["smoke", *args, "--cfg"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"orlhf smoke: error: {fragment}") and err.count("\n") == 1, err
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    folder = user_configs(tmp_path / "conf", {"model/broken.yaml": "name: broken\ndim: [1, 2\nn_layers: 2\n"})
+    for flag in ("--cfg", "--help"):
+        assert main(["smoke", f"--config-dir={folder}", "model=broken", flag]) == 2
+        assert capsys.readouterr().err == (f"orlhf smoke: error: {folder}/model/broken.yaml:3: is not valid YAML "
+                                           "(while parsing a flow sequence, expected ',' or ']', but got ':'); "
+                                           "fix that file\n")
+
+
+def test_a_folder_given_twice_counts_once(mine):
+    assert split_config_dirs(["--config-dir", str(mine), f"--config-dir={mine}/../{mine.name}"])[0] == [str(mine)]
+
+
+@pytest.mark.parametrize("relative,reason", [
+    ("model/mine.yml", "Hydra reads .yaml files only"),
+    ("stage/sft.yaml", "a stage's own config is not replaceable"),
+])
+def test_files_hydra_would_never_read_are_refused(tmp_path, relative, reason):
+    folder = user_configs(tmp_path / "conf", {"data/mix.yaml": "sources: []\n", relative: MODEL})
+    unread = folder / relative if relative.endswith(".yml") else folder / "stage"
+    with pytest.raises(ConfigError, match=f"^--config-dir: {unread} would be ignored: {reason}"):
+        split_config_dirs([f"--config-dir={folder}"])
+
+
+def test_a_misspelt_option_is_named_not_taken_for_an_override(mine, capsys):
+    assert main(["smoke", f"--confg-dir={mine}", "--cfg"]) == 2
+    assert capsys.readouterr().err == (f"orlhf smoke: error: --confg-dir={mine}: unknown option; the options are "
+                                       "--config-dir DIR, --cfg, --check and --help\n")

@@ -57,3 +57,32 @@ def test_in_a_container_the_folder_must_be_mounted_where_it_is(tmp_path, conf, c
     assert (f"orlhf launch: error: --config-dir: {conf} is neither under run_dir ({tmp_path / 'run'}) nor under a "
             "cluster.container_mounts item mounted at the same path") in capsys.readouterr().err
     assert main([*args[:-1], f"cluster.container_mounts=['{conf}:{conf}']", "--dry-run"]) == 0
+
+
+def test_status_takes_the_folder_too_and_a_misspelt_option_is_named(tmp_path, conf, capsys):
+    """A shell alias that always adds --config-dir must not break `orlhf launch status`."""
+    assert main(["launch", "status", f"--config-dir={conf}", f"run_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith(f"orlhf launch: error: run_dir: no launch.json in {tmp_path}")
+    assert main(["launch", "--dryrun", "pipeline=smoke"]) == 2
+    assert capsys.readouterr().err == ("orlhf launch: error: --dryrun: unknown option; the options are --dry-run, "
+                                       "--config-dir DIR and --help\n")
+
+
+def test_broken_files_of_the_users_are_one_line_naming_them(tmp_path, capsys):
+    conf = user_configs(tmp_path / "conf", {
+        "model/broken.yaml": "name: broken\ndim: [1, 2\n",
+        "pipeline/uses_broken.yaml": "name: uses_broken\nstages: [{stage: smoke, overrides: [model=broken]}]\n",
+        "pipeline/torn.yaml": "name: torn\nstages: [{stage: smoke\n",
+        "pipeline/nameless.yaml": "stages: [{stage: smoke}]\n"})
+    expected = {
+        "uses_broken": f"pipeline.stages[0] (smoke): orlhf smoke: error: {conf}/model/broken.yaml:3: is not valid "
+                       "YAML (while parsing a flow sequence, expected ',' or ']', but got '<stream end>'); fix that "
+                       "file",
+        "torn": f"{conf}/pipeline/torn.yaml:3: is not valid YAML (expected ',' or '}}', but got '<stream end>'); "
+                "fix that file",
+        "nameless": "pipeline.name: is not set; add `name: <name>` to the pipeline's file (the run's default folder "
+                    "is runs/<name>)"}
+    for pipeline, line in expected.items():
+        assert main(["launch", f"--config-dir={conf}", f"pipeline={pipeline}", f"run_dir={tmp_path / 'run'}",
+                     "--dry-run"]) == 2
+        assert capsys.readouterr().err == f"orlhf launch: error: {line}\n", pipeline
