@@ -30,6 +30,13 @@ POLL_S = 1.0
 STOPPED_EXIT_CODE = 75
 STOP_LINE = ": stopped by a signal ("
 ERROR_LINE = re.compile(r"orlhf \S+: error: ")  # how a stage says why it failed (offline_rlhf.cli)
+# The last line of a Python traceback, for a stage that crashed without its own error line;
+# torchrun's summary of its failed workers (ChildFailedError) says nothing of the cause.
+EXCEPTION_LINE = re.compile(r"(?!torch\.distributed\.elastic\.)[\w.]*(Error|Exception): ")
+# Stages whose killed runs keep their work (fsynced shards, call logs, each model's answers):
+# a relaunch resumes them (offline_rlhf.cli.RESUMABLE less the training stages, which stop
+# with STOP_LINE; tests/unit/launcher/test_local_signals.py keeps them equal).
+KEEPS_PARTIAL_WORK = ("generate", "reference", "eval", "judge")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 # Sent to the stage as SIGTERM, so that a training stage saves a checkpoint (it takes SIGTERM).
 AS_SIGTERM = (signal.SIGINT, signal.SIGHUP)
@@ -131,15 +138,15 @@ def run_locally(plans: list[StagePlan], python: str, dry_run: bool) -> int:
         start = time.monotonic()
         run = run_showing_progress(command, log, sys.stdout, workers_apart=plan.world_size > 1)
         if run.code != 0 or run.signal:
-            return _report_end(plan.name, run)
+            return _report_end(plan.name, plan.stage, run)
         print(f"    done in {time.monotonic() - start:.1f} s", flush=True)
     return 0
 
 
-def _report_end(name: str, run: StageRun) -> int:
-    """Say on the console why the pipeline ends at stage `name`: the stage's own last error or
-    stop line (buried in the log, under torchrun's dump of its failed workers), then whether it
-    stopped (STOPPED_EXIT_CODE: a relaunch continues) or failed (1)."""
+def _report_end(name: str, stage: str, run: StageRun) -> int:
+    """Say on the console why the pipeline ends at stage `name` (an `orlhf STAGE`): the stage's
+    own last error or stop line (buried in the log, under torchrun's dump of its failed
+    workers), then whether it stopped (STOPPED_EXIT_CODE: a relaunch continues) or failed (1)."""
     own = run.last_own_line()
     if own:
         _tell(f"    {own}")
@@ -149,6 +156,8 @@ def _report_end(name: str, run: StageRun) -> int:
         end = f"stopped{received} after stage {name} completed; relaunch to continue"
     elif run.code == STOPPED_EXIT_CODE or STOP_LINE in own:
         end = f"stage {name} stopped{received} (a checkpoint was saved; relaunch to resume)"
+    elif run.signal and stage in KEEPS_PARTIAL_WORK:
+        end = f"stage {name} stopped{received} ({status}; the work it saved is kept); relaunch to resume"
     elif run.signal:
         end = f"stage {name} stopped{received} ({status}, no checkpoint); relaunch to run it again"
     else:
@@ -178,11 +187,13 @@ class StageRun:
     offset: int
 
     def last_own_line(self) -> str:
-        """The attempt's last `orlhf STAGE: error: ...` or signal-stop line ('' if none)."""
+        """The attempt's last `orlhf STAGE: error: ...` or signal-stop line, else the last
+        exception line of a traceback ('' if none)."""
         with open(self.log, "rb") as handle:
             handle.seek(self.offset)
             lines = handle.read().decode(errors="replace").splitlines()
-        return next((line.strip() for line in reversed(lines) if ERROR_LINE.match(line) or STOP_LINE in line), "")
+        own = next((line.strip() for line in reversed(lines) if ERROR_LINE.match(line) or STOP_LINE in line), "")
+        return own or next((line.strip() for line in reversed(lines) if EXCEPTION_LINE.match(line)), "")
 
 
 def run_showing_progress(command: list[str], log: Path, out: TextIO, workers_apart: bool = False) -> StageRun:

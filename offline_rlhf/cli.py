@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # a stage that stopped on request (its work saved): its exit status
         code = stop.code if isinstance(stop.code, int) else 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback, saying whether a rerun resumes
-        say_once(interrupted_line(argv))
+        if process_rank() == "0":  # a terminal's Ctrl-C reaches every rank: rank 0 says it
+            print(interrupted_line(argv), file=sys.stderr, flush=True)
         code = 130
     except BrokenPipeError:  # the reader went away (`orlhf sft --help | head`): stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more

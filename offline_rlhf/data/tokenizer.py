@@ -44,11 +44,15 @@ class Tokenizer:
             raise ConfigError("init.tokenizer", f"{path / TOKENIZER_FILE} not found",
                               "pass a folder with a tokenizer.json (only those tokenizers are supported)")
         config_path = path / CONFIG_FILE
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = _json_object(config_path) if config_path.is_file() else {}
         if "chat_template" not in config and (path / CHAT_TEMPLATE_FILE).is_file():
             config["chat_template"] = (path / CHAT_TEMPLATE_FILE).read_text()  # transformers >= 4.50 saves it there
         config.update(_legacy_special_tokens(path, config))
-        backend = BackendTokenizer.from_file(str(path / TOKENIZER_FILE))
+        try:
+            backend = BackendTokenizer.from_file(str(path / TOKENIZER_FILE))
+        except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception for a damaged file
+            raise ConfigError("init.tokenizer", f"{path / TOKENIZER_FILE} is not a tokenizer the tokenizers library "
+                              f"reads ({err})", "restore the file, or point at another tokenizer folder") from None
         return cls(backend, config, _generation_eos_ids(path / GENERATION_CONFIG_FILE,
                                                          backend.get_vocab_size(with_added_tokens=True)))
 
@@ -130,6 +134,16 @@ class Tokenizer:
         (path / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
 
 
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError("init.tokenizer", f"{path} is not valid JSON ({err})", "restore the file") from None
+    if not isinstance(value, dict):
+        raise ConfigError("init.tokenizer", f"{path} is not a JSON object", "restore the file")
+    return value
+
+
 def _legacy_special_tokens(path: Path, config: dict) -> dict:
     """The special tokens (`bos_token`, `eos_token`...) of special_tokens_map.json, which
     transformers reads, over tokenizer_config.json's, when tokenizer_config.json has no
@@ -137,7 +151,7 @@ def _legacy_special_tokens(path: Path, config: dict) -> dict:
     special_map = path / SPECIAL_TOKENS_MAP_FILE
     if "added_tokens_decoder" in config or not special_map.is_file():
         return {}
-    return {key: value for key, value in json.loads(special_map.read_text()).items()
+    return {key: value for key, value in _json_object(special_map).items()
             if key.endswith("_token") and value is not None}
 
 

@@ -35,3 +35,14 @@ def test_a_reward_model_that_only_scores_starts_over(monkeypatch, capsys, settin
 
 def test_every_resumable_stage_is_a_stage():
     assert cli.RESUMABLE <= set(cli.STAGES)
+
+
+def test_under_torchrun_only_rank_0_says_it_and_no_rank_waits(monkeypatch, capsys):
+    """A terminal's Ctrl-C reaches every rank: each said it, rank 1 after a 5 s wait."""
+    monkeypatch.setattr(cli, "_exit_without_teardown", lambda code: None)  # torchrun's workers exit without teardown
+    monkeypatch.setattr(cli.time, "sleep", lambda seconds: pytest.fail(f"waited {seconds} s"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert interrupted(monkeypatch, capsys, "generate") == ""
+    monkeypatch.setenv("RANK", "0")
+    assert interrupted(monkeypatch, capsys, "generate").endswith("rerun the same command to resume")

@@ -74,3 +74,19 @@ def test_auto_tokenizer_agrees(trained):
         ids = tokenizer.encode(text)
         assert hf(text)["input_ids"] == ids
         assert hf.decode(ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("name,text,reason", [
+    ("tokenizer.json", '{"not": ', "is not a tokenizer the tokenizers library reads"),
+    ("tokenizer_config.json", '{"bos_token": ', "is not valid JSON"),
+    ("special_tokens_map.json", '["eos"]', "is not a JSON object"),
+])
+def test_a_damaged_file_is_one_line_naming_it(trained, tmp_path, name, text, reason):
+    """Was a 23-32 line traceback from the Rust library or json, without the file's name."""
+    from offline_rlhf.config.errors import ConfigError
+
+    folder = tmp_path / "tok"
+    trained[0].save(folder)
+    (folder / name).write_text(text)
+    with pytest.raises(ConfigError, match=f"^init.tokenizer: {folder / name} {reason}"):
+        Tokenizer.from_dir(folder)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from launcher.compose import compose_launch
-from launcher.local import DONE, STOPPED_EXIT_CODE, run_locally
+from launcher.local import DONE, KEEPS_PARTIAL_WORK, STOPPED_EXIT_CODE, run_locally
 from launcher.plan import plan_pipeline
 from offline_rlhf.checkpoint import latest_checkpoint
 from offline_rlhf.train.loop import STOPPED_EXIT_CODE as LOOP_STOPPED_EXIT_CODE
@@ -241,3 +241,35 @@ def test_a_stage_that_completes_despite_the_signal_is_the_last_to_run(tmp_path, 
     assert last == ("orlhf launch: stopped on SIGUSR1 after stage first completed; relaunch to continue; "
                     f"log: {tmp_path / 'first' / 'launch.log'}")
     assert not (tmp_path / "next").exists()
+
+
+def test_a_stopped_stage_that_keeps_its_work_says_a_relaunch_resumes(tmp_path, capsys):
+    """generate's fsynced shards, eval's answers...: the launcher said "no checkpoint; relaunch to
+    run it again", and the relaunch resumed."""
+    python, plans = shell_stages(tmp_path, f"touch {tmp_path / 'ready'}; sleep 120 & wait")
+    plans = [replace(plan, stage="generate") for plan in plans]
+    sender = signal_soon(signal.SIGTERM, tmp_path / "ready")
+    assert run_locally(plans, python, dry_run=False) == STOPPED_EXIT_CODE
+    sender.join()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "orlhf launch: stage first stopped on SIGTERM (killed by SIGTERM; the work it saved is kept); relaunch to "
+        f"resume; log: {tmp_path / 'first' / 'launch.log'}")
+
+
+def test_the_stages_that_keep_partial_work_are_the_resumable_ones_without_checkpoints():
+    from offline_rlhf.cli import RESUMABLE
+
+    assert set(KEEPS_PARTIAL_WORK) == RESUMABLE - {"sft", "rm", "align", "ppo", "launch", "pipeline"}
+
+
+def test_a_stage_that_crashed_with_a_traceback_shows_its_exception(tmp_path, capsys):
+    """The console said only "failed (exit code 1)"; the cause was at the end of the log,
+    above torchrun's summary of its failed workers."""
+    crash = ("echo 'Traceback (most recent call last):'; echo '  File \"x.py\", line 1'; "
+             "echo 'Exception: expected `,` or `}` at line 1 column 7'; "
+             "echo 'torch.distributed.elastic.multiprocessing.errors.ChildFailedError: '; echo '====='; exit 1")
+    python, plans = shell_stages(tmp_path, crash)
+    assert run_locally(plans, python, dry_run=False) == 1
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "    Exception: expected `,` or `}` at line 1 column 7",
+        f"orlhf launch: stage first failed (exit code 1); log: {tmp_path / 'first' / 'launch.log'}"]
