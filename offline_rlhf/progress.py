@@ -15,6 +15,8 @@ from tqdm import tqdm
 PREFIX = "[progress] "
 PLAIN_EVERY_S = 10.0
 QUIET_FOR_S = 10.0  # `quiet_progress`: work done within this long shows nothing
+ETA_AFTER = 0.05  # a plain line shows an ETA once this run has done this share of its units...
+ETA_MIN_UNITS = 2  # ...and at least this many (one unit's rate is mostly start-up)
 
 
 class Progress:
@@ -29,19 +31,27 @@ class Progress:
         self.stream = stream or sys.stderr
         self.enabled, self.every_s, self.delay = enabled, every_s, delay
         self.started, self.last_line, self.shown = time.monotonic(), float("-inf"), {}
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.stream, delay=delay,
-                        disable=not (enabled and _is_terminal(self.stream)))
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream,
+                        delay=delay, disable=not (enabled and _is_terminal(self.stream)))
         self.first = self.printed = initial
 
-    def update(self, n: int = 1, **shown: str) -> None:
+    def update(self, n: int = 1, **shown: str) -> bool:
+        """True when this update ended a shown interval: it printed a plain line (on a terminal,
+        whose bar shows every update: every_s had passed since the last such update). A caller
+        showing a mean over the units since the last line starts its next one then."""
         self.done += n
         self.shown = shown
         if not self.bar.disable:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(n)
+            if time.monotonic() - self.last_line >= self.every_s:
+                self.last_line = time.monotonic()
+                return True
         elif self.enabled and self._due() and (time.monotonic() - self.last_line >= self.every_s
                                                or self.done >= self.total):
             self._plain_line()
+            return True
+        return False
 
     def write(self, text: str) -> None:
         if self.bar.disable:
@@ -87,9 +97,13 @@ def main_process() -> bool:
 
 def plain_status(desc: str, done: int, total: int, first: int, elapsed: float, shown: dict, unit: str) -> str:
     """`sft: step 40/120 (33%) loss=2.31 | 0:40 elapsed, ETA 1:20`; the ETA from the rate of
-    this run (units done before a resume do not count)."""
-    rate = (done - first) / elapsed if elapsed > 0 else 0.0
-    eta = f", ETA {clock((total - done) / rate)}" if rate > 0 and done < total else ""
+    this run (units done before a resume do not count). No ETA until this run has done at
+    least ETA_AFTER (5%) of the units it has to do and at least ETA_MIN_UNITS (2) of them:
+    an estimate from the first unit, start-up included, can be off many times over."""
+    ran = done - first
+    rate = ran / elapsed if elapsed > 0 else 0.0
+    enough = ran >= max(ETA_MIN_UNITS, ETA_AFTER * (total - first))
+    eta = f", ETA {clock((total - done) / rate)}" if enough and rate > 0 and done < total else ""
     values = "".join(f" {key}={value}" for key, value in shown.items())
     percent = f" ({100 * done / total:.0f}%)" if total else ""
     return f"{desc}: {unit} {done}/{total}{percent}{values} | {clock(elapsed)} elapsed{eta}"

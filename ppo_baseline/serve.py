@@ -103,8 +103,16 @@ def run(cfg: ServiceConfig, token: str) -> int:
         finally:
             if rt.is_main:
                 service.stop()
-        rt.log(f"{cfg.name} service stopped after {service.step} training step(s)")
+        rt.log(stopped_message(cfg.name, service.step))
     return 0
+
+
+def stopped_message(name: str, steps: int) -> str:
+    """The service's last line: the critic trains, so it says how far; the reward and
+    reference models are frozen, where "after 0 training steps" would read like a failure."""
+    if name != "critic":
+        return f"{name} service stopped"
+    return f"{name} service stopped after {steps} training step{'' if steps == 1 else 's'}"
 
 
 def main() -> int:

@@ -262,10 +262,10 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
     model = actor.setup.model
     start, skipped = _resume(actor.setup.checkpoints, model, actor.optimizer, actor.scheduler, rt)
     stream = SampleStream(len(actor.prompts), cfg.seed)
-    log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)
     rt.log(f"ppo: {len(actor.prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} "
            f"responses on {rt.dims.world_size} actor process(es) (TP={rt.dims.tp} x DP={rt.dims.dp}), starting at "
            f"iteration {start}; starting the reward, reference and critic services")
+    log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)
     checkpoint = actor.latest
     # Rank 0 alone starts and calls the services (the TP and DP ranks get its answers).
     # A stop signal (SIGTERM, SIGUSR1: Slurm's warning, Ctrl-C) ends the run after the current

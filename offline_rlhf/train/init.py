@@ -40,7 +40,9 @@ def prepare_training(init: InitConfig, model_cfg: ModelConfig, head: str, rt: Ru
     if before_load is not None:
         before_load(model)
     checkpoints = rt.stage_dir / "checkpoints"
-    rt.log(initialize_weights(init, model, checkpoints, may_lack=NEW_HEAD_PARAMETERS[head], rt=rt))
+    source = initialize_weights(init, model, checkpoints, may_lack=NEW_HEAD_PARAMETERS[head], rt=rt)
+    if source is not None:
+        rt.log(source)
     return TrainingSetup(model, tokenizer, tokenizer_path, checkpoints)
 
 
@@ -57,11 +59,12 @@ def check_init_head(init: InitConfig, head: str, stage: str) -> None:
 
 
 def initialize_weights(init: InitConfig, model: nn.Module, resume_root: Path, may_lack: tuple[str, ...] = (),
-                       rt: Runtime | None = None) -> str:
+                       rt: Runtime | None = None) -> str | None:
     """Load the init checkpoint unless the stage is resuming (its own checkpoint wins).
-    Returns a line saying where the weights came from."""
+    Returns a line saying where the weights came from; None on a resume, which the
+    training loop reports itself (`resuming from <checkpoint> (step N)`)."""
     if latest_checkpoint(resume_root) is not None:
-        return f"weights: resuming from {resume_root}"
+        return None
     if not init.checkpoint:
         return "weights: random initialization"
     path = resolve_checkpoint(init.checkpoint, "init.checkpoint")

@@ -209,10 +209,11 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
     state = resumed.train_state if resumed else TrainState(data_position={"samples_consumed": 0})
     usage.resumed = resumed_from is not None  # the ledger charges the executions whose checkpoints this continues
     stream = SampleStream(len(data.train), train_cfg.seed)
-    log = MetricsLog(rt.stage_dir, logging_cfg, rt.is_main, resumed_step=state.step, total_steps=steps)
+    micro_batches = per_rank // train_cfg.micro_batch
     rt.log(f"training: {len(data.train)} items, {steps} steps of {train_cfg.global_batch} "
-           f"({per_rank // train_cfg.micro_batch} micro-batches of {train_cfg.micro_batch} per rank), "
+           f"({micro_batches} micro-batch{'es' if micro_batches != 1 else ''} of {train_cfg.micro_batch} per rank), "
            f"starting at step {state.step}")
+    log = MetricsLog(rt.stage_dir, logging_cfg, rt.is_main, resumed_step=state.step, total_steps=steps)
     run = _Run(task, model, data, train_cfg, rt, usage, ckpt, (optimizer, scheduler), optim_cfg.grad_clip, stream,
                per_rank, state, steps, log, TrainResult(steps=steps, checkpoint=resumed_from))
     if resumed is not None and state.step == steps and not resumed.metadata.get(FINAL):

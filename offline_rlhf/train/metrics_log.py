@@ -29,29 +29,44 @@ def throughput_metrics(tokens: int, step_seconds: float, data_seconds: float, mo
     return metrics
 
 
+COUNT = "count/"  # a loss's internal counters (offline_rlhf.train.loop.COUNT)
+# What a step's tokens_per_s is measured over: the training step (train loop), the
+# generation (PPO); without either, the steps' rates weigh alike.
+RATE_SECONDS = ("step_seconds", "time_generate")
+
+
 class MetricsLog:
     def __init__(self, stage_dir: Path, cfg: LoggingConfig, is_main: bool, resumed_step: int, total_steps: int):
         self.path = Path(stage_dir) / METRICS_FILE
         self.is_main = is_main
         self.bar = Progress(Path(stage_dir).name, total_steps, resumed_step, enabled=is_main and cfg.progress)
+        self.window = (0.0, 0.0)  # tokens and seconds of the steps since the last shown progress line
         self.sinks = _external_sinks(cfg, stage_dir) if is_main else []
         if is_main:
             _drop_rows_after(self.path, resumed_step)
 
     def train(self, step: int, metrics: dict[str, float], every: int) -> None:
+        """The progress shows loss and lr of this step, and tok_s as the mean over the steps
+        since the last shown line (one step's rate swings with its lengths and pauses);
+        metrics.jsonl keeps each step's own values."""
+        seconds = next((metrics[key] for key in RATE_SECONDS if key in metrics), 1.0)
+        self.window = (self.window[0] + metrics["tokens_per_s"] * seconds, self.window[1] + seconds)
         shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}", "lr": f"{metrics['lr']:.2e}",
-                 "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+                 "tok_s": f"{self.window[0] / self.window[1] if self.window[1] > 0 else 0.0:.0f}"}
         if "accuracy" in metrics:  # the reward model's headline number
             shown["acc"] = f"{metrics['accuracy']:.3f}"
-        self.bar.update(1, **shown)
+        if self.bar.update(1, **shown):
+            self.window = (0.0, 0.0)
         if step % every == 0:
             self._write(step, {f"train/{k}": v for k, v in metrics.items()})
 
     def validation(self, step: int, metrics: dict[str, float]) -> None:
+        """All of `metrics` go to metrics.jsonl; the printed line leaves out the loss's
+        internal counters (`count/...`: pairs, kept samples, weight sums)."""
         if metrics:
             self._write(step, {f"val/{k}": v for k, v in metrics.items()})
             if self.is_main:
-                shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith(COUNT))
                 self.bar.write(f"step {step} validation: {shown}")
 
     def _write(self, step: int, row: dict[str, float]) -> None:

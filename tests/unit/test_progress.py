@@ -62,5 +62,25 @@ def test_status_line_and_eta():
     assert clock(3725) == "1:02:05" and clock(59.9) == "0:59"
 
 
+def test_no_eta_from_the_first_units_of_work():
+    # one answer of 1600, one step of 60: the start-up dominates; an ETA would be off many times over
+    assert "ETA" not in plain_status("eval sft", 1, 1600, 0, 0.3, {}, "answer")
+    assert "ETA" not in plain_status("rm", 1, 60, 0, 12.0, {}, "step")
+    assert "ETA" not in plain_status("rm", 2, 60, 0, 20.0, {}, "step")  # under 5% of the run
+    assert plain_status("rm", 3, 60, 0, 30.0, {}, "step").endswith("0:30 elapsed, ETA 9:30")  # 5%
+    # a resume counts this run's units: 2 of the 20 left (10%) shows one, 1 does not
+    assert plain_status("sft", 102, 120, 100, 4.0, {}, "step").endswith("ETA 0:36")
+    assert "ETA" not in plain_status("sft", 101, 120, 100, 2.0, {}, "step")
+
+
+def test_a_terminal_bar_counts_in_the_unit_of_work():
+    terminal = Terminal()
+    bar = Progress("eval sft", 3, stream=terminal, unit="answer")
+    bar.update(3)
+    bar.close()
+    assert "answer/s" in terminal.getvalue() or "s/answer" in terminal.getvalue()
+    assert "it/s" not in terminal.getvalue() and "s/it" not in terminal.getvalue()
+
+
 def test_the_launcher_looks_for_the_prefix_stages_write():
     assert PROGRESS_PREFIX == PREFIX

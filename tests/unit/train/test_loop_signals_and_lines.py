@@ -16,6 +16,7 @@ from offline_rlhf.data.batching import collate_sequences
 from offline_rlhf.ledger import OneProcess, read_ledger, track
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.stages.sft import sft_task
+from offline_rlhf.train import loop
 from offline_rlhf.train.loop import STOPPED_EXIT_CODE, CheckpointSpec, StoppedBySignal, Task, TrainData, train
 from offline_rlhf.train.schedule import lr_multiplier
 from tests.fixtures import TINY, reference_model, runtime_for, sft_sequences
@@ -137,6 +138,28 @@ def test_a_global_batch_larger_than_the_data_is_named_once(tmp_path, capsys):
     assert "training: 3 items, 1 steps of 16" in out
     run(tmp_path / "enough", replace(STEPS, max_steps=2), items=4)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_the_training_line_comes_before_the_progress_bar(tmp_path, capsys, monkeypatch):
+    """On a terminal the bar's first frame (drawn when it is created) shared a row with the
+    `training: ...` line printed after it."""
+    printed_before_the_bar, made = [], loop.MetricsLog
+
+    def metrics_log(*args, **kwargs):
+        printed_before_the_bar.append(capsys.readouterr().out)
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "MetricsLog", metrics_log)
+    run(tmp_path, replace(STEPS, max_steps=2))
+    assert "training: 8 items, 2 steps of 4 " in printed_before_the_bar[0]
+
+
+def test_one_micro_batch_per_rank_is_singular(tmp_path, capsys):
+    run(tmp_path, replace(STEPS, global_batch=2, max_steps=1))
+    assert "training: 8 items, 1 steps of 2 (1 micro-batch of 2 per rank), starting at step 0" in \
+        capsys.readouterr().out
+    run(tmp_path / "two", replace(STEPS, max_steps=1))
+    assert "(2 micro-batches of 2 per rank)" in capsys.readouterr().out
 
 
 def test_a_schedule_shortened_to_the_checkpoint_finishes_it_and_one_behind_it_is_refused(tmp_path):
