@@ -156,8 +156,9 @@ INPUT_FIELDS = (("data.sources", "path"), ("data.path", ""), ("data.pairs", ""),
 def check_stage(config) -> dict:
     """`orlhf STAGE --check`: what would fail once the stage has its processes, found without
     loading a model: the parallel layout for the world size (and the stage's model, when an
-    existing init checkpoint or `model` fixes it), the global batch split over data-parallel
-    ranks, a tokenizer to start from. Raises ConfigError (one line); returns the input paths
+    existing init checkpoint or `model` fixes it), rows and answers that fit that model, the
+    global batch split over data-parallel ranks, a tokenizer to start from. Raises
+    ConfigError (one line); returns the input paths
     the stage reads, for the launcher to match against what earlier stages write."""
     from offline_rlhf.config.errors import ConfigError
     from offline_rlhf.parallel.dims import ParallelDims
@@ -168,14 +169,16 @@ def check_stage(config) -> dict:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(CHECK_WORLD_SIZE, f"must be a process count >= 1, got {raw!r}")
     world = int(raw)
+    model = _stage_model(config)
     if parallel is not None:
-        dims = ParallelDims.build(parallel, world, _stage_model(config))
+        dims = ParallelDims.build(parallel, world, model)
         train = None if getattr(config, "eval_only", False) else getattr(config, "train", None)
         if hasattr(train, "global_batch") and hasattr(train, "micro_batch"):
             dims.per_rank_batch(train.global_batch, train.micro_batch)
         check_world = getattr(config, "check_world", None)  # a stage's own rules for its world (the PPO actor's)
         if callable(check_world):
             check_world(dims.dp)
+    check_fits(config, model)
     init = getattr(config, "init", None)
     if init is not None and not init.tokenizer:
         init.require_tokenizer_source()
@@ -185,6 +188,21 @@ def check_stage(config) -> dict:
             tokenizer_dir(init)
     inputs = [{"key": key, "path": path, "exists": os.path.exists(path)} for key, path in input_paths(config)]
     return {"world_size": world, "inputs": inputs}
+
+
+def check_fits(config, model) -> None:
+    """What the stage would refuse once it has read its model's config: training rows, or
+    the answers it generates, longer than the model's context (TP-independent)."""
+    if model is None:
+        return
+    from offline_rlhf.config.errors import ConfigError
+    from offline_rlhf.runtime import check_sequence_length
+
+    check_sequence_length(config, model)
+    generation = getattr(config, "generation", None)
+    if generation is not None and generation.max_new_tokens >= model.max_seq_len:
+        raise ConfigError("generation.max_new_tokens", f"{generation.max_new_tokens} leaves no room for a prompt in "
+                          f"the model's max_seq_len={model.max_seq_len}", "lower it")
 
 
 def _stage_model(config):
@@ -209,10 +227,14 @@ def _stage_model(config):
 def _complete_checkpoint(path: str, key: str):
     """The checkpoint `path` resolves to, or None while it has none yet (an earlier stage
     writes it, or left it without a complete step on a crash that a pipeline rerun resumes)."""
+    from offline_rlhf.config.errors import ConfigError
+
+    if os.path.isfile(path):
+        raise ConfigError(key, f"{path} is a file, not a checkpoint folder", "pass a checkpoint folder (a stage's "
+                          "checkpoints/ or one of its step_* folders)")
     if not os.path.exists(path):
         return None
     from offline_rlhf.checkpoint import resolve_checkpoint
-    from offline_rlhf.config.errors import ConfigError
 
     try:
         return resolve_checkpoint(path, key)

@@ -151,3 +151,33 @@ def test_a_ppo_actor_world_that_cannot_split_its_minibatch_is_refused_before_que
                                              "ppo.minibatch=16", "ppo.micro_batch=4"], nproc=3)
     message = fails(files, ppo)
     assert "ppo.micro_batch" in message and "3 data-parallel ranks" in message, message
+
+
+def saved_tiny(files, tmp_path, head="lm"):
+    from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+    from tests.fixtures import TINY, reference_model
+
+    ckpt = tmp_path / "base"
+    save_checkpoint(ckpt, reference_model(head=head), CheckpointMeta(model=TINY, head=head, train_state=TrainState(1)),
+                    tokenizer_dir=files["tokenizer"])
+    return ckpt, TINY
+
+
+def test_rows_or_answers_longer_than_the_checkpoints_model_are_refused_before_queueing(files, tmp_path):
+    """The stage refused them seconds after its job started; the launch passed them."""
+    ckpt, model = saved_tiny(files, tmp_path)
+    entry = sft(files, f"init.checkpoint={ckpt}", f"data.max_seq_len={model.max_seq_len + 1}", tokenizer=False)
+    assert fails(files, entry).endswith(f"data.max_seq_len: {model.max_seq_len + 1} exceeds "
+                                        f"max_seq_len={model.max_seq_len} of the init.checkpoint's model; set "
+                                        f"data.max_seq_len<={model.max_seq_len}")
+    generate = StageEntry(stage="generate", overrides=[
+        f"init.checkpoint={ckpt}", f"generation.max_new_tokens={model.max_seq_len}",
+        f"sources=[{{name: p, kind: prompts, path: '{files['data']}'}}]"])
+    assert fails(files, generate).endswith(f"generation.max_new_tokens: {model.max_seq_len} leaves no room for a "
+                                           f"prompt in the model's max_seq_len={model.max_seq_len}; lower it")
+
+
+def test_a_checkpoint_path_naming_a_file_is_refused_not_taken_for_one_not_written_yet(files):
+    entry = sft(files, f"init.checkpoint={files['data']}", tokenizer=False)
+    assert fails(files, entry).endswith(f"init.checkpoint: {files['data']} is a file, not a checkpoint folder; pass "
+                                        "a checkpoint folder (a stage's checkpoints/ or one of its step_* folders)")
