@@ -64,6 +64,7 @@ def launch(argv: list[str], config_dirs: list[str]) -> int:
     """`argv`: overrides and --dry-run; `config_dirs`: the user's config folders (absolute)."""
     cfg = compose_launch([arg for arg in argv if arg != DRY_RUN], config_dirs)
     dry_run = DRY_RUN in argv or cfg.cluster.dry_run
+    print(f"pipeline {cfg.pipeline.name}: checking {len(cfg.pipeline.stages)} stage(s)...", flush=True)  # seconds each
     plans = plan_pipeline(cfg, config_dirs)
     run_dir = resolved_run_dir(cfg)
     print(f"pipeline {cfg.pipeline.name}: {len(plans)} stage(s) validated; run_dir {run_dir}", flush=True)

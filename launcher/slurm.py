@@ -176,7 +176,9 @@ def write_launch_record(run_dir: Path, pipeline: str, stages: list[SubmittedStag
 def read_launch_record(run_dir: Path) -> list[SubmittedStage]:
     path = run_dir / LAUNCH_RECORD
     if not path.exists():
-        raise LaunchError("run_dir", f"no {LAUNCH_RECORD} in {run_dir}", "launch a pipeline there with cluster=slurm")
+        raise LaunchError("run_dir", f"no {LAUNCH_RECORD} in {run_dir}: status lists the jobs of a Slurm launch",
+                          "a local run's stages log to <stage>/launch.log, its device-hours are in ledger.jsonl "
+                          "(`orlhf report` sums them)")
     return [SubmittedStage(**stage) for stage in json.loads(path.read_text())["stages"]]
 
 

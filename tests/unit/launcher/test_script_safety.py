@@ -104,7 +104,9 @@ def test_run_dir_references_in_stage_overrides_are_left_for_the_stage():
 def test_status_reads_run_dir_with_the_quoting_launch_prints(tmp_path, capsys):
     run_dir = tmp_path / "a,b c"
     assert main(["status", run_dir_override(run_dir)]) == 2
-    assert capsys.readouterr().err.startswith(f"orlhf launch: error: run_dir: no launch.json in {run_dir};")
+    assert capsys.readouterr().err == (f"orlhf launch: error: run_dir: no launch.json in {run_dir}: status lists "
+                                       "the jobs of a Slurm launch; a local run's stages log to <stage>/launch.log, "
+                                       "its device-hours are in ledger.jsonl (`orlhf report` sums them)\n")
 
 
 def test_run_dir_with_an_interpolation_is_refused():
