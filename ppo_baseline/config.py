@@ -13,9 +13,18 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, TypeVar
 
-from offline_rlhf.config.base import Frozen, freeze, require, require_positive
+from offline_rlhf.config.base import (
+    WEEK_S,
+    Frozen,
+    freeze,
+    require,
+    require_at_most,
+    require_positive,
+    require_run_dir,
+    require_seed,
+)
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.config.samples import PromptSourceConfig
+from offline_rlhf.config.samples import PromptSourceConfig, check_prompt_mix
 from offline_rlhf.config.schema import (
     GenerationConfig,
     InitConfig,
@@ -27,6 +36,7 @@ from offline_rlhf.config.schema import (
 from offline_rlhf.parallel.dims import ParallelDims
 
 SERVICES = ("reward", "reference", "critic")
+MAX_NPROC = 1024  # processes of one service's world (torchrun's --nproc-per-node, or over its het group's nodes)
 # A DNS name (labels of letters, digits, '-' and '_', as Slurm node names may have): what can
 # sit between `http://` and `:port` as it is; anything else (spaces, '/', '@') would change the URL.
 HOST_NAME = re.compile(r"(?=.{1,253}$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*")
@@ -102,6 +112,15 @@ class PPOAlgorithmConfig(Frozen):
             raise ConfigError("ppo.kl_coef", f"must be >= 0, got {self.kl_coef}")
         require_positive(self, "clip", "value_clip", prefix="ppo.")
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, the actor's and the critic's alike (their schedules' length)."""
+        return self.iterations * self.epochs * (self.rollout_batch // self.minibatch)
+
+    def check_warmup(self, optim: OptimConfig, prefix: str = "") -> None:
+        optim.check_warmup(self.optimizer_steps, "ppo.iterations x ppo.epochs x ppo.rollout_batch / ppo.minibatch",
+                           prefix)
+
     def check_split(self, dp: int, module: str, key: str, fix: str) -> None:
         """Every data-parallel rank of `module` takes an equal share of each minibatch, in
         whole micro-batches (FSDP gathers weights collectively: all ranks run the same forwards).
@@ -157,6 +176,7 @@ class ServiceSettings(Frozen):
         its data-parallel ranks takes whole micro-batches of every minibatch."""
         prefix = f"services.{name}."
         require_positive(self, "nproc", "batch_size", prefix=prefix)
+        require_at_most(self, MAX_NPROC, "nproc", prefix=prefix, fix="processes of one service, over all its nodes")
         if self.het_group is not None and self.het_group < 1:
             raise ConfigError(f"{prefix}het_group", f"must be >= 1 (group 0 is the actor's), got {self.het_group}")
         nested(prefix, lambda: OptimConfig.__post_init__(self.optim))
@@ -169,6 +189,7 @@ class ServiceSettings(Frozen):
         nested(prefix, lambda: ParallelConfig.__post_init__(self.parallel))
         dims = nested(prefix, lambda: ParallelDims.build(self.parallel, self.nproc))
         if name == "critic":  # the reward model pads rows for SP; the reference is a TP-only replica
+            ppo.check_warmup(self.optim, prefix)
             refuse_layouts(self.parallel, ("sequence_parallel",), prefix, name, "rollout rows have any length; "
                            "sequence parallelism splits every row evenly over the TP ranks")
             ppo.check_split(dims.dp, name, f"{prefix}nproc", f"the critic's data-parallel size ({prefix}nproc / "
@@ -188,6 +209,8 @@ class ServicesConfig(Frozen):
 
     def __post_init__(self):
         require_positive(self, "startup_timeout_s", "request_timeout_s", "max_body_mb", prefix="services.")
+        require_at_most(self, WEEK_S, "startup_timeout_s", "request_timeout_s", prefix="services.",
+                        fix="seconds: at most a week")
         check_host("services.host", self.host)
 
 
@@ -222,12 +245,13 @@ class PPOConfig(Frozen):
     serve: str = ""
 
     def __post_init__(self):
+        require_run_dir(self)
         require(self.init, "checkpoint", prefix="init.", fix="pass the SFT checkpoint the actor starts from")
         if self.serve and (self.serve not in SERVICES or getattr(self.services, self.serve).het_group is None):
             raise ConfigError("serve", f"{self.serve!r} is not a service placed in a het group",
                               f"use one of {', '.join(SERVICES)} with services.NAME.het_group set (orlhf launch does)")
-        if not self.sources:
-            raise ConfigError("sources", "is empty", "list at least one prompt source")
+        check_prompt_mix(self)
+        require_seed(self)
         if self.generation.greedy:
             raise ConfigError("generation.greedy", "PPO samples its rollouts", "set generation.greedy=false")
         if self.generation.n != 1:
@@ -246,6 +270,7 @@ class PPOConfig(Frozen):
             require(getattr(self.services, name), "checkpoint", prefix=f"services.{name}.")
             getattr(self.services, name).check(name, self.ppo)
         require_positive(self, "save_every", "keep_last", "max_prompt_tokens")
+        self.ppo.check_warmup(self.optim)
         self.check_world()
 
     def check_world(self, dp: int | None = None) -> None:
@@ -282,6 +307,7 @@ class ServiceConfig(Frozen):
             raise ConfigError("name", f"unknown service {self.name!r}", f"use one of {', '.join(SERVICES)}")
         self.settings.check(self.name, self.ppo)
         check_host("services.host", self.host)
+        require_seed(self)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -10,6 +10,14 @@ from offline_rlhf.config.errors import ConfigError
 
 T = TypeVar("T")
 
+# Seeds are 32-bit: stages derive per-step seeds from them (seed * 1_000_003 + step, ...) that
+# torch.manual_seed must still take (its range is 64 bits), and numpy-style seeders want >= 0.
+SEED_MAX = 2**32 - 1
+# The most records, prompts or pairs a total may ask for: more is a typo that would build a
+# list for hours before failing for memory (the data itself is only read later).
+MAX_TOTAL = 10**9
+WEEK_S = 7 * 24 * 3600  # the longest timeout a config may set (a socket's or a collective's)
+
 
 class Frozen:
     """A config that `freeze()` has sealed refuses assignment: a stage runs under exactly
@@ -73,3 +81,32 @@ def require_non_negative(config, *keys: str, prefix: str = "") -> None:
     for key in keys:
         if getattr(config, key) < 0:
             raise ConfigError(f"{prefix}{key}", f"must be >= 0, got {getattr(config, key)}")
+
+
+def require_at_most(config, limit: float, *keys: str, prefix: str = "", fix: str = "") -> None:
+    for key in keys:
+        if getattr(config, key) > limit:
+            raise ConfigError(f"{prefix}{key}", f"must be <= {limit}, got {getattr(config, key)}", fix)
+
+
+def require_seed(config, key: str = "seed", prefix: str = "") -> None:
+    """Every seed key: 0..SEED_MAX (a larger or negative one fails in torch or numpy, late)."""
+    value = getattr(config, key)
+    if not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{prefix}{key}", f"must be in 0..{SEED_MAX}, got {value}", "use a 32-bit seed, e.g. 1234")
+
+
+def require_total(config, key: str, prefix: str = "", fix: str = "") -> None:
+    """An optional count of records to draw (None: every one once): 1..MAX_TOTAL."""
+    value, fix = getattr(config, key), fix or f"set {prefix}{key}=null for every record once"
+    if value is None:
+        return
+    if value < 1:
+        raise ConfigError(f"{prefix}{key}", f"must be >= 1 or null, got {value}", fix)
+    require_at_most(config, MAX_TOTAL, key, prefix=prefix, fix=fix)
+
+
+def require_run_dir(config) -> None:
+    """A stage's run folder: empty, `run_dir/<stage>` would be `./<stage>` and `${run_dir}/x` be `/x`."""
+    if not config.run_dir.strip():
+        raise ConfigError("run_dir", "is empty", "pass run_dir=DIR, the run folder")

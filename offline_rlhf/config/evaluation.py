@@ -7,13 +7,14 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
-from offline_rlhf.config.base import Frozen, require, require_positive
+from offline_rlhf.config.base import Frozen, require, require_at_most, require_positive, require_run_dir
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import GenerationConfig, ParallelConfig, TemplateConfig
 
 EMBEDDED_TASK = "embedded_task"
 HF_RM = "hf_rm"
 CALLABLE = "callable"
+MAX_BOOTSTRAP = 10**6  # resamples of the win rates' intervals: more only takes longer (hours, after all the work)
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # names files: answers_<name>.jsonl
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
@@ -75,10 +76,12 @@ class EvalConfig(Frozen):
     bootstrap_samples: int = 1000  # resamples of the prompts for the win rates' 95% intervals
 
     def __post_init__(self):
+        require_run_dir(self)
         require(self, "prompts", fix="pass a JSONL of held-out prompts")
         if self.prompts_kind not in ("prompts", "sft"):
             raise ConfigError("prompts_kind", f"must be prompts or sft, got {self.prompts_kind!r}")
         require_positive(self, "batch_size", "bootstrap_samples")
+        require_at_most(self, MAX_BOOTSTRAP, "bootstrap_samples", fix="1000 (the default) gives stable intervals")
         if not self.models:
             raise ConfigError("models", "is empty", "list the checkpoints to evaluate")
         names = [m.name for m in self.models]
@@ -102,6 +105,9 @@ class ReportConfig(Frozen):
 
     run_dir: str = "runs/default"  # the run folder whose ledger, eval and judge results are reported
 
+    def __post_init__(self):
+        require_run_dir(self)
+
 
 @dataclass
 class SeedsReportConfig(Frozen):
@@ -114,7 +120,7 @@ class SeedsReportConfig(Frozen):
     strict: bool = False  # fail on a replicate or method that would be skipped, instead of listing it
 
     def __post_init__(self):
-        require(self, "run_dir")
+        require_run_dir(self)
         root, seen = os.path.realpath(self.run_dir), set()
         for index, folder in enumerate(self.replicates):
             inside = os.path.realpath(os.path.join(self.run_dir, folder))

@@ -7,10 +7,19 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from offline_rlhf.config.base import Frozen, require, require_positive
+from offline_rlhf.config.base import (
+    WEEK_S,
+    Frozen,
+    require,
+    require_at_most,
+    require_positive,
+    require_run_dir,
+    require_seed,
+)
 from offline_rlhf.config.errors import ConfigError
 
 FORMATS = ("single", "pairwise", "paper")
+MAX_RETRIES = 100  # per request
 PAPER_MAX_MODELS = 26  # the paper format names its assistants A..Z
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -53,6 +62,13 @@ class JudgeEndpointConfig(Frozen):
         if self.max_retries < 0 or self.backoff_s < 0:
             key = "judge.max_retries" if self.max_retries < 0 else "judge.backoff_s"
             raise ConfigError(key, "must be >= 0")
+        require_at_most(self, WEEK_S, "timeout_s", prefix="judge.", fix="seconds: at most a week")
+        require_at_most(self, MAX_RETRIES, "max_retries", prefix="judge.")
+        waits = self.backoff_s * (2**self.max_retries - 1)  # the delay doubles on each retry
+        if waits > WEEK_S:
+            raise ConfigError("judge.backoff_s", f"{self.backoff_s:g}s doubled on each of judge.max_retries="
+                              f"{self.max_retries} retries waits {waits:.3g}s in all, more than a week",
+                              "lower judge.backoff_s or judge.max_retries")
 
 
 def check_base_url(url: str) -> None:
@@ -98,6 +114,8 @@ class JudgeConfig(Frozen):
     strict: bool = False
 
     def __post_init__(self):
+        require_run_dir(self)
+        require_seed(self)
         require(self, "questions", fix="pass a FastChat question file (question_id, category, turns)")
         if self.format not in FORMATS:
             raise ConfigError("format", f"unknown format {self.format!r}", f"use one of {', '.join(FORMATS)}")

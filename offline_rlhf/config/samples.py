@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from offline_rlhf.config.base import Frozen, require, require_positive
+from offline_rlhf.config.base import (
+    Frozen,
+    require,
+    require_positive,
+    require_run_dir,
+    require_seed,
+    require_total,
+)
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import (
     DatasetInput,
@@ -15,6 +23,8 @@ from offline_rlhf.config.schema import (
     ParallelConfig,
     TemplateConfig,
     check_file_input,
+    check_unique_names,
+    check_weight,
 )
 
 
@@ -38,6 +48,16 @@ class PromptSourceConfig(InputDataset):
     def __post_init__(self):
         check_file_input("sources", self.name, self.path, self.kind, ("prompts", "sft", "preference"))
         self.check_layout(f"sources[{self.name or self.path}]")
+        check_weight(f"sources[{self.name or self.path}]", self.weight)
+
+
+def check_prompt_mix(config) -> None:
+    """The prompt mix of `orlhf generate` and `orlhf ppo`: some sources, with distinct names,
+    and a sane total_prompts."""
+    if not config.sources:
+        raise ConfigError("sources", "is empty", "list at least one prompt source")
+    check_unique_names("sources", config.sources, "sources", "give each source its own name (the key of its counts)")
+    require_total(config, "total_prompts", fix="set total_prompts=null for every prompt of every source once")
 
 
 @dataclass
@@ -60,13 +80,11 @@ class GenerateConfig(Frozen):
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
-        if not self.sources:
-            raise ConfigError("sources", "is empty", "list at least one prompt source")
+        require_run_dir(self)
+        check_prompt_mix(self)
         require(self.init, "checkpoint", prefix="init.", fix="pass the SFT checkpoint to generate with")
-        if self.total_prompts is not None and self.total_prompts < 1:
-            raise ConfigError("total_prompts", f"must be >= 1 or null, got {self.total_prompts}",
-                              "set total_prompts=null for every prompt of every source once")
         require_positive(self, "max_prompt_tokens", "write_every")
+        require_seed(self)
 
 
 NORMALIZATIONS = ("labeled_set", "rm_stats")
@@ -123,16 +141,17 @@ class LabelConfig(Frozen):
     include_unfinished: bool = False
 
     def __post_init__(self):
+        require_run_dir(self)
         require(self, "rm", fix="pass the reward-model checkpoint (orlhf rm output)")
         if not self.inputs:
             raise ConfigError("inputs", "is empty", "list the samples to label")
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError("normalization", f"unknown choice {self.normalization!r}",
                               f"use one of {', '.join(NORMALIZATIONS)}")
-        names = [i.name or i.path for i in self.inputs]  # each record's `source`, and the key of its counts
-        if twice := next((name for name in names if names.count(name) > 1), None):
-            raise ConfigError(f"inputs[{twice}].name", "names two inputs",
-                              "give each input its own name (its records' `source` in labeled.jsonl)")
+        check_unique_names("inputs", self.inputs, "inputs",
+                           "give each input its own name (its records' `source` in labeled.jsonl)")
+        require_positive(self, "batch_size")
+        require_seed(self)
 
 
 @dataclass
@@ -156,6 +175,7 @@ class MixConfig(Frozen):
     seed: int = 1234  # seeds the draws
 
     def __post_init__(self):
+        require_run_dir(self)
         require(self, "input", fix="pass the labeled samples written by `orlhf label`")
         weights = {group: getattr(self.weights, group) for group in ("generated", "sft", "preference")}
         for group, weight in weights.items():
@@ -164,8 +184,8 @@ class MixConfig(Frozen):
         if not any(weights.values()):
             raise ConfigError("weights", "are all 0", "give weights.generated, weights.sft or weights.preference "
                                                       "a positive share")
-        if self.total is not None and self.total < 1:
-            raise ConfigError("total", f"must be >= 1 or null, got {self.total}")
+        require_total(self, "total")
+        require_seed(self)
 
 
 @dataclass
@@ -199,6 +219,7 @@ class ReferenceConfig(Frozen):
     strict: bool = False  # a pair identical after truncation to max_seq_len is an error, not skipped and counted
 
     def __post_init__(self):
+        require_run_dir(self)
         require(self, "input", fix="pass the labeled samples written by `orlhf label`")
         require(self.init, "checkpoint", prefix="init.", fix="pass the SFT checkpoint (the DPO reference model)")
         require_positive(self, "batch_size", "write_every")
@@ -206,8 +227,8 @@ class ReferenceConfig(Frozen):
             raise ConfigError("min_gap", f"must be >= 0, got {self.min_gap}")
         if min(self.weights.rm_ranked, self.weights.human) < 0:
             raise ConfigError("weights", "must be >= 0")
-        if self.total is not None and self.total < 1:
-            raise ConfigError("total", f"must be >= 1 or null, got {self.total}")
+        require_total(self, "total")
+        require_seed(self)
         if self.max_seq_len < 2:
             raise ConfigError("max_seq_len", f"must be at least 2, got {self.max_seq_len}")
 
@@ -227,7 +248,9 @@ class RMScoreConfig(Frozen):
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
+        require_run_dir(self)
         for key in ("ckpt", "input", "output"):
             require(self, key, fix=f"pass {key}=PATH")
-        if self.batch_size <= 0:
-            raise ConfigError("batch_size", f"must be > 0, got {self.batch_size}")
+        if os.path.isdir(self.output):  # found only once every record is scored, leaving output.tmp
+            raise ConfigError("output", f"{self.output} is a folder", "pass the JSONL file to write")
+        require_positive(self, "batch_size")

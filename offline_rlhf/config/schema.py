@@ -13,7 +13,14 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
-from offline_rlhf.config.base import Frozen, require_non_negative, require_positive
+from offline_rlhf.config.base import (
+    WEEK_S,
+    Frozen,
+    require_non_negative,
+    require_positive,
+    require_seed,
+    require_total,
+)
 from offline_rlhf.config.errors import ConfigError
 
 
@@ -25,6 +32,12 @@ class RopeScalingConfig(Frozen):
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+
+    def __post_init__(self):
+        require_positive(self, "factor", "low_freq_factor", "original_max_position", prefix="model.rope_scaling.")
+        if self.high_freq_factor <= self.low_freq_factor:  # the band between them is interpolated
+            raise ConfigError("model.rope_scaling.high_freq_factor", f"must exceed model.rope_scaling.low_freq_factor="
+                              f"{self.low_freq_factor}, got {self.high_freq_factor}")
 
 
 @dataclass
@@ -54,7 +67,15 @@ class ModelConfig(Frozen):
     window_layers_from: int = 0  # the first layer using sliding_window (Qwen2's max_window_layers); 0: all
 
     def __post_init__(self):
-        require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", prefix="model.")
+        require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", "rope_theta",
+                         "norm_eps", "init_std", prefix="model.")
+        require_non_negative(self, "window_layers_from", prefix="model.")
+        if self.n_kv_heads is not None and self.n_kv_heads < 1:
+            raise ConfigError("model.n_kv_heads", f"must be >= 1, got {self.n_kv_heads}",
+                              "null for as many as model.n_heads")
+        if self.head_dim is not None and self.head_dim < 2:  # rotary embeddings rotate pairs of dimensions
+            raise ConfigError("model.head_dim", f"must be >= 2, got {self.head_dim}",
+                              "null for model.dim // model.n_heads")
         if self.sliding_window is not None and self.sliding_window < self.max_seq_len:
             raise ConfigError("model.sliding_window", f"{self.sliding_window} < model.max_seq_len={self.max_seq_len}",
                               "sliding-window attention is not implemented; set max_seq_len <= sliding_window")
@@ -108,8 +129,8 @@ class ParallelConfig(Frozen):
     timeout_min: float = 30.0
 
     def __post_init__(self):
-        if not 2 <= self.timeout_min <= 7 * 24 * 60:  # idle serving ranks hear a keep-alive every minute
-            raise ConfigError("parallel.timeout_min", f"must be between 2 and {7 * 24 * 60} (minutes, a week), got "
+        if not 2 <= self.timeout_min <= WEEK_S // 60:  # idle serving ranks hear a keep-alive every minute
+            raise ConfigError("parallel.timeout_min", f"must be between 2 and {WEEK_S // 60} (minutes, a week), got "
                               f"{self.timeout_min}", "a collective gets that long to wait for the slowest rank")
         if self.tp < 1:
             raise ConfigError("parallel.tp", f"must be >= 1, got {self.tp}")
@@ -185,6 +206,21 @@ class DatasetInput(Frozen):
             raise ConfigError(f"{key}.layout", f"unknown layout {self.layout!r}", f"use one of {', '.join(layouts)}")
 
 
+def check_weight(key: str, weight: float) -> None:
+    """A source's sampling weight in a mix (data.sources, sources): > 0."""
+    if weight <= 0:
+        raise ConfigError(f"{key}.weight", f"must be > 0, got {weight}",
+                          "give it a positive share, or remove the source")
+
+
+def check_unique_names(list_key: str, inputs, noun: str, fix: str) -> None:
+    """Every input of `list_key` has its own name (its name, else its path): counts and
+    records are keyed by it."""
+    names = [item.name or item.path for item in inputs]
+    if twice := next((name for name in names if names.count(name) > 1), None):
+        raise ConfigError(f"{list_key}[{twice}].name", f"names two {noun}", fix)
+
+
 @dataclass
 class SourceConfig(DatasetInput):
     """One dataset in a mix. `format` names a reader (oasst, dolly, flan_cot, self_instruct,
@@ -199,8 +235,7 @@ class SourceConfig(DatasetInput):
         if self.format not in SFT_FORMATS + PREFERENCE_FORMATS:
             raise ConfigError(f"data.sources[{self.name or self.path}].format", f"unknown format {self.format!r}",
                               f"use one of {', '.join(sorted(set(SFT_FORMATS + PREFERENCE_FORMATS)))}")
-        if self.weight <= 0:
-            raise ConfigError(f"data.sources[{self.name or self.path}].weight", f"must be > 0, got {self.weight}")
+        check_weight(f"data.sources[{self.name or self.path}]", self.weight)
         self.check_layout(f"data.sources[{self.name or self.path}]")
 
 
@@ -233,6 +268,19 @@ class DataConfig(SequenceDataConfig):
     # dataset card; strict makes each one an error naming file:line, as malformed ones are.
     strict: bool = False
     dedupe: bool = False  # drop exact duplicates (same text) before mixing; counted either way
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_total(self, "total_samples", prefix="data.")
+
+    def check_sources(self, formats: tuple[str, ...], family: str) -> None:
+        """What a stage reading these sources needs of them (run by it: the default config
+        nested here is built with no sources): some, of its formats, with distinct names."""
+        if not self.sources:
+            raise ConfigError("data.sources", "is empty", "list at least one source (see conf/data/)")
+        check_formats(self.sources, formats, family)
+        check_unique_names("data.sources", self.sources, "sources",
+                           "give each source its own name (the key of its counts in the dataset card)")
 
 
 @dataclass
@@ -268,6 +316,13 @@ class OptimConfig(Frozen):
         if self.warmup_steps < 0:
             raise ConfigError("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
 
+    def check_warmup(self, steps: int, steps_key: str, prefix: str = "") -> None:
+        """The run's `steps` optimizer steps (`steps_key` says where they come from) must
+        outlast the warmup: a run that ends in it trains at a fraction of optim.lr throughout."""
+        if self.warmup_steps >= steps:
+            raise ConfigError(f"{prefix}optim.warmup_steps", f"{self.warmup_steps} is not below the {steps} optimizer "
+                              f"steps of the run ({steps_key})", f"lower {prefix}optim.warmup_steps")
+
 
 @dataclass
 class TrainConfig(Frozen):
@@ -293,6 +348,7 @@ class TrainConfig(Frozen):
                               f"{self.max_steps}")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ConfigError("train.max_skipped_fraction", f"must be in [0, 1], got {self.max_skipped_fraction}")
+        require_seed(self, prefix="train.")
 
 
 @dataclass
@@ -388,6 +444,7 @@ class GenerationConfig(Frozen):
             raise ConfigError("generation.top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError("generation.top_k", f"must be >= 0 (0: off), got {self.top_k}")
+        require_seed(self, prefix="generation.")
 
     def _check_counts(self) -> None:
         """The decode slots and the answers per prompt."""

@@ -7,12 +7,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from offline_rlhf.config.base import Frozen, require, require_positive
+from offline_rlhf.config.base import Frozen, require, require_at_most, require_positive, require_run_dir
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ParallelConfig, TemplateConfig
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+MAX_SLOTS = 4096  # decode slots: the server allocates every slot's cache at start
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ServeConfig(Frozen):
     compile: bool = True  # with cuda_graphs, compile the decode step first (at start-up, before serving)
 
     def __post_init__(self):
+        require_run_dir(self)
         require(self, "ckpt", fix="pass the checkpoint to serve (e.g. RUN/sft/checkpoints)")
         require(self, "host", fix="pass host=127.0.0.1 (or the one address to listen on)")
         if not 0 <= self.port <= 65535:
@@ -57,6 +59,7 @@ class ServeConfig(Frozen):
             raise ConfigError("model_name", f"{self.model_name!r} is not a model name",
                               "use letters, digits and . _ : / - (at most 128)")
         require_positive(self, "batch_size", "max_tokens", "max_n", "max_prompts", "max_body_kb")
+        require_at_most(self, MAX_SLOTS, "batch_size", fix="each slot holds a whole sequence's cache")
 
 
 def is_loopback(host: str) -> bool:

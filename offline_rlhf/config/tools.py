@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from offline_rlhf.config.base import Frozen, require
+from offline_rlhf.config.base import Frozen, require, require_at_most, require_positive, require_run_dir, require_seed
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig, ParallelConfig
 
@@ -13,6 +14,9 @@ from offline_rlhf.config.schema import ModelConfig, ParallelConfig
 # the second equal to what its instruction pools can hold out).
 TASK_FLAWS = ("wrong", "truncated", "off_topic", "rambling")
 TASK_MAX_EVAL_PROMPTS = 14096
+# The task's BPE vocabulary: its small corpus runs out of merges long before this, and the
+# tokenizer trainer allocates for vocab_size up front (1e12 aborted the process).
+TASK_MAX_VOCAB = 1_000_000
 
 
 def _even_flaws() -> dict[str, float]:
@@ -42,6 +46,8 @@ class TaskConfig(Frozen):
     vocab_size: int = 512  # size of the task's BPE tokenizer
 
     def __post_init__(self):
+        require_run_dir(self)
+        require_seed(self)
         for key in ("n_sft", "n_preferences", "n_gen_prompts", "n_eval_prompts"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
@@ -57,13 +63,16 @@ class TaskConfig(Frozen):
         if self.vocab_size < 300:
             raise ConfigError("vocab_size", f"must be >= 300, got {self.vocab_size}",
                               "the byte alphabet and special tokens take 259 ids")
+        require_at_most(self, TASK_MAX_VOCAB, "vocab_size", fix="the task's corpus runs out of merges far sooner")
 
     def _check_flaw_weights(self):
         unknown = sorted(set(self.flaw_weights) - set(TASK_FLAWS))
         if unknown:
             raise ConfigError(f"flaw_weights.{unknown[0]}", "unknown flaw", f"use {', '.join(TASK_FLAWS)}")
-        if any(weight < 0 for weight in self.flaw_weights.values()) or sum(self.flaw_weights.values()) <= 0:
-            raise ConfigError("flaw_weights", f"weights must be >= 0 with a positive sum, got {self.flaw_weights}")
+        total = sum(self.flaw_weights.values())  # 1e308 + 1e308 is inf: every share would be NaN
+        if any(weight < 0 for weight in self.flaw_weights.values()) or not 0 < total < math.inf:
+            raise ConfigError("flaw_weights", f"weights must be >= 0 with a positive, finite sum, got "
+                              f"{self.flaw_weights}", "they are relative: e.g. 1.0 each")
 
 
 @dataclass
@@ -81,6 +90,9 @@ class SmokeConfig(Frozen):
     seed: int = 0  # seeds the data and the weights
 
     def __post_init__(self):
+        require_run_dir(self)
+        require_positive(self, "steps", "batch_size", "seq_len", "lr")
+        require_seed(self)
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError("seq_len", f"{self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
                               "lower seq_len or raise model.max_seq_len")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from offline_rlhf.config.base import Frozen, require
+from offline_rlhf.config.base import Frozen, require, require_run_dir
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import (
     PREFERENCE_FORMATS,
@@ -17,7 +17,6 @@ from offline_rlhf.config.schema import (
     ParallelConfig,
     SequenceDataConfig,
     TrainConfig,
-    check_formats,
 )
 
 
@@ -39,6 +38,9 @@ class TrainingStageConfig(Frozen):
     def validate(self) -> None:
         """Cross-field checks shared by every training stage. With `init.checkpoint` the
         checkpoint's model counts, checked at stage start (`runtime.check_sequence_length`)."""
+        require_run_dir(self)
+        if self.train.max_steps != -1:
+            self.optim.check_warmup(self.train.max_steps, f"train.max_steps={self.train.max_steps}")
         if not self.init.checkpoint and self.data.max_seq_len > self.model.max_seq_len:
             raise ConfigError("data.max_seq_len", f"{self.data.max_seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}", "lower data.max_seq_len or raise model.max_seq_len")
@@ -52,9 +54,7 @@ class SFTConfig(TrainingStageConfig):
 
     def __post_init__(self):
         self.validate()
-        if not self.data.sources:
-            raise ConfigError("data.sources", "is empty", "list at least one source (see conf/data/)")
-        check_formats(self.data.sources, SFT_FORMATS, "supervised (prompt, response)")
+        self.data.check_sources(SFT_FORMATS, "supervised (prompt, response)")
 
 
 @dataclass
@@ -71,7 +71,7 @@ class RMConfig(TrainingStageConfig):
 
     def __post_init__(self):
         self.validate()
-        check_formats(self.data.sources, PREFERENCE_FORMATS, "preference (prompt, chosen, rejected)")
+        self.data.check_sources(PREFERENCE_FORMATS, "preference (prompt, chosen, rejected)")
         if self.data.pack:
             raise ConfigError("data.pack", "reward-model pairs are never packed", "set data.pack=false")
         if self.eval_only:

@@ -33,7 +33,7 @@ from offline_rlhf.data.embedded_task import (
 from offline_rlhf.data.template import REWARD_TAG, ChatTemplate
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.fsutil import write_atomic, write_jsonl
-from offline_rlhf.host import acquire_stage_lock, release_stage_lock
+from offline_rlhf.host import claim_stage, release_stage_lock
 
 STAGE = "task"
 SFT, PREFERENCES = "sft.jsonl", "preferences.jsonl"
@@ -123,8 +123,7 @@ def main(cfg: TaskConfig) -> int:
     if done.is_file() and done.read_text() == _fingerprint(cfg):
         print(f"task: {out} already holds this config; skipped")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    lock, note = acquire_stage_lock(out, STAGE)  # two writers would interleave the files
+    lock, note = claim_stage(out, STAGE)  # made, proven writable, and locked: two writers would interleave the files
     try:
         if note:
             print(note, flush=True)
