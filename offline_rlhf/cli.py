@@ -158,8 +158,8 @@ def check_stage(config) -> dict:
     loading a model: the parallel layout for the world size (and the stage's model, when an
     existing init checkpoint or `model` fixes it), rows and answers that fit that model, the
     global batch split over data-parallel ranks, a tokenizer to start from. Raises
-    ConfigError (one line); returns the input paths
-    the stage reads, for the launcher to match against what earlier stages write."""
+    ConfigError (one line); returns the input paths the stage reads, for the launcher to
+    match against what earlier stages write."""
     from offline_rlhf.config.errors import ConfigError
     from offline_rlhf.parallel.dims import ParallelDims
 
