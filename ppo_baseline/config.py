@@ -117,10 +117,6 @@ class PPOAlgorithmConfig(Frozen):
         """Optimizer steps of the whole run, the actor's and the critic's alike (their schedules' length)."""
         return self.iterations * self.epochs * (self.rollout_batch // self.minibatch)
 
-    def check_warmup(self, optim: OptimConfig, prefix: str = "") -> None:
-        optim.check_warmup(self.optimizer_steps, "ppo.iterations x ppo.epochs x ppo.rollout_batch / ppo.minibatch",
-                           prefix)
-
     def check_split(self, dp: int, module: str, key: str, fix: str) -> None:
         """Every data-parallel rank of `module` takes an equal share of each minibatch, in
         whole micro-batches (FSDP gathers weights collectively: all ranks run the same forwards).
@@ -189,7 +185,6 @@ class ServiceSettings(Frozen):
         nested(prefix, lambda: ParallelConfig.__post_init__(self.parallel))
         dims = nested(prefix, lambda: ParallelDims.build(self.parallel, self.nproc))
         if name == "critic":  # the reward model pads rows for SP; the reference is a TP-only replica
-            ppo.check_warmup(self.optim, prefix)
             refuse_layouts(self.parallel, ("sequence_parallel",), prefix, name, "rollout rows have any length; "
                            "sequence parallelism splits every row evenly over the TP ranks")
             ppo.check_split(dims.dp, name, f"{prefix}nproc", f"the critic's data-parallel size ({prefix}nproc / "
@@ -270,7 +265,6 @@ class PPOConfig(Frozen):
             require(getattr(self.services, name), "checkpoint", prefix=f"services.{name}.")
             getattr(self.services, name).check(name, self.ppo)
         require_positive(self, "save_every", "keep_last", "max_prompt_tokens")
-        self.ppo.check_warmup(self.optim)
         self.check_world()
 
     def check_world(self, dp: int | None = None) -> None:

@@ -265,6 +265,8 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
     rt.log(f"ppo: {len(actor.prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} "
            f"responses on {rt.dims.world_size} actor process(es) (TP={rt.dims.tp} x DP={rt.dims.dp}), starting at "
            f"iteration {start}; starting the reward, reference and critic services")
+    if (note := cfg.optim.warmup_note(cfg.ppo.optimizer_steps)) is not None:
+        rt.log(note)
     log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)
     checkpoint = actor.latest
     # Rank 0 alone starts and calls the services (the TP and DP ranks get its answers).

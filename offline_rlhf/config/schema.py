@@ -316,12 +316,13 @@ class OptimConfig(Frozen):
         if self.warmup_steps < 0:
             raise ConfigError("optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
 
-    def check_warmup(self, steps: int, steps_key: str, prefix: str = "") -> None:
-        """The run's `steps` optimizer steps (`steps_key` says where they come from) must
-        outlast the warmup: a run that ends in it trains at a fraction of optim.lr throughout."""
-        if self.warmup_steps >= steps:
-            raise ConfigError(f"{prefix}optim.warmup_steps", f"{self.warmup_steps} is not below the {steps} optimizer "
-                              f"steps of the run ({steps_key})", f"lower {prefix}optim.warmup_steps")
+    def warmup_note(self, steps: int, prefix: str = "") -> str | None:
+        """A line for a run whose `steps` optimizer steps end inside the warmup (it trains below
+        optim.lr throughout: fine for a test run of a few steps, a waste if a typo); None else."""
+        if self.warmup_steps < steps:
+            return None
+        return (f"note: {prefix}optim.warmup_steps={self.warmup_steps} is not below the run's {steps} optimizer "
+                f"steps: it trains below {prefix}optim.lr throughout")
 
 
 @dataclass

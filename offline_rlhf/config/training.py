@@ -39,8 +39,6 @@ class TrainingStageConfig(Frozen):
         """Cross-field checks shared by every training stage. With `init.checkpoint` the
         checkpoint's model counts, checked at stage start (`runtime.check_sequence_length`)."""
         require_run_dir(self)
-        if self.train.max_steps != -1:
-            self.optim.check_warmup(self.train.max_steps, f"train.max_steps={self.train.max_steps}")
         if not self.init.checkpoint and self.data.max_seq_len > self.model.max_seq_len:
             raise ConfigError("data.max_seq_len", f"{self.data.max_seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}", "lower data.max_seq_len or raise model.max_seq_len")

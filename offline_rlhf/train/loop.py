@@ -213,6 +213,8 @@ def train(task: Task, model: nn.Module, data: TrainData, train_cfg: TrainConfig,
     rt.log(f"training: {len(data.train)} items, {steps} steps of {train_cfg.global_batch} "
            f"({micro_batches} micro-batch{'es' if micro_batches != 1 else ''} of {train_cfg.micro_batch} per rank), "
            f"starting at step {state.step}")
+    if (note := optim_cfg.warmup_note(steps)) is not None:
+        rt.log(note)
     log = MetricsLog(rt.stage_dir, logging_cfg, rt.is_main, resumed_step=state.step, total_steps=steps)
     run = _Run(task, model, data, train_cfg, rt, usage, ckpt, (optimizer, scheduler), optim_cfg.grad_clip, stream,
                per_rank, state, steps, log, TrainResult(steps=steps, checkpoint=resumed_from))

@@ -177,3 +177,14 @@ def test_a_schedule_shortened_to_the_checkpoint_finishes_it_and_one_behind_it_is
     meta = read_meta(latest_checkpoint(checkpoints))
     assert result.checkpoint.name == "step_00000002" and meta.metadata["final"] is True
     assert result.last_val == {}  # no validation items here; the final save ran all the same
+
+
+def test_a_run_that_ends_inside_its_warmup_says_so(tmp_path, capsys):
+    """It trains below optim.lr throughout: fine for a test run of a few steps, a waste if
+    warmup_steps is a typo (1000 for 10); a note, not a refusal."""
+    assert OptimConfig(warmup_steps=3).warmup_note(4) is None
+    assert OptimConfig(warmup_steps=1000).warmup_note(3, "services.critic.") == (
+        "note: services.critic.optim.warmup_steps=1000 is not below the run's 3 optimizer steps: it trains below "
+        "services.critic.optim.lr throughout")
+    run(tmp_path, replace(STEPS, max_steps=1))  # COSINE warms up for 1 step
+    assert "note: optim.warmup_steps=1 is not below the run's 1 optimizer steps" in capsys.readouterr().out
