@@ -151,7 +151,8 @@ def test_a_failing_ppo_component_fails_the_job_and_cancels_the_evaluation(slurm,
     run_dir = ppo_run(tmp_path)
     sft, ppo = run_dir / "sft" / "checkpoints", run_dir / "ppo" / "checkpoints"
     evaluation = ["prompt_key=prompt", f"prompts={run_dir / 'prompts.jsonl'}", f"rm={run_dir / 'rm' / 'checkpoints'}",
-                  f"models=[{{name: sft, checkpoint: '{sft}'}}, {{name: ppo, checkpoint: '{ppo}'}}]"]
+                  f"models=[{{name: sft, checkpoint: '{sft}'}}, {{name: ppo, checkpoint: '{ppo}'}}]",
+                  "generation.max_new_tokens=8"]  # the tiny SFT's context is 64 tokens
     submit(run_dir, entry("ppo", ppo_overrides(run_dir, f"services.reward.checkpoint={sft}"), ppo=TWO_NODE_PPO),
            entry("eval", evaluation))
     states = wait_finished(run_dir)
