@@ -204,7 +204,7 @@ def _plan_stage(step: Step, cluster: ClusterConfig, flags: tuple[str, ...]) -> S
     config_yaml = resolve_stage_config(key, entry.stage, args)
     resolved = yaml.safe_load(config_yaml)
     cpu_only = entry.gpus_per_node == 0 or (entry.gpus_per_node is None and entry.stage in CPU_STAGES)
-    gpus = None if cpu_only else entry.gpus_per_node or cluster.gpus_per_node
+    gpus = job_gpus(cpu_only, entry.gpus_per_node, cluster)
     nodes, per_node = _process_layout(key, entry, resolved.get("parallel") or {}, cluster.kind, gpus)
     _check_node_cpus(key, entry.stage, per_node, cluster)
     components = ppo_components(key, entry.ppo, Module("actor", per_node), nodes,
@@ -218,6 +218,12 @@ def _plan_stage(step: Step, cluster: ClusterConfig, flags: tuple[str, ...]) -> S
                      stage_dir=run_dir / folder, config_yaml=config_yaml,
                      time_limit=entry.time_limit or cluster.time_limit, components=components, chain=step.chain,
                      gpus_per_node=entry.gpus_per_node or None, cpu_only=cpu_only)
+
+
+def job_gpus(cpu_only: bool, gpus_per_node: int | None, cluster: ClusterConfig) -> int | None:
+    """The GPUs per node a stage's Slurm job asks for: none for a CPU job, else its entry's
+    (`gpus_per_node`) or the cluster's."""
+    return None if cpu_only else gpus_per_node or cluster.gpus_per_node
 
 
 def resolve_stage_config(key: str, stage: str, args: tuple[str, ...]) -> str:

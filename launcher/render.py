@@ -38,7 +38,7 @@ import re
 import shlex
 from pathlib import Path
 
-from launcher.plan import STAGE_MODULE, StagePlan
+from launcher.plan import STAGE_MODULE, StagePlan, job_gpus
 from launcher.ppo import TOKEN_ENV, TOKEN_FILE, Component
 from launcher.schema import PROCESS_VARIABLES, ClusterConfig
 
@@ -110,9 +110,8 @@ def _resources(plan: StagePlan, cluster: ClusterConfig, nodes: int, tasks: int, 
     """What one job (or one component of a heterogeneous job) asks for; `cpus` per task. A
     CPU job (`StagePlan.cpu_only`) asks for no GPU and no whole node (not exclusive, not all
     its memory: `--mem=0`), in cluster.cpu_partition."""
-    gpus = None if plan.cpu_only else plan.gpus_per_node or cluster.gpus_per_node
     optional = [
-        ("--gpus-per-node", gpus),
+        ("--gpus-per-node", job_gpus(plan.cpu_only, plan.gpus_per_node, cluster)),
         ("--cpus-per-task", cpus if cpus is not None else cluster.cpus_per_task),
         ("--mem", None if plan.cpu_only and cluster.mem == "0" else cluster.mem),
         ("--time", plan.time_limit),
