@@ -434,16 +434,17 @@ def training_fingerprint(cfg, train: Sequence, init: InitConfig) -> dict[str, ob
     """`resume_fingerprint` plus a digest of the training items (their token ids and numbers):
     a checkpoint's data position indexes them, so a resume over input files rewritten since
     (a mix regenerated under the same path) would go on in other data. And the step `init`
-    (local: `local_init`) starts from: a reward model resumed over an SFT trained again since
-    would keep weights grown from the old one (`INIT_STEP`)."""
-    started = {INIT_STEP: step_identity(resolve_checkpoint(init.checkpoint, "init.checkpoint"))} \
-        if init.checkpoint else {}
-    return {**resume_fingerprint(cfg), TRAINING_DATA: items_digest(train), **started}
+    (local: `local_init`) starts from (`checkpoint_steps`)."""
+    return {**resume_fingerprint(cfg), TRAINING_DATA: items_digest(train),
+            **checkpoint_steps({"init.checkpoint": init.checkpoint})}
 
 
-# The key of a training run's fingerprint naming the step it started from. Checkpoints
-# written before it existed lack it, and a key only one side has is not compared.
-INIT_STEP = "init.checkpoint's step"
+def checkpoint_steps(checkpoints: dict[str, str]) -> dict[str, str]:
+    """The step each configured checkpoint (config key: path; empty: none) resolves to, as
+    `<key>'s step`: a reward model resumed over an SFT trained again since would keep weights
+    grown from the old one. Checkpoints written before these keys existed lack them, and a
+    key only one side has is not compared."""
+    return {f"{key}'s step": step_identity(resolve_checkpoint(path, key)) for key, path in checkpoints.items() if path}
 
 
 def step_identity(checkpoint: Path) -> str:

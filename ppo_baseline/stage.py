@@ -66,6 +66,7 @@ from offline_rlhf.runtime import (
 )
 from offline_rlhf.stage_support import (
     check_resumable,
+    checkpoint_steps,
     init_template,
     items_digest,
     load_tokenizer,
@@ -143,7 +144,7 @@ def main(cfg: PPOConfig) -> int:
 def run_from_resume_point(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
                           template: ChatTemplate | ChatFormat) -> Path:
     """The final actor checkpoint: the one already holding every iteration, or a new one."""
-    start, final = resume_point(cfg, rt)  # before any weights load or service starts
+    start, final = resume_point(cfg, init, rt)  # before any weights load or service starts
     usage.resumed = final is not None  # the ledger charges the executions whose checkpoint this continues
     if start == cfg.ppo.iterations:
         rt.log(f"ppo: {final} already holds all {start} iterations; nothing to do (no service needed)")
@@ -211,7 +212,7 @@ def load_prompts(cfg: PPOConfig, tokenizer, template: ChatTemplate | ChatFormat,
     return encoded, [p.id for p in prompts]
 
 
-def resume_point(cfg: PPOConfig, rt: Runtime) -> tuple[int, Path | None]:
+def resume_point(cfg: PPOConfig, init: InitConfig, rt: Runtime) -> tuple[int, Path | None]:
     """The iteration the run starts at and the actor checkpoint it resumes from (None: a
     fresh start), decided before any weights load or service starts. A resumed run needs
     the critic's checkpoint of the actor's iteration. A fresh start removes the critic's
@@ -225,7 +226,7 @@ def resume_point(cfg: PPOConfig, rt: Runtime) -> tuple[int, Path | None]:
             shutil.rmtree(critic)
         return 0, None
     meta = read_meta(latest)
-    check_resumable(meta.metadata.get(CONFIG_KEY), resume_fingerprint(cfg), rt.stage_dir)
+    check_resumable(meta.metadata.get(CONFIG_KEY), ppo_fingerprint(cfg, init), rt.stage_dir)
     step, over = meta.train_state.step, f"delete {rt.stage_dir} to start this stage over"
     if step > cfg.ppo.iterations:
         raise ResumeRefused("ppo.iterations", f"{cfg.ppo.iterations} is below the {step} iterations that {latest} "
@@ -235,6 +236,15 @@ def resume_point(cfg: PPOConfig, rt: Runtime) -> tuple[int, Path | None]:
         raise ConfigError("services.critic", f"{critic} holds no critic checkpoint of iteration {step}, which "
                           f"resuming from {latest} needs", over)
     return step, latest
+
+
+def ppo_fingerprint(cfg: PPOConfig, init: InitConfig) -> dict[str, object]:
+    """`resume_fingerprint` plus the steps the policy and each service start from
+    (`checkpoint_steps`): a run resumed over an SFT or reward model trained again since
+    would go on with a policy, reference and critic grown from the old ones."""
+    started = {POLICY_KEY: init.checkpoint} | {key: str(path) for key, path in
+                                                (service_checkpoint(cfg, name) for name in SERVICES)}
+    return {**resume_fingerprint(cfg), **checkpoint_steps(started)}
 
 
 @dataclass
@@ -265,8 +275,10 @@ def run_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, model_cfg,
     rt.log(f"ppo: {len(actor.prompts)} prompts, {cfg.ppo.iterations} iterations of {cfg.ppo.rollout_batch} "
            f"responses on {rt.dims.world_size} actor process(es) (TP={rt.dims.tp} x DP={rt.dims.dp}), starting at "
            f"iteration {start}; starting the reward, reference and critic services")
-    if (note := cfg.optim.warmup_note(cfg.ppo.optimizer_steps)) is not None:
-        rt.log(note)
+    for note in (cfg.optim.warmup_note(cfg.ppo.optimizer_steps),
+                 cfg.services.critic.optim.warmup_note(cfg.ppo.optimizer_steps, "services.critic.")):
+        if note is not None:
+            rt.log(note)
     log = MetricsLog(rt.stage_dir, cfg.logging, rt.is_main, resumed_step=start, total_steps=cfg.ppo.iterations)
     checkpoint = actor.latest
     # Rank 0 alone starts and calls the services (the TP and DP ranks get its answers).
@@ -320,7 +332,7 @@ def set_up_actor(cfg: PPOConfig, init: InitConfig, rt: Runtime, model_cfg,
     optimizer = build_optimizer(model.parameters(), cfg.optim, rt.device)
     scheduler = build_scheduler(optimizer, cfg.ppo.iterations * steps_per_iteration, cfg.optim)
     # The prompts too: a checkpoint's stream position indexes them (resume_point saw the config only).
-    fingerprint = {**resume_fingerprint(cfg), PROMPTS: items_digest(prompts)}
+    fingerprint = {**ppo_fingerprint(cfg, init), PROMPTS: items_digest(prompts)}
     same_on_every_rank(rt, {"prompts": len(prompts), "sha256": fingerprint[PROMPTS]}, "prompts", "prompts",
                        SAME_INPUTS)  # every rank draws the rollout's rows from them by index
     if (latest := latest_checkpoint(setup.checkpoints)) is not None:

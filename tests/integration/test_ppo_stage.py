@@ -16,13 +16,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from offline_rlhf.checkpoint import TEMPLATE, load_checkpoint, read_meta, resolve_checkpoint
+from offline_rlhf.checkpoint import (
+    REWARD_STATS,
+    TEMPLATE,
+    CheckpointMeta,
+    TrainState,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from offline_rlhf.cli import main as orlhf
 from offline_rlhf.ledger import HEARTBEAT_DIR, read_ledger
 from offline_rlhf.train.loop import STOPPED_EXIT_CODE
 from tests.fixtures import REPO_ROOT, reference_model
 from tests.synthetic_preferences import MODEL, preference_records, synthetic_tokenizer
-from tests.unit.ppo.tiny_models import write_checkpoints
+from tests.unit.ppo.tiny_models import STATS, write_checkpoints
 from tests.unit.test_hub import hub_repo, offline_hub
 
 TINY_RUN = ["ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.micro_batch=2", "generation.max_new_tokens=8",
@@ -173,6 +182,33 @@ def test_a_stop_signal_saves_the_iteration_and_a_rerun_resumes_there(tmp_path, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {saved}" in result.stdout
     assert [row["step"] for row in metric_rows(run_dir)][-1] == iterations + 1
+
+
+def test_a_rerun_over_a_reward_model_trained_again_refuses_to_go_on(tmp_path, tokenizer_dir, cleanup):
+    """The critic grew from the old reward model and the rewards came from it: going on
+    would mix two runs. Refused in one line before any service starts; the outputs stand.
+    (The first run's critic ends inside its warmup, which the console says.)"""
+    run_dir = prepare(tmp_path / "run", tokenizer_dir)
+    cleanup(run_dir)
+    warmup = "services.critic.optim.warmup_steps=1000"
+    result = subprocess.run(command(run_dir, "ppo.iterations=1", warmup), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: services.critic.optim.warmup_steps=1000 is not below the run's" in result.stdout
+    done = (run_dir / "ppo" / "DONE").read_text()
+    rm = run_dir / "rm" / "checkpoints"
+    shutil.rmtree(rm)  # trained again: the same path, other weights
+    save_checkpoint(rm, reference_model(MODEL, "value", seed=2),
+                    CheckpointMeta(MODEL, "value", TrainState(step=3), metadata={REWARD_STATS: STATS}),
+                    tokenizer_dir=tokenizer_dir)
+    result = subprocess.run(command(run_dir, "ppo.iterations=2", warmup), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith("orlhf ppo: error: services.critic.checkpoint's step: differs from the run that wrote "
+                           f"{run_dir / 'ppo'} (2 changed: services.critic.checkpoint's step, "
+                           "services.reward.checkpoint's step; ") and "now step_00000003" in line, line
+    assert (run_dir / "ppo" / "DONE").read_text() == done
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer_dir, cleanup):
