@@ -263,21 +263,44 @@ def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], keys: list[st
     """Every input a stage reads exists now, or lies in the folder of a stage it runs after
     (an earlier stage of its replicate's chain, or of the run's own), which writes it first;
     relative paths are as the stages see them, from here. In a container every input must
-    also be visible (`check_container_path`). `keys`: what errors name for each plan."""
+    also be visible (`check_container_path`), and a checkpoint an earlier stage writes must
+    hold the head its reader needs (`check_written_head`). `keys`: what errors name for each plan."""
     for position, (plan, needed) in enumerate(zip(plans, inputs)):
-        earlier = [p.stage_dir for p in plans[:position] if not plan.chain or p.chain == plan.chain]
         for item in needed:
             key = f"{keys[position]} ({plan.name}) {item['key']}"
             if cluster.kind == "slurm" and cluster.container_image:
                 check_container_path(key, item, cluster, run_dir)
             path = _input_path(item)
-            if item["exists"] or path.exists() or any(path.is_relative_to(folder) for folder in earlier):
+            writer = next((p for p in reversed(plans[:position]) if path.is_relative_to(p.stage_dir)
+                           and (not plan.chain or p.chain == plan.chain)), None)
+            if writer is not None:
+                check_written_head(key, item, path, writer)
+            if item["exists"] or path.exists() or writer is not None:
                 continue
             written_later = next((p.name for p in plans[position + 1:] if path.is_relative_to(p.stage_dir)), None)
             raise LaunchError(key, f"{item['path']} does not exist" + (
                                   f" yet: stage {written_later!r} writes it, but runs later" if written_later
                                   else " and no earlier stage of the pipeline writes it"),
                               "fix the path, or run the stage that writes it first")
+
+
+# The head of the models each training stage saves (offline_rlhf.stages; not imported: no torch here).
+SAVED_HEADS = {"sft": "lm", "align": "lm", "rm": "value", PPO_STAGE: "lm"}
+HEAD_NAMES = {"lm": "a language model (lm head)", "value": "a reward model (value head)"}
+
+
+def check_written_head(key: str, item: dict, path: Path, writer: StagePlan) -> None:
+    """A checkpoint an earlier stage writes holds the head the reading key needs (`--check`
+    checked those that exist): a reward model where a language model is read (or the reverse)
+    would fail the reading stage only after every stage before it has run. PPO's critic,
+    under ppo/critic/, is a reward model."""
+    saved = "value" if writer.stage == PPO_STAGE and path.is_relative_to(writer.stage_dir / "critic") \
+        else SAVED_HEADS.get(writer.stage)
+    wanted = item.get("head")
+    if saved is not None and wanted is not None and saved != wanted:
+        raise LaunchError(key, f"{item['path']} is written by stage {writer.name!r}, which saves "
+                          f"{HEAD_NAMES[saved]}; this needs {HEAD_NAMES[wanted]}",
+                          "point it at a stage that saves one (sft or align: a language model; rm: a reward model)")
 
 
 def check_container_path(key: str, item: dict, cluster: ClusterConfig, run_dir: Path) -> None:

@@ -13,6 +13,7 @@ import difflib
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -169,6 +170,8 @@ def check_stage(config) -> dict:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(CHECK_WORLD_SIZE, f"must be a process count >= 1, got {raw!r}")
     world = int(raw)
+    inputs = [{"key": key, "path": path, "exists": os.path.exists(path), "head": checkpoint_head(config, key, path)}
+              for key, path in input_paths(config)]
     model = _stage_model(config)
     if parallel is not None:
         dims = ParallelDims.build(parallel, world, model)
@@ -186,8 +189,19 @@ def check_stage(config) -> dict:
             from offline_rlhf.stage_support import tokenizer_dir
 
             tokenizer_dir(init)
-    inputs = [{"key": key, "path": path, "exists": os.path.exists(path)} for key, path in input_paths(config)]
     return {"world_size": world, "inputs": inputs}
+
+
+def checkpoint_head(config, key: str, path: str) -> str | None:
+    """The head the checkpoint at `path` (config key `key`) must hold (`checkpoint_heads`;
+    None: any). One that exists is checked now; the launcher checks one an earlier stage
+    will write against that stage's kind."""
+    head = getattr(config, "checkpoint_heads", {}).get(re.sub(r"\[\d+\]", "", key))
+    if head is not None and (resolved := _complete_checkpoint(path, key)) is not None:
+        from offline_rlhf.stage_support import checkpoint_of_head
+
+        checkpoint_of_head(resolved, head, key)
+    return head
 
 
 def check_fits(config, model) -> None:

@@ -11,7 +11,7 @@ import ipaddress
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, TypeVar
+from typing import Callable, ClassVar, Optional, TypeVar
 
 from offline_rlhf.config.base import (
     WEEK_S,
@@ -238,6 +238,10 @@ class PPOConfig(Frozen):
     # Set by `orlhf launch` for a service's job step: run this process as that service
     # (reward, reference or critic) of the Slurm heterogeneous job. "": the actor.
     serve: str = ""
+    # The head each checkpoint key's model must have (`orlhf launch` checks before queueing).
+    checkpoint_heads: ClassVar[dict[str, str]] = {
+        "init.checkpoint": "lm", "services.reference.checkpoint": "lm", "services.reward.checkpoint": "value",
+        "services.critic.checkpoint": "value"}
 
     def __post_init__(self):
         require_run_dir(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 from offline_rlhf.config.base import Frozen, require, require_at_most, require_positive, require_run_dir
 from offline_rlhf.config.errors import ConfigError
@@ -74,6 +74,8 @@ class EvalConfig(Frozen):
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     batch_size: int = 32  # scoring batch of the reward model (and of a gold hf_rm)
     bootstrap_samples: int = 1000  # resamples of the prompts for the win rates' 95% intervals
+    # The head each checkpoint key's model must have (`orlhf launch` checks before queueing).
+    checkpoint_heads: ClassVar[dict[str, str]] = {"models.checkpoint": "lm", "rm": "value"}
 
     def __post_init__(self):
         require_run_dir(self)

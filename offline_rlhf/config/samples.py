@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from offline_rlhf.config.base import (
     Frozen,
@@ -78,6 +78,8 @@ class GenerateConfig(Frozen):
     write_every: int = 64  # prompts per durable write (what a crash can lose)
     strict: bool = False  # unusable prompt records (a blank prompt) are errors, not skipped and counted
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # The head each checkpoint key's model must have (`orlhf launch` checks before queueing).
+    checkpoint_heads: ClassVar[dict[str, str]] = {"init.checkpoint": "lm"}
 
     def __post_init__(self):
         require_run_dir(self)
@@ -139,6 +141,8 @@ class LabelConfig(Frozen):
     # Generated samples cut at max_new_tokens (`finished: false`) are left out and counted;
     # true keeps them, marked, and scores them without the EOS a finished answer ends with.
     include_unfinished: bool = False
+    # The head each checkpoint key's model must have (`orlhf launch` checks before queueing).
+    checkpoint_heads: ClassVar[dict[str, str]] = {"rm": "value"}
 
     def __post_init__(self):
         require_run_dir(self)
@@ -217,6 +221,8 @@ class ReferenceConfig(Frozen):
     batch_size: int = 16  # sequences per reference-model forward
     write_every: int = 256  # pairs per durable write (what a crash can lose)
     strict: bool = False  # a pair identical after truncation to max_seq_len is an error, not skipped and counted
+    # The head each checkpoint key's model must have (`orlhf launch` checks before queueing).
+    checkpoint_heads: ClassVar[dict[str, str]] = {"init.checkpoint": "lm"}
 
     def __post_init__(self):
         require_run_dir(self)
@@ -246,6 +252,8 @@ class RMScoreConfig(Frozen):
     response_key: str = "response"  # the key of the answer in each record
     batch_size: int = 16  # sequences per reward-model forward
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # The head each checkpoint key's model must have (`orlhf launch` checks before queueing).
+    checkpoint_heads: ClassVar[dict[str, str]] = {"ckpt": "value"}
 
     def __post_init__(self):
         require_run_dir(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from offline_rlhf.config.base import Frozen, require, require_at_most, require_positive, require_run_dir
 from offline_rlhf.config.errors import ConfigError
@@ -41,6 +41,8 @@ class ServeConfig(Frozen):
     max_body_kb: int = 1024  # larger request bodies are refused (413) unread
     cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (as generation.cuda_graphs)
     compile: bool = True  # with cuda_graphs, compile the decode step first (at start-up, before serving)
+    # The head each checkpoint key's model must have (`orlhf launch` checks before queueing).
+    checkpoint_heads: ClassVar[dict[str, str]] = {"ckpt": "lm"}
 
     def __post_init__(self):
         require_run_dir(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from offline_rlhf.config.base import Frozen, require, require_run_dir
 from offline_rlhf.config.errors import ConfigError
@@ -34,6 +35,9 @@ class TrainingStageConfig(Frozen):
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: SequenceDataConfig = field(default_factory=SequenceDataConfig)
+    # The head each checkpoint key's model must have (`orlhf launch` checks before queueing):
+    # a language model starts SFT and alignment (and a reward model, whose value head starts new).
+    checkpoint_heads: ClassVar[dict[str, str]] = {"init.checkpoint": "lm"}
 
     def validate(self) -> None:
         """Cross-field checks shared by every training stage. With `init.checkpoint` the
@@ -66,6 +70,11 @@ class RMConfig(TrainingStageConfig):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=1.0))
     margin: float = 0.0  # subtracted inside the sigmoid of Eq. 2; 0 is the paper's loss
     eval_only: bool = False  # score `data` with init.checkpoint's reward model (accuracy), no training
+
+    @property
+    def checkpoint_heads(self) -> dict[str, str]:
+        """Training may start from a language model or a reward model; `eval_only` scores with one."""
+        return {"init.checkpoint": "value"} if self.eval_only else {}
 
     def __post_init__(self):
         self.validate()

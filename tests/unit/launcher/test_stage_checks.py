@@ -102,7 +102,8 @@ def test_check_flag_prints_inputs_for_the_given_world_size(files, capsys, monkey
     assert orlhf(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["world_size"] == 2
-    assert {"key": "data.sources[0].path", "path": str(files["data"]), "exists": True} in report["inputs"]
+    assert {"key": "data.sources[0].path", "path": str(files["data"]), "exists": True, "head": None} \
+        in report["inputs"]
     monkeypatch.setenv("ORLHF_CHECK_WORLD_SIZE", "3")
     assert orlhf(args) == 2
     assert "train.global_batch: 4 is not divisible" in capsys.readouterr().err
@@ -181,3 +182,33 @@ def test_a_checkpoint_path_naming_a_file_is_refused_not_taken_for_one_not_writte
     entry = sft(files, f"init.checkpoint={files['data']}", tokenizer=False)
     assert fails(files, entry).endswith(f"init.checkpoint: {files['data']} is a file, not a checkpoint folder; pass "
                                         "a checkpoint folder (a stage's checkpoints/ or one of its step_* folders)")
+
+
+def test_a_checkpoint_of_the_wrong_head_is_refused_before_queueing(files, tmp_path):
+    """A reward model where a language model generates: the stage refused it once its job ran
+    (and `--check` said the answers did not fit the reward model's context)."""
+    ckpt, _ = saved_tiny(files, tmp_path, head="value")
+    generate = StageEntry(stage="generate", overrides=[
+        f"init.checkpoint={ckpt}", f"sources=[{{name: p, kind: prompts, path: '{files['data']}'}}]"])
+    assert fails(files, generate).endswith(f"init.checkpoint: {ckpt}/step_00000001 holds a 'value' head, not a "
+                                           "language model's 'lm' head; pass an SFT, aligned or imported "
+                                           "language-model checkpoint")
+
+
+def test_a_checkpoint_an_earlier_stage_will_write_must_be_of_the_head_read(files):
+    """eval's reward model pointed at the SFT's checkpoints (written later, so `--check`
+    cannot read them): refused before any stage runs, not after the SFT has trained."""
+    sft_checkpoints = files["run_dir"] / "sft" / "checkpoints"
+
+    def evaluation(rm: str) -> StageEntry:
+        return StageEntry(stage="eval", overrides=[
+            f"prompts={files['data']}", f"models=[{{name: sft, checkpoint: '{sft_checkpoints}'}}]", f"rm={rm}"])
+
+    message = fails(files, sft(files), evaluation(str(sft_checkpoints)))
+    assert message == (f"pipeline.stages[1] (eval) rm: {sft_checkpoints} is written by stage 'sft', which saves a "
+                       "language model (lm head); this needs a reward model (value head); point it at a stage that "
+                       "saves one (sft or align: a language model; rm: a reward model)")
+    rm = StageEntry(stage="rm", overrides=[f"data.sources=[{{name: d, format: jsonl, path: '{files['data']}'}}]",
+                                           "train.global_batch=8"])
+    assert [p.name for p in plan(files, sft(files), rm, evaluation(f"{files['run_dir']}/rm/checkpoints"))] == \
+        ["sft", "rm", "eval"]
