@@ -16,6 +16,7 @@ from typing import Sequence, TypeVar
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Quote, QuotedString
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
@@ -116,7 +117,7 @@ def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = (), co
     except yaml.YAMLError as err:
         raise _not_yaml(err) from None
     except (HydraException, OmegaConfBaseException) as err:
-        raise _one_line_error(err, schema) from None
+        raise _one_line_error(err, schema, overrides) from None
     except (AttributeError, AssertionError) as err:  # omegaconf merging an override into a null sub-config
         raise _null_sub_config(err, overrides) from None
 
@@ -170,6 +171,41 @@ def to_yaml(config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
+def _overridden_list(chain: list[Exception], overrides: Sequence[str]) -> tuple[str, list] | None:
+    """The key and items of the list override Hydra could not apply (`inputs=[{...}]`), if it
+    was one."""
+    outer = next((m.group(1) for c in chain if (m := re.match(r"Could not override '([^']+)'", str(c)))), None)
+    override = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == outer), None)
+    if override is None:
+        return None
+    try:
+        value = OverridesParser.create().parse_override(override.lstrip("+~")).value()
+    except HydraException:
+        return None
+    return (outer, value) if isinstance(value, list) else None
+
+
+def _list_item_key(outer: str, items: list, key: str, item_type: str, schema: type | None) -> tuple[str, str | None]:
+    """`outer[i].key` for the first item of the overridden list that sets `key`, and the
+    field of the item's dataclass (named `item_type`) it most likely meant."""
+    position = next((i for i, item in enumerate(items) if isinstance(item, dict) and key in item), None)
+    where = f"{outer}[{position}].{key}" if position is not None else f"{outer}[].{key}"
+    fields = next((dotted_keys(kind) for kind in _item_types(schema) if kind.__name__ == item_type), [])
+    near = difflib.get_close_matches(key, fields, n=1, cutoff=0.75)
+    return where, f"{where.rsplit('.', 1)[0]}.{near[0]}" if near else None
+
+
+def _item_types(schema: type | None) -> list[type]:
+    """The dataclasses that lists in `schema` (and its nested configs) hold."""
+    found = []
+    for kind in typing.get_type_hints(schema).values() if schema is not None else ():
+        if dataclasses.is_dataclass(kind):
+            found += _item_types(kind)
+        elif typing.get_origin(kind) is list and dataclasses.is_dataclass(item := typing.get_args(kind)[0]):
+            found += [item, *_item_types(item)]
+    return found
+
+
 def _causes(err: BaseException):
     while err is not None:
         yield err
@@ -218,7 +254,7 @@ def _unparsed_override(err: OverrideParseException) -> ConfigError:
                        f"quote {quote} (in a shell, wrap the whole argument in double quotes)")
 
 
-def _one_line_error(err: Exception, schema: type | None = None) -> ConfigError:
+def _one_line_error(err: Exception, schema: type | None = None, overrides: Sequence[str] = ()) -> ConfigError:
     """Hydra/OmegaConf messages are multi-line; keep the key and the reason."""
     chain = list(_causes(err))
     for cause in chain:
@@ -233,6 +269,9 @@ def _one_line_error(err: Exception, schema: type | None = None) -> ConfigError:
     if missing:
         key = keyed.full_key or missing.group(1)
         suggestion = closest_key(key, dotted_keys(schema)) if schema is not None else None
+        listed = _overridden_list(chain, overrides)
+        if listed is not None and "." not in key:  # omegaconf names a list item's key alone
+            key, suggestion = _list_item_key(*listed, key, missing.group(2), schema)
         hint = f"did you mean {suggestion}?" if suggestion else "check the spelling;"
         return ConfigError(key, f"unknown key (not a field of {missing.group(2)})",
                            f"{hint} `--cfg` prints the valid keys")

@@ -63,6 +63,22 @@ def test_cli_prints_one_line_and_exits_2(capsys):
                    "check the spelling; `--cfg` prints the valid keys")
 
 
+@pytest.mark.parametrize("stage,overrides,message", [
+    ("label", ["rm=/r", "inputs=[{name: a, kind: generated, path: /a}, {name: b, kind: generated, path: /b, "
+               "max_sample: 5}]"],
+     "inputs[1].max_sample: unknown key (not a field of LabelInputConfig); did you mean inputs[1].max_samples?"),
+    ("sft", ["data.sources=[{name: d, format: jsonl, path: /d, wieght: 2}]"],
+     "data.sources[0].wieght: unknown key (not a field of SourceConfig); did you mean data.sources[0].weight?"),
+    ("sft", ["data.sources=[{name: d, format: jsonl, path: /d, zzz: 2}]"],
+     "data.sources[0].zzz: unknown key (not a field of SourceConfig); check the spelling;"),
+])
+def test_a_misspelt_key_of_a_list_item_names_its_position_and_the_field_meant(capsys, stage, overrides, message):
+    """omegaconf names the item's key alone (`max_sample`): in a list of sources that
+    does not say which item, and no field of the stage matched it to suggest."""
+    assert main([stage, *overrides]) == 2
+    assert capsys.readouterr().err.strip() == f"orlhf {stage}: error: {message} `--cfg` prints the valid keys"
+
+
 def test_cli_cfg_prints_resolved_config(capsys):
     assert main(["smoke", "model=8b", "parallel=tp4_sp", "seq_len=128", "--cfg"]) == 0
     out = capsys.readouterr().out
