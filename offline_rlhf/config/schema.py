@@ -58,6 +58,7 @@ class ModelConfig(Frozen):
     rope_scaling: Optional[RopeScalingConfig] = None  # Llama-3 style long-context RoPE scaling; null: none
     max_seq_len: int = 4096  # longest sequence (positions) the model takes
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys before RoPE (Qwen3)
     tie_embeddings: bool = False  # the output head shares the embedding's weights
     init_std: float = 0.02  # standard deviation of the initial weights
     # Set by `orlhf convert import_hf` for a Mistral/Qwen2 model with sliding-window attention,
@@ -106,7 +107,7 @@ class ModelConfig(Frozen):
         if self.qkv_bias:
             attn += hd * (self.n_heads + 2 * self.kv_heads)
         mlp = 3 * self.dim * self.ffn_dim
-        per_layer = attn + mlp + 2 * self.dim
+        per_layer = attn + mlp + 2 * self.dim + (2 * hd if self.qk_norm else 0)
         embed = self.vocab_size * self.dim
         out = 0 if head == "lm" and self.tie_embeddings else (self.vocab_size if head == "lm" else 1) * self.dim
         return embed + self.n_layers * per_layer + self.dim + out

@@ -3,7 +3,7 @@
 Our decoder uses HF's weight layout and rotate-half RoPE, so conversion is a renaming of
 tensors (no q/k permutation). One table (`hf_name`) maps our parameter names to HF's;
 import and export both walk the model's own parameters through it, so the two directions
-cannot drift apart. Supported families: llama, mistral, qwen2.
+cannot drift apart. Supported families: llama, mistral, qwen2, qwen3.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ SINGLE_WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config default
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config and Qwen3Config default
 
 # Our name -> HF name, for the parts inside `layers.{i}.` / `model.layers.{i}.`.
 _LAYER_NAMES = {
@@ -37,6 +37,8 @@ _LAYER_NAMES = {
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj",
+    "attention.q_norm": "self_attn.q_norm",
+    "attention.k_norm": "self_attn.k_norm",
     "feed_forward.w1": "mlp.gate_proj",
     "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj",
@@ -89,7 +91,7 @@ def _read_config_json(hf_dir: str | Path) -> dict:
 
 
 def config_from_hf(hf_config: dict, source: str = CONFIG_FILE) -> ModelConfig:
-    """A llama/mistral/qwen2 `config.json` (as a dict) -> ModelConfig. `source` names the file
+    """A llama/mistral/qwen2/qwen3 `config.json` (as a dict) -> ModelConfig. `source` names the file
     in error messages. Features we do not implement are errors, never silently dropped."""
     model_type = hf_config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -117,8 +119,10 @@ def config_from_hf(hf_config: dict, source: str = CONFIG_FILE) -> ModelConfig:
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_seq_len=_max_seq_len(window, source, required("max_position_embeddings")),
-        # Qwen2 always has q/k/v biases; Llama's attention_bias is rejected above.
+        # Qwen2 always has q/k/v biases (Qwen3's attention_bias, with an o_proj bias, and
+        # Llama's are rejected above); Qwen3 always normalizes queries and keys.
         qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         init_std=hf_config.get("initializer_range", 0.02),
         sliding_window=window,
@@ -174,17 +178,18 @@ def _max_seq_len(window: int | None, source: str, max_positions: int) -> int:
 
 def _applied_sliding_window(hf_config: dict) -> tuple[int, int] | None:
     """(window, first layer using it) as transformers applies it, else None. Mistral: every
-    layer. Qwen2: with use_sliding_window, the layers that `layer_types` (transformers 5)
-    names "sliding_attention", else those from `max_window_layers` on, so none when it is
-    >= num_hidden_layers. (Qwen2 makes them the last layers; the export assumes so.)"""
+    layer. Qwen2 and Qwen3: with use_sliding_window, the layers that `layer_types`
+    (transformers 5) names "sliding_attention", else those from `max_window_layers` on, so
+    none when it is >= num_hidden_layers. (They make them the last layers; the export
+    assumes so.)"""
     window = hf_config.get("sliding_window")
-    if window is None or hf_config["model_type"] not in ("mistral", "qwen2"):
+    if window is None or hf_config["model_type"] not in ("mistral", "qwen2", "qwen3"):
         return None
     if hf_config["model_type"] == "mistral":
         return window, 0
     if not hf_config.get("use_sliding_window", False):
         return None
-    first = hf_config.get("max_window_layers", _QWEN2_MAX_WINDOW_LAYERS)
+    first = hf_config.get("max_window_layers", _QWEN_MAX_WINDOW_LAYERS)
     layer_types = hf_config.get("layer_types") or \
         ["sliding_attention" if i >= first else "full_attention" for i in range(hf_config["num_hidden_layers"])]
     windowed = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
@@ -194,7 +199,8 @@ def _applied_sliding_window(hf_config: dict) -> tuple[int, int] | None:
 def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", extra: dict | None = None,
                  scored_before_eos: bool = False) -> dict:
     """ModelConfig -> a `config.json` dict that transformers loads. Qwen2 when there are q/k/v
-    biases (Llama's attention_bias would add an o_proj bias too), Mistral for an imported
+    biases (Llama's attention_bias would add an o_proj bias too), Qwen3 when queries and
+    keys are normalized (no family has both), Mistral for an imported
     model with a sliding window (it is restored, so transformers reproduces the source
     model past max_seq_len too), Llama otherwise. head=value
     is `*ForSequenceClassification` with one label; it needs `pad_token_id` in `extra`,
@@ -204,7 +210,7 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", ext
     extra = extra or {}
     if head == "value":
         _check_pad_token_for_scoring(extra, scored_before_eos)
-    family = "Qwen2" if cfg.qkv_bias else "Mistral" if cfg.sliding_window is not None else "Llama"
+    family = hf_family(cfg)
     task = "ForCausalLM" if head == "lm" else "ForSequenceClassification"
     rope_scaling = None
     if cfg.rope_scaling is not None:
@@ -234,11 +240,21 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: str = "float32", ext
     }
     if cfg.sliding_window is not None:
         hf["sliding_window"] = cfg.sliding_window
-        if cfg.qkv_bias:
+        if family.startswith("Qwen"):
             hf.update(use_sliding_window=True, max_window_layers=cfg.window_layers_from)
     if head == "value":
         hf["num_labels"] = 1
     return {**hf, **extra}
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """The transformers family a model exports as (`config_to_hf`)."""
+    if cfg.qkv_bias and cfg.qk_norm:
+        raise ConfigError("model", "q/k/v biases with normalized queries and keys match no Hugging Face family "
+                          "(Qwen2 has the biases, Qwen3 the norms)", "export a model with one of the two")
+    if cfg.qkv_bias or cfg.qk_norm:
+        return "Qwen3" if cfg.qk_norm else "Qwen2"
+    return "Mistral" if cfg.sliding_window is not None else "Llama"
 
 
 def _check_pad_token_for_scoring(token_ids: dict, scored_before_eos: bool) -> None:

@@ -2,7 +2,7 @@
 
 It knows nothing about parallelism: local head counts are inferred from tensor shapes,
 so `parallelize()` can shard the projections from outside. Weight layout and RoPE
-convention (rotate-half) match Hugging Face's Llama/Mistral/Qwen2, so import and export
+convention (rotate-half) match Hugging Face's Llama/Mistral/Qwen2/Qwen3, so import and export
 are a renaming of tensors.
 """
 
@@ -92,7 +92,10 @@ AttentionMask = torch.Tensor | BlockMask | KeySpan
 
 class Attention(nn.Module):
     """Grouped-query attention through `scaled_dot_product_attention` (FlexAttention for a
-    BlockMask or a KeySpan). `fuse()` merges wq, wk, wv into one projection `wqkv`."""
+    BlockMask or a KeySpan). `fuse()` merges wq, wk, wv into one projection `wqkv`. With
+    `qk_norm` (Qwen3) each head's queries and keys are RMS-normalized before RoPE, by
+    weights shared by the heads (so under tensor parallelism each rank's gradient of them
+    is a partial sum: `offline_rlhf.parallel.grad.sum_head_norm_grads`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -101,6 +104,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.wqkv: nn.Linear | None = None
         self.qkv_sizes: tuple[int, int, int] = (0, 0, 0)  # output columns of q, k, v within wqkv
 
@@ -122,8 +127,10 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         q, k, v = self.project(x)
         # -1: the number of heads held here (all of them, or this rank's TP shard).
-        q = apply_rope(q.view(batch, seq, -1, self.head_dim), cos, sin)
-        k = apply_rope(k.view(batch, seq, -1, self.head_dim), cos, sin)
+        q, k = q.view(batch, seq, -1, self.head_dim), k.view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(batch, seq, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if cache is not None:

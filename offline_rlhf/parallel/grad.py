@@ -32,6 +32,26 @@ def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -
     return total
 
 
+def sum_head_norm_grads(model: torch.nn.Module) -> None:
+    """Under tensor parallelism each rank normalizes its own heads' queries and keys (Qwen3's
+    q_norm, k_norm) with weights every rank holds whole, so a rank's gradient of those weights
+    covers its heads only. Summed over the TP group (`head_norm_group`, set by
+    `apply_tensor_parallel`), every rank holds the whole gradient and the copies stay equal,
+    as Megatron-LM does for its q/k layer norms. Call after backward, before clipping."""
+    group = getattr(model, "head_norm_group", None)
+    if group is None:
+        return
+    grads = [param.grad for name, param in model.named_parameters()
+             if name.endswith(("q_norm.weight", "k_norm.weight")) and param.grad is not None]
+    pieces = [grad.to_local() if isinstance(grad, DTensor) else grad for grad in grads]
+    if not pieces:
+        return
+    flat = torch.cat([piece.reshape(-1) for piece in pieces])
+    dist.all_reduce(flat, group=group)
+    for piece, summed in zip(pieces, flat.split([piece.numel() for piece in pieces])):
+        piece.copy_(summed.view_as(piece))
+
+
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     by_sharding: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for grad in grads:

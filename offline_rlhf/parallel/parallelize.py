@@ -121,6 +121,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     model.tie_weights()
     for block in model.layers:
         parallelize_module(block, tp_mesh, _block_plan(between_blocks, norm_plan))
+    if model.cfg.qk_norm:  # each rank's gradient of the q/k norms covers its heads only
+        model.head_norm_group = tp_mesh.get_group()
 
 
 def _require_divisible_sequence(tp: int):

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from offline_rlhf.checkpoint import CheckpointMeta, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from offline_rlhf.config.tools import SmokeConfig
 from offline_rlhf.fsutil import write_jsonl
-from offline_rlhf.parallel.grad import clip_grad_norm_
+from offline_rlhf.parallel.grad import clip_grad_norm_, sum_head_norm_grads
 from offline_rlhf.parallel.parallelize import build_model, loss_context
 from offline_rlhf.runtime import Runtime, stage_runtime
 from offline_rlhf.stage_support import mark_done
@@ -37,6 +37,7 @@ def train(cfg: SmokeConfig, rt: Runtime, model, optimizer) -> list[dict]:
             logits = model(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
             loss.backward()
+        sum_head_norm_grads(model)
         grad_norm = clip_grad_norm_(model.parameters(), max_norm=1.0)
         optimizer.step()
         record = {"step": step, "loss": _scalar(loss), "grad_norm": float(grad_norm)}

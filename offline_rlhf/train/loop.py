@@ -49,7 +49,7 @@ from offline_rlhf.checkpoint import (
 from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.schema import LoggingConfig, ModelConfig, OptimConfig, TrainConfig
 from offline_rlhf.ledger import Usage
-from offline_rlhf.parallel.grad import clip_grad_norm_
+from offline_rlhf.parallel.grad import clip_grad_norm_, sum_head_norm_grads
 from offline_rlhf.parallel.parallelize import loss_context
 from offline_rlhf.runtime import SAME_INPUTS, Runtime, any_rank, autocast_for, same_on_every_rank
 from offline_rlhf.stage_support import TRAINING_DATA, check_checkpoint_resumable
@@ -375,6 +375,7 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
     # finite: a loss that overflows may leave a finite gradient (e.g. where a clipped error
     # wins, its gradient is 0), which the norm alone would let through.
     *totals, tokens, step_loss = _dp_sum(rt, [sums[k] for k in keys] + [float(tokens), step_loss])
+    sum_head_norm_grads(model)
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
     finite = math.isfinite(step_loss) and bool(torch.isfinite(grad_norm))  # global: the same on every rank
     # With nothing to learn from (counted == 0, global), Adam's momentum and weight decay

@@ -1,5 +1,7 @@
 """The training step under DP=2 (FSDP2) and TP=2 equals one process on the same global batch."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
@@ -8,13 +10,16 @@ from offline_rlhf.data.batching import collate_sequences
 from offline_rlhf.stages.sft import sft_task
 from offline_rlhf.train.loop import train_step
 from tests.distributed.launch import run_distributed
-from tests.fixtures import parallel_copy, reference_model, runtime_for, sft_sequences
+from tests.fixtures import TINY, parallel_copy, reference_model, runtime_for, sft_sequences
 from tests.unit.train.test_learned_nothing import overflowing
 from tests.unit.train.test_train_invariants import sgd_step
 
+# Qwen3's per-head q/k norms, with heads wider than dim / n_heads.
+QK_NORM = replace(TINY, qk_norm=True, head_dim=32)
 
-def _parallel_step(rank, world_size, parallel):
-    model, dims, mesh = parallel_copy(reference_model(), world_size, **parallel)
+
+def _parallel_step(rank, world_size, parallel, cfg=TINY):
+    model, dims, mesh = parallel_copy(reference_model(cfg), world_size, **parallel)
     rt = runtime_for(dims, mesh)
     sequences = sft_sequences(4)
     dp_rank = mesh.get_local_rank("dp")
@@ -37,6 +42,19 @@ def test_train_step_matches_single_process(tmp_path, parallel):
         assert abs(metrics["loss"] - ref_metrics["loss"]) < 1e-5
         assert abs(metrics["grad_norm"] - ref_metrics["grad_norm"]) < 1e-4
         assert tokens == ref_tokens
+        for name, weight in ref_weights.items():
+            torch.testing.assert_close(weights[name], weight, atol=2e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("parallel,world", [(dict(tp=2), 2), (dict(tp=2, sequence_parallel=True), 2),
+                                            (dict(tp=2, dp=2), 4)], ids=["tp2", "tp2_sp", "tp2_dp2_fsdp"])
+def test_a_qk_norm_model_trains_under_tensor_parallelism_as_in_one_process(tmp_path, parallel, world):
+    """Each TP rank normalizes its own heads with the shared q/k norm weights: its gradient of
+    them is a partial sum, which the ranks add up (unsummed, the norms' updates were wrong
+    and the ranks' copies of them drifted apart)."""
+    ref_metrics, ref_weights, _ = sgd_step(sft_sequences(4), micro_batch=1, model=reference_model(QK_NORM))
+    for metrics, weights, _ in run_distributed(_parallel_step, world, tmp_path, parallel, QK_NORM):
+        assert abs(metrics["grad_norm"] - ref_metrics["grad_norm"]) < 1e-4
         for name, weight in ref_weights.items():
             torch.testing.assert_close(weights[name], weight, atol=2e-6, rtol=1e-5, msg=name)
 

@@ -48,17 +48,24 @@ def test_rows_stop_at_their_eos_and_keep_it():
     assert len(expected[1]) <= 5
 
 
-def test_matches_transformers_greedy_generate(tmp_path):
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen3", {"head_dim": 32})], ids=["llama", "qwen3"])
+def test_matches_transformers_greedy_generate(tmp_path, family, extra):
+    """Qwen3: q/k norms (weights drawn, not their initial ones) on cached keys too."""
     import transformers
 
     from offline_rlhf.models.hf import HFWeights, load_hf_weights, read_hf_config
     from offline_rlhf.stages.convert import empty_model
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      pad_token_id=PAD, bos_token_id=None, eos_token_id=None)
-    hf = transformers.LlamaForCausalLM(config).eval()
+    config = transformers.AutoConfig.for_model(
+        family, vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=None, eos_token_id=None,
+        **extra)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("_norm.weight"):
+                param.normal_(1.0, 0.3)
     hf.save_pretrained(tmp_path)
     ours = empty_model(read_hf_config(tmp_path), "lm").eval()
     load_hf_weights(ours, HFWeights(tmp_path))

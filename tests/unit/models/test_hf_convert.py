@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,6 +38,8 @@ VARIANTS = {
     "qwen2_bias": ("qwen2", dict()),
     # transformers applies the window from layer max_window_layers on: here to none.
     "qwen2_window_in_no_layer": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
+    # q/k norms, and heads wider than hidden_size / heads (as Qwen3-0.6B's 16 x 128 over 1024)
+    "qwen3_qk_norm_wide_heads": ("qwen3", dict(head_dim=32, tie_word_embeddings=True)),
 }
 
 
@@ -92,8 +95,9 @@ def test_import_matches_transformers_logits(tmp_path, variant, max_shard_size):
     assert (actual - expected).abs().max().item() <= 1e-5
 
 
-def test_value_head_import_matches_sequence_classification(tmp_path):
-    hf_model = tiny_hf_model("llama", task="SequenceClassification")
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_value_head_import_matches_sequence_classification(tmp_path, model_type):
+    hf_model = tiny_hf_model(model_type, task="SequenceClassification")
     hf_model.save_pretrained(tmp_path / "hf")
     ours = import_dir(tmp_path / "hf", tmp_path / "ckpt", head="value")
     tokens = fixed_batch()
@@ -110,7 +114,7 @@ def test_tied_weights_stay_tied_after_import(tmp_path):
 # ---------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("variant", ["llama_mha_tied", "qwen2_bias"])
+@pytest.mark.parametrize("variant", ["llama_mha_tied", "qwen2_bias", "qwen3_qk_norm_wide_heads"])
 def test_export_then_import_is_bitwise_exact(tmp_path, variant):
     model_type, overrides = VARIANTS[variant]
     tiny_hf_model(model_type, **overrides).save_pretrained(tmp_path / "hf")
@@ -137,9 +141,11 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, variant):
         assert (reloaded(tokens).logits - hf_model(tokens).logits).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("model_type, window", [("mistral", dict(sliding_window=8)),
-                                               ("qwen2", dict(sliding_window=8, use_sliding_window=True,
-                                                              max_window_layers=1))], ids=["mistral", "qwen2"])
+QWEN_WINDOW = dict(sliding_window=8, use_sliding_window=True, max_window_layers=1)
+
+
+@pytest.mark.parametrize("model_type, window", [("mistral", dict(sliding_window=8)), ("qwen2", QWEN_WINDOW),
+                                               ("qwen3", QWEN_WINDOW)], ids=["mistral", "qwen2", "qwen3"])
 def test_sliding_window_export_reproduces_the_source_past_the_window(tmp_path, model_type, window):
     """The import is capped to the window (where windowed attention is full attention);
     the export restores the window, so transformers matches the source at any length."""
@@ -246,6 +252,15 @@ def test_config_round_trips_through_hf_dict():
     assert hf_config["architectures"] == ["Qwen2ForCausalLM"]
     again = config_from_hf(hf_config)
     assert again == cfg
+
+
+def test_qwen3_configs_round_trip_and_biases_with_norms_are_refused():
+    cfg = config_from_hf({"model_type": "qwen3", **TINY, "head_dim": 32})
+    assert (cfg.qk_norm, cfg.qkv_bias, cfg.head_dim) == (True, False, 32)
+    hf_config = config_to_hf(cfg, "lm")
+    assert hf_config["architectures"] == ["Qwen3ForCausalLM"] and config_from_hf(hf_config) == cfg
+    with pytest.raises(ConfigError, match="q/k/v biases with normalized queries and keys match no Hugging Face"):
+        config_to_hf(replace(cfg, qkv_bias=True), "lm")
 
 
 def test_value_head_config_needs_pad_token():

@@ -121,3 +121,11 @@ def test_qkv_bias_switch():
     assert attn.wq.bias is not None and attn.wk.bias is not None and attn.wv.bias is not None
     assert attn.wo.bias is None
     assert sum(p.numel() for p in Transformer(cfg).parameters()) == cfg.num_params()
+
+
+def test_qk_norm_switch_counts_its_weights():
+    cfg = ModelConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, ffn_dim=16, max_seq_len=16, qk_norm=True,
+                      head_dim=12)
+    attn = Transformer(cfg).layers[0].attention
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (12,)
+    assert sum(p.numel() for p in Transformer(cfg).parameters()) == cfg.num_params()
