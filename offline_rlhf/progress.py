@@ -79,11 +79,11 @@ class Progress:
                                     self.shown, self.unit), file=self.stream, flush=True)
 
 
-def quiet_progress(desc: str, total: int, unit: str, enabled: bool = True) -> Progress:
-    """Progress for work that may be long or short and has no Runtime at hand (building a
-    dataset): only on rank 0 (`main_process`), and only once it has run QUIET_FOR_S, so
-    that a small dataset adds no line. `enabled` False (logging.progress=false) shows nothing."""
-    return Progress(desc, total, enabled=enabled and main_process(), unit=unit, delay=QUIET_FOR_S)
+def quiet_progress(desc: str, total: int, unit: str, enabled: bool = True, initial: int = 0) -> Progress:
+    """Progress for work that may be long or short (building a dataset, scoring a small
+    file): only on rank 0 (`main_process`), and only once it has run QUIET_FOR_S, so that
+    small work adds no line. `enabled` False (logging.progress=false) shows nothing."""
+    return Progress(desc, total, initial, enabled=enabled and main_process(), unit=unit, delay=QUIET_FOR_S)
 
 
 def main_process() -> bool:

@@ -6,6 +6,7 @@ Also which contiguous block of prompts each replica takes."""
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ from typing import Callable
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.fsutil import write_atomic
+from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, raise_everywhere
 from offline_rlhf.stage_support import check_resumable
 
@@ -49,16 +51,18 @@ def my_share(rt: Runtime, items: list) -> tuple[list, Path | None]:
 
 
 class ShardTokens:
-    """A running count of the tokens (`tokens_of` a record) in every replica's shard, each
-    shard read on from where the last count stopped, up to its last whole line (a replica
-    may be writing). Rank 0 alone keeps the ledger's heartbeat: it counts the others' tokens
-    with this, so a killed run's row holds every replica's."""
+    """A running count of the records in every replica's shard and of their tokens
+    (`tokens_of` a record), each shard read on from where the last count stopped, up to its
+    last whole line (a replica may be writing). Rank 0 counts the other replicas' work with
+    this: for the ledger's heartbeat (a killed run's row holds every replica's tokens) and
+    for its progress bar (`show_shards`)."""
 
     def __init__(self, stage_dir: Path, tokens_of: Callable[[dict], int]):
-        self.stage_dir, self.tokens_of, self.total = stage_dir, tokens_of, 0
+        self.stage_dir, self.tokens_of, self.total, self.records = stage_dir, tokens_of, 0, 0
         self._read: dict[Path, int] = {}  # shard -> bytes counted
 
     def count(self) -> int:
+        """The tokens of every record so far (`records` counts them)."""
         for path in shard_paths(self.stage_dir):
             start = self._read.get(path, 0)
             with open(path, "rb") as handle:
@@ -68,18 +72,43 @@ class ShardTokens:
             for line in whole.splitlines():
                 try:
                     self.total += int(self.tokens_of(json.loads(line)))
+                    self.records += 1
                 except (ValueError, AttributeError, TypeError, KeyError, IndexError):  # not a record: the merge
                     pass  # says so, not the ledger
             self._read[path] = start + len(whole)
         return self.total
 
 
-def new_tokens(rt: Runtime, tokens_of: Callable[[dict], int]) -> Callable[[], int]:
-    """Rank 0's count of the tokens the shards gained since now (this execution's, every
-    replica's)."""
+def new_records(rt: Runtime, tokens_of: Callable[[dict], int]) -> Callable[[], tuple[int, int]]:
+    """Rank 0's count of the records the shards gained since now and of their tokens (this
+    execution's, every replica's)."""
     tally = ShardTokens(rt.stage_dir, tokens_of)
-    earlier = tally.count()
-    return lambda: tally.count() - earlier
+    earlier = tally.count(), tally.records
+
+    def since() -> tuple[int, int]:
+        tokens = tally.count()
+        return tally.records - earlier[1], tokens - earlier[0]
+    return since
+
+
+def show_shards(counted: Callable[[], tuple[int, int]], usage, bar: Progress, n: int = 1) -> None:
+    """Rank 0, while the replicas work: what every replica wrote since this execution began
+    (`new_records`) into the ledger's heartbeat (a killed run's row then counts the tokens
+    the shards kept) and into `bar`, which started at the items done before (`n` records
+    each): rank 0's progress covers the whole stage, not its own share."""
+    records, usage.tokens = counted()
+    usage.beat(force=True)
+    rate = usage.tokens / max(time.monotonic() - bar.started, 1e-9)
+    bar.update(bar.first + records // n - bar.done, tok_s=f"{rate:.0f}")
+
+
+def wait_for_replicas(rt: Runtime, show: Callable[[], None] | None) -> None:
+    """The end-of-work barrier, without the process group's timeout (a replica may finish
+    hours before the last); rank 0 `show`s the others' work meanwhile, and once all are
+    done (the last poll may be seconds old)."""
+    rt.barrier(poll=show)
+    if show is not None:
+        show()
 
 
 def shard_indices(n_items: int, rank: int, world: int) -> range:

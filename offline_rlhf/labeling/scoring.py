@@ -164,14 +164,15 @@ def _gather_in_order(local: torch.Tensor, order: list[int], rt: Runtime) -> list
 
 def score_texts(model: nn.Module, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
                 batch_size: int, rt: Runtime, max_len: int | None = None,
-                finished: Sequence[bool] | None = None, turns: Sequence[Sequence[Turn]] | None = None) -> list[float]:
+                finished: Sequence[bool] | None = None, turns: Sequence[Sequence[Turn]] | None = None,
+                progress: Progress | None = None) -> list[float]:
     """Raw rewards of (prompt, response) pairs, in input order, on every rank. `max_len`
     (default: the model's max_seq_len) should be the length the model was trained with;
     `finished[i]` False scores a cut-off answer without EOS, `turns[i]` renders a multi-turn
-    prompt (see `encode_scored`)."""
+    prompt (see `encode_scored`); `progress` as `score_sequences`'."""
     max_len = max_len or model.cfg.max_seq_len
     return score_sequences(model, encode_responses(tokenizer, template, pairs, max_len, finished, turns), batch_size,
-                           rt, tokenizer.pad_id)
+                           rt, tokenizer.pad_id, progress)
 
 
 def reward_stats(scores: Sequence[float], source: str) -> dict:

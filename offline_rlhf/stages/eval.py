@@ -45,7 +45,7 @@ from offline_rlhf.generation.shards import shard_indices
 from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
 from offline_rlhf.ledger import Usage
-from offline_rlhf.progress import Progress
+from offline_rlhf.progress import Progress, quiet_progress
 from offline_rlhf.runtime import SAME_INPUTS, Runtime, raise_everywhere, same_on_every_rank, stage_runtime
 from offline_rlhf.stage_support import (
     check_resumable,
@@ -122,14 +122,22 @@ def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
     n = cfg.generation.n
     requests = [Request(ids, stream_id(i, sample), cfg.generation.max_new_tokens)
                 for i, (ids, _) in zip(mine, encoded) for sample in range(n)]
-    bar = Progress(f"eval {model.name}", len(requests), enabled=rt.is_main, unit="answer")
-    completions = run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
-                      rt.device, decode=tokenizer.decode, on_token=count_answers(bar))
-    bar.close()
+    with Progress(answering(model.name, rt), len(requests), enabled=rt.is_main, unit="answer") as bar:
+        completions = run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
+                          rt.device, decode=tokenizer.decode, on_token=count_answers(bar))
+    if rt.dims.dp > 1:
+        rt.log(f"eval {model.name}: replica 0 answered its share; waiting for the other replicas")
     answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length", encoded[row // n][1])
                for row, c in enumerate(completions)]
     rt.barrier()  # the replicas' shares take their time: wait without the process group's timeout
     return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
+
+
+def answering(name: str, rt: Runtime) -> str:
+    """What rank 0's progress of a model's answers counts: its own replica's share, as the
+    replicas write nothing until every one has answered (`_gather_blocks`); with several, it
+    says so rather than pass its share off as the whole."""
+    return f"eval {name}" if rt.dims.dp == 1 else f"eval {name} (replica 0's share, of {rt.dims.dp} replicas)"
 
 
 def count_answers(bar: Progress) -> TokenCallback:
@@ -239,9 +247,12 @@ def reward_model_scores(cfg: EvalConfig, rt: Runtime, answers: dict[str, list[st
     (with their `turns`), in its own template (every rank takes part)."""
     rm, tokenizer, metadata = load_reward_model(cfg.rm, rt, key="rm")
     rm_template, max_len = scoring_setup(metadata, rm.cfg, tokenizer)
-    return {name: score_texts(rm, tokenizer, rm_template, list(zip(texts, replies)), cfg.batch_size, rt, max_len,
-                              finished=finished[name], turns=turns)
-            for name, replies in answers.items()}
+    scores = {}
+    for name, replies in answers.items():
+        with quiet_progress(f"eval rm {name}", len(replies), "answer") as bar:  # counts every rank's
+            scores[name] = score_texts(rm, tokenizer, rm_template, list(zip(texts, replies)), cfg.batch_size, rt,
+                                       max_len, finished=finished[name], turns=turns, progress=bar)
+    return scores
 
 
 @dataclass(frozen=True)

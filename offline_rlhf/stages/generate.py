@@ -16,6 +16,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +32,15 @@ from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
 from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
-from offline_rlhf.generation.shards import RESTART, merge_shards, my_share, new_tokens, resume_shards
+from offline_rlhf.generation.shards import (
+    RESTART,
+    merge_shards,
+    my_share,
+    new_records,
+    resume_shards,
+    show_shards,
+    wait_for_replicas,
+)
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import SAME_INPUTS, Runtime, same_on_every_rank, stage_runtime
 from offline_rlhf.stage_support import (
@@ -56,15 +65,13 @@ class AnswerWriter:
     most one prompt incomplete: `repair_shard`)."""
 
     def __init__(self, prompts: list[Prompt], truncated: list[bool], cfg: GenerateConfig,
-                 tokenizer, model_name: str, shard: Path | None, usage, bar: Progress,
-                 counted: Callable[[], int] | None):
+                 tokenizer, model_name: str, shard: Path | None, show: Callable[[], None] | None):
         self.prompts, self.truncated, self.cfg = prompts, truncated, cfg  # truncated: per prompt, cut to the budget
-        self.tokenizer, self.model_name, self.shard, self.usage, self.bar = tokenizer, model_name, shard, usage, bar
-        self.counted = counted  # rank 0's: every replica's new tokens in the shards (None: this one's)
+        self.tokenizer, self.model_name, self.shard = tokenizer, model_name, shard
+        self.show = show  # rank 0's: every replica's answers so far into the heartbeat and the bar (`show_shards`)
         self.ended: dict[int, dict[int, Completion]] = {}  # prompt index -> sample -> its completion
         self.due: list[dict] = []
         self.tokens = 0
-        self.started = time.perf_counter()
 
     def on_token(self, request: int, completion: Completion) -> None:
         if not completion.finish:
@@ -94,11 +101,9 @@ class AnswerWriter:
             return
         if self.shard is not None:
             append_jsonl_durably(self.shard, self.due)
-        self.usage.tokens = self.counted() if self.counted is not None else self.tokens
-        self.usage.beat(force=True)  # a killed run's row then counts the tokens the shards kept
-        self.bar.update(len(self.due) // self.cfg.generation.n,
-                        tok_s=f"{self.tokens / (time.perf_counter() - self.started):.0f}")
         self.due = []
+        if self.show is not None:
+            self.show()
 
 
 def prompt_budget(cfg: GenerateConfig, model_cfg: ModelConfig) -> int:
@@ -123,7 +128,7 @@ def main(cfg: GenerateConfig) -> int:
         same_on_every_rank(rt, {"prompts": len(prompts), "sha256": prompts_sha256(prompts)}, "sources", "prompts",
                            SAME_INPUTS)  # each replica answers its block of them, by position
         done, answered = resume_shards(rt, model_fingerprint(cfg, checkpoint), cfg.generation.n, SCHEMA_VERSION)
-        counted = new_tokens(rt, lambda record: record.get("response_tokens", 0)) if rt.is_main else None
+        counted = new_records(rt, lambda record: record.get("response_tokens", 0)) if rt.is_main else None
         check_answered_prompts(answered, prompts, rt.stage_dir)
         usage.resumed = bool(done)  # continues the answers of earlier executions (charged with this one)
         todo = [p for p in prompts if p.id not in done]
@@ -135,14 +140,11 @@ def main(cfg: GenerateConfig) -> int:
                f"{len(todo)} to go on {rt.dims.dp} replica(s) of TP={rt.dims.tp}")
         model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint", decoding=True)
         started = time.perf_counter()
-        usage.tokens = _generate_all(model, mine, cfg, tokenizer, template, rt, str(checkpoint), shard, usage,
-                                     counted)
-
-        def beat() -> None:  # rank 0, while the other replicas finish: their tokens into its heartbeat
-            usage.tokens = counted()
-            usage.beat(force=True)
-
-        rt.barrier(poll=beat if rt.is_main else None)  # no timeout: a replica may finish hours before the last
+        # Rank 0's bar counts every replica's answers (the shards'), from those before this execution.
+        with Progress("generate", len(prompts), initial=len(done), enabled=rt.is_main, unit="prompt") as bar:
+            show = partial(show_shards, counted, usage, bar, cfg.generation.n) if rt.is_main else None
+            usage.tokens = _generate_all(model, mine, cfg, tokenizer, template, rt, str(checkpoint), shard, show)
+            wait_for_replicas(rt, show)
         if rt.is_main:
             write_outputs(rt, cfg, (prompts, mix_stats, done), str(checkpoint), prompt_budget(cfg, model_cfg), usage,
                           time.perf_counter() - started)
@@ -202,22 +204,21 @@ def check_answered_prompts(records: list[dict], prompts: list[Prompt], stage_dir
 
 
 def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, template: ChatTemplate, rt: Runtime,
-                  model_name: str, shard: Path | None, usage, counted: Callable[[], int] | None) -> int:
+                  model_name: str, shard: Path | None, show: Callable[[], None] | None) -> int:
     """Answers to `prompts` in one engine run (decode slots stay busy until the last
     answers; runs per chunk would drain the batch at every chunk's end), written as they
     end and then dropped (memory holds the answers in flight, not the replica's share).
     Sampling streams are keyed by (prompt id, sample index): the answers do not depend on
-    the slot or replica a prompt lands in. Returns the number of new tokens."""
+    the slot or replica a prompt lands in. `show`: rank 0's progress after each write.
+    Returns the number of new tokens."""
     limit, gen = prompt_budget(cfg, model.cfg), cfg.generation
     requests, truncated = [], []
     for prompt in prompts:
         ids, cut = fit_prompt(tokenizer, template, prompt.text, limit, turns=prompt.turns)
         truncated.append(cut)
         requests += [Request(ids, stream_id(prompt.id, sample), gen.max_new_tokens) for sample in range(gen.n)]
-    bar = Progress("generate", len(prompts), enabled=rt.is_main, unit="prompt")
-    writer = AnswerWriter(prompts, truncated, cfg, tokenizer, model_name, shard, usage, bar, counted)
+    writer = AnswerWriter(prompts, truncated, cfg, tokenizer, model_name, shard, show)
     run(model, requests, gen, stop_token_ids(tokenizer, template), tokenizer.pad_id, rt.device,
         decode=tokenizer.decode, on_token=writer.on_token, keep_tokens=False)
     writer.flush()
-    bar.close()
     return writer.tokens

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +30,18 @@ from offline_rlhf.data.chat_template import template_record
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.pair_dataset import DIGEST, REF_CHOSEN, REF_REJECTED, encode_pair_example, tokens_digest
 from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
-from offline_rlhf.generation.shards import RESTART, merge_shards, my_share, new_tokens, resume_shards
+from offline_rlhf.generation.shards import (
+    RESTART,
+    merge_shards,
+    my_share,
+    new_records,
+    resume_shards,
+    show_shards,
+    wait_for_replicas,
+)
 from offline_rlhf.labeling.mix import read_labeled_records
 from offline_rlhf.labeling.pairs import build_pairs, sequence_logps
+from offline_rlhf.progress import quiet_progress
 from offline_rlhf.runtime import SAME_INPUTS, Runtime, same_on_every_rank, stage_runtime
 from offline_rlhf.stage_support import (
     init_template,
@@ -65,25 +75,19 @@ def main(cfg: ReferenceConfig) -> int:
                            "input", "pairs", SAME_INPUTS)  # each replica scores its block of them, by position
         done = scored_pairs(rt, cfg, checkpoint, digests)
         tokens = [len(chosen) + len(rejected) for chosen, rejected in encoded]  # what scoring a pair reads
-        counted = new_tokens(rt, lambda record: tokens[record["id"]]) if rt.is_main else None
+        counted = new_records(rt, lambda record: tokens[record["id"]]) if rt.is_main else None
         usage.resumed = bool(done)  # continues the scores of earlier executions (charged with this one)
         todo = [i for i in range(len(pairs)) if i not in done]
         mine, shard = my_share(rt, todo)
         rt.log(f"reference: {len(pairs)} pairs ({summary(card)}), {len(pairs) - len(todo)} already scored, "
                f"{len(todo)} to go on {rt.dims.dp} replica(s) of TP={rt.dims.tp}")
         model = load_inference_model(checkpoint, "lm", rt, "init.checkpoint")
-        for start in range(0, len(mine), cfg.write_every):
-            ids = mine[start:start + cfg.write_every]
-            records = score_block(model, [encoded[i] for i in ids], ids, cfg.batch_size, rt, tokenizer.pad_id)
-            if shard is not None:
-                append_jsonl_durably(shard, records)
-            if rt.is_main:
-                count_tokens(usage, counted)
-
-        # no timeout: a replica may finish long before the last; rank 0 meanwhile counts its tokens
-        rt.barrier(poll=(lambda: count_tokens(usage, counted)) if rt.is_main else None)
+        # Rank 0's bar counts every replica's pairs (the shards'), from those scored before this execution.
+        with quiet_progress(STAGE, len(pairs), "pair", initial=len(pairs) - len(todo)) as bar:
+            show = partial(show_shards, counted, usage, bar) if rt.is_main else None
+            score_share(model, mine, encoded, shard, cfg, rt, tokenizer.pad_id, show)
+            wait_for_replicas(rt, show)
         if rt.is_main:
-            count_tokens(usage, counted)
             write_outputs(rt, cfg, pairs, encoded, card, checkpoint, template_record(template))
     return 0
 
@@ -139,11 +143,17 @@ def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list,
            f"{card['truncated']} replies truncated to {cfg.max_seq_len} tokens")
 
 
-def count_tokens(usage, counted: Callable[[], int]) -> None:
-    """Rank 0's ledger heartbeat with every replica's tokens so far: a killed run's row then
-    counts the tokens the shards kept."""
-    usage.tokens = counted()
-    usage.beat(force=True)
+def score_share(model, mine: list[int], encoded: list, shard: Path | None, cfg: ReferenceConfig, rt: Runtime,
+                pad_id: int, show: Callable[[], None] | None) -> None:
+    """This replica's pairs `mine`, `write_every` at a time, each block appended durably to
+    its shard (a crash loses the block in flight); `show`: rank 0's progress after each."""
+    for start in range(0, len(mine), cfg.write_every):
+        ids = mine[start:start + cfg.write_every]
+        records = score_block(model, [encoded[i] for i in ids], ids, cfg.batch_size, rt, pad_id)
+        if shard is not None:
+            append_jsonl_durably(shard, records)
+        if show is not None:
+            show()
 
 
 def score_block(model, encoded: list, ids: list[int], batch_size: int, rt: Runtime, pad_id: int) -> list[dict]:

@@ -13,6 +13,7 @@ from offline_rlhf.labeling.scoring import (
     score_sequences,
     scoring_setup,
 )
+from offline_rlhf.progress import quiet_progress
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.stage_support import mark_done
 
@@ -28,7 +29,8 @@ def main(cfg: RMScoreConfig) -> int:
         # A generation cut at max_new_tokens (`finished: false`) is scored without EOS, as in `orlhf label`.
         sequences = encode_responses(tokenizer, template, pairs, max_len,
                                      [record.get("finished") is not False for record in records], turns)
-        scores = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id)
+        with quiet_progress("rm-score", len(sequences), "sample") as bar:  # counts every rank's
+            scores = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id, bar)
         usage.tokens += sum(map(len, sequences))
         if rt.is_main:
             write_jsonl(cfg.output, [{**record, "reward_raw": score} for record, score in zip(records, scores)])
