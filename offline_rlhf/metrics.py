@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from offline_rlhf.config.schema import ModelConfig
+from offline_rlhf.data.errors import DataError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -22,7 +23,8 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, head: str = "lm") -
     4 backward; the embedding lookup is not a matmul, a tied output projection is), plus
     attention scores and weighted values: 6 x 2 x seq_len x head_dim per head and layer
     (causal masking not discounted, as in the PaLM paper's MFU)."""
-    matmul_params = cfg.num_params(head) - cfg.vocab_size * cfg.dim - (2 * cfg.n_layers + 1) * cfg.dim
+    norms = (2 * cfg.n_layers + 1) * cfg.dim + (2 * cfg.n_layers * cfg.resolved_head_dim if cfg.qk_norm else 0)
+    matmul_params = cfg.num_params(head) - cfg.vocab_size * cfg.dim - norms
     if head == "lm" and cfg.tie_embeddings:
         matmul_params += cfg.vocab_size * cfg.dim  # the tied output projection is still a matmul
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
@@ -44,5 +46,25 @@ def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, device: torch.
 
 
 def read_metrics(stage_dir: str | Path) -> list[dict]:
-    path = Path(stage_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows of a stage's metrics.jsonl, without a last line cut short (a stage killed or
+    out of disk mid-write, or still writing it: the resumed run logs that step again)."""
+    return metric_rows(Path(stage_dir) / METRICS_FILE)[0]
+
+
+def metric_rows(path: Path) -> tuple[list[dict], bool]:
+    """The rows of `path` (none if it does not exist) and whether a torn last line was left
+    out. Damage before the last line is a DataError naming it."""
+    if not path.exists():
+        return [], False
+    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+             if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == lines[-1][0]:
+                return rows, True
+            raise DataError(path, number, "expected a JSON object of one step's metrics (the line is damaged: "
+                            "delete it, or the file, to go on)") from None
+    return rows, False

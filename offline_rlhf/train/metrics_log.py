@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from offline_rlhf.config.schema import LoggingConfig, ModelConfig
-from offline_rlhf.fsutil import write_jsonl
-from offline_rlhf.metrics import METRICS_FILE, mfu, read_metrics
+from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.metrics import METRICS_FILE, metric_rows, mfu
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime
 
@@ -41,7 +41,7 @@ class MetricsLog:
         self.is_main = is_main
         self.bar = Progress(Path(stage_dir).name, total_steps, resumed_step, enabled=is_main and cfg.progress)
         self.window = (0.0, 0.0)  # tokens and seconds of the steps since the last shown progress line
-        self.sinks = _external_sinks(cfg, stage_dir) if is_main else []
+        self.sinks = _external_sinks(cfg, stage_dir, resumed_step) if is_main else []
         if is_main:
             _drop_rows_after(self.path, resumed_step)
 
@@ -82,22 +82,35 @@ class MetricsLog:
 
 
 def _drop_rows_after(path: Path, step: int) -> None:
-    """A killed run logged steps past its last checkpoint; the resumed run logs them again."""
-    if path.exists():
-        write_jsonl(path, [row for row in read_metrics(path.parent) if row["step"] <= step])
+    """A killed run logged steps past its last checkpoint (and maybe half a line); the
+    resumed run logs them again. The file is rewritten only then."""
+    rows, torn = metric_rows(path)
+    kept = [row for row in rows if row["step"] <= step]
+    if torn or len(kept) < len(rows):
+        write_jsonl(path, kept)
 
 
-def _external_sinks(cfg: LoggingConfig, stage_dir: Path) -> list:
-    """LoggingConfig checked at validation that the enabled packages are installed."""
+WANDB_ID_FILE = "wandb_id"  # the stage's W&B run, which every resumed execution continues
+
+
+def _external_sinks(cfg: LoggingConfig, stage_dir: Path, resumed_step: int) -> list:
+    """LoggingConfig checked at validation that the enabled packages are installed. A
+    resumed run continues the same curves: TensorBoard drops the steps a killed run logged
+    past its checkpoint (`purge_step`), W&B resumes the stage's run by its saved id."""
     sinks = []
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(Path(stage_dir) / "tensorboard"))
+        purge = resumed_step + 1 if resumed_step else None
+        writer = SummaryWriter(str(Path(stage_dir) / "tensorboard"), purge_step=purge)
         sinks.append(lambda step, row: [writer.add_scalar(k, v, step) for k, v in row.items()] and writer.flush())
     if cfg.wandb:
         import wandb
 
-        run = wandb.init(project=cfg.wandb_project, name=Path(stage_dir).name, dir=str(stage_dir))
+        id_file = Path(stage_dir) / WANDB_ID_FILE
+        if not id_file.exists():
+            write_atomic(id_file, wandb.util.generate_id())
+        run = wandb.init(project=cfg.wandb_project, name=Path(stage_dir).name, dir=str(stage_dir),
+                         id=id_file.read_text().strip(), resume="allow")
         sinks.append(lambda step, row: run.log(row, step=step))
     return sinks
