@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import TypeVar
 
 from offline_rlhf.config.errors import ConfigError
@@ -110,3 +111,10 @@ def require_run_dir(config) -> None:
     """A stage's run folder: empty, `run_dir/<stage>` would be `./<stage>` and `${run_dir}/x` be `/x`."""
     if not config.run_dir.strip():
         raise ConfigError("run_dir", "is empty", "pass run_dir=DIR, the run folder")
+
+
+def settable_fields(schema: type) -> dict[str, type]:
+    """The keys a config dataclass takes and their types: its fields, with string
+    annotations resolved; not class-level constants (`checkpoint_heads`) or private names."""
+    hints = typing.get_type_hints(schema)
+    return {item.name: hints[item.name] for item in dataclasses.fields(schema) if not item.name.startswith("_")}

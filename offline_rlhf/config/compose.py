@@ -22,7 +22,7 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from offline_rlhf.config.base import freeze, require_finite
+from offline_rlhf.config.base import freeze, require_finite, settable_fields
 from offline_rlhf.config.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -198,7 +198,7 @@ def _list_item_key(outer: str, items: list, key: str, item_type: str, schema: ty
 def _item_types(schema: type | None) -> list[type]:
     """The dataclasses that lists in `schema` (and its nested configs) hold."""
     found = []
-    for kind in typing.get_type_hints(schema).values() if schema is not None else ():
+    for kind in settable_fields(schema).values() if schema is not None else ():
         if dataclasses.is_dataclass(kind):
             found += _item_types(kind)
         elif typing.get_origin(kind) is list and dataclasses.is_dataclass(item := typing.get_args(kind)[0]):
@@ -215,9 +215,7 @@ def _causes(err: BaseException):
 def dotted_keys(schema: type, prefix: str = "") -> list[str]:
     """Every settable key of a config dataclass, nested configs as `a.b` (lists not expanded)."""
     keys = []
-    for name, kind in typing.get_type_hints(schema).items():
-        if name.startswith("_"):
-            continue
+    for name, kind in settable_fields(schema).items():
         if dataclasses.is_dataclass(kind):
             keys += dotted_keys(kind, f"{prefix}{name}.")
         else:

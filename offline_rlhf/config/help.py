@@ -12,8 +12,9 @@ import inspect
 import io
 import textwrap
 import tokenize
-import typing
 from functools import lru_cache
+
+from offline_rlhf.config.base import settable_fields
 
 
 @lru_cache(maxsize=None)
@@ -55,9 +56,7 @@ def key_rows(schema: type, values: dict | None, prefix: str = "") -> list[tuple[
     """(dotted key, default as YAML would show it, description) for every settable key."""
     rows = []
     values = values if isinstance(values, dict) else {}
-    for name, kind in typing.get_type_hints(schema).items():
-        if name.startswith("_"):
-            continue
+    for name, kind in settable_fields(schema).items():
         if dataclasses.is_dataclass(kind):
             rows += key_rows(kind, values.get(name), f"{prefix}{name}.")
         else:

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from offline_rlhf.cli import STAGES, _load, run
 from offline_rlhf.config.compose import composed_defaults, dotted_keys
@@ -22,6 +23,7 @@ class Outer:
     name: str = "x"  # what it is called
     inner: Inner = field(default_factory=Inner)
     bare: float = 1.0
+    constant: ClassVar[dict[str, str]] = {"a": "b"}  # a class-level table, not a key (`checkpoint_heads`)
 
 
 def test_field_comments_trailing_and_above():
@@ -36,6 +38,7 @@ def test_key_rows_nest_and_take_values():
                     ("inner.depth", "7", "the comment above a field spans lines"),
                     ("inner.width", "???", "trailing comment wins"),
                     ("bare", "???", "")]
+    assert dotted_keys(Outer) == ["name", "inner.depth", "inner.width", "bare"]
     text = format_keys(rows)
     assert text.splitlines()[1].split() == ["inner.depth", "7", "the", "comment", "above", "a", "field", "spans",
                                             "lines"]
