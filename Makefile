@@ -3,6 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_DIR ?= runs/demo
+SEEDS_RUN_DIR ?= runs/demo_seeds
 
 .PHONY: demo demo-seeds test setup clean-venv
 
@@ -10,9 +11,10 @@ $(BIN)/.installed-base: pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
 	touch $@
 
+# The test install includes the base one: `make demo` after `make setup` installs nothing again.
 $(BIN)/.installed-test: pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV) test
-	touch $@
+	touch $@ $(BIN)/.installed-base
 
 setup: $(BIN)/.installed-test
 
@@ -22,8 +24,8 @@ demo: $(BIN)/.installed-base
 
 # The demo over training seeds 0, 1 and 2 (README "Seeds"): one run per seed, then the report across them.
 demo-seeds: $(BIN)/.installed-base
-	$(BIN)/orlhf pipeline run_dir=runs/demo_seeds 'pipeline.seeds=[0,1,2]'
-	@echo "demo-seeds: the report across seeds is runs/demo_seeds/seeds_report.md (each seed's run in runs/demo_seeds/seed_<s>/)"
+	$(BIN)/orlhf pipeline run_dir=$(SEEDS_RUN_DIR) 'pipeline.seeds=[0,1,2]'
+	@echo "demo-seeds: the report across seeds is $(SEEDS_RUN_DIR)/seeds_report.md (each seed's run in $(SEEDS_RUN_DIR)/seed_<s>/)"
 
 # The Slurm integration tests need a real (two-node, simulated) Slurm; it is installed when this
 # machine can (root with apt-get), otherwise those tests say why they skip.

@@ -76,7 +76,7 @@ RESUMABLE = frozenset({"sft", "rm", "generate", "reference", "align", "eval", "j
 
 
 def usage() -> str:
-    lines = ["usage: orlhf STAGE [key=value ...] [--config-dir DIR] [--cfg]", "", "stages:"]
+    lines = ["usage: orlhf STAGE [key=value ...] [--config-dir DIR] [--cfg] [--check]", "", "stages:"]
     lines += [f"  {name:<12} {stage.summary}" for name, stage in STAGES.items()]
     return "\n".join(lines)
 

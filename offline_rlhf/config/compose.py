@@ -244,6 +244,9 @@ def _unparsed_override(err: OverrideParseException) -> ConfigError:
         reason = "a character Hydra's grammar does not take here"
     if not re.fullmatch(r"[+~]*[\w.\[\]/@-]+", key):
         return ConfigError("config", f"cannot parse {err.override!r}: {reason}", "write it as key=value")
+    if "\n" in value:  # a quoted argument that spans lines in a shell: the line break is in the value
+        return ConfigError(key, "the value holds a line break", "write it on one line (or end each line with a "
+                           "backslash inside double quotes)")
     if value.startswith(("[", "{")) or "'" in value:  # a list, a dict or quotes: which part to quote is theirs
         quote = f"each string in the value, e.g. {key}=['a=b']"
     else:

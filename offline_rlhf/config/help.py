@@ -69,6 +69,8 @@ def _show(value) -> str:
         return "null"
     if value == "":
         return '""'
+    if isinstance(value, str) and value != value.strip():  # a separator such as " ": visible
+        return repr(value)
     if isinstance(value, bool):
         return str(value).lower()
     text = str(value)

@@ -418,7 +418,7 @@ class GenerationConfig(Frozen):
 
     max_new_tokens: int = 256  # longest answer; longer ones are cut (finish_reason length)
     greedy: bool = True  # argmax decoding (temperature, top_p and top_k are then unused)
-    temperature: float = 1.0  # sampling temperature, >= MIN_TEMPERATURE
+    temperature: float = 1.0  # sampling temperature, >= 1e-5
     top_p: float = 1.0  # nucleus sampling mass; 1: off
     top_k: int = 0  # sample among the k likeliest tokens; 0: off
     seed: int = 0  # sampling seed; with the prompt id and sample index it fixes every answer
@@ -427,7 +427,7 @@ class GenerationConfig(Frozen):
     stop: list[str] = field(default_factory=list)  # an answer ends at the first of these strings (not kept)
     cuda_graphs: bool = True  # on CUDA, replay each bucketed decode shape as a CUDA graph (false: plain eager)
     compile: bool = True  # with cuda_graphs, torch.compile the decode step first (about a minute per process)
-    compile_mode: str = "default"  # default | coordinate-descent | max-autotune-no-cudagraphs (see COMPILE_MODES)
+    compile_mode: str = "default"  # default | coordinate-descent | max-autotune-no-cudagraphs
     decode_attention: str = "sdpa"  # compiled steps: sdpa (a boolean mask) or flex (FlexAttention over each row's span)
 
     def __post_init__(self):

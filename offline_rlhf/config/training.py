@@ -101,7 +101,8 @@ class AlignDataConfig(SequenceDataConfig):
     reward_key: str = "reward"  # the normalized reward
     pairs: str = ""  # dpo/ipo/cdpo: the pairs with reference log-probs from `orlhf reference`
     # A record with a blank prompt or response is skipped and counted (the log's dataset line,
-    # dataset_card.json); strict makes it an error naming file:line, as a malformed one is.
+    # and the dataset card in each checkpoint's meta.json); strict makes it an error naming
+    # file:line, as a malformed one is.
     strict: bool = False
 
 

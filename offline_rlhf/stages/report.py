@@ -42,6 +42,16 @@ def read_results(path: Path) -> dict | None:
                           "rerun the stage that wrote it") from None
 
 
+def judge_state(run_dir: Path, judge: dict | None, results: dict | None) -> tuple[str, str]:
+    """Whether the judge's results grade the evaluated answers (`judge_freshness`); without
+    results, whether `orlhf judge` ran here and ended before writing them."""
+    if judge is not None:
+        return judge_freshness(run_dir, judge, results)
+    if (run_dir / "judge" / "config.yaml").exists():
+        return "unfinished", f"{run_dir / 'judge'} holds no results.json"
+    return "none", ""
+
+
 def main(cfg: ReportConfig) -> int:
     run_dir = Path(cfg.run_dir)
     if not read_ledger(run_dir):
@@ -51,7 +61,7 @@ def main(cfg: ReportConfig) -> int:
         rows = table3(hours)
         results = read_results(run_dir / "eval" / "results.json")
         judge = read_results(run_dir / "judge" / "results.json")
-        judge_check = judge_freshness(run_dir, judge, results) if judge else ("none", "")
+        judge_check = judge_state(run_dir, judge, results)
         if judge_check[0] == "stale":
             judge = None  # never shown as if it graded the answers behind the evaluation
         entries = side_by_side(results, judge, rows, run_dir)

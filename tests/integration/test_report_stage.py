@@ -70,6 +70,18 @@ def test_report_shows_the_judge_when_one_ran(tmp_path):
     assert json.loads((run / "report.json").read_text())["judge"] is True
 
 
+def test_a_judge_that_ran_and_did_not_finish_is_not_called_unconfigured(tmp_path):
+    run = write_run(tmp_path / "run")
+    (run / "judge").mkdir()
+    (run / "judge" / "config.yaml").write_text("run_dir: x\n")  # what a failed `orlhf judge` leaves
+    assert main(["report", f"run_dir={run}"]) == 0
+    side = section((run / "report.md").read_text(), "Methods side by side")
+    assert "no judge configured" not in side
+    assert f"LLM judge: `orlhf judge` ran but did not finish ({run / 'judge'} holds no results.json: its last " \
+           "execution failed or was stopped" in side
+    assert json.loads((run / "report.json").read_text())["judge_check"]["state"] == "unfinished"
+
+
 def test_a_damaged_judge_file_is_one_line(tmp_path, capsys):
     run = write_run(tmp_path / "run", judge=True)
     (run / "judge" / "results.json").write_text('{"format": "single",\n  "summary": ')

@@ -28,6 +28,8 @@ TINY = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
     (["run_dir=runs#1"], "run_dir", "cannot parse 'run_dir=runs#1': a character Hydra's grammar does not take here"),
     (["seq_len=[a=b]"], "seq_len", "; quote each string in the value, e.g. seq_len=['a=b'] (in a shell"),
     (["a b=c"], "config", "cannot parse 'a b=c': a character Hydra's grammar does not take here; write it as key="),
+    # A quoted argument split over lines in a shell (was: "quote each string in the value").
+    (["run_dir=[a,\n b]"], "run_dir", "run_dir: the value holds a line break; write it on one line"),
 ])
 def test_compose_errors_name_the_key(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:
