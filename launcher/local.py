@@ -36,7 +36,7 @@ EXCEPTION_LINE = re.compile(r"(?!torch\.distributed\.elastic\.)[\w.]*(Error|Exce
 # Stages whose killed runs keep their work (fsynced shards, call logs, each model's answers):
 # a relaunch resumes them (offline_rlhf.cli.RESUMABLE less the training stages, which stop
 # with STOP_LINE; tests/unit/launcher/test_local_signals.py keeps them equal).
-KEEPS_PARTIAL_WORK = ("generate", "reference", "eval", "judge")
+KEEPS_PARTIAL_WORK = ("generate", "label", "reference", "eval", "judge")
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 # Sent to the stage as SIGTERM, so that a training stage saves a checkpoint (it takes SIGTERM).
 AS_SIGTERM = (signal.SIGINT, signal.SIGHUP)

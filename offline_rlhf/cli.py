@@ -70,9 +70,10 @@ STAGES = {
 }
 
 # Stages whose rerun after Ctrl-C goes on from the work saved so far: checkpoints (sft, rm,
-# align, ppo), fsynced shards or call logs (generate, reference, judge), each model's
-# answers (eval), the stages a pipeline finished (launch, pipeline). The others start over.
-RESUMABLE = frozenset({"sft", "rm", "generate", "reference", "align", "eval", "judge", "ppo", "launch", "pipeline"})
+# align, ppo), fsynced shards, scores or call logs (generate, label, reference, judge), each
+# model's answers (eval), the stages a pipeline finished (launch, pipeline). The others start over.
+RESUMABLE = frozenset({"sft", "rm", "generate", "label", "reference", "align", "eval", "judge", "ppo", "launch",
+                       "pipeline"})
 
 
 def usage() -> str:

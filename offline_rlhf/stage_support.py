@@ -403,11 +403,12 @@ def note_untrusted(path: Path, rt: Runtime) -> None:
 # Keys (fnmatch patterns) that may change between a run and its resumption: layout
 # (checkpoints reshard; a PPO service's world and where it runs), logging, how long or how
 # often things happen, and how fast answers are decoded (decode slots, CUDA graphs and
-# compilation leave every answer as it is: tested).
+# compilation leave every answer as it is: tested) or scored (a scoring batch, lowered after
+# running out of memory, moves a reward or log-prob by rounding at most).
 RESUMABLE_CHANGES = ("run_dir", "parallel.*", "logging.*", "train.max_steps", "train.epochs", "train.val_every",
                      "train.micro_batch",  # accumulation: the loss is normalized over the global batch
                      "train.val_batches", "train.save_every", "train.keep_last", "train.log_every",
-                     "*.max_skipped_fraction", "write_every", "ppo.iterations", "save_every", "keep_last",
+                     "*.max_skipped_fraction", "write_every", "batch_size", "ppo.iterations", "save_every", "keep_last",
                      "generation.batch_size", "generation.cuda_graphs", "generation.compile", "generation.compile_mode",
                      "generation.decode_attention", "services.host", "services.*_timeout_s", "services.max_body_mb",
                      "services.*.nproc", "services.*.parallel.*", "services.*.batch_size", "services.*.het_group")

@@ -141,6 +141,7 @@ class LabelConfig(Frozen):
     # Generated samples cut at max_new_tokens (`finished: false`) are left out and counted;
     # true keeps them, marked, and scores them without the EOS a finished answer ends with.
     include_unfinished: bool = False
+    write_every: int = 8192  # samples scored per durable write of their rewards (what a kill can lose)
     # The head each checkpoint key's model must have (`orlhf launch` checks before queueing).
     checkpoint_heads: ClassVar[dict[str, str]] = {"rm": "value"}
 
@@ -154,7 +155,7 @@ class LabelConfig(Frozen):
                               f"use one of {', '.join(NORMALIZATIONS)}")
         check_unique_names("inputs", self.inputs, "inputs",
                            "give each input its own name (its records' `source` in labeled.jsonl)")
-        require_positive(self, "batch_size")
+        require_positive(self, "batch_size", "write_every")
         require_seed(self)
 
 

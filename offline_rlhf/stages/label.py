@@ -5,19 +5,23 @@ gets `reward_raw` from the reward model and `reward = (reward_raw - mean) / std`
 mean and standard deviation of the labeled set itself (`normalization=labeled_set`) or the
 ones `orlhf rm` stored from its validation responses (`normalization=rm_stats`). The choice
 and the numbers go into `labels_meta.json`; `reward_histogram.png` shows both distributions.
+The raw rewards are saved as they are scored (`write_every` samples at a time): a rerun of
+a stopped or killed labeling goes on from them.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
+from offline_rlhf.config.errors import ResumeRefused
 from offline_rlhf.config.samples import LabelConfig
 from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.hub_datasets import hub_options, source_key
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.skips import Skips, describe
-from offline_rlhf.fsutil import write_atomic, write_jsonl
+from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
 from offline_rlhf.labeling.normalize import counts_by_source, labeled_records, normalization_stats, normalize
 from offline_rlhf.labeling.plots import reward_histogram
 from offline_rlhf.labeling.samples import Sample, identical_once_cut, read_samples, selected_per_prompt
@@ -29,12 +33,14 @@ from offline_rlhf.labeling.scoring import (
     scoring_setup,
 )
 from offline_rlhf.progress import Progress
-from offline_rlhf.runtime import stage_runtime
-from offline_rlhf.stage_support import mark_done
+from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.stage_support import check_resumable, items_digest, mark_done, model_fingerprint
 
 STAGE = "label"
 LABELED = "labeled.jsonl"
 META = "labels_meta.json"
+SCORES = "scores.partial.jsonl"  # the raw rewards so far, a line per block of samples: what a rerun goes on from
+SCORED_UNDER = "scores.fingerprint.json"  # the config, reward model and samples they were scored under
 
 
 def main(cfg: LabelConfig) -> int:
@@ -46,14 +52,17 @@ def main(cfg: LabelConfig) -> int:
         encoded = encode_scored(tokenizer, template, [(s.prompt, s.response) for s in samples], max_len,
                                 [s.finished is not False for s in samples], [s.turns for s in samples])
         sequences = unpacked(encoded)
+        raw = earlier_scores(rt, {**model_fingerprint(cfg, rm_path), "samples": items_digest(sequences)})
+        usage.resumed = bool(raw)  # continues the scores of earlier executions (charged with this one)
         model = reward_weights(rm_path, rm_meta, rt)
-        rt.log(f"label: scoring {len(samples)} samples with {rm_path}")
-        progress = Progress(STAGE, len(sequences), enabled=rt.is_main, unit="sample")
-        raw = score_sequences(model, sequences, cfg.batch_size, rt, tokenizer.pad_id, progress)
-        progress.close()
+        rt.log(f"label: scoring {len(samples)} samples with {rm_path}"
+               + (f" ({len(raw)} scored before, kept)" if raw else ""))
+        with Progress(STAGE, len(sequences), len(raw), enabled=rt.is_main, unit="sample") as progress:
+            todo = sequences[len(raw):]
+            raw += score_blocks(model, todo, cfg, rt, tokenizer.pad_id, progress)
+        usage.tokens = sum(map(len, todo))
         # Statistics over every scored answer: selecting the best per prompt must not move the scale.
         stats = normalization_stats(cfg.normalization, raw, metadata, str(rm_path))
-        usage.tokens = sum(map(len, sequences))
         selections = {i.name or i.path: i.select for i in cfg.inputs}
         scored = [sequence.input_ids for sequence in encoded]
         marks = selected_per_prompt(samples, raw, selections, scored)
@@ -70,11 +79,56 @@ def main(cfg: LabelConfig) -> int:
             reward_histogram(raw, normalized, [s.kind for s in samples], rt.stage_dir / "reward_histogram.png",
                              title=f"rewards of {len(samples)} samples ({cfg.normalization} normalization)")
             mark_done(rt, rt.stage_dir / LABELED)
+            for name in (SCORES, SCORED_UNDER):  # labeled.jsonl holds them now
+                (rt.stage_dir / name).unlink(missing_ok=True)
             rt.log(f"label done: {rt.stage_dir / LABELED}; normalized with mean {stats['mean']:.4f}, "
                    f"std {stats['std']:.4f} ({cfg.normalization}); {meta['truncated']} of {len(samples)} "
                    f"truncated to {max_len} tokens; {describe(meta['skipped_total'])}; "
                    f"{meta['unfinished_kept']} unfinished kept; {not_selected(dropped, ties, max_len)}")
     return 0
+
+
+def earlier_scores(rt: Runtime, fingerprint: dict) -> list[float]:
+    """The raw rewards an earlier execution saved (`score_blocks`), in input order, if it
+    scored the same samples with the same reward model and config; otherwise none (a line
+    says what changed). Rank 0 decides and cuts a line a kill tore; every rank reads them."""
+    scores, under = rt.stage_dir / SCORES, rt.stage_dir / SCORED_UNDER
+    if rt.is_main:
+        if scores.exists():
+            try:
+                if not under.exists():
+                    raise ResumeRefused(SCORED_UNDER, "is missing")
+                check_resumable(json.loads(under.read_text()), fingerprint, scores)
+                _cut_torn_line(scores)
+            except ResumeRefused as err:
+                rt.log(f"label: scoring again: {err.key} changed since {scores} was written")
+                scores.unlink()
+        write_atomic(under, json.dumps(fingerprint, indent=2))
+    rt.barrier()
+    return [score for line in scores.read_text().splitlines() for score in json.loads(line)["scores"]] \
+        if scores.exists() else []
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Blocks are appended a line at a time (`append_jsonl_durably`): a kill can tear only
+    the last, which is scored again."""
+    data = path.read_bytes()
+    whole = data[:data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(len(whole))
+
+
+def score_blocks(model, sequences: list, cfg: LabelConfig, rt: Runtime, pad_id: int, progress: Progress) -> list[float]:
+    """Raw rewards of `sequences`, `write_every` at a time, each block's appended durably to
+    SCORES by rank 0 as soon as every rank has it (`score_sequences` gathers them)."""
+    raw = []
+    for start in range(0, len(sequences), cfg.write_every):
+        block = score_sequences(model, sequences[start:start + cfg.write_every], cfg.batch_size, rt, pad_id, progress)
+        if rt.is_main:
+            append_jsonl_durably(rt.stage_dir / SCORES, [{"scores": block}])
+        raw += block
+    return raw
 
 
 def cut_reason(max_len: int) -> str:

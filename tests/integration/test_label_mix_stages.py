@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import offline_rlhf.stages.label as stage
 from offline_rlhf.checkpoint import REWARD_STATS, CheckpointMeta, TrainState, save_checkpoint
 from offline_rlhf.cli import main
 from offline_rlhf.config.schema import ModelConfig, TemplateConfig
@@ -17,6 +18,7 @@ from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_sft
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from offline_rlhf.labeling.scoring import scoring_metadata
+from offline_rlhf.ledger import read_ledger
 from offline_rlhf.models.llama import Transformer
 from tests.fixtures import REPO_ROOT
 from tests.local_data import OASST_TREES
@@ -158,7 +160,6 @@ def test_label_scores_multi_turn_prompts_as_the_reward_model_was_trained(tmp_pat
     rm-score`: under template.kind=chat the scored ids are encode_sft's with the turns (not
     the folded history as one message); under the paper's template they are those of the
     folded prompt, as before; the labeled records keep the turns of multi-turn prompts only."""
-    import offline_rlhf.stages.label as stage
     import offline_rlhf.stages.rm_score as rm_stage
 
     folder = tmp_path / "tokenizer"
@@ -255,3 +256,70 @@ def test_duplicate_input_names_and_all_zero_mix_weights_are_config_errors(task_r
     assert main(["mix", f"run_dir={tmp_path}", f"input={tmp_path}/missing.jsonl", "weights.generated=0",
                  "weights.sft=0", "weights.preference=0"]) == 2
     assert "orlhf mix: error: weights: are all 0" in capsys.readouterr().err
+
+
+# `orlhf label` keeps the raw rewards it scored, `write_every` samples at a time: a rerun
+# after a kill scores only the rest (it started over: hours lost at a million samples, and a
+# Slurm time limit shorter than the whole labeling could never finish it), cuts a block a
+# kill tore, and scores again what another reward model, config or input scored.
+
+SAMPLES = 20 + 60 + 2 * 30  # label_args' inputs
+BLOCK = "write_every=32"
+
+
+class Killed(Exception):
+    """The process dies while scoring a block."""
+
+
+def scoring_counted(monkeypatch, kill_at: int | None = None) -> list[int]:
+    """The sizes of the blocks scored from now on; the `kill_at`-th (1-based) dies."""
+    blocks, score = [], stage.score_sequences
+
+    def counted(model, sequences, *args):
+        blocks.append(len(sequences))
+        if len(blocks) == kill_at:
+            raise Killed
+        return score(model, sequences, *args)
+
+    monkeypatch.setattr(stage, "score_sequences", counted)
+    return blocks
+
+
+def test_a_killed_labeling_goes_on_from_the_blocks_it_saved(task_run, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    assert main(label_args(task_run, straight, "rm_plain", BLOCK)) == 0
+    assert sorted(p.name for p in (straight / "label").iterdir() if p.name.startswith("scores")) == []
+
+    killed = tmp_path / "killed"
+    scoring_counted(monkeypatch, kill_at=3)
+    with pytest.raises(Killed):
+        main(label_args(task_run, killed, "rm_plain", BLOCK))
+    saved = (killed / "label" / stage.SCORES).read_text().splitlines()
+    assert [len(json.loads(line)["scores"]) for line in saved] == [32, 32]
+    with open(killed / "label" / stage.SCORES, "a") as handle:
+        handle.write('{"scores": [0.5, 0.2')  # a third block the kill tore
+
+    blocks = scoring_counted(monkeypatch)
+    capsys.readouterr()
+    assert main(label_args(task_run, killed, "rm_plain", "write_every=50")) == 0  # a new block size may resume
+    assert blocks == [50, SAMPLES - 64 - 50]  # the torn block is scored again, the two saved ones are not
+    out = capsys.readouterr().out
+    assert "label: scoring 140 samples with" in out and "(64 scored before, kept)" in out
+    for ours, theirs in zip(labeled(killed), labeled(straight), strict=True):
+        assert ours["reward_raw"] == pytest.approx(theirs["reward_raw"], abs=1e-6)
+    assert not (killed / "label" / stage.SCORES).exists()
+    rows = [row for row in read_ledger(killed) if row.stage == "label"]
+    assert [row.status for row in rows] == ["failed", "completed"]
+
+
+def test_scores_of_another_reward_model_are_scored_again(task_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    scoring_counted(monkeypatch, kill_at=2)
+    with pytest.raises(Killed):
+        main(label_args(task_run, run, "rm_plain", BLOCK))
+    blocks = scoring_counted(monkeypatch)
+    capsys.readouterr()
+    assert main(label_args(task_run, run, "rm_stats", BLOCK)) == 0
+    assert blocks == [32, 32, 32, 32, SAMPLES - 128]
+    assert f"label: scoring again: model_meta_sha256 changed since {run / 'label' / stage.SCORES} was written" in \
+        capsys.readouterr().out

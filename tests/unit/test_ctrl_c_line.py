@@ -1,5 +1,5 @@
 """Ctrl-C's line says "resume" only for stages whose rerun goes on from saved work (was:
-for every stage, label, mix and report included, which start over)."""
+for every stage, mix and report included, which start over)."""
 
 import pytest
 
@@ -14,13 +14,13 @@ def interrupted(monkeypatch, capsys, stage: str, *overrides: str) -> str:
     return capsys.readouterr().err.strip()
 
 
-@pytest.mark.parametrize("stage", ["eval", "generate", "sft"])
+@pytest.mark.parametrize("stage", ["eval", "generate", "label", "sft"])
 def test_a_resumable_stage_says_rerun_to_resume(monkeypatch, capsys, stage):
     assert interrupted(monkeypatch, capsys, stage) == \
         f"orlhf {stage}: interrupted (Ctrl-C); rerun the same command to resume"
 
 
-@pytest.mark.parametrize("stage", ["label", "mix", "report"])
+@pytest.mark.parametrize("stage", ["mix", "report"])
 def test_a_stage_that_starts_over_says_so(monkeypatch, capsys, stage):
     assert interrupted(monkeypatch, capsys, stage) == \
         f"orlhf {stage}: interrupted (Ctrl-C); nothing was kept: rerun the same command to start it over"
