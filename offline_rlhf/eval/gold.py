@@ -27,6 +27,7 @@ from offline_rlhf.config.evaluation import CALLABLE, EMBEDDED_TASK, HF_RM, parse
 from offline_rlhf.data.embedded_task import gold_reward, parse_instruction, shortened
 from offline_rlhf.data.records import iter_json_objects, require_text
 from offline_rlhf.data.template import ChatTemplate
+from offline_rlhf.progress import Progress
 
 Pair = tuple[str, str]  # (prompt, response)
 
@@ -38,9 +39,14 @@ class PairFunction:
     spec: str
     function: Callable[[str, str], float]
 
-    def score(self, pairs: Sequence[Pair], finished: Sequence[bool] | None = None) -> list[float]:
-        return [_finite(self.function(prompt, response), self.spec, index, prompt)
-                for index, (prompt, response) in enumerate(pairs)]
+    def score(self, pairs: Sequence[Pair], finished: Sequence[bool] | None = None,
+              progress: Progress | None = None) -> list[float]:
+        scores = []
+        for index, (prompt, response) in enumerate(pairs):
+            scores.append(_finite(self.function(prompt, response), self.spec, index, prompt))
+            if progress is not None:
+                progress.update()
+        return scores
 
 
 class HFRewardModel:
@@ -81,7 +87,8 @@ class HFRewardModel:
         return ids[-self.max_len:] if self.max_len else ids
 
     @torch.no_grad()
-    def score(self, pairs: Sequence[Pair], finished: Sequence[bool] | None = None) -> list[float]:
+    def score(self, pairs: Sequence[Pair], finished: Sequence[bool] | None = None,
+              progress: Progress | None = None) -> list[float]:
         ends = [True] * len(pairs) if finished is None else finished
         ids = [self.encode(self.text(p, r, end)) for (p, r), end in zip(pairs, ends, strict=True)]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch
@@ -90,6 +97,8 @@ class HFRewardModel:
             chunk = order[start:start + self.batch_size]
             for index, value in zip(chunk, self._forward([ids[i] for i in chunk])):
                 scores[index] = _finite(value, self.spec, index, pairs[index][0])
+            if progress is not None:
+                progress.update(len(chunk))
         return scores
 
     def _forward(self, rows: list[list[int]]) -> list[float]:

@@ -211,7 +211,9 @@ def main(cfg: EvalConfig) -> int:
         if rt.is_main:
             if gold is not None:  # after the collectives: a plug-in's error stops rank 0 alone
                 for name, replies in answers.items():  # the gold reward reads paper-format text: the folded prompt
-                    scores[name] = {"gold": gold.score(list(zip(texts, replies)), finished[name]), **scores[name]}
+                    with quiet_progress(f"eval gold {name}", len(replies), "answer") as bar:
+                        scores[name] = {"gold": gold.score(list(zip(texts, replies)), finished[name], bar),
+                                        **scores[name]}
             write_results(rt, cfg, models, prompts, answers, finished, cut, scores)
     return 0
 

@@ -99,6 +99,25 @@ def test_exported_hf_reward_model_scores_as_direct_calls(hf_reward_model):
     assert gold.score(PAIRS[:1], [True]) != pytest.approx(gold.score(PAIRS[:1], [False]), abs=1e-4)
 
 
+class Counted:
+    """A progress bar's `update`, counted."""
+
+    def __init__(self):
+        self.done = 0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+
+
+@pytest.mark.parametrize("spec", ["tests.unit.eval.gold_plugins:marker_share", "hf_rm"])
+def test_gold_scoring_shows_its_progress(spec, hf_reward_model):
+    """Gold scoring ran silent for as long as it took (an hf_rm on every answer of every model)."""
+    gold = load(f"hf_rm:{hf_reward_model}" if spec == "hf_rm" else spec, batch_size=5)
+    bar = Counted()
+    gold.score(PAIRS, None, bar)
+    assert bar.done == len(PAIRS)
+
+
 def test_hf_reward_model_errors_are_one_line(hf_reward_model, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=f"^gold: hf_rm:{tmp_path}: {tmp_path} has no config.json"):
         load(f"hf_rm:{tmp_path}")
