@@ -291,11 +291,14 @@ def _load_rng(path: Path, rank: int) -> None:
 
 
 def _prune(root: Path, keep_last: int, saved: Path) -> None:
-    """Keep `saved` (the step just saved, which `latest` names) and the newest `keep_last` - 1
-    other complete steps: steps above `saved` are left from before a resume from an earlier
-    one, and must not push out the checkpoint the run continues from."""
-    others = sorted(p for p in root.glob("step_*") if is_complete(p) and p != saved)
-    for old in others[:max(len(others) - (keep_last - 1), 0)]:
+    """Keep `saved` (the step just saved, which `latest` names) and `keep_last` - 1 other
+    complete steps, the run's own earlier ones first (newest first): steps above `saved`
+    are left from before a resume from an earlier one (a run rolled back) and must not push
+    out the checkpoint it continues from; they go first."""
+    others = [p for p in root.glob("step_*") if is_complete(p) and p != saved]
+    ranked = sorted((p for p in others if p.name < saved.name), reverse=True) + \
+        sorted((p for p in others if p.name > saved.name), reverse=True)
+    for old in ranked[max(keep_last - 1, 0):]:
         shutil.rmtree(old)
 
 

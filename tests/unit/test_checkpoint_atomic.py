@@ -146,6 +146,16 @@ def test_pruning_keeps_the_step_just_saved_below_older_higher_ones(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "step_00000004"
 
 
+def test_pruning_after_a_rollback_keeps_the_runs_own_earlier_step(tmp_path):
+    """Rolled back to step 30 (`latest` edited), the run saves 37: the fallback kept beside
+    it is its own step 30, not the abandoned 40 (which was kept, and 30 deleted)."""
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, reference_model(), _meta(step), keep_last=0)
+    (tmp_path / "latest").write_text("step_00000030")
+    save_checkpoint(tmp_path, reference_model(), _meta(37), keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000030", "step_00000037"]
+
+
 def test_a_save_clears_partial_folders_of_any_killed_save(tmp_path):
     (tmp_path / "step_00000006.partial").mkdir(parents=True)  # a save of step 6 killed; the rerun saves step 5
     save_checkpoint(tmp_path, reference_model(), _meta(5))
