@@ -183,14 +183,24 @@ def check_stage(config) -> dict:
         if callable(check_world):
             check_world(dims.dp)
     check_fits(config, model)
-    init = getattr(config, "init", None)
-    if init is not None and not init.tokenizer:
-        init.require_tokenizer_source()
-        if _complete_checkpoint(init.checkpoint, "init.checkpoint"):
-            from offline_rlhf.stage_support import tokenizer_dir
-
-            tokenizer_dir(init)
+    if getattr(config, "init", None) is not None:
+        check_tokenizer(config.init, model)
     return {"world_size": world, "inputs": inputs}
+
+
+def check_tokenizer(init, model) -> None:
+    """A tokenizer to start from (`init.tokenizer`, or the init checkpoint's own) and, once
+    it exists and the model is known, one that fits the model's vocabulary and names an EOS,
+    as the stage requires (`load_tokenizer`)."""
+    if not init.tokenizer:
+        init.require_tokenizer_source()
+        if not _complete_checkpoint(init.checkpoint, "init.checkpoint"):
+            return  # an earlier stage writes it
+    from offline_rlhf.data.tokenizer import TOKENIZER_FILE
+    from offline_rlhf.stage_support import load_tokenizer, tokenizer_dir
+
+    if model is not None and (tokenizer_dir(init) / TOKENIZER_FILE).is_file():
+        load_tokenizer(init, model)
 
 
 def checkpoint_head(config, key: str, path: str) -> str | None:

@@ -212,3 +212,16 @@ def test_a_checkpoint_an_earlier_stage_will_write_must_be_of_the_head_read(files
                                            "train.global_batch=8"])
     assert [p.name for p in plan(files, sft(files), rm, evaluation(f"{files['run_dir']}/rm/checkpoints"))] == \
         ["sft", "rm", "eval"]
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_queueing(files, tmp_path):
+    """The stage refused it once its job ran; a tokenizer an earlier stage writes is checked by the stage."""
+    from offline_rlhf.data.tokenizer import train_bpe_tokenizer
+    from tests.unit.data.test_tokenizer import SHAKESPEARE
+
+    large = tmp_path / "large_tokenizer"
+    train_bpe_tokenizer([SHAKESPEARE], 1024, large)
+    assert fails(files, sft(files, tokenizer=large)).endswith(
+        "model.vocab_size: 512 is smaller than the tokenizer's 1024 tokens "
+        f"({large}); set model.vocab_size >= 1024")
+    assert plan(files, sft(files, "model.vocab_size=1024", tokenizer=large))
