@@ -3,7 +3,8 @@
 Torchrun mode starts one task per node running torchrun with a c10d rendezvous at the first
 host of the allocation; tasks mode starts one task per process and the stage reads Slurm's
 variables itself (offline_rlhf.parallel.distributed). Both derive the rendezvous port as
-20000 + job id % 20000, so concurrent jobs on shared nodes do not collide.
+20000 + job id % 6000 (RENDEZVOUS_PORTS there), so concurrent jobs on shared nodes do not
+collide, below the ports the nodes' own outgoing connections take.
 
 The PPO stage renders as one heterogeneous job (`render_hetjob`, layout in launcher.ppo):
 one `#SBATCH hetjob` component per module, the services' job steps started first (one task
@@ -51,7 +52,7 @@ SERVICE_GRACE_S = 60  # seconds the PPO services may take to end once the actor'
 RENDEZVOUS = """\
 # Rendezvous at the first host of the allocation; every node derives the same port.
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-port=$((20000 + SLURM_JOB_ID % 20000))
+port=$((20000 + SLURM_JOB_ID % 6000))
 """
 
 

@@ -64,11 +64,12 @@ def het_group_host(cfg: PPOConfig, name: str, environ: Mapping[str, str] = os.en
 
 def service_port(name: str, environ: Mapping[str, str] = os.environ) -> int:
     """The HTTP port of service `name` in Slurm job SLURM_JOB_ID (in every component, the
-    het job's leader id), so the service and the actor derive it alike. In [40000, 60000),
-    clear of the rendezvous ports of offline_rlhf.parallel.distributed.slurm_port; the
-    port after it is the rendezvous port of the service's own world."""
+    het job's leader id), so the service and the actor derive it alike. In [26000, 32768),
+    clear of the rendezvous ports of offline_rlhf.parallel.distributed.slurm_port and below
+    the ephemeral range (RENDEZVOUS_PORTS' comment); the port after it is the rendezvous
+    port of the service's own world."""
     job = int(re.sub(r"\D", "", environ.get("SLURM_JOB_ID", "")) or 0)
-    return 40000 + job % 2500 * 8 + 2 * SERVICES.index(name)
+    return 26000 + job % 845 * 8 + 2 * SERVICES.index(name)
 
 
 def serve_in_job(cfg: PPOConfig) -> int:

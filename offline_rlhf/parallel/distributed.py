@@ -58,9 +58,17 @@ def detect_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
                    launcher="single")
 
 
+# Ports a Slurm job derives from its id: the rendezvous in [20000, 26000), the PPO services'
+# in [26000, 32768) (ppo_baseline.serve.service_port). Both stay below Linux's ephemeral range
+# (32768-60999 by default), from which the node's outgoing connections (NCCL's among them)
+# take their local ports: a port there may be in use when the job binds it.
+RENDEZVOUS_PORTS = (20000, 6000)  # first port, how many
+
+
 def slurm_port(job_id: str) -> int:
-    """A port in [20000, 40000) that every task of one job derives identically."""
-    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+    """A port in [20000, 26000) that every task of one job derives identically."""
+    first, count = RENDEZVOUS_PORTS
+    return first + int(re.sub(r"\D", "", job_id) or 0) % count
 
 
 # One host-list entry: a name whose bracket groups may hold commas ('rack[1-2]-node[01,04]').

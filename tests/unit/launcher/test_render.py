@@ -60,7 +60,7 @@ export NCCL_SOCKET_IFNAME=ib0,eth0
 
 # Rendezvous at the first host of the allocation; every node derives the same port.
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-port=$((20000 + SLURM_JOB_ID % 20000))
+port=$((20000 + SLURM_JOB_ID % 6000))
 
 srun --kill-on-bad-exit=1 --cpus-per-task=64 \\
   --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\

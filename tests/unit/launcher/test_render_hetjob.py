@@ -137,7 +137,7 @@ services+=" $!:reward"
 
 # Rendezvous at the first host of the allocation; every node derives the same port.
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-port=$((20000 + SLURM_JOB_ID % 20000))
+port=$((20000 + SLURM_JOB_ID % 6000))
 srun --het-group=0 --kill-on-bad-exit=1 --cpus-per-task=64 \\
   --container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/lustre/runs/dt8b:/lustre/runs/dt8b,/data:/data --no-container-mount-home \\
   bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\

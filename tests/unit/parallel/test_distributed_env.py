@@ -20,7 +20,7 @@ def test_slurm_one_task_per_device():
     env = detect_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
                       "SLURM_JOB_NODELIST": "dgx[012-013]", "SLURM_JOB_ID": "123456"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (9, 16, 1, "dgx012", "slurm")
-    assert env.master_port == slurm_port("123456") == 20000 + 123456 % 20000
+    assert env.master_port == slurm_port("123456") == 20000 + 123456 % 6000
 
 
 def test_single_slurm_task_is_single_process():
@@ -42,3 +42,22 @@ def test_first_host_of_node_lists():
     for broken in ("", "gpu[1-2", "gpu]1["):
         with pytest.raises(ValueError, match="cannot parse Slurm node list"):
             first_host(broken)
+
+
+def test_every_port_a_job_derives_is_below_the_ephemeral_range_and_the_script_agrees():
+    """Linux hands 32768-60999 to outgoing connections (NCCL's among them): a port there may
+    be taken when the job binds it. The rendered script's bash formula is the stages' own."""
+    import subprocess
+
+    from launcher.render import RENDEZVOUS
+    from ppo_baseline.config import SERVICES
+    from ppo_baseline.serve import service_port
+
+    jobs = range(0, 100_000, 7)
+    rendezvous = {slurm_port(str(job)) for job in jobs}
+    services = {service_port(name, {"SLURM_JOB_ID": str(job)}) + own for job in jobs for name in SERVICES
+                for own in (0, 1)}  # a service's HTTP port and its world's rendezvous
+    assert max(rendezvous) < min(services) and max(services) < 32768
+    formula = next(line for line in RENDEZVOUS.splitlines() if line.startswith("port="))
+    script = f"SLURM_JOB_ID=123457; {formula}; echo $port"
+    assert int(subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout) == slurm_port("123457")
