@@ -335,9 +335,9 @@ def _judge_note(judge: dict | None, judge_check: tuple[str, str]) -> str:
         return (f"LLM judge: judge/results.json is stale and not shown: {why}. Rerun `orlhf judge` with the same "
                 "answer files to grade the current answers (it sends only the requests for changed answers).")
     if state == "unfinished":
-        return (f"LLM judge: `orlhf judge` ran but did not finish ({why}: its last execution failed or was "
-                "stopped; the ledger and its log say which). Rerun it to add its scores: it resumes from the "
-                "replies it saved.")
+        return (f"LLM judge: `orlhf judge` has not finished ({why}: it is running, or its last execution "
+                "failed or was stopped; the ledger and its log say which). Rerun it to add its scores: it "
+                "resumes from the replies it saved.")
     if judge is None:
         return "LLM judge: no judge configured (run `orlhf judge` to add its scores here)."
     note = f"Judge: {judge['judge_model']} ({judge['format']} format); details in judge/results.md."

@@ -32,9 +32,10 @@ from offline_rlhf.labeling.scoring import (
     score_sequences,
     scoring_setup,
 )
+from offline_rlhf.ledger import Usage
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime, stage_runtime
-from offline_rlhf.stage_support import check_resumable, items_digest, mark_done, model_fingerprint
+from offline_rlhf.stage_support import check_resumable, items_digest, mark_done, step_identity
 
 STAGE = "label"
 LABELED = "labeled.jsonl"
@@ -52,15 +53,15 @@ def main(cfg: LabelConfig) -> int:
         encoded = encode_scored(tokenizer, template, [(s.prompt, s.response) for s in samples], max_len,
                                 [s.finished is not False for s in samples], [s.turns for s in samples])
         sequences = unpacked(encoded)
-        raw = earlier_scores(rt, {**model_fingerprint(cfg, rm_path), "samples": items_digest(sequences)})
+        # What a raw reward depends on: the reward model and the token ids it reads (normalization
+        # and selection come after; the ids hold the inputs, the template and the length limit).
+        raw = earlier_scores(rt, {"reward model": step_identity(rm_path), "samples": items_digest(sequences)})
         usage.resumed = bool(raw)  # continues the scores of earlier executions (charged with this one)
         model = reward_weights(rm_path, rm_meta, rt)
         rt.log(f"label: scoring {len(samples)} samples with {rm_path}"
                + (f" ({len(raw)} scored before, kept)" if raw else ""))
         with Progress(STAGE, len(sequences), len(raw), enabled=rt.is_main, unit="sample") as progress:
-            todo = sequences[len(raw):]
-            raw += score_blocks(model, todo, cfg, rt, tokenizer.pad_id, progress)
-        usage.tokens = sum(map(len, todo))
+            raw += score_blocks(model, sequences[len(raw):], cfg, rt, tokenizer.pad_id, progress, usage)
         # Statistics over every scored answer: selecting the best per prompt must not move the scale.
         stats = normalization_stats(cfg.normalization, raw, metadata, str(rm_path))
         selections = {i.name or i.path: i.select for i in cfg.inputs}
@@ -119,15 +120,21 @@ def _cut_torn_line(path: Path) -> None:
             handle.truncate(len(whole))
 
 
-def score_blocks(model, sequences: list, cfg: LabelConfig, rt: Runtime, pad_id: int, progress: Progress) -> list[float]:
+def score_blocks(model, sequences: list, cfg: LabelConfig, rt: Runtime, pad_id: int, progress: Progress,
+                 usage: Usage) -> list[float]:
     """Raw rewards of `sequences`, `write_every` at a time, each block's appended durably to
-    SCORES by rank 0 as soon as every rank has it (`score_sequences` gathers them)."""
+    SCORES by rank 0 as soon as every rank has it (`score_sequences` gathers them), and its
+    tokens counted in the ledger's heartbeat: an execution that fails or is killed after
+    saving blocks is charged for them (a later one goes on from them)."""
     raw = []
     for start in range(0, len(sequences), cfg.write_every):
-        block = score_sequences(model, sequences[start:start + cfg.write_every], cfg.batch_size, rt, pad_id, progress)
+        block = sequences[start:start + cfg.write_every]
+        scores = score_sequences(model, block, cfg.batch_size, rt, pad_id, progress)
         if rt.is_main:
-            append_jsonl_durably(rt.stage_dir / SCORES, [{"scores": block}])
-        raw += block
+            append_jsonl_durably(rt.stage_dir / SCORES, [{"scores": scores}])
+            usage.tokens += sum(map(len, block))
+            usage.beat(force=True)
+        raw += scores
     return raw
 
 

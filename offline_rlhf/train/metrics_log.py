@@ -41,9 +41,10 @@ class MetricsLog:
         self.is_main = is_main
         self.bar = Progress(Path(stage_dir).name, total_steps, resumed_step, enabled=is_main and cfg.progress)
         self.window = (0.0, 0.0)  # tokens and seconds of the steps since the last shown progress line
-        self.sinks = _external_sinks(cfg, stage_dir, resumed_step) if is_main else []
+        self.sinks = []
         if is_main:
-            _drop_rows_after(self.path, resumed_step)
+            dropped = _drop_rows_after(self.path, resumed_step)
+            self.sinks = _external_sinks(cfg, stage_dir, resumed_step, dropped)
 
     def train(self, step: int, metrics: dict[str, float], every: int) -> None:
         """The progress shows loss and lr of this step, and tok_s as the mean over the steps
@@ -81,34 +82,37 @@ class MetricsLog:
         self.bar.close()
 
 
-def _drop_rows_after(path: Path, step: int) -> None:
+def _drop_rows_after(path: Path, step: int) -> bool:
     """A killed run logged steps past its last checkpoint (and maybe half a line); the
-    resumed run logs them again. The file is rewritten only then."""
+    resumed run logs them again. The file is rewritten only then; returns whether steps
+    were dropped."""
     rows, torn = metric_rows(path)
     kept = [row for row in rows if row["step"] <= step]
     if torn or len(kept) < len(rows):
         write_jsonl(path, kept)
+    return len(kept) < len(rows)
 
 
 WANDB_ID_FILE = "wandb_id"  # the stage's W&B run, which every resumed execution continues
 
 
-def _external_sinks(cfg: LoggingConfig, stage_dir: Path, resumed_step: int) -> list:
-    """LoggingConfig checked at validation that the enabled packages are installed. A
-    resumed run continues the same curves: TensorBoard drops the steps a killed run logged
-    past its checkpoint (`purge_step`), W&B resumes the stage's run by its saved id."""
+def _external_sinks(cfg: LoggingConfig, stage_dir: Path, resumed_step: int, dropped: bool) -> list:
+    """LoggingConfig checked at validation that the enabled packages are installed. The
+    curves follow metrics.jsonl: TensorBoard drops the steps logged past the checkpoint the
+    run starts from (`purge_step`; all of them on a fresh start). W&B cannot take a step
+    again, so it resumes the stage's run (its saved id) only where that run ended; after a
+    fresh start, or steps `dropped` past the checkpoint, it starts a new run."""
     sinks = []
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        purge = resumed_step + 1 if resumed_step else None
-        writer = SummaryWriter(str(Path(stage_dir) / "tensorboard"), purge_step=purge)
+        writer = SummaryWriter(str(Path(stage_dir) / "tensorboard"), purge_step=resumed_step + 1)
         sinks.append(lambda step, row: [writer.add_scalar(k, v, step) for k, v in row.items()] and writer.flush())
     if cfg.wandb:
         import wandb
 
         id_file = Path(stage_dir) / WANDB_ID_FILE
-        if not id_file.exists():
+        if not id_file.exists() or not resumed_step or dropped:
             write_atomic(id_file, wandb.util.generate_id())
         run = wandb.init(project=cfg.wandb_project, name=Path(stage_dir).name, dir=str(stage_dir),
                          id=id_file.read_text().strip(), resume="allow")

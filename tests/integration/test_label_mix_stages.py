@@ -310,6 +310,9 @@ def test_a_killed_labeling_goes_on_from_the_blocks_it_saved(task_run, tmp_path, 
     assert not (killed / "label" / stage.SCORES).exists()
     rows = [row for row in read_ledger(killed) if row.stage == "label"]
     assert [row.status for row in rows] == ["failed", "completed"]
+    # The failed execution's two saved blocks are charged to it (it was charged nothing).
+    [whole] = [row.tokens for row in read_ledger(straight) if row.stage == "label"]
+    assert 0 < rows[0].tokens < whole and rows[0].tokens + rows[1].tokens == whole
 
 
 def test_scores_of_another_reward_model_are_scored_again(task_run, tmp_path, monkeypatch, capsys):
@@ -321,5 +324,5 @@ def test_scores_of_another_reward_model_are_scored_again(task_run, tmp_path, mon
     capsys.readouterr()
     assert main(label_args(task_run, run, "rm_stats", BLOCK)) == 0
     assert blocks == [32, 32, 32, 32, SAMPLES - 128]
-    assert f"label: scoring again: model_meta_sha256 changed since {run / 'label' / stage.SCORES} was written" in \
+    assert f"label: scoring again: reward model changed since {run / 'label' / stage.SCORES} was written" in \
         capsys.readouterr().out

@@ -77,8 +77,8 @@ def test_a_judge_that_ran_and_did_not_finish_is_not_called_unconfigured(tmp_path
     assert main(["report", f"run_dir={run}"]) == 0
     side = section((run / "report.md").read_text(), "Methods side by side")
     assert "no judge configured" not in side
-    assert f"LLM judge: `orlhf judge` ran but did not finish ({run / 'judge'} holds no results.json: its last " \
-           "execution failed or was stopped" in side
+    assert f"LLM judge: `orlhf judge` has not finished ({run / 'judge'} holds no results.json: it is running, " \
+           "or its last execution failed or was stopped" in side
     assert json.loads((run / "report.json").read_text())["judge_check"]["state"] == "unfinished"
 
 

@@ -70,15 +70,25 @@ def test_tensorboard_drops_the_steps_a_killed_run_logged_past_its_checkpoint(tmp
     installed(monkeypatch, "torch.utils.tensorboard", SummaryWriter=SummaryWriter)
     for resumed in (0, 40):
         MetricsLog(tmp_path, LoggingConfig(tensorboard=True, progress=False), True, resumed, 100).close()
-    assert writers == [None, 41]  # TensorBoard removes events at steps >= 41 once the resumed run logs
+    # TensorBoard removes the events at steps >= 1 (a fresh start: a killed first run's), >= 41
+    assert writers == [1, 41]
 
 
-def test_wandb_resumes_the_stages_own_run(tmp_path, monkeypatch):
+def test_wandb_resumes_the_stages_own_run_only_where_it_ended(tmp_path, monkeypatch):
+    """W&B ignores a step it already has: a run that logged steps past its checkpoint is
+    continued in a new W&B run (as a fresh start is), not under values of the abandoned one."""
     calls = []
-    ids = iter(["first", "second"])
+    ids = iter(["first", "second", "third"])
     installed(monkeypatch, "wandb", init=lambda **kwargs: calls.append(kwargs),
               util=types.SimpleNamespace(generate_id=lambda: next(ids)))
-    for resumed in (0, 40):
-        MetricsLog(tmp_path / "sft", LoggingConfig(wandb=True, progress=False), True, resumed, 100).close()
-    assert [(call["id"], call["resume"], call["name"]) for call in calls] == [("first", "allow", "sft")] * 2
-    assert (tmp_path / "sft" / WANDB_ID_FILE).read_text() == "first"
+    stage = tmp_path / "sft"
+    stage.mkdir()
+    logging = LoggingConfig(wandb=True, progress=False)
+    MetricsLog(stage, logging, True, 0, 100).close()
+    write_rows(stage / METRICS_FILE, range(1, 41))
+    MetricsLog(stage, logging, True, 40, 100).close()  # resumed where the first ended: the same W&B run
+    write_rows(stage / METRICS_FILE, range(1, 46))
+    MetricsLog(stage, logging, True, 40, 100).close()  # steps 41-45 logged again: a new W&B run
+    assert [(call["id"], call["resume"], call["name"]) for call in calls] == [
+        ("first", "allow", "sft"), ("first", "allow", "sft"), ("second", "allow", "sft")]
+    assert (stage / WANDB_ID_FILE).read_text() == "second"
