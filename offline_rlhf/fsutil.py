@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable, Iterator
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see the old or the new
-    content, never a torn file."""
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A temporary sibling of `path` to write, fsynced and renamed over it when the block
+    ends: readers see the old or the new content, never a torn file. Content can be
+    written as it is made, not held whole. A block that fails removes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as handle:
+        handle.write(text)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -31,7 +43,11 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    """`rows` as JSON lines, atomically, each written as it comes (a million rows of
+    reference pairs joined into one string were gigabytes)."""
+    with atomic_file(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
 
 
 def append_jsonl_durably(path: str | Path, rows: Iterable[dict]) -> None:

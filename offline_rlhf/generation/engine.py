@@ -35,7 +35,7 @@ from offline_rlhf.runtime import autocast_for
 
 @dataclass(frozen=True)
 class Request:
-    prompt: list[int]
+    prompt: Sequence[int]  # token ids: a list, or `TokenIds` (4 bytes a token: generate holds a replica's share)
     stream: int  # the sampling stream: `stream_id(prompt id, sample index)`
     max_new_tokens: int
     rule: Rule | None = None  # how this request picks tokens; None: the run's cfg (greedy, temperature, top_p)

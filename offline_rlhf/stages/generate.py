@@ -3,10 +3,11 @@
 Each data-parallel replica (TP=1 by default, so every device is a replica) takes a
 disjoint block of the prompts not answered yet, decodes them in one continuous batch and
 appends answers as they end, `write_every` prompts at a time, to its own
-`shard_XXXXX.jsonl` with fsync. A rerun after a crash reads every
-shard, skips answered prompt ids and never answers one twice; a torn last line is cut
-off first. When all replicas are done, rank 0 merges the shards into `samples.jsonl`
-(ordered by prompt id, each id exactly once) and writes `DONE`.
+`shard_XXXXX.jsonl` with fsync. A rerun after a crash has rank 0 read every
+shard once (a torn last line is cut off first) and hand the answered prompt ids to every
+replica, which skips them and never answers one twice. When all replicas are done, rank 0
+merges the shards into `samples.jsonl` (ordered by prompt id, each id exactly once: the
+shards' lines copied, never all in memory) and writes `DONE`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError, ResumeRefused
@@ -28,13 +29,13 @@ from offline_rlhf.data.prompts import Prompt, read_prompt_mix
 from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.skips import describe
 from offline_rlhf.data.template import ChatTemplate
-from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
-from offline_rlhf.fsutil import append_jsonl_durably, write_atomic, write_jsonl
+from offline_rlhf.data.tokenize import TokenIds, fit_prompt, stop_token_ids
+from offline_rlhf.fsutil import append_jsonl_durably, atomic_file, write_atomic
 from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
 from offline_rlhf.generation.shards import (
     RESTART,
-    merge_shards,
+    ShardIndex,
     my_share,
     new_records,
     resume_shards,
@@ -127,9 +128,9 @@ def main(cfg: GenerateConfig) -> int:
         prompts, mix_stats = read_prompt_mix(cfg.sources, template, cfg.total_prompts, cfg.seed, cfg.strict)
         same_on_every_rank(rt, {"prompts": len(prompts), "sha256": prompts_sha256(prompts)}, "sources", "prompts",
                            SAME_INPUTS)  # each replica answers its block of them, by position
-        done, answered = resume_shards(rt, model_fingerprint(cfg, checkpoint), cfg.generation.n, SCHEMA_VERSION)
+        done = resume_shards(rt, model_fingerprint(cfg, checkpoint), cfg.generation.n, SCHEMA_VERSION,
+                             partial(check_answered_prompts, prompts=prompts, stage_dir=rt.stage_dir))
         counted = new_records(rt, lambda record: record.get("response_tokens", 0)) if rt.is_main else None
-        check_answered_prompts(answered, prompts, rt.stage_dir)
         usage.resumed = bool(done)  # continues the answers of earlier executions (charged with this one)
         todo = [p for p in prompts if p.id not in done]
         mine, shard = my_share(rt, todo)
@@ -152,8 +153,15 @@ def main(cfg: GenerateConfig) -> int:
 
 
 def prompts_sha256(prompts: list[Prompt]) -> str:
-    return hashlib.sha256(json.dumps([[p.id, p.text, p.source, turns_field(p.turns)] for p in prompts]).encode()
-                          ).hexdigest()
+    """The digest of the prompts as one JSON list, hashed prompt by prompt (the whole list in
+    one string was 900 MB at a million prompts): `json.dumps` of a list is its items' joined
+    by ", " in brackets. Resume fingerprints hold it: it must not change."""
+    digest = hashlib.sha256(b"[")
+    for k, p in enumerate(prompts):
+        item = json.dumps([p.id, p.text, p.source, turns_field(p.turns)])
+        digest.update(f"{', ' if k else ''}{item}".encode())
+    digest.update(b"]")
+    return digest.hexdigest()
 
 
 def write_outputs(rt: Runtime, cfg: GenerateConfig, inputs: tuple, checkpoint: str, budget: int, usage,
@@ -161,21 +169,31 @@ def write_outputs(rt: Runtime, cfg: GenerateConfig, inputs: tuple, checkpoint: s
     """Rank 0, after every replica: the merged answers, the card, DONE, the summary line.
     `inputs`: the prompts, their sources' stats and the ids answered before this run."""
     prompts, mix_stats, done = inputs
-    records = merge_shards(rt.stage_dir, len(prompts), cfg.generation.n)
-    write_jsonl(rt.stage_dir / SAMPLES, records)
-    usage.tokens = sum(r["response_tokens"] for r in records if r["id"] not in done)  # every replica's
+    counts = Counter()
+    merged = ShardIndex(rt.stage_dir, len(prompts), cfg.generation.n, partial(count_samples, counts, done))
+    with atomic_file(rt.stage_dir / SAMPLES, "wb") as out:
+        out.writelines(merged.lines())  # the shards' lines as written: what `json.dumps` of their records gives
+    usage.tokens = counts["new_tokens"]  # every replica's
     card = {"prompts": len(prompts), "sources": mix_stats, "skipped": skip_counts(mix_stats),
-            "model": checkpoint, "finished": sum(r["finished"] for r in records),
-            # a prompt's n answers share its (cut) prompt: count it once
-            "prompt_truncated": sum(r["prompt_truncated"] for r in records if r["sample"] == 0),
+            "model": checkpoint, "finished": counts["finished"], "prompt_truncated": counts["prompt_truncated"],
             "gen_config": asdict(cfg.generation)}
     write_atomic(rt.stage_dir / "generation_card.json", json.dumps(card, indent=2))
     mark_done(rt, rt.stage_dir / SAMPLES)
-    rt.log(f"generate done: {len(records)} answers to {len(prompts)} prompts in {rt.stage_dir / SAMPLES}; "
+    answers = len(prompts) * cfg.generation.n
+    rt.log(f"generate done: {answers} answers to {len(prompts)} prompts in {rt.stage_dir / SAMPLES}; "
            f"{usage.tokens} new tokens in {seconds:.1f} s ({usage.tokens / max(seconds, 1e-9):.0f} tokens/s over "
-           f"{rt.dims.dp} replica(s)); {len(records) - card['finished']} hit max_new_tokens without EOS, "
+           f"{rt.dims.dp} replica(s)); {answers - card['finished']} hit max_new_tokens without EOS, "
            f"{card['prompt_truncated']} of {len(prompts)} prompts were cut to {budget} tokens; unusable prompt "
            f"records: {describe(card['skipped'])}")
+
+
+def count_samples(counts: Counter, done: set[int], record: dict) -> None:
+    """The card's counts of a merged record into `counts`, and its tokens when new (not
+    answered before this run)."""
+    counts["finished"] += record["finished"]
+    # a prompt's n answers share its (cut) prompt: count it once
+    counts["prompt_truncated"] += record["prompt_truncated"] and record["sample"] == 0
+    counts["new_tokens"] += record["response_tokens"] if record["id"] not in done else 0
 
 
 def skip_counts(mix_stats: dict) -> dict[str, int]:
@@ -183,18 +201,21 @@ def skip_counts(mix_stats: dict) -> dict[str, int]:
     return dict(sum((Counter(stats["skipped"]) for stats in mix_stats.values()), Counter()))
 
 
-def check_answered_prompts(records: list[dict], prompts: list[Prompt], stage_dir: Path) -> None:
-    """Shard records are resumed by prompt id, a position in the mix: each must answer the
-    prompt that has its id now (text and turns), or the prompt sources changed since it was
-    written (the config names files, not their content) and the answers would go to other
-    prompts. Checked before anything is generated."""
-    def asked(record: dict) -> tuple[str, list | None]:
-        return record["prompt"], record.get("turns")
-
-    changed = sorted({r["id"] for r in records if not 0 <= r["id"] < len(prompts)
-                      or asked(r) != (prompts[r["id"]].text, turns_field(prompts[r["id"]].turns).get("turns"))})
+def check_answered_prompts(records: Iterable[dict], prompts: list[Prompt], stage_dir: Path) -> Iterator[dict]:
+    """The shard `records`, passed on; at their end, refused if any does not answer the
+    prompt that has its id now (text and turns). Records are resumed by prompt id, a
+    position in the mix: the prompt sources changed since it was written (the config names
+    files, not their content) and the answers would go to other prompts. Checked before
+    anything is generated, as rank 0 reads the shards (`resume_shards`)."""
+    changed, first = set(), None  # the ids; the first record of the lowest
+    for record in records:
+        prompt_id = record["id"]
+        if not 0 <= prompt_id < len(prompts) or (record["prompt"], record.get("turns")) != (
+                prompts[prompt_id].text, turns_field(prompts[prompt_id].turns).get("turns")):
+            changed.add(prompt_id)
+            first = record if first is None or prompt_id < first["id"] else first
+        yield record
     if changed:
-        first = next(r for r in records if r["id"] == changed[0])
         now = (f"now {prompts[first['id']].text[:60]!r}" if 0 <= first["id"] < len(prompts)
                else f"and there are {len(prompts)} prompts now")
         raise ResumeRefused("sources", f"the prompt inputs changed since the shards in {stage_dir} were written: "
@@ -215,6 +236,7 @@ def _generate_all(model, prompts: list[Prompt], cfg: GenerateConfig, tokenizer, 
     requests, truncated = [], []
     for prompt in prompts:
         ids, cut = fit_prompt(tokenizer, template, prompt.text, limit, turns=prompt.turns)
+        ids = TokenIds(ids)  # 4 bytes a token, shared by the prompt's n requests (a list: ~36)
         truncated.append(cut)
         requests += [Request(ids, stream_id(prompt.id, sample), gen.max_new_tokens) for sample in range(gen.n)]
     writer = AnswerWriter(prompts, truncated, cfg, tokenizer, model_name, shard, show)

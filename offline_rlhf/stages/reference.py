@@ -20,7 +20,7 @@ import json
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from offline_rlhf.checkpoint import resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
@@ -109,18 +109,26 @@ def distinct_pairs(pairs: list, tokenizer, template, cfg: ReferenceConfig, card:
 
 
 def scored_pairs(rt: Runtime, cfg: ReferenceConfig, checkpoint: Path, digests: list[str]) -> set[int]:
-    """The pairs an earlier run of this config scored (`resume_shards`). Each shard record
-    carries the digest of the tokens it scored: one that is not the pair's digest now (the
-    input file, the tokenizer or the checkpoint's template changed under the same config)
-    holds log-probs of other sequences, and the run stops rather than merge them."""
-    done, records = resume_shards(rt, model_fingerprint(cfg, checkpoint), 1)
-    stale = [r["id"] for r in records if not 0 <= r["id"] < len(digests) or r.get(DIGEST) != digests[r["id"]]]
+    """The pairs an earlier run of this config scored (`resume_shards`), each `fresh`."""
+    return resume_shards(rt, model_fingerprint(cfg, checkpoint), 1,
+                         check=partial(fresh, digests=digests, cfg=cfg, stage_dir=rt.stage_dir))
+
+
+def fresh(records: Iterable[dict], digests: list[str], cfg: ReferenceConfig, stage_dir: Path) -> Iterator[dict]:
+    """The shard `records`, passed on; at their end, refused if any is stale. Each carries
+    the digest of the tokens it scored: one that is not the pair's digest now (the input
+    file, the tokenizer or the checkpoint's template changed under the same config) holds
+    log-probs of other sequences, and the run stops rather than merge them."""
+    stale, first = 0, None
+    for record in records:
+        if not 0 <= record["id"] < len(digests) or record.get(DIGEST) != digests[record["id"]]:
+            stale, first = stale + 1, record["id"] if first is None else first
+        yield record
     if stale:
-        raise ConfigError("input", f"{len(stale)} of the pairs scored in {rt.stage_dir} tokenize otherwise now "
-                          f"(first: id {stale[0]}): {cfg.input}, the tokenizer or init.checkpoint's template "
+        raise ConfigError("input", f"{stale} of the pairs scored in {stage_dir} tokenize otherwise now "
+                          f"(first: id {first}): {cfg.input}, the tokenizer or init.checkpoint's template "
                           "changed since", f"restore what they were scored from, or "
-                          f"{RESTART.format(stage_dir=rt.stage_dir)}")
-    return done
+                          f"{RESTART.format(stage_dir=stage_dir)}")
 
 
 def write_outputs(rt: Runtime, cfg: ReferenceConfig, pairs: list, encoded: list, card: dict, model: Path,

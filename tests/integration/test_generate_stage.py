@@ -183,11 +183,12 @@ def test_multi_turn_prompts_reach_the_engine_as_chat_sft_rendered_them(tmp_path,
         recent = [encode_prompt(tokenizer, chat, record["prompt"], turns=turns[k:]) for k in range(0, len(turns), 2)]
         fitting = next((ids for ids in recent if len(ids) <= budget), None) if turns else None
         whole = encode_prompt(tokenizer, chat, record["prompt"], turns=turns)
-        assert request.prompt == (fitting or (recent or [whole])[-1][-budget:])
-        assert record["prompt_truncated"] == (request.prompt != whole)
+        prompted = list(request.prompt)  # TokenIds, as a list
+        assert prompted == (fitting or (recent or [whole])[-1][-budget:])
+        assert record["prompt_truncated"] == (prompted != whole)
         if turns and not record["prompt_truncated"]:
             multi += 1
-            assert request.prompt == whole != encode_prompt(tokenizer, chat, record["prompt"])
+            assert prompted == whole != encode_prompt(tokenizer, chat, record["prompt"])
         cut += len(turns) > 1 and fitting is not None and fitting != whole
     # Multi-turn prompts checked whole, and some cut by whole exchanges; one-turn ones too.
     assert multi >= 10 and cut >= 1 and any("turns" not in r for r in records)
