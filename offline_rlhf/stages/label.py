@@ -41,7 +41,7 @@ STAGE = "label"
 LABELED = "labeled.jsonl"
 META = "labels_meta.json"
 SCORES = "scores.partial.jsonl"  # the raw rewards so far, a line per block of samples: what a rerun goes on from
-SCORED_UNDER = "scores.fingerprint.json"  # the config, reward model and samples they were scored under
+SCORED_UNDER = "scores.fingerprint.json"  # the reward model and the samples' token ids they were scored from
 
 
 def main(cfg: LabelConfig) -> int:
@@ -91,8 +91,8 @@ def main(cfg: LabelConfig) -> int:
 
 def earlier_scores(rt: Runtime, fingerprint: dict) -> list[float]:
     """The raw rewards an earlier execution saved (`score_blocks`), in input order, if it
-    scored the same samples with the same reward model and config; otherwise none (a line
-    says what changed). Rank 0 decides and cuts a line a kill tore; every rank reads them."""
+    scored the same token ids with the same reward model (`fingerprint`); otherwise none (a
+    line says what changed). Rank 0 decides and cuts a line a kill tore; every rank reads them."""
     scores, under = rt.stage_dir / SCORES, rt.stage_dir / SCORED_UNDER
     if rt.is_main:
         if scores.exists():
