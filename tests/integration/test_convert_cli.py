@@ -69,7 +69,7 @@ def test_cli_reports_unsupported_model_in_one_line(tmp_path, capsys):
     assert orlhf(["convert", "import_hf", f"hf_dir={tmp_path}", f"out={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"orlhf convert: error: {tmp_path / 'config.json'}: model_type: unsupported 'gpt2'; " \
-                  "supported: llama, mistral, qwen2"
+                  "supported: llama, mistral, qwen2, qwen3"
 
 
 def test_a_reward_model_imported_without_head_value_names_the_fix(tmp_path, capsys):
