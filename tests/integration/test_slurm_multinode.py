@@ -146,19 +146,21 @@ def _status_with_hours(run_dir: Path) -> list[tuple[str, str, str, str]]:
 
 
 def test_a_failing_ppo_component_fails_the_job_and_cancels_the_evaluation(slurm, tmp_path):  # noqa: F811
-    """The reward service is given the SFT model (an `lm` head, no reward model): only the
-    running service finds out, its job step fails, and so the whole job."""
+    """The reward service is given a reward model without the reward statistics PPO
+    normalizes with (a model of the wrong kind is refused at launch now): only the running
+    service finds out, its job step fails, and so the whole job."""
     run_dir = ppo_run(tmp_path)
+    _, unnormalized = write_checkpoints(tmp_path / "no_stats", tmp_path / "tokenizer", stats=None)
     sft, ppo = run_dir / "sft" / "checkpoints", run_dir / "ppo" / "checkpoints"
     evaluation = ["prompt_key=prompt", f"prompts={run_dir / 'prompts.jsonl'}", f"rm={run_dir / 'rm' / 'checkpoints'}",
                   f"models=[{{name: sft, checkpoint: '{sft}'}}, {{name: ppo, checkpoint: '{ppo}'}}]",
                   "generation.max_new_tokens=8"]  # the tiny SFT's context is 64 tokens
-    submit(run_dir, entry("ppo", ppo_overrides(run_dir, f"services.reward.checkpoint={sft}"), ppo=TWO_NODE_PPO),
-           entry("eval", evaluation))
+    submit(run_dir, entry("ppo", ppo_overrides(run_dir, f"services.reward.checkpoint={unnormalized}"),
+                          ppo=TWO_NODE_PPO), entry("eval", evaluation))
     states = wait_finished(run_dir)
     assert (states["ppo"], states["eval"]) == ("FAILED", "CANCELLED"), job_outputs(run_dir)
     log = (run_dir / "ppo" / "reward" / "service.log").read_text()
-    assert "services.reward.checkpoint" in log and "not a reward model's 'value' head" in log
+    assert "services.reward.checkpoint" in log and "stores no reward statistics" in log
     assert "a PPO job step failed" in job_outputs(run_dir)
 
 
