@@ -286,6 +286,7 @@ def check_inputs(plans: list[StagePlan], inputs: list[list[dict]], keys: list[st
 
 # The head of the models each training stage saves (offline_rlhf.stages; not imported: no torch here).
 SAVED_HEADS = {"sft": "lm", "align": "lm", "rm": "value", PPO_STAGE: "lm"}
+# offline_rlhf.train.init.HEAD_NAMES, which the stages' messages use (a test keeps the two equal).
 HEAD_NAMES = {"lm": "a language model (lm head)", "value": "a reward model (value head)"}
 
 

@@ -76,6 +76,18 @@ RESUMABLE = frozenset({"sft", "rm", "generate", "label", "reference", "align", "
                        "pipeline"})
 
 
+PIPELINE_USAGE = """\
+usage: orlhf pipeline [pipeline=NAME] [run_dir=DIR] [key=value ...] [--dry-run] [--config-dir DIR]
+
+Runs a whole pipeline on this machine (`orlhf launch cluster=local ...`): the embedded demo
+(conf/pipeline/demo.yaml) unless pipeline=NAME names another, into run_dir (default runs/<pipeline name>).
+A rerun skips the stages already complete and resumes the others. The keys and options are
+`orlhf launch`'s (`orlhf launch --help`).
+  orlhf pipeline run_dir=runs/demo
+  orlhf pipeline run_dir=runs/demo_seeds 'pipeline.seeds=[0,1,2]'   (once per training seed, then seeds-report)
+  orlhf pipeline --config-dir my_conf pipeline=dt_rounds run_dir=R"""
+
+
 def usage() -> str:
     lines = ["usage: orlhf STAGE [key=value ...] [--config-dir DIR] [--cfg] [--check]", "", "stages:"]
     lines += [f"  {name:<12} {stage.summary}" for name, stage in STAGES.items()]
@@ -111,6 +123,9 @@ def run(argv: list[str]) -> int:
         print(f"orlhf: unknown stage {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     stage = STAGES[name]
+    if name == "pipeline" and ("-h" in args or "--help" in args):  # not `orlhf launch --help`, which it runs
+        print(PIPELINE_USAGE)
+        return 0
     if name == "pipeline":  # `orlhf launch` on this machine, the demo unless another pipeline is named
         args = [*(() if any(a.startswith("pipeline=") for a in args) else ("pipeline=demo",)), "cluster=local", *args]
     from offline_rlhf.config.compose import CONFIG_DIR_FLAG, compose_stage, split_config_dirs, to_yaml
@@ -171,9 +186,10 @@ def check_stage(config) -> dict:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(CHECK_WORLD_SIZE, f"must be a process count >= 1, got {raw!r}")
     world = int(raw)
-    inputs = [{"key": key, "path": path, "exists": os.path.exists(path), "head": checkpoint_head(config, key, path)}
-              for key, path in input_paths(config)]
-    model = _stage_model(config)
+    metas = {}  # the metadata of each checkpoint read, by config key: each is resolved and read once
+    inputs = [{"key": key, "path": path, "exists": os.path.exists(path),
+               "head": checkpoint_head(config, key, path, metas)} for key, path in input_paths(config)]
+    model = _stage_model(config, metas)
     if parallel is not None:
         dims = ParallelDims.build(parallel, world, model)
         train = None if getattr(config, "eval_only", False) else getattr(config, "train", None)
@@ -203,15 +219,15 @@ def check_tokenizer(init, model) -> None:
         load_tokenizer(init, model)
 
 
-def checkpoint_head(config, key: str, path: str) -> str | None:
+def checkpoint_head(config, key: str, path: str, metas: dict) -> str | None:
     """The head the checkpoint at `path` (config key `key`) must hold (`checkpoint_heads`;
-    None: any). One that exists is checked now; the launcher checks one an earlier stage
-    will write against that stage's kind."""
+    None: any). One that exists is checked now (its metadata kept in `metas[key]`); the
+    launcher checks one an earlier stage will write against that stage's kind."""
     head = getattr(config, "checkpoint_heads", {}).get(re.sub(r"\[\d+\]", "", key))
     if head is not None and (resolved := _complete_checkpoint(path, key)) is not None:
         from offline_rlhf.stage_support import checkpoint_of_head
 
-        checkpoint_of_head(resolved, head, key)
+        metas[key] = checkpoint_of_head(resolved, head, key)
     return head
 
 
@@ -230,14 +246,17 @@ def check_fits(config, model) -> None:
                           f"the model's max_seq_len={model.max_seq_len}", "lower it")
 
 
-def _stage_model(config):
+def _stage_model(config, metas: dict):
     """The model the stage runs when known now: an existing init (or first evaluated)
-    checkpoint's, else `model`; None when an earlier stage has yet to write the checkpoint."""
+    checkpoint's, else `model`; None when an earlier stage has yet to write the checkpoint.
+    `metas`: the checkpoints `checkpoint_head` read, by config key (not read again)."""
     from offline_rlhf.config.schema import ModelConfig
 
     init, models = getattr(config, "init", None), getattr(config, "models", None)
     checkpoint, key = ((init.checkpoint, "init.checkpoint") if init is not None and init.checkpoint else
                        (models[0].checkpoint, "models[0].checkpoint") if models else ("", ""))
+    if key in metas:
+        return metas[key].model
     if checkpoint:
         resolved = _complete_checkpoint(checkpoint, key)
         if resolved is None:

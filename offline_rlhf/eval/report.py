@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import os
 import re
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime
+from itertools import accumulate
 from pathlib import Path
 
 import yaml
@@ -56,13 +58,14 @@ def charged(rows: list[LedgerRow]) -> list[bool]:
     PPO's services (critic, reference, reward model) are charged with the actor execution
     they served: when their row's time span overlaps a charged `ppo_actor` row."""
     flags = [False] * len(rows)
-    for stage in {row.stage for row in rows}:
-        indices = [k for k, row in enumerate(rows) if row.stage == stage]
+    by_stage = defaultdict(list)
+    for k, row in enumerate(rows):
+        by_stage[row.stage].append(k)
+    for indices in by_stage.values():
         for k, counted in zip(indices, result_chain([rows[k] for k in indices])):
             flags[k] = counted
-    actors = [_span(row) for row, counted in zip(rows, flags) if counted and row.stage == PPO_ACTOR]
-    return [any(_overlap(_span(row), actor) for actor in actors) if _is_ppo_service(row.stage) else counted
-            for row, counted in zip(rows, flags)]
+    served = _overlaps_any([_span(row) for row, counted in zip(rows, flags) if counted and row.stage == PPO_ACTOR])
+    return [served(_span(row)) if _is_ppo_service(row.stage) else counted for row, counted in zip(rows, flags)]
 
 
 def _is_ppo_service(stage: str) -> bool:
@@ -73,8 +76,17 @@ def _span(row: LedgerRow) -> tuple[datetime, datetime]:
     return datetime.fromisoformat(row.start), datetime.fromisoformat(row.end)
 
 
-def _overlap(one: tuple[datetime, datetime], other: tuple[datetime, datetime]) -> bool:
-    return one[0] < other[1] and other[0] < one[1]
+def _overlaps_any(spans: list[tuple[datetime, datetime]]) -> Callable[[tuple[datetime, datetime]], bool]:
+    """Whether a span overlaps one of `spans` (start < their end and their start < end), in
+    O(log n) a span: a ledger of n relaunches has n actor and 3n service rows."""
+    spans = sorted(spans)
+    starts = [start for start, _ in spans]
+    latest_ends = list(accumulate((end for _, end in spans), max))  # of the spans started so far
+
+    def overlaps(span: tuple[datetime, datetime]) -> bool:
+        before = bisect_left(starts, span[1])  # the spans that start before this one ends
+        return before > 0 and latest_ends[before - 1] > span[0]
+    return overlaps
 
 
 def device_hours(run_dir: Path) -> dict[str, dict]:

@@ -18,6 +18,7 @@ from offline_rlhf.stage_support import load_tokenizer, note_untrusted
 
 # What an init checkpoint of the other head (an SFT model for a reward model) cannot hold.
 NEW_HEAD_PARAMETERS = {"lm": (), "value": ("score.weight",)}
+# launcher.plan.HEAD_NAMES repeats it (the launcher imports no offline_rlhf; a test keeps the two equal).
 HEAD_NAMES = {"lm": "a language model (lm head)", "value": "a reward model (value head)"}
 
 

@@ -6,10 +6,12 @@ execution they served. Synthetic ledger rows, each lasting one hour."""
 from __future__ import annotations
 
 import json
+import random
 from datetime import datetime, timedelta, timezone
 
+from offline_rlhf.eval import report
 from offline_rlhf.eval.report import charged, device_hours, stages_markdown
-from offline_rlhf.ledger import HEARTBEAT_DIR, LedgerRow, OneProcess, append_row, read_ledger, track
+from offline_rlhf.ledger import HEARTBEAT_DIR, LedgerRow, OneProcess, append_row, read_ledger, result_chain, track
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 PPO_SERVICES = ("ppo_critic", "ppo_reference", "ppo_reward")
@@ -113,3 +115,46 @@ def test_an_execution_killed_before_it_knew_whether_it_resumed_does_not_end_the_
     fresh = row("sft", "interrupted", 0, False)
     killed_in_start_up = LedgerRow(**{**heartbeat, "start": (T0 + timedelta(hours=1)).isoformat()})
     assert charged([fresh, killed_in_start_up, row("sft", "completed", 2, True)]) == [True, True, True]
+
+
+def charged_pairwise(rows: list[LedgerRow]) -> list[bool]:
+    """`charged` as it was written first: every service row against every charged actor row
+    (quadratic in the number of relaunches: 1 s at 5,000 rows)."""
+    flags = [False] * len(rows)
+    for stage in {each.stage for each in rows}:
+        indices = [k for k, each in enumerate(rows) if each.stage == stage]
+        for k, counted in zip(indices, result_chain([rows[k] for k in indices])):
+            flags[k] = counted
+    span = lambda each: (datetime.fromisoformat(each.start), datetime.fromisoformat(each.end))  # noqa: E731
+    actors = [span(each) for each, counted in zip(rows, flags) if counted and each.stage == "ppo_actor"]
+    return [any(span(each)[0] < actor[1] and actor[0] < span(each)[1] for actor in actors)
+            if each.stage in PPO_SERVICES else counted for each, counted in zip(rows, flags)]
+
+
+def test_ppo_charging_over_many_relaunches_is_the_pairwise_rule_parsing_each_row_once(monkeypatch):
+    """400 random relaunches (spans that nest, touch, overlap or last no time; actors that
+    fail, are killed, resume or start fresh): the same flags as every service row against
+    every actor row, each row's times read once (not once per actor row)."""
+    rng = random.Random(0)
+
+    def minutes_row(stage: str, start: int, length: int, resumed: bool) -> LedgerRow:
+        begin = T0 + timedelta(minutes=start)
+        return LedgerRow(stage=stage, start=begin.isoformat(), end=(begin + timedelta(minutes=length)).isoformat(),
+                         status=rng.choice(["completed", "failed", "interrupted"]), nodes=1, processes=1, devices=1,
+                         device_type="cpu", wall_seconds=60.0 * length, device_hours=length / 60,
+                         tokens=rng.choice([0, 100, 100]), resumed=resumed)
+
+    rows, now = [], 0
+    for _ in range(400):
+        now += rng.choice([0, 30, 60, 90])
+        rows.append(minutes_row("ppo_actor", now, rng.choice([0, 30, 60, 90]), rng.random() < 0.97))
+        rows += [minutes_row(stage, now + rng.choice([-10, 0, 10]), rng.choice([0, 10, 60, 120]), False)
+                 for stage in PPO_SERVICES]
+    rows.append(row("ppo_actor", "completed", 0, True))  # ends the chain
+    expected = charged_pairwise(rows)
+    services = [flag for flag, each in zip(expected, rows) if each.stage in PPO_SERVICES]
+    assert 100 < sum(services) < len(services) - 100  # both kinds, many of each
+    spans, span_of = [], report._span
+    monkeypatch.setattr(report, "_span", lambda each: spans.append(each) or span_of(each))
+    assert charged(rows) == expected
+    assert len(spans) <= len(rows)

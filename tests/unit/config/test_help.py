@@ -90,3 +90,13 @@ def test_help_into_a_closed_pipe_stops_quietly():
     process.stdout.close()  # the reader is gone before the help is printed (start-up takes far longer)
     err = process.stderr.read().decode()
     assert (process.wait(), err) == (141, "")
+
+
+def test_every_command_prints_its_own_usage(capsys):
+    """`orlhf pipeline --help` printed `orlhf launch`'s usage (it runs the launcher)."""
+    for name in STAGES:
+        for flag in ("--help", "-h"):
+            assert run([name, flag]) == 0
+            assert capsys.readouterr().out.startswith(f"usage: orlhf {name} "), (name, flag)
+    assert run(["pipeline", "pipeline=offline_dt", "--help"]) == 0
+    assert "runs/<pipeline name>" in capsys.readouterr().out

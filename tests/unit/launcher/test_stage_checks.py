@@ -130,6 +130,28 @@ def test_an_existing_init_checkpoint_fixes_the_model_checked(files, tmp_path):
     assert "does not divide model.n_kv_heads=2" in fails(files, entry)
 
 
+def test_check_resolves_and_reads_an_init_checkpoint_once(files, tmp_path, capsys, monkeypatch):
+    """Its head and its model come from one reading (a root's `latest`, then its metadata);
+    the tokenizer named apart, nothing else resolves it."""
+    from offline_rlhf import checkpoint
+    from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
+    from tests.fixtures import TINY, reference_model
+
+    ckpt = tmp_path / "base"
+    save_checkpoint(ckpt, reference_model(), CheckpointMeta(model=TINY, head="lm", train_state=TrainState(1)),
+                    tokenizer_dir=files["tokenizer"])
+    resolved = []
+    resolve = checkpoint.resolve_checkpoint
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda *args: resolved.append(args) or resolve(*args))
+    args = ["sft", "model=8b", f"init.checkpoint={ckpt}", f"init.tokenizer={files['tokenizer']}",
+            "data.max_seq_len=64", "train.global_batch=4",
+            f"data.sources=[{{name: d, format: jsonl, path: '{files['data']}'}}]", "--check"]
+    assert orlhf(args) == 0
+    assert {"key": "init.checkpoint", "path": str(ckpt), "exists": True, "head": "lm"} \
+        in json.loads(capsys.readouterr().out)["inputs"]
+    assert resolved == [(str(ckpt), "init.checkpoint")]
+
+
 def test_the_paper_pipeline_asks_for_its_imported_base_model_first(tmp_path):
     cfg = compose_launch(["pipeline=offline_dt", "cluster=slurm", f"run_dir={tmp_path}"])
     with pytest.raises(LaunchError) as info:
@@ -212,6 +234,14 @@ def test_a_checkpoint_an_earlier_stage_will_write_must_be_of_the_head_read(files
                                            "train.global_batch=8"])
     assert [p.name for p in plan(files, sft(files), rm, evaluation(f"{files['run_dir']}/rm/checkpoints"))] == \
         ["sft", "rm", "eval"]
+
+
+def test_the_launcher_names_heads_as_the_stages_do():
+    """launcher.plan repeats the stages' table (it imports no offline_rlhf): one wording."""
+    from launcher.plan import HEAD_NAMES
+    from offline_rlhf.train import init
+
+    assert HEAD_NAMES == init.HEAD_NAMES
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_queueing(files, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import sys
+import tracemalloc
 import types
 
 import pytest
@@ -92,3 +93,42 @@ def test_wandb_resumes_the_stages_own_run_only_where_it_ended(tmp_path, monkeypa
     assert [(call["id"], call["resume"], call["name"]) for call in calls] == [
         ("first", "allow", "sft"), ("first", "allow", "sft"), ("second", "allow", "sft")]
     assert (stage / WANDB_ID_FILE).read_text() == "second"
+
+
+def resume(stage_dir, step: int) -> None:
+    MetricsLog(stage_dir, LoggingConfig(progress=False), is_main=True, resumed_step=step, total_steps=10**6).close()
+
+
+def test_a_long_file_is_streamed_not_read_whole(tmp_path):
+    """100k rows took 5 s and their size many times over in memory on every resume."""
+    path = tmp_path / METRICS_FILE
+    rows = [{"step": step, "train/loss": 1.0 / step, "train/lr": 3e-6, "train/tokens_per_s": 1234.5 * step}
+            for step in range(1, 20_001)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 20001, "train/lo')
+    tracemalloc.start()
+    try:
+        resume(tmp_path, 19_990)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < path.stat().st_size / 4
+    assert path.read_text() == "".join(json.dumps(row) + "\n" for row in rows[:19_990])  # as rewritten before
+
+
+def test_damage_and_tears_are_found_as_before(tmp_path):
+    """Blank lines are skipped (and left out of a rewrite); a tear followed only by blank
+    lines is a torn last line; damage before a row stops the resume naming file and line,
+    as the report's reader does, the file left as it was."""
+    path = tmp_path / METRICS_FILE
+    write_rows(path, [1, 2, 3], tail='\n{"step": 4}\n\n{"step": 5, "train/lo\n\n')
+    resume(tmp_path, 9)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    damaged = path.read_text().replace('{"step": 2,', '{"step": 2 ', 1) + "\n" + json.dumps({"step": 5}) + "\n"
+    path.write_text(damaged)
+    with pytest.raises(DataError) as info:
+        resume(tmp_path, 1)
+    with pytest.raises(DataError) as reader:
+        read_metrics(tmp_path)
+    assert str(info.value) == str(reader.value)
+    assert str(info.value).startswith(f"{path}:2: expected a JSON object of one step's metrics")
+    assert path.read_text() == damaged
