@@ -1,7 +1,8 @@
-"""Durable per-replica generation shards: each data-parallel replica appends its answers to
-its own `shard_XXXXX.jsonl` with fsync, so a crash loses at most the batch in flight and a
-rerun never answers a prompt twice; the merge checks every prompt was answered once.
-Also which contiguous block of prompts each replica takes."""
+"""Durable per-replica shards (generate's, reference's, eval's per model): each
+data-parallel replica appends its answers to its own `shard_XXXXX.jsonl` with fsync, so a
+crash loses at most the batch in flight and a rerun never answers a prompt twice; the
+merge checks every prompt was answered once. Also which contiguous block of prompts each
+replica takes."""
 
 from __future__ import annotations
 
@@ -131,15 +132,18 @@ def _whole_lines_end(path: Path, block: int = 1 << 16) -> int:
     return 0
 
 
-def show_shards(counted: Callable[[], tuple[int, int]], usage, bar: Progress, n: int = 1) -> None:
+def show_shards(counted: Callable[[], tuple[int, int]], usage, bar: Progress, n: int = 1, before: int = 0) -> None:
     """Rank 0, while the replicas work: what every replica wrote since this execution began
     (`new_records`) into the ledger's heartbeat (a killed run's row then counts the tokens
-    the shards kept) and into `bar`, which started at the items done before (`n` records
-    each): rank 0's progress covers the whole stage, not its own share."""
-    records, usage.tokens = counted()
+    the shards kept, after the `before` of the execution's earlier work) and into `bar`,
+    which started at the items done before (`n` records each): rank 0's progress covers the
+    whole stage, not its own share. A bar at its end is not shown again."""
+    records, tokens = counted()
+    usage.tokens = before + tokens
     usage.beat(force=True)
-    rate = usage.tokens / max(time.monotonic() - bar.started, 1e-9)
-    bar.update(bar.first + records // n - bar.done, tok_s=f"{rate:.0f}")
+    rate = tokens / max(time.monotonic() - bar.started, 1e-9)
+    if (moved := bar.first + records // n - bar.done) or bar.done < bar.total:
+        bar.update(moved, tok_s=f"{rate:.0f}")
 
 
 def wait_for_replicas(rt: Runtime, show: Callable[[], None] | None) -> None:
@@ -174,16 +178,6 @@ def claim_shards(stage_dir: Path, fingerprint: dict) -> None:
     if shard_paths(stage_dir):
         check_resumable(json.loads(path.read_text()) if path.exists() else None, fingerprint, stage_dir)
     write_atomic(path, json.dumps(fingerprint, indent=2))
-
-
-def repair_shard(path: Path, n: int) -> int:
-    """`kept_records` of one shard, run for its repair alone. Returns the bytes removed."""
-    records = kept_records(path, n)
-    try:
-        while True:
-            next(records)
-    except StopIteration as end:
-        return end.value
 
 
 def kept_records(path: Path, n: int, schema: int | None = None) -> Iterator[dict]:
@@ -227,13 +221,6 @@ def _check_whole_items(path: Path, ids: list[int], n: int) -> None:
                             f"{RESTART.format(stage_dir=path.parent)}")
 
 
-def read_shard_records(stage_dir: Path, schema: int | None = None) -> list[dict]:
-    """Every shard's records, all in memory (the stages read them once, as they go:
-    `kept_records`, `ShardIndex`)."""
-    return [_schema_record(path, number, line, schema)
-            for path in shard_paths(stage_dir) for number, _, line in _lines(path)]
-
-
 def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
     """(number, byte offset, line with its newline) of every line of shard `path`."""
     offset = 0
@@ -257,7 +244,7 @@ def _schema_record(path: Path, number: int, line: bytes, schema: int | None) -> 
 
 def shard_record(path: Path, number: int, line: str | bytes) -> dict:
     """Line `number` of shard `path` as its record. A crash tears only the last line
-    (`repair_shard` cuts it); anything else that is no record was damaged otherwise, and
+    (`kept_records` cuts it); anything else that is no record was damaged otherwise, and
     which answers it held is unknown."""
     try:
         text = (line.decode() if isinstance(line, bytes) else line).rstrip("\r\n")

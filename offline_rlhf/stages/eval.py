@@ -10,21 +10,29 @@ cut off at max_new_tokens.
 Every checkpoint, the reward model and the gold reward are checked before any model
 answers, so a typo in the last model's path costs seconds, not a generation run.
 
-A model's answers are saved (atomically) to `answered/<model>.json` as soon as it has
-answered, with what they depend on: a rerun after Ctrl-C or a crash reuses them instead of
-answering again, and so does any later run under the same inputs (the files stay: a
-rerun with changed settings answers again only with the models they change)."""
+While a model answers, each data-parallel replica appends its answers as they end to its
+own shard, `answering/<model>/shard_XXXXX.jsonl`, with fsync (generate's shards): a kill
+(a time limit, preemption) loses the answers in flight and at most about a second of ended
+ones, and a rerun under the same inputs answers only the prompts no shard holds. Rank 0's
+progress counts every replica's answers, from the shards. Once all have answered, rank 0
+merges the shards into `answered/<model>.json` (atomically), with what the answers depend
+on, and removes them: a rerun after Ctrl-C or a crash reuses it instead of answering
+again, and so does any later run under the same inputs (the files stay: a rerun with
+changed settings answers again only with the models they change; the shards of a killed
+run under other inputs are deleted, never resumed)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import torch
 import torch.distributed as dist
 
 from offline_rlhf.checkpoint import CheckpointMeta, resolve_checkpoint
@@ -32,16 +40,26 @@ from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.evaluation import EvalConfig
 from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.data.chat_template import paper_template
+from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.prompts import PromptTurns, read_prompt_file_turns, read_prompt_turns
 from offline_rlhf.data.records import turns_field
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import fit_prompt, stop_token_ids
 from offline_rlhf.eval.gold import check_prompts, load_gold
 from offline_rlhf.eval.results import prompt_means, results_markdown, summarize
-from offline_rlhf.fsutil import fsync_dir, write_atomic, write_jsonl
-from offline_rlhf.generation.engine import Completion, Request, TokenCallback, answer_text, run
+from offline_rlhf.fsutil import append_jsonl_durably, fsync_dir, write_atomic, write_jsonl
+from offline_rlhf.generation.engine import Completion, Request, answer_text, run
 from offline_rlhf.generation.sampling import stream_id
-from offline_rlhf.generation.shards import shard_indices
+from offline_rlhf.generation.shards import (
+    FINGERPRINT,
+    ShardIndex,
+    my_share,
+    new_records,
+    resume_shards,
+    shard_paths,
+    show_shards,
+    wait_for_replicas,
+)
 from offline_rlhf.hub import parse_repo_id
 from offline_rlhf.labeling.scoring import load_reward_model, score_texts, scoring_setup
 from offline_rlhf.ledger import Usage
@@ -63,6 +81,9 @@ STAGE = "eval"
 RESULTS = "results.json"
 ANSWERED = "answered"  # answered/<model>.json: a model's answers and their inputs (`save_answers`)
 ANSWERS_SCHEMA = 1  # what a saved answer is: [response, finished, prompt cut]
+ANSWERING = "answering"  # answering/<model>/shard_XXXXX.jsonl: a model's answers so far, per replica
+SHARD_SCHEMA = 1  # what a shard record is: id (prompt index), sample, response, finished, prompt_truncated, tokens
+WRITE_EVERY_S = 1.0  # a replica appends its ended answers to its shard at most this often: what a kill loses
 T = TypeVar("T")
 
 
@@ -99,70 +120,186 @@ def listed_models(cfg: EvalConfig) -> list[Model]:
     return models
 
 
-def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig,
-                   rt: Runtime) -> tuple[list[tuple[str, bool, bool]], int]:
-    """The model's (answer, finished, prompt cut) for every prompt's `generation.n` samples,
-    prompt by prompt, on every rank (DP replicas split the prompts; finished is False for an
-    answer cut at max_new_tokens; a prompt is cut when it does not fit the model's context
-    beside max_new_tokens), and the number of tokens generated."""
+def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig, rt: Runtime,
+                   inputs: dict[str, object] | None, usage: Usage) -> list[list]:
+    """The model's [answer, finished, prompt cut] for every prompt's `generation.n` samples,
+    prompt by prompt, on every rank (finished is False for an answer cut at max_new_tokens;
+    a prompt is cut when it does not fit the model's context beside max_new_tokens). DP
+    replicas split the prompts an earlier, killed run under the same `inputs` left
+    unanswered (`resume_answers`) and append their answers to their shards as they end
+    (`ShardWriter`); rank 0's bar counts every replica's, its ledger heartbeat their tokens
+    (into `usage`). Rank 0 then merges the shards, saves the answers and removes them."""
+    shards = answering_rt(rt, model)
+    done = resume_answers(shards, model, inputs, cfg.generation.n)
+    usage.resumed = usage.resumed or bool(done)  # continues the answers of a killed execution
+    todo = [i for i in range(len(prompts)) if i not in done]
+    rt.log(f"eval: {model.name} answers {len(todo)} prompts" + (
+        f" ({cfg.generation.n} samples each)" if cfg.generation.n > 1 else "") + (
+        f" (reward prompt {model.reward_prompt:.1f} from the {model.reward_prompt_from})"
+        if model.reward_prompt is not None else "") + (
+        f"; {len(done)} of {len(prompts)} were answered before, in {shards.stage_dir}" if done else ""))
+    mine, shard = my_share(shards, todo)
+    answer = load_share(model, prompts, mine, cfg, rt) if todo else None  # the same on every rank
+    before = usage.tokens  # the models' before this one
+    counted = new_records(shards, lambda record: record.get("response_tokens", 0)) if rt.is_main else None
+    n = cfg.generation.n
+    with Progress(f"eval {model.name}", len(prompts) * n, initial=len(done) * n, enabled=rt.is_main,
+                  unit="answer") as bar:
+        show = partial(show_shards, counted, usage, bar, before=before) if rt.is_main else None  # every replica's
+        if answer is not None:
+            answer(shard, show)
+        wait_for_replicas(rt, show)
+    answered, tokens = merged_answers(shards, answered_path(rt, model), inputs, len(prompts), n, done)
+    usage.tokens = before + tokens  # every replica's (rank 0's count: its row is the ledger's)
+    return answered
+
+
+def answering_rt(rt: Runtime, model: Model) -> Runtime:
+    """`rt` with the model's shard folder, `answering/<model>/`, as the folder the shard
+    functions work in (its shards and their fingerprint)."""
+    return replace(rt, stage_dir=rt.stage_dir / ANSWERING / model.name)
+
+
+def resume_answers(shards: Runtime, model: Model, inputs: dict[str, object] | None, n: int) -> set[int]:
+    """The prompts a killed run under the same `inputs` answered (every sample) in the
+    model's shards (`resume_shards`: a torn last write is cut); shards of other inputs (a
+    changed setting, prompts or checkpoint step) are deleted first, as saved answers are not
+    reused under them."""
+    if shards.is_main:
+        shards.stage_dir.mkdir(parents=True, exist_ok=True)  # before the others wait for `done`
+        if (stale := stale_shards(shards.stage_dir, inputs)) is not None:
+            shards.log(f"eval {model.name}: deleted the unfinished answers in {shards.stage_dir}: {stale}")
+            for path in (*shard_paths(shards.stage_dir), shards.stage_dir / FINGERPRINT):
+                path.unlink(missing_ok=True)
+    return resume_shards(shards, inputs, n, SHARD_SCHEMA)
+
+
+def stale_shards(folder: Path, inputs: dict[str, object]) -> str | None:
+    """Why the shards in `folder` answer other inputs than `inputs` (None: they do not, or
+    there are none)."""
+    if not shard_paths(folder):
+        return None
+    path = folder / FINGERPRINT
+    try:
+        check_resumable(json.loads(path.read_text()), inputs, path)
+    except ResumeRefused as err:
+        return f"{err.key} changed since they were written"
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # not as this stage writes it
+        return f"{path} is unreadable ({err})"
+    return None
+
+
+def load_share(model: Model, prompts: list[PromptTurns], mine: list[int], cfg: EvalConfig,
+               rt: Runtime) -> Callable[[Path | None, Callable[[], None] | None], None]:
+    """The model loaded and this replica's prompts `mine` (indices into `prompts`) encoded;
+    returns `answer(shard, show)`, which answers them in one engine run, each prompt's
+    answers appended to `shard` as they end (`ShardWriter`)."""
     tokenizer = checkpoint_tokenizer(model.path)
     policy = load_inference_model(model.path, "lm", rt, f"models[{model.name}].checkpoint", decoding=True)
     template = model.template
     prefix = "" if model.reward_prompt is None else template.reward_prompt(model.reward_prompt)
-    replica = rt.dp_rank
-    mine = shard_indices(len(prompts), replica, rt.dims.dp)
     budget = model.meta.model.max_seq_len - cfg.generation.max_new_tokens
     if budget < 1:
         raise ConfigError("generation.max_new_tokens", f"{cfg.generation.max_new_tokens} leaves no room for a prompt "
                           f"in {model.name}'s max_seq_len={model.meta.model.max_seq_len}", "lower it")
     # A conversation too long for the budget loses its oldest exchanges first.
-    encoded = [fit_prompt(tokenizer, template, text, budget, prefix, turns)
-               for text, turns in (prompts[i] for i in mine)]
-    # Sampling keyed by the global prompt index and sample: the same answers at any DP size.
+    encoded = [fit_prompt(tokenizer, template, prompts[i][0], budget, prefix, prompts[i][1]) for i in mine]
+    # Sampling keyed by the global prompt index and sample: the same answers at any DP size and
+    # after a resume, whichever replica and batch a prompt lands in.
     n = cfg.generation.n
     requests = [Request(ids, stream_id(i, sample), cfg.generation.max_new_tokens)
                 for i, (ids, _) in zip(mine, encoded) for sample in range(n)]
-    with Progress(answering(model.name, rt), len(requests), enabled=rt.is_main, unit="answer") as bar:
-        completions = run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
-                          rt.device, decode=tokenizer.decode, on_token=count_answers(bar))
-    if rt.dims.dp > 1:
-        rt.log(f"eval {model.name}: replica 0 answered its share; waiting for the other replicas")
-    answers = [(answer_text(c, tokenizer.decode, cfg.generation.stop), c.finish != "length", encoded[row // n][1])
-               for row, c in enumerate(completions)]
-    rt.barrier()  # the replicas' shares take their time: wait without the process group's timeout
-    return _gather_blocks(answers, rt), _total_over_replicas(sum(len(c.tokens) for c in completions), rt)
+
+    def answer(shard: Path | None, show: Callable[[], None] | None) -> None:
+        writer = ShardWriter(mine, [cut for _, cut in encoded], n, (tokenizer.decode, cfg.generation.stop), shard,
+                             show)
+        try:
+            if requests:
+                run(policy, requests, cfg.generation, stop_token_ids(tokenizer, template), tokenizer.pad_id,
+                    rt.device, decode=tokenizer.decode, on_token=writer.on_token, keep_tokens=False)
+        finally:
+            writer.flush()  # on a stop too (Ctrl-C, a signal): the prompts whose answers all ended are kept
+    return answer
 
 
-def answering(name: str, rt: Runtime) -> str:
-    """What rank 0's progress of a model's answers counts: its own replica's share, as the
-    replicas write nothing until every one has answered (`_gather_blocks`); with several, it
-    says so rather than pass its share off as the whole."""
-    return f"eval {name}" if rt.dims.dp == 1 else f"eval {name} (replica 0's share, of {rt.dims.dp} replicas)"
+class ShardWriter:
+    """Takes each answer from the engine as it ends; once all `n` answers of a prompt have
+    ended, their records are due, and they are appended to the replica's shard with fsync
+    (a prompt's answers together: a kill leaves at most one prompt incomplete, which the
+    resume cuts) at most every WRITE_EVERY_S seconds: what a kill loses beside the answers in
+    flight.
+    `mine`: each row's prompt index (a row: a prompt's n requests); `cut`: whether it was cut;
+    `text`: the tokenizer's decode and the stop strings; `show`: rank 0's progress, after
+    each of its writes."""
 
+    def __init__(self, mine: list[int], cut: list[bool], n: int, text: tuple[Callable, list[str]],
+                 shard: Path | None, show: Callable[[], None] | None):
+        self.mine, self.cut, self.n, (self.decode, self.stops) = mine, cut, n, text
+        self.shard, self.show = shard, show
+        self.ended: dict[int, dict[int, dict]] = {}  # row of `mine` -> sample -> its record
+        self.due: list[dict] = []
+        self.written = time.monotonic()
 
-def count_answers(bar: Progress) -> TokenCallback:
-    """An engine callback that moves `bar` on by one whenever an answer ends."""
-    def on_token(_: int, completion: Completion) -> None:
+    def on_token(self, request: int, completion: Completion) -> None:
         if completion.finish:
-            bar.update()
-    return on_token
+            row, sample = divmod(request, self.n)
+            samples = self.ended.setdefault(row, {})
+            samples[sample] = {"schema": SHARD_SCHEMA, "id": self.mine[row], "sample": sample,
+                               "response": answer_text(completion, self.decode, self.stops),
+                               "finished": completion.finish != "length", "prompt_truncated": self.cut[row],
+                               "response_tokens": len(completion.tokens)}
+            if len(samples) == self.n:
+                self.due += [samples[j] for j in range(self.n)]
+                del self.ended[row]
+        if self.due and time.monotonic() - self.written >= WRITE_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.due and self.shard is not None:
+            append_jsonl_durably(self.shard, self.due)
+        self.due, self.written = [], time.monotonic()
+        if self.show is not None:
+            self.show()
 
 
-def _total_over_replicas(count: int, rt: Runtime) -> int:
-    if rt.dims.dp == 1:
-        return count
-    total = torch.tensor([count], dtype=torch.long, device=rt.device)
-    dist.all_reduce(total, group=rt.mesh.get_group("dp"))
-    return int(total.item())
+def merged_answers(shards: Runtime, saved: Path, inputs: dict[str, object] | None, n_prompts: int, n: int,
+                   done: set[int]) -> tuple[list[list], int]:
+    """Rank 0, once every replica has answered: the shards' answers in prompt order (every
+    (prompt, sample) once, `ShardIndex`), saved to `saved` (`save_answers`) before the
+    shards are removed, and the tokens of those this execution answered (not in `done`).
+    Every rank gets the answers."""
+    answered, tokens, problem = None, [0], None
+
+    def count(record: dict) -> None:
+        tokens[0] += record["response_tokens"] if record["id"] not in done else 0
+    if shards.is_main:
+        try:
+            index = ShardIndex(shards.stage_dir, n_prompts, n, count)
+            answered = [[r["response"], r["finished"], r["prompt_truncated"]] for r in map(json.loads, index.lines())]
+            save_answers(saved, inputs, answered)
+            remove_shards(shards.stage_dir)
+        except (ConfigError, DataError) as err:  # answers missing or twice: one line naming the folder
+            problem = err
+    raise_everywhere(problem, shards.device, "merge the answers", group=shards.wait_group)
+    return on_every_rank(shards, answered), tokens[0]
 
 
-def _gather_blocks(mine: list[T], rt: Runtime) -> list[T]:
-    """Concatenate the replicas' contiguous blocks in rank order (= prompt order)."""
-    if rt.dims.dp == 1:
-        return mine
-    blocks: list[list[T]] = [None] * rt.dims.dp  # type: ignore[list-item]
-    dist.all_gather_object(blocks, mine, group=rt.mesh.get_group("dp"))
-    return [answer for block in blocks for answer in block]
+def remove_shards(folder: Path) -> None:
+    """A model's shard folder, once its answers are saved (and `answering/` once empty)."""
+    for path in (*shard_paths(folder), folder / FINGERPRINT):
+        path.unlink(missing_ok=True)
+    folder.rmdir()
+    with contextlib.suppress(OSError):  # another model's shards are still there
+        folder.parent.rmdir()
+
+
+def on_every_rank(rt: Runtime, value: T | None) -> T | None:
+    """Rank 0's `value` on every rank."""
+    if rt.group is not None:
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=rt.group)
+        value = box[0]
+    return value
 
 
 def on_main(rt: Runtime, make: Callable[[], T]) -> T | None:
@@ -222,19 +359,13 @@ def model_answers(model: Model, prompts: list[PromptTurns], cfg: EvalConfig, rt:
                   usage: Usage) -> tuple[list[str], list[bool], list[bool]]:
     """The model's answers, whether each finished, and whether its prompt was cut (a row per
     answer, on every rank): those an earlier run saved under the same inputs (`usage` then
-    continues that run), else answered now (their tokens counted into `usage`) and saved."""
+    continues that run), else answered now (their tokens counted into `usage`; a killed
+    run's answers under the same inputs are resumed) and saved."""
     inputs = answer_inputs(model, prompts, cfg) if rt.is_main else None
     answered = saved_answers(model, inputs, rt)
     usage.resumed = usage.resumed or answered is not None  # continues an earlier execution's answers
     if answered is None:
-        rt.log(f"eval: {model.name} answers {len(prompts)} prompts" + (
-            f" ({cfg.generation.n} samples each)" if cfg.generation.n > 1 else "") + (
-            f" (reward prompt {model.reward_prompt:.1f} from the {model.reward_prompt_from})"
-            if model.reward_prompt is not None else ""))
-        answered, generated = answer_prompts(model, prompts, cfg, rt)
-        usage.tokens += generated
-        if rt.is_main:
-            save_answers(answered_path(rt, model), inputs, answered)
+        answered = answer_prompts(model, prompts, cfg, rt, inputs, usage)
     replies, finished, cut = (list(column) for column in zip(*answered))
     if any(cut):
         rt.log(f"eval: {sum(cut) // cfg.generation.n} of {len(prompts)} prompts were cut to fit "
@@ -285,7 +416,7 @@ def answered_path(rt: Runtime, model: Model) -> Path:
     return rt.stage_dir / ANSWERED / f"{model.name}.json"
 
 
-def save_answers(path: Path, inputs: dict[str, object], answered: list[tuple[str, bool, bool]]) -> None:
+def save_answers(path: Path, inputs: dict[str, object], answered: list[list]) -> None:
     """A model's answers and their `inputs`, durably (temporary sibling, fsync, rename, fsync
     of the folder). In the stage folder, which a run never clears: they outlive Ctrl-C."""
     write_atomic(path, json.dumps({"inputs": inputs, "answers": answered}))
@@ -296,11 +427,7 @@ def saved_answers(model: Model, inputs: dict[str, object] | None, rt: Runtime) -
     """The model's answers an earlier run saved under the same `inputs`, or None: answer
     again. Rank 0 reads and decides; every rank gets its answers (or None)."""
     found = _matching_answers(answered_path(rt, model), inputs, model.name, rt) if rt.is_main else None
-    if rt.group is not None:
-        box = [found]
-        dist.broadcast_object_list(box, src=0, group=rt.group)
-        found = box[0]
-    return found
+    return on_every_rank(rt, found)
 
 
 def _matching_answers(path: Path, inputs: dict[str, object], name: str, rt: Runtime) -> list | None:

@@ -63,7 +63,7 @@ class AnswerWriter:
     """Takes each answer from the engine as it ends; once all `generation.n` answers of a
     prompt have ended, their records are due, and every `write_every` prompts they are
     appended to the shard with fsync (a prompt's answers together, so a crash leaves at
-    most one prompt incomplete: `repair_shard`)."""
+    most one prompt incomplete, which a resume cuts: `kept_records`)."""
 
     def __init__(self, prompts: list[Prompt], truncated: list[bool], cfg: GenerateConfig,
                  tokenizer, model_name: str, shard: Path | None, show: Callable[[], None] | None):

@@ -1,8 +1,8 @@
 """Rank 0's progress with two data-parallel replicas (torchrun worlds, gloo): generate's and
 reference's bars count every replica's work to the whole stage's total (was: rank 0's share,
-"100%" while the other replica still worked); eval's answer bar, which can only see rank
-0's share (the replicas write nothing until all have answered), says that it counts a share;
-eval's reward-model scoring shows progress over every rank's answers (was: nothing)."""
+"100%" while the other replica still worked); so does eval's answer bar, from the replicas'
+shards (was: rank 0's share, named as such); eval's reward-model scoring shows progress
+over every rank's answers (was: nothing)."""
 
 from __future__ import annotations
 
@@ -75,16 +75,15 @@ def eval_files(tmp_path_factory):
     return root
 
 
-def test_eval_progress_names_rank_0_s_share_and_reward_model_scoring_shows_every_answer(eval_files, tmp_path):
+def test_eval_progress_counts_every_replica_s_answers_and_reward_model_scoring_every_answer(eval_files, tmp_path):
     args = ["eval", f"run_dir={tmp_path / 'run'}", f"prompts={eval_files / 'prompts.jsonl'}", "prompt_key=prompt",
             f"rm={eval_files / 'rm' / 'checkpoints'}", "generation.max_new_tokens=4", "generation.n=2",
             "generation.greedy=false", "bootstrap_samples=10", "batch_size=3",
             f"models=[{{name: sft, checkpoint: '{eval_files / 'sft' / 'checkpoints'}'}}]"]
     result = torchrun_at_once(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert progress_lines(result.stderr, "eval sft") == []  # no share passed off as the whole
-    share = progress_lines(result.stderr, "eval sft (replica 0's share, of 2 replicas)")
-    assert share and share[-1] == (8, 8), result.stderr[-3000:]  # 4 prompts x 2 samples
+    answered = progress_lines(result.stderr, "eval sft")
+    assert answered and {total for _, total in answered} == {16}, result.stderr[-3000:]  # 8 prompts x 2 samples
+    assert answered[-1] == (16, 16) and "replica 0's share" not in result.stderr  # both replicas', from the shards
     scored = progress_lines(result.stderr, "eval rm sft")
     assert scored and scored[-1] == (16, 16), result.stderr[-3000:]  # every rank's: 8 prompts x 2 samples
-    assert "eval sft: replica 0 answered its share; waiting for the other replicas" in result.stdout

@@ -7,7 +7,7 @@ import pytest
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.errors import DataError
-from offline_rlhf.generation.shards import merge_shards, read_shard_records, repair_shard
+from offline_rlhf.generation.shards import kept_records, merge_shards
 
 
 def write(shard, *lines):
@@ -24,7 +24,7 @@ def test_a_damaged_middle_line_names_the_shard_line_and_the_way_to_start_over(tm
     write(shard, json.dumps({"id": 0, "sample": 0}), bad, json.dumps({"id": 2, "sample": 0}))
     expected = (f"{shard}:2: expected a shard record with an integer 'id' ({problem}; the shard was damaged other "
                 f"than by a crash mid-write); delete {tmp_path}/shard_*.jsonl and rerun the stage")
-    for read in (lambda: read_shard_records(tmp_path), lambda: repair_shard(shard, 1)):
+    for read in (lambda: list(kept_records(shard, 1)), lambda: merge_shards(tmp_path, n_prompts=3)):
         with pytest.raises(DataError) as info:
             read()
         assert str(info.value).startswith(expected)

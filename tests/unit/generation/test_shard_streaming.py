@@ -20,10 +20,27 @@ from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.prompts import Prompt
 from offline_rlhf.data.records import turns_field
 from offline_rlhf.fsutil import append_jsonl_durably
-from offline_rlhf.generation.shards import RESTART, ShardIndex, ShardTokens, read_shard_records, resume_shards
+from offline_rlhf.generation.shards import (
+    RESTART,
+    ShardIndex,
+    ShardTokens,
+    resume_shards,
+    shard_paths,
+    shard_record,
+)
 from offline_rlhf.stages import generate
 
 N = 2  # answers a prompt
+
+
+def read_shard_records(stage_dir):
+    """Every shard's records, all in memory (the stages' way before `kept_records` and
+    `ShardIndex`, which read them as they go)."""
+    records = []
+    for path in shard_paths(stage_dir):
+        with open(path, "rb") as handle:
+            records += [shard_record(path, number, line) for number, line in enumerate(handle, start=1)]
+    return records
 
 
 def old_merge_shards(stage_dir, n_prompts, n=1):
@@ -155,7 +172,8 @@ def gen_lines(*keys, prompts=None) -> str:
 
 
 def test_a_resume_repairs_and_counts_every_shard_in_one_read(tmp_path):
-    """What repair_shard, then read_shard_records and answered_prompts, then check_answered_prompts did."""
+    """What a repair of each shard, then a read of every record and answered_prompts, then
+    check_answered_prompts did, in one read."""
     torn = gen_lines((0, 0), (0, 1), (3, 0), (3, 1), (6, 0)) + gen_lines((6, 1))[:40]
     whole = gen_lines((1, 0), (1, 1), (4, 0), (4, 1))
     (tmp_path / "shard_00000.jsonl").write_text(torn)
@@ -188,7 +206,7 @@ def test_a_resume_refuses_answers_to_prompts_that_changed_and_not_those_a_crash_
         return resume_shards(rt, {"generation.seed": 1}, N, generate.SCHEMA_VERSION,
                              lambda records: generate.check_answered_prompts(records, prompts, tmp_path))
     with pytest.raises(DataError, match="shard_00001.jsonl:3: expected a shard record"):
-        resume()  # a blank line is damage, as repair_shard found it
+        resume()  # a blank line is damage, not a torn write
     (tmp_path / "shard_00001.jsonl").write_text(gen_lines((7, 0), (7, 1)))
     with pytest.raises(ResumeRefused) as refused:
         resume()

@@ -10,26 +10,39 @@ import pytest
 
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.errors import DataError
-from offline_rlhf.generation.shards import answered_prompts, merge_shards, read_shard_records, repair_shard
+from offline_rlhf.generation.shards import answered_prompts, kept_records, merge_shards
 
 
 def lines(*keys):
     return "".join(json.dumps({"id": i, "sample": j}) + "\n" for i, j in keys)
 
 
-def test_repair_cuts_a_torn_line_then_the_incomplete_last_prompt(tmp_path):
+def kept(path, n, schema=None):
+    """What `kept_records` (a resume's one read of a shard) yields, and the bytes it cut."""
+    records, reading = [], kept_records(path, n, schema)
+    while True:
+        try:
+            records.append(next(reading))
+        except StopIteration as end:
+            return records, end.value
+
+
+def test_a_torn_line_then_the_incomplete_last_prompt_are_cut_and_not_read(tmp_path):
     shard = tmp_path / "shard_00000.jsonl"
     shard.write_text(lines((0, 0), (0, 1), (1, 0)) + '{"id": 1, "sam')
-    removed = repair_shard(shard, n=2)
+    records, removed = kept(shard, n=2)
+    assert records == [{"id": 0, "sample": 0}, {"id": 0, "sample": 1}]
     assert shard.read_text() == lines((0, 0), (0, 1))
     assert removed == len(lines((1, 0))) + len('{"id": 1, "sam')
 
 
 @pytest.mark.parametrize("n,content", [(1, [(0, 0), (1, 0)]), (2, [(0, 0), (0, 1)]), (2, [])])
-def test_repair_leaves_complete_shards_alone(tmp_path, n, content):
+def test_complete_shards_are_read_whole_and_left_alone(tmp_path, n, content):
     shard = tmp_path / "shard_00000.jsonl"
     shard.write_text(lines(*content))
-    assert repair_shard(shard, n) == 0 and shard.read_text() == lines(*content)
+    records, removed = kept(shard, n)
+    assert removed == 0 and shard.read_text() == lines(*content)
+    assert records == [{"id": i, "sample": j} for i, j in content]
 
 
 def test_an_incomplete_or_repeated_item_before_the_last_is_damage_named_at_once(tmp_path):
@@ -41,7 +54,7 @@ def test_an_incomplete_or_repeated_item_before_the_last_is_damage_named_at_once(
         shard.write_text(lines(*content))
         with pytest.raises(DataError, match=rf"^{shard}:{line}: expected the 2 record\(s\) of item 0 together, once "
                                             rf"\(found {found}: the shard was damaged other than by a crash"):
-            repair_shard(shard, 2)
+            kept(shard, 2)
 
 
 def test_answered_prompts_need_all_their_samples():
@@ -65,11 +78,11 @@ def test_records_of_another_schema_are_refused_with_the_way_to_start_over(tmp_pa
     """Another version's records (generate's before `turns`) must not mix into this version's output."""
     current = [{"schema": 3, "id": 0, "sample": 0}, {"schema": 3, "id": 1, "sample": 0}]
     (tmp_path / "shard_00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in current))
-    assert read_shard_records(tmp_path, 3) == current
-    (tmp_path / "shard_00001.jsonl").write_text(json.dumps({"schema": 3, "id": 2}) + "\n" +
-                                                json.dumps({"schema": 2, "id": 3}) + "\n")
-    assert len(read_shard_records(tmp_path)) == 4  # a stage without a schema reads them all
-    where, restart = re.escape(f"{tmp_path}/shard_00001.jsonl:2"), re.escape(f"delete {tmp_path}/shard_*.jsonl")
+    assert kept(tmp_path / "shard_00000.jsonl", 1, 3) == (current, 0)
+    (mixed := tmp_path / "shard_00001.jsonl").write_text(json.dumps({"schema": 3, "id": 2}) + "\n" +
+                                                         json.dumps({"schema": 2, "id": 3}) + "\n")
+    assert len(kept(mixed, 1)[0]) == 2  # a stage without a schema reads them all
+    where, restart = re.escape(f"{mixed}:2"), re.escape(f"delete {tmp_path}/shard_*.jsonl")
     with pytest.raises(DataError, match=rf"^{where}: expected records of schema 3, this version's \(got 2: .*\); "
                                         rf"{restart} and rerun the stage"):
-        read_shard_records(tmp_path, 3)
+        kept(mixed, 1, 3)
