@@ -208,7 +208,7 @@ def _plan_stage(step: Step, cluster: ClusterConfig, flags: tuple[str, ...]) -> S
     nodes, per_node = _process_layout(key, entry, resolved.get("parallel") or {}, cluster.kind, gpus)
     _check_node_cpus(key, entry.stage, per_node, cluster)
     components = ppo_components(key, entry.ppo, Module("actor", per_node), nodes,
-                                resolved.get("services") or {}) if hetjob else ()
+                                resolved.get("services") or {}, gpus) if hetjob else ()
     folder = stage_folder(entry.stage, resolved)
     if entry.name is not None and entry.name != folder:
         raise LaunchError(f"{key}.name", f"{entry.name!r} is not the folder the stage writes, run_dir/{folder}",

@@ -40,7 +40,7 @@ import shlex
 from pathlib import Path
 
 from launcher.plan import STAGE_MODULE, StagePlan, job_gpus
-from launcher.ppo import TOKEN_ENV, TOKEN_FILE, Component
+from launcher.ppo import GPU_OFFSET_ENV, TOKEN_ENV, TOKEN_FILE, Component, Module
 from launcher.schema import PROCESS_VARIABLES, ClusterConfig
 
 SUB_RUN = re.compile(r"(seed|round)_\d+")  # a replicate's folder (seed_<s>) or a later round's
@@ -185,8 +185,8 @@ def render_hetjob(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
         tasks = max(module.procs_per_node for module in component.modules)
         header += ["hetjob", *_resources(plan, cluster, component.nodes, tasks, _service_cpus(cluster, tasks))]
     layout = ", ".join(f"{c.group} {'+'.join(c.names)} ({c.nodes} node(s))" for c in plan.components)
-    steps = [_service_step(plan, cluster, python, component, module.name, module.procs_per_node)
-             for component in services for module in component.modules]
+    steps = [_service_step(plan, cluster, python, component, module) for component in services
+             for module in component.modules]
     continued = cluster.max_attempts > 1
     sections = [
         "#!/bin/bash\n" + "".join(f"#SBATCH {d}\n" for d in header),
@@ -204,17 +204,22 @@ def render_hetjob(plan: StagePlan, cluster: ClusterConfig, python: str) -> str:
     return "\n".join(section for section in sections if section)
 
 
-def _service_step(plan: StagePlan, cluster: ClusterConfig, python: str, component: Component, name: str,
-                  per_node: int) -> str:
+def _service_step(plan: StagePlan, cluster: ClusterConfig, python: str, component: Component,
+                  module: Module) -> str:
     """One task per process; `--overlap`, so services sharing a component share its CPUs and
-    GPUs. `--ntasks` too: srun would otherwise take the component's task count from the
-    job's environment (SLURM_NTASKS_HET_GROUP_<n>), its largest module's."""
+    nodes. `--ntasks` too: srun would otherwise take the component's task count from the
+    job's environment (SLURM_NTASKS_HET_GROUP_<n>), its largest module's. A module after
+    another in its component starts GPU_OFFSET_ENV GPUs in (Module.gpu_offset), so the two
+    do not both take GPU 0, 1, ... of each node (a step sees all of them)."""
+    name, per_node = module.name, module.procs_per_node
     log = plan.stage_dir / name / "service.log"
     step = (f" --het-group={component.group} --overlap --nodes={component.nodes}"
             f" --ntasks={component.nodes * per_node} --ntasks-per-node={per_node} --open-mode=append"
             f" --output={shlex.quote(str(log))}")
     serve = " ".join(shlex.quote(word) for word in (STAGE_MODULE, plan.stage, *plan.args, f"serve={name}"))
     words = _srun_words(plan, cluster, step, _service_cpus(cluster, per_node))
+    if module.gpu_offset:
+        words[0] = f"{GPU_OFFSET_ENV}={module.gpu_offset} {words[0]}"  # srun passes it to every task
     line = " \\\n  ".join([*words, *_warning_ignored(cluster), f"{shlex.quote(python)} -m {serve}"])
     return line + f' &\nservices+=" $!:{name}"\n'
 

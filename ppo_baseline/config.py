@@ -201,6 +201,10 @@ class ServicesConfig(Frozen):
     startup_timeout_s: float = 300.0  # how long the actor waits for every service's health check
     request_timeout_s: float = 600.0  # how long one call to a service may take
     max_body_mb: int = 256  # largest request body a service accepts
+    # Services the actor starts on its node get GPUs of their own, after the actor's
+    # (ppo_baseline.launch.service_gpus); true: they run on the actor's GPUs instead (small
+    # models, a one-GPU machine), the ledger then counting those GPUs once per module.
+    share_gpus: bool = False
 
     def __post_init__(self):
         require_positive(self, "startup_timeout_s", "request_timeout_s", "max_body_mb", prefix="services.")

@@ -12,12 +12,20 @@ A service with `services.NAME.het_group` set is not started here: it is a job st
 Slurm heterogeneous job (`orlhf launch`), found on the first node of its het group at the
 port derived from the job id (ppo_baseline.serve), with the job's token (PPO_TOKEN_FILE).
 The job itself fails when such a step dies, so only its health and calls are watched here.
+
+GPUs: a service started here gets GPUs of its own through CUDA_VISIBLE_DEVICES
+(`service_gpus`): the node's visible GPUs after the ones the actor's processes of this node
+take (torchrun's LOCAL_WORLD_SIZE; GPU local_rank each), one per service process, in
+SERVICES order, or one refusal line when the node has too few. Without it every service's
+rank 0 would take the actor's GPU 0 (its world's LOCAL_RANK is 0 too).
+`services.share_gpus=true` keeps them on the actor's GPUs; without CUDA nothing changes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +33,7 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -39,6 +47,7 @@ from ppo_baseline.service import Client, NotOurService, ServiceError, read_token
 LOG = "service.log"
 TOKEN_FILE = "token"
 POLL_S = 0.2
+VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 # Variables of an enclosing torchrun or Slurm world: a service starts a world of its own.
 WORLD_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS")
@@ -95,6 +104,7 @@ class Services:
         for name in remote:
             url = http_url(het_group_host(self.cfg, name), service_port(name))
             self.processes[name] = ServiceProcess(name, None, service_dir(self.cfg.run_dir, name) / LOG, url=url)
+        gpus = service_gpus(self.cfg)
         env = {k: v for k, v in os.environ.items() if k not in WORLD_VARIABLES}
         if not torch.cuda.is_available():
             # Four processes share the CPU cores: OpenMP pools of every process spinning on
@@ -102,7 +112,8 @@ class Services:
             env.setdefault("OMP_NUM_THREADS", "1")
         for name in SERVICES:
             if name not in remote:
-                self.processes[name] = self._start_here(name, {**env, TOKEN_ENV: str(token_path)})
+                devices = {VISIBLE_DEVICES: ",".join(gpus[name])} if name in gpus else {}
+                self.processes[name] = self._start_here(name, {**env, TOKEN_ENV: str(token_path), **devices})
 
     def _start_here(self, name: str, env: dict[str, str]) -> ServiceProcess:
         """Service `name` as a process group of this machine, watching this process."""
@@ -224,6 +235,63 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def service_gpus(cfg: PPOConfig, environ: Mapping[str, str] = os.environ) -> dict[str, list[str]]:
+    """The GPUs (CUDA_VISIBLE_DEVICES entries) of each service the actor starts on its node:
+    none without CUDA or with services.share_gpus (each service's ranks then pick the
+    actor's first GPUs, as device_for gives a world's local ranks), else `place_services`
+    after the actor's own processes of this node. Refused in one line when too few."""
+    here = {name: getattr(cfg.services, name).nproc for name in SERVICES
+            if getattr(cfg.services, name).het_group is None}
+    if not here or cfg.services.share_gpus or not torch.cuda.is_available():
+        return {}
+    return place_services(here, actor_processes_here(environ), visible_gpus(environ, torch.cuda.device_count()))
+
+
+def actor_processes_here(environ: Mapping[str, str]) -> int:
+    """The actor's processes on this node (each on GPU local_rank, device_for): torchrun's
+    LOCAL_WORLD_SIZE, a Slurm step's tasks on its first node (rank 0's: the services' node)
+    when Slurm alone started the world, else the whole world, 1 for a single process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:  # detect_env's order: torchrun wins
+        return int(environ.get("LOCAL_WORLD_SIZE") or environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+            first = re.match(r"\d+", environ.get(key, ""))  # "8(x2)" or "8,4": the first node's
+            if first:
+                return int(first.group())
+        return int(environ["SLURM_NTASKS"])
+    return 1
+
+
+def visible_gpus(environ: Mapping[str, str], count: int) -> list[str]:
+    """The `count` GPUs this process sees, as CUDA_VISIBLE_DEVICES names them to a child
+    process: its entries (indexes, UUIDs or MIG ids) when set, else 0..count-1."""
+    if count <= 0:
+        return []
+    listed = environ.get(VISIBLE_DEVICES)
+    if listed is None:
+        return [str(index) for index in range(count)]
+    return [entry.strip() for entry in listed.split(",")][:count]
+
+
+def place_services(nprocs: dict[str, int], actor: int, visible: list[str]) -> dict[str, list[str]]:
+    """Consecutive GPUs of `visible` per service (name -> processes, in order), after the
+    first `actor` ones (the actor's local ranks); one GPU per process, or one refusal line."""
+    need = actor + sum(nprocs.values())
+    if need > len(visible):
+        services = ", ".join(f"{name} {count}" for name, count in nprocs.items())
+        shown = f" ({VISIBLE_DEVICES}={','.join(visible)})" if visible else ""
+        raise ConfigError("services", f"the actor's {actor} process(es) on this node and the services started "
+                          f"beside it ({services}) need {need} GPUs, one per process, but {len(visible)} "
+                          f"are visible{shown}", "run fewer actor processes per node or fewer service processes "
+                          "(services.NAME.nproc), run the services on other nodes (`orlhf launch cluster=slurm`), "
+                          "or set services.share_gpus=true to run them on the actor's GPUs (small models)")
+    placed, first = {}, actor
+    for name, count in nprocs.items():
+        placed[name] = visible[first:first + count]
+        first += count
+    return placed
 
 
 def service_command(nproc: int) -> list[str]:

@@ -9,7 +9,9 @@ the whole life of the process, idle time included. Once listening, rank 0 writes
 
 In a Slurm heterogeneous job (`orlhf launch`) a service is instead its own job step,
 `orlhf ppo ... serve=NAME` (`serve_in_job`): it binds the first node of its het group on a
-port derived from the job id, where the actor, in another component, finds it.
+port derived from the job id, where the actor, in another component, finds it. A service
+sharing its component with one before it (`reward_with_critic`) keeps only the GPUs after
+that one's visible (`skip_gpus`, GPU_OFFSET_ENV).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import re
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, MutableMapping
+
+import torch
 
 from offline_rlhf.checkpoint import read_meta, resolve_checkpoint
 from offline_rlhf.config.errors import ConfigError
@@ -36,6 +40,10 @@ from ppo_baseline.world import sigterm_exits, watch_parent
 
 CONFIG_ENV = "PPO_SERVICE_CONFIG"
 TOKEN_ENV = "PPO_TOKEN_FILE"
+# Set by `orlhf launch` on the step of a service after another in its het group's component
+# (launcher.ppo.Module.gpu_offset): the GPUs of its node before this one are the other's.
+GPU_OFFSET_ENV = "PPO_GPU_OFFSET"
+VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 ADDRESS = "address.json"
 
 
@@ -77,8 +85,30 @@ def serve_in_job(cfg: PPOConfig) -> int:
     task per process (Slurm's rank 0 is on the component's first node)."""
     port = service_port(cfg.serve)
     os.environ["MASTER_PORT"] = str(port + 1)  # two services sharing a component need two rendezvous ports
+    skip_gpus(cfg.serve, os.environ)  # before CUDA starts: it reads CUDA_VISIBLE_DEVICES once
     config = service_config(cfg, cfg.serve, host=het_group_host(cfg, cfg.serve), port=port)
     return run(config, read_token(os.environ[TOKEN_ENV]))
+
+
+def skip_gpus(name: str, environ: MutableMapping[str, str]) -> None:
+    """A step with GPU_OFFSET_ENV=N sees its node's GPUs from the N-th on: each process then
+    takes GPU local rank of those (device_for), after the ones the service before it in its
+    component takes. Nothing without the variable or without GPUs. The GPUs a process sees:
+    CUDA_VISIBLE_DEVICES (Slurm sets it for a job with GPUs), else NVML's count, which
+    leaves CUDA uninitialized."""
+    offset = int(environ.get(GPU_OFFSET_ENV) or 0)
+    if offset <= 0:
+        return
+    listed = environ.get(VISIBLE_DEVICES)
+    visible = ([entry.strip() for entry in listed.split(",") if entry.strip()] if listed is not None
+               else [str(index) for index in range(torch.cuda.device_count())])
+    if not visible:
+        return
+    if offset >= len(visible):
+        raise ConfigError(f"services.{name}", f"its processes start at GPU {offset} of their node ({GPU_OFFSET_ENV}, "
+                          f"after the service before it in its het group), but the node shows {len(visible)}",
+                          "ask for more GPUs per node (gpus_per_node) or set services.share_gpus=true")
+    environ[VISIBLE_DEVICES] = ",".join(visible[offset:])
 
 
 def run(cfg: ServiceConfig, token: str) -> int:

@@ -99,7 +99,7 @@ from ppo_baseline.actor import (
     update_policy,
 )
 from ppo_baseline.config import SERVICES, PPOAlgorithmConfig, PPOConfig
-from ppo_baseline.launch import Services
+from ppo_baseline.launch import Services, service_gpus
 from ppo_baseline.models import LOGPROBS, SAVED, SCORES, STEP, TRAINED, VALUES
 from ppo_baseline.serve import serve_in_job
 from ppo_baseline.wire import Payload
@@ -149,6 +149,8 @@ def run_from_resume_point(cfg: PPOConfig, init: InitConfig, rt: Runtime, usage, 
     if start == cfg.ppo.iterations:
         rt.log(f"ppo: {final} already holds all {start} iterations; nothing to do (no service needed)")
         return final
+    if rt.is_main:
+        service_gpus(cfg)  # too few GPUs for the services started here: refused before any weights load
     final = run_actor(cfg, init, rt, usage, model_cfg, template)
     rt.log(f"ppo done: {cfg.ppo.iterations} iterations, final actor checkpoint {final}")
     return final

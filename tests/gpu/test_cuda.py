@@ -236,7 +236,8 @@ def test_smoke_stage_trains_saves_and_reloads_on_the_gpu(tmp_path):
 
 def test_generate_and_ppo_stages_run_on_the_gpu(tmp_path):
     """`orlhf generate` (a bf16 inference model, compiled graphs) and one PPO iteration (the
-    actor's bf16 sampling replica, its services on the same GPU), on tiny checkpoints."""
+    actor's bf16 sampling replica, its services on GPUs of their own, or on the actor's with
+    services.share_gpus=true where there are fewer than four), on tiny checkpoints."""
     from tests.integration.test_ppo_stage import command, prepare
     from tests.synthetic_preferences import synthetic_tokenizer
 
@@ -248,12 +249,30 @@ def test_generate_and_ppo_stages_run_on_the_gpu(tmp_path):
                   "generation.greedy=false", "generation.n=2", "generation.batch_size=4"]) == 0
     samples = [json.loads(line) for line in (run_dir / "generate" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 16 and {s["sample"] for s in samples} == {0, 1}
-    result = subprocess.run(command(run_dir, "ppo.iterations=1"), cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=600)
+    share = [] if torch.cuda.device_count() >= 4 else ["services.share_gpus=true"]
+    result = subprocess.run(command(run_dir, "ppo.iterations=1", *share), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     devices = {row["stage"]: row["device_type"] for row in map(json.loads, (run_dir / "ledger.jsonl").open())}
     assert devices == dict.fromkeys(("generate", "ppo_actor", "ppo_reward", "ppo_reference", "ppo_critic"),
                                     torch.cuda.get_device_name())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="the actor and its three services fit")
+def test_ppo_services_that_need_more_gpus_than_the_node_has_are_refused_before_weights_load(tmp_path):
+    """Was: every service took the actor's GPU 0 (an out-of-memory at 8B)."""
+    from tests.integration.test_ppo_stage import command, prepare
+    from tests.synthetic_preferences import synthetic_tokenizer
+
+    synthetic_tokenizer(tmp_path / "tokenizer")
+    run_dir = prepare(tmp_path / "run", tmp_path / "tokenizer")
+    result = subprocess.run(command(run_dir, "ppo.iterations=1"), cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)
+    count = torch.cuda.device_count()
+    assert result.returncode != 0 and (
+        f"services: the actor's 1 process(es) on this node and the services started beside it (reward 1, reference "
+        f"1, critic 1) need 4 GPUs, one per process, but {count} are visible") in result.stderr, result.stderr[-3000:]
+    assert not (run_dir / "ppo" / "critic").exists()  # no service was started
 
 
 def test_models_that_only_decode_load_in_bf16_and_models_that_score_keep_fp32(tmp_path):

@@ -187,7 +187,7 @@ srun --het-group=1 --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --open-mod
   bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   /venv/bin/python -m offline_rlhf.cli ppo services.critic.het_group=1 services.reward.het_group=1 run_dir=/lustre/runs/dt8b serve=critic &
 services+=" $!:critic"
-srun --het-group=1 --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --open-mode=append --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 \\
+PPO_GPU_OFFSET=1 srun --het-group=1 --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --open-mode=append --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 \\
   bash -c 'trap "" USR1; exec "$@"' ignore-usr1 \\
   /venv/bin/python -m offline_rlhf.cli ppo services.critic.het_group=1 services.reward.het_group=1 run_dir=/lustre/runs/dt8b serve=reward &
 services+=" $!:reward"
@@ -202,7 +202,8 @@ actor=$!
 
 def test_two_node_layout_critic_with_reward_and_reference_with_actor_golden():
     """The layout the local two-node Slurm runs: the actor starts the reference itself (no
-    step, no het_group override); critic and reward share one component, one step each."""
+    step, no het_group override); critic and reward share one component, one step each,
+    the reward model's starting one GPU in, after the critic's (PPO_GPU_OFFSET)."""
     plan = ppo_plan(PPOComponents(reward_with_critic=True, reference_with_actor=True),
                     {"critic": {"nproc": 1}, "reward": {"nproc": 1}})
     cluster = ClusterConfig(kind="slurm", partition="debug", env={"OMP_NUM_THREADS": "1"})
@@ -231,6 +232,69 @@ def test_a_shared_component_asks_for_its_largest_module_and_splits_cpus_per_proc
     assert "--het-group=1 --overlap --nodes=2 --ntasks=4 --ntasks-per-node=2 " in script  # reward: 4 processes on 2 nodes
     assert ("--ntasks-per-node=2 --open-mode=append --output=/lustre/runs/dt8b/ppo/reward/service.log --kill-on-bad-exit=1 "
             "--cpus-per-task=32 ") in script
+
+
+def test_modules_sharing_a_component_take_different_gpus_of_each_node():
+    """Was: critic and reward model, both steps seeing the node's 8 GPUs, both took GPU local
+    rank, 0-3 each (4 GPUs idle): the reward model's step now starts 4 GPUs in."""
+    services = {"critic": {"nproc": 8}, "reward": {"nproc": 8}, "reference": {"nproc": 8}}
+    plan = ppo_plan(PPOComponents(reward_with_critic=True, critic_nodes=2), services)
+    assert [(m.name, m.procs_per_node, m.gpu_offset) for m in plan.components[1].modules] == [
+        ("critic", 4, 0), ("reward", 4, 4)]
+    script = render_script(plan, gpu_cluster(container_image=None), python="python")
+    critic, reward, reference = (line for line in script.splitlines() if "srun --het-group=" in line
+                                 and "--het-group=0" not in line)
+    assert critic.startswith("srun --het-group=1 --overlap --nodes=2 --ntasks=8 --ntasks-per-node=4 ")
+    assert reward.startswith("PPO_GPU_OFFSET=4 srun --het-group=1 --overlap --nodes=2 --ntasks=8 --ntasks-per-node=4 ")
+    assert reference.startswith("srun --het-group=2 ")  # a component of its own: from GPU 0
+    shared = ppo_plan(PPOComponents(reward_with_critic=True), {**services, "share_gpus": True})
+    assert [m.gpu_offset for m in shared.components[1].modules] == [0, 0]
+    assert "PPO_GPU_OFFSET" not in render_script(shared, gpu_cluster(), python="python")
+
+
+def test_a_node_whose_modules_need_more_gpus_than_it_has_is_refused_before_queueing():
+    def components(layout, services, actor_per_node=8, gpus=8):
+        return ppo_components("pipeline.stages[0]", layout, Module("actor", actor_per_node), 1, services, gpus)
+
+    fix = ("; lower the entry's nproc or services.NAME.nproc, give the component more nodes, place the modules "
+           "apart (reward_with_critic, reference_with_actor: false), or set services.share_gpus=true to let a "
+           "node's modules share its GPUs")
+    with pytest.raises(LaunchError) as error:
+        components(PPOComponents(reward_with_critic=True), {"critic": {"nproc": 8}, "reward": {"nproc": 2}})
+    assert str(error.value) == ("pipeline.stages[0].ppo: the critic 8 + reward 2 process(es) of one node need 10 "
+                                "GPUs, one each, but a node has 8 (gpus_per_node)" + fix)
+    with pytest.raises(LaunchError, match=r"the actor 8 \+ reference 1 process\(es\) of one node need 9 GPUs"):
+        components(PPOComponents(reference_with_actor=True), {})  # the actor on every GPU, by default
+    with pytest.raises(LaunchError, match=r"the critic 16 process\(es\) of one node need 16 GPUs"):
+        components(PPOComponents(), {"critic": {"nproc": 16}})
+    # What fits, what shares on request, and a cluster that asks for no GPUs (gpus None):
+    components(PPOComponents(reward_with_critic=True, reference_with_actor=True),
+               {"critic": {"nproc": 4}, "reward": {"nproc": 4}, "reference": {"nproc": 2}}, actor_per_node=6)
+    components(PPOComponents(reward_with_critic=True, reference_with_actor=True),
+               {"critic": {"nproc": 8}, "reward": {"nproc": 8}, "share_gpus": True})
+    components(PPOComponents(reward_with_critic=True, reference_with_actor=True), {}, gpus=None)
+
+
+def test_orlhf_launch_refuses_a_ppo_layout_its_nodes_gpus_do_not_hold(tmp_path):
+    """The launcher plans with the cluster's gpus_per_node: one line, nothing written or queued."""
+    import subprocess
+    import sys
+
+    from tests.fixtures import REPO_ROOT
+
+    def launch(overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "offline_rlhf.cli", "launch", "pipeline=smoke", "cluster=slurm",
+                               "cluster.gpus_per_node=8", f"run_dir={tmp_path / 'run'}", "--dry-run",
+                               f"pipeline.stages=[{{stage: ppo, overrides: [{overrides}], ppo: {{reward_with_critic: "
+                               "true}}]"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+
+    proc = launch("'services.critic.nproc=8', 'services.reward.nproc=2'")
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith(
+        "orlhf launch: error: pipeline.stages[0].ppo: the critic 8 + reward 2 process(es) of one node need 10 GPUs, "
+        "one each, but a node has 8 (gpus_per_node); "), proc.stderr
+    assert not (tmp_path / "run").exists()
+    shared = launch("'services.critic.nproc=8', 'services.reward.nproc=2', 'services.share_gpus=true'")
+    assert "init.checkpoint" in shared.stderr and "GPUs" not in shared.stderr  # past the layout: no checkpoints
 
 
 def test_the_token_is_a_0600_file_beside_the_script_and_never_in_it(tmp_path):
