@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed._composable import replicate
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -85,11 +86,13 @@ def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh | None,
         apply_tensor_parallel(model, mesh["tp"], dims.sequence_parallel, dims.loss_parallel)
         if dims.sequence_parallel:
             model.register_forward_pre_hook(_require_divisible_sequence(dims.tp))
+        if dims.compile:
+            model.tok_embeddings.register_forward_hook(_finish_collective)
     for block in model.layers:
         if dims.activation_checkpointing:
             activation_checkpoint(block)
-        if dims.compile:
-            block.compile()
+        if dims.compile:  # static shapes under TP (`_finish_collective`)
+            block.compile(dynamic=False if dims.tp > 1 else None)
     if dims.dp > 1:
         if dims.dp_mode == "ddp":
             replicate(model, device_mesh=mesh["dp"])
@@ -123,6 +126,19 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
         parallelize_module(block, tp_mesh, _block_plan(between_blocks, norm_plan))
     if model.cfg.qk_norm:  # each rank's gradient of the q/k norms covers its heads only
         model.head_norm_group = tp_mesh.get_group()
+
+
+def _finish_collective(module, args, output):
+    """The embedding's all-reduce (reduce-scatter with SP) returns a tensor that waits for
+    the collective lazily. Passed so into a compiled block, its gradient reached the
+    collective's backward as a plain tensor and backward failed (`'Tensor' object has no
+    attribute '_local_tensor'`, torch 2.13): wait for it before the first block, by a copy
+    (`wait()` returns the bare result, cut from the embedding's gradient). The blocks
+    then compile for static shapes: recompiled for a new sequence length with dynamic
+    shapes, a block's backward through DTensor ran into unbounded recursion in the tracer
+    (torch 2.13). Each new shape compiles once, up to dynamo's recompile limit (8), beyond
+    which that shape runs uncompiled."""
+    return output.clone() if isinstance(output, AsyncCollectiveTensor) else output
 
 
 def _require_divisible_sequence(tp: int):

@@ -34,8 +34,9 @@ def _parallel_step(rank, world_size, parallel, cfg=TINY):
 
 
 @pytest.mark.parametrize("parallel", [dict(dp=2), dict(tp=2), dict(tp=2, sequence_parallel=True),
-                                      dict(tp=2, sequence_parallel=True, loss_parallel=True)],
-                         ids=["dp2_fsdp", "tp2", "tp2_sp", "tp2_sp_loss_parallel"])
+                                      dict(tp=2, sequence_parallel=True, loss_parallel=True),
+                                      dict(tp=2, compile=True), dict(tp=2, sequence_parallel=True, compile=True)],
+                         ids=["dp2_fsdp", "tp2", "tp2_sp", "tp2_sp_loss_parallel", "tp2_compile", "tp2_sp_compile"])
 def test_train_step_matches_single_process(tmp_path, parallel):
     ref_metrics, ref_weights, ref_tokens = sgd_step(sft_sequences(4), micro_batch=1)
     for metrics, weights, tokens in run_distributed(_parallel_step, 2, tmp_path, parallel):
