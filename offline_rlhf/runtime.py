@@ -205,5 +205,11 @@ def config_text(config, model: ModelConfig | None) -> str:
 
 
 def autocast_for(device: torch.device):
-    """bf16 compute with fp32 master weights on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    """bf16 compute with fp32 master weights on CUDA; plain fp32 on CPU. Without autocast's
+    cache of weight casts: it keeps the bf16 copy of every weight until the context ends, so
+    a forward over an FSDP model (whose weights are gathered one block at a time) would hold
+    all of them at once, whether activations are recomputed or a whole dataset is scored
+    inside one context; each weight is cast once per forward anyway."""
+    if device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)

@@ -44,10 +44,11 @@ def build_mesh(dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
 def build_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh: DeviceMesh | None,
                 device: torch.device, param_dtype: torch.dtype | None = None, seed: int = 0) -> Transformer:
     """Build on the meta device, parallelize, then materialize and initialize the weights
-    from `seed`. `param_dtype` is FSDP's compute dtype; master weights stay fp32."""
+    from `seed`. `param_dtype` is FSDP's compute dtype (default: `fsdp_compute_dtype`);
+    master weights stay fp32."""
     with torch.device("meta"):
         model = Transformer(cfg, head)
-    parallelize(model, dims, mesh, param_dtype)
+    parallelize(model, dims, mesh, param_dtype or fsdp_compute_dtype(device))
     model.to_empty(device=device)
     model.tie_weights()
     if mesh is not None and device.type == "cpu":
@@ -57,6 +58,15 @@ def build_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh: DeviceMes
         model.init_weights()
     model.init_buffers(device)
     return model
+
+
+def fsdp_compute_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA, what autocast computes in there (`runtime.autocast_for`): FSDP then
+    gathers each block's weights in bf16 and frees them after use. Gathered in fp32, each
+    forward's bf16 casts of them were kept for the backward, a bf16 copy of the whole model
+    on every rank (15 GB for an 8B model), and twice the bytes went over the network. None
+    (fp32) on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def build_inference_model(cfg: ModelConfig, head: str, dims: ParallelDims, mesh: DeviceMesh | None,
@@ -173,10 +183,15 @@ def _block_plan(between_blocks, norm_plan) -> dict:
 
 
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
-    """Shard each block separately (so only one block's full weights live at a time), then the root."""
+    """Shard each block separately (so only one block's full weights live at a time), then the
+    root. A value head computes in fp32 whatever `param_dtype` (a reward rounded to bf16 reads
+    5.3125 for 5.3, and close pairs tie)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    if model.head == "value" and param_dtype is not None:
+        fully_shard(model.score, mesh=dp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                                               reduce_dtype=torch.float32))
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
 
