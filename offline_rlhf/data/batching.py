@@ -13,14 +13,18 @@ from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenIds
 PAD_DOCUMENT = -1
 
 
-def collate_sequences(sequences: Sequence[PackedSequence], pad_id: int,
-                      multiple_of: int = 1) -> dict[str, torch.Tensor]:
+def collate_sequences(sequences: Sequence[PackedSequence], pad_id: int, multiple_of: int = 1,
+                      length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence, rounded up to `multiple_of` (sequence parallelism
-    needs the length divisible by TP). Padding: pad_id tokens, ignored labels, position 0,
-    its own document id. Rows are copied from the token buffers, positions and document
-    ids computed from the document lengths (numpy: no Python int per token)."""
+    needs the length divisible by TP), or to `length` when given (no row may be longer).
+    Padding: pad_id tokens, ignored labels, position 0, its own document id. Rows are copied
+    from the token buffers, positions and document ids computed from the document lengths
+    (numpy: no Python int per token)."""
     longest = max(len(s.input_ids) for s in sequences)
-    length = -(-longest // multiple_of) * multiple_of
+    if length is None:
+        length = -(-longest // multiple_of) * multiple_of
+    elif longest > length:
+        raise ValueError(f"a sequence of {longest} tokens does not fit the fixed length {length}")
     shape = (len(sequences), length)
     tokens, labels = np.full(shape, pad_id, dtype=np.int64), np.full(shape, IGNORE_INDEX, dtype=np.int64)
     positions, document_ids = np.zeros(shape, dtype=np.int64), np.full(shape, PAD_DOCUMENT, dtype=np.int64)

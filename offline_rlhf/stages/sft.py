@@ -39,6 +39,18 @@ def sft_task(packed: bool) -> Task:
     return Task(loss=loss, normalizer=loss_tokens, tokens=real_tokens)
 
 
+def fixed_length(packed: bool, max_seq_len: int, rt) -> int | None:
+    """Packed rows on CUDA all take max_seq_len (rounded up to the sequence multiple): their
+    document masks go to FlexAttention, compiled for one shape (`compiled_flex_attention`),
+    so each new length recompiled it and, past dynamo's limit of 8, training went on in
+    FlexAttention's unfused path, which materializes every score. Packing fills rows to
+    about that length anyway. None elsewhere: the longest row of each batch."""
+    if not packed or rt.device.type != "cuda":
+        return None
+    multiple = rt.dims.sequence_multiple
+    return -(-max_seq_len // multiple) * multiple
+
+
 def main(cfg: SFTConfig) -> int:
     init = local_init(cfg.init, cfg.run_dir)  # a Hugging Face model is imported once, into the run
     model_cfg = model_config(init, cfg.model)
@@ -50,7 +62,8 @@ def main(cfg: SFTConfig) -> int:
         check_checkpoint_resumable(setup.checkpoints, fingerprint)  # a refused rerun keeps the card
         if rt.is_main:
             write_dataset_card(dataset.card, rt.stage_dir)
-        collate = partial(collate_sequences, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple)
+        collate = partial(collate_sequences, pad_id=setup.tokenizer.pad_id, multiple_of=rt.dims.sequence_multiple,
+                          length=fixed_length(cfg.data.pack, cfg.data.max_seq_len, rt))
         result = train(sft_task(cfg.data.pack), setup.model, TrainData(dataset.train, dataset.val, collate,
                                                                          cfg.data.max_seq_len),
                        cfg.train, cfg.optim, cfg.logging, rt, usage,
