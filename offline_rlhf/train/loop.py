@@ -360,6 +360,7 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=rt.device))
     tokens, step_loss = 0, torch.zeros((), device=rt.device)
     for index, batch in enumerate(batches):
+        tokens += task.tokens(batch)  # counted on the host: on the device, reading the count would wait for the step
         batch = _to_device(batch, rt.device)
         _set_gradient_sync(model, index == len(batches) - 1)
         with autocast_for(rt.device), loss_context(rt.dims):
@@ -369,7 +370,6 @@ def train_step(task: Task, model: nn.Module, optimizer, batches: list[Batch], rt
         step_loss += loss.detach().float()
         for key, value in metrics.items():
             sums[key] += value.float()
-        tokens += task.tokens(batch)
     keys = sorted(sums)
     # Reduced before the step decision, so every rank skips when any rank's loss is not
     # finite: a loss that overflows may leave a finite gradient (e.g. where a clipped error
