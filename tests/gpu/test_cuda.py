@@ -293,3 +293,26 @@ def test_models_that_only_decode_load_in_bf16_and_models_that_score_keep_fp32(tm
     assert {p.dtype for p in decoding.parameters()} == {torch.bfloat16}
     assert all(p.is_cuda for p in decoding.parameters())
     assert decoding.layers[0].attention.wqkv is not None and scoring.layers[0].attention.wqkv is None  # fused
+
+
+
+def test_packed_sft_gives_compiled_flex_attention_one_shape(tmp_path, monkeypatch):
+    """Packed rows on CUDA all take max_seq_len (`stages.sft.fixed_length`): FlexAttention,
+    compiled for static shapes, sees one sequence length, and the loss goes down."""
+    from offline_rlhf.models import llama
+
+    lengths, compiled = set(), llama.compiled_flex_attention()
+
+    def recording(q, *args, **kwargs):
+        lengths.add(q.shape[2])
+        return compiled(q, *args, **kwargs)
+    monkeypatch.setattr(llama, "compiled_flex_attention", lambda: recording)
+    assert orlhf(["task", f"run_dir={tmp_path}"]) == 0
+    assert orlhf(["sft", f"run_dir={tmp_path}", "model=demo", "data=embedded_task_sft", "data.pack=true",
+                  f"init.tokenizer={tmp_path / 'task' / 'tokenizer'}", "data.max_seq_len=96", "train.global_batch=8",
+                  "train.micro_batch=4", "optim.lr=3e-3", "train.max_steps=12", "train.val_every=0",
+                  "logging.progress=false"]) == 0
+    assert lengths == {96}
+    rows = map(json.loads, (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines())
+    losses = [row["train/loss"] for row in rows if "train/loss" in row]
+    assert len(losses) == 12 and losses[-1] < losses[0], losses
