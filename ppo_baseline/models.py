@@ -64,11 +64,14 @@ def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Te
     return out
 
 
+@torch.no_grad()
 def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] entropy of the distribution each action token was drawn from, 0 off mask."""
-    logp = logits[:, :-1].float().log_softmax(-1)
+    """[B, T] entropy of the distribution each action token was drawn from, 0 off mask. A
+    metric: a row at a time, its fp32 temporaries [T, V] (the batch's would be [B, T, V] each)."""
     out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    out[:, 1:] = -(logp.exp() * logp).sum(-1)
+    for row in range(logits.shape[0]):
+        logp = logits[row, :-1].float().log_softmax(-1)
+        out[row, 1:] = -(logp.exp() * logp).sum(-1)
     return torch.where(mask, out, 0.0)
 
 
@@ -109,7 +112,10 @@ def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], rt: Runt
     logits are whole too)."""
     def forward(chunk):
         with autocast_for(rt.device):  # whole (not vocabulary-sharded) logits
-            return sequence_logprobs(model(chunk["tokens"]), chunk["tokens"], chunk["mask"])
+            logits = model(chunk["tokens"])
+            # a row at a time: its fp32 logits and log-softmax [T, V], not the chunk's [B, T, V]
+            return torch.cat([sequence_logprobs(logits[row:row + 1], chunk["tokens"][row:row + 1],
+                                                chunk["mask"][row:row + 1]) for row in range(logits.shape[0])])
     return dp_rows(forward, batch, rt, batch_size)
 
 

@@ -54,14 +54,16 @@ class HFRewardModel:
     `prompt + response` rendered by the tokenizer's chat template when it has one, else
     by `template` (the paper's `User: ... Assistant: ...`) with the tokenizer's EOS after
     finished answers, as this project's own reward models read them. Batches are
-    right-padded with the model's pad token (one text per batch when it has none)."""
+    right-padded with the model's pad token (one text per batch when it has none).
+    Loaded (and so checked) on the CPU: its weights are on `device` only while it scores,
+    never while the policies answer (their weights, KV cache and CUDA graphs)."""
 
     def __init__(self, spec: str, path: Path, device: torch.device, batch_size: int, template: ChatTemplate):
         transformers = _transformers(spec)
         self.spec, self.device, self.template = spec, device, template
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-            self.model = transformers.AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+            self.model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
         except (OSError, ValueError) as err:  # transformers' own messages span lines
             raise ConfigError("gold", f"{spec}: cannot load the model: {' '.join(str(err).split())}",
                               "pass a sequence-classification model directory with its tokenizer") from None
@@ -86,9 +88,17 @@ class HFRewardModel:
         ids = self.tokenizer(text, add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
         return ids[-self.max_len:] if self.max_len else ids
 
-    @torch.no_grad()
     def score(self, pairs: Sequence[Pair], finished: Sequence[bool] | None = None,
               progress: Progress | None = None) -> list[float]:
+        self.model.to(self.device)
+        try:
+            return self._score(pairs, finished, progress)
+        finally:
+            self.model.to("cpu")  # the device's memory free again
+
+    @torch.no_grad()
+    def _score(self, pairs: Sequence[Pair], finished: Sequence[bool] | None,
+               progress: Progress | None) -> list[float]:
         ends = [True] * len(pairs) if finished is None else finished
         ids = [self.encode(self.text(p, r, end)) for (p, r), end in zip(pairs, ends, strict=True)]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch

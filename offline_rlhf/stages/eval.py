@@ -337,6 +337,7 @@ def main(cfg: EvalConfig) -> int:
         rows = [prompt for prompt in prompts for _ in range(cfg.generation.n)]  # one per answer
         texts, turns = [text for text, _ in rows], [history for _, history in rows]
         check_prompts(cfg.gold, cfg.prompts, cfg.prompt_key)
+        # Checked now; an hf_rm's weights are on the device only while it scores, after every model answered.
         gold = on_main(rt, lambda: load_gold(cfg.gold, rt.device, cfg.batch_size, template))
         answers, finished, cut = {}, {}, {}
         for model in models:

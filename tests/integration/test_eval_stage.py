@@ -172,6 +172,35 @@ def test_a_hugging_face_reward_model_as_gold(files, tmp_path):
         direct.score([(r["prompt"], r["response"]) for r in records], [r["finished"] for r in records]), abs=1e-5)
 
 
+def test_a_hugging_face_gold_model_is_on_the_device_only_while_it_scores(files, tmp_path, monkeypatch):
+    """Its weights went to rank 0's device when loaded, before any model answered, and took
+    memory from every model's generation (weights, KV cache, CUDA graphs). The real load
+    path runs; `cpu:0` stands for the device, the gold model's moves and the answering
+    engine's runs are logged in order."""
+    import transformers
+
+    import offline_rlhf.stages.eval as stage
+
+    hf_rm = tiny_hf_reward_model(tmp_path / "hf_rm")
+    events = []
+    real_to, real_run, real_load = transformers.PreTrainedModel.to, stage.run, stage.load_gold
+
+    def to(model, device, *args, **kwargs):
+        events.append(f"to {device}")
+        return real_to(model, device, *args, **kwargs)
+
+    def run(*args, **kwargs):
+        events.append("answer")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "to", to)
+    monkeypatch.setattr(stage, "run", run)
+    monkeypatch.setattr(stage, "load_gold", lambda spec, device, *rest: real_load(spec, torch.device("cpu", 0), *rest))
+    assert evaluate(files, tmp_path / "run", {"sft": "sft", "dt": "dt"}, f"gold=hf_rm:{hf_rm}") == 0
+    assert events == ["answer", "answer", "to cpu:0", "to cpu", "to cpu:0", "to cpu"]  # a model's answers each
+    assert all(isinstance(r["gold"], float) for name in ("sft", "dt") for r in answers(tmp_path / "run", name))
+
+
 def test_a_dt_checkpoint_without_a_target_fails_before_any_answer(files, tmp_path, capsys):
     assert evaluate(files, tmp_path, {"sft": "sft", "dt_broken": "dt_broken"}, f"gold={PLUGIN}") == 2
     err = capsys.readouterr().err.strip()
