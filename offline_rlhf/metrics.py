@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -54,17 +55,38 @@ def read_metrics(stage_dir: str | Path) -> list[dict]:
 def metric_rows(path: Path) -> tuple[list[dict], bool]:
     """The rows of `path` (none if it does not exist) and whether a torn last line was left
     out. Damage before the last line is a DataError naming it."""
+    rows, torn = [], False
+    for _, row in numbered_rows(path):
+        if row is None:
+            torn = True
+        else:
+            rows.append(row)
+    return rows, torn
+
+
+def numbered_rows(path: Path) -> Iterator[tuple[int, dict | None]]:
+    """(line number, row) for each row of a metrics.jsonl (none if it does not exist), read
+    one at a time (a long run's file holds 100k rows), blank lines left out; a torn last line
+    comes as (its number, None). Damage before the last line is a DataError naming it."""
     if not path.exists():
-        return [], False
-    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
-             if line.strip()]
-    rows = []
-    for number, line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == lines[-1][0]:
-                return rows, True
-            raise DataError(path, number, "expected a JSON object of one step's metrics (the line is damaged: "
-                            "delete it, or the file, to go on)") from None
-    return rows, False
+        return
+    damaged = None  # the number of a line that is no JSON: torn if no row follows it
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if is_blank(line):
+                continue
+            if damaged is not None:
+                raise DataError(path, damaged, "expected a JSON object of one step's metrics (the line is damaged: "
+                                "delete it, or the file, to go on)")
+            try:
+                row = json.loads(line.decode(errors="replace"))
+            except json.JSONDecodeError:
+                damaged = number
+                continue
+            yield number, row
+    if damaged is not None:
+        yield damaged, None
+
+
+def is_blank(line: bytes) -> bool:
+    return not line.decode(errors="replace").strip()

@@ -4,15 +4,13 @@ directory, and optionally TensorBoard or Weights & Biases."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from offline_rlhf.config.schema import LoggingConfig, ModelConfig
-from offline_rlhf.data.errors import DataError
 from offline_rlhf.fsutil import atomic_file, write_atomic
-from offline_rlhf.metrics import METRICS_FILE, mfu
+from offline_rlhf.metrics import METRICS_FILE, is_blank, mfu, numbered_rows
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import Runtime
 
@@ -84,19 +82,13 @@ class MetricsLog:
         self.bar.close()
 
 
-# What a damaged line is said to be (offline_rlhf.metrics.metric_rows, which reads it whole, says the same).
-DAMAGED_ROW = "expected a JSON object of one step's metrics (the line is damaged: delete it, or the file, to go on)"
-
-
 def _drop_rows_after(path: Path, step: int) -> bool:
     """A killed run logged steps past its last checkpoint (and maybe half a line); the
     resumed run logs them again. The file is rewritten only then, its other rows copied as
     they are; returns whether steps were dropped. Streamed (a long run's file holds 100k
     rows): one pass reads the rows, another copies the lines kept."""
-    if not path.exists():
-        return False
     past, torn = set(), None  # the numbers of the lines of steps past `step`, and of a torn last line
-    for number, row in _numbered_rows(path):
+    for number, row in numbered_rows(path):
         if row is None:
             torn = number
         elif row["step"] > step:
@@ -104,33 +96,9 @@ def _drop_rows_after(path: Path, step: int) -> bool:
     if past or torn is not None:
         with open(path, "rb") as lines, atomic_file(path, "wb") as out:
             for number, line in enumerate(lines, 1):
-                if not _blank(line) and number not in past and number != torn:
+                if not is_blank(line) and number not in past and number != torn:
                     out.write(line.rstrip(b"\r\n") + b"\n")
     return bool(past)
-
-
-def _numbered_rows(path: Path) -> Iterator[tuple[int, dict | None]]:
-    """(line number, row) for each row of metrics.jsonl, one at a time, blank lines left
-    out; a torn last line comes as None. Damage before the last line is a DataError naming it."""
-    damaged = None  # the number of a line that is no JSON: torn if no row follows it
-    with open(path, "rb") as lines:
-        for number, line in enumerate(lines, 1):
-            if _blank(line):
-                continue
-            if damaged is not None:
-                raise DataError(path, damaged, DAMAGED_ROW)
-            try:
-                row = json.loads(line.decode(errors="replace"))
-            except json.JSONDecodeError:
-                damaged = number
-                continue
-            yield number, row
-    if damaged is not None:
-        yield damaged, None
-
-
-def _blank(line: bytes) -> bool:
-    return not line.decode(errors="replace").strip()
 
 
 WANDB_ID_FILE = "wandb_id"  # the stage's W&B run, which every resumed execution continues
