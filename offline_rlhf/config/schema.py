@@ -123,7 +123,7 @@ class ParallelConfig(Frozen):
     sequence_parallel: bool = False  # shard activations along the sequence between TP regions (needs tp > 1)
     loss_parallel: bool = False  # cross-entropy on vocabulary-sharded logits (no all-gather of logits)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile each block (with tp > 1 for static shapes: once per sequence length, up to 8)
     # How long a collective waits for the slowest rank before the job fails (torch's defaults:
     # NCCL 10, gloo 30). Waits for a rank's long work (a replica's share of generation, the
     # PPO services) do not count against it: they have a group of their own (parallel/distributed.py).
