@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 import time
+import warnings
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields, is_dataclass, replace
@@ -379,16 +380,27 @@ def load_inference_model(path: Path, head: str, rt: Runtime, key: str, decoding:
     kept in bf16 on CUDA (half the bytes a decode step reads); models that score
     (reference log-probs) keep fp32 weights, as the policy they are compared with does.
     A decoding model that is whole here (no tensor parallelism) also gets fused q/k/v and
-    gate/up projections (`fuse_projections`): it can then no longer be saved."""
+    gate/up projections (`fuse_projections`): it can then no longer be saved. Built on the
+    meta device and materialized uninitialized in its final dtype, which the load fills in:
+    the weights never exist in fp32 on the device (twice a bf16 model's bytes) nor are they
+    drawn at random first."""
     meta = checkpoint_of_head(path, head, key)
-    model = build_inference_model(meta.model, head, rt.dims, rt.mesh, rt.device)
+    with warnings.catch_warnings():  # build_model's initialization of meta DTensors draws nothing
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+        model = build_inference_model(meta.model, head, rt.dims, rt.mesh, torch.device("meta"))
+    model.to(decode_dtype(rt.device) if decoding else torch.float32).to_empty(device=rt.device)
+    model.tie_weights()
+    model.init_buffers(rt.device)
     note_untrusted(path, rt)
     load_checkpoint(path, model, group=rt.group)
-    if decoding and rt.device.type == "cuda":
-        model.to(torch.bfloat16)
     if decoding and rt.dims.tp == 1:
         fuse_projections(model)
     return model.eval()
+
+
+def decode_dtype(device: torch.device) -> torch.dtype:
+    """The weights' dtype of a model that only generates: bf16 on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def note_untrusted(path: Path, rt: Runtime) -> None:

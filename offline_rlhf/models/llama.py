@@ -144,9 +144,22 @@ class Attention(nn.Module):
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
             out = flex(q, k, v, block_mask=attn_mask, enable_gqa=grouped)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                                 enable_gqa=grouped)
+            out = dense_attention(q, k, v, attn_mask, q.device.type)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    device_type: str) -> torch.Tensor:
+    """SDPA, causal without a mask. PyTorch's grouped-query attention (`enable_gqa`) runs on
+    CUDA in the flash and math kernels only, and flash takes no mask: a masked call with
+    several queries per row (a generation prefill) would run the math kernel, which holds
+    [B, H, T, S] fp32 scores (4 GB per layer for 32 prompts of 1024 tokens on Llama-3-8B).
+    There K/V are copied to the query heads instead, so the memory-efficient kernel can run.
+    `device_type`: the tensors' (an argument, so a test takes the CUDA route on CPU)."""
+    if device_type == "cuda" and mask is not None and q.shape[2] > 1 and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -264,9 +277,12 @@ class Transformer(nn.Module):
         h = self.norm(h[:, -1:] if last_only else h)
         if self.head == "lm":
             return self.output(h)
-        # Not a view: FSDP2 warns (on every forward) of a wrapped module returning one, which
-        # an in-place op by the caller would detach from its backward hook.
-        return self.score(h).squeeze(-1).clone()
+        # In the weights' dtype (fp32), not autocast's bf16: rounded to bf16, a reward of 5.3
+        # would read 5.3125 and close pairs would tie. Not a view: FSDP2 warns (on every
+        # forward) of a wrapped module returning one, which an in-place op by the caller
+        # would detach from its backward hook.
+        with torch.autocast(h.device.type, enabled=False):
+            return self.score(h.to(self.score.weight.dtype)).squeeze(-1).clone()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output projection when configured. Call again after

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from offline_rlhf.config.schema import OptimConfig
 
@@ -20,17 +21,39 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA (one kernel for all parameters). Weight decay shrinks matrices
-    (projections, embeddings) only, not the 1-D norm scales and biases, as Megatron-LM and
-    transformers do: decaying a norm's scale pulls it towards 0, not towards its 1 at
-    initialization. Without weight decay, one parameter group (as checkpoints before hold)."""
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, stepping each parameter group as two: its DTensors and its plain tensors.
+    Under tensor parallelism without FSDP some parameters stay plain tensors (norms without
+    sequence parallelism, the value head, Qwen3's q/k norms) beside DTensors, and one fused or
+    foreach kernel over both raises 'got mixed torch.Tensor and DTensor'. The split exists only
+    during step(): schedulers and checkpoints see the groups as built, whatever the layout."""
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        self.param_groups = [dict(group, params=part) for group in groups
+                             for part in _by_kind(group["params"]) if part]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
+def _by_kind(params: list) -> tuple[list, list]:
+    return [p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]
+
+
+def build_optimizer(params, cfg: OptimConfig, device: torch.device, fused: bool | None = None) -> AdamW:
+    """AdamW, fused on CUDA (one kernel for all parameters of a kind; `fused` overrides the
+    choice). Weight decay shrinks matrices (projections, embeddings) only, not the 1-D norm
+    scales and biases, as Megatron-LM and transformers do: decaying a norm's scale pulls it
+    towards 0, not towards its 1 at initialization. Without weight decay, one parameter group
+    (as checkpoints before hold)."""
     params = list(params)
     groups = params if not cfg.weight_decay else [
         group for group in ({"params": [p for p in params if p.ndim >= 2]},
                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}) if group["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                 fused=device.type == "cuda" if fused is None else fused)
 
 
 def build_scheduler(optimizer, total_steps: int, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
