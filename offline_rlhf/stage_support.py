@@ -423,7 +423,8 @@ RESUMABLE_CHANGES = ("run_dir", "parallel.*", "logging.*", "train.max_steps", "t
                      "*.max_skipped_fraction", "write_every", "batch_size", "ppo.iterations", "save_every", "keep_last",
                      "generation.batch_size", "generation.cuda_graphs", "generation.compile", "generation.compile_mode",
                      "generation.decode_attention", "services.host", "services.*_timeout_s", "services.max_body_mb",
-                     "services.*.nproc", "services.*.parallel.*", "services.*.batch_size", "services.*.het_group")
+                     "services.*.nproc", "services.*.parallel.*", "services.*.batch_size", "services.*.het_group",
+                     "services.share_gpus")
 
 
 def resume_fingerprint(cfg) -> dict[str, object]:

@@ -21,7 +21,7 @@ def test_a_ppo_run_resumes_under_another_service_layout_and_timing():
     layout = ["services.critic.nproc=2", "services.critic.parallel.tp=2", "services.reward.batch_size=8",
               "services.reward.het_group=1", "services.host=10.0.0.5", "services.startup_timeout_s=600",
               "services.request_timeout_s=60", "services.max_body_mb=512", "generation.batch_size=64",
-              "parallel.tp=2", "ppo.iterations=7"]
+              "parallel.tp=2", "ppo.iterations=7", "services.share_gpus=true"]
     assert changed_keys("ppo", PPOConfig, layout) == set()
     results = ["services.critic.optim.lr=1e-5", "services.reward.checkpoint=elsewhere", "ppo.kl_coef=0.05",
                "generation.max_new_tokens=64", "generation.seed=3"]
