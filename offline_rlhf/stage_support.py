@@ -70,11 +70,12 @@ IMPORTED_FROM = "imported_from"
 SCORED_BEFORE_TOKEN = "scored_before_token"
 
 
-def empty_model(cfg: ModelConfig, head: str) -> Transformer:
-    """A CPU fp32 model with uninitialized weights: every parameter is about to be loaded,
-    so random init (minutes for 8B) would be wasted."""
+def empty_model(cfg: ModelConfig, head: str, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A CPU model with uninitialized weights in `dtype`: every parameter is about to be
+    loaded, so random init (minutes for 8B) would be wasted, and a model held in another
+    dtype than it is loaded or written in would need a second copy (70B: 280 GB in fp32)."""
     with torch.device("meta"):
-        model = Transformer(cfg, head)
+        model = Transformer(cfg, head).to(dtype)
     model.to_empty(device="cpu")
     model.tie_weights()
     model.init_buffers("cpu")
@@ -83,11 +84,13 @@ def empty_model(cfg: ModelConfig, head: str) -> Transformer:
 
 def import_hf(hf_dir: str | Path, out: str | Path, head: str = "lm", metadata: dict | None = None) -> tuple[Path, str]:
     """A Hugging Face directory (config.json, safetensors, tokenizer files) as our checkpoint
-    `out/step_00000000/` in fp32, `metadata` added to its own. Returns its path and a line
-    saying what was imported."""
+    `out/step_00000000/` in the weights' own dtype (bf16 stays bf16: a stage loading it casts
+    exactly, and the import holds one copy of the model, not an fp32 one twice its size),
+    `metadata` added to its own. Returns its path and a line saying what was imported."""
     cfg = read_hf_config(hf_dir)
-    model = empty_model(cfg, head)
-    load_hf_weights(model, HFWeights(hf_dir))
+    weights = HFWeights(hf_dir)
+    model = empty_model(cfg, head, weights.dtype())
+    load_hf_weights(model, weights)
     hf_config = json.loads((Path(hf_dir) / CONFIG_FILE).read_text())
     with tempfile.TemporaryDirectory() as staging:
         # save_checkpoint copies a whole folder; stage only the tokenizer files, not the weights.
@@ -385,17 +388,25 @@ def load_inference_model(path: Path, head: str, rt: Runtime, key: str, decoding:
     the weights never exist in fp32 on the device (twice a bf16 model's bytes) nor are they
     drawn at random first."""
     meta = checkpoint_of_head(path, head, key)
-    with warnings.catch_warnings():  # build_model's initialization of meta DTensors draws nothing
-        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-        model = build_inference_model(meta.model, head, rt.dims, rt.mesh, torch.device("meta"))
-    model.to(decode_dtype(rt.device) if decoding else torch.float32).to_empty(device=rt.device)
-    model.tie_weights()
-    model.init_buffers(rt.device)
+    model = empty_inference_model(meta.model, head, rt, decode_dtype(rt.device) if decoding else torch.float32)
     note_untrusted(path, rt)
     load_checkpoint(path, model, group=rt.group)
     if decoding and rt.dims.tp == 1:
         fuse_projections(model)
     return model.eval()
+
+
+def empty_inference_model(cfg: ModelConfig, head: str, rt: Runtime, dtype: torch.dtype) -> Transformer:
+    """`build_inference_model`'s model in the runtime's layout, materialized uninitialized in
+    `dtype` on its device: its weights are about to be loaded or copied in, so they never
+    exist in fp32 on the device first (twice a bf16 model's bytes) nor are drawn at random."""
+    with warnings.catch_warnings():  # build_model's initialization of meta DTensors draws nothing
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+        model = build_inference_model(cfg, head, rt.dims, rt.mesh, torch.device("meta"))
+    model.to(dtype).to_empty(device=rt.device)
+    model.tie_weights()
+    model.init_buffers(rt.device)
+    return model
 
 
 def decode_dtype(device: torch.device) -> torch.dtype:

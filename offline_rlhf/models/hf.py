@@ -28,6 +28,7 @@ SINGLE_WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # as headers name them
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _QWEN_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config and Qwen3Config default
 
@@ -296,14 +297,22 @@ class HFWeights:
     def names(self) -> set[str]:
         return set(self._file_of)
 
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype when they all share one of DTYPES, else fp32 (read from the
+        files' headers: no weights are read)."""
+        dtypes = {self._handle(path).get_slice(name).get_dtype() for name, path in self._file_of.items()}
+        return SAFETENSORS_DTYPES.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 else torch.float32
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._file_of:
             raise HFFormatError(str(self.source), f"no tensor {name!r}",
                                 "the weights do not match config.json (wrong head or model type?)")
-        path = self._file_of[name]
+        return self._handle(self._file_of[name]).get_tensor(name)
+
+    def _handle(self, path: Path):
         if path not in self._handles:
             self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(name)
+        return self._handles[path]
 
 
 def _check_shards_present(index: Path, shards: set[Path]) -> None:
@@ -351,8 +360,8 @@ def load_hf_weights(model: Transformer, weights: HFWeights) -> None:
 def hf_state_dict(model: Transformer, dtype: str) -> dict[str, torch.Tensor]:
     """The model's parameters under HF names, cast to `dtype` and contiguous (safetensors
     requires it). Tied output weights are left out, as HF expects with tie_word_embeddings."""
-    torch_dtype = _torch_dtype(dtype)
-    return {hf_name(name): param.detach().to(torch_dtype).contiguous() for name, param in model.named_parameters()}
+    cast = torch_dtype(dtype)
+    return {hf_name(name): param.detach().to(cast).contiguous() for name, param in model.named_parameters()}
 
 
 def write_hf_weights(tensors: dict[str, torch.Tensor], out_dir: str | Path,
@@ -390,7 +399,7 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
+def torch_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ConfigError("dtype", f"unknown {dtype!r}", f"use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]

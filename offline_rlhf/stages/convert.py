@@ -39,6 +39,7 @@ from offline_rlhf.models.hf import (
     copy_tokenizer_files,
     hf_head,
     hf_state_dict,
+    torch_dtype,
     write_hf_weights,
 )
 from offline_rlhf.stage_support import SCORED_BEFORE_TOKEN, dt_target, empty_model, import_hf, num_params
@@ -74,7 +75,7 @@ def export_hf(ckpt: str | Path, out: str | Path, head: str = "lm", dtype: str = 
     if meta.head != head:
         raise ConfigError("head", f"{step_dir} holds a {meta.head!r} head, not {head!r}", f"pass head={meta.head}")
     out = require_empty(out, "choose a new directory (stale shards would mix in)")
-    model = empty_model(meta.model, meta.head)
+    model = empty_model(meta.model, meta.head, torch_dtype(dtype))  # loaded in the dtype it is written in
     load_checkpoint(step_dir, model)
     tokenizer_dir = step_dir / TOKENIZER_DIR
     # A reward model's normalization statistics travel in config.json (`config.reward_stats`

@@ -360,3 +360,37 @@ def test_unexpected_tensor_is_an_error(tmp_path):
     expected = r"model\.safetensors: 1 unexpected tensor\(s\), first \['model\.layers\.0\.self_attn\.o_proj\.bias'\]"
     with pytest.raises(HFFormatError, match=expected):
         main(ConvertConfig(action="import_hf", hf_dir=str(hf_dir), out=str(tmp_path / "out")))
+
+
+def test_a_bf16_model_imports_in_bf16_and_loads_exactly_and_mixed_dtypes_import_in_fp32(tmp_path):
+    """The import holds one copy of the model in its own dtype (an fp32 one would be twice
+    a bf16 model's size: 280 GB for 70B); a stage loading it in fp32 gets the same values."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    tiny_hf_model("llama").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    source = load_file(tmp_path / "hf" / "model.safetensors")
+    assert HFWeights(tmp_path / "hf").dtype() == torch.bfloat16
+    ours = import_dir(tmp_path / "hf", tmp_path / "ckpt")  # loaded into fp32 parameters
+    stored = FileSystemReader(latest_checkpoint(tmp_path / "ckpt")).read_metadata().state_dict_metadata
+    for name, param in ours.named_parameters():
+        assert stored[f"model.{name}"].properties.dtype == torch.bfloat16, name
+        assert param.dtype == torch.float32 and torch.equal(param, source[hf_name(name)].float()), name
+    mixed = {**source, "model.norm.weight": source["model.norm.weight"].float()}
+    save_file(mixed, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    assert HFWeights(tmp_path / "hf").dtype() == torch.float32
+
+
+def test_a_bf16_export_holds_the_model_in_bf16_only(tmp_path, monkeypatch):
+    """Loaded in fp32 and cast tensor by tensor, a bf16 export held the fp32 model and a
+    whole bf16 copy (1.5x the fp32 model: 49 GB for 8B); it now loads in bf16, same bytes."""
+    from offline_rlhf.stages import convert
+
+    tiny_hf_model("llama").save_pretrained(tmp_path / "hf")
+    import_dir(tmp_path / "hf", tmp_path / "ckpt")
+    built = []
+    monkeypatch.setattr(convert, "empty_model", lambda *args: built.append(empty_model(*args)) or built[-1])
+    main(ConvertConfig(action="export_hf", ckpt=str(tmp_path / "ckpt"), out=str(tmp_path / "out"), dtype="bfloat16"))
+    assert [{p.dtype for p in model.parameters()} for model in built] == [{torch.bfloat16}]
+    exported, fp32 = load_file(tmp_path / "out" / "model.safetensors"), load_ours(tmp_path / "ckpt")
+    for name, param in fp32.named_parameters():
+        assert torch.equal(exported[hf_name(name)], param.detach().to(torch.bfloat16)), name
