@@ -29,9 +29,9 @@ from offline_rlhf.config.schema import GenerationConfig, ModelConfig
 from offline_rlhf.generation.engine import DecodeSession, Request, run
 from offline_rlhf.generation.sampling import MASK32, stream_id
 from offline_rlhf.generation.shards import my_share
-from offline_rlhf.parallel.parallelize import build_inference_model
 from offline_rlhf.parallel.state_dict import copy_parameters
 from offline_rlhf.runtime import Runtime
+from offline_rlhf.stage_support import decode_dtype, empty_inference_model
 from offline_rlhf.train.loop import SampleStream, Task
 from ppo_baseline import algorithm
 from ppo_baseline.config import PPOAlgorithmConfig
@@ -72,11 +72,11 @@ def sampling_model(model: nn.Module, model_cfg: ModelConfig, rt: Runtime) -> nn.
     itself; else an inference replica in the runtime's TP layout (`orlhf generate`'s), so
     that replicas decode independently (FSDP would make every replica run the same number
     of forwards), in bf16 on CUDA (half the bytes per decoded token; the fp32 training
-    weights would be cast on every step of a CUDA graph). `refresh` keeps it current."""
+    weights would be cast on every step of a CUDA graph). Uninitialized: `refresh` fills it
+    before the first sample, and keeps it current."""
     if rt.dims.dp == 1 and rt.device.type != "cuda":
         return model
-    replica = build_inference_model(model_cfg, "lm", rt.dims, rt.mesh, rt.device)
-    return replica.to(torch.bfloat16) if rt.device.type == "cuda" else replica
+    return empty_inference_model(model_cfg, "lm", rt, decode_dtype(rt.device))
 
 
 def refresh(replica: nn.Module, model: nn.Module) -> None:
