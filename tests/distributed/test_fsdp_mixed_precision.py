@@ -51,17 +51,24 @@ def test_fsdp_gathers_bf16_weights_and_keeps_fp32_masters_training_like_fp32(tmp
 
 def _rewards(rank, world_size):
     model, _, _ = _bf16_fsdp_copy(reference_model(head="value"), world_size)
-    with torch.no_grad():
-        return model(batch(size=4, seq=16))
+    rewards = model(batch(size=4, seq=16))
+    rewards.sum().backward()  # through the head's own FSDP unit into the bf16 blocks
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    return rewards.detach(), grads
 
 
 def test_a_value_head_under_bf16_fsdp_gives_fp32_rewards_not_bf16_rounded_ones(tmp_path):
-    exact = reference_model(head="value")(batch(size=4, seq=16)).detach()
-    for rewards in run_distributed(_rewards, 2, tmp_path):
+    reference = reference_model(head="value")
+    exact = reference(batch(size=4, seq=16))
+    exact.sum().backward()
+    for rewards, grads in run_distributed(_rewards, 2, tmp_path):
         rewards = rewards.full_tensor() if isinstance(rewards, DTensor) else rewards
         assert rewards.dtype == torch.float32
         assert not torch.equal(rewards, rewards.to(torch.bfloat16).float())  # not rounded to bf16
-        torch.testing.assert_close(rewards, exact, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(rewards, exact.detach(), atol=0.05, rtol=0.05)
+        for name, param in reference.named_parameters():
+            assert grads[name].dtype == torch.float32, name
+            assert (grads[name] - param.grad).abs().max() <= 0.02 * param.grad.abs().max(), name  # bf16's error
 
 
 def test_cuda_runs_compute_in_bf16_without_autocasts_weight_cache():
