@@ -281,10 +281,10 @@ def place_services(nprocs: dict[str, int], actor: int, visible: list[str]) -> di
     need = actor + sum(nprocs.values())
     if need > len(visible):
         services = ", ".join(f"{name} {count}" for name, count in nprocs.items())
-        shown = f" ({VISIBLE_DEVICES}={','.join(visible)})" if visible else ""
+        shown = f": {','.join(visible)}" if visible else ""
         raise ConfigError("services", f"the actor's {actor} process(es) on this node and the services started "
-                          f"beside it ({services}) need {need} GPUs, one per process, but {len(visible)} "
-                          f"are visible{shown}", "run fewer actor processes per node or fewer service processes "
+                          f"beside it ({services}) need {need} GPUs, one per process, but this node shows "
+                          f"{len(visible)}{shown}", "run fewer actor processes per node or fewer service processes "
                           "(services.NAME.nproc), run the services on other nodes (`orlhf launch cluster=slurm`), "
                           "or set services.share_gpus=true to run them on the actor's GPUs (small models)")
     placed, first = {}, actor

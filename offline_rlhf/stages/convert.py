@@ -1,7 +1,7 @@
 """`orlhf convert`: Hugging Face directory <-> our DCP checkpoint, in one CPU process.
 
-import_hf: config.json + safetensors -> `out/step_00000000/` (fp32 master weights, the
-           tokenizer files copied into its `tokenizer/`). `hf_dir` is a local folder or a
+import_hf: config.json + safetensors -> `out/step_00000000/` (in the weights' own dtype,
+           the tokenizer files copied into its `tokenizer/`). `hf_dir` is a local folder or a
            hub repo id `org/name[@revision]` (offline_rlhf.hub says which and resolves it).
 export_hf: a checkpoint root (its `latest`) or step directory -> config.json, safetensors
            in `dtype`, tokenizer files; loadable with `transformers.AutoModelFor*`.

@@ -139,9 +139,10 @@ def answer_prompts(model: Model, prompts: list[PromptTurns], cfg: EvalConfig, rt
         if model.reward_prompt is not None else "") + (
         f"; {len(done)} of {len(prompts)} were answered before, in {shards.stage_dir}" if done else ""))
     mine, shard = my_share(shards, todo)
+    # Before the model loads: the records other replicas write meanwhile are new ones too.
+    counted = new_records(shards, lambda record: record.get("response_tokens", 0)) if rt.is_main else None
     answer = load_share(model, prompts, mine, cfg, rt) if todo else None  # the same on every rank
     before = usage.tokens  # the models' before this one
-    counted = new_records(shards, lambda record: record.get("response_tokens", 0)) if rt.is_main else None
     n = cfg.generation.n
     with Progress(f"eval {model.name}", len(prompts) * n, initial=len(done) * n, enabled=rt.is_main,
                   unit="answer") as bar:
@@ -255,9 +256,11 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        if self.due and self.shard is not None:
-            append_jsonl_durably(self.shard, self.due)
-        self.due, self.written = [], time.monotonic()
+        # Taken before the write: a Ctrl-C during it must not have the `finally` write them
+        # again (a torn write stays the last line, which the resume cuts).
+        due, self.due, self.written = self.due, [], time.monotonic()
+        if due and self.shard is not None:
+            append_jsonl_durably(self.shard, due)
         if self.show is not None:
             self.show()
 
@@ -288,8 +291,8 @@ def remove_shards(folder: Path) -> None:
     """A model's shard folder, once its answers are saved (and `answering/` once empty)."""
     for path in (*shard_paths(folder), folder / FINGERPRINT):
         path.unlink(missing_ok=True)
-    folder.rmdir()
-    with contextlib.suppress(OSError):  # another model's shards are still there
+    with contextlib.suppress(OSError):  # a file of someone else's there, or another model's shards
+        folder.rmdir()
         folder.parent.rmdir()
 
 

@@ -269,9 +269,9 @@ def test_ppo_services_that_need_more_gpus_than_the_node_has_are_refused_before_w
     result = subprocess.run(command(run_dir, "ppo.iterations=1"), cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=600)
     count = torch.cuda.device_count()
-    assert result.returncode != 0 and (
-        f"services: the actor's 1 process(es) on this node and the services started beside it (reward 1, reference "
-        f"1, critic 1) need 4 GPUs, one per process, but {count} are visible") in result.stderr, result.stderr[-3000:]
+    refusal = (f"services: the actor's 1 process(es) on this node and the services started beside it (reward 1, "
+               f"reference 1, critic 1) need 4 GPUs, one per process, but this node shows {count}")
+    assert result.returncode != 0 and refusal in result.stderr, result.stderr[-3000:]
     assert not (run_dir / "ppo" / "critic").exists()  # no service was started
 
 

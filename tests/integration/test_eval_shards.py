@@ -192,3 +192,26 @@ def test_a_killed_model_s_answers_to_other_inputs_are_not_reused(files, engine, 
     assert "model_meta_sha256 changed since they were written" in out
     assert evaluate(tmp_path / "straight2", sft, files / "dt") == 0
     assert outputs(run_dir) == outputs(tmp_path / "straight2")
+
+
+def test_a_ctrl_c_during_a_shard_write_never_writes_those_answers_twice(tmp_path, monkeypatch):
+    """Ctrl-C after the write landed but before flush returned: the writer's `finally`
+    flushed the same answers again, and the resume refused the shard (a prompt twice)."""
+    from types import SimpleNamespace
+
+    from offline_rlhf import fsutil
+    from offline_rlhf.generation.shards import kept_records
+
+    def interrupted(path, rows):
+        fsutil.append_jsonl_durably(path, rows)
+        raise KeyboardInterrupt  # during the fsync, say
+    monkeypatch.setattr(eval_stage, "append_jsonl_durably", interrupted)
+    monkeypatch.setattr(eval_stage, "WRITE_EVERY_S", 0.0)
+    shard = tmp_path / "shard_00000.jsonl"
+    writer = eval_stage.ShardWriter([0, 1], [False, False], 1, (lambda ids: "an answer", []), shard, None)
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            writer.on_token(0, SimpleNamespace(finish="stop", tokens=[1, 2]))
+        finally:
+            writer.flush()  # what the engine run's `finally` does
+    assert [record["id"] for record in kept_records(shard, 1, eval_stage.SHARD_SCHEMA)] == [0]

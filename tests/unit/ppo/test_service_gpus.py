@@ -92,8 +92,8 @@ def test_too_few_gpus_for_the_layout_is_refused_in_one_line(tmp_path, monkeypatc
         started_envs(tmp_path, monkeypatch, {**TORCHRUN_RANK0, "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "8"}, cfg)
     assert str(error.value) == (
         "services: the actor's 8 process(es) on this node and the services started beside it (reward 1, "
-        "reference 1, critic 2) need 12 GPUs, one per process, but 8 are visible "
-        "(CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7); run fewer actor processes per node or fewer service processes "
+        "reference 1, critic 2) need 12 GPUs, one per process, but this node shows 8: "
+        "0,1,2,3,4,5,6,7; run fewer actor processes per node or fewer service processes "
         "(services.NAME.nproc), run the services on other nodes (`orlhf launch cluster=slurm`), or set "
         "services.share_gpus=true to run them on the actor's GPUs (small models)")
     assert "\n" not in str(error.value)
