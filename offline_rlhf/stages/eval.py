@@ -170,8 +170,7 @@ def resume_answers(shards: Runtime, model: Model, inputs: dict[str, object] | No
         shards.stage_dir.mkdir(parents=True, exist_ok=True)  # before the others wait for `done`
         if (stale := stale_shards(shards.stage_dir, inputs)) is not None:
             shards.log(f"eval {model.name}: deleted the unfinished answers in {shards.stage_dir}: {stale}")
-            for path in (*shard_paths(shards.stage_dir), shards.stage_dir / FINGERPRINT):
-                path.unlink(missing_ok=True)
+            delete_shards(shards.stage_dir)
     return resume_shards(shards, inputs, n, SHARD_SCHEMA)
 
 
@@ -287,10 +286,15 @@ def merged_answers(shards: Runtime, saved: Path, inputs: dict[str, object] | Non
     return on_every_rank(shards, answered), tokens[0]
 
 
-def remove_shards(folder: Path) -> None:
-    """A model's shard folder, once its answers are saved (and `answering/` once empty)."""
+def delete_shards(folder: Path) -> None:
+    """A model's shards and their fingerprint."""
     for path in (*shard_paths(folder), folder / FINGERPRINT):
         path.unlink(missing_ok=True)
+
+
+def remove_shards(folder: Path) -> None:
+    """A model's shard folder, once its answers are saved (and `answering/` once empty)."""
+    delete_shards(folder)
     with contextlib.suppress(OSError):  # a file of someone else's there, or another model's shards
         folder.rmdir()
         folder.parent.rmdir()
