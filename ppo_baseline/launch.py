@@ -40,6 +40,7 @@ import torch
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.http import http_url
+from offline_rlhf.parallel.distributed import detect_env
 from ppo_baseline.config import SERVICES, PPOConfig
 from ppo_baseline.serve import ADDRESS, CONFIG_ENV, TOKEN_ENV, het_group_host, service_config, service_dir, service_port
 from ppo_baseline.service import Client, NotOurService, ServiceError, read_token, write_token
@@ -253,15 +254,15 @@ def actor_processes_here(environ: Mapping[str, str]) -> int:
     """The actor's processes on this node (each on GPU local_rank, device_for): torchrun's
     LOCAL_WORLD_SIZE, a Slurm step's tasks on its first node (rank 0's: the services' node)
     when Slurm alone started the world, else the whole world, 1 for a single process."""
-    if "RANK" in environ and "WORLD_SIZE" in environ:  # detect_env's order: torchrun wins
-        return int(environ.get("LOCAL_WORLD_SIZE") or environ["WORLD_SIZE"])
-    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    env = detect_env(environ)
+    if env.launcher == "torchrun":
+        return int(environ.get("LOCAL_WORLD_SIZE") or env.world_size)
+    if env.launcher == "slurm":
         for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
             first = re.match(r"\d+", environ.get(key, ""))  # "8(x2)" or "8,4": the first node's
             if first:
                 return int(first.group())
-        return int(environ["SLURM_NTASKS"])
-    return 1
+    return env.world_size
 
 
 def visible_gpus(environ: Mapping[str, str], count: int) -> list[str]:
