@@ -42,13 +42,22 @@ from offline_rlhf.fsutil import write_atomic
 from offline_rlhf.http import http_url
 from offline_rlhf.parallel.distributed import detect_env
 from ppo_baseline.config import SERVICES, PPOConfig
-from ppo_baseline.serve import ADDRESS, CONFIG_ENV, TOKEN_ENV, het_group_host, service_config, service_dir, service_port
+from ppo_baseline.serve import (
+    ADDRESS,
+    CONFIG_ENV,
+    TOKEN_ENV,
+    VISIBLE_DEVICES,
+    het_group_host,
+    listed_gpus,
+    service_config,
+    service_dir,
+    service_port,
+)
 from ppo_baseline.service import Client, NotOurService, ServiceError, read_token, write_token
 
 LOG = "service.log"
 TOKEN_FILE = "token"
 POLL_S = 0.2
-VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 # Variables of an enclosing torchrun or Slurm world: a service starts a world of its own.
 WORLD_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS")
@@ -270,10 +279,8 @@ def visible_gpus(environ: Mapping[str, str], count: int) -> list[str]:
     process: its entries (indexes, UUIDs or MIG ids) when set, else 0..count-1."""
     if count <= 0:
         return []
-    listed = environ.get(VISIBLE_DEVICES)
-    if listed is None:
-        return [str(index) for index in range(count)]
-    return [entry.strip() for entry in listed.split(",")][:count]
+    listed = listed_gpus(environ)
+    return [str(index) for index in range(count)] if listed is None else listed[:count]
 
 
 def place_services(nprocs: dict[str, int], actor: int, visible: list[str]) -> dict[str, list[str]]:

@@ -99,9 +99,8 @@ def skip_gpus(name: str, environ: MutableMapping[str, str]) -> None:
     offset = int(environ.get(GPU_OFFSET_ENV) or 0)
     if offset <= 0:
         return
-    listed = environ.get(VISIBLE_DEVICES)
-    visible = ([entry.strip() for entry in listed.split(",") if entry.strip()] if listed is not None
-               else [str(index) for index in range(torch.cuda.device_count())])
+    listed = listed_gpus(environ)
+    visible = listed if listed is not None else [str(index) for index in range(torch.cuda.device_count())]
     if not visible:
         return
     if offset >= len(visible):
@@ -109,6 +108,12 @@ def skip_gpus(name: str, environ: MutableMapping[str, str]) -> None:
                           f"after the service before it in its het group), but the node shows {len(visible)}",
                           "ask for more GPUs per node (gpus_per_node) or set services.share_gpus=true")
     environ[VISIBLE_DEVICES] = ",".join(visible[offset:])
+
+
+def listed_gpus(environ: Mapping[str, str]) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES's entries (indexes, UUIDs or MIG ids); None when it is unset."""
+    listed = environ.get(VISIBLE_DEVICES)
+    return None if listed is None else [entry.strip() for entry in listed.split(",") if entry.strip()]
 
 
 def run(cfg: ServiceConfig, token: str) -> int:
