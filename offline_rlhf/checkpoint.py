@@ -27,7 +27,7 @@ import random
 import shutil
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,44 +43,30 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from offline_rlhf.checkpoint_meta import (
+    CONFIG_KEY,
+    LATEST,
+    META,
+    PARTIAL_SUFFIX,
+    REWARD_STATS,
+    TEMPLATE,
+    TOKENIZER_DIR,
+    CheckpointMeta,
+    TrainState,
+    is_complete,
+    latest_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    step_dir_name,
+)
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.config.schema import ModelConfig, RopeScalingConfig
 from offline_rlhf.fsutil import fsync_dir, write_atomic
 
-LATEST = "latest"
-TOKENIZER_DIR = "tokenizer"
-CONFIG_KEY = "config"  # metadata: the resume fingerprint (train.loop), a training run's settings
-TEMPLATE = "template"  # metadata: how the model's conversations are rendered (data.chat_template.template_record)
-# metadata of a reward model (`orlhf rm`): the mean and std of its validation scores, which
-# z-score its rewards; an export to Hugging Face carries them in config.json under this key
-REWARD_STATS = "reward_stats"
-META = "meta.json"
-PARTIAL_SUFFIX = ".partial"
-
-
-@dataclass
-class TrainState:
-    """Progress that is not a tensor: where training stands and where the data reader is."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    data_position: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class CheckpointMeta:
-    model: ModelConfig
-    head: str
-    train_state: TrainState
-    scheduler: dict[str, Any] | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)  # stage extras, e.g. reward statistics
-    world_size: int = 1
-    has_optimizer: bool = False
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
+# The metadata half lives in checkpoint_meta (torch-free, for `--check`); callers import both
+# halves from here.
+__all__ = ["CONFIG_KEY", "LATEST", "META", "PARTIAL_SUFFIX", "REWARD_STATS", "TEMPLATE", "TOKENIZER_DIR",
+           "CheckpointMeta", "TrainState", "is_complete", "latest_checkpoint", "load_checkpoint", "read_meta",
+           "resolve_checkpoint", "save_checkpoint", "step_dir_name", "damaged"]
 
 def save_checkpoint(root: str | Path, model: nn.Module, meta: CheckpointMeta,
                     optimizer: torch.optim.Optimizer | None = None, tokenizer_dir: str | Path | None = None,
@@ -125,49 +111,6 @@ def _publish(partial: Path, final: Path) -> None:
     fsync_dir(final.parent)
     write_atomic(final.parent / LATEST, final.name + "\n")
     shutil.rmtree(replaced, ignore_errors=True)
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint `latest` names, or None when there is none yet."""
-    pointer = Path(root) / LATEST
-    if not pointer.exists():
-        steps = sorted(p.name for p in Path(root).glob("step_*") if is_complete(p))
-        if steps:  # a fresh start here would prune them and could lose its own newest save
-            raise ConfigError(str(pointer), f"is missing, but {root} holds complete checkpoints ({', '.join(steps)})",
-                              f"write the name of the one to resume from (the newest: {steps[-1]}) into {pointer}, "
-                              f"or delete {root} to start over")
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    if not is_complete(path):  # a config-level error: one line, not a traceback
-        raise ConfigError(str(pointer), f"names {path.name}, which is not a complete checkpoint (missing {META} or "
-                          "DCP .metadata): the folder was modified after saving",
-                          f"write the name of a complete step_* folder into it, or delete {root} to start over")
-    return path
-
-
-def resolve_checkpoint(ckpt: str | Path, key: str = "ckpt") -> Path:
-    """A step directory as given, or the one a checkpoint root's `latest` names; `key` is the
-    config key the path came from, for the error message."""
-    path = Path(ckpt)
-    if is_complete(path):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise ConfigError(key, f"{path} is neither a checkpoint step directory nor a root with a 'latest' file",
-                          "pass a run's checkpoint folder or one of its step_* folders")
-    return latest
-
-
-def is_complete(path: Path) -> bool:
-    return (path / META).is_file() and (path / ".metadata").is_file() and not path.name.endswith(PARTIAL_SUFFIX)
-
-
-def read_meta(path: str | Path) -> CheckpointMeta:
-    raw = json.loads((Path(path) / META).read_text())
-    model = dict(raw.pop("model"))
-    if model.get("rope_scaling"):
-        model["rope_scaling"] = RopeScalingConfig(**model["rope_scaling"])
-    return CheckpointMeta(model=ModelConfig(**model), train_state=TrainState(**raw.pop("train_state")), **raw)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -1,6 +1,7 @@
 """`orlhf STAGE [hydra overrides...]`: one entry point for every stage.
 
-Imports are lazy so `orlhf launch` and `orlhf STAGE --cfg` never load torch.
+Imports are lazy so `orlhf launch`, `orlhf STAGE --cfg` and `--check` never load torch
+(tests/unit/launcher/test_stage_checks.py holds `--check` to it).
 Common flags: `--cfg` prints the resolved config and exits; `--check` validates the stage for
 `ORLHF_CHECK_WORLD_SIZE` processes without loading a model and prints its input paths as
 JSON (`orlhf launch` runs it for every stage); `--config-dir DIR` adds a folder of the
@@ -213,7 +214,7 @@ def check_tokenizer(init, model) -> None:
         if not _complete_checkpoint(init.checkpoint, "init.checkpoint"):
             return  # an earlier stage writes it
     from offline_rlhf.data.tokenizer import TOKENIZER_FILE
-    from offline_rlhf.stage_support import load_tokenizer, tokenizer_dir
+    from offline_rlhf.stage_checks import load_tokenizer, tokenizer_dir
 
     if model is not None and (tokenizer_dir(init) / TOKENIZER_FILE).is_file():
         load_tokenizer(init, model)
@@ -225,7 +226,7 @@ def checkpoint_head(config, key: str, path: str, metas: dict) -> str | None:
     launcher checks one an earlier stage will write against that stage's kind."""
     head = getattr(config, "checkpoint_heads", {}).get(re.sub(r"\[\d+\]", "", key))
     if head is not None and (resolved := _complete_checkpoint(path, key)) is not None:
-        from offline_rlhf.stage_support import checkpoint_of_head
+        from offline_rlhf.checkpoint_meta import checkpoint_of_head
 
         metas[key] = checkpoint_of_head(resolved, head, key)
     return head
@@ -237,7 +238,7 @@ def check_fits(config, model) -> None:
     if model is None:
         return
     from offline_rlhf.config.errors import ConfigError
-    from offline_rlhf.runtime import check_sequence_length
+    from offline_rlhf.stage_checks import check_sequence_length
 
     check_sequence_length(config, model)
     generation = getattr(config, "generation", None)
@@ -261,7 +262,7 @@ def _stage_model(config, metas: dict):
         resolved = _complete_checkpoint(checkpoint, key)
         if resolved is None:
             return None
-        from offline_rlhf.checkpoint import read_meta
+        from offline_rlhf.checkpoint_meta import read_meta
 
         return read_meta(resolved).model
     model = getattr(config, "model", None)
@@ -278,7 +279,7 @@ def _complete_checkpoint(path: str, key: str):
                           "checkpoints/ or one of its step_* folders)")
     if not os.path.exists(path):
         return None
-    from offline_rlhf.checkpoint import resolve_checkpoint
+    from offline_rlhf.checkpoint_meta import resolve_checkpoint
 
     try:
         return resolve_checkpoint(path, key)

@@ -28,6 +28,7 @@ from offline_rlhf.parallel.distributed import (
     shutdown_distributed,
 )
 from offline_rlhf.parallel.parallelize import build_mesh
+from offline_rlhf.stage_checks import check_sequence_length
 
 
 @dataclass(frozen=True)
@@ -179,17 +180,6 @@ def same_on_every_rank(rt: Runtime, value: dict[str, object], key: str, what: st
         ranks = f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))}"
         raise ConfigError(key, f"{ranks} read other {what} than rank 0 (rank {differ[0]}: {said(values[differ[0]])}; "
                           f"rank 0: {said(values[0])})", fix)
-
-
-def check_sequence_length(config, model: ModelConfig | None) -> None:
-    """Rows of `data.max_seq_len` tokens must fit the model the stage runs: past its
-    max_seq_len the RoPE table runs out mid-training. `config.validate()` saw only `model=`."""
-    limit = getattr(getattr(config, "data", None), "max_seq_len", None)
-    if model is None or limit is None or limit <= model.max_seq_len:
-        return
-    source = "model" if getattr(config, "model", model) == model else "init.checkpoint's model"
-    raise ConfigError("data.max_seq_len", f"{limit} exceeds max_seq_len={model.max_seq_len} of the {source}",
-                      f"set data.max_seq_len<={model.max_seq_len}")
 
 
 def config_text(config, model: ModelConfig | None) -> str:

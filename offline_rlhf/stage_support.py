@@ -6,11 +6,9 @@ a stage."""
 from __future__ import annotations
 
 import fnmatch
-import functools
 import hashlib
 import json
 import math
-import os
 import struct
 import tempfile
 import time
@@ -37,6 +35,7 @@ from offline_rlhf.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from offline_rlhf.checkpoint_meta import checkpoint_of_head
 from offline_rlhf.config.base import freeze
 from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.schema import InitConfig, ModelConfig, TemplateConfig
@@ -58,6 +57,7 @@ from offline_rlhf.models.hf import (
 from offline_rlhf.models.llama import Transformer, fuse_projections
 from offline_rlhf.parallel.parallelize import build_inference_model
 from offline_rlhf.runtime import Runtime
+from offline_rlhf.stage_checks import note_once
 
 IMPORTED_DIR = "imported"  # run_dir/imported/<model>: Hugging Face init checkpoints, imported once per run
 IMPORT_POLL_SECONDS = 2.0  # how often a process waits on another one's import
@@ -195,14 +195,6 @@ def _utc_now(seconds: float | None = None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
-@functools.cache
-def note_once(message: str) -> None:
-    """Print `message` once per process, from the first rank only (every rank of a job
-    prepares the same stage)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, flush=True)
-
-
 def _import_folder_name(source: str) -> str:
     """`org--name[--revision]` for a repo id; for a local folder its name plus a hash of
     its absolute path, so two folders of one name do not share an import."""
@@ -219,33 +211,6 @@ def model_config(init: InitConfig, configured: ModelConfig) -> ModelConfig:
     return read_meta(resolve_checkpoint(init.checkpoint, "init.checkpoint")).model if init.checkpoint else configured
 
 
-def tokenizer_dir(init: InitConfig) -> Path:
-    init.require_tokenizer_source()
-    if init.tokenizer:
-        return Path(init.tokenizer)
-    candidate = resolve_checkpoint(init.checkpoint, "init.checkpoint") / TOKENIZER_DIR
-    if candidate.is_dir():
-        return candidate
-    raise ConfigError("init.tokenizer", f"{init.checkpoint} has no {TOKENIZER_DIR}/ folder",
-                      "pass init.tokenizer=DIR (a folder with tokenizer.json)")
-
-
-def load_tokenizer(init: InitConfig, model: ModelConfig) -> tuple[Tokenizer, Path]:
-    """The stage's tokenizer, which must fit the model's vocabulary and name an EOS; one
-    without a pad token pads with EOS (`Tokenizer.pad_with_eos`), as Llama 3's base needs."""
-    path = tokenizer_dir(init)
-    tokenizer = Tokenizer.from_dir(path)
-    if tokenizer.vocab_size > model.vocab_size:
-        raise vocabulary_error(init, model, tokenizer.vocab_size, path)
-    if tokenizer.eos_id is None:
-        raise ConfigError("init.tokenizer", f"{path} defines no eos token (eos_token in tokenizer_config.json)",
-                          "pass init.tokenizer=DIR, a tokenizer folder that names its eos_token")
-    if tokenizer.pad_with_eos():
-        note_once(f"init.tokenizer: {path} defines no pad token; padding with its eos token "
-                  f"{tokenizer.backend.id_to_token(tokenizer.eos_id)!r} (padding is always masked)")
-    return tokenizer, path
-
-
 def checkpoint_tokenizer(path: Path) -> Tokenizer:
     """The tokenizer saved with checkpoint `path`, for a stage that only runs the model: one
     without a pad token pads with EOS, as the training stages do (padding is masked, so which
@@ -253,22 +218,6 @@ def checkpoint_tokenizer(path: Path) -> Tokenizer:
     tokenizer = Tokenizer.from_dir(path / TOKENIZER_DIR)
     tokenizer.pad_with_eos()
     return tokenizer
-
-
-def vocabulary_error(init: InitConfig, model: ModelConfig, tokens: int, path: Path) -> ConfigError:
-    """A tokenizer with more tokens than the model's embedding. With an init checkpoint the
-    architecture is the checkpoint's (`model=` is ignored): the tokenizer is not its own."""
-    if not init.checkpoint:
-        return ConfigError("model.vocab_size", f"{model.vocab_size} is smaller than the tokenizer's {tokens} tokens "
-                           f"({path})", f"set model.vocab_size >= {tokens}")
-    if init.tokenizer:
-        return ConfigError("init.tokenizer", f"{path} has {tokens} tokens, more than the {model.vocab_size} of "
-                           f"{init.checkpoint}'s embedding: it is not this checkpoint's tokenizer",
-                           "leave init.tokenizer unset to use the checkpoint's own, or pass the one it was "
-                           "trained with")
-    return ConfigError("init.tokenizer", f"{path}, the tokenizer saved with the checkpoint, has {tokens} tokens, more "
-                       f"than the {model.vocab_size} of its embedding: they do not belong together",
-                       "pass init.tokenizer=DIR, the tokenizer the model was trained with")
 
 
 def checkpoint_template(path: Path, metadata: dict, configured: TemplateConfig,
@@ -362,18 +311,6 @@ def dt_target(metadata: dict, path: Path, key: str = "reward_prompt") -> float |
         raise ConfigError(key, f"{path} is a Decision-Transformer checkpoint whose metadata records no "
                           f"target score (dt_target: {target!r})", f"pass {key}=SCORE")
     return float(target)
-
-
-def checkpoint_of_head(path: Path, head: str, key: str) -> CheckpointMeta:
-    """The metadata of the checkpoint at `path`, which must hold a `head` model. `key` is
-    the config key the path came from, for the error message."""
-    meta = read_meta(path)
-    if meta.head != head:
-        wanted = "a reward model's 'value'" if head == "value" else "a language model's 'lm'"
-        fix = ("pass an `orlhf rm` checkpoint (or one imported with head=value)" if head == "value"
-               else "pass an SFT, aligned or imported language-model checkpoint")
-        raise ConfigError(key, f"{path} holds a {meta.head!r} head, not {wanted} head", fix)
-    return meta
 
 
 def load_inference_model(path: Path, head: str, rt: Runtime, key: str, decoding: bool = False) -> nn.Module:

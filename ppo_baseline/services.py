@@ -28,6 +28,7 @@ from offline_rlhf.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
+from offline_rlhf.checkpoint_meta import checkpoint_of_head
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.data.packing import unpacked
 from offline_rlhf.data.tokenize import IGNORE_INDEX, TokenizedSample
@@ -36,7 +37,7 @@ from offline_rlhf.labeling.scoring import load_reward_model, score_sequences, sc
 from offline_rlhf.ledger import Usage
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import Runtime
-from offline_rlhf.stage_support import checkpoint_of_head, load_inference_model, note_untrusted
+from offline_rlhf.stage_support import load_inference_model, note_untrusted
 from offline_rlhf.train.loop import Task, TrainingFailed, weights_finite
 from offline_rlhf.train.schedule import build_optimizer, build_scheduler, resume_schedule
 from ppo_baseline.algorithm import value_loss

@@ -64,12 +64,12 @@ from offline_rlhf.runtime import (
     same_on_every_rank,
     stage_runtime,
 )
+from offline_rlhf.stage_checks import load_tokenizer
 from offline_rlhf.stage_support import (
     check_resumable,
     checkpoint_steps,
     init_template,
     items_digest,
-    load_tokenizer,
     local_checkpoint,
     local_init,
     mark_done,

@@ -41,7 +41,7 @@ class TrainingStageConfig(Frozen):
 
     def validate(self) -> None:
         """Cross-field checks shared by every training stage. With `init.checkpoint` the
-        checkpoint's model counts, checked at stage start (`runtime.check_sequence_length`)."""
+        checkpoint's model counts, checked at stage start (`stage_checks.check_sequence_length`)."""
         require_run_dir(self)
         if not self.init.checkpoint and self.data.max_seq_len > self.model.max_seq_len:
             raise ConfigError("data.max_seq_len", f"{self.data.max_seq_len} exceeds model.max_seq_len="

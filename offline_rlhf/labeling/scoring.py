@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from offline_rlhf.checkpoint import TEMPLATE, TOKENIZER_DIR, CheckpointMeta, load_checkpoint, resolve_checkpoint
+from offline_rlhf.checkpoint_meta import checkpoint_of_head
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import ModelConfig
 from offline_rlhf.data.batching import PAD_DOCUMENT, collate_sequences
@@ -34,13 +35,8 @@ from offline_rlhf.models.llama import last_token_values
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.progress import Progress, quiet_progress
 from offline_rlhf.runtime import Runtime, autocast_for
-from offline_rlhf.stage_support import (
-    SCORED_BEFORE_TOKEN,
-    checkpoint_of_head,
-    checkpoint_tokenizer,
-    note_once,
-    note_untrusted,
-)
+from offline_rlhf.stage_checks import note_once
+from offline_rlhf.stage_support import SCORED_BEFORE_TOKEN, checkpoint_tokenizer, note_untrusted
 
 MAX_SEQ_LEN = "max_seq_len"  # checkpoint metadata written by `orlhf rm` (REWARD_STATS too: checkpoint.py)
 

@@ -40,14 +40,8 @@ from offline_rlhf.losses.preference import preference_loss
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.parallel.logprobs import token_nll
 from offline_rlhf.runtime import stage_runtime
-from offline_rlhf.stage_support import (
-    init_template,
-    load_tokenizer,
-    local_init,
-    mark_done,
-    model_config,
-    training_fingerprint,
-)
+from offline_rlhf.stage_checks import load_tokenizer
+from offline_rlhf.stage_support import init_template, local_init, mark_done, model_config, training_fingerprint
 from offline_rlhf.train.init import prepare_training
 from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 

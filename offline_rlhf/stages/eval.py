@@ -36,6 +36,7 @@ from typing import Callable, TypeVar
 import torch.distributed as dist
 
 from offline_rlhf.checkpoint import CheckpointMeta, resolve_checkpoint
+from offline_rlhf.checkpoint_meta import checkpoint_of_head
 from offline_rlhf.config.errors import ConfigError, ResumeRefused
 from offline_rlhf.config.evaluation import EvalConfig
 from offline_rlhf.config.schema import GenerationConfig
@@ -68,7 +69,6 @@ from offline_rlhf.runtime import SAME_INPUTS, Runtime, raise_everywhere, same_on
 from offline_rlhf.stage_support import (
     check_resumable,
     checkpoint_digest,
-    checkpoint_of_head,
     checkpoint_template,
     checkpoint_tokenizer,
     dt_target,

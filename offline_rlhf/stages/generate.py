@@ -44,10 +44,10 @@ from offline_rlhf.generation.shards import (
 )
 from offline_rlhf.progress import Progress
 from offline_rlhf.runtime import SAME_INPUTS, Runtime, same_on_every_rank, stage_runtime
+from offline_rlhf.stage_checks import load_tokenizer
 from offline_rlhf.stage_support import (
     checkpoint_template,
     load_inference_model,
-    load_tokenizer,
     local_init,
     mark_done,
     model_config,

@@ -43,10 +43,10 @@ from offline_rlhf.labeling.mix import read_labeled_records
 from offline_rlhf.labeling.pairs import build_pairs, sequence_logps
 from offline_rlhf.progress import quiet_progress
 from offline_rlhf.runtime import SAME_INPUTS, Runtime, same_on_every_rank, stage_runtime
+from offline_rlhf.stage_checks import load_tokenizer
 from offline_rlhf.stage_support import (
     init_template,
     load_inference_model,
-    load_tokenizer,
     local_init,
     mark_done,
     model_config,

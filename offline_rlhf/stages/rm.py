@@ -24,10 +24,10 @@ from offline_rlhf.labeling.scoring import (
 from offline_rlhf.losses.reward import bradley_terry_loss
 from offline_rlhf.parallel.state_dict import load_full_state_dict
 from offline_rlhf.runtime import Runtime, stage_runtime
+from offline_rlhf.stage_checks import load_tokenizer
 from offline_rlhf.stage_support import (
     check_checkpoint_resumable,
     init_template,
-    load_tokenizer,
     local_init,
     mark_done,
     model_config,

@@ -14,7 +14,8 @@ from offline_rlhf.config.schema import InitConfig, ModelConfig
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.parallel.parallelize import build_model
 from offline_rlhf.runtime import Runtime
-from offline_rlhf.stage_support import load_tokenizer, note_untrusted
+from offline_rlhf.stage_checks import load_tokenizer
+from offline_rlhf.stage_support import note_untrusted
 
 # What an init checkpoint of the other head (an SFT model for a reward model) cannot hold.
 NEW_HEAD_PARAMETERS = {"lm": (), "value": ("score.weight",)}

@@ -133,7 +133,7 @@ def test_an_existing_init_checkpoint_fixes_the_model_checked(files, tmp_path):
 def test_check_resolves_and_reads_an_init_checkpoint_once(files, tmp_path, capsys, monkeypatch):
     """Its head and its model come from one reading (a root's `latest`, then its metadata);
     the tokenizer named apart, nothing else resolves it."""
-    from offline_rlhf import checkpoint
+    from offline_rlhf import checkpoint_meta
     from offline_rlhf.checkpoint import CheckpointMeta, TrainState, save_checkpoint
     from tests.fixtures import TINY, reference_model
 
@@ -141,8 +141,8 @@ def test_check_resolves_and_reads_an_init_checkpoint_once(files, tmp_path, capsy
     save_checkpoint(ckpt, reference_model(), CheckpointMeta(model=TINY, head="lm", train_state=TrainState(1)),
                     tokenizer_dir=files["tokenizer"])
     resolved = []
-    resolve = checkpoint.resolve_checkpoint
-    monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda *args: resolved.append(args) or resolve(*args))
+    resolve = checkpoint_meta.resolve_checkpoint
+    monkeypatch.setattr(checkpoint_meta, "resolve_checkpoint", lambda *args: resolved.append(args) or resolve(*args))
     args = ["sft", "model=8b", f"init.checkpoint={ckpt}", f"init.tokenizer={files['tokenizer']}",
             "data.max_seq_len=64", "train.global_batch=4",
             f"data.sources=[{{name: d, format: jsonl, path: '{files['data']}'}}]", "--check"]
@@ -255,3 +255,31 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_queuein
         "model.vocab_size: 512 is smaller than the tokenizer's 1024 tokens "
         f"({large}); set model.vocab_size >= 1024")
     assert plan(files, sft(files, "model.vocab_size=1024", tokenizer=large))
+
+
+def test_checks_read_checkpoints_and_tokenizers_without_loading_torch(files, tmp_path):
+    """`orlhf launch` runs `--check` for every stage before queueing: without torch each
+    takes a fraction of a second instead of seconds (importing torch) on a login node."""
+    import subprocess
+    import sys
+
+    from offline_rlhf.data.tokenizer import train_bpe_tokenizer
+    from tests.unit.data.test_tokenizer import SHAKESPEARE
+
+    tokenizer = tmp_path / "bpe"
+    train_bpe_tokenizer([SHAKESPEARE], 300, tokenizer)
+    lm, _ = saved_tiny(files, tmp_path)
+    data = f"data.sources=[{{name: d, format: jsonl, path: '{files['data']}'}}]"
+    checks = [["sft", "model=tiny", "model.vocab_size=300", f"init.tokenizer={tokenizer}", data],
+              ["generate", f"init.checkpoint={lm}", "generation.max_new_tokens=16",
+               f"sources=[{{name: p, kind: prompts, path: '{files['data']}'}}]"],
+              ["label", f"rm={lm}", f"inputs=[{{name: p, path: '{files['data']}'}}]"]]
+    script = ("import json, sys\nfrom offline_rlhf.cli import main\n"
+              "codes = [main([*args, f'run_dir={sys.argv[2]}', '--check']) for args in json.loads(sys.argv[1])]\n"
+              "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(checks), str(files["run_dir"])],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    assert outcome == {"codes": [0, 0, 2], "torch": False}, done.stderr
+    assert "holds a 'lm' head, not a reward model's 'value' head" in done.stderr  # the rm's head was read

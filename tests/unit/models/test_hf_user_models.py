@@ -25,7 +25,8 @@ from offline_rlhf.generation.engine import generate
 from offline_rlhf.labeling.scoring import encode_responses, reward_checkpoint, scoring_setup
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.serving.model import load_served_model
-from offline_rlhf.stage_support import load_tokenizer, local_init, model_config, tokenizer_dir
+from offline_rlhf.stage_checks import load_tokenizer, tokenizer_dir
+from offline_rlhf.stage_support import local_init, model_config
 from offline_rlhf.stages.convert import export_hf
 from offline_rlhf.train.init import prepare_training
 from tests.fixtures import runtime_for

@@ -14,7 +14,8 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import InitConfig
 from offline_rlhf.config.tools import ConvertConfig
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
-from offline_rlhf.stage_support import IMPORTED_DIR, local_init, model_config, tokenizer_dir
+from offline_rlhf.stage_checks import tokenizer_dir
+from offline_rlhf.stage_support import IMPORTED_DIR, local_init, model_config
 from offline_rlhf.stages.convert import main as convert
 from tests.unit.data.test_tokenizer import SHAKESPEARE
 from tests.unit.models.test_hf_convert import TINY, fixed_batch, load_ours, tiny_hf_model
