@@ -38,7 +38,7 @@ from offline_rlhf.runtime import Runtime, autocast_for
 from offline_rlhf.stage_checks import note_once
 from offline_rlhf.stage_support import SCORED_BEFORE_TOKEN, checkpoint_tokenizer, note_untrusted
 
-MAX_SEQ_LEN = "max_seq_len"  # checkpoint metadata written by `orlhf rm` (REWARD_STATS too: checkpoint.py)
+MAX_SEQ_LEN = "max_seq_len"  # checkpoint metadata written by `orlhf rm` (REWARD_STATS too: checkpoint_meta.py)
 
 
 def sequence_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
