@@ -62,11 +62,12 @@ from offline_rlhf.checkpoint_meta import (
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.fsutil import fsync_dir, write_atomic
 
-# The metadata half lives in checkpoint_meta (torch-free, for `--check`); callers import both
-# halves from here.
+# The metadata half lives in checkpoint_meta (torch-free): code that must not load torch
+# (`--check`) imports it from there, the stages import both halves from here.
 __all__ = ["CONFIG_KEY", "LATEST", "META", "PARTIAL_SUFFIX", "REWARD_STATS", "TEMPLATE", "TOKENIZER_DIR",
            "CheckpointMeta", "TrainState", "is_complete", "latest_checkpoint", "load_checkpoint", "read_meta",
-           "resolve_checkpoint", "save_checkpoint", "step_dir_name", "damaged"]
+           "resolve_checkpoint", "save_checkpoint", "step_dir_name"]
+
 
 def save_checkpoint(root: str | Path, model: nn.Module, meta: CheckpointMeta,
                     optimizer: torch.optim.Optimizer | None = None, tokenizer_dir: str | Path | None = None,
