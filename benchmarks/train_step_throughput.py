@@ -5,7 +5,9 @@
     python benchmarks/train_step_throughput.py --model 1b --seq 4096 --batch 1   # on a GPU
 
 Prints tokens/s for each, the ratio ours / transformers, and on CUDA TFLOP/s and MFU
-from the analytic FLOPs count in offline_rlhf.metrics.
+from the analytic FLOPs count in offline_rlhf.metrics. Ours computes its loss as the
+stages do (`model_token_nll`: the LM head's logits a chunk of tokens at a time, each
+chunk's recomputed in the backward), transformers' from its whole logits.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from offline_rlhf.config.tools import SmokeConfig
 from offline_rlhf.metrics import mfu, training_flops_per_token
 from offline_rlhf.models.hf import config_to_hf, hf_state_dict
 from offline_rlhf.models.llama import Transformer
+from offline_rlhf.parallel.logprobs import model_token_nll
 
 CPU_DEFAULT = ModelConfig(name="bench-20m", vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=4,
                           ffn_dim=1376, max_seq_len=1024)
@@ -46,8 +49,11 @@ def step_fn(model, tokens, is_hf: bool, autocast_dtype):
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(tokens[:, :-1]).logits if is_hf else model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            if is_hf:
+                logits = model(tokens).logits[:, :-1]
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            else:  # what the stages run: logits a chunk at a time (`head_token_nll`)
+                loss = model_token_nll(model, {"tokens": tokens, "positions": None, "labels": tokens})[0].mean()
         loss.backward()
         optimizer.step()
     return step

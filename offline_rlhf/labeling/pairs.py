@@ -27,7 +27,7 @@ from offline_rlhf.data.pair_dataset import PairExample, pair_record
 from offline_rlhf.data.records import TURNS
 from offline_rlhf.labeling.mix import units_by_group
 from offline_rlhf.labeling.samples import prompt_key
-from offline_rlhf.parallel.logprobs import token_nll
+from offline_rlhf.parallel.logprobs import model_token_nll
 from offline_rlhf.runtime import Runtime, autocast_for
 
 RANKED, HUMAN = "rm_ranked", "human"
@@ -111,8 +111,7 @@ def build_pairs(records: Sequence[dict], min_gap: float, weights: dict[str, floa
 def response_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B] summed log-probs of the labelled (response) tokens of one-document rows, in any
     TP layout (`token_nll` takes the local copy of loss-parallel values)."""
-    logits = model(batch["tokens"], positions=batch["positions"])
-    nll, mask = token_nll(logits, batch["labels"])
+    nll, mask = model_token_nll(model, batch)
     return -(nll * mask).sum(dim=1)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -257,7 +258,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: AttentionMask | None = None, cache=None, last_only: bool = False) -> torch.Tensor:
+                attn_mask: AttentionMask | None = None, cache=None, last_only: bool = False,
+                head_fn: Callable[[torch.Tensor, nn.Linear], Any] | None = None) -> Any:
         """tokens: [B, T]. positions: [B, T] (default 0..T-1; restart per document when
         packing). attn_mask: default causal; a bool [B, 1, T, T] (True = may attend) or a
         FlexAttention BlockMask (see `offline_rlhf.models.masks`). cache: one KV cache per
@@ -265,7 +267,13 @@ class Transformer(nn.Module):
         S cached positions (the default causal mask would align queries to key 0), or,
         for a decode step (T = 1), a KeySpan of each row's cached columns.
         last_only: apply the head to the last position only (a generation prefill needs
-        one row of logits, not [B, T, V])."""
+        one row of logits, not [B, T, V]).
+        head_fn: what an LM returns instead of logits: `head_fn(h, self.output)` of the final
+        hidden states [B, T, D]. A loss that needs some positions' log-probs computes only
+        those, a chunk at a time (`offline_rlhf.parallel.logprobs.model_token_nll`); inside
+        forward, where FSDP has gathered the head's weight."""
+        if head_fn is not None and self.head != "lm":
+            raise ValueError("head_fn replaces an LM head's logits; this model has a value head")
         if cache is not None and attn_mask is None:
             raise ValueError("decoding with a KV cache needs an explicit attn_mask [B, 1, T, S] or a KeySpan")
         if positions is None:
@@ -276,7 +284,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, attn_mask, cache=None if cache is None else cache[index])
         h = self.norm(h[:, -1:] if last_only else h)
         if self.head == "lm":
-            return self.output(h)
+            return self.output(h) if head_fn is None else head_fn(h, self.output)
         # In the weights' dtype (fp32), not autocast's bf16: rounded to bf16, a reward of 5.3
         # would read 5.3125 and close pairs would tie. Not a view: FSDP2 warns (on every
         # forward) of a wrapped module returning one, which an in-place op by the caller

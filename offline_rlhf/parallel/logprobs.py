@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-import torch
-from torch.distributed.tensor import DTensor
+from functools import partial
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+from offline_rlhf.data.tokenize import IGNORE_INDEX
 from offline_rlhf.losses.logprobs import shifted_token_nll
+
+# Logits (tokens x vocabulary) that exist at once in `head_token_nll`: 2**27 fp32 values
+# are 0.5 GiB, 1,024 tokens of Llama 3's 128,256-token vocabulary. The whole [B, T, V] of
+# one micro-batch of 8 x 4,096 tokens would be 16 GiB in fp32, kept for the backward.
+LOGITS_PER_CHUNK = 2**27
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -14,3 +25,40 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     losses come back replicated; the losses take their local copy."""
     nll, mask = shifted_token_nll(logits, labels)
     return (nll.to_local() if isinstance(nll, DTensor) else nll), mask
+
+
+def model_token_nll(model: nn.Module, batch: dict[str, torch.Tensor], attn_mask=None,
+                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_nll` of `batch["labels"]` under the LM `model` run on the batch's tokens and
+    positions, without its [B, T, V] logits (`head_token_nll`)."""
+    head = partial(head_token_nll, labels=batch["labels"], chunk_tokens=chunk_tokens)
+    return model(batch["tokens"], positions=batch["positions"], attn_mask=attn_mask, head_fn=head)
+
+
+def head_token_nll(hidden: torch.Tensor, output: nn.Linear, labels: torch.Tensor,
+                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_nll` from the final hidden states [B, T, D] and the LM head: logits only at the
+    positions that score a label (not at prompts or padding), `chunk_tokens` positions at a
+    time (default: `LOGITS_PER_CHUNK` logits), each chunk's recomputed in the backward
+    instead of kept. A tensor-parallel head keeps its plan's logits (sharded under loss
+    parallelism, so 1/tp of them per rank)."""
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    scored = mask.nonzero(as_tuple=True)  # (rows, positions) of the labels that are scored
+    if isinstance(output.weight, DTensor) or len(scored[0]) == 0:  # none: keep the graph, as the loss is 0
+        return token_nll(output(hidden), labels)
+    states, wanted = hidden[:, :-1][scored], target[scored]
+    chunk = chunk_tokens or max(1, LOGITS_PER_CHUNK // output.weight.shape[0])
+    if len(wanted) <= chunk:
+        nll = _chunk_nll(states, output.weight, wanted)
+    else:
+        nll = torch.cat([checkpoint(_chunk_nll, states[start:start + chunk], output.weight,
+                                    wanted[start:start + chunk], use_reentrant=False)
+                         for start in range(0, len(wanted), chunk)])
+    # Not a view (FSDP2 warns of a wrapped module returning one, on every forward).
+    return torch.zeros(target.shape, dtype=nll.dtype, device=nll.device).index_put(scored, nll), mask
+
+
+def _chunk_nll(states: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[N] fp32 NLL of `target` under the logits of `states` [N, D] (autocast's dtype), in fp32."""
+    return F.cross_entropy(F.linear(states, weight).float(), target, reduction="none")

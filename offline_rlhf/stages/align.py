@@ -38,7 +38,7 @@ from offline_rlhf.losses.alignment import (
 )
 from offline_rlhf.losses.preference import preference_loss
 from offline_rlhf.losses.sft import sft_loss
-from offline_rlhf.parallel.logprobs import token_nll
+from offline_rlhf.parallel.logprobs import model_token_nll
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.stage_checks import load_tokenizer
 from offline_rlhf.stage_support import init_template, local_init, mark_done, model_config, training_fingerprint
@@ -71,11 +71,6 @@ def collate_rewarded(items: Sequence[RewardedSequence], pad_id: int, multiple_of
     return batch
 
 
-def _token_nll(model, batch):
-    logits = model(batch["tokens"], positions=batch["positions"])  # one document per row: plain causal
-    return token_nll(logits, batch["labels"])
-
-
 def alignment_task(cfg: AlignConfig) -> Task:
     if cfg.method in PREFERENCE_METHODS:
         return preference_task(cfg)
@@ -84,14 +79,14 @@ def alignment_task(cfg: AlignConfig) -> Task:
             kept = kept_by_filter(batch["rewards"], cfg.filter_threshold)
             return int(((batch["labels"][:, 1:] != -100) & kept.unsqueeze(1)).sum())
 
-        return Task(loss=lambda m, b, n: mle_filter_loss(*_token_nll(m, b), b["rewards"], cfg.filter_threshold, n),
+        return Task(loss=lambda m, b, n: mle_filter_loss(*model_token_nll(m, b), b["rewards"], cfg.filter_threshold, n),
                     normalizer=kept_tokens, tokens=real_tokens,
                     derive=lambda m: {"kept_fraction": m["count/kept"] / max(m["count/samples"], 1.0)})
     if cfg.method == "rwr":
-        return Task(loss=lambda m, b, n: rwr_loss(*_token_nll(m, b), b["rewards"], cfg.rwr_beta, n),
+        return Task(loss=lambda m, b, n: rwr_loss(*model_token_nll(m, b), b["rewards"], cfg.rwr_beta, n),
                     normalizer=lambda b: rwr_normalizer(b["labels"], b["rewards"], cfg.rwr_beta, cfg.rwr_normalize),
                     tokens=real_tokens, derive=global_ess)
-    return Task(loss=lambda m, b, n: sft_loss(*_token_nll(m, b), n), normalizer=loss_tokens, tokens=real_tokens)
+    return Task(loss=lambda m, b, n: sft_loss(*model_token_nll(m, b), n), normalizer=loss_tokens, tokens=real_tokens)
 
 
 def global_ess(m: dict[str, float]) -> dict[str, float]:

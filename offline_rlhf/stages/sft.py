@@ -11,7 +11,7 @@ from offline_rlhf.data.chat_template import build_template, template_record
 from offline_rlhf.data.sft_dataset import build_sft_dataset, read_summary, write_dataset_card
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.masks import document_mask
-from offline_rlhf.parallel.logprobs import token_nll
+from offline_rlhf.parallel.logprobs import model_token_nll
 from offline_rlhf.runtime import stage_runtime
 from offline_rlhf.stage_support import (
     check_checkpoint_resumable,
@@ -26,15 +26,11 @@ from offline_rlhf.train.loop import CheckpointSpec, Task, TrainData, train
 STAGE = "sft"
 
 
-def lm_forward(model, batch, packed: bool):
-    """Packed rows need the document mask; one-document rows are plain causal."""
-    mask = document_mask(batch["document_ids"]) if packed else None
-    return model(batch["tokens"], positions=batch["positions"], attn_mask=mask)
-
-
 def sft_task(packed: bool) -> Task:
     def loss(model, batch, normalizer):
-        return sft_loss(*token_nll(lm_forward(model, batch, packed), batch["labels"]), normalizer)
+        # Packed rows need the document mask; one-document rows are plain causal.
+        mask = document_mask(batch["document_ids"]) if packed else None
+        return sft_loss(*model_token_nll(model, batch, attn_mask=mask), normalizer)
 
     return Task(loss=loss, normalizer=loss_tokens, tokens=real_tokens)
 

@@ -7,6 +7,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from offline_rlhf.data.batching import collate_sequences
+from offline_rlhf.parallel import logprobs
 from offline_rlhf.stages.sft import sft_task
 from offline_rlhf.train.loop import train_step
 from tests.distributed.launch import run_distributed
@@ -68,6 +69,25 @@ def test_a_qk_norm_model_trains_under_tensor_parallelism_as_in_one_process(tmp_p
     and the ranks' copies of them drifted apart)."""
     ref_metrics, ref_weights, _ = sgd_step(sft_sequences(4), micro_batch=1, model=reference_model(QK_NORM))
     for metrics, weights, _ in run_distributed(_parallel_step, world, tmp_path, parallel, QK_NORM):
+        assert abs(metrics["grad_norm"] - ref_metrics["grad_norm"]) < 1e-4
+        for name, weight in ref_weights.items():
+            torch.testing.assert_close(weights[name], weight, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def _chunked_parallel_step(rank, world_size, parallel, logits_per_chunk):
+    logprobs.LOGITS_PER_CHUNK = logits_per_chunk  # this rank's own module (set where it runs: forked or spawned)
+    return _parallel_step(rank, world_size, parallel)
+
+
+@pytest.mark.parametrize("dp_mode", ["fsdp", "ddp"])
+def test_the_chunked_lm_head_trains_under_data_parallelism_as_the_whole_logits(tmp_path, dp_mode):
+    """Three labelled tokens per chunk, each chunk's logits recomputed in the backward, inside
+    the FSDP root's forward (where its head weight is gathered) or under DDP: the step of one
+    process with the whole [B, T, V] logits."""
+    ref_metrics, ref_weights, _ = sgd_step(sft_sequences(4), micro_batch=1)
+    results = run_distributed(_chunked_parallel_step, 2, tmp_path, dict(dp=2, dp_mode=dp_mode), 3 * TINY.vocab_size)
+    for metrics, weights, _ in results:
+        assert abs(metrics["loss"] - ref_metrics["loss"]) < 1e-5
         assert abs(metrics["grad_norm"] - ref_metrics["grad_norm"]) < 1e-4
         for name, weight in ref_weights.items():
             torch.testing.assert_close(weights[name], weight, atol=2e-6, rtol=1e-5, msg=name)

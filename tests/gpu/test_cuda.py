@@ -1,8 +1,8 @@
 """On a CUDA device: the decode step replayed as CUDA graphs gives what the same step run
 eagerly at the same shapes gives (greedy and sampled), decode attention over a KeySpan
 (FlexAttention, compiled and captured) equals the mask path, fused projections decode what
-separate ones decode, the packed-sequence FlexAttention route equals the dense mask, and a
-stage trains and reloads on the GPU.
+separate ones decode, the packed-sequence FlexAttention route equals the dense mask, the chunked LM head equals the
+whole logits in bf16, and a stage trains and reloads on the GPU.
 Skipped where CUDA is absent (tests/conftest.py)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from offline_rlhf.cli import main as orlhf
 from offline_rlhf.config.schema import GenerationConfig
 from offline_rlhf.data.batching import collate_sequences
 from offline_rlhf.data.packing import pack_samples
+from offline_rlhf.data.tokenize import IGNORE_INDEX
 from offline_rlhf.generation import decode
 from offline_rlhf.generation.engine import DecodeSession, EngineStats, Request, run
 from offline_rlhf.generation.sampling import stream_id
@@ -25,6 +26,7 @@ from offline_rlhf.losses.logprobs import shifted_token_nll
 from offline_rlhf.losses.sft import sft_loss
 from offline_rlhf.models.llama import fuse_projections
 from offline_rlhf.models.masks import dense_document_mask, flex_document_mask
+from offline_rlhf.parallel.logprobs import head_token_nll, token_nll
 from tests.fixtures import REPO_ROOT, reference_model
 from tests.unit.generation.test_engine import PAD, prompts_of_lengths
 from tests.unit.models.test_packed_attention import _samples
@@ -316,3 +318,30 @@ def test_packed_sft_gives_compiled_flex_attention_one_shape(tmp_path, monkeypatc
     rows = map(json.loads, (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines())
     losses = [row["train/loss"] for row in rows if "train/loss" in row]
     assert len(losses) == 12 and losses[-1] < losses[0], losses
+
+
+def test_the_chunked_lm_head_under_bf16_autocast_matches_the_whole_logits_in_less_memory():
+    """Autocast's bf16 head, fp32 cross-entropy: chunks of 256 labelled tokens (recomputed in
+    the backward) give the whole logits' loss and gradients at a fraction of their memory."""
+    variants = {"whole": lambda h, out, labels: token_nll(out(h), labels),
+                "chunked": lambda h, out, labels: head_token_nll(h, out, labels, 256)}
+    results, peaks = [], []
+    for nll_fn in variants.values():
+        torch.manual_seed(0)
+        hidden = torch.randn(2, 1024, 256, device=CUDA, requires_grad=True)
+        head = torch.nn.Linear(256, 32000, bias=False, device=CUDA)
+        labels = torch.randint(0, 32000, (2, 1024), device=CUDA)
+        labels[:, :256] = IGNORE_INDEX
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            nll, mask = nll_fn(hidden, head, labels)
+            loss = (nll * mask).sum() / mask.sum()
+        loss.backward()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+        results.append((loss.detach(), hidden.grad, head.weight.grad))
+    for whole, chunked in zip(*results):
+        torch.testing.assert_close(chunked, whole, atol=2e-3, rtol=2e-2)
+    assert peaks[0] > 2 * 1023 * 32000 * 4  # the whole logits in fp32, at least
+    assert peaks[1] < peaks[0] / 3
