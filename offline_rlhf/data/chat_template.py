@@ -112,22 +112,26 @@ class JinjaChat:
         check_roles(messages, last=USER)
         return self.render(messages, add_generation_prompt=True) + response_prefix
 
-    def conversation(self, messages: Sequence[Message], response_prefix: str = "") -> ChatRendering:
+    def conversation(self, messages: Sequence[Message], response_prefix: str = "",
+                     every_turn: bool = True) -> ChatRendering:
         """The whole conversation (ending with an assistant turn) and the spans of every
-        assistant turn. `response_prefix` goes right after the LAST turn's generation
-        prompt, outside its span, as `prompt` places it at inference. The last answer may
-        be empty (a labeller's preferred empty reply, an empty generation): its span is then
-        the end-of-turn marker alone, as the paper's format labels EOS alone."""
+        assistant turn, or with `every_turn=False` of the last one only: a template may
+        render a turn differently once a later user turn follows (Qwen3's drops the empty
+        reasoning block of every answer before the last question), which only the spans of
+        earlier turns depend on. `response_prefix` goes right after the LAST turn's
+        generation prompt, outside its span, as `prompt` places it at inference. The last
+        answer may be empty (a labeller's preferred empty reply, an empty generation): its
+        span is then the end-of-turn marker alone, as the paper's format labels EOS alone."""
         check_roles(messages, last=ASSISTANT)
+        answers = [index for index, message in enumerate(messages) if message["role"] == ASSISTANT]
         text, spans = "", []
-        for index, message in enumerate(messages):
-            if message["role"] == ASSISTANT:
-                prompt = self.render(messages[:index], add_generation_prompt=True)
-                turn = self.render(messages[:index + 1])
-                _require_prefix(text, prompt, index, "generation prompt")
-                _require_prefix(prompt, turn, index, "turn")
-                text = turn
-                spans.append((len(prompt), len(turn)))
+        for index in answers if every_turn else answers[-1:]:
+            prompt = self.render(messages[:index], add_generation_prompt=True)
+            turn = self.render(messages[:index + 1])
+            _require_prefix(text, prompt, index, "generation prompt")
+            _require_prefix(prompt, turn, index, "turn")
+            text = turn
+            spans.append((len(prompt), len(turn)))
         start, end = spans[-1]
         spans[-1] = (start + len(response_prefix), end + len(response_prefix))
         return ChatRendering(text[:start] + response_prefix + text[start:], tuple(spans))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, Message
+from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.template import ASSISTANT, ChatTemplate, Turn
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -274,8 +275,11 @@ def encode_replies(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, 
         return []
     if isinstance(template, ChatFormat):
         labellers = [_chat_labeller(tokenizer, template, prompt, reply, response_prefix) for reply in replies]
-        samples, dropped = fit_turns(turns, lambda kept: [label(kept) for label in labellers],
-                                     lambda samples: all(sample.prompt_whole(max_len) for sample in samples))
+        try:
+            samples, dropped = fit_turns(turns, lambda kept: [label(kept) for label in labellers],
+                                         lambda samples: all(sample.prompt_whole(max_len) for sample in samples))
+        except ValueError as err:  # the template refused the conversation: name the record, not a traceback
+            raise DataError(replies[0].source, None, f"the tokenizer's chat template cannot encode it: {err}") from None
     else:
         responses = [_response_ids(tokenizer, template, reply) for reply in replies]
         room = min(_prompt_room(len(response), max_len) for response in responses)
@@ -342,8 +346,8 @@ def _label_chat(tokenizer, chat: JinjaChat, messages: Sequence[Message], respons
     `response_prefix` (DT's reward prompt) sits after the last generation prompt, unlabelled;
     `end_of_turn=False` ends the text with the last answer (one cut at max_new_tokens).
     The response of `_Labelled.cut` (`truncate_pair`) is the last assistant turn."""
-    rendering = chat.conversation(messages, response_prefix)
-    spans = rendering.spans if every_turn else rendering.spans[-1:]
+    rendering = chat.conversation(messages, response_prefix, every_turn)
+    spans = rendering.spans
     text = rendering.text if end_of_turn else _through_answer(rendering.text, spans[-1][0], messages[-1]["content"])
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     ids, starts = list(encoding.ids), [begin for begin, _ in encoding.offsets]

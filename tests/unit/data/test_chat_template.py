@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, build_template, paper_jinja, template_record
+from offline_rlhf.data.errors import DataError
 from offline_rlhf.data.preference_readers import read_hh_rlhf
 from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ChatTemplate
@@ -323,3 +324,14 @@ def test_a_template_that_refuses_a_system_message_names_template_system():
     with pytest.raises(ConfigError, match=r"^template.system: is set, but the tokenizer's chat template refuses it "
                                           r"\(the chat template failed: Conversation roles must alternate"):
         build_template(TemplateConfig(kind="chat", system="Be nice."), mistral_like)
+
+
+def test_a_conversation_the_template_cannot_encode_is_an_error_naming_its_record(tokenizers):
+    """A DataError (`orlhf STAGE: error: FILE:LINE: ...`, one line), not a bare ValueError's traceback."""
+    ours, _ = tokenizers
+    rewriting = {**ours.config, "chat_template": "{% for m in messages %}{% if loop.last %}{{ m['content'] }}"
+                                                 "{% endif %}{% endfor %}"}
+    fmt = build_template(TemplateConfig(kind="chat"), rewriting)
+    with pytest.raises(DataError, match=r"^chats\.jsonl:7: the tokenizer's chat template cannot encode it: .*"
+                                        r"earlier text changes"):
+        encode_sft(ours, fmt, "What is a cat?", "A small animal.", 4096, "chats.jsonl:7")
