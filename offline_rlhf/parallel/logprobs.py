@@ -14,7 +14,7 @@ from offline_rlhf.data.tokenize import IGNORE_INDEX
 from offline_rlhf.losses.logprobs import shifted_token_nll
 
 # Logits (tokens x vocabulary) that exist at once in `head_token_nll`: 2**27 fp32 values
-# are 0.5 GiB, 1,024 tokens of Llama 3's 128,256-token vocabulary. The whole [B, T, V] of
+# are 0.5 GiB, 1,046 tokens of Llama 3's 128,256-token vocabulary. The whole [B, T, V] of
 # one micro-batch of 8 x 4,096 tokens would be 16 GiB in fp32, kept for the backward.
 LOGITS_PER_CHUNK = 2**27
 
@@ -44,8 +44,8 @@ def head_token_nll(hidden: torch.Tensor, output: nn.Linear, labels: torch.Tensor
     parallelism, so 1/tp of them per rank)."""
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX
-    scored = mask.nonzero(as_tuple=True)  # (rows, positions) of the labels that are scored
-    if isinstance(output.weight, DTensor) or len(scored[0]) == 0:  # none: keep the graph, as the loss is 0
+    scored = mask.nonzero(as_tuple=True)  # (rows, positions) of the scored labels; on CUDA a host sync
+    if isinstance(output.weight, DTensor) or len(scored[0]) == 0:  # no label: a loss of 0 that still has a graph
         return token_nll(output(hidden), labels)
     states, wanted = hidden[:, :-1][scored], target[scored]
     chunk = chunk_tokens or max(1, LOGITS_PER_CHUNK // output.weight.shape[0])
