@@ -38,25 +38,31 @@ def model_token_nll(model: nn.Module, batch: dict[str, torch.Tensor], attn_mask=
 def head_token_nll(hidden: torch.Tensor, output: nn.Linear, labels: torch.Tensor,
                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_nll` from the final hidden states [B, T, D] and the LM head: logits only at the
-    positions that score a label (not at prompts or padding), `chunk_tokens` positions at a
-    time (default: `LOGITS_PER_CHUNK` logits), each chunk's recomputed in the backward
-    instead of kept. A tensor-parallel head keeps its plan's logits (sharded under loss
-    parallelism, so 1/tp of them per rank)."""
+    positions that score a label (not at prompts or padding), row by row, `chunk_tokens`
+    positions at a time (default: `LOGITS_PER_CHUNK` logits), and when the batch has more
+    than one chunk, each chunk's recomputed in the backward instead of kept. Row by row, a
+    row's values do not depend on the rows batched with it (a matmul's rounding can depend
+    on its row count), so a resumed pass scores as an uninterrupted one. A tensor-parallel
+    head keeps its plan's logits (sharded under loss parallelism, so 1/tp of them a rank)."""
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX
-    scored = mask.nonzero(as_tuple=True)  # (rows, positions) of the scored labels; on CUDA a host sync
-    if isinstance(output.weight, DTensor) or len(scored[0]) == 0:  # no label: a loss of 0 that still has a graph
+    rows, columns = mask.nonzero(as_tuple=True)  # row-major: each row's scored labels together
+    if isinstance(output.weight, DTensor) or len(rows) == 0:  # no label: a loss of 0 that still has a graph
         return token_nll(output(hidden), labels)
-    states, wanted = hidden[:, :-1][scored], target[scored]
     chunk = chunk_tokens or max(1, LOGITS_PER_CHUNK // output.weight.shape[0])
-    if len(wanted) <= chunk:
-        nll = _chunk_nll(states, output.weight, wanted)
+    states, wanted = hidden[:, :-1][rows, columns], target[rows, columns]
+    per_row = mask.sum(dim=1).tolist()  # on CUDA, this and nonzero are the host syncs
+    pieces = [(row_states[start:start + chunk], row_wanted[start:start + chunk])
+              for row_states, row_wanted in zip(states.split(per_row), wanted.split(per_row))
+              for start in range(0, len(row_wanted), chunk)]
+    if len(rows) <= chunk:
+        nll = [_chunk_nll(piece, output.weight, piece_wanted) for piece, piece_wanted in pieces]
     else:
-        nll = torch.cat([checkpoint(_chunk_nll, states[start:start + chunk], output.weight,
-                                    wanted[start:start + chunk], use_reentrant=False)
-                         for start in range(0, len(wanted), chunk)])
+        nll = [checkpoint(_chunk_nll, piece, output.weight, piece_wanted, use_reentrant=False)
+               for piece, piece_wanted in pieces]
     # Not a view (FSDP2 warns of a wrapped module returning one, on every forward).
-    return torch.zeros(target.shape, dtype=nll.dtype, device=nll.device).index_put(scored, nll), mask
+    return torch.zeros(target.shape, dtype=torch.float32, device=hidden.device).index_put(
+        (rows, columns), torch.cat(nll)), mask
 
 
 def _chunk_nll(states: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,19 @@ def test_chunked_head_nll_equals_the_whole_logits(chunk):
     assert torch.equal(chunked[0][~chunked[1]], torch.zeros(int((~chunked[1]).sum())))
 
 
+def test_a_rows_nll_does_not_depend_on_the_rows_batched_with_it():
+    """Bit for bit: a resumed scoring pass batches a pair with other pairs than the
+    uninterrupted one did. A matmul of one to three rows rounds differently from a larger one
+    on the CPU, so the scored rows of a whole batch gathered into one matmul did not."""
+    hidden, output, labels = _head_case()
+    labels[1, :-2] = IGNORE_INDEX  # a two-token answer
+    with torch.no_grad():
+        batched, _ = head_token_nll(hidden, output, labels, 64)
+        for row in range(len(labels)):
+            alone, _ = head_token_nll(hidden[row:row + 1], output, labels[row:row + 1], 64)
+            assert torch.equal(alone[0], batched[row]), row
+
+
 def _saved_bytes(nll_fn) -> int:
     """Bytes of the tensors autograd keeps for the backward of `nll_fn` (distinct storages)."""
     hidden, output, labels = _head_case(length=200)
