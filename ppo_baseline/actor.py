@@ -35,7 +35,7 @@ from offline_rlhf.stage_support import decode_dtype, empty_inference_model
 from offline_rlhf.train.loop import SampleStream, Task
 from ppo_baseline import algorithm
 from ppo_baseline.config import PPOAlgorithmConfig
-from ppo_baseline.models import response_logprobs, sequence_logprobs, token_entropy, train_epochs
+from ppo_baseline.models import action_scores, response_logprobs, train_epochs
 
 
 @dataclass
@@ -156,9 +156,7 @@ def policy_task(clip: float) -> Task:
     """The actor's loss for the generic train step: the clipped surrogate over response
     tokens, normalized by the minibatch's response tokens; entropy as a metric."""
     def loss(model, batch, normalizer):
-        logits = model(batch["tokens"])
-        logp = sequence_logprobs(logits, batch["tokens"], batch["mask"])
-        entropy = token_entropy(logits.detach(), batch["mask"])
+        logp, entropy = action_scores(model, batch["tokens"], batch["mask"], entropy=True)
         return algorithm.policy_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"], normalizer, clip,
                                      entropy=entropy)
     return Task(loss=loss, normalizer=lambda b: float(b["mask"].sum()), tokens=lambda b: int(b["lengths"].sum()))

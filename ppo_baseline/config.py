@@ -278,10 +278,10 @@ class PPOConfig(Frozen):
     def check_world(self, dp: int | None = None) -> None:
         """What the actor's layout supports: DP (fsdp or ddp) x TP. Sequence and loss
         parallelism are refused: rollout rows have any length (SP splits sequences evenly)
-        and the entropy metric and the log-probs sent along need whole logits. `dp`: the
+        and the entropy metric needs whole (not vocabulary-sharded) logits. `dp`: the
         data-parallel size once the world is known (default: an explicit parallel.dp)."""
         refuse_layouts(self.parallel, ("sequence_parallel", "loss_parallel"), "", "actor",
-                       "rollout rows have any length; its log-probs and entropy need whole logits")
+                       "rollout rows have any length; its entropy metric needs whole logits")
         dp = self.parallel.dp if dp is None else dp
         if dp > 0:
             self.ppo.check_split(dp, "actor", "ppo.micro_batch", "the actor's data-parallel size")

@@ -10,6 +10,7 @@ V(x_<t), read from the value head at t - 1. Position 0 is never an action.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from offline_rlhf.data.tokenize import IGNORE_INDEX
-from offline_rlhf.parallel.logprobs import token_nll
+from offline_rlhf.parallel.logprobs import head_token_nll
 from offline_rlhf.runtime import Runtime, autocast_for
 from offline_rlhf.train.loop import Task, train_step
 from ppo_baseline.config import PPOAlgorithmConfig
@@ -55,24 +56,23 @@ def check_sequences(payload: Payload, vocab_size: int, max_len: int, limit: str)
         raise ValueError("mask marks padding or position 0 (a response token needs a token before it)")
 
 
-def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """logits [B, T, V] of rows `tokens` [B, T] -> [B, T] fp32 log pi(x_t | x_<t) at mask,
-    0 elsewhere (the project's shifted NLL, so TP-sharded logits work as in training)."""
-    nll, kept = token_nll(logits, torch.where(mask, tokens, IGNORE_INDEX))
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=nll.device)
-    out[:, 1:] = torch.where(kept, -nll, 0.0)
+def action_scores(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor,
+                  entropy: bool = False) -> tuple[torch.Tensor, ...]:
+    """(logp,) or with `entropy` (logp, entropy): [B, T] fp32 log pi(x_t | x_<t) at the action
+    tokens `mask` of rows `tokens` [B, T] and the entropy of the distribution each action was
+    drawn from (a metric, no gradient), 0 elsewhere, under the language model `model`. Its
+    head runs at action positions only, a chunk at a time (`head_token_nll`): the [B, T, V]
+    logits never exist (a tensor-parallel head aside)."""
+    labels = torch.where(mask, tokens, IGNORE_INDEX)
+    nll, kept, *more = model(tokens, head_fn=partial(head_token_nll, labels=labels, entropy=entropy))
+    return tuple(_at_actions(value, kept) for value in (-nll, *more))
+
+
+def _at_actions(shifted: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] per-label values (label t + 1 at t) -> [B, T] per action token, 0 off `kept`."""
+    out = torch.zeros(kept.shape[0], kept.shape[1] + 1, dtype=torch.float32, device=shifted.device)
+    out[:, 1:] = torch.where(kept, shifted, 0.0)
     return out
-
-
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] entropy of the distribution each action token was drawn from, 0 off mask. A
-    metric: a row at a time, its fp32 temporaries [T, V] (the batch's would be [B, T, V] each)."""
-    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    for row in range(logits.shape[0]):
-        logp = logits[row, :-1].float().log_softmax(-1)
-        out[row, 1:] = -(logp.exp() * logp).sum(-1)
-    return torch.where(mask, out, 0.0)
 
 
 def shifted_values(values: torch.Tensor) -> torch.Tensor:
@@ -108,14 +108,10 @@ def dp_rows(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: dict[s
 @torch.no_grad()
 def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], rt: Runtime, batch_size: int) -> torch.Tensor:
     """[B, T] log-probs of the response tokens under a language model: the reference policy,
-    or the actor's before its update (the PPO actor refuses loss-parallel layouts, so its
-    logits are whole too)."""
+    or the actor's before its update."""
     def forward(chunk):
-        with autocast_for(rt.device):  # whole (not vocabulary-sharded) logits
-            logits = model(chunk["tokens"])
-            # a row at a time: its fp32 logits and log-softmax [T, V], not the chunk's [B, T, V]
-            return torch.cat([sequence_logprobs(logits[row:row + 1], chunk["tokens"][row:row + 1],
-                                                chunk["mask"][row:row + 1]) for row in range(logits.shape[0])])
+        with autocast_for(rt.device):
+            return action_scores(model, chunk["tokens"], chunk["mask"])[0]
     return dp_rows(forward, batch, rt, batch_size)
 
 

@@ -45,6 +45,35 @@ def test_chunked_head_nll_equals_the_whole_logits(chunk):
     assert torch.equal(chunked[0][~chunked[1]], torch.zeros(int((~chunked[1]).sum())))
 
 
+def _whole_entropy(hidden, output, mask):
+    """The entropy of each distribution the logits [B, T, V] give at 0..T-2, where `mask`."""
+    logp = output(hidden)[:, :-1].log_softmax(-1)
+    return torch.where(mask, -(logp.exp() * logp).sum(-1), 0.0)
+
+
+@pytest.mark.parametrize("chunk", [7, None], ids=["several_checkpointed", "default"])
+def test_the_entropy_beside_the_nll_equals_the_whole_logits_and_has_no_gradient(chunk):
+    """The PPO actor's metric: from the same chunks, without changing the NLL or its gradient."""
+    nll, mask, entropy = _value_and_grads_entropy(chunk)
+    hidden, output, labels = _head_case()
+    want_nll, want_mask = token_nll(output(hidden), labels)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(nll, want_nll.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, _whole_entropy(hidden, output, mask).detach(), atol=1e-5, rtol=1e-5)
+    assert entropy[mask].min() > 0 and not entropy[~mask].any()
+    assert not entropy.requires_grad
+
+
+def _value_and_grads_entropy(chunk):
+    hidden, output, labels = _head_case()
+    nll, mask, entropy = head_token_nll(hidden, output, labels, chunk, entropy=True)
+    (nll * torch.linspace(0.5, 2.0, nll.numel()).view_as(nll)).sum().backward()
+    with_entropy = (hidden.grad, output.weight.grad)
+    _, _, grad_hidden, grad_weight = _value_and_grads(lambda h, out, lab: head_token_nll(h, out, lab, chunk))
+    assert torch.equal(with_entropy[0], grad_hidden) and torch.equal(with_entropy[1], grad_weight)
+    return nll.detach(), mask, entropy
+
+
 def test_a_rows_nll_does_not_depend_on_the_rows_batched_with_it():
     """Bit for bit: a resumed scoring pass batches a pair with other pairs than the
     uninterrupted one did. A matmul of one to three rows rounds differently from a larger one
@@ -78,15 +107,18 @@ def test_chunked_head_nll_keeps_no_logits_for_the_backward():
     logits_bytes = 3 * 199 * VOCAB * 4
     whole = _saved_bytes(lambda h, out, labels: token_nll(out(h), labels))
     chunked = _saved_bytes(lambda h, out, labels: head_token_nll(h, out, labels, 32))
+    with_entropy = _saved_bytes(lambda h, out, labels: head_token_nll(h, out, labels, 32, entropy=True))
     assert whole >= logits_bytes
     assert chunked < logits_bytes / 10
+    assert with_entropy == chunked
 
 
 def test_a_batch_without_labels_keeps_its_graph():
     hidden, output, labels = _head_case()
-    nll, mask = head_token_nll(hidden, output, torch.full_like(labels, IGNORE_INDEX), 8)
+    nll, mask, entropy = head_token_nll(hidden, output, torch.full_like(labels, IGNORE_INDEX), 8, entropy=True)
     nll.sum().backward()
     assert not mask.any() and torch.equal(nll, torch.zeros_like(nll))
+    assert torch.equal(entropy, torch.zeros_like(nll))
     assert torch.equal(output.weight.grad, torch.zeros_like(output.weight))
 
 
