@@ -256,9 +256,10 @@ def check_configured(recorded: dict, configured: TemplateConfig, key: str, path:
     value (the model would be prompted, trained or scored in a format it never saw)."""
     wanted = asdict(configured)
     if configured != TemplateConfig() and (field := _first_difference(recorded, wanted)):
+        trained = _value(recorded, field)
         raise ConfigError(f"{key}.{field}", f"is {wanted.get(field)!r}, but {path} was trained with "
-                          f"{field}={recorded[field]!r} (its metadata.template: {recorded})",
-                          f"set {key}.{field}={_override(recorded[field])}, or leave {key} at its default to use "
+                          f"{field}={trained!r} (its metadata.template: {recorded})",
+                          f"set {key}.{field}={_override(trained)}, or leave {key} at its default to use "
                           "the checkpoint's")
 
 
@@ -269,10 +270,10 @@ def require_template(path: Path, metadata: dict, expected: dict, key: str, reade
     A checkpoint that records none (an imported model) is taken as given."""
     recorded = metadata.get(TEMPLATE)
     if recorded is not None and (field := _first_difference(recorded, expected)):
-        raise ConfigError(key, f"{path} was trained with template {field}={recorded[field]!r}, but {reader} "
-                          f"renders with {field}={expected.get(field)!r} (metadata.template {recorded} vs "
+        raise ConfigError(key, f"{path} was trained with template {field}={_value(recorded, field)!r}, but "
+                          f"{reader} renders with {field}={_value(expected, field)!r} (metadata.template {recorded} vs "
                           f"{expected})", f"pass a model trained with data.template.{field}="
-                          f"{_override(expected.get(field))}")
+                          f"{_override(_value(expected, field))}")
 
 
 def require_tokenizer(path: Path, expected: Tokenizer, key: str, reader: str) -> None:
@@ -288,13 +289,31 @@ def require_tokenizer(path: Path, expected: Tokenizer, key: str, reader: str) ->
                           "other tokens)", "pass a model trained with the policy's tokenizer")
 
 
+# What a template record may leave out, and means then: a chat template's variables
+# (template_record writes them only when set; older checkpoints have none).
+UNRECORDED = {"kwargs": {}}
+
+
 def _first_difference(recorded: dict, wanted: dict) -> str | None:
-    """The first field of a recorded template (`kind` first) that `wanted` sets otherwise."""
-    return next((name for name, value in recorded.items() if wanted.get(name) != value), None)
+    """The first field of a recorded template (`kind` first, then what it may leave out) that
+    `wanted` sets otherwise."""
+    names = [*recorded, *(name for name in UNRECORDED if name not in recorded)]
+    return next((name for name in names if _value(wanted, name) != _value(recorded, name)), None)
+
+
+def _value(record: dict, name: str):
+    return record.get(name, UNRECORDED.get(name))
 
 
 def _override(value) -> str:
-    """`value` as a command-line override writes it: `chat` bare, `'User:'` quoted."""
+    """`value` as a command-line override writes it: `chat` bare, `'User:'` quoted,
+    template.kwargs as `{enable_thinking: false}`."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{name}: {_override(item)}" for name, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_override(item) for item in value) + "]"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
     return value if isinstance(value, str) and value.isidentifier() else repr(value)
 
 

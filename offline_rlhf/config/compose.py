@@ -107,6 +107,7 @@ def compose_stage(stage: str, schema: type[T], overrides: Sequence[str] = (), co
     `schema`; the user's `config_dirs` (`split_config_dirs`) are searched too."""
     register_stage(stage, schema)
     _reject_new_keys(overrides)
+    overrides = _into_dicts(schema, overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name=f"stage/{stage}", overrides=[*search_path(config_dirs), *overrides])
@@ -139,7 +140,8 @@ def composed_defaults(stage: str, schema: type, overrides: Sequence[str] = (), c
     register_stage(stage, schema)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name=f"stage/{stage}", overrides=[*search_path(config_dirs), *overrides])
+            cfg = compose(config_name=f"stage/{stage}",
+                          overrides=[*search_path(config_dirs), *_into_dicts(schema, overrides)])
     except yaml.YAMLError as err:
         raise _not_yaml(err) from None
     except (HydraException, OmegaConfBaseException):
@@ -164,6 +166,24 @@ def _reject_new_keys(overrides: Sequence[str]) -> None:
             if not (CONF_DIR / key).is_dir():
                 raise ConfigError(key, "unknown key (cannot be added with '+')",
                                   "check the spelling; `--cfg` prints the valid keys")
+
+
+def _into_dicts(schema: type, overrides: Sequence[str]) -> list[str]:
+    """Overrides of a dict-typed field or of a key inside one (`data.template.kwargs.enable_thinking=false`)
+    as Hydra's `++key=value` (add or override): the dict's keys are the user's, not the schema's,
+    and struct mode would refuse every new one."""
+    return [f"++{override}" if _in_dict_field(schema, override.split("=", 1)[0]) else override
+            for override in overrides]
+
+
+def _in_dict_field(schema: type, key: str) -> bool:
+    kind = schema
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(kind) or (kind := settable_fields(kind).get(part)) is None:
+            return False
+        if dict in (kind, typing.get_origin(kind)):
+            return True
+    return False
 
 
 def to_yaml(config) -> str:

@@ -10,6 +10,8 @@ Per-piece checks live in `__post_init__`; checks that need the world size live i
 from __future__ import annotations
 
 import importlib.util
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -145,6 +147,13 @@ class ParallelConfig(Frozen):
 
 
 TEMPLATE_KINDS = ("paper", "chat")
+# What a chat template's renderer defines itself (ours, JinjaChat.render, and transformers'
+# apply_chat_template): a template.kwargs variable of one of these names would fight it, and an
+# export's default for it would never apply.
+TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
+                      "pad_token", "unk_token", "raise_exception", "strftime_now")
+# Names Jinja reads as literals or an operator, or its `render` takes itself: no variable's.
+JINJA_RESERVED = ("true", "false", "none", "True", "False", "None", "not", "self")
 
 
 @dataclass
@@ -158,12 +167,50 @@ class TemplateConfig(Frozen):
     assistant_tag: str = "Assistant:"  # kind=paper: the tag before each assistant turn
     sep: str = " "  # kind=paper: what separates tags and texts
     system: str = ""  # kind=chat: a system message opening every conversation (empty: none)
+    # kind=chat: extra variables for the chat template, as apply_chat_template(..., **kwargs) passes
+    # them (Qwen3: {enable_thinking: false}); JSON values
+    kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in TEMPLATE_KINDS:
             raise ConfigError("template.kind", f"{self.kind!r} is not a template kind", f"use one of {TEMPLATE_KINDS}")
         if self.system and self.kind != "chat":
             raise ConfigError("template.system", "needs template.kind=chat (the paper's format has no system turn)")
+        if self.kwargs and self.kind != "chat":
+            raise ConfigError("template.kwargs", "needs template.kind=chat (the paper's format has no template "
+                              "variables)")
+        self.kwargs = template_kwargs(self.kwargs)
+
+
+def template_kwargs(kwargs) -> dict:
+    """template.kwargs as plain JSON values (a DictConfig or ListConfig, as OmegaConf may hand
+    them, becomes a dict or list), each name a Jinja variable the renderer does not set itself."""
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError("template.kwargs", f"must be a mapping of variable names to values, got {kwargs!r}",
+                          "e.g. data.template.kwargs.enable_thinking=false")
+    for name in kwargs:
+        if not (isinstance(name, str) and name.isidentifier()) or name in JINJA_RESERVED:
+            raise ConfigError(f"template.kwargs.{name}", "is not a name a Jinja template can read",
+                              "use a template variable's name, e.g. enable_thinking")
+        if name in TEMPLATE_VARIABLES:
+            raise ConfigError(f"template.kwargs.{name}", "is set by the renderer itself",
+                              f"leave out {', '.join(TEMPLATE_VARIABLES)}")
+    return {name: _json_value(f"template.kwargs.{name}", value) for name, value in kwargs.items()}
+
+
+def _json_value(key: str, value):
+    """`value` as plain JSON (a dict, list, string, finite number, bool or null): what a
+    checkpoint records, and a template sees as transformers would pass it."""
+    if isinstance(value, Mapping):
+        if not all(isinstance(name, str) for name in value):
+            raise ConfigError(key, f"has a key that is not a string: {dict(value)!r}", "JSON keys are strings")
+        return {name: _json_value(f"{key}.{name}", item) for name, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_json_value(f"{key}[{index}]", item) for index, item in enumerate(value)]
+    if value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    raise ConfigError(key, f"is not a JSON value: {value!r}",
+                      "use a string, a finite number, true/false, null, or lists and mappings of those")
 
 
 # The reader names of offline_rlhf.data (SFT and preference families); a test keeps them in sync.

@@ -81,13 +81,16 @@ class ChatRendering:
 
 @dataclass(frozen=True)
 class JinjaChat:
-    """A tokenizer's chat template with the special-token strings it may reference."""
+    """A tokenizer's chat template with the special-token strings it may reference and the
+    extra variables every rendering passes it (template.kwargs: `enable_thinking`...)."""
 
     source: str
     special_tokens: tuple[tuple[str, str], ...] = ()
+    kwargs: tuple[tuple[str, object], ...] = ()
 
     @classmethod
-    def of(cls, tokenizer_config: dict, where: str = "tokenizer_config.json") -> "JinjaChat":
+    def of(cls, tokenizer_config: dict, kwargs: dict | None = None,
+           where: str = "tokenizer_config.json") -> "JinjaChat":
         source = tokenizer_config.get("chat_template")
         if isinstance(source, list):  # several named templates: the default one
             source = next((t.get("template") for t in source if t.get("name") == "default"), None)
@@ -96,13 +99,13 @@ class JinjaChat:
                               "use template.kind=paper, or a tokenizer that ships a chat template")
         specials = tuple((name, text) for name in SPECIAL_TOKENS
                          if (text := _token_text(tokenizer_config.get(name))) is not None)
-        return cls(source, specials)
+        return cls(source, specials, tuple((kwargs or {}).items()))
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         try:
             return _compile(self.source).render(messages=[dict(m) for m in messages],
                                                 add_generation_prompt=add_generation_prompt,
-                                                **dict(self.special_tokens))
+                                                **dict(self.special_tokens), **dict(self.kwargs))
         except jinja2.TemplateError as err:
             raise ValueError(f"the chat template failed: {err}") from None
 
@@ -205,7 +208,7 @@ def build_template(cfg, tokenizer_config: dict) -> ChatTemplate | ChatFormat:
     """The template a `TemplateConfig` (or its recorded dict) names, for this tokenizer."""
     fields = cfg if isinstance(cfg, dict) else asdict(cfg)
     if fields.get("kind", "paper") == "chat":
-        chat = ChatFormat(JinjaChat.of(tokenizer_config), fields.get("system", ""))
+        chat = ChatFormat(JinjaChat.of(tokenizer_config, fields.get("kwargs")), fields.get("system", ""))
         if chat.system:
             _check_system(chat)
         return chat
@@ -236,9 +239,12 @@ def paper_template(cfg) -> ChatTemplate:
 
 def template_record(template: ChatTemplate | ChatFormat) -> dict:
     """What a checkpoint records (metadata["template"]) so every later stage renders as
-    training did; a chat template's Jinja source travels in the checkpoint's tokenizer."""
+    training did; a chat template's Jinja source travels in the checkpoint's tokenizer. Its
+    variables (template.kwargs) only when set: a record without them (older checkpoints
+    too) has none, and the records of templates without any stay as they were."""
     if isinstance(template, ChatFormat):
-        return {"kind": "chat", "system": template.system}
+        variables = {"kwargs": dict(template.chat.kwargs)} if template.chat.kwargs else {}
+        return {"kind": "chat", "system": template.system, **variables}
     return {"kind": "paper", **asdict(template)}
 
 
@@ -269,10 +275,35 @@ def with_default_system(source: str, system: str) -> str:
             "{%- endif %}" + source)
 
 
+def with_default_variables(source: str, kwargs: dict) -> str:
+    """A chat template that renders as `source` does with the variables `kwargs` (what training
+    passed, template.kwargs) set to their values where the caller passes none of its own:
+    `apply_chat_template(messages)` prompts the model as it was trained, and a caller's
+    `enable_thinking=True` still wins. (Jinja's `if` opens no scope: the `set` is top-level.)"""
+    return "".join("{%- if " + name + " is not defined %}{%- set " + name + " = " + jinja_literal(value)
+                   + " %}{%- endif %}" for name, value in kwargs.items()) + source
+
+
 def with_reward_prompt(source: str, reward_prompt: str) -> str:
     """A chat template that renders as `source` does, with `reward_prompt` (DT's, Eq. 6)
     right after the generation prompt, where `encode_prompt` puts it."""
     return source + "{%- if add_generation_prompt %}{{- " + jinja_string(reward_prompt) + " }}{%- endif %}"
+
+
+def jinja_literal(value) -> str:
+    """A JSON value as a Jinja literal: as JSON writes it but `none` for null, which Jinja
+    would read as an undefined variable (strings as `jinja_string` writes them)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(jinja_string(name) + ": " + jinja_literal(item) for name, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(jinja_literal(item) for item in value) + "]"
+    if isinstance(value, str):
+        return jinja_string(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    return repr(value)
 
 
 def jinja_string(text: str) -> str:

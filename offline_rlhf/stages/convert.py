@@ -28,6 +28,7 @@ from offline_rlhf.data.chat_template import (
     paper_jinja,
     paper_template,
     with_default_system,
+    with_default_variables,
     with_reward_prompt,
 )
 from offline_rlhf.data.tokenize import stop_token_ids
@@ -134,15 +135,16 @@ def carry_template(recorded: dict, out: Path, reward: float | None = None) -> No
 
 def exported_template(recorded: dict, tokenizer: Tokenizer, reward: float | None) -> str | None:
     """A paper-format model gets a chat template of that format; a chat model's own template
-    gets the system message training put first (template.system); a Decision-Transformer
-    model's generation prompt ends with its reward prompt for `reward` (its dt_target),
-    which it never answered without. None: the tokenizer's own template renders as trained."""
+    gets the system message training put first (template.system) and the values training
+    gave its variables (template.kwargs) as defaults; a Decision-Transformer model's
+    generation prompt ends with its reward prompt for `reward` (its dt_target), which it
+    never answered without. None: the tokenizer's own template renders as trained."""
     if recorded.get("kind", "paper") == "paper":
         template = paper_jinja(paper_template(recorded), tokenizer.adds_bos)
-    elif recorded.get("system"):
-        template = with_default_system(JinjaChat.of(tokenizer.config).source, recorded["system"])
-    elif reward is not None:
-        template = JinjaChat.of(tokenizer.config).source
+    elif recorded.get("system") or recorded.get("kwargs") or reward is not None:
+        template = with_default_variables(JinjaChat.of(tokenizer.config).source, recorded.get("kwargs", {}))
+        if recorded.get("system"):
+            template = with_default_system(template, recorded["system"])
     else:
         return None
     if reward is None:
