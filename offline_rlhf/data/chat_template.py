@@ -13,7 +13,7 @@ e.g. by dropping past reasoning) are rejected with the turn that breaks it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Sequence
@@ -23,9 +23,18 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from offline_rlhf.config.errors import ConfigError
-from offline_rlhf.data.template import ASSISTANT, REWARD_TAG, USER, ChatTemplate, Turn, reward_text
+from offline_rlhf.data.template import (
+    ASSISTANT,
+    REWARD_TAG,
+    SYSTEM,
+    USER,
+    ChatTemplate,
+    Turn,
+    fold_system,
+    reward_text,
+    split_system,
+)
 
-SYSTEM = "system"
 Message = dict  # {"role": SYSTEM | USER | ASSISTANT, "content": str}
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 TEMPLATE_DATE = datetime(2024, 7, 26)  # what strftime_now gives: Llama 3's templates' own default date_string
@@ -177,17 +186,23 @@ class ChatFormat:
     messages."""
 
     chat: JinjaChat
-    system: str = ""
+    system: str = ""  # template.system
     folding: ChatTemplate = ChatTemplate()
+    # False for a template that refuses a system message or moves it as a conversation goes
+    # on: a conversation's own system text then opens its first user turn (`fold_system`).
+    system_turns: bool = True
 
     def fold_history(self, turns: Sequence[Turn]) -> str:
         return self.folding.fold_history(turns)
 
     def messages(self, prompt: str, turns: Sequence[Turn] = ()) -> list[Message]:
-        """The conversation before the answer: the system message, then `turns` (or the
-        prompt as one user turn)."""
-        head = [{"role": SYSTEM, "content": self.system}] if self.system else []
-        return head + [{"role": role, "content": text} for role, text in (turns or [(USER, prompt)])]
+        """The conversation before the answer: a system message (the conversation's own, else
+        `system`), then the user and assistant turns of `turns` (or the prompt as one user turn)."""
+        turns = turns or [(USER, prompt)]
+        system, turns = split_system(turns if self.system_turns else fold_system(turns))
+        system = system or self.system
+        head = [{"role": SYSTEM, "content": system}] if system else []
+        return head + [{"role": role, "content": text} for role, text in turns]
 
     def end_of_turn(self) -> str:
         """What the template writes right after an answer (ChatML's `<|im_end|>\n`, Llama 3's
@@ -209,26 +224,30 @@ def build_template(cfg, tokenizer_config: dict) -> ChatTemplate | ChatFormat:
     fields = cfg if isinstance(cfg, dict) else asdict(cfg)
     if fields.get("kind", "paper") == "chat":
         chat = ChatFormat(JinjaChat.of(tokenizer_config, fields.get("kwargs")), fields.get("system", ""))
-        if chat.system:
-            _check_system(chat)
-        return chat
+        refusal = _system_refusal(chat)
+        if refusal and chat.system:
+            raise ConfigError("template.system", f"is set, but the tokenizer's chat template refuses it or does not "
+                              f"keep it where a conversation goes on ({refusal})",
+                              "leave template.system empty for this model")
+        return replace(chat, system_turns=refusal is None)
     return paper_template(fields)
 
 
-def _check_system(chat: ChatFormat) -> None:
-    """A template that refuses a system message (some raise an exception) or moves it as the
-    conversation grows (Mistral NeMo's writes it into the last user turn, so a prompt has it
-    and the conversation answering that prompt does not) says so before any data is read,
-    naming the setting, not at the first multi-turn record."""
+def _system_refusal(chat: ChatFormat) -> str | None:
+    """Why the template cannot take a system message, or None: some raise an exception, some
+    move it as the conversation grows (Mistral NeMo's writes it into the last user turn, so a
+    prompt has it and the conversation answering that prompt does not). Found before any
+    data is read: template.system is then refused naming the setting, and records' own
+    system turns are folded into their first user turn instead of failing one by one."""
+    with_system = replace(chat, system=chat.system or "Be brief.")
     exchange = [(USER, "Hi."), (ASSISTANT, "Hello."), (USER, "Bye?")]
     try:
-        chat.chat.prompt(chat.messages("Hi."))
-        chat.chat.conversation([*chat.messages("", exchange), {"role": ASSISTANT, "content": "Bye."}],
-                               every_turn=False)
+        with_system.chat.prompt(with_system.messages("Hi."))
+        with_system.chat.conversation([*with_system.messages("", exchange), {"role": ASSISTANT, "content": "Bye."}],
+                                      every_turn=False)
     except ValueError as err:
-        raise ConfigError("template.system", f"is set, but the tokenizer's chat template refuses it or does not "
-                          f"keep it where a conversation goes on ({err})",
-                          "leave template.system empty for this model") from None
+        return str(err)
+    return None
 
 
 def paper_template(cfg) -> ChatTemplate:

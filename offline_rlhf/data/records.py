@@ -16,11 +16,10 @@ from os import PathLike
 from typing import Any, TypeVar
 
 from offline_rlhf.data.errors import DataError, Location
-from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn, check_alternation
+from offline_rlhf.data.template import ASSISTANT, SYSTEM, USER, ChatTemplate, Turn, check_alternation
 
 T = TypeVar("T")
 Records = Iterable[tuple[Location, dict[str, Any]]]  # what readers loop over: a file's lines or a dataset's rows
-SYSTEM = "system"
 _MESSAGE_ROLES = {"user": USER, "assistant": ASSISTANT}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOM = "\ufeff"
@@ -185,9 +184,9 @@ def require_text(record: Mapping[str, Any], key: str, where: Location, *, allow_
 
 
 def require_messages(record: Mapping[str, Any], key: str, where: Location) -> list[Turn]:
-    """record[key], a chat-format list of `{role, content}` messages, as turns. A leading
-    system message is put before the first user turn's text, a blank line apart (the
-    paper's template has no system turn). Roles other than system/user/assistant (tools)
+    """record[key], a chat-format list of `{role, content}` messages, as turns; a leading
+    system message is a system turn (a chat template renders it as one, the paper's format
+    folds it into the first user turn). Roles other than system/user/assistant (tools)
     and blank messages make the record unusable; a list of anything else is malformed."""
     messages = require_field(record, key, list, where)
     if not messages or not all(isinstance(message, dict) for message in messages):
@@ -200,10 +199,8 @@ def require_messages(record: Mapping[str, Any], key: str, where: Location) -> li
                              f"message (got {unknown})", f"{key!r} with other roles")
     if any(not text for text in texts):
         raise where.unusable(f"expected every message of {key!r} to have content (blank)", f"blank {key!r} message")
-    turns = [(_MESSAGE_ROLES[role], text) for role, text in zip(roles, texts) if role != SYSTEM]
-    if roles[0] == SYSTEM and turns:
-        turns[0] = (turns[0][0], f"{texts[0]}\n\n{turns[0][1]}")
-    return turns
+    system = [(SYSTEM, texts[0])] if roles[0] == SYSTEM else []
+    return system + [(_MESSAGE_ROLES[role], text) for role, text in zip(roles, texts) if role != SYSTEM]
 
 
 def conversation(history: Sequence[Turn]) -> tuple[Turn, ...]:
@@ -212,19 +209,21 @@ def conversation(history: Sequence[Turn]) -> tuple[Turn, ...]:
     return tuple(history) if len(history) > 1 else ()
 
 
-TURNS = "turns"  # a record's multi-turn prompt: [[role, text], ...], user/assistant alternating, ending with user
+# a record's multi-turn prompt: [[role, text], ...], user/assistant alternating from user to user after an
+# optional system turn
+TURNS = "turns"
 
 
 def optional_turns(record: Mapping[str, Any], where: Location) -> tuple[Turn, ...]:
     """record["turns"] as turns, or () when absent: the conversation a chat template renders
     for a multi-turn prompt (`prompt` holds it folded). Anything but a list of [role, text]
-    pairs that alternate user/assistant from user to user is malformed; a blank text makes
-    the record unusable (as a blank `prompt` does)."""
+    pairs that alternate user/assistant from user to user, after an optional system turn,
+    is malformed; a blank text makes the record unusable (as a blank `prompt` does)."""
     if TURNS not in record:
         return ()
     value = record[TURNS]
     expected = f"expected {TURNS!r} to be a list of [role, text] pairs, roles user/assistant alternating from user " \
-               "to a last user turn"
+               "to a last user turn after an optional system turn"
     if not isinstance(value, list) or not all(isinstance(turn, list) and len(turn) == 2 and
                                               all(isinstance(part, str) for part in turn) for turn in value):
         raise where.error(expected)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 USER = "user"
 ASSISTANT = "assistant"
+SYSTEM = "system"
 
-Turn = tuple[str, str]  # (USER | ASSISTANT, text)
+Turn = tuple[str, str]  # (USER | ASSISTANT, text); SYSTEM only as a conversation's first turn
 REWARD_TAG = "<rm_score>"
 
 
@@ -32,13 +33,13 @@ class ChatTemplate:
         """The instruction string that makes `prompt_text` render the whole conversation.
 
         Turns must alternate user/assistant, start and end with a user turn, and be
-        non-empty: (u1, a1, u2) folds to `u1 Assistant: a1 User: u2`.
+        non-empty: (u1, a1, u2) folds to `u1 Assistant: a1 User: u2`. A leading system
+        turn s has no place in this format: it goes before u1, a blank line apart (`s\n\nu1`).
         """
         check_alternation(turns)
         tags = {USER: self.user_tag, ASSISTANT: self.assistant_tag}
-        first, *rest = turns
-        parts = [first[1].strip()] + [f"{tags[role]}{self.sep}{text.strip()}" for role, text in rest]
-        return self.sep.join(parts)
+        first, *rest = fold_system(turns)
+        return self.sep.join([first[1].strip()] + [f"{tags[role]}{self.sep}{text.strip()}" for role, text in rest])
 
     def prompt_text(self, instruction: str) -> str:
         """`User: {instruction} Assistant:`; no trailing separator, `response_text` adds it."""
@@ -56,20 +57,42 @@ class ChatTemplate:
         return f"{self.sep}{REWARD_TAG}{self.sep}{reward_text(score)}"
 
 
+def split_system(turns: Sequence[Turn]) -> tuple[str, Sequence[Turn]]:
+    """(the text of a leading system turn, or "", the turns after it)."""
+    if turns and turns[0][0] == SYSTEM:
+        return turns[0][1], turns[1:]
+    return "", turns
+
+
+def fold_system(turns: Sequence[Turn]) -> Sequence[Turn]:
+    """`turns` with a leading system turn's text moved into the first user turn, a blank line
+    apart: how a format without system messages shows one."""
+    system, rest = split_system(turns)
+    if not system or not rest:
+        return turns
+    (role, text), *later = rest
+    return [(role, f"{system.strip()}\n\n{text.strip()}"), *later]
+
+
 def check_alternation(turns: Sequence[Turn]) -> None:
-    """Raise ValueError unless turns go user, assistant, user, ..., user, all with text."""
-    if not turns:
-        raise ValueError("expected at least one turn")
-    for index, (role, text) in enumerate(turns):
+    """Raise ValueError unless turns go user, assistant, user, ..., user, all with text,
+    after an optional system turn (with text) first."""
+    system, conversation = split_system(turns)
+    offset = len(turns) - len(conversation)
+    if offset and not system.strip():
+        raise ValueError("expected turn 1 (system) to have text (empty)")
+    if not conversation:
+        raise ValueError("expected at least one user turn")
+    for index, (role, text) in enumerate(conversation):
         expected_role = USER if index % 2 == 0 else ASSISTANT
         if role != expected_role:
             raise ValueError(
-                f"expected turn {index + 1} to be {expected_role!r}, got {role!r} "
-                "(turns alternate user/assistant, starting with user)"
+                f"expected turn {index + offset + 1} to be {expected_role!r}, got {role!r} "
+                "(turns alternate user/assistant, starting with user, after an optional system turn)"
             )
         if not text.strip():
-            raise ValueError(f"expected turn {index + 1} to have text (empty)")
-    if turns[-1][0] != USER:
+            raise ValueError(f"expected turn {index + offset + 1} to have text (empty)")
+    if conversation[-1][0] != USER:
         raise ValueError("expected the last turn to be a user turn, got 'assistant'")
 
 

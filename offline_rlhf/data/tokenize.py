@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, Message
 from offline_rlhf.data.errors import DataError
-from offline_rlhf.data.template import ASSISTANT, ChatTemplate, Turn
+from offline_rlhf.data.template import ASSISTANT, ChatTemplate, Turn, split_system
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
@@ -157,8 +157,8 @@ def encode_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, r
 def fit_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, budget: int, response_prefix: str = "",
                turns: Sequence[Turn] = ()) -> tuple[list[int], bool]:
     """`encode_prompt` within `budget` tokens, and whether anything was cut: a conversation
-    loses whole exchanges first, oldest first (the template's system message and the last
-    user turn stay, so the model still sees a conversation rendered as in training);
+    loses whole exchanges first, oldest first (the template's or the conversation's system
+    message and the last user turn stay, so the model still sees a conversation rendered as in training);
     a prompt still too long keeps its last `budget` tokens."""
     ids, dropped = fit_turns(turns, lambda kept: encode_prompt(tokenizer, template, prompt, response_prefix, kept),
                              lambda ids: len(ids) <= budget)
@@ -172,11 +172,15 @@ SEQUENTIAL_DROPS = 4  # exchanges `fit_turns` drops one at a time before it bise
 def fit_turns(turns: Sequence[Turn], encode: Callable[[Sequence[Turn]], Encoded],
               fits: Callable[[Encoded], bool]) -> tuple[Encoded, int]:
     """`encode` of the turns without as few of their oldest exchanges (user, assistant) as
-    make it `fits` (the last user turn always stays), and the number of turns dropped.
+    make it `fits` (the last user turn and a leading system turn always stay), and the
+    number of turns dropped.
 
     Exchanges go one at a time, oldest first, for the first `SEQUENTIAL_DROPS`; a
     conversation that needs more is bisected (`_bisect_turns`) instead of re-encoded after
     every exchange, which cost time quadratic in its length (a 3,000-turn one, 29 s)."""
+    system, conversation = split_system(turns)
+    if system:
+        return fit_turns(conversation, lambda kept: encode([turns[0], *kept]), fits)
     dropped, encoded = 0, encode(turns)
     while dropped + 2 < len(turns) and not fits(encoded):
         if dropped == 2 * SEQUENTIAL_DROPS:

@@ -4,10 +4,11 @@ the wrong type, out of range, unknown, or an OpenAI feature this server does not
 APIError (HTTP 4xx in OpenAI's error shape), never silently ignored. No torch here.
 
 Chat: `system` (or `developer`) messages may only open the conversation; their texts,
-joined by blank lines, are prepended to the first user message (`{system}\\n\\n{user}`),
-since the paper's template has no system role. The other messages must alternate user,
-assistant, ..., user, and are rendered with the template's `fold_history`. A message's
-`name` is refused: OpenAI shows it to the model, and the template has no place for it.
+joined by blank lines, are one system turn, which a chat template renders as its system
+message (in place of the `template.system` the model was trained with) and the paper's
+template, which has no system role, prepends to the first user message
+(`{system}\\n\\n{user}`). The other messages must alternate user, assistant, ..., user.
+A message's `name` is refused: OpenAI shows it to the model, and the template has no place for it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 from offline_rlhf.config.schema import MIN_TEMPERATURE
-from offline_rlhf.data.template import ASSISTANT, USER, Turn
+from offline_rlhf.data.template import ASSISTANT, SYSTEM, USER, Turn
 
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 200  # a stop string's tail is decoded at every step: keep it short
@@ -83,7 +84,7 @@ class Streaming:
 @dataclass(frozen=True)
 class ChatRequest:
     model: str
-    turns: list[Turn]  # alternating user/assistant, ending with user; any system text folded in
+    turns: list[Turn]  # alternating user/assistant, ending with user, after an optional system turn
     sampling: Sampling
     streaming: Streaming
 
@@ -238,8 +239,8 @@ def stops(body: dict) -> tuple[str, ...]:
 
 
 def chat_turns(messages: list) -> list[Turn]:
-    """OpenAI messages -> alternating (role, text) turns, system text folded into the first
-    user turn (see the module docstring). Alternation is the template's to check."""
+    """OpenAI messages -> alternating (role, text) turns after one system turn holding the
+    system texts, if any (see the module docstring). Alternation is the template's to check."""
     system, turns = [], []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -255,14 +256,12 @@ def chat_turns(messages: list) -> list[Turn]:
         if role in SYSTEM_ROLES:
             if turns:
                 raise APIError(f"{where}: a {role} message may only open the conversation", param=where)
-            system.append(text.strip())
+            system += [text.strip()] if text.strip() else []  # an empty one says nothing (OpenAI takes it)
         elif role in (USER, ASSISTANT):
             turns.append((role, text))
         else:
             raise APIError(f"{where}: unsupported role {role!r} (system, user, assistant)", param=where)
-    if system and turns and turns[0][0] == USER:
-        turns[0] = (USER, "\n\n".join([*system, turns[0][1].strip()]))
-    return turns
+    return ([(SYSTEM, "\n\n".join(system))] if system else []) + turns
 
 
 def content_text(content, where: str) -> str:

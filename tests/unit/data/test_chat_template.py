@@ -12,8 +12,9 @@ from transformers import PreTrainedTokenizerFast
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, build_template, paper_jinja, template_record
-from offline_rlhf.data.errors import DataError
+from offline_rlhf.data.errors import DataError, Location
 from offline_rlhf.data.preference_readers import read_hh_rlhf
+from offline_rlhf.data.sft_readers import messages_examples
 from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import (
@@ -335,3 +336,57 @@ def test_a_conversation_the_template_cannot_encode_is_an_error_naming_its_record
     with pytest.raises(DataError, match=r"^chats\.jsonl:7: the tokenizer's chat template cannot encode it: .*"
                                         r"earlier text changes"):
         encode_sft(ours, fmt, "What is a cat?", "A small animal.", 4096, "chats.jsonl:7")
+
+
+SYSTEM_CHAT = {"messages": [{"role": "system", "content": " Answer briefly. "},
+                            {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
+
+
+def _system_example(template):
+    """The one example of a chat-format record that opens with its own system message."""
+    [example] = messages_examples([(Location("chats.jsonl", 1), SYSTEM_CHAT)], "messages", template, Skips(), "t")
+    return example
+
+
+def test_a_records_own_system_message_is_its_system_turn_under_a_chat_template(tokenizers):
+    """A dataset's system message (`messages` rows, a prompt's `turns`, an API request) is
+    rendered as the template's system message, in place of template.system; the paper's
+    format folds it into the first user turn, as it always did."""
+    ours, _ = tokenizers
+    example = _system_example(ChatTemplate())
+    assert example.prompt == "Answer briefly.\n\nName a colour."  # what every reader gave before
+    assert example.turns == (("system", "Answer briefly."), ("user", "Name a colour."))
+    chat = JinjaChat.of(ours.config)
+    for system in ("", "Be verbose."):  # the record's own replaces template.system
+        fmt = build_template(TemplateConfig(kind="chat", system=system), ours.config)
+        sample = encode_sft(ours, fmt, example.prompt, example.response, 4096, "t", turns=example.turns)
+        assert sample == encode_chat(ours, chat, MULTI[:3], 4096, "t")
+        prompt = encode_prompt(ours, fmt, example.prompt, turns=example.turns)
+        assert prompt == encode_chat_prompt(ours, chat, MULTI[:2])
+
+
+def test_a_template_without_system_messages_gets_a_records_system_text_in_its_first_user_turn():
+    """Where the template refuses a system message (Mistral's, Gemma 2's raise), a record's
+    own is folded as the paper's format folds it, instead of failing every such record."""
+    refusing = {"chat_template": "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception("
+                                 "'System role not supported') }}{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n"
+                                 "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"}
+    fmt = build_template(TemplateConfig(kind="chat"), refusing)
+    assert not fmt.system_turns and build_template(TemplateConfig(kind="chat"), {"chat_template": CHATML}).system_turns
+    example = _system_example(fmt)
+    assert fmt.chat.prompt(fmt.messages(example.prompt, example.turns)) == \
+        "[user] Answer briefly.\n\nName a colour.\n[assistant] "
+
+
+def test_a_conversation_cut_to_fit_keeps_its_own_system_turn(tokenizers):
+    ours, _ = tokenizers
+    fmt = build_template(TemplateConfig(kind="chat"), ours.config)
+    turns = [(m["role"], m["content"]) for m in MULTI[:-1]]  # system, user, assistant, user
+    whole = encode_prompt(ours, fmt, "folded", turns=turns)
+    recent = encode_prompt(ours, fmt, "folded", turns=[turns[0], turns[3]])
+    assert fit_prompt(ours, fmt, "folded", len(whole) - 1, turns=turns) == (recent, True)
+    assert "Answer briefly." in ours.decode(recent, skip_special_tokens=False)
+    for template in (fmt, ChatTemplate()):  # a paper-format model keeps the folded system text too
+        ids, cut = fit_prompt(ours, template, "folded", len(encode_prompt(ours, template, "f", turns=turns)) - 1,
+                              turns=turns)
+        assert cut and "Answer briefly." in ours.decode(ids, skip_special_tokens=False)

@@ -1,6 +1,6 @@
 import pytest
 
-from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate
+from offline_rlhf.data.template import ASSISTANT, SYSTEM, USER, ChatTemplate
 
 
 def test_fold_history_single_turn_is_the_stripped_instruction():
@@ -34,12 +34,23 @@ def test_prompt_and_response_join_with_exactly_one_separator():
         ([(USER, "u1"), (ASSISTANT, "a1")], "last turn to be a user turn"),
         ([(USER, "u1"), (ASSISTANT, "  "), (USER, "u2")], "expected turn 2 to have text"),
         ([(USER, "u1"), ("system", "s"), (USER, "u2")], "got 'system'"),
-        ([], "at least one turn"),
+        ([], "at least one user turn"),
+        ([(SYSTEM, "s")], "at least one user turn"),
+        ([(SYSTEM, " "), (USER, "u1")], "turn 1 \\(system\\) to have text"),
+        ([(SYSTEM, "s"), (ASSISTANT, "a0"), (USER, "u1")], "expected turn 2 to be 'user', got 'assistant'"),
+        ([(SYSTEM, "s"), (SYSTEM, "t"), (USER, "u1")], "expected turn 2 to be 'user', got 'system'"),
     ],
 )
 def test_fold_history_rejects_a_malformed_conversation(turns, message):
     with pytest.raises(ValueError, match=message):
         ChatTemplate().fold_history(turns)
+
+
+def test_a_system_turn_folds_before_the_first_user_turn_a_blank_line_apart():
+    """The paper's format has no system turn: its text opens the instruction, as a record's
+    leading system message always did."""
+    folded = ChatTemplate().fold_history([(SYSTEM, " Be brief. "), (USER, "u1"), (ASSISTANT, "a1"), (USER, "u2")])
+    assert folded == "Be brief.\n\nu1 Assistant: a1 User: u2"
 
 
 def test_empty_tag_is_rejected():

@@ -13,7 +13,9 @@ from transformers import AutoTokenizer
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import TEMPLATE_DATE, build_template
+from offline_rlhf.data.errors import Location
 from offline_rlhf.data.preference_readers import read_hh_rlhf
+from offline_rlhf.data.sft_readers import messages_examples
 from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.tokenize import IGNORE_INDEX, encode_prompt, encode_sft, stop_token_ids
 from offline_rlhf.data.tokenizer import Tokenizer
@@ -80,6 +82,19 @@ def test_hh_rlhf_histories_encode_under_the_real_templates(real, shared_data):
         assert labelled.endswith(pair.chosen.strip() + END_OF_TURN[name]), pair.source
 
 
+def test_a_records_own_system_message_encodes_as_the_real_template_renders_it(real):
+    """A `messages` row opening with a system message: its system turn, not text folded into
+    the user turn, in the training sample and the inference prompt."""
+    _, ours, hf = real
+    fmt = build_template(TemplateConfig(kind="chat"), ours.config)
+    [example] = messages_examples([(Location("chats.jsonl", 1), {"messages": MULTI[:3]})], "messages", fmt, Skips(),
+                                  "t")
+    sample = encode_sft(ours, fmt, example.prompt, example.response, 4096, "t", turns=example.turns)
+    assert list(sample.input_ids) == _hf_ids(hf, MULTI[:3])
+    assert encode_prompt(ours, fmt, example.prompt, turns=example.turns) == \
+        _hf_ids(hf, MULTI[:2], add_generation_prompt=True)
+
+
 def test_the_real_tokenizers_roles_and_the_tokens_that_end_an_answer(real):
     name, ours, hf = real
     fmt = build_template(TemplateConfig(kind="chat"), ours.config)
@@ -119,3 +134,10 @@ def test_mistral_nemo_refuses_a_system_message_at_config_time_and_encodes_conver
     assert prompt_ids == _hf_ids(hf, MULTI[1:-1], add_generation_prompt=True)
     assert ours.decode([t for t in sample.labels if t != IGNORE_INDEX], skip_special_tokens=False) == \
         MULTI[-1]["content"] + "</s>"
+    # A record's own system message opens its first user turn there, as the paper's format puts it.
+    fmt = build_template(TemplateConfig(kind="chat"), ours.config)
+    [example] = messages_examples([(Location("chats.jsonl", 1), {"messages": MULTI[:3]})], "messages", fmt, Skips(),
+                                  "t")
+    folded = [{"role": "user", "content": "Answer briefly.\n\nName a colour."}, MULTI[2]]
+    sample = encode_sft(ours, fmt, example.prompt, example.response, 4096, "t", turns=example.turns)
+    assert list(sample.input_ids) == _hf_ids(hf, folded)

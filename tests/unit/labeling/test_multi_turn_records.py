@@ -129,9 +129,11 @@ def test_best_worst_pairs_carry_the_turns_into_the_pair_file(tokenizer, conversa
     ([["user"]], "[role, text] pairs"),
     ([["user", 3]], "[role, text] pairs"),
     ([["user", "a"], ["user", "b"]], "expected turn 2 to be 'assistant', got 'user'"),
-    ([["system", "a"]], "expected turn 1 to be 'user', got 'system'"),
+    ([["system", "a"]], "expected at least one user turn"),
+    ([["system", "a"], ["assistant", "b"], ["user", "c"]], "expected turn 2 to be 'user', got 'assistant'"),
+    ([["user", "a"], ["system", "b"], ["user", "c"]], "expected turn 2 to be 'assistant', got 'system'"),
     ([["user", "a"], ["assistant", "b"]], "expected the last turn to be a user turn"),
-    ([], "expected at least one turn"),
+    ([], "expected at least one user turn"),
 ])
 def test_a_malformed_turns_field_is_an_error_naming_file_and_line(turns, problem, tmp_path):
     record = {"prompt": "a", "turns": turns, "response": "r", "finished": True}

@@ -13,6 +13,7 @@ from offline_rlhf.config.serving import ServeConfig
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.serving.model import default_name, dt_target, load_served_model
+from offline_rlhf.serving.protocol import chat_turns
 from tests.fixtures import runtime_for
 from tests.synthetic_preferences import MODEL
 from tests.unit.serving.tiny import make_tokenizer, write_lm_checkpoint
@@ -92,6 +93,11 @@ def test_a_chat_template_checkpoint_renders_the_conversation_turn_by_turn(tokeni
     turns = [("user", "good music"), ("assistant", "the river"), ("user", "and the stone")]
     assert model.chat_prompt(turns) == tokenizer.encode(
         "[user] good music\n[assistant] the river\n[user] and the stone\n[assistant] ")
+    # A request's system messages are the template's system message, not text in the user turn.
+    request = chat_turns([{"role": "system", "content": "be brief"}, {"role": "developer", "content": "be kind"},
+                          {"role": "user", "content": "good music"}])
+    assert model.chat_prompt(request) == tokenizer.encode(
+        "[system] be brief\n\nbe kind\n[user] good music\n[assistant] ")
 
 
 def test_warm_up_decodes_one_and_two_rows_with_the_configured_decoding_and_counts_nothing(

@@ -100,13 +100,16 @@ def test_a_participant_name_is_refused_not_dropped():
     assert chat_turns([{"role": "user", "content": "a", "name": None}]) == [("user", "a")]
 
 
-def test_system_text_opens_the_first_user_turn_and_the_template_renders_the_rest():
+def test_system_texts_are_one_system_turn_which_the_papers_template_puts_before_the_first_user_turn():
     turns = chat_turns([{"role": "system", "content": " Be brief. "}, {"role": "developer", "content": "Be kind."},
+                        {"role": "system", "content": " "},  # an empty one says nothing
                         {"role": "user", "content": [{"type": "text", "text": "Hi "},
                                                      {"type": "text", "text": "there"}]},
                         {"role": "assistant", "content": "Hello."},
                         {"role": "user", "content": "Bye"}])
-    assert turns == [("user", "Be brief.\n\nBe kind.\n\nHi there"), ("assistant", "Hello."), ("user", "Bye")]
+    assert turns == [("system", "Be brief.\n\nBe kind."), ("user", "Hi there"), ("assistant", "Hello."),
+                     ("user", "Bye")]
+    assert chat_turns([{"role": "system", "content": ""}, {"role": "user", "content": "a"}]) == [("user", "a")]
     template = ChatTemplate()
     assert template.prompt_text(template.fold_history(turns)) == \
         "User: Be brief.\n\nBe kind.\n\nHi there Assistant: Hello. User: Bye Assistant:"
