@@ -270,13 +270,19 @@ def template_record(template: ChatTemplate | ChatFormat) -> dict:
 def paper_jinja(template: ChatTemplate, bos: bool) -> str:
     """A chat template (Jinja) rendering the paper's format exactly as `encode_prompt` and
     `encode_sft` do: `User: u1 Assistant: a1 User: u2 Assistant:`, EOS after a final answer,
-    BOS first when the tokenizer adds one. `orlhf convert export_hf` writes it into the
-    exported tokenizer, so `apply_chat_template` prompts the model the way it was trained."""
+    BOS first when the tokenizer adds one, a leading system message's text before u1 a blank
+    line apart (`fold_system`). `orlhf convert export_hf` writes it into the exported
+    tokenizer, so `apply_chat_template` prompts the model the way it was trained. (Top-level
+    `set`s: Jinja's `if` opens no scope, and `messages` shadows the caller's.)"""
     sep, user, assistant = (jinja_string(text) for text in (template.sep, template.user_tag, template.assistant_tag))
     return ("{%- if " + ("true" if bos else "false") + " %}{{- bos_token }}{%- endif %}"
+            "{%- set system = '' %}"
+            "{%- if messages and messages[0]['role'] == 'system' %}"
+            "{%- set system = messages[0]['content'] | trim + " + jinja_string("\n\n") + " %}"
+            "{%- set messages = messages[1:] %}{%- endif %}"
             "{%- for m in messages %}"
             "{%- if m['role'] == 'user' %}{{- ('' if loop.first else " + sep + ") + " + user + " + " + sep
-            + " + m['content'] | trim }}"
+            + " + (system if loop.first else '') + m['content'] | trim }}"
             "{%- elif m['role'] == 'assistant' %}{{- " + sep + " + " + assistant + " + " + sep
             + " + m['content'] | trim }}{%- if loop.last %}{{- eos_token }}{%- endif %}"
             "{%- else %}{{- raise_exception('the paper format has user and assistant turns only') }}{%- endif %}"

@@ -268,16 +268,18 @@ def test_the_paper_format_as_a_chat_template_prompts_as_training_does(tokenizers
     Tokenizer(ours.backend, config).save(tmp_path / "tok")
     mine, hf = Tokenizer.from_dir(tmp_path / "tok"), PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")
     assert mine.adds_bos == bos
-    history = [(m["role"], m["content"]) for m in MULTI[1:4]]
-    for turns in (history[:1], history):
+    history = [(m["role"], m["content"]) for m in MULTI[:4]]  # system, user, assistant, user
+    for turns in (history[1:2], history[1:], history[:2], history):
         messages = [{"role": role, "content": text} for role, text in turns]
         expected = encode_prompt(mine, template, template.fold_history(turns))
         got = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
         assert got == expected
     whole = hf.apply_chat_template(SINGLE, tokenize=False)
     assert whole == ("<|begin_of_text|>" if bos else "") + "Question: What is a cat? Answer: A small animal.<|eos|>"
+    assert hf.apply_chat_template(MULTI[:3], tokenize=False).endswith(
+        "Question: Answer briefly.\n\nName a colour. Answer: Blue.<|eos|>")
     with pytest.raises(jinja2.TemplateError, match="user and assistant turns only"):
-        hf.apply_chat_template(MULTI, tokenize=False)
+        hf.apply_chat_template([*MULTI[:2], {"role": "system", "content": "Later."}], tokenize=False)
 
 
 def test_answers_stop_at_eos_and_at_the_templates_end_of_turn_token(tokenizers):
