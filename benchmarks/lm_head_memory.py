@@ -1,7 +1,8 @@
 """Memory and time of the LM head and its cross-entropy in training: the whole [B, T, V]
 logits (`token_nll` of the head's output, what the stages ran before) against
 `head_token_nll` (logits only where a label is scored, `LOGITS_PER_CHUNK` of them at a
-time, each chunk's recomputed in the backward), on the same hidden states, head and labels.
+time, each chunk's recomputed in the backward), on the same hidden states, head and labels;
+and the chunked head with the entropy metric beside the NLL (the PPO actor's loss).
 
 Shapes are Llama 3.2 1B's head (hidden 2,048, vocabulary 128,256) by default, over one
 micro-batch of `--batch` x `--seq` tokens whose first `--prompt` fraction of each row is a
@@ -23,6 +24,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 from torch import nn
@@ -30,7 +32,9 @@ from torch import nn
 from offline_rlhf.data.tokenize import IGNORE_INDEX
 from offline_rlhf.parallel.logprobs import head_token_nll, token_nll
 
-VARIANTS = {"whole logits": lambda h, out, labels: token_nll(out(h), labels), "chunked head": head_token_nll}
+VARIANTS = {"whole logits": lambda h, out, labels: token_nll(out(h), labels), "chunked head": head_token_nll,
+            # the PPO actor's: the entropy metric of every scored position from the same chunks
+            "chunked head + entropy": partial(head_token_nll, entropy=True)}
 
 
 def inputs(batch: int, seq: int, dim: int, vocab: int, prompt: float, device: torch.device):
@@ -46,7 +50,7 @@ def inputs(batch: int, seq: int, dim: int, vocab: int, prompt: float, device: to
 
 def step(variant: str, hidden, head, labels) -> torch.Tensor:
     with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=hidden.is_cuda):
-        nll, mask = VARIANTS[variant](hidden, head, labels)
+        nll, mask, *_ = VARIANTS[variant](hidden, head, labels)
         loss = (nll * mask).sum() / mask.sum()
     loss.backward()
     return loss
@@ -76,8 +80,10 @@ def check_equal(device: torch.device) -> None:
         hidden, head, labels = inputs(2, 300, 64, 5000, 0.4, device)
         loss = step(variant, hidden, head, labels)
         results.append((loss.detach(), hidden.grad, head.weight.grad))
-    for whole, chunked in zip(*results):
-        torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-3)
+    whole, *others = results
+    for chunked in others:
+        for got, want in zip(chunked, whole):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
 
 
 def main() -> None:
