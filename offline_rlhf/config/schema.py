@@ -182,20 +182,21 @@ class TemplateConfig(Frozen):
         self.kwargs = template_kwargs(self.kwargs)
 
 
-def template_kwargs(kwargs) -> dict:
-    """template.kwargs as plain JSON values (a DictConfig or ListConfig, as OmegaConf may hand
-    them, becomes a dict or list), each name a Jinja variable the renderer does not set itself."""
+def template_kwargs(kwargs, key: str = "template.kwargs") -> dict:
+    """template.kwargs (or what `key` names: a request's chat_template_kwargs) as plain JSON
+    values (a DictConfig or ListConfig, as OmegaConf may hand them, becomes a dict or list),
+    each name a Jinja variable the renderer does not set itself."""
     if not isinstance(kwargs, Mapping):
-        raise ConfigError("template.kwargs", f"must be a mapping of variable names to values, got {kwargs!r}",
-                          "e.g. data.template.kwargs.enable_thinking=false")
+        raise ConfigError(key, f"must be a mapping of variable names to values, got {kwargs!r}",
+                          "e.g. {enable_thinking: false}")
     for name in kwargs:
         if not (isinstance(name, str) and name.isidentifier()) or name in JINJA_RESERVED:
-            raise ConfigError(f"template.kwargs.{name}", "is not a name a Jinja template can read",
+            raise ConfigError(f"{key}.{name}", "is not a name a Jinja template can read",
                               "use a template variable's name, e.g. enable_thinking")
         if name in TEMPLATE_VARIABLES:
-            raise ConfigError(f"template.kwargs.{name}", "is set by the renderer itself",
+            raise ConfigError(f"{key}.{name}", "is set by the renderer itself",
                               f"leave out {', '.join(TEMPLATE_VARIABLES)}")
-    return {name: _json_value(f"template.kwargs.{name}", value) for name, value in kwargs.items()}
+    return {name: _json_value(f"{key}.{name}", value) for name, value in kwargs.items()}
 
 
 def _json_value(key: str, value):

@@ -195,6 +195,10 @@ class ChatFormat:
     def fold_history(self, turns: Sequence[Turn]) -> str:
         return self.folding.fold_history(turns)
 
+    def with_variables(self, kwargs: dict) -> "ChatFormat":
+        """This format with template variables `kwargs` over its own (template.kwargs)."""
+        return replace(self, chat=replace(self.chat, kwargs=tuple({**dict(self.chat.kwargs), **kwargs}.items())))
+
     def messages(self, prompt: str, turns: Sequence[Turn] = ()) -> list[Message]:
         """The conversation before the answer: a system message (the conversation's own, else
         `system`), then the user and assistant turns of `turns` (or the prompt as one user turn)."""

@@ -29,12 +29,13 @@ class ServedModel:
     max_seq_len: int
     stop_ids: set[int]  # the tokens that end an answer (EOS, a chat template's end-of-turn token)
 
-    def chat_prompt(self, turns: list[Turn]) -> list[int]:
+    def chat_prompt(self, turns: list[Turn], template_kwargs: dict | None = None) -> list[int]:
         """A conversation's prompt tokens, as `orlhf eval` and training encode a prompt
         (`encode_prompt`): one user turn is rendered exactly as an eval prompt, and a chat
-        template renders the turns themselves."""
-        return encode_prompt(self.tokenizer, self.template, self.template.fold_history(turns), self.reward_prefix,
-                             turns=turns)
+        template renders the turns themselves, with `template_kwargs` (a request's) over the
+        variables the model was trained with."""
+        template = self.template.with_variables(template_kwargs) if template_kwargs else self.template
+        return encode_prompt(self.tokenizer, template, template.fold_history(turns), self.reward_prefix, turns=turns)
 
 
 def load_served_model(cfg: ServeConfig, path: Path, rt: Runtime) -> ServedModel:

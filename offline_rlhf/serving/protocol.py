@@ -9,6 +9,7 @@ message (in place of the `template.system` the model was trained with) and the p
 template, which has no system role, prepends to the first user message
 (`{system}\\n\\n{user}`). The other messages must alternate user, assistant, ..., user.
 A message's `name` is refused: OpenAI shows it to the model, and the template has no place for it.
+`chat_template_kwargs` (vLLM's extension) sets chat-template variables for the request.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import math
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from offline_rlhf.config.schema import MIN_TEMPERATURE
+from offline_rlhf.config.errors import ConfigError
+from offline_rlhf.config.schema import MIN_TEMPERATURE, template_kwargs
 from offline_rlhf.data.template import ASSISTANT, SYSTEM, USER, Turn
 
 MAX_STOPS = 4  # as OpenAI
@@ -35,7 +37,7 @@ DEFAULT_ONLY = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "
                 "tools": (None, []), "tool_choice": (None, "none"), "store": (False, None), "metadata": (None, {})}
 COMMON_FIELDS = {"model", "temperature", "top_p", "n", "max_tokens", "stop", "seed", "user", "stream",
                  "stream_options"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "chat_template_kwargs"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 
 
@@ -87,6 +89,9 @@ class ChatRequest:
     turns: list[Turn]  # alternating user/assistant, ending with user, after an optional system turn
     sampling: Sampling
     streaming: Streaming
+    # Variables for the model's chat template over the ones it was trained with (vLLM's
+    # chat_template_kwargs: Qwen3's {"enable_thinking": true})
+    template_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,18 @@ def parse_chat(body: dict, limits: Limits) -> ChatRequest:
         raise APIError("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return ChatRequest(model_of(body), chat_turns(required(body, "messages", list)), sampling(body, limits, budget),
-                       streaming(body))
+                       streaming(body), chat_template_kwargs(body))
+
+
+def chat_template_kwargs(body: dict) -> dict:
+    """The request's chat_template_kwargs: a JSON object of Jinja variable names, none of
+    those the renderer sets itself (`template_kwargs`, as template.kwargs is checked)."""
+    if body.get("chat_template_kwargs") is None:
+        return {}
+    try:
+        return template_kwargs(body["chat_template_kwargs"], "chat_template_kwargs")
+    except ConfigError as error:
+        raise APIError(str(error), param=error.key) from None
 
 
 def parse_completion(body: dict, limits: Limits) -> CompletionRequest:

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from offline_rlhf.config.serving import ServeConfig, is_loopback
+from offline_rlhf.data.chat_template import ChatFormat
 from offline_rlhf.generation.engine import Completion, answer_text, cut_at_stop
 from offline_rlhf.http import authorized, bearer, internal_error, json_error, read_capped_body
 from offline_rlhf.serving.batcher import Batcher, Job, ServerStopping
@@ -132,8 +133,11 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         parsed = parse_chat(await self._body(request), self.limits)
         self._check_model(parsed.model)
+        if parsed.template_kwargs and not isinstance(self.served.template, ChatFormat):
+            raise APIError("chat_template_kwargs: this model's template is the paper's format (User: ... "
+                           "Assistant:), which has no variables; leave it out", param="chat_template_kwargs")
         try:
-            prompt = await asyncio.to_thread(self.served.chat_prompt, parsed.turns)
+            prompt = await asyncio.to_thread(self.served.chat_prompt, parsed.turns, parsed.template_kwargs)
         except ValueError as error:  # the template's alternation check
             raise APIError(str(error), param="messages") from None
         if parsed.streaming.stream:

@@ -46,7 +46,7 @@ def test_kwargs_need_a_chat_template_and_a_mapping():
     with pytest.raises(ConfigError, match=r"^template.kwargs: needs template.kind=chat"):
         TemplateConfig(kwargs={"enable_thinking": False})
     with pytest.raises(ConfigError, match=r"^template.kwargs: must be a mapping .*e.g. "
-                                          r"data.template.kwargs.enable_thinking=false"):
+                                          r"\{enable_thinking: false\}"):
         TemplateConfig(kind="chat", kwargs=[1])
 
 

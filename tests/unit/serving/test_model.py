@@ -16,7 +16,7 @@ from offline_rlhf.serving.model import default_name, dt_target, load_served_mode
 from offline_rlhf.serving.protocol import chat_turns
 from tests.fixtures import runtime_for
 from tests.synthetic_preferences import MODEL
-from tests.unit.serving.tiny import make_tokenizer, write_lm_checkpoint
+from tests.unit.serving.tiny import make_tokenizer, write_lm_checkpoint, write_thinking_chat_checkpoint
 
 QA = TemplateConfig(user_tag="Q:", assistant_tag="A:")
 
@@ -98,6 +98,18 @@ def test_a_chat_template_checkpoint_renders_the_conversation_turn_by_turn(tokeni
                           {"role": "user", "content": "good music"}])
     assert model.chat_prompt(request) == tokenizer.encode(
         "[system] be brief\n\nbe kind\n[user] good music\n[assistant] ")
+
+
+def test_a_requests_template_variables_go_over_the_ones_the_model_was_trained_with(tokenizer_dir, tmp_path):
+    """A request's chat_template_kwargs (Qwen3's enable_thinking) over template.kwargs."""
+    ckpt = write_thinking_chat_checkpoint(tmp_path / "sft" / "checkpoints", tokenizer_dir, tmp_path / "chat_tok")
+    tokenizer = Tokenizer.from_dir(tmp_path / "chat_tok")
+    model = served(ckpt, tmp_path)
+    turns = [("user", "good music")]
+    assert model.chat_prompt(turns) == model.chat_prompt(turns, {}) == \
+        tokenizer.encode("[user] good music\n[assistant] [quick] ")
+    assert model.chat_prompt(turns, {"thinking": True}) == tokenizer.encode("[user] good music\n[assistant] ")
+    assert model.chat_prompt(turns) == tokenizer.encode("[user] good music\n[assistant] [quick] ")  # per request
 
 
 def test_warm_up_decodes_one_and_two_rows_with_the_configured_decoding_and_counts_nothing(

@@ -156,3 +156,18 @@ def test_answers_have_openais_shape_and_usage():
                                     "finish_reason": "length"}
     text = completion_answer("m", choices, 4)
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "a"
+
+
+def test_chat_template_kwargs_are_checked_as_template_kwargs_are():
+    limits = LIMITS
+    body = {"model": "m", "messages": [{"role": "user", "content": "a"}]}
+    assert parse_chat(body, limits).template_kwargs == {}
+    assert parse_chat({**body, "chat_template_kwargs": None}, limits).template_kwargs == {}
+    assert parse_chat({**body, "chat_template_kwargs": {"enable_thinking": True, "n": [1, {"a": None}]}},
+                      limits).template_kwargs == {"enable_thinking": True, "n": [1, {"a": None}]}
+    for kwargs, param in (([1], "chat_template_kwargs"), ({"eos_token": "x"}, "chat_template_kwargs.eos_token"),
+                          ({"not a name": 1}, "chat_template_kwargs.not a name")):
+        with pytest.raises(APIError) as error:
+            parse_chat({**body, "chat_template_kwargs": kwargs}, limits)
+        assert (error.value.status, error.value.param) == (400, param)
+        assert str(error.value).startswith(param)

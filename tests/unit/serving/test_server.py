@@ -19,7 +19,14 @@ from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import encode_prompt
 from offline_rlhf.generation import engine
 from offline_rlhf.generation.engine import Completion, Request, answer_text, run
-from tests.unit.serving.tiny import KEY, NAME, InProcess, make_tokenizer, write_lm_checkpoint
+from tests.unit.serving.tiny import (
+    KEY,
+    NAME,
+    InProcess,
+    make_tokenizer,
+    write_lm_checkpoint,
+    write_thinking_chat_checkpoint,
+)
 
 PROMPT = "Say something about apple."
 MAX_BODY_KB = 4
@@ -146,6 +153,9 @@ BAD_CHAT = {
     "empty stop": ({**CHAT, "stop": [""]}, 400, None),
     "five stops": ({**CHAT, "stop": list("abcde")}, 400, None),
     "over the context": ({**CHAT, "max_tokens": 60}, 400, "context_length_exceeded"),
+    "template variables for the paper's format": ({**CHAT, "chat_template_kwargs": {"enable_thinking": True}}, 400,
+                                                  None),
+    "a template variable the renderer sets": ({**CHAT, "chat_template_kwargs": {"messages": []}}, 400, None),
     "body over the cap": ({**CHAT, "messages": [{"role": "user", "content": "x" * MAX_BODY_KB * 1024}]}, 413,
                           "request_too_large"),
 }
@@ -273,6 +283,25 @@ def test_multi_turn_chat_is_rendered_with_the_template(server, client):
     prompt = tokenizer.encode("User: apple Assistant: river User: stone Assistant:")
     assert answer.usage.prompt_tokens == len(prompt)
     assert answer.choices[0].message.content == answer_text(engine_tokens(server, prompt, 4), tokenizer.decode, [])
+
+
+def test_a_requests_chat_template_kwargs_reach_the_models_chat_template(tmp_path):
+    """vLLM's chat_template_kwargs: a chat model trained with thinking=false is prompted
+    with thinking on for the request that asks for it, and as trained for the next one."""
+    chat = write_thinking_chat_checkpoint(tmp_path / "chat" / "checkpoints", make_tokenizer(tmp_path / "tokenizer"),
+                                          tmp_path / "chat_tokenizer")
+    running = InProcess(chat, tmp_path / "serve")
+    try:
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "apple"}]
+        for kwargs, text in (({"thinking": True}, "[system] be brief\n[user] apple\n[assistant] "),
+                             (None, "[system] be brief\n[user] apple\n[assistant] [quick] ")):
+            body = {"model": NAME, "messages": messages, "max_tokens": 2, "temperature": 0,
+                    **({"chat_template_kwargs": kwargs} if kwargs else {})}
+            response = raw(running, "/v1/chat/completions", body)
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["prompt_tokens"] == len(running.served.tokenizer.encode(text))
+    finally:
+        running.close()
 
 
 def test_an_api_key_is_required_when_configured(checkpoint, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from pathlib import Path
 from offline_rlhf.checkpoint import CheckpointMeta, TrainState, resolve_checkpoint, save_checkpoint
 from offline_rlhf.config.schema import ParallelConfig
 from offline_rlhf.config.serving import ServeConfig
+from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.http import listen
 from offline_rlhf.parallel.dims import ParallelDims
 from offline_rlhf.serving.batcher import Batcher
@@ -38,6 +39,23 @@ def write_rm_checkpoint(root: Path, tokenizer_dir: Path) -> Path:
 def make_tokenizer(out: Path) -> Path:
     synthetic_tokenizer(out)
     return out
+
+
+# A chat template with a variable as Qwen3's enable_thinking: without `thinking`, every answer
+# and the generation prompt open with "[quick] " (Qwen3's empty reasoning block, in short).
+QUICK = "{% if not thinking %}[quick] {% endif %}"
+THINKING_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {% if m['role'] == 'assistant' %}" + QUICK
+                     + "{% endif %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] " + QUICK
+                     + "{% endif %}")
+
+
+def write_thinking_chat_checkpoint(root: Path, tokenizer_dir: Path, tokenizer_out: Path) -> Path:
+    """An `lm` checkpoint trained (as its metadata says) with THINKING_TEMPLATE and thinking=false."""
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    tokenizer.config["chat_template"] = THINKING_TEMPLATE
+    tokenizer.save(tokenizer_out)
+    return write_lm_checkpoint(root, tokenizer_out,
+                               metadata={"template": {"kind": "chat", "system": "", "kwargs": {"thinking": False}}})
 
 
 class InProcess:
