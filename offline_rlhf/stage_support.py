@@ -257,10 +257,12 @@ def check_configured(recorded: dict, configured: TemplateConfig, key: str, path:
     wanted = asdict(configured)
     if configured != TemplateConfig() and (field := _first_difference(recorded, wanted)):
         trained = _value(recorded, field)
+        setting = f"set {key}.{field}={_override(trained)}, or "
+        if isinstance(trained, dict) and set(wanted[field]) - set(trained):
+            setting = ""  # a dict override merges into the configured dict: its other variables would stay
         raise ConfigError(f"{key}.{field}", f"is {wanted.get(field)!r}, but {path} was trained with "
                           f"{field}={trained!r} (its metadata.template: {recorded})",
-                          f"set {key}.{field}={_override(trained)}, or leave {key} at its default to use "
-                          "the checkpoint's")
+                          f"{setting}leave {key} at its default to use the checkpoint's")
 
 
 def require_template(path: Path, metadata: dict, expected: dict, key: str, reader: str) -> None:
@@ -314,7 +316,11 @@ def _override(value) -> str:
         return "[" + ", ".join(_override(item) for item in value) + "]"
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
-    return value if isinstance(value, str) and value.isidentifier() else repr(value)
+    bare = isinstance(value, str) and value.isidentifier() and value.lower() not in HYDRA_WORDS
+    return value if bare else repr(value)
+
+
+HYDRA_WORDS = ("true", "false", "null", "inf", "nan")  # what an override reads as a bool, null or float
 
 
 def dt_target(metadata: dict, path: Path, key: str = "reward_prompt") -> float | None:

@@ -254,16 +254,20 @@ def closest_key(key: str, keys: Sequence[str]) -> str | None:
     return near[0] if near else None
 
 
-def _unparsed_override(err: OverrideParseException) -> ConfigError:
+def _unparsed_override(err: OverrideParseException, schema: type | None) -> ConfigError:
     """An override Hydra's grammar refuses (`=`, `#`, `;`, spaces... in an unquoted value):
-    the key, Hydra's reason, and how to quote the value."""
-    key, _, value = err.override.partition("=")
+    the key, Hydra's reason, and how to quote the value, as the user wrote it (without the
+    `++` that `_into_dicts` put before a dict field's override)."""
+    override = err.override
+    if schema is not None and _in_dict_field(schema, override.removeprefix("++").partition("=")[0].strip()):
+        override = override.removeprefix("++")
+    key, _, value = override.partition("=")
     key = key.strip()
     reason = next((line.strip() for line in err.message.splitlines() if line.strip()), "")
     if reason.startswith("LexerNoViableAltException"):
         reason = "a character Hydra's grammar does not take here"
     if not re.fullmatch(r"[+~]*[\w.\[\]/@-]+", key):
-        return ConfigError("config", f"cannot parse {err.override!r}: {reason}", "write it as key=value")
+        return ConfigError("config", f"cannot parse {override!r}: {reason}", "write it as key=value")
     if "\n" in value:  # a quoted argument that spans lines in a shell: the line break is in the value
         return ConfigError(key, "the value holds a line break", "write it on one line (or end each line with a "
                            "backslash inside double quotes)")
@@ -271,7 +275,7 @@ def _unparsed_override(err: OverrideParseException) -> ConfigError:
         quote = f"each string in the value, e.g. {key}=['a=b']"
     else:
         quote = f"the value: {key}='{value}'"
-    return ConfigError(key, f"cannot parse {err.override!r}: {reason}",
+    return ConfigError(key, f"cannot parse {override!r}: {reason}",
                        f"quote {quote} (in a shell, wrap the whole argument in double quotes)")
 
 
@@ -283,7 +287,7 @@ def _one_line_error(err: Exception, schema: type | None = None, overrides: Seque
             return cause
     unparsed = next((c for c in chain if isinstance(c, OverrideParseException)), None)
     if unparsed is not None:
-        return _unparsed_override(unparsed)
+        return _unparsed_override(unparsed, schema)
     keyed = next((c for c in chain if getattr(c, "full_key", None)), chain[-1])
     text = str(keyed).strip()
     missing = re.search(r"Key '([^']+)' not in '([^']+)'", text)

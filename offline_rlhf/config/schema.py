@@ -152,8 +152,10 @@ TEMPLATE_KINDS = ("paper", "chat")
 # export's default for it would never apply.
 TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token",
                       "pad_token", "unk_token", "raise_exception", "strftime_now")
-# Names Jinja reads as literals or an operator, or its `render` takes itself: no variable's.
-JINJA_RESERVED = ("true", "false", "none", "True", "False", "None", "not", "self")
+# Names Jinja reads as literals or an operator, its `render` takes itself, or its globals
+# that templates call (Qwen3's namespace(), range()): no variable's.
+JINJA_RESERVED = ("true", "false", "none", "True", "False", "None", "not", "self", "namespace", "range", "dict",
+                  "lipsum", "cycler", "joiner")
 
 
 @dataclass

@@ -243,15 +243,20 @@ def _system_refusal(chat: ChatFormat) -> str | None:
     prompt has it and the conversation answering that prompt does not). Found before any
     data is read: template.system is then refused naming the setting, and records' own
     system turns are folded into their first user turn instead of failing one by one."""
-    with_system = replace(chat, system=chat.system or "Be brief.")
     exchange = [(USER, "Hi."), (ASSISTANT, "Hello."), (USER, "Bye?")]
-    try:
-        with_system.chat.prompt(with_system.messages("Hi."))
-        with_system.chat.conversation([*with_system.messages("", exchange), {"role": ASSISTANT, "content": "Bye."}],
-                                      every_turn=False)
-    except ValueError as err:
-        return str(err)
-    return None
+
+    def probe(fmt: ChatFormat) -> str | None:
+        try:
+            fmt.chat.prompt(fmt.messages("Hi."))
+            fmt.chat.conversation([*fmt.messages("", exchange), {"role": ASSISTANT, "content": "Bye."}],
+                                  every_turn=False)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    # A template failing without a system message too is not the system message's fault:
+    # encoding the data will say what it is.
+    return None if probe(replace(chat, system="")) else probe(replace(chat, system=chat.system or "Be brief."))
 
 
 def paper_template(cfg) -> ChatTemplate:
@@ -274,24 +279,40 @@ def template_record(template: ChatTemplate | ChatFormat) -> dict:
 def paper_jinja(template: ChatTemplate, bos: bool) -> str:
     """A chat template (Jinja) rendering the paper's format exactly as `encode_prompt` and
     `encode_sft` do: `User: u1 Assistant: a1 User: u2 Assistant:`, EOS after a final answer,
-    BOS first when the tokenizer adds one, a leading system message's text before u1 a blank
-    line apart (`fold_system`). `orlhf convert export_hf` writes it into the exported
-    tokenizer, so `apply_chat_template` prompts the model the way it was trained. (Top-level
-    `set`s: Jinja's `if` opens no scope, and `messages` shadows the caller's.)"""
+    BOS first when the tokenizer adds one, the leading system messages' text before u1
+    (`_LEADING_SYSTEM`). `orlhf convert export_hf` writes it into the exported tokenizer,
+    so `apply_chat_template` prompts the model the way it was trained and served."""
     sep, user, assistant = (jinja_string(text) for text in (template.sep, template.user_tag, template.assistant_tag))
-    return ("{%- if " + ("true" if bos else "false") + " %}{{- bos_token }}{%- endif %}"
-            "{%- set system = '' %}"
-            "{%- if messages and messages[0]['role'] == 'system' %}"
-            "{%- set system = messages[0]['content'] | trim + " + jinja_string("\n\n") + " %}"
-            "{%- set messages = messages[1:] %}{%- endif %}"
+    return ("{%- if " + ("true" if bos else "false") + " %}{{- bos_token }}{%- endif %}" + _LEADING_SYSTEM +
             "{%- for m in messages %}"
             "{%- if m['role'] == 'user' %}{{- ('' if loop.first else " + sep + ") + " + user + " + " + sep
-            + " + (system if loop.first else '') + m['content'] | trim }}"
+            + " + (orlhf_system if loop.first else '') + m['content'] | trim }}"
             "{%- elif m['role'] == 'assistant' %}{{- " + sep + " + " + assistant + " + " + sep
             + " + m['content'] | trim }}{%- if loop.last %}{{- eos_token }}{%- endif %}"
             "{%- else %}{{- raise_exception('the paper format has user and assistant turns only') }}{%- endif %}"
             "{%- endfor %}"
             "{%- if add_generation_prompt %}{{- " + sep + " + " + assistant + " }}{%- endif %}")
+
+
+# Jinja setting `orlhf_system` to the texts of the conversation's leading system (or
+# developer) messages, each followed by a blank line (blank ones left out), and `messages`
+# to the rest: a request's as `orlhf serve` reads them (`chat_turns`) for `fold_system`.
+# Top-level `set`s (Jinja's `if` opens no scope; `messages` shadows the caller's).
+_LEADING_SYSTEM = (
+    "{%- set orlhf_ns = namespace(system='', start=0) %}"
+    "{%- for m in messages %}{%- if loop.index0 == orlhf_ns.start and m['role'] in ['system', 'developer'] %}"
+    "{%- if m['content'] | trim %}{%- set orlhf_ns.system = orlhf_ns.system + m['content'] | trim + '\\n\\n' %}"
+    "{%- endif %}"
+    "{%- set orlhf_ns.start = loop.index %}{%- endif %}{%- endfor %}"
+    "{%- set orlhf_system = orlhf_ns.system %}{%- set messages = messages[orlhf_ns.start:] %}")
+
+
+def with_folded_system(source: str) -> str:
+    """A chat template that renders as `source` does, the leading system messages' text
+    moved into the first message (a user turn) a blank line apart (`fold_system`): what
+    training and `orlhf serve` give a template that refuses a system message or moves it."""
+    return (_LEADING_SYSTEM + "{%- if orlhf_system and messages %}{%- set messages = [{'role': messages[0]['role'], "
+            "'content': orlhf_system + messages[0]['content'] | trim}] + messages[1:] %}{%- endif %}" + source)
 
 
 def with_default_system(source: str, system: str) -> str:

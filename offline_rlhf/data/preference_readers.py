@@ -31,7 +31,7 @@ from offline_rlhf.data.records import (
     select_reader,
 )
 from offline_rlhf.data.skips import Skips, require_texts, strict_or
-from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn
+from offline_rlhf.data.template import ASSISTANT, USER, ChatTemplate, Turn, split_system
 
 HH_HUMAN_TAG = "\n\nHuman:"
 HH_ASSISTANT_TAG = "\n\nAssistant:"
@@ -199,7 +199,7 @@ def chat_pairs(records: Records, prompt_key: str, chosen_key: str, rejected_key:
                skips: Skips, tag: str) -> list[PreferenceExample]:
     """Chosen and rejected as chat-format conversations (UltraFeedback binarized): both end
     with the assistant reply and share the turns before it, the prompt; a conversation of
-    the reply alone takes its prompt from `prompt_key`."""
+    the reply alone (or a system message and the reply) takes its prompt from `prompt_key`."""
     examples = []
     for where, record in records:
         with skips.record():
@@ -210,7 +210,9 @@ def chat_pairs(records: Records, prompt_key: str, chosen_key: str, rejected_key:
             if chosen[:-1] != rejected[:-1]:
                 raise where.error(f"expected {chosen_key!r} and {rejected_key!r} to share the messages before "
                                   "their last one")
-            history = chosen[:-1] or [(USER, require_text(record, prompt_key, where))]
+            history = chosen[:-1]
+            if not split_system(history)[1]:  # the reply alone, after a system message or not
+                history = [*history, (USER, require_text(record, prompt_key, where))]
             examples.append(_pair(history, chosen[-1][1], rejected[-1][1], where, tag, template))
     return examples
 

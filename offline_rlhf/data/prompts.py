@@ -24,7 +24,7 @@ class Prompt:
     id: int  # position in the mixed prompt list; stable for a given config and seed
     text: str  # the instruction (multi-turn history folded by the template)
     source: str
-    turns: tuple[Turn, ...] = ()  # the history up to its last user turn; () for a one-turn prompt
+    turns: tuple[Turn, ...] = ()  # the history up to its last user turn; () for one user turn alone
 
 
 def read_prompt_file_turns(path: str, prompt_key: str = "prompt", skips: Skips | None = None) -> list[PromptTurns]:

@@ -205,7 +205,8 @@ def require_messages(record: Mapping[str, Any], key: str, where: Location) -> li
 
 def conversation(history: Sequence[Turn]) -> tuple[Turn, ...]:
     """What an example keeps of its history for a chat template: the turns when there is
-    more than the one user turn (which the prompt itself already is), else nothing."""
+    more than the one user turn (which the prompt itself already is: a system turn and a user
+    turn are more), else nothing."""
     return tuple(history) if len(history) > 1 else ()
 
 
@@ -240,7 +241,7 @@ def optional_turns(record: Mapping[str, Any], where: Location) -> tuple[Turn, ..
 
 def record_turns(record: Mapping[str, Any], where: Location) -> tuple[Turn, ...]:
     """The turns of a record in a generic file of prompts, SFT or preference data (JSONL, or
-    a dataset's row): `optional_turns`, where one user turn is no conversation (()). A null
+    a dataset's row): `optional_turns`, where one user turn alone is no conversation (()). A null
     (a dataset row without them) gives () too, and so does a FastChat question file's
     `turns`, a list of strings (questions asked one after another, read through
     prompt_key=turns), not [role, text] pairs."""
@@ -251,7 +252,7 @@ def record_turns(record: Mapping[str, Any], where: Location) -> tuple[Turn, ...]
 
 
 def turns_field(turns: Sequence[Turn]) -> dict[str, list[list[str]]]:
-    """What a written record holds of a prompt's turns: nothing for a one-turn prompt."""
+    """What a written record holds of a prompt's turns: nothing for one user turn alone."""
     return {TURNS: [list(turn) for turn in turns]} if turns else {}
 
 

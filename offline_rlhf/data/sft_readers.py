@@ -47,8 +47,9 @@ class SFTExample:
     prompt: str
     response: str
     source: str
-    # The conversation before the response when it is more than one user turn: a chat
-    # template renders these turns (the paper's format uses the folded prompt).
+    # The conversation before the response when it is more than one user turn (or opens with
+    # a system turn): a chat template renders these turns (the paper's format uses the
+    # folded prompt).
     turns: tuple[Turn, ...] = ()
 
 

@@ -28,7 +28,7 @@ from offline_rlhf.data.batching import PAD_DOCUMENT, collate_sequences
 from offline_rlhf.data.chat_template import ChatFormat, build_template, template_record
 from offline_rlhf.data.packing import PackedSequence, unpacked
 from offline_rlhf.data.records import iter_json_objects, optional_turns, require_text
-from offline_rlhf.data.template import ChatTemplate, Turn
+from offline_rlhf.data.template import ChatTemplate, Turn, split_system
 from offline_rlhf.data.tokenize import Reply, TokenizedSample, encode_replies
 from offline_rlhf.data.tokenizer import Tokenizer
 from offline_rlhf.models.llama import last_token_values
@@ -95,11 +95,12 @@ def encode_scored(tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, 
 
 def _answers_together(pairs: Sequence[tuple[str, str]],
                       histories: Sequence[Sequence[Turn]]) -> list[tuple[str, Sequence[Turn], list[int]]]:
-    """(prompt, turns, indices of its pairs): a single-turn prompt's pairs in one group, in
-    the order of their first pair; each pair of a multi-turn prompt a group of its own."""
+    """(prompt, turns, indices of its pairs): a single-turn prompt's pairs (a system turn
+    before it or not) in one group, in the order of their first pair; each pair of a
+    multi-turn prompt a group of its own (fitting may drop other exchanges for each answer)."""
     groups: dict[object, tuple[str, Sequence[Turn], list[int]]] = {}
     for index, ((prompt, _), history) in enumerate(zip(pairs, histories, strict=True)):
-        key = prompt if not history else index
+        key = (prompt, tuple(history)) if len(split_system(history)[1]) <= 1 else index
         groups.setdefault(key, (prompt, history, []))[2].append(index)
     return list(groups.values())
 

@@ -23,14 +23,14 @@ from offline_rlhf.checkpoint import (
 from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.tools import ConvertConfig
 from offline_rlhf.data.chat_template import (
-    JinjaChat,
     build_template,
     paper_jinja,
-    paper_template,
     with_default_system,
     with_default_variables,
+    with_folded_system,
     with_reward_prompt,
 )
+from offline_rlhf.data.template import ChatTemplate
 from offline_rlhf.data.tokenize import stop_token_ids
 from offline_rlhf.data.tokenizer import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from offline_rlhf.hub import resolve_dir
@@ -136,20 +136,22 @@ def carry_template(recorded: dict, out: Path, reward: float | None = None) -> No
 def exported_template(recorded: dict, tokenizer: Tokenizer, reward: float | None) -> str | None:
     """A paper-format model gets a chat template of that format; a chat model's own template
     gets the system message training put first (template.system) and the values training
-    gave its variables (template.kwargs) as defaults; a Decision-Transformer model's
-    generation prompt ends with its reward prompt for `reward` (its dt_target), which it
-    never answered without. None: the tokenizer's own template renders as trained."""
-    if recorded.get("kind", "paper") == "paper":
-        template = paper_jinja(paper_template(recorded), tokenizer.adds_bos)
-    elif recorded.get("system") or recorded.get("kwargs") or reward is not None:
-        template = with_default_variables(JinjaChat.of(tokenizer.config).source, recorded.get("kwargs", {}))
-        if recorded.get("system"):
-            template = with_default_system(template, recorded["system"])
+    gave its variables (template.kwargs) as defaults, and where it cannot take a system
+    message, a caller's goes into the first user message as training put a record's; a
+    Decision-Transformer model's generation prompt ends with its reward prompt for `reward`
+    (its dt_target), which it never answered without. None: the tokenizer's own template
+    renders as trained."""
+    template = build_template(recorded, tokenizer.config)
+    if isinstance(template, ChatTemplate):
+        source = paper_jinja(template, tokenizer.adds_bos)
     else:
-        return None
-    if reward is None:
-        return template
-    return with_reward_prompt(template, build_template(recorded, tokenizer.config).reward_prompt(reward))
+        source = template.chat.source if template.system_turns else with_folded_system(template.chat.source)
+        source = with_default_variables(source, dict(template.chat.kwargs))
+        if template.system:
+            source = with_default_system(source, template.system)
+        if source == template.chat.source and reward is None:
+            return None
+    return source if reward is None else with_reward_prompt(source, template.reward_prompt(reward))
 
 
 def replace_default_template(configured: str | list[dict], template: str) -> str | list[dict]:

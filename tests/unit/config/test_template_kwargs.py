@@ -74,3 +74,11 @@ def test_a_bad_variable_on_the_command_line_is_one_line_naming_it():
         compose_stage("sft", SFTConfig, ["run_dir=/tmp/unused", "data.template.kwargs.enable_thinking=false"])
     with pytest.raises(ConfigError, match=r"^data.template.kwargss: unknown key .*did you mean data.template.kwargs"):
         compose_sft("data.template.kwargss.enable_thinking=false")
+
+
+def test_an_unparsable_variable_is_named_as_the_user_wrote_it():
+    """The `++` the dict field's override is given for Hydra is not the user's."""
+    with pytest.raises(ConfigError) as error:
+        compose_sft("data.template.kwargs.a=[1,2")
+    assert str(error.value).startswith("data.template.kwargs.a: cannot parse 'data.template.kwargs.a=[1,2'")
+    assert "++" not in str(error.value)

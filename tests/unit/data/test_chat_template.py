@@ -13,7 +13,7 @@ from offline_rlhf.config.errors import ConfigError
 from offline_rlhf.config.schema import TemplateConfig
 from offline_rlhf.data.chat_template import ChatFormat, JinjaChat, build_template, paper_jinja, template_record
 from offline_rlhf.data.errors import DataError, Location
-from offline_rlhf.data.preference_readers import read_hh_rlhf
+from offline_rlhf.data.preference_readers import chat_pairs, read_hh_rlhf
 from offline_rlhf.data.sft_readers import messages_examples
 from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.template import ChatTemplate
@@ -26,6 +26,7 @@ from offline_rlhf.data.tokenize import (
     stop_token_ids,
 )
 from offline_rlhf.data.tokenizer import Tokenizer, train_bpe_tokenizer
+from offline_rlhf.serving.protocol import chat_turns
 
 # The structure of the two template families real checkpoints ship (written for this test).
 # `{% generation %}` marks what transformers' assistant mask covers, the same text our
@@ -280,6 +281,12 @@ def test_the_paper_format_as_a_chat_template_prompts_as_training_does(tokenizers
         "Question: Answer briefly.\n\nName a colour. Answer: Blue.<|eos|>")
     with pytest.raises(jinja2.TemplateError, match="user and assistant turns only"):
         hf.apply_chat_template([*MULTI[:2], {"role": "system", "content": "Later."}], tokenize=False)
+    # System (or developer) messages as `orlhf serve` reads a request's: joined, blank ones left out.
+    for system in ([("system", "a"), ("system", "b")], [("developer", "a")], [("system", " ")]):
+        messages = [{"role": role, "content": text} for role, text in system] + [{"role": "user", "content": "u"}]
+        turns = chat_turns(messages)
+        expected = encode_prompt(mine, template, template.fold_history(turns), turns=turns)
+        assert hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == expected
 
 
 def test_answers_stop_at_eos_and_at_the_templates_end_of_turn_token(tokenizers):
@@ -375,6 +382,8 @@ def test_a_template_without_system_messages_gets_a_records_system_text_in_its_fi
                                  "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"}
     fmt = build_template(TemplateConfig(kind="chat"), refusing)
     assert not fmt.system_turns and build_template(TemplateConfig(kind="chat"), {"chat_template": CHATML}).system_turns
+    broken = {"chat_template": "{{ raise_exception('broken for every conversation') }}"}
+    assert build_template(TemplateConfig(kind="chat", system="S"), broken).system_turns  # not the system's fault
     example = _system_example(fmt)
     assert fmt.chat.prompt(fmt.messages(example.prompt, example.turns)) == \
         "[user] Answer briefly.\n\nName a colour.\n[assistant] "
@@ -392,3 +401,14 @@ def test_a_conversation_cut_to_fit_keeps_its_own_system_turn(tokenizers):
         ids, cut = fit_prompt(ours, template, "folded", len(encode_prompt(ours, template, "f", turns=turns)) - 1,
                               turns=turns)
         assert cut and "Answer briefly." in ours.decode(ids, skip_special_tokens=False)
+
+
+def test_replies_after_a_system_message_take_their_prompt_from_the_prompt_column():
+    """UltraFeedback-style pairs whose conversations hold a system message and the reply
+    only: the prompt column is the user turn (was: an error stopping the whole read)."""
+    reply = [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Four."}]
+    record = {"prompt": "What is 2+2?", "chosen": reply, "rejected": [reply[0], {"role": "assistant", "content": "5"}]}
+    [pair] = chat_pairs([(Location("prefs.jsonl", 1), record)], "prompt", "chosen", "rejected", ChatTemplate(),
+                        Skips(), "t")
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Be brief.\n\nWhat is 2+2?", "Four.", "5")
+    assert pair.turns == (("system", "Be brief."), ("user", "What is 2+2?"))

@@ -19,6 +19,7 @@ from offline_rlhf.data.sft_readers import messages_examples
 from offline_rlhf.data.skips import Skips
 from offline_rlhf.data.tokenize import IGNORE_INDEX, encode_prompt, encode_sft, stop_token_ids
 from offline_rlhf.data.tokenizer import Tokenizer
+from offline_rlhf.stages.convert import exported_template
 from tests.local_data import HH_HARMLESS
 from tests.real_tokenizers import NAMES, real_tokenizer_dir
 from tests.unit.data.test_chat_template import CONVERSATIONS, MULTI
@@ -141,3 +142,8 @@ def test_mistral_nemo_refuses_a_system_message_at_config_time_and_encodes_conver
     folded = [{"role": "user", "content": "Answer briefly.\n\nName a colour."}, MULTI[2]]
     sample = encode_sft(ours, fmt, example.prompt, example.response, 4096, "t", turns=example.turns)
     assert list(sample.input_ids) == _hf_ids(hf, folded)
+    # Its export folds a caller's system message as well (the template alone would move it).
+    exported = exported_template({"kind": "chat", "system": ""}, ours, None)
+    turns = [(m["role"], m["content"]) for m in MULTI[:-1]]
+    assert _hf_ids(hf, MULTI[:-1], chat_template=exported, add_generation_prompt=True) == \
+        encode_prompt(ours, fmt, "folded", turns=turns) != _hf_ids(hf, MULTI[:-1], add_generation_prompt=True)

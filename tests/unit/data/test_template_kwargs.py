@@ -105,6 +105,12 @@ def test_a_config_with_other_variables_than_the_checkpoint_names_the_key(tmp_pat
                                           r"kwargs=\{'enable_thinking': False\} .*; set "
                                           r"data.template.kwargs=\{enable_thinking: false\}, or leave"):
         check_configured(recorded, TemplateConfig(kind="chat"), "data.template", tmp_path)
+    with pytest.raises(ConfigError, match=r"trained with kwargs=\{'enable_thinking': False\} .*\); leave "
+                                          r"data.template at its default"):  # a dict override would keep `depth`
+        check_configured(recorded, TemplateConfig(kind="chat", kwargs={"depth": 1}), "data.template", tmp_path)
+    words = template_record(chat({"mode": "true", "name": "deep"}))  # strings an override would not read as such
+    with pytest.raises(ConfigError, match=r"; set data.template.kwargs=\{mode: 'true', name: deep\}, or leave"):
+        check_configured(words, TemplateConfig(kind="chat"), "data.template", tmp_path)
     old = {"kind": "chat", "system": ""}  # a checkpoint from before template.kwargs
     with pytest.raises(ConfigError, match=r"^template.kwargs: is \{'enable_thinking': False\}, but .* was "
                                           r"trained with kwargs=\{\} \(its metadata.template: "
