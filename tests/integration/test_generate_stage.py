@@ -194,6 +194,35 @@ def test_multi_turn_prompts_reach_the_engine_as_chat_sft_rendered_them(tmp_path,
     assert multi >= 10 and cut >= 1 and any("turns" not in r for r in records)
 
 
+def test_a_prompts_own_system_turn_is_the_chat_templates_system_message(tmp_path, monkeypatch):
+    """A prompt file's `turns` opening with a system turn: prompted with the template's
+    system message (not folded into the user turn), its record keeping the turns; one
+    without keeps the template's default system message and writes no turns."""
+    import offline_rlhf.stages.generate as stage
+
+    folder = tmp_path / "chat_tokenizer"
+    tokenizer = train_bpe_tokenizer([SELF_INSTRUCT], 400, folder,
+                                    special_tokens=("<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>"))
+    tokenizer.config["chat_template"] = CHATML
+    tokenizer.save(folder)
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    assert main(sft_args(run_dir, folder, "data.template.kind=chat", "train.max_steps=1", "train.save_every=1")) == 0
+    own = [["system", "Answer in one word."], ["user", "Name a colour."]]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", {"prompt": "Answer in one word.\n\nName a colour.", "turns": own},
+                          {"prompt": "Name a fruit."})
+    requests, engine_run = [], stage.run
+    monkeypatch.setattr(stage, "run", lambda *args, **kwargs: requests.extend(args[1]) or engine_run(*args, **kwargs))
+    assert main(["generate", f"run_dir={out}", f"init.checkpoint={run_dir}/sft/checkpoints",
+                 prompt_sources("prompts", "jsonl", prompts), "generation.max_new_tokens=2"]) == 0
+    records = samples(out)
+    assert [r.get("turns") for r in records] == [own, None]
+    texts = [Tokenizer.from_dir(folder).decode(list(request.prompt), skip_special_tokens=False) for request in requests]
+    assert texts == ["<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
+                     "<|im_start|>assistant\n",
+                     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nName a fruit."
+                     "<|im_end|>\n<|im_start|>assistant\n"]
+
+
 def write_jsonl(path, *records):
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
