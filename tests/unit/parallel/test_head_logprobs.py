@@ -4,6 +4,7 @@ NLL of the whole [B, T, V] logits, in value and gradient, and keeps no logits fo
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from offline_rlhf.data.batching import collate_sequences
 from offline_rlhf.data.tokenize import IGNORE_INDEX
@@ -62,6 +63,28 @@ def test_the_entropy_beside_the_nll_equals_the_whole_logits_and_has_no_gradient(
     torch.testing.assert_close(entropy, _whole_entropy(hidden, output, mask).detach(), atol=1e-5, rtol=1e-5)
     assert entropy[mask].min() > 0 and not entropy[~mask].any()
     assert not entropy.requires_grad
+
+
+class AtenOps(TorchDispatchMode):
+    """The names of the aten ops run inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_checkpointed_chunks_entropy_is_not_computed_again_in_the_backward():
+    """The recomputation stops once the tensors the NLL's backward needs exist (non-reentrant
+    checkpoint's early stop): the entropy, after them and without a graph, costs the forward only."""
+    hidden, output, labels = _head_case()
+    nll, _, _ = head_token_nll(hidden, output, labels, 7, entropy=True)
+    with AtenOps() as seen:
+        nll.sum().backward()
+    assert "_log_softmax" in seen.names and "exp" not in seen.names  # recomputed chunks, no entropy
 
 
 def _value_and_grads_entropy(chunk):
