@@ -256,7 +256,7 @@ def check_configured(recorded: dict, configured: TemplateConfig, key: str, path:
     value (the model would be prompted, trained or scored in a format it never saw)."""
     wanted = asdict(configured)
     if configured != TemplateConfig() and (field := _first_difference(recorded, wanted)):
-        trained = _value(recorded, field)
+        trained = _template_field(recorded, field)
         setting = f"set {key}.{field}={_override(trained)}, or "
         if isinstance(trained, dict) and set(wanted[field]) - set(trained):
             setting = ""  # a dict override merges into the configured dict: its other variables would stay
@@ -272,10 +272,10 @@ def require_template(path: Path, metadata: dict, expected: dict, key: str, reade
     A checkpoint that records none (an imported model) is taken as given."""
     recorded = metadata.get(TEMPLATE)
     if recorded is not None and (field := _first_difference(recorded, expected)):
-        raise ConfigError(key, f"{path} was trained with template {field}={_value(recorded, field)!r}, but "
-                          f"{reader} renders with {field}={_value(expected, field)!r} (metadata.template {recorded} vs "
-                          f"{expected})", f"pass a model trained with data.template.{field}="
-                          f"{_override(_value(expected, field))}")
+        trained, wanted = _template_field(recorded, field), _template_field(expected, field)
+        raise ConfigError(key, f"{path} was trained with template {field}={trained!r}, but {reader} renders with "
+                          f"{field}={wanted!r} (metadata.template {recorded} vs {expected})",
+                          f"pass a model trained with data.template.{field}={_override(wanted)}")
 
 
 def require_tokenizer(path: Path, expected: Tokenizer, key: str, reader: str) -> None:
@@ -300,11 +300,16 @@ def _first_difference(recorded: dict, wanted: dict) -> str | None:
     """The first field of a recorded template (`kind` first, then what it may leave out) that
     `wanted` sets otherwise."""
     names = [*recorded, *(name for name in UNRECORDED if name not in recorded)]
-    return next((name for name in names if _value(wanted, name) != _value(recorded, name)), None)
+    return next((name for name in names if _template_field(wanted, name) != _template_field(recorded, name)),
+                None)
 
 
-def _value(record: dict, name: str):
+def _template_field(record: dict, name: str):
+    """A template record's `name`, or what leaving it out means (`UNRECORDED`)."""
     return record.get(name, UNRECORDED.get(name))
+
+
+HYDRA_WORDS = ("true", "false", "null", "inf", "nan")  # what an override reads as a bool, null or float
 
 
 def _override(value) -> str:
@@ -318,9 +323,6 @@ def _override(value) -> str:
         return json.dumps(value)
     bare = isinstance(value, str) and value.isidentifier() and value.lower() not in HYDRA_WORDS
     return value if bare else repr(value)
-
-
-HYDRA_WORDS = ("true", "false", "null", "inf", "nan")  # what an override reads as a bool, null or float
 
 
 def dt_target(metadata: dict, path: Path, key: str = "reward_prompt") -> float | None:

@@ -158,8 +158,8 @@ def fit_prompt(tokenizer, template: ChatTemplate | ChatFormat, prompt: str, budg
                turns: Sequence[Turn] = ()) -> tuple[list[int], bool]:
     """`encode_prompt` within `budget` tokens, and whether anything was cut: a conversation
     loses whole exchanges first, oldest first (the template's or the conversation's system
-    message and the last user turn stay, so the model still sees a conversation rendered as in training);
-    a prompt still too long keeps its last `budget` tokens."""
+    message and the last user turn stay, so the model still sees a conversation rendered as
+    in training); a prompt still too long keeps its last `budget` tokens."""
     ids, dropped = fit_turns(turns, lambda kept: encode_prompt(tokenizer, template, prompt, response_prefix, kept),
                              lambda ids: len(ids) <= budget)
     return ids[-budget:], dropped > 0 or len(ids) > budget

@@ -272,7 +272,8 @@ def chat_turns(messages: list) -> list[Turn]:
         if role in SYSTEM_ROLES:
             if turns:
                 raise APIError(f"{where}: a {role} message may only open the conversation", param=where)
-            system += [text.strip()] if text.strip() else []  # an empty one says nothing (OpenAI takes it)
+            if text.strip():  # an empty one says nothing (OpenAI takes it)
+                system.append(text.strip())
         elif role in (USER, ASSISTANT):
             turns.append((role, text))
         else:
